@@ -45,16 +45,37 @@ def _numbers(message) -> dict[str, int]:
             api_pb2.PodSandboxStatusResponse,
             {"status": 1, "info": 2, "containers_statuses": 3, "timestamp": 4},
         ),
-        (api_pb2.NamespaceOption, {"network": 1, "pid": 2, "ipc": 3, "target_id": 4,
-                                   "userns_options": 5}),
+        (
+            api_pb2.NamespaceOption,
+            {"network": 1, "pid": 2, "ipc": 3, "target_id": 4, "userns_options": 5},
+        ),
         (api_pb2.Namespace, {"options": 2}),
         (api_pb2.PodSandboxNetworkStatus, {"ip": 1, "additional_ips": 2}),
         (api_pb2.PodSandboxMetadata, {"name": 1, "uid": 2, "namespace": 3, "attempt": 4}),
         (api_pb2.RunPodSandboxRequest, {"config": 1, "runtime_handler": 2}),
-        (api_pb2.ExecRequest, {"container_id": 1, "cmd": 2, "tty": 3, "stdin": 4, "stdout": 5,
-                               "stderr": 6, "audit_request_id": 7}),
-        (api_pb2.AttachRequest, {"container_id": 1, "stdin": 2, "tty": 3, "stdout": 4,
-                                 "stderr": 5, "audit_request_id": 6}),
+        (
+            api_pb2.ExecRequest,
+            {
+                "container_id": 1,
+                "cmd": 2,
+                "tty": 3,
+                "stdin": 4,
+                "stdout": 5,
+                "stderr": 6,
+                "audit_request_id": 7,
+            },
+        ),
+        (
+            api_pb2.AttachRequest,
+            {
+                "container_id": 1,
+                "stdin": 2,
+                "tty": 3,
+                "stdout": 4,
+                "stderr": 5,
+                "audit_request_id": 6,
+            },
+        ),
     ],
 )
 def test_field_numbers(message, expected: dict[str, int]) -> None:
@@ -65,9 +86,20 @@ def test_field_numbers(message, expected: dict[str, int]) -> None:
 
 def test_selected_numbers_and_types() -> None:
     status = api_pb2.PodSandboxStatus.DESCRIPTOR.fields_by_name
-    assert [status[n].number for n in ("id", "metadata", "state", "created_at", "network",
-                                       "linux", "labels", "annotations", "runtime_handler")] \
-        == list(range(1, 10))
+    assert [
+        status[n].number
+        for n in (
+            "id",
+            "metadata",
+            "state",
+            "created_at",
+            "network",
+            "linux",
+            "labels",
+            "annotations",
+            "runtime_handler",
+        )
+    ] == list(range(1, 10))
     sec = api_pb2.LinuxSandboxSecurityContext.DESCRIPTOR.fields_by_name
     assert sec["run_as_group"].number == 8
     assert sec["supplemental_groups_policy"].number == 11
@@ -95,9 +127,18 @@ def test_services_and_paths() -> None:
     pool = api_pb2.DESCRIPTOR
     assert pool.package == "runtime.v1"
     runtime = pool.services_by_name["RuntimeService"]
-    assert {"Version", "PortForward", "PodSandboxStatus", "RunPodSandbox", "StopPodSandbox",
-            "RemovePodSandbox", "ListPodSandbox", "Exec", "Attach",
-            "GetContainerEvents"} <= set(runtime.methods_by_name)
+    assert {
+        "Version",
+        "PortForward",
+        "PodSandboxStatus",
+        "RunPodSandbox",
+        "StopPodSandbox",
+        "RemovePodSandbox",
+        "ListPodSandbox",
+        "Exec",
+        "Attach",
+        "GetContainerEvents",
+    } <= set(runtime.methods_by_name)
     events = runtime.methods_by_name["GetContainerEvents"]
     assert events.server_streaming and not events.client_streaming
     image = pool.services_by_name["ImageService"]
