@@ -979,7 +979,8 @@ def run_kubectl_port_forward(kubectl_path: str, server_url: str, pod: str, specs
     """Start ``kubectl --server URL port-forward POD SPEC...``.
 
     A bare ``pod`` name is passed as ``pod/NAME``; ``TYPE/NAME`` as is, and with
-    ``as_given=True`` a bare name is passed unchanged (kubectl's ``NAME`` form). With ``wait_ready`` (the default) this returns once kubectl printed a
+    ``as_given=True`` a bare name is passed unchanged (kubectl's ``NAME`` form).
+    With ``wait_ready`` (the default) this returns once kubectl printed a
     ``Forwarding from 127.0.0.1:…`` line for every numeric remote port, and raises
     ``KubectlPortForwardError`` (with the output) if kubectl exits first; the process
     is then already reaped. Use the result as a context manager.

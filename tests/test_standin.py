@@ -365,7 +365,8 @@ def test_port_forward_error_relayed(exc, status, reason, message):
 
     with KubeStandIn({"web": "sb"}, pf) as k:
         port = int(k.server_url.rsplit(":", 1)[1])
-        resp = _raw_request(port, _upgrade_request("/api/v1/namespaces/default/pods/web/portforward"))
+        resp = _raw_request(
+            port, _upgrade_request("/api/v1/namespaces/default/pods/web/portforward"))
         head, body = resp.split(b"\r\n\r\n", 1)
         assert head.startswith(f"HTTP/1.1 {status}".encode())
         st = json.loads(body)

@@ -532,7 +532,8 @@ class ChannelCodec:
             if not 0 <= channel < self._channels:
                 return self._violation(f"message for unknown channel {chr(payload[0])!r}")
             try:
-                data = binascii.a2b_base64(payload[1:], strict_mode=True) if len(payload) > 1 else b""
+                data = (binascii.a2b_base64(payload[1:], strict_mode=True)
+                        if len(payload) > 1 else b"")
             except binascii.Error as exc:
                 return self._violation(
                     f"invalid base64 on channel {channel}: {exc}", CLOSE_INVALID_PAYLOAD

@@ -1,0 +1,148 @@
+"""One crishim process: the CRI gRPC service and the stream server on one event loop.
+
+grpc.aio runs on uvloop: on a loop other than asyncio's default it polls its completion
+queue from a helper thread and hands results to the loop, so both servers share one
+loop and one token store without locks."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+import stat
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from crishim.config import Config
+from crishim.cri.service import CriHandler, CriService
+from crishim.forward import ForwardContext
+from crishim.runtime import RuntimePlugin, load_plugin
+from crishim.stream.server import StreamServer
+from crishim.tokens import TokenStore
+
+log = logging.getLogger("crishim")
+
+
+class SocketInUse(Exception):
+    """A live server already answers on the CRI socket path."""
+
+
+def prepare_socket_path(path: str) -> None:
+    """Create the parent directory; replace a stale socket file; refuse a live one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or "/", exist_ok=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketInUse(f"{path} exists and is not a socket; not replacing it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError as e:
+        if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            os.unlink(path)  # stale: nobody listens
+            return
+        raise SocketInUse(f"{path}: cannot tell whether it is in use ({e.strerror})") from None
+    finally:
+        probe.close()
+    raise SocketInUse(f"another server is already listening on {path}; stop it or choose "
+                      "another --socket")
+
+
+class Crishim:
+    def __init__(self, config: Config, plugin: RuntimePlugin | None = None) -> None:
+        self.config = config
+        self.plugin = plugin
+        self.tokens = TokenStore(ttl=config.token_ttl, max_outstanding=config.max_tokens)
+        self.metrics = None
+        self.grpc_server: grpc.aio.Server | None = None
+        self.stream: StreamServer | None = None
+        self.upstream: grpc.aio.Channel | None = None
+        self.health: health.aio.HealthServicer | None = None
+
+    async def start(self) -> None:
+        cfg = self.config
+        if self.plugin is None:
+            self.plugin = load_plugin(cfg)
+        ctx = ForwardContext(self.plugin, cfg.error_policy, cfg.buffer_size, self.metrics)
+        self.stream = StreamServer(
+            self.tokens, ctx, host=cfg.stream_server_address, port=cfg.stream_server_port,
+            url_host=cfg.stream_url_host, creation_timeout=cfg.stream_creation_timeout,
+            idle_timeout=cfg.stream_idle_timeout, max_sessions=cfg.max_sessions,
+            ssl_context=self._ssl_context())
+        await self.stream.start()
+        prepare_socket_path(cfg.socket)
+        if cfg.upstream_endpoint:
+            target = cfg.upstream_endpoint
+            if target.startswith("/"):
+                target = "unix://" + target
+            self.upstream = grpc.aio.insecure_channel(
+                target, options=[("grpc.max_receive_message_length", 64 << 20),
+                                 ("grpc.max_send_message_length", 64 << 20)])
+        service = CriService(self.plugin, self.tokens, self.stream.url_for, self.metrics)
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
+                                          ("grpc.max_send_message_length", 64 << 20)])
+        server.add_generic_rpc_handlers((CriHandler(service, self.upstream),))
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if server.add_insecure_port("unix://" + cfg.socket) == 0:
+            raise OSError(f"cannot listen on {cfg.socket}")
+        old_umask = os.umask(0o117)
+        try:
+            await server.start()
+        finally:
+            os.umask(old_umask)
+        os.chmod(cfg.socket, 0o660)
+        self.grpc_server = server
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("runtime.v1.RuntimeService",
+                              health_pb2.HealthCheckResponse.SERVING)
+        log.info("crishim %s serving CRI on %s, streams on %s (runtime plugin %s)",
+                 __import__("crishim").__version__, cfg.socket, self.stream.base_url,
+                 self.plugin.name)
+
+    def _ssl_context(self):
+        if not (self.config.enable_tls_streaming or self.config.tls_cert_file):
+            return None
+        from crishim.stream import tls
+
+        return tls.server_context(self.config)
+
+    async def stop(self, drain: float | None = None) -> None:
+        deadline = self.config.drain_timeout if drain is None else drain
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
+        if self.stream is not None:
+            await self.stream.drain(deadline)
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(1.0)
+        if self.upstream is not None:
+            await self.upstream.close()
+        if self.plugin is not None:
+            await self.plugin.close()
+        try:
+            os.unlink(self.config.socket)
+        except FileNotFoundError:
+            pass
+
+
+async def run_until_signalled(app: Crishim, on_started=None) -> None:
+    import signal
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await app.start()
+    try:
+        if on_started is not None:
+            await on_started()
+        await stop.wait()
+        log.info("signal received: draining (up to %gs)", app.config.drain_timeout)
+    finally:
+        await app.stop()

@@ -1,0 +1,175 @@
+"""crishim's command line: serve | port-forward | check | helper | plugins | version."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from crishim import __version__
+from crishim.config import SETTINGS, Config, ConfigError, load
+
+log = logging.getLogger("crishim")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve", help="serve the CRI socket and the stream server",
+        description="Serve the CRI gRPC socket (PortForward and Version answered here, every "
+                    "other CRI method passed through to upstream_endpoint) and the stream "
+                    "server its URLs point at. Settings come from the TOML file (--config), "
+                    "then CRISHIM_<NAME> environment variables, then these flags.")
+    p.add_argument("--config", metavar="FILE", help="TOML file of settings (names as below, "
+                   "with underscores)")
+    p.add_argument("--demo", action="store_true",
+                   help="create a demo sandbox netns with an HTTP server on port 8080, "
+                        "registered as sandbox id 'demo'; deleted on exit")
+    p.add_argument("--stream-address", metavar="HOST:PORT",
+                   help="shorthand for --stream-server-address and --stream-server-port")
+    defaults = Config()
+    for name, setting in SETTINGS.items():
+        default = getattr(defaults, name)
+        kw: dict = {"dest": name, "default": None,
+                    "help": f"{setting.help} [default: {default!r}]"}
+        if setting.kind == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif setting.kind == "choice":
+            kw["choices"] = setting.choices
+        else:
+            kw["metavar"] = {"int": "N", "duration": "DURATION", "map": "ID=PATH,..."}.get(
+                setting.kind, "VALUE")
+        p.add_argument(_flag(name), **kw)
+    p.set_defaults(func=cmd_serve)
+
+
+def _serve_config(args: argparse.Namespace) -> Config:
+    overrides = {name: getattr(args, name) for name in SETTINGS}
+    if args.stream_address:
+        host, sep, port = args.stream_address.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ConfigError(f"--stream-address: {args.stream_address!r} is not HOST:PORT")
+        overrides["stream_server_address"] = host.strip("[]") or "0.0.0.0"
+        overrides["stream_server_port"] = int(port)
+    return load(args.config, overrides=overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from crishim import logs
+    from crishim.app import Crishim, SocketInUse, run_until_signalled
+    from crishim.runtime import RuntimeError_
+
+    config = _serve_config(args)
+    logs.setup(config.log_format, config.log_level)
+    demo = None
+    plugin = None
+    if args.demo:
+        from crishim_netns import NamedNetnsRuntime
+
+        from crishim.demo import DEMO_SANDBOX, Demo
+
+        demo = Demo()
+        if config.runtime != "netns":
+            log.info("--demo: using the netns runtime plugin")
+        plugin = NamedNetnsRuntime(config)
+
+    async def main() -> None:
+        app = Crishim(config, plugin)
+        try:
+            if demo is not None:
+                plugin.register(DEMO_SANDBOX, await demo.start())
+
+            async def announce() -> None:
+                if demo is not None:
+                    sock = config.socket
+                    print(f"crishim demo: CRI socket {sock}\n"
+                          f"crishim demo: sandbox id {DEMO_SANDBOX!r} (netns {demo.netns_path},"
+                          f" HTTP server on port 8080 inside)\n"
+                          f"crishim demo: try:  crishim port-forward {DEMO_SANDBOX} 8080:8080 "
+                          f"--runtime-endpoint unix://{sock}   then   "
+                          f"curl http://127.0.0.1:8080/\n"
+                          f"crishim demo: Ctrl-C stops crishim and deletes the netns",
+                          flush=True)
+
+            await run_until_signalled(app, announce)
+        finally:
+            if demo is not None:
+                await demo.stop()
+
+    try:
+        uvloop.run(main())
+    except (SocketInUse, RuntimeError_, ConfigError, PermissionError) as e:
+        print(f"crishim: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        from crishim.demo import DemoAlreadyRunning
+
+        if isinstance(e, DemoAlreadyRunning):
+            print(f"crishim: {e}", file=sys.stderr)
+            return 1
+        raise
+    return 0
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"crishim {__version__} (CRI runtime.v1)")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from importlib.metadata import entry_points
+
+    from crishim.runtime import ENTRY_POINT_GROUP
+
+    eps = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
+    if not eps:
+        print("no runtime plugins installed")
+        return 1
+    for ep in eps:
+        try:
+            obj = ep.load()
+            doc = obj.__doc__ or sys.modules[obj.__module__].__doc__ or ""
+            doc = doc.strip().splitlines()[0] if doc.strip() else ""
+        except Exception as e:  # a broken plugin is listed, not fatal
+            doc = f"(cannot load: {e})"
+        print(f"{ep.name:12} {ep.value:40} {doc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crishim", description="A pluggable CRI streaming server and its client.")
+    parser.add_argument("--version", action="version", version=f"crishim {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    _add_serve(sub)
+    from crishim.client import cli as client_cli
+
+    client_cli.add_commands(sub)
+    v = sub.add_parser("version", help="print crishim's version")
+    v.set_defaults(func=cmd_version)
+    pl = sub.add_parser("plugins", help="list the installed runtime plugins")
+    pl.set_defaults(func=cmd_plugins)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"crishim: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""One typed configuration: TOML file < environment (CRISHIM_*) < command-line flags.
+
+Names follow containerd's CRI plugin where one exists (stream_server_address,
+stream_server_port, stream_idle_timeout, enable_tls_streaming, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class ConfigError(ValueError):
+    """A setting has a value crishim cannot use; the message names the setting."""
+
+
+def parse_duration(text: str | int | float, name: str = "duration") -> float:
+    """Go-style durations ("4h", "1m30s", "250ms") or plain seconds, as float seconds."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if text < 0:
+            raise ConfigError(f"{name}: must not be negative, got {text}")
+        return float(text)
+    s = str(text).strip()
+    try:
+        value = float(s)
+    except ValueError:
+        pos, total = 0, 0.0
+        for m in _DURATION_PART.finditer(s):
+            if m.start() != pos:
+                break
+            total += float(m.group(1)) * _UNITS[m.group(2)]
+            pos = m.end()
+        if pos != len(s) or not s:
+            raise ConfigError(
+                f"{name}: {text!r} is not a duration (examples: 30s, 1m, 4h, 1h30m)") from None
+        return total
+    if value < 0:
+        raise ConfigError(f"{name}: must not be negative, got {text}")
+    return value
+
+
+@dataclass(frozen=True)
+class Setting:
+    help: str
+    kind: str  # "str" | "int" | "bool" | "duration" | "map" | "choice"
+    choices: tuple[str, ...] = ()
+
+
+@dataclass
+class Config:
+    """Every crishim setting; see SETTINGS for the help text of each."""
+
+    socket: str = "/run/crishim/crishim.sock"
+    stream_server_address: str = "127.0.0.1"
+    stream_server_port: int = 0
+    stream_url_host: str = ""
+    stream_idle_timeout: float = 4 * 3600.0
+    stream_creation_timeout: float = 30.0
+    token_ttl: float = 60.0
+    max_tokens: int = 1000
+    max_sessions: int = 10000
+    error_policy: str = "quiet"
+    runtime: str = "netns"
+    netns_dir: str = "/var/run/netns"
+    sandboxes: dict[str, str] = field(default_factory=dict)
+    upstream_endpoint: str = ""
+    enable_tls_streaming: bool = False
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    metrics_address: str = ""
+    log_format: str = "text"
+    log_level: str = "info"
+    drain_timeout: float = 10.0
+    pod_ip_fallback: bool = False
+    helper_socket: str = "/run/crishim/helper.sock"
+    helper_mode: str = "fd"
+    buffer_size: int = 256 * 1024
+
+    def validate(self) -> Config:
+        for name, setting in SETTINGS.items():
+            if setting.kind == "choice" and getattr(self, name) not in setting.choices:
+                raise ConfigError(
+                    f"{name}: {getattr(self, name)!r} is not one of {', '.join(setting.choices)}"
+                )
+        if not 0 <= self.stream_server_port <= 65535:
+            raise ConfigError(f"stream_server_port: {self.stream_server_port} is not in 0..65535")
+        for name in ("max_tokens", "max_sessions", "buffer_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1")
+        if self.token_ttl <= 0:
+            raise ConfigError("token_ttl: must be positive")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ConfigError("tls_cert_file and tls_key_file: give both or neither")
+        return self
+
+
+SETTINGS: dict[str, Setting] = {
+    "socket": Setting("unix socket the CRI gRPC service listens on", "str"),
+    "stream_server_address": Setting("address the stream server listens on", "str"),
+    "stream_server_port": Setting("stream server port; 0 picks a free one (the URL carries it)",
+                                  "int"),
+    "stream_url_host": Setting("host written into issued URLs (default: the listen address)",
+                               "str"),
+    "stream_idle_timeout": Setting("close a streaming session idle this long (e.g. 4h)",
+                                   "duration"),
+    "stream_creation_timeout": Setting("a forwarded connection's stream pair must be complete "
+                                       "within this (e.g. 30s)", "duration"),
+    "token_ttl": Setting("how long an issued URL stays redeemable (e.g. 1m)", "duration"),
+    "max_tokens": Setting("most outstanding URLs; past it PortForward is RESOURCE_EXHAUSTED",
+                          "int"),
+    "max_sessions": Setting("most live streaming sessions; past it upgrades get 429", "int"),
+    "error_policy": Setting("quiet: a refused/reset connection ends only itself (error stream "
+                            "closed empty); verbose: always write the reason (as containerd)",
+                            "choice", ("quiet", "verbose")),
+    "runtime": Setting("runtime plugin (entry point in group crishim.runtimes; see "
+                       "`crishim plugins`)", "str"),
+    "netns_dir": Setting("directory of named network namespaces (netns plugin)", "str"),
+    "sandboxes": Setting("explicit sandbox id -> netns path map (TOML table; env/flag: "
+                         "id=path,id=path)", "map"),
+    "upstream_endpoint": Setting("real runtime's CRI socket; every other CRI call is passed "
+                                 "through to it", "str"),
+    "enable_tls_streaming": Setting("serve the stream server over TLS (self-signed unless a "
+                                    "certificate is given)", "bool"),
+    "tls_cert_file": Setting("stream server TLS certificate (PEM)", "str"),
+    "tls_key_file": Setting("stream server TLS key (PEM)", "str"),
+    "metrics_address": Setting("HOST:PORT for the Prometheus endpoint; empty: off", "str"),
+    "log_format": Setting("log lines as text or json", "choice", ("text", "json")),
+    "log_level": Setting("debug, info, warning or error", "choice",
+                         ("debug", "info", "warning", "error")),
+    "drain_timeout": Setting("on SIGTERM, live sessions get this long before they are closed",
+                             "duration"),
+    "pod_ip_fallback": Setting("when localhost in the sandbox refuses, dial the pod IP",
+                               "bool"),
+    "helper_socket": Setting("unix socket of `crishim helper` (helper plugin)", "str"),
+    "helper_mode": Setting("helper plugin: fd (socket passed back) or socat (nsenter+socat)",
+                           "choice", ("fd", "socat")),
+    "buffer_size": Setting("bytes buffered per forwarded connection and direction before "
+                           "reads pause", "int"),
+}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    setting = SETTINGS[name]
+    kind = setting.kind
+    try:
+        if kind == "duration":
+            return parse_duration(value, name)
+        if kind == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value)
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            raise ValueError
+        if kind == "map":
+            if isinstance(value, Mapping):
+                return {str(k): str(v) for k, v in value.items()}
+            result = {}
+            for item in filter(None, (p.strip() for p in str(value).split(","))):
+                key, sep, path = item.partition("=")
+                if not sep or not key:
+                    raise ValueError
+                result[key] = path
+            return result
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: {value!r} is not a valid {kind}") from None
+
+
+def load(
+    path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the config: defaults, then the TOML file, then CRISHIM_* variables, then flags."""
+    values: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"config file {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
+        for key, value in data.items():
+            if key not in SETTINGS:
+                raise ConfigError(f"config file {path}: unknown setting {key!r}")
+            values[key] = _coerce(key, value)
+    env = os.environ if env is None else env
+    for name in SETTINGS:
+        var = "CRISHIM_" + name.upper()
+        if var in env:
+            values[name] = _coerce(name, env[var])
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = _coerce(name, value)
+    return Config(**values).validate()
+
+
+def as_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)

@@ -1,0 +1,132 @@
+"""The CRI gRPC service: PortForward and Version answered here, every other method passed
+through to the upstream runtime byte for byte (or UNIMPLEMENTED without one)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from crishim import __version__
+from crishim.cri import api_pb2
+from crishim.runtime import RuntimePlugin, SandboxGone, SandboxNotFound
+from crishim.tokens import StreamRequest, TokensExhausted, TokenStore
+
+log = logging.getLogger("crishim.cri")
+
+RUNTIME_SERVICE = "runtime.v1.RuntimeService"
+KUBELET_API_VERSION = "0.1.0"
+# metadata gRPC itself sets on a call; everything else is carried to the upstream
+_HOP_METADATA = {"user-agent", ":authority", "grpc-timeout", "grpc-encoding",
+                 "grpc-accept-encoding", "content-type", "te"}
+
+
+class CriService:
+    """Typed handlers for the methods crishim answers itself."""
+
+    def __init__(self, plugin: RuntimePlugin, tokens: TokenStore,
+                 url_for: Callable[[str], str], metrics: object | None = None) -> None:
+        self.plugin = plugin
+        self.tokens = tokens
+        self.url_for = url_for
+        self.metrics = metrics
+
+    async def Version(self, request: api_pb2.VersionRequest,
+                      context: grpc.aio.ServicerContext) -> api_pb2.VersionResponse:
+        return api_pb2.VersionResponse(version=KUBELET_API_VERSION, runtime_name="crishim",
+                                       runtime_version=__version__, runtime_api_version="v1")
+
+    async def PortForward(self, request: api_pb2.PortForwardRequest,
+                          context: grpc.aio.ServicerContext) -> api_pb2.PortForwardResponse:
+        sandbox_id = request.pod_sandbox_id
+        if not sandbox_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "pod_sandbox_id is empty")
+        bad = [p for p in request.port if not 1 <= p <= 65535]
+        if bad:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"port {bad[0]} is not in 1..65535")
+        try:
+            await self.plugin.resolve(sandbox_id)
+        except (SandboxNotFound, SandboxGone) as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        try:
+            token = self.tokens.issue(StreamRequest(sandbox_id, tuple(request.port)))
+        except TokensExhausted as e:
+            if self.metrics is not None:
+                self.metrics.token("refused")
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        if self.metrics is not None:
+            self.metrics.token("issued")
+        url = self.url_for(token)
+        log.debug("PortForward sandbox=%s ports=%s -> %s", sandbox_id, list(request.port),
+                  url.rsplit("/", 1)[0] + "/…")
+        return api_pb2.PortForwardResponse(url=url)
+
+
+def _typed(method: Callable, request_type) -> grpc.RpcMethodHandler:
+    return grpc.unary_unary_rpc_method_handler(
+        method, request_deserializer=request_type.FromString,
+        response_serializer=lambda m: m.SerializeToString())
+
+
+class CriHandler(grpc.GenericRpcHandler):
+    """Routes every /runtime.v1.* method: ours typed, the rest to the upstream."""
+
+    def __init__(self, service: CriService, upstream: grpc.aio.Channel | None,
+                 upstream_name: str = "") -> None:
+        self.own = {
+            f"/{RUNTIME_SERVICE}/Version": _typed(service.Version, api_pb2.VersionRequest),
+            f"/{RUNTIME_SERVICE}/PortForward": _typed(service.PortForward,
+                                                      api_pb2.PortForwardRequest),
+        }
+        self.upstream = upstream
+        self.upstream_name = upstream_name
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = details.method
+        handler = self.own.get(method)
+        if handler is not None:
+            return handler
+        if not method.startswith("/runtime.v1."):
+            return None
+        if self.upstream is None:
+            return grpc.stream_stream_rpc_method_handler(self._unimplemented(method))
+        return grpc.stream_stream_rpc_method_handler(self._pass_through(method))
+
+    @staticmethod
+    def _unimplemented(method: str) -> Callable:
+        async def handler(requests: AsyncIterator[bytes], context) -> AsyncIterator[bytes]:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                                f"{method} is not served by crishim itself and no "
+                                "upstream_endpoint is configured")
+            yield b""  # pragma: no cover - abort raises
+
+        return handler
+
+    def _pass_through(self, method: str) -> Callable:
+        """Raw bytes both ways, any cardinality: unary and streaming calls look alike on
+        the wire, so one stream-stream relay serves every method without decoding it."""
+        upstream = self.upstream
+        assert upstream is not None
+        multi = upstream.stream_stream(method)
+
+        async def handler(requests: AsyncIterator[bytes], context) -> AsyncIterator[bytes]:
+            metadata = tuple((k, v) for k, v in context.invocation_metadata()
+                             if k not in _HOP_METADATA)
+            call = multi(requests, metadata=metadata, timeout=context.time_remaining())
+            try:
+                initial = await call.initial_metadata()
+                if initial:
+                    await context.send_initial_metadata(initial)
+                async for response in call:
+                    yield response
+                trailing = await call.trailing_metadata()
+                if trailing:
+                    context.set_trailing_metadata(trailing)
+            except grpc.aio.AioRpcError as e:
+                if e.trailing_metadata():
+                    context.set_trailing_metadata(e.trailing_metadata())
+                await context.abort(e.code(), e.details() or "")
+
+        return handler

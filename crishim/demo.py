@@ -1,0 +1,88 @@
+"""Demo mode: a sandbox netns with a small HTTP server inside, registered as sandbox `demo`."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+
+from crishim.netns import create_named_netns, delete_named_netns, listen_in_netns
+
+DEMO_NETNS = "crishim-demo"
+DEMO_SANDBOX = "demo"
+DEMO_PORT = 8080
+
+
+class DemoAlreadyRunning(Exception):
+    pass
+
+
+class _DemoHttp(asyncio.Protocol):
+    """Answers every request with a short page; enough for curl and browsers."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.buffer = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\r\n\r\n" in self.buffer:
+            head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+            line = head.split(b"\r\n", 1)[0].decode("latin-1", "replace")
+            body = (f"hello from the crishim demo sandbox (netns {DEMO_NETNS})\n"
+                    f"you asked: {line}\n").encode()
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    def eof_received(self) -> None:
+        self.transport.close()
+
+
+class Demo:
+    """Owns the demo netns for the life of one `crishim serve --demo`."""
+
+    def __init__(self, run_dir: str = "/run/crishim", netns_name: str = DEMO_NETNS) -> None:
+        self.run_dir = run_dir
+        self.netns_name = netns_name
+        self.lock_fd = -1
+        self.netns_path = ""
+        self.server: asyncio.base_events.Server | None = None
+
+    def acquire(self) -> None:
+        os.makedirs(self.run_dir, exist_ok=True)
+        lock_path = os.path.join(self.run_dir, f"{self.netns_name}.lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise DemoAlreadyRunning(
+                f"a crishim demo is already running (pid {owner}); stop it first, or run "
+                "without --demo") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.lock_fd = fd
+
+    async def start(self) -> str:
+        """Create the netns (replacing one left by a crashed demo) and serve HTTP in it."""
+        self.acquire()
+        delete_named_netns(self.netns_name)  # left by a demo that was killed
+        self.netns_path = create_named_netns(self.netns_name)
+        sock = listen_in_netns(self.netns_path, "127.0.0.1", DEMO_PORT)
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(_DemoHttp, sock=sock)
+        return self.netns_path
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        if self.netns_path:
+            delete_named_netns(self.netns_name)
+            self.netns_path = ""
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
+
+

@@ -1,0 +1,327 @@
+"""The one forwarding core: every transport hands it a port, a data channel and an
+error channel; dialling, copying, half-close, backpressure and error reporting live here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Protocol
+
+from crishim.runtime import DialFailed, RuntimePlugin, Sandbox, SandboxGone
+
+log = logging.getLogger("crishim.forward")
+
+
+class Channel(Protocol):
+    """One forwarded connection as its transport carries it (SPDY stream pair, WebSocket
+    channel pair, HTTP/2 stream)."""
+
+    def send(self, data: bytes) -> None:
+        """Pod -> client bytes on the data stream."""
+
+    def send_eof(self) -> None:
+        """The pod closed its side: half-close the data stream."""
+
+    def abort(self) -> None:
+        """Reset the data stream (the connection failed)."""
+
+    def finish(self, error: str | None) -> None:
+        """Close the error stream, with error text if any (text ends the client's session)."""
+
+
+class Session(Protocol):
+    """What the forwarding core needs of the transport session it belongs to."""
+
+    writing_paused: bool
+
+    def pause_client_reading(self, key: object) -> None:
+        """A forwarded connection's pod side is congested: stop reading the transport."""
+
+    def resume_client_reading(self, key: object) -> None:
+        ...
+
+    def connection_finished(self, conn: ForwardedConnection) -> None:
+        ...
+
+
+class ForwardContext:
+    """Shared by all sessions of a server: plugin, policy, limits, counters."""
+
+    def __init__(self, plugin: RuntimePlugin, error_policy: str = "quiet",
+                 buffer_size: int = 256 * 1024, metrics: object | None = None) -> None:
+        self.plugin = plugin
+        self.verbose_errors = error_policy == "verbose"
+        self.buffer_size = buffer_size
+        self.metrics = metrics
+
+
+class _PodProtocol(asyncio.Protocol):
+    """The socket inside the sandbox: hands bytes to the forwarded connection."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: ForwardedConnection) -> None:
+        self.conn = conn
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.pod_data(data)
+
+    def eof_received(self) -> bool:
+        self.conn.pod_eof()
+        return True  # keep our write side open: the client may still be sending
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.pod_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.conn.session.pause_client_reading(self.conn)
+
+    def resume_writing(self) -> None:
+        self.conn.session.resume_client_reading(self.conn)
+
+
+class ForwardedConnection:
+    """One TCP connection into the sandbox, paired with one transport channel."""
+
+    def __init__(self, ctx: ForwardContext, session: Session, sandbox: Sandbox, port: int,
+                 channel: Channel, transport_name: str = "?") -> None:
+        self.ctx = ctx
+        self.session = session
+        self.sandbox = sandbox
+        self.port = port
+        self.channel = channel
+        self.transport_name = transport_name
+        self.pod: asyncio.Transport | None = None
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._client_eof = False
+        self._pod_eof = False
+        self._done = False
+        self._task: asyncio.Task | None = None
+        self.bytes_up = 0  # client -> pod
+        self.bytes_down = 0  # pod -> client
+        self.started = time.monotonic()
+        self.reason = ""
+
+    # --- life cycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._dial())
+
+    async def _dial(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            sock = await self.ctx.plugin.dial(self.sandbox, self.port)
+        except SandboxGone as e:
+            self._fail(str(e), fatal=True)
+            return
+        except DialFailed as e:
+            self._fail(str(e))
+            return
+        except Exception as e:  # a plugin bug must end one connection, not the server
+            log.exception("runtime plugin %s failed to dial", self.ctx.plugin.name)
+            self._fail(f"runtime plugin error: {e}")
+            return
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.dial_seconds(time.perf_counter() - t0)
+        if self._done:
+            sock.close()
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            transport, _ = await loop.create_connection(lambda: _PodProtocol(self), sock=sock)
+        except OSError as e:
+            sock.close()
+            self._fail(f"connection to port {self.port}: {e.strerror or e}")
+            return
+        if self._done:
+            transport.abort()
+            return
+        transport.set_write_buffer_limits(high=self.ctx.buffer_size)
+        self.pod = transport
+        if self._pending:
+            transport.writelines(self._pending)
+            self._pending.clear()
+            self._pending_size = 0
+            self.session.resume_client_reading(self)
+        if self._client_eof:
+            self._write_eof_to_pod()
+        if self.session.writing_paused:
+            transport.pause_reading()
+
+    def _fail(self, reason: str, fatal: bool = False) -> None:
+        """End this connection: reset the data stream; the error stream carries the reason
+        only when fatal (or the verbose policy), since any text ends the client's session."""
+        if self._done:
+            return
+        self.reason = reason
+        show = fatal or self.ctx.verbose_errors
+        log_fn = log.warning if fatal else log.info
+        log_fn("forward sandbox=%s port=%d transport=%s failed: %s",
+               self.sandbox.id, self.port, self.transport_name, reason)
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.failure(reason, fatal)
+        self._finish(error=reason if show else None, abort=True)
+
+    def _finish(self, error: str | None = None, abort: bool = False) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self.pod is not None:
+            if abort:
+                self.pod.abort()
+            else:
+                self.pod.close()
+        task = self._task
+        if task is not None and self.pod is None and not task.done() \
+                and task is not asyncio.current_task():
+            task.cancel()
+        self.session.resume_client_reading(self)
+        if abort:
+            self.channel.abort()
+        self.channel.finish(error)
+        log.debug("forward sandbox=%s port=%d transport=%s ended: up=%d down=%d reason=%s",
+                  self.sandbox.id, self.port, self.transport_name, self.bytes_up,
+                  self.bytes_down, self.reason or "closed")
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.connection_ended(self.transport_name, self.bytes_up,
+                                              self.bytes_down)
+        self.session.connection_finished(self)
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    # --- from the client (transport) -----------------------------------------------------
+    def client_data(self, data: bytes) -> None:
+        if self._done or not data:
+            return
+        self.bytes_up += len(data)
+        pod = self.pod
+        if pod is not None:
+            pod.write(data)
+            return
+        self._pending.append(bytes(data))
+        self._pending_size += len(data)
+        if self._pending_size > self.ctx.buffer_size:
+            self.session.pause_client_reading(self)
+
+    def client_eof(self) -> None:
+        """The client half-closed the data stream: shut down writing towards the pod."""
+        if self._done or self._client_eof:
+            return
+        self._client_eof = True
+        if self.pod is not None:
+            self._write_eof_to_pod()
+
+    def _write_eof_to_pod(self) -> None:
+        assert self.pod is not None
+        if self.pod.can_write_eof():
+            self.pod.write_eof()
+        if self._pod_eof:
+            self._finish()
+
+    def client_reset(self) -> None:
+        """The client reset the data stream: it is done with this connection."""
+        if not self._done:
+            self.reason = self.reason or "reset by client"
+            self._finish()
+
+    def close(self, reason: str, error: str | None = None) -> None:
+        """End from the session's side (session closing, creation timeout, drain)."""
+        if not self._done:
+            self.reason = reason
+            self._finish(error=error, abort=True)
+
+    # --- from the pod ----------------------------------------------------------------------
+    def pod_data(self, data: bytes) -> None:
+        if self._done:
+            return
+        self.bytes_down += len(data)
+        self.channel.send(data)
+
+    def pod_eof(self) -> None:
+        if self._done:
+            return
+        self._pod_eof = True
+        self.channel.send_eof()
+        if self._client_eof:
+            self._finish()
+
+    def pod_lost(self, exc: Exception | None) -> None:
+        if self._done:
+            return
+        if exc is not None:
+            self._fail(f"connection to port {self.port} in sandbox lost: "
+                       f"{getattr(exc, 'strerror', None) or exc}")
+            return
+        if not self._pod_eof:
+            self.pod_eof()
+        if not self._done:
+            self._finish()
+
+    # --- backpressure from the transport's write side ------------------------------------
+    def pause_pod_reading(self) -> None:
+        if self.pod is not None and not self._done:
+            self.pod.pause_reading()
+
+    def resume_pod_reading(self) -> None:
+        if self.pod is not None and not self._done:
+            self.pod.resume_reading()
+
+
+class SessionBase:
+    """Bookkeeping every transport session shares: its forwarded connections and the
+    back-pressure between them and the one client transport."""
+
+    transport_name = "?"
+
+    def __init__(self, ctx: ForwardContext, sandbox: Sandbox) -> None:
+        self.ctx = ctx
+        self.sandbox = sandbox
+        self.connections: set[ForwardedConnection] = set()
+        self.writing_paused = False
+        self._congested: set[object] = set()
+        self.transport: asyncio.Transport | None = None
+        self.last_activity = time.monotonic()
+
+    def open_connection(self, port: int, channel: Channel) -> ForwardedConnection:
+        conn = ForwardedConnection(self.ctx, self, self.sandbox, port, channel,
+                                   self.transport_name)
+        self.connections.add(conn)
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.connection_started(self.transport_name)
+        conn.start()
+        return conn
+
+    def connection_finished(self, conn: ForwardedConnection) -> None:
+        self.connections.discard(conn)
+        self._congested.discard(conn)
+
+    def pause_client_reading(self, key: object) -> None:
+        if not self._congested and self.transport is not None:
+            self.transport.pause_reading()
+        self._congested.add(key)
+
+    def resume_client_reading(self, key: object) -> None:
+        if key in self._congested:
+            self._congested.discard(key)
+            if not self._congested and self.transport is not None \
+                    and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    # asyncio.Protocol write-side flow control of the client transport
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        for conn in self.connections:
+            conn.pause_pod_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        for conn in list(self.connections):
+            conn.resume_pod_reading()
+
+    def close_connections(self, reason: str) -> None:
+        for conn in list(self.connections):
+            conn.close(reason)

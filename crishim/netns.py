@@ -1,0 +1,197 @@
+"""Network namespace entry in one place: sockets created inside a netns, dialled on the loop.
+
+A socket belongs to the netns that was current when it was created, so the thread
+enters the sandbox netns only for the socket() call (setns, socket, setns back: three
+non-blocking syscalls) and the connect runs asynchronously on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import os
+import socket
+import threading
+
+from crishim.runtime import DialFailed, SandboxGone
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
+_local = threading.local()
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _own_netns_fd() -> int:
+    fd = getattr(_local, "home_fd", None)
+    if fd is None:
+        fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        _local.home_fd = fd
+    return fd
+
+
+def open_netns(path: str) -> int:
+    """An fd for the netns at path, or SandboxGone if it no longer exists."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise SandboxGone(f"network namespace {path} no longer exists") from None
+    except OSError as e:
+        raise SandboxGone(f"network namespace {path}: {e.strerror}") from None
+
+
+def socket_in_netns(netns_fd: int, family: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """A non-blocking socket created inside the netns behind netns_fd."""
+    home = _own_netns_fd()
+    try:
+        _setns(netns_fd)
+    except OSError as e:
+        raise SandboxGone(f"cannot enter network namespace: {e.strerror}") from None
+    try:
+        sock = socket.socket(family, kind)
+    finally:
+        try:
+            _setns(home)
+        except OSError as e:  # the thread would stay in the sandbox: nothing safe remains
+            os.write(2, f"crishim: cannot leave a sandbox netns ({e}); exiting\n".encode())
+            os._exit(70)
+    sock.setblocking(False)
+    return sock
+
+
+_LOCALHOST = ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1"))
+
+
+async def dial_localhost(netns_path: str | None, port: int, pod_ip: str = "") -> socket.socket:
+    """Connect to port on localhost in the netns (None: the host's): 127.0.0.1, then ::1,
+    serially; then pod_ip if given. Never a dual-stack dial that could leave the netns."""
+    loop = asyncio.get_running_loop()
+    targets = list(_LOCALHOST)
+    if pod_ip:
+        targets.append((socket.AF_INET6 if ":" in pod_ip else socket.AF_INET, pod_ip))
+    ns_fd = open_netns(netns_path) if netns_path else -1
+    reasons = []
+    try:
+        for family, host in targets:
+            try:
+                if ns_fd >= 0:
+                    sock = socket_in_netns(ns_fd, family)
+                else:
+                    sock = socket.socket(family, socket.SOCK_STREAM)
+                    sock.setblocking(False)
+            except OSError as e:  # e.g. no IPv6 in this netns
+                reasons.append(f"{host}: {e.strerror}")
+                continue
+            try:
+                await loop.sock_connect(sock, (host, port))
+            except OSError as e:
+                sock.close()
+                reasons.append(f"{host}: {e.strerror or e}")
+                if e.errno in (errno.ECONNREFUSED, errno.EADDRNOTAVAIL, errno.ENETUNREACH,
+                               errno.EAFNOSUPPORT, errno.EHOSTUNREACH):
+                    continue
+                break
+            except BaseException:
+                sock.close()
+                raise
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+    finally:
+        if ns_fd >= 0:
+            os.close(ns_fd)
+    raise DialFailed(f"connect to port {port}: " + "; ".join(reasons))
+
+
+def listen_in_netns(netns_path: str, host: str, port: int, backlog: int = 1024) -> socket.socket:
+    """A listening socket inside a netns (the demo's server, test servers)."""
+    fd = open_netns(netns_path)
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket_in_netns(fd, family)
+    finally:
+        os.close(fd)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    return sock
+
+
+CLONE_NEWNET_FLAGS = CLONE_NEWNET
+MS_BIND = 0x1000
+MNT_DETACH = 0x2
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+_libc.unshare.argtypes = (ctypes.c_int,)
+_libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_void_p)
+_libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _bring_loopback_up() -> None:
+    """ifconfig lo up, in the calling thread's netns."""
+    import fcntl
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifreq = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s, SIOCGIFFLAGS, ifreq))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+
+
+def _create_in_thread(path: str) -> None:
+    home = _own_netns_fd()
+    _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+    try:
+        _bring_loopback_up()
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+        os.close(fd)
+        try:
+            _check(_libc.mount(b"/proc/thread-self/ns/net", path.encode(), None, MS_BIND, None),
+                   f"bind mount onto {path}")
+        except OSError:
+            os.unlink(path)
+            raise
+    finally:
+        _setns(home)
+
+
+def create_named_netns(name: str, netns_dir: str = "/var/run/netns") -> str:
+    """Create a named netns with lo up, as `ip netns add NAME` does (a netns bind-mounted
+    onto netns_dir/NAME), without forking: a short-lived thread unshares and mounts."""
+    os.makedirs(netns_dir, exist_ok=True)
+    path = os.path.join(netns_dir, name)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            _create_in_thread(path)
+        except BaseException as e:  # reported to the caller below
+            errors.append(e)
+
+    worker = threading.Thread(target=run, name=f"netns-create-{name}")
+    worker.start()
+    worker.join()
+    if errors:
+        raise errors[0]
+    return path
+
+
+def delete_named_netns(name: str, netns_dir: str = "/var/run/netns") -> bool:
+    """Remove a named netns (as `ip netns delete NAME`); False if there was none."""
+    path = os.path.join(netns_dir, name)
+    if not os.path.exists(path):
+        return False
+    _libc.umount2(path.encode(), MNT_DETACH)  # may be a plain file left by a crash
+    os.unlink(path)
+    return True

@@ -1,0 +1,78 @@
+"""The runtime plugin interface: which sandbox is this, and a socket to port N inside it.
+
+Plugins are registered under the entry-point group ``crishim.runtimes``; each entry
+point names a factory ``(Config) -> RuntimePlugin``. Nothing about protocols lives here.
+"""
+
+from __future__ import annotations
+
+import abc
+import socket
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from crishim.config import Config
+
+ENTRY_POINT_GROUP = "crishim.runtimes"
+
+
+class RuntimeError_(Exception):
+    """Base of the errors a plugin raises; the message is shown to the user."""
+
+
+class SandboxNotFound(RuntimeError_):
+    """The runtime does not know this sandbox id (gRPC NOT_FOUND)."""
+
+
+class SandboxGone(RuntimeError_):
+    """The sandbox or its network namespace no longer exists: fatal for a session."""
+
+
+class DialFailed(RuntimeError_):
+    """One connection into the sandbox failed (refused, unreachable): ends that connection."""
+
+
+class PluginNotFound(RuntimeError_):
+    """No installed runtime plugin has the configured name."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sandbox:
+    id: str
+    netns_path: str = ""
+    host_network: bool = False
+    pod_ip: str = ""
+
+
+class RuntimePlugin(abc.ABC):
+    """Answer two questions: where is this sandbox, and connect me to a port in it."""
+
+    name: str = "?"
+
+    @abc.abstractmethod
+    async def resolve(self, sandbox_id: str) -> Sandbox:
+        """The live sandbox, or SandboxNotFound / SandboxGone."""
+
+    @abc.abstractmethod
+    async def dial(self, sandbox: Sandbox, port: int) -> socket.socket:
+        """A connected non-blocking socket to port inside the sandbox, or DialFailed /
+        SandboxGone."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        """Release what the plugin holds (connections to helpers, caches)."""
+
+
+def available_plugins() -> dict[str, str]:
+    """Installed plugin names and the object each entry point names."""
+    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def load_plugin(config: Config) -> RuntimePlugin:
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == config.runtime:
+            factory = ep.load()
+            return factory(config)
+    names = ", ".join(sorted(available_plugins())) or "none"
+    raise PluginNotFound(f"runtime plugin {config.runtime!r} is not installed (installed: {names})")

@@ -1,0 +1,300 @@
+"""Port-forward over SPDY/3.1 (and over a WebSocket carrying SPDY): stream pairs by
+request id, handed to the forwarding core."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from crishim.forward import ForwardContext, ForwardedConnection, SessionBase
+from crishim.runtime import Sandbox
+from crishim.stream import spdy
+
+log = logging.getLogger("crishim.spdy")
+
+PORTFORWARD_PROTOCOL = "portforward.k8s.io"
+
+
+class _SpdyChannel:
+    """A forwarded connection's data + error streams on one SPDY session."""
+
+    __slots__ = ("session", "data_id", "error_id", "_data_closed")
+
+    def __init__(self, session: SpdyPortForwardSession, data_id: int, error_id: int) -> None:
+        self.session = session
+        self.data_id = data_id
+        self.error_id = error_id
+        self._data_closed = False
+
+    def send(self, data: bytes) -> None:
+        s = self.session
+        s.last_activity = time.monotonic()
+        s.codec.send_data(self.data_id, data)
+        s.flush()
+
+    def send_eof(self) -> None:
+        if not self._data_closed:
+            self._data_closed = True
+            self.session.codec.end_stream(self.data_id)
+            self.session.flush()
+
+    def abort(self) -> None:
+        if not self._data_closed:
+            self._data_closed = True
+            self.session.codec.reset_stream(self.data_id, spdy.CANCEL)
+            self.session.flush()
+
+    def finish(self, error: str | None) -> None:
+        s = self.session
+        if error:
+            s.codec.send_data(self.error_id, error.encode("utf-8", "replace"))
+        s.codec.end_stream(self.error_id)
+        s.flush()
+
+
+class _PendingPair:
+    __slots__ = ("request_id", "port", "data_id", "error_id", "timer")
+
+    def __init__(self, request_id: str, port: int) -> None:
+        self.request_id = request_id
+        self.port = port
+        self.data_id = 0
+        self.error_id = 0
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class SpdyPortForwardSession(SessionBase):
+    """Drives one SpdySession: pairs streams, opens forwarded connections, pumps bytes.
+
+    `write` sends bytes to the client (a TCP transport, or a WebSocket wrapper)."""
+
+    transport_name = "spdy"
+
+    def __init__(self, ctx: ForwardContext, sandbox: Sandbox, creation_timeout: float,
+                 idle_timeout: float, write: Callable[[bytes], None],
+                 close: Callable[[], None]) -> None:
+        super().__init__(ctx, sandbox)
+        self.codec = spdy.SpdySession(spdy.SpdyConfig(client=False))
+        self.creation_timeout = creation_timeout
+        self.idle_timeout = idle_timeout
+        self._write = write
+        self._close = close
+        self._pending: dict[str, _PendingPair] = {}
+        self._by_stream: dict[int, ForwardedConnection] = {}
+        self._error_streams: dict[int, ForwardedConnection] = {}
+        self._closed = False
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self.on_closed: Callable[[], None] | None = None
+
+    def start(self) -> None:
+        self._arm_idle_timer()
+
+    # --- output ------------------------------------------------------------------------
+    def flush(self) -> None:
+        out = self.codec.data_to_send()
+        if out and not self._closed:
+            self._write(out)
+
+    # --- input -------------------------------------------------------------------------
+    def receive(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        for event in self.codec.receive_data(data):
+            handler = _HANDLERS.get(type(event))
+            if handler is not None:
+                handler(self, event)
+        self.flush()
+
+    def _on_stream_opened(self, ev: spdy.StreamOpened) -> None:
+        headers = ev.headers
+        stream_type = headers.get("streamtype", "")
+        port_text = headers.get("port", "")
+        try:
+            port = int(port_text)
+        except ValueError:
+            port = 0
+        if stream_type not in ("data", "error") or not 1 <= port <= 65535 \
+                or not port_text.isdigit():
+            reason = (f"unknown streamtype {stream_type!r}" if stream_type not in ("data", "error")
+                      else f"invalid port {port_text!r}")
+            log.info("spdy sandbox=%s: refusing stream %d: %s", self.sandbox.id, ev.stream_id,
+                     reason)
+            self.codec.reset_stream(ev.stream_id, spdy.PROTOCOL_ERROR)
+            return
+        request_id = headers.get("requestid")
+        if request_id is None:  # very old clients: ids derived from stream ids
+            request_id = str(ev.stream_id if stream_type == "error" else ev.stream_id - 2)
+        pair = self._pending.get(request_id)
+        if pair is None:
+            pair = _PendingPair(request_id, port)
+            self._pending[request_id] = pair
+            pair.timer = asyncio.get_running_loop().call_later(
+                self.creation_timeout, self._pair_timed_out, request_id)
+        slot = "data_id" if stream_type == "data" else "error_id"
+        if getattr(pair, slot) or pair.port != port:
+            why = "a second" if getattr(pair, slot) else "a different port for the"
+            log.info("spdy sandbox=%s: refusing stream %d: %s %s stream for request %s",
+                     self.sandbox.id, ev.stream_id, why, stream_type, request_id)
+            self.codec.reset_stream(ev.stream_id, spdy.PROTOCOL_ERROR)
+            return
+        setattr(pair, slot, ev.stream_id)
+        self.codec.reply(ev.stream_id, {})
+        if pair.data_id and pair.error_id:
+            del self._pending[request_id]
+            if pair.timer is not None:
+                pair.timer.cancel()
+            channel = _SpdyChannel(self, pair.data_id, pair.error_id)
+            conn = self.open_connection(port, channel)
+            if not conn.done:
+                self._by_stream[pair.data_id] = conn
+                self._error_streams[pair.error_id] = conn
+
+    def _pair_timed_out(self, request_id: str) -> None:
+        pair = self._pending.pop(request_id, None)
+        if pair is None or self._closed:
+            return
+        message = (f"timed out waiting for the {'data' if not pair.data_id else 'error'} "
+                   f"stream of request {request_id} (stream_creation_timeout "
+                   f"{self.creation_timeout:g}s)")
+        log.info("spdy sandbox=%s: %s", self.sandbox.id, message)
+        if pair.error_id:
+            self.codec.send_data(pair.error_id, message.encode())
+            self.codec.end_stream(pair.error_id)
+        if pair.data_id:
+            self.codec.reset_stream(pair.data_id, spdy.CANCEL)
+        self.flush()
+
+    def _on_data(self, ev: spdy.DataReceived) -> None:
+        conn = self._by_stream.get(ev.stream_id)
+        if conn is not None:
+            if ev.data:
+                conn.client_data(ev.data)
+            if ev.fin:
+                conn.client_eof()
+        # data on an error stream or on a half-paired stream is ignored: clients only read it
+
+    def _on_reset(self, ev: spdy.StreamReset) -> None:
+        conn = self._by_stream.get(ev.stream_id)
+        if conn is not None:
+            conn.client_reset()
+            return
+        for request_id, pair in list(self._pending.items()):
+            if ev.stream_id in (pair.data_id, pair.error_id):
+                del self._pending[request_id]
+                if pair.timer is not None:
+                    pair.timer.cancel()
+
+    def _on_goaway(self, ev: spdy.GoAwayReceived) -> None:
+        log.debug("spdy sandbox=%s: client sent GOAWAY", self.sandbox.id)
+
+    def _on_terminated(self, ev: spdy.SessionTerminated) -> None:
+        log.warning("spdy sandbox=%s: protocol error, ending session: %s", self.sandbox.id,
+                    ev.reason)
+        self.flush()
+        self.close("protocol error: " + ev.reason)
+
+    def _on_stream_error(self, ev: spdy.StreamError) -> None:
+        log.info("spdy sandbox=%s: stream %d refused: %s", self.sandbox.id, ev.stream_id,
+                 ev.reason)
+        conn = self._by_stream.get(ev.stream_id)
+        if conn is not None:
+            conn.close(ev.reason)
+
+    def connection_finished(self, conn: ForwardedConnection) -> None:
+        super().connection_finished(conn)
+        channel = conn.channel
+        if isinstance(channel, _SpdyChannel):
+            self._by_stream.pop(channel.data_id, None)
+            self._error_streams.pop(channel.error_id, None)
+
+    # --- idle timeout and closing -------------------------------------------------------
+    def _arm_idle_timer(self) -> None:
+        if self.idle_timeout > 0 and not self._closed:
+            self._idle_timer = asyncio.get_running_loop().call_later(
+                self.idle_timeout, self._check_idle)
+
+    def _check_idle(self) -> None:
+        if self._closed:
+            return
+        idle_for = time.monotonic() - self.last_activity
+        if idle_for >= self.idle_timeout:
+            log.info("spdy sandbox=%s: idle for %.0fs, closing session", self.sandbox.id,
+                     idle_for)
+            self.codec.goaway(spdy.GOAWAY_OK)
+            self.flush()
+            self.close("idle timeout")
+            return
+        self._idle_timer = asyncio.get_running_loop().call_later(
+            self.idle_timeout - idle_for, self._check_idle)
+
+    def close(self, reason: str) -> None:
+        if self._closed:
+            return
+        self.close_connections(reason)
+        for pair in self._pending.values():
+            if pair.timer is not None:
+                pair.timer.cancel()
+        self._pending.clear()
+        self.flush()
+        self._closed = True
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        self._close()
+        if self.on_closed is not None:
+            self.on_closed()
+
+    def connection_lost(self) -> None:
+        """The client's transport is gone: end every forwarded connection."""
+        if not self._closed:
+            self._closed = True
+            self.close_connections("client connection lost")
+            for pair in self._pending.values():
+                if pair.timer is not None:
+                    pair.timer.cancel()
+            self._pending.clear()
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+            if self.on_closed is not None:
+                self.on_closed()
+
+    def drain(self) -> None:
+        """Server shutting down: tell the client no new streams will be accepted."""
+        if not self._closed:
+            self.codec.goaway(spdy.GOAWAY_OK)
+            self.flush()
+
+
+_HANDLERS = {
+    spdy.StreamOpened: SpdyPortForwardSession._on_stream_opened,
+    spdy.DataReceived: SpdyPortForwardSession._on_data,
+    spdy.StreamReset: SpdyPortForwardSession._on_reset,
+    spdy.GoAwayReceived: SpdyPortForwardSession._on_goaway,
+    spdy.SessionTerminated: SpdyPortForwardSession._on_terminated,
+    spdy.StreamError: SpdyPortForwardSession._on_stream_error,
+}
+
+
+class SpdyTransportProtocol(asyncio.Protocol):
+    """asyncio glue: a TCP (or TLS) transport carrying SPDY after the 101."""
+
+    def __init__(self, session: SpdyPortForwardSession, transport: asyncio.Transport) -> None:
+        self.session = session
+        self.transport = transport
+        session.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.session.receive(data)
+
+    def eof_received(self) -> bool:
+        self.session.close("client closed the connection")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.session.connection_lost()
+
+    def pause_writing(self) -> None:
+        self.session.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.session.resume_writing()

@@ -1,0 +1,1131 @@
+"""Sans-IO SPDY/3.1 codec: bytes in, events out; calls in, bytes out.
+
+A :class:`SpdySession` owns no socket and no event loop. Feed it what the
+transport read with :meth:`SpdySession.receive_data`, act on the returned
+events, and write whatever :meth:`SpdySession.data_to_send` hands back. The
+same class serves both roles; :attr:`SpdyConfig.client` picks stream-id parity.
+
+Deliberate choices (see PROTOCOL.md section 3):
+
+* Flow control is reported (``WindowUpdateReceived``) but never enforced:
+  spdystream neither sends nor honours WINDOW_UPDATE, so waiting for window
+  credit would stall every kubectl port-forward after 64 KiB.
+* DATA payloads are handed out as they arrive, so the input buffer holds at
+  most one frame header or one control frame, never a 16 MiB data frame.
+* Header blocks share one zlib context per direction for the whole session.
+  A block that cannot be inflated (garbage, or bigger than
+  ``max_header_block`` once inflated) desynchronises that context, so it ends
+  the session; a block that inflates fine but is malformed only resets its stream.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import NoReturn
+
+__all__ = [
+    "SPDY3_DICTIONARY",
+    "CompressionError",
+    "DataReceived",
+    "Event",
+    "GoAwayReceived",
+    "HeaderBlockError",
+    "HeaderDecoder",
+    "HeaderEncoder",
+    "HeadersReceived",
+    "PingAcknowledged",
+    "PingReceived",
+    "SessionClosedError",
+    "SessionTerminated",
+    "SettingsReceived",
+    "SpdyConfig",
+    "SpdyError",
+    "SpdySession",
+    "StreamClosedError",
+    "StreamError",
+    "StreamOpened",
+    "StreamReplied",
+    "StreamReset",
+    "WindowUpdateReceived",
+    "pack_header_block",
+    "unpack_header_block",
+]
+
+SPDY_VERSION = 3
+
+# Control frame types.
+SYN_STREAM = 1
+SYN_REPLY = 2
+RST_STREAM = 3
+SETTINGS = 4
+PING = 6
+GOAWAY = 7
+HEADERS = 8
+WINDOW_UPDATE = 9
+
+# Frame flags.
+FLAG_FIN = 0x01
+FLAG_UNIDIRECTIONAL = 0x02
+FLAG_SETTINGS_CLEAR_SETTINGS = 0x01
+
+# RST_STREAM status codes.
+PROTOCOL_ERROR = 1
+INVALID_STREAM = 2
+REFUSED_STREAM = 3
+UNSUPPORTED_VERSION = 4
+CANCEL = 5
+INTERNAL_ERROR = 6
+FLOW_CONTROL_ERROR = 7
+STREAM_IN_USE = 8
+STREAM_ALREADY_CLOSED = 9
+INVALID_CREDENTIALS = 10
+FRAME_TOO_LARGE = 11
+
+# GOAWAY status codes.
+OK = 0
+GOAWAY_OK = 0
+GOAWAY_PROTOCOL_ERROR = 1
+GOAWAY_INTERNAL_ERROR = 2
+
+# SETTINGS ids.
+SETTINGS_UPLOAD_BANDWIDTH = 1
+SETTINGS_DOWNLOAD_BANDWIDTH = 2
+SETTINGS_ROUND_TRIP_TIME = 3
+SETTINGS_MAX_CONCURRENT_STREAMS = 4
+SETTINGS_CURRENT_CWND = 5
+SETTINGS_DOWNLOAD_RETRANS_RATE = 6
+SETTINGS_INITIAL_WINDOW_SIZE = 7
+SETTINGS_CLIENT_CERTIFICATE_VECTOR_SIZE = 8
+
+MAX_STREAM_ID = 0x7FFFFFFF
+MAX_FRAME_PAYLOAD = 0xFFFFFF
+
+_KNOWN_CONTROL_TYPES = frozenset(
+    (SYN_STREAM, SYN_REPLY, RST_STREAM, SETTINGS, PING, GOAWAY, HEADERS, WINDOW_UPDATE)
+)
+
+
+def _build_dictionary() -> bytes:
+    # SPDY/3 draft, section 2.6.10.1: 65 length-prefixed words, then one raw run.
+    words = (
+        "options", "head", "post", "put", "delete", "trace", "accept", "accept-charset",
+        "accept-encoding", "accept-language", "accept-ranges", "age", "allow",
+        "authorization", "cache-control", "connection", "content-base", "content-encoding",
+        "content-language", "content-length", "content-location", "content-md5",
+        "content-range", "content-type", "date", "etag", "expect", "expires", "from", "host",
+        "if-match", "if-modified-since", "if-none-match", "if-range", "if-unmodified-since",
+        "last-modified", "location", "max-forwards", "pragma", "proxy-authenticate",
+        "proxy-authorization", "range", "referer", "retry-after", "server", "te", "trailer",
+        "transfer-encoding", "upgrade", "user-agent", "vary", "via", "warning",
+        "www-authenticate", "method", "get", "status", "200 OK", "version", "HTTP/1.1", "url",
+        "public", "set-cookie", "keep-alive", "origin",
+    )
+    tail = (
+        "100101201202205206300302303304305306307402405406407408409410411412413414415416417"
+        "502504505"
+        "203 Non-Authoritative Information204 No Content301 Moved Permanently"
+        "400 Bad Request401 Unauthorized403 Forbidden404 Not Found"
+        "500 Internal Server Error501 Not Implemented503 Service Unavailable"
+        "Jan Feb Mar Apr May Jun Jul Aug Sept Oct Nov Dec 00:00:00 "
+        "Mon, Tue, Wed, Thu, Fri, Sat, Sun, GMT"
+        "chunked,text/html,image/png,image/jpg,image/gif,application/xml,"
+        "application/xhtml+xml,text/plain,text/javascript,public"
+        "privatemax-age=gzip,deflate,sdch"
+        "charset=utf-8charset=iso-8859-1,utf-,*,enq=0."
+    )
+    out = bytearray()
+    for word in words:
+        raw = word.encode("ascii")
+        out += len(raw).to_bytes(4, "big") + raw
+    out += tail.encode("ascii")
+    return bytes(out)
+
+
+#: The zlib preset dictionary every SPDY/3 header block is compressed with (1423 bytes).
+SPDY3_DICTIONARY = _build_dictionary()
+
+_U32 = struct.Struct(">I")
+_U32_PAIR = struct.Struct(">II")
+_SYN_STREAM_PREFIX = struct.Struct(">IIBB")
+_SETTING = struct.Struct(">II")
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class SpdyConfig:
+    """Role and limits of one session. Every limit bounds memory held per session."""
+
+    client: bool = False
+    max_frame_size: int = 16 * 1024 * 1024 - 1
+    max_header_block: int = 256 * 1024
+    max_concurrent_streams: int = 10000
+    max_data_chunk: int = 256 * 1024
+    #: Largest DATA payload put in one outgoing frame; longer sends are split.
+    max_send_frame: int = 64 * 1024
+    #: How many closed stream ids are remembered to tell late frames from bogus ones.
+    closed_stream_memory: int = 1024
+    #: How many of our own unanswered PING ids are remembered.
+    max_outstanding_pings: int = 1024
+    #: zlib level for outgoing header blocks.
+    header_compression_level: int = zlib.Z_DEFAULT_COMPRESSION
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_frame_size <= MAX_FRAME_PAYLOAD:
+            raise ValueError(f"max_frame_size must be within 1..{MAX_FRAME_PAYLOAD}")
+        if not 1 <= self.max_send_frame <= MAX_FRAME_PAYLOAD:
+            raise ValueError(f"max_send_frame must be within 1..{MAX_FRAME_PAYLOAD}")
+        for name in ("max_header_block", "max_concurrent_streams", "max_data_chunk",
+                     "closed_stream_memory", "max_outstanding_pings"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+
+    @property
+    def max_control_frame(self) -> int:
+        """Largest control frame buffered whole: a header block may not deflate to
+        more than its inflated limit plus zlib's framing slack."""
+        return min(self.max_frame_size, self.max_header_block + 64 * 1024)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class SpdyError(Exception):
+    """Base class for errors raised to the local user of a session."""
+
+
+class StreamClosedError(SpdyError):
+    """The stream cannot carry what the caller tried to send on it."""
+
+
+class SessionClosedError(SpdyError):
+    """The session no longer accepts new streams (terminated, GOAWAY, ids exhausted)."""
+
+
+class HeaderBlockError(SpdyError):
+    """An inflated header block is malformed; the zlib context is still intact."""
+
+
+class CompressionError(SpdyError):
+    """A header block could not be inflated; the zlib context is unusable."""
+
+
+# --------------------------------------------------------------------------- events
+
+
+class Event:
+    """Base class of everything :meth:`SpdySession.receive_data` returns."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOpened(Event):
+    """The peer opened a stream with SYN_STREAM."""
+
+    stream_id: int
+    associated_id: int
+    headers: dict[str, str]
+    fin: bool
+    unidirectional: bool
+    priority: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReplied(Event):
+    """The peer accepted one of our streams with SYN_REPLY."""
+
+    stream_id: int
+    headers: dict[str, str]
+    fin: bool
+
+
+@dataclass(frozen=True, slots=True)
+class HeadersReceived(Event):
+    stream_id: int
+    headers: dict[str, str]
+    fin: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DataReceived(Event):
+    """A piece of a DATA frame; ``fin`` is set on the last piece of a FIN frame."""
+
+    stream_id: int
+    data: bytes
+    fin: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReset(Event):
+    """The peer reset a stream with RST_STREAM."""
+
+    stream_id: int
+    status: int
+
+
+@dataclass(frozen=True, slots=True)
+class PingReceived(Event):
+    """The peer pinged us; the echo is already queued."""
+
+    ping_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class PingAcknowledged(Event):
+    """The peer echoed a PING we sent."""
+
+    ping_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class SettingsReceived(Event):
+    settings: dict[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class WindowUpdateReceived(Event):
+    """Informational only: this codec never blocks sends on a window."""
+
+    stream_id: int
+    delta: int
+
+
+@dataclass(frozen=True, slots=True)
+class GoAwayReceived(Event):
+    last_good_stream_id: int
+    status: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamError(Event):
+    """The codec refused or reset a stream the peer misused; RST_STREAM is queued."""
+
+    stream_id: int
+    status: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionTerminated(Event):
+    """Fatal protocol error; GOAWAY is queued and all further input is ignored."""
+
+    status: int
+    reason: str
+
+
+# --------------------------------------------------------------------------- header blocks
+
+
+def pack_header_block(headers: dict[str, str]) -> bytes:
+    """Lay out a header block (uncompressed): names lowercased, values kept raw.
+
+    Several values of one header travel as one value joined by NUL.
+    """
+    lowered: dict[bytes, bytes] = {}
+    for name, value in headers.items():
+        raw_name = name.lower().encode("latin-1")
+        if not raw_name:
+            raise ValueError("header names must not be empty")
+        if raw_name in lowered:
+            raise ValueError(f"header {name!r} appears twice once lowercased")
+        lowered[raw_name] = value.encode("latin-1")
+    parts = [_U32.pack(len(lowered))]
+    for raw_name, raw_value in lowered.items():
+        parts.append(_U32.pack(len(raw_name)))
+        parts.append(raw_name)
+        parts.append(_U32.pack(len(raw_value)))
+        parts.append(raw_value)
+    return b"".join(parts)
+
+
+def unpack_header_block(raw: bytes) -> dict[str, str]:
+    """Parse an inflated header block; raises :class:`HeaderBlockError` if malformed.
+
+    Names are lowercased (lenient towards peers that do not); bytes are decoded
+    as latin-1 so nothing is lost or rejected for its encoding.
+    """
+    size = len(raw)
+    if size == 0:
+        return {}
+    if size < 4:
+        raise HeaderBlockError(f"header block of {size} bytes has no pair count")
+    (count,) = _U32.unpack_from(raw, 0)
+    # Each pair needs at least two length fields, which caps any honest count.
+    if count > (size - 4) // 8:
+        raise HeaderBlockError(f"pair count {count} does not fit in a {size}-byte block")
+    headers: dict[str, str] = {}
+    pos = 4
+    for _ in range(count):
+        if pos + 4 > size:
+            raise HeaderBlockError("header block ends inside a name length")
+        (name_len,) = _U32.unpack_from(raw, pos)
+        pos += 4
+        if name_len == 0:
+            raise HeaderBlockError("header block has an empty name")
+        if pos + name_len > size:
+            raise HeaderBlockError(f"name length {name_len} runs past the block end")
+        name = raw[pos:pos + name_len].decode("latin-1").lower()
+        pos += name_len
+        if pos + 4 > size:
+            raise HeaderBlockError("header block ends inside a value length")
+        (value_len,) = _U32.unpack_from(raw, pos)
+        pos += 4
+        if pos + value_len > size:
+            raise HeaderBlockError(f"value length {value_len} runs past the block end")
+        if name in headers:
+            raise HeaderBlockError(f"header {name!r} appears twice")
+        headers[name] = raw[pos:pos + value_len].decode("latin-1")
+        pos += value_len
+    if pos != size:
+        raise HeaderBlockError(f"{size - pos} stray bytes after the last header")
+    return headers
+
+
+class HeaderEncoder:
+    """Outgoing header compression: one zlib stream for the session's life."""
+
+    def __init__(self, level: int = zlib.Z_DEFAULT_COMPRESSION) -> None:
+        self._deflater = zlib.compressobj(level, zlib.DEFLATED, 15, 8,
+                                          zlib.Z_DEFAULT_STRATEGY, SPDY3_DICTIONARY)
+
+    def encode(self, headers: dict[str, str]) -> bytes:
+        raw = pack_header_block(headers)
+        return self._deflater.compress(raw) + self._deflater.flush(zlib.Z_SYNC_FLUSH)
+
+
+class HeaderDecoder:
+    """Incoming header decompression, bounded by ``max_size`` inflated bytes per block."""
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self._inflater = zlib.decompressobj(zdict=SPDY3_DICTIONARY)
+        self.broken = False
+
+    def inflate(self, block: bytes | memoryview) -> bytes:
+        """Inflate one block; raises :class:`CompressionError` and stays broken after."""
+        if self.broken:
+            raise CompressionError("header decompression context is already broken")
+        try:
+            raw = self._inflater.decompress(block, self.max_size + 1)
+        except zlib.error as exc:
+            self.broken = True
+            raise CompressionError(f"header block does not inflate: {exc}") from None
+        if len(raw) > self.max_size:
+            self.broken = True
+            raise CompressionError(f"header block inflates beyond {self.max_size} bytes")
+        if self._inflater.eof:
+            # The peer ended its zlib stream; the next block would have nowhere to go.
+            self.broken = True
+            raise CompressionError("header block ends the session's zlib stream")
+        return raw
+
+    def decode(self, block: bytes | memoryview) -> dict[str, str]:
+        return unpack_header_block(self.inflate(block))
+
+
+# --------------------------------------------------------------------------- session
+
+_CLOSED_RESET = 1  # reset by either side: late frames are dropped silently
+_CLOSED_FINISHED = 2  # both sides sent FIN: more data from the peer is an error
+
+
+class _Stream:
+    __slots__ = (
+        "alive",
+        "local_open",
+        "peer_initiated",
+        "remote_open",
+        "replied",
+        "stream_id",
+    )
+
+    def __init__(self, stream_id: int, peer_initiated: bool, local_open: bool,
+                 remote_open: bool) -> None:
+        self.stream_id = stream_id
+        self.peer_initiated = peer_initiated
+        self.local_open = local_open
+        self.remote_open = remote_open
+        self.replied = False
+        self.alive = True
+
+
+class _Terminated(Exception):
+    """Unwinds frame processing after a fatal error was recorded."""
+
+
+class SpdySession:
+    """One SPDY/3.1 session, either role, without I/O."""
+
+    def __init__(self, config: SpdyConfig = SpdyConfig()) -> None:
+        self.config = config
+        self._our_parity = 1 if config.client else 0
+        self._next_stream_id = 1 if config.client else 2
+        self._next_ping_id = 1 if config.client else 2
+        self._encoder = HeaderEncoder(config.header_compression_level)
+        self._decoder = HeaderDecoder(config.max_header_block)
+        self._control_limit = config.max_control_frame
+
+        self._inbuf = bytearray()
+        # A DATA frame (or an ignored control frame) still being read: bytes left,
+        # where they go (None: discard), its stream id and FIN flag.
+        self._payload_left = 0
+        self._payload_target: _Stream | None = None
+        self._payload_stream_id = 0
+        self._payload_fin = False
+
+        self._outbuf: list[bytes | memoryview] = []
+        self._outbuf_size = 0
+
+        self._streams: dict[int, _Stream] = {}
+        self._peer_stream_count = 0
+        self._closed: dict[int, int] = {}
+        self._last_peer_stream_id = 0
+        self._last_accepted_peer_stream_id = 0
+        self._outstanding_pings: dict[int, None] = {}
+
+        self.peer_settings: dict[int, int] = {}
+        self.terminated = False
+        self.goaway_sent = False
+        self.goaway_received = False
+
+    # ----------------------------------------------------------------- introspection
+
+    @property
+    def open_stream_count(self) -> int:
+        return len(self._streams)
+
+    @property
+    def bytes_to_send(self) -> int:
+        return self._outbuf_size
+
+    @property
+    def buffered_input(self) -> int:
+        """Bytes held back waiting for the rest of a frame header or control frame."""
+        return len(self._inbuf)
+
+    @property
+    def remembered_closed_streams(self) -> int:
+        return len(self._closed)
+
+    def is_stream_open(self, stream_id: int) -> bool:
+        return stream_id in self._streams
+
+    def can_send(self, stream_id: int) -> bool:
+        stream = self._streams.get(stream_id)
+        return stream is not None and stream.local_open
+
+    @property
+    def last_peer_stream_id(self) -> int:
+        """Highest stream id the peer opened and we accepted (GOAWAY's last-good id)."""
+        return self._last_accepted_peer_stream_id
+
+    # ----------------------------------------------------------------- output
+
+    def data_to_send(self) -> bytes:
+        """Drain everything queued for the transport."""
+        out = self._outbuf
+        if not out:
+            return b""
+        if len(out) == 1 and type(out[0]) is bytes:
+            data = out[0]
+        else:
+            data = b"".join(out)
+        out.clear()
+        self._outbuf_size = 0
+        return data
+
+    def _queue(self, chunk: bytes | memoryview) -> None:
+        self._outbuf.append(chunk)
+        self._outbuf_size += len(chunk)
+
+    def _queue_control(self, frame_type: int, flags: int, payload: bytes) -> None:
+        if len(payload) > MAX_FRAME_PAYLOAD:
+            raise ValueError(f"control frame payload of {len(payload)} bytes is too large")
+        self._queue(_U32_PAIR.pack(0x80000000 | (SPDY_VERSION << 16) | frame_type,
+                                   (flags << 24) | len(payload)) + payload)
+
+    def _queue_rst(self, stream_id: int, status: int) -> None:
+        self._queue_control(RST_STREAM, 0, _U32_PAIR.pack(stream_id & MAX_STREAM_ID, status))
+
+    def _queue_goaway(self, status: int) -> None:
+        self._queue_control(GOAWAY, 0, _U32_PAIR.pack(self._last_accepted_peer_stream_id,
+                                                      status))
+
+    # ----------------------------------------------------------------- local actions
+
+    def open_stream(self, headers: dict[str, str], fin: bool = False, associated_id: int = 0,
+                    priority: int = 0) -> int:
+        """Queue a SYN_STREAM and return the new stream's id."""
+        if self.terminated:
+            raise SessionClosedError("the session has terminated")
+        if self.goaway_received:
+            raise SessionClosedError("the peer sent GOAWAY; no new streams")
+        if not 0 <= priority <= 7:
+            raise ValueError(f"priority {priority} is outside 0..7")
+        if not 0 <= associated_id <= MAX_STREAM_ID:
+            raise ValueError(f"associated stream id {associated_id} is out of range")
+        stream_id = self._next_stream_id
+        if stream_id > MAX_STREAM_ID:
+            raise SessionClosedError("stream ids are exhausted; open a new session")
+        block = self._encoder.encode(headers)
+        self._next_stream_id += 2
+        prefix = _SYN_STREAM_PREFIX.pack(stream_id, associated_id, priority << 5, 0)
+        self._queue_control(SYN_STREAM, FLAG_FIN if fin else 0, prefix + block)
+        self._streams[stream_id] = _Stream(stream_id, False, not fin, True)
+        return stream_id
+
+    def reply(self, stream_id: int, headers: dict[str, str] | None = None,
+              fin: bool = False) -> None:
+        """Accept a peer stream with SYN_REPLY (no-op if it is already reset)."""
+        stream = self._writable_stream(stream_id)
+        if stream is None:
+            return
+        if not stream.peer_initiated:
+            raise ValueError(f"stream {stream_id} is ours; only the peer can reply to it")
+        if stream.replied:
+            raise ValueError(f"stream {stream_id} was already replied to")
+        block = self._encoder.encode(headers or {})
+        self._queue_control(SYN_REPLY, FLAG_FIN if fin else 0, _U32.pack(stream_id) + block)
+        stream.replied = True
+        if fin:
+            self._close_local(stream)
+
+    def send_headers(self, stream_id: int, headers: dict[str, str], fin: bool = False) -> None:
+        """Queue a HEADERS frame (no-op if the stream is already reset)."""
+        stream = self._writable_stream(stream_id)
+        if stream is None:
+            return
+        block = self._encoder.encode(headers)
+        self._queue_control(HEADERS, FLAG_FIN if fin else 0, _U32.pack(stream_id) + block)
+        if fin:
+            self._close_local(stream)
+
+    def send_data(self, stream_id: int, data: bytes | bytearray | memoryview,
+                  fin: bool = False) -> None:
+        """Queue DATA frames of at most ``max_send_frame`` bytes each.
+
+        Never waits for window credit. A no-op if the stream is already reset or
+        finished; raises :class:`StreamClosedError` if we already sent FIN on it.
+        """
+        stream = self._writable_stream(stream_id)
+        if stream is None:
+            return
+        # Immutable bytes are sliced by view; anything mutable is copied once here.
+        view = memoryview(data if type(data) is bytes else bytes(data))
+        total = len(view)
+        chunk = self.config.max_send_frame
+        pack = _U32_PAIR.pack
+        out = self._outbuf
+        if total <= chunk:
+            out.append(pack(stream_id, ((FLAG_FIN if fin else 0) << 24) | total))
+            if total:
+                out.append(data if type(data) is bytes else view)
+        else:
+            for offset in range(0, total, chunk):
+                piece = view[offset:offset + chunk]
+                last = offset + chunk >= total
+                out.append(pack(stream_id, ((FLAG_FIN if fin and last else 0) << 24)
+                                | len(piece)))
+                out.append(piece)
+        frames = (total + chunk - 1) // chunk or 1
+        self._outbuf_size += total + 8 * frames
+        if fin:
+            self._close_local(stream)
+
+    def end_stream(self, stream_id: int) -> None:
+        """Half-close our side with an empty DATA frame carrying FIN."""
+        self.send_data(stream_id, b"", fin=True)
+
+    def reset_stream(self, stream_id: int, status: int = CANCEL) -> None:
+        """Queue RST_STREAM and forget the stream (no-op if it is already gone)."""
+        stream = self._streams.get(stream_id)
+        if stream is None or self.terminated:
+            return
+        self._queue_rst(stream_id, status)
+        self._forget(stream, _CLOSED_RESET)
+
+    def ping(self, ping_id: int | None = None) -> int:
+        """Queue a PING; its echo arrives as :class:`PingAcknowledged`."""
+        if ping_id is None:
+            ping_id = self._next_ping_id
+            self._next_ping_id = (self._next_ping_id + 2) & 0xFFFFFFFF
+        elif not 0 <= ping_id <= 0xFFFFFFFF:
+            raise ValueError(f"ping id {ping_id} is not a 32-bit value")
+        elif ping_id & 1 != self._our_parity:
+            # The peer would take a ping of its own parity for an echo and drop it.
+            raise ValueError(f"ping id {ping_id} has the peer's parity")
+        if self.terminated:
+            return ping_id
+        pings = self._outstanding_pings
+        pings[ping_id] = None
+        if len(pings) > self.config.max_outstanding_pings:
+            del pings[next(iter(pings))]
+        self._queue_control(PING, 0, _U32.pack(ping_id))
+        return ping_id
+
+    def goaway(self, status: int = GOAWAY_OK) -> None:
+        """Queue GOAWAY once; new peer streams are refused from now on."""
+        if self.goaway_sent or self.terminated:
+            return
+        self.goaway_sent = True
+        self._queue_goaway(status)
+
+    def send_window_update(self, stream_id: int, delta: int) -> None:
+        """Queue WINDOW_UPDATE (stream 0 addresses the session window)."""
+        if not 1 <= delta <= MAX_STREAM_ID:
+            raise ValueError(f"window delta {delta} is outside 1..{MAX_STREAM_ID}")
+        if self.terminated or (stream_id != 0 and stream_id not in self._streams):
+            return
+        self._queue_control(WINDOW_UPDATE, 0, _U32_PAIR.pack(stream_id, delta))
+
+    def send_settings(self, settings: dict[int, int], clear: bool = False) -> None:
+        """Queue a SETTINGS frame with the given id -> value pairs."""
+        if self.terminated:
+            return
+        parts = [_U32.pack(len(settings))]
+        for setting_id, value in settings.items():
+            if not 0 <= setting_id <= 0xFFFFFF or not 0 <= value <= 0xFFFFFFFF:
+                raise ValueError(f"setting {setting_id}={value} does not fit the frame")
+            parts.append(_SETTING.pack(setting_id, value))
+        self._queue_control(SETTINGS, FLAG_SETTINGS_CLEAR_SETTINGS if clear else 0,
+                            b"".join(parts))
+
+    def encode_headers(self, headers: dict[str, str]) -> bytes:
+        """Compress a header block with the outgoing context (advances that context)."""
+        return self._encoder.encode(headers)
+
+    def decode_headers(self, block: bytes) -> dict[str, str]:
+        """Inflate and parse a header block with the incoming context (advances it)."""
+        return self._decoder.decode(block)
+
+    def _writable_stream(self, stream_id: int) -> _Stream | None:
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            if stream.local_open:
+                return stream
+            raise StreamClosedError(f"stream {stream_id} is already closed for sending")
+        if self.terminated or self._was_opened(stream_id):
+            return None
+        raise StreamClosedError(f"stream {stream_id} was never opened")
+
+    def _was_opened(self, stream_id: int) -> bool:
+        if stream_id <= 0:
+            return False
+        if stream_id & 1 == self._our_parity:
+            return stream_id < self._next_stream_id
+        return stream_id <= self._last_peer_stream_id
+
+    # ----------------------------------------------------------------- stream bookkeeping
+
+    def _close_local(self, stream: _Stream) -> None:
+        stream.local_open = False
+        if not stream.remote_open:
+            self._forget(stream, _CLOSED_FINISHED)
+
+    def _close_remote(self, stream: _Stream) -> None:
+        stream.remote_open = False
+        if not stream.local_open:
+            self._forget(stream, _CLOSED_FINISHED)
+
+    def _forget(self, stream: _Stream, how: int) -> None:
+        stream.alive = False
+        del self._streams[stream.stream_id]
+        if stream.peer_initiated:
+            self._peer_stream_count -= 1
+        self._remember_closed(stream.stream_id, how)
+
+    def _remember_closed(self, stream_id: int, how: int) -> None:
+        closed = self._closed
+        closed.pop(stream_id, None)
+        closed[stream_id] = how
+        if len(closed) > self.config.closed_stream_memory:
+            del closed[next(iter(closed))]
+
+    def _stream_error(self, stream_id: int, status: int, reason: str,
+                      events: list[Event]) -> None:
+        self._queue_rst(stream_id, status)
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            self._forget(stream, _CLOSED_RESET)
+        else:
+            self._remember_closed(stream_id, _CLOSED_RESET)
+        events.append(StreamError(stream_id, status, reason))
+
+    def _fail(self, status: int, reason: str, events: list[Event]) -> NoReturn:
+        """Record a fatal error: GOAWAY queued, state dropped. Raises to unwind."""
+        self._queue_goaway(status)
+        self.goaway_sent = True
+        self.terminated = True
+        for stream in self._streams.values():
+            stream.alive = False
+        self._streams.clear()
+        self._closed.clear()
+        self._outstanding_pings.clear()
+        self._peer_stream_count = 0
+        self._payload_left = 0
+        self._payload_target = None
+        events.append(SessionTerminated(status, reason))
+        raise _Terminated
+
+    # ----------------------------------------------------------------- input
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """Consume bytes read from the transport; never raises on any byte content."""
+        events: list[Event] = []
+        if self.terminated:
+            return events
+        view = memoryview(data)
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        try:
+            try:
+                offset = 0
+                if self._inbuf:
+                    offset = self._complete_buffered(view, events)
+                consumed = self._process(view[offset:], events)
+                if offset + consumed < len(view):
+                    self._inbuf += view[offset + consumed:]
+            except _Terminated:
+                self._inbuf = bytearray()
+            except Exception as exc:  # noqa: BLE001 - a bug ends the session, not the transport
+                try:
+                    self._fail(GOAWAY_INTERNAL_ERROR, f"internal codec error: {exc!r}", events)
+                except _Terminated:
+                    self._inbuf = bytearray()
+        finally:
+            view.release()
+        return events
+
+    def _complete_buffered(self, view: memoryview, events: list[Event]) -> int:
+        """Top up the held-back header or control frame from ``view`` and process it.
+
+        Only the missing bytes are copied, so DATA payload that follows is never
+        copied into the buffer. Returns how much of ``view`` was used.
+        """
+        inbuf = self._inbuf
+        used = 0
+        available = len(view)
+        if len(inbuf) < 8:
+            take = min(8 - len(inbuf), available)
+            inbuf += view[:take]
+            used = take
+            if len(inbuf) < 8:
+                return used
+        needed = self._unit_size(inbuf) - len(inbuf)
+        if needed > 0:
+            take = min(needed, available - used)
+            inbuf += view[used:used + take]
+            used += take
+            if take < needed:
+                return used
+        unit = bytes(inbuf)
+        self._inbuf = bytearray()
+        with memoryview(unit) as unit_view:
+            self._process(unit_view, events)
+        return used
+
+    def _unit_size(self, header: bytearray) -> int:
+        """Bytes to hold before processing: a whole control frame if it is buffered,
+        otherwise just the 8-byte header (DATA and ignored frames stream through)."""
+        word, flags_length = _U32_PAIR.unpack_from(header, 0)
+        if word & 0x80000000:
+            length = flags_length & 0xFFFFFF
+            frame_type = word & 0xFFFF
+            version = (word >> 16) & 0x7FFF
+            if (frame_type in _KNOWN_CONTROL_TYPES or version != SPDY_VERSION) and \
+                    length <= self._control_limit:
+                return 8 + length
+        return 8
+
+    def _process(self, view: memoryview, events: list[Event]) -> int:
+        """Handle every complete unit in ``view``; return the bytes consumed."""
+        size = len(view)
+        pos = 0
+        unpack_header = _U32_PAIR.unpack_from
+        max_chunk = self.config.max_data_chunk
+        while True:
+            left = self._payload_left
+            if left:
+                take = size - pos
+                if take == 0:
+                    return pos
+                take = min(take, left)
+                take = min(take, max_chunk)
+                left -= take
+                self._payload_left = left
+                target = self._payload_target
+                if target is not None:
+                    if target.alive:
+                        fin = self._payload_fin and not left
+                        events.append(DataReceived(target.stream_id,
+                                                   bytes(view[pos:pos + take]), fin))
+                        if fin:
+                            self._close_remote(target)
+                    if not left:
+                        self._payload_target = None
+                pos += take
+                continue
+            if size - pos < 8:
+                return pos
+            word, flags_length = unpack_header(view, pos)
+            length = flags_length & 0xFFFFFF
+            flags = flags_length >> 24
+            if word & 0x80000000:
+                frame_type = word & 0xFFFF
+                version = (word >> 16) & 0x7FFF
+                if version == SPDY_VERSION and frame_type not in _KNOWN_CONTROL_TYPES:
+                    # Unknown control frames are ignored, streamed past without buffering.
+                    pos += 8
+                    self._payload_left = length
+                    self._payload_target = None
+                    continue
+                if length > self._control_limit:
+                    self._fail(GOAWAY_PROTOCOL_ERROR,
+                               f"control frame type {frame_type} of {length} bytes exceeds "
+                               f"the {self._control_limit}-byte limit", events)
+                if size - pos < 8 + length:
+                    return pos
+                payload = view[pos + 8:pos + 8 + length]
+                pos += 8 + length
+                if version != SPDY_VERSION:
+                    self._on_bad_version(version, frame_type, payload, events)
+                else:
+                    self._on_control(frame_type, flags, payload, events)
+            else:
+                pos += 8
+                self._on_data_header(word, flags, length, events)
+
+    # ----------------------------------------------------------------- frame handlers
+
+    def _on_data_header(self, stream_id: int, flags: int, length: int,
+                        events: list[Event]) -> None:
+        fin = bool(flags & FLAG_FIN)
+        self._payload_left = length
+        self._payload_fin = fin
+        self._payload_target = None
+        if stream_id == 0:
+            self._fail(GOAWAY_PROTOCOL_ERROR, "DATA frame on stream 0", events)
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            closed_as = self._closed.get(stream_id)
+            if closed_as == _CLOSED_FINISHED:
+                self._stream_error(stream_id, STREAM_ALREADY_CLOSED,
+                                   f"DATA on stream {stream_id} after the peer's FIN", events)
+            elif closed_as is None:
+                self._stream_error(stream_id, INVALID_STREAM,
+                                   f"DATA on stream {stream_id}, which is not open", events)
+            return
+        if not stream.remote_open:
+            self._stream_error(stream_id, STREAM_ALREADY_CLOSED,
+                               f"DATA on stream {stream_id} after the peer's FIN", events)
+            return
+        if length > self.config.max_frame_size:
+            self._stream_error(stream_id, FRAME_TOO_LARGE,
+                               f"DATA frame of {length} bytes exceeds the "
+                               f"{self.config.max_frame_size}-byte limit", events)
+            return
+        if length:
+            self._payload_target = stream
+        elif fin:
+            events.append(DataReceived(stream_id, b"", True))
+            self._close_remote(stream)
+
+    def _on_bad_version(self, version: int, frame_type: int, payload: memoryview,
+                        events: list[Event]) -> None:
+        if frame_type == SYN_STREAM and len(payload) >= 4:
+            stream_id = _U32.unpack_from(payload, 0)[0] & MAX_STREAM_ID
+            if stream_id:
+                self._stream_error(stream_id, UNSUPPORTED_VERSION,
+                                   f"SYN_STREAM speaks SPDY/{version}, not SPDY/3", events)
+                return
+        self._fail(GOAWAY_PROTOCOL_ERROR,
+                   f"control frame type {frame_type} speaks SPDY/{version}, not SPDY/3", events)
+
+    def _on_control(self, frame_type: int, flags: int, payload: memoryview,
+                    events: list[Event]) -> None:
+        if frame_type == SYN_STREAM:
+            self._on_syn_stream(flags, payload, events)
+        elif frame_type == SYN_REPLY or frame_type == HEADERS:
+            self._on_reply_or_headers(frame_type, flags, payload, events)
+        elif frame_type == RST_STREAM:
+            self._on_rst_stream(payload, events)
+        elif frame_type == SETTINGS:
+            self._on_settings(payload, events)
+        elif frame_type == PING:
+            self._on_ping(payload, events)
+        elif frame_type == GOAWAY:
+            self._on_goaway(payload, events)
+        else:
+            self._on_window_update(payload, events)
+
+    def _inflate(self, frame_name: str, block: memoryview, events: list[Event]) -> bytes:
+        try:
+            return self._decoder.inflate(block)
+        except CompressionError as exc:
+            self._fail(GOAWAY_PROTOCOL_ERROR, f"{frame_name}: {exc}", events)
+
+    def _on_syn_stream(self, flags: int, payload: memoryview, events: list[Event]) -> None:
+        if len(payload) < 10:
+            self._fail(GOAWAY_PROTOCOL_ERROR,
+                       f"SYN_STREAM of {len(payload)} bytes is shorter than 10", events)
+        stream_id, associated_id = _U32_PAIR.unpack_from(payload, 0)
+        stream_id &= MAX_STREAM_ID
+        associated_id &= MAX_STREAM_ID
+        priority = payload[8] >> 5
+        # Inflate before any check: the shared context must see every block.
+        raw = self._inflate("SYN_STREAM", payload[10:], events)
+        if stream_id == 0:
+            self._fail(GOAWAY_PROTOCOL_ERROR, "SYN_STREAM with stream id 0", events)
+        if stream_id & 1 == self._our_parity:
+            self._stream_error(stream_id, PROTOCOL_ERROR,
+                               f"SYN_STREAM id {stream_id} has the parity of our own streams",
+                               events)
+            return
+        if stream_id <= self._last_peer_stream_id:
+            if stream_id in self._streams:
+                reason = f"second SYN_STREAM for open stream {stream_id}"
+            else:
+                reason = (f"SYN_STREAM id {stream_id} does not increase "
+                          f"(last was {self._last_peer_stream_id})")
+            self._stream_error(stream_id, PROTOCOL_ERROR, reason, events)
+            return
+        self._last_peer_stream_id = stream_id
+        if self.goaway_sent:
+            self._stream_error(stream_id, REFUSED_STREAM, "the session is going away", events)
+            return
+        try:
+            headers = unpack_header_block(raw)
+        except HeaderBlockError as exc:
+            self._stream_error(stream_id, PROTOCOL_ERROR, f"SYN_STREAM headers: {exc}", events)
+            return
+        if self._peer_stream_count >= self.config.max_concurrent_streams:
+            self._stream_error(stream_id, REFUSED_STREAM,
+                               f"{self._peer_stream_count} peer streams are already open",
+                               events)
+            return
+        fin = bool(flags & FLAG_FIN)
+        unidirectional = bool(flags & FLAG_UNIDIRECTIONAL)
+        self._last_accepted_peer_stream_id = stream_id
+        if fin and unidirectional:
+            self._remember_closed(stream_id, _CLOSED_FINISHED)
+        else:
+            self._streams[stream_id] = _Stream(stream_id, True, not unidirectional, not fin)
+            self._peer_stream_count += 1
+        events.append(StreamOpened(stream_id, associated_id, headers, fin, unidirectional,
+                                   priority))
+
+    def _on_reply_or_headers(self, frame_type: int, flags: int, payload: memoryview,
+                             events: list[Event]) -> None:
+        name = "SYN_REPLY" if frame_type == SYN_REPLY else "HEADERS"
+        if len(payload) < 4:
+            self._fail(GOAWAY_PROTOCOL_ERROR,
+                       f"{name} of {len(payload)} bytes is shorter than 4", events)
+        stream_id = _U32.unpack_from(payload, 0)[0] & MAX_STREAM_ID
+        raw = self._inflate(name, payload[4:], events)
+        if stream_id == 0:
+            self._fail(GOAWAY_PROTOCOL_ERROR, f"{name} with stream id 0", events)
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            if stream_id not in self._closed:
+                self._stream_error(stream_id, INVALID_STREAM,
+                                   f"{name} for stream {stream_id}, which is not open", events)
+            return
+        if frame_type == SYN_REPLY:
+            if stream.peer_initiated:
+                self._stream_error(stream_id, PROTOCOL_ERROR,
+                                   f"SYN_REPLY for stream {stream_id}, which the peer opened",
+                                   events)
+                return
+            if stream.replied:
+                self._stream_error(stream_id, STREAM_IN_USE,
+                                   f"second SYN_REPLY for stream {stream_id}", events)
+                return
+        elif not stream.remote_open:
+            self._stream_error(stream_id, STREAM_ALREADY_CLOSED,
+                               f"HEADERS on stream {stream_id} after the peer's FIN", events)
+            return
+        try:
+            headers = unpack_header_block(raw)
+        except HeaderBlockError as exc:
+            self._stream_error(stream_id, PROTOCOL_ERROR, f"{name} headers: {exc}", events)
+            return
+        fin = bool(flags & FLAG_FIN)
+        if frame_type == SYN_REPLY:
+            stream.replied = True
+            events.append(StreamReplied(stream_id, headers, fin))
+        else:
+            events.append(HeadersReceived(stream_id, headers, fin))
+        if fin and stream.remote_open:
+            self._close_remote(stream)
+
+    def _on_rst_stream(self, payload: memoryview, events: list[Event]) -> None:
+        if len(payload) != 8:
+            self._fail(GOAWAY_PROTOCOL_ERROR,
+                       f"RST_STREAM of {len(payload)} bytes instead of 8", events)
+        stream_id, status = _U32_PAIR.unpack_from(payload, 0)
+        stream_id &= MAX_STREAM_ID
+        if stream_id == 0:
+            self._fail(GOAWAY_PROTOCOL_ERROR, "RST_STREAM for stream 0", events)
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return  # never answer a reset with a reset
+        self._forget(stream, _CLOSED_RESET)
+        events.append(StreamReset(stream_id, status))
+
+    def _on_settings(self, payload: memoryview, events: list[Event]) -> None:
+        size = len(payload)
+        if size < 4:
+            self._fail(GOAWAY_PROTOCOL_ERROR, f"SETTINGS of {size} bytes has no count", events)
+        (count,) = _U32.unpack_from(payload, 0)
+        if size != 4 + 8 * count:
+            self._fail(GOAWAY_PROTOCOL_ERROR,
+                       f"SETTINGS announces {count} entries in {size} bytes", events)
+        settings: dict[int, int] = {}
+        for offset in range(4, size, 8):
+            flags_id, value = _SETTING.unpack_from(payload, offset)
+            settings[flags_id & 0xFFFFFF] = value
+        self.peer_settings.update(settings)
+        events.append(SettingsReceived(settings))
+
+    def _on_ping(self, payload: memoryview, events: list[Event]) -> None:
+        if len(payload) != 4:
+            self._fail(GOAWAY_PROTOCOL_ERROR, f"PING of {len(payload)} bytes instead of 4",
+                       events)
+        (ping_id,) = _U32.unpack_from(payload, 0)
+        if ping_id & 1 == self._our_parity:
+            if ping_id in self._outstanding_pings:
+                del self._outstanding_pings[ping_id]
+                events.append(PingAcknowledged(ping_id))
+            return  # an echo of nothing we sent is ignored, as the spec says
+        self._queue_control(PING, 0, bytes(payload))
+        events.append(PingReceived(ping_id))
+
+    def _on_goaway(self, payload: memoryview, events: list[Event]) -> None:
+        if len(payload) != 8:
+            self._fail(GOAWAY_PROTOCOL_ERROR, f"GOAWAY of {len(payload)} bytes instead of 8",
+                       events)
+        last_good, status = _U32_PAIR.unpack_from(payload, 0)
+        self.goaway_received = True
+        events.append(GoAwayReceived(last_good & MAX_STREAM_ID, status))
+
+    def _on_window_update(self, payload: memoryview, events: list[Event]) -> None:
+        if len(payload) != 8:
+            self._fail(GOAWAY_PROTOCOL_ERROR,
+                       f"WINDOW_UPDATE of {len(payload)} bytes instead of 8", events)
+        stream_id, delta = _U32_PAIR.unpack_from(payload, 0)
+        stream_id &= MAX_STREAM_ID
+        delta &= MAX_STREAM_ID
+        if stream_id == 0:
+            if delta == 0:
+                self._fail(GOAWAY_PROTOCOL_ERROR, "session WINDOW_UPDATE with delta 0", events)
+        elif stream_id not in self._streams:
+            return  # late update for a stream that is gone: harmless
+        elif delta == 0:
+            self._stream_error(stream_id, PROTOCOL_ERROR,
+                               f"WINDOW_UPDATE with delta 0 on stream {stream_id}", events)
+            return
+        events.append(WindowUpdateReceived(stream_id, delta))

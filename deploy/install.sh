@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install crishim and what it needs on a Debian/Ubuntu host, as root.
+#   deploy/install.sh          the server: iproute2 + crishim (pip, editable from this tree)
+#   deploy/install.sh --test   also what the test suite drives: containerd, runc, CNI
+#                              plugins, gcc (the pause image), socat, and the test extras
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(iproute2 ca-certificates)
+extra=""
+if [[ "${1:-}" == "--test" ]]; then
+    packages+=(containerd runc containernetworking-plugins gcc libc6-dev socat curl)
+    extra="[test]"
+fi
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    echo "install.sh: apt-get install ${missing[*]}" >&2
+    apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+python3 -m pip install -q --root-user-action=ignore --disable-pip-version-check -e ".${extra}"
+echo "install.sh: crishim $(python3 -c 'import crishim; print(crishim.__version__)') installed ($(command -v crishim))" >&2

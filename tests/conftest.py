@@ -1,0 +1,31 @@
+import os
+import shutil
+
+import pytest
+
+from tests.crishim_proc import CrishimProcess
+from tests.podnet import PodNetwork
+
+SANDBOX = "sb-test"
+
+
+def pytest_configure(config):
+    if os.geteuid() != 0:
+        raise pytest.UsageError("crishim's tests need root: they create network namespaces")
+
+
+@pytest.fixture(scope="session")
+def podnet():
+    with PodNetwork() as net:
+        yield net
+
+
+@pytest.fixture(scope="session")
+def crishim(podnet):
+    """One crishim serving the pod netns as sandbox SANDBOX (and 'gone' -> a missing path)."""
+    proc = CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path},gone=/var/run/netns/none",
+                          "--stream-creation-timeout", "5s")
+    with proc:
+        yield proc
+    if os.environ.get("CRISHIM_KEEP_LOGS"):
+        shutil.copy(proc.log_path, "/tmp/crishim-session.log")

@@ -1,0 +1,92 @@
+"""Run `crishim serve` as a real subprocess and talk to it over its real unix socket."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import grpc
+
+from crishim.cri import api_pb2, api_pb2_grpc
+
+
+class CrishimProcess:
+    def __init__(self, *args: str, socket_path: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.dir = tempfile.mkdtemp(prefix="crishim-test-")
+        self.socket = socket_path or os.path.join(self.dir, "crishim.sock")
+        self.args = list(args)
+        self.env = env
+        self.log_path = os.path.join(self.dir, "crishim.log")
+        self.proc: subprocess.Popen | None = None
+        self._channel: grpc.Channel | None = None
+
+    def start(self, wait: bool = True) -> CrishimProcess:
+        env = dict(os.environ, **(self.env or {}))
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "crishim", "serve", "--socket", self.socket,
+             "--log-level", "debug", *self.args],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"crishim exited {self.proc.returncode}:\n{self.log()}")
+            if os.path.exists(self.socket):
+                try:
+                    self.runtime.Version(api_pb2.VersionRequest(version="0.1.0"), timeout=2)
+                    return
+                except grpc.RpcError:
+                    pass
+            time.sleep(0.05)
+        raise RuntimeError(f"crishim not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    @property
+    def channel(self) -> grpc.Channel:
+        if self._channel is None:
+            self._channel = grpc.insecure_channel("unix://" + self.socket)
+        return self._channel
+
+    @property
+    def runtime(self) -> api_pb2_grpc.RuntimeServiceStub:
+        return api_pb2_grpc.RuntimeServiceStub(self.channel)
+
+    def port_forward_url(self, sandbox_id: str, ports: list[int] = ()) -> str:
+        return self.runtime.PortForward(
+            api_pb2.PortForwardRequest(pod_sandbox_id=sandbox_id, port=list(ports)),
+            timeout=10).url
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> CrishimProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

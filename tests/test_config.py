@@ -1,0 +1,45 @@
+import pytest
+
+from crishim.cli import build_parser
+from crishim.config import SETTINGS, ConfigError, load, parse_duration
+
+
+def test_durations():
+    assert parse_duration("4h") == 14400
+    assert parse_duration("1m30s") == 90
+    assert parse_duration("250ms") == 0.25
+    assert parse_duration("15") == 15
+    with pytest.raises(ConfigError, match="not a duration"):
+        parse_duration("soon")
+
+
+def test_precedence_file_then_env_then_flags(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('token_ttl = "2m"\nmax_tokens = 5\nerror_policy = "verbose"\n'
+                 '[sandboxes]\nweb = "/var/run/netns/web"\n')
+    cfg = load(str(f), env={})
+    assert (cfg.token_ttl, cfg.max_tokens, cfg.error_policy) == (120, 5, "verbose")
+    assert cfg.sandboxes == {"web": "/var/run/netns/web"}
+    cfg = load(str(f), env={"CRISHIM_MAX_TOKENS": "7"})
+    assert cfg.max_tokens == 7 and cfg.token_ttl == 120
+    cfg = load(str(f), env={"CRISHIM_MAX_TOKENS": "7"}, overrides={"max_tokens": 9})
+    assert cfg.max_tokens == 9
+
+
+def test_bad_values_name_the_setting(tmp_path):
+    with pytest.raises(ConfigError, match="error_policy"):
+        load(None, env={"CRISHIM_ERROR_POLICY": "loud"})
+    with pytest.raises(ConfigError, match="max_tokens"):
+        load(None, env={"CRISHIM_MAX_TOKENS": "many"})
+    f = tmp_path / "c.toml"
+    f.write_text("no_such_thing = 1\n")
+    with pytest.raises(ConfigError, match="unknown setting 'no_such_thing'"):
+        load(str(f), env={})
+
+
+def test_serve_help_documents_every_setting(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    out = capsys.readouterr().out
+    for name in SETTINGS:
+        assert "--" + name.replace("_", "-") in out, name
