@@ -385,6 +385,10 @@ def unpack_header_block(raw: bytes) -> dict[str, str]:
     return headers
 
 
+# Keeps a compressed block, plus deflate's worst-case growth, inside one frame.
+MAX_RAW_HEADER_BLOCK = MAX_FRAME_PAYLOAD - 64 * 1024
+
+
 class HeaderEncoder:
     """Outgoing header compression: one zlib stream for the session's life."""
 
@@ -393,7 +397,10 @@ class HeaderEncoder:
                                           zlib.Z_DEFAULT_STRATEGY, SPDY3_DICTIONARY)
 
     def encode(self, headers: dict[str, str]) -> bytes:
+        """Compress one block; invalid headers raise ValueError before the context moves."""
         raw = pack_header_block(headers)
+        if len(raw) > MAX_RAW_HEADER_BLOCK:
+            raise ValueError(f"header block of {len(raw)} bytes cannot fit in one frame")
         return self._deflater.compress(raw) + self._deflater.flush(zlib.Z_SYNC_FLUSH)
 
 
@@ -458,7 +465,15 @@ class _Terminated(Exception):
 
 
 class SpdySession:
-    """One SPDY/3.1 session, either role, without I/O."""
+    """One SPDY/3.1 session, either role, without I/O.
+
+    ``receive_data`` never raises on any byte content: peer misbehaviour comes
+    back as :class:`StreamError` (stream reset, session lives) or
+    :class:`SessionTerminated` (GOAWAY queued, input ignored from then on).
+    Local calls raise only for caller mistakes (sending after our own FIN, on a
+    never-opened stream, bad arguments); sending on a stream that is already
+    reset or finished is a silent no-op, because that race is normal.
+    """
 
     def __init__(self, config: SpdyConfig = SpdyConfig()) -> None:
         self.config = config
@@ -471,10 +486,9 @@ class SpdySession:
 
         self._inbuf = bytearray()
         # A DATA frame (or an ignored control frame) still being read: bytes left,
-        # where they go (None: discard), its stream id and FIN flag.
+        # where they go (None: discard) and its FIN flag.
         self._payload_left = 0
         self._payload_target: _Stream | None = None
-        self._payload_stream_id = 0
         self._payload_fin = False
 
         self._outbuf: list[bytes | memoryview] = []
@@ -1000,7 +1014,7 @@ class SpdySession:
         try:
             headers = unpack_header_block(raw)
         except HeaderBlockError as exc:
-            self._stream_error(stream_id, PROTOCOL_ERROR, f"SYN_STREAM headers: {exc}", events)
+            self._stream_error(stream_id, PROTOCOL_ERROR, f"SYN_STREAM header block: {exc}", events)
             return
         if self._peer_stream_count >= self.config.max_concurrent_streams:
             self._stream_error(stream_id, REFUSED_STREAM,
@@ -1051,7 +1065,7 @@ class SpdySession:
         try:
             headers = unpack_header_block(raw)
         except HeaderBlockError as exc:
-            self._stream_error(stream_id, PROTOCOL_ERROR, f"{name} headers: {exc}", events)
+            self._stream_error(stream_id, PROTOCOL_ERROR, f"{name} header block: {exc}", events)
             return
         fin = bool(flags & FLAG_FIN)
         if frame_type == SYN_REPLY:
