@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_serve(sub)
+    from crishim import helper
+
+    helper.add_command(sub)
     from crishim.client import cli as client_cli
 
     client_cli.add_commands(sub)

@@ -1,0 +1,474 @@
+"""`crishim helper`: a privileged agent that dials into sandbox netns for an unprivileged shim.
+
+It runs in a privileged helper pod (hostPID, hostNetwork, /var/run/netns mounted) or as a
+host process, and listens on a unix socket (helper_socket, mode 0660, group set with
+--group). The shim (runtime plugin `helper`) then needs no CAP_SYS_ADMIN, no nsenter and
+no socat.
+
+Protocol, version 1. One request per unix connection; every message is one line of JSON
+(UTF-8, at most 4096 bytes, ending in "\\n").
+
+Requests, shim -> helper:
+    {"v": 1, "op": "dial", "netns": PATH | "host", "port": N, "mode": "fd" | "socat",
+     "pod_ip": ""}
+    {"v": 1, "op": "exists", "netns": PATH}
+
+Replies, helper -> shim:
+    {"v": 1, "ok": true, "mode": "fd"}      sent with one SCM_RIGHTS fd: the TCP socket,
+                                            already connected inside the netns (127.0.0.1,
+                                            then ::1, then pod_ip if given). The helper
+                                            closes its copy and the unix connection; it
+                                            never sees a byte of the forwarded traffic.
+    {"v": 1, "ok": true, "mode": "socat"}   the helper ran `nsenter --net=PATH socat - TCP:..`
+                                            and from the next byte on the unix connection
+                                            itself carries the traffic (relayed by the
+                                            helper through socat); shutdown(SHUT_WR) on
+                                            either side is the half-close.
+    {"v": 1, "ok": true, "exists": BOOL}    answer to "exists"
+    {"v": 1, "ok": false, "error": CODE, "message": TEXT}
+        CODE: "gone" (the netns does not exist: the shim raises SandboxGone),
+              "refused" (nothing answered on the port: DialFailed),
+              "mode" (the helper runs the other mode), "bad-request", "version",
+              "internal" (all DialFailed).
+
+A helper that exits costs only the requests in flight (and, in socat mode, the relayed
+connections): the shim opens a new unix connection for every dial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import grp
+import json
+import logging
+import os
+import socket
+import stat
+import sys
+from dataclasses import dataclass
+
+from crishim.runtime import DialFailed, SandboxGone
+
+log = logging.getLogger("crishim.helper")
+
+PROTOCOL_VERSION = 1
+MAX_LINE = 4096
+REQUEST_TIMEOUT = 10.0  # a client that sends no complete request within this is dropped
+HOST = "host"
+SOCAT_LINGER = 4 * 3600  # socat -t: after one direction's EOF, wait this long for the other
+
+
+class HelperSetupError(Exception):
+    """The helper cannot start as configured; the message says what to change."""
+
+
+class ProtocolError(Exception):
+    """A message that does not follow the helper protocol."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    ok: bool
+    mode: str = ""
+    exists: bool | None = None
+    error: str = ""
+    message: str = ""
+
+    def encode(self) -> bytes:
+        body: dict = {"v": PROTOCOL_VERSION, "ok": self.ok}
+        if self.ok:
+            if self.mode:
+                body["mode"] = self.mode
+            if self.exists is not None:
+                body["exists"] = self.exists
+        else:
+            body["error"] = self.error
+            body["message"] = self.message
+        return json.dumps(body, separators=(",", ":")).encode() + b"\n"
+
+    @classmethod
+    def decode(cls, line: bytes) -> Reply:
+        try:
+            body = json.loads(line)
+        except ValueError as e:
+            raise ProtocolError(f"reply is not JSON: {e}") from None
+        if not isinstance(body, dict) or body.get("v") != PROTOCOL_VERSION:
+            raise ProtocolError(f"reply of an unknown protocol version: {line[:100]!r}")
+        return cls(ok=bool(body.get("ok")), mode=str(body.get("mode", "")),
+                   exists=body.get("exists"), error=str(body.get("error", "")),
+                   message=str(body.get("message", "")))
+
+
+def encode_request(op: str, netns: str, port: int = 0, mode: str = "", pod_ip: str = "") -> bytes:
+    body: dict = {"v": PROTOCOL_VERSION, "op": op, "netns": netns}
+    if op == "dial":
+        body.update(port=port, mode=mode, pod_ip=pod_ip)
+    return json.dumps(body, separators=(",", ":")).encode() + b"\n"
+
+
+def decode_request(line: bytes) -> dict:
+    try:
+        body = json.loads(line)
+    except ValueError as e:
+        raise ProtocolError(f"request is not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("request is not a JSON object")
+    if body.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {body.get('v')!r} not supported "
+                            f"(this helper speaks {PROTOCOL_VERSION})")
+    op, netns = body.get("op"), body.get("netns")
+    if op not in ("dial", "exists"):
+        raise ProtocolError(f"unknown op {op!r}")
+    if not isinstance(netns, str) or not (netns == HOST or netns.startswith("/")):
+        raise ProtocolError(f"netns must be an absolute path or {HOST!r}, got {netns!r}")
+    if op == "dial":
+        port = body.get("port")
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            raise ProtocolError(f"port must be in 1..65535, got {port!r}")
+        if body.get("mode") not in ("fd", "socat"):
+            raise ProtocolError(f"mode must be fd or socat, got {body.get('mode')!r}")
+        if not isinstance(body.get("pod_ip", ""), str):
+            raise ProtocolError("pod_ip must be a string")
+    return body
+
+
+async def wait_io(sock: socket.socket, writable: bool = False) -> None:
+    """Until sock is readable (or writable) on the running loop."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    fd = sock.fileno()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    if writable:
+        loop.add_writer(fd, ready)
+    else:
+        loop.add_reader(fd, ready)
+    try:
+        await fut
+    finally:
+        if writable:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
+async def read_line(sock: socket.socket, max_fds: int = 0) -> tuple[bytes, list[int]]:
+    """One protocol line from a non-blocking unix socket, and the fds sent with it. Reads
+    exactly up to the newline, so bytes that follow (socat mode) stay in the socket."""
+    while True:
+        try:
+            peek = sock.recv(MAX_LINE, socket.MSG_PEEK)
+        except BlockingIOError:
+            await wait_io(sock)
+            continue
+        if not peek:
+            raise EOFError("connection closed before a complete line")
+        end = peek.find(b"\n")
+        if end >= 0:
+            break
+        if len(peek) >= MAX_LINE:
+            raise ProtocolError(f"line longer than {MAX_LINE} bytes")
+        await asyncio.sleep(0.001)  # the peer is still writing the line (still readable)
+    want = end + 1
+    data = b""
+    fds: list[int] = []
+    while len(data) < want:
+        try:
+            chunk, got, _flags, _addr = socket.recv_fds(sock, want - len(data), max_fds or 1)
+        except BlockingIOError:
+            await wait_io(sock)
+            continue
+        if max_fds:
+            fds.extend(got)
+        else:
+            for fd in got:  # nobody asked for these
+                os.close(fd)
+        if not chunk:
+            raise EOFError("connection closed in the middle of a line")
+        data += chunk
+    return data[:-1], fds
+
+
+async def send_line(sock: socket.socket, line: bytes, fds: list[int] = ()) -> None:
+    """Send one line (with fds, in the same message) on a non-blocking unix socket."""
+    view = memoryview(line)
+    first = True
+    while view:
+        try:
+            n = socket.send_fds(sock, [view], list(fds)) if first and fds else sock.send(view)
+        except BlockingIOError:
+            await wait_io(sock, writable=True)
+            continue
+        first = False
+        view = view[n:]
+
+
+# --- the agent -----------------------------------------------------------------------------
+
+class HelperAgent:
+    """The listening side: one task per unix connection."""
+
+    def __init__(self, socket_path: str, mode: str = "fd", group: str = "") -> None:
+        self.socket_path = socket_path
+        self.mode = mode
+        self.group = group
+        self.listener: socket.socket | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._accept_task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        from crishim.app import prepare_socket_path
+
+        prepare_socket_path(self.socket_path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o117)
+        try:
+            sock.bind(self.socket_path)
+        finally:
+            os.umask(old_umask)
+        if self.group:
+            try:
+                gid = int(self.group) if self.group.isdigit() else grp.getgrnam(self.group).gr_gid
+            except KeyError:
+                sock.close()
+                raise HelperSetupError(f"--group: no group named {self.group!r}") from None
+            os.chown(self.socket_path, -1, gid)
+        os.chmod(self.socket_path, 0o660)
+        sock.listen(1024)
+        sock.setblocking(False)
+        self.listener = sock
+        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
+        log.info("crishim helper serving %s mode on %s", self.mode, self.socket_path)
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self.listener)
+            except OSError as e:  # EMFILE and friends: back off rather than spin
+                log.warning("accept on %s failed: %s", self.socket_path, e)
+                await asyncio.sleep(0.1)
+                continue
+            conn.setblocking(False)
+            task = loop.create_task(self._serve(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def stop(self) -> None:
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.listener is not None:
+            self.listener.close()
+            try:
+                if stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
+                    os.unlink(self.socket_path)
+            except FileNotFoundError:
+                pass
+
+    async def _serve(self, conn: socket.socket) -> None:
+        try:
+            try:
+                line, _ = await asyncio.wait_for(read_line(conn), REQUEST_TIMEOUT)
+                request = decode_request(line)
+            except (ProtocolError, EOFError, TimeoutError) as e:
+                code = "version" if "version" in str(e) else "bad-request"
+                log.info("bad request: %s", e)
+                await self._reply(conn, Reply(False, error=code, message=str(e)))
+                return
+            netns = request["netns"]
+            if request["op"] == "exists":
+                found = netns == HOST or os.path.exists(netns)
+                await self._reply(conn, Reply(True, exists=found))
+                return
+            if request["mode"] != self.mode:
+                await self._reply(conn, Reply(
+                    False, error="mode",
+                    message=f"helper at {self.socket_path} runs in {self.mode} mode but was "
+                            f"asked for {request['mode']} (set helper_mode alike on both)"))
+                return
+            if self.mode == "fd":
+                await self._dial_fd(conn, netns, request["port"], request.get("pod_ip", ""))
+            else:
+                await self._dial_socat(conn, netns, request["port"])
+        except (ConnectionError, BrokenPipeError) as e:
+            log.debug("shim went away: %s", e)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("helper request failed")
+        finally:
+            conn.close()
+
+    async def _reply(self, conn: socket.socket, reply: Reply, fds: list[int] = ()) -> None:
+        await send_line(conn, reply.encode(), fds)
+
+    async def _dial_fd(self, conn: socket.socket, netns: str, port: int, pod_ip: str) -> None:
+        from crishim.netns import dial_localhost
+
+        try:
+            sock = await dial_localhost(None if netns == HOST else netns, port, pod_ip)
+        except SandboxGone as e:
+            await self._reply(conn, Reply(False, error="gone", message=str(e)))
+            return
+        except DialFailed as e:
+            await self._reply(conn, Reply(False, error="refused", message=str(e)))
+            return
+        try:
+            await self._reply(conn, Reply(True, mode="fd"), [sock.fileno()])
+        finally:
+            sock.close()
+        log.debug("dialled port %d in %s: fd passed", port, netns)
+
+    async def _start_socat(self, netns: str, target: str) -> tuple[asyncio.subprocess.Process,
+                                                                   str]:
+        """socat connected to target inside netns, or (exited process, its error text)."""
+        argv = ["socat", "-d", "-d", "-t", str(SOCAT_LINGER), "-", target]
+        if netns != HOST:
+            argv = ["nsenter", f"--net={netns}", "--", *argv]
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        errors = []
+        while True:
+            line = await proc.stderr.readline()
+            if not line:
+                await proc.wait()
+                return proc, " ".join(errors) or f"socat exited {proc.returncode}"
+            text = line.decode(errors="replace").strip()
+            if "starting data transfer loop" in text:
+                return proc, ""
+            if " E " in text or "nsenter:" in text:  # "E connect(..): Connection refused"
+                errors.append(text.rsplit(": ", 1)[-1])
+
+    async def _dial_socat(self, conn: socket.socket, netns: str, port: int) -> None:
+        if netns != HOST and not os.path.exists(netns):
+            await self._reply(conn, Reply(False, error="gone",
+                                          message=f"network namespace {netns} no longer exists"))
+            return
+        reasons = []
+        proc = None
+        for target in (f"TCP4:127.0.0.1:{port}", f"TCP6:[::1]:{port}"):
+            proc, error = await self._start_socat(netns, target)
+            if not error:
+                break
+            reasons.append(f"{target.split(':', 1)[1].rsplit(':', 1)[0]}: {error}")
+            proc = None
+        if proc is None:
+            await self._reply(conn, Reply(False, error="refused",
+                                          message=f"connect to port {port}: " + "; ".join(reasons)))
+            return
+        drain = asyncio.get_running_loop().create_task(_discard(proc.stderr))
+        try:
+            await self._reply(conn, Reply(True, mode="socat"))
+            await _relay(conn, proc)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+            drain.cancel()
+
+
+async def _discard(stream: asyncio.StreamReader) -> None:
+    while await stream.read(65536):
+        pass
+
+
+async def _relay(conn: socket.socket, proc: asyncio.subprocess.Process) -> None:
+    """Copy the shim's unix connection to socat's stdin and socat's stdout back, each
+    direction's EOF passed on as a half-close, until both have ended."""
+    loop = asyncio.get_running_loop()
+
+    async def up() -> None:
+        try:
+            while True:
+                data = await loop.sock_recv(conn, 256 * 1024)
+                if not data:
+                    break
+                proc.stdin.write(data)
+                await proc.stdin.drain()
+        finally:
+            proc.stdin.close()
+
+    async def down() -> None:
+        while True:
+            data = await proc.stdout.read(256 * 1024)
+            if not data:
+                break
+            await loop.sock_sendall(conn, data)
+        conn.shutdown(socket.SHUT_WR)
+
+    tasks = [loop.create_task(up()), loop.create_task(down())]
+    try:
+        for task in asyncio.as_completed(tasks):
+            await task  # an error in either direction ends both
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# --- command line --------------------------------------------------------------------------
+
+def add_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "helper", help="privileged agent that dials into sandbox netns for an unprivileged shim",
+        description="Listen on a unix socket; for each request enter the sandbox netns, connect "
+                    "to the port and hand the connected socket back by SCM_RIGHTS (mode fd), "
+                    "or relay the bytes through `nsenter ... socat` (mode socat). Run it as "
+                    "root (or with CAP_SYS_ADMIN + CAP_NET_ADMIN); the shim, with runtime "
+                    "plugin `helper`, then needs no privileges.")
+    p.add_argument("--config", metavar="FILE", help="TOML file of settings (helper_socket, "
+                   "helper_mode, log_format, log_level are used)")
+    p.add_argument("--socket", dest="helper_socket", metavar="PATH",
+                   help="unix socket to listen on [default: helper_socket, "
+                        "/run/crishim/helper.sock]")
+    p.add_argument("--mode", dest="helper_mode", choices=("fd", "socat"),
+                   help="fd: pass the connected socket back; socat: relay through nsenter + "
+                        "socat [default: helper_mode, fd]")
+    p.add_argument("--group", default="", metavar="GROUP",
+                   help="group (name or id) given the socket, so that an unprivileged shim in "
+                        "that group can connect (mode 0660)")
+    p.add_argument("--log-format", dest="log_format", choices=("text", "json"))
+    p.add_argument("--log-level", dest="log_level", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=cmd_helper)
+
+
+def cmd_helper(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from crishim import logs
+    from crishim.app import SocketInUse
+    from crishim.config import load
+
+    config = load(args.config, overrides={k: getattr(args, k) for k in (
+        "helper_socket", "helper_mode", "log_format", "log_level")})
+    logs.setup(config.log_format, config.log_level)
+    agent = HelperAgent(config.helper_socket, config.helper_mode, args.group)
+
+    async def main() -> None:
+        import signal
+
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await agent.start()
+        try:
+            await stop.wait()
+        finally:
+            await agent.stop()
+
+    try:
+        uvloop.run(main())
+    except (SocketInUse, HelperSetupError, PermissionError) as e:
+        print(f"crishim helper: {e}", file=sys.stderr)
+        return 1
+    return 0

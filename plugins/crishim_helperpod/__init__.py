@@ -1,0 +1,154 @@
+"""Helper-pod runtime: a privileged `crishim helper` dials into the sandbox; the shim needs no
+privileges.
+
+Sandboxes resolve as in the netns plugin (a named netns under netns_dir, or the explicit
+`sandboxes` map) without opening the netns: the shim only checks that the path exists, and
+when it may not look (a /proc/<pid>/ns/net of another user) it asks the helper. Each dial is
+one unix connection to helper_socket (protocol: crishim.helper). In helper_mode fd the
+connected TCP socket comes back by SCM_RIGHTS; in socat mode the unix connection itself
+carries the bytes. A helper that is down or restarting fails only the dials made meanwhile,
+with DialFailed("helper at PATH unavailable: ..."); the next dial connects afresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+from crishim_netns import HOST as MAP_HOST
+from crishim_netns import NamedNetnsRuntime
+
+from crishim.config import Config
+from crishim.helper import HOST, ProtocolError, Reply, encode_request, read_line, send_line
+from crishim.runtime import DialFailed, RuntimePlugin, Sandbox, SandboxGone, SandboxNotFound
+
+
+class HelperUnavailable(DialFailed):
+    """The helper's socket does not answer (not started, restarting, crashed)."""
+
+
+class HelperPodRuntime(RuntimePlugin):
+    """Dials through `crishim helper` (SCM_RIGHTS fd passing, or nsenter + socat)."""
+
+    name = "helper"
+
+    def __init__(self, config: Config) -> None:
+        self.names = NamedNetnsRuntime(config)
+        self.socket_path = config.helper_socket
+        self.mode = config.helper_mode
+        self.pod_ip_fallback = config.pod_ip_fallback
+        self.timeout = config.stream_creation_timeout or 30.0
+
+    def register(self, sandbox_id: str, netns_path: str) -> None:
+        self.names.register(sandbox_id, netns_path)
+
+    def _path_of(self, sandbox_id: str) -> str | None:
+        path = self.names.sandboxes.get(sandbox_id)
+        if path is None and "/" not in sandbox_id and sandbox_id not in ("", ".", ".."):
+            path = os.path.join(self.names.netns_dir, sandbox_id)
+        return None if path == MAP_HOST else path
+
+    async def resolve(self, sandbox_id: str) -> Sandbox:
+        try:
+            return await self.names.resolve(sandbox_id)
+        except (SandboxNotFound, SandboxGone):
+            path = self._path_of(sandbox_id)
+            if path is None or not _hidden_from_us(path):
+                raise
+            try:
+                exists = await self.exists(path)
+            except DialFailed as e:
+                raise SandboxNotFound(f"sandbox {sandbox_id!r}: cannot check {path} "
+                                      f"({e})") from None
+            if not exists:
+                raise
+            return Sandbox(sandbox_id, netns_path=path)
+
+    async def exists(self, netns_path: str) -> bool:
+        """Ask the helper whether a netns path exists (for paths the shim may not stat)."""
+        conn = await self._connect()
+        try:
+            reply, _ = await self._ask(conn, encode_request("exists", netns_path))
+        finally:
+            conn.close()
+        if not reply.ok:
+            raise DialFailed(f"helper at {self.socket_path}: {reply.message}")
+        return bool(reply.exists)
+
+    async def dial(self, sandbox: Sandbox, port: int) -> socket.socket:
+        netns = HOST if sandbox.host_network else sandbox.netns_path
+        pod_ip = sandbox.pod_ip if self.pod_ip_fallback else ""
+        conn = await self._connect()
+        keep = False
+        try:
+            reply, fds = await self._ask(
+                conn, encode_request("dial", netns, port, self.mode, pod_ip), max_fds=1)
+            if not reply.ok:
+                for fd in fds:
+                    os.close(fd)
+                if reply.error == "gone":
+                    raise SandboxGone(reply.message)
+                raise DialFailed(reply.message or f"helper error {reply.error}")
+            if reply.mode == "socat":
+                keep = True
+                return conn
+            if len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                raise DialFailed(f"helper at {self.socket_path} answered without a socket")
+            sock = socket.socket(fileno=fds[0])
+            sock.setblocking(False)
+            return sock
+        finally:
+            if not keep:
+                conn.close()
+
+    async def _connect(self) -> socket.socket:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.setblocking(False)
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(conn, self.socket_path),
+                                   self.timeout)
+        except (OSError, TimeoutError) as e:
+            conn.close()
+            reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+            raise HelperUnavailable(f"helper at {self.socket_path} unavailable: {reason}") \
+                from None
+        return conn
+
+    async def _ask(self, conn: socket.socket, request: bytes,
+                   max_fds: int = 0) -> tuple[Reply, list[int]]:
+        try:
+            await send_line(conn, request)
+            line, fds = await asyncio.wait_for(read_line(conn, max_fds), self.timeout)
+        except TimeoutError:
+            raise DialFailed(f"helper at {self.socket_path} did not answer within "
+                             f"{self.timeout:g}s") from None
+        except (OSError, EOFError) as e:
+            reason = getattr(e, "strerror", None) or str(e)
+            raise HelperUnavailable(f"helper at {self.socket_path} unavailable: {reason}") \
+                from None
+        except ProtocolError as e:
+            raise DialFailed(f"helper at {self.socket_path}: {e}") from None
+        try:
+            return Reply.decode(line), fds
+        except ProtocolError as e:
+            for fd in fds:
+                os.close(fd)
+            raise DialFailed(f"helper at {self.socket_path}: {e}") from None
+
+
+def _hidden_from_us(path: str) -> bool:
+    """True when this process may not look at path (so only the helper can tell)."""
+    try:
+        os.stat(path)
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def factory(config: Config) -> HelperPodRuntime:
+    return HelperPodRuntime(config)
