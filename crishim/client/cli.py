@@ -1,9 +1,117 @@
-"""Client-side commands: port-forward and check (filled in by the client issue)."""
+"""Client-side commands: `crishim port-forward` and `crishim check`."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+
+from crishim.client.cri import DEFAULT_ENDPOINT
+from crishim.client.session import TRANSPORTS
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runtime-endpoint", metavar="unix:///PATH", default=None,
+                   help="the CRI runtime's socket (a bare path works too) "
+                        "[default: $CONTAINER_RUNTIME_ENDPOINT or "
+                        f"{DEFAULT_ENDPOINT}]")
+    p.add_argument("--insecure-skip-tls-verify", action="store_true",
+                   help="for https stream URLs: do not verify the server's certificate")
+    p.add_argument("--certificate-authority", metavar="FILE",
+                   help="for https stream URLs: trust this CA bundle (PEM)")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="CRI call and connect timeout [default: 10]")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    return None
+    pf = sub.add_parser(
+        "port-forward", help="forward local ports to a pod sandbox through a CRI runtime",
+        description="Call the runtime's CRI PortForward for SANDBOX, upgrade to the returned "
+                    "stream URL and forward local ports, as `kubectl port-forward` does. "
+                    "PORT specs: 5000 (5000 -> 5000), 6000:5000, :5000 or 0:5000 (a free "
+                    "local port). Prints 'Forwarding from 127.0.0.1:L -> R' per listener and "
+                    "'Handling connection for L' per connection. One failed connection is "
+                    "reported and the session goes on; an error text from the server, or "
+                    "losing the session, ends it with exit status 1; Ctrl-C or SIGTERM ends "
+                    "it with 0.")
+    pf.add_argument("sandbox", metavar="SANDBOX", help="pod sandbox id")
+    pf.add_argument("ports", metavar="[LOCAL:]REMOTE", nargs="+", help="port specs")
+    _add_common(pf)
+    pf.add_argument("--transport", choices=TRANSPORTS, default="spdy",
+                    help="stream protocol: spdy (kubectl, crictl), spdy-over-websocket "
+                         "(kubectl 1.31+), websocket (v4.channel.k8s.io: one WebSocket "
+                         "per local connection), h2 (crishim's HTTP/2) [default: spdy]")
+    pf.add_argument("--address", action="append", metavar="ADDR",
+                    help="local addresses to listen on, repeatable or comma-separated; "
+                         "'localhost' means 127.0.0.1 and ::1 [default: localhost]")
+    pf.add_argument("--ping-interval", type=float, default=5.0, metavar="SECONDS",
+                    help="keepalive PING interval on SPDY and h2 sessions, 0 for none "
+                         "[default: 5, as client-go]")
+    pf.set_defaults(func=cmd_port_forward)
+
+    ck = sub.add_parser(
+        "check", help="conformance and health battery for a runtime's streaming server",
+        description="Run a battery of port-forward checks against any CRI runtime: URL form "
+                    "and token single use, each transport's handshake, bytes both ways with "
+                    "SHA-256, half-close, closed port, reset from the pod, concurrency, "
+                    "setup latency and throughput. As root with the sandbox's netns known "
+                    "(PodSandboxStatus verbose info, or --netns) it starts its own echo, "
+                    "sink, source and reset servers in the sandbox; otherwise it uses --port "
+                    "and skips the checks that need a cooperating server. Exit status 1 if "
+                    "a required check fails.")
+    ck.add_argument("--sandbox", required=True, metavar="ID", help="pod sandbox id")
+    ck.add_argument("--port", type=int, default=0, metavar="N",
+                    help="a port that accepts connections in the sandbox (used when "
+                         "crishim check cannot start its own servers)")
+    _add_common(ck)
+    ck.add_argument("--transport", choices=TRANSPORTS, default="spdy",
+                    help="transport for the data checks; every transport's handshake is "
+                         "tried regardless [default: spdy]")
+    ck.add_argument("--netns", metavar="PATH",
+                    help="the sandbox's network namespace, when the runtime does not report "
+                         "it (crishim without an upstream runtime)")
+    ck.add_argument("--no-servers", action="store_true",
+                    help="do not start servers in the sandbox even when possible")
+    ck.add_argument("--size", type=int, default=8, metavar="MIB",
+                    help="MiB moved each way by the SHA-256 and throughput checks "
+                         "[default: 8]")
+    ck.add_argument("--json", action="store_true", help="print the results as JSON")
+    ck.set_defaults(func=cmd_check)
+
+
+def _endpoint(args: argparse.Namespace) -> str:
+    from crishim.client.cri import default_endpoint
+
+    return args.runtime_endpoint or default_endpoint()
+
+
+def cmd_port_forward(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from crishim.client import portforward
+    from crishim.client.cri import CriClient, CriError
+
+    try:
+        specs = [portforward.parse_port_spec(p) for p in args.ports]
+        cri = CriClient(_endpoint(args), timeout=args.timeout)
+    except (portforward.UsageError, CriError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    with cri:
+        return uvloop.run(portforward.run(
+            cri, args.sandbox, specs, args.transport, portforward.listen_hosts(args.address),
+            args.insecure_skip_tls_verify, args.certificate_authority, args.ping_interval))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from crishim.client import check
+    from crishim.client.cri import CriClient, CriError
+
+    try:
+        cri = CriClient(_endpoint(args), timeout=args.timeout)
+    except CriError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    with cri:
+        return uvloop.run(check.run(cri, args))

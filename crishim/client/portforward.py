@@ -1,0 +1,316 @@
+"""`crishim port-forward SANDBOX [LOCAL:]REMOTE ...`: kubectl port-forward's behaviour and
+output, straight against a CRI runtime endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+
+from crishim.client.cri import CriClient, CriError
+from crishim.client.session import ClientSession, ForwardError, SessionError, open_session
+
+
+class UsageError(Exception):
+    """Bad command-line input: one line on stderr, exit 1."""
+
+
+@dataclass
+class PortSpec:
+    local: int
+    remote: int
+
+
+def parse_port_spec(text: str) -> PortSpec:
+    """`5000`, `6000:5000`, `:5000`, `0:5000` (0 or empty: a free local port)."""
+    local_text, sep, remote_text = text.partition(":")
+    if not sep:
+        local_text = remote_text = text
+    if ":" in remote_text:
+        raise UsageError(f"invalid port spec {text!r}: expected [LOCAL:]REMOTE")
+    if local_text == "":
+        local_text = "0"
+    for what, value in (("local", local_text), ("remote", remote_text)):
+        if not value.isdigit():
+            raise UsageError(f"invalid port spec {text!r}: {what} port {value!r} is not a "
+                             "number")
+    local, remote = int(local_text), int(remote_text)
+    if local > 65535:
+        raise UsageError(f"invalid port spec {text!r}: local port {local} is not in 0..65535")
+    if not 1 <= remote <= 65535:
+        raise UsageError(f"invalid port spec {text!r}: remote port {remote} is not in "
+                         "1..65535")
+    return PortSpec(local, remote)
+
+
+def listen_hosts(addresses: list[str]) -> list[str]:
+    """kubectl's --address: `localhost` means 127.0.0.1 and ::1; comma lists allowed."""
+    hosts: list[str] = []
+    for item in addresses or ["localhost"]:
+        for addr in item.split(","):
+            addr = addr.strip().strip("[]")
+            if not addr:
+                continue
+            for host in (["127.0.0.1", "::1"] if addr == "localhost" else [addr]):
+                if host not in hosts:
+                    hosts.append(host)
+    return hosts
+
+
+def _show(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def log_error(message: str) -> None:
+    """A klog-style error line, as kubectl prints for one failed connection."""
+    now = time.time()
+    stamp = time.strftime("%m%d %H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1e6):06d}"
+    print(f"E{stamp} portforward] {message}", file=sys.stderr, flush=True)
+
+
+class _Pipe:
+    """One local connection paired with one forwarded connection."""
+
+    def __init__(self, forwarder: PortForwarder, spec: PortSpec, local_port: int) -> None:
+        self.forwarder = forwarder
+        self.spec = spec
+        self.local_port = local_port
+        self.local: asyncio.Transport | None = None
+        self.stream = None
+        self.session: ClientSession | None = None  # own session (websocket transport)
+        self.pending: list[bytes] = []
+        self.local_eof = False
+        self.done = False
+
+
+class _LocalSide(asyncio.Protocol):
+    def __init__(self, pipe: _Pipe) -> None:
+        self.pipe = pipe
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        pipe = self.pipe
+        pipe.local = transport
+        transport.set_write_buffer_limits(high=1024 * 1024)
+        print(f"Handling connection for {pipe.local_port}", flush=True)
+        pipe.forwarder.start_pipe(pipe)
+
+    def data_received(self, data: bytes) -> None:
+        stream = self.pipe.stream
+        if stream is not None:
+            stream.write(data)
+        else:
+            self.pipe.pending.append(data)
+
+    def eof_received(self) -> bool:
+        self.pipe.local_eof = True
+        if self.pipe.stream is not None:
+            self.pipe.stream.write_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pipe = self.pipe
+        stream = pipe.stream
+        pipe.done = True
+        if stream is not None and not stream.is_closing():
+            if exc is not None:
+                stream.abort()
+            else:
+                stream.close()
+        if pipe.session is not None:
+            pipe.session.close()
+
+    def pause_writing(self) -> None:
+        if self.pipe.stream is not None:
+            self.pipe.stream.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.pipe.stream is not None:
+            self.pipe.stream.resume_reading()
+
+
+class _RemoteSide(asyncio.Protocol):
+    def __init__(self, pipe: _Pipe) -> None:
+        self.pipe = pipe
+
+    def data_received(self, data: bytes) -> None:
+        self.pipe.local.write(data)
+
+    def eof_received(self) -> bool:
+        local = self.pipe.local
+        if not local.is_closing() and local.can_write_eof():
+            local.write_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pipe = self.pipe
+        if isinstance(exc, ForwardError):
+            pipe.forwarder.connection_failed(pipe, exc)
+            pipe.local.abort()
+        else:
+            pipe.local.close()
+        if pipe.session is not None:
+            pipe.session.close()
+
+    def pause_writing(self) -> None:
+        self.pipe.local.pause_reading()
+
+    def resume_writing(self) -> None:
+        if not self.pipe.local.is_closing():
+            self.pipe.local.resume_reading()
+
+
+class PortForwarder:
+    def __init__(self, cri: CriClient, sandbox: str, specs: list[PortSpec], transport: str,
+                 hosts: list[str], insecure: bool = False, ca_file: str | None = None,
+                 ping_interval: float = 5.0) -> None:
+        self.cri = cri
+        self.sandbox = sandbox
+        self.specs = specs
+        self.transport = transport
+        self.hosts = hosts
+        self.session_options = {"insecure": insecure, "ca_file": ca_file,
+                                "ping_interval": ping_interval}
+        self.session: ClientSession | None = None
+        self.servers: list[asyncio.AbstractServer] = []
+        self.finished: asyncio.Future[tuple[int, str]] | None = None
+
+    async def _url(self, ports: list[int]) -> str:
+        return await asyncio.get_running_loop().run_in_executor(
+            None, self.cri.port_forward, self.sandbox, ports)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.finished = loop.create_future()
+        if self.transport == "websocket":
+            # Ports are fixed per WebSocket: one session per local connection. Check the
+            # sandbox and the upgrade once now, so a refusal is reported before listening.
+            ports = [self.specs[0].remote]
+            probe = await open_session(await self._url(ports), "websocket", ports,
+                                       ping_interval=0, **self._tls())
+            probe.close()
+        else:
+            self.session = await open_session(await self._url([]), self.transport,
+                                              **self.session_options)
+            self.session.closed.add_done_callback(self._session_closed)
+        for spec in self.specs:
+            await self._listen(spec)
+
+    def _tls(self) -> dict:
+        return {"insecure": self.session_options["insecure"],
+                "ca_file": self.session_options["ca_file"]}
+
+    async def _listen(self, spec: PortSpec) -> None:
+        loop = asyncio.get_running_loop()
+        bound = 0
+        for host in self.hosts:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((host, spec.local))
+                sock.listen(128)
+            except OSError as e:
+                sock.close()
+                if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) and host == "::1":
+                    continue  # no IPv6 loopback on this host: like kubectl, go on
+                raise UsageError(f"unable to listen on {_show(host)}:{spec.local}: "
+                                 f"{e.strerror}") from None
+            if spec.local == 0:
+                spec.local = sock.getsockname()[1]
+            local_port = spec.local
+            server = await loop.create_server(
+                lambda lp=local_port, sp=spec: _LocalSide(_Pipe(self, sp, lp)), sock=sock)
+            self.servers.append(server)
+            bound += 1
+            print(f"Forwarding from {_show(host)}:{spec.local} -> {spec.remote}", flush=True)
+        if not bound:
+            raise UsageError(f"unable to listen on any address for port {spec.local}")
+
+    def start_pipe(self, pipe: _Pipe) -> None:
+        pipe.local.pause_reading()
+        asyncio.get_running_loop().create_task(self._connect(pipe))
+
+    async def _connect(self, pipe: _Pipe) -> None:
+        try:
+            session = self.session
+            if session is None:
+                ports = [pipe.spec.remote]
+                session = pipe.session = await open_session(
+                    await self._url(ports), "websocket", ports, ping_interval=0, **self._tls())
+            stream, _ = await session.open_connection(pipe.spec.remote,
+                                                      lambda: _RemoteSide(pipe))
+        except (SessionError, CriError) as e:
+            log_error(f"error forwarding port {pipe.local_port} -> {pipe.spec.remote}: {e}")
+            pipe.local.abort()
+            return
+        if pipe.done:
+            stream.abort()
+            return
+        pipe.stream = stream
+        for chunk in pipe.pending:
+            stream.write(chunk)
+        pipe.pending.clear()
+        if pipe.local_eof:
+            stream.write_eof()
+        if not pipe.local.is_closing():
+            pipe.local.resume_reading()
+
+    def connection_failed(self, pipe: _Pipe, exc: ForwardError) -> None:
+        message = f"error forwarding port {pipe.local_port} -> {pipe.spec.remote}: {exc}"
+        if exc.fatal:
+            # client-go ends the session on error-stream text; so do we, with its message.
+            self._finish(1, f"an error occurred forwarding {pipe.local_port} -> "
+                            f"{pipe.spec.remote}: {exc}")
+        else:
+            log_error(message)
+
+    def _session_closed(self, fut: asyncio.Future) -> None:
+        if fut.cancelled():
+            return
+        self._finish(1, f"lost connection to pod ({fut.result()})")
+
+    def _finish(self, code: int, message: str) -> None:
+        if self.finished is not None and not self.finished.done():
+            self.finished.set_result((code, message))
+
+    def stop_requested(self) -> None:
+        self._finish(0, "")
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+        session = self.session
+        self.session = None
+        if session is not None:
+            if not session.closed.done():
+                session.closed.remove_done_callback(self._session_closed)
+            session.close()
+
+
+async def run(cri: CriClient, sandbox: str, specs: list[PortSpec], transport: str,
+              hosts: list[str], insecure: bool, ca_file: str | None,
+              ping_interval: float) -> int:
+    forwarder = PortForwarder(cri, sandbox, specs, transport, hosts, insecure, ca_file,
+                              ping_interval)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, forwarder.stop_requested)
+    try:
+        try:
+            await forwarder.start()
+        except (CriError, SessionError, UsageError) as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 1
+        code, message = await forwarder.finished
+        if message:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        return code
+    finally:
+        forwarder.close()
+        await asyncio.sleep(0)
