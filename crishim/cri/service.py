@@ -10,16 +10,20 @@ import grpc
 
 from crishim import __version__
 from crishim.cri import api_pb2
-from crishim.runtime import RuntimePlugin, SandboxGone, SandboxNotFound
+from crishim.runtime import RuntimeError_, RuntimePlugin, SandboxGone, SandboxNotFound
 from crishim.tokens import StreamRequest, TokensExhausted, TokenStore
 
 log = logging.getLogger("crishim.cri")
 
 RUNTIME_SERVICE = "runtime.v1.RuntimeService"
 KUBELET_API_VERSION = "0.1.0"
-# metadata gRPC itself sets on a call; everything else is carried to the upstream
-_HOP_METADATA = {"user-agent", ":authority", "grpc-timeout", "grpc-encoding",
-                 "grpc-accept-encoding", "content-type", "te"}
+# metadata gRPC itself sets on a call (and every reserved grpc-*/:pseudo key); everything
+# else is carried to the upstream
+_HOP_METADATA = {"user-agent", "content-type", "te", "host"}
+
+
+def _forwardable(key: str) -> bool:
+    return key not in _HOP_METADATA and not key.startswith(("grpc-", ":"))
 
 
 class CriService:
@@ -50,6 +54,8 @@ class CriService:
             await self.plugin.resolve(sandbox_id)
         except (SandboxNotFound, SandboxGone) as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except RuntimeError_ as e:  # e.g. the upstream runtime did not answer
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         try:
             token = self.tokens.issue(StreamRequest(sandbox_id, tuple(request.port)))
         except TokensExhausted as e:
@@ -113,7 +119,7 @@ class CriHandler(grpc.GenericRpcHandler):
 
         async def handler(requests: AsyncIterator[bytes], context) -> AsyncIterator[bytes]:
             metadata = tuple((k, v) for k, v in context.invocation_metadata()
-                             if k not in _HOP_METADATA)
+                             if _forwardable(k))
             call = multi(requests, metadata=metadata, timeout=context.time_remaining())
             try:
                 initial = await call.initial_metadata()
@@ -128,5 +134,10 @@ class CriHandler(grpc.GenericRpcHandler):
                 if e.trailing_metadata():
                     context.set_trailing_metadata(e.trailing_metadata())
                 await context.abort(e.code(), e.details() or "")
+            finally:
+                # the client cancelled or went away: the upstream call must end too, not
+                # linger until garbage collection (a GetContainerEvents would stay open)
+                if not call.done():
+                    call.cancel()
 
         return handler
