@@ -107,6 +107,7 @@ class ForwardStream(asyncio.Transport):
         self._closing = False
         self._finished = False
         self._timer: asyncio.TimerHandle | None = None
+        self._write_blocks: set[str] = set()
         self.done: asyncio.Future[ForwardError | None] = \
             asyncio.get_running_loop().create_future()
 
@@ -176,6 +177,22 @@ class ForwardStream(asyncio.Transport):
         return self.protocol
 
     # --- from the session ---------------------------------------------------------------
+    def _block_writing(self, why: str) -> None:
+        """The protocol's pause_writing, once however many reasons (session transport
+        congested, stream out of flow-control window) hold at the same time."""
+        if not self._write_blocks:
+            self._write_blocks.add(why)
+            if self.protocol is not None and not self._finished:
+                self.protocol.pause_writing()
+        else:
+            self._write_blocks.add(why)
+
+    def _unblock_writing(self, why: str) -> None:
+        if why in self._write_blocks:
+            self._write_blocks.discard(why)
+            if not self._write_blocks and self.protocol is not None and not self._finished:
+                self.protocol.resume_writing()
+
     def _accepted(self) -> None:
         if self.accepted_at is None:
             self.accepted_at = time.perf_counter()
@@ -282,7 +299,7 @@ class ClientSession:
         stream.protocol = protocol
         protocol.connection_made(stream)
         if self.writing_paused:
-            protocol.pause_writing()
+            stream._block_writing("session")
         self._flush()
         return stream, protocol
 
@@ -376,14 +393,12 @@ class ClientSession:
     def pause_writing(self) -> None:
         self.writing_paused = True
         for stream in list(self.streams.values()):
-            if stream.protocol is not None:
-                stream.protocol.pause_writing()
+            stream._block_writing("session")
 
     def resume_writing(self) -> None:
         self.writing_paused = False
         for stream in list(self.streams.values()):
-            if stream.protocol is not None:
-                stream.protocol.resume_writing()
+            stream._unblock_writing("session")
 
 
 class SpdyClientSession(ClientSession):

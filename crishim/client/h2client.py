@@ -1,0 +1,279 @@
+"""The HTTP/2 client session (crishim's transport, crishim/stream/portforward_h2.py): per
+forwarded connection an error stream (HEADERS with END_STREAM) then a data stream, both
+`POST :path /portforward/<token>` with streamtype/port/requestid headers. Real flow
+control: big windows advertised, the server's windows respected with a bounded queue per
+stream that pauses the local reader."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.errors import ErrorCodes
+
+from crishim.client.session import (
+    ClientSession,
+    ForwardStream,
+    SessionClosed,
+    SessionError,
+    UpgradeRefused,
+)
+
+if TYPE_CHECKING:
+    from crishim.client.session import _ConnectionProtocol
+
+STREAM_WINDOW = 16 * 1024 * 1024
+CONNECTION_WINDOW = 256 * 1024 * 1024
+MAX_FRAME_SIZE = 1024 * 1024
+QUEUE_HIGH_WATER = 1024 * 1024
+
+
+class H2ClientSession(ClientSession):
+    transport_name = "h2"
+
+    def __init__(self, authority: str, path: str, scheme: str) -> None:
+        super().__init__()
+        self.codec = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=True, header_encoding="utf-8"))
+        self.codec.local_settings = h2.settings.Settings(client=True, initial_values={
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
+            h2.settings.SettingCodes.ENABLE_PUSH: 0})
+        self.codec.max_inbound_frame_size = MAX_FRAME_SIZE
+        self.base_headers = [(":method", "POST"), (":scheme", scheme),
+                             (":authority", authority), (":path", path)]
+        self._error_streams: dict[int, ForwardStream] = {}
+        self._queues: dict[int, list] = {}  # stream id -> [chunks, eof, size]
+        self._status: dict[int, int] = {}
+        self._refusal: dict[int, str] = {}
+        self._next_request_id = 0
+        self._pings: dict[bytes, tuple[float, asyncio.Future[float]]] = {}
+        self.settings_received: asyncio.Future[None] = self.loop.create_future()
+
+    def begin(self) -> None:
+        self.codec.initiate_connection()
+        self.codec.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self._flush()
+
+    # --- streams ------------------------------------------------------------------------
+    def _new_stream(self, port: int) -> ForwardStream:
+        codec = self.codec
+        request_id = str(self._next_request_id)
+        self._next_request_id += 1
+        extra = [("streamtype", "error"), ("port", str(port)), ("requestid", request_id)]
+        try:
+            error_id = codec.get_next_available_stream_id()
+            codec.send_headers(error_id, self.base_headers + extra, end_stream=True)
+            data_id = codec.get_next_available_stream_id()
+            extra[0] = ("streamtype", "data")
+            codec.send_headers(data_id, self.base_headers + extra)
+        except h2.exceptions.ProtocolError as e:
+            raise SessionClosed(f"cannot open an HTTP/2 stream: {e}") from None
+        stream = ForwardStream(self, port, data_id)
+        stream.error_id = error_id
+        self.streams[data_id] = stream
+        self._error_streams[error_id] = stream
+        return stream
+
+    def _send(self, stream: ForwardStream, data) -> None:
+        q = self._queues.get(stream.key)
+        if q is None:
+            q = self._queues[stream.key] = [[], False, 0]
+        q[0].append(memoryview(data))
+        q[2] += len(data)
+        self._drain(stream.key, q)
+        self._flush()
+
+    def _send_eof(self, stream: ForwardStream) -> None:
+        q = self._queues.get(stream.key)
+        if q is None:
+            q = self._queues[stream.key] = [[], False, 0]
+        q[1] = True
+        self._drain(stream.key, q)
+        self._flush()
+
+    def _drain(self, sid: int, q: list) -> None:
+        codec = self.codec
+        chunks = q[0]
+        stream = self.streams.get(sid)
+        try:
+            while chunks:
+                window = min(codec.local_flow_control_window(sid), codec.max_outbound_frame_size)
+                if window <= 0:
+                    break
+                chunk = chunks[0]
+                n = min(window, len(chunk))
+                if n == len(chunk):
+                    chunks.pop(0)
+                else:
+                    chunks[0] = chunk[n:]
+                q[2] -= n
+                codec.send_data(sid, chunk[:n], end_stream=q[1] and not chunks)
+                if q[1] and not chunks:
+                    del self._queues[sid]
+                    return
+            if not chunks:
+                if q[1]:
+                    codec.end_stream(sid)
+                self._queues.pop(sid, None)
+        except h2.exceptions.ProtocolError:
+            self._queues.pop(sid, None)  # the stream was reset meanwhile
+            q[2] = 0
+        if stream is not None:
+            if q[2] > QUEUE_HIGH_WATER:
+                stream._block_writing("window")
+            else:
+                stream._unblock_writing("window")
+
+    def _reset_stream(self, stream: ForwardStream) -> None:
+        self._queues.pop(stream.key, None)
+        try:
+            self.codec.reset_stream(stream.key, ErrorCodes.CANCEL)
+        except h2.exceptions.ProtocolError:
+            pass
+        self._flush()
+
+    def _stream_done(self, stream: ForwardStream) -> None:
+        super()._stream_done(stream)
+        self._error_streams.pop(getattr(stream, "error_id", 0), None)
+        self._queues.pop(stream.key, None)
+
+    def _goodbye(self) -> None:
+        try:
+            self.codec.close_connection()
+        except h2.exceptions.ProtocolError:
+            pass
+        self._flush()
+
+    def _flush(self) -> None:
+        out = self.codec.data_to_send()
+        t = self.transport
+        if out and t is not None and not t.is_closing():
+            t.write(out)
+
+    def _send_ping(self) -> None:
+        if not self.closed.done():
+            self.codec.ping(time.monotonic_ns().to_bytes(8, "big"))
+            self._flush()
+
+    async def ping(self, timeout: float = 10.0) -> float:
+        if self.closed.done():
+            raise SessionClosed(f"session closed: {self.closed.result()}")
+        payload = time.monotonic_ns().to_bytes(8, "big")
+        fut: asyncio.Future[float] = self.loop.create_future()
+        self._pings[payload] = (time.perf_counter(), fut)
+        self.codec.ping(payload)
+        self._flush()
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._pings.pop(payload, None)
+
+    # --- input --------------------------------------------------------------------------
+    def receive(self, data: bytes) -> None:
+        try:
+            events = self.codec.receive_data(data)
+        except h2.exceptions.ProtocolError as e:
+            self._flush()
+            self._lost(f"HTTP/2 protocol error: {e}")
+            if self.transport is not None:
+                self.transport.close()
+            return
+        for ev in events:
+            kind = type(ev)
+            if kind is h2.events.DataReceived:
+                sid = ev.stream_id
+                if ev.flow_controlled_length:
+                    self.codec.acknowledge_received_data(ev.flow_controlled_length, sid)
+                stream = self.streams.get(sid)
+                if sid in self._refusal:
+                    self._refusal[sid] += ev.data.decode("utf-8", "replace")
+                elif stream is not None:
+                    stream._data(ev.data)
+                else:
+                    stream = self._error_streams.get(sid)
+                    if stream is not None:
+                        stream._error_data(ev.data.decode("utf-8", "replace"))
+            elif kind is h2.events.ResponseReceived:
+                status = dict(ev.headers).get(":status", "0")
+                stream = self.streams.get(ev.stream_id) or self._error_streams.get(ev.stream_id)
+                if status == "200":
+                    if stream is not None and ev.stream_id == stream.key:
+                        stream._accepted()
+                else:
+                    self._refusal[ev.stream_id] = f"HTTP {status}: "
+            elif kind is h2.events.StreamEnded or kind is h2.events.StreamReset:
+                self._stream_ended(ev.stream_id, kind is h2.events.StreamReset,
+                                   getattr(ev, "error_code", None))
+            elif kind is h2.events.WindowUpdated:
+                ids = list(self._queues) if ev.stream_id == 0 else [ev.stream_id]
+                for sid in ids:
+                    q = self._queues.get(sid)
+                    if q is not None:
+                        self._drain(sid, q)
+            elif kind is h2.events.RemoteSettingsChanged:
+                if not self.settings_received.done():
+                    self.settings_received.set_result(None)
+            elif kind is h2.events.PingAckReceived:
+                entry = self._pings.get(ev.ping_data)
+                if entry is not None and not entry[1].done():
+                    entry[1].set_result(time.perf_counter() - entry[0])
+            elif kind is h2.events.ConnectionTerminated:
+                self._flush()
+                extra = ev.additional_data.decode("utf-8", "replace") if ev.additional_data \
+                    else ""
+                self._lost(f"the server sent GOAWAY ({ev.error_code!s}"
+                           f"{': ' + extra if extra else ''})")
+                return
+        self._flush()
+
+    def _stream_ended(self, sid: int, reset: bool, code) -> None:
+        refusal = self._refusal.pop(sid, None)
+        stream = self.streams.get(sid)
+        if stream is not None:
+            if refusal is not None:
+                stream._remote_reset(f"the server refused the stream ({refusal.strip()})")
+            elif reset:
+                stream._remote_reset(f"the server reset the connection (RST_STREAM {code!s})")
+            else:
+                stream._remote_eof()
+            return
+        stream = self._error_streams.get(sid)
+        if stream is not None:
+            if refusal is not None:
+                stream.failure = f"the server refused the stream ({refusal.strip()})"
+                stream._remote_reset(stream.failure)
+            stream._error_end()
+
+    def transport_lost(self, exc: Exception | None) -> None:
+        if not self.settings_received.done():
+            self.settings_received.set_exception(SessionError(
+                "the server closed the connection before its HTTP/2 SETTINGS"))
+        super().transport_lost(exc)
+
+    def transport_eof(self) -> None:
+        self.transport_lost(None)
+
+
+async def start(conn: _ConnectionProtocol, tr: asyncio.Transport, u, target: str,
+                timeout: float) -> H2ClientSession:
+    """HTTP/2 with prior knowledge (h2c) or TLS ALPN h2; done once the server's SETTINGS
+    arrive (the token is redeemed by the first stream)."""
+    ssl_object = tr.get_extra_info("ssl_object")
+    if ssl_object is not None and ssl_object.selected_alpn_protocol() != "h2":
+        raise UpgradeRefused(0, f"the server at {u.netloc} did not negotiate h2 by ALPN "
+                                f"(got {ssl_object.selected_alpn_protocol()!r})")
+    session = H2ClientSession(u.netloc, target, u.scheme)
+    conn.attach(session, bytes(conn.buffer))
+    session.begin()
+    try:
+        await asyncio.wait_for(asyncio.shield(session.settings_received), timeout)
+    except TimeoutError:
+        raise SessionError(f"no HTTP/2 SETTINGS from {u.netloc} in {timeout:g}s") from None
+    return session
