@@ -99,6 +99,7 @@ class ForwardedConnection:
         self._client_eof = False
         self._pod_eof = False
         self._done = False
+        self._error_closed = False
         self._task: asyncio.Task | None = None
         self.bytes_up = 0  # client -> pod
         self.bytes_down = 0  # pod -> client
@@ -180,7 +181,7 @@ class ForwardedConnection:
         self.session.resume_client_reading(self)
         if abort:
             self.channel.abort()
-        self.channel.finish(error)
+        self._close_error_stream(error)
         log.debug("forward sandbox=%s port=%d transport=%s ended: up=%d down=%d reason=%s",
                   self.sandbox.id, self.port, self.transport_name, self.bytes_up,
                   self.bytes_down, self.reason or "closed")
@@ -188,6 +189,14 @@ class ForwardedConnection:
             self.ctx.metrics.connection_ended(self.transport_name, self.bytes_up,
                                               self.bytes_down)
         self.session.connection_finished(self)
+
+    def _close_error_stream(self, error: str | None) -> None:
+        if not self._error_closed:
+            self._error_closed = True
+            self.channel.finish(error)
+        elif error:
+            log.info("forward sandbox=%s port=%d: error after the error stream closed: %s",
+                     self.sandbox.id, self.port, error)
 
     @property
     def done(self) -> bool:
@@ -246,6 +255,9 @@ class ForwardedConnection:
             return
         self._pod_eof = True
         self.channel.send_eof()
+        # client-go waits for the error stream's end before it finishes a connection whose
+        # remote side ended: close it now, while the client may still send (half-close)
+        self._close_error_stream(None)
         if self._client_eof:
             self._finish()
 
