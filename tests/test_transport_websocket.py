@@ -645,3 +645,43 @@ def test_raw_handshake_failures_are_http_errors(crishim):
         answer = _read_to_eof(s)
     assert answer.startswith(b"HTTP/1.1 400")
     assert b"Sec-WebSocket-Version: 13" in answer and b"only 13" in answer
+
+
+def test_raw_idle_session_is_closed_with_1001(podnet):
+    from tests.crishim_proc import CrishimProcess
+
+    with CrishimProcess("--sandboxes", f"sb={podnet.path}", "--stream-idle-timeout",
+                        "1s") as proc:
+        c = RawChannelClient(proc.port_forward_url("sb", [ECHO_PORT]), [ECHO_PORT],
+                             [ws.CHANNEL_BINARY])
+        try:
+            c.send(0, b"once")
+            c.pump(lambda: c.data(0) == b"once")
+            t0 = time.monotonic()
+            c.pump(lambda: False, timeout=10)
+            assert c.closed is not None and c.closed.code == 1001
+            assert "idle" in c.closed.reason
+            assert time.monotonic() - t0 > 0.5
+        finally:
+            c.close()
+
+
+def test_raw_session_is_closed_with_1001_when_the_server_stops(podnet):
+    import signal
+
+    from tests.crishim_proc import CrishimProcess
+
+    proc = CrishimProcess("--sandboxes", f"sb={podnet.path}", "--drain-timeout", "300ms")
+    with proc:
+        c = RawChannelClient(proc.port_forward_url("sb", [ECHO_PORT]), [ECHO_PORT],
+                             [ws.CHANNEL_BINARY])
+        try:
+            c.send(0, b"before")
+            c.pump(lambda: c.data(0) == b"before")
+            proc.proc.send_signal(signal.SIGTERM)
+            c.pump(lambda: False, timeout=10)
+            assert c.closed is not None and c.closed.code == 1001
+            assert "shutting down" in c.closed.reason
+        finally:
+            c.close()
+        assert proc.proc.wait(20) == 0

@@ -334,9 +334,9 @@ class ChannelPortForwardSession(SessionBase):
         """End from the server's side (drain deadline, idle timeout)."""
         if self._closed:
             return
-        self.close_connections(reason)
         self.codec.close(1001, reason[:100])
         self.flush()
+        self.close_connections(reason)
         self._end()
 
     def drain(self) -> None:
