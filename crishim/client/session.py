@@ -235,7 +235,7 @@ class ForwardStream(asyncio.Transport):
     def _lost(self, reason: str) -> None:
         if not self._finished:
             self._error_done = True
-            if not (self._eof_sent and self._remote_done) and not self._reset:
+            if not self._remote_done and not self._reset:
                 self.failure = self.failure or reason
             self._finish()
 

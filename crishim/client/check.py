@@ -1,0 +1,488 @@
+"""`crishim check`: a conformance and health battery against any runtime's streaming server.
+
+With root and the sandbox's netns (PodSandboxStatus verbose info, or --netns), it starts
+its own peers inside the sandbox: echo, sink (answers "<count> <sha256>\\n" at EOF),
+source (sends N deterministic bytes for "N\\n"), reset (RST on the first byte), and a
+closed port. Otherwise only the checks that need no cooperating server run, against
+--port, and the others are listed as skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import re
+import socket
+import statistics
+import struct
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+from crishim.client.cri import CriClient, CriError
+from crishim.client.session import (
+    TRANSPORTS,
+    ClientSession,
+    ForwardError,
+    SessionError,
+    UpgradeRefused,
+    open_session,
+)
+
+IO_TIMEOUT = 20.0
+URL_RE = re.compile(r"^(https?)://([^/]+)/portforward/([^/?#]+)$")
+
+
+@dataclass
+class CheckResult:
+    name: str
+    result: str  # pass | fail | warn | skip
+    detail: str
+    seconds: float
+    required: bool
+
+
+def source_bytes(n: int) -> bytes:
+    """What the check's source server sends for n (deterministic, incompressible)."""
+    out = bytearray()
+    block = 0
+    while len(out) < n:
+        out += hashlib.sha256(struct.pack(">Q", block)).digest() * 64
+        block += 1
+    return bytes(out[:n])
+
+
+# --------------------------------------------------------------------------- peers
+
+
+class _Echo(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.t = transport
+
+    def data_received(self, data):
+        self.t.write(data)
+
+    def eof_received(self):
+        return False
+
+
+class _Sink(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.t, self.h, self.n = transport, hashlib.sha256(), 0
+
+    def data_received(self, data):
+        self.h.update(data)
+        self.n += len(data)
+
+    def eof_received(self):
+        self.t.write(f"{self.n} {self.h.hexdigest()}\n".encode())
+        return False
+
+
+class _Source(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.t, self.buf = transport, b""
+
+    def data_received(self, data):
+        self.buf += data
+        if b"\n" in self.buf:
+            n = int(self.buf.split(b"\n", 1)[0] or 0)
+            self.buf = b""
+            self.t.write(source_bytes(n))
+            self.t.close()
+
+
+class _Reset(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.t = transport
+
+    def data_received(self, data):
+        sock = self.t.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.t.abort()
+
+
+class Peers:
+    """Servers inside the sandbox netns, on free ports."""
+
+    def __init__(self, netns: str) -> None:
+        self.netns = netns
+        self.ports: dict[str, int] = {}
+        self._servers: list[asyncio.AbstractServer] = []
+
+    async def start(self) -> None:
+        from crishim.netns import listen_in_netns
+
+        loop = asyncio.get_running_loop()
+        for name, proto in (("echo", _Echo), ("sink", _Sink), ("source", _Source),
+                            ("reset", _Reset)):
+            sock = listen_in_netns(self.netns, "127.0.0.1", 0)
+            self.ports[name] = sock.getsockname()[1]
+            self._servers.append(await loop.create_server(proto, sock=sock))
+        sock = listen_in_netns(self.netns, "127.0.0.1", 0)
+        self.ports["closed"] = sock.getsockname()[1]
+        sock.close()
+
+    def close(self) -> None:
+        for server in self._servers:
+            server.close()
+
+
+# --------------------------------------------------------------------------- the battery
+
+
+class Checker:
+    def __init__(self, cri: CriClient, args: argparse.Namespace) -> None:
+        self.cri = cri
+        self.sandbox = args.sandbox
+        self.transport = args.transport
+        self.port = args.port
+        self.size = max(1, args.size) << 20
+        self.tls = {"insecure": args.insecure_skip_tls_verify,
+                    "ca_file": args.certificate_authority}
+        self.timeout = args.timeout
+        self.netns_arg = args.netns
+        self.no_servers = args.no_servers
+        self.results: list[CheckResult] = []
+        self.peers: Peers | None = None
+        self.netns = ""
+        self.why_no_servers = ""
+        self.session: ClientSession | None = None
+
+    # --- plumbing -----------------------------------------------------------------------
+    async def url(self, ports: list[int] = ()) -> str:
+        return await asyncio.get_running_loop().run_in_executor(
+            None, self.cri.port_forward, self.sandbox, list(ports))
+
+    async def new_session(self, transport: str, ports: list[int] = ()) -> ClientSession:
+        url = await self.url(ports if transport == "websocket" else [])
+        return await open_session(url, transport, ports, ping_interval=0,
+                                  timeout=self.timeout, **self.tls)
+
+    async def connect(self, port: int):
+        """(reader, writer, own_session): a forwarded connection on the shared session, or
+        on a WebSocket of its own for the channel protocol."""
+        if self.transport == "websocket":
+            session = await self.new_session("websocket", [port])
+            reader, writer = await session.open_stream(port)
+            return reader, writer, session
+        if self.session is None or self.session.closed.done():
+            self.session = await self.new_session(self.transport)
+        reader, writer = await self.session.open_stream(port)
+        return reader, writer, None
+
+    def add(self, name: str, result: str, detail: str, t0: float, required: bool = True) -> None:
+        self.results.append(CheckResult(name, result, detail, time.perf_counter() - t0,
+                                        required))
+
+    def skip(self, name: str, why: str, required: bool = True) -> None:
+        self.results.append(CheckResult(name, "skip", why, 0.0, required))
+
+    async def run_check(self, name: str, fn, required: bool = True) -> None:
+        t0 = time.perf_counter()
+        try:
+            result, detail = await asyncio.wait_for(fn(), 120)
+        except (SessionError, CriError, ForwardError, OSError, asyncio.IncompleteReadError,
+                TimeoutError, ValueError) as e:
+            result, detail = "fail", f"{type(e).__name__}: {e}"
+        self.add(name, result, detail, t0, required)
+
+    # --- setup --------------------------------------------------------------------------
+    async def find_netns(self) -> None:
+        if self.no_servers:
+            self.why_no_servers = "--no-servers given"
+            return
+        if os.geteuid() != 0:
+            self.why_no_servers = "not root: cannot enter the sandbox netns"
+            return
+        netns = self.netns_arg
+        if not netns:
+            try:
+                netns = await asyncio.get_running_loop().run_in_executor(
+                    None, self.cri.sandbox_netns, self.sandbox)
+            except CriError as e:
+                self.why_no_servers = (f"sandbox netns unknown ({e}); name it with --netns "
+                                       "PATH")
+                return
+        try:
+            peers = Peers(netns)
+            await peers.start()
+        except Exception as e:  # noqa: BLE001 - reported as the reason for skipping
+            self.why_no_servers = f"cannot start servers in {netns}: {e}"
+            return
+        self.peers = peers
+        self.netns = netns
+
+    # --- checks -------------------------------------------------------------------------
+    async def check_url(self):
+        url = await self.url()
+        m = URL_RE.match(url)
+        if not m:
+            return "fail", f"not an absolute http(s)://HOST:PORT/portforward/TOKEN URL: {url}"
+        token = m.group(3)
+        bits = len(token) * 6 if re.fullmatch(r"[A-Za-z0-9_-]+", token) else len(token) * 4
+        result = "pass" if len(token) >= 8 else "warn"
+        return result, (f"{m.group(1)}://{m.group(2)}/portforward/…, token {len(token)} chars "
+                        f"(~{bits} bits{'; reference runtimes use 8' if bits < 96 else ''})")
+
+    async def check_token_single_use(self):
+        transport = self.transport if self.transport != "h2" else "spdy"
+        ports = [self.probe_port()] if transport == "websocket" else []
+        url = await self.url(ports)
+        first = await open_session(url, transport, ports, ping_interval=0, **self.tls)
+        first.close()
+        try:
+            second = await open_session(url, transport, ports, ping_interval=0, **self.tls)
+        except UpgradeRefused as e:
+            return "pass", f"second use refused with {e.status}"
+        second.close()
+        return "fail", "the same token was accepted twice"
+
+    def probe_port(self) -> int:
+        if self.peers is not None:
+            return self.peers.ports["echo"]
+        return self.port or 1
+
+    async def check_handshake(self, transport: str):
+        ports = [self.probe_port()] if transport == "websocket" else []
+        t0 = time.perf_counter()
+        try:
+            session = await self.new_session(transport, ports)
+        except UpgradeRefused as e:
+            return ("fail" if transport == self.transport else "warn"), str(e)
+        ms = (time.perf_counter() - t0) * 1000
+        detail = f"upgraded in {ms:.1f} ms"
+        if transport in ("spdy", "spdy-over-websocket", "h2"):
+            rtt = await session.ping(5)
+            detail += f", ping {rtt * 1000:.2f} ms"
+        session.close()
+        return "pass", detail
+
+    async def check_echo(self):
+        data = os.urandom(min(self.size, 4 << 20))
+        reader, writer, own = await self.connect(self.peers.ports["echo"])
+        writer.write(data)
+        got = await asyncio.wait_for(reader.readexactly(len(data)), IO_TIMEOUT)
+        writer.close()
+        if own:
+            own.close()
+        ok = hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+        return ("pass" if ok else "fail"), f"{len(data)} bytes echoed, sha256 " + \
+            ("matches" if ok else "DIFFERS")
+
+    async def check_upload(self):
+        data = os.urandom(self.size)
+        reader, writer, _ = await self.connect(self.peers.ports["sink"])
+        t0 = time.perf_counter()
+        writer.write(data)
+        writer.write_eof()
+        line = await asyncio.wait_for(reader.readline(), IO_TIMEOUT)
+        secs = time.perf_counter() - t0
+        writer.close()
+        want = f"{len(data)} {hashlib.sha256(data).hexdigest()}"
+        ok = line.decode().strip() == want
+        return ("pass" if ok else "fail"), (f"{len(data) >> 20} MiB up, sha256 "
+                                            f"{'matches' if ok else 'DIFFERS: ' + line[:80].decode()}"
+                                            f", {len(data) / secs / 1e6:.0f} MB/s")
+
+    async def check_download(self):
+        n = self.size
+        reader, writer, own = await self.connect(self.peers.ports["source"])
+        t0 = time.perf_counter()
+        writer.write(f"{n}\n".encode())
+        h = hashlib.sha256()
+        got = 0
+        while True:
+            chunk = await asyncio.wait_for(reader.read(1 << 20), IO_TIMEOUT)
+            if not chunk:
+                break
+            h.update(chunk)
+            got += len(chunk)
+        secs = time.perf_counter() - t0
+        writer.close()
+        if own:
+            own.close()
+        ok = got == n and h.digest() == hashlib.sha256(source_bytes(n)).digest()
+        return ("pass" if ok else "fail"), (f"{got >> 20} MiB down, sha256 "
+                                            f"{'matches' if ok else 'DIFFERS'}, "
+                                            f"{got / secs / 1e6:.0f} MB/s")
+
+    async def check_half_close(self):
+        data = os.urandom(65536)
+        reader, writer, _ = await self.connect(self.peers.ports["echo"])
+        writer.write(data)
+        writer.write_eof()
+        got = await asyncio.wait_for(reader.read(), IO_TIMEOUT)
+        writer.close()
+        ok = got == data
+        return ("pass" if ok else "fail"), ("FIN reached the pod, its echo and FIN came back"
+                                            if ok else f"got {len(got)} of {len(data)} bytes")
+
+    async def _failing_then_survive(self, port: int, payload: bytes):
+        reader, writer, own = await self.connect(port)
+        writer.write(payload)
+        error: ForwardError | None = None
+        try:
+            await asyncio.wait_for(reader.read(), IO_TIMEOUT)
+        except ForwardError as e:
+            error = e
+        except ConnectionError:
+            pass
+        writer.close()
+        if own:
+            own.close()
+        if error is None:
+            how = "ended with a clean EOF (no error reported)"
+        elif error.fatal:
+            how = f"error text {str(error)[:120]!r} (client-go ends the session on it)"
+        else:
+            how = f"reported: {str(error)[:120]}"
+        if self.transport == "websocket":
+            return ("pass" if error is not None else "warn"), how
+        reader, writer, _ = await self.connect(self.peers.ports["echo"])
+        writer.write(b"still there?")
+        try:
+            back = await asyncio.wait_for(reader.readexactly(12), 5)
+        except (ForwardError, asyncio.IncompleteReadError, TimeoutError):
+            back = b""
+        writer.close()
+        survived = back == b"still there?"
+        if not survived:
+            return "fail", how + "; the session did NOT survive"
+        return ("warn" if error is not None and error.fatal else "pass"), \
+            how + "; the session survived"
+
+    async def check_closed_port(self):
+        return await self._failing_then_survive(self.peers.ports["closed"], b"")
+
+    async def check_reset(self):
+        return await self._failing_then_survive(self.peers.ports["reset"], b"x")
+
+    async def check_concurrent(self, n: int = 16):
+        async def one(i: int) -> bool:
+            data = os.urandom(256 * 1024)
+            reader, writer, own = await self.connect(self.peers.ports["echo"])
+            writer.write(data)
+            got = await asyncio.wait_for(reader.readexactly(len(data)), IO_TIMEOUT)
+            writer.close()
+            if own:
+                own.close()
+            return got == data
+        results = await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
+        ok = sum(1 for r in results if r is True)
+        errors = [str(r) for r in results if isinstance(r, BaseException)]
+        detail = f"{ok}/{n} connections echoed 256 KiB intact"
+        if errors:
+            detail += f"; first error: {errors[0][:100]}"
+        return ("pass" if ok == n else "fail"), detail
+
+    async def check_latency(self, n: int = 20):
+        samples = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            reader, writer, own = await self.connect(self.peers.ports["echo"])
+            writer.write(b"x")
+            await asyncio.wait_for(reader.readexactly(1), IO_TIMEOUT)
+            samples.append(time.perf_counter() - t0)
+            writer.close()
+            if own:
+                own.close()
+        samples.sort()
+        p50 = statistics.median(samples) * 1000
+        p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))] * 1000
+        return "pass", f"open + 1-byte round trip over {n}: p50 {p50:.2f} ms, max-ish p99 " \
+                       f"{p99:.2f} ms"
+
+    async def check_connect_user_port(self):
+        reader, writer, own = await self.connect(self.port)
+        try:
+            await asyncio.wait_for(reader.read(1), 1.0)
+        except TimeoutError:
+            pass  # nothing to read, and no failure: the connection is up
+        writer.close()
+        if own:
+            own.close()
+        return "pass", f"a connection to port {self.port} was accepted and stayed up 1 s"
+
+    # --- the run ------------------------------------------------------------------------
+    async def run(self) -> None:
+        await self.url()  # an unusable endpoint or unknown sandbox: one error, no table
+        await self.find_netns()
+        await self.run_check("cri-url", self.check_url)
+        if self.peers is None and not self.port:
+            self.why_no_servers += "; and no --port given"
+        await self.run_check("token-single-use", self.check_token_single_use)
+        for transport in TRANSPORTS:
+            await self.run_check(f"handshake:{transport}",
+                                 lambda t=transport: self.check_handshake(t),
+                                 required=transport == self.transport)
+        half_close = self.transport != "websocket"
+        data_checks = [
+            ("echo-sha256", self.check_echo, True),
+            ("upload-sha256", self.check_upload, half_close),
+            ("download-sha256", self.check_download, True),
+            ("half-close", self.check_half_close, half_close),
+            ("closed-port", self.check_closed_port, True),
+            ("pod-reset", self.check_reset, True),
+            ("concurrent", self.check_concurrent, True),
+            ("setup-latency", self.check_latency, True),
+        ]
+        for name, fn, applicable in data_checks:
+            if not applicable:
+                self.skip(name, "the WebSocket channel protocol has no half-close",
+                          required=False)
+            elif self.peers is None:
+                self.skip(name, "needs a cooperating server in the sandbox (see below)")
+            else:
+                await self.run_check(name, fn, required=name != "setup-latency")
+        if self.peers is None and self.port:
+            await self.run_check("connect", self.check_connect_user_port)
+        if self.session is not None:
+            self.session.close()
+        if self.peers is not None:
+            self.peers.close()
+
+    @property
+    def ok(self) -> bool:
+        return not any(r.result == "fail" and r.required for r in self.results)
+
+    def report(self) -> dict:
+        return {"sandbox": self.sandbox, "transport": self.transport,
+                "endpoint": self.cri.target, "servers": self.peers is not None,
+                "netns": self.netns, "servers_reason": self.why_no_servers.lstrip("; "),
+                "ok": self.ok, "checks": [asdict(r) for r in self.results],
+                "skipped": [r.name for r in self.results if r.result == "skip"]}
+
+
+def print_table(checker: Checker) -> None:
+    rows = [("CHECK", "RESULT", "TIME", "DETAIL")]
+    for r in checker.results:
+        result = r.result.upper() + ("" if r.required else " (optional)")
+        rows.append((r.name, result, f"{r.seconds * 1000:.0f} ms" if r.seconds else "-",
+                     r.detail))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]}")
+    if checker.peers is None:
+        print(f"\nchecks needing a cooperating server were skipped: "
+              f"{checker.why_no_servers.lstrip('; ')}")
+    print("\n" + ("all required checks passed" if checker.ok
+                  else "FAILED: a required check failed"))
+
+
+async def run(cri: CriClient, args: argparse.Namespace) -> int:
+    checker = Checker(cri, args)
+    try:
+        await checker.run()
+    except CriError as e:  # the endpoint itself is unusable: one line, like port-forward
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(checker.report(), indent=2))
+    else:
+        print_table(checker)
+    sys.stdout.flush()
+    return 0 if checker.ok else 1
