@@ -22,6 +22,10 @@ KUBELET_API_VERSION = "0.1.0"
 _HOP_METADATA = {"user-agent", "content-type", "te", "host"}
 
 
+# CRI methods take one request message; a client streaming more is refused, not buffered
+_MAX_REQUESTS = 16
+
+
 def _forwardable(key: str) -> bool:
     return key not in _HOP_METADATA and not key.startswith(("grpc-", ":"))
 
@@ -111,16 +115,32 @@ class CriHandler(grpc.GenericRpcHandler):
         return handler
 
     def _pass_through(self, method: str) -> Callable:
-        """Raw bytes both ways, any cardinality: unary and streaming calls look alike on
-        the wire, so one stream-stream relay serves every method without decoding it."""
+        """Raw bytes both ways, without decoding: unary and server-streaming answers look
+        alike on the wire. Every CRI method takes exactly one request, so the request is
+        read first and sent with the call's opening batch (unary-stream). A stream-stream
+        client call would write it separately, and grpc.aio turns an upstream that ends
+        the call before that write (UNIMPLEMENTED, a quick NOT_FOUND) into a bogus
+        INTERNAL "Internal error from Core" (grpc/grpc#36066)."""
         upstream = self.upstream
         assert upstream is not None
-        multi = upstream.stream_stream(method)
+        one_request = upstream.unary_stream(method)
+        many_requests = upstream.stream_stream(method)
 
         async def handler(requests: AsyncIterator[bytes], context) -> AsyncIterator[bytes]:
             metadata = tuple((k, v) for k, v in context.invocation_metadata()
                              if _forwardable(k))
-            call = multi(requests, metadata=metadata, timeout=context.time_remaining())
+            received = []
+            async for request in requests:
+                received.append(request)
+                if len(received) > _MAX_REQUESTS:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"{method}: more than {_MAX_REQUESTS} request messages; "
+                                        "CRI methods take one")
+            timeout = context.time_remaining()
+            if len(received) == 1:
+                call = one_request(received[0], metadata=metadata, timeout=timeout)
+            else:
+                call = many_requests(iter(received), metadata=metadata, timeout=timeout)
             try:
                 initial = await call.initial_metadata()
                 if initial:
