@@ -244,6 +244,12 @@ class _RequestProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
         self.server._transports.add(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+            self._handover()  # TLS chose HTTP/2: no HTTP/1.1 request will come
+            from crishim.stream import portforward_h2
+
+            portforward_h2.start_prior_knowledge(self.server, transport, b"")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server._transports.discard(self.transport)

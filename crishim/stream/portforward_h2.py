@@ -1,0 +1,735 @@
+"""Port-forward over HTTP/2 (PROTOCOL.md section 6), with the `h2` library as the codec.
+
+Getting onto HTTP/2 (all three end in the same session):
+- prior knowledge: the connection starts with the HTTP/2 preface (h2c, or TLS without
+  ALPN); the FIRST request stream's `:path /portforward/<token>` redeems the token;
+- `Upgrade: h2c` (with `HTTP2-Settings`): the upgrade request's path redeemed the token;
+  the server answers `101`, and stream 1 (the upgrade request itself) is answered
+  `:status 200` with an empty body and carries no forward;
+- TLS with ALPN `h2`: as prior knowledge.
+The token then holds for that connection only: every later stream must carry the same
+`:path`; the token cannot be redeemed again elsewhere.
+
+The mapping: each SPDY stream of section 3 becomes one HTTP/2 request stream, so one
+forwarded TCP connection is a PAIR of streams sharing a `requestid`, exactly as on SPDY:
+
+    :method POST   :path /portforward/<token>   streamtype: error|data   port: N
+    requestid: <any string>   (absent: error stream's id is its stream id, the data
+                               stream's is its stream id minus 2, as on SPDY)
+
+- The client opens the error stream first (HEADERS with END_STREAM: it only reads it),
+  then the data stream. Data sent on a data stream before its error stream arrives is
+  held (not acknowledged), not dropped.
+- Each accepted stream is answered `:status 200` at once. A refused stream gets a
+  complete response with a plain-text reason and END_STREAM (then RST_STREAM NO_ERROR if
+  the client was still sending): `400` bad or missing `streamtype`/`port`, a second stream
+  of one type for a request id, or a different port; `404` another path/token on this
+  connection, or (first stream only) an unknown, used or expired token or sandbox;
+  `405` a method other than POST; `410` sandbox gone; `503` draining (RST_STREAM
+  REFUSED_STREAM once GOAWAY was sent). A refused FIRST stream (bad token) is followed by
+  GOAWAY and the connection closes: without a token it has no business.
+- Data stream: DATA flows both ways. The client's END_STREAM is a TCP half-close
+  (shutdown write) towards the pod; the pod's EOF is END_STREAM to the client. A failed
+  connection (refused, reset or broken pipe from the pod) is RST_STREAM CANCEL on the data
+  stream; the client's RST_STREAM on it ends the pod connection.
+- Error stream: closed with END_STREAM when the forwarded connection ends. Its body is
+  empty unless the failure is fatal (sandbox gone, or error_policy=verbose): then the body
+  is the reason as UTF-8 text, just as SPDY's error stream.
+- A pair not complete within stream_creation_timeout: the reason on the error stream, the
+  data stream reset CANCEL.
+- The client's RST_STREAM on the error stream is ignored.
+
+Flow control is real and per stream: the server advertises STREAM_WINDOW per stream and
+CONNECTION_WINDOW for the connection, and acknowledges received DATA only while the pod
+socket is not congested; bytes received for a pod whose socket is above its write buffer
+limit are acknowledged when it drains, so one slow pod stalls only its own stream. Sending,
+it respects the client's windows: a stream out of window keeps a bounded queue and stops
+reading its pod socket until WINDOW_UPDATE. Malformed HTTP/2 gets GOAWAY with h2's error
+code and the connection is closed; other connections are untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.errors import ErrorCodes
+from hyperframe.exceptions import HyperframeError
+from hyperframe.frame import GoAwayFrame
+
+from crishim.forward import ForwardedConnection, SessionBase
+from crishim.runtime import Sandbox, SandboxGone, SandboxNotFound
+
+if TYPE_CHECKING:
+    from crishim.stream.server import Request, StreamServer
+
+log = logging.getLogger("crishim.h2")
+
+STREAM_WINDOW = 16 * 1024 * 1024  # per stream: a fast link is not throttled
+CONNECTION_WINDOW = 256 * 1024 * 1024  # 16 stalled streams before others feel it
+MAX_FRAME_SIZE = 1024 * 1024  # fewer, larger frames: h2's per-frame cost is in Python
+MAX_CONCURRENT_STREAMS = 1000  # 500 forwarded connections per HTTP/2 connection
+MAX_HEADER_LIST_SIZE = 16 * 1024
+
+
+def _settings_header(value: str) -> bytes:
+    """HTTP2-Settings is base64url without padding (RFC 7540 3.2.1)."""
+    raw = value.strip().encode("ascii")
+    raw += b"=" * (-len(raw) % 4)
+    base64.urlsafe_b64decode(raw)  # validate here: h2 would raise later
+    return raw
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Outbound:
+    """Bytes for one stream waiting for the client's flow-control window."""
+
+    __slots__ = ("chunks", "eof")
+
+    def __init__(self) -> None:
+        self.chunks: list[memoryview] = []
+        self.eof = False
+
+
+class _H2Channel:
+    """A forwarded connection's data + error streams on one HTTP/2 connection."""
+
+    __slots__ = ("session", "data_id", "error_id", "request_id", "conn", "data_closed",
+                 "error_closed")
+
+    def __init__(self, session: H2PortForwardSession, data_id: int, error_id: int,
+                 request_id: str) -> None:
+        self.session = session
+        self.data_id = data_id
+        self.error_id = error_id
+        self.request_id = request_id
+        self.conn: ForwardedConnection | None = None
+        self.data_closed = False
+        self.error_closed = False
+
+    def send(self, data: bytes) -> None:
+        s = self.session
+        s.last_activity = time.monotonic()
+        if not s.queue_data(self.data_id, data) and self.conn is not None:
+            self.conn.pause_pod_reading()
+        s.flush()
+
+    def send_eof(self) -> None:
+        if not self.data_closed:
+            self.data_closed = True
+            self.session.queue_eof(self.data_id)
+            self.session.flush()
+
+    def abort(self) -> None:
+        if not self.data_closed:
+            self.data_closed = True
+            self.session.reset(self.data_id, ErrorCodes.CANCEL)
+            self.session.flush()
+
+    def finish(self, error: str | None) -> None:
+        if self.error_closed:
+            return
+        self.error_closed = True
+        s = self.session
+        if error:
+            s.queue_data(self.error_id, error.encode("utf-8", "replace"))
+        s.queue_eof(self.error_id)
+        s.flush()
+
+
+class _PendingPair:
+    __slots__ = ("request_id", "port", "data_id", "error_id", "timer", "held")
+
+    def __init__(self, request_id: str, port: int) -> None:
+        self.request_id = request_id
+        self.port = port
+        self.data_id = 0
+        self.error_id = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.held: list[h2.events.Event] = []  # data stream events before the pair completed
+
+
+class H2PortForwardSession(SessionBase):
+    """Drives one H2Connection: admits streams, pairs them, pumps bytes with flow control.
+
+    `sandbox` and `path` are None for prior knowledge until the first stream's token is
+    redeemed."""
+
+    transport_name = "h2"
+
+    def __init__(self, server: StreamServer, sandbox: Sandbox | None, path: str | None,
+                 write: Callable[[bytes], None], close: Callable[[], None],
+                 over_limit: bool = False) -> None:
+        super().__init__(server.ctx, sandbox)  # type: ignore[arg-type]
+        self.server = server
+        self.path = path
+        self.creation_timeout = server.creation_timeout
+        self.idle_timeout = server.idle_timeout
+        self._write = write
+        self._close = close
+        self._over_limit = over_limit
+        config = h2.config.H2Configuration(client_side=False, header_encoding="utf-8",
+                                           validate_inbound_headers=True)
+        self.codec = h2.connection.H2Connection(config=config)
+        self.codec.local_settings = h2.settings.Settings(client=False, initial_values={
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
+            h2.settings.SettingCodes.ENABLE_PUSH: 0,
+        })
+        self.codec.max_inbound_frame_size = MAX_FRAME_SIZE
+        self._pending: dict[str, _PendingPair] = {}
+        self._pending_by_stream: dict[int, _PendingPair] = {}
+        self._by_stream: dict[int, ForwardedConnection] = {}  # data stream id -> connection
+        self._live_requests: dict[str, ForwardedConnection] = {}  # request id -> connection
+        self._outbound: dict[int, _Outbound] = {}  # streams waiting for window
+        self._held_acks: dict[int, int] = {}  # data stream id -> bytes not yet acknowledged
+        self._admitting: list[h2.events.Event] | None = None  # events queued while redeeming
+        self._closed = False
+        self._goaway_sent = False
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self.on_closed: Callable[[], None] | None = None
+
+    # --- start -------------------------------------------------------------------------
+    def start(self, upgraded: bool = False) -> None:
+        if upgraded:
+            # initiate_upgrade_connection ran before the 101; stream 1 is the upgrade
+            # request itself: answer it, it carries no forward
+            self.codec.send_headers(1, [(":status", "200")], end_stream=True)
+        else:
+            self.codec.initiate_connection()
+        self.codec.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.flush()
+        self._arm_idle_timer()
+
+    # --- output ------------------------------------------------------------------------
+    def flush(self) -> None:
+        out = self.codec.data_to_send()
+        if out and not self._closed:
+            self._write(out)
+
+    def queue_data(self, stream_id: int, data: bytes) -> bool:
+        """Send what the window allows, queue the rest; False when the stream is blocked."""
+        out = self._outbound.get(stream_id)
+        if out is None:
+            out = self._outbound[stream_id] = _Outbound()
+        out.chunks.append(memoryview(data))
+        return self._drain_stream(stream_id, out)
+
+    def queue_eof(self, stream_id: int) -> None:
+        out = self._outbound.get(stream_id)
+        if out is None:
+            out = self._outbound[stream_id] = _Outbound()
+        out.eof = True
+        self._drain_stream(stream_id, out)
+
+    def _drain_stream(self, stream_id: int, out: _Outbound) -> bool:
+        codec = self.codec
+        try:
+            while out.chunks:
+                window = codec.local_flow_control_window(stream_id)
+                if window <= 0:
+                    return False
+                chunk = out.chunks[0]
+                n = min(window, codec.max_outbound_frame_size, len(chunk))
+                if n == len(chunk):
+                    out.chunks.pop(0)
+                else:
+                    out.chunks[0] = chunk[n:]
+                codec.send_data(stream_id, chunk[:n],
+                                end_stream=out.eof and not out.chunks)
+                if out.eof and not out.chunks:
+                    del self._outbound[stream_id]
+                    return True
+            if out.eof:
+                codec.end_stream(stream_id)
+        except h2.exceptions.ProtocolError:
+            pass  # stream reset or closed by the client meanwhile: nothing left to send
+        self._outbound.pop(stream_id, None)
+        return True
+
+    def _window_opened(self, stream_id: int) -> None:
+        ids = list(self._outbound) if stream_id == 0 else [stream_id]
+        for sid in ids:
+            out = self._outbound.get(sid)
+            if out is None:
+                continue
+            if self._drain_stream(sid, out):
+                conn = self._by_stream.get(sid)
+                if conn is not None and not self.writing_paused:
+                    conn.resume_pod_reading()
+
+    def reset(self, stream_id: int, code: ErrorCodes) -> None:
+        self._outbound.pop(stream_id, None)
+        try:
+            self.codec.reset_stream(stream_id, code)
+        except h2.exceptions.ProtocolError:
+            pass  # already closed: nothing to reset
+
+    def _respond(self, stream_id: int, status: int, message: str, client_done: bool,
+                 headers: list[tuple[str, str]] = ()) -> None:
+        body = (message + "\n").encode("utf-8", "replace")
+        try:
+            self.codec.send_headers(stream_id, [
+                (":status", str(status)), ("content-type", "text/plain; charset=utf-8"),
+                ("content-length", str(len(body))), *headers])
+        except h2.exceptions.ProtocolError:
+            return
+        self.queue_data(stream_id, body)
+        self.queue_eof(stream_id)
+        if not client_done:
+            self.reset(stream_id, ErrorCodes.NO_ERROR)
+
+    # --- input -------------------------------------------------------------------------
+    def receive(self, data: bytes) -> None:
+        if self._closed:
+            return
+        self.last_activity = time.monotonic()
+        try:
+            events = self.codec.receive_data(data)
+        except h2.exceptions.ProtocolError as e:
+            code = getattr(e, "error_code", None) or ErrorCodes.PROTOCOL_ERROR
+            log.info("h2 sandbox=%s: malformed HTTP/2 (%s), GOAWAY %s: %s", self._sandbox_id,
+                     type(e).__name__, getattr(code, "name", code), e)
+            self.flush()  # h2 queued the GOAWAY
+            self._goaway_sent = True
+            self.close(f"HTTP/2 protocol error: {e}")
+            return
+        for event in events:
+            if self._closed:
+                break
+            if self._admitting is not None and isinstance(event, _QUEUED_WHILE_ADMITTING):
+                self._admitting.append(event)
+                continue
+            handler = _HANDLERS.get(type(event))
+            if handler is not None:
+                handler(self, event)
+        self.flush()
+
+    @property
+    def _sandbox_id(self) -> str:
+        return self.sandbox.id if self.sandbox is not None else "?"
+
+    def _on_request(self, ev: h2.events.RequestReceived) -> None:
+        client_done = ev.stream_ended is not None
+        headers = dict(ev.headers)
+        sid = ev.stream_id
+        if self.path is None:
+            self._admitting = []
+            asyncio.get_running_loop().create_task(self._admit(ev, headers))
+            return
+        if self._goaway_sent:
+            self.reset(sid, ErrorCodes.REFUSED_STREAM)
+            return
+        try:
+            self._check_stream(headers)
+            self._pair(sid, headers, client_done)
+        except _Refused as e:
+            log.info("h2 sandbox=%s: refusing stream %d: %d %s", self._sandbox_id, sid,
+                     e.status, e)
+            extra = [("allow", "POST")] if e.status == 405 else []
+            self._respond(sid, e.status, str(e), client_done, extra)
+
+    def _check_stream(self, headers: dict[str, str]) -> None:
+        if headers.get(":path") != self.path:
+            raise _Refused(404, "this HTTP/2 connection serves only the path whose token "
+                                "it redeemed")
+        if headers.get(":method") != "POST":
+            raise _Refused(405, f"method {headers.get(':method')} not allowed; port-forward "
+                                "streams are POST")
+
+    async def _admit(self, ev: h2.events.RequestReceived, headers: dict[str, str]) -> None:
+        """Prior knowledge: the first stream's path redeems the connection's token."""
+        from crishim.stream.server import _redact
+
+        sid = ev.stream_id
+        path = headers.get(":path", "")
+        try:
+            parts = path.split("?", 1)[0].split("/")
+            if len(parts) != 3 or parts[0] != "" or parts[1] != "portforward" or not parts[2]:
+                raise _Refused(404, f"no such path {_redact(path)!r}")
+            if headers.get(":method") != "POST":
+                raise _Refused(405, f"method {headers.get(':method')} not allowed; "
+                                    "port-forward streams are POST")
+            if self.server.draining:
+                raise _Refused(503, "crishim is shutting down")
+            if self._over_limit:
+                raise _Refused(429, f"too many streaming sessions ({self.server.max_sessions})")
+            token_request = self.server.tokens.redeem(parts[2])
+            if token_request is None:
+                raise _Refused(404, "unknown, expired or already used stream token")
+            try:
+                sandbox = await self.ctx.plugin.resolve(token_request.sandbox_id)
+            except SandboxNotFound as e:
+                raise _Refused(404, str(e)) from None
+            except SandboxGone as e:
+                raise _Refused(410, str(e)) from None
+        except _Refused as e:
+            if self._closed:
+                return
+            log.info("h2 stream request %s %s refused: %d %s", headers.get(":method"),
+                     _redact(path), e.status, e)
+            self._respond(sid, e.status, str(e), ev.stream_ended is not None)
+            self._send_goaway(ErrorCodes.NO_ERROR)
+            self.flush()
+            self.close(f"first stream refused: {e}")
+            return
+        except Exception as e:  # a plugin bug ends this connection, not the server
+            log.exception("h2: admitting the first stream failed")
+            if not self._closed:
+                self._respond(sid, 500, f"internal error: {e}", ev.stream_ended is not None)
+                self._send_goaway(ErrorCodes.INTERNAL_ERROR)
+                self.flush()
+                self.close("internal error")
+            return
+        if self._closed:
+            return
+        self.sandbox = sandbox
+        self.path = path
+        queued, self._admitting = self._admitting or [], None
+        log.debug("h2 session admitted: sandbox=%s", sandbox.id)
+        self._on_request(ev)
+        for event in queued:
+            if self._closed:
+                break
+            handler = _HANDLERS.get(type(event))
+            if handler is not None:
+                handler(self, event)
+        self.flush()
+
+    def _pair(self, sid: int, headers: dict[str, str], client_done: bool) -> None:
+        stream_type = headers.get("streamtype", "")
+        port_text = headers.get("port", "")
+        if stream_type not in ("data", "error"):
+            raise _Refused(400, f"unknown streamtype {stream_type!r}: expected data or error")
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise _Refused(400, f"invalid port {port_text!r}")
+        port = int(port_text)
+        request_id = headers.get("requestid")
+        if request_id is None:  # as SPDY's old clients: ids derived from stream ids
+            request_id = str(sid if stream_type == "error" else sid - 2)
+        if request_id in self._live_requests:
+            raise _Refused(400, f"a second {stream_type} stream for request {request_id}, "
+                                "whose connection is live")
+        pair = self._pending.get(request_id)
+        if pair is None:
+            pair = _PendingPair(request_id, port)
+        slot = "data_id" if stream_type == "data" else "error_id"
+        if getattr(pair, slot):
+            raise _Refused(400, f"a second {stream_type} stream for request {request_id}")
+        if pair.port != port:
+            raise _Refused(400, f"port {port} differs from port {pair.port} of the other "
+                                f"stream of request {request_id}")
+        if request_id not in self._pending:
+            self._pending[request_id] = pair
+            pair.timer = asyncio.get_running_loop().call_later(
+                self.creation_timeout, self._pair_timed_out, request_id)
+        setattr(pair, slot, sid)
+        self._pending_by_stream[sid] = pair
+        try:
+            self.codec.send_headers(sid, [(":status", "200")])
+        except h2.exceptions.ProtocolError:
+            pass  # the client already reset it: its StreamReset event cleans up
+        if not (pair.data_id and pair.error_id):
+            return
+        del self._pending[request_id]
+        self._pending_by_stream.pop(pair.data_id, None)
+        self._pending_by_stream.pop(pair.error_id, None)
+        if pair.timer is not None:
+            pair.timer.cancel()
+        channel = _H2Channel(self, pair.data_id, pair.error_id, request_id)
+        conn = self.open_connection(port, channel)
+        channel.conn = conn
+        if conn.done:
+            return
+        self._by_stream[pair.data_id] = conn
+        self._live_requests[request_id] = conn
+        for event in pair.held:
+            _HANDLERS[type(event)](self, event)
+
+    def _pair_timed_out(self, request_id: str) -> None:
+        pair = self._pending.pop(request_id, None)
+        if pair is None or self._closed:
+            return
+        for sid in (pair.data_id, pair.error_id):
+            self._pending_by_stream.pop(sid, None)
+        message = (f"timed out waiting for the {'data' if not pair.data_id else 'error'} "
+                   f"stream of request {request_id} (stream_creation_timeout "
+                   f"{self.creation_timeout:g}s)")
+        log.info("h2 sandbox=%s: %s", self._sandbox_id, message)
+        if pair.error_id:
+            self.queue_data(pair.error_id, message.encode())
+            self.queue_eof(pair.error_id)
+        if pair.data_id:
+            self._ack(pair.data_id, sum(getattr(e, "flow_controlled_length", 0)
+                                        for e in pair.held))
+            self.reset(pair.data_id, ErrorCodes.CANCEL)
+        self.flush()
+
+    def _ack(self, stream_id: int, n: int) -> None:
+        if n > 0:
+            try:
+                self.codec.acknowledge_received_data(n, stream_id)
+            except h2.exceptions.ProtocolError:
+                pass  # connection already closing
+
+    def _on_data(self, ev: h2.events.DataReceived) -> None:
+        sid = ev.stream_id
+        conn = self._by_stream.get(sid)
+        if conn is None:
+            pair = self._pending_by_stream.get(sid)
+            if pair is not None and sid == pair.data_id:
+                pair.held.append(ev)  # acknowledged once the pair is complete and flowing
+                return
+            self._ack(sid, ev.flow_controlled_length)  # error stream or ended: discard
+            return
+        if ev.data:
+            conn.client_data(ev.data)
+        if conn in self._congested:
+            self._held_acks[sid] = self._held_acks.get(sid, 0) + ev.flow_controlled_length
+        else:
+            self._ack(sid, ev.flow_controlled_length)
+
+    def _on_stream_ended(self, ev: h2.events.StreamEnded) -> None:
+        conn = self._by_stream.get(ev.stream_id)
+        if conn is not None:
+            conn.client_eof()
+            return
+        pair = self._pending_by_stream.get(ev.stream_id)
+        if pair is not None and ev.stream_id == pair.data_id:
+            pair.held.append(ev)
+
+    def _on_reset(self, ev: h2.events.StreamReset) -> None:
+        sid = ev.stream_id
+        self._outbound.pop(sid, None)
+        conn = self._by_stream.get(sid)
+        if conn is not None:
+            channel = conn.channel
+            if isinstance(channel, _H2Channel):
+                channel.data_closed = True
+            conn.client_reset()
+            return
+        pair = self._pending_by_stream.pop(sid, None)
+        if pair is not None:
+            self._pending.pop(pair.request_id, None)
+            if pair.timer is not None:
+                pair.timer.cancel()
+            other = pair.error_id if sid == pair.data_id else pair.data_id
+            self._pending_by_stream.pop(other, None)
+            if other == pair.error_id and other:
+                self.queue_eof(other)
+            elif other:
+                self.reset(other, ErrorCodes.CANCEL)
+
+    def _on_window_updated(self, ev: h2.events.WindowUpdated) -> None:
+        if self._outbound:
+            self._window_opened(ev.stream_id)
+
+    def _on_settings_changed(self, ev: h2.events.RemoteSettingsChanged) -> None:
+        if self._outbound:
+            self._window_opened(0)
+
+    def _on_terminated(self, ev: h2.events.ConnectionTerminated) -> None:
+        log.debug("h2 sandbox=%s: client sent GOAWAY (%s)", self._sandbox_id, ev.error_code)
+        self._goaway_sent = True  # h2 sends nothing more after a GOAWAY either way
+        self.close("client sent GOAWAY")
+
+    # --- per-stream backpressure -------------------------------------------------------
+    def pause_client_reading(self, key: object) -> None:
+        """A pod socket is congested: withhold its stream's window, not the connection."""
+        self._congested.add(key)
+
+    def resume_client_reading(self, key: object) -> None:
+        if key not in self._congested:
+            return
+        self._congested.discard(key)
+        channel = getattr(key, "channel", None)
+        if isinstance(channel, _H2Channel):
+            self._ack(channel.data_id, self._held_acks.pop(channel.data_id, 0))
+            if not self._closed:
+                self.flush()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        for conn in list(self.connections):
+            channel = conn.channel
+            if not (isinstance(channel, _H2Channel) and channel.data_id in self._outbound):
+                conn.resume_pod_reading()
+
+    def connection_finished(self, conn: ForwardedConnection) -> None:
+        super().connection_finished(conn)
+        channel = conn.channel
+        if isinstance(channel, _H2Channel):
+            self._by_stream.pop(channel.data_id, None)
+            self._live_requests.pop(channel.request_id, None)
+            self._ack(channel.data_id, self._held_acks.pop(channel.data_id, 0))
+
+    # --- idle timeout, draining and closing --------------------------------------------
+    def _arm_idle_timer(self) -> None:
+        if self.idle_timeout > 0 and not self._closed:
+            self._idle_timer = asyncio.get_running_loop().call_later(
+                self.idle_timeout, self._check_idle)
+
+    def _check_idle(self) -> None:
+        if self._closed:
+            return
+        idle_for = time.monotonic() - self.last_activity
+        if idle_for >= self.idle_timeout:
+            log.info("h2 sandbox=%s: idle for %.0fs, closing session", self._sandbox_id,
+                     idle_for)
+            self._send_goaway(ErrorCodes.NO_ERROR)
+            self.close("idle timeout")
+            return
+        self._idle_timer = asyncio.get_running_loop().call_later(
+            self.idle_timeout - idle_for, self._check_idle)
+
+    def _send_goaway(self, code: ErrorCodes) -> None:
+        """GOAWAY written beside h2, whose state machine would refuse every later frame
+        on live streams once it sent one itself."""
+        if self._goaway_sent or self._closed:
+            return
+        self._goaway_sent = True
+        self.flush()
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = self.codec.highest_inbound_stream_id
+        frame.error_code = code
+        self._write(frame.serialize())
+
+    def drain(self) -> None:
+        """Server shutting down: no new streams; live ones may finish."""
+        self._send_goaway(ErrorCodes.NO_ERROR)
+
+    def close(self, reason: str) -> None:
+        if self._closed:
+            return
+        self.close_connections(reason)
+        for pair in self._pending.values():
+            if pair.timer is not None:
+                pair.timer.cancel()
+        self._pending.clear()
+        self._pending_by_stream.clear()
+        if not self._goaway_sent:
+            self._send_goaway(ErrorCodes.NO_ERROR)
+        self.flush()
+        self._closed = True
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        self._close()
+        if self.on_closed is not None:
+            self.on_closed()
+
+    def connection_lost(self) -> None:
+        """The client's transport is gone: end every forwarded connection."""
+        if self._closed:
+            return
+        self._closed = True
+        self.close_connections("client connection lost")
+        for pair in self._pending.values():
+            if pair.timer is not None:
+                pair.timer.cancel()
+        self._pending.clear()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        if self.on_closed is not None:
+            self.on_closed()
+
+
+_HANDLERS = {
+    h2.events.RequestReceived: H2PortForwardSession._on_request,
+    h2.events.DataReceived: H2PortForwardSession._on_data,
+    h2.events.StreamEnded: H2PortForwardSession._on_stream_ended,
+    h2.events.StreamReset: H2PortForwardSession._on_reset,
+    h2.events.WindowUpdated: H2PortForwardSession._on_window_updated,
+    h2.events.RemoteSettingsChanged: H2PortForwardSession._on_settings_changed,
+    h2.events.ConnectionTerminated: H2PortForwardSession._on_terminated,
+}
+_QUEUED_WHILE_ADMITTING = (h2.events.RequestReceived, h2.events.DataReceived,
+                           h2.events.StreamEnded, h2.events.StreamReset)
+
+
+class H2TransportProtocol(asyncio.Protocol):
+    """asyncio glue: a TCP (or TLS) transport carrying HTTP/2."""
+
+    def __init__(self, session: H2PortForwardSession, transport: asyncio.Transport) -> None:
+        self.session = session
+        self.transport = transport
+        session.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.session.receive(data)
+
+    def eof_received(self) -> bool:
+        self.session.close("client closed the connection")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.session.connection_lost()
+
+    def pause_writing(self) -> None:
+        self.session.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.session.resume_writing()
+
+
+def start_upgrade(server: StreamServer, transport: asyncio.Transport, request: Request,
+                  sandbox: Sandbox, rest: bytes) -> None:
+    """`Upgrade: h2c`: the request's path already redeemed the token."""
+    from crishim.stream.server import HttpError
+
+    values = request.header_values("http2-settings")
+    if len(values) != 1:
+        raise HttpError(400, "Upgrade: h2c needs exactly one HTTP2-Settings header")
+    try:
+        settings = _settings_header(values[0])
+    except (binascii.Error, ValueError, UnicodeError):
+        raise HttpError(400, "HTTP2-Settings is not base64url") from None
+    session = H2PortForwardSession(server, sandbox, request.path, transport.write,
+                                   transport.close)
+    try:
+        session.codec.initiate_upgrade_connection(settings)
+    except (h2.exceptions.ProtocolError, HyperframeError, ValueError) as e:
+        raise HttpError(400, f"HTTP2-Settings: {e}") from None
+    transport.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                    b"Upgrade: h2c\r\n\r\n")
+    _adopt(server, transport, session, rest, upgraded=True)
+
+
+def start_prior_knowledge(server: StreamServer, transport: asyncio.Transport,
+                          data: bytes) -> None:
+    """The connection began with the HTTP/2 preface (h2c, or TLS with ALPN h2)."""
+    over_limit = len(server.sessions) >= server.max_sessions
+    session = H2PortForwardSession(server, None, None, transport.write, transport.close,
+                                   over_limit=over_limit)
+    _adopt(server, transport, session, data)
+
+
+def _adopt(server: StreamServer, transport: asyncio.Transport, session: H2PortForwardSession,
+           rest: bytes, **start_kw) -> None:
+    """StreamServer.adopt, with the session's own start arguments."""
+    session.on_closed = server.add_session(session)
+    transport.set_write_buffer_limits(high=4 * server.ctx.buffer_size)
+    protocol = H2TransportProtocol(session, transport)
+    transport.set_protocol(protocol)
+    session.start(**start_kw)
+    if rest:
+        protocol.data_received(bytes(rest))
+    if not transport.is_closing():
+        transport.resume_reading()
+    log.debug("h2 connection started: sandbox=%s", session._sandbox_id)

@@ -1,0 +1,384 @@
+"""HTTP/2 port-forward end to end: a real `crishim serve`, the real pod netns, and a client
+on the `h2` library over a real socket, by h2c prior knowledge, Upgrade: h2c and TLS+ALPN."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import socket
+import ssl
+import time
+from urllib.parse import urlsplit
+
+import pytest
+
+from crishim.stream.tls import self_signed
+from tests.conftest import SANDBOX
+from tests.crishim_proc import CrishimProcess
+from tests.h2_pf_client import H2Client, UpgradeRefused
+from tests.podnet import (
+    CLOSED_PORT,
+    ECHO_PORT,
+    HTTP_BODY,
+    HTTP_PORT,
+    RESET_PORT,
+    SINK_PORT,
+    SOURCE_PORT,
+    source_bytes,
+)
+
+MiB = 1 << 20
+CANCEL = 8
+MODES = ["prior", "upgrade", "tls"]
+
+
+def run(coro, timeout: float = 180):
+    async def bounded():
+        return await asyncio.wait_for(coro, timeout)
+    return asyncio.run(bounded())
+
+
+@pytest.fixture(scope="module")
+def tls_crishim(podnet):
+    """A crishim serving TLS with a self-signed certificate made at start."""
+    proc = CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}", "--enable-tls-streaming",
+                          "--stream-creation-timeout", "5s")
+    with proc:
+        yield proc
+
+
+@pytest.fixture(params=MODES)
+def h2_server(request, crishim, tls_crishim):
+    """(crishim process, mode): the same tests by each way onto HTTP/2."""
+    return (tls_crishim if request.param == "tls" else crishim), request.param
+
+
+async def _client(proc: CrishimProcess, mode: str) -> H2Client:
+    return await H2Client.connect(proc.port_forward_url(SANDBOX), mode)
+
+
+async def _echo(client: H2Client, payload: bytes) -> bytes:
+    fwd = await client.forward(ECHO_PORT)
+    await fwd.write(payload, end_stream=True)
+    got = await fwd.read_all()
+    assert fwd.data.reset_code is None
+    assert await fwd.error_text() == ""
+    return got
+
+
+def test_url_scheme_is_https_with_tls(tls_crishim):
+    assert tls_crishim.port_forward_url(SANDBOX).startswith("https://127.0.0.1:")
+
+
+def test_http_get_through_the_forward(h2_server):
+    proc, mode = h2_server
+
+    async def go():
+        client = await _client(proc, mode)
+        fwd = await client.forward(HTTP_PORT)
+        await fwd.write(b"GET / HTTP/1.1\r\nHost: pod\r\n\r\n", end_stream=True)
+        body = await fwd.read_all()
+        assert body.startswith(b"HTTP/1.1 200 OK")
+        assert body.endswith(HTTP_BODY)
+        assert fwd.data.remote_ended and fwd.data.reset_code is None
+        assert await fwd.error_text() == ""
+        if mode == "upgrade":  # stream 1, the upgrade request, is answered and empty
+            assert client.streams[1].status == 200 and client.streams[1].body() == b""
+        await client.close()
+    run(go())
+
+
+def test_64mib_up_to_sink(h2_server):
+    proc, mode = h2_server
+    payload = source_bytes(64 * MiB)
+
+    async def go():
+        client = await _client(proc, mode)
+        fwd = await client.forward(SINK_PORT)
+        await fwd.write(payload, end_stream=True)
+        answer = (await fwd.read_all()).decode()
+        assert answer == f"{len(payload)} {hashlib.sha256(payload).hexdigest()}\n"
+        assert await fwd.error_text() == ""
+        await client.close()
+    run(go())
+
+
+def test_64mib_down_from_source(h2_server):
+    proc, mode = h2_server
+    size = 64 * MiB
+
+    async def go():
+        client = await _client(proc, mode)
+        fwd = await client.forward(SOURCE_PORT)
+        await fwd.write(b"%d\n" % size)
+        got = await fwd.read_all()
+        assert len(got) == size
+        assert hashlib.sha256(got).digest() == hashlib.sha256(source_bytes(size)).digest()
+        assert fwd.data.remote_ended and fwd.data.reset_code is None
+        await fwd.close_write()
+        assert await fwd.error_text() == ""
+        await client.close()
+    run(go())
+
+
+def test_100_concurrent_streams_on_one_connection(h2_server):
+    proc, mode = h2_server
+
+    async def go():
+        client = await _client(proc, mode)
+        payloads = [os.urandom(1000 + 997 * i) for i in range(100)]
+        results = await asyncio.gather(*(_echo(client, p) for p in payloads))
+        assert results == payloads
+        await client.close()
+    run(go())
+
+
+def test_half_close_echo(h2_server):
+    proc, mode = h2_server
+
+    async def go():
+        client = await _client(proc, mode)
+        fwd = await client.forward(ECHO_PORT)
+        await fwd.write(b"first ")
+        assert (await fwd.read_until(b"first ")).endswith(b"first ")
+        await fwd.write(b"last", end_stream=True)  # half-close: the echo still answers
+        assert await fwd.read_all() == b"first last"
+        assert fwd.data.remote_ended and fwd.data.reset_code is None
+        assert await fwd.error_text() == ""
+        await client.close()
+    run(go())
+
+
+def test_reset_from_pod_ends_only_that_stream(h2_server):
+    proc, mode = h2_server
+
+    async def go():
+        client = await _client(proc, mode)
+        fwd = await client.forward(RESET_PORT)
+        await fwd.write(b"provoke")
+        await fwd.read_all()
+        assert fwd.data.reset_code == CANCEL
+        assert await fwd.error_text() == ""  # quiet: text would end a client-go session
+        assert await _echo(client, b"still alive") == b"still alive"
+        await client.close()
+    run(go())
+
+
+def test_closed_port_ends_only_that_stream(h2_server):
+    proc, mode = h2_server
+
+    async def go():
+        client = await _client(proc, mode)
+        fwd = await client.forward(CLOSED_PORT)
+        await fwd.read_all()
+        assert fwd.data.reset_code == CANCEL
+        assert await fwd.error_text() == ""
+        assert await _echo(client, b"next one") == b"next one"
+        await client.close()
+    run(go())
+
+
+def test_client_reset_ends_the_pod_connection_only(crishim):
+    async def go():
+        client = await _client(crishim, "prior")
+        fwd = await client.forward(SOURCE_PORT)
+        await fwd.write(b"%d\n" % (64 * MiB))
+        await fwd.read_until(b"x" * 0, 5)
+        fwd.reset()
+        assert await fwd.error_text() == ""
+        assert await _echo(client, b"after reset") == b"after reset"
+        await client.close()
+    run(go())
+
+
+def test_malformed_http2_gets_goaway_and_harms_nothing_else(crishim):
+    async def go():
+        bystander = await _client(crishim, "prior")
+        keep = await bystander.forward(ECHO_PORT)
+        await keep.write(b"before ")
+        victim = await _client(crishim, "prior")
+        assert await _echo(victim, b"ok") == b"ok"
+        victim_fwd = await victim.forward(ECHO_PORT)
+        # DATA on stream 0 is a connection error of type PROTOCOL_ERROR (RFC 9113 6.1)
+        victim.write_raw(b"\x00\x00\x05\x00\x00\x00\x00\x00\x00hello")
+        await asyncio.wait_for(victim.closed.wait(), 10)
+        assert victim.terminated is not None
+        assert victim.terminated.error_code == 1  # PROTOCOL_ERROR
+        assert victim_fwd.data.ended.is_set()
+        await keep.write(b"after", end_stream=True)
+        assert await keep.read_all() == b"before after"
+        fresh = await _client(crishim, "prior")
+        assert await _echo(fresh, b"fresh") == b"fresh"
+        await fresh.close()
+        await bystander.close()
+    run(go())
+
+
+def test_garbage_after_preface_gets_goaway(crishim):
+    async def go():
+        u = urlsplit(crishim.port_forward_url(SANDBOX))
+        reader, writer = await asyncio.open_connection(u.hostname, u.port)
+        # a SETTINGS frame whose length is not a multiple of 6: FRAME_SIZE_ERROR
+        writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x05\x04\x00\x00\x00\x00\x00"
+                     + b"12345")
+        data = b""
+        while True:
+            chunk = await asyncio.wait_for(reader.read(65536), 10)
+            if not chunk:
+                break
+            data += chunk
+        writer.close()
+        frames = _frames(data)
+        goaways = [payload for ftype, _, payload in frames if ftype == 7]
+        assert goaways, frames
+        assert int.from_bytes(goaways[-1][4:8], "big") == 6  # FRAME_SIZE_ERROR
+    run(go())
+
+
+def _frames(data: bytes) -> list[tuple[int, int, bytes]]:
+    out, pos = [], 0
+    while pos + 9 <= len(data):
+        length = int.from_bytes(data[pos:pos + 3], "big")
+        out.append((data[pos + 3], int.from_bytes(data[pos + 5:pos + 9], "big") & 0x7FFFFFFF,
+                    data[pos + 9:pos + 9 + length]))
+        pos += 9 + length
+    return out
+
+
+def test_bad_token_on_first_stream_is_404_and_closes(h2_server):
+    proc, mode = h2_server
+    base = proc.port_forward_url(SANDBOX).rsplit("/", 1)[0]
+
+    async def go():
+        if mode == "upgrade":  # the upgrade request itself carries the token
+            with pytest.raises(UpgradeRefused) as e:
+                await H2Client.connect(base + "/AAAAAAAAAAAAAAAAAAAAAA", mode)
+            assert e.value.head.startswith("HTTP/1.1 404")
+            return
+        client = await H2Client.connect(base + "/AAAAAAAAAAAAAAAAAAAAAA", mode)
+        sid = client.open_stream(client.request_headers(streamtype="error", port="9000",
+                                                        requestid="1"), end_stream=True)
+        await asyncio.wait_for(client.streams[sid].ended.wait(), 10)
+        assert client.streams[sid].status == 404
+        assert b"token" in client.streams[sid].body()
+        await asyncio.wait_for(client.closed.wait(), 10)
+        await client.close()
+    run(go())
+
+
+def test_token_holds_for_its_connection_only(crishim):
+    async def go():
+        url = crishim.port_forward_url(SANDBOX)
+        first = await H2Client.connect(url, "prior")
+        assert await _echo(first, b"one") == b"one"
+        second = await H2Client.connect(url, "prior")  # same token, another connection
+        sid = second.open_stream(second.request_headers(streamtype="error", port="9000",
+                                                        requestid="1"), end_stream=True)
+        await asyncio.wait_for(second.streams[sid].ended.wait(), 10)
+        assert second.streams[sid].status == 404
+        other = crishim.port_forward_url(SANDBOX).rsplit("/", 1)[1]
+        sid = first.open_stream([(":method", "POST"), (":scheme", "http"),
+                                 (":authority", "x"), (":path", f"/portforward/{other}"),
+                                 ("streamtype", "data"), ("port", "9000")])
+        await asyncio.wait_for(first.streams[sid].ended.wait(), 10)
+        assert first.streams[sid].status == 404
+        assert await _echo(first, b"two") == b"two"
+        await first.close()
+        await second.close()
+    run(go())
+
+
+def test_bad_stream_headers_refused_and_session_lives(crishim):
+    async def go():
+        client = await _client(crishim, "prior")
+        for extra in ({"streamtype": "data", "port": "0"},
+                      {"streamtype": "data", "port": "http"},
+                      {"streamtype": "bogus", "port": "9000"},
+                      {"port": "9000"}):
+            sid = client.open_stream(client.request_headers(**extra))
+            await asyncio.wait_for(client.streams[sid].ended.wait(), 10)
+            assert client.streams[sid].status == 400, extra
+        fwd = await client.forward(ECHO_PORT, request_id="dup")
+        sid = client.open_stream(client.request_headers(streamtype="data", port="9000",
+                                                        requestid="dup"))
+        await asyncio.wait_for(client.streams[sid].ended.wait(), 10)
+        assert client.streams[sid].status == 400
+        assert b"second data stream" in client.streams[sid].body()
+        await fwd.write(b"dup ok", end_stream=True)
+        assert await fwd.read_all() == b"dup ok"
+        await client.close()
+    run(go())
+
+
+def test_unpaired_data_stream_times_out_alone(crishim):
+    async def go():
+        client = await _client(crishim, "prior")
+        lonely = client.open_stream(client.request_headers(streamtype="data", port="9000",
+                                                           requestid="lonely"))
+        assert await _echo(client, b"meanwhile") == b"meanwhile"
+        await asyncio.wait_for(client.streams[lonely].ended.wait(), 15)
+        assert client.streams[lonely].reset_code == CANCEL
+        await client.close()
+    run(go())
+
+
+# --- TLS certificate reload ---------------------------------------------------------------
+def _write_pair(d: str, cert: bytes, key: bytes) -> None:
+    for name, data in (("tls.crt", cert), ("tls.key", key)):
+        tmp = os.path.join(d, name + ".new")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, os.path.join(d, name))
+
+
+def _peer_cert(host: str, port: int) -> bytes:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with socket.create_connection((host, port), timeout=10) as raw:
+        with ctx.wrap_socket(raw) as s:
+            return s.getpeercert(binary_form=True)
+
+
+def _pem_to_der(pem: bytes) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(pem.decode())
+
+
+def test_certificate_reload_keeps_sessions(podnet, tmp_path):
+    cert1, key1, _ = self_signed(["127.0.0.1"])
+    cert2, key2, _ = self_signed(["127.0.0.1"])
+    d = str(tmp_path)
+    _write_pair(d, cert1, key1)
+    proc = CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}",
+                          "--tls-cert-file", os.path.join(d, "tls.crt"),
+                          "--tls-key-file", os.path.join(d, "tls.key"))
+
+    async def go():
+        url = proc.port_forward_url(SANDBOX)
+        u = urlsplit(url)
+        assert url.startswith("https://")
+        live = await H2Client.connect(url, "tls")
+        live_cert = live.writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        assert live_cert == _pem_to_der(cert1)
+        assert await _echo(live, b"before") == b"before"
+        _write_pair(d, cert2, key2)
+        deadline = time.monotonic() + 20
+        seen = _peer_cert(u.hostname, u.port)
+        while seen != _pem_to_der(cert2) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            seen = _peer_cert(u.hostname, u.port)
+        assert seen == _pem_to_der(cert2), "new handshakes never saw the new certificate"
+        assert await _echo(live, b"after reload") == b"after reload"  # same session
+        fresh = await H2Client.connect(proc.port_forward_url(SANDBOX), "tls")
+        assert fresh.writer.get_extra_info("ssl_object").getpeercert(
+            binary_form=True) == _pem_to_der(cert2)
+        assert await _echo(fresh, b"new cert") == b"new cert"
+        await fresh.close()
+        await live.close()
+
+    with proc:
+        run(go())
+        assert "reloaded certificate" in proc.log()
+    shutil.rmtree(proc.dir, ignore_errors=True)
