@@ -1,0 +1,322 @@
+"""Port-forward benchmark: throughput and connection latency through crishim, beside direct
+TCP inside the same netns, measured in one run and printed as ratios.
+
+    python3 -m benchmarks.portforward [--size-mib 256] [--trials 200] [--conns 1000]
+
+Paths measured (each that works on this machine):
+  direct             a socket created inside the sandbox netns, straight to the server
+  kubectl-1.27/spdy  kubectl 1.27 -> API server/kubelet stand-in -> crishim (SPDY/3.1)
+  kubectl-1.33/...   kubectl 1.33 (SPDY over WebSocket, or SPDY if that is refused)
+  crishim/<t>        `crishim port-forward --transport <t>` (spdy, h2, websocket,
+                     spdy-over-websocket)
+Then 1,000 concurrent idle connections on one session (server memory per connection) and
+token issue+redeem cost with 0 and 10,000 outstanding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+from crishim.netns import create_named_netns, delete_named_netns, open_netns, socket_in_netns
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from benchmarks.peer import ECHO, SINK, SOURCE  # noqa: E402
+from tests.crishim_proc import CrishimProcess  # noqa: E402
+from tests.standin import KubeStandIn, run_kubectl_port_forward  # noqa: E402
+
+KUBECTL = "/usr/lib/google-cloud-sdk/bin/kubectl.{}"
+NETNS = f"crishim-bench-{os.getpid()}"
+CHUNK = 1 << 20
+
+
+class Direct:
+    """Connections made from inside the netns: the baseline."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def connect(self, port: int) -> socket.socket:
+        fd = open_netns(self.path)
+        try:
+            s = socket_in_netns(fd, socket.AF_INET)
+        finally:
+            os.close(fd)
+        s.setblocking(True)
+        s.connect(("127.0.0.1", port))
+        return s
+
+
+class Local:
+    """Connections to a forward's local listener."""
+
+    def __init__(self, ports: dict[int, int]) -> None:
+        self.ports = ports
+
+    def connect(self, port: int) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.ports[port]))
+
+
+def _nodelay(s: socket.socket) -> socket.socket:
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s.settimeout(120)
+    return s
+
+
+def upload(path, size: int) -> float:
+    block = memoryview(bytes(CHUNK))
+    s = _nodelay(path.connect(SINK))
+    t0 = time.perf_counter()
+    left = size
+    while left:
+        n = min(left, CHUNK)
+        s.sendall(block[:n])
+        left -= n
+    s.shutdown(socket.SHUT_WR)
+    answer = b""
+    while not answer.endswith(b"\n"):
+        data = s.recv(64)
+        if not data:
+            break
+        answer += data
+    dt = time.perf_counter() - t0
+    s.close()
+    if int(answer or 0) != size:
+        raise RuntimeError(f"sink counted {answer!r}, sent {size}")
+    return size / dt / 1e6
+
+
+def download(path, size: int) -> float:
+    buf = bytearray(CHUNK)
+    s = _nodelay(path.connect(SOURCE))
+    t0 = time.perf_counter()
+    s.sendall(b"%d\n" % size)
+    got = 0
+    while True:
+        n = s.recv_into(buf)
+        if not n:
+            break
+        got += n
+    dt = time.perf_counter() - t0
+    s.close()
+    if got != size:
+        raise RuntimeError(f"received {got} of {size}")
+    return size / dt / 1e6
+
+
+def latency(path, trials: int) -> tuple[float, float]:
+    """Connect, send one byte, get it echoed: median and p99 in ms."""
+    samples = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        s = path.connect(ECHO)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(b"x")
+        if s.recv(1) != b"x":
+            raise RuntimeError("echo failed")
+        samples.append((time.perf_counter() - t0) * 1000)
+        s.close()
+    samples.sort()
+    return statistics.median(samples), samples[min(len(samples) - 1, int(len(samples) * 0.99))]
+
+
+def measure(name: str, path, args, rows: list) -> None:
+    try:
+        latency(path, 5)  # warm up
+        up = max(upload(path, args.size) for _ in range(args.repeat))
+        down = max(download(path, args.size) for _ in range(args.repeat))
+        med, p99 = latency(path, args.trials)
+        rows.append((name, up, down, med, p99, ""))
+    except Exception as e:  # one broken path is reported, the others still run
+        rows.append((name, 0.0, 0.0, 0.0, 0.0, f"failed: {e}"))
+    print(f"  measured {name}", file=sys.stderr, flush=True)
+
+
+class CrishimPortForward:
+    def __init__(self, crishim: CrishimProcess, transport: str, sandbox: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "crishim", "port-forward", sandbox,
+             f"0:{SINK}", f"0:{SOURCE}", f"0:{ECHO}", "--transport", transport,
+             "--runtime-endpoint", "unix://" + crishim.socket, "--address", "127.0.0.1"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.ports: dict[int, int] = {}
+        self.lines: list[str] = []
+        deadline = time.monotonic() + 20
+        while len(self.ports) < 3 and time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            if line.startswith("Forwarding from 127.0.0.1:"):
+                local, remote = line.split("127.0.0.1:", 1)[1].split(" -> ")
+                self.ports[int(remote)] = int(local)
+        if len(self.ports) < 3:
+            self.close()
+            raise RuntimeError("crishim port-forward did not start: " + "".join(self.lines))
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def concurrency(crishim: CrishimProcess, sandbox: str, conns: int) -> str:
+    """conns connections open at once through one crishim port-forward session; all echo;
+    the server's memory growth per idle connection."""
+    pf = CrishimPortForward(crishim, "spdy", sandbox)
+    socks = []
+    try:
+        warm = [socket.create_connection(("127.0.0.1", pf.ports[ECHO])) for _ in range(10)]
+        for s in warm:
+            s.sendall(b"w")
+            s.recv(1)
+            s.close()
+        time.sleep(0.5)
+        before = rss_kib(crishim.proc.pid)
+        errors = 0
+        for _ in range(conns):
+            s = socket.create_connection(("127.0.0.1", pf.ports[ECHO]), timeout=30)
+            socks.append(s)
+        for i, s in enumerate(socks):
+            msg = b"%d\n" % i
+            s.sendall(msg)
+            got = b""
+            while len(got) < len(msg):
+                data = s.recv(64)
+                if not data:
+                    break
+                got += data
+            errors += got != msg
+        time.sleep(0.5)
+        after = rss_kib(crishim.proc.pid)
+        per = (after - before) / conns
+        verdict = "OK" if errors == 0 and per < 64 else "MISSED"
+        return (f"{conns} concurrent connections on one SPDY session: {errors} errors; server "
+                f"RSS {before} -> {after} KiB = {per:.1f} KiB per idle connection "
+                f"(target < 64 KiB) {verdict}")
+    finally:
+        for s in socks:
+            s.close()
+        pf.close()
+
+
+def tokens_cost() -> str:
+    from crishim.tokens import StreamRequest, TokenStore
+
+    def cost(outstanding: int) -> float:
+        store = TokenStore(max_outstanding=outstanding + 10_000)
+        for _ in range(outstanding):
+            store.issue(StreamRequest("sb"))
+        req = StreamRequest("sb")
+        n = 20_000
+        t0 = time.perf_counter()
+        for _ in range(n):
+            store.redeem(store.issue(req))
+        return (time.perf_counter() - t0) / n * 1e6
+
+    empty, full = min(cost(0) for _ in range(3)), min(cost(10_000) for _ in range(3))
+    return (f"token issue+redeem: {empty:.2f} us with 0 outstanding, {full:.2f} us with 10,000 "
+            f"outstanding: ratio {full / empty:.2f} (constant time: ~1.0)")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-mib", type=int, default=256)
+    ap.add_argument("--repeat", type=int, default=2, help="best of N transfers per direction")
+    ap.add_argument("--trials", type=int, default=200, help="latency samples per path")
+    ap.add_argument("--conns", type=int, default=1000)
+    ap.add_argument("--only", default="", help="comma list of path name prefixes")
+    args = ap.parse_args()
+    args.size = args.size_mib << 20
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
+
+    netns = create_named_netns(NETNS)
+    peer = subprocess.Popen([sys.executable, "-m", "benchmarks.peer", netns], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    rows: list = []
+    extra: list[str] = []
+    try:
+        assert peer.stdout.readline().strip() == "ready"
+        with CrishimProcess("--sandboxes", f"bench={netns}", "--log-level", "warning") as cs:
+            wanted = lambda name: not args.only or any(  # noqa: E731
+                name.startswith(p) for p in args.only.split(","))
+            measure("direct", Direct(netns), args, rows)
+            with KubeStandIn({"bench": "bench"},
+                             lambda sid, ports: cs.port_forward_url(sid, ports)) as api:
+                for version in ("1.27", "1.33"):
+                    name = f"kubectl-{version}"
+                    if not wanted(name):
+                        continue
+                    specs = [f"0:{p}" for p in (SINK, SOURCE, ECHO)]
+                    with run_kubectl_port_forward(KUBECTL.format(version), api.server_url,
+                                                  "bench", specs) as kc:
+                        kinds = sorted({u.transport for u in api.upgrades})
+                        api.upgrades.clear()
+                        measure(f"{name}/{'+'.join(kinds)}", Local(kc.local_ports), args, rows)
+            for transport in ("spdy", "h2", "spdy-over-websocket", "websocket"):
+                name = f"crishim/{transport}"
+                if not wanted(name):
+                    continue
+                if transport == "websocket":
+                    extra.append("crishim/websocket: one WebSocket session per connection "
+                                 "(the channel protocol fixes ports per session)")
+                try:
+                    pf = CrishimPortForward(cs, transport, "bench")
+                except RuntimeError as e:
+                    rows.append((name, 0, 0, 0, 0, f"failed: {e}"))
+                    continue
+                try:
+                    measure(name, Local(pf.ports), args, rows)
+                finally:
+                    pf.close()
+            if wanted("concurrency"):
+                extra.append(concurrency(cs, "bench", args.conns))
+            extra.append(tokens_cost())
+    finally:
+        peer.terminate()
+        peer.wait(10)
+        delete_named_netns(NETNS)
+
+    base = rows[0]
+    print(f"\nport-forward benchmark: {args.size_mib} MiB per transfer (best of {args.repeat}), "
+          f"{args.trials} latency samples; ratios to direct TCP in the same netns\n")
+    print(f"{'path':34} {'up MB/s':>9} {'ratio':>6} {'down MB/s':>10} {'ratio':>6} "
+          f"{'1st byte ms':>12} {'p99 ms':>7} {'x direct':>8}")
+    for name, up, down, med, p99, note in rows:
+        if note:
+            print(f"{name:34} {note}")
+            continue
+        print(f"{name:34} {up:9.0f} {up / base[1]:6.1%} {down:10.0f} {down / base[2]:6.1%} "
+              f"{med:12.3f} {p99:7.3f} {med / base[3]:8.1f}")
+    print()
+    for line in extra:
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
