@@ -92,7 +92,8 @@ async def dial_localhost(netns_path: str | None, port: int, pod_ip: str = "") ->
                 await loop.sock_connect(sock, (host, port))
             except OSError as e:
                 sock.close()
-                reasons.append(f"{host}: {e.strerror or e}")
+                # uvloop raises OSError(errno, "Connect call failed ...") with no strerror
+                reasons.append(f"{host}: {e.strerror or (os.strerror(e.errno) if e.errno else e)}")
                 if e.errno in (errno.ECONNREFUSED, errno.EADDRNOTAVAIL, errno.ENETUNREACH,
                                errno.EAFNOSUPPORT, errno.EHOSTUNREACH):
                     continue
