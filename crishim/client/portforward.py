@@ -262,6 +262,8 @@ class PortForwarder:
             pipe.local.resume_reading()
 
     def connection_failed(self, pipe: _Pipe, exc: ForwardError) -> None:
+        if self.finished is None or self.finished.done():
+            return  # shutting down: the session's end is not a connection's failure
         message = f"error forwarding port {pipe.local_port} -> {pipe.spec.remote}: {exc}"
         if exc.fatal:
             # client-go ends the session on error-stream text; so do we, with its message.

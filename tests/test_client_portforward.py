@@ -1,0 +1,335 @@
+"""`crishim port-forward` as a user runs it: the real CLI as a subprocess against a real
+`crishim serve`, real sockets on the host, real servers in the pod netns."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from tests.conftest import SANDBOX
+from tests.podnet import (ECHO_PORT, HTTP_BODY, HTTP_PORT, RESET_PORT, SINK_PORT, SOURCE_PORT,
+                          source_bytes)
+
+TRANSPORTS = ["spdy", "websocket", "spdy-over-websocket", "h2"]
+MIB8 = 8 << 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with socket.socket(socket.AF_INET6) as s:  # and free on ::1 too, or pick again
+        try:
+            s.bind(("::1", port))
+        except OSError:
+            return free_port()
+    return port
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+class PortForwardCLI:
+    def __init__(self, crishim, *specs: str, transport: str = "spdy", extra=()) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "crishim", "port-forward", SANDBOX, *specs,
+             "--runtime-endpoint", f"unix://{crishim.socket}", "--transport", transport,
+             *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout, True),
+                         daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr, False),
+                         daemon=True).start()
+
+    def _pump(self, pipe, into: list[str], queue_it: bool) -> None:
+        for line in pipe:
+            into.append(line.rstrip("\n"))
+            if queue_it:
+                self.lines.put(line.rstrip("\n"))
+
+    def read_lines(self, n: int, timeout: float = 20.0) -> list[str]:
+        out = []
+        deadline = time.monotonic() + timeout
+        while len(out) < n:
+            try:
+                out.append(self.lines.get(timeout=max(0.01, deadline - time.monotonic())))
+            except queue.Empty:
+                raise AssertionError(f"got {out} then nothing; stderr: {self.stderr}, "
+                                     f"exit {self.proc.poll()}") from None
+        return out
+
+    def forwarding(self, n_specs: int) -> list[str]:
+        return self.read_lines(n_specs * (2 if ipv6_loopback() else 1))
+
+    def wait_stderr(self, pattern: str, timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.stderr:
+                if re.search(pattern, line):
+                    return line
+            time.sleep(0.05)
+        raise AssertionError(f"no stderr line matching {pattern!r}: {self.stderr}")
+
+    def interrupt(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            return self.proc.wait(15)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> PortForwardCLI:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def expected_forwarding(local: int, remote: int) -> list[str]:
+    lines = [f"Forwarding from 127.0.0.1:{local} -> {remote}"]
+    if ipv6_loopback():
+        lines.append(f"Forwarding from [::1]:{local} -> {remote}")
+    return lines
+
+
+def http_get(host: str, port: int) -> bytes:
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: pod\r\n\r\n")
+        data = b""
+        while not data.endswith(HTTP_BODY):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+def echo(port: int, payload: bytes, host: str = "127.0.0.1") -> bytes:
+    with socket.create_connection((host, port), timeout=20) as s:
+        sender = threading.Thread(target=s.sendall, args=(payload,))
+        sender.start()
+        got = bytearray()
+        while len(got) < len(payload):
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                break
+            got += chunk
+        sender.join()
+    return bytes(got)
+
+
+def download(port: int, n: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        s.sendall(f"{n}\n".encode())
+        got = bytearray()
+        while True:
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                break
+            got += chunk
+    return bytes(got)
+
+
+def upload(port: int, payload: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        return s.recv(1000)
+
+
+# --------------------------------------------------------------------------- per transport
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_two_plain_specs_forward_same_numbered_ports(crishim, transport):
+    """The seeds' `5000 6000`: two specs, each local port equal to its remote port."""
+    for port in (HTTP_PORT, ECHO_PORT):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                pytest.skip(f"host port {port} is taken on this machine")
+    with PortForwardCLI(crishim, str(HTTP_PORT), str(ECHO_PORT), transport=transport) as cli:
+        assert cli.forwarding(2) == (expected_forwarding(HTTP_PORT, HTTP_PORT)
+                                     + expected_forwarding(ECHO_PORT, ECHO_PORT))
+        assert http_get("127.0.0.1", HTTP_PORT).endswith(HTTP_BODY)
+        if ipv6_loopback():
+            assert http_get("::1", HTTP_PORT).endswith(HTTP_BODY)
+        payload = os.urandom(1 << 20)
+        assert echo(ECHO_PORT, payload) == payload
+        handled = cli.read_lines(3 if ipv6_loopback() else 2)
+        assert sorted(handled) == sorted(
+            [f"Handling connection for {HTTP_PORT}"] * (2 if ipv6_loopback() else 1)
+            + [f"Handling connection for {ECHO_PORT}"])
+        assert cli.interrupt() == 0
+        assert not cli.stderr
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_local_colon_remote_moves_8_mib_both_ways_intact(crishim, transport):
+    """The seeds' `8888:5000`: SHA-256 of 8 MiB up (sink) and down (source)."""
+    source_local, other_local = free_port(), free_port()
+    remote_up = SINK_PORT if transport != "websocket" else ECHO_PORT
+    with PortForwardCLI(crishim, f"{source_local}:{SOURCE_PORT}", f"{other_local}:{remote_up}",
+                        transport=transport) as cli:
+        assert cli.forwarding(2) == (expected_forwarding(source_local, SOURCE_PORT)
+                                     + expected_forwarding(other_local, remote_up))
+        got = download(source_local, MIB8)
+        assert hashlib.sha256(got).hexdigest() == hashlib.sha256(source_bytes(MIB8)).hexdigest()
+        payload = os.urandom(MIB8)
+        if transport == "websocket":
+            # The channel protocol has no half-close: check the upload through the echo.
+            assert hashlib.sha256(echo(other_local, payload)).digest() == \
+                hashlib.sha256(payload).digest()
+        else:
+            answer = upload(other_local, payload)
+            assert answer == f"{MIB8} {hashlib.sha256(payload).hexdigest()}\n".encode()
+        assert cli.read_lines(2) == [f"Handling connection for {source_local}",
+                                     f"Handling connection for {other_local}"]
+        assert cli.interrupt() == 0
+
+
+@pytest.mark.parametrize("spec_prefix", [":", "0:"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_free_local_port_is_chosen_and_printed(crishim, transport, spec_prefix):
+    """The seeds' `:5000` and `0:5000`: one free port, the same on both listeners."""
+    with PortForwardCLI(crishim, f"{spec_prefix}{HTTP_PORT}", transport=transport) as cli:
+        lines = cli.forwarding(1)
+        m = re.fullmatch(r"Forwarding from 127\.0\.0\.1:(\d+) -> 8080", lines[0])
+        assert m, lines
+        local = int(m.group(1))
+        assert local != 0
+        assert lines == expected_forwarding(local, HTTP_PORT)
+        assert http_get("127.0.0.1", local).endswith(HTTP_BODY)
+        assert cli.read_lines(1) == [f"Handling connection for {local}"]
+        assert cli.interrupt() == 0
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_reset_from_pod_is_reported_and_next_connection_works(crishim, transport):
+    reset_local, http_local = free_port(), free_port()
+    with PortForwardCLI(crishim, f"{reset_local}:{RESET_PORT}", f"{http_local}:{HTTP_PORT}",
+                        transport=transport) as cli:
+        cli.forwarding(2)
+        with socket.create_connection(("127.0.0.1", reset_local), timeout=10) as s:
+            s.sendall(b"hello")
+            try:
+                assert s.recv(100) == b""
+            except ConnectionResetError:
+                pass
+        line = cli.wait_stderr(rf"error forwarding port {reset_local} -> {RESET_PORT}")
+        assert line.startswith("E"), line
+        assert cli.proc.poll() is None, "one failed connection must not end the session"
+        assert http_get("127.0.0.1", http_local).endswith(HTTP_BODY)
+        assert cli.interrupt() == 0
+        assert not any("Traceback" in line for line in cli.stderr)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_sigterm_ends_cleanly(crishim, transport):
+    with PortForwardCLI(crishim, f"{free_port()}:{HTTP_PORT}", transport=transport) as cli:
+        cli.forwarding(1)
+        cli.proc.send_signal(signal.SIGTERM)
+        assert cli.proc.wait(15) == 0
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "crishim", "port-forward", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_error_line(r: subprocess.CompletedProcess, pattern: str) -> None:
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize("spec,pattern", [
+    ("abc", r"invalid port spec 'abc'"),
+    ("1:2:3", r"invalid port spec"),
+    ("70000:80", r"local port 70000"),
+    ("5000:0", r"remote port 0"),
+    (":", r"invalid port spec"),
+])
+def test_bad_spec_is_one_line_and_nonzero(crishim, spec, pattern):
+    r = run_cli(SANDBOX, spec, "--runtime-endpoint", crishim.socket)
+    assert_one_error_line(r, pattern)
+    assert r.stdout == ""
+
+
+def test_local_port_in_use_is_one_line_and_nonzero(crishim):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        r = run_cli(SANDBOX, f"{port}:{HTTP_PORT}", "--runtime-endpoint", crishim.socket)
+    assert_one_error_line(r, rf"unable to listen on 127\.0\.0\.1:{port}: .*in use")
+
+
+def test_unreachable_endpoint_is_one_line_and_nonzero(tmp_path):
+    r = run_cli(SANDBOX, "8080", "--runtime-endpoint", f"unix://{tmp_path}/none.sock")
+    assert_one_error_line(r, rf"cannot reach the runtime at unix://{tmp_path}/none\.sock")
+
+
+def test_unknown_sandbox_is_one_line_and_nonzero(crishim):
+    r = run_cli("no-such-sandbox", "8080", "--runtime-endpoint", crishim.socket)
+    assert_one_error_line(r, r"sandbox 'no-such-sandbox' not found")
+
+
+def test_refused_upgrade_is_one_line_and_nonzero(tmp_path):
+    """A stream server that answers 403 (a runtime speaking another protocol)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+
+    def answer():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            body = b"no stream protocol in common\n"
+            conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: %d\r\n"
+                         b"Connection: close\r\n\r\n%s" % (len(body), body))
+
+    t = threading.Thread(target=answer, daemon=True)
+    t.start()
+    import asyncio
+
+    from crishim.client.session import UpgradeRefused, open_session
+
+    async def go():
+        with pytest.raises(UpgradeRefused) as e:
+            await open_session(f"http://127.0.0.1:{port}/portforward/x", "spdy")
+        return str(e.value)
+
+    message = asyncio.run(go())
+    listener.close()
+    assert message == "unable to upgrade connection: 403: no stream protocol in common"
