@@ -17,8 +17,15 @@ import time
 import pytest
 
 from tests.conftest import SANDBOX
-from tests.podnet import (ECHO_PORT, HTTP_BODY, HTTP_PORT, RESET_PORT, SINK_PORT, SOURCE_PORT,
-                          source_bytes)
+from tests.podnet import (
+    ECHO_PORT,
+    HTTP_BODY,
+    HTTP_PORT,
+    RESET_PORT,
+    SINK_PORT,
+    SOURCE_PORT,
+    source_bytes,
+)
 
 TRANSPORTS = ["spdy", "websocket", "spdy-over-websocket", "h2"]
 MIB8 = 8 << 20

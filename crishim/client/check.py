@@ -284,9 +284,9 @@ class Checker:
         writer.close()
         want = f"{len(data)} {hashlib.sha256(data).hexdigest()}"
         ok = line.decode().strip() == want
-        return ("pass" if ok else "fail"), (f"{len(data) >> 20} MiB up, sha256 "
-                                            f"{'matches' if ok else 'DIFFERS: ' + line[:80].decode()}"
-                                            f", {len(data) / secs / 1e6:.0f} MB/s")
+        verdict = "matches" if ok else "DIFFERS: " + line[:80].decode(errors="replace")
+        return ("pass" if ok else "fail"), (f"{len(data) >> 20} MiB up, sha256 {verdict}, "
+                                            f"{len(data) / secs / 1e6:.0f} MB/s")
 
     async def check_download(self):
         n = self.size
