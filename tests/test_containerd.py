@@ -53,9 +53,18 @@ class NetnsServers:
                                         name="netns-servers")
         self._thread.start()
         self._servers: list[asyncio.AbstractServer] = []
+        self._handlers: set[asyncio.Task] = set()
 
     def serve(self, netns_path: str | None, host: str, port: int, kind: str) -> None:
-        handler = {"echo": self._echo, "sink": self._sink}[kind]
+        serve_one = {"echo": self._echo, "sink": self._sink}[kind]
+
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            self._handlers.add(task)
+            try:
+                await serve_one(reader, writer)
+            finally:
+                self._handlers.discard(task)
 
         async def start() -> None:
             if netns_path:
@@ -97,12 +106,16 @@ class NetnsServers:
         async def shut() -> None:
             for server in self._servers:
                 server.close()
+            for task in list(self._handlers):
+                task.cancel()
+            await asyncio.gather(*self._handlers, return_exceptions=True)
 
         try:
             asyncio.run_coroutine_threadsafe(shut(), self.loop).result(10)
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
+            self.loop.close()
 
 
 def sandbox_config(name: str, env: ContainerdEnv, host_network: bool = False
@@ -613,3 +626,113 @@ def test_containerd_own_stream_server_behaviour(ctrd: ContainerdEnv,
         assert bytes(echo.received) == b"hello"
         # containerd writes the refusal as text: client-go would end the whole session
         assert str(CLOSED_PORT) in refused.error_text
+    # containerd does not pass the client's half-close on to the pod: the sink, which
+    # answers at EOF, never sees one; containerd closes both ways 1 s after the FIN
+    url = ctrd.runtime.PortForward(api_pb2.PortForwardRequest(pod_sandbox_id=sandbox_id),
+                                   timeout=10).url
+    with SpdyPortForwardClient(url) as client:
+        sink = client.roundtrip(SINK_PORT, b"count me")
+        print(f"containerd sink after half-close: {bytes(sink.received)!r} "
+              f"fin={sink.data_fin} error={sink.error_text!r}")
+        assert sink.received == b"" and sink.data_fin
+
+
+# ----------------------------------------------------------------------------- crishim's client
+
+
+class CrishimPortForward:
+    """`crishim port-forward SANDBOX 0:PORT... --runtime-endpoint SOCK` as a subprocess."""
+
+    def __init__(self, endpoint: str, sandbox_id: str, ports: list[int]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "crishim", "port-forward", sandbox_id,
+             *[f"0:{p}" for p in ports], "--runtime-endpoint", endpoint,
+             "--address", "127.0.0.1"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.local: dict[int, int] = {}
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + 20
+        while set(self.local) != set(ports):
+            assert time.monotonic() < deadline and self.proc.poll() is None, self.output()
+            time.sleep(0.05)
+
+    def _read(self) -> None:
+        import re
+
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            m = re.search(r"Forwarding from 127\.0\.0\.1:(\d+) -> (\d+)", line)
+            if m:
+                self.local[int(m.group(2))] = int(m.group(1))
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def sink(self, port: int, payload: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", self.local[port]), timeout=20) as conn:
+            conn.sendall(payload)
+            conn.shutdown(socket.SHUT_WR)
+            answer = b""
+            for _ in range(10_000):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+        return answer
+
+    def echo(self, port: int, payload: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", self.local[port]), timeout=20) as conn:
+            conn.sendall(payload)
+            answer = b""
+            for _ in range(10_000):
+                if len(answer) >= len(payload):
+                    break
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+        return answer
+
+    def close(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        code = self.proc.wait(10)
+        self._reader.join(5)
+        return code
+
+
+def _sink_answer(payload: bytes) -> bytes:
+    return f"{len(payload)} {hashlib.sha256(payload).hexdigest()}\n".encode()
+
+
+def test_crishim_client_through_crishim_survives_a_refused_port(
+        shim: CrishimProcess, pod: tuple[str, str]) -> None:
+    payload = os.urandom(1 << 20)
+    pf = CrishimPortForward("unix://" + shim.socket, pod[0], [SINK_PORT, CLOSED_PORT])
+    try:
+        assert pf.sink(SINK_PORT, payload) == _sink_answer(payload)
+        assert pf.sink(CLOSED_PORT, b"x") == b""  # refused: that connection only
+        time.sleep(0.3)
+        assert pf.proc.poll() is None, pf.output()
+        assert pf.sink(SINK_PORT, payload) == _sink_answer(payload)
+    finally:
+        pf.close()
+
+
+def test_crishim_client_against_containerd_own_stream_server(
+        ctrd: ContainerdEnv, pod: tuple[str, str]) -> None:
+    """Baseline: containerd 1.6 writes a refused port as text on the error stream, which
+    (as with client-go) ends the user's whole port-forward session."""
+    payload = os.urandom(256 << 10)
+    pf = CrishimPortForward(ctrd.endpoint, pod[0], [ECHO_PORT, CLOSED_PORT])
+    try:
+        assert pf.echo(ECHO_PORT, payload) == payload
+        pf.sink(CLOSED_PORT, b"x")
+        code = pf.proc.wait(20)
+    finally:
+        pf.close()
+    print("crishim port-forward against containerd, refused port:\n" + pf.output())
+    assert code == 1
+    assert "connection refused" in pf.output()
