@@ -411,7 +411,8 @@ class SpdyClientSession(ClientSession):
 
     def __init__(self, tunnel: ws.ByteStreamTunnel | None = None) -> None:
         super().__init__()
-        self.codec = spdy.SpdySession(spdy.SpdyConfig(client=True, max_send_frame=256 * 1024))
+        self.codec = spdy.SpdySession(spdy.SpdyConfig(client=True, max_send_frame=256 * 1024,
+                                                      zero_copy=True))
         self.tunnel = tunnel
         if tunnel is not None:
             self.transport_name = "spdy-over-websocket"
@@ -469,12 +470,16 @@ class SpdyClientSession(ClientSession):
             self._write_raw(self.tunnel.data_to_send())
 
     def _flush(self) -> None:
+        if self.tunnel is None:
+            chunks = self.codec.take_output()  # straight to writelines: no join copy
+            t = self.transport
+            if chunks and t is not None and not t.is_closing():
+                t.writelines(chunks)
+            return
         out = self.codec.data_to_send()
         if out:
-            if self.tunnel is not None:
-                self.tunnel.send(out)
-                out = self.tunnel.data_to_send()
-            self._write_raw(out)
+            self.tunnel.send(out)
+            self._write_raw(self.tunnel.data_to_send())
 
     def _write_raw(self, out: bytes) -> None:
         t = self.transport

@@ -76,10 +76,12 @@ class SpdyPortForwardSession(SessionBase):
                  idle_timeout: float, write: Callable[[bytes], None],
                  close: Callable[[], None]) -> None:
         super().__init__(ctx, sandbox)
-        self.codec = spdy.SpdySession(spdy.SpdyConfig(client=False))
+        self.codec = spdy.SpdySession(spdy.SpdyConfig(client=False, zero_copy=True,
+                                                      max_send_frame=256 * 1024))
         self.creation_timeout = creation_timeout
         self.idle_timeout = idle_timeout
         self._write = write
+        self._writelines: Callable[[list], None] | None = None
         self._close = close
         self._pending: dict[str, _PendingPair] = {}
         self._by_stream: dict[int, ForwardedConnection] = {}
@@ -93,6 +95,11 @@ class SpdyPortForwardSession(SessionBase):
 
     # --- output ------------------------------------------------------------------------
     def flush(self) -> None:
+        if self._writelines is not None:
+            chunks = self.codec.take_output()
+            if chunks and not self._closed:
+                self._writelines(chunks)
+            return
         out = self.codec.data_to_send()
         if out and not self._closed:
             self._write(out)

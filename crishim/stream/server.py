@@ -207,6 +207,7 @@ class StreamServer:
                         + PORTFORWARD_PROTOCOL.encode() + b"\r\n\r\n")
         session = SpdyPortForwardSession(self.ctx, sandbox, self.creation_timeout,
                                          self.idle_timeout, transport.write, transport.close)
+        session._writelines = transport.writelines  # plain TCP/TLS: no join copy
         self.adopt(transport, session, SpdyTransportProtocol(session, transport), rest)
 
     def adopt(self, transport: asyncio.Transport, session, protocol: asyncio.Protocol,

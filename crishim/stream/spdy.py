@@ -172,6 +172,9 @@ class SpdyConfig:
     max_outstanding_pings: int = 1024
     #: zlib level for outgoing header blocks.
     header_compression_level: int = zlib.Z_DEFAULT_COMPRESSION
+    #: DataReceived.data as a read-only memoryview into the received ``bytes`` (no copy)
+    #: when receive_data is given immutable bytes; mutable input is always copied.
+    zero_copy: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_frame_size <= MAX_FRAME_PAYLOAD:
@@ -492,6 +495,7 @@ class SpdySession:
         self._payload_fin = False
 
         self._outbuf: list[bytes | memoryview] = []
+        self._share_input = False
         self._outbuf_size = 0
 
         self._streams: dict[int, _Stream] = {}
@@ -551,6 +555,16 @@ class SpdySession:
         out.clear()
         self._outbuf_size = 0
         return data
+
+    def take_output(self) -> list[bytes | memoryview]:
+        """Drain everything queued as a list of buffers, for ``transport.writelines``:
+        the payloads are not joined (copied) into one block first."""
+        out = self._outbuf
+        if not out:
+            return []
+        self._outbuf = []
+        self._outbuf_size = 0
+        return out
 
     def _queue(self, chunk: bytes | memoryview) -> None:
         self._outbuf.append(chunk)
@@ -795,6 +809,7 @@ class SpdySession:
         view = memoryview(data)
         if view.ndim != 1 or view.itemsize != 1:
             view = view.cast("B")
+        self._share_input = self.config.zero_copy and type(data) is bytes
         try:
             try:
                 offset = 0
@@ -875,8 +890,9 @@ class SpdySession:
                 if target is not None:
                     if target.alive:
                         fin = self._payload_fin and not left
-                        events.append(DataReceived(target.stream_id,
-                                                   bytes(view[pos:pos + take]), fin))
+                        piece = view[pos:pos + take]
+                        events.append(DataReceived(target.stream_id, piece if self._share_input
+                                                   else bytes(piece), fin))
                         if fin:
                             self._close_remote(target)
                     if not left:
