@@ -100,6 +100,7 @@ class ForwardedConnection:
         self._pod_eof = False
         self._done = False
         self._error_closed = False
+        self._batch: list | None = None
         self._task: asyncio.Task | None = None
         self.bytes_up = 0  # client -> pod
         self.bytes_down = 0  # pod -> client
@@ -115,14 +116,14 @@ class ForwardedConnection:
         try:
             sock = await self.ctx.plugin.dial(self.sandbox, self.port)
         except SandboxGone as e:
-            self._fail(str(e), fatal=True)
+            self._fail(str(e), "sandbox_gone", fatal=True)
             return
         except DialFailed as e:
-            self._fail(str(e))
+            self._fail(str(e), "dial_refused")
             return
         except Exception as e:  # a plugin bug must end one connection, not the server
             log.exception("runtime plugin %s failed to dial", self.ctx.plugin.name)
-            self._fail(f"runtime plugin error: {e}")
+            self._fail(f"runtime plugin error: {e}", "plugin_error")
             return
         if self.ctx.metrics is not None:
             self.ctx.metrics.dial_seconds(time.perf_counter() - t0)
@@ -134,7 +135,7 @@ class ForwardedConnection:
             transport, _ = await loop.create_connection(lambda: _PodProtocol(self), sock=sock)
         except OSError as e:
             sock.close()
-            self._fail(f"connection to port {self.port}: {e.strerror or e}")
+            self._fail(f"connection to port {self.port}: {e.strerror or e}", "dial_refused")
             return
         if self._done:
             transport.abort()
@@ -142,30 +143,30 @@ class ForwardedConnection:
         transport.set_write_buffer_limits(high=self.ctx.buffer_size)
         self.pod = transport
         if self._pending:
+            # resume first: if the pod's buffer overflows, its pause_writing pauses again
+            self.session.resume_client_reading(self)
             transport.writelines(self._pending)
             self._pending.clear()
             self._pending_size = 0
-            self.session.resume_client_reading(self)
         if self._client_eof:
             self._write_eof_to_pod()
         if self.session.writing_paused:
             transport.pause_reading()
 
-    def _fail(self, reason: str, fatal: bool = False) -> None:
+    def _fail(self, reason: str, kind: str = "other", fatal: bool = False) -> None:
         """End this connection: reset the data stream; the error stream carries the reason
         only when fatal (or the verbose policy), since any text ends the client's session."""
         if self._done:
             return
         self.reason = reason
         show = fatal or self.ctx.verbose_errors
-        log_fn = log.warning if fatal else log.info
-        log_fn("forward sandbox=%s port=%d transport=%s failed: %s",
-               self.sandbox.id, self.port, self.transport_name, reason)
         if self.ctx.metrics is not None:
-            self.ctx.metrics.failure(reason, fatal)
-        self._finish(error=reason if show else None, abort=True)
+            self.ctx.metrics.failure(kind)
+        self._finish(error=reason if show else None, abort=True,
+                     level=logging.WARNING if fatal else logging.INFO)
 
-    def _finish(self, error: str | None = None, abort: bool = False) -> None:
+    def _finish(self, error: str | None = None, abort: bool = False,
+                level: int = logging.INFO) -> None:
         if self._done:
             return
         self._done = True
@@ -182,9 +183,15 @@ class ForwardedConnection:
         if abort:
             self.channel.abort()
         self._close_error_stream(error)
-        log.debug("forward sandbox=%s port=%d transport=%s ended: up=%d down=%d reason=%s",
-                  self.sandbox.id, self.port, self.transport_name, self.bytes_up,
-                  self.bytes_down, self.reason or "closed")
+        if log.isEnabledFor(level):  # the one line per forwarded connection
+            reason = self.reason or "closed"
+            log.log(level, "forward sandbox=%s port=%d transport=%s ended: up=%d down=%d "
+                    "reason=%s", self.sandbox.id, self.port, self.transport_name,
+                    self.bytes_up, self.bytes_down, reason,
+                    extra={"fields": {"sandbox": self.sandbox.id, "port": self.port,
+                                      "transport": self.transport_name,
+                                      "bytes_up": self.bytes_up,
+                                      "bytes_down": self.bytes_down, "reason": reason}})
         if self.ctx.metrics is not None:
             self.ctx.metrics.connection_ended(self.transport_name, self.bytes_up,
                                               self.bytes_down)
@@ -209,17 +216,31 @@ class ForwardedConnection:
         self.bytes_up += len(data)
         pod = self.pod
         if pod is not None:
-            pod.write(data)
+            batch = self._batch
+            if batch is not None:
+                batch.append(data)
+            elif self.session.batching:  # one writelines per transport read, not per frame
+                self._batch = [data]
+                self.session.batched.append(self)
+            else:
+                pod.write(data)
             return
         self._pending.append(bytes(data))
         self._pending_size += len(data)
         if self._pending_size > self.ctx.buffer_size:
             self.session.pause_client_reading(self)
 
+    def flush_batch(self) -> None:
+        """Write what client_data gathered during one transport read."""
+        batch, self._batch = self._batch, None
+        if batch and self.pod is not None and not self._done:
+            self.pod.writelines(batch)
+
     def client_eof(self) -> None:
         """The client half-closed the data stream: shut down writing towards the pod."""
         if self._done or self._client_eof:
             return
+        self.flush_batch()
         self._client_eof = True
         if self.pod is not None:
             self._write_eof_to_pod()
@@ -266,7 +287,7 @@ class ForwardedConnection:
             return
         if exc is not None:
             self._fail(f"connection to port {self.port} in sandbox lost: "
-                       f"{getattr(exc, 'strerror', None) or exc}")
+                       f"{getattr(exc, 'strerror', None) or exc}", "pod_reset")
             return
         if not self._pod_eof:
             self.pod_eof()
@@ -292,6 +313,10 @@ class SessionBase:
     def __init__(self, ctx: ForwardContext, sandbox: Sandbox) -> None:
         self.ctx = ctx
         self.sandbox = sandbox
+        # while a transport read is being decoded, client data is gathered per connection
+        # and written once at the end (see begin_batch / end_batch)
+        self.batching = False
+        self.batched: list[ForwardedConnection] = []
         self.connections: set[ForwardedConnection] = set()
         self.writing_paused = False
         self._congested: set[object] = set()
@@ -306,6 +331,16 @@ class SessionBase:
             self.ctx.metrics.connection_started(self.transport_name)
         conn.start()
         return conn
+
+    def begin_batch(self) -> None:
+        self.batching = True
+
+    def end_batch(self) -> None:
+        self.batching = False
+        if self.batched:
+            batched, self.batched = self.batched, []
+            for conn in batched:
+                conn.flush_batch()
 
     def connection_finished(self, conn: ForwardedConnection) -> None:
         self.connections.discard(conn)

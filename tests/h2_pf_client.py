@@ -16,7 +16,7 @@ import h2.settings
 
 WINDOW = 16 * 1024 * 1024
 CONNECTION_WINDOW = 256 * 1024 * 1024
-MAX_FRAME = 1024 * 1024
+MAX_FRAME = 256 * 1024
 _request_ids = itertools.count(1)
 
 
@@ -48,6 +48,8 @@ class H2Client:
         self.window_opened = asyncio.Event()
         self.terminated: h2.events.ConnectionTerminated | None = None
         self.closed = asyncio.Event()
+        self.hold_acks: set[int] = set()  # streams whose DATA we do not acknowledge yet
+        self._held: dict[int, int] = {}
         self._task: asyncio.Task | None = None
 
     # --- connecting ----------------------------------------------------------------------
@@ -144,7 +146,12 @@ class H2Client:
                 if state is not None:
                     state.chunks.append(ev.data)
                     state.received += len(ev.data)
-                self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                if ev.stream_id in self.hold_acks:
+                    self._held[ev.stream_id] = (self._held.get(ev.stream_id, 0)
+                                                + ev.flow_controlled_length)
+                else:
+                    self.conn.acknowledge_received_data(ev.flow_controlled_length,
+                                                        ev.stream_id)
             elif isinstance(ev, h2.events.StreamEnded) and state is not None:
                 state.remote_ended = True
                 state.ended.set()
@@ -157,6 +164,14 @@ class H2Client:
             elif isinstance(ev, h2.events.ConnectionTerminated):
                 self.terminated = ev
         self.flush()
+
+    def release_acks(self, sid: int) -> None:
+        """Acknowledge what a held stream received, and everything it receives from now."""
+        self.hold_acks.discard(sid)
+        held = self._held.pop(sid, 0)
+        if held:
+            self.conn.acknowledge_received_data(held, sid)
+            self.flush()
 
     def write_raw(self, data: bytes) -> None:
         self.writer.write(data)

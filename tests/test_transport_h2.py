@@ -17,7 +17,7 @@ import pytest
 from crishim.stream.tls import self_signed
 from tests.conftest import SANDBOX
 from tests.crishim_proc import CrishimProcess
-from tests.h2_pf_client import H2Client, UpgradeRefused
+from tests.h2_pf_client import WINDOW, H2Client, UpgradeRefused
 from tests.podnet import (
     CLOSED_PORT,
     ECHO_PORT,
@@ -268,6 +268,16 @@ def test_bad_token_on_first_stream_is_404_and_closes(h2_server):
     run(go())
 
 
+def test_h2c_upgrade_without_http2_settings_is_400(crishim):
+    u = urlsplit(crishim.port_forward_url(SANDBOX))
+    with socket.create_connection((u.hostname, u.port), timeout=10) as s:
+        s.sendall(f"GET {u.path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                  f"Upgrade: h2c\r\n\r\n".encode())
+        head = s.recv(65536)
+    assert head.startswith(b"HTTP/1.1 400"), head
+    assert b"HTTP2-Settings" in head
+
+
 def test_token_holds_for_its_connection_only(crishim):
     async def go():
         url = crishim.port_forward_url(SANDBOX)
@@ -320,6 +330,74 @@ def test_unpaired_data_stream_times_out_alone(crishim):
         assert await _echo(client, b"meanwhile") == b"meanwhile"
         await asyncio.wait_for(client.streams[lonely].ended.wait(), 15)
         assert client.streams[lonely].reset_code == CANCEL
+        await client.close()
+    run(go())
+
+
+# --- flow control -------------------------------------------------------------------------
+STALL_PORT = 9170  # accepts and never reads
+
+
+class _NeverReads(asyncio.Protocol):
+    held: list = []  # a paused transport has no other reference: GC would close it (RST)
+
+    def connection_made(self, transport):
+        self.held.append(transport)
+        transport.pause_reading()
+
+
+@pytest.fixture(scope="module")
+def stall_port(podnet):
+    podnet.listen_extra("127.0.0.1", STALL_PORT, _NeverReads)
+    return STALL_PORT
+
+
+def test_pod_that_never_reads_stalls_only_its_own_stream(crishim, stall_port):
+    async def go():
+        client = await _client(crishim, "prior")
+        stalled = await client.forward(stall_port)
+        writer = asyncio.get_running_loop().create_task(stalled.write(bytes(96 * MiB)))
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 30
+        while client.conn.local_flow_control_window(stalled.data_id) > 0 \
+                and loop.time() < end and not writer.done():
+            await asyncio.sleep(0.05)
+        # the server withheld this stream's window: the client cannot send more on it ...
+        assert client.conn.local_flow_control_window(stalled.data_id) == 0
+        assert not writer.done()
+        # ... while the connection's window is open and other streams flow
+        assert client.conn.outbound_flow_control_window > 0
+        for i in range(3):
+            assert await _echo(client, b"beside a stall %d" % i) == b"beside a stall %d" % i
+        writer.cancel()
+        stalled.reset()
+        assert await stalled.error_text() == ""
+        assert await _echo(client, b"after the stall") == b"after the stall"
+        await client.close()
+    run(go())
+
+
+def test_server_respects_the_clients_window(crishim):
+    size = 48 * MiB
+
+    async def go():
+        client = await _client(crishim, "prior")
+        fwd = await client.forward(SOURCE_PORT)
+        client.hold_acks.add(fwd.data_id)
+        await fwd.write(b"%d\n" % size)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 30
+        while fwd.data.received < WINDOW and loop.time() < end:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.5)  # a server ignoring the window would send more meanwhile
+        assert fwd.data.received == WINDOW
+        assert await _echo(client, b"meanwhile") == b"meanwhile"
+        client.release_acks(fwd.data_id)
+        got = await fwd.read_all()
+        assert len(got) == size
+        assert hashlib.sha256(got).digest() == hashlib.sha256(source_bytes(size)).digest()
+        await fwd.close_write()
+        assert await fwd.error_text() == ""
         await client.close()
     run(go())
 
