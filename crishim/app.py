@@ -69,6 +69,11 @@ class Crishim:
         cfg = self.config
         if self.plugin is None:
             self.plugin = load_plugin(cfg)
+        if cfg.metrics_address:
+            from crishim.metrics import Metrics
+
+            self.metrics = Metrics(self.tokens)
+            self.metrics.serve(cfg.metrics_address)
         ctx = ForwardContext(self.plugin, cfg.error_policy, cfg.buffer_size, self.metrics)
         self.stream = StreamServer(
             self.tokens, ctx, host=cfg.stream_server_address, port=cfg.stream_server_port,

@@ -63,11 +63,7 @@ class CriService:
         try:
             token = self.tokens.issue(StreamRequest(sandbox_id, tuple(request.port)))
         except TokensExhausted as e:
-            if self.metrics is not None:
-                self.metrics.token("refused")
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        if self.metrics is not None:
-            self.metrics.token("issued")
         url = self.url_for(token)
         log.debug("PortForward sandbox=%s ports=%s -> %s", sandbox_id, list(request.port),
                   url.rsplit("/", 1)[0] + "/…")

@@ -107,10 +107,14 @@ class SpdyPortForwardSession(SessionBase):
     # --- input -------------------------------------------------------------------------
     def receive(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
-        for event in self.codec.receive_data(data):
-            handler = _HANDLERS.get(type(event))
-            if handler is not None:
-                handler(self, event)
+        self.begin_batch()
+        try:
+            for event in self.codec.receive_data(data):
+                handler = _HANDLERS.get(type(event))
+                if handler is not None:
+                    handler(self, event)
+        finally:
+            self.end_batch()
         self.flush()
 
     def _on_stream_opened(self, ev: spdy.StreamOpened) -> None:

@@ -114,8 +114,19 @@ class StreamServer:
 
     # --- session registry ---------------------------------------------------------------
     def add_session(self, session) -> Callable[[], None]:
+        """Register a live session; returns the callback its end must call (once)."""
         self.sessions.add(session)
-        return lambda: self.sessions.discard(session)
+        metrics = self.ctx.metrics
+        if metrics is not None:
+            metrics.session_started(session.transport_name)
+
+        def ended() -> None:
+            if session in self.sessions:
+                self.sessions.discard(session)
+                if metrics is not None:
+                    metrics.session_ended(session.transport_name)
+
+        return ended
 
     async def drain(self, deadline: float) -> None:
         """Refuse new upgrades, tell live sessions, wait up to deadline, then close them."""

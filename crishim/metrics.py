@@ -1,0 +1,83 @@
+"""Prometheus metrics (off unless metrics_address is set): sessions and forwarded
+connections by transport, bytes each way, failures by reason, tokens, netns dial latency."""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
+
+from crishim.tokens import TokenStore
+
+log = logging.getLogger("crishim.metrics")
+
+FAILURE_KINDS = ("dial_refused", "pod_reset", "sandbox_gone", "plugin_error",
+                 "creation_timeout", "other")
+
+
+class _TokenCollector:
+    """Token counts read from the store at scrape time: nothing added to the hot path."""
+
+    def __init__(self, tokens: TokenStore) -> None:
+        self.tokens = tokens
+
+    def collect(self):
+        family = CounterMetricFamily("crishim_tokens", "Stream URL tokens by event",
+                                     labels=["event"])
+        for event in ("issued", "redeemed", "expired", "refused"):
+            family.add_metric([event], getattr(self.tokens, event))
+        yield family
+
+
+class Metrics:
+    def __init__(self, tokens: TokenStore) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.sessions = Counter("crishim_sessions", "Streaming sessions started",
+                                ["transport"], registry=r)
+        self.sessions_active = Gauge("crishim_sessions_active", "Live streaming sessions",
+                                     ["transport"], registry=r)
+        self.connections = Counter("crishim_forwarded_connections",
+                                   "Forwarded connections started", ["transport"], registry=r)
+        self.connections_active = Gauge("crishim_forwarded_connections_active",
+                                        "Live forwarded connections", ["transport"],
+                                        registry=r)
+        self.bytes = Counter("crishim_forwarded_bytes", "Bytes forwarded, by direction",
+                             ["transport", "direction"], registry=r)
+        self.failures = Counter("crishim_forward_failures",
+                                "Forwarded connections that failed, by reason",
+                                ["reason"], registry=r)
+        self.dial = Histogram("crishim_netns_dial_seconds",
+                              "Time to connect to a port inside a sandbox", registry=r,
+                              buckets=(.0001, .00025, .0005, .001, .0025, .005, .01, .025,
+                                       .05, .1, .25, 1, 5))
+        r.register(_TokenCollector(tokens))
+
+    def serve(self, address: str) -> None:
+        host, _, port = address.rpartition(":")
+        start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=self.registry)
+        log.info("metrics on http://%s/metrics", address)
+
+    # --- hooks called by the stream server and the forwarding core ----------------------
+    def session_started(self, transport: str) -> None:
+        self.sessions.labels(transport).inc()
+        self.sessions_active.labels(transport).inc()
+
+    def session_ended(self, transport: str) -> None:
+        self.sessions_active.labels(transport).dec()
+
+    def connection_started(self, transport: str) -> None:
+        self.connections.labels(transport).inc()
+        self.connections_active.labels(transport).inc()
+
+    def connection_ended(self, transport: str, up: int, down: int) -> None:
+        self.connections_active.labels(transport).dec()
+        self.bytes.labels(transport, "to_pod").inc(up)
+        self.bytes.labels(transport, "from_pod").inc(down)
+
+    def failure(self, kind: str) -> None:
+        self.failures.labels(kind if kind in FAILURE_KINDS else "other").inc()
+
+    def dial_seconds(self, seconds: float) -> None:
+        self.dial.observe(seconds)

@@ -1,0 +1,124 @@
+"""Operations: Prometheus metrics, JSON log lines, the gRPC health service, SIGTERM drain."""
+
+import json
+import socket
+import time
+import urllib.request
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.crishim_proc import CrishimProcess
+from tests.podnet import CLOSED_PORT, ECHO_PORT
+from tests.spdy_pf_client import SpdyPortForwardClient
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        metric, _, label_text = key.partition("{")
+        found = dict(item.split("=", 1) for item in label_text.rstrip("}").split(",") if item)
+        if metric == name and {k: v.strip('"') for k, v in found.items()} == labels:
+            return float(value)
+    raise AssertionError(f"{name}{labels} not in metrics:\n{text}")
+
+
+def test_prometheus_metrics_count_sessions_bytes_failures_tokens(podnet):
+    port = _free_port()
+    with CrishimProcess("--sandboxes", f"sb={podnet.path}",
+                        "--metrics-address", f"127.0.0.1:{port}") as proc:
+        with SpdyPortForwardClient(proc.port_forward_url("sb")) as client:
+            fwd = client.roundtrip(ECHO_PORT, b"x" * 10_000)
+            assert fwd.received == b"x" * 10_000
+            refused = client.forward(CLOSED_PORT)
+            client.wait(refused.finished, timeout=10)
+        proc.port_forward_url("sb")  # issued, never redeemed
+        time.sleep(0.3)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) \
+            .read().decode()
+    assert _metric(text, "crishim_sessions_total", transport="spdy") == 1
+    assert _metric(text, "crishim_forwarded_connections_total", transport="spdy") == 2
+    assert _metric(text, "crishim_forwarded_bytes_total", transport="spdy",
+                   direction="to_pod") == 10_000
+    assert _metric(text, "crishim_forwarded_bytes_total", transport="spdy",
+                   direction="from_pod") == 10_000
+    assert _metric(text, "crishim_forward_failures_total", reason="dial_refused") == 1
+    assert _metric(text, "crishim_tokens_total", event="issued") == 2
+    assert _metric(text, "crishim_tokens_total", event="redeemed") == 1
+    assert _metric(text, "crishim_netns_dial_seconds_count") == 1  # the refused one failed
+    assert _metric(text, "crishim_sessions_active", transport="spdy") == 0
+
+
+def test_metrics_are_off_by_default(crishim):
+    assert "metrics on" not in crishim.log()
+
+
+def test_json_log_line_per_forwarded_connection(podnet):
+    with CrishimProcess("--sandboxes", f"sb={podnet.path}", "--log-format", "json") as proc:
+        with SpdyPortForwardClient(proc.port_forward_url("sb")) as client:
+            client.roundtrip(ECHO_PORT, b"hello")
+            refused = client.forward(CLOSED_PORT)
+            client.wait(refused.finished, timeout=10)
+        time.sleep(0.3)
+        log = proc.log()
+    entries = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert entries, log
+    ends = [e for e in entries if e.get("msg", "").startswith("forward sandbox=")]
+    assert len(ends) == 2, ends
+    ok = next(e for e in ends if e["port"] == ECHO_PORT)
+    assert (ok["sandbox"], ok["bytes_up"], ok["bytes_down"]) == ("sb", 5, 5)
+    bad = next(e for e in ends if e["port"] == CLOSED_PORT)
+    assert "refused" in bad["reason"].lower() and bad["level"] == "info"
+
+
+def test_grpc_health_service_on_the_cri_socket(crishim):
+    stub = health_pb2_grpc.HealthStub(crishim.channel)
+    for service in ("", "runtime.v1.RuntimeService"):
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    try:
+        stub.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=10)
+        raise AssertionError("unknown service must be NOT_FOUND")
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_sigterm_drains_live_sessions_then_exits(podnet):
+    proc = CrishimProcess("--sandboxes", f"sb={podnet.path}", "--drain-timeout", "3s").start()
+    try:
+        spare_url = proc.port_forward_url("sb")
+        with SpdyPortForwardClient(proc.port_forward_url("sb")) as client:
+            assert client.roundtrip(ECHO_PORT, b"before").received == b"before"
+            live = client.forward(ECHO_PORT)
+            t0 = time.monotonic()
+            proc.proc.send_signal(15)
+            time.sleep(0.5)
+            # new upgrades are refused while draining
+            host, port = spare_url.split("//")[1].split("/")[0].split(":")
+            try:
+                with socket.create_connection((host, int(port)), timeout=5) as s:
+                    s.sendall(b"POST /" + spare_url.split("/", 3)[3].encode() +
+                              b" HTTP/1.1\r\nHost: x\r\nUpgrade: SPDY/3.1\r\nConnection: Upgrade"
+                              b"\r\nX-Stream-Protocol-Version: portforward.k8s.io\r\n\r\n")
+                    answer = s.recv(100)
+                    assert not answer.startswith(b"HTTP/1.1 101"), answer
+            except ConnectionRefusedError:
+                pass  # the listener is already closed: refused as well
+            # the live forwarded connection still works inside the drain window
+            live.send(b"during drain")
+            assert client.wait(lambda: live.received == b"during drain", timeout=2), \
+                live.received
+            assert proc.proc.wait(15) == 0
+            elapsed = time.monotonic() - t0
+            assert 2.5 <= elapsed <= 12, elapsed
+            assert client.wait(live.finished, timeout=5)
+    finally:
+        proc.stop()
