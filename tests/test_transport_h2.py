@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import os
 import shutil
+import signal
 import socket
 import ssl
 import time
@@ -400,6 +401,32 @@ def test_server_respects_the_clients_window(crishim):
         assert await fwd.error_text() == ""
         await client.close()
     run(go())
+
+
+def test_sigterm_drain_lets_live_streams_finish(podnet):
+    proc = CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}", "--drain-timeout", "3s")
+
+    async def go():
+        client = await _client(proc, "prior")
+        live = await client.forward(ECHO_PORT)
+        await live.write(b"before ")
+        assert (await live.read_until(b"before ")).endswith(b"before ")
+        proc.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        refused = client.open_stream(client.request_headers(streamtype="error", port="9000",
+                                                            requestid="late"), end_stream=True)
+        await asyncio.wait_for(client.streams[refused].ended.wait(), 10)
+        assert client.streams[refused].reset_code == 7  # REFUSED_STREAM
+        await live.write(b"during drain", end_stream=True)
+        assert await live.read_all() == b"before during drain"
+        assert await live.error_text() == ""
+        await asyncio.wait_for(client.closed.wait(), 15)  # closed at the drain deadline
+        assert client.terminated is not None and client.terminated.error_code == 0
+        await client.close()
+
+    with proc:
+        run(go())
+        assert proc.proc.wait(20) == 0
 
 
 # --- TLS certificate reload ---------------------------------------------------------------

@@ -23,17 +23,20 @@ forwarded TCP connection is a PAIR of streams sharing a `requestid`, exactly as 
 - Each accepted stream is answered `:status 200` at once. A refused stream gets a
   complete response with a plain-text reason and END_STREAM (then RST_STREAM NO_ERROR if
   the client was still sending): `400` bad or missing `streamtype`/`port`, a second stream
-  of one type for a request id, or a different port; `404` another path/token on this
+  of one type for a request id (pending or live), or a different port; `404` another path/token on this
   connection, or (first stream only) an unknown, used or expired token or sandbox;
-  `405` a method other than POST; `410` sandbox gone; `503` draining (RST_STREAM
-  REFUSED_STREAM once GOAWAY was sent). A refused FIRST stream (bad token) is followed by
-  GOAWAY and the connection closes: without a token it has no business.
+  `405` a method other than POST; `410` sandbox gone; `429` too many sessions; `503`
+  draining (first stream). Once the server drains (SIGTERM), new streams get RST_STREAM
+  REFUSED_STREAM while live ones go on; GOAWAY NO_ERROR comes with the close at the
+  drain deadline (an h2-library peer that gets a GOAWAY refuses all later frames).
+  A refused FIRST stream (bad token) is followed by GOAWAY and the connection closes:
+  without a token it has no business.
 - Data stream: DATA flows both ways. The client's END_STREAM is a TCP half-close
   (shutdown write) towards the pod; the pod's EOF is END_STREAM to the client. A failed
   connection (refused, reset or broken pipe from the pod) is RST_STREAM CANCEL on the data
   stream; the client's RST_STREAM on it ends the pod connection.
-- Error stream: closed with END_STREAM when the forwarded connection ends. Its body is
-  empty unless the failure is fatal (sandbox gone, or error_policy=verbose): then the body
+- Error stream: closed with END_STREAM at the pod's EOF or when the forwarded connection
+  ends, whichever is first (crishim/forward.py). Its body is empty unless the failure is fatal (sandbox gone, or error_policy=verbose): then the body
   is the reason as UTF-8 text, just as SPDY's error stream.
 - A pair not complete within stream_creation_timeout: the reason on the error stream, the
   data stream reset CANCEL.
@@ -203,6 +206,7 @@ class H2PortForwardSession(SessionBase):
         self._admitting: list[h2.events.Event] | None = None  # events queued while redeeming
         self._closed = False
         self._goaway_sent = False
+        self._draining = False
         self._idle_timer: asyncio.TimerHandle | None = None
         self.on_closed: Callable[[], None] | None = None
 
@@ -342,7 +346,8 @@ class H2PortForwardSession(SessionBase):
             self._admitting = []
             asyncio.get_running_loop().create_task(self._admit(ev, headers))
             return
-        if self._goaway_sent:
+        if self._goaway_sent or self._draining:
+            log.info("h2 sandbox=%s: refusing stream %d: shutting down", self._sandbox_id, sid)
             self.reset(sid, ErrorCodes.REFUSED_STREAM)
             return
         try:
@@ -620,8 +625,10 @@ class H2PortForwardSession(SessionBase):
         self._write(frame.serialize())
 
     def drain(self) -> None:
-        """Server shutting down: no new streams; live ones may finish."""
-        self._send_goaway(ErrorCodes.NO_ERROR)
+        """Server shutting down: new streams are refused, live ones may finish. No GOAWAY
+        yet: an h2-library peer that receives one refuses every later frame, even DATA on
+        live streams; the GOAWAY goes with the close at the drain deadline."""
+        self._draining = True
 
     def close(self, reason: str) -> None:
         if self._closed:
