@@ -22,22 +22,23 @@ forwarded TCP connection is a PAIR of streams sharing a `requestid`, exactly as 
   held (not acknowledged), not dropped.
 - Each accepted stream is answered `:status 200` at once. A refused stream gets a
   complete response with a plain-text reason and END_STREAM (then RST_STREAM NO_ERROR if
-  the client was still sending): `400` bad or missing `streamtype`/`port`, a second stream
-  of one type for a request id (pending or live), or a different port; `404` another path/token on this
-  connection, or (first stream only) an unknown, used or expired token or sandbox;
-  `405` a method other than POST; `410` sandbox gone; `429` too many sessions; `503`
-  draining (first stream). Once the server drains (SIGTERM), new streams get RST_STREAM
-  REFUSED_STREAM while live ones go on; GOAWAY NO_ERROR comes with the close at the
-  drain deadline (an h2-library peer that gets a GOAWAY refuses all later frames).
-  A refused FIRST stream (bad token) is followed by GOAWAY and the connection closes:
-  without a token it has no business.
+  the client was still sending): `400` bad or missing `streamtype`/`port`, a second
+  stream of one type for a request id (pending or live), or a different port; `404`
+  another path/token on this connection, or (first stream only) an unknown, used or
+  expired token or sandbox; `405` a method other than POST; `410` sandbox gone; `429`
+  too many sessions; `503` draining (first stream). Once the server drains (SIGTERM), new
+  streams get RST_STREAM REFUSED_STREAM while live ones go on; GOAWAY NO_ERROR comes with
+  the close at the drain deadline (an h2-library peer that gets a GOAWAY refuses all
+  later frames). A refused FIRST stream (bad token) is followed by GOAWAY and the
+  connection closes: without a token it has no business.
 - Data stream: DATA flows both ways. The client's END_STREAM is a TCP half-close
   (shutdown write) towards the pod; the pod's EOF is END_STREAM to the client. A failed
   connection (refused, reset or broken pipe from the pod) is RST_STREAM CANCEL on the data
   stream; the client's RST_STREAM on it ends the pod connection.
 - Error stream: closed with END_STREAM at the pod's EOF or when the forwarded connection
-  ends, whichever is first (crishim/forward.py). Its body is empty unless the failure is fatal (sandbox gone, or error_policy=verbose): then the body
-  is the reason as UTF-8 text, just as SPDY's error stream.
+  ends, whichever is first (crishim/forward.py). Its body is empty unless the failure is
+  fatal (sandbox gone, or error_policy=verbose): then the body is the reason as UTF-8
+  text, just as SPDY's error stream.
 - A pair not complete within stream_creation_timeout: the reason on the error stream, the
   data stream reset CANCEL.
 - The client's RST_STREAM on the error stream is ignored.
