@@ -11,6 +11,7 @@ import asyncio
 import ctypes
 import errno
 import os
+import select
 import socket
 import threading
 
@@ -68,6 +69,24 @@ def socket_in_netns(netns_fd: int, family: int, kind: int = socket.SOCK_STREAM) 
 _LOCALHOST = ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1"))
 
 
+async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: tuple) -> None:
+    """Non-blocking connect that does not wait a loop iteration when the kernel finished
+    the handshake inside connect() (always so on loopback): first-byte latency matters."""
+    err = sock.connect_ex(addr)
+    if err == errno.EINPROGRESS:
+        if not select.select((), (sock,), (), 0)[1]:
+            fd = sock.fileno()
+            ready = loop.create_future()
+            loop.add_writer(fd, lambda: ready.done() or ready.set_result(None))
+            try:
+                await ready
+            finally:
+                loop.remove_writer(fd)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
+
+
 async def dial_localhost(netns_path: str | None, port: int, pod_ip: str = "") -> socket.socket:
     """Connect to port on localhost in the netns (None: the host's): 127.0.0.1, then ::1,
     serially; then pod_ip if given. Never a dual-stack dial that could leave the netns."""
@@ -89,11 +108,11 @@ async def dial_localhost(netns_path: str | None, port: int, pod_ip: str = "") ->
                 reasons.append(f"{host}: {e.strerror}")
                 continue
             try:
-                await loop.sock_connect(sock, (host, port))
+                await _connect(loop, sock, (host, port))
             except OSError as e:
                 sock.close()
-                # uvloop raises OSError(errno, "Connect call failed ...") with no strerror
-                reasons.append(f"{host}: {e.strerror or (os.strerror(e.errno) if e.errno else e)}")
+                # asyncio words it "Connect call failed (addr)": name the errno instead
+                reasons.append(f"{host}: {os.strerror(e.errno) if e.errno else e}")
                 if e.errno in (errno.ECONNREFUSED, errno.EADDRNOTAVAIL, errno.ENETUNREACH,
                                errno.EAFNOSUPPORT, errno.EHOSTUNREACH):
                     continue
