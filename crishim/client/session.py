@@ -533,7 +533,7 @@ class SpdyClientSession(ClientSession):
                 stream = self._error_streams.get(event.stream_id)
                 if stream is not None:
                     if event.data:
-                        stream._error_data(event.data.decode("utf-8", "replace"))
+                        stream._error_data(bytes(event.data).decode("utf-8", "replace"))
                     if event.fin:
                         stream._error_end()
             elif kind is spdy.StreamReplied:
