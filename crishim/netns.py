@@ -74,7 +74,9 @@ async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: t
     the handshake inside connect() (always so on loopback): first-byte latency matters."""
     err = sock.connect_ex(addr)
     if err == errno.EINPROGRESS:
-        if not select.select((), (sock,), (), 0)[1]:
+        poller = select.poll()  # not select(): fds past 1023 are routine here
+        poller.register(sock, select.POLLOUT)
+        if not poller.poll(0):
             fd = sock.fileno()
             ready = loop.create_future()
             loop.add_writer(fd, lambda: ready.done() or ready.set_result(None))
