@@ -292,13 +292,73 @@ class _RelayEnd:
                 peer.transport.close()
 
 
+class _SpliceRelay:
+    """The established upgrade relayed in the kernel, as the kubelet's Go proxy does
+    (Go's TCPConn.ReadFrom splices TCP to TCP on Linux): a thread per direction moves
+    bytes socket -> pipe -> socket with splice(2), EOF becomes shutdown(SHUT_WR) on the
+    other side, and the pair is closed once both directions have ended."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, client_fd: int, backend_fd: int) -> None:
+        self.socks = [socket.socket(fileno=client_fd), socket.socket(fileno=backend_fd)]
+        for sock in self.socks:
+            sock.setblocking(True)
+        self._lock = threading.Lock()
+        self._open = 2
+        self.threads = [threading.Thread(target=self._pump, args=(0, 1), daemon=True),
+                        threading.Thread(target=self._pump, args=(1, 0), daemon=True)]
+        for t in self.threads:
+            t.start()
+
+    def _pump(self, src: int, dst: int) -> None:
+        rfd, wfd = os.pipe()
+        src_fd, dst_fd = self.socks[src].fileno(), self.socks[dst].fileno()
+        failed = False
+        try:
+            while True:
+                n = os.splice(src_fd, wfd, self.CHUNK)
+                if n == 0:
+                    break
+                while n:
+                    n -= os.splice(rfd, dst_fd, n)
+        except OSError:
+            failed = True  # a reset on one side: the other side is torn down too
+        finally:
+            os.close(rfd)
+            os.close(wfd)
+        try:
+            self.socks[dst].shutdown(socket.SHUT_RDWR if failed else socket.SHUT_WR)
+            if failed:
+                self.socks[src].shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        with self._lock:
+            self._open -= 1
+            last = self._open == 0
+        if last:
+            for sock in self.socks:
+                sock.close()
+
+    def shutdown(self) -> None:
+        for sock in self.socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
 class _BackendProtocol(asyncio.Protocol, _RelayEnd):
     """The connection to the stream URL (the kubelet's dial to the runtime)."""
 
-    def __init__(self, record: UpgradeRecord) -> None:
+    def __init__(self, record: UpgradeRecord,
+                 splice: Callable[[_BackendProtocol], None] | None = None) -> None:
         self._relay_init()
         self.record = record
         self._status_buf = b""
+        self.standin_splice = splice
+        self._head = b""
+        self._head_done = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -311,6 +371,12 @@ class _BackendProtocol(asyncio.Protocol, _RelayEnd):
             if m:
                 self.record.backend_status = self.record.status = int(m.group(1))
         self.relay_data(data)
+        if self.standin_splice is not None and not self._head_done:
+            self._head += data
+            if b"\r\n\r\n" in self._head:
+                self._head_done = True
+                if self.record.backend_status == 101:
+                    self.standin_splice(self)
 
     def eof_received(self) -> bool:
         return self.relay_eof()
@@ -542,7 +608,8 @@ class _ApiProtocol(asyncio.Protocol, _RelayEnd):
         loop = asyncio.get_running_loop()
         try:
             _, backend = await loop.create_connection(
-                lambda: _BackendProtocol(record), parsed.hostname, port)
+                lambda: _BackendProtocol(record, self._splice if standin.splice else None),
+                parsed.hostname, port)
         except OSError as exc:
             self._refuse(rec, 500, _status_body(
                 500, "InternalError", f"error dialing backend: {exc}"))
@@ -557,6 +624,30 @@ class _ApiProtocol(asyncio.Protocol, _RelayEnd):
         self.attach(backend)
         if not self.closed:
             self.transport.resume_reading()
+
+    def _splice(self, backend: _BackendProtocol) -> None:
+        """After the 101: move the established connection into a kernel relay, if nothing
+        is still buffered in user space (otherwise keep relaying here)."""
+        call_soon = asyncio.get_running_loop().call_soon
+        call_soon(self._try_splice, backend, 20)
+
+    def _try_splice(self, backend: _BackendProtocol, tries: int) -> None:
+        mine, theirs = self.transport, backend.transport
+        if self.closed or backend.closed or mine is None or theirs is None:
+            return
+        if self._pending or backend._pending or self.got_eof or backend.got_eof \
+                or mine.get_write_buffer_size() or theirs.get_write_buffer_size():
+            if tries:
+                asyncio.get_running_loop().call_later(0.001, self._try_splice, backend,
+                                                      tries - 1)
+            return
+        fds = [os.dup(t.get_extra_info("socket").fileno()) for t in (mine, theirs)]
+        # the dups keep both connections open while asyncio lets go of its descriptors
+        self.closed = backend.closed = True
+        for t in (mine, theirs):
+            self.standin._transports.discard(t)
+            t.abort()
+        self.standin._relays.append(_SpliceRelay(*fds))
 
     def _forward_head(self, req: h11.Request, target: str, host: str) -> bytes:
         lines = [req.method + b" " + target.encode("latin-1") + b" HTTP/1.1"]
@@ -600,7 +691,9 @@ class KubeStandIn:
         container_ports: Sequence[int | tuple[str, int]] = (80,),
         host: str = "127.0.0.1",
         port: int = 0,
+        splice: bool = True,
     ) -> None:
+        self.splice = splice  # relay established upgrades in the kernel, as the kubelet
         self.pods: dict[tuple[str, str], str] = {}
         for key, sandbox in pods.items():
             ns, _, name = key.rpartition("/")
@@ -616,6 +709,7 @@ class KubeStandIn:
         self._thread: threading.Thread | None = None
         self._server: asyncio.base_events.Server | None = None
         self._transports: set[asyncio.BaseTransport] = set()
+        self._relays: list[_SpliceRelay] = []
         self._tasks: set[asyncio.Task] = set()
         self._uids: dict[tuple[str, str], str] = {}
         self._is_async = inspect.iscoroutinefunction(port_forward) or (
@@ -670,6 +764,8 @@ class KubeStandIn:
     def stop(self) -> None:
         if self._thread is None or self._loop is None:
             return
+        for relay in self._relays:
+            relay.shutdown()
         try:
             asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=10)
         finally:
