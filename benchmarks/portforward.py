@@ -130,10 +130,12 @@ def latency(path, trials: int) -> tuple[float, float]:
     return statistics.median(samples), samples[min(len(samples) - 1, int(len(samples) * 0.99))]
 
 
-def measure(name: str, path, args, rows: list) -> None:
+def measure(name: str, path, args, rows: list, half_close: bool = True) -> None:
+    """half_close=False: the transport cannot half-close (WebSocket channels), so the sink
+    can never answer an upload; upload is not measured (shown as n/a)."""
     try:
         latency(path, 5)  # warm up
-        up = max(upload(path, args.size) for _ in range(args.repeat))
+        up = max(upload(path, args.size) for _ in range(args.repeat)) if half_close else None
         down = max(download(path, args.size) for _ in range(args.repeat))
         med, p99 = latency(path, args.trials)
         rows.append((name, up, down, med, p99, ""))
@@ -283,14 +285,16 @@ def main() -> int:
                     continue
                 if transport == "websocket":
                     extra.append("crishim/websocket: one WebSocket session per connection "
-                                 "(the channel protocol fixes ports per session)")
+                                 "(the channel protocol fixes ports per session); no upload "
+                                 "figure: the channel protocol has no half-close")
                 try:
                     pf = CrishimPortForward(cs, transport, "bench")
                 except RuntimeError as e:
                     rows.append((name, 0, 0, 0, 0, f"failed: {e}"))
                     continue
                 try:
-                    measure(name, Local(pf.ports), args, rows)
+                    measure(name, Local(pf.ports), args, rows,
+                            half_close=transport != "websocket")
                 finally:
                     pf.close()
             if wanted("concurrency"):
@@ -310,7 +314,8 @@ def main() -> int:
         if note:
             print(f"{name:34} {note}")
             continue
-        print(f"{name:34} {up:9.0f} {up / base[1]:6.1%} {down:10.0f} {down / base[2]:6.1%} "
+        up_text = f"{up:9.0f} {up / base[1]:6.1%}" if up is not None else f"{'n/a':>9} {'':6}"
+        print(f"{name:34} {up_text} {down:10.0f} {down / base[2]:6.1%} "
               f"{med:12.3f} {p99:7.3f} {med / base[3]:8.1f}")
     print()
     for line in extra:
