@@ -64,6 +64,7 @@ class Config:
     stream_url_host: str = ""
     stream_idle_timeout: float = 4 * 3600.0
     stream_creation_timeout: float = 30.0
+    stream_request_timeout: float = 10.0
     token_ttl: float = 60.0
     max_tokens: int = 1000
     max_sessions: int = 10000
@@ -113,6 +114,8 @@ SETTINGS: dict[str, Setting] = {
                                    "duration"),
     "stream_creation_timeout": Setting("a forwarded connection's stream pair must be complete "
                                        "within this (e.g. 30s)", "duration"),
+    "stream_request_timeout": Setting("a connection must send its whole upgrade request "
+                                      "within this (else 408)", "duration"),
     "token_ttl": Setting("how long an issued URL stays redeemable (e.g. 1m)", "duration"),
     "max_tokens": Setting("most outstanding URLs; past it PortForward is RESOURCE_EXHAUSTED",
                           "int"),

@@ -225,3 +225,16 @@ def test_demo_mode_end_to_end(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_request_head_timeout_is_408_and_server_lives_on(podnet):
+    with CrishimProcess("--sandboxes", f"sb={podnet.path}",
+                        "--stream-request-timeout", "300ms") as proc:
+        u = urlsplit(proc.port_forward_url("sb"))
+        with socket.create_connection((u.hostname, u.port), timeout=10) as s:
+            s.sendall(b"POST /portforward/x HTTP/1.1\r\nHost: x\r\n")  # never finished
+            t0 = time.monotonic()
+            answer = s.recv(200)
+            assert answer.startswith(b"HTTP/1.1 408"), answer
+            assert time.monotonic() - t0 < 5
+        assert http(proc.port_forward_url("sb"), "POST", SPDY_UPGRADE)[0] == 101

@@ -21,7 +21,7 @@ MAX_REQUEST_HEAD = 16 * 1024
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 PORTFORWARD_PROTOCOL = "portforward.k8s.io"
 _REASONS = {101: "Switching Protocols", 400: "Bad Request", 403: "Forbidden",
-            404: "Not Found", 405: "Method Not Allowed", 410: "Gone",
+            404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 410: "Gone",
             429: "Too Many Requests", 431: "Request Header Fields Too Large",
             500: "Internal Server Error", 503: "Service Unavailable"}
 
@@ -74,7 +74,8 @@ class StreamServer:
     def __init__(self, tokens: TokenStore, ctx: ForwardContext, host: str = "127.0.0.1",
                  port: int = 0, url_host: str = "", creation_timeout: float = 30.0,
                  idle_timeout: float = 4 * 3600.0, max_sessions: int = 10000,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None,
+                 request_timeout: float = 10.0) -> None:
         self.tokens = tokens
         self.ctx = ctx
         self.host = host
@@ -84,10 +85,12 @@ class StreamServer:
         self.idle_timeout = idle_timeout
         self.max_sessions = max_sessions
         self.ssl_context = ssl_context
+        self.request_timeout = request_timeout
         self.sessions: set = set()
         self.draining = False
         self._server: asyncio.base_events.Server | None = None
         self._transports: set[asyncio.Transport] = set()
+        self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -255,7 +258,11 @@ class _RequestProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
-        self.server._transports.add(transport)
+        server = self.server
+        server._transports.add(transport)
+        # a client that connects and never finishes its request head is dropped
+        self._head_timer = asyncio.get_running_loop().call_later(
+            server.request_timeout, self._head_timed_out)
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
             self._handover()  # TLS chose HTTP/2: no HTTP/1.1 request will come
@@ -265,6 +272,11 @@ class _RequestProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server._transports.discard(self.transport)
+        self._head_timer.cancel()
+
+    def _head_timed_out(self) -> None:
+        if not self.done:
+            self._refuse(408, f"no complete request within {self.server.request_timeout:g}s")
 
     def data_received(self, data: bytes) -> None:
         if self.done:
@@ -298,10 +310,14 @@ class _RequestProtocol(asyncio.Protocol):
         request = Request(event.method.decode("latin-1"), event.target.decode("latin-1"),
                           list(event.headers))
         self._handover()
-        asyncio.get_running_loop().create_task(self.server.dispatch(transport, request, rest))
+        task = asyncio.get_running_loop().create_task(
+            self.server.dispatch(transport, request, rest))
+        self.server._tasks.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self.server._tasks.discard)
 
     def _handover(self) -> None:
         self.done = True
+        self._head_timer.cancel()
         self.transport.pause_reading()
         self.server._transports.discard(self.transport)
 
