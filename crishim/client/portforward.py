@@ -233,6 +233,14 @@ class PortForwarder:
             raise UsageError(f"unable to listen on any address for port {spec.local}")
 
     def start_pipe(self, pipe: _Pipe) -> None:
+        session = self.session
+        if session is not None and not session.closed.done():
+            try:  # a multiplexed session: open the streams now, no task, no pause
+                pipe.stream, _ = session.open_connection_nowait(
+                    pipe.spec.remote, lambda: _RemoteSide(pipe))
+                return
+            except SessionError:
+                pass  # reported by the task below
         pipe.local.pause_reading()
         asyncio.get_running_loop().create_task(self._connect(pipe))
 

@@ -292,6 +292,13 @@ class ClientSession:
     # --- public -------------------------------------------------------------------------
     async def open_connection(self, port: int, protocol_factory: Callable[[], asyncio.Protocol]
                               ) -> tuple[ForwardStream, asyncio.Protocol]:
+        return self.open_connection_nowait(port, protocol_factory)
+
+    def open_connection_nowait(self, port: int,
+                               protocol_factory: Callable[[], asyncio.Protocol]
+                               ) -> tuple[ForwardStream, asyncio.Protocol]:
+        """open_connection without a loop round trip: the streams' opening frames are
+        written at once (first-byte latency)."""
         if self.closed.done():
             raise SessionClosed(f"session closed: {self.closed.result()}")
         stream = self._new_stream(port)
