@@ -45,6 +45,7 @@ import logging
 import os
 import socket
 import stat
+import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -57,6 +58,7 @@ MAX_LINE = 4096
 REQUEST_TIMEOUT = 10.0  # a client that sends no complete request within this is dropped
 HOST = "host"
 SOCAT_LINGER = 4 * 3600  # socat -t: after one direction's EOF, wait this long for the other
+RELAY_CHUNK = 256 * 1024
 
 
 class HelperSetupError(Exception):
@@ -133,11 +135,11 @@ def decode_request(line: bytes) -> dict:
     return body
 
 
-async def wait_io(sock: socket.socket, writable: bool = False) -> None:
-    """Until sock is readable (or writable) on the running loop."""
+async def wait_io(sock: socket.socket | int, writable: bool = False) -> None:
+    """Until sock (or an fd) is readable (or writable) on the running loop."""
     loop = asyncio.get_running_loop()
     fut = loop.create_future()
-    fd = sock.fileno()
+    fd = sock if isinstance(sock, int) else sock.fileno()
 
     def ready() -> None:
         if not fut.done():
@@ -327,24 +329,37 @@ class HelperAgent:
             sock.close()
         log.debug("dialled port %d in %s: fd passed", port, netns)
 
-    async def _start_socat(self, netns: str, target: str) -> tuple[asyncio.subprocess.Process,
-                                                                   str]:
-        """socat connected to target inside netns, or (exited process, its error text)."""
-        argv = ["socat", "-d", "-d", "-t", str(SOCAT_LINGER), "-", target]
+    async def _start_socat(self, netns: str, target: str) -> tuple[Socat | None, str]:
+        """socat connected to target inside netns, or (None, its error text)."""
+        # shut-close: the pod's EOF closes socat's stdout at once (plain "-" keeps it open)
+        argv = ["socat", "-d", "-d", "-t", str(SOCAT_LINGER), "-,shut-close", target]
         if netns != HOST:
             argv = ["nsenter", f"--net={netns}", "--", *argv]
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
+        # plain pipes and subprocess.Popen: uvloop's subprocess transport keeps a copy of
+        # the child's stdout, so socat's shut-close would never reach us as EOF
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            proc = subprocess.Popen(argv, stdin=in_r, stdout=out_w, stderr=err_w)
+        except BaseException:
+            for fd in (in_w, out_r, err_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (in_r, out_w, err_w):
+                os.close(fd)
+        socat = Socat(proc, in_w, out_r, err_r)
         errors = []
         while True:
-            line = await proc.stderr.readline()
+            line = await socat.stderr_line()
             if not line:
-                await proc.wait()
-                return proc, " ".join(errors) or f"socat exited {proc.returncode}"
+                await socat.close()
+                return None, " ".join(errors) or f"socat exited {proc.returncode}"
             text = line.decode(errors="replace").strip()
             if "starting data transfer loop" in text:
-                return proc, ""
+                socat.discard_stderr()
+                return socat, ""
             if " E " in text or "nsenter:" in text:  # "E connect(..): Connection refused"
                 errors.append(text.rsplit(": ", 1)[-1])
 
@@ -354,65 +369,120 @@ class HelperAgent:
                                           message=f"network namespace {netns} no longer exists"))
             return
         reasons = []
-        proc = None
+        socat = None
         for target in (f"TCP4:127.0.0.1:{port}", f"TCP6:[::1]:{port}"):
-            proc, error = await self._start_socat(netns, target)
-            if not error:
+            socat, error = await self._start_socat(netns, target)
+            if socat is not None:
                 break
             reasons.append(f"{target.split(':', 1)[1].rsplit(':', 1)[0]}: {error}")
-            proc = None
-        if proc is None:
+        if socat is None:
             await self._reply(conn, Reply(False, error="refused",
                                           message=f"connect to port {port}: " + "; ".join(reasons)))
             return
-        drain = asyncio.get_running_loop().create_task(_discard(proc.stderr))
         try:
             await self._reply(conn, Reply(True, mode="socat"))
-            await _relay(conn, proc)
+            await socat.relay(conn)
         finally:
-            if proc.returncode is None:
-                proc.kill()
-            await proc.wait()
-            drain.cancel()
+            await socat.close()
 
 
-async def _discard(stream: asyncio.StreamReader) -> None:
-    while await stream.read(65536):
-        pass
+class Socat:
+    """One `socat - TCP:...` child and the three pipe ends the helper holds."""
 
+    def __init__(self, proc: subprocess.Popen, stdin_fd: int, stdout_fd: int,
+                 stderr_fd: int) -> None:
+        self.proc = proc
+        self.stdin_fd = stdin_fd
+        self.stdout_fd = stdout_fd
+        self.stderr_fd = stderr_fd
+        for fd in (stdin_fd, stdout_fd, stderr_fd):
+            os.set_blocking(fd, False)
+        self._stderr = b""
+        self._drain: asyncio.Task | None = None
 
-async def _relay(conn: socket.socket, proc: asyncio.subprocess.Process) -> None:
-    """Copy the shim's unix connection to socat's stdin and socat's stdout back, each
-    direction's EOF passed on as a half-close, until both have ended."""
-    loop = asyncio.get_running_loop()
+    async def _read(self, fd: int) -> bytes:
+        while True:
+            try:
+                return os.read(fd, RELAY_CHUNK)
+            except BlockingIOError:
+                await wait_io(fd)
 
-    async def up() -> None:
-        try:
+    async def stderr_line(self) -> bytes:
+        """socat's next diagnostic line (b"" once it has exited)."""
+        while b"\n" not in self._stderr:
+            data = await self._read(self.stderr_fd)
+            if not data:
+                line, self._stderr = self._stderr, b""
+                return line
+            self._stderr += data
+        line, _, self._stderr = self._stderr.partition(b"\n")
+        return line + b"\n"
+
+    def discard_stderr(self) -> None:
+        async def drain() -> None:
+            while await self._read(self.stderr_fd):
+                pass
+
+        self._drain = asyncio.get_running_loop().create_task(drain())
+
+    def _close_stdin(self) -> None:
+        if self.stdin_fd >= 0:
+            os.close(self.stdin_fd)
+            self.stdin_fd = -1
+
+    async def close(self) -> None:
+        self._close_stdin()
+        if self._drain is not None:
+            self._drain.cancel()
+            await asyncio.gather(self._drain, return_exceptions=True)
+        for name in ("stdout_fd", "stderr_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+        if self.proc.poll() is None:
+            self.proc.kill()
+        for _ in range(200):  # reap without blocking the loop; SIGKILL is prompt
+            if self.proc.poll() is not None:
+                break
+            await asyncio.sleep(0.005)
+
+    async def relay(self, conn: socket.socket) -> None:
+        """Copy the shim's unix connection to socat's stdin and socat's stdout back, each
+        direction's EOF passed on as a half-close, until both have ended."""
+        loop = asyncio.get_running_loop()
+
+        async def up() -> None:
+            try:
+                while True:
+                    data = await loop.sock_recv(conn, RELAY_CHUNK)
+                    if not data:
+                        break
+                    view = memoryview(data)
+                    while view:
+                        try:
+                            view = view[os.write(self.stdin_fd, view):]
+                        except BlockingIOError:
+                            await wait_io(self.stdin_fd, writable=True)
+            finally:
+                self._close_stdin()  # socat shuts down writing towards the pod
+
+        async def down() -> None:
             while True:
-                data = await loop.sock_recv(conn, 256 * 1024)
+                data = await self._read(self.stdout_fd)
                 if not data:
                     break
-                proc.stdin.write(data)
-                await proc.stdin.drain()
+                await loop.sock_sendall(conn, data)
+            conn.shutdown(socket.SHUT_WR)
+
+        tasks = [loop.create_task(up()), loop.create_task(down())]
+        try:
+            for task in asyncio.as_completed(tasks):
+                await task  # an error in either direction ends both
         finally:
-            proc.stdin.close()
-
-    async def down() -> None:
-        while True:
-            data = await proc.stdout.read(256 * 1024)
-            if not data:
-                break
-            await loop.sock_sendall(conn, data)
-        conn.shutdown(socket.SHUT_WR)
-
-    tasks = [loop.create_task(up()), loop.create_task(down())]
-    try:
-        for task in asyncio.as_completed(tasks):
-            await task  # an error in either direction ends both
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 # --- command line --------------------------------------------------------------------------
