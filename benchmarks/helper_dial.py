@@ -21,8 +21,7 @@ import threading
 import time
 
 from crishim.config import load
-from crishim.netns import (create_named_netns, delete_named_netns, dial_localhost,
-                           listen_in_netns)
+from crishim.netns import create_named_netns, delete_named_netns, dial_localhost, listen_in_netns
 
 PORT = 7070
 
