@@ -1,0 +1,132 @@
+"""The helper protocol on its own: a real `crishim helper` (root) and the helper runtime plugin
+in the test process, over a real unix socket."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import tempfile
+
+import crishim_helperpod
+import pytest
+
+from crishim.config import load
+from crishim.helper import Reply, encode_request
+from crishim.runtime import DialFailed, Sandbox, SandboxGone, SandboxNotFound
+from tests.helper_proc import HelperProcess
+from tests.podnet import CLOSED_PORT, HTTP_BODY, HTTP_PORT
+
+
+@pytest.fixture(scope="module")
+def helper():
+    path = os.path.join(tempfile.mkdtemp(prefix="crishim-helper-proto-"), "helper.sock")
+    with HelperProcess(path, "fd", group="0") as proc:
+        yield proc
+    os.rmdir(os.path.dirname(path))
+
+
+def plugin_for(socket_path: str, sandboxes: dict, mode: str = "fd"):
+    return crishim_helperpod.factory(load(None, env={}, overrides={
+        "helper_socket": socket_path, "helper_mode": mode, "sandboxes": sandboxes,
+        "stream_creation_timeout": "5s"}))
+
+
+def raw_exchange(path: str, request: bytes) -> tuple[Reply, list[int]]:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(path)
+        s.sendall(request)
+        data, fds, _, _ = socket.recv_fds(s, 4096, 1)
+    return Reply.decode(data.rstrip(b"\n")), fds
+
+
+def test_dial_hands_back_a_connected_socket(helper, podnet):
+    plugin = plugin_for(helper.socket, {"sb": podnet.path})
+
+    async def go() -> bytes:
+        sock = await plugin.dial(await plugin.resolve("sb"), HTTP_PORT)
+        loop = asyncio.get_running_loop()
+        try:
+            assert sock.family in (socket.AF_INET, socket.AF_INET6)
+            assert sock.getpeername()[1] == HTTP_PORT
+            await loop.sock_sendall(sock, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            data = b""
+            while not data.endswith(HTTP_BODY):
+                chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), 10)
+                assert chunk
+                data += chunk
+            return data
+        finally:
+            sock.close()
+
+    assert asyncio.run(go()).endswith(HTTP_BODY)
+
+
+def test_refused_port_is_dial_failed_with_the_reason(helper, podnet):
+    plugin = plugin_for(helper.socket, {"sb": podnet.path})
+
+    async def go() -> None:
+        await plugin.dial(await plugin.resolve("sb"), CLOSED_PORT)
+
+    with pytest.raises(DialFailed) as e:
+        asyncio.run(go())
+    assert f"port {CLOSED_PORT}" in str(e.value) and "Connection refused" in str(e.value)
+
+
+def test_missing_netns_is_sandbox_gone(helper):
+    plugin = plugin_for(helper.socket, {})
+    with pytest.raises(SandboxGone) as e:
+        asyncio.run(plugin.dial(Sandbox("x", netns_path="/var/run/netns/crishim-none"), 80))
+    assert "/var/run/netns/crishim-none" in str(e.value)
+
+
+def test_unknown_sandbox_is_not_found(helper):
+    plugin = plugin_for(helper.socket, {})
+    with pytest.raises(SandboxNotFound):
+        asyncio.run(plugin.resolve("crishim-no-such-netns"))
+
+
+def test_exists_op(helper, podnet):
+    reply, _ = raw_exchange(helper.socket, encode_request("exists", podnet.path))
+    assert reply.ok and reply.exists is True
+    reply, _ = raw_exchange(helper.socket, encode_request("exists", "/var/run/netns/nope"))
+    assert reply.ok and reply.exists is False
+
+
+@pytest.mark.parametrize("request_line, code, words", [
+    (b"not json\n", "bad-request", "not JSON"),
+    (b'{"v": 99, "op": "dial"}\n', "version", "version 99"),
+    (b'{"v": 1, "op": "dance", "netns": "host"}\n', "bad-request", "unknown op"),
+    (b'{"v": 1, "op": "dial", "netns": "relative/path", "port": 80, "mode": "fd"}\n',
+     "bad-request", "absolute path"),
+    (b'{"v": 1, "op": "dial", "netns": "host", "port": 70000, "mode": "fd"}\n',
+     "bad-request", "1..65535"),
+    (b'{"v": 1, "op": "dial", "netns": "host", "port": 80, "mode": "socat"}\n',
+     "mode", "runs in fd mode"),
+])
+def test_bad_requests_get_a_structured_error(helper, request_line, code, words):
+    reply, fds = raw_exchange(helper.socket, request_line)
+    assert not reply.ok and not fds
+    assert reply.error == code
+    assert words in reply.message
+
+
+def test_a_client_that_sends_half_a_line_does_not_block_others(helper, podnet):
+    with socket.socket(socket.AF_UNIX) as stalled:
+        stalled.connect(helper.socket)
+        stalled.sendall(b'{"v": 1, "op": ')
+        reply, _ = raw_exchange(helper.socket, encode_request("exists", podnet.path))
+        assert reply.ok and reply.exists
+
+
+def test_no_helper_is_a_clear_dial_failed(tmp_path, podnet):
+    path = str(tmp_path / "absent.sock")
+    plugin = plugin_for(path, {"sb": podnet.path})
+
+    async def go() -> None:
+        await plugin.dial(await plugin.resolve("sb"), HTTP_PORT)
+
+    with pytest.raises(DialFailed) as e:
+        asyncio.run(go())
+    assert str(e.value) == f"helper at {path} unavailable: No such file or directory"
