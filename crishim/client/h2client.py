@@ -24,6 +24,7 @@ from crishim.client.session import (
     SessionError,
     UpgradeRefused,
 )
+from crishim.stream.h2codec import H2Codec
 
 if TYPE_CHECKING:
     from crishim.client.session import _ConnectionProtocol
@@ -39,8 +40,8 @@ class H2ClientSession(ClientSession):
 
     def __init__(self, authority: str, path: str, scheme: str) -> None:
         super().__init__()
-        self.codec = h2.connection.H2Connection(h2.config.H2Configuration(
-            client_side=True, header_encoding="utf-8"))
+        self.codec = H2Codec(h2.config.H2Configuration(client_side=True,
+                                                       header_encoding="utf-8"))
         self.codec.local_settings = h2.settings.Settings(client=True, initial_values={
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
             h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
@@ -85,7 +86,7 @@ class H2ClientSession(ClientSession):
         q = self._queues.get(stream.key)
         if q is None:
             q = self._queues[stream.key] = [[], False, 0]
-        q[0].append(memoryview(data))
+        q[0].append(data)
         q[2] += len(data)
         self._drain(stream.key, q)
         self._flush()
@@ -110,11 +111,13 @@ class H2ClientSession(ClientSession):
                 chunk = chunks[0]
                 n = min(window, len(chunk))
                 if n == len(chunk):
-                    chunks.pop(0)
+                    chunks.pop(0)  # whole: h2 copies memoryviews, not bytes
                 else:
-                    chunks[0] = chunk[n:]
+                    view = memoryview(chunk)
+                    chunks[0] = view[n:]
+                    chunk = view[:n]
                 q[2] -= n
-                codec.send_data(sid, chunk[:n], end_stream=q[1] and not chunks)
+                codec.send_data(sid, chunk, end_stream=q[1] and not chunks)
                 if q[1] and not chunks:
                     del self._queues[sid]
                     return
@@ -152,10 +155,10 @@ class H2ClientSession(ClientSession):
         self._flush()
 
     def _flush(self) -> None:
-        out = self.codec.data_to_send()
+        out = self.codec.take_output()  # DATA payloads as they are, not joined
         t = self.transport
         if out and t is not None and not t.is_closing():
-            t.write(out)
+            t.writelines(out)
 
     def _send_ping(self) -> None:
         if not self.closed.done():
@@ -185,21 +188,33 @@ class H2ClientSession(ClientSession):
             if self.transport is not None:
                 self.transport.close()
             return
+        acks: dict[int, int] = {}  # acknowledged once per stream for the whole read
+        if self._receive_events(events, acks):
+            self._acknowledge(acks)
+            self._flush()
+
+    def _acknowledge(self, acks: dict[int, int]) -> None:
+        for sid, n in acks.items():
+            self.codec.acknowledge_received_data(n, sid)
+        acks.clear()
+
+    def _receive_events(self, events: list, acks: dict[int, int]) -> bool:
+        """Act on one read's events; False once the server's GOAWAY ended the session."""
         for ev in events:
             kind = type(ev)
             if kind is h2.events.DataReceived:
                 sid = ev.stream_id
                 if ev.flow_controlled_length:
-                    self.codec.acknowledge_received_data(ev.flow_controlled_length, sid)
+                    acks[sid] = acks.get(sid, 0) + ev.flow_controlled_length
                 stream = self.streams.get(sid)
                 if sid in self._refusal:
-                    self._refusal[sid] += ev.data.decode("utf-8", "replace")
+                    self._refusal[sid] += bytes(ev.data).decode("utf-8", "replace")
                 elif stream is not None:
                     stream._data(ev.data)
                 else:
                     stream = self._error_streams.get(sid)
                     if stream is not None:
-                        stream._error_data(ev.data.decode("utf-8", "replace"))
+                        stream._error_data(bytes(ev.data).decode("utf-8", "replace"))
             elif kind is h2.events.ResponseReceived:
                 status = dict(ev.headers).get(":status", "0")
                 stream = self.streams.get(ev.stream_id) or self._error_streams.get(ev.stream_id)
@@ -225,13 +240,14 @@ class H2ClientSession(ClientSession):
                 if entry is not None and not entry[1].done():
                     entry[1].set_result(time.perf_counter() - entry[0])
             elif kind is h2.events.ConnectionTerminated:
+                self._acknowledge(acks)
                 self._flush()
                 extra = ev.additional_data.decode("utf-8", "replace") if ev.additional_data \
                     else ""
                 self._lost(f"the server sent GOAWAY ({ev.error_code!s}"
                            f"{': ' + extra if extra else ''})")
-                return
-        self._flush()
+                return False
+        return True
 
     def _stream_ended(self, sid: int, reset: bool, code) -> None:
         refusal = self._refusal.pop(sid, None)

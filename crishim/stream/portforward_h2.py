@@ -73,6 +73,7 @@ from hyperframe.frame import GoAwayFrame
 
 from crishim.forward import ForwardedConnection, SessionBase
 from crishim.runtime import Sandbox, SandboxGone, SandboxNotFound
+from crishim.stream.h2codec import H2Codec
 
 if TYPE_CHECKING:
     from crishim.stream.server import Request, StreamServer
@@ -106,7 +107,7 @@ class _Outbound:
     __slots__ = ("chunks", "eof")
 
     def __init__(self) -> None:
-        self.chunks: list[memoryview] = []
+        self.chunks: list[bytes | memoryview] = []
         self.eof = False
 
 
@@ -178,18 +179,20 @@ class H2PortForwardSession(SessionBase):
 
     def __init__(self, server: StreamServer, sandbox: Sandbox | None, path: str | None,
                  write: Callable[[bytes], None], close: Callable[[], None],
-                 over_limit: bool = False) -> None:
+                 over_limit: bool = False,
+                 writelines: Callable[[list], None] | None = None) -> None:
         super().__init__(server.ctx, sandbox)  # type: ignore[arg-type]
         self.server = server
         self.path = path
         self.creation_timeout = server.creation_timeout
         self.idle_timeout = server.idle_timeout
         self._write = write
+        self._writelines = writelines
         self._close = close
         self._over_limit = over_limit
         config = h2.config.H2Configuration(client_side=False, header_encoding="utf-8",
                                            validate_inbound_headers=True)
-        self.codec = h2.connection.H2Connection(config=config)
+        self.codec = H2Codec(config=config)
         self.codec.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
@@ -204,6 +207,7 @@ class H2PortForwardSession(SessionBase):
         self._live_requests: dict[str, ForwardedConnection] = {}  # request id -> connection
         self._outbound: dict[int, _Outbound] = {}  # streams waiting for window
         self._held_acks: dict[int, int] = {}  # data stream id -> bytes not yet acknowledged
+        self._read_acks: dict[int, int] | None = None  # DATA of the read being processed
         self._admitting: list[h2.events.Event] | None = None  # events queued while redeeming
         self._closed = False
         self._goaway_sent = False
@@ -225,9 +229,12 @@ class H2PortForwardSession(SessionBase):
 
     # --- output ------------------------------------------------------------------------
     def flush(self) -> None:
-        out = self.codec.data_to_send()
+        out = self.codec.take_output()
         if out and not self._closed:
-            self._write(out)
+            if self._writelines is not None:
+                self._writelines(out)  # DATA payloads go out as they are: no join
+            else:
+                self._write(b"".join(out))
 
     def queue_data(self, stream_id: int, data: bytes) -> bool:
         """Send what the window allows, queue the rest; False when the stream is blocked."""
@@ -242,7 +249,7 @@ class H2PortForwardSession(SessionBase):
                     pass  # stream reset or closed by the client meanwhile
                 return True
             out = self._outbound[stream_id] = _Outbound()
-        out.chunks.append(memoryview(data))
+        out.chunks.append(data)
         return self._drain_stream(stream_id, out)
 
     def queue_eof(self, stream_id: int) -> None:
@@ -264,9 +271,10 @@ class H2PortForwardSession(SessionBase):
                 if n == len(chunk):
                     out.chunks.pop(0)
                 else:
-                    out.chunks[0] = chunk[n:]
-                codec.send_data(stream_id, chunk[:n],
-                                end_stream=out.eof and not out.chunks)
+                    view = memoryview(chunk)
+                    out.chunks[0] = view[n:]
+                    chunk = view[:n]
+                codec.send_data(stream_id, chunk, end_stream=out.eof and not out.chunks)
                 if out.eof and not out.chunks:
                     del self._outbound[stream_id]
                     return True
@@ -324,15 +332,30 @@ class H2PortForwardSession(SessionBase):
             self._goaway_sent = True
             self.close(f"HTTP/2 protocol error: {e}")
             return
-        for event in events:
-            if self._closed:
-                break
-            if self._admitting is not None and isinstance(event, _QUEUED_WHILE_ADMITTING):
-                self._admitting.append(event)
-                continue
-            handler = _HANDLERS.get(type(event))
-            if handler is not None:
-                handler(self, event)
+        # one pod write per forwarded connection and one acknowledgement per stream for
+        # the whole read, not one per DATA frame
+        self._read_acks = acks = {}
+        self.begin_batch()
+        try:
+            for event in events:
+                if self._closed:
+                    break
+                if self._admitting is not None and isinstance(event, _QUEUED_WHILE_ADMITTING):
+                    self._admitting.append(event)
+                    continue
+                handler = _HANDLERS.get(type(event))
+                if handler is not None:
+                    handler(self, event)
+        finally:
+            self._read_acks = None
+            self.end_batch()
+        for sid, n in acks.items():
+            # after the pod writes: a pod socket that just became congested holds its acks
+            conn = self._by_stream.get(sid)
+            if conn is not None and conn in self._congested:
+                self._held_acks[sid] = self._held_acks.get(sid, 0) + n
+            else:
+                self._ack(sid, n)
         self.flush()
 
     @property
@@ -515,7 +538,10 @@ class H2PortForwardSession(SessionBase):
             return
         if ev.data:
             conn.client_data(ev.data)
-        if conn in self._congested:
+        acks = self._read_acks
+        if acks is not None:
+            acks[sid] = acks.get(sid, 0) + ev.flow_controlled_length
+        elif conn in self._congested:
             self._held_acks[sid] = self._held_acks.get(sid, 0) + ev.flow_controlled_length
         else:
             self._ack(sid, ev.flow_controlled_length)
@@ -717,7 +743,7 @@ def start_upgrade(server: StreamServer, transport: asyncio.Transport, request: R
     except (binascii.Error, ValueError, UnicodeError):
         raise HttpError(400, "HTTP2-Settings is not base64url") from None
     session = H2PortForwardSession(server, sandbox, request.path, transport.write,
-                                   transport.close)
+                                   transport.close, writelines=transport.writelines)
     try:
         session.codec.initiate_upgrade_connection(settings)
     except (h2.exceptions.ProtocolError, HyperframeError, ValueError) as e:
@@ -732,7 +758,7 @@ def start_prior_knowledge(server: StreamServer, transport: asyncio.Transport,
     """The connection began with the HTTP/2 preface (h2c, or TLS with ALPN h2)."""
     over_limit = len(server.sessions) >= server.max_sessions
     session = H2PortForwardSession(server, None, None, transport.write, transport.close,
-                                   over_limit=over_limit)
+                                   over_limit=over_limit, writelines=transport.writelines)
     _adopt(server, transport, session, data)
 
 
