@@ -792,3 +792,37 @@ def test_check_passes_against_crishim_in_front_of_containerd(shim: CrishimProces
         assert checks["half-close"]["result"] == "pass"
         assert checks["closed-port"]["result"] == "pass", checks["closed-port"]
         assert "22 chars" in checks["cri-url"]["detail"]
+
+
+def test_port_forward_through_the_helper_plugin_to_a_containerd_pod(
+        ctrd: ContainerdEnv, pod: tuple[str, str], tmp_path) -> None:
+    """The helper plugin with an upstream: sandboxes found through containerd's
+    PodSandboxStatus, connections dialled by `crishim helper` and passed back by fd."""
+    from tests.helper_proc import HelperProcess
+
+    sandbox_id, _ = pod
+    helper = HelperProcess(str(tmp_path / "helper.sock")).start()
+    try:
+        with CrishimProcess("--runtime", "helper", "--upstream-endpoint", str(ctrd.socket),
+                            "--helper-socket", helper.socket) as proc, \
+                KubeStandIn({"web": sandbox_id}, proc.port_forward_url) as standin, \
+                run_kubectl_port_forward(KUBECTL_127, standin.server_url, "web",
+                                         [f"0:{ECHO_PORT}"]) as pf:
+            payload = os.urandom(1 << 20)
+            with socket.create_connection(("127.0.0.1", pf.local_ports[ECHO_PORT]),
+                                          timeout=20) as conn:
+                conn.sendall(payload)
+                conn.shutdown(socket.SHUT_WR)
+                got = b""
+                while True:
+                    chunk = conn.recv(1 << 20)
+                    if not chunk:
+                        break
+                    got += chunk
+            assert got == payload
+            assert "dial" in helper.log()
+            with pytest.raises(grpc.RpcError) as e:
+                proc.port_forward_url("no-such-sandbox")
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND  # containerd's answer
+    finally:
+        helper.cleanup()

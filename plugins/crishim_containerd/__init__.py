@@ -102,9 +102,12 @@ def _netns_path_from_spec(info: dict) -> str:
 
 
 def _inode(path: str) -> int:
-    """The inode behind path, or -1 when it is gone."""
+    """The inode behind path, -1 when it is gone, 0 when this process may not look (an
+    unprivileged shim dialling through the helper): then the runtime's word stands."""
     try:
         return os.stat(path).st_ino
+    except PermissionError:
+        return 0
     except OSError:
         return -1
 

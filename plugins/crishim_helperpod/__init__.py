@@ -2,12 +2,14 @@
 privileges.
 
 Sandboxes resolve as in the netns plugin (a named netns under netns_dir, or the explicit
-`sandboxes` map) without opening the netns: the shim only checks that the path exists, and
-when it may not look (a /proc/<pid>/ns/net of another user) it asks the helper. Each dial is
-one unix connection to helper_socket (protocol: crishim.helper). In helper_mode fd the
-connected TCP socket comes back by SCM_RIGHTS; in socat mode the unix connection itself
-carries the bytes. A helper that is down or restarting fails only the dials made meanwhile,
-with DialFailed("helper at PATH unavailable: ..."); the next dial connects afresh.
+`sandboxes` map), or through the upstream runtime's PodSandboxStatus as the containerd
+plugin does when upstream_endpoint is set. The shim never opens the netns: it only checks
+that the path exists, and when it may not look (a /proc/<pid>/ns/net of another user) it
+asks the helper. Each dial is one unix connection to helper_socket (protocol:
+crishim.helper). In helper_mode fd the connected TCP socket comes back by SCM_RIGHTS; in
+socat mode the unix connection itself carries the bytes. A helper that is down or
+restarting fails only the dials made meanwhile, with DialFailed("helper at PATH
+unavailable: ..."); the next dial connects afresh.
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ class HelperPodRuntime(RuntimePlugin):
 
     def __init__(self, config: Config) -> None:
         self.names = NamedNetnsRuntime(config)
+        # with an upstream runtime, sandboxes are found as the containerd plugin finds them
+        self.upstream = None
+        if config.upstream_endpoint:
+            from crishim_containerd import ContainerdRuntime
+
+            self.upstream = ContainerdRuntime(config)
         self.socket_path = config.helper_socket
         self.mode = config.helper_mode
         self.pod_ip_fallback = config.pod_ip_fallback
@@ -50,6 +58,8 @@ class HelperPodRuntime(RuntimePlugin):
         return None if path == MAP_HOST else path
 
     async def resolve(self, sandbox_id: str) -> Sandbox:
+        if self.upstream is not None and sandbox_id not in self.names.sandboxes:
+            return await self.upstream.resolve(sandbox_id)
         try:
             return await self.names.resolve(sandbox_id)
         except (SandboxNotFound, SandboxGone):
@@ -64,6 +74,10 @@ class HelperPodRuntime(RuntimePlugin):
             if not exists:
                 raise
             return Sandbox(sandbox_id, netns_path=path)
+
+    async def close(self) -> None:
+        if self.upstream is not None:
+            await self.upstream.close()
 
     async def exists(self, netns_path: str) -> bool:
         """Ask the helper whether a netns path exists (for paths the shim may not stat)."""
@@ -87,6 +101,8 @@ class HelperPodRuntime(RuntimePlugin):
             if not reply.ok:
                 for fd in fds:
                     os.close(fd)
+                if self.upstream is not None:
+                    self.upstream.forget(sandbox.id)  # the next resolve asks the runtime
                 if reply.error == "gone":
                     raise SandboxGone(reply.message)
                 raise DialFailed(reply.message or f"helper error {reply.error}")
