@@ -474,7 +474,7 @@ class SpdyClientSession(ClientSession):
         self._flush()
         if self.tunnel is not None:
             self.tunnel.close(ws.CLOSE_NORMAL)
-            self._write_raw(self.tunnel.data_to_send())
+            self._write_raw(self.tunnel.take_output())
 
     def _flush(self) -> None:
         if self.tunnel is None:
@@ -483,15 +483,15 @@ class SpdyClientSession(ClientSession):
             if chunks and t is not None and not t.is_closing():
                 t.writelines(chunks)
             return
-        out = self.codec.data_to_send()
-        if out:
-            self.tunnel.send(out)
-            self._write_raw(self.tunnel.data_to_send())
+        chunks = self.codec.take_output()
+        if chunks:
+            self.tunnel.send_buffers(chunks)
+            self._write_raw(self.tunnel.take_output())
 
-    def _write_raw(self, out: bytes) -> None:
+    def _write_raw(self, out: list) -> None:
         t = self.transport
         if out and t is not None and not t.is_closing():
-            t.write(out)
+            t.writelines(out)
 
     def _send_ping(self) -> None:
         if not self.closed.done():
@@ -517,11 +517,11 @@ class SpdyClientSession(ClientSession):
                 if isinstance(event, ws.TunnelData):
                     self._receive_spdy(event.data)
                 elif isinstance(event, ws.Closed):
-                    self._write_raw(self.tunnel.data_to_send())
+                    self._write_raw(self.tunnel.take_output())
                     self._lost(f"the server closed the WebSocket ({event.code} "
                                f"{event.reason})".strip())
                     return
-            self._write_raw(self.tunnel.data_to_send())  # pongs
+            self._write_raw(self.tunnel.take_output())  # pongs
             return
         self._receive_spdy(data)
 
@@ -619,10 +619,10 @@ class ChannelClientSession(ClientSession):
         self._flush()
 
     def _flush(self) -> None:
-        out = self.codec.data_to_send()
+        out = self.codec.take_output()
         t = self.transport
         if out and t is not None and not t.is_closing():
-            t.write(out)
+            t.writelines(out)
 
     def receive(self, data: bytes) -> None:
         for event in self.codec.receive_data(data):

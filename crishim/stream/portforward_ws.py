@@ -71,6 +71,7 @@ def start(server: StreamServer, transport: asyncio.Transport, request: Request,
             lambda data: _tunnel_write(tunnel, transport, data),
             lambda: _tunnel_close(tunnel, transport))
         spdy_session.transport_name = "spdy-websocket"
+        spdy_session._writelines = lambda chunks: _tunnel_writelines(tunnel, transport, chunks)
         transport.write(response)
         server.adopt(transport, spdy_session, SpdyTunnelProtocol(spdy_session, tunnel, transport),
                      rest)
@@ -113,16 +114,25 @@ def requested_ports(request: Request, token_request: StreamRequest, base64: bool
 def _tunnel_write(tunnel: ws.ByteStreamTunnel, transport: asyncio.Transport,
                   data: bytes) -> None:
     tunnel.send(data)
-    out = tunnel.data_to_send()
+    out = tunnel.take_output()
     if out and not transport.is_closing():
-        transport.write(out)
+        transport.writelines(out)
+
+
+def _tunnel_writelines(tunnel: ws.ByteStreamTunnel, transport: asyncio.Transport,
+                       chunks: list) -> None:
+    # SPDY frames go into WebSocket frames as buffers: no join copy on the way out.
+    tunnel.send_buffers(chunks)
+    out = tunnel.take_output()
+    if out and not transport.is_closing():
+        transport.writelines(out)
 
 
 def _tunnel_close(tunnel: ws.ByteStreamTunnel, transport: asyncio.Transport) -> None:
     tunnel.close(ws.CLOSE_NORMAL)
-    out = tunnel.data_to_send()
+    out = tunnel.take_output()
     if out and not transport.is_closing():
-        transport.write(out)
+        transport.writelines(out)
     transport.close()
 
 
@@ -153,9 +163,9 @@ class SpdyTunnelProtocol(asyncio.Protocol):
         self._flush()  # pongs
 
     def _flush(self) -> None:
-        out = self.tunnel.data_to_send()
+        out = self.tunnel.take_output()
         if out and not self.transport.is_closing():
-            self.transport.write(out)
+            self.transport.writelines(out)
 
     def eof_received(self) -> bool:
         self._handle(self.tunnel.receive_data(b""))
@@ -254,9 +264,9 @@ class ChannelPortForwardSession(SessionBase):
         self._timers.append(asyncio.get_running_loop().call_later(delay, fn))
 
     def flush(self) -> None:
-        out = self.codec.data_to_send()
+        out = self.codec.take_output()
         if out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(out)
+            self.transport.writelines(out)
 
     def port_done(self) -> None:
         """A port ended from the pod's side; when all have, end the WebSocket cleanly."""

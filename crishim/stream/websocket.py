@@ -5,10 +5,13 @@ events, and queues outgoing bytes for ``data_to_send()``.
 
 * ``accept_handshake`` / ``client_handshake_request`` / ``parse_handshake_response``:
   the RFC 6455 opening handshake, server and client side.
-* ``WebSocketFraming``: a thin wrapper over ``wsproto.Connection`` after the
-  handshake that reassembles whole messages, bounds their size, answers pings and
-  turns every kind of peer misbehaviour into a queued close frame plus a
-  ``Closed`` event (never an exception).
+* ``WebSocketFraming``: RFC 6455 framing after the handshake, written here rather
+  than taken from wsproto because wsproto copies each payload byte about five times
+  (buffer append, slice, delete, a masker on a copy, bytes()) and spent ~70% of the
+  server's CPU in a kubectl upload. It unmasks once, hands tunnel bytes on as they
+  arrive, reassembles channel messages, bounds their size, answers pings and turns
+  every kind of peer misbehaviour into a queued close frame plus a ``Closed`` event
+  (never an exception). ``take_output()`` gives frames as buffers for writelines.
 * ``ChannelCodec``: the Kubernetes channel protocol (``v4.channel.k8s.io``,
   ``v4.base64.channel.k8s.io`` or no subprotocol) on top of the framing.
 * ``ByteStreamTunnel``: ``SPDY/3.1+portforward.k8s.io``, a WebSocket carrying one
@@ -19,13 +22,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import hashlib
 import os
 import struct
 from dataclasses import dataclass
-
-from wsproto.connection import CLIENT, SERVER, Connection, ConnectionState
-from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
 __all__ = [
     "CHANNEL_BASE64",
@@ -70,6 +71,7 @@ _MAX_RESPONSE_HEAD = 64 * 1024
 CLOSE_NORMAL = 1000
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_NO_STATUS = 1005
 CLOSE_ABNORMAL = 1006
 CLOSE_INVALID_PAYLOAD = 1007
 CLOSE_MESSAGE_TOO_BIG = 1009
@@ -269,6 +271,44 @@ def parse_handshake_response(
 
 # --------------------------------------------------------------------------- framing
 
+_OP_CONTINUATION, _OP_TEXT, _OP_BINARY = 0x0, 0x1, 0x2
+_OP_CLOSE, _OP_PING, _OP_PONG = 0x8, 0x9, 0xA
+_KNOWN_OPCODES = frozenset((0x0, 0x1, 0x2, 0x8, 0x9, 0xA))
+_MAX_CONTROL_PAYLOAD = 125
+# A partial frame head plus a whole control frame: all the input ever buffered.
+_MAX_HEAD_AND_CONTROL = 14 + _MAX_CONTROL_PAYLOAD
+# Received close codes a peer may send (RFC 6455 section 7.4; 1005/1006/1015 are local only).
+_VALID_CLOSE_CODES = frozenset((1000, 1001, 1002, 1003, *range(1007, 1015)))
+_HEAD16 = struct.Struct("!BBH")
+_HEAD64 = struct.Struct("!BBQ")
+_LEN16 = struct.Struct("!H")
+_LEN64 = struct.Struct("!Q")
+# Payloads below this are joined with their frame head into one buffer for the transport.
+_JOIN_BELOW = 2048
+
+# XOR with a 4-byte mask, done as 4 strided bytes.translate passes with a per-key-byte
+# table. Measured for 4 KiB..1 MiB payloads (Python 3.11): 600-930 MB/s, against
+# 300-650 MB/s for int.from_bytes ^ repeated mask ^ to_bytes (to_bytes dominates), and
+# the translate method does not slow down for large payloads.
+_XOR_TABLES = [bytes(b ^ k for b in range(256)) for k in range(256)]
+
+
+def _unmask_in_place(buf: bytearray, start: int, end: int, key: bytes | bytearray) -> None:
+    """XOR ``buf[start:end]`` with ``key`` repeated, ``key[0]`` at ``start``."""
+    tables = _XOR_TABLES
+    for i in range(4):
+        k = key[i]
+        if k:
+            s = start + i
+            buf[s:end:4] = buf[s:end:4].translate(tables[k])
+
+
+def xor_mask(data: bytes | bytearray | memoryview, key: bytes) -> bytearray:
+    """``data`` masked (or unmasked) with the 4-byte ``key`` (RFC 6455 section 5.3)."""
+    out = bytearray(data)
+    _unmask_in_place(out, 0, len(out), key)
+    return out
+
 
 @dataclass(frozen=True, slots=True)
 class Message:
@@ -295,112 +335,391 @@ class PingReceived:
     payload: bytes
 
 
-FramingEvent = Message | Closed | PingReceived
+@dataclass(frozen=True, slots=True)
+class TunnelData:
+    """The next piece of the tunnelled byte stream."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolViolation:
+    """The peer broke the channel protocol; a close frame with ``code`` is queued and a
+    ``Closed`` event follows."""
+
+    reason: str
+    code: int = CLOSE_PROTOCOL_ERROR
+
+
+FramingEvent = Message | Closed | PingReceived | TunnelData | ProtocolViolation
+
+
+class _Failed(Exception):
+    """Internal: the peer broke RFC 6455; the close frame is queued."""
 
 
 class WebSocketFraming:
-    """Message framing over an established WebSocket (after the handshake).
+    """RFC 6455 framing over an established WebSocket (after the handshake), sans-IO.
 
-    ``receive_data(b"")`` means the transport reached EOF. Outgoing messages
-    offered after a close frame was sent are discarded: the peer can no longer
-    accept them.
+    ``receive_data`` never raises: every peer misbehaviour becomes a queued close frame
+    plus a ``Closed`` event. Input is buffered only while a frame head (at most 14 bytes)
+    or a control frame (at most 125 more) is incomplete; payload bytes are unmasked once
+    and handed on. Messages are reassembled up to ``max_message_size`` (1009 beyond it).
+
+    ``stream=True`` (a byte tunnel, where message boundaries mean nothing): binary payload
+    is handed on as ``TunnelData`` as it arrives, one event per ``receive_data`` call and
+    control frame boundary, and a text message fails the connection with 1003.
+
+    ``receive_data(b"")`` means the transport reached EOF. Outgoing messages offered after
+    a close frame was sent are discarded: the peer can no longer accept them.
     """
 
-    def __init__(self, client: bool, max_message_size: int = 16 * 1024 * 1024) -> None:
+    def __init__(self, client: bool, max_message_size: int = 16 * 1024 * 1024,
+                 stream: bool = False) -> None:
         self.client = client
         self.max_message_size = max_message_size
-        self._conn = Connection(CLIENT if client else SERVER)
-        self._out: list[bytes | bytearray] = []
-        self._parts: list[bytes | str] = []
-        self._size = 0
+        self.stream = stream
         self.closed = False
+        self._close_sent = False
+        self._out: list[bytes | bytearray | memoryview] = []
+        self._head = bytearray()          # an incomplete frame head / control frame
+        self._remaining = 0               # payload bytes of the current data frame still due
+        self._key = b""                   # its mask key, rotated to the next byte due
+        self._fin = False
+        self._message_opcode = 0          # opcode of the message in progress, 0 if none
+        self._message_size = 0
+        self._parts: list[bytes | bytearray] = []
+        self._utf8: codecs.IncrementalDecoder | None = None
+        # Stream mode: unmasked payload pieces of this read, not yet handed on.
+        self._acc: list[bytearray | memoryview] = []
 
     @property
     def closing(self) -> bool:
         """A close frame has been sent or received; no more messages go out."""
-        return self.closed or self._conn.state is not ConnectionState.OPEN
+        return self.closed or self._close_sent
+
+    # ----------------------------------------------------------------- input
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[FramingEvent]:
         if self.closed:
             return []
         if not data:
-            self._conn.receive_data(None)
             self.closed = True
             return [Closed(CLOSE_ABNORMAL, "transport closed without a close frame")]
-        conn = self._conn
-        conn.receive_data(data)
         events: list[FramingEvent] = []
-        for event in conn.events():
-            if isinstance(event, (BytesMessage, TextMessage)):
-                message = self._reassemble(event)
-                if message is not None:
-                    events.append(message)
-                elif self.closed:
-                    events.append(Closed(CLOSE_MESSAGE_TOO_BIG, "message too big"))
-                    break
-            elif isinstance(event, Ping):
-                if conn.state is ConnectionState.OPEN:
-                    self._out.append(conn.send(event.response()))
-                events.append(PingReceived(bytes(event.payload)))
-            elif isinstance(event, CloseConnection):
-                events.append(self._on_close(event))
-                break
-            # Pongs need no action: we never ping unprompted through this object.
+        try:
+            self._receive(data, events)
+        except _Failed:
+            pass
+        except Exception as exc:  # noqa: BLE001 - a codec bug ends this WebSocket only
+            self._fail(1011, f"internal error decoding frames: {exc!r}"[:120], events)
         return events
 
-    def _reassemble(self, event: BytesMessage | TextMessage) -> Message | None:
-        chunk = event.data
-        self._size += len(chunk)
-        if self._size > self.max_message_size:
-            self._parts.clear()
-            self._fail(CLOSE_MESSAGE_TOO_BIG, f"message larger than {self.max_message_size} bytes")
-            return None
-        if not event.message_finished:
-            self._parts.append(chunk)
-            return None
-        if self._parts:
-            self._parts.append(chunk)
-            chunk = chunk[:0].join(self._parts)  # type: ignore[arg-type]
-            self._parts.clear()
-        self._size = 0
-        if isinstance(chunk, str):
-            return Message(chunk.encode("utf-8"), False)
-        return Message(chunk if type(chunk) is bytes else bytes(chunk), True)
+    def _receive(self, data: bytes | bytearray | memoryview, events: list) -> None:
+        view = memoryview(data)
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        end = len(view)
+        pos = 0
+        stream = self.stream
+        while pos < end:
+            remaining = self._remaining
+            if remaining:
+                take = end - pos if end - pos < remaining else remaining
+                # Counted as it arrives, like a reader that buffers: a peer announcing a
+                # huge frame is refused once it has sent more than the limit.
+                self._message_size += take
+                if self._message_size > self.max_message_size:
+                    self._fail(CLOSE_MESSAGE_TOO_BIG, "message larger than "
+                                                      f"{self.max_message_size} bytes", events)
+                key = self._key
+                if stream:
+                    if key:
+                        piece: bytearray | memoryview = bytearray(view[pos:pos + take])
+                        _unmask_in_place(piece, 0, take, key)  # type: ignore[arg-type]
+                    else:
+                        piece = view[pos:pos + take]
+                    self._acc.append(piece)
+                else:
+                    self._payload(view[pos:pos + take], key, events)
+                pos += take
+                self._remaining = remaining = remaining - take
+                if key and take & 3:
+                    shift = take & 3
+                    self._key = key[shift:] + key[:shift]
+                if not remaining and self._fin:
+                    self._message_done(events)
+                continue
+            head = self._head
+            if head:
+                # Complete the buffered head with at most the bytes one frame head
+                # plus control payload can need; the rest of ``view`` stays unread.
+                had = len(head)
+                head += view[pos:pos + _MAX_HEAD_AND_CONTROL - had]
+                if self._acc:
+                    self._flush_stream(events)
+                used = self._frame(head, 0, len(head), events)
+                if not used:
+                    pos = end
+                    break
+                self._head = bytearray()
+                pos += used - had
+                continue
+            if self._acc and view[pos] & 0x08:  # a control frame: keep events in wire order
+                self._flush_stream(events)
+            used = self._frame(view, pos, end, events)
+            if not used:
+                self._head = bytearray(view[pos:end])
+                break
+            pos += used
+        if self._acc:
+            self._flush_stream(events)
 
-    def _on_close(self, event: CloseConnection) -> Closed:
-        state = self._conn.state
-        if state is ConnectionState.REMOTE_CLOSING:
-            # The peer started the close handshake: echo its code.
-            self._out.append(self._conn.send(event.response()))
-        elif state is ConnectionState.OPEN:
-            # wsproto reports bytes it cannot parse as a close event without a state
-            # change: fail the connection with the code it suggests.
-            self._out.append(self._conn.send(CloseConnection(event.code, event.reason)))
-        # CLOSED: the peer answered our close. LOCAL_CLOSING: garbage after our close.
-        self.closed = True
-        return Closed(int(event.code), event.reason or "")
+    def _flush_stream(self, events: list) -> None:
+        # One join per transport read (a growing bytearray costs far more: reallocs).
+        acc = self._acc
+        first = acc[0]
+        if len(acc) == 1 and type(first) is memoryview and type(first.obj) is bytes \
+                and len(first) == len(first.obj):
+            data = first.obj  # a whole received block, unmasked: hand it on as it is
+        else:
+            data = b"".join(acc)
+        acc.clear()
+        events.append(TunnelData(data))
 
-    def _fail(self, code: int, reason: str) -> None:
-        if self._conn.state is ConnectionState.OPEN:
-            self._out.append(self._conn.send(CloseConnection(code, reason)))
+    def _frame(self, buf, pos: int, end: int, events: list) -> int:
+        """Parse the frame head at ``buf[pos:]`` (and a whole control frame); return the
+        bytes used, or 0 if more input is needed. Raises _Failed on a violation."""
+        if end - pos < 2:
+            return 0
+        b0 = buf[pos]
+        b1 = buf[pos + 1]
+        opcode = b0 & 0x0F
+        if b0 & 0x70:
+            self._fail(CLOSE_PROTOCOL_ERROR, "reserved bits set without a negotiated "
+                                             "extension", events)
+        if opcode not in _KNOWN_OPCODES:
+            self._fail(CLOSE_PROTOCOL_ERROR, f"reserved opcode {opcode:#x}", events)
+        masked = b1 & 0x80
+        if self.client:
+            if masked:
+                self._fail(CLOSE_PROTOCOL_ERROR, "masked frame from the server", events)
+        elif not masked:
+            self._fail(CLOSE_PROTOCOL_ERROR, "unmasked frame from the client", events)
+        size = b1 & 0x7F
+        used = 2
+        if size == 126:
+            if end - pos < 4:
+                return 0
+            (size,) = _LEN16.unpack_from(buf, pos + 2)
+            used = 4
+            if size < 126:
+                self._fail(CLOSE_PROTOCOL_ERROR, "payload length not minimally encoded",
+                           events)
+        elif size == 127:
+            if end - pos < 10:
+                return 0
+            (size,) = _LEN64.unpack_from(buf, pos + 2)
+            used = 10
+            if size < 65536 or size >> 63:
+                self._fail(CLOSE_PROTOCOL_ERROR, "invalid 64-bit payload length", events)
+        fin = b0 & 0x80
+        if opcode & 0x08:
+            if not fin:
+                self._fail(CLOSE_PROTOCOL_ERROR, "fragmented control frame", events)
+            if size > _MAX_CONTROL_PAYLOAD:
+                self._fail(CLOSE_PROTOCOL_ERROR, "control frame payload over 125 bytes",
+                           events)
+            if masked:
+                used += 4
+            if end - pos < used + size:
+                return 0
+            payload = bytes(buf[pos + used:pos + used + size])
+            if masked and size:
+                payload = bytes(xor_mask(payload, bytes(buf[pos + used - 4:pos + used])))
+            self._control(opcode, payload, events)
+            return used + size
+        if masked:
+            if end - pos < used + 4:
+                return 0
+            key = bytes(buf[pos + used:pos + used + 4])
+            used += 4
+            if key == b"\0\0\0\0":
+                key = b""
+        else:
+            key = b""
+        if opcode:
+            if self._message_opcode:
+                self._fail(CLOSE_PROTOCOL_ERROR, "new message started inside a fragmented "
+                                                 "message", events)
+            if opcode == _OP_TEXT:
+                if self.stream:
+                    reason = "text message in a byte tunnel"
+                    events.append(ProtocolViolation(reason, CLOSE_UNSUPPORTED_DATA))
+                    self._fail(CLOSE_UNSUPPORTED_DATA, reason, events)
+                self._utf8 = codecs.getincrementaldecoder("utf-8")()
+            self._message_opcode = opcode
+            self._message_size = 0
+        elif not self._message_opcode:
+            self._fail(CLOSE_PROTOCOL_ERROR, "continuation frame without a message to "
+                                             "continue", events)
+        self._fin = bool(fin)
+        self._key = key
+        self._remaining = size
+        if not size and fin:
+            self._message_done(events)
+        return used
+
+    def _payload(self, piece: memoryview, key: bytes, events: list) -> None:
+        """Message mode: keep one piece of a data frame's payload, unmasked."""
+        if key:
+            chunk: bytes | bytearray = bytearray(piece)
+            _unmask_in_place(chunk, 0, len(chunk), key)
+        else:
+            chunk = bytes(piece)
+        if self._utf8 is not None:
+            try:
+                self._utf8.decode(chunk)
+            except UnicodeDecodeError as exc:
+                self._fail(CLOSE_INVALID_PAYLOAD, f"text message is not UTF-8: {exc.reason}",
+                           events)
+        self._parts.append(chunk)
+
+    def _message_done(self, events: list) -> None:
+        opcode = self._message_opcode
+        self._message_opcode = 0
+        self._message_size = 0
+        if self.stream:
+            return
+        parts = self._parts
+        data = parts[0] if len(parts) == 1 and type(parts[0]) is bytes else b"".join(parts)
+        parts.clear()
+        if opcode == _OP_TEXT:
+            utf8, self._utf8 = self._utf8, None
+            try:
+                utf8.decode(b"", True)  # type: ignore[union-attr]
+            except UnicodeDecodeError as exc:
+                self._fail(CLOSE_INVALID_PAYLOAD, f"text message is not UTF-8: {exc.reason}",
+                           events)
+        events.append(Message(data, opcode == _OP_BINARY))
+
+    def _control(self, opcode: int, payload: bytes, events: list) -> None:
+        if opcode == _OP_PING:
+            if not self._close_sent:
+                self._queue_frame(_OP_PONG, payload)
+            events.append(PingReceived(payload))
+        elif opcode == _OP_CLOSE:
+            code, reason = CLOSE_NO_STATUS, ""
+            if len(payload) == 1:
+                self._fail(CLOSE_PROTOCOL_ERROR, "close frame with a 1-byte payload", events)
+            if payload:
+                (code,) = _LEN16.unpack_from(payload)
+                if code not in _VALID_CLOSE_CODES and not 3000 <= code <= 4999:
+                    self._fail(CLOSE_PROTOCOL_ERROR, f"invalid close code {code}", events)
+                try:
+                    reason = payload[2:].decode("utf-8")
+                except UnicodeDecodeError:
+                    self._fail(CLOSE_INVALID_PAYLOAD, "close reason is not UTF-8", events)
+            if self._acc:
+                self._flush_stream(events)
+            if not self._close_sent:
+                # The peer started the close handshake: echo its code.
+                self._queue_close(code, reason)
+            self.closed = True
+            events.append(Closed(code, reason))
+            raise _Failed  # nothing after a close frame is read
+        # Pongs need no action: we never ping unprompted through this object.
+
+    def fail(self, code: int, reason: str) -> None:
+        """Fail the connection from above (a channel protocol violation): queue a close
+        frame with ``code`` unless one was sent already, and read nothing more."""
+        if not self._close_sent:
+            self._queue_close(code, reason)
         self.closed = True
+        self._parts.clear()
+        self._head = bytearray()
+        self._remaining = 0
+
+    def _fail(self, code: int, reason: str, events: list) -> None:
+        """Fail the connection: queue a close frame, report it, stop reading."""
+        if self._acc:
+            self._flush_stream(events)
+        self.fail(code, reason)
+        events.append(Closed(code, reason))
+        raise _Failed
+
+    # ----------------------------------------------------------------- output
+
+    def _queue_close(self, code: int, reason: str) -> None:
+        self._close_sent = True
+        if code == CLOSE_NO_STATUS:
+            self._queue_frame(_OP_CLOSE, b"")
+            return
+        encoded = reason.encode("utf-8")[:_MAX_CONTROL_PAYLOAD - 2]
+        self._queue_frame(_OP_CLOSE, _LEN16.pack(code) + encoded.decode(
+            "utf-8", "ignore").encode("utf-8"))
+
+    def _queue_frame(self, opcode: int, payload: bytes | bytearray | memoryview,
+                     prefix: bytes = b"") -> None:
+        """One final frame; ``prefix`` (a channel byte) goes before ``payload``."""
+        size = len(prefix) + len(payload)
+        first = 0x80 | opcode
+        out = self._out
+        if self.client:
+            key = os.urandom(4)
+            if size < 126:
+                head = bytes((first, 0x80 | size)) + key
+            elif size < 65536:
+                head = _HEAD16.pack(first, 0xFE, size) + key
+            else:
+                head = _HEAD64.pack(first, 0xFF, size) + key
+            body = bytearray(prefix)
+            body += payload
+            _unmask_in_place(body, 0, size, key)
+            if size < _JOIN_BELOW:
+                out.append(head + body)
+            else:
+                out.append(head)
+                out.append(body)
+            return
+        if size < 126:
+            head = bytes((first, size))
+        elif size < 65536:
+            head = _HEAD16.pack(first, 126, size)
+        else:
+            head = _HEAD64.pack(first, 127, size)
+        if size < _JOIN_BELOW:
+            out.append(b"".join((head, prefix, payload)))
+            return
+        out.append(head + prefix if prefix else head)
+        out.append(_stable(payload))
+
+    def _queue_buffers(self, opcode: int, buffers: list, size: int) -> None:
+        """One final frame whose payload is ``buffers`` (total ``size``) in order."""
+        if self.client or size < _JOIN_BELOW:
+            self._queue_frame(opcode, b"".join(buffers))
+            return
+        if size < 65536:
+            self._out.append(_HEAD16.pack(0x80 | opcode, 126, size))
+        else:
+            self._out.append(_HEAD64.pack(0x80 | opcode, 127, size))
+        self._out.extend(_stable(b) for b in buffers)
 
     def send_message(self, data: bytes | bytearray | memoryview | str, binary: bool = True) -> None:
         """Queue one message (not fragmented). ``binary=False`` sends a text message;
         bytes given for a text message must be UTF-8."""
         if self.closing:
             return
-        if not binary and not isinstance(data, str):
-            data = bytes(data).decode("utf-8")
-        elif binary and isinstance(data, str):
+        if isinstance(data, str):
             data = data.encode("utf-8")
-        event = BytesMessage(data) if binary else TextMessage(data)  # type: ignore[arg-type]
-        self._out.append(self._conn.send(event))
+        elif not binary:
+            bytes(data).decode("utf-8")  # refuse to send invalid text
+        self._queue_frame(_OP_BINARY if binary else _OP_TEXT, data)
 
     def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
         """Start the close handshake (no-op if already closing)."""
-        if self._conn.state is ConnectionState.OPEN and not self.closed:
-            self._out.append(self._conn.send(CloseConnection(code, reason)))
+        if not self.closing:
+            self._queue_close(code, reason)
 
     def data_to_send(self) -> bytes:
         out = self._out
@@ -409,6 +728,24 @@ class WebSocketFraming:
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
         return bytes(data) if type(data) is not bytes else data
+
+    def take_output(self) -> list[bytes | bytearray | memoryview]:
+        """Drain everything queued as a list of buffers, for ``transport.writelines``:
+        payloads are not joined (copied) into one block first."""
+        out = self._out
+        if not out:
+            return []
+        self._out = []
+        return out
+
+
+def _stable(data: bytes | bytearray | memoryview) -> bytes | memoryview:
+    """``data`` itself if nobody can change it before it is written, else a copy."""
+    if type(data) is bytes:
+        return data
+    if type(data) is memoryview and type(data.obj) is bytes:
+        return data
+    return bytes(data)
 
 
 # --------------------------------------------------------------------------- channels
@@ -439,18 +776,10 @@ class PortPreface:
     error_channel: bool
 
 
-@dataclass(frozen=True, slots=True)
-class ProtocolViolation:
-    """The peer broke the channel protocol; a close frame with ``code`` is queued and a
-    ``Closed`` event follows."""
-
-    reason: str
-    code: int = CLOSE_PROTOCOL_ERROR
-
-
 ChannelEvent = ChannelData | ChannelError | PortPreface | ProtocolViolation | Closed | PingReceived
 
 _B64_DIGITS = b"0123456789"
+_CHANNEL_BYTES = [bytes((channel,)) for channel in range(256)]
 
 
 class ChannelCodec:
@@ -519,7 +848,7 @@ class ChannelCodec:
         return events
 
     def _violation(self, reason: str, code: int = CLOSE_PROTOCOL_ERROR) -> ProtocolViolation:
-        self.framing._fail(code, reason)
+        self.framing.fail(code, reason)
         return ProtocolViolation(reason, code)
 
     def _decode(self, message: Message) -> ChannelEvent | None:
@@ -541,7 +870,8 @@ class ChannelCodec:
         else:
             if channel >= self._channels:
                 return self._violation(f"message for unknown channel {channel}")
-            data = payload[1:]
+            # A view, not a copy: the payload is an immutable bytes object.
+            data = memoryview(payload)[1:] if len(payload) > 4096 else payload[1:]
         index, is_error = divmod(channel, 2)
         if not self.client:
             if is_error:
@@ -560,18 +890,17 @@ class ChannelCodec:
                 )
             return PortPreface(index, port, bool(is_error))
         if is_error:
-            return ChannelError(index, data.decode("utf-8", "replace"))
+            return ChannelError(index, bytes(data).decode("utf-8", "replace"))
         return ChannelData(index, data) if data else None
 
     def _send(self, channel: int, data: bytes | bytearray | memoryview) -> None:
         framing = self.framing
         if self.base64:
             prefix = _B64_DIGITS[channel:channel + 1] if channel < 10 else bytes([0x30 + channel])
-            framing.send_message(
-                (prefix + binascii.b2a_base64(data, newline=False)).decode("ascii"), binary=False
-            )
-        else:
-            framing.send_message(b"%c%b" % (channel, data), binary=True)
+            if not framing.closing:
+                framing._queue_frame(_OP_TEXT, binascii.b2a_base64(data, newline=False), prefix)
+        elif not framing.closing:
+            framing._queue_frame(_OP_BINARY, data, _CHANNEL_BYTES[channel])
 
     def send_data(self, index: int, data: bytes | bytearray | memoryview) -> None:
         """Queue bytes for port ``index``'s data channel, cut into bounded messages."""
@@ -605,15 +934,12 @@ class ChannelCodec:
     def data_to_send(self) -> bytes:
         return self.framing.data_to_send()
 
+    def take_output(self) -> list[bytes | bytearray | memoryview]:
+        """Queued frames as a list of buffers for ``transport.writelines``."""
+        return self.framing.take_output()
+
 
 # --------------------------------------------------------------------------- SPDY tunnel
-
-
-@dataclass(frozen=True, slots=True)
-class TunnelData:
-    """The next piece of the tunnelled byte stream."""
-
-    data: bytes
 
 
 TunnelEvent = TunnelData | ProtocolViolation | Closed | PingReceived
@@ -622,8 +948,9 @@ TunnelEvent = TunnelData | ProtocolViolation | Closed | PingReceived
 class ByteStreamTunnel:
     """A raw byte stream carried in binary WebSocket messages (PROTOCOL.md section 5).
 
-    Message boundaries carry no meaning; a text message is a protocol violation
-    (client-go's tunnelling connection rejects them too).
+    Message boundaries carry no meaning, so received payload is handed on as it arrives
+    (``TunnelData``, not reassembled into messages); a text message is a protocol
+    violation (client-go's tunnelling connection rejects them too).
     """
 
     def __init__(
@@ -632,7 +959,7 @@ class ByteStreamTunnel:
         max_message_size: int = 16 * 1024 * 1024,
         max_send_payload: int = MAX_MESSAGE_PAYLOAD,
     ) -> None:
-        self.framing = WebSocketFraming(client, max_message_size)
+        self.framing = WebSocketFraming(client, max_message_size, stream=True)
         self._send_chunk = max(1, max_send_payload)
 
     @property
@@ -640,32 +967,42 @@ class ByteStreamTunnel:
         return self.framing.closed
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[TunnelEvent]:
-        events: list[TunnelEvent] = []
-        for event in self.framing.receive_data(data):
-            if isinstance(event, Message):
-                if not event.binary:
-                    self.framing._fail(CLOSE_UNSUPPORTED_DATA, "text message in a byte tunnel")
-                    events.append(ProtocolViolation("text message in a byte tunnel",
-                                                    CLOSE_UNSUPPORTED_DATA))
-                    events.append(Closed(CLOSE_UNSUPPORTED_DATA, "text message in a byte tunnel"))
-                    break
-                if event.data:
-                    events.append(TunnelData(event.data))
-            else:
-                events.append(event)
-        return events
+        return self.framing.receive_data(data)  # type: ignore[return-value]
 
     def send(self, data: bytes | bytearray | memoryview) -> None:
         """Queue stream bytes, cut into bounded binary messages."""
-        size = len(data)
-        chunk = self._send_chunk
-        if size <= chunk:
-            if size:
-                self.framing.send_message(data)
+        if data:
+            self.send_buffers([data])
+
+    def send_buffers(self, buffers: list[bytes | bytearray | memoryview]) -> None:
+        """Queue stream bytes given as several buffers (``SpdySession.take_output()``):
+        they share binary messages of at most ``max_send_payload`` bytes, uncopied."""
+        framing = self.framing
+        if framing.closing:
             return
-        view = memoryview(data)
-        for start in range(0, size, chunk):
-            self.framing.send_message(view[start:start + chunk])
+        limit = self._send_chunk
+        batch: list[bytes | bytearray | memoryview] = []
+        size = 0
+        for buf in buffers:
+            n = len(buf)
+            if size + n <= limit:
+                if n:
+                    batch.append(buf)
+                    size += n
+                continue
+            view = memoryview(buf)
+            offset = 0
+            while offset < n:
+                take = min(n - offset, limit - size)
+                batch.append(view[offset:offset + take])
+                size += take
+                offset += take
+                if size == limit:
+                    framing._queue_buffers(_OP_BINARY, batch, size)
+                    batch = []
+                    size = 0
+        if batch:
+            framing._queue_buffers(_OP_BINARY, batch, size)
 
     def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
         self.framing.close(code, reason)
@@ -673,3 +1010,6 @@ class ByteStreamTunnel:
     def data_to_send(self) -> bytes:
         return self.framing.data_to_send()
 
+    def take_output(self) -> list[bytes | bytearray | memoryview]:
+        """Queued frames as a list of buffers for ``transport.writelines``."""
+        return self.framing.take_output()
