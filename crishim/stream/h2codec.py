@@ -11,8 +11,11 @@ changes only the byte handling at both ends:
 - in: frames are parsed straight from the received `bytes`; DATA payloads are handed out
   as memoryviews into them, as they arrive, like crishim's SPDY codec: a DATA frame split
   over reads reaches h2 as consecutive DATA pieces of the same stream (END_STREAM on the
-  last), so h2 accounts exactly the same flow-controlled bytes. Padded DATA frames and
-  every other frame type are buffered whole and parsed by hyperframe as before;
+  last), so h2 accounts exactly the same flow-controlled bytes. Only frames h2 would accept
+  whole are split (open stream, within both windows, no header block pending), so every
+  piece is accepted just the same; any other DATA frame (closed stream, window exceeded:
+  h2 answers those per frame), padded ones and every other frame type are buffered whole
+  and parsed by hyperframe as before;
 - out: `take_output()` returns the frames as a list for `transport.writelines`: a DATA
   frame is its 9-byte header and the caller's payload object, never joined.
 """
@@ -20,11 +23,14 @@ changes only the byte handling at both ends:
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 import h2.config
 import h2.connection
+from h2.connection import ConnectionState
 from h2.exceptions import FrameDataMissingError, ProtocolError
 from h2.frame_buffer import FrameBuffer
+from h2.stream import StreamState
 from hyperframe.exceptions import InvalidDataError, InvalidFrameError, InvalidPaddingError
 from hyperframe.frame import DataFrame, Frame
 
@@ -33,6 +39,7 @@ _DATA_TYPE = 0x0
 _FLAG_END_STREAM = 0x1
 _FLAG_PADDED = 0x8
 _COALESCE = 4096  # small control frames written in the same flush are joined up to this
+_RECEIVING = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
 
 
 class ViewDataFrame(DataFrame):
@@ -72,17 +79,20 @@ class ViewFrameBuffer(FrameBuffer):
         self._data_stream = 0
         self._data_left = 0
         self._data_end = False
+        # (stream id, length) -> may this DATA frame be handed out in pieces?
+        self.can_split: Callable[[int, int], bool] = lambda stream_id, length: False
 
     def add_data(self, data) -> None:
         if type(data) is not bytes:  # memoryviews handed out must not see the bytes change
             data = bytes(data)
+        view = memoryview(data)
         if self._preamble_len:
-            n = min(self._preamble_len, len(data))
-            super().add_data(data[:n])  # h2 checks the client preface and consumes it
-            data = data[n:]
-        if data:
-            self._views.append(memoryview(data))
-            self._avail += len(data)
+            n = min(self._preamble_len, len(view))
+            super().add_data(view[:n])  # h2 checks the client preface and consumes it
+            view = view[n:]
+        if view:
+            self._views.append(view)
+            self._avail += len(view)
 
     def _take(self, n: int) -> memoryview:
         """Consume n bytes (n <= _avail): a view into one received object when they lie in
@@ -149,7 +159,8 @@ class ViewFrameBuffer(FrameBuffer):
                 raise ProtocolError(f"Received frame with invalid header: {err!s}") from err
             self._validate_frame_length(length)
             flags = header[4]
-            if f.type == _DATA_TYPE and not flags & _FLAG_PADDED and length:
+            if f.type == _DATA_TYPE and not flags & _FLAG_PADDED and length \
+                    and not self._headers_buffer and self.can_split(f.stream_id, length):
                 self._take(9)
                 self._data_stream = f.stream_id
                 self._data_left = length
@@ -189,8 +200,18 @@ class H2Codec(h2.connection.H2Connection):
     def __init__(self, config: h2.config.H2Configuration | None = None) -> None:
         super().__init__(config=config)
         self.incoming_buffer = ViewFrameBuffer(server=not self.config.client_side)
+        self.incoming_buffer.can_split = self._accepts_data
         self._frame_dispatch_table[ViewDataFrame] = self._receive_data_frame
         self._output: list[bytes | memoryview] = []
+
+    def _accepts_data(self, stream_id: int, length: int) -> bool:
+        """Would h2 take a DATA frame of this length on this stream without complaint?"""
+        stream = self.streams.get(stream_id)
+        return (stream is not None
+                and stream.state_machine.state in _RECEIVING
+                and self.state_machine.state is not ConnectionState.CLOSED
+                and length <= stream._inbound_window_manager.current_window_size
+                and length <= self._inbound_flow_control_window_manager.current_window_size)
 
     def _prepare_for_sending(self, frames: list[Frame]) -> None:
         if not frames:

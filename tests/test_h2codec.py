@@ -1,0 +1,263 @@
+"""crishim.stream.h2codec: the zero-copy byte handling around h2 must not change what h2
+sees or sends. Each test drives crishim's H2Codec and the stock h2 H2Connection with the
+same bytes or calls and compares: events, flow-control windows, errors, wire bytes."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+import pytest
+from hpack import Encoder
+from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame
+
+from crishim.stream.h2codec import H2Codec
+
+REQUEST = [(":method", "POST"), (":scheme", "http"), (":authority", "x"),
+           (":path", "/portforward/t")]
+WINDOW = 1 << 20
+
+
+def _client() -> h2.connection.H2Connection:
+    """A stock h2 client that has seen the servers' SETTINGS (64 KiB frames, 1 MiB
+    windows): the bytes it sends from here on are what the servers are fed."""
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    c.initiate_connection()
+    _, server = _servers()
+    c.receive_data(server.data_to_send())
+    return c
+
+
+def _servers() -> tuple[H2Codec, h2.connection.H2Connection]:
+    """crishim's codec and the stock connection, configured alike."""
+    out = []
+    for cls in (H2Codec, h2.connection.H2Connection):
+        s = cls(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+        s.local_settings = h2.settings.Settings(client=False, initial_values={
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW,
+            h2.settings.SettingCodes.MAX_FRAME_SIZE: 64 * 1024})
+        s.max_inbound_frame_size = 64 * 1024
+        s.initiate_connection()
+        s.increment_flow_control_window(4 * WINDOW)
+        out.append(s)
+    return out[0], out[1]
+
+
+def _summary(events: list) -> list:
+    """Events with DATA merged per stream: splitting a frame changes only the pieces."""
+    data: dict[int, bytearray] = {}
+    flow: dict[int, int] = {}
+    rest = []
+    for ev in events:
+        if isinstance(ev, h2.events.DataReceived):
+            data.setdefault(ev.stream_id, bytearray()).extend(bytes(ev.data))
+            flow[ev.stream_id] = flow.get(ev.stream_id, 0) + ev.flow_controlled_length
+        elif isinstance(ev, h2.events.RequestReceived):
+            rest.append(("request", ev.stream_id, tuple(ev.headers)))
+        else:
+            rest.append((type(ev).__name__, getattr(ev, "stream_id", None)))
+    return [rest, {k: bytes(v) for k, v in data.items()}, flow]
+
+
+def _feed(conn, wire: bytes, cuts: list[int]) -> list:
+    events = []
+    last = 0
+    for cut in [*cuts, len(wire)]:
+        events += conn.receive_data(wire[last:cut])
+        last = cut
+    return events
+
+
+def _outcome(conn, wire: bytes, cuts: list[int]) -> tuple:
+    """What h2 made of it: events, windows, the error raised, and the bytes it answered."""
+    try:
+        events, error = _feed(conn, wire, cuts), None
+    except h2.exceptions.ProtocolError as e:
+        events, error = [], (type(e).__name__, str(e))
+    out = b"".join(conn.take_output()) if isinstance(conn, H2Codec) else conn.data_to_send()
+    return _summary(events), error, out
+
+
+def _windows(conn, stream_ids) -> list[int]:
+    return [conn.remote_flow_control_window(sid) for sid in stream_ids] + \
+        [conn._inbound_flow_control_window_manager.current_window_size]
+
+
+def test_data_split_at_every_read_boundary_reaches_h2_unchanged():
+    c = _client()
+    c.send_headers(1, REQUEST)
+    c.send_headers(3, REQUEST)
+    payload = os.urandom(150_000)
+    for i in range(0, len(payload), 50_000):
+        c.send_data(1, payload[i:i + 50_000], end_stream=i + 50_000 >= len(payload))
+        c.send_data(3, payload[i:i + 7], pad_length=9)  # padded frames: whole, as before
+    wire = c.data_to_send()
+    rng = random.Random(7)
+    for trial in range(30):
+        cuts = sorted(rng.sample(range(1, len(wire)), rng.randint(1, 60)))
+        if trial == 0:
+            cuts = list(range(1, 200))  # byte by byte through the preface and headers
+        ours, stock = _servers()
+        got, want = _feed(ours, wire, cuts), _feed(stock, wire, cuts)
+        assert _summary(got) == _summary(want)
+        assert _summary(got)[1][1] == payload
+        assert _windows(ours, (1, 3)) == _windows(stock, (1, 3))
+        ended = [ev for ev in got if isinstance(ev, h2.events.StreamEnded)]
+        assert [ev.stream_id for ev in ended] == [1]
+
+
+def test_data_payloads_are_views_into_the_received_bytes():
+    c = _client()
+    c.send_headers(1, REQUEST)
+    c.send_data(1, b"a" * 30_000)
+    wire = c.data_to_send()
+    ours, _ = _servers()
+    received = bytes(wire)
+    events = ours.receive_data(received)
+    data = [ev.data for ev in events if isinstance(ev, h2.events.DataReceived)]
+    assert len(data) == 1 and isinstance(data[0], memoryview)
+    assert data[0].obj is received  # no copy
+    assert bytes(data[0]) == b"a" * 30_000
+
+
+def test_mutable_input_is_copied_before_views_are_handed_out():
+    c = _client()
+    c.send_headers(1, REQUEST)
+    c.send_data(1, b"x" * 100)
+    buf = bytearray(c.data_to_send())
+    ours, _ = _servers()
+    events = ours.receive_data(buf)
+    buf[:] = b"\0" * len(buf)
+    data = [bytes(ev.data) for ev in events if isinstance(ev, h2.events.DataReceived)]
+    assert data == [b"x" * 100]
+
+
+def test_header_block_with_continuation_split_over_reads():
+    big = [("streamtype", "data"), ("port", "80"), ("x-pad", "v" * 3000)]
+    block = Encoder().encode(REQUEST + big)
+    hf = HeadersFrame(1, data=block[:100])
+    cf1 = ContinuationFrame(1, data=block[100:2000])
+    cf2 = ContinuationFrame(1, data=block[2000:])
+    cf2.flags.add("END_HEADERS")
+    df = DataFrame(1, data=b"payload" * 1000)
+    df.flags.add("END_STREAM")
+    first = _client().data_to_send()
+    wire = first + hf.serialize() + cf1.serialize() + cf2.serialize() + df.serialize()
+    for cuts in ([len(wire) - 5000], list(range(len(first), len(wire), 97))):
+        ours, stock = _servers()
+        got, want = _feed(ours, wire, cuts), _feed(stock, wire, cuts)
+        assert _summary(got) == _summary(want)
+        assert _summary(got)[1] == {1: b"payload" * 1000}
+        assert ("request", 1, tuple(REQUEST + big)) in _summary(got)[0]
+
+
+def test_data_inside_a_header_block_is_a_protocol_error_as_in_h2():
+    first = _client().data_to_send()
+    hf = HeadersFrame(1, data=b"\x83")  # no END_HEADERS: a CONTINUATION must follow
+    df = DataFrame(1, data=b"z" * 100)
+    wire = first + hf.serialize() + df.serialize()
+    for conn in _servers():
+        with pytest.raises(h2.exceptions.ProtocolError):
+            conn.receive_data(wire)
+
+
+def test_oversized_frame_and_bad_preface_fail_as_in_h2():
+    c = _client()
+    c.send_headers(1, REQUEST)
+    wire = c.data_to_send()
+    big = DataFrame(1, data=b"q" * (64 * 1024 + 1)).serialize()
+    for conn in _servers():
+        with pytest.raises(h2.exceptions.FrameTooLargeError):
+            conn.receive_data(wire + big[:20] if isinstance(conn, H2Codec) else wire + big)
+    for conn in _servers():
+        with pytest.raises(h2.exceptions.ProtocolError):
+            conn.receive_data(b"GET / HTTP/1.1\r\n\r\n" + b"\0" * 20)
+
+
+def test_flow_control_violation_is_detected_when_split():
+    c = _client()
+    c.send_headers(1, REQUEST)
+    wire = c.data_to_send()
+    # 20 frames of 64 KiB: 1.25 MiB into a 1 MiB stream window (the client never saw the
+    # server's SETTINGS, so it believes 64 KiB: build the frames by hand)
+    frames = b"".join(DataFrame(1, data=b"w" * 65536).serialize() for _ in range(20))
+    for conn in _servers():
+        conn.receive_data(wire)
+        with pytest.raises(h2.exceptions.FlowControlError):
+            _feed(conn, frames, list(range(1000, len(frames), 30_001)))
+
+
+def test_output_is_byte_identical_to_h2_and_keeps_big_payloads_uncopied():
+    ours, stock = _servers()
+    for conn in (ours, stock):
+        client = _client()
+        client.send_headers(1, REQUEST)
+        client.send_headers(3, REQUEST)
+        conn.receive_data(client.data_to_send())
+    big = os.urandom(16_000)  # the client left max frame size at 16 KiB
+    small = b"hello"
+    for conn in (ours, stock):
+        conn.send_headers(1, [(":status", "200")])
+        conn.send_data(1, big)
+        conn.send_data(1, small)
+        conn.send_data(3, memoryview(big)[:1000], end_stream=True)
+        conn.send_data(1, b"padded", pad_length=3)
+        conn.acknowledge_received_data(0, 1)
+        conn.end_stream(1)
+        conn.ping(b"12345678")
+    chunks = ours.take_output()
+    assert b"".join(chunks) == stock.data_to_send()
+    assert any(chunk is big for chunk in chunks)
+    assert ours.take_output() == [] and ours.data_to_send() == b""
+
+
+def test_data_to_send_still_works_with_an_amount():
+    ours, stock = _servers()
+    a, b = ours.data_to_send(10), stock.data_to_send(10)
+    assert a == b and len(a) == 10
+    assert ours.data_to_send() == stock.data_to_send()
+
+
+def test_random_frame_sequences_match_stock_h2():
+    """Differential: random streams, sizes, paddings, resets and read boundaries."""
+    rng = random.Random(2024)
+    for _ in range(40):
+        c = _client()
+        open_ids: list[int] = []
+        for _ in range(rng.randint(1, 12)):
+            action = rng.random()
+            if action < 0.25 or not open_ids:
+                sid = c.get_next_available_stream_id()
+                c.send_headers(sid, REQUEST, end_stream=rng.random() < 0.1)
+                open_ids.append(sid)
+            elif action < 0.85:
+                sid = rng.choice(open_ids)
+                n = rng.choice([0, 1, 9, 100, 16_384])
+                pad = rng.choice([None, None, 0, 5])
+                end = rng.random() < 0.2
+                try:
+                    c.send_data(sid, os.urandom(n), end_stream=end, pad_length=pad)
+                except h2.exceptions.ProtocolError:  # ended by its HEADERS, or out of window
+                    open_ids.remove(sid)
+                    continue
+                if end:
+                    open_ids.remove(sid)
+            else:
+                sid = rng.choice(open_ids)
+                open_ids.remove(sid)
+                try:
+                    c.reset_stream(sid)
+                except h2.exceptions.ProtocolError:
+                    continue
+                if rng.random() < 0.5:  # DATA after our own reset: h2 answers RST_STREAM
+                    frame = DataFrame(sid, data=b"late")
+                    c._data_to_send += frame.serialize()
+        wire = c.data_to_send()
+        cuts = sorted(rng.sample(range(1, len(wire)), min(len(wire) - 1, rng.randint(0, 40))))
+        ours, stock = _servers()
+        assert _outcome(ours, wire, cuts) == _outcome(stock, wire, cuts)
