@@ -11,7 +11,6 @@ import time
 from typing import TYPE_CHECKING
 
 import h2.config
-import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings

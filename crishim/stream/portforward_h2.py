@@ -63,7 +63,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import h2.config
-import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
