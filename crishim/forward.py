@@ -372,3 +372,29 @@ class SessionBase:
     def close_connections(self, reason: str) -> None:
         for conn in list(self.connections):
             conn.close(reason)
+
+
+class SessionProtocol(asyncio.Protocol):
+    """asyncio glue for a session on a TCP (or TLS) transport: bytes to session.receive,
+    the transport's end and its write-side flow control to the session."""
+
+    def __init__(self, session: SessionBase, transport: asyncio.Transport) -> None:
+        self.session = session
+        self.transport = transport
+        session.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.session.receive(data)
+
+    def eof_received(self) -> bool:
+        self.session.close("client closed the connection")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.session.connection_lost()
+
+    def pause_writing(self) -> None:
+        self.session.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.session.resume_writing()

@@ -70,7 +70,7 @@ from h2.errors import ErrorCodes
 from hyperframe.exceptions import HyperframeError
 from hyperframe.frame import GoAwayFrame
 
-from crishim.forward import ForwardedConnection, SessionBase
+from crishim.forward import ForwardedConnection, SessionBase, SessionProtocol
 from crishim.runtime import Sandbox, SandboxGone, SandboxNotFound
 from crishim.stream.h2codec import H2Codec
 
@@ -704,31 +704,6 @@ _QUEUED_WHILE_ADMITTING = (h2.events.RequestReceived, h2.events.DataReceived,
                            h2.events.StreamEnded, h2.events.StreamReset)
 
 
-class H2TransportProtocol(asyncio.Protocol):
-    """asyncio glue: a TCP (or TLS) transport carrying HTTP/2."""
-
-    def __init__(self, session: H2PortForwardSession, transport: asyncio.Transport) -> None:
-        self.session = session
-        self.transport = transport
-        session.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.session.receive(data)
-
-    def eof_received(self) -> bool:
-        self.session.close("client closed the connection")
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.session.connection_lost()
-
-    def pause_writing(self) -> None:
-        self.session.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.session.resume_writing()
-
-
 def start_upgrade(server: StreamServer, transport: asyncio.Transport, request: Request,
                   sandbox: Sandbox, rest: bytes) -> None:
     """`Upgrade: h2c`: the request's path already redeemed the token."""
@@ -749,7 +724,7 @@ def start_upgrade(server: StreamServer, transport: asyncio.Transport, request: R
         raise HttpError(400, f"HTTP2-Settings: {e}") from None
     transport.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
                     b"Upgrade: h2c\r\n\r\n")
-    _adopt(server, transport, session, rest, upgraded=True)
+    server.adopt(transport, session, SessionProtocol(session, transport), rest, upgraded=True)
 
 
 def start_prior_knowledge(server: StreamServer, transport: asyncio.Transport,
@@ -758,19 +733,4 @@ def start_prior_knowledge(server: StreamServer, transport: asyncio.Transport,
     over_limit = len(server.sessions) >= server.max_sessions
     session = H2PortForwardSession(server, None, None, transport.write, transport.close,
                                    over_limit=over_limit, writelines=transport.writelines)
-    _adopt(server, transport, session, data)
-
-
-def _adopt(server: StreamServer, transport: asyncio.Transport, session: H2PortForwardSession,
-           rest: bytes, **start_kw) -> None:
-    """StreamServer.adopt, with the session's own start arguments."""
-    session.on_closed = server.add_session(session)
-    transport.set_write_buffer_limits(high=4 * server.ctx.buffer_size)
-    protocol = H2TransportProtocol(session, transport)
-    transport.set_protocol(protocol)
-    session.start(**start_kw)
-    if rest:
-        protocol.data_received(bytes(rest))
-    if not transport.is_closing():
-        transport.resume_reading()
-    log.debug("h2 connection started: sandbox=%s", session._sandbox_id)
+    server.adopt(transport, session, SessionProtocol(session, transport), data)

@@ -284,28 +284,3 @@ _HANDLERS = {
     spdy.SessionTerminated: SpdyPortForwardSession._on_terminated,
     spdy.StreamError: SpdyPortForwardSession._on_stream_error,
 }
-
-
-class SpdyTransportProtocol(asyncio.Protocol):
-    """asyncio glue: a TCP (or TLS) transport carrying SPDY after the 101."""
-
-    def __init__(self, session: SpdyPortForwardSession, transport: asyncio.Transport) -> None:
-        self.session = session
-        self.transport = transport
-        session.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.session.receive(data)
-
-    def eof_received(self) -> bool:
-        self.session.close("client closed the connection")
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.session.connection_lost()
-
-    def pause_writing(self) -> None:
-        self.session.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.session.resume_writing()

@@ -11,7 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import h11
 
-from crishim.forward import ForwardContext
+from crishim.forward import ForwardContext, SessionProtocol
 from crishim.runtime import SandboxGone, SandboxNotFound
 from crishim.tokens import StreamRequest, TokenStore
 
@@ -206,7 +206,7 @@ class StreamServer:
 
     def _start_spdy(self, transport: asyncio.Transport, request: Request, sandbox,
                     rest: bytes) -> None:
-        from crishim.stream.portforward_spdy import SpdyPortForwardSession, SpdyTransportProtocol
+        from crishim.stream.portforward_spdy import SpdyPortForwardSession
 
         offered = request.header_values("x-stream-protocol-version")
         if not offered:
@@ -222,21 +222,20 @@ class StreamServer:
         session = SpdyPortForwardSession(self.ctx, sandbox, self.creation_timeout,
                                          self.idle_timeout, transport.write, transport.close)
         session._writelines = transport.writelines  # plain TCP/TLS: no join copy
-        self.adopt(transport, session, SpdyTransportProtocol(session, transport), rest)
+        self.adopt(transport, session, SessionProtocol(session, transport), rest)
 
     def adopt(self, transport: asyncio.Transport, session, protocol: asyncio.Protocol,
-              rest: bytes) -> None:
-        """Hand an upgraded connection to its transport session."""
+              rest: bytes, **start_kw) -> None:
+        """Hand an upgraded connection to its transport session (start_kw: for its start)."""
         session.on_closed = self.add_session(session)
         transport.set_write_buffer_limits(high=4 * self.ctx.buffer_size)
         transport.set_protocol(protocol)
-        session.start()
+        session.start(**start_kw)
         if rest:
             protocol.data_received(bytes(rest))
         if not transport.is_closing():
             transport.resume_reading()
-        log.debug("session started: sandbox=%s transport=%s", session.sandbox.id,
-                  session.transport_name)
+        log.debug("session started: transport=%s", session.transport_name)
 
 
 def _redact(path: str) -> str:
