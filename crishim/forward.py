@@ -323,6 +323,36 @@ class SessionBase:
         self.transport: asyncio.Transport | None = None
         self.last_activity = time.monotonic()
 
+    # --- idle timeout, one for every transport -------------------------------------------
+    idle_timeout = 0.0
+    _closed = False
+    _idle_timer: asyncio.TimerHandle | None = None
+
+    def arm_idle_timer(self, delay: float | None = None) -> None:
+        if self.idle_timeout > 0 and not self._closed:
+            self._idle_timer = asyncio.get_running_loop().call_later(
+                self.idle_timeout if delay is None else delay, self._check_idle)
+
+    def cancel_idle_timer(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _check_idle(self) -> None:
+        if self._closed:
+            return
+        idle_for = time.monotonic() - self.last_activity
+        if idle_for < self.idle_timeout:
+            self.arm_idle_timer(self.idle_timeout - idle_for)
+            return
+        log.info("%s sandbox=%s: idle for %.0fs, closing session", self.transport_name,
+                 getattr(self.sandbox, "id", "?"), idle_for)
+        self.idle_expired()
+
+    def idle_expired(self) -> None:
+        """Say goodbye the transport's way, then close (transports override)."""
+        self.close("idle timeout")
+
     def open_connection(self, port: int, channel: Channel) -> ForwardedConnection:
         conn = ForwardedConnection(self.ctx, self, self.sandbox, port, channel,
                                    self.transport_name)

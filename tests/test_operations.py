@@ -122,3 +122,23 @@ def test_sigterm_drains_live_sessions_then_exits(podnet):
             assert client.wait(live.finished, timeout=5)
     finally:
         proc.stop()
+
+
+def test_idle_spdy_session_gets_goaway_and_is_closed_busy_one_is_not(podnet):
+    with CrishimProcess("--sandboxes", f"sb={podnet.path}",
+                        "--stream-idle-timeout", "600ms") as proc:
+        with SpdyPortForwardClient(proc.port_forward_url("sb")) as idle, \
+                SpdyPortForwardClient(proc.port_forward_url("sb")) as busy:
+            assert idle.roundtrip(ECHO_PORT, b"once").received == b"once"
+            live = busy.forward(ECHO_PORT)
+            t0 = time.monotonic()
+            sent = b""
+            while time.monotonic() - t0 < 1.5:  # traffic every 150 ms keeps it alive
+                live.send(b"tick")
+                sent += b"tick"
+                busy.wait(lambda want=sent: live.received == want, timeout=2)
+                time.sleep(0.15)
+            assert live.received == sent and not busy.closed and not busy.goaway
+            assert idle.wait(lambda: idle.closed, timeout=5)
+            assert idle.goaway
+        assert "idle for" in proc.log()

@@ -211,7 +211,6 @@ class H2PortForwardSession(SessionBase):
         self._closed = False
         self._goaway_sent = False
         self._draining = False
-        self._idle_timer: asyncio.TimerHandle | None = None
         self.on_closed: Callable[[], None] | None = None
 
     # --- start -------------------------------------------------------------------------
@@ -224,7 +223,7 @@ class H2PortForwardSession(SessionBase):
             self.codec.initiate_connection()
         self.codec.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.flush()
-        self._arm_idle_timer()
+        self.arm_idle_timer()
 
     # --- output ------------------------------------------------------------------------
     def flush(self) -> None:
@@ -620,24 +619,9 @@ class H2PortForwardSession(SessionBase):
             self._ack(channel.data_id, self._held_acks.pop(channel.data_id, 0))
 
     # --- idle timeout, draining and closing --------------------------------------------
-    def _arm_idle_timer(self) -> None:
-        if self.idle_timeout > 0 and not self._closed:
-            self._idle_timer = asyncio.get_running_loop().call_later(
-                self.idle_timeout, self._check_idle)
-
-    def _check_idle(self) -> None:
-        if self._closed:
-            return
-        idle_for = time.monotonic() - self.last_activity
-        if idle_for >= self.idle_timeout:
-            log.info("h2 sandbox=%s: idle for %.0fs, closing session", self._sandbox_id,
-                     idle_for)
-            self._send_goaway(ErrorCodes.NO_ERROR)
-            self.close("idle timeout")
-            return
-        self._idle_timer = asyncio.get_running_loop().call_later(
-            self.idle_timeout - idle_for, self._check_idle)
-
+    def idle_expired(self) -> None:
+        self._send_goaway(ErrorCodes.NO_ERROR)
+        self.close("idle timeout")
     def _send_goaway(self, code: ErrorCodes) -> None:
         """GOAWAY written beside h2, whose state machine would refuse every later frame
         on live streams once it sent one itself."""
@@ -669,8 +653,7 @@ class H2PortForwardSession(SessionBase):
             self._send_goaway(ErrorCodes.NO_ERROR)
         self.flush()
         self._closed = True
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
+        self.cancel_idle_timer()
         self._close()
         if self.on_closed is not None:
             self.on_closed()
@@ -685,8 +668,7 @@ class H2PortForwardSession(SessionBase):
             if pair.timer is not None:
                 pair.timer.cancel()
         self._pending.clear()
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
+        self.cancel_idle_timer()
         if self.on_closed is not None:
             self.on_closed()
 

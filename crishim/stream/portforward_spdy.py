@@ -87,11 +87,10 @@ class SpdyPortForwardSession(SessionBase):
         self._by_stream: dict[int, ForwardedConnection] = {}
         self._error_streams: dict[int, ForwardedConnection] = {}
         self._closed = False
-        self._idle_timer: asyncio.TimerHandle | None = None
         self.on_closed: Callable[[], None] | None = None
 
     def start(self) -> None:
-        self._arm_idle_timer()
+        self.arm_idle_timer()
 
     # --- output ------------------------------------------------------------------------
     def flush(self) -> None:
@@ -220,24 +219,10 @@ class SpdyPortForwardSession(SessionBase):
             self._error_streams.pop(channel.error_id, None)
 
     # --- idle timeout and closing -------------------------------------------------------
-    def _arm_idle_timer(self) -> None:
-        if self.idle_timeout > 0 and not self._closed:
-            self._idle_timer = asyncio.get_running_loop().call_later(
-                self.idle_timeout, self._check_idle)
-
-    def _check_idle(self) -> None:
-        if self._closed:
-            return
-        idle_for = time.monotonic() - self.last_activity
-        if idle_for >= self.idle_timeout:
-            log.info("spdy sandbox=%s: idle for %.0fs, closing session", self.sandbox.id,
-                     idle_for)
-            self.codec.goaway(spdy.GOAWAY_OK)
-            self.flush()
-            self.close("idle timeout")
-            return
-        self._idle_timer = asyncio.get_running_loop().call_later(
-            self.idle_timeout - idle_for, self._check_idle)
+    def idle_expired(self) -> None:
+        self.codec.goaway(spdy.GOAWAY_OK)
+        self.flush()
+        self.close("idle timeout")
 
     def close(self, reason: str) -> None:
         if self._closed:
@@ -249,8 +234,7 @@ class SpdyPortForwardSession(SessionBase):
         self._pending.clear()
         self.flush()
         self._closed = True
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
+        self.cancel_idle_timer()
         self._close()
         if self.on_closed is not None:
             self.on_closed()
@@ -264,8 +248,7 @@ class SpdyPortForwardSession(SessionBase):
                 if pair.timer is not None:
                     pair.timer.cancel()
             self._pending.clear()
-            if self._idle_timer is not None:
-                self._idle_timer.cancel()
+            self.cancel_idle_timer()
             if self.on_closed is not None:
                 self.on_closed()
 

@@ -257,8 +257,7 @@ class ChannelPortForwardSession(SessionBase):
             conn = self.open_connection(port, channel)
             channel.conn = conn
             self.by_index[index] = conn
-        if self.idle_timeout > 0:
-            self._call_later(self.idle_timeout, self._check_idle)
+        self.arm_idle_timer()
 
     def _call_later(self, delay: float, fn) -> None:
         self._timers.append(asyncio.get_running_loop().call_later(delay, fn))
@@ -307,16 +306,6 @@ class ChannelPortForwardSession(SessionBase):
             self.close_connections(f"WebSocket closed ({event.code} {event.reason})".strip())
         self._end()
 
-    def _check_idle(self) -> None:
-        if self._closed:
-            return
-        idle_for = time.monotonic() - self.last_activity
-        if idle_for >= self.idle_timeout:
-            log.info("websocket sandbox=%s: idle for %.0fs, closing", self.sandbox.id, idle_for)
-            self.close("idle timeout")
-            return
-        self._call_later(self.idle_timeout - idle_for, self._check_idle)
-
     # --- closing ------------------------------------------------------------------------
     def _end(self) -> None:
         """The WebSocket is finished: close the transport and leave the registry."""
@@ -331,6 +320,7 @@ class ChannelPortForwardSession(SessionBase):
             self.on_closed()
 
     def _cancel_timers(self) -> None:
+        self.cancel_idle_timer()
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
