@@ -31,21 +31,6 @@ class Channel(Protocol):
         """Close the error stream, with error text if any (text ends the client's session)."""
 
 
-class Session(Protocol):
-    """What the forwarding core needs of the transport session it belongs to."""
-
-    writing_paused: bool
-
-    def pause_client_reading(self, key: object) -> None:
-        """A forwarded connection's pod side is congested: stop reading the transport."""
-
-    def resume_client_reading(self, key: object) -> None:
-        ...
-
-    def connection_finished(self, conn: ForwardedConnection) -> None:
-        ...
-
-
 class ForwardContext:
     """Shared by all sessions of a server: plugin, policy, limits, counters."""
 
@@ -85,7 +70,7 @@ class _PodProtocol(asyncio.Protocol):
 class ForwardedConnection:
     """One TCP connection into the sandbox, paired with one transport channel."""
 
-    def __init__(self, ctx: ForwardContext, session: Session, sandbox: Sandbox, port: int,
+    def __init__(self, ctx: ForwardContext, session: SessionBase, sandbox: Sandbox, port: int,
                  channel: Channel, transport_name: str = "?") -> None:
         self.ctx = ctx
         self.session = session
