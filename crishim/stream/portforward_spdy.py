@@ -14,9 +14,6 @@ from crishim.stream import spdy
 
 log = logging.getLogger("crishim.spdy")
 
-PORTFORWARD_PROTOCOL = "portforward.k8s.io"
-
-
 class _SpdyChannel:
     """A forwarded connection's data + error streams on one SPDY session."""
 
@@ -68,24 +65,23 @@ class _PendingPair:
 class SpdyPortForwardSession(SessionBase):
     """Drives one SpdySession: pairs streams, opens forwarded connections, pumps bytes.
 
-    `write` sends bytes to the client (a TCP transport, or a WebSocket wrapper)."""
+    `write_buffers` sends a list of buffers to the client (a TCP transport's writelines,
+    or the WebSocket tunnel's): frames are never joined into one copy on the way out."""
 
     transport_name = "spdy"
 
     def __init__(self, ctx: ForwardContext, sandbox: Sandbox, creation_timeout: float,
-                 idle_timeout: float, write: Callable[[bytes], None],
+                 idle_timeout: float, write_buffers: Callable[[list], None],
                  close: Callable[[], None]) -> None:
         super().__init__(ctx, sandbox)
         self.codec = spdy.SpdySession(spdy.SpdyConfig(client=False, zero_copy=True,
                                                       max_send_frame=256 * 1024))
         self.creation_timeout = creation_timeout
         self.idle_timeout = idle_timeout
-        self._write = write
-        self._writelines: Callable[[list], None] | None = None
+        self._write_buffers = write_buffers
         self._close = close
         self._pending: dict[str, _PendingPair] = {}
         self._by_stream: dict[int, ForwardedConnection] = {}
-        self._error_streams: dict[int, ForwardedConnection] = {}
         self._closed = False
         self.on_closed: Callable[[], None] | None = None
 
@@ -94,14 +90,9 @@ class SpdyPortForwardSession(SessionBase):
 
     # --- output ------------------------------------------------------------------------
     def flush(self) -> None:
-        if self._writelines is not None:
-            chunks = self.codec.take_output()
-            if chunks and not self._closed:
-                self._writelines(chunks)
-            return
-        out = self.codec.data_to_send()
-        if out and not self._closed:
-            self._write(out)
+        chunks = self.codec.take_output()
+        if chunks and not self._closed:
+            self._write_buffers(chunks)
 
     # --- input -------------------------------------------------------------------------
     def receive(self, data: bytes) -> None:
@@ -158,7 +149,6 @@ class SpdyPortForwardSession(SessionBase):
             conn = self.open_connection(port, channel)
             if not conn.done:
                 self._by_stream[pair.data_id] = conn
-                self._error_streams[pair.error_id] = conn
 
     def _pair_timed_out(self, request_id: str) -> None:
         pair = self._pending.pop(request_id, None)
@@ -216,7 +206,6 @@ class SpdyPortForwardSession(SessionBase):
         channel = conn.channel
         if isinstance(channel, _SpdyChannel):
             self._by_stream.pop(channel.data_id, None)
-            self._error_streams.pop(channel.error_id, None)
 
     # --- idle timeout and closing -------------------------------------------------------
     def idle_expired(self) -> None:

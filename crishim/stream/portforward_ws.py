@@ -68,10 +68,9 @@ def start(server: StreamServer, transport: asyncio.Transport, request: Request,
         tunnel = ws.ByteStreamTunnel()
         spdy_session = SpdyPortForwardSession(
             server.ctx, sandbox, server.creation_timeout, server.idle_timeout,
-            lambda data: _tunnel_write(tunnel, transport, data),
+            lambda chunks: _tunnel_writelines(tunnel, transport, chunks),
             lambda: _tunnel_close(tunnel, transport))
         spdy_session.transport_name = "spdy-websocket"
-        spdy_session._writelines = lambda chunks: _tunnel_writelines(tunnel, transport, chunks)
         transport.write(response)
         server.adopt(transport, spdy_session, SpdyTunnelProtocol(spdy_session, tunnel, transport),
                      rest)
@@ -109,14 +108,6 @@ def requested_ports(request: Request, token_request: StreamRequest, base64: bool
 
 
 # --------------------------------------------------------------------------- SPDY tunnel
-
-
-def _tunnel_write(tunnel: ws.ByteStreamTunnel, transport: asyncio.Transport,
-                  data: bytes) -> None:
-    tunnel.send(data)
-    out = tunnel.take_output()
-    if out and not transport.is_closing():
-        transport.writelines(out)
 
 
 def _tunnel_writelines(tunnel: ws.ByteStreamTunnel, transport: asyncio.Transport,

@@ -220,8 +220,8 @@ class StreamServer:
                         b"Upgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: "
                         + PORTFORWARD_PROTOCOL.encode() + b"\r\n\r\n")
         session = SpdyPortForwardSession(self.ctx, sandbox, self.creation_timeout,
-                                         self.idle_timeout, transport.write, transport.close)
-        session._writelines = transport.writelines  # plain TCP/TLS: no join copy
+                                         self.idle_timeout, transport.writelines,
+                                         transport.close)
         self.adopt(transport, session, SessionProtocol(session, transport), rest)
 
     def adopt(self, transport: asyncio.Transport, session, protocol: asyncio.Protocol,
