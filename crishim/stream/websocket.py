@@ -682,53 +682,35 @@ class WebSocketFraming:
                      prefix: bytes = b"") -> None:
         """One final frame; ``prefix`` (a channel byte) goes before ``payload``."""
         size = len(prefix) + len(payload)
-        first = 0x80 | opcode
-        out = self._out
+        if size >= _JOIN_BELOW:
+            self._queue_unjoined(opcode, size, [payload], prefix)
+            return
         if self.client:
             key = os.urandom(4)
-            if size < 126:
-                head = bytes((first, 0x80 | size)) + key
-            elif size < 65536:
-                head = _HEAD16.pack(first, 0xFE, size) + key
-            else:
-                head = _HEAD64.pack(first, 0xFF, size) + key
-            if size < _JOIN_BELOW:
-                body = bytearray(prefix)
-                body += payload
-                _unmask_in_place(body, 0, size, key)
-                out.append(head + body)
-            else:
-                out.append(head)
-                out.extend(_masked_pieces([prefix, payload] if prefix else [payload], key))
-            return
-        if size < 126:
-            head = bytes((first, size))
-        elif size < 65536:
-            head = _HEAD16.pack(first, 126, size)
+            body = bytearray(prefix)
+            body += payload
+            _unmask_in_place(body, 0, size, key)
+            self._out.append(_frame_head(0x80 | opcode, size, 0x80) + key + body)
         else:
-            head = _HEAD64.pack(first, 127, size)
-        if size < _JOIN_BELOW:
-            out.append(b"".join((head, prefix, payload)))
-            return
-        out.append(head + prefix if prefix else head)
-        out.append(_stable(payload))
+            self._out.append(b"".join((_frame_head(0x80 | opcode, size, 0), prefix, payload)))
 
     def _queue_buffers(self, opcode: int, buffers: list, size: int) -> None:
         """One final frame whose payload is ``buffers`` (total ``size``) in order."""
         if size < _JOIN_BELOW:
             self._queue_frame(opcode, b"".join(buffers))
-            return
-        mask = 0x80 if self.client else 0
-        if size < 65536:
-            head = _HEAD16.pack(0x80 | opcode, mask | 126, size)
         else:
-            head = _HEAD64.pack(0x80 | opcode, mask | 127, size)
+            self._queue_unjoined(opcode, size, buffers)
+
+    def _queue_unjoined(self, opcode: int, size: int, buffers: list, prefix: bytes = b"") -> None:
+        """A frame of ``prefix`` + ``buffers`` (``size`` bytes) whose payload is not joined
+        into one block: the server's buffers go out as they are, the client's are masked
+        in pieces."""
         if self.client:
             key = os.urandom(4)
-            self._out.append(head + key)
-            self._out.extend(_masked_pieces(buffers, key))
+            self._out.append(_frame_head(0x80 | opcode, size, 0x80) + key)
+            self._out.extend(_masked_pieces([prefix, *buffers] if prefix else buffers, key))
         else:
-            self._out.append(head)
+            self._out.append(_frame_head(0x80 | opcode, size, 0) + prefix)
             self._out.extend(_stable(b) for b in buffers)
 
     def send_message(self, data: bytes | bytearray | memoryview | str, binary: bool = True) -> None:
@@ -763,6 +745,16 @@ class WebSocketFraming:
             return []
         self._out = []
         return out
+
+
+def _frame_head(first: int, size: int, mask_bit: int) -> bytes:
+    """A frame head: ``first`` (FIN and opcode), then ``mask_bit`` (0x80 for a masked
+    frame, whose key the caller appends) and the payload length, minimally encoded."""
+    if size < 126:
+        return bytes((first, mask_bit | size))
+    if size < 65536:
+        return _HEAD16.pack(first, mask_bit | 126, size)
+    return _HEAD64.pack(first, mask_bit | 127, size)
 
 
 def _masked_pieces(buffers: list, key: bytes) -> list[bytearray]:
