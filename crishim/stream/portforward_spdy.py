@@ -111,12 +111,8 @@ class SpdyPortForwardSession(SessionBase):
         headers = ev.headers
         stream_type = headers.get("streamtype", "")
         port_text = headers.get("port", "")
-        try:
-            port = int(port_text)
-        except ValueError:
-            port = 0
-        if stream_type not in ("data", "error") or not 1 <= port <= 65535 \
-                or not port_text.isdigit():
+        port = int(port_text) if port_text.isdigit() else 0
+        if stream_type not in ("data", "error") or not 1 <= port <= 65535:
             reason = (f"unknown streamtype {stream_type!r}" if stream_type not in ("data", "error")
                       else f"invalid port {port_text!r}")
             log.info("spdy sandbox=%s: refusing stream %d: %s", self.sandbox.id, ev.stream_id,
@@ -214,32 +210,30 @@ class SpdyPortForwardSession(SessionBase):
         self.close("idle timeout")
 
     def close(self, reason: str) -> None:
+        """End the session: reset what is live, then close the client's transport."""
+        self._end(reason, transport_alive=True)
+
+    def connection_lost(self) -> None:
+        """The client's transport is gone: end every forwarded connection."""
+        self._end("client connection lost", transport_alive=False)
+
+    def _end(self, reason: str, transport_alive: bool) -> None:
         if self._closed:
             return
+        if not transport_alive:
+            self._closed = True  # nothing more can be written
         self.close_connections(reason)
         for pair in self._pending.values():
             if pair.timer is not None:
                 pair.timer.cancel()
         self._pending.clear()
-        self.flush()
-        self._closed = True
         self.cancel_idle_timer()
-        self._close()
+        if transport_alive:
+            self.flush()
+            self._closed = True
+            self._close()
         if self.on_closed is not None:
             self.on_closed()
-
-    def connection_lost(self) -> None:
-        """The client's transport is gone: end every forwarded connection."""
-        if not self._closed:
-            self._closed = True
-            self.close_connections("client connection lost")
-            for pair in self._pending.values():
-                if pair.timer is not None:
-                    pair.timer.cancel()
-            self._pending.clear()
-            self.cancel_idle_timer()
-            if self.on_closed is not None:
-                self.on_closed()
 
     def drain(self) -> None:
         """Server shutting down: tell the client no new streams will be accepted."""
