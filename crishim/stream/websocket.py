@@ -49,6 +49,7 @@ __all__ = [
     "accept_handshake",
     "client_handshake_request",
     "is_websocket_upgrade",
+    "max_channel_ports",
     "parse_handshake_response",
     "websocket_accept_value",
 ]
@@ -813,8 +814,13 @@ class PortPreface:
 
 ChannelEvent = ChannelData | ChannelError | PortPreface | ProtocolViolation | Closed | PingReceived
 
-_B64_DIGITS = b"0123456789"
 _CHANNEL_BYTES = [bytes((channel,)) for channel in range(256)]
+
+
+def max_channel_ports(base64: bool) -> int:
+    """How many ports one WebSocket carries: each takes two channels, and a channel is one
+    byte (binary mode) or one ASCII character from '0' (base64 mode)."""
+    return 40 if base64 else 127
 
 
 class ChannelCodec:
@@ -835,8 +841,7 @@ class ChannelCodec:
         max_message_size: int = 16 * 1024 * 1024,
         max_send_payload: int = MAX_MESSAGE_PAYLOAD,
     ) -> None:
-        # Base64 mode spells the channel as one ASCII character from '0'.
-        max_ports = 40 if base64 else 127
+        max_ports = max_channel_ports(base64)
         if not 0 < len(ports) <= max_ports:
             raise ValueError(f"need 1 to {max_ports} ports on one WebSocket, got {len(ports)}")
         for port in ports:
@@ -864,8 +869,8 @@ class ChannelCodec:
             raise ValueError("only the server sends port prefaces")
         for index, port in enumerate(self.ports):
             preface = struct.pack("<H", port)
-            self._send(2 * index, preface)
-            self._send(2 * index + 1, preface)
+            self._send_message(2 * index, preface)
+            self._send_message(2 * index + 1, preface)
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[ChannelEvent]:
         events: list[ChannelEvent] = []
@@ -929,35 +934,37 @@ class ChannelCodec:
         return ChannelData(index, data) if data else None
 
     def _send(self, channel: int, data: bytes | bytearray | memoryview) -> None:
+        """Queue ``data`` on ``channel``, cut into messages of at most ``_send_chunk``."""
+        chunk = self._send_chunk
+        if len(data) <= chunk:
+            if data:
+                self._send_message(channel, data)
+            return
+        view = memoryview(data)
+        for start in range(0, len(view), chunk):
+            self._send_message(channel, view[start:start + chunk])
+
+    def _send_message(self, channel: int, data: bytes | bytearray | memoryview) -> None:
         framing = self.framing
+        if framing.closing:
+            return
         if self.base64:
-            prefix = _B64_DIGITS[channel:channel + 1] if channel < 10 else bytes([0x30 + channel])
-            if not framing.closing:
-                framing._queue_frame(_OP_TEXT, binascii.b2a_base64(data, newline=False), prefix)
-        elif not framing.closing:
+            framing._queue_frame(_OP_TEXT, binascii.b2a_base64(data, newline=False),
+                                 _CHANNEL_BYTES[0x30 + channel])
+        else:
             framing._queue_frame(_OP_BINARY, data, _CHANNEL_BYTES[channel])
 
     def send_data(self, index: int, data: bytes | bytearray | memoryview) -> None:
         """Queue bytes for port ``index``'s data channel, cut into bounded messages."""
         self._check_index(index)
-        chunk = self._send_chunk
-        if len(data) <= chunk:
-            if data:
-                self._send(2 * index, data)
-            return
-        view = memoryview(data)
-        for start in range(0, len(view), chunk):
-            self._send(2 * index, view[start:start + chunk])
+        self._send(2 * index, data)
 
     def send_error(self, index: int, text: str) -> None:
         """Server: queue error text for port ``index``'s error channel."""
         if self.client:
             raise ValueError("only the server writes to error channels")
         self._check_index(index)
-        view = memoryview(text.encode("utf-8"))
-        chunk = self._send_chunk
-        for start in range(0, len(view), chunk):
-            self._send(2 * index + 1, view[start:start + chunk])
+        self._send(2 * index + 1, text.encode("utf-8"))
 
     def _check_index(self, index: int) -> None:
         if not 0 <= index < len(self.ports):
