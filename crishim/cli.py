@@ -63,6 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from crishim import logs
     from crishim.app import Crishim, SocketInUse, run_until_signalled
+    from crishim.demo import DemoAlreadyRunning
     from crishim.runtime import RuntimeError_
 
     config = _serve_config(args)
@@ -104,16 +105,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         uvloop.run(main())
-    except (SocketInUse, RuntimeError_, ConfigError, PermissionError) as e:
+    except (SocketInUse, RuntimeError_, ConfigError, DemoAlreadyRunning, OSError) as e:
+        # a start-up failure a person can act on (address in use, no permission, ...)
         print(f"crishim: {e}", file=sys.stderr)
         return 1
-    except Exception as e:
-        from crishim.demo import DemoAlreadyRunning
-
-        if isinstance(e, DemoAlreadyRunning):
-            print(f"crishim: {e}", file=sys.stderr)
-            return 1
-        raise
     return 0
 
 

@@ -238,3 +238,18 @@ def test_request_head_timeout_is_408_and_server_lives_on(podnet):
             assert answer.startswith(b"HTTP/1.1 408"), answer
             assert time.monotonic() - t0 < 5
         assert http(proc.port_forward_url("sb"), "POST", SPDY_UPGRADE)[0] == 101
+
+
+def test_stream_address_in_use_is_one_clear_line(tmp_path, podnet):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = CrishimProcess("--sandboxes", f"sb={podnet.path}", "--stream-address",
+                              f"127.0.0.1:{port}")
+        proc.start(wait=False)
+        assert proc.proc.wait(20) == 1
+        log = proc.log()
+        proc.stop()
+    assert "Traceback" not in log
+    assert "address already in use" in log.lower(), log
