@@ -53,7 +53,9 @@ def socket_in_netns(netns_fd: int, family: int, kind: int = socket.SOCK_STREAM) 
     try:
         _setns(netns_fd)
     except OSError as e:
-        raise SandboxGone(f"cannot enter network namespace: {e.strerror}") from None
+        hint = (" (entering a netns needs CAP_SYS_ADMIN; an unprivileged crishim uses the "
+                "helper runtime plugin)" if e.errno == errno.EPERM else "")
+        raise SandboxGone(f"cannot enter network namespace: {e.strerror}{hint}") from None
     try:
         sock = socket.socket(family, kind)
     finally:
