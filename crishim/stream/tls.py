@@ -136,10 +136,8 @@ class CertificateReloader:
 
     def _check(self) -> None:
         try:
-            signature = self._signature()
-            if signature != self.loaded:
-                self.ctx.load_cert_chain(self.cert_file, self.key_file)
-                self.loaded = signature
+            if self._signature() != self.loaded:
+                self.load()
                 self.reloads += 1
                 log.info("stream server TLS: reloaded certificate %s", self.cert_file)
         except (OSError, ssl.SSLError) as e:
