@@ -100,7 +100,7 @@ def requested_ports(request: Request, token_request: StreamRequest, base64: bool
         raise HttpError(400, "no port to forward: the WebSocket channel protocol needs the "
                              "ports in the query (?port=80&port=443) or in the CRI "
                              "PortForwardRequest")
-    limit = 40 if base64 else 127  # one channel character / byte per data and error channel
+    limit = ws.max_channel_ports(base64)
     if len(ports) > limit:
         raise HttpError(400, f"{len(ports)} ports requested; one WebSocket carries at most "
                              f"{limit} in this subprotocol")
