@@ -18,7 +18,6 @@ import asyncio
 import os
 import socket
 
-from crishim_netns import HOST as MAP_HOST
 from crishim_netns import NamedNetnsRuntime
 
 from crishim.config import Config
@@ -51,19 +50,13 @@ class HelperPodRuntime(RuntimePlugin):
     def register(self, sandbox_id: str, netns_path: str) -> None:
         self.names.register(sandbox_id, netns_path)
 
-    def _path_of(self, sandbox_id: str) -> str | None:
-        path = self.names.sandboxes.get(sandbox_id)
-        if path is None and "/" not in sandbox_id and sandbox_id not in ("", ".", ".."):
-            path = os.path.join(self.names.netns_dir, sandbox_id)
-        return None if path == MAP_HOST else path
-
     async def resolve(self, sandbox_id: str) -> Sandbox:
         if self.upstream is not None and sandbox_id not in self.names.sandboxes:
             return await self.upstream.resolve(sandbox_id)
         try:
             return await self.names.resolve(sandbox_id)
         except (SandboxNotFound, SandboxGone):
-            path = self._path_of(sandbox_id)
+            path = self.names.path_of(sandbox_id)  # never HOST: that resolves without error
             if path is None or not _hidden_from_us(path):
                 raise
             try:

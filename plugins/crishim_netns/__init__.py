@@ -26,18 +26,24 @@ class NamedNetnsRuntime(RuntimePlugin):
     def register(self, sandbox_id: str, netns_path: str) -> None:
         self.sandboxes[sandbox_id] = netns_path
 
-    async def resolve(self, sandbox_id: str) -> Sandbox:
+    def path_of(self, sandbox_id: str) -> str | None:
+        """The netns path (or HOST) a sandbox id names: its map entry, else netns_dir/<id>;
+        None for an id that cannot be a file name there."""
         path = self.sandboxes.get(sandbox_id)
+        if path is None and "/" not in sandbox_id and sandbox_id not in ("", ".", ".."):
+            path = os.path.join(self.netns_dir, sandbox_id)
+        return path
+
+    async def resolve(self, sandbox_id: str) -> Sandbox:
+        path = self.path_of(sandbox_id)
+        if path is None:
+            raise SandboxNotFound(f"sandbox {sandbox_id!r} not found")
         if path == HOST:
             return Sandbox(sandbox_id, host_network=True)
-        if path is None:
-            if "/" in sandbox_id or sandbox_id in ("", ".", ".."):
-                raise SandboxNotFound(f"sandbox {sandbox_id!r} not found")
-            path = os.path.join(self.netns_dir, sandbox_id)
-            if not os.path.exists(path):
-                raise SandboxNotFound(f"sandbox {sandbox_id!r} not found (no {path})")
-        elif not os.path.exists(path):
-            raise SandboxGone(f"sandbox {sandbox_id!r}: network namespace {path} is gone")
+        if not os.path.exists(path):
+            if sandbox_id in self.sandboxes:
+                raise SandboxGone(f"sandbox {sandbox_id!r}: network namespace {path} is gone")
+            raise SandboxNotFound(f"sandbox {sandbox_id!r} not found (no {path})")
         return Sandbox(sandbox_id, netns_path=path)
 
     async def dial(self, sandbox: Sandbox, port: int) -> socket.socket:
