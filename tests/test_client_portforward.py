@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+import tests.podnet as podnet_module
 from tests.conftest import SANDBOX
 from tests.podnet import (
     ECHO_PORT,
@@ -170,27 +171,39 @@ def upload(port: int, payload: bytes) -> bytes:
 # --------------------------------------------------------------------------- per transport
 
 
+def _same_numbered_pod_ports(podnet) -> tuple[int, int]:
+    """Two port numbers free on this host, with an HTTP and an echo server listening on
+    them inside the pod netns: specs like `5000 6000` bind the same numbers locally."""
+    global _SAME_PORTS
+    if _SAME_PORTS is None:
+        http_port, echo_port = free_port(), free_port()
+        while echo_port == http_port:
+            echo_port = free_port()
+        podnet.listen_extra("127.0.0.1", http_port, podnet_module._Http)
+        podnet.listen_extra("127.0.0.1", echo_port, podnet_module._Echo)
+        _SAME_PORTS = (http_port, echo_port)
+    return _SAME_PORTS
+
+
+_SAME_PORTS: tuple[int, int] | None = None
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_two_plain_specs_forward_same_numbered_ports(crishim, transport):
+def test_two_plain_specs_forward_same_numbered_ports(crishim, podnet, transport):
     """The seeds' `5000 6000`: two specs, each local port equal to its remote port."""
-    for port in (HTTP_PORT, ECHO_PORT):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                pytest.skip(f"host port {port} is taken on this machine")
-    with PortForwardCLI(crishim, str(HTTP_PORT), str(ECHO_PORT), transport=transport) as cli:
-        assert cli.forwarding(2) == (expected_forwarding(HTTP_PORT, HTTP_PORT)
-                                     + expected_forwarding(ECHO_PORT, ECHO_PORT))
-        assert http_get("127.0.0.1", HTTP_PORT).endswith(HTTP_BODY)
+    http_port, echo_port = _same_numbered_pod_ports(podnet)
+    with PortForwardCLI(crishim, str(http_port), str(echo_port), transport=transport) as cli:
+        assert cli.forwarding(2) == (expected_forwarding(http_port, http_port)
+                                     + expected_forwarding(echo_port, echo_port))
+        assert http_get("127.0.0.1", http_port).endswith(HTTP_BODY)
         if ipv6_loopback():
-            assert http_get("::1", HTTP_PORT).endswith(HTTP_BODY)
+            assert http_get("::1", http_port).endswith(HTTP_BODY)
         payload = os.urandom(1 << 20)
-        assert echo(ECHO_PORT, payload) == payload
+        assert echo(echo_port, payload) == payload
         handled = cli.read_lines(3 if ipv6_loopback() else 2)
         assert sorted(handled) == sorted(
-            [f"Handling connection for {HTTP_PORT}"] * (2 if ipv6_loopback() else 1)
-            + [f"Handling connection for {ECHO_PORT}"])
+            [f"Handling connection for {http_port}"] * (2 if ipv6_loopback() else 1)
+            + [f"Handling connection for {echo_port}"])
         assert cli.interrupt() == 0
         assert not cli.stderr
 
