@@ -34,7 +34,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from crishim.forward import ForwardContext, ForwardedConnection, SessionBase
+from crishim.forward import ForwardContext, ForwardedConnection, SessionBase, SessionProtocol
 from crishim.runtime import Sandbox
 from crishim.stream import websocket as ws
 from crishim.stream.portforward_spdy import SpdyPortForwardSession
@@ -77,10 +77,9 @@ def start(server: StreamServer, transport: asyncio.Transport, request: Request,
         return
     base64 = subprotocol == ws.CHANNEL_BASE64
     ports = requested_ports(request, token_request, base64)
-    session = ChannelPortForwardSession(server.ctx, sandbox, ports, base64, server.idle_timeout,
-                                        transport)
+    session = ChannelPortForwardSession(server.ctx, sandbox, ports, base64, server.idle_timeout)
     transport.write(response)
-    server.adopt(transport, session, ChannelTransportProtocol(session), rest)
+    server.adopt(transport, session, ChannelTransportProtocol(session, transport), rest)
 
 
 def requested_ports(request: Request, token_request: StreamRequest, base64: bool) -> list[int]:
@@ -110,35 +109,41 @@ def requested_ports(request: Request, token_request: StreamRequest, base64: bool
 # --------------------------------------------------------------------------- SPDY tunnel
 
 
+def _flush_tunnel(tunnel: ws.ByteStreamTunnel, transport: asyncio.Transport) -> None:
+    out = tunnel.take_output()
+    if out and not transport.is_closing():
+        transport.writelines(out)
+
+
 def _tunnel_writelines(tunnel: ws.ByteStreamTunnel, transport: asyncio.Transport,
                        chunks: list) -> None:
     # SPDY frames go into WebSocket frames as buffers: no join copy on the way out.
     tunnel.send_buffers(chunks)
-    out = tunnel.take_output()
-    if out and not transport.is_closing():
-        transport.writelines(out)
+    _flush_tunnel(tunnel, transport)
 
 
 def _tunnel_close(tunnel: ws.ByteStreamTunnel, transport: asyncio.Transport) -> None:
     tunnel.close(ws.CLOSE_NORMAL)
-    out = tunnel.take_output()
-    if out and not transport.is_closing():
-        transport.writelines(out)
+    _flush_tunnel(tunnel, transport)
     transport.close()
 
 
-class SpdyTunnelProtocol(asyncio.Protocol):
+class SpdyTunnelProtocol(SessionProtocol):
     """asyncio glue: binary WebSocket messages in, the SPDY byte stream to the session."""
+
+    session: SpdyPortForwardSession
 
     def __init__(self, session: SpdyPortForwardSession, tunnel: ws.ByteStreamTunnel,
                  transport: asyncio.Transport) -> None:
-        self.session = session
+        super().__init__(session, transport)
         self.tunnel = tunnel
-        self.transport = transport
-        session.transport = transport
 
     def data_received(self, data: bytes) -> None:
         self._handle(self.tunnel.receive_data(data))
+
+    def eof_received(self) -> bool:
+        self._handle(self.tunnel.receive_data(b""))
+        return False
 
     def _handle(self, events: list) -> None:
         for event in events:
@@ -148,28 +153,10 @@ class SpdyTunnelProtocol(asyncio.Protocol):
                 log.info("spdy-websocket sandbox=%s: %s (close code %d)",
                          self.session.sandbox.id, event.reason, event.code)
             elif isinstance(event, ws.Closed):
-                self._flush()
+                _flush_tunnel(self.tunnel, self.transport)
                 self.session.close(f"WebSocket closed ({event.code} {event.reason})".strip())
                 return
-        self._flush()  # pongs
-
-    def _flush(self) -> None:
-        out = self.tunnel.take_output()
-        if out and not self.transport.is_closing():
-            self.transport.writelines(out)
-
-    def eof_received(self) -> bool:
-        self._handle(self.tunnel.receive_data(b""))
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.session.connection_lost()
-
-    def pause_writing(self) -> None:
-        self.session.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.session.resume_writing()
+        _flush_tunnel(self.tunnel, self.transport)  # pongs
 
 
 # --------------------------------------------------------------------------- channels
@@ -227,11 +214,10 @@ class ChannelPortForwardSession(SessionBase):
     transport_name = "websocket"
 
     def __init__(self, ctx: ForwardContext, sandbox: Sandbox, ports: list[int], base64: bool,
-                 idle_timeout: float, transport: asyncio.Transport) -> None:
+                 idle_timeout: float) -> None:
         super().__init__(ctx, sandbox)
         self.codec = ws.ChannelCodec(ports, base64)
         self.transport_name = "websocket-base64" if base64 else "websocket"
-        self.transport = transport
         self.idle_timeout = idle_timeout
         self.channels = [_PortChannel(self, i) for i in range(len(ports))]
         self.by_index: list[ForwardedConnection | None] = [None] * len(ports)
@@ -339,24 +325,10 @@ class ChannelPortForwardSession(SessionBase):
             self._end()
 
 
-class ChannelTransportProtocol(asyncio.Protocol):
+class ChannelTransportProtocol(SessionProtocol):
     """asyncio glue for the channel protocol after the 101."""
 
-    def __init__(self, session: ChannelPortForwardSession) -> None:
-        self.session = session
-
-    def data_received(self, data: bytes) -> None:
-        self.session.receive(data)
-
     def eof_received(self) -> bool:
+        # EOF without a close frame is the codec's abnormal close (1006), not a goodbye.
         self.session.receive(b"")
         return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.session.connection_lost()
-
-    def pause_writing(self) -> None:
-        self.session.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.session.resume_writing()
