@@ -26,10 +26,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import grpc
+from crishim_netns import NamedNetnsRuntime
 
 from crishim.config import Config
 from crishim.cri import api_pb2, api_pb2_grpc
-from crishim.netns import dial_localhost
 from crishim.runtime import (
     DialFailed,
     RuntimeError_,
@@ -117,21 +117,17 @@ class ContainerdRuntime(RuntimePlugin):
 
     def __init__(self, config: Config, cache_ttl: float = CACHE_TTL) -> None:
         self.endpoint = config.upstream_endpoint
-        self.pod_ip_fallback = config.pod_ip_fallback
         self.cache_ttl = cache_ttl
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
         self._channel: grpc.aio.Channel | None = None
         self._stub: api_pb2_grpc.RuntimeServiceStub | None = None
-        self._lab = None
-        if config.sandboxes:
-            from crishim_netns import NamedNetnsRuntime
-
-            self._lab = NamedNetnsRuntime(config)
+        # the explicit sandboxes map (lab use), and the in-process dial for every sandbox
+        self.names = NamedNetnsRuntime(config)
 
     # --- resolve ------------------------------------------------------------------------
     async def resolve(self, sandbox_id: str) -> Sandbox:
-        if self._lab is not None and sandbox_id in self._lab.sandboxes:
-            return await self._lab.resolve(sandbox_id)
+        if sandbox_id in self.names.sandboxes:
+            return await self.names.resolve(sandbox_id)
         cached = self._cached(sandbox_id)
         if cached is not None:
             return cached
@@ -191,10 +187,8 @@ class ContainerdRuntime(RuntimePlugin):
 
     # --- dial ---------------------------------------------------------------------------
     async def dial(self, sandbox: Sandbox, port: int) -> socket.socket:
-        netns = None if sandbox.host_network else sandbox.netns_path
         try:
-            return await dial_localhost(netns, port,
-                                        sandbox.pod_ip if self.pod_ip_fallback else "")
+            return await self.names.dial(sandbox, port)
         except (SandboxGone, DialFailed):
             self.forget(sandbox.id)  # the next resolve asks the runtime again
             raise
