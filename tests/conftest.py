@@ -9,6 +9,14 @@ from tests.podnet import PodNetwork
 SANDBOX = "sb-test"
 
 
+def missing(what: str) -> None:
+    """A tool the tests drive is not installed: a skip on a developer's box, a failure in
+    CI (CI=true), where `deploy/install.sh --test` must have provided it."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is not installed (CI must have it)")
+    pytest.skip(f"{what} is not installed")
+
+
 def pytest_configure(config):
     if os.geteuid() != 0:
         raise pytest.UsageError("crishim's tests need root: they create network namespaces")

@@ -29,6 +29,7 @@ from crishim.config import Config
 from crishim.cri import api_pb2, api_pb2_grpc
 from crishim.netns import create_named_netns, delete_named_netns, listen_in_netns
 from crishim.runtime import DialFailed, Sandbox, SandboxGone, SandboxNotFound
+from tests.conftest import missing
 from tests.containerd_env import ContainerdEnv, ContainerdUnavailable, skip_or_fail
 from tests.crishim_proc import CrishimProcess
 from tests.spdy_pf_client import SpdyPortForwardClient
@@ -392,7 +393,7 @@ def test_port_forward_with_crishim_spdy_client(shim: CrishimProcess,
 
 def test_port_forward_with_kubectl_127(shim: CrishimProcess, pod: tuple[str, str]) -> None:
     if not os.access(KUBECTL_127, os.X_OK):
-        pytest.skip(f"{KUBECTL_127} not installed")
+        missing(KUBECTL_127)
     sandbox_id, _ = pod
     payload = os.urandom(2 << 20)
     with KubeStandIn({"web": sandbox_id}, shim.port_forward_url) as standin:

@@ -43,6 +43,7 @@ from crishim.stream.spdy import (
     StreamReset,
     WindowUpdateReceived,
 )
+from tests.conftest import missing
 
 DICTIONARY_SHA256 = "51d27341373f923f3cd88e1eb7162aeaa3723d7585ff2399201dc06498407f02"
 KUBECTL = "/usr/lib/google-cloud-sdk/bin/kubectl.1.27"
@@ -272,8 +273,9 @@ def test_dictionary_is_the_spdy3_one_byte_for_byte() -> None:
     assert spdy.SPDY3_DICTIONARY.endswith(b"charset=iso-8859-1,utf-,*,enq=0.")
 
 
-@pytest.mark.skipif(not os.path.exists(KUBECTL), reason="no kubectl binary to compare with")
 def test_dictionary_matches_the_one_inside_kubectl() -> None:
+    if not os.path.exists(KUBECTL):
+        missing(KUBECTL)
     with open(KUBECTL, "rb") as binary:
         image = binary.read()
     assert spdy.SPDY3_DICTIONARY in image

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from tests.conftest import missing
 from tests.standin import (
     KubectlPortForwardError,
     KubeStandIn,
@@ -25,7 +26,7 @@ KUBECTL_133 = f"{SDK}/kubectl.1.33"
 
 def _need(path: str) -> str:
     if not os.access(path, os.X_OK):
-        pytest.skip(f"{path} not installed")
+        missing(path)
     return path
 
 

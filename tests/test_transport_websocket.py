@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from crishim.stream import websocket as ws
-from tests.conftest import SANDBOX
+from tests.conftest import SANDBOX, missing
 from tests.podnet import (
     CLOSED_PORT,
     ECHO_PORT,
@@ -94,7 +94,7 @@ def standin(crishim):
 
 def _need_kubectl() -> str:
     if not os.access(KUBECTL_133, os.X_OK):
-        pytest.skip(f"{KUBECTL_133} not installed")
+        missing(KUBECTL_133)
     return KUBECTL_133
 
 
@@ -208,7 +208,7 @@ def test_kubectl_reset_from_pod_ends_only_that_connection(kubectl_ws):
 
 @pytest.fixture(scope="module")
 def core_api(standin):
-    kubernetes = pytest.importorskip("kubernetes")
+    import kubernetes  # a test extra: its absence is a failure
     cfg = kubernetes.client.Configuration(host=standin.server_url)
     with kubernetes.client.ApiClient(cfg) as api:
         yield kubernetes.client.CoreV1Api(api)
