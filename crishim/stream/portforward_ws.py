@@ -220,7 +220,6 @@ class ChannelPortForwardSession(SessionBase):
         self.transport_name = "websocket-base64" if base64 else "websocket"
         self.idle_timeout = idle_timeout
         self.channels = [_PortChannel(self, i) for i in range(len(ports))]
-        self.by_index: list[ForwardedConnection | None] = [None] * len(ports)
         self.on_closed = None
         self._closed = False
         self._timers: list[asyncio.TimerHandle] = []
@@ -229,11 +228,8 @@ class ChannelPortForwardSession(SessionBase):
     def start(self) -> None:
         self.codec.start()
         self.flush()
-        for index, port in enumerate(self.codec.ports):
-            channel = self.channels[index]
-            conn = self.open_connection(port, channel)
-            channel.conn = conn
-            self.by_index[index] = conn
+        for channel, port in zip(self.channels, self.codec.ports):
+            channel.conn = self.open_connection(port, channel)
         self.arm_idle_timer()
 
     def _call_later(self, delay: float, fn) -> None:
@@ -259,7 +255,7 @@ class ChannelPortForwardSession(SessionBase):
         self.last_activity = time.monotonic()
         for event in self.codec.receive_data(data):
             if isinstance(event, ws.ChannelData):
-                conn = self.by_index[event.index]
+                conn = self.channels[event.index].conn
                 if conn is not None:
                     conn.client_data(event.data)
             elif isinstance(event, ws.ProtocolViolation):
