@@ -66,7 +66,11 @@ class HelperSetupError(Exception):
 
 
 class ProtocolError(Exception):
-    """A message that does not follow the helper protocol."""
+    """A message that does not follow the helper protocol; code is the error code replied."""
+
+    def __init__(self, message: str, code: str = "bad-request") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +122,7 @@ def decode_request(line: bytes) -> dict:
         raise ProtocolError("request is not a JSON object")
     if body.get("v") != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {body.get('v')!r} not supported "
-                            f"(this helper speaks {PROTOCOL_VERSION})")
+                            f"(this helper speaks {PROTOCOL_VERSION})", code="version")
     op, netns = body.get("op"), body.get("netns")
     if op not in ("dial", "exists"):
         raise ProtocolError(f"unknown op {op!r}")
@@ -281,7 +285,7 @@ class HelperAgent:
                 line, _ = await asyncio.wait_for(read_line(conn), REQUEST_TIMEOUT)
                 request = decode_request(line)
             except (ProtocolError, EOFError, TimeoutError) as e:
-                code = "version" if "version" in str(e) else "bad-request"
+                code = e.code if isinstance(e, ProtocolError) else "bad-request"
                 log.info("bad request: %s", e)
                 await self._reply(conn, Reply(False, error=code, message=str(e)))
                 return
