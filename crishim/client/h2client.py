@@ -23,7 +23,7 @@ from crishim.client.session import (
     SessionError,
     UpgradeRefused,
 )
-from crishim.stream.h2codec import H2Codec
+from crishim.stream.h2codec import H2Codec, Outbound
 
 if TYPE_CHECKING:
     from crishim.client.session import _ConnectionProtocol
@@ -49,7 +49,7 @@ class H2ClientSession(ClientSession):
         self.base_headers = [(":method", "POST"), (":scheme", scheme),
                              (":authority", authority), (":path", path)]
         self._error_streams: dict[int, ForwardStream] = {}
-        self._queues: dict[int, list] = {}  # stream id -> [chunks, eof, size]
+        self._queues: dict[int, Outbound] = {}  # streams waiting for the server's window
         self._status: dict[int, int] = {}
         self._refusal: dict[int, str] = {}
         self._next_request_id = 0
@@ -81,54 +81,35 @@ class H2ClientSession(ClientSession):
         self._error_streams[error_id] = stream
         return stream
 
-    def _send(self, stream: ForwardStream, data) -> None:
+    def _queue(self, stream: ForwardStream) -> Outbound:
         q = self._queues.get(stream.key)
         if q is None:
-            q = self._queues[stream.key] = [[], False, 0]
-        q[0].append(data)
-        q[2] += len(data)
+            q = self._queues[stream.key] = Outbound()
+        return q
+
+    def _send(self, stream: ForwardStream, data) -> None:
+        q = self._queue(stream)
+        q.append(data)
         self._drain(stream.key, q)
         self._flush()
 
     def _send_eof(self, stream: ForwardStream) -> None:
-        q = self._queues.get(stream.key)
-        if q is None:
-            q = self._queues[stream.key] = [[], False, 0]
-        q[1] = True
+        q = self._queue(stream)
+        q.eof = True
         self._drain(stream.key, q)
         self._flush()
 
-    def _drain(self, sid: int, q: list) -> None:
-        codec = self.codec
-        chunks = q[0]
-        stream = self.streams.get(sid)
+    def _drain(self, sid: int, q: Outbound) -> None:
         try:
-            while chunks:
-                window = min(codec.local_flow_control_window(sid), codec.max_outbound_frame_size)
-                if window <= 0:
-                    break
-                chunk = chunks[0]
-                n = min(window, len(chunk))
-                if n == len(chunk):
-                    chunks.pop(0)  # whole: h2 copies memoryviews, not bytes
-                else:
-                    view = memoryview(chunk)
-                    chunks[0] = view[n:]
-                    chunk = view[:n]
-                q[2] -= n
-                codec.send_data(sid, chunk, end_stream=q[1] and not chunks)
-                if q[1] and not chunks:
-                    del self._queues[sid]
-                    return
-            if not chunks:
-                if q[1]:
-                    codec.end_stream(sid)
-                self._queues.pop(sid, None)
+            done = self.codec.send_queued(sid, q)
         except h2.exceptions.ProtocolError:
-            self._queues.pop(sid, None)  # the stream was reset meanwhile
-            q[2] = 0
+            done = True  # the stream was reset meanwhile
+            q.size = 0
+        if done:
+            self._queues.pop(sid, None)
+        stream = self.streams.get(sid)
         if stream is not None:
-            if q[2] > QUEUE_HIGH_WATER:
+            if q.size > QUEUE_HIGH_WATER:
                 stream._block_writing("window")
             else:
                 stream._unblock_writing("window")

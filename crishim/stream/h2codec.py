@@ -194,6 +194,21 @@ class ViewFrameBuffer(FrameBuffer):
         return _data_piece(self._data_stream, piece, self._data_end and not self._data_left)
 
 
+class Outbound:
+    """Bytes for one stream waiting for the peer's flow-control window."""
+
+    __slots__ = ("chunks", "eof", "size")
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes | memoryview] = []
+        self.eof = False  # END_STREAM goes out with the last queued byte
+        self.size = 0
+
+    def append(self, data: bytes | memoryview) -> None:
+        self.chunks.append(data)
+        self.size += len(data)
+
+
 class H2Codec(h2.connection.H2Connection):
     """H2Connection with the zero-copy input and the list output described above."""
 
@@ -212,6 +227,34 @@ class H2Codec(h2.connection.H2Connection):
                 and self.state_machine.state is not ConnectionState.CLOSED
                 and length <= stream._inbound_window_manager.current_window_size
                 and length <= self._inbound_flow_control_window_manager.current_window_size)
+
+    def send_queued(self, stream_id: int, out: Outbound) -> bool:
+        """Send from the front of `out` what the stream's and the connection's windows
+        allow, a chunk split at the window as memoryview slices (no copy). True when `out`
+        is empty (its END_STREAM sent if asked), False when the window closed first.
+        ProtocolError (the stream was reset meanwhile) propagates."""
+        chunks = out.chunks
+        while chunks:
+            window = min(self.local_flow_control_window(stream_id),
+                         self.max_outbound_frame_size)
+            if window <= 0:
+                return False
+            chunk = chunks[0]
+            n = min(window, len(chunk))
+            if n == len(chunk):
+                chunks.pop(0)
+            else:
+                view = memoryview(chunk)
+                chunks[0] = view[n:]
+                chunk = view[:n]
+            out.size -= n
+            last = out.eof and not chunks
+            self.send_data(stream_id, chunk, end_stream=last)
+            if last:
+                return True
+        if out.eof:
+            self.end_stream(stream_id)
+        return True
 
     def _prepare_for_sending(self, frames: list[Frame]) -> None:
         if not frames:

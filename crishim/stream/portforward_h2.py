@@ -72,7 +72,7 @@ from hyperframe.frame import GoAwayFrame
 
 from crishim.forward import ForwardedConnection, SessionBase, SessionProtocol
 from crishim.runtime import Sandbox, SandboxGone, SandboxNotFound
-from crishim.stream.h2codec import H2Codec
+from crishim.stream.h2codec import H2Codec, Outbound
 
 if TYPE_CHECKING:
     from crishim.stream.server import Request, StreamServer
@@ -98,16 +98,6 @@ class _Refused(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
-
-
-class _Outbound:
-    """Bytes for one stream waiting for the client's flow-control window."""
-
-    __slots__ = ("chunks", "eof")
-
-    def __init__(self) -> None:
-        self.chunks: list[bytes | memoryview] = []
-        self.eof = False
 
 
 class _H2Channel:
@@ -204,7 +194,7 @@ class H2PortForwardSession(SessionBase):
         self._pending_by_stream: dict[int, _PendingPair] = {}
         self._by_stream: dict[int, ForwardedConnection] = {}  # data stream id -> connection
         self._live_requests: dict[str, ForwardedConnection] = {}  # request id -> connection
-        self._outbound: dict[int, _Outbound] = {}  # streams waiting for window
+        self._outbound: dict[int, Outbound] = {}  # streams waiting for window
         self._held_acks: dict[int, int] = {}  # data stream id -> bytes not yet acknowledged
         self._read_acks: dict[int, int] | None = None  # DATA of the read being processed
         self._admitting: list[h2.events.Event] | None = None  # events queued while redeeming
@@ -246,38 +236,21 @@ class H2PortForwardSession(SessionBase):
                 except h2.exceptions.ProtocolError:
                     pass  # stream reset or closed by the client meanwhile
                 return True
-            out = self._outbound[stream_id] = _Outbound()
-        out.chunks.append(data)
+            out = self._outbound[stream_id] = Outbound()
+        out.append(data)
         return self._drain_stream(stream_id, out)
 
     def queue_eof(self, stream_id: int) -> None:
         out = self._outbound.get(stream_id)
         if out is None:
-            out = self._outbound[stream_id] = _Outbound()
+            out = self._outbound[stream_id] = Outbound()
         out.eof = True
         self._drain_stream(stream_id, out)
 
-    def _drain_stream(self, stream_id: int, out: _Outbound) -> bool:
-        codec = self.codec
+    def _drain_stream(self, stream_id: int, out: Outbound) -> bool:
         try:
-            while out.chunks:
-                window = codec.local_flow_control_window(stream_id)
-                if window <= 0:
-                    return False
-                chunk = out.chunks[0]
-                n = min(window, codec.max_outbound_frame_size, len(chunk))
-                if n == len(chunk):
-                    out.chunks.pop(0)
-                else:
-                    view = memoryview(chunk)
-                    out.chunks[0] = view[n:]
-                    chunk = view[:n]
-                codec.send_data(stream_id, chunk, end_stream=out.eof and not out.chunks)
-                if out.eof and not out.chunks:
-                    del self._outbound[stream_id]
-                    return True
-            if out.eof:
-                codec.end_stream(stream_id)
+            if not self.codec.send_queued(stream_id, out):
+                return False
         except h2.exceptions.ProtocolError:
             pass  # stream reset or closed by the client meanwhile: nothing left to send
         self._outbound.pop(stream_id, None)
