@@ -374,11 +374,11 @@ class HelperAgent:
             return
         reasons = []
         socat = None
-        for target in (f"TCP4:127.0.0.1:{port}", f"TCP6:[::1]:{port}"):
-            socat, error = await self._start_socat(netns, target)
+        for address_type, host in (("TCP4", "127.0.0.1"), ("TCP6", "[::1]")):
+            socat, error = await self._start_socat(netns, f"{address_type}:{host}:{port}")
             if socat is not None:
                 break
-            reasons.append(f"{target.split(':', 1)[1].rsplit(':', 1)[0]}: {error}")
+            reasons.append(f"{host}: {error}")
         if socat is None:
             await self._reply(conn, Reply(False, error="refused",
                                           message=f"connect to port {port}: " + "; ".join(reasons)))
