@@ -87,29 +87,28 @@ class HelperPodRuntime(RuntimePlugin):
         netns = HOST if sandbox.host_network else sandbox.netns_path
         pod_ip = sandbox.pod_ip if self.pod_ip_fallback else ""
         conn = await self._connect()
+        fds: list[int] = []
         keep = False
         try:
             reply, fds = await self._ask(
                 conn, encode_request("dial", netns, port, self.mode, pod_ip), max_fds=1)
             if not reply.ok:
-                for fd in fds:
-                    os.close(fd)
                 if self.upstream is not None:
                     self.upstream.forget(sandbox.id)  # the next resolve asks the runtime
                 if reply.error == "gone":
                     raise SandboxGone(reply.message)
                 raise DialFailed(reply.message or f"helper error {reply.error}")
             if reply.mode == "socat":
-                keep = True
+                keep = True  # the unix connection itself carries the bytes
                 return conn
             if len(fds) != 1:
-                for fd in fds:
-                    os.close(fd)
                 raise DialFailed(f"helper at {self.socket_path} answered without a socket")
-            sock = socket.socket(fileno=fds[0])
+            sock = socket.socket(fileno=fds.pop())
             sock.setblocking(False)
             return sock
         finally:
+            for fd in fds:  # any the reply brought that no socket took
+                os.close(fd)
             if not keep:
                 conn.close()
 
