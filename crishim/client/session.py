@@ -27,8 +27,6 @@ read into the codec's frames and one join on the way out.
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
 import ssl
 import time
 from collections.abc import Callable
@@ -832,10 +830,8 @@ async def _upgrade_http1(conn: _ConnectionProtocol, tr: asyncio.Transport, u, ta
             if not ports:
                 raise ValueError("the websocket transport needs the ports at connect time")
             target = _with_ports(target, ports)
-        key = base64.b64encode(os.urandom(16)).decode()
         request, expected_accept = ws.client_handshake_request(
-            u.netloc, target, offered, key,
-            [(b"User-Agent", b"crishim-port-forward")])
+            u.netloc, target, offered, extra_headers=[(b"User-Agent", b"crishim-port-forward")])
         tr.write(request)
     try:
         raw = await asyncio.wait_for(asyncio.shield(conn.head), timeout)
