@@ -11,6 +11,7 @@ from crishim.netns import create_named_netns, delete_named_netns, listen_in_netn
 DEMO_NETNS = "crishim-demo"
 DEMO_SANDBOX = "demo"
 DEMO_PORT = 8080
+MAX_REQUEST_HEAD = 64 * 1024  # a client that never ends its request head is cut off here
 
 
 class DemoAlreadyRunning(Exception):
@@ -33,6 +34,11 @@ class _DemoHttp(asyncio.Protocol):
                     f"you asked: {line}\n").encode()
             self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
                                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        if len(self.buffer) > MAX_REQUEST_HEAD:
+            self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                                 b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+            self.transport.close()
+            self.buffer = b""
 
     def eof_received(self) -> None:
         self.transport.close()
