@@ -475,16 +475,11 @@ class SpdyClientSession(ClientSession):
             self._write_raw(self.tunnel.take_output())
 
     def _flush(self) -> None:
-        if self.tunnel is None:
-            chunks = self.codec.take_output()  # straight to writelines: no join copy
-            t = self.transport
-            if chunks and t is not None and not t.is_closing():
-                t.writelines(chunks)
-            return
-        chunks = self.codec.take_output()
-        if chunks:
+        chunks = self.codec.take_output()  # straight to writelines: no join copy
+        if chunks and self.tunnel is not None:
             self.tunnel.send_buffers(chunks)
-            self._write_raw(self.tunnel.take_output())
+            chunks = self.tunnel.take_output()
+        self._write_raw(chunks)
 
     def _write_raw(self, out: list) -> None:
         t = self.transport
