@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import socket
-import struct
 import threading
 
+from crishim.client.podservers import Echo, Reset, Source
+from crishim.client.podservers import source_bytes as source_bytes  # what SOURCE_PORT sends
 from crishim.netns import create_named_netns, delete_named_netns, listen_in_netns
 
 HTTP_PORT = 8080
@@ -19,16 +19,6 @@ SOURCE_PORT = 9002  # reads "N\n", sends N deterministic bytes, closes
 RESET_PORT = 9003  # reads a little, then resets the connection
 CLOSED_PORT = 9999  # nothing listens
 HTTP_BODY = b"hello from inside the sandbox netns\n"
-
-
-def source_bytes(n: int) -> bytes:
-    """The bytes SOURCE_PORT sends for n (deterministic, incompressible)."""
-    out = bytearray()
-    block = 0
-    while len(out) < n:
-        out += hashlib.sha256(struct.pack(">Q", block)).digest() * 64
-        block += 1
-    return bytes(out[:n])
 
 
 class _Http(asyncio.Protocol):
@@ -47,17 +37,6 @@ class _Http(asyncio.Protocol):
         return False
 
 
-class _Echo(asyncio.Protocol):
-    def connection_made(self, transport):
-        self.t = transport
-
-    def data_received(self, data):
-        self.t.write(data)
-
-    def eof_received(self):
-        return False  # half-close: our write side closes after the echo is flushed
-
-
 class _Sink(asyncio.Protocol):
     def connection_made(self, transport):
         self.t = transport
@@ -73,40 +52,8 @@ class _Sink(asyncio.Protocol):
         return False
 
 
-class _Source(asyncio.Protocol):
-    def connection_made(self, transport):
-        self.t = transport
-        self.buf = b""
-
-    def data_received(self, data):
-        self.buf += data
-        if b"\n" in self.buf:
-            n = int(self.buf.split(b"\n", 1)[0])
-            self.buf = b""
-            asyncio.get_running_loop().create_task(self._send(n))
-
-    async def _send(self, n):
-        data = source_bytes(n)
-        view = memoryview(data)
-        for i in range(0, n, 1 << 20):
-            self.t.write(view[i:i + (1 << 20)])
-            while self.t.get_write_buffer_size() > (4 << 20):
-                await asyncio.sleep(0.001)
-        self.t.close()
-
-
-class _Reset(asyncio.Protocol):
-    def connection_made(self, transport):
-        self.t = transport
-
-    def data_received(self, data):
-        sock = self.t.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.t.abort()
-
-
 class PodNetwork:
-    """A named netns with the test servers above listening on 127.0.0.1 (and ::1)."""
+    """A named netns with the test servers above listening on 127.0.0.1."""
 
     def __init__(self, name: str | None = None) -> None:
         self.name = name or f"crishim-test-{os.getpid()}"
@@ -124,8 +71,8 @@ class PodNetwork:
         return self
 
     async def _serve(self) -> None:
-        for port, proto in ((HTTP_PORT, _Http), (ECHO_PORT, _Echo), (SINK_PORT, _Sink),
-                            (SOURCE_PORT, _Source), (RESET_PORT, _Reset)):
+        for port, proto in ((HTTP_PORT, _Http), (ECHO_PORT, Echo), (SINK_PORT, _Sink),
+                            (SOURCE_PORT, Source), (RESET_PORT, Reset)):
             sock = listen_in_netns(self.path, "127.0.0.1", port)
             self._servers.append(await self.loop.create_server(proto, sock=sock))
 

@@ -180,7 +180,7 @@ def _same_numbered_pod_ports(podnet) -> tuple[int, int]:
         while echo_port == http_port:
             echo_port = free_port()
         podnet.listen_extra("127.0.0.1", http_port, podnet_module._Http)
-        podnet.listen_extra("127.0.0.1", echo_port, podnet_module._Echo)
+        podnet.listen_extra("127.0.0.1", echo_port, podnet_module.Echo)
         _SAME_PORTS = (http_port, echo_port)
     return _SAME_PORTS
 

@@ -16,14 +16,13 @@ import hashlib
 import json
 import os
 import re
-import socket
 import statistics
-import struct
 import sys
 import time
 from dataclasses import asdict, dataclass
 
 from crishim.client.cri import CriClient, CriError
+from crishim.client.podservers import FIN_MARK, Peers, source_bytes
 from crishim.client.session import (
     TRANSPORTS,
     ClientSession,
@@ -44,114 +43,6 @@ class CheckResult:
     detail: str
     seconds: float
     required: bool
-
-
-def source_bytes(n: int) -> bytes:
-    """What the check's source server sends for n (deterministic, incompressible)."""
-    out = bytearray()
-    block = 0
-    while len(out) < n:
-        out += hashlib.sha256(struct.pack(">Q", block)).digest() * 64
-        block += 1
-    return bytes(out[:n])
-
-
-# --------------------------------------------------------------------------- peers
-
-
-class _Echo(asyncio.Protocol):
-    def connection_made(self, transport):
-        self.t = transport
-
-    def data_received(self, data):
-        self.t.write(data)
-
-    def eof_received(self):
-        return False
-
-
-class _Sink(asyncio.Protocol):
-    """Reads "N\n" then N bytes and answers "<N> <sha256>\n": no half-close needed, so
-    upload integrity is checked apart from half-close (runtimes differ on that)."""
-
-    def connection_made(self, transport):
-        self.t, self.h, self.n, self.want, self.head = transport, hashlib.sha256(), 0, -1, b""
-
-    def data_received(self, data):
-        if self.want < 0:
-            self.head += data
-            if b"\n" not in self.head:
-                return
-            line, data = self.head.split(b"\n", 1)
-            self.want = int(line or 0)
-        take = data[: self.want - self.n]
-        self.h.update(take)
-        self.n += len(take)
-        if self.n == self.want:
-            self.t.write(f"{self.n} {self.h.hexdigest()}\n".encode())
-
-    def eof_received(self):
-        return False
-
-
-class _Source(asyncio.Protocol):
-    def connection_made(self, transport):
-        self.t, self.buf = transport, b""
-
-    def data_received(self, data):
-        self.buf += data
-        if b"\n" in self.buf:
-            n = int(self.buf.split(b"\n", 1)[0] or 0)
-            self.buf = b""
-            self.t.write(source_bytes(n))
-            self.t.close()
-
-
-FIN_MARK = b"<pod saw EOF>"
-
-
-class _FinEcho(_Echo):
-    """Echoes, and on EOF says so before closing: proof that the half-close reached it."""
-
-    def eof_received(self):
-        self.t.write(FIN_MARK)
-        return False
-
-
-class _Reset(asyncio.Protocol):
-    def connection_made(self, transport):
-        self.t = transport
-
-    def data_received(self, data):
-        sock = self.t.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.t.abort()
-
-
-class Peers:
-    """Servers inside the sandbox netns, on free ports."""
-
-    def __init__(self, netns: str) -> None:
-        self.netns = netns
-        self.ports: dict[str, int] = {}
-        self._servers: list[asyncio.AbstractServer] = []
-
-    async def start(self) -> None:
-        from crishim.netns import listen_in_netns
-
-        loop = asyncio.get_running_loop()
-        for name, proto in (("echo", _Echo), ("sink", _Sink), ("source", _Source),
-                            ("reset", _Reset), ("fin", _FinEcho)):
-            sock = listen_in_netns(self.netns, "127.0.0.1", 0)
-            self.ports[name] = sock.getsockname()[1]
-            self._servers.append(await loop.create_server(proto, sock=sock))
-        sock = listen_in_netns(self.netns, "127.0.0.1", 0)
-        self.ports["closed"] = sock.getsockname()[1]
-        sock.close()
-
-    def close(self) -> None:
-        for server in self._servers:
-            server.close()
 
 
 # --------------------------------------------------------------------------- the battery

@@ -1,0 +1,141 @@
+"""The pod side of `crishim check`: small TCP servers started inside the sandbox's netns.
+
+The end-to-end tests run the same servers in their own netns (tests/podnet.py), so a
+byte the checker verifies and a byte a test verifies come from one definition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import struct
+
+from crishim.netns import listen_in_netns
+
+SOURCE_CHUNK = 1 << 20
+SOURCE_WRITE_HIGH_WATER = 4 << 20
+FIN_MARK = b"<pod saw EOF>"
+
+
+def source_bytes(n: int) -> bytes:
+    """What Source sends for n (deterministic, incompressible)."""
+    out = bytearray()
+    block = 0
+    while len(out) < n:
+        out += hashlib.sha256(struct.pack(">Q", block)).digest() * 64
+        block += 1
+    return bytes(out[:n])
+
+
+class Echo(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.t = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.t.write(data)
+
+    def eof_received(self) -> bool:
+        return False  # half-close: our write side closes after the echo is flushed
+
+
+class FinEcho(Echo):
+    """Echoes, and on EOF says so before closing: proof that the half-close reached it."""
+
+    def eof_received(self) -> bool:
+        self.t.write(FIN_MARK)
+        return False
+
+
+class SizedSink(asyncio.Protocol):
+    """Reads "N\\n" then N bytes and answers "<N> <sha256>\\n": no half-close needed, so
+    upload integrity is checked apart from half-close (runtimes differ on that)."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.t, self.h, self.n, self.want, self.head = transport, hashlib.sha256(), 0, -1, b""
+
+    def data_received(self, data: bytes) -> None:
+        if self.want < 0:
+            self.head += data
+            if b"\n" not in self.head:
+                return
+            line, data = self.head.split(b"\n", 1)
+            self.want = int(line or 0)
+        take = data[: self.want - self.n]
+        self.h.update(take)
+        self.n += len(take)
+        if self.n == self.want:
+            self.t.write(f"{self.n} {self.h.hexdigest()}\n".encode())
+
+    def eof_received(self) -> bool:
+        return False
+
+
+class Source(asyncio.Protocol):
+    """Reads "N\\n", sends source_bytes(N) as fast as the reader takes it, then closes."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.t = transport
+        self.head = b""
+        self.out: memoryview | None = None
+        self.paused = False
+        transport.set_write_buffer_limits(high=SOURCE_WRITE_HIGH_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        if self.out is not None:
+            return
+        self.head += data
+        if b"\n" in self.head:
+            self.out = memoryview(source_bytes(int(self.head.split(b"\n", 1)[0] or 0)))
+            self._fill()
+
+    def _fill(self) -> None:
+        # writes stop at the high-water mark, so the transport holds at most a few MiB
+        while self.out and not self.paused:
+            self.t.write(self.out[:SOURCE_CHUNK])
+            self.out = self.out[SOURCE_CHUNK:]
+        if not self.out:
+            self.t.close()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._fill()
+
+
+class Reset(asyncio.Protocol):
+    """Resets the connection (RST, not FIN) on the first byte."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.t = transport
+
+    def data_received(self, data: bytes) -> None:
+        sock = self.t.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.t.abort()
+
+
+class Peers:
+    """Servers inside the sandbox netns, on free ports."""
+
+    def __init__(self, netns: str) -> None:
+        self.netns = netns
+        self.ports: dict[str, int] = {}
+        self._servers: list[asyncio.AbstractServer] = []
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for name, proto in (("echo", Echo), ("sink", SizedSink), ("source", Source),
+                            ("reset", Reset), ("fin", FinEcho)):
+            sock = listen_in_netns(self.netns, "127.0.0.1", 0)
+            self.ports[name] = sock.getsockname()[1]
+            self._servers.append(await loop.create_server(proto, sock=sock))
+        sock = listen_in_netns(self.netns, "127.0.0.1", 0)
+        self.ports["closed"] = sock.getsockname()[1]
+        sock.close()
+
+    def close(self) -> None:
+        for server in self._servers:
+            server.close()
