@@ -16,14 +16,19 @@ import stat
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from crishim import __version__
 from crishim.config import Config
-from crishim.cri.service import CriHandler, CriService
+from crishim.cri.service import CriHandler, CriService, upstream_target
 from crishim.forward import ForwardContext
 from crishim.runtime import RuntimePlugin, load_plugin
 from crishim.stream.server import StreamServer
 from crishim.tokens import TokenStore
 
 log = logging.getLogger("crishim")
+
+# CRI messages (ListContainers, ListImages on a busy node) outgrow gRPC's 4 MiB default
+_MESSAGE_LIMITS = [("grpc.max_receive_message_length", 64 << 20),
+                   ("grpc.max_send_message_length", 64 << 20)]
 
 
 class SocketInUse(Exception):
@@ -84,15 +89,10 @@ class Crishim:
         await self.stream.start()
         prepare_socket_path(cfg.socket)
         if cfg.upstream_endpoint:
-            target = cfg.upstream_endpoint
-            if target.startswith("/"):
-                target = "unix://" + target
-            self.upstream = grpc.aio.insecure_channel(
-                target, options=[("grpc.max_receive_message_length", 64 << 20),
-                                 ("grpc.max_send_message_length", 64 << 20)])
-        service = CriService(self.plugin, self.tokens, self.stream.url_for, self.metrics)
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
-                                          ("grpc.max_send_message_length", 64 << 20)])
+            self.upstream = grpc.aio.insecure_channel(upstream_target(cfg.upstream_endpoint),
+                                                      options=_MESSAGE_LIMITS)
+        service = CriService(self.plugin, self.tokens, self.stream.url_for)
+        server = grpc.aio.server(options=_MESSAGE_LIMITS)
         server.add_generic_rpc_handlers((CriHandler(service, self.upstream),))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -109,7 +109,7 @@ class Crishim:
         await self.health.set("runtime.v1.RuntimeService",
                               health_pb2.HealthCheckResponse.SERVING)
         log.info("crishim %s serving CRI on %s, streams on %s (runtime plugin %s)",
-                 __import__("crishim").__version__, cfg.socket, self.stream.base_url,
+                 __version__, cfg.socket, self.stream.base_url,
                  self.plugin.name)
 
     def _ssl_context(self):

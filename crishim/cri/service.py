@@ -20,10 +20,13 @@ KUBELET_API_VERSION = "0.1.0"
 # metadata gRPC itself sets on a call (and every reserved grpc-*/:pseudo key); everything
 # else is carried to the upstream
 _HOP_METADATA = {"user-agent", "content-type", "te", "host"}
-
-
 # CRI methods take one request message; a client streaming more is refused, not buffered
 _MAX_REQUESTS = 16
+
+
+def upstream_target(endpoint: str) -> str:
+    """The gRPC target of an upstream_endpoint setting: a bare path is a unix socket."""
+    return "unix://" + endpoint if endpoint.startswith("/") else endpoint
 
 
 def _forwardable(key: str) -> bool:
@@ -34,11 +37,10 @@ class CriService:
     """Typed handlers for the methods crishim answers itself."""
 
     def __init__(self, plugin: RuntimePlugin, tokens: TokenStore,
-                 url_for: Callable[[str], str], metrics: object | None = None) -> None:
+                 url_for: Callable[[str], str]) -> None:
         self.plugin = plugin
         self.tokens = tokens
         self.url_for = url_for
-        self.metrics = metrics
 
     async def Version(self, request: api_pb2.VersionRequest,
                       context: grpc.aio.ServicerContext) -> api_pb2.VersionResponse:
@@ -79,15 +81,13 @@ def _typed(method: Callable, request_type) -> grpc.RpcMethodHandler:
 class CriHandler(grpc.GenericRpcHandler):
     """Routes every /runtime.v1.* method: ours typed, the rest to the upstream."""
 
-    def __init__(self, service: CriService, upstream: grpc.aio.Channel | None,
-                 upstream_name: str = "") -> None:
+    def __init__(self, service: CriService, upstream: grpc.aio.Channel | None) -> None:
         self.own = {
             f"/{RUNTIME_SERVICE}/Version": _typed(service.Version, api_pb2.VersionRequest),
             f"/{RUNTIME_SERVICE}/PortForward": _typed(service.PortForward,
                                                       api_pb2.PortForwardRequest),
         }
         self.upstream = upstream
-        self.upstream_name = upstream_name
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         method = details.method

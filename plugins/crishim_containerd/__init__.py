@@ -30,6 +30,7 @@ from crishim_netns import NamedNetnsRuntime
 
 from crishim.config import Config
 from crishim.cri import api_pb2, api_pb2_grpc
+from crishim.cri.service import upstream_target
 from crishim.runtime import (
     DialFailed,
     RuntimeError_,
@@ -177,11 +178,9 @@ class ContainerdRuntime(RuntimePlugin):
 
     def _upstream(self) -> api_pb2_grpc.RuntimeServiceStub:
         if self._stub is None:
-            target = self.endpoint
-            if target.startswith("/"):
-                target = "unix://" + target
             self._channel = grpc.aio.insecure_channel(
-                target, options=[("grpc.max_receive_message_length", 16 << 20)])
+                upstream_target(self.endpoint),
+                options=[("grpc.max_receive_message_length", 16 << 20)])
             self._stub = api_pb2_grpc.RuntimeServiceStub(self._channel)
         return self._stub
 
