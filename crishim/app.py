@@ -10,8 +10,11 @@ import asyncio
 import errno
 import logging
 import os
+import signal
 import socket
+import ssl
 import stat
+from collections.abc import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -112,7 +115,7 @@ class Crishim:
                  __version__, cfg.socket, self.stream.base_url,
                  self.plugin.name)
 
-    def _ssl_context(self):
+    def _ssl_context(self) -> ssl.SSLContext | None:
         if not (self.config.enable_tls_streaming or self.config.tls_cert_file):
             return None
         from crishim.stream import tls
@@ -137,13 +140,18 @@ class Crishim:
             pass
 
 
-async def run_until_signalled(app: Crishim, on_started=None) -> None:
-    import signal
-
+def stop_on_signals() -> asyncio.Event:
+    """An event that SIGINT or SIGTERM sets, handled on the running loop from now on."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def run_until_signalled(app: Crishim,
+                              on_started: Callable[[], Awaitable[None]] | None = None) -> None:
+    stop = stop_on_signals()
     await app.start()
     try:
         if on_started is not None:

@@ -519,7 +519,7 @@ def cmd_helper(args: argparse.Namespace) -> int:
     import uvloop
 
     from crishim import logs
-    from crishim.app import SocketInUse
+    from crishim.app import SocketInUse, stop_on_signals
     from crishim.config import load
 
     config = load(args.config, overrides={k: getattr(args, k) for k in (
@@ -528,12 +528,7 @@ def cmd_helper(args: argparse.Namespace) -> int:
     agent = HelperAgent(config.helper_socket, config.helper_mode, args.group)
 
     async def main() -> None:
-        import signal
-
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         await agent.start()
         try:
             await stop.wait()
