@@ -100,6 +100,12 @@ class _Refused(Exception):
         self.status = status
 
 
+def _check_method(headers: dict[str, str]) -> None:
+    if headers.get(":method") != "POST":
+        raise _Refused(405, f"method {headers.get(':method')} not allowed; port-forward "
+                            "streams are POST")
+
+
 class _H2Channel:
     """A forwarded connection's data + error streams on one HTTP/2 connection."""
 
@@ -322,11 +328,7 @@ class H2PortForwardSession(SessionBase):
             self.end_batch()
         for sid, n in acks.items():
             # after the pod writes: a pod socket that just became congested holds its acks
-            conn = self._by_stream.get(sid)
-            if conn is not None and conn in self._congested:
-                self._held_acks[sid] = self._held_acks.get(sid, 0) + n
-            else:
-                self._ack(sid, n)
+            self._ack_unless_congested(sid, n)
         self.flush()
 
     @property
@@ -347,7 +349,7 @@ class H2PortForwardSession(SessionBase):
             return
         try:
             self._check_stream(headers)
-            self._pair(sid, headers, client_done)
+            self._pair(sid, headers)
         except _Refused as e:
             log.info("h2 sandbox=%s: refusing stream %d: %d %s", self._sandbox_id, sid,
                      e.status, e)
@@ -358,9 +360,7 @@ class H2PortForwardSession(SessionBase):
         if headers.get(":path") != self.path:
             raise _Refused(404, "this HTTP/2 connection serves only the path whose token "
                                 "it redeemed")
-        if headers.get(":method") != "POST":
-            raise _Refused(405, f"method {headers.get(':method')} not allowed; port-forward "
-                                "streams are POST")
+        _check_method(headers)
 
     async def _admit(self, ev: h2.events.RequestReceived, headers: dict[str, str]) -> None:
         """Prior knowledge: the first stream's path redeems the connection's token."""
@@ -372,9 +372,7 @@ class H2PortForwardSession(SessionBase):
             parts = path.split("?", 1)[0].split("/")
             if len(parts) != 3 or parts[0] != "" or parts[1] != "portforward" or not parts[2]:
                 raise _Refused(404, f"no such path {_redact(path)!r}")
-            if headers.get(":method") != "POST":
-                raise _Refused(405, f"method {headers.get(':method')} not allowed; "
-                                    "port-forward streams are POST")
+            _check_method(headers)
             if self.server.draining:
                 raise _Refused(503, "crishim is shutting down")
             if self._over_limit:
@@ -421,7 +419,7 @@ class H2PortForwardSession(SessionBase):
                 handler(self, event)
         self.flush()
 
-    def _pair(self, sid: int, headers: dict[str, str], client_done: bool) -> None:
+    def _pair(self, sid: int, headers: dict[str, str]) -> None:
         stream_type = headers.get("streamtype", "")
         port_text = headers.get("port", "")
         if stream_type not in ("data", "error"):
@@ -456,11 +454,7 @@ class H2PortForwardSession(SessionBase):
             pass  # the client already reset it: its StreamReset event cleans up
         if not (pair.data_id and pair.error_id):
             return
-        del self._pending[request_id]
-        self._pending_by_stream.pop(pair.data_id, None)
-        self._pending_by_stream.pop(pair.error_id, None)
-        if pair.timer is not None:
-            pair.timer.cancel()
+        self._forget_pair(pair)
         channel = _H2Channel(self, pair.data_id, pair.error_id, request_id)
         conn = self.open_connection(port, channel)
         channel.conn = conn
@@ -471,12 +465,22 @@ class H2PortForwardSession(SessionBase):
         for event in pair.held:
             _HANDLERS[type(event)](self, event)
 
-    def _pair_timed_out(self, request_id: str) -> None:
-        pair = self._pending.pop(request_id, None)
-        if pair is None or self._closed:
-            return
+    def _forget_pair(self, pair: _PendingPair) -> None:
+        self._pending.pop(pair.request_id, None)
         for sid in (pair.data_id, pair.error_id):
             self._pending_by_stream.pop(sid, None)
+        if pair.timer is not None:
+            pair.timer.cancel()
+
+    def _forget_pending_pairs(self) -> None:
+        for pair in list(self._pending.values()):
+            self._forget_pair(pair)
+
+    def _pair_timed_out(self, request_id: str) -> None:
+        pair = self._pending.get(request_id)
+        if pair is None or self._closed:
+            return
+        self._forget_pair(pair)
         message = (f"timed out waiting for the {'data' if not pair.data_id else 'error'} "
                    f"stream of request {request_id} (stream_creation_timeout "
                    f"{self.creation_timeout:g}s)")
@@ -497,6 +501,14 @@ class H2PortForwardSession(SessionBase):
             except h2.exceptions.ProtocolError:
                 pass  # connection already closing
 
+    def _ack_unless_congested(self, stream_id: int, n: int) -> None:
+        """A congested pod's stream gets no window back until its socket drains."""
+        conn = self._by_stream.get(stream_id)
+        if conn is not None and conn in self._congested:
+            self._held_acks[stream_id] = self._held_acks.get(stream_id, 0) + n
+        else:
+            self._ack(stream_id, n)
+
     def _on_data(self, ev: h2.events.DataReceived) -> None:
         sid = ev.stream_id
         conn = self._by_stream.get(sid)
@@ -512,10 +524,8 @@ class H2PortForwardSession(SessionBase):
         acks = self._read_acks
         if acks is not None:
             acks[sid] = acks.get(sid, 0) + ev.flow_controlled_length
-        elif conn in self._congested:
-            self._held_acks[sid] = self._held_acks.get(sid, 0) + ev.flow_controlled_length
         else:
-            self._ack(sid, ev.flow_controlled_length)
+            self._ack_unless_congested(sid, ev.flow_controlled_length)
 
     def _on_stream_ended(self, ev: h2.events.StreamEnded) -> None:
         conn = self._by_stream.get(ev.stream_id)
@@ -536,13 +546,10 @@ class H2PortForwardSession(SessionBase):
                 channel.data_closed = True
             conn.client_reset()
             return
-        pair = self._pending_by_stream.pop(sid, None)
+        pair = self._pending_by_stream.get(sid)
         if pair is not None:
-            self._pending.pop(pair.request_id, None)
-            if pair.timer is not None:
-                pair.timer.cancel()
+            self._forget_pair(pair)
             other = pair.error_id if sid == pair.data_id else pair.data_id
-            self._pending_by_stream.pop(other, None)
             if other == pair.error_id and other:
                 self.queue_eof(other)
             elif other:
@@ -595,6 +602,7 @@ class H2PortForwardSession(SessionBase):
     def idle_expired(self) -> None:
         self._send_goaway(ErrorCodes.NO_ERROR)
         self.close("idle timeout")
+
     def _send_goaway(self, code: ErrorCodes) -> None:
         """GOAWAY written beside h2, whose state machine would refuse every later frame
         on live streams once it sent one itself."""
@@ -617,13 +625,8 @@ class H2PortForwardSession(SessionBase):
         if self._closed:
             return
         self.close_connections(reason)
-        for pair in self._pending.values():
-            if pair.timer is not None:
-                pair.timer.cancel()
-        self._pending.clear()
-        self._pending_by_stream.clear()
-        if not self._goaway_sent:
-            self._send_goaway(ErrorCodes.NO_ERROR)
+        self._forget_pending_pairs()
+        self._send_goaway(ErrorCodes.NO_ERROR)
         self.flush()
         self._closed = True
         self.cancel_idle_timer()
@@ -637,10 +640,7 @@ class H2PortForwardSession(SessionBase):
             return
         self._closed = True
         self.close_connections("client connection lost")
-        for pair in self._pending.values():
-            if pair.timer is not None:
-                pair.timer.cancel()
-        self._pending.clear()
+        self._forget_pending_pairs()
         self.cancel_idle_timer()
         if self.on_closed is not None:
             self.on_closed()
