@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 
 from crishim.client.cri import CriClient, CriError
@@ -76,17 +78,27 @@ class Checker:
         return await open_session(url, transport, ports, ping_interval=0,
                                   timeout=self.timeout, **self.tls)
 
-    async def connect(self, port: int):
-        """(reader, writer, own_session): a forwarded connection on the shared session, or
-        on a WebSocket of its own for the channel protocol."""
+    @contextlib.asynccontextmanager
+    async def connection(self, port: int
+                         ) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+        """A forwarded connection on the shared session, or on a WebSocket of its own for the
+        channel protocol; closed, with that WebSocket, however the check ends."""
+        own: ClientSession | None = None
         if self.transport == "websocket":
-            session = await self.new_session("websocket", [port])
+            session = own = await self.new_session("websocket", [port])
+        else:
+            if self.session is None or self.session.closed.done():
+                self.session = await self.new_session(self.transport)
+            session = self.session
+        try:
             reader, writer = await session.open_stream(port)
-            return reader, writer, session
-        if self.session is None or self.session.closed.done():
-            self.session = await self.new_session(self.transport)
-        reader, writer = await self.session.open_stream(port)
-        return reader, writer, None
+            try:
+                yield reader, writer
+            finally:
+                writer.close()
+        finally:
+            if own is not None:
+                own.close()
 
     def add(self, name: str, result: str, detail: str, t0: float, required: bool = True) -> None:
         self.results.append(CheckResult(name, result, detail, time.perf_counter() - t0,
@@ -121,10 +133,11 @@ class Checker:
                 self.why_no_servers = (f"sandbox netns unknown ({e}); name it with --netns "
                                        "PATH")
                 return
+        peers = Peers(netns)
         try:
-            peers = Peers(netns)
             await peers.start()
         except Exception as e:  # noqa: BLE001 - reported as the reason for skipping
+            peers.close()  # the servers started before the failure
             self.why_no_servers = f"cannot start servers in {netns}: {e}"
             return
         self.peers = peers
@@ -177,25 +190,21 @@ class Checker:
 
     async def check_echo(self):
         data = os.urandom(min(self.size, 4 << 20))
-        reader, writer, own = await self.connect(self.peers.ports["echo"])
-        writer.write(data)
-        got = await asyncio.wait_for(reader.readexactly(len(data)), IO_TIMEOUT)
-        writer.close()
-        if own:
-            own.close()
+        async with self.connection(self.peers.ports["echo"]) as (reader, writer):
+            writer.write(data)
+            got = await asyncio.wait_for(reader.readexactly(len(data)), IO_TIMEOUT)
         ok = hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
         return ("pass" if ok else "fail"), f"{len(data)} bytes echoed, sha256 " + \
             ("matches" if ok else "DIFFERS")
 
     async def check_upload(self):
         data = os.urandom(self.size)
-        reader, writer, _ = await self.connect(self.peers.ports["sink"])
-        t0 = time.perf_counter()
-        writer.write(b"%d\n" % len(data))
-        writer.write(data)
-        line = await asyncio.wait_for(reader.readline(), IO_TIMEOUT)
-        secs = time.perf_counter() - t0
-        writer.close()
+        async with self.connection(self.peers.ports["sink"]) as (reader, writer):
+            t0 = time.perf_counter()
+            writer.write(b"%d\n" % len(data))
+            writer.write(data)
+            line = await asyncio.wait_for(reader.readline(), IO_TIMEOUT)
+            secs = time.perf_counter() - t0
         want = f"{len(data)} {hashlib.sha256(data).hexdigest()}"
         ok = line.decode().strip() == want
         verdict = "matches" if ok else "DIFFERS: " + line[:80].decode(errors="replace")
@@ -204,21 +213,18 @@ class Checker:
 
     async def check_download(self):
         n = self.size
-        reader, writer, own = await self.connect(self.peers.ports["source"])
-        t0 = time.perf_counter()
-        writer.write(f"{n}\n".encode())
-        h = hashlib.sha256()
-        got = 0
-        while True:
-            chunk = await asyncio.wait_for(reader.read(1 << 20), IO_TIMEOUT)
-            if not chunk:
-                break
-            h.update(chunk)
-            got += len(chunk)
-        secs = time.perf_counter() - t0
-        writer.close()
-        if own:
-            own.close()
+        async with self.connection(self.peers.ports["source"]) as (reader, writer):
+            t0 = time.perf_counter()
+            writer.write(f"{n}\n".encode())
+            h = hashlib.sha256()
+            got = 0
+            while True:
+                chunk = await asyncio.wait_for(reader.read(1 << 20), IO_TIMEOUT)
+                if not chunk:
+                    break
+                h.update(chunk)
+                got += len(chunk)
+            secs = time.perf_counter() - t0
         ok = got == n and h.digest() == hashlib.sha256(source_bytes(n)).digest()
         return ("pass" if ok else "fail"), (f"{got >> 20} MiB down, sha256 "
                                             f"{'matches' if ok else 'DIFFERS'}, "
@@ -226,11 +232,10 @@ class Checker:
 
     async def check_half_close(self):
         data = os.urandom(65536)
-        reader, writer, _ = await self.connect(self.peers.ports["fin"])
-        writer.write(data)
-        writer.write_eof()
-        got = await asyncio.wait_for(reader.read(), IO_TIMEOUT)
-        writer.close()
+        async with self.connection(self.peers.ports["fin"]) as (reader, writer):
+            writer.write(data)
+            writer.write_eof()
+            got = await asyncio.wait_for(reader.read(), IO_TIMEOUT)
         if got == data + FIN_MARK:
             return "pass", "FIN reached the pod, which still answered; its FIN came back"
         if got == data:
@@ -239,22 +244,20 @@ class Checker:
         return "fail", f"got {len(got)} bytes, expected {len(data)} and the pod's EOF mark"
 
     async def _failing_then_survive(self, port: int, payload: bytes):
-        reader, writer, own = await self.connect(port)
-        writer.write(payload)
         error: ForwardError | None = None
-        try:
-            await asyncio.wait_for(reader.read(), IO_TIMEOUT)
-            # the data stream ended; the verdict is on the error stream, which may end later
-            if writer.can_write_eof():
-                writer.write_eof()
-            await asyncio.wait_for(writer.wait_closed(), 5)
-        except ForwardError as e:
-            error = e
-        except (ConnectionError, TimeoutError):
-            pass
-        writer.close()
-        if own:
-            own.close()
+        async with self.connection(port) as (reader, writer):
+            writer.write(payload)
+            try:
+                await asyncio.wait_for(reader.read(), IO_TIMEOUT)
+                # the data stream ended; the verdict is on the error stream, which may end
+                # later
+                if writer.can_write_eof():
+                    writer.write_eof()
+                await asyncio.wait_for(writer.wait_closed(), 5)
+            except ForwardError as e:
+                error = e
+            except (ConnectionError, TimeoutError):
+                pass
         if error is None:
             how = "ended with a clean EOF (no error reported)"
         elif error.fatal:
@@ -263,13 +266,12 @@ class Checker:
             how = f"reported: {str(error)[:120]}"
         if self.transport == "websocket":
             return ("pass" if error is not None else "warn"), how
-        reader, writer, _ = await self.connect(self.peers.ports["echo"])
-        writer.write(b"still there?")
-        try:
-            back = await asyncio.wait_for(reader.readexactly(12), 5)
-        except (ForwardError, asyncio.IncompleteReadError, TimeoutError):
-            back = b""
-        writer.close()
+        async with self.connection(self.peers.ports["echo"]) as (reader, writer):
+            writer.write(b"still there?")
+            try:
+                back = await asyncio.wait_for(reader.readexactly(12), 5)
+            except (ForwardError, asyncio.IncompleteReadError, TimeoutError):
+                back = b""
         survived = back == b"still there?"
         if not survived:
             return "fail", how + "; the session did NOT survive"
@@ -285,13 +287,9 @@ class Checker:
     async def check_concurrent(self, n: int = 16):
         async def one(i: int) -> bool:
             data = os.urandom(256 * 1024)
-            reader, writer, own = await self.connect(self.peers.ports["echo"])
-            writer.write(data)
-            got = await asyncio.wait_for(reader.readexactly(len(data)), IO_TIMEOUT)
-            writer.close()
-            if own:
-                own.close()
-            return got == data
+            async with self.connection(self.peers.ports["echo"]) as (reader, writer):
+                writer.write(data)
+                return await asyncio.wait_for(reader.readexactly(len(data)), IO_TIMEOUT) == data
         results = await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
         ok = sum(1 for r in results if r is True)
         errors = [str(r) for r in results if isinstance(r, BaseException)]
@@ -304,13 +302,10 @@ class Checker:
         samples = []
         for _ in range(n):
             t0 = time.perf_counter()
-            reader, writer, own = await self.connect(self.peers.ports["echo"])
-            writer.write(b"x")
-            await asyncio.wait_for(reader.readexactly(1), IO_TIMEOUT)
-            samples.append(time.perf_counter() - t0)
-            writer.close()
-            if own:
-                own.close()
+            async with self.connection(self.peers.ports["echo"]) as (reader, writer):
+                writer.write(b"x")
+                await asyncio.wait_for(reader.readexactly(1), IO_TIMEOUT)
+                samples.append(time.perf_counter() - t0)
         samples.sort()
         p50 = statistics.median(samples) * 1000
         p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))] * 1000
@@ -318,19 +313,25 @@ class Checker:
                        f"{p99:.2f} ms"
 
     async def check_connect_user_port(self):
-        reader, writer, own = await self.connect(self.port)
-        try:
-            await asyncio.wait_for(reader.read(1), 1.0)
-        except TimeoutError:
-            pass  # nothing to read, and no failure: the connection is up
-        writer.close()
-        if own:
-            own.close()
+        async with self.connection(self.port) as (reader, writer):
+            try:
+                await asyncio.wait_for(reader.read(1), 1.0)
+            except TimeoutError:
+                pass  # nothing to read, and no failure: the connection is up
         return "pass", f"a connection to port {self.port} was accepted and stayed up 1 s"
 
     # --- the run ------------------------------------------------------------------------
     async def run(self) -> None:
         await self.url()  # an unusable endpoint or unknown sandbox: one error, no table
+        try:
+            await self._run_checks()
+        finally:
+            if self.session is not None:
+                self.session.close()
+            if self.peers is not None:
+                self.peers.close()
+
+    async def _run_checks(self) -> None:
         await self.find_netns()
         await self.run_check("cri-url", self.check_url)
         if self.peers is None and not self.port:
@@ -361,10 +362,6 @@ class Checker:
                 await self.run_check(name, fn, required=name != "setup-latency")
         if self.peers is None and self.port:
             await self.run_check("connect", self.check_connect_user_port)
-        if self.session is not None:
-            self.session.close()
-        if self.peers is not None:
-            self.peers.close()
 
     @property
     def ok(self) -> bool:
