@@ -164,38 +164,36 @@ async def wait_io(sock: socket.socket | int, writable: bool = False) -> None:
 
 async def read_line(sock: socket.socket, max_fds: int = 0) -> tuple[bytes, list[int]]:
     """One protocol line from a non-blocking unix socket, and the fds sent with it. Reads
-    exactly up to the newline, so bytes that follow (socat mode) stay in the socket."""
-    while True:
-        try:
-            peek = sock.recv(MAX_LINE, socket.MSG_PEEK)
-        except BlockingIOError:
-            await wait_io(sock)
-            continue
-        if not peek:
-            raise EOFError("connection closed before a complete line")
-        end = peek.find(b"\n")
-        if end >= 0:
-            break
-        if len(peek) >= MAX_LINE:
-            raise ProtocolError(f"line longer than {MAX_LINE} bytes")
-        await asyncio.sleep(0.001)  # the peer is still writing the line (still readable)
-    want = end + 1
+    no byte past the newline, so bytes that follow (socat mode) stay in the socket."""
     data = b""
     fds: list[int] = []
-    while len(data) < want:
-        try:
-            chunk, got, _flags, _addr = socket.recv_fds(sock, want - len(data), max_fds or 1)
-        except BlockingIOError:
-            await wait_io(sock)
-            continue
-        if max_fds:
+    try:
+        while len(data) < MAX_LINE:
+            try:
+                peek = sock.recv(MAX_LINE - len(data), socket.MSG_PEEK)
+            except BlockingIOError:
+                await wait_io(sock)
+                continue
+            if not peek:
+                raise EOFError("connection closed before a complete line")
+            # the bytes up to the newline, or all of them: they are the line's either way
+            end = peek.find(b"\n")
+            chunk, got, _flags, _addr = socket.recv_fds(
+                sock, end + 1 if end >= 0 else len(peek), max_fds or 1)
             fds.extend(got)
+            data += chunk
+            if data.endswith(b"\n"):
+                break
         else:
-            for fd in got:  # nobody asked for these
-                os.close(fd)
-        if not chunk:
-            raise EOFError("connection closed in the middle of a line")
-        data += chunk
+            raise ProtocolError(f"line longer than {MAX_LINE} bytes")
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    if not max_fds:
+        for fd in fds:  # nobody asked for these
+            os.close(fd)
+        fds = []
     return data[:-1], fds
 
 
