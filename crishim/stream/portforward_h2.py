@@ -109,8 +109,7 @@ def _check_method(headers: dict[str, str]) -> None:
 class _H2Channel:
     """A forwarded connection's data + error streams on one HTTP/2 connection."""
 
-    __slots__ = ("session", "data_id", "error_id", "request_id", "conn", "data_closed",
-                 "error_closed")
+    __slots__ = ("session", "data_id", "error_id", "request_id", "conn", "data_closed")
 
     def __init__(self, session: H2PortForwardSession, data_id: int, error_id: int,
                  request_id: str) -> None:
@@ -120,7 +119,6 @@ class _H2Channel:
         self.request_id = request_id
         self.conn: ForwardedConnection | None = None
         self.data_closed = False
-        self.error_closed = False
 
     def send(self, data: bytes) -> None:
         s = self.session
@@ -142,9 +140,6 @@ class _H2Channel:
             self.session.flush()
 
     def finish(self, error: str | None) -> None:
-        if self.error_closed:
-            return
-        self.error_closed = True
         s = self.session
         if error:
             s.queue_data(self.error_id, error.encode("utf-8", "replace"))
@@ -173,15 +168,13 @@ class H2PortForwardSession(SessionBase):
     transport_name = "h2"
 
     def __init__(self, server: StreamServer, sandbox: Sandbox | None, path: str | None,
-                 write: Callable[[bytes], None], close: Callable[[], None],
-                 over_limit: bool = False,
-                 writelines: Callable[[list], None] | None = None) -> None:
+                 writelines: Callable[[list], None], close: Callable[[], None],
+                 over_limit: bool = False) -> None:
         super().__init__(server.ctx, sandbox)  # type: ignore[arg-type]
         self.server = server
         self.path = path
         self.creation_timeout = server.creation_timeout
         self.idle_timeout = server.idle_timeout
-        self._write = write
         self._writelines = writelines
         self._close = close
         self._over_limit = over_limit
@@ -225,10 +218,7 @@ class H2PortForwardSession(SessionBase):
     def flush(self) -> None:
         out = self.codec.take_output()
         if out and not self._closed:
-            if self._writelines is not None:
-                self._writelines(out)  # DATA payloads go out as they are: no join
-            else:
-                self._write(b"".join(out))
+            self._writelines(out)  # DATA payloads go out as they are: no join
 
     def queue_data(self, stream_id: int, data: bytes) -> bool:
         """Send what the window allows, queue the rest; False when the stream is blocked."""
@@ -613,7 +603,7 @@ class H2PortForwardSession(SessionBase):
         frame = GoAwayFrame(0)
         frame.last_stream_id = self.codec.highest_inbound_stream_id
         frame.error_code = code
-        self._write(frame.serialize())
+        self._writelines([frame.serialize()])
 
     def drain(self) -> None:
         """Server shutting down: new streams are refused, live ones may finish. No GOAWAY
@@ -671,8 +661,8 @@ def start_upgrade(server: StreamServer, transport: asyncio.Transport, request: R
         settings = _settings_header(values[0])
     except (binascii.Error, ValueError, UnicodeError):
         raise HttpError(400, "HTTP2-Settings is not base64url") from None
-    session = H2PortForwardSession(server, sandbox, request.path, transport.write,
-                                   transport.close, writelines=transport.writelines)
+    session = H2PortForwardSession(server, sandbox, request.path, transport.writelines,
+                                   transport.close)
     try:
         session.codec.initiate_upgrade_connection(settings)
     except (h2.exceptions.ProtocolError, HyperframeError, ValueError) as e:
@@ -686,6 +676,6 @@ def start_prior_knowledge(server: StreamServer, transport: asyncio.Transport,
                           data: bytes) -> None:
     """The connection began with the HTTP/2 preface (h2c, or TLS with ALPN h2)."""
     over_limit = len(server.sessions) >= server.max_sessions
-    session = H2PortForwardSession(server, None, None, transport.write, transport.close,
-                                   over_limit=over_limit, writelines=transport.writelines)
+    session = H2PortForwardSession(server, None, None, transport.writelines, transport.close,
+                                   over_limit=over_limit)
     server.adopt(transport, session, SessionProtocol(session, transport), data)
