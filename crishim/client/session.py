@@ -90,6 +90,7 @@ class ForwardStream(asyncio.Transport):
         self.session = session
         self.port = port
         self.key = key  # the transport's handle (SPDY data stream id, channel index, ...)
+        self.error_id: int | None = None  # its error stream, where that is a stream of its own
         self.protocol: asyncio.BaseProtocol | None = None
         self.bytes_up = 0
         self.bytes_down = 0
@@ -281,6 +282,7 @@ class ClientSession:
         self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.streams: dict[object, ForwardStream] = {}
+        self._error_streams: dict[int, ForwardStream] = {}  # by error_id (SPDY, h2)
         self._congested: set[object] = set()
         self.writing_paused = False
         self.closed: asyncio.Future[str] = loop.create_future()
@@ -351,7 +353,14 @@ class ClientSession:
 
     def _stream_done(self, stream: ForwardStream) -> None:
         self.streams.pop(stream.key, None)
+        self._error_streams.pop(stream.error_id, None)
         self._resume_input(stream)
+
+    def _write_raw(self, out: list) -> None:
+        """Hand the codec's output buffers to the transport as they are (no join copy)."""
+        t = self.transport
+        if out and t is not None and not t.is_closing():
+            t.writelines(out)
 
     def start_keepalive(self, interval: float) -> None:
         if interval > 0:
@@ -421,7 +430,6 @@ class SpdyClientSession(ClientSession):
         self.tunnel = tunnel
         if tunnel is not None:
             self.transport_name = "spdy-over-websocket"
-        self._error_streams: dict[int, ForwardStream] = {}
         self._next_request_id = 0
         self._pings: dict[int, tuple[float, asyncio.Future[float]]] = {}
         self.goaway = False
@@ -463,10 +471,6 @@ class SpdyClientSession(ClientSession):
         self.codec.reset_stream(stream.key, spdy.CANCEL)
         self._flush()
 
-    def _stream_done(self, stream: ForwardStream) -> None:
-        super()._stream_done(stream)
-        self._error_streams.pop(getattr(stream, "error_id", 0), None)
-
     def _goodbye(self) -> None:
         self.codec.goaway(spdy.GOAWAY_OK)
         self._flush()
@@ -480,11 +484,6 @@ class SpdyClientSession(ClientSession):
             self.tunnel.send_buffers(chunks)
             chunks = self.tunnel.take_output()
         self._write_raw(chunks)
-
-    def _write_raw(self, out: list) -> None:
-        t = self.transport
-        if out and t is not None and not t.is_closing():
-            t.writelines(out)
 
     def _send_ping(self) -> None:
         if not self.closed.done():
@@ -597,13 +596,12 @@ class ChannelClientSession(ClientSession):
     def _send_eof(self, stream: ForwardStream) -> None:
         # No per-port half-close: the close frame half-closes every port at once.
         if all(s._eof_sent or s._finished for s in self.streams.values()):
-            self.codec.close(ws.CLOSE_NORMAL)
-            self._flush()
+            self._goodbye()
 
     def _reset_stream(self, stream: ForwardStream) -> None:
+        # No per-port reset either: the last open port's reset ends the WebSocket.
         if all(s is stream or s._finished for s in self.streams.values()):
-            self.codec.close(ws.CLOSE_NORMAL)
-            self._flush()
+            self._goodbye()
             if self.transport is not None:
                 self.transport.close()
 
@@ -681,8 +679,8 @@ class _ConnectionProtocol(asyncio.Protocol):
     def eof_received(self) -> bool:
         if self.session is not None:
             self.session.transport_eof()
-            return False
-        self._end()
+        else:
+            self._end()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
