@@ -172,8 +172,8 @@ class PortForwarder:
         self.specs = specs
         self.transport = transport
         self.hosts = hosts
-        self.session_options = {"insecure": insecure, "ca_file": ca_file,
-                                "ping_interval": ping_interval}
+        self.tls = {"insecure": insecure, "ca_file": ca_file}
+        self.ping_interval = ping_interval
         self.session: ClientSession | None = None
         self.servers: list[asyncio.AbstractServer] = []
         self.finished: asyncio.Future[tuple[int, str]] | None = None
@@ -190,18 +190,14 @@ class PortForwarder:
             # sandbox and the upgrade once now, so a refusal is reported before listening.
             ports = [self.specs[0].remote]
             probe = await open_session(await self._url(ports), "websocket", ports,
-                                       ping_interval=0, **self._tls())
+                                       ping_interval=0, **self.tls)
             probe.close()
         else:
             self.session = await open_session(await self._url([]), self.transport,
-                                              **self.session_options)
+                                              ping_interval=self.ping_interval, **self.tls)
             self.session.closed.add_done_callback(self._session_closed)
         for spec in self.specs:
             await self._listen(spec)
-
-    def _tls(self) -> dict:
-        return {"insecure": self.session_options["insecure"],
-                "ca_file": self.session_options["ca_file"]}
 
     async def _listen(self, spec: PortSpec) -> None:
         loop = asyncio.get_running_loop()
@@ -250,7 +246,7 @@ class PortForwarder:
             if session is None:
                 ports = [pipe.spec.remote]
                 session = pipe.session = await open_session(
-                    await self._url(ports), "websocket", ports, ping_interval=0, **self._tls())
+                    await self._url(ports), "websocket", ports, ping_interval=0, **self.tls)
             stream, _ = await session.open_connection(pipe.spec.remote,
                                                       lambda: _RemoteSide(pipe))
         except (SessionError, CriError) as e:
