@@ -610,10 +610,7 @@ class ChannelClientSession(ClientSession):
         self._flush()
 
     def _flush(self) -> None:
-        out = self.codec.take_output()
-        t = self.transport
-        if out and t is not None and not t.is_closing():
-            t.writelines(out)
+        self._write_raw(self.codec.take_output())
 
     def receive(self, data: bytes) -> None:
         for event in self.codec.receive_data(data):
