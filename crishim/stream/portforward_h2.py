@@ -304,15 +304,7 @@ class H2PortForwardSession(SessionBase):
         self._read_acks = acks = {}
         self.begin_batch()
         try:
-            for event in events:
-                if self._closed:
-                    break
-                if self._admitting is not None and isinstance(event, _QUEUED_WHILE_ADMITTING):
-                    self._admitting.append(event)
-                    continue
-                handler = _HANDLERS.get(type(event))
-                if handler is not None:
-                    handler(self, event)
+            self._dispatch(events)
         finally:
             self._read_acks = None
             self.end_batch()
@@ -320,6 +312,17 @@ class H2PortForwardSession(SessionBase):
             # after the pod writes: a pod socket that just became congested holds its acks
             self._ack_unless_congested(sid, n)
         self.flush()
+
+    def _dispatch(self, events: list[h2.events.Event]) -> None:
+        for event in events:
+            if self._closed:
+                break
+            if self._admitting is not None and isinstance(event, _QUEUED_WHILE_ADMITTING):
+                self._admitting.append(event)
+                continue
+            handler = _HANDLERS.get(type(event))
+            if handler is not None:
+                handler(self, event)
 
     @property
     def _sandbox_id(self) -> str:
@@ -401,12 +404,7 @@ class H2PortForwardSession(SessionBase):
         queued, self._admitting = self._admitting or [], None
         log.debug("h2 session admitted: sandbox=%s", sandbox.id)
         self._on_request(ev)
-        for event in queued:
-            if self._closed:
-                break
-            handler = _HANDLERS.get(type(event))
-            if handler is not None:
-                handler(self, event)
+        self._dispatch(queued)
         self.flush()
 
     def _pair(self, sid: int, headers: dict[str, str]) -> None:
