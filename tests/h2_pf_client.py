@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 import h2.settings
 
 WINDOW = 16 * 1024 * 1024

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from typing import TYPE_CHECKING
+from urllib.parse import SplitResult
 
 import h2.config
 import h2.events
@@ -257,7 +258,7 @@ class H2ClientSession(ClientSession):
         self.transport_lost(None)
 
 
-async def start(conn: _ConnectionProtocol, tr: asyncio.Transport, u, target: str,
+async def start(conn: _ConnectionProtocol, tr: asyncio.Transport, u: SplitResult, target: str,
                 timeout: float) -> H2ClientSession:
     """HTTP/2 with prior knowledge (h2c) or TLS ALPN h2; done once the server's SETTINGS
     arrive (the token is redeemed by the first stream)."""
