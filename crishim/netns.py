@@ -140,9 +140,13 @@ def listen_in_netns(netns_path: str, host: str, port: int, backlog: int = 1024) 
         sock = socket_in_netns(fd, family)
     finally:
         os.close(fd)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(backlog)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
