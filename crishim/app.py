@@ -128,6 +128,9 @@ class Crishim:
             await self.health.enter_graceful_shutdown()
         if self.stream is not None:
             await self.stream.drain(deadline)
+            reloader = getattr(self.stream.ssl_context, "crishim_reloader", None)
+            if reloader is not None:
+                reloader.stop()  # its timer would otherwise outlive the server
         if self.grpc_server is not None:
             await self.grpc_server.stop(1.0)
         if self.upstream is not None:

@@ -41,6 +41,7 @@ PORTFORWARD_PROTOCOL = "portforward.k8s.io"
 ERROR_STREAM_WAIT = 2.0
 SESSION_WRITE_HIGH_WATER = 1024 * 1024
 MAX_HEAD = 64 * 1024
+MAX_EARLY_BYTES = 1024 * 1024  # kept for WebSocket channel ports not opened yet
 
 
 class SessionError(Exception):
@@ -578,16 +579,46 @@ class ChannelClientSession(ClientSession):
         super().__init__()
         self.codec = ws.ChannelCodec(list(ports), base64_mode, client=True)
         self._used: set[int] = set()
+        # What arrived for a port before the caller opened it: a refused port's error text
+        # and the close can come in the same read as the 101. Replayed when it is opened.
+        self._early: dict[int, list] = {}
+        self._early_size = 0
+        self._close_event: ws.Closed | None = None
 
-    def _new_stream(self, port: int) -> ForwardStream:
+    def _free_index(self, port: int) -> int | None:
         for index, p in enumerate(self.codec.ports):
             if p == port and index not in self._used:
-                self._used.add(index)
-                stream = ForwardStream(self, port, index)
-                self.streams[index] = stream
-                return stream
-        raise SessionClosed(f"port {port} is not (or no longer) available on this WebSocket: "
-                            f"its ports are {self.codec.ports}, one connection each")
+                return index
+        return None
+
+    def _new_stream(self, port: int) -> ForwardStream:
+        index = self._free_index(port)
+        if index is None:
+            raise SessionClosed(f"port {port} is not (or no longer) available on this "
+                                f"WebSocket: its ports are {self.codec.ports}, one connection "
+                                "each")
+        self._used.add(index)
+        stream = ForwardStream(self, port, index)
+        self.streams[index] = stream
+        return stream
+
+    def open_connection_nowait(self, port: int,
+                               protocol_factory: Callable[[], asyncio.Protocol]
+                               ) -> tuple[ForwardStream, asyncio.Protocol]:
+        index = self._free_index(port)
+        early = self._early.pop(index, None) if index is not None else None
+        if early is None:
+            return super().open_connection_nowait(port, protocol_factory)
+        # the port's fate arrived before it was opened: open it, then hand it over
+        stream = self._new_stream(port)
+        protocol = protocol_factory()
+        stream.protocol = protocol
+        protocol.connection_made(stream)
+        for event in early:
+            self._deliver(stream, event)
+        if self._close_event is not None:
+            self._deliver_close(stream, self._close_event)
+        return stream, protocol
 
     def _send(self, stream: ForwardStream, data) -> None:
         self.codec.send_data(stream.key, data)
@@ -612,33 +643,45 @@ class ChannelClientSession(ClientSession):
     def _flush(self) -> None:
         self._write_raw(self.codec.take_output())
 
+    @staticmethod
+    def _deliver(stream: ForwardStream, event) -> None:
+        kind = type(event)
+        if kind is ws.ChannelData:
+            stream._data(event.data)
+        elif kind is ws.PortPreface:
+            if not event.error_channel:
+                stream._accepted()
+        elif kind is ws.ChannelError:
+            stream._error_data(event.text)
+            stream._error_end()
+
+    @staticmethod
+    def _deliver_close(stream: ForwardStream, event: ws.Closed) -> None:
+        if event.code == ws.CLOSE_NORMAL:
+            stream._remote_eof()
+        else:
+            stream._remote_reset(f"WebSocket closed ({event.code} {event.reason})")
+
     def receive(self, data: bytes) -> None:
         for event in self.codec.receive_data(data):
-            kind = type(event)
-            if kind is ws.ChannelData:
-                stream = self.streams.get(event.index)
-                if stream is not None:
-                    stream._data(event.data)
-            elif kind is ws.PortPreface:
-                stream = self.streams.get(event.index)
-                if stream is not None and not event.error_channel:
-                    stream._accepted()
-            elif kind is ws.ChannelError:
-                stream = self.streams.get(event.index)
-                if stream is not None:
-                    stream._error_data(event.text)
-                    stream._error_end()
-            elif kind is ws.Closed:
+            if type(event) is ws.Closed:
+                self._close_event = event
                 self._flush()
                 for stream in list(self.streams.values()):
-                    if event.code == ws.CLOSE_NORMAL:
-                        stream._remote_eof()
-                    else:
-                        stream._remote_reset(f"WebSocket closed ({event.code} {event.reason})")
+                    self._deliver_close(stream, event)
                 self._lost(f"the server closed the WebSocket ({event.code})")
                 if self.transport is not None:
                     self.transport.close()
                 return
+            index = getattr(event, "index", None)
+            if index is None:
+                continue
+            stream = self.streams.get(index)
+            if stream is not None:
+                self._deliver(stream, event)
+            elif index not in self._used and self._early_size < MAX_EARLY_BYTES:
+                self._early.setdefault(index, []).append(event)
+                self._early_size += len(getattr(event, "data", b"") or b"")
         self._flush()
 
     def transport_eof(self) -> None:
