@@ -3,12 +3,18 @@ request id, handed to the forwarding core."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
 
-from crishim.forward import ForwardContext, ForwardedConnection, SessionBase
+from crishim.forward import (
+    ForwardContext,
+    ForwardedConnection,
+    PairRefused,
+    PendingPair,
+    SessionBase,
+    StreamPairs,
+)
 from crishim.runtime import Sandbox
 from crishim.stream import spdy
 
@@ -51,17 +57,6 @@ class _SpdyChannel:
         s.flush()
 
 
-class _PendingPair:
-    __slots__ = ("request_id", "port", "data_id", "error_id", "timer")
-
-    def __init__(self, request_id: str, port: int) -> None:
-        self.request_id = request_id
-        self.port = port
-        self.data_id = 0
-        self.error_id = 0
-        self.timer: asyncio.TimerHandle | None = None
-
-
 class SpdyPortForwardSession(SessionBase):
     """Drives one SpdySession: pairs streams, opens forwarded connections, pumps bytes.
 
@@ -76,11 +71,10 @@ class SpdyPortForwardSession(SessionBase):
         super().__init__(ctx, sandbox)
         self.codec = spdy.SpdySession(spdy.SpdyConfig(client=False, zero_copy=True,
                                                       max_send_frame=256 * 1024))
-        self.creation_timeout = creation_timeout
         self.idle_timeout = idle_timeout
         self._write_buffers = write_buffers
         self._close = close
-        self._pending: dict[str, _PendingPair] = {}
+        self._pairs = StreamPairs(creation_timeout, self._pair_timed_out)
         self._by_stream: dict[int, ForwardedConnection] = {}
         self._closed = False
         self.on_closed: Callable[[], None] | None = None
@@ -108,51 +102,24 @@ class SpdyPortForwardSession(SessionBase):
         self.flush()
 
     def _on_stream_opened(self, ev: spdy.StreamOpened) -> None:
-        headers = ev.headers
-        stream_type = headers.get("streamtype", "")
-        port_text = headers.get("port", "")
-        port = int(port_text) if port_text.isdigit() else 0
-        if stream_type not in ("data", "error") or not 1 <= port <= 65535:
-            reason = (f"unknown streamtype {stream_type!r}" if stream_type not in ("data", "error")
-                      else f"invalid port {port_text!r}")
+        try:
+            pair = self._pairs.add(ev.stream_id, ev.headers)
+        except PairRefused as e:
             log.info("spdy sandbox=%s: refusing stream %d: %s", self.sandbox.id, ev.stream_id,
-                     reason)
+                     e)
             self.codec.reset_stream(ev.stream_id, spdy.PROTOCOL_ERROR)
             return
-        request_id = headers.get("requestid")
-        if request_id is None:  # very old clients: ids derived from stream ids
-            request_id = str(ev.stream_id if stream_type == "error" else ev.stream_id - 2)
-        pair = self._pending.get(request_id)
-        if pair is None:
-            pair = _PendingPair(request_id, port)
-            self._pending[request_id] = pair
-            pair.timer = asyncio.get_running_loop().call_later(
-                self.creation_timeout, self._pair_timed_out, request_id)
-        slot = "data_id" if stream_type == "data" else "error_id"
-        if getattr(pair, slot) or pair.port != port:
-            why = "a second" if getattr(pair, slot) else "a different port for the"
-            log.info("spdy sandbox=%s: refusing stream %d: %s %s stream for request %s",
-                     self.sandbox.id, ev.stream_id, why, stream_type, request_id)
-            self.codec.reset_stream(ev.stream_id, spdy.PROTOCOL_ERROR)
-            return
-        setattr(pair, slot, ev.stream_id)
         self.codec.reply(ev.stream_id, {})
-        if pair.data_id and pair.error_id:
-            del self._pending[request_id]
-            if pair.timer is not None:
-                pair.timer.cancel()
+        if pair.complete:
             channel = _SpdyChannel(self, pair.data_id, pair.error_id)
-            conn = self.open_connection(port, channel)
+            conn = self.open_connection(pair.port, channel)
             if not conn.done:
                 self._by_stream[pair.data_id] = conn
 
-    def _pair_timed_out(self, request_id: str) -> None:
-        pair = self._pending.pop(request_id, None)
-        if pair is None or self._closed:
+    def _pair_timed_out(self, pair: PendingPair) -> None:
+        if self._closed:
             return
-        message = (f"timed out waiting for the {'data' if not pair.data_id else 'error'} "
-                   f"stream of request {request_id} (stream_creation_timeout "
-                   f"{self.creation_timeout:g}s)")
+        message = self._pairs.timeout_message(pair)
         log.info("spdy sandbox=%s: %s", self.sandbox.id, message)
         if pair.error_id:
             self.codec.send_data(pair.error_id, message.encode())
@@ -175,11 +142,9 @@ class SpdyPortForwardSession(SessionBase):
         if conn is not None:
             conn.client_reset()
             return
-        for request_id, pair in list(self._pending.items()):
-            if ev.stream_id in (pair.data_id, pair.error_id):
-                del self._pending[request_id]
-                if pair.timer is not None:
-                    pair.timer.cancel()
+        pair = self._pairs.by_stream.get(ev.stream_id)
+        if pair is not None:
+            self._pairs.forget(pair)
 
     def _on_goaway(self, ev: spdy.GoAwayReceived) -> None:
         log.debug("spdy sandbox=%s: client sent GOAWAY", self.sandbox.id)
@@ -223,10 +188,7 @@ class SpdyPortForwardSession(SessionBase):
         if not transport_alive:
             self._closed = True  # nothing more can be written
         self.close_connections(reason)
-        for pair in self._pending.values():
-            if pair.timer is not None:
-                pair.timer.cancel()
-        self._pending.clear()
+        self._pairs.clear()
         self.cancel_idle_timer()
         if transport_alive:
             self.flush()
