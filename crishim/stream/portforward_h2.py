@@ -70,7 +70,14 @@ from h2.errors import ErrorCodes
 from hyperframe.exceptions import HyperframeError
 from hyperframe.frame import GoAwayFrame
 
-from crishim.forward import ForwardedConnection, SessionBase, SessionProtocol
+from crishim.forward import (
+    ForwardedConnection,
+    PairRefused,
+    PendingPair,
+    SessionBase,
+    SessionProtocol,
+    StreamPairs,
+)
 from crishim.runtime import Sandbox, SandboxGone, SandboxNotFound
 from crishim.stream.h2codec import H2Codec, Outbound
 
@@ -147,18 +154,6 @@ class _H2Channel:
         s.flush()
 
 
-class _PendingPair:
-    __slots__ = ("request_id", "port", "data_id", "error_id", "timer", "held")
-
-    def __init__(self, request_id: str, port: int) -> None:
-        self.request_id = request_id
-        self.port = port
-        self.data_id = 0
-        self.error_id = 0
-        self.timer: asyncio.TimerHandle | None = None
-        self.held: list[h2.events.Event] = []  # data stream events before the pair completed
-
-
 class H2PortForwardSession(SessionBase):
     """Drives one H2Connection: admits streams, pairs them, pumps bytes with flow control.
 
@@ -189,8 +184,7 @@ class H2PortForwardSession(SessionBase):
             h2.settings.SettingCodes.ENABLE_PUSH: 0,
         })
         self.codec.max_inbound_frame_size = MAX_FRAME_SIZE
-        self._pending: dict[str, _PendingPair] = {}
-        self._pending_by_stream: dict[int, _PendingPair] = {}
+        self._pairs = StreamPairs(self.creation_timeout, self._pair_timed_out)
         self._by_stream: dict[int, ForwardedConnection] = {}  # data stream id -> connection
         self._live_requests: dict[str, ForwardedConnection] = {}  # request id -> connection
         self._outbound: dict[int, Outbound] = {}  # streams waiting for window
@@ -408,70 +402,30 @@ class H2PortForwardSession(SessionBase):
         self.flush()
 
     def _pair(self, sid: int, headers: dict[str, str]) -> None:
-        stream_type = headers.get("streamtype", "")
-        port_text = headers.get("port", "")
-        if stream_type not in ("data", "error"):
-            raise _Refused(400, f"unknown streamtype {stream_type!r}: expected data or error")
-        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-            raise _Refused(400, f"invalid port {port_text!r}")
-        port = int(port_text)
-        request_id = headers.get("requestid")
-        if request_id is None:  # as SPDY's old clients: ids derived from stream ids
-            request_id = str(sid if stream_type == "error" else sid - 2)
-        if request_id in self._live_requests:
-            raise _Refused(400, f"a second {stream_type} stream for request {request_id}, "
-                                "whose connection is live")
-        pair = self._pending.get(request_id)
-        if pair is None:
-            pair = _PendingPair(request_id, port)
-        slot = "data_id" if stream_type == "data" else "error_id"
-        if getattr(pair, slot):
-            raise _Refused(400, f"a second {stream_type} stream for request {request_id}")
-        if pair.port != port:
-            raise _Refused(400, f"port {port} differs from port {pair.port} of the other "
-                                f"stream of request {request_id}")
-        if request_id not in self._pending:
-            self._pending[request_id] = pair
-            pair.timer = asyncio.get_running_loop().call_later(
-                self.creation_timeout, self._pair_timed_out, request_id)
-        setattr(pair, slot, sid)
-        self._pending_by_stream[sid] = pair
+        try:
+            pair = self._pairs.add(sid, headers, live=self._live_requests)
+        except PairRefused as e:
+            raise _Refused(400, str(e)) from None
         try:
             self.codec.send_headers(sid, [(":status", "200")])
         except h2.exceptions.ProtocolError:
             pass  # the client already reset it: its StreamReset event cleans up
-        if not (pair.data_id and pair.error_id):
+        if not pair.complete:
             return
-        self._forget_pair(pair)
-        channel = _H2Channel(self, pair.data_id, pair.error_id, request_id)
-        conn = self.open_connection(port, channel)
+        channel = _H2Channel(self, pair.data_id, pair.error_id, pair.request_id)
+        conn = self.open_connection(pair.port, channel)
         channel.conn = conn
         if conn.done:
             return
         self._by_stream[pair.data_id] = conn
-        self._live_requests[request_id] = conn
+        self._live_requests[pair.request_id] = conn
         for event in pair.held:
             _HANDLERS[type(event)](self, event)
 
-    def _forget_pair(self, pair: _PendingPair) -> None:
-        self._pending.pop(pair.request_id, None)
-        for sid in (pair.data_id, pair.error_id):
-            self._pending_by_stream.pop(sid, None)
-        if pair.timer is not None:
-            pair.timer.cancel()
-
-    def _forget_pending_pairs(self) -> None:
-        for pair in list(self._pending.values()):
-            self._forget_pair(pair)
-
-    def _pair_timed_out(self, request_id: str) -> None:
-        pair = self._pending.get(request_id)
-        if pair is None or self._closed:
+    def _pair_timed_out(self, pair: PendingPair) -> None:
+        if self._closed:
             return
-        self._forget_pair(pair)
-        message = (f"timed out waiting for the {'data' if not pair.data_id else 'error'} "
-                   f"stream of request {request_id} (stream_creation_timeout "
-                   f"{self.creation_timeout:g}s)")
+        message = self._pairs.timeout_message(pair)
         log.info("h2 sandbox=%s: %s", self._sandbox_id, message)
         if pair.error_id:
             self.queue_data(pair.error_id, message.encode())
@@ -501,7 +455,7 @@ class H2PortForwardSession(SessionBase):
         sid = ev.stream_id
         conn = self._by_stream.get(sid)
         if conn is None:
-            pair = self._pending_by_stream.get(sid)
+            pair = self._pairs.by_stream.get(sid)
             if pair is not None and sid == pair.data_id:
                 pair.held.append(ev)  # acknowledged once the pair is complete and flowing
                 return
@@ -520,7 +474,7 @@ class H2PortForwardSession(SessionBase):
         if conn is not None:
             conn.client_eof()
             return
-        pair = self._pending_by_stream.get(ev.stream_id)
+        pair = self._pairs.by_stream.get(ev.stream_id)
         if pair is not None and ev.stream_id == pair.data_id:
             pair.held.append(ev)
 
@@ -534,9 +488,9 @@ class H2PortForwardSession(SessionBase):
                 channel.data_closed = True
             conn.client_reset()
             return
-        pair = self._pending_by_stream.get(sid)
+        pair = self._pairs.by_stream.get(sid)
         if pair is not None:
-            self._forget_pair(pair)
+            self._pairs.forget(pair)
             other = pair.error_id if sid == pair.data_id else pair.data_id
             if other == pair.error_id and other:
                 self.queue_eof(other)
@@ -613,7 +567,7 @@ class H2PortForwardSession(SessionBase):
         if self._closed:
             return
         self.close_connections(reason)
-        self._forget_pending_pairs()
+        self._pairs.clear()
         self._send_goaway(ErrorCodes.NO_ERROR)
         self.flush()
         self._closed = True
@@ -628,7 +582,7 @@ class H2PortForwardSession(SessionBase):
             return
         self._closed = True
         self.close_connections("client connection lost")
-        self._forget_pending_pairs()
+        self._pairs.clear()
         self.cancel_idle_timer()
         if self.on_closed is not None:
             self.on_closed()
