@@ -130,13 +130,28 @@ def latency(path, trials: int) -> tuple[float, float]:
     return statistics.median(samples), samples[min(len(samples) - 1, int(len(samples) * 0.99))]
 
 
-def measure(name: str, path, args, rows: list, half_close: bool = True) -> None:
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(name: str, path, args, rows: list, half_close: bool = True,
+            pids: dict[str, int] | None = None, cpu: list | None = None) -> None:
     """half_close=False: the transport cannot half-close (WebSocket channels), so the sink
-    can never answer an upload; upload is not measured (shown as n/a)."""
+    can never answer an upload; upload is not measured (shown as n/a). pids: processes
+    whose CPU use during the transfers is reported (where the time goes)."""
     try:
         latency(path, 5)  # warm up
+        before = {k: cpu_seconds(p) for k, p in (pids or {}).items()}
+        t0 = time.perf_counter()
         up = max(upload(path, args.size) for _ in range(args.repeat)) if half_close else None
         down = max(download(path, args.size) for _ in range(args.repeat))
+        wall = time.perf_counter() - t0
+        if pids and cpu is not None:
+            cpu.append(f"{name}: CPU during the transfers: " + ", ".join(
+                f"{k} {(cpu_seconds(p) - before[k]) / wall:.0%}" for k, p in pids.items())
+                + " of one core")
         med, p99 = latency(path, args.trials)
         rows.append((name, up, down, med, p99, ""))
     except Exception as e:  # one broken path is reported, the others still run
@@ -301,7 +316,9 @@ def main() -> int:
                                                   "bench", specs) as kc:
                         kinds = sorted({u.transport for u in api.upgrades})
                         api.upgrades.clear()
-                        measure(f"{name}/{'+'.join(kinds)}", Local(kc.local_ports), args, rows)
+                        measure(f"{name}/{'+'.join(kinds)}", Local(kc.local_ports), args, rows,
+                                pids={"crishim serve": cs.proc.pid, "kubectl": kc.proc.pid},
+                                cpu=extra)
             for transport in ("spdy", "h2", "spdy-over-websocket", "websocket"):
                 name = f"crishim/{transport}"
                 if not wanted(name):
@@ -317,6 +334,8 @@ def main() -> int:
                     continue
                 try:
                     measure(name, Local(pf.ports), args, rows,
+                            pids={"crishim serve": cs.proc.pid,
+                                  "crishim port-forward": pf.proc.pid}, cpu=extra,
                             half_close=transport != "websocket")
                 finally:
                     pf.close()
