@@ -83,8 +83,11 @@ def test_systemd_unit_runs_crishim_serve_with_real_flags():
     assert os.path.basename(argv[0]) == "crishim"
     args = build_parser().parse_args(argv[1:])  # an unknown flag exits here
     assert args.command == "serve"
-    assert args.socket == "/run/crishim/crishim.sock"
-    assert args.upstream_endpoint
+    assert args.config == "/etc/crishim/crishim.toml"
+    # the unit's settings are the example file installed there: socket and upstream
+    config = load(os.path.join(DEPLOY, "examples", "containerd-proxy.toml"), env={})
+    assert config.socket == "/run/crishim/crishim.sock"
+    assert config.upstream_endpoint
 
 
 def test_systemd_helper_unit_runs_crishim_helper_with_real_flags():
