@@ -109,7 +109,7 @@ def test_kubelet_snippets_point_at_the_crishim_socket():
         cfg = yaml.safe_load(f)
     assert cfg["kind"] == "KubeletConfiguration"
     assert cfg["containerRuntimeEndpoint"] == "unix:///run/crishim/crishim.sock"
-    serve = build_parser().parse_args(_exec_start("crishim.service")[1:])
-    assert cfg["containerRuntimeEndpoint"] == "unix://" + serve.socket
+    installed = load(os.path.join(DEPLOY, "examples", "containerd-proxy.toml"), env={})
+    assert cfg["containerRuntimeEndpoint"] == "unix://" + installed.socket
     with open(os.path.join(DEPLOY, "kubelet", "10-crishim.conf")) as f:
         assert "--container-runtime-endpoint=unix:///run/crishim/crishim.sock" in f.read()
