@@ -27,16 +27,21 @@ def recv_all(s: socket.socket) -> bytes:
         chunks.append(data)
 
 
-def http_get(port: int) -> bytes:
-    with connect(port) as s:
-        s.sendall(b"GET / HTTP/1.1\r\nHost: pod\r\n\r\n")
-        data = b""
-        while not data.endswith(HTTP_BODY):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+def http_request(s: socket.socket) -> bytes:
+    """One GET on an open connection (keep-alive: may be called again)."""
+    s.sendall(b"GET / HTTP/1.1\r\nHost: pod\r\n\r\n")
+    data = b""
+    while not data.endswith(HTTP_BODY):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
     return data
+
+
+def http_get(port: int, host: str = "127.0.0.1") -> bytes:
+    with connect(port, host) as s:
+        return http_request(s)
 
 
 def upload_sha(port: int, size: int) -> tuple[str, str]:

@@ -17,6 +17,7 @@ import time
 import pytest
 
 import tests.podnet as podnet_module
+from tests import peers
 from tests.conftest import SANDBOX
 from tests.podnet import (
     ECHO_PORT,
@@ -123,18 +124,6 @@ def expected_forwarding(local: int, remote: int) -> list[str]:
     return lines
 
 
-def http_get(host: str, port: int) -> bytes:
-    with socket.create_connection((host, port), timeout=10) as s:
-        s.sendall(b"GET / HTTP/1.1\r\nHost: pod\r\n\r\n")
-        data = b""
-        while not data.endswith(HTTP_BODY):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return data
-
-
 def echo(port: int, payload: bytes, host: str = "127.0.0.1") -> bytes:
     with socket.create_connection((host, port), timeout=20) as s:
         sender = threading.Thread(target=s.sendall, args=(payload,))
@@ -195,9 +184,9 @@ def test_two_plain_specs_forward_same_numbered_ports(crishim, podnet, transport)
     with PortForwardCLI(crishim, str(http_port), str(echo_port), transport=transport) as cli:
         assert cli.forwarding(2) == (expected_forwarding(http_port, http_port)
                                      + expected_forwarding(echo_port, echo_port))
-        assert http_get("127.0.0.1", http_port).endswith(HTTP_BODY)
+        assert peers.http_get(http_port).endswith(HTTP_BODY)
         if ipv6_loopback():
-            assert http_get("::1", http_port).endswith(HTTP_BODY)
+            assert peers.http_get(http_port, "::1").endswith(HTTP_BODY)
         payload = os.urandom(1 << 20)
         assert echo(echo_port, payload) == payload
         handled = cli.read_lines(3 if ipv6_loopback() else 2)
@@ -243,7 +232,7 @@ def test_free_local_port_is_chosen_and_printed(crishim, transport, spec_prefix):
         local = int(m.group(1))
         assert local != 0
         assert lines == expected_forwarding(local, HTTP_PORT)
-        assert http_get("127.0.0.1", local).endswith(HTTP_BODY)
+        assert peers.http_get(local).endswith(HTTP_BODY)
         assert cli.read_lines(1) == [f"Handling connection for {local}"]
         assert cli.interrupt() == 0
 
@@ -263,7 +252,7 @@ def test_reset_from_pod_is_reported_and_next_connection_works(crishim, transport
         line = cli.wait_stderr(rf"error forwarding port {reset_local} -> {RESET_PORT}")
         assert line.startswith("E"), line
         assert cli.proc.poll() is None, "one failed connection must not end the session"
-        assert http_get("127.0.0.1", http_local).endswith(HTTP_BODY)
+        assert peers.http_get(http_local).endswith(HTTP_BODY)
         assert cli.interrupt() == 0
         assert not any("Traceback" in line for line in cli.stderr)
 

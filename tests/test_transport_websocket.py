@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from crishim.stream import websocket as ws
+from tests import peers
 from tests.conftest import SANDBOX, missing
 from tests.podnet import (
     CLOSED_PORT,
@@ -38,33 +39,6 @@ POD = "wspod"
 
 
 # --------------------------------------------------------------------------- local peers
-
-
-def _connect(port: int, timeout: float = 60.0) -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return s
-
-
-def _read_to_eof(s: socket.socket) -> bytes:
-    chunks = []
-    while True:
-        data = s.recv(1 << 20)
-        if not data:
-            return b"".join(chunks)
-        chunks.append(data)
-
-
-def _http_get(s: socket.socket) -> bytes:
-    s.sendall(b"GET / HTTP/1.1\r\nHost: pod\r\n\r\n")
-    data = b""
-    deadline = time.monotonic() + 30
-    while not data.endswith(HTTP_BODY) and time.monotonic() < deadline:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def _sha(data: bytes) -> str:
@@ -114,8 +88,8 @@ def kubectl_ws(standin):
 
 
 def test_kubectl_uses_the_websocket_tunnel_without_spdy_fallback(standin, kubectl_ws):
-    with _connect(kubectl_ws.local_ports[HTTP_PORT]) as s:
-        assert _http_get(s).endswith(HTTP_BODY)
+    with peers.connect(kubectl_ws.local_ports[HTTP_PORT]) as s:
+        assert peers.http_request(s).endswith(HTTP_BODY)
     mine = standin.requests[kubectl_ws.first_request:]
     portforward = [r for r in mine if r.path.endswith("/portforward")]
     assert portforward, [r.target for r in mine]
@@ -130,20 +104,20 @@ def test_kubectl_uses_the_websocket_tunnel_without_spdy_fallback(standin, kubect
 
 
 def test_kubectl_http_get(kubectl_ws):
-    with _connect(kubectl_ws.local_ports[HTTP_PORT]) as s:
+    with peers.connect(kubectl_ws.local_ports[HTTP_PORT]) as s:
         for _ in range(3):  # keep-alive: several requests on one forwarded connection
-            reply = _http_get(s)
+            reply = peers.http_request(s)
             assert reply.startswith(b"HTTP/1.1 200 OK") and reply.endswith(HTTP_BODY)
 
 
 def test_kubectl_64mib_up_and_down(kubectl_ws):
     payload = source_bytes(BIG)
-    with _connect(kubectl_ws.local_ports[SINK_PORT]) as s:
+    with peers.connect(kubectl_ws.local_ports[SINK_PORT]) as s:
         s.sendall(payload)
         s.shutdown(socket.SHUT_WR)
-        answer = _read_to_eof(s).decode()
+        answer = peers.recv_all(s).decode()
     assert answer == f"{BIG} {_sha(payload)}\n"
-    with _connect(kubectl_ws.local_ports[SOURCE_PORT]) as s:
+    with peers.connect(kubectl_ws.local_ports[SOURCE_PORT]) as s:
         s.sendall(b"%d\n" % BIG)
         n, digest = _read_exactly_sha(s, BIG)
         assert s.recv(1) == b""  # and then the pod's EOF
@@ -153,7 +127,7 @@ def test_kubectl_64mib_up_and_down(kubectl_ws):
 def test_kubectl_100_concurrent_connections(kubectl_ws):
     count = 100
     port = kubectl_ws.local_ports[ECHO_PORT]
-    socks = [_connect(port) for _ in range(count)]
+    socks = [peers.connect(port) for _ in range(count)]
     payloads = [hashlib.sha256(b"%d" % i).digest() * 256 for i in range(count)]
     results: list[bytes | None] = [None] * count
 
@@ -162,7 +136,7 @@ def test_kubectl_100_concurrent_connections(kubectl_ws):
         try:
             s.sendall(payloads[i])
             s.shutdown(socket.SHUT_WR)
-            results[i] = _read_to_eof(s)
+            results[i] = peers.recv_all(s)
         finally:
             s.close()
 
@@ -176,29 +150,29 @@ def test_kubectl_100_concurrent_connections(kubectl_ws):
 
 def test_kubectl_half_close_still_reads_the_echo(kubectl_ws):
     payload = os.urandom(3 * MiB)
-    with _connect(kubectl_ws.local_ports[ECHO_PORT]) as s:
+    with peers.connect(kubectl_ws.local_ports[ECHO_PORT]) as s:
         s.sendall(payload)
         s.shutdown(socket.SHUT_WR)
-        assert _read_to_eof(s) == payload
+        assert peers.recv_all(s) == payload
 
 
 def test_kubectl_reset_from_pod_ends_only_that_connection(kubectl_ws):
-    with _connect(kubectl_ws.local_ports[ECHO_PORT]) as other:
+    with peers.connect(kubectl_ws.local_ports[ECHO_PORT]) as other:
         other.sendall(b"before")
         assert other.recv(100) == b"before"
-        with _connect(kubectl_ws.local_ports[RESET_PORT], timeout=20) as s:
+        with peers.connect(kubectl_ws.local_ports[RESET_PORT], timeout=20) as s:
             s.sendall(b"hello")
             try:
-                assert _read_to_eof(s) == b""
+                assert peers.recv_all(s) == b""
             except ConnectionResetError:
                 pass
         other.sendall(b"after")  # a connection open across the reset carries on
         assert other.recv(100) == b"after"
     time.sleep(0.2)
     assert kubectl_ws.returncode is None, kubectl_ws.output()
-    with _connect(kubectl_ws.local_ports[HTTP_PORT]) as s:  # and new ones still work
-        assert _http_get(s).endswith(HTTP_BODY)
-    with _connect(kubectl_ws.local_ports[ECHO_PORT]) as s:
+    with peers.connect(kubectl_ws.local_ports[HTTP_PORT]) as s:  # and new ones still work
+        assert peers.http_request(s).endswith(HTTP_BODY)
+    with peers.connect(kubectl_ws.local_ports[ECHO_PORT]) as s:
         s.sendall(b"next")
         assert s.recv(100) == b"next"
 
@@ -232,7 +206,7 @@ def test_kubernetes_client_http_get(standin, core_api):
     pf = _kube_forward(core_api, HTTP_PORT)
     s = pf.socket(HTTP_PORT)
     s.settimeout(30)
-    reply = _http_get(s)
+    reply = peers.http_request(s)
     assert reply.startswith(b"HTTP/1.1 200 OK") and reply.endswith(HTTP_BODY)
     s.close()
     _wait_closed(pf)
@@ -285,14 +259,14 @@ def test_kubernetes_client_several_ports_and_a_reset(core_api):
         pf.socket(port).settimeout(30)
     reset = pf.socket(RESET_PORT)
     reset.sendall(b"hello")
-    assert _read_to_eof(reset) == b""  # the library closes the port on error text
+    assert peers.recv_all(reset) == b""  # the library closes the port on error text
     deadline = time.monotonic() + 10
     while pf.error(RESET_PORT) is None and time.monotonic() < deadline:
         time.sleep(0.02)
     err = pf.error(RESET_PORT)
     assert err is not None and f"error forwarding port {RESET_PORT}" in err, err
     # the other ports of the same WebSocket carry on
-    assert _http_get(pf.socket(HTTP_PORT)).endswith(HTTP_BODY)
+    assert peers.http_request(pf.socket(HTTP_PORT)).endswith(HTTP_BODY)
     echo = pf.socket(ECHO_PORT)
     echo.sendall(b"still here")
     assert echo.recv(100) == b"still here"
@@ -316,7 +290,7 @@ def test_kubernetes_client_local_half_close_ends_the_port(core_api):
     s.sendall(b"ping")
     assert s.recv(100) == b"ping"
     s.shutdown(socket.SHUT_WR)
-    assert _read_to_eof(s) == b""
+    assert peers.recv_all(s) == b""
     _wait_closed(pf)
     assert not pf.connected
     assert pf.error(ECHO_PORT) is None
@@ -642,7 +616,7 @@ def test_raw_handshake_failures_are_http_errors(crishim):
         s.sendall(f"GET {u.path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
                   "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                   "Sec-WebSocket-Version: 8\r\n\r\n".encode())
-        answer = _read_to_eof(s)
+        answer = peers.recv_all(s)
     assert answer.startswith(b"HTTP/1.1 400")
     assert b"Sec-WebSocket-Version: 13" in answer and b"only 13" in answer
 
