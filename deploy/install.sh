@@ -23,5 +23,7 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-python3 -m pip install -q --root-user-action=ignore --disable-pip-version-check -e ".${extra}"
+# a distribution's own python3 may be "externally managed" (PEP 668): this host tool goes there anyway
+PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --root-user-action=ignore \
+    --disable-pip-version-check -e ".${extra}"
 echo "install.sh: crishim $(python3 -c 'import crishim; print(crishim.__version__)') installed ($(command -v crishim))" >&2
