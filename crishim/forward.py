@@ -179,7 +179,6 @@ class ForwardedConnection:
         self._task: asyncio.Task | None = None
         self.bytes_up = 0  # client -> pod
         self.bytes_down = 0  # pod -> client
-        self.started = time.monotonic()
         self.reason = ""
 
     # --- life cycle ---------------------------------------------------------------------
