@@ -32,8 +32,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 from benchmarks.peer import ECHO, SINK, SOURCE  # noqa: E402
-from tests.crishim_proc import CrishimProcess  # noqa: E402
-from tests.standin import KubeStandIn, run_kubectl_port_forward  # noqa: E402
+from tests.support.crishim_proc import CrishimProcess  # noqa: E402
+from tests.support.standin import KubeStandIn, run_kubectl_port_forward  # noqa: E402
 
 KUBECTL = "/usr/lib/google-cloud-sdk/bin/kubectl.{}"
 NETNS = f"crishim-bench-{os.getpid()}"

@@ -24,7 +24,7 @@ from crishim.client.session import (
     SessionError,
     UpgradeRefused,
 )
-from crishim.stream.h2codec import H2Codec, Outbound
+from crishim.protocols.h2 import H2Codec, Outbound
 
 if TYPE_CHECKING:
     from crishim.client.session import _ConnectionProtocol

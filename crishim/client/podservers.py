@@ -1,6 +1,6 @@
 """The pod side of `crishim check`: small TCP servers started inside the sandbox's netns.
 
-The end-to-end tests run the same servers in their own netns (tests/podnet.py), so a
+The end-to-end tests run the same servers in their own netns (tests/support/podnet.py), so a
 byte the checker verifies and a byte a test verifies come from one definition.
 """
 

@@ -32,8 +32,8 @@ import time
 from collections.abc import Callable
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from crishim.stream import spdy
-from crishim.stream import websocket as ws
+from crishim.protocols import spdy
+from crishim.protocols import websocket as ws
 
 TRANSPORTS = ("spdy", "websocket", "spdy-over-websocket", "h2")
 PORTFORWARD_PROTOCOL = "portforward.k8s.io"

@@ -78,8 +78,8 @@ from crishim.forward import (
     SessionProtocol,
     StreamPairs,
 )
+from crishim.protocols.h2 import H2Codec, Outbound
 from crishim.runtime import Sandbox, SandboxGone, SandboxNotFound
-from crishim.stream.h2codec import H2Codec, Outbound
 
 if TYPE_CHECKING:
     from crishim.stream.server import Request, StreamServer

@@ -15,8 +15,8 @@ from crishim.forward import (
     SessionBase,
     StreamPairs,
 )
+from crishim.protocols import spdy
 from crishim.runtime import Sandbox
-from crishim.stream import spdy
 
 log = logging.getLogger("crishim.spdy")
 

@@ -35,8 +35,8 @@ import time
 from typing import TYPE_CHECKING
 
 from crishim.forward import ForwardContext, ForwardedConnection, SessionBase, SessionProtocol
+from crishim.protocols import websocket as ws
 from crishim.runtime import Sandbox
-from crishim.stream import websocket as ws
 from crishim.stream.portforward_spdy import SpdyPortForwardSession
 from crishim.stream.server import HttpError
 

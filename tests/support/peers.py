@@ -1,5 +1,5 @@
 """Client-side checks shared by the end-to-end tests: each talks to one of the pod
-servers of tests/podnet.py through whatever local port a forward gives."""
+servers of tests/support/podnet.py through whatever local port a forward gives."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import hashlib
 import socket
 import threading
 
-from tests.podnet import HTTP_BODY, source_bytes
+from tests.support.podnet import HTTP_BODY, source_bytes
 
 MiB = 1 << 20
 

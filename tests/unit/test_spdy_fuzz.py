@@ -9,7 +9,7 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from crishim.stream.spdy import (
+from crishim.protocols.spdy import (
     DataReceived,
     SessionClosedError,
     SessionTerminated,
@@ -19,7 +19,7 @@ from crishim.stream.spdy import (
     StreamError,
     StreamOpened,
 )
-from tests.test_spdy_codec import KUBECTL_CAPTURE, RefEncoder, Wire, control, merge_data
+from tests.unit.test_spdy_codec import KUBECTL_CAPTURE, RefEncoder, Wire, control, merge_data
 
 FUZZ = settings(max_examples=150, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -1,4 +1,4 @@
-"""Byte-level tests for crishim's own RFC 6455 framing (crishim.stream.websocket):
+"""Byte-level tests for crishim's own RFC 6455 framing (crishim.protocols.websocket):
 frames split at every byte, 16/64-bit lengths, pings inside fragmented messages, masking
 rules per role, close codes, incremental UTF-8, streamed tunnel payload, and a fuzz
 against a straightforward reference decoder. No sockets."""
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from crishim.stream.websocket import (
+from crishim.protocols.websocket import (
     ByteStreamTunnel,
     ChannelCodec,
     ChannelData,
@@ -24,7 +24,7 @@ from crishim.stream.websocket import (
     WebSocketFraming,
     xor_mask,
 )
-from tests.test_websocket_codec import (
+from tests.unit.test_websocket_codec import (
     BINARY,
     CLOSE,
     CONTINUATION,

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from crishim.stream.spdy import (
+from crishim.protocols.spdy import (
     DataReceived,
     GoAwayReceived,
     SessionTerminated,

@@ -7,7 +7,7 @@ import h11
 import pytest
 
 from crishim.client.session import ForwardError, open_session
-from crishim.stream import websocket as ws
+from crishim.protocols import websocket as ws
 
 
 async def _scripted_channel_server(script) -> tuple[asyncio.AbstractServer, int]:

@@ -7,10 +7,9 @@ import time
 import pytest
 
 from crishim.netns import create_named_netns, delete_named_netns, listen_in_netns
-from tests import peers
-from tests.conftest import SANDBOX
-from tests.crishim_proc import CrishimProcess
-from tests.podnet import (
+from tests.support import SANDBOX, peers
+from tests.support.crishim_proc import CrishimProcess
+from tests.support.podnet import (
     CLOSED_PORT,
     ECHO_PORT,
     HTTP_BODY,
@@ -19,7 +18,7 @@ from tests.podnet import (
     SINK_PORT,
     SOURCE_PORT,
 )
-from tests.standin import KubeStandIn, run_kubectl_port_forward
+from tests.support.standin import KubeStandIn, run_kubectl_port_forward
 
 KUBECTL = {v: f"/usr/lib/google-cloud-sdk/bin/kubectl.{v}" for v in ("1.27", "1.33")}
 PORTS = [HTTP_PORT, ECHO_PORT, SINK_PORT, SOURCE_PORT, RESET_PORT, CLOSED_PORT]

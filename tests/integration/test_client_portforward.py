@@ -16,10 +16,9 @@ import time
 
 import pytest
 
-import tests.podnet as podnet_module
-from tests import peers
-from tests.conftest import SANDBOX
-from tests.podnet import (
+import tests.support.podnet as podnet_module
+from tests.support import SANDBOX, peers
+from tests.support.podnet import (
     ECHO_PORT,
     HTTP_BODY,
     HTTP_PORT,

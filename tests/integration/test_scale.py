@@ -1,9 +1,9 @@
 """Many forwarded connections on one session: every one works, none harms the others
 (the server then holds more than 1,024 descriptors, past select()'s reach)."""
 
-from tests.crishim_proc import CrishimProcess
-from tests.podnet import ECHO_PORT
-from tests.spdy_pf_client import SpdyPortForwardClient
+from tests.support.crishim_proc import CrishimProcess
+from tests.support.podnet import ECHO_PORT
+from tests.support.spdy_pf_client import SpdyPortForwardClient
 
 COUNT = 1100
 

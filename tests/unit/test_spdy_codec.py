@@ -14,8 +14,8 @@ import zlib
 
 import pytest
 
-from crishim.stream import spdy
-from crishim.stream.spdy import (
+from crishim.protocols import spdy
+from crishim.protocols.spdy import (
     CANCEL,
     FRAME_TOO_LARGE,
     GOAWAY_INTERNAL_ERROR,
@@ -43,7 +43,7 @@ from crishim.stream.spdy import (
     StreamReset,
     WindowUpdateReceived,
 )
-from tests.conftest import missing
+from tests.support import missing
 
 DICTIONARY_SHA256 = "51d27341373f923f3cd88e1eb7162aeaa3723d7585ff2399201dc06498407f02"
 KUBECTL = "/usr/lib/google-cloud-sdk/bin/kubectl.1.27"

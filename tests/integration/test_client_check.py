@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from tests.conftest import SANDBOX
-from tests.podnet import HTTP_PORT
+from tests.support import SANDBOX
+from tests.support.podnet import HTTP_PORT
 
 TRANSPORTS = ["spdy", "websocket", "spdy-over-websocket", "h2"]
 DATA_CHECKS = ["echo-sha256", "upload-sha256", "download-sha256", "half-close", "closed-port",

@@ -14,7 +14,7 @@ import yaml
 from crishim.cli import build_parser
 from crishim.config import SETTINGS, load
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEPLOY = os.path.join(ROOT, "deploy")
 KUBECTL = "/usr/bin/kubectl"
 EXAMPLES = sorted(f for f in os.listdir(os.path.join(DEPLOY, "examples")) if f.endswith(".toml"))

@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from crishim.cri import api_pb2, api_pb2_grpc
-from tests.crishim_proc import CrishimProcess
+from tests.support.crishim_proc import CrishimProcess
 
 RUNTIME = "runtime.v1.RuntimeService"
 

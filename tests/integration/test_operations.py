@@ -8,9 +8,9 @@ import urllib.request
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.crishim_proc import CrishimProcess
-from tests.podnet import CLOSED_PORT, ECHO_PORT
-from tests.spdy_pf_client import SpdyPortForwardClient
+from tests.support.crishim_proc import CrishimProcess
+from tests.support.podnet import CLOSED_PORT, ECHO_PORT
+from tests.support.spdy_pf_client import SpdyPortForwardClient
 
 
 def _free_port() -> int:

@@ -16,10 +16,10 @@ from urllib.parse import urlsplit
 import pytest
 
 from crishim.stream.tls import self_signed
-from tests.conftest import SANDBOX
-from tests.crishim_proc import CrishimProcess
-from tests.h2_pf_client import WINDOW, H2Client, UpgradeRefused
-from tests.podnet import (
+from tests.support import SANDBOX
+from tests.support.crishim_proc import CrishimProcess
+from tests.support.h2_pf_client import WINDOW, H2Client, UpgradeRefused
+from tests.support.podnet import (
     CLOSED_PORT,
     ECHO_PORT,
     HTTP_BODY,

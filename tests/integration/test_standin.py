@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from tests.conftest import missing
-from tests.standin import (
+from tests.support import missing
+from tests.support.standin import (
     KubectlPortForwardError,
     KubeStandIn,
     free_port,

@@ -12,10 +12,10 @@ import grpc
 import pytest
 
 from crishim.cri import api_pb2, api_pb2_grpc
-from tests import peers
-from tests.crishim_proc import CrishimProcess
-from tests.podnet import CLOSED_PORT, HTTP_BODY, HTTP_PORT
-from tests.standin import KubeStandIn, run_kubectl_port_forward
+from tests.support import peers
+from tests.support.crishim_proc import CrishimProcess
+from tests.support.podnet import CLOSED_PORT, HTTP_BODY, HTTP_PORT
+from tests.support.standin import KubeStandIn, run_kubectl_port_forward
 
 KUBECTL_127 = "/usr/lib/google-cloud-sdk/bin/kubectl.1.27"
 KUBECTL_133 = "/usr/lib/google-cloud-sdk/bin/kubectl.1.33"

@@ -8,9 +8,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from crishim.stream import spdy
-from tests.crishim_proc import CrishimProcess
-from tests.podnet import ECHO_PORT
+from crishim.protocols import spdy
+from tests.support.crishim_proc import CrishimProcess
+from tests.support.podnet import ECHO_PORT
 
 
 class RawSpdy:
@@ -86,7 +86,7 @@ class RawSpdy:
 
 @pytest.fixture
 def session(crishim):
-    from tests.conftest import SANDBOX
+    from tests.support import SANDBOX
 
     s = RawSpdy(crishim.port_forward_url(SANDBOX))
     yield s

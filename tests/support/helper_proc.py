@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-from tests.crishim_proc import CrishimProcess
+from tests.support.crishim_proc import CrishimProcess
 
 NOBODY = 65534
 

@@ -14,10 +14,17 @@ import grpc
 import pytest
 
 from crishim.cri import api_pb2
-from tests import peers
-from tests.helper_proc import HelperProcess, UnprivilegedCrishim
-from tests.podnet import CLOSED_PORT, ECHO_PORT, HTTP_BODY, HTTP_PORT, SINK_PORT, SOURCE_PORT
-from tests.standin import KubeStandIn, run_kubectl_port_forward
+from tests.support import peers
+from tests.support.helper_proc import HelperProcess, UnprivilegedCrishim
+from tests.support.podnet import (
+    CLOSED_PORT,
+    ECHO_PORT,
+    HTTP_BODY,
+    HTTP_PORT,
+    SINK_PORT,
+    SOURCE_PORT,
+)
+from tests.support.standin import KubeStandIn, run_kubectl_port_forward
 
 KUBECTL = "/usr/lib/google-cloud-sdk/bin/kubectl.1.27"  # speaks plain SPDY/3.1
 PORTS = [HTTP_PORT, ECHO_PORT, SINK_PORT, SOURCE_PORT, CLOSED_PORT]

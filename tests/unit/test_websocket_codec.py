@@ -1,4 +1,4 @@
-"""Byte-level tests for crishim.stream.websocket: handshake, framing, channel protocol,
+"""Byte-level tests for crishim.protocols.websocket: handshake, framing, channel protocol,
 SPDY-over-WebSocket tunnel. No sockets: both ends are driven in memory."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from crishim.stream.websocket import (
+from crishim.protocols.websocket import (
     CHANNEL_BASE64,
     CHANNEL_BINARY,
     MAX_MESSAGE_PAYLOAD,

@@ -14,8 +14,8 @@ import pytest
 from crishim.config import load
 from crishim.helper import Reply, encode_request
 from crishim.runtime import DialFailed, Sandbox, SandboxGone, SandboxNotFound
-from tests.helper_proc import HelperProcess
-from tests.podnet import CLOSED_PORT, HTTP_BODY, HTTP_PORT
+from tests.support.helper_proc import HelperProcess
+from tests.support.podnet import CLOSED_PORT, HTTP_BODY, HTTP_PORT
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""crishim.stream.h2codec: the zero-copy byte handling around h2 must not change what h2
+"""crishim.protocols.h2: the zero-copy byte handling around h2 must not change what h2
 sees or sends. Each test drives crishim's H2Codec and the stock h2 H2Connection with the
 same bytes or calls and compares: events, flow-control windows, errors, wire bytes."""
 
@@ -16,7 +16,7 @@ import pytest
 from hpack import Encoder
 from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame
 
-from crishim.stream.h2codec import H2Codec
+from crishim.protocols.h2 import H2Codec
 
 REQUEST = [(":method", "POST"), (":scheme", "http"), (":authority", "x"),
            (":path", "/portforward/t")]

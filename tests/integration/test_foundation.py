@@ -15,8 +15,8 @@ import grpc
 import pytest
 
 from crishim.cri import api_pb2, api_pb2_grpc
-from tests.conftest import SANDBOX
-from tests.crishim_proc import CrishimProcess
+from tests.support import SANDBOX
+from tests.support.crishim_proc import CrishimProcess
 
 
 def http(url: str, method: str = "GET", headers: dict | None = None) -> tuple[int, str, str]:

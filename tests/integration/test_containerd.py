@@ -1,6 +1,6 @@
 """crishim in front of a real containerd: the drop-in CRI proxy and the containerd plugin.
 
-A real containerd (tests/containerd_env.py), a real `crishim serve --runtime containerd
+A real containerd (tests/support/containerd_env.py), a real `crishim serve --runtime containerd
 --upstream-endpoint <containerd socket>` subprocess, real gRPC over both unix sockets,
 real pod sandboxes with real netns, real kubectl 1.27 and crishim's own SPDY codec as
 clients. Without the prerequisites these tests skip (fail when CI is set).
@@ -29,11 +29,11 @@ from crishim.config import Config
 from crishim.cri import api_pb2, api_pb2_grpc
 from crishim.netns import create_named_netns, delete_named_netns, listen_in_netns
 from crishim.runtime import DialFailed, Sandbox, SandboxGone, SandboxNotFound
-from tests.conftest import missing
-from tests.containerd_env import ContainerdEnv, ContainerdUnavailable, skip_or_fail
-from tests.crishim_proc import CrishimProcess
-from tests.spdy_pf_client import SpdyPortForwardClient
-from tests.standin import KubeStandIn, free_port, run_kubectl_port_forward
+from tests.support import missing
+from tests.support.containerd_env import ContainerdEnv, ContainerdUnavailable, skip_or_fail
+from tests.support.crishim_proc import CrishimProcess
+from tests.support.spdy_pf_client import SpdyPortForwardClient
+from tests.support.standin import KubeStandIn, free_port, run_kubectl_port_forward
 
 KUBECTL_127 = "/usr/lib/google-cloud-sdk/bin/kubectl.1.27"
 ECHO_PORT = 7000
@@ -799,7 +799,7 @@ def test_port_forward_through_the_helper_plugin_to_a_containerd_pod(
         ctrd: ContainerdEnv, pod: tuple[str, str], tmp_path) -> None:
     """The helper plugin with an upstream: sandboxes found through containerd's
     PodSandboxStatus, connections dialled by `crishim helper` and passed back by fd."""
-    from tests.helper_proc import HelperProcess
+    from tests.support.helper_proc import HelperProcess
 
     sandbox_id, _ = pod
     helper = HelperProcess(str(tmp_path / "helper.sock")).start()

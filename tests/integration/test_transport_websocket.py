@@ -17,10 +17,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from crishim.stream import websocket as ws
-from tests import peers
-from tests.conftest import SANDBOX, missing
-from tests.podnet import (
+from crishim.protocols import websocket as ws
+from tests.support import SANDBOX, missing, peers
+from tests.support.podnet import (
     CLOSED_PORT,
     ECHO_PORT,
     HTTP_BODY,
@@ -30,7 +29,7 @@ from tests.podnet import (
     SOURCE_PORT,
     source_bytes,
 )
-from tests.standin import KubeStandIn, run_kubectl_port_forward
+from tests.support.standin import KubeStandIn, run_kubectl_port_forward
 
 KUBECTL_133 = "/usr/lib/google-cloud-sdk/bin/kubectl.1.33"
 MiB = 1 << 20
@@ -300,7 +299,7 @@ def test_kubernetes_client_local_half_close_ends_the_port(core_api):
 
 
 class RawChannelClient:
-    """A channel-protocol client built from crishim.stream.websocket's client side."""
+    """A channel-protocol client built from crishim.protocols.websocket's client side."""
 
     def __init__(self, url: str, ports: list[int], subprotocols: list[str], query: str = "",
                  base64_mode: bool = False) -> None:
@@ -622,7 +621,7 @@ def test_raw_handshake_failures_are_http_errors(crishim):
 
 
 def test_raw_idle_session_is_closed_with_1001(podnet):
-    from tests.crishim_proc import CrishimProcess
+    from tests.support.crishim_proc import CrishimProcess
 
     with CrishimProcess("--sandboxes", f"sb={podnet.path}", "--stream-idle-timeout",
                         "1s") as proc:
@@ -643,7 +642,7 @@ def test_raw_idle_session_is_closed_with_1001(podnet):
 def test_raw_session_is_closed_with_1001_when_the_server_stops(podnet):
     import signal
 
-    from tests.crishim_proc import CrishimProcess
+    from tests.support.crishim_proc import CrishimProcess
 
     proc = CrishimProcess("--sandboxes", f"sb={podnet.path}", "--drain-timeout", "300ms")
     with proc:

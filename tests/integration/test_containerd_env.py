@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from crishim.cri import api_pb2
-from tests.containerd_env import (
+from tests.support.containerd_env import (
     CONTAINERD_RUN_DIR,
     ContainerdEnv,
     ContainerdUnavailable,
