@@ -5,7 +5,7 @@ transport read with :meth:`SpdySession.receive_data`, act on the returned
 events, and write whatever :meth:`SpdySession.data_to_send` hands back. The
 same class serves both roles; :attr:`SpdyConfig.client` picks stream-id parity.
 
-Deliberate choices (see PROTOCOL.md section 3):
+Deliberate choices (docs/protocol.md §2.2 and §2.5):
 
 * Flow control is reported (``WindowUpdateReceived``) but never enforced:
   spdystream neither sends nor honours WINDOW_UPDATE, so waiting for window

@@ -1,4 +1,4 @@
-"""Sans-IO WebSocket pieces for port-forward (PROTOCOL.md sections 4 and 5).
+"""Sans-IO WebSocket pieces for port-forward (docs/protocol.md §3 and §4).
 
 Nothing here touches a socket: every object takes received bytes and returns
 events, and queues outgoing bytes for ``data_to_send()``.
@@ -824,7 +824,7 @@ def max_channel_ports(base64: bool) -> int:
 
 
 class ChannelCodec:
-    """The Kubernetes WebSocket channel protocol for port-forward (PROTOCOL.md section 4).
+    """The Kubernetes WebSocket channel protocol for port-forward (docs/protocol.md §3.3).
 
     Port ``i`` owns channel ``2i`` (data, both ways) and ``2i+1`` (errors, server to
     client). Each message starts with its channel: one byte in binary mode, the
@@ -988,7 +988,7 @@ TunnelEvent = TunnelData | ProtocolViolation | Closed | PingReceived
 
 
 class ByteStreamTunnel:
-    """A raw byte stream carried in binary WebSocket messages (PROTOCOL.md section 5).
+    """A raw byte stream carried in binary WebSocket messages (docs/protocol.md §4).
 
     Message boundaries carry no meaning, so received payload is handed on as it arrives
     (``TunnelData``, not reassembled into messages); a text message is a protocol

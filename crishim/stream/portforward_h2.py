@@ -1,4 +1,4 @@
-"""Port-forward over HTTP/2 (PROTOCOL.md section 6), with the `h2` library as the codec.
+"""Port-forward over HTTP/2 (docs/protocol.md §5), with the `h2` library as the codec.
 
 Getting onto HTTP/2 (all three end in the same session):
 - prior knowledge: the connection starts with the HTTP/2 preface (h2c, or TLS without
@@ -10,7 +10,7 @@ Getting onto HTTP/2 (all three end in the same session):
 The token then holds for that connection only: every later stream must carry the same
 `:path`; the token cannot be redeemed again elsewhere.
 
-The mapping: each SPDY stream of section 3 becomes one HTTP/2 request stream, so one
+The mapping: each SPDY stream of docs/protocol.md §2.3 becomes one HTTP/2 request stream, so one
 forwarded TCP connection is a PAIR of streams sharing a `requestid`, exactly as on SPDY:
 
     :method POST   :path /portforward/<token>   streamtype: error|data   port: N

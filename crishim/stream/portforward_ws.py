@@ -1,4 +1,4 @@
-"""Port-forward over WebSocket (PROTOCOL.md sections 4 and 5).
+"""Port-forward over WebSocket (docs/protocol.md §3 and §4).
 
 Two transports share the upgrade:
 

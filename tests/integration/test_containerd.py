@@ -763,7 +763,7 @@ def _check(endpoint: str, sandbox_id: str, *args: str) -> tuple[int, dict]:
 
 def test_check_finds_containerds_streaming_shortcomings(ctrd: ContainerdEnv) -> None:
     """`crishim check` straight at containerd 1.6: it finds the netns itself (verbose
-    PodSandboxStatus), moves bytes intact, and reports what PROTOCOL.md says containerd
+    PodSandboxStatus), moves bytes intact, and reports what docs/protocol.md §6 says containerd
     does: the half-close never reaches the pod, and a refused port or a reset comes back
     as error text, which makes client-go end the whole session."""
     sandbox_id = ctrd.run_pod_sandbox(f"check-{uuid.uuid4().hex[:6]}")
