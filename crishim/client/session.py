@@ -426,7 +426,7 @@ class SpdyClientSession(ClientSession):
 
     def __init__(self, tunnel: ws.ByteStreamTunnel | None = None) -> None:
         super().__init__()
-        self.codec = spdy.SpdySession(spdy.SpdyConfig(client=True, max_send_frame=256 * 1024,
+        self.codec = spdy.SpdyConnection(spdy.SpdyConfig(client=True, max_send_frame=256 * 1024,
                                                       zero_copy=True))
         self.tunnel = tunnel
         if tunnel is not None:

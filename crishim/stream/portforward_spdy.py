@@ -58,7 +58,7 @@ class _SpdyChannel:
 
 
 class SpdyPortForwardSession(SessionBase):
-    """Drives one SpdySession: pairs streams, opens forwarded connections, pumps bytes.
+    """Drives one SpdyConnection: pairs streams, opens forwarded connections, pumps bytes.
 
     `write_buffers` sends a list of buffers to the client (a TCP transport's writelines,
     or the WebSocket tunnel's): frames are never joined into one copy on the way out."""
@@ -69,7 +69,7 @@ class SpdyPortForwardSession(SessionBase):
                  idle_timeout: float, write_buffers: Callable[[list], None],
                  close: Callable[[], None]) -> None:
         super().__init__(ctx, sandbox)
-        self.codec = spdy.SpdySession(spdy.SpdyConfig(client=False, zero_copy=True,
+        self.codec = spdy.SpdyConnection(spdy.SpdyConfig(client=False, zero_copy=True,
                                                       max_send_frame=256 * 1024))
         self.idle_timeout = idle_timeout
         self._write_buffers = write_buffers
