@@ -24,13 +24,20 @@ from crishim.client.session import (
     SessionError,
     UpgradeRefused,
 )
+from crishim.protocols.constants import (
+    H2_CONNECTION_WINDOW,
+    H2_STREAM_WINDOW,
+    HEADER_PORT,
+    HEADER_REQUEST_ID,
+    HEADER_STREAM_TYPE,
+    STREAM_TYPE_DATA,
+    STREAM_TYPE_ERROR,
+)
 from crishim.protocols.h2 import H2Codec, Outbound
 
 if TYPE_CHECKING:
     from crishim.client.session import _ConnectionProtocol
 
-STREAM_WINDOW = 16 * 1024 * 1024
-CONNECTION_WINDOW = 256 * 1024 * 1024
 MAX_FRAME_SIZE = 1024 * 1024
 QUEUE_HIGH_WATER = 1024 * 1024
 
@@ -43,7 +50,7 @@ class H2ClientSession(ClientSession):
         self.codec = H2Codec(h2.config.H2Configuration(client_side=True,
                                                        header_encoding="utf-8"))
         self.codec.local_settings = h2.settings.Settings(client=True, initial_values={
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: H2_STREAM_WINDOW,
             h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
             h2.settings.SettingCodes.ENABLE_PUSH: 0})
         self.codec.max_inbound_frame_size = MAX_FRAME_SIZE
@@ -59,7 +66,7 @@ class H2ClientSession(ClientSession):
 
     def begin(self) -> None:
         self.codec.initiate_connection()
-        self.codec.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.codec.increment_flow_control_window(H2_CONNECTION_WINDOW - 65535)
         self._flush()
 
     # --- streams ------------------------------------------------------------------------
@@ -67,12 +74,13 @@ class H2ClientSession(ClientSession):
         codec = self.codec
         request_id = str(self._next_request_id)
         self._next_request_id += 1
-        extra = [("streamtype", "error"), ("port", str(port)), ("requestid", request_id)]
+        extra = [(HEADER_STREAM_TYPE, STREAM_TYPE_ERROR), (HEADER_PORT, str(port)),
+                 (HEADER_REQUEST_ID, request_id)]
         try:
             error_id = codec.get_next_available_stream_id()
             codec.send_headers(error_id, self.base_headers + extra, end_stream=True)
             data_id = codec.get_next_available_stream_id()
-            extra[0] = ("streamtype", "data")
+            extra[0] = (HEADER_STREAM_TYPE, STREAM_TYPE_DATA)
             codec.send_headers(data_id, self.base_headers + extra)
         except h2.exceptions.ProtocolError as e:
             raise SessionClosed(f"cannot open an HTTP/2 stream: {e}") from None

@@ -34,9 +34,16 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from crishim.protocols import spdy
 from crishim.protocols import websocket as ws
+from crishim.protocols.constants import (
+    HEADER_PORT,
+    HEADER_REQUEST_ID,
+    HEADER_STREAM_TYPE,
+    PORTFORWARD_PROTOCOL,
+    STREAM_TYPE_DATA,
+    STREAM_TYPE_ERROR,
+)
 
 TRANSPORTS = ("spdy", "websocket", "spdy-over-websocket", "h2")
-PORTFORWARD_PROTOCOL = "portforward.k8s.io"
 # After a forwarded connection's data stream ends, how long to wait for its error stream.
 ERROR_STREAM_WAIT = 2.0
 SESSION_WRITE_HIGH_WATER = 1024 * 1024
@@ -440,11 +447,12 @@ class SpdyClientSession(ClientSession):
             raise SessionClosed("the server sent GOAWAY: no new connections on this session")
         request_id = str(self._next_request_id)
         self._next_request_id += 1
-        headers = {"streamtype": "error", "port": str(port), "requestid": request_id}
+        headers = {HEADER_STREAM_TYPE: STREAM_TYPE_ERROR, HEADER_PORT: str(port),
+                   HEADER_REQUEST_ID: request_id}
         try:
             error_id = self.codec.open_stream(headers)
             self.codec.end_stream(error_id)
-            headers["streamtype"] = "data"
+            headers[HEADER_STREAM_TYPE] = STREAM_TYPE_DATA
             data_id = self.codec.open_stream(headers)
         except spdy.SessionClosedError as e:
             raise SessionClosed(str(e)) from None

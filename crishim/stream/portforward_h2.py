@@ -43,8 +43,8 @@ forwarded TCP connection is a PAIR of streams sharing a `requestid`, exactly as 
   data stream reset CANCEL.
 - The client's RST_STREAM on the error stream is ignored.
 
-Flow control is real and per stream: the server advertises STREAM_WINDOW per stream and
-CONNECTION_WINDOW for the connection, and acknowledges received DATA only while the pod
+Flow control is real and per stream: the server advertises H2_STREAM_WINDOW per stream and
+H2_CONNECTION_WINDOW for the connection, and acknowledges received DATA only while the pod
 socket is not congested; bytes received for a pod whose socket is above its write buffer
 limit are acknowledged when it drains, so one slow pod stalls only its own stream. Sending,
 it respects the client's windows: a stream out of window keeps a bounded queue and stops
@@ -78,6 +78,7 @@ from crishim.forward import (
     SessionProtocol,
     StreamPairs,
 )
+from crishim.protocols.constants import H2_CONNECTION_WINDOW, H2_STREAM_WINDOW
 from crishim.protocols.h2 import H2Codec, Outbound
 from crishim.runtime import Sandbox, SandboxGone, SandboxNotFound
 
@@ -86,8 +87,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("crishim.h2")
 
-STREAM_WINDOW = 16 * 1024 * 1024  # per stream: a fast link is not throttled
-CONNECTION_WINDOW = 256 * 1024 * 1024  # 16 stalled streams before others feel it
 MAX_FRAME_SIZE = 256 * 1024  # measured: better than 64 KiB or 1 MiB frames here
 MAX_CONCURRENT_STREAMS = 1000  # 500 forwarded connections per HTTP/2 connection
 MAX_HEADER_LIST_SIZE = 16 * 1024
@@ -179,7 +178,7 @@ class H2PortForwardSession(SessionBase):
         self.codec.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: H2_STREAM_WINDOW,
             h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
             h2.settings.SettingCodes.ENABLE_PUSH: 0,
         })
@@ -204,7 +203,7 @@ class H2PortForwardSession(SessionBase):
             self.codec.send_headers(1, [(":status", "200")], end_stream=True)
         else:
             self.codec.initiate_connection()
-        self.codec.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.codec.increment_flow_control_window(H2_CONNECTION_WINDOW - 65535)
         self.flush()
         self.arm_idle_timer()
 
