@@ -291,7 +291,7 @@ class ForwardedConnection:
         return self._done
 
     # --- from the client (transport) -----------------------------------------------------
-    def client_data(self, data: bytes) -> None:
+    def client_data(self, data: bytes | memoryview) -> None:
         if self._done or not data:
             return
         self.bytes_up += len(data)

@@ -313,9 +313,24 @@ class H2PortForwardSession(SessionBase):
             if self._admitting is not None and isinstance(event, _QUEUED_WHILE_ADMITTING):
                 self._admitting.append(event)
                 continue
-            handler = _HANDLERS.get(type(event))
-            if handler is not None:
-                handler(self, event)
+            self._handle(event)
+
+    def _handle(self, event: h2.events.Event) -> None:
+        match event:
+            case h2.events.DataReceived():  # the hot one: tested first
+                self._on_data(event)
+            case h2.events.RequestReceived():
+                self._on_request(event)
+            case h2.events.StreamEnded():
+                self._on_stream_ended(event)
+            case h2.events.StreamReset():
+                self._on_reset(event)
+            case h2.events.WindowUpdated():
+                self._on_window_updated(event)
+            case h2.events.RemoteSettingsChanged():
+                self._on_settings_changed(event)
+            case h2.events.ConnectionTerminated():
+                self._on_terminated(event)
 
     @property
     def _sandbox_id(self) -> str:
@@ -419,7 +434,7 @@ class H2PortForwardSession(SessionBase):
         self._by_stream[pair.data_id] = conn
         self._live_requests[pair.request_id] = conn
         for event in pair.held:
-            _HANDLERS[type(event)](self, event)
+            self._handle(event)
 
     def _pair_timed_out(self, pair: PendingPair) -> None:
         if self._closed:
@@ -587,15 +602,6 @@ class H2PortForwardSession(SessionBase):
             self.on_closed()
 
 
-_HANDLERS = {
-    h2.events.RequestReceived: H2PortForwardSession._on_request,
-    h2.events.DataReceived: H2PortForwardSession._on_data,
-    h2.events.StreamEnded: H2PortForwardSession._on_stream_ended,
-    h2.events.StreamReset: H2PortForwardSession._on_reset,
-    h2.events.WindowUpdated: H2PortForwardSession._on_window_updated,
-    h2.events.RemoteSettingsChanged: H2PortForwardSession._on_settings_changed,
-    h2.events.ConnectionTerminated: H2PortForwardSession._on_terminated,
-}
 _QUEUED_WHILE_ADMITTING = (h2.events.RequestReceived, h2.events.DataReceived,
                            h2.events.StreamEnded, h2.events.StreamReset)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import binascii
 import struct
+from collections.abc import Iterable
 
 from ..constants import PORTFORWARD_PROTOCOL
 from .events import (
@@ -244,7 +245,7 @@ class ByteStreamTunnel:
         if data:
             self.send_buffers([data])
 
-    def send_buffers(self, buffers: list[bytes | bytearray | memoryview]) -> None:
+    def send_buffers(self, buffers: Iterable[bytes | bytearray | memoryview]) -> None:
         """Queue stream bytes given as several buffers (``SpdyConnection.take_output()``):
         they share binary messages of at most ``max_send_payload`` bytes, uncopied."""
         framing = self.framing
