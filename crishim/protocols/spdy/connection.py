@@ -79,7 +79,6 @@ _KNOWN_CONTROL_TYPES = frozenset(
     (SYN_STREAM, SYN_REPLY, RST_STREAM, SETTINGS, PING, GOAWAY, HEADERS, WINDOW_UPDATE)
 )
 
-
 _U32 = struct.Struct(">I")
 _U32_PAIR = struct.Struct(">II")
 _SYN_STREAM_PREFIX = struct.Struct(">IIBB")
@@ -128,7 +127,7 @@ class SpdyConfig:
 
 
 
-# --------------------------------------------------------------------------- session
+# --------------------------------------------------------------------------- connection
 
 _CLOSED_RESET = 1  # reset by either side: late frames are dropped silently
 _CLOSED_FINISHED = 2  # both sides sent FIN: more data from the peer is an error
