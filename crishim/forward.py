@@ -10,6 +10,13 @@ import time
 from collections.abc import Callable, Container, Mapping
 from typing import Protocol
 
+from crishim.protocols.constants import (
+    HEADER_PORT,
+    HEADER_REQUEST_ID,
+    HEADER_STREAM_TYPE,
+    STREAM_TYPE_DATA,
+    STREAM_TYPE_ERROR,
+)
 from crishim.runtime import DialFailed, RuntimePlugin, Sandbox, SandboxGone
 
 log = logging.getLogger("crishim.forward")
@@ -69,21 +76,21 @@ class StreamPairs:
             live: Container[str] = ()) -> PendingPair:
         """File one stream with its pair, or raise PairRefused. A complete pair (both ids
         set) is no longer pending: the caller opens its connection."""
-        stream_type = headers.get("streamtype", "")
-        if stream_type not in ("data", "error"):
+        stream_type = headers.get(HEADER_STREAM_TYPE, "")
+        if stream_type not in (STREAM_TYPE_DATA, STREAM_TYPE_ERROR):
             raise PairRefused(f"unknown streamtype {stream_type!r}: expected data or error")
-        port_text = headers.get("port", "")
+        port_text = headers.get(HEADER_PORT, "")
         port = int(port_text) if port_text.isdigit() else 0
         if not 1 <= port <= 65535:
             raise PairRefused(f"invalid port {port_text!r}")
-        request_id = headers.get("requestid")
+        request_id = headers.get(HEADER_REQUEST_ID)
         if request_id is None:  # very old clients: ids derived from stream ids
-            request_id = str(stream_id if stream_type == "error" else stream_id - 2)
+            request_id = str(stream_id if stream_type == STREAM_TYPE_ERROR else stream_id - 2)
         if request_id in live:
             raise PairRefused(f"a second {stream_type} stream for request {request_id}, "
                               "whose connection is live")
         pair = self.pending.get(request_id) or PendingPair(request_id, port)
-        slot = "data_id" if stream_type == "data" else "error_id"
+        slot = "data_id" if stream_type == STREAM_TYPE_DATA else "error_id"
         if getattr(pair, slot):
             raise PairRefused(f"a second {stream_type} stream for request {request_id}")
         if pair.port != port:
@@ -284,7 +291,7 @@ class ForwardedConnection:
         return self._done
 
     # --- from the client (transport) -----------------------------------------------------
-    def client_data(self, data: bytes) -> None:
+    def client_data(self, data: bytes | memoryview) -> None:
         if self._done or not data:
             return
         self.bytes_up += len(data)

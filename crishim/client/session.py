@@ -34,9 +34,16 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from crishim.protocols import spdy
 from crishim.protocols import websocket as ws
+from crishim.protocols.constants import (
+    HEADER_PORT,
+    HEADER_REQUEST_ID,
+    HEADER_STREAM_TYPE,
+    PORTFORWARD_PROTOCOL,
+    STREAM_TYPE_DATA,
+    STREAM_TYPE_ERROR,
+)
 
 TRANSPORTS = ("spdy", "websocket", "spdy-over-websocket", "h2")
-PORTFORWARD_PROTOCOL = "portforward.k8s.io"
 # After a forwarded connection's data stream ends, how long to wait for its error stream.
 ERROR_STREAM_WAIT = 2.0
 SESSION_WRITE_HIGH_WATER = 1024 * 1024
@@ -197,7 +204,7 @@ class ForwardStream(asyncio.Transport):
         if self.accepted_at is None:
             self.accepted_at = time.perf_counter()
 
-    def _data(self, data: bytes) -> None:
+    def _data(self, data: bytes | memoryview) -> None:
         if self._finished or self._closing:
             return
         if self.first_byte_at is None:
@@ -426,7 +433,7 @@ class SpdyClientSession(ClientSession):
 
     def __init__(self, tunnel: ws.ByteStreamTunnel | None = None) -> None:
         super().__init__()
-        self.codec = spdy.SpdySession(spdy.SpdyConfig(client=True, max_send_frame=256 * 1024,
+        self.codec = spdy.SpdyConnection(spdy.SpdyConfig(client=True, max_send_frame=256 * 1024,
                                                       zero_copy=True))
         self.tunnel = tunnel
         if tunnel is not None:
@@ -440,11 +447,12 @@ class SpdyClientSession(ClientSession):
             raise SessionClosed("the server sent GOAWAY: no new connections on this session")
         request_id = str(self._next_request_id)
         self._next_request_id += 1
-        headers = {"streamtype": "error", "port": str(port), "requestid": request_id}
+        headers = {HEADER_STREAM_TYPE: STREAM_TYPE_ERROR, HEADER_PORT: str(port),
+                   HEADER_REQUEST_ID: request_id}
         try:
             error_id = self.codec.open_stream(headers)
             self.codec.end_stream(error_id)
-            headers["streamtype"] = "data"
+            headers[HEADER_STREAM_TYPE] = STREAM_TYPE_DATA
             data_id = self.codec.open_stream(headers)
         except spdy.SessionClosedError as e:
             raise SessionClosed(str(e)) from None
@@ -507,13 +515,14 @@ class SpdyClientSession(ClientSession):
     def receive(self, data: bytes) -> None:
         if self.tunnel is not None:
             for event in self.tunnel.receive_data(data):
-                if isinstance(event, ws.TunnelData):
-                    self._receive_spdy(event.data)
-                elif isinstance(event, ws.Closed):
-                    self._write_raw(self.tunnel.take_output())
-                    self._lost(f"the server closed the WebSocket ({event.code} "
-                               f"{event.reason})".strip())
-                    return
+                match event:
+                    case ws.TunnelData():
+                        self._receive_spdy(event.data)
+                    case ws.Closed():
+                        self._write_raw(self.tunnel.take_output())
+                        self._lost(f"the server closed the WebSocket ({event.code} "
+                                   f"{event.reason})".strip())
+                        return
             self._write_raw(self.tunnel.take_output())  # pongs
             return
         self._receive_spdy(data)
@@ -521,49 +530,49 @@ class SpdyClientSession(ClientSession):
     def _receive_spdy(self, data: bytes) -> None:
         streams = self.streams
         for event in self.codec.receive_data(data):
-            kind = type(event)
-            if kind is spdy.DataReceived:
-                stream = streams.get(event.stream_id)
-                if stream is not None:
-                    if event.data:
-                        stream._data(event.data)
-                    if event.fin:
-                        stream._remote_eof()
-                    continue
-                stream = self._error_streams.get(event.stream_id)
-                if stream is not None:
-                    if event.data:
-                        stream._error_data(bytes(event.data).decode("utf-8", "replace"))
-                    if event.fin:
+            match event:
+                case spdy.DataReceived():
+                    stream = streams.get(event.stream_id)
+                    if stream is not None:
+                        if event.data:
+                            stream._data(event.data)
+                        if event.fin:
+                            stream._remote_eof()
+                        continue
+                    stream = self._error_streams.get(event.stream_id)
+                    if stream is not None:
+                        if event.data:
+                            stream._error_data(bytes(event.data).decode("utf-8", "replace"))
+                        if event.fin:
+                            stream._error_end()
+                case spdy.StreamReplied():
+                    stream = streams.get(event.stream_id)
+                    if stream is not None:
+                        stream._accepted()
+                case spdy.StreamReset() | spdy.StreamError():
+                    stream = streams.get(event.stream_id)
+                    if stream is not None:
+                        why = getattr(event, "reason", "") or f"RST_STREAM status {event.status}"
+                        stream._remote_reset(f"the server reset the connection ({why})")
+                        continue
+                    stream = self._error_streams.get(event.stream_id)
+                    if stream is not None:
                         stream._error_end()
-            elif kind is spdy.StreamReplied:
-                stream = streams.get(event.stream_id)
-                if stream is not None:
-                    stream._accepted()
-            elif kind is spdy.StreamReset or kind is spdy.StreamError:
-                stream = streams.get(event.stream_id)
-                if stream is not None:
-                    why = getattr(event, "reason", "") or f"RST_STREAM status {event.status}"
-                    stream._remote_reset(f"the server reset the connection ({why})")
-                    continue
-                stream = self._error_streams.get(event.stream_id)
-                if stream is not None:
-                    stream._error_end()
-            elif kind is spdy.PingAcknowledged:
-                entry = self._pings.get(event.ping_id)
-                if entry is not None and not entry[1].done():
-                    entry[1].set_result(time.perf_counter() - entry[0])
-            elif kind is spdy.GoAwayReceived:
-                self.goaway = True
-                self._flush()
-                self._lost(f"the server sent GOAWAY (status {event.status})")
-                return
-            elif kind is spdy.SessionTerminated:
-                self._flush()
-                self._lost(f"SPDY protocol error: {event.reason}")
-                if self.transport is not None:
-                    self.transport.close()
-                return
+                case spdy.PingAcknowledged():
+                    entry = self._pings.get(event.ping_id)
+                    if entry is not None and not entry[1].done():
+                        entry[1].set_result(time.perf_counter() - entry[0])
+                case spdy.GoAwayReceived():
+                    self.goaway = True
+                    self._flush()
+                    self._lost(f"the server sent GOAWAY (status {event.status})")
+                    return
+                case spdy.SessionTerminated():
+                    self._flush()
+                    self._lost(f"SPDY protocol error: {event.reason}")
+                    if self.transport is not None:
+                        self.transport.close()
+                    return
         self._flush()
 
 
@@ -644,16 +653,16 @@ class ChannelClientSession(ClientSession):
         self._write_raw(self.codec.take_output())
 
     @staticmethod
-    def _deliver(stream: ForwardStream, event) -> None:
-        kind = type(event)
-        if kind is ws.ChannelData:
-            stream._data(event.data)
-        elif kind is ws.PortPreface:
-            if not event.error_channel:
-                stream._accepted()
-        elif kind is ws.ChannelError:
-            stream._error_data(event.text)
-            stream._error_end()
+    def _deliver(stream: ForwardStream, event: ws.Event) -> None:
+        match event:
+            case ws.ChannelData():
+                stream._data(event.data)
+            case ws.PortPreface():
+                if not event.error_channel:
+                    stream._accepted()
+            case ws.ChannelError():
+                stream._error_data(event.text)
+                stream._error_end()
 
     @staticmethod
     def _deliver_close(stream: ForwardStream, event: ws.Closed) -> None:
@@ -664,24 +673,24 @@ class ChannelClientSession(ClientSession):
 
     def receive(self, data: bytes) -> None:
         for event in self.codec.receive_data(data):
-            if type(event) is ws.Closed:
-                self._close_event = event
-                self._flush()
-                for stream in list(self.streams.values()):
-                    self._deliver_close(stream, event)
-                self._lost(f"the server closed the WebSocket ({event.code})")
-                if self.transport is not None:
-                    self.transport.close()
-                return
-            index = getattr(event, "index", None)
-            if index is None:
-                continue
-            stream = self.streams.get(index)
-            if stream is not None:
-                self._deliver(stream, event)
-            elif index not in self._used and self._early_size < MAX_EARLY_BYTES:
-                self._early.setdefault(index, []).append(event)
-                self._early_size += len(getattr(event, "data", b"") or b"")
+            match event:
+                case ws.Closed():
+                    self._close_event = event
+                    self._flush()
+                    for stream in list(self.streams.values()):
+                        self._deliver_close(stream, event)
+                    self._lost(f"the server closed the WebSocket ({event.code})")
+                    if self.transport is not None:
+                        self.transport.close()
+                    return
+                case (ws.ChannelData(index=index) | ws.PortPreface(index=index)
+                      | ws.ChannelError(index=index)):
+                    stream = self.streams.get(index)
+                    if stream is not None:
+                        self._deliver(stream, event)
+                    elif index not in self._used and self._early_size < MAX_EARLY_BYTES:
+                        self._early.setdefault(index, []).append(event)
+                        self._early_size += len(getattr(event, "data", b"") or b"")
         self._flush()
 
     def transport_eof(self) -> None:

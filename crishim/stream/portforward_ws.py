@@ -145,17 +145,19 @@ class SpdyTunnelProtocol(SessionProtocol):
         self._handle(self.tunnel.receive_data(b""))
         return False
 
-    def _handle(self, events: list) -> None:
+    def _handle(self, events: list[ws.TunnelEvent]) -> None:
         for event in events:
-            if isinstance(event, ws.TunnelData):
-                self.session.receive(event.data)
-            elif isinstance(event, ws.ProtocolViolation):
-                log.info("spdy-websocket sandbox=%s: %s (close code %d)",
-                         self.session.sandbox.id, event.reason, event.code)
-            elif isinstance(event, ws.Closed):
-                _flush_tunnel(self.tunnel, self.transport)
-                self.session.close(f"WebSocket closed ({event.code} {event.reason})".strip())
-                return
+            match event:
+                case ws.TunnelData():
+                    self.session.receive(event.data)
+                case ws.ProtocolViolation():
+                    log.info("spdy-websocket sandbox=%s: %s (close code %d)",
+                             self.session.sandbox.id, event.reason, event.code)
+                case ws.Closed():
+                    _flush_tunnel(self.tunnel, self.transport)
+                    self.session.close(
+                        f"WebSocket closed ({event.code} {event.reason})".strip())
+                    return
         _flush_tunnel(self.tunnel, self.transport)  # pongs
 
 
@@ -254,16 +256,17 @@ class ChannelPortForwardSession(SessionBase):
     def receive(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
         for event in self.codec.receive_data(data):
-            if isinstance(event, ws.ChannelData):
-                conn = self.channels[event.index].conn
-                if conn is not None:
-                    conn.client_data(event.data)
-            elif isinstance(event, ws.ProtocolViolation):
-                log.info("websocket sandbox=%s: %s (close code %d)", self.sandbox.id,
-                         event.reason, event.code)
-            elif isinstance(event, ws.Closed):
-                self._closed_by_peer(event)
-                return
+            match event:
+                case ws.ChannelData():
+                    conn = self.channels[event.index].conn
+                    if conn is not None:
+                        conn.client_data(event.data)
+                case ws.ProtocolViolation():
+                    log.info("websocket sandbox=%s: %s (close code %d)", self.sandbox.id,
+                             event.reason, event.code)
+                case ws.Closed():
+                    self._closed_by_peer(event)
+                    return
         self.flush()
 
     def _closed_by_peer(self, event: ws.Closed) -> None:
