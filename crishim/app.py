@@ -6,14 +6,9 @@ loop and one token store without locks."""
 
 from __future__ import annotations
 
-import asyncio
-import errno
 import logging
 import os
-import signal
-import socket
 import ssl
-import stat
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -25,6 +20,7 @@ from crishim.cri.service import CriHandler, CriService, upstream_target
 from crishim.forward import ForwardContext
 from crishim.runtime import RuntimePlugin, load_plugin
 from crishim.stream.server import StreamServer
+from crishim.sysutil import prepare_socket_path, stop_on_signals
 from crishim.tokens import TokenStore
 
 log = logging.getLogger("crishim")
@@ -32,34 +28,6 @@ log = logging.getLogger("crishim")
 # CRI messages (ListContainers, ListImages on a busy node) outgrow gRPC's 4 MiB default
 _MESSAGE_LIMITS = [("grpc.max_receive_message_length", 64 << 20),
                    ("grpc.max_send_message_length", 64 << 20)]
-
-
-class SocketInUse(Exception):
-    """A live server already answers on the CRI socket path."""
-
-
-def prepare_socket_path(path: str) -> None:
-    """Create the parent directory; replace a stale socket file; refuse a live one."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or "/", exist_ok=True)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise SocketInUse(f"{path} exists and is not a socket; not replacing it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(path)
-    except OSError as e:
-        if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
-            os.unlink(path)  # stale: nobody listens
-            return
-        raise SocketInUse(f"{path}: cannot tell whether it is in use ({e.strerror})") from None
-    finally:
-        probe.close()
-    raise SocketInUse(f"another server is already listening on {path}; stop it or choose "
-                      "another --socket")
 
 
 class Crishim:
@@ -141,15 +109,6 @@ class Crishim:
             os.unlink(self.config.socket)
         except FileNotFoundError:
             pass
-
-
-def stop_on_signals() -> asyncio.Event:
-    """An event that SIGINT or SIGTERM sets, handled on the running loop from now on."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    return stop
 
 
 async def run_until_signalled(app: Crishim,

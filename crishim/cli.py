@@ -62,29 +62,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvloop
 
     from crishim import logs
-    from crishim.app import Crishim, SocketInUse, run_until_signalled
+    from crishim.app import Crishim, run_until_signalled
     from crishim.demo import DemoAlreadyRunning
     from crishim.runtime import RuntimeError_
+    from crishim.sysutil import SocketInUse
 
     config = _serve_config(args)
     logs.setup(config.log_format, config.log_level)
     demo = None
-    plugin = None
     if args.demo:
-        from crishim_netns import NamedNetnsRuntime
-
         from crishim.demo import DEMO_SANDBOX, Demo
 
         demo = Demo()
         if config.runtime != "netns":
-            log.info("--demo: using the netns runtime plugin")
-        plugin = NamedNetnsRuntime(config)
+            log.info("--demo: serving named netns and the demo sandbox in process")
 
     async def main() -> None:
-        app = Crishim(config, plugin)
         try:
+            plugin = None
             if demo is not None:
-                plugin.register(DEMO_SANDBOX, await demo.start())
+                await demo.start()
+                plugin = demo.runtime(config)
+            app = Crishim(config, plugin)
 
             async def announce() -> None:
                 if demo is not None:
@@ -144,9 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_serve(sub)
-    from crishim import helper
+    from crishim.helper import agent as helper_agent
 
-    helper.add_command(sub)
+    helper_agent.add_command(sub)
     from crishim.client import cli as client_cli
 
     client_cli.add_commands(sub)
