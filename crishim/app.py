@@ -10,8 +10,10 @@ import logging
 import os
 import ssl
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import grpc
+import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from crishim import __version__
@@ -22,6 +24,9 @@ from crishim.runtime import RuntimePlugin, load_plugin
 from crishim.stream.server import StreamServer
 from crishim.sysutil import prepare_socket_path, stop_on_signals
 from crishim.tokens import TokenStore
+
+if TYPE_CHECKING:
+    from crishim.metrics import Metrics
 
 log = logging.getLogger("crishim")
 
@@ -35,11 +40,11 @@ class Crishim:
         self.config = config
         self.plugin = plugin
         self.tokens = TokenStore(ttl=config.token_ttl, max_outstanding=config.max_tokens)
-        self.metrics = None
+        self.metrics: Metrics | None = None
         self.grpc_server: grpc.aio.Server | None = None
         self.stream: StreamServer | None = None
         self.upstream: grpc.aio.Channel | None = None
-        self.health: health.aio.HealthServicer | None = None
+        self.health: Any = None  # a grpc_health.v1.health.aio.HealthServicer (no stubs)
 
     async def start(self) -> None:
         cfg = self.config
@@ -65,7 +70,7 @@ class Crishim:
         service = CriService(self.plugin, self.tokens, self.stream.url_for)
         server = grpc.aio.server(options=_MESSAGE_LIMITS)
         server.add_generic_rpc_handlers((CriHandler(service, self.upstream),))
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # no aio in stubs
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if server.add_insecure_port("unix://" + cfg.socket) == 0:
             raise OSError(f"cannot listen on {cfg.socket}")
@@ -102,7 +107,7 @@ class Crishim:
         if self.grpc_server is not None:
             await self.grpc_server.stop(1.0)
         if self.upstream is not None:
-            await self.upstream.close()
+            await self.upstream.close(None)
         if self.plugin is not None:
             await self.plugin.close()
         try:

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from crishim import __version__
 from crishim.config import SETTINGS, Config, ConfigError, load
@@ -17,7 +18,7 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_serve(sub: argparse._SubParsersAction) -> None:
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "serve", help="serve the CRI socket and the stream server",
         description="Serve the CRI gRPC socket (PortForward and Version answered here, every "
@@ -34,7 +35,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     defaults = Config()
     for name, setting in SETTINGS.items():
         default = getattr(defaults, name)
-        kw: dict = {"dest": name, "default": None,
+        kw: dict[str, Any] = {"dest": name, "default": None,
                     "help": f"{setting.help} [default: {default!r}]"}
         if setting.kind == "bool":
             kw["action"] = argparse.BooleanOptionalAction
@@ -160,7 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        code: int = args.func(args)
+        return code
     except ConfigError as e:
         print(f"crishim: {e}", file=sys.stderr)
         return 2

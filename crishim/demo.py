@@ -7,6 +7,7 @@ import fcntl
 import logging
 import os
 import socket
+from typing import cast
 
 from crishim.config import Config
 from crishim.netns import create_named_netns, delete_named_netns, dial_localhost, listen_in_netns
@@ -46,8 +47,8 @@ class DemoRuntime(RuntimePlugin):
 class _DemoHttp(asyncio.Protocol):
     """Answers every request with a short page; enough for curl and browsers."""
 
-    def connection_made(self, transport: asyncio.Transport) -> None:
-        self.transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # a stream server's: a Transport
         self.buffer = b""
 
     def data_received(self, data: bytes) -> None:

@@ -22,6 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -113,7 +114,7 @@ def sandbox_from_status(sandbox_id: str,
     return Sandbox(sandbox_id, netns_path=path, pod_ip=pod_ip), path
 
 
-def _netns_path_from_spec(info: dict) -> str:
+def _netns_path_from_spec(info: dict[str, Any]) -> str:
     spec = info.get("runtimeSpec")
     namespaces = spec.get("linux", {}).get("namespaces", []) if isinstance(spec, dict) else []
     for ns in namespaces if isinstance(namespaces, list) else []:
@@ -198,11 +199,11 @@ class UpstreamSandboxes:
             self._channel = grpc.aio.insecure_channel(
                 upstream_target(self.endpoint),
                 options=[("grpc.max_receive_message_length", 16 << 20)])
-            self._stub = api_pb2_grpc.RuntimeServiceStub(self._channel)
+            self._stub = api_pb2_grpc.RuntimeServiceStub(self._channel)  # type: ignore[no-untyped-call]
         return self._stub
 
     async def close(self) -> None:
         if self._channel is not None:
-            await self._channel.close()
+            await self._channel.close(None)
             self._channel = self._stub = None
         self._cache.clear()

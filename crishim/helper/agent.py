@@ -52,8 +52,8 @@ class HelperAgent:
         self.mode = mode
         self.group = group
         self.listener: socket.socket | None = None
-        self._tasks: set[asyncio.Task] = set()
-        self._accept_task: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._accept_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         prepare_socket_path(self.socket_path)
@@ -74,14 +74,14 @@ class HelperAgent:
         sock.listen(1024)
         sock.setblocking(False)
         self.listener = sock
-        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
+        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop(sock))
         log.info("crishim helper serving %s mode on %s", self.mode, self.socket_path)
 
-    async def _accept_loop(self) -> None:
+    async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                conn, _ = await loop.sock_accept(self.listener)
+                conn, _ = await loop.sock_accept(listener)
             except OSError as e:  # EMFILE and friends: back off rather than spin
                 log.warning("accept on %s failed: %s", self.socket_path, e)
                 await asyncio.sleep(0.1)
@@ -175,7 +175,7 @@ class HelperAgent:
             for fd in (in_r, out_w, err_w):
                 os.close(fd)
         socat = Socat(proc, in_w, out_r, err_r)
-        errors = []
+        errors: list[str] = []
         while True:
             line = await socat.stderr_line()
             if not line:
@@ -214,7 +214,7 @@ class HelperAgent:
 class Socat:
     """One `socat - TCP:...` child and the three pipe ends the helper holds."""
 
-    def __init__(self, proc: subprocess.Popen, stdin_fd: int, stdout_fd: int,
+    def __init__(self, proc: subprocess.Popen[bytes], stdin_fd: int, stdout_fd: int,
                  stderr_fd: int) -> None:
         self.proc = proc
         self.stdin_fd = stdin_fd
@@ -223,7 +223,7 @@ class Socat:
         for fd in (stdin_fd, stdout_fd, stderr_fd):
             os.set_blocking(fd, False)
         self._stderr = b""
-        self._drain: asyncio.Task | None = None
+        self._drain: asyncio.Task[None] | None = None
 
     async def _read(self, fd: int) -> bytes:
         while True:
@@ -312,7 +312,7 @@ class Socat:
 
 # --- command line --------------------------------------------------------------------------
 
-def add_command(sub: argparse._SubParsersAction) -> None:
+def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "helper", help="privileged agent that dials into sandbox netns for an unprivileged shim",
         description="Listen on a unix socket; for each request enter the sandbox netns, connect "

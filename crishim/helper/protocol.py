@@ -38,6 +38,7 @@ import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 PROTOCOL_VERSION = 1
 MAX_LINE = 4096
@@ -61,7 +62,7 @@ class Reply:
     message: str = ""
 
     def encode(self) -> bytes:
-        body: dict = {"v": PROTOCOL_VERSION, "ok": self.ok}
+        body: dict[str, Any] = {"v": PROTOCOL_VERSION, "ok": self.ok}
         if self.ok:
             if self.mode:
                 body["mode"] = self.mode
@@ -86,13 +87,13 @@ class Reply:
 
 
 def encode_request(op: str, netns: str, port: int = 0, mode: str = "", pod_ip: str = "") -> bytes:
-    body: dict = {"v": PROTOCOL_VERSION, "op": op, "netns": netns}
+    body: dict[str, Any] = {"v": PROTOCOL_VERSION, "op": op, "netns": netns}
     if op == "dial":
         body.update(port=port, mode=mode, pod_ip=pod_ip)
     return json.dumps(body, separators=(",", ":")).encode() + b"\n"
 
 
-def decode_request(line: bytes) -> dict:
+def decode_request(line: bytes) -> dict[str, Any]:
     try:
         body = json.loads(line)
     except ValueError as e:
