@@ -73,6 +73,7 @@ def load_plugin(config: Config) -> RuntimePlugin:
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name == config.runtime:
             factory = ep.load()
-            return factory(config)
+            plugin: RuntimePlugin = factory(config)
+            return plugin
     names = ", ".join(sorted(available_plugins())) or "none"
     raise PluginNotFound(f"runtime plugin {config.runtime!r} is not installed (installed: {names})")

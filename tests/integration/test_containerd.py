@@ -507,7 +507,7 @@ def test_plugin_cache_never_serves_a_stopped_sandbox(ctrd: ContainerdEnv) -> Non
 
     async def go() -> None:
         plugin = _plugin(ctrd)
-        plugin.cache_ttl = 3600.0  # only liveness may evict it
+        plugin.upstream.cache_ttl = 3600.0  # only liveness may evict it
         try:
             first = await plugin.resolve(sandbox_id)
             assert await plugin.resolve(sandbox_id) is first  # served from the cache
@@ -591,7 +591,7 @@ def test_pod_ip_fallback_reaches_a_server_not_on_localhost(pod_ip_netns: str,
 
 
 def test_sandbox_from_status_reads_containerd_fields() -> None:
-    from crishim_containerd import sandbox_from_status
+    from crishim.sandboxes import sandbox_from_status
 
     def response(info: str, state=api_pb2.SANDBOX_READY, network=api_pb2.POD, ip="10.1.2.3"):
         r = api_pb2.PodSandboxStatusResponse(info={"info": info} if info else {})
