@@ -76,7 +76,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from crishim.demo import DEMO_SANDBOX, Demo
 
         demo = Demo()
-        if config.runtime != "netns":
+        if config.chosen_runtime()[0] != "netns":
             log.info("--demo: using the netns runtime plugin")
         plugin = NamedNetnsRuntime(config)
 
