@@ -42,12 +42,12 @@ class Cluster:
         """Authorization as the `kubernetes` client sends it, read per use so that a token
         from an exec plugin or auth provider is refreshed by the loader's hook."""
         cfg = self.configuration
-        token = cfg.get_api_key_with_prefix("authorization")
-        if token:
-            return [("Authorization", token)]
-        if cfg.username or cfg.password:
-            return [("Authorization", cfg.get_basic_auth_token())]
-        return []
+        headers = [("Authorization" if str(s["key"]).lower() == "authorization" else s["key"],
+                    s["value"]) for s in cfg.auth_settings().values()
+                   if s.get("in") == "header" and s.get("value")]
+        if not headers and (cfg.username or cfg.password):
+            headers.append(("Authorization", cfg.get_basic_auth_token()))
+        return headers
 
 
 def load_cluster(kubeconfig: str, context: str | None = None, namespace: str | None = None,
