@@ -15,10 +15,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from typing import IO, Any
 
 import pytest
 
 from tests.support import SANDBOX, missing
+from tests.support.crishim_proc import CrishimProcess
 from tests.support.podnet import ECHO_PORT, HTTP_BODY, HTTP_PORT
 from tests.support.standin import KubeStandIn, run_kubectl_port_forward
 
@@ -45,7 +47,7 @@ class CrishimClusterForward:
         for t in self._readers:
             t.start()
 
-    def _read(self, pipe, into: list[str]) -> None:
+    def _read(self, pipe: IO[str], into: list[str]) -> None:
         for line in pipe:
             with self._cond:
                 into.append(line.rstrip("\n"))
@@ -117,13 +119,15 @@ def kubeconfig_dir() -> Iterator[str]:
         yield d
 
 
-def standin_for(crishim, pods: dict[str, str] | None = None, **kw) -> KubeStandIn:
+def standin_for(crishim: CrishimProcess, pods: dict[str, str] | None = None,
+                **kw: Any) -> KubeStandIn:
     return KubeStandIn(pods or {"web": SANDBOX},
                        lambda sb, ports: crishim.port_forward_url(sb, ports),
                        tls=True, token=TOKEN, **kw)
 
 
-def test_websocket_tunnel_over_tls_with_a_bearer_token(crishim, kubeconfig_dir) -> None:
+def test_websocket_tunnel_over_tls_with_a_bearer_token(
+        crishim: CrishimProcess, kubeconfig_dir: str) -> None:
     with standin_for(crishim) as api:
         config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"))
         with CrishimClusterForward("--kubeconfig", config, "pod/web", f":{ECHO_PORT}",
@@ -142,7 +146,7 @@ def test_websocket_tunnel_over_tls_with_a_bearer_token(crishim, kubeconfig_dir) 
 
 
 def test_spdy_fallback_when_the_server_refuses_the_websocket_tunnel(
-        crishim, kubeconfig_dir) -> None:
+        crishim: CrishimProcess, kubeconfig_dir: str) -> None:
     with standin_for(crishim, websocket_tunnel=False) as api:
         config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"))
         with CrishimClusterForward("--kubeconfig", config, "web", f":{ECHO_PORT}",
@@ -157,7 +161,7 @@ def test_spdy_fallback_when_the_server_refuses_the_websocket_tunnel(
         assert api.upgrades[0].method == "POST"
 
 
-def test_namespace_flag_selects_the_pod(crishim, kubeconfig_dir) -> None:
+def test_namespace_flag_selects_the_pod(crishim: CrishimProcess, kubeconfig_dir: str) -> None:
     with standin_for(crishim, {"ns1/web": SANDBOX}) as api:
         config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"))
         with CrishimClusterForward("--kubeconfig", config, "-n", "ns1", "pod/web",
@@ -167,7 +171,8 @@ def test_namespace_flag_selects_the_pod(crishim, kubeconfig_dir) -> None:
         assert api.upgrades[0].namespace == "ns1"
 
 
-def test_wrong_token_is_refused_with_kubectls_error(crishim, kubeconfig_dir) -> None:
+def test_wrong_token_is_refused_with_kubectls_error(
+        crishim: CrishimProcess, kubeconfig_dir: str) -> None:
     with standin_for(crishim) as api:
         config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"), token="wrong")
         with CrishimClusterForward("--kubeconfig", config, "pod/web", f":{ECHO_PORT}") as pf:
@@ -178,7 +183,8 @@ def test_wrong_token_is_refused_with_kubectls_error(crishim, kubeconfig_dir) -> 
         assert not api.port_forward_calls
 
 
-def test_missing_pod_is_reported_before_listening(crishim, kubeconfig_dir) -> None:
+def test_missing_pod_is_reported_before_listening(
+        crishim: CrishimProcess, kubeconfig_dir: str) -> None:
     with standin_for(crishim) as api:
         config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"))
         with CrishimClusterForward("--kubeconfig", config, "pod/nope", f":{ECHO_PORT}") as pf:
@@ -187,7 +193,8 @@ def test_missing_pod_is_reported_before_listening(crishim, kubeconfig_dir) -> No
         assert not pf.local and not api.port_forward_calls
 
 
-def test_pod_not_running_is_refused_as_kubectl(crishim, kubeconfig_dir) -> None:
+def test_pod_not_running_is_refused_as_kubectl(
+        crishim: CrishimProcess, kubeconfig_dir: str) -> None:
     with standin_for(crishim, phases={"web": "Pending"}) as api:
         config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"))
         with CrishimClusterForward("--kubeconfig", config, "pod/web", f":{ECHO_PORT}") as pf:
@@ -197,7 +204,8 @@ def test_pod_not_running_is_refused_as_kubectl(crishim, kubeconfig_dir) -> None:
         assert not api.port_forward_calls
 
 
-def test_untrusted_server_certificate_is_a_clear_error(crishim, kubeconfig_dir) -> None:
+def test_untrusted_server_certificate_is_a_clear_error(
+        crishim: CrishimProcess, kubeconfig_dir: str) -> None:
     """The kubeconfig's CA is what makes the stand-in trusted: without it, no forwarding."""
     with standin_for(crishim) as api:
         config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"))
@@ -212,7 +220,8 @@ def test_untrusted_server_certificate_is_a_clear_error(crishim, kubeconfig_dir) 
         assert "CERTIFICATE_VERIFY_FAILED" in pf.output() or "certificate" in pf.output()
 
 
-def test_kubectl_133_side_by_side_on_the_same_kubeconfig(crishim, kubeconfig_dir) -> None:
+def test_kubectl_133_side_by_side_on_the_same_kubeconfig(
+        crishim: CrishimProcess, kubeconfig_dir: str) -> None:
     if not os.access(KUBECTL_133, os.X_OK):
         missing(KUBECTL_133)
     with standin_for(crishim) as api:
@@ -234,3 +243,26 @@ def test_kubectl_133_side_by_side_on_the_same_kubeconfig(crishim, kubeconfig_dir
             assert upgrade.path == "/api/v1/namespaces/default/pods/web/portforward"
             assert upgrade.transport == "websocket"
             assert upgrade.header("authorization") == f"Bearer {TOKEN}"
+
+
+def test_token_from_an_exec_plugin(crishim: CrishimProcess, kubeconfig_dir: str) -> None:
+    """Credentials come from the `kubernetes` loader: an exec plugin's token is sent."""
+    plugin = os.path.join(kubeconfig_dir, "credential-plugin")
+    with open(plugin, "w") as f:
+        f.write(f"#!{sys.executable}\nimport json\nprint(json.dumps({{"
+                '"apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential", '
+                f'"status": {{"token": "{TOKEN}"}}}}))\n')
+    os.chmod(plugin, 0o755)
+    with standin_for(crishim) as api:
+        config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"), token="unused")
+        with open(config) as f:
+            kubeconfig = json.load(f)
+        kubeconfig["users"][0]["user"] = {"exec": {
+            "apiVersion": "client.authentication.k8s.io/v1", "command": plugin,
+            "interactiveMode": "Never"}}
+        with open(config, "w") as f:
+            json.dump(kubeconfig, f)
+        with CrishimClusterForward("--kubeconfig", config, "pod/web", f":{ECHO_PORT}") as pf:
+            pf.wait_ready([ECHO_PORT])
+            assert echo_roundtrip(pf.local[ECHO_PORT], b"exec") == b"exec"
+        assert api.upgrades[0].header("authorization") == f"Bearer {TOKEN}"
