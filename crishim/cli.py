@@ -20,9 +20,11 @@ def _flag(name: str) -> str:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve", help="serve the CRI socket and the stream server",
-        description="Serve the CRI gRPC socket (PortForward and Version answered here, every "
-                    "other CRI method passed through to upstream_endpoint) and the stream "
-                    "server its URLs point at. Settings come from the TOML file (--config), "
+        description="Serve the CRI gRPC socket (PortForward answered here, every other CRI "
+                    "method passed through to upstream_endpoint, Version too unless "
+                    "upstream_version is off) and the stream server its URLs point at. "
+                    "With an upstream and no runtime chosen, the containerd plugin resolves "
+                    "sandboxes through it. Settings come from the TOML file (--config), "
                     "then CRISHIM_<NAME> environment variables, then these flags.")
     p.add_argument("--config", metavar="FILE", help="TOML file of settings (names as below, "
                    "with underscores)")
