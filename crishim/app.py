@@ -49,6 +49,8 @@ class Crishim:
     async def start(self) -> None:
         cfg = self.config
         if self.plugin is None:
+            name, why = cfg.chosen_runtime()
+            log.info("runtime plugin %s: %s", name, why)
             self.plugin = load_plugin(cfg)
         if cfg.metrics_address:
             from crishim.metrics import Metrics
@@ -69,7 +71,8 @@ class Crishim:
                                                       options=_MESSAGE_LIMITS)
         service = CriService(self.plugin, self.tokens, self.stream.url_for)
         server = grpc.aio.server(options=_MESSAGE_LIMITS)
-        server.add_generic_rpc_handlers((CriHandler(service, self.upstream),))
+        server.add_generic_rpc_handlers(
+            (CriHandler(service, self.upstream, cfg.upstream_version),))
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # no aio in stubs
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if server.add_insecure_port("unix://" + cfg.socket) == 0:
@@ -84,9 +87,17 @@ class Crishim:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("runtime.v1.RuntimeService",
                               health_pb2.HealthCheckResponse.SERVING)
-        log.info("crishim %s serving CRI on %s, streams on %s (runtime plugin %s)",
-                 __version__, cfg.socket, self.stream.base_url,
-                 self.plugin.name)
+        log.info("crishim %s serving CRI on %s, streams on %s (runtime plugin %s; Version "
+                 "answered by %s)", __version__, cfg.socket, self.stream.base_url,
+                 self.plugin.name, self._version_answerer())
+
+    def _version_answerer(self) -> str:
+        cfg = self.config
+        if not cfg.upstream_endpoint:
+            return "crishim"
+        if cfg.upstream_version:
+            return f"the upstream {cfg.upstream_endpoint}"
+        return "crishim (upstream_version off)"
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         if not (self.config.enable_tls_streaming or self.config.tls_cert_file):

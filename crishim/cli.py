@@ -21,9 +21,11 @@ def _flag(name: str) -> str:
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "serve", help="serve the CRI socket and the stream server",
-        description="Serve the CRI gRPC socket (PortForward and Version answered here, every "
-                    "other CRI method passed through to upstream_endpoint) and the stream "
-                    "server its URLs point at. Settings come from the TOML file (--config), "
+        description="Serve the CRI gRPC socket (PortForward answered here, every other CRI "
+                    "method passed through to upstream_endpoint, Version too unless "
+                    "upstream_version is off) and the stream server its URLs point at. "
+                    "With an upstream and no runtime chosen, the containerd plugin resolves "
+                    "sandboxes through it. Settings come from the TOML file (--config), "
                     "then CRISHIM_<NAME> environment variables, then these flags.")
     p.add_argument("--config", metavar="FILE", help="TOML file of settings (names as below, "
                    "with underscores)")
@@ -75,7 +77,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from crishim.demo import DEMO_SANDBOX, Demo
 
         demo = Demo()
-        if config.runtime != "netns":
+        if config.chosen_runtime()[0] != "netns":
             log.info("--demo: serving named netns and the demo sandbox in process")
 
     async def main() -> None:

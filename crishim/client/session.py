@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from crishim.protocols import spdy
@@ -809,8 +809,12 @@ def _with_ports(target: str, ports: list[int]) -> str:
 async def open_session(url: str, transport: str = "spdy", ports: list[int] | tuple = (), *,
                        insecure: bool = False, ca_file: str | None = None,
                        ssl_context: ssl.SSLContext | None = None, ping_interval: float = 5.0,
-                       timeout: float = 10.0) -> ClientSession:
+                       timeout: float = 10.0,
+                       headers: Sequence[tuple[str, str]] = ()) -> ClientSession:
     """Connect to a stream server URL and upgrade to `transport`.
+
+    `headers` are added to the upgrade request (e.g. Authorization for an API server's
+    pods/portforward); not supported by h2.
 
     `ports` is needed by the channel WebSocket (added as ?port= unless the URL has some);
     the other transports take ports per connection. SPDY and h2 sessions ping every
@@ -846,11 +850,14 @@ async def open_session(url: str, transport: str = "spdy", ports: list[int] | tup
     tr.set_write_buffer_limits(high=SESSION_WRITE_HIGH_WATER)
     try:
         if transport == "h2":
+            if headers:
+                raise ValueError("extra headers are not supported by the h2 transport")
             from crishim.client import h2client
 
             session = await h2client.start(conn, tr, u, target, timeout)
         else:
-            session = await _upgrade_http1(conn, tr, u, target, transport, list(ports), timeout)
+            session = await _upgrade_http1(conn, tr, u, target, transport, list(ports), timeout,
+                                           headers)
     except BaseException:
         tr.abort()
         raise
@@ -859,13 +866,17 @@ async def open_session(url: str, transport: str = "spdy", ports: list[int] | tup
 
 
 async def _upgrade_http1(conn: _ConnectionProtocol, tr: asyncio.Transport, u, target: str,
-                         transport: str, ports: list[int], timeout: float) -> ClientSession:
+                         transport: str, ports: list[int], timeout: float,
+                         headers: Sequence[tuple[str, str]] = ()) -> ClientSession:
     expected_accept = None
     offered: list[str] = []
+    extra = [(b"User-Agent", b"crishim-port-forward")]
+    extra += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
     if transport == "spdy":
         tr.write(f"POST {target} HTTP/1.1\r\nHost: {u.netloc}\r\nConnection: Upgrade\r\n"
                  f"Upgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: {PORTFORWARD_PROTOCOL}\r\n"
-                 f"Content-Length: 0\r\nUser-Agent: crishim-port-forward\r\n\r\n".encode())
+                 f"Content-Length: 0\r\n".encode()
+                 + b"".join(k + b": " + v + b"\r\n" for k, v in extra) + b"\r\n")
     else:
         offered = [ws.SPDY_TUNNEL] if transport == "spdy-over-websocket" else [ws.CHANNEL_BINARY]
         if transport == "websocket":
@@ -873,7 +884,7 @@ async def _upgrade_http1(conn: _ConnectionProtocol, tr: asyncio.Transport, u, ta
                 raise ValueError("the websocket transport needs the ports at connect time")
             target = _with_ports(target, ports)
         request, expected_accept = ws.client_handshake_request(
-            u.netloc, target, offered, extra_headers=[(b"User-Agent", b"crishim-port-forward")])
+            u.netloc, target, offered, extra_headers=extra)
         tr.write(request)
     try:
         raw = await asyncio.wait_for(asyncio.shield(conn.head), timeout)

@@ -199,11 +199,36 @@ def upstream_channel(ctrd: ContainerdEnv) -> Iterator[grpc.Channel]:
 # ----------------------------------------------------------------------------- CRI proxy
 
 
-def test_version_is_crishims_own_answer(shim: CrishimProcess, ctrd: ContainerdEnv) -> None:
-    ours = shim.runtime.Version(api_pb2.VersionRequest(version="0.1.0"), timeout=10)
+def test_version_through_the_proxy_is_containerds(shim: CrishimProcess,
+                                                  ctrd: ContainerdEnv) -> None:
+    """The default (upstream_version on): a kubelet reports containerd://1.6.x."""
+    via_shim = shim.runtime.Version(api_pb2.VersionRequest(version="0.1.0"), timeout=10)
+    direct = ctrd.version()
+    assert direct.runtime_name == "containerd"
+    assert (via_shim.runtime_name, via_shim.runtime_version, via_shim.runtime_api_version) \
+        == (direct.runtime_name, direct.runtime_version, direct.runtime_api_version)
+
+
+def test_version_is_crishims_with_upstream_version_off(ctrd: ContainerdEnv) -> None:
+    with CrishimProcess("--upstream-endpoint", str(ctrd.socket),
+                        "--no-upstream-version") as proc:
+        ours = proc.runtime.Version(api_pb2.VersionRequest(version="0.1.0"), timeout=10)
     assert (ours.runtime_name, ours.version, ours.runtime_api_version) == ("crishim", "0.1.0",
                                                                            "v1")
-    assert ctrd.version().runtime_name == "containerd"
+
+
+def test_upstream_alone_is_a_drop_in(ctrd: ContainerdEnv, pod: tuple[str, str]) -> None:
+    """`crishim serve --upstream-endpoint SOCK`, no --runtime: sandboxes resolve through
+    containerd (the netns plugin would answer NOT_FOUND for every one of them)."""
+    with CrishimProcess("--upstream-endpoint", str(ctrd.socket)) as proc:
+        with SpdyPortForwardClient(proc.port_forward_url(pod[0])) as client:
+            echo = client.roundtrip(ECHO_PORT, b"drop-in")
+        version = proc.runtime.Version(api_pb2.VersionRequest(version="0.1.0"), timeout=10)
+        log = proc.log()
+    assert echo.received == b"drop-in"
+    assert version.runtime_name == "containerd"
+    assert "runtime plugin containerd: upstream_endpoint is set" in log
+    assert "Version answered by the upstream" in log
 
 
 def test_sandbox_lifecycle_through_crishim(shim: CrishimProcess, ctrd: ContainerdEnv,
