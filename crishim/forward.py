@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Container, Mapping
 from typing import Protocol
 
+from crishim.ports import InvalidPort, parse_port
 from crishim.runtime import DialFailed, RuntimePlugin, Sandbox, SandboxGone
 
 log = logging.getLogger("crishim.forward")
@@ -72,10 +73,10 @@ class StreamPairs:
         stream_type = headers.get("streamtype", "")
         if stream_type not in ("data", "error"):
             raise PairRefused(f"unknown streamtype {stream_type!r}: expected data or error")
-        port_text = headers.get("port", "")
-        port = int(port_text) if port_text.isdigit() else 0
-        if not 1 <= port <= 65535:
-            raise PairRefused(f"invalid port {port_text!r}")
+        try:
+            port = parse_port(headers.get("port", ""))
+        except InvalidPort as e:
+            raise PairRefused(str(e)) from None
         request_id = headers.get("requestid")
         if request_id is None:  # very old clients: ids derived from stream ids
             request_id = str(stream_id if stream_type == "error" else stream_id - 2)

@@ -315,8 +315,16 @@ class H2PortForwardSession(SessionBase):
                 self._admitting.append(event)
                 continue
             handler = _HANDLERS.get(type(event))
-            if handler is not None:
+            if handler is None:
+                continue
+            try:
                 handler(self, event)
+            except Exception as e:  # a bug on one stream must not end the session
+                sid = getattr(event, "stream_id", 0)
+                log.error("h2 sandbox=%s: stream %d failed, resetting it: %s: %s",
+                          self._sandbox_id, sid or 0, type(e).__name__, e)
+                if sid:
+                    self.reset(sid, ErrorCodes.INTERNAL_ERROR)
 
     @property
     def _sandbox_id(self) -> str:

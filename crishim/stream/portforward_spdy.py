@@ -95,8 +95,16 @@ class SpdyPortForwardSession(SessionBase):
         try:
             for event in self.codec.receive_data(data):
                 handler = _HANDLERS.get(type(event))
-                if handler is not None:
+                if handler is None:
+                    continue
+                try:
                     handler(self, event)
+                except Exception as e:  # a bug on one stream must not end the session
+                    sid = getattr(event, "stream_id", 0)
+                    log.error("spdy sandbox=%s: stream %d failed, resetting it: %s: %s",
+                              self.sandbox.id, sid, type(e).__name__, e)
+                    if sid:
+                        self.codec.reset_stream(sid, spdy.INTERNAL_ERROR)
         finally:
             self.end_batch()
         self.flush()
