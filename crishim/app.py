@@ -10,6 +10,7 @@ import asyncio
 import errno
 import logging
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -62,6 +63,20 @@ def prepare_socket_path(path: str) -> None:
                       "another --socket")
 
 
+def raise_nofile_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (each forwarded connection holds a
+    descriptor); returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise RLIMIT_NOFILE from %d to %d: %s", soft, target, e)
+    return soft
+
+
 class Crishim:
     def __init__(self, config: Config, plugin: RuntimePlugin | None = None) -> None:
         self.config = config
@@ -82,7 +97,15 @@ class Crishim:
 
             self.metrics = Metrics(self.tokens)
             self.metrics.serve(cfg.metrics_address)
-        ctx = ForwardContext(self.plugin, cfg.error_policy, cfg.buffer_size, self.metrics)
+        nofile = raise_nofile_limit()
+        max_connections = min(cfg.max_connections, max(2, nofile - cfg.reserved_fds))
+        # no one session may hold more than half of what all may: others keep their share
+        per_session = min(cfg.max_connections_per_session, max_connections // 2)
+        log.info("RLIMIT_NOFILE %d: at most %d forwarded connections, %d per session",
+                 nofile, max_connections, per_session)
+        ctx = ForwardContext(self.plugin, cfg.error_policy, cfg.buffer_size, self.metrics,
+                             max_per_session=per_session,
+                             max_connections=max_connections)
         self.stream = StreamServer(
             self.tokens, ctx, host=cfg.stream_server_address, port=cfg.stream_server_port,
             url_host=cfg.stream_url_host, creation_timeout=cfg.stream_creation_timeout,
@@ -94,7 +117,11 @@ class Crishim:
         if cfg.upstream_endpoint:
             self.upstream = grpc.aio.insecure_channel(upstream_target(cfg.upstream_endpoint),
                                                       options=_MESSAGE_LIMITS)
-        service = CriService(self.plugin, self.tokens, self.stream.url_for)
+        stream = self.stream
+        service = CriService(self.plugin, self.tokens, stream.url_for,
+                             max_sandbox_id_length=cfg.max_sandbox_id_length,
+                             max_ports=cfg.max_port_forward_ports,
+                             draining=lambda: stream.draining)
         server = grpc.aio.server(options=_MESSAGE_LIMITS)
         server.add_generic_rpc_handlers((CriHandler(service, self.upstream),))
         self.health = health.aio.HealthServicer()

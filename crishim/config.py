@@ -84,6 +84,11 @@ class Config:
     helper_socket: str = "/run/crishim/helper.sock"
     helper_mode: str = "fd"
     buffer_size: int = 256 * 1024
+    max_sandbox_id_length: int = 256
+    max_port_forward_ports: int = 64
+    max_connections_per_session: int = 4096
+    max_connections: int = 65536
+    reserved_fds: int = 256
 
     def validate(self) -> Config:
         for name, setting in SETTINGS.items():
@@ -93,9 +98,13 @@ class Config:
                 )
         if not 0 <= self.stream_server_port <= 65535:
             raise ConfigError(f"stream_server_port: {self.stream_server_port} is not in 0..65535")
-        for name in ("max_tokens", "max_sessions", "buffer_size"):
+        for name in ("max_tokens", "max_sessions", "buffer_size", "max_sandbox_id_length",
+                     "max_port_forward_ports", "max_connections_per_session",
+                     "max_connections"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1")
+        if self.reserved_fds < 0:
+            raise ConfigError("reserved_fds: must not be negative")
         if self.token_ttl <= 0:
             raise ConfigError("token_ttl: must be positive")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
@@ -147,6 +156,17 @@ SETTINGS: dict[str, Setting] = {
                            "choice", ("fd", "socat")),
     "buffer_size": Setting("bytes buffered per forwarded connection and direction before "
                            "reads pause", "int"),
+    "max_sandbox_id_length": Setting("longest pod_sandbox_id PortForward accepts, in bytes "
+                                     "(longer: INVALID_ARGUMENT)", "int"),
+    "max_port_forward_ports": Setting("most distinct ports in one PortForward request "
+                                      "(more: INVALID_ARGUMENT)", "int"),
+    "max_connections_per_session": Setting("most live forwarded connections in one streaming "
+                                           "session (at most half of the global limit); past "
+                                           "it new streams are refused", "int"),
+    "max_connections": Setting("most live forwarded connections in all sessions (also capped "
+                               "by RLIMIT_NOFILE less reserved_fds)", "int"),
+    "reserved_fds": Setting("file descriptors kept free for accepting and refusing clients "
+                            "when forwarded connections approach RLIMIT_NOFILE", "int"),
 }
 
 _TRUE = {"1", "true", "yes", "on"}

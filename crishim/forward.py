@@ -126,11 +126,25 @@ class ForwardContext:
     """Shared by all sessions of a server: plugin, policy, limits, counters."""
 
     def __init__(self, plugin: RuntimePlugin, error_policy: str = "quiet",
-                 buffer_size: int = 256 * 1024, metrics: object | None = None) -> None:
+                 buffer_size: int = 256 * 1024, metrics: object | None = None,
+                 max_per_session: int = 4096, max_connections: int = 65536) -> None:
         self.plugin = plugin
         self.verbose_errors = error_policy == "verbose"
         self.buffer_size = buffer_size
         self.metrics = metrics
+        self.max_per_session = max_per_session
+        self.max_connections = max_connections
+        self.live_connections = 0  # admitted and not yet finished, in every session
+
+    def refusal(self, session: SessionBase) -> str | None:
+        """Why session may not open another forwarded connection now, or None."""
+        if len(session.connections) >= self.max_per_session:
+            return (f"too many forwarded connections in this session "
+                    f"({self.max_per_session}, max_connections_per_session)")
+        if self.live_connections >= self.max_connections:
+            return (f"too many forwarded connections on this node ({self.max_connections}, "
+                    "max_connections or RLIMIT_NOFILE less reserved_fds)")
+        return None
 
 
 class _PodProtocol(asyncio.Protocol):
@@ -181,10 +195,17 @@ class ForwardedConnection:
         self.bytes_up = 0  # client -> pod
         self.bytes_down = 0  # pod -> client
         self.reason = ""
+        self.admitted = False
 
     # --- life cycle ---------------------------------------------------------------------
     def start(self) -> None:
+        self.admitted = True
+        self.ctx.live_connections += 1
         self._task = asyncio.get_running_loop().create_task(self._dial())
+
+    def refuse(self, reason: str) -> None:
+        """Never dialled: a limit was reached. Ends only this connection."""
+        self._fail(reason, "limit")
 
     async def _dial(self) -> None:
         t0 = time.perf_counter()
@@ -245,6 +266,8 @@ class ForwardedConnection:
         if self._done:
             return
         self._done = True
+        if self.admitted:
+            self.ctx.live_connections -= 1
         if self.pod is not None:
             if abort:
                 self.pod.abort()
@@ -431,10 +454,14 @@ class SessionBase:
     def open_connection(self, port: int, channel: Channel) -> ForwardedConnection:
         conn = ForwardedConnection(self.ctx, self, self.sandbox, port, channel,
                                    self.transport_name)
+        refusal = self.ctx.refusal(self)
         self.connections.add(conn)
         if self.ctx.metrics is not None:
             self.ctx.metrics.connection_started(self.transport_name)
-        conn.start()
+        if refusal is None:
+            conn.start()
+        else:
+            conn.refuse(refusal)
         return conn
 
     def begin_batch(self) -> None:
