@@ -24,6 +24,7 @@ from crishim import __version__
 from crishim.config import Config
 from crishim.cri.service import CriHandler, CriService, upstream_target
 from crishim.forward import ForwardContext
+from crishim.memory import MemoryReleaser
 from crishim.runtime import RuntimePlugin, load_plugin
 from crishim.stream.server import StreamServer
 from crishim.tokens import TokenStore
@@ -111,6 +112,7 @@ class Crishim:
             url_host=cfg.stream_url_host, creation_timeout=cfg.stream_creation_timeout,
             idle_timeout=cfg.stream_idle_timeout, max_sessions=cfg.max_sessions,
             request_timeout=cfg.stream_request_timeout,
+            memory=MemoryReleaser(cfg.memory_release_sessions, cfg.memory_release_interval),
             ssl_context=self._ssl_context())
         await self.stream.start()
         prepare_socket_path(cfg.socket)

@@ -89,6 +89,8 @@ class Config:
     max_connections_per_session: int = 4096
     max_connections: int = 65536
     reserved_fds: int = 256
+    memory_release_sessions: int = 64
+    memory_release_interval: float = 10.0
 
     def validate(self) -> Config:
         for name, setting in SETTINGS.items():
@@ -103,8 +105,9 @@ class Config:
                      "max_connections"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1")
-        if self.reserved_fds < 0:
-            raise ConfigError("reserved_fds: must not be negative")
+        for name in ("reserved_fds", "memory_release_sessions"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must not be negative")
         if self.token_ttl <= 0:
             raise ConfigError("token_ttl: must be positive")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
@@ -167,6 +170,12 @@ SETTINGS: dict[str, Setting] = {
                                "by RLIMIT_NOFILE less reserved_fds)", "int"),
     "reserved_fds": Setting("file descriptors kept free for accepting and refusing clients "
                             "when forwarded connections approach RLIMIT_NOFILE", "int"),
+    "memory_release_sessions": Setting("after this many sessions have ended since a high "
+                                       "(and at most a quarter of it is left), give freed "
+                                       "memory back to the system (malloc_trim); 0: never",
+                                       "int"),
+    "memory_release_interval": Setting("memory is given back at most this often (e.g. 10s)",
+                                       "duration"),
 }
 
 _TRUE = {"1", "true", "yes", "on"}

@@ -12,6 +12,7 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 
 from crishim.forward import ForwardContext, SessionProtocol
+from crishim.memory import MemoryReleaser
 from crishim.runtime import SandboxGone, SandboxNotFound
 from crishim.tokens import StreamRequest, TokenStore
 
@@ -75,7 +76,8 @@ class StreamServer:
                  port: int = 0, url_host: str = "", creation_timeout: float = 30.0,
                  idle_timeout: float = 4 * 3600.0, max_sessions: int = 10000,
                  ssl_context: ssl.SSLContext | None = None,
-                 request_timeout: float = 10.0) -> None:
+                 request_timeout: float = 10.0,
+                 memory: MemoryReleaser | None = None) -> None:
         self.tokens = tokens
         self.ctx = ctx
         self.host = host
@@ -87,6 +89,7 @@ class StreamServer:
         self.ssl_context = ssl_context
         self.request_timeout = request_timeout
         self.sessions: set = set()
+        self.memory = memory or MemoryReleaser()
         self.draining = False
         self._server: asyncio.base_events.Server | None = None
         self._transports: set[asyncio.Transport] = set()
@@ -119,6 +122,7 @@ class StreamServer:
     def add_session(self, session) -> Callable[[], None]:
         """Register a live session; returns the callback its end must call (once)."""
         self.sessions.add(session)
+        self.memory.sessions_changed(len(self.sessions))
         metrics = self.ctx.metrics
         if metrics is not None:
             metrics.session_started(session.transport_name)
@@ -126,6 +130,7 @@ class StreamServer:
         def ended() -> None:
             if session in self.sessions:
                 self.sessions.discard(session)
+                self.memory.sessions_changed(len(self.sessions))
                 if metrics is not None:
                     metrics.session_ended(session.transport_name)
 
@@ -146,6 +151,7 @@ class StreamServer:
             session.close("server shutting down")
         for transport in list(self._transports):
             transport.abort()
+        self.memory.close()
 
     async def close(self) -> None:
         await self.drain(0)
