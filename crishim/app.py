@@ -99,14 +99,16 @@ class Crishim:
             self.metrics = Metrics(self.tokens)
             self.metrics.serve(cfg.metrics_address)
         nofile = raise_nofile_limit()
-        max_connections = min(cfg.max_connections, max(2, nofile - cfg.reserved_fds))
+        fd_budget = max(2, nofile - cfg.reserved_fds)
         # no one session may hold more than half of what all may: others keep their share
-        per_session = min(cfg.max_connections_per_session, max_connections // 2)
-        log.info("RLIMIT_NOFILE %d: at most %d forwarded connections, %d per session",
-                 nofile, max_connections, per_session)
+        per_session = min(cfg.max_connections_per_session,
+                          max(1, min(cfg.max_connections, fd_budget) // 2))
+        log.info("RLIMIT_NOFILE %d: %d descriptors for sessions and forwarded connections, "
+                 "at most %d forwarded connections, %d per session", nofile, fd_budget,
+                 min(cfg.max_connections, fd_budget), per_session)
         ctx = ForwardContext(self.plugin, cfg.error_policy, cfg.buffer_size, self.metrics,
                              max_per_session=per_session,
-                             max_connections=max_connections)
+                             max_connections=cfg.max_connections, fd_budget=fd_budget)
         self.stream = StreamServer(
             self.tokens, ctx, host=cfg.stream_server_address, port=cfg.stream_server_port,
             url_host=cfg.stream_url_host, creation_timeout=cfg.stream_creation_timeout,

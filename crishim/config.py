@@ -166,10 +166,10 @@ SETTINGS: dict[str, Setting] = {
     "max_connections_per_session": Setting("most live forwarded connections in one streaming "
                                            "session (at most half of the global limit); past "
                                            "it new streams are refused", "int"),
-    "max_connections": Setting("most live forwarded connections in all sessions (also capped "
-                               "by RLIMIT_NOFILE less reserved_fds)", "int"),
-    "reserved_fds": Setting("file descriptors kept free for accepting and refusing clients "
-                            "when forwarded connections approach RLIMIT_NOFILE", "int"),
+    "max_connections": Setting("most live forwarded connections in all sessions", "int"),
+    "reserved_fds": Setting("file descriptors kept free for accepting and refusing clients: "
+                            "sessions and forwarded connections hold at most RLIMIT_NOFILE "
+                            "less this (past it: 503 / refused streams)", "int"),
     "memory_release_sessions": Setting("after this many sessions have ended since a high "
                                        "(and at most a quarter of it is left), give freed "
                                        "memory back to the system (malloc_trim); 0: never",

@@ -127,14 +127,23 @@ class ForwardContext:
 
     def __init__(self, plugin: RuntimePlugin, error_policy: str = "quiet",
                  buffer_size: int = 256 * 1024, metrics: object | None = None,
-                 max_per_session: int = 4096, max_connections: int = 65536) -> None:
+                 max_per_session: int = 4096, max_connections: int = 65536,
+                 fd_budget: int = 1 << 30) -> None:
         self.plugin = plugin
         self.verbose_errors = error_policy == "verbose"
         self.buffer_size = buffer_size
         self.metrics = metrics
         self.max_per_session = max_per_session
         self.max_connections = max_connections
+        # descriptors sessions and forwarded connections may hold together (RLIMIT_NOFILE
+        # less reserved_fds): the rest stay free to accept and refuse clients cleanly
+        self.fd_budget = fd_budget
         self.live_connections = 0  # admitted and not yet finished, in every session
+        self.live_sessions = 0  # kept by the stream server
+
+    @property
+    def out_of_descriptors(self) -> bool:
+        return self.live_connections + self.live_sessions >= self.fd_budget
 
     def refusal(self, session: SessionBase) -> str | None:
         """Why session may not open another forwarded connection now, or None."""
@@ -143,7 +152,10 @@ class ForwardContext:
                     f"({self.max_per_session}, max_connections_per_session)")
         if self.live_connections >= self.max_connections:
             return (f"too many forwarded connections on this node ({self.max_connections}, "
-                    "max_connections or RLIMIT_NOFILE less reserved_fds)")
+                    "max_connections)")
+        if self.out_of_descriptors:
+            return (f"out of file descriptors for forwarded connections ({self.fd_budget}: "
+                    "RLIMIT_NOFILE less reserved_fds)")
         return None
 
 

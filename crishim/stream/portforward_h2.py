@@ -372,6 +372,10 @@ class H2PortForwardSession(SessionBase):
                 raise _Refused(503, "crishim is shutting down")
             if self._over_limit:
                 raise _Refused(429, f"too many streaming sessions ({self.server.max_sessions})")
+            ctx = self.ctx
+            if ctx.live_connections + ctx.live_sessions > ctx.fd_budget:  # this one counted
+                raise _Refused(503, f"out of file descriptors ({ctx.fd_budget} in use: "
+                                    "RLIMIT_NOFILE less reserved_fds)")
             token_request = self.server.tokens.redeem(parts[2])
             if token_request is None:
                 raise _Refused(404, "unknown, expired or already used stream token")

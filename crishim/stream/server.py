@@ -122,6 +122,7 @@ class StreamServer:
     def add_session(self, session) -> Callable[[], None]:
         """Register a live session; returns the callback its end must call (once)."""
         self.sessions.add(session)
+        self.ctx.live_sessions = len(self.sessions)
         self.memory.sessions_changed(len(self.sessions))
         metrics = self.ctx.metrics
         if metrics is not None:
@@ -130,6 +131,7 @@ class StreamServer:
         def ended() -> None:
             if session in self.sessions:
                 self.sessions.discard(session)
+                self.ctx.live_sessions = len(self.sessions)
                 self.memory.sessions_changed(len(self.sessions))
                 if metrics is not None:
                     metrics.session_ended(session.transport_name)
@@ -197,6 +199,9 @@ class StreamServer:
         if len(self.sessions) >= self.max_sessions:
             raise HttpError(429, f"too many streaming sessions ({self.max_sessions})",
                             [("Retry-After", "1")])
+        if self.ctx.out_of_descriptors:
+            raise HttpError(503, f"out of file descriptors ({self.ctx.fd_budget} in use: "
+                                 "RLIMIT_NOFILE less reserved_fds)", [("Retry-After", "1")])
         token_request = self.tokens.redeem(parts[2])
         if token_request is None:
             raise HttpError(404, "unknown, expired or already used stream token")

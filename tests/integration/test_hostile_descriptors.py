@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from tests.support import SANDBOX
 from tests.support.crishim_proc import CrishimProcess
 from tests.support.podnet import ECHO_PORT
-from tests.support.spdy_pf_client import SpdyPortForwardClient
+from tests.support.spdy_pf_client import SpdyPortForwardClient, UpgradeRefused
 
 CANCEL = 5
 
@@ -77,7 +79,8 @@ def test_low_nofile_one_session_cannot_starve_other_clients(podnet):
                 fwd.send(b"!")
             assert greedy.wait(lambda: all(f.received == b"+!" for f in live[:50]), 30)
         log = proc.log()
-    assert "RLIMIT_NOFILE 400: at most 250 forwarded connections, 125 per session" in log
+    assert ("RLIMIT_NOFILE 400: 250 descriptors for sessions and forwarded connections, "
+            "at most 250 forwarded connections, 125 per session") in log
     assert "max_connections_per_session" in log
     assert "Traceback" not in log
 
@@ -89,21 +92,24 @@ def test_global_limit_refuses_streams_cleanly_and_keeps_descriptors_for_upgrades
                 SpdyPortForwardClient(proc.port_forward_url(SANDBOX)) as second:
             a = [f for f in _open_live(first, 200) if f.received == b"+"]
             b = [f for f in _open_live(second, 200) if f.received == b"+"]
-            assert len(a) + len(b) == 250, (len(a), len(b))
-            # every forwarded connection is taken: a newcomer's upgrade is still served and
-            # its stream refused with a reset, not its TCP connection dropped
-            with SpdyPortForwardClient(proc.port_forward_url(SANDBOX), timeout=10) as late:
-                fwd = late.forward(ECHO_PORT)
-                assert late.wait(lambda: fwd.reset_status is not None and fwd.error_fin)
-                assert fwd.reset_status == CANCEL and not late.closed
-            # one finished connection makes room for the next
-            a[0].close_write()
-            assert first.wait(a[0].finished)
+            # 250 descriptors: two sessions and 248 forwarded connections
+            assert len(a) == 125 and len(b) == 123, (len(a), len(b))
+            # every descriptor is taken: a newcomer is answered 503 with Retry-After, from
+            # the reserve, not accepted and reset
+            with pytest.raises(UpgradeRefused) as refused:
+                SpdyPortForwardClient(proc.port_forward_url(SANDBOX), timeout=10)
+            assert refused.value.status == 503
+            assert b"out of file descriptors" in refused.value.body
+            assert "Retry-After: 1" in refused.value.head
+            # finished connections make room for a session and its connection
+            for fwd in a[:2]:
+                fwd.close_write()
+            assert first.wait(lambda: a[0].finished() and a[1].finished())
             with SpdyPortForwardClient(proc.port_forward_url(SANDBOX), timeout=10) as late:
                 _echo(late, b"room")
             for fwd in b[:20]:
                 fwd.send(b"!")
             assert second.wait(lambda: all(f.received == b"+!" for f in b[:20]), 30)
         log = proc.log()
-    assert "max_connections or RLIMIT_NOFILE" in log
+    assert "RLIMIT_NOFILE less reserved_fds" in log
     assert "Traceback" not in log
