@@ -125,7 +125,8 @@ class Crishim:
         service = CriService(self.plugin, self.tokens, stream.url_for,
                              max_sandbox_id_length=cfg.max_sandbox_id_length,
                              max_ports=cfg.max_port_forward_ports,
-                             draining=lambda: stream.draining)
+                             draining=lambda: stream.draining,
+                             max_request_bytes=cfg.max_request_bytes)
         server = grpc.aio.server(options=_MESSAGE_LIMITS)
         server.add_generic_rpc_handlers((CriHandler(service, self.upstream),))
         self.health = health.aio.HealthServicer()

@@ -86,6 +86,7 @@ class Config:
     buffer_size: int = 256 * 1024
     max_sandbox_id_length: int = 256
     max_port_forward_ports: int = 64
+    max_request_bytes: int = 64 * 1024
     max_connections_per_session: int = 4096
     max_connections: int = 65536
     reserved_fds: int = 256
@@ -101,7 +102,8 @@ class Config:
         if not 0 <= self.stream_server_port <= 65535:
             raise ConfigError(f"stream_server_port: {self.stream_server_port} is not in 0..65535")
         for name in ("max_tokens", "max_sessions", "buffer_size", "max_sandbox_id_length",
-                     "max_port_forward_ports", "max_connections_per_session",
+                     "max_port_forward_ports", "max_request_bytes",
+                     "max_connections_per_session",
                      "max_connections"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1")
@@ -162,7 +164,10 @@ SETTINGS: dict[str, Setting] = {
     "max_sandbox_id_length": Setting("longest pod_sandbox_id PortForward accepts, in bytes "
                                      "(longer: INVALID_ARGUMENT)", "int"),
     "max_port_forward_ports": Setting("most distinct ports in one PortForward request "
-                                      "(more: INVALID_ARGUMENT)", "int"),
+                                      "(more, or over 16 times as many listed: "
+                                      "INVALID_ARGUMENT)", "int"),
+    "max_request_bytes": Setting("largest PortForward/Version request crishim decodes "
+                                 "itself (calls passed through keep gRPC's 64 MiB)", "int"),
     "max_connections_per_session": Setting("most live forwarded connections in one streaming "
                                            "session (at most half of the global limit); past "
                                            "it new streams are refused", "int"),

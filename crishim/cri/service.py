@@ -51,13 +51,15 @@ class CriService:
 
     def __init__(self, plugin: RuntimePlugin, tokens: TokenStore,
                  url_for: Callable[[str], str], max_sandbox_id_length: int = 256,
-                 max_ports: int = 64, draining: Callable[[], bool] = lambda: False) -> None:
+                 max_ports: int = 64, draining: Callable[[], bool] = lambda: False,
+                 max_request_bytes: int = 64 * 1024) -> None:
         self.plugin = plugin
         self.tokens = tokens
         self.url_for = url_for
         self.max_sandbox_id_length = max_sandbox_id_length
         self.max_ports = max_ports
         self.draining = draining
+        self.max_request_bytes = max_request_bytes
 
     @staticmethod
     async def refuse_undecodable(request: object, context: grpc.aio.ServicerContext) -> None:
@@ -89,6 +91,10 @@ class CriService:
                                 f"pod_sandbox_id {shown(sandbox_id, 40)} is longer than "
                                 f"{self.max_sandbox_id_length} bytes "
                                 "(max_sandbox_id_length)")
+        if len(request.port) > 16 * self.max_ports:  # not even collapsed: too costly
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{len(request.port)} ports listed; at most "
+                                f"{16 * self.max_ports} (16 x max_port_forward_ports)")
         ports = tuple(dict.fromkeys(request.port))  # duplicates collapse, order kept
         if len(ports) > self.max_ports:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -115,12 +121,16 @@ class CriService:
         return api_pb2.PortForwardResponse(url=url)
 
 
-def _decoder(request_type) -> Callable[[bytes], object]:
+def _decoder(request_type, max_bytes: int) -> Callable[[bytes], object]:
     """request_type.FromString, but bytes that do not decode (malformed protobuf, invalid
-    UTF-8 in a string) become an Undecodable for the handler to refuse."""
+    UTF-8 in a string) or are larger than max_bytes become an Undecodable for the handler
+    to refuse."""
     name = request_type.DESCRIPTOR.name
 
     def decode(data: bytes) -> object:
+        if len(data) > max_bytes:  # refused before decoding: a repeated field costs memory
+            return Undecodable(name, f"{len(data)} bytes; at most {max_bytes} "
+                                     "(max_request_bytes)")
         try:
             return request_type.FromString(data)
         except DecodeError as e:
@@ -129,9 +139,9 @@ def _decoder(request_type) -> Callable[[bytes], object]:
     return decode
 
 
-def _typed(method: Callable, request_type) -> grpc.RpcMethodHandler:
+def _typed(method: Callable, request_type, max_bytes: int) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(
-        method, request_deserializer=_decoder(request_type),
+        method, request_deserializer=_decoder(request_type, max_bytes),
         response_serializer=lambda m: m.SerializeToString())
 
 
@@ -140,9 +150,11 @@ class CriHandler(grpc.GenericRpcHandler):
 
     def __init__(self, service: CriService, upstream: grpc.aio.Channel | None) -> None:
         self.own = {
-            f"/{RUNTIME_SERVICE}/Version": _typed(service.Version, api_pb2.VersionRequest),
+            f"/{RUNTIME_SERVICE}/Version": _typed(service.Version, api_pb2.VersionRequest,
+                                                  service.max_request_bytes),
             f"/{RUNTIME_SERVICE}/PortForward": _typed(service.PortForward,
-                                                      api_pb2.PortForwardRequest),
+                                                      api_pb2.PortForwardRequest,
+                                                      service.max_request_bytes),
         }
         self.upstream = upstream
 
