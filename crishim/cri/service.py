@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from crishim import __version__
 from crishim.cri import api_pb2
@@ -62,7 +63,8 @@ class CriService:
         self.max_request_bytes = max_request_bytes
 
     @staticmethod
-    async def refuse_undecodable(request: object, context: grpc.aio.ServicerContext) -> None:
+    async def refuse_undecodable(request: object,
+                                 context: grpc.aio.ServicerContext[Any, Any]) -> None:
         if isinstance(request, Undecodable):
             log.warning("%s: refusing an undecodable request: %s", request.method,
                         request.reason)
@@ -121,7 +123,7 @@ class CriService:
         return api_pb2.PortForwardResponse(url=url)
 
 
-def _decoder(request_type, max_bytes: int) -> Callable[[bytes], object]:
+def _decoder(request_type: type[Message], max_bytes: int) -> Callable[[bytes], object]:
     """request_type.FromString, but bytes that do not decode (malformed protobuf, invalid
     UTF-8 in a string) or are larger than max_bytes become an Undecodable for the handler
     to refuse."""
@@ -139,7 +141,8 @@ def _decoder(request_type, max_bytes: int) -> Callable[[bytes], object]:
     return decode
 
 
-def _typed(method: Callable, request_type, max_bytes: int) -> grpc.RpcMethodHandler:
+def _typed(method: Callable[..., Any], request_type: type[Message],
+           max_bytes: int) -> grpc.RpcMethodHandler[Any, Any]:
     return grpc.unary_unary_rpc_method_handler(
         method, request_deserializer=_decoder(request_type, max_bytes),
         response_serializer=lambda m: m.SerializeToString())
