@@ -17,6 +17,7 @@ from crishim.protocols.constants import (
     STREAM_TYPE_DATA,
     STREAM_TYPE_ERROR,
 )
+from crishim.ports import InvalidPort, parse_port
 from crishim.runtime import DialFailed, RuntimePlugin, Sandbox, SandboxGone
 
 log = logging.getLogger("crishim.forward")
@@ -84,6 +85,7 @@ class StreamPairs:
         if not 1 <= port <= 65535:
             raise PairRefused(f"invalid port {port_text!r}")
         request_id = headers.get(HEADER_REQUEST_ID)
+from crishim.ports import InvalidPort, parse_port
         if request_id is None:  # very old clients: ids derived from stream ids
             request_id = str(stream_id if stream_type == STREAM_TYPE_ERROR else stream_id - 2)
         if request_id in live:
@@ -132,11 +134,37 @@ class ForwardContext:
     """Shared by all sessions of a server: plugin, policy, limits, counters."""
 
     def __init__(self, plugin: RuntimePlugin, error_policy: str = "quiet",
-                 buffer_size: int = 256 * 1024, metrics: object | None = None) -> None:
+                 buffer_size: int = 256 * 1024, metrics: object | None = None,
+                 max_per_session: int = 4096, max_connections: int = 65536,
+                 fd_budget: int = 1 << 30) -> None:
         self.plugin = plugin
         self.verbose_errors = error_policy == "verbose"
         self.buffer_size = buffer_size
         self.metrics = metrics
+        self.max_per_session = max_per_session
+        self.max_connections = max_connections
+        # descriptors sessions and forwarded connections may hold together (RLIMIT_NOFILE
+        # less reserved_fds): the rest stay free to accept and refuse clients cleanly
+        self.fd_budget = fd_budget
+        self.live_connections = 0  # admitted and not yet finished, in every session
+        self.live_sessions = 0  # kept by the stream server
+
+    @property
+    def out_of_descriptors(self) -> bool:
+        return self.live_connections + self.live_sessions >= self.fd_budget
+
+    def refusal(self, session: SessionBase) -> str | None:
+        """Why session may not open another forwarded connection now, or None."""
+        if len(session.connections) >= self.max_per_session:
+            return (f"too many forwarded connections in this session "
+                    f"({self.max_per_session}, max_connections_per_session)")
+        if self.live_connections >= self.max_connections:
+            return (f"too many forwarded connections on this node ({self.max_connections}, "
+                    "max_connections)")
+        if self.out_of_descriptors:
+            return (f"out of file descriptors for forwarded connections ({self.fd_budget}: "
+                    "RLIMIT_NOFILE less reserved_fds)")
+        return None
 
 
 class _PodProtocol(asyncio.Protocol):
@@ -187,10 +215,17 @@ class ForwardedConnection:
         self.bytes_up = 0  # client -> pod
         self.bytes_down = 0  # pod -> client
         self.reason = ""
+        self.admitted = False
 
     # --- life cycle ---------------------------------------------------------------------
     def start(self) -> None:
+        self.admitted = True
+        self.ctx.live_connections += 1
         self._task = asyncio.get_running_loop().create_task(self._dial())
+
+    def refuse(self, reason: str) -> None:
+        """Never dialled: a limit was reached. Ends only this connection."""
+        self._fail(reason, "limit")
 
     async def _dial(self) -> None:
         t0 = time.perf_counter()
@@ -251,6 +286,8 @@ class ForwardedConnection:
         if self._done:
             return
         self._done = True
+        if self.admitted:
+            self.ctx.live_connections -= 1
         if self.pod is not None:
             if abort:
                 self.pod.abort()
@@ -437,10 +474,14 @@ class SessionBase:
     def open_connection(self, port: int, channel: Channel) -> ForwardedConnection:
         conn = ForwardedConnection(self.ctx, self, self.sandbox, port, channel,
                                    self.transport_name)
+        refusal = self.ctx.refusal(self)
         self.connections.add(conn)
         if self.ctx.metrics is not None:
             self.ctx.metrics.connection_started(self.transport_name)
-        conn.start()
+        if refusal is None:
+            conn.start()
+        else:
+            conn.refuse(refusal)
         return conn
 
     def begin_batch(self) -> None:
