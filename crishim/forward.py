@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Container, Mapping
 from typing import Protocol
 
+from crishim.ports import InvalidPort, parse_port
 from crishim.protocols.constants import (
     HEADER_PORT,
     HEADER_REQUEST_ID,
@@ -17,7 +18,6 @@ from crishim.protocols.constants import (
     STREAM_TYPE_DATA,
     STREAM_TYPE_ERROR,
 )
-from crishim.ports import InvalidPort, parse_port
 from crishim.runtime import DialFailed, RuntimePlugin, Sandbox, SandboxGone
 
 log = logging.getLogger("crishim.forward")
@@ -80,12 +80,11 @@ class StreamPairs:
         stream_type = headers.get(HEADER_STREAM_TYPE, "")
         if stream_type not in (STREAM_TYPE_DATA, STREAM_TYPE_ERROR):
             raise PairRefused(f"unknown streamtype {stream_type!r}: expected data or error")
-        port_text = headers.get(HEADER_PORT, "")
-        port = int(port_text) if port_text.isdigit() else 0
-        if not 1 <= port <= 65535:
-            raise PairRefused(f"invalid port {port_text!r}")
+        try:
+            port = parse_port(headers.get(HEADER_PORT, ""))
+        except InvalidPort as e:
+            raise PairRefused(str(e)) from None
         request_id = headers.get(HEADER_REQUEST_ID)
-from crishim.ports import InvalidPort, parse_port
         if request_id is None:  # very old clients: ids derived from stream ids
             request_id = str(stream_id if stream_type == STREAM_TYPE_ERROR else stream_id - 2)
         if request_id in live:

@@ -12,8 +12,8 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 
 from crishim.forward import ForwardContext, SessionProtocol
-from crishim.protocols.constants import PORTFORWARD_PROTOCOL
 from crishim.memory import MemoryReleaser
+from crishim.protocols.constants import PORTFORWARD_PROTOCOL
 from crishim.runtime import SandboxGone, SandboxNotFound
 from crishim.tokens import StreamRequest, TokenStore
 
