@@ -68,6 +68,7 @@ class Config:
     token_ttl: float = 60.0
     max_tokens: int = 1000
     max_sessions: int = 10000
+    max_unadmitted: int = 256
     error_policy: str = "quiet"
     runtime: str = "netns"
     netns_dir: str = "/var/run/netns"
@@ -93,7 +94,7 @@ class Config:
                 )
         if not 0 <= self.stream_server_port <= 65535:
             raise ConfigError(f"stream_server_port: {self.stream_server_port} is not in 0..65535")
-        for name in ("max_tokens", "max_sessions", "buffer_size"):
+        for name in ("max_tokens", "max_sessions", "max_unadmitted", "buffer_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1")
         if self.token_ttl <= 0:
@@ -120,6 +121,9 @@ SETTINGS: dict[str, Setting] = {
     "max_tokens": Setting("most outstanding URLs; past it PortForward is RESOURCE_EXHAUSTED",
                           "int"),
     "max_sessions": Setting("most live streaming sessions; past it upgrades get 429", "int"),
+    "max_unadmitted": Setting("most stream connections that have not presented a token "
+                              "yet; past it the one that waited longest is dropped (503)",
+                              "int"),
     "error_policy": Setting("quiet: a refused/reset connection ends only itself (error stream "
                             "closed empty); verbose: always write the reason (as containerd)",
                             "choice", ("quiet", "verbose")),
