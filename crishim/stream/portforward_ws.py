@@ -235,8 +235,8 @@ class ChannelPortForwardSession(ServerSession):
 
     def port_done(self) -> None:
         """A port ended from the pod's side; when all have, end the WebSocket cleanly."""
-        if self._closed or self.transport is None or self.transport.is_closing():
-            return
+        if self.closing or self.transport is None or self.transport.is_closing():
+            return  # closing: the goodbye (1001) is the close frame
         if all(ch.pod_done for ch in self.channels) and not self.codec.framing.closing:
             log.debug("websocket sandbox=%s: all ports done, closing", self.sandbox.id)
             self.codec.close(ws.CLOSE_NORMAL, "all ports done")
