@@ -116,7 +116,8 @@ SETTINGS: dict[str, Setting] = {
     "stream_creation_timeout": Setting("a forwarded connection's stream pair must be complete "
                                        "within this (e.g. 30s)", "duration"),
     "stream_request_timeout": Setting("a connection must send its whole upgrade request "
-                                      "within this (else 408)", "duration"),
+                                      "within this (else 408), or on HTTP/2 get its first "
+                                      "stream's token redeemed (else GOAWAY)", "duration"),
     "token_ttl": Setting("how long an issued URL stays redeemable (e.g. 1m)", "duration"),
     "max_tokens": Setting("most outstanding URLs; past it PortForward is RESOURCE_EXHAUSTED",
                           "int"),

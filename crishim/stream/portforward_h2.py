@@ -9,6 +9,11 @@ Getting onto HTTP/2 (all three end in the same session):
 - TLS with ALPN `h2`: as prior knowledge.
 The token then holds for that connection only: every later stream must carry the same
 `:path`; the token cannot be redeemed again elsewhere.
+Until its token is redeemed a prior-knowledge connection is a pending request, like an
+HTTP/1.1 request head: it must get there within stream_request_timeout, its frames other
+than DATA may not exceed 16 KiB (CONTINUATION included; else GOAWAY ENHANCE_YOUR_CALM),
+its connection window stays at the 64 KiB default, and it is not a session (it does not
+count against max_sessions; it counts against max_unadmitted).
 
 The mapping: each SPDY stream of section 3 becomes one HTTP/2 request stream, so one
 forwarded TCP connection is a PAIR of streams sharing a `requestid`, exactly as on SPDY:
