@@ -17,6 +17,7 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from crishim import __version__
+from crishim.budget import FloodLimits
 from crishim.config import Config
 from crishim.cri.service import CriHandler, CriService, upstream_target
 from crishim.forward import ForwardContext
@@ -66,9 +67,17 @@ class Crishim:
         log.info("RLIMIT_NOFILE %d: %d descriptors for sessions and forwarded connections, "
                  "at most %d forwarded connections, %d per session", nofile, fd_budget,
                  min(cfg.max_connections, fd_budget), per_session)
+        flood = FloodLimits(
+            control_frames_per_second=cfg.control_frames_per_second,
+            control_frame_burst=cfg.control_frame_burst,
+            stream_opens_per_second=cfg.stream_opens_per_second,
+            stream_open_burst=cfg.stream_open_burst,
+            protocol_error_log_lines=cfg.protocol_error_log_lines,
+            session_buffer_size=cfg.session_buffer_size, buffer_budget=cfg.buffer_budget)
         ctx = ForwardContext(self.plugin, cfg.error_policy, cfg.buffer_size, self.metrics,
                              max_per_session=per_session,
-                             max_connections=cfg.max_connections, fd_budget=fd_budget)
+                             max_connections=cfg.max_connections, fd_budget=fd_budget,
+                             flood=flood)
         self.stream = StreamServer(
             self.tokens, ctx, host=cfg.stream_server_address, port=cfg.stream_server_port,
             url_host=cfg.stream_url_host, creation_timeout=cfg.stream_creation_timeout,

@@ -94,6 +94,13 @@ class Config:
     reserved_fds: int = 256
     memory_release_sessions: int = 64
     memory_release_interval: float = 10.0
+    control_frames_per_second: int = 100
+    control_frame_burst: int = 1000
+    stream_opens_per_second: int = 1000
+    stream_open_burst: int = 10000
+    protocol_error_log_lines: int = 10
+    session_buffer_size: int = 16 * 1024 * 1024
+    buffer_budget: int = 512 * 1024 * 1024
 
     def chosen_runtime(self) -> tuple[str, str]:
         """The runtime plugin to load and why: an explicit choice wins; otherwise a proxy
@@ -115,10 +122,13 @@ class Config:
             raise ConfigError(f"stream_server_port: {self.stream_server_port} is not in 0..65535")
         for name in ("max_tokens", "max_sessions", "max_unadmitted", "buffer_size",
                      "max_sandbox_id_length", "max_port_forward_ports", "max_request_bytes",
-                     "max_connections_per_session", "max_connections"):
+                     "max_connections_per_session", "max_connections",
+                     "control_frames_per_second", "control_frame_burst",
+                     "stream_opens_per_second", "stream_open_burst", "session_buffer_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1")
-        for name in ("reserved_fds", "memory_release_sessions"):
+        for name in ("reserved_fds", "memory_release_sessions", "protocol_error_log_lines",
+                     "buffer_budget"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative")
         if self.token_ttl <= 0:
@@ -200,6 +210,27 @@ SETTINGS: dict[str, Setting] = {
                                        "int"),
     "memory_release_interval": Setting("memory is given back at most this often (e.g. 10s)",
                                        "duration"),
+    "control_frames_per_second": Setting("frames one session may send that cost work or an "
+                                         "answer but forward nothing (PING, SETTINGS, "
+                                         "PRIORITY, resets of streams without a live "
+                                         "connection, refused or erroneous frames); past "
+                                         "it and the burst the session ends (SPDY GOAWAY, "
+                                         "HTTP/2 GOAWAY ENHANCE_YOUR_CALM, WebSocket 1008)",
+                                         "int"),
+    "control_frame_burst": Setting("control frames one session may send at once before "
+                                   "control_frames_per_second applies", "int"),
+    "stream_opens_per_second": Setting("streams one session may open a second (two per "
+                                       "forwarded connection on SPDY and HTTP/2); past it "
+                                       "and the burst the session ends as above", "int"),
+    "stream_open_burst": Setting("streams one session may open at once before "
+                                 "stream_opens_per_second applies", "int"),
+    "protocol_error_log_lines": Setting("protocol-error lines one session logs; the rest "
+                                        "are counted in one line when it ends", "int"),
+    "session_buffer_size": Setting("bytes towards pods one HTTP/2 connection may hold (its "
+                                   "receive window; a stream's is a quarter of it)", "int"),
+    "buffer_budget": Setting("bytes towards pods all HTTP/2 connections together may hold: "
+                             "each takes its session_buffer_size from it, and once it is "
+                             "spent new ones get the 64 KiB protocol default", "int"),
 }
 
 _TRUE = {"1", "true", "yes", "on"}

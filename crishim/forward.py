@@ -9,6 +9,7 @@ import logging
 import time
 from typing import Protocol
 
+from crishim.budget import FloodLimits
 from crishim.runtime import DialFailed, RuntimePlugin, Sandbox, SandboxGone
 
 log = logging.getLogger("crishim.forward")
@@ -48,7 +49,7 @@ class ForwardContext:
     def __init__(self, plugin: RuntimePlugin, error_policy: str = "quiet",
                  buffer_size: int = 256 * 1024, metrics: ForwardMetrics | None = None,
                  max_per_session: int = 4096, max_connections: int = 65536,
-                 fd_budget: int = 1 << 30) -> None:
+                 fd_budget: int = 1 << 30, flood: FloodLimits | None = None) -> None:
         self.plugin = plugin
         self.verbose_errors = error_policy == "verbose"
         self.buffer_size = buffer_size
@@ -60,6 +61,21 @@ class ForwardContext:
         self.fd_budget = fd_budget
         self.live_connections = 0  # admitted and not yet finished, in every session
         self.live_sessions = 0  # kept by the stream server
+        self.flood = flood or FloodLimits()
+        # HTTP/2 receive windows granted beyond the 64 KiB every connection has, in all
+        # sessions: at most flood.buffer_budget (see take_window)
+        self.windows_granted = 0
+
+    def take_window(self) -> int:
+        """Bytes towards pods a new session may hold: session_buffer_size while the
+        buffer budget lasts, less (down to nothing) once it is spent."""
+        grant = max(0, min(self.flood.session_buffer_size,
+                           self.flood.buffer_budget - self.windows_granted))
+        self.windows_granted += grant
+        return grant
+
+    def return_window(self, grant: int) -> None:
+        self.windows_granted -= grant
 
     @property
     def out_of_descriptors(self) -> bool:
@@ -168,14 +184,18 @@ class ForwardedConnection:
         if self._done:
             transport.abort()
             return
-        transport.set_write_buffer_limits(high=self.ctx.buffer_size)
+        # any byte the pod's socket did not take pauses the client (or withholds its
+        # window): what crishim holds towards a pod is at most one read, not a buffer each
+        transport.set_write_buffer_limits(high=0)
         self.pod = transport
         if self._pending:
-            # resume first: if the pod's buffer overflows, its pause_writing pauses again
-            self.session.resume_client_reading(self)
+            self._forget_pending()
             transport.writelines(self._pending)
             self._pending.clear()
-            self._pending_size = 0
+            if not transport.get_write_buffer_size():
+                # the socket took it all; if not, pause_writing paused the client and
+                # resume_writing will let it go on
+                self.session.resume_client_reading(self)
         if self._client_eof:
             self._write_eof_to_pod()
         if self.session.writing_paused:
@@ -200,6 +220,8 @@ class ForwardedConnection:
         self._done = True
         if self.admitted:
             self.ctx.live_connections -= 1
+        self._forget_pending()
+        self._pending.clear()
         if self.pod is not None:
             if abort:
                 self.pod.abort()
@@ -257,8 +279,18 @@ class ForwardedConnection:
             return
         self._pending.append(bytes(data))
         self._pending_size += len(data)
-        if self._pending_size > self.ctx.buffer_size:
+        self.session.pending_up += len(data)
+        # bounded per session, not per connection: many slow dials hold one buffer
+        if self.session.pending_up > self.ctx.buffer_size:
             self.session.pause_client_reading(self)
+
+    def _forget_pending(self) -> None:
+        self.session.pending_up -= self._pending_size
+        self._pending_size = 0
+
+    @property
+    def dialled(self) -> bool:
+        return self.pod is not None
 
     def flush_batch(self) -> None:
         """Write what client_data gathered during one transport read."""
@@ -350,8 +382,10 @@ class SessionBase:
         self.connections: set[ForwardedConnection] = set()
         self.writing_paused = False
         self._congested: set[object] = set()
+        self.pending_up = 0  # client bytes held for connections still dialling
         self.transport: asyncio.Transport | None = None
         self.last_activity = time.monotonic()
+        self._reading_paused = True  # the stream server hands transports over paused
 
     def open_connection(self, port: int, channel: Channel) -> ForwardedConnection:
         conn = ForwardedConnection(self.ctx, self, self.sandbox, port, channel,
@@ -381,25 +415,43 @@ class SessionBase:
         self._congested.discard(conn)
 
     def pause_client_reading(self, key: object) -> None:
-        if not self._congested and self.transport is not None:
-            self.transport.pause_reading()
         self._congested.add(key)
+        self.sync_client_reading()
 
     def resume_client_reading(self, key: object) -> None:
         if key in self._congested:
             self._congested.discard(key)
-            if not self._congested and self.transport is not None \
-                    and not self.transport.is_closing():
-                self.transport.resume_reading()
+            self.sync_client_reading()
 
-    # asyncio.Protocol write-side flow control of the client transport
+    def client_reading_wanted(self) -> bool:
+        """Read from the client only while its answers can be written and no pod is
+        backed up (a transport with flow control per stream narrows the second)."""
+        return not self.writing_paused and not self._congested
+
+    def sync_client_reading(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        wanted = self.client_reading_wanted()
+        if wanted and self._reading_paused:
+            self._reading_paused = True  # the stream server hands transports over paused
+            transport.resume_reading()
+        elif not wanted and not self._reading_paused:
+            self._reading_paused = True
+            transport.pause_reading()
+
+    # asyncio.Protocol write-side flow control of the client transport: while the client
+    # does not take what is written, nothing more is read from it (no answers pile up)
+    # and nothing more from its pods
     def pause_writing(self) -> None:
         self.writing_paused = True
+        self.sync_client_reading()
         for conn in self.connections:
             conn.pause_pod_reading()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
+        self.sync_client_reading()
         for conn in list(self.connections):
             conn.resume_pod_reading()
 

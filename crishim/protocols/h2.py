@@ -29,11 +29,20 @@ from typing import TYPE_CHECKING
 import h2.config
 import h2.connection
 from h2.connection import ConnectionState
+from h2.errors import ErrorCodes
+from h2.events import Event
 from h2.exceptions import FrameDataMissingError, ProtocolError
 from h2.frame_buffer import FrameBuffer
 from h2.stream import StreamState
 from hyperframe.exceptions import InvalidDataError, InvalidFrameError, InvalidPaddingError
-from hyperframe.frame import DataFrame, Frame
+from hyperframe.frame import (
+    ContinuationFrame,
+    DataFrame,
+    Frame,
+    GoAwayFrame,
+    HeadersFrame,
+    WindowUpdateFrame,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -44,6 +53,16 @@ _FLAG_END_STREAM = 0x1
 _FLAG_PADDED = 0x8
 _COALESCE = 4096  # small control frames written in the same flush are joined up to this
 _RECEIVING = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
+
+
+# frames that cost the receiver no answer and no work beyond what they carry
+_FREE_FRAMES = (WindowUpdateFrame, ContinuationFrame, GoAwayFrame)
+
+
+class Overloaded(ProtocolError):
+    """A frame past the receiver's budget: the connection ends with ENHANCE_YOUR_CALM."""
+
+    error_code = ErrorCodes.ENHANCE_YOUR_CALM
 
 
 class ViewDataFrame(DataFrame):
@@ -223,6 +242,9 @@ class H2Codec(h2.connection.H2Connection):
         self.incoming_buffer.can_split = self._accepts_data
         self._frame_dispatch_table[ViewDataFrame] = self._receive_data_frame
         self._output: list[bytes | memoryview] = []
+        # called with each frame that opens a stream or costs work or an answer without
+        # carrying data (see _receive_frame); raises Overloaded to end the connection
+        self.charge_frame: Callable[[Frame, bool], None] | None = None
 
     def _accepts_data(self, stream_id: int, length: int) -> bool:
         """Would h2 take a DATA frame of this length on this stream without complaint?"""
@@ -232,6 +254,23 @@ class H2Codec(h2.connection.H2Connection):
                 and self.state_machine.state is not ConnectionState.CLOSED
                 and length <= stream._inbound_window_manager.current_window_size
                 and length <= self._inbound_flow_control_window_manager.current_window_size)
+
+    def _receive_frame(self, frame: Frame) -> list[Event]:
+        """h2's, after `charge_frame` for every frame but DATA on a stream that takes it,
+        WINDOW_UPDATE, CONTINUATION and GOAWAY: its second argument says whether the frame
+        opens a stream."""
+        charge = self.charge_frame
+        if charge is not None and not isinstance(frame, _FREE_FRAMES):
+            if isinstance(frame, DataFrame):
+                # data h2 would answer with RST_STREAM, or an empty frame that ends nothing
+                if not self._accepts_data(frame.stream_id, 0) or \
+                        not (frame.body_len or "END_STREAM" in frame.flags):
+                    charge(frame, False)
+            elif isinstance(frame, HeadersFrame):
+                charge(frame, frame.stream_id not in self.streams)
+            else:
+                charge(frame, False)
+        return super()._receive_frame(frame)
 
     def send_queued(self, stream_id: int, out: Outbound) -> bool:
         """Send from the front of `out` what the stream's and the connection's windows

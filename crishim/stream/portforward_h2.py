@@ -74,11 +74,10 @@ import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
 from hyperframe.exceptions import HyperframeError
-from hyperframe.frame import GoAwayFrame
+from hyperframe.frame import Frame, GoAwayFrame, RstStreamFrame
 
 from crishim.forward import ForwardedConnection
-from crishim.protocols.constants import H2_CONNECTION_WINDOW, H2_STREAM_WINDOW
-from crishim.protocols.h2 import H2Codec, Outbound
+from crishim.protocols.h2 import H2Codec, Outbound, Overloaded
 from crishim.runtime import Sandbox
 from crishim.stream.admission import MAX_REQUEST_HEAD, Admit, Refused, h2_refusal, redact
 from crishim.stream.pairing import PendingPair, StreamPairs
@@ -95,6 +94,13 @@ log = logging.getLogger("crishim.h2")
 MAX_FRAME_SIZE = 256 * 1024  # measured: better than 64 KiB or 1 MiB frames here
 MAX_CONCURRENT_STREAMS = 1000  # 500 forwarded connections per HTTP/2 connection
 MAX_HEADER_LIST_SIZE = 16 * 1024
+DEFAULT_WINDOW = 65535  # what every connection and stream may send before SETTINGS
+
+
+def stream_window(session_buffer: int) -> int:
+    """A stream's receive window: a quarter of the connection's, so one stalled stream
+    leaves the others room."""
+    return max(DEFAULT_WINDOW, session_buffer // 4)
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
@@ -188,11 +194,14 @@ class H2PortForwardSession(ServerSession):
         self.codec.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: H2_STREAM_WINDOW,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE:
+                stream_window(settings.ctx.flood.session_buffer_size),
             h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
             h2.settings.SettingCodes.ENABLE_PUSH: 0,
         })
         self.codec.max_inbound_frame_size = MAX_FRAME_SIZE
+        self.codec.charge_frame = self._charge_frame
+        self._window_granted = 0  # taken from the server's buffer budget, returned at the end
         self._pairs = StreamPairs(self.creation_timeout, self._pair_timed_out)
         self._by_stream: dict[int, ForwardedConnection] = {}  # data stream id -> connection
         self._live_requests: dict[str, ForwardedConnection] = {}  # request id -> connection
@@ -221,8 +230,17 @@ class H2PortForwardSession(ServerSession):
         self.flush()
 
     def _open_connection_window(self) -> None:
-        self.codec.increment_flow_control_window(H2_CONNECTION_WINDOW - 65535)
+        """The connection's receive window is what it may hold towards pods (the pods'
+        sockets took everything acknowledged): session_buffer_size, from the budget."""
+        self._window_granted = self.ctx.take_window()
+        if self._window_granted > DEFAULT_WINDOW:
+            self.codec.increment_flow_control_window(self._window_granted - DEFAULT_WINDOW)
         self.arm_idle_timer()
+
+    def end(self, close_transport: bool) -> None:
+        self.ctx.return_window(self._window_granted)
+        self._window_granted = 0
+        super().end(close_transport)
 
     # --- output ------------------------------------------------------------------------
     def flush(self) -> None:
@@ -298,6 +316,11 @@ class H2PortForwardSession(ServerSession):
         self.last_activity = time.monotonic()
         try:
             events = self.codec.receive_data(data)
+        except Overloaded as e:
+            self.flush()  # h2 queued GOAWAY ENHANCE_YOUR_CALM
+            self._goaway_sent = True
+            self.violated(str(e))
+            return
         except h2.exceptions.ProtocolError as e:
             code = getattr(e, "error_code", None) or ErrorCodes.PROTOCOL_ERROR
             log.info("h2 sandbox=%s: malformed HTTP/2 (%s), GOAWAY %s: %s", self.sandbox_id,
@@ -342,8 +365,9 @@ class H2PortForwardSession(ServerSession):
                 self._handle(event)
             except Exception as e:  # a bug on one stream must not end the session
                 sid = getattr(event, "stream_id", 0)
-                log.error("h2 sandbox=%s: stream %d failed, resetting it: %s: %s",
-                          self.sandbox.id, sid or 0, type(e).__name__, e)
+                self.protocol_error("h2 sandbox=%s: stream %d failed, resetting it: %s: %s",
+                                    self.sandbox_id, sid or 0, type(e).__name__, e,
+                                    level=logging.ERROR, logger=log)
                 if sid:
                     self.reset(sid, ErrorCodes.INTERNAL_ERROR)
 
@@ -374,7 +398,8 @@ class H2PortForwardSession(ServerSession):
             asyncio.get_running_loop().create_task(self._admit(ev, headers))
             return
         if self._goaway_sent or self._draining:
-            log.info("h2 sandbox=%s: refusing stream %d: shutting down", self.sandbox_id, sid)
+            self.protocol_error("h2 sandbox=%s: refusing stream %d: shutting down",
+                                self.sandbox_id, sid, logger=log)
             self.reset(sid, ErrorCodes.REFUSED_STREAM)
             return
         try:
@@ -384,9 +409,13 @@ class H2PortForwardSession(ServerSession):
             _check_method(headers)
             self._pair(sid, headers)
         except Refused as e:
-            log.info("h2 sandbox=%s: refusing stream %d: %d %s", self.sandbox_id, sid,
-                     e.status, e)
+            self.protocol_error("h2 sandbox=%s: refusing stream %d: %d %s", self.sandbox_id,
+                                sid, e.status, e, logger=log)
             self._refuse_stream(sid, e, client_done)
+            # a refusal is answered with a whole response: charged, as a frame in error
+            if not self.within_control_budget():
+                self._send_goaway(ErrorCodes.ENHANCE_YOUR_CALM)
+                self.violated(self.control_overrun("refused streams"))
 
     async def _admit(self, ev: h2.events.RequestReceived, headers: dict[str, str]) -> None:
         """Prior knowledge: the first stream's path redeems the connection's token."""
@@ -464,9 +493,11 @@ class H2PortForwardSession(ServerSession):
                 pass  # connection already closing
 
     def _ack_unless_congested(self, stream_id: int, n: int) -> None:
-        """A congested pod's stream gets no window back until its socket drains."""
+        """A stream gets window back only for bytes its pod's socket took: not while the
+        connection is dialling, nor while the socket's buffer holds any."""
         conn = self._by_stream.get(stream_id)
-        if conn is not None and conn in self._congested:
+        if conn is not None and (conn in self._congested or not conn.dialled):
+            self._congested.add(conn)  # released by resume_client_reading
             self._held_acks[stream_id] = self._held_acks.get(stream_id, 0) + n
         else:
             self._ack(stream_id, n)
@@ -531,9 +562,10 @@ class H2PortForwardSession(ServerSession):
         self.close("client sent GOAWAY")
 
     # --- per-stream backpressure -------------------------------------------------------
-    def pause_client_reading(self, key: object) -> None:
-        """A pod socket is congested: withhold its stream's window, not the connection."""
-        self._congested.add(key)
+    def client_reading_wanted(self) -> bool:
+        """A congested pod withholds its stream's window, it does not stop the connection;
+        a client that does not read what is written does."""
+        return not self.writing_paused
 
     def resume_client_reading(self, key: object) -> None:
         if key not in self._congested:
@@ -560,6 +592,19 @@ class H2PortForwardSession(ServerSession):
             self._live_requests.pop(channel.request_id, None)
             self._ack(channel.data_id, self._held_acks.pop(channel.data_id, 0))
 
+    # --- budgets ----------------------------------------------------------------------
+    def _charge_frame(self, frame: Frame, opens_stream: bool) -> None:
+        """The codec's hook: stream opens and control frames against the session's
+        budgets; Overloaded (GOAWAY ENHANCE_YOUR_CALM) past them."""
+        if opens_stream:
+            if not self.within_stream_budget():
+                raise Overloaded(self.stream_overrun())
+            return
+        if isinstance(frame, RstStreamFrame) and frame.stream_id in self._by_stream:
+            return  # how a client ends a live connection: free
+        if not self.within_control_budget():
+            raise Overloaded(self.control_overrun(type(frame).__name__))
+
     # --- goodbye, draining -------------------------------------------------------------
     def _send_goaway(self, code: ErrorCodes) -> None:
         """GOAWAY written beside h2, whose state machine would refuse every later frame
@@ -573,8 +618,8 @@ class H2PortForwardSession(ServerSession):
         frame.error_code = code
         self._writelines([frame.serialize()])
 
-    def goodbye(self, reason: str) -> None:
-        self._send_goaway(ErrorCodes.NO_ERROR)
+    def goodbye(self, reason: str, violation: bool) -> None:
+        self._send_goaway(ErrorCodes.ENHANCE_YOUR_CALM if violation else ErrorCodes.NO_ERROR)
 
     def close_transport(self) -> None:
         self._close_transport()

@@ -105,55 +105,72 @@ class SpdyPortForwardSession(ServerSession):
 
     # --- input -------------------------------------------------------------------------
     def receive(self, data: bytes) -> None:
+        if self._closed:
+            return
         self.last_activity = time.monotonic()
         self.begin_batch()
         try:
             for event in self.codec.receive_data(data):
                 try:
-                    match event:
-                        case spdy.DataReceived():  # the hot one: tested first, handled inline
-                            conn = self._by_stream.get(event.stream_id)
-                            if conn is not None:
-                                if event.data:
-                                    conn.client_data(event.data)
-                                if event.fin:
-                                    conn.client_eof()
-                            # data on an error stream or a half-paired stream is ignored:
-                            # clients only read it
-                        case spdy.StreamOpened():
-                            self._on_stream_opened(event)
-                        case spdy.StreamReset():
-                            self._on_reset(event)
-                        case spdy.StreamError():
-                            self._on_stream_error(event)
-                        case spdy.GoAwayReceived():
-                            log.debug("spdy sandbox=%s: client sent GOAWAY", self.sandbox.id)
-                        case spdy.SessionTerminated():
-                            self._on_terminated(event)
+                    if not self._handle(event):
+                        break  # a budget ended the session
                 except Exception as e:  # a bug on one stream must not end the session
                     sid = getattr(event, "stream_id", 0)
-                    log.error("spdy sandbox=%s: stream %d failed, resetting it: %s: %s",
-                              self.sandbox.id, sid, type(e).__name__, e)
+                    self.protocol_error("spdy sandbox=%s: stream %d failed, resetting it: "
+                                        "%s: %s", self.sandbox.id, sid, type(e).__name__, e,
+                                        level=logging.ERROR, logger=log)
                     if sid:
                         self.codec.reset_stream(sid, spdy.INTERNAL_ERROR)
         finally:
             self.end_batch()
         self.flush()
 
-    def _on_stream_opened(self, ev: spdy.StreamOpened) -> None:
+    def _handle(self, event: spdy.Event) -> bool:
+        """Act on one event; False once a budget ended the session."""
+        match event:
+            case spdy.DataReceived():  # the hot one: tested first, handled inline
+                conn = self._by_stream.get(event.stream_id)
+                if conn is not None:
+                    if event.data:
+                        conn.client_data(event.data)
+                    if event.fin:
+                        conn.client_eof()
+                # data on an error stream or a half-paired stream is ignored: clients
+                # only read it
+            case spdy.StreamOpened():
+                if not self.charge_stream_open():
+                    return False
+                return self._on_stream_opened(event)
+            case spdy.StreamReset():
+                return self._on_reset(event)
+            case spdy.StreamError():
+                return self._on_stream_error(event)
+            case spdy.PingReceived():
+                return self.charge_control("PING")
+            case spdy.SettingsReceived():
+                return self.charge_control("SETTINGS")
+            case spdy.GoAwayReceived():
+                log.debug("spdy sandbox=%s: client sent GOAWAY", self.sandbox.id)
+            case spdy.SessionTerminated():
+                self._on_terminated(event)
+                return False
+        return True
+
+    def _on_stream_opened(self, ev: spdy.StreamOpened) -> bool:
         try:
             pair = self._pairs.add(ev.stream_id, ev.headers)
         except Refused as e:
-            log.info("spdy sandbox=%s: refusing stream %d: %s", self.sandbox.id, ev.stream_id,
-                     e)
+            self.protocol_error("spdy sandbox=%s: refusing stream %d: %s", self.sandbox.id,
+                                ev.stream_id, e, logger=log)
             self.codec.reset_stream(ev.stream_id, spdy.PROTOCOL_ERROR)
-            return
+            return self.charge_control("a refused stream")
         self.codec.reply(ev.stream_id, {})
         if pair.complete:
             channel = _SpdyChannel(self, pair.data_id, pair.error_id)
             conn = self.open_connection(pair.port, channel)
             if not conn.done:
                 self._by_stream[pair.data_id] = conn
+        return True
 
     def _pair_timed_out(self, pair: PendingPair) -> None:
         if self._closed:
@@ -167,14 +184,15 @@ class SpdyPortForwardSession(ServerSession):
             self.codec.reset_stream(pair.data_id, spdy.CANCEL)
         self.flush()
 
-    def _on_reset(self, ev: spdy.StreamReset) -> None:
+    def _on_reset(self, ev: spdy.StreamReset) -> bool:
         conn = self._by_stream.get(ev.stream_id)
         if conn is not None:
-            conn.client_reset()
-            return
+            conn.client_reset()  # how a client ends a connection: free
+            return True
         pair = self._pairs.by_stream.get(ev.stream_id)
         if pair is not None:
             self._pairs.forget(pair)
+        return self.charge_control("RST_STREAM")
 
     def _on_terminated(self, ev: spdy.SessionTerminated) -> None:
         log.warning("spdy sandbox=%s: protocol error, ending session: %s", self.sandbox.id,
@@ -182,12 +200,13 @@ class SpdyPortForwardSession(ServerSession):
         self.flush()
         self.close("protocol error: " + ev.reason)
 
-    def _on_stream_error(self, ev: spdy.StreamError) -> None:
-        log.info("spdy sandbox=%s: stream %d refused: %s", self.sandbox.id, ev.stream_id,
-                 ev.reason)
+    def _on_stream_error(self, ev: spdy.StreamError) -> bool:
+        self.protocol_error("spdy sandbox=%s: stream %d refused: %s", self.sandbox.id,
+                            ev.stream_id, ev.reason, logger=log)
         conn = self._by_stream.get(ev.stream_id)
         if conn is not None:
             conn.close(ev.reason)
+        return self.charge_control("a refused frame")
 
     def connection_finished(self, conn: ForwardedConnection) -> None:
         super().connection_finished(conn)
@@ -196,8 +215,8 @@ class SpdyPortForwardSession(ServerSession):
             self._by_stream.pop(channel.data_id, None)
 
     # --- goodbye, draining ----------------------------------------------------------------
-    def goodbye(self, reason: str) -> None:
-        self.codec.goaway(spdy.GOAWAY_OK)
+    def goodbye(self, reason: str, violation: bool) -> None:
+        self.codec.goaway(spdy.GOAWAY_PROTOCOL_ERROR if violation else spdy.GOAWAY_OK)
 
     def close_transport(self) -> None:
         self._close_transport()

@@ -69,7 +69,7 @@ def start(upgrade: Upgrade) -> None:
         spdy_session = SpdyPortForwardSession(
             settings.ctx, sandbox, settings.creation_timeout, settings.idle_timeout,
             lambda chunks: _tunnel_writelines(tunnel, transport, chunks),
-            lambda: _tunnel_close(tunnel, transport))
+            lambda: _tunnel_close(tunnel, transport, spdy_session.violated_budget))
         spdy_session.transport_name = "spdy-websocket"
         transport.write(response)
         upgrade.adopt(spdy_session, SpdyTunnelProtocol(spdy_session, tunnel, transport))
@@ -123,8 +123,9 @@ def _tunnel_writelines(tunnel: ws.ByteStreamTunnel, transport: asyncio.Transport
     _flush_tunnel(tunnel, transport)
 
 
-def _tunnel_close(tunnel: ws.ByteStreamTunnel, transport: asyncio.Transport) -> None:
-    tunnel.close(ws.CLOSE_NORMAL)
+def _tunnel_close(tunnel: ws.ByteStreamTunnel, transport: asyncio.Transport,
+                  violation: bool) -> None:
+    tunnel.close(ws.CLOSE_POLICY_VIOLATION if violation else ws.CLOSE_NORMAL)
     _flush_tunnel(tunnel, transport)
     transport.close()
 
@@ -147,13 +148,19 @@ class SpdyTunnelProtocol(SessionProtocol):
         return False
 
     def _handle(self, events: list[ws.TunnelEvent]) -> None:
+        session = self.session
         for event in events:
+            if session.closing:
+                return  # a budget ended it: the rest of the read goes unanswered
             match event:
                 case ws.TunnelData():
-                    self.session.receive(event.data)
+                    session.receive(event.data)
+                case ws.PingReceived():
+                    session.charge_control("WebSocket ping")
                 case ws.ProtocolViolation():
-                    log.info("spdy-websocket sandbox=%s: %s (close code %d)",
-                             self.session.sandbox.id, event.reason, event.code)
+                    session.protocol_error("spdy-websocket sandbox=%s: %s (close code %d)",
+                                           session.sandbox.id, event.reason, event.code,
+                                           logger=log)
                 case ws.Closed():
                     _flush_tunnel(self.tunnel, self.transport)
                     self.session.close(
@@ -248,6 +255,8 @@ class ChannelPortForwardSession(ServerSession):
 
     # --- input --------------------------------------------------------------------------
     def receive(self, data: bytes) -> None:
+        if self._closed:
+            return
         self.last_activity = time.monotonic()
         for event in self.codec.receive_data(data):
             match event:
@@ -255,9 +264,12 @@ class ChannelPortForwardSession(ServerSession):
                     conn = self.channels[event.index].conn
                     if conn is not None:
                         conn.client_data(event.data)
+                case ws.PingReceived():
+                    if not self.charge_control("WebSocket ping"):
+                        return
                 case ws.ProtocolViolation():
-                    log.info("websocket sandbox=%s: %s (close code %d)", self.sandbox.id,
-                             event.reason, event.code)
+                    self.protocol_error("websocket sandbox=%s: %s (close code %d)",
+                                        self.sandbox.id, event.reason, event.code, logger=log)
                 case ws.Closed():
                     self._closed_by_peer(event)
                     return
@@ -282,8 +294,9 @@ class ChannelPortForwardSession(ServerSession):
             self.end(close_transport=True)
 
     # --- closing ------------------------------------------------------------------------
-    def goodbye(self, reason: str) -> None:
-        self.codec.close(1001, reason[:100])
+    def goodbye(self, reason: str, violation: bool) -> None:
+        self.codec.close(ws.CLOSE_POLICY_VIOLATION if violation else ws.CLOSE_GOING_AWAY,
+                         reason[:100])
 
     def close_transport(self) -> None:
         if self.transport is not None:

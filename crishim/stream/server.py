@@ -190,8 +190,7 @@ class StreamServer:
         session.start()
         if rest:
             protocol.data_received(bytes(rest))
-        if not transport.is_closing():
-            transport.resume_reading()
+        session.sync_client_reading()  # it arrived paused; reads if nothing objects
         log.debug("session started: transport=%s", session.transport_name)
 
     def start_prior_knowledge(self, transport: asyncio.Transport, data: bytes) -> None:

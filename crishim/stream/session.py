@@ -36,9 +36,15 @@ class ServerSession(SessionBase, ABC):
         self.idle_timeout = idle_timeout
         self.on_closed: Callable[[], None] | None = None
         self.closing = False  # close() began: connections end without error text
+        self.violated_budget = False  # ended because the client overran a budget
         self._closed = False
         self._idle_timer: asyncio.TimerHandle | None = None
         self._timers: list[asyncio.TimerHandle] = []
+        flood = ctx.flood
+        self._control_budget = flood.control_budget()
+        self._stream_budget = flood.stream_open_budget()
+        self._error_lines_left = flood.protocol_error_log_lines
+        self._errors_suppressed = 0
 
     @property
     def sandbox_id(self) -> str:
@@ -58,8 +64,10 @@ class ServerSession(SessionBase, ABC):
         """Write what the codec has queued."""
 
     @abstractmethod
-    def goodbye(self, reason: str) -> None:
-        """Queue the transport's last word before it closes (GOAWAY, close frame)."""
+    def goodbye(self, reason: str, violation: bool) -> None:
+        """Queue the transport's last word before it closes (GOAWAY, close frame);
+        `violation`: the client overran a budget (HTTP/2 ENHANCE_YOUR_CALM, WebSocket
+        1008, SPDY PROTOCOL_ERROR)."""
 
     @abstractmethod
     def close_transport(self) -> None:
@@ -72,15 +80,77 @@ class ServerSession(SessionBase, ABC):
     def forget_pending(self) -> None:
         """Drop streams still waiting for their pair (transports that pair streams)."""
 
+    # --- budgets and protocol errors, the same for every transport -----------------------
+    def within_control_budget(self) -> bool:
+        """Spend one from the budget of frames that cost crishim work or an answer without
+        forwarding a byte (PING, SETTINGS, a reset, a refused or erroneous frame)."""
+        return self._control_budget.take()
+
+    def control_overrun(self, what: str) -> str:
+        flood = self.ctx.flood
+        return (f"more than {flood.control_frame_burst} control frames at once or "
+                f"{flood.control_frames_per_second:g} a second ({what}; "
+                "control_frames_per_second, control_frame_burst)")
+
+    def within_stream_budget(self) -> bool:
+        """Spend one from the budget of streams the client opens."""
+        return self._stream_budget.take()
+
+    def stream_overrun(self) -> str:
+        flood = self.ctx.flood
+        return (f"more than {flood.stream_open_burst} streams opened at once or "
+                f"{flood.stream_opens_per_second:g} a second (stream_opens_per_second, "
+                "stream_open_burst)")
+
+    def charge_control(self, what: str) -> bool:
+        """One control frame; False, with the session ended, past the budget."""
+        if self.within_control_budget():
+            return True
+        self.violated(self.control_overrun(what))
+        return False
+
+    def charge_stream_open(self) -> bool:
+        """One stream opened; False, with the session ended, past the budget."""
+        if self.within_stream_budget():
+            return True
+        self.violated(self.stream_overrun())
+        return False
+
+    def violated(self, reason: str) -> None:
+        """The client overran a budget: end the session with the transport's
+        'calm down' goodbye."""
+        if self._closed:
+            return
+        log.warning("%s sandbox=%s: ending session: %s", self.transport_name,
+                    self.sandbox_id, reason)
+        self.close(reason, violation=True)
+
+    def protocol_error(self, message: str, *args: object, level: int = logging.INFO,
+                       logger: logging.Logger | None = None) -> None:
+        """Log one protocol error of this session: the first protocol_error_log_lines,
+        then only a count, written when the session ends."""
+        if self._error_lines_left > 0:
+            self._error_lines_left -= 1
+            (logger or log).log(level, message, *args)
+        else:
+            self._errors_suppressed += 1
+
+    def _log_suppressed(self) -> None:
+        if self._errors_suppressed:
+            log.info("%s sandbox=%s: %d more protocol errors suppressed", self.transport_name,
+                     self.sandbox_id, self._errors_suppressed)
+            self._errors_suppressed = 0
+
     # --- teardown, the same for every transport ----------------------------------------
-    def close(self, reason: str) -> None:
+    def close(self, reason: str, violation: bool = False) -> None:
         """End from the server's side: reset what is live, say goodbye, close."""
         if self._closed:
             return
         self.closing = True
+        self.violated_budget = violation
         self.close_connections(reason)
         self.forget_pending()
-        self.goodbye(reason)
+        self.goodbye(reason, violation)
         self.flush()
         self.end(close_transport=True)
 
@@ -97,6 +167,7 @@ class ServerSession(SessionBase, ABC):
         """Leave the server's registry; forwarded connections still open (a WebSocket's
         grace after the client's close) keep the timers until they finish."""
         self._closed = True
+        self._log_suppressed()
         if close_transport:
             self.close_transport()
         if not self.connections:

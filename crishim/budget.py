@@ -1,0 +1,57 @@
+"""Per-session budgets against floods: a token bucket shared by every transport, and the
+limits the stream server gives each session (config: control_frames_per_second, ...)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+
+class TokenBucket:
+    """`rate` tokens a second, at most `burst` saved up; `take` spends one (or n)."""
+
+    __slots__ = ("rate", "burst", "_tokens", "_stamp")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = float(burst)
+        self._stamp = time.monotonic()
+
+    def take(self, n: int = 1) -> bool:
+        """Spend n tokens if there are that many; False (nothing spent) when there are not."""
+        tokens = self._tokens
+        if tokens < n:
+            now = time.monotonic()
+            tokens = min(self.burst, tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+            if tokens < n:
+                self._tokens = tokens
+                return False
+        self._tokens = tokens - n
+        return True
+
+
+@dataclass(frozen=True)
+class FloodLimits:
+    """What one client may cost crishim besides the bytes it forwards."""
+
+    # frames that make crishim answer or work without forwarding a byte: PING, SETTINGS,
+    # PRIORITY, a reset of a stream not carrying a live connection, a frame refused or
+    # answered with RST_STREAM (DATA for an unknown stream, a bad stream, empty DATA)
+    control_frames_per_second: float = 100.0
+    control_frame_burst: int = 1000
+    stream_opens_per_second: float = 1000.0
+    stream_open_burst: int = 10000
+    # protocol-error lines one session writes before it only counts them
+    protocol_error_log_lines: int = 10
+    # bytes towards pods one HTTP/2 connection may hold (its receive window) ...
+    session_buffer_size: int = 16 * 1024 * 1024
+    # ... and all of them together: a session's window is taken from this
+    buffer_budget: int = 512 * 1024 * 1024
+
+    def control_budget(self) -> TokenBucket:
+        return TokenBucket(self.control_frames_per_second, self.control_frame_burst)
+
+    def stream_open_budget(self) -> TokenBucket:
+        return TokenBucket(self.stream_opens_per_second, self.stream_open_burst)
