@@ -434,7 +434,7 @@ class SessionBase:
             return
         wanted = self.client_reading_wanted()
         if wanted and self._reading_paused:
-            self._reading_paused = True  # the stream server hands transports over paused
+            self._reading_paused = False
             transport.resume_reading()
         elif not wanted and not self._reading_paused:
             self._reading_paused = True

@@ -87,6 +87,7 @@ from crishim.stream.session import (
     SessionSettings,
     Upgrade,
     WriteBuffers,
+    close_client,
 )
 
 log = logging.getLogger("crishim.h2")
@@ -649,7 +650,8 @@ def start_upgrade(upgrade: Upgrade) -> None:
         settings = settings_header(values[0])
     except (binascii.Error, ValueError) as e:
         raise Refused(400, str(e)) from None
-    session = H2PortForwardSession(upgrade.settings, transport.writelines, transport.close,
+    session = H2PortForwardSession(upgrade.settings, transport.writelines,
+                                   lambda: close_client(transport, session.violated_budget),
                                    sandbox=upgrade.admitted.sandbox, path=request.target,
                                    upgraded=True)
     try:

@@ -13,7 +13,13 @@ from crishim.protocols.constants import PORTFORWARD_PROTOCOL
 from crishim.runtime import Sandbox
 from crishim.stream.admission import Refused
 from crishim.stream.pairing import PendingPair, StreamPairs
-from crishim.stream.session import ServerSession, SessionProtocol, Upgrade, WriteBuffers
+from crishim.stream.session import (
+    ServerSession,
+    SessionProtocol,
+    Upgrade,
+    WriteBuffers,
+    close_client,
+)
 
 log = logging.getLogger("crishim.spdy")
 
@@ -32,9 +38,10 @@ def start(upgrade: Upgrade) -> None:
     transport.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
                     b"Upgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: "
                     + PORTFORWARD_PROTOCOL.encode() + b"\r\n\r\n")
-    session = SpdyPortForwardSession(settings.ctx, upgrade.admitted.sandbox,
-                                     settings.creation_timeout, settings.idle_timeout,
-                                     transport.writelines, transport.close)
+    session = SpdyPortForwardSession(
+        settings.ctx, upgrade.admitted.sandbox, settings.creation_timeout,
+        settings.idle_timeout, transport.writelines,
+        lambda: close_client(transport, session.violated_budget))
     upgrade.adopt(session, SessionProtocol(session, transport))
 
 

@@ -41,7 +41,7 @@ from crishim.protocols import websocket as ws
 from crishim.runtime import Sandbox
 from crishim.stream.admission import Refused
 from crishim.stream.portforward_spdy import SpdyPortForwardSession
-from crishim.stream.session import ServerSession, SessionProtocol, Upgrade
+from crishim.stream.session import ServerSession, SessionProtocol, Upgrade, close_client
 from crishim.tokens import StreamRequest
 
 log = logging.getLogger("crishim.websocket")
@@ -127,7 +127,7 @@ def _tunnel_close(tunnel: ws.ByteStreamTunnel, transport: asyncio.Transport,
                   violation: bool) -> None:
     tunnel.close(ws.CLOSE_POLICY_VIOLATION if violation else ws.CLOSE_NORMAL)
     _flush_tunnel(tunnel, transport)
-    transport.close()
+    close_client(transport, linger=violation)
 
 
 class SpdyTunnelProtocol(SessionProtocol):
@@ -300,7 +300,7 @@ class ChannelPortForwardSession(ServerSession):
 
     def close_transport(self) -> None:
         if self.transport is not None:
-            self.transport.close()
+            close_client(self.transport, linger=self.violated_budget)
 
 
 class ChannelTransportProtocol(SessionProtocol):

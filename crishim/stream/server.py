@@ -23,7 +23,13 @@ from crishim.stream.admission import (
     http1_refusal,
     redact,
 )
-from crishim.stream.session import ServerSession, SessionProtocol, SessionSettings, Upgrade
+from crishim.stream.session import (
+    ServerSession,
+    SessionProtocol,
+    SessionSettings,
+    Upgrade,
+    close_client,
+)
 from crishim.tokens import TokenStore
 
 log = logging.getLogger("crishim.stream")
@@ -198,8 +204,8 @@ class StreamServer:
         pending request until its first stream's token is redeemed, bound by the request
         timeout and not a session yet."""
         session = portforward_h2.H2PortForwardSession(
-            self.session_settings, transport.writelines, transport.close,
-            admit=self.admission)
+            self.session_settings, transport.writelines,
+            lambda: close_client(transport, session.violated_budget), admit=self.admission)
         timeout = self.request_timeout
 
         def timed_out() -> None:

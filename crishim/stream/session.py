@@ -20,6 +20,45 @@ log = logging.getLogger("crishim.stream")
 # sends a list of buffers to the client without joining them (transport.writelines)
 WriteBuffers = Callable[[Sequence[bytes | bytearray | memoryview]], None]
 
+# a client still sending when its session ends for a budget: what it sends is dropped for
+# at most this long and this many bytes before its connection is closed
+LINGER_SECONDS = 1.0
+LINGER_BYTES = 1024 * 1024
+
+
+def close_client(transport: asyncio.Transport, linger: bool) -> None:
+    """Close the client's connection once what is written has gone. `linger`: the client
+    may still be sending (a flood): closing a socket with unread input resets it and
+    throws away the goodbye still on its way, so half-close and drop its input for a
+    moment first."""
+    if not linger or transport.is_closing() or not transport.can_write_eof():
+        transport.close()
+        return
+    transport.write_eof()
+    transport.set_protocol(_Lingering(transport))
+    transport.resume_reading()
+
+
+class _Lingering(asyncio.Protocol):
+    """Drops a closed session's input until the client ends, LINGER_BYTES or
+    LINGER_SECONDS."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.left = LINGER_BYTES
+        self.timer = asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        self.left -= len(data)
+        if self.left <= 0:
+            self.transport.close()
+
+    def eof_received(self) -> bool:
+        return False  # the client is done too: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.timer.cancel()
+
 
 class ServerSession(SessionBase, ABC):
     """One upgraded client connection carrying forwarded connections into one sandbox.

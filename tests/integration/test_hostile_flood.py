@@ -1,0 +1,462 @@
+"""Floods: one client must not cost anyone else a byte, a slot or a millisecond.
+
+- answers a client does not read: crishim stops reading it (its output buffer above the
+  high-water mark), so answers never pile up in memory;
+- control frames (PING, SETTINGS, resets, frames in error) past a per-session budget end
+  the session: SPDY GOAWAY PROTOCOL_ERROR, HTTP/2 GOAWAY ENHANCE_YOUR_CALM, WebSocket 1008;
+  also SETTINGS floods and rapid reset (CVE-2023-44487) on HTTP/2;
+- bad frames: the first few are logged, then only counted, once, at the session's end;
+- a pod that never reads: what crishim holds towards it is bounded per session (HTTP/2:
+  by the windows it grants; SPDY: by pausing the client's reading).
+
+Each test asserts what the client was told, that a second client is served afterwards,
+that the server's RSS stayed bounded, and that the log has no traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+import threading
+import time
+from urllib.parse import urlsplit
+
+import pytest
+from h2.errors import ErrorCodes
+from hyperframe.frame import PingFrame, SettingsFrame
+
+from crishim.netns import listen_in_netns, open_netns, socket_in_netns
+from crishim.protocols import websocket as ws
+from crishim.protocols.spdy import GoAwayReceived, SpdyConfig, SpdyConnection
+from tests.support import SANDBOX
+from tests.support.crishim_proc import CrishimProcess
+from tests.support.h2_pf_client import H2Client
+from tests.support.podnet import ECHO_PORT
+from tests.support.spdy_pf_client import SpdyPortForwardClient
+
+STALLED_PORT = 9010  # accepts and never reads
+UNANSWERED_PORT = 9011  # never accepts: dials hang
+SPDY_GOAWAY_PROTOCOL_ERROR = 1
+POLICY_VIOLATION = 1008  # WebSocket close code
+UNLIMITED = "1000000000"  # a budget no test reaches: what is left is backpressure alone
+
+
+class _NeverReads(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.pause_reading()  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+def stalled_pod(podnet):
+    podnet.listen_extra("127.0.0.1", STALLED_PORT, _NeverReads)
+    return podnet
+
+
+def _serve(podnet, *args: str) -> CrishimProcess:
+    return CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}", "--max-tokens", "1000",
+                          *args)
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def _log_lines(proc: CrishimProcess) -> int:
+    return proc.log().count("\n")
+
+
+def _second_client_is_served(proc: CrishimProcess) -> None:
+    with SpdyPortForwardClient(proc.port_forward_url(SANDBOX)) as other:
+        fwd = other.roundtrip(ECHO_PORT, b"still serving")
+        assert bytes(fwd.received) == b"still serving", (fwd.error_text, fwd.reset_status)
+
+
+def _warm(proc: CrishimProcess) -> float:
+    """RSS after one ordinary session: the level floods are measured from."""
+    _second_client_is_served(proc)
+    time.sleep(0.2)
+    return _rss_mib(proc.proc.pid)
+
+
+def _flood(sock: socket.socket, unit: bytes, total: int, timeout: float = 3.0) -> int:
+    """Send `unit` repeated up to `total` bytes without reading; returns the bytes the
+    kernel took before the peer closed or stopped reading for `timeout` seconds."""
+    block = unit * max(1, (64 * 1024) // len(unit))
+    sock.settimeout(timeout)
+    sent = 0
+    try:
+        while sent < total:
+            sock.sendall(block)
+            sent += len(block)
+    except (TimeoutError, OSError):
+        pass
+    return sent
+
+
+def _read_to_end(sock: socket.socket, out: bytearray, limit: int = 64 << 20) -> None:
+    try:
+        while len(out) < limit:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                break
+            out += chunk
+    except (TimeoutError, OSError):
+        pass
+
+
+def _flood_reading(sock: socket.socket, unit: bytes, total: int) -> tuple[int, bytes]:
+    """_flood while another thread reads the answers (so that they can arrive before the
+    server closes); returns the bytes sent and everything read."""
+    answer = bytearray()
+    reader = threading.Thread(target=_read_to_end, args=(sock, answer), daemon=True)
+    reader.start()
+    sent = _flood(sock, unit, total, timeout=10)
+    reader.join(20)
+    sock.close()
+    return sent, bytes(answer)
+
+
+def _spdy_goaways(data: bytes) -> list[int]:
+    codec = SpdyConnection(SpdyConfig(client=True))
+    return [e.status for e in codec.receive_data(data) if isinstance(e, GoAwayReceived)]
+
+
+def _spdy_ping(ping_id: int) -> bytes:
+    return struct.pack(">IIL", 0x80030006, 4, ping_id)
+
+
+def _spdy_unknown_stream_data(count: int) -> bytes:
+    """Empty DATA frames, each for a stream that was never opened (odd: the client's)."""
+    return b"".join(struct.pack(">II", 2 * i + 1001, 0) for i in range(count))
+
+
+# --------------------------------------------------------------------------- class 2
+
+
+def test_spdy_ping_flood_ends_the_session_with_goaway(podnet):
+    with _serve(podnet) as proc:
+        before = _warm(proc)
+        client = SpdyPortForwardClient(proc.port_forward_url(SANDBOX))
+        sent, answer = _flood_reading(
+            client.sock, b"".join(_spdy_ping(2 * i + 1) for i in range(64)), 16 << 20)
+        grown = _rss_mib(proc.proc.pid) - before
+        _second_client_is_served(proc)
+        log = proc.log()
+    print(f"sent {sent} bytes of PINGs, read {len(answer)}, RSS +{grown:.1f} MiB")
+    assert _spdy_goaways(answer) == [SPDY_GOAWAY_PROTOCOL_ERROR]
+    assert len(answer) < 1 << 20  # the answers stopped with the session
+    assert grown < 16, grown
+    assert "control_frames_per_second" in log
+    assert "Traceback" not in log
+
+
+def test_unread_answers_stop_crishim_reading_the_client(podnet):
+    # budgets out of the way: only the output backpressure bounds the answers
+    with _serve(podnet, "--control-frame-burst", UNLIMITED,
+                "--control-frames-per-second", UNLIMITED) as proc:
+        before = _warm(proc)
+        client = SpdyPortForwardClient(proc.port_forward_url(SANDBOX))
+        sent = _flood(client.sock, b"".join(_spdy_ping(2 * i + 1) for i in range(64)),
+                      24 << 20)
+        time.sleep(0.5)
+        grown = _rss_mib(proc.proc.pid) - before
+        _second_client_is_served(proc)
+        # the client was stalled, not dropped: once it reads, its answers come
+        client.sock.settimeout(10)
+        assert client.sock.recv(65536)
+        client.sock.close()
+        log = proc.log()
+    print(f"sent {sent} bytes of PINGs before the server stopped reading, "
+          f"RSS +{grown:.1f} MiB")
+    assert sent < 24 << 20, sent  # the client was stalled: kernel buffers and 1 MiB of output
+    assert grown < 24, grown
+    assert "Traceback" not in log
+
+
+def test_spdy_unknown_stream_data_ends_the_session_with_goaway(podnet):
+    with _serve(podnet) as proc:
+        before = _warm(proc)
+        client = SpdyPortForwardClient(proc.port_forward_url(SANDBOX))
+        sent, answer = _flood_reading(client.sock, _spdy_unknown_stream_data(1 << 19),
+                                      4 << 20)
+        grown = _rss_mib(proc.proc.pid) - before
+        _second_client_is_served(proc)
+        log = proc.log()
+    print(f"sent {sent} bytes of DATA for unknown streams, read {len(answer)}, "
+          f"RSS +{grown:.1f} MiB")
+    assert _spdy_goaways(answer) == [SPDY_GOAWAY_PROTOCOL_ERROR]
+    assert len(answer) < 1 << 20
+    assert grown < 16, grown
+    assert "Traceback" not in log
+
+
+def _ws_connect(url: str, ports: list[int]) -> tuple[socket.socket, bytes]:
+    u = urlsplit(url)
+    sock = socket.create_connection((u.hostname, u.port), timeout=10)
+    request, accept = ws.client_handshake_request(u.netloc, u.path, [ws.CHANNEL_BINARY])
+    sock.sendall(request)
+    buf = b""
+    response = None
+    while response is None:
+        data = sock.recv(65536)
+        assert data, f"closed during the handshake: {buf!r}"
+        buf += data
+        response = ws.parse_handshake_response(buf, accept, [ws.CHANNEL_BINARY])
+    assert response.status == 101
+    return sock, response.leftover
+
+
+def _ws_close_code(data: bytes) -> int | None:
+    framing = ws.WebSocketFraming(client=True)
+    for event in framing.receive_data(data):
+        if isinstance(event, ws.Closed):
+            return event.code
+    return None
+
+
+def test_websocket_ping_flood_closes_with_1008(podnet):
+    with _serve(podnet) as proc:
+        before = _warm(proc)
+        sock, leftover = _ws_connect(proc.port_forward_url(SANDBOX, [ECHO_PORT]), [ECHO_PORT])
+        ping = bytes([0x89, 0x80]) + os.urandom(4)  # an empty masked ping
+        sent, answer = _flood_reading(sock, ping, 16 << 20)
+        answer = leftover + answer
+        grown = _rss_mib(proc.proc.pid) - before
+        _second_client_is_served(proc)
+        log = proc.log()
+    print(f"sent {sent} bytes of pings, read {len(answer)}, RSS +{grown:.1f} MiB")
+    assert _ws_close_code(answer) == POLICY_VIOLATION
+    assert len(answer) < 1 << 20
+    assert grown < 16, grown
+    assert "Traceback" not in log
+
+
+async def _h2_flood(url: str, frames: bytes, total: int) -> tuple[H2Client, int]:
+    """An admitted HTTP/2 connection (one live forward), then `frames` repeated up to
+    `total` bytes; waits for the connection to end."""
+    client = await H2Client.connect(url)
+    await client.forward(ECHO_PORT)
+    sent = 0
+    block = frames * max(1, (64 * 1024) // len(frames))
+    while sent < total and not client.closed.is_set():
+        client.write_raw(block)
+        sent += len(block)
+        try:
+            await asyncio.wait_for(client.writer.drain(), 3)
+        except (TimeoutError, ConnectionError):
+            break
+    await asyncio.wait_for(client.closed.wait(), 20)
+    return client, sent
+
+
+def _h2_answer(proc: CrishimProcess, frames: bytes, total: int) -> int:
+    client, sent = asyncio.run(_h2_flood(proc.port_forward_url(SANDBOX), frames, total))
+    assert client.terminated is not None, "no GOAWAY"
+    print(f"sent {sent} bytes, GOAWAY {client.terminated.error_code!r}")
+    return int(client.terminated.error_code)
+
+
+def test_h2_ping_flood_gets_goaway_enhance_your_calm(podnet):
+    with _serve(podnet) as proc:
+        before = _warm(proc)
+        ping = PingFrame(0)
+        ping.opaque_data = b"12345678"
+        code = _h2_answer(proc, ping.serialize(), 16 << 20)
+        grown = _rss_mib(proc.proc.pid) - before
+        _second_client_is_served(proc)
+        log = proc.log()
+    assert code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert grown < 16, grown
+    assert "Traceback" not in log
+
+
+def test_h2_settings_flood_gets_goaway_enhance_your_calm(podnet):
+    with _serve(podnet) as proc:
+        before = _warm(proc)
+        code = _h2_answer(proc, SettingsFrame(0).serialize(), 100_000 * 9)
+        grown = _rss_mib(proc.proc.pid) - before
+        _second_client_is_served(proc)
+        log = proc.log()
+    assert code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert grown < 16, grown
+    assert "Traceback" not in log
+
+
+def test_h2_rapid_reset_gets_goaway_enhance_your_calm(podnet):
+    with _serve(podnet) as proc:
+        before = _warm(proc)
+
+        async def go() -> H2Client:
+            client = await H2Client.connect(proc.port_forward_url(SANDBOX))
+            await client.forward(ECHO_PORT)
+            headers = client.request_headers(streamtype="error", port=str(ECHO_PORT))
+            conn = client.conn
+            for n in range(20_000):
+                if client.closed.is_set() or client.terminated is not None:
+                    break  # the server's GOAWAY arrived
+                sid = conn.get_next_available_stream_id()
+                conn.send_headers(sid, headers, end_stream=True)
+                conn.reset_stream(sid)
+                if n % 100 == 99:
+                    client.flush()
+                    try:
+                        await asyncio.wait_for(client.writer.drain(), 3)
+                    except (TimeoutError, ConnectionError):
+                        break
+            client.flush()
+            await asyncio.wait_for(client.closed.wait(), 20)
+            return client
+
+        client = asyncio.run(go())
+        grown = _rss_mib(proc.proc.pid) - before
+        _second_client_is_served(proc)
+        log = proc.log()
+    assert client.terminated is not None, "no GOAWAY"
+    assert client.terminated.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert grown < 16, grown
+    assert "Traceback" not in log
+
+
+# --------------------------------------------------------------------------- class 3
+
+
+def test_bad_frames_grow_the_log_by_a_bounded_number_of_lines(podnet):
+    # budgets out of the way: every bad frame is answered, only its log line is spared
+    with _serve(podnet, "--control-frame-burst", UNLIMITED,
+                "--control-frames-per-second", UNLIMITED) as proc:
+        _warm(proc)
+        lines = _log_lines(proc)
+        client = SpdyPortForwardClient(proc.port_forward_url(SANDBOX))
+        junk = _spdy_unknown_stream_data(1 << 19)  # 4 MiB: half a million bad frames
+        answer = bytearray()
+        reader = threading.Thread(target=_read_to_end, args=(client.sock, answer, 1 << 30),
+                                  daemon=True)
+        reader.start()
+        sent = _flood(client.sock, junk, len(junk), timeout=10)
+        client.sock.shutdown(socket.SHUT_WR)
+        reader.join(60)
+        client.sock.close()
+        deadline = time.monotonic() + 10
+        while "protocol errors suppressed" not in proc.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        _second_client_is_served(proc)
+        log = proc.log()
+        grown = _log_lines(proc) - lines
+    print(f"sent {sent} bytes of bad frames; the log grew {grown} lines")
+    assert sent == len(junk)
+    assert grown < 60, grown
+    assert "more protocol errors suppressed" in log
+    assert "Traceback" not in log
+
+
+# --------------------------------------------------------------------------- class 5
+
+
+async def _fill_stalled(url: str, streams: int, per_stream: int) -> int:
+    """`streams` forwards to the stalled pod on one HTTP/2 connection, each sent up to
+    `per_stream` bytes as fast as the windows allow; returns the bytes crishim took."""
+    client = await H2Client.connect(url)
+    forwards = [await client.forward(STALLED_PORT) for _ in range(streams)]
+    chunk = memoryview(bytes(256 * 1024))
+    sent = dict.fromkeys((f.data_id for f in forwards), 0)
+    conn = client.conn
+    progress = True
+    while progress:
+        progress = False
+        for sid in sent:
+            window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+            n = min(window, per_stream - sent[sid], len(chunk))
+            if n > 0:
+                conn.send_data(sid, chunk[:n])
+                sent[sid] += n
+                progress = True
+        client.flush()
+        await client.writer.drain()
+        if not progress:  # windows closed: give crishim time to acknowledge more
+            client.window_opened.clear()
+            try:
+                await asyncio.wait_for(client.window_opened.wait(), 2)
+                progress = True
+            except TimeoutError:
+                pass
+    total = sum(sent.values())
+    await client.close()
+    return total
+
+
+def test_h2_stalled_pod_holds_a_bounded_amount(stalled_pod):
+    with _serve(stalled_pod) as proc:
+        before = _warm(proc)
+        url = proc.port_forward_url(SANDBOX)
+
+        async def two() -> list[int]:
+            urls = [url, proc.port_forward_url(SANDBOX)]
+            return list(await asyncio.gather(*(_fill_stalled(u, 8, 24 << 20)
+                                               for u in urls)))
+
+        taken = asyncio.run(two())
+        grown = _rss_mib(proc.proc.pid) - before
+        _second_client_is_served(proc)
+        log = proc.log()
+    print(f"crishim took {taken} bytes for a pod that never reads, RSS +{grown:.1f} MiB")
+    # 16 MiB connection windows (session_buffer_size); the kernel holds the rest
+    assert grown < 96, grown
+    assert "Traceback" not in log
+
+
+@pytest.fixture(scope="module")
+def unanswered_port(podnet):
+    """A port whose accept queue is full and never served: dials to it hang."""
+    sock = listen_in_netns(podnet.path, "127.0.0.1", UNANSWERED_PORT, backlog=0)
+    fillers = []
+    for _ in range(4):  # fill the accept queue from inside the netns (SYNs then drop)
+        fd = open_netns(podnet.path)
+        try:
+            filler = socket_in_netns(fd, socket.AF_INET)
+        finally:
+            os.close(fd)
+        filler.setblocking(False)
+        try:
+            filler.connect(("127.0.0.1", UNANSWERED_PORT))
+        except BlockingIOError:
+            pass
+        fillers.append(filler)
+    time.sleep(0.2)
+    yield UNANSWERED_PORT
+    for filler in fillers:
+        filler.close()
+    sock.close()
+
+
+def test_spdy_connections_still_dialling_hold_one_buffer_per_session(podnet,
+                                                                     unanswered_port):
+    """SPDY has no flow control: what crishim holds for connections still dialling is
+    bounded by pausing the client's reading once the session holds buffer_size."""
+    with _serve(podnet) as proc:
+        before = _warm(proc)
+        client = SpdyPortForwardClient(proc.port_forward_url(SANDBOX))
+        forwards = [client.forward(unanswered_port) for _ in range(100)]
+        client.sock.settimeout(3)
+        chunk = bytes(64 * 1024)
+        sent = 0
+        try:
+            for _ in range(16):
+                for fwd in forwards:
+                    client.session.send_data(fwd.data_sid, chunk)
+                    client.sock.sendall(client.session.data_to_send())
+                    sent += len(chunk)
+        except (TimeoutError, OSError):
+            pass
+        time.sleep(0.5)
+        grown = _rss_mib(proc.proc.pid) - before
+        _second_client_is_served(proc)
+        client.sock.close()
+        log = proc.log()
+    print(f"sent {sent} bytes for connections still dialling, RSS +{grown:.1f} MiB")
+    assert grown < 12, grown
+    assert "Traceback" not in log
