@@ -48,10 +48,13 @@ forwarded TCP connection is a PAIR of streams sharing a `requestid`, exactly as 
   data stream reset CANCEL.
 - The client's RST_STREAM on the error stream is ignored.
 
-Flow control is real and per stream: the server advertises H2_STREAM_WINDOW per stream and
-H2_CONNECTION_WINDOW for the connection, and acknowledges received DATA only while the pod
-socket is not congested; bytes received for a pod whose socket is above its write buffer
-limit are acknowledged when it drains, so one slow pod stalls only its own stream. Sending,
+Flow control is real and per stream: the server advertises a quarter of
+session_buffer_size per stream and session_buffer_size for the connection (taken from the
+server's buffer_budget), and acknowledges received DATA only for bytes the pod socket took:
+a pod dialling or with bytes left in its write buffer gets its acknowledgements when it
+drains, so one slow pod stalls only its own stream and crishim holds at most the
+connection window towards the pods. Control frames and stream opens are budgeted (GOAWAY
+ENHANCE_YOUR_CALM past the budget, see ServerSession.within_control_budget). Sending,
 it respects the client's windows: a stream out of window keeps a bounded queue and stops
 reading its pod socket until WINDOW_UPDATE. Malformed HTTP/2 gets GOAWAY with h2's error
 code and the connection is closed; other connections are untouched.
