@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 
 from crishim.client.cri import CriClient, CriError
 from crishim.client.podservers import FIN_MARK, Peers, source_bytes
-from crishim.client.session import (
+from crishim.client.transports import (
     TRANSPORTS,
     ClientSession,
     ForwardError,

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from crishim.client.cri import DEFAULT_ENDPOINT
-from crishim.client.session import TRANSPORTS
+from crishim.client.transports import TRANSPORTS
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

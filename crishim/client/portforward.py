@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from crishim.client.cri import CriClient, CriError
-from crishim.client.session import ClientSession, ForwardError, SessionError, open_session
+from crishim.client.transports import ClientSession, ForwardError, SessionError, open_session
 
 # (transport, ports, ping_interval) -> a new session to the pod: where the stream comes
 # from (a CRI PortForward URL, an API server) is the opener's business
