@@ -22,7 +22,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="CRI call and connect timeout [default: 10]")
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     pf = sub.add_parser(
         "port-forward", help="forward local ports to a pod sandbox through a CRI runtime "
                              "(or to a pod through an API server, with --kubeconfig)",

@@ -189,7 +189,8 @@ class ForwardStream(asyncio.Transport):
         if self.first_byte_at is None:
             self.first_byte_at = time.perf_counter()
         self.bytes_down += len(data)
-        protocol.data_received(data)
+        # zero copy: a view into the received frame; asyncio's protocols take bytes-likes
+        protocol.data_received(data)  # type: ignore[arg-type]
 
     def _remote_eof(self) -> None:
         if self._remote_done or self._finished:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 
 import h2.config
 import h2.events
@@ -202,7 +203,7 @@ class H2ClientSession(ClientSession):
                         if stream is not None:
                             stream._error_data(bytes(ev.data).decode("utf-8", "replace"))
                 case h2.events.ResponseReceived():
-                    status = dict(ev.headers).get(":status", "0")
+                    status = _response_status(ev.headers)
                     stream = (self.streams.get(ev.stream_id)
                               or self._error_streams.get(ev.stream_id))
                     if status == "200":
@@ -237,6 +238,20 @@ class H2ClientSession(ClientSession):
                     return False
         return True
 
+    def _on_data(self, ev: h2.events.DataReceived, acks: dict[int, int]) -> None:
+        sid = ev.stream_id
+        if ev.flow_controlled_length:
+            acks[sid] = acks.get(sid, 0) + ev.flow_controlled_length
+        stream = self.streams.get(sid)
+        if sid in self._refusal:
+            self._refusal[sid] += bytes(ev.data).decode("utf-8", "replace")
+        elif stream is not None:
+            stream._data(ev.data)
+        else:
+            stream = self._error_streams.get(sid)
+            if stream is not None:
+                stream._error_data(bytes(ev.data).decode("utf-8", "replace"))
+
     def _stream_ended(self, sid: int, reset: bool, code: ErrorCodes | int | None) -> None:
         refusal = self._refusal.pop(sid, None)
         stream = self.streams.get(sid)
@@ -263,6 +278,14 @@ class H2ClientSession(ClientSession):
 
     def transport_eof(self) -> None:
         self.transport_lost(None)
+
+
+def _response_status(headers: Iterable[tuple[bytes | str, bytes | str]] | None) -> str:
+    """A response's :status (str with the header_encoding we configure; typed as bytes)."""
+    for name, value in headers or ():
+        if name in (":status", b":status"):
+            return value.decode("latin-1") if isinstance(value, bytes) else value
+    return "0"
 
 
 async def open_h2(conn: UpgradeProtocol, target: Target, ports: list[int],

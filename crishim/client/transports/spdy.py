@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import cast
 
 from crishim.client.transports.base import (
     Buffer,
@@ -97,7 +98,7 @@ class SpdyClientSession(ClientSession):
         if tunnel is None:
             self._write_raw(chunks)
         elif chunks:
-            tunnel.send_buffers(chunks)
+            tunnel.send_buffers(cast(list[Buffer], chunks))  # only read, never stored into
             self._write_raw(tunnel.take_output())
 
     def _send_ping(self) -> None:

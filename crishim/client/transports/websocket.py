@@ -126,8 +126,8 @@ class ChannelClientSession(ClientSession):
                 case ws.Closed():
                     self._close_event = event
                     self._flush()
-                    for stream in list(self.streams.values()):
-                        self._deliver_close(stream, event)
+                    for each in list(self.streams.values()):
+                        self._deliver_close(each, event)
                     self._lost(f"the server closed the WebSocket ({event.code})")
                     if self.transport is not None:
                         self.transport.close()
@@ -139,7 +139,8 @@ class ChannelClientSession(ClientSession):
                         self._deliver(stream, event)
                     elif index not in self._used and self._early_size < MAX_EARLY_BYTES:
                         self._early.setdefault(index, []).append(event)
-                        self._early_size += len(getattr(event, "data", b"") or b"")
+                        if isinstance(event, ws.ChannelData):
+                            self._early_size += len(event.data)
         self._flush()
 
     def transport_eof(self) -> None:
