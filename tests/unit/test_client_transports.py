@@ -6,6 +6,7 @@ import inspect
 import pytest
 
 from crishim.cli import build_parser
+from crishim.client.cluster import CLUSTER_TRANSPORTS
 from crishim.client.transports import TRANSPORTS, open_session, transport_named
 
 
@@ -23,7 +24,8 @@ def _cli_transport_choices() -> dict[str, list[str]]:
 
 def test_every_transport_the_cli_accepts_has_an_opener():
     choices = _cli_transport_choices()
-    assert choices == {"port-forward": list(TRANSPORTS), "check": list(TRANSPORTS)}
+    # port-forward also takes "auto": with --kubeconfig, cluster.py picks a real transport
+    assert choices == {"port-forward": list(TRANSPORTS) + ["auto"], "check": list(TRANSPORTS)}
     assert set(TRANSPORTS) == {"spdy", "websocket", "spdy-over-websocket", "h2"}
     for name in TRANSPORTS:
         transport = transport_named(name)
@@ -32,9 +34,15 @@ def test_every_transport_the_cli_accepts_has_an_opener():
         assert transport.alpn == ("h2" if name == "h2" else "http/1.1")
 
 
+def test_what_auto_falls_back_to_through_an_api_server_is_registered():
+    for name in CLUSTER_TRANSPORTS:
+        if name != "auto":
+            assert transport_named(name).name == name
+
+
 def test_the_default_transport_is_spdy_first_in_the_list():
     assert TRANSPORTS[0] == "spdy"
-    args = build_parser().parse_args(["port-forward", "sandbox", "8080"])
+    args = build_parser().parse_args(["check", "--sandbox", "sandbox"])
     assert args.transport == "spdy"
 
 
