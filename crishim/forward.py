@@ -10,6 +10,7 @@ import time
 from typing import Protocol
 
 from crishim.budget import FloodLimits
+from crishim.flow import ReadGate
 from crishim.runtime import DialFailed, RuntimePlugin, Sandbox, SandboxGone
 
 log = logging.getLogger("crishim.forward")
@@ -138,7 +139,7 @@ class ForwardedConnection:
         self._pod_eof = False
         self._done = False
         self._error_closed = False
-        self._batch: list[bytes] | None = None
+        self._batch: list[bytes | memoryview] | None = None
         self._task: asyncio.Task[None] | None = None
         self.bytes_up = 0  # client -> pod
         self.bytes_down = 0  # pod -> client
@@ -366,6 +367,9 @@ class ForwardedConnection:
             self.pod.resume_reading()
 
 
+_CLIENT_OUTPUT = "client output"  # the read gate's key while the client's output backs up
+
+
 class SessionBase:
     """Bookkeeping every transport session shares: its forwarded connections and the
     back-pressure between them and the one client transport."""
@@ -381,11 +385,11 @@ class SessionBase:
         self.batched: list[ForwardedConnection] = []
         self.connections: set[ForwardedConnection] = set()
         self.writing_paused = False
-        self._congested: set[object] = set()
+        # the client transport, paused for congested pods and for its own unwritten output
+        self.read_gate = ReadGate()
         self.pending_up = 0  # client bytes held for connections still dialling
         self.transport: asyncio.Transport | None = None
         self.last_activity = time.monotonic()
-        self._reading_paused = True  # the stream server hands transports over paused
 
     def open_connection(self, port: int, channel: Channel) -> ForwardedConnection:
         conn = ForwardedConnection(self.ctx, self, self.sandbox, port, channel,
@@ -412,46 +416,30 @@ class SessionBase:
 
     def connection_finished(self, conn: ForwardedConnection) -> None:
         self.connections.discard(conn)
-        self._congested.discard(conn)
+        self.read_gate.forget(conn)
 
     def pause_client_reading(self, key: object) -> None:
-        self._congested.add(key)
-        self.sync_client_reading()
+        self.read_gate.pause(key, self.transport)
 
     def resume_client_reading(self, key: object) -> None:
-        if key in self._congested:
-            self._congested.discard(key)
-            self.sync_client_reading()
-
-    def client_reading_wanted(self) -> bool:
-        """Read from the client only while its answers can be written and no pod is
-        backed up (a transport with flow control per stream narrows the second)."""
-        return not self.writing_paused and not self._congested
-
-    def sync_client_reading(self) -> None:
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        wanted = self.client_reading_wanted()
-        if wanted and self._reading_paused:
-            self._reading_paused = False
-            transport.resume_reading()
-        elif not wanted and not self._reading_paused:
-            self._reading_paused = True
-            transport.pause_reading()
+        self.read_gate.resume(key, self.transport)
 
     # asyncio.Protocol write-side flow control of the client transport: while the client
     # does not take what is written, nothing more is read from it (no answers pile up)
     # and nothing more from its pods
     def pause_writing(self) -> None:
         self.writing_paused = True
-        self.sync_client_reading()
+        self.read_gate.pause(_CLIENT_OUTPUT, self.transport)
         for conn in self.connections:
             conn.pause_pod_reading()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
-        self.sync_client_reading()
+        self.read_gate.resume(_CLIENT_OUTPUT, self.transport)
+        self.resume_pods()
+
+    def resume_pods(self) -> None:
+        """The client takes bytes again: its pods may be read."""
         for conn in list(self.connections):
             conn.resume_pod_reading()
 

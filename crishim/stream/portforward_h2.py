@@ -211,6 +211,7 @@ class H2PortForwardSession(ServerSession):
         self._live_requests: dict[str, ForwardedConnection] = {}  # request id -> connection
         self._outbound: dict[int, Outbound] = {}  # streams waiting for window
         self._held_acks: dict[int, int] = {}  # data stream id -> bytes not yet acknowledged
+        self._congested: set[object] = set()  # connections whose window is withheld
         self._read_acks: dict[int, int] | None = None  # DATA of the read being processed
         self._admitting: list[h2.events.Event] | None = None  # events queued while redeeming
         self._head_bytes = 0  # bytes of frames other than DATA before admission
@@ -566,10 +567,10 @@ class H2PortForwardSession(ServerSession):
         self.close("client sent GOAWAY")
 
     # --- per-stream backpressure -------------------------------------------------------
-    def client_reading_wanted(self) -> bool:
-        """A congested pod withholds its stream's window, it does not stop the connection;
-        a client that does not read what is written does."""
-        return not self.writing_paused
+    def pause_client_reading(self, key: object) -> None:
+        """A congested pod withholds its stream's window, it does not stop the connection
+        (a client that does not read what is written does: pause_writing)."""
+        self._congested.add(key)
 
     def resume_client_reading(self, key: object) -> None:
         if key not in self._congested:
@@ -581,8 +582,8 @@ class H2PortForwardSession(ServerSession):
             if not self._closed:
                 self.flush()
 
-    def resume_writing(self) -> None:
-        self.writing_paused = False
+    def resume_pods(self) -> None:
+        """Streams waiting for the client's window stay paused."""
         for conn in list(self.connections):
             channel = conn.channel
             if not (isinstance(channel, _H2Channel) and channel.data_id in self._outbound):
@@ -590,6 +591,7 @@ class H2PortForwardSession(ServerSession):
 
     def connection_finished(self, conn: ForwardedConnection) -> None:
         super().connection_finished(conn)
+        self._congested.discard(conn)
         channel = conn.channel
         if isinstance(channel, _H2Channel):
             self._by_stream.pop(channel.data_id, None)

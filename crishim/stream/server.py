@@ -196,7 +196,8 @@ class StreamServer:
         session.start()
         if rest:
             protocol.data_received(bytes(rest))
-        session.sync_client_reading()  # it arrived paused; reads if nothing objects
+        if not transport.is_closing() and not session.read_gate.paused:
+            transport.resume_reading()  # it arrived paused; nothing holds it now
         log.debug("session started: transport=%s", session.transport_name)
 
     def start_prior_knowledge(self, transport: asyncio.Transport, data: bytes) -> None:

@@ -20,41 +20,29 @@ log = logging.getLogger("crishim.stream")
 # sends a list of buffers to the client without joining them (transport.writelines)
 WriteBuffers = Callable[[Sequence[bytes | bytearray | memoryview]], None]
 
-# a client still sending when its session ends for a budget: what it sends is dropped for
-# at most this long and this many bytes before its connection is closed
+# a client still sending when its session ends for a budget keeps its connection this
+# long, half-closed and not read, so that the goodbye reaches it before the reset
 LINGER_SECONDS = 1.0
-LINGER_BYTES = 1024 * 1024
 
 
 def close_client(transport: asyncio.Transport, linger: bool) -> None:
     """Close the client's connection once what is written has gone. `linger`: the client
-    may still be sending (a flood): closing a socket with unread input resets it and
-    throws away the goodbye still on its way, so half-close and drop its input for a
-    moment first."""
+    may still be sending (a flood): closing a socket with unread input resets it at once
+    and throws away the goodbye still on its way, so half-close, stop reading (the flood
+    waits in the kernel, costing nothing) and close a moment later."""
     if not linger or transport.is_closing() or not transport.can_write_eof():
         transport.close()
         return
+    transport.pause_reading()
     transport.write_eof()
     transport.set_protocol(_Lingering(transport))
-    transport.resume_reading()
 
 
 class _Lingering(asyncio.Protocol):
-    """Drops a closed session's input until the client ends, LINGER_BYTES or
-    LINGER_SECONDS."""
+    """A closed session's connection for LINGER_SECONDS, or until the client ends it."""
 
     def __init__(self, transport: asyncio.Transport) -> None:
-        self.transport = transport
-        self.left = LINGER_BYTES
         self.timer = asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.close)
-
-    def data_received(self, data: bytes) -> None:
-        self.left -= len(data)
-        if self.left <= 0:
-            self.transport.close()
-
-    def eof_received(self) -> bool:
-        return False  # the client is done too: close
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.timer.cancel()
@@ -282,6 +270,16 @@ class SessionProtocol(asyncio.Protocol):
         session.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        try:
+            self.received(data)
+        except Exception as e:  # one client's input ends its own session, never the server
+            session = self.session
+            log.error("%s sandbox=%s: ending the session after an unexpected error: %s: %s",
+                      session.transport_name, session.sandbox.id, type(e).__name__, e)
+            session.close(f"internal error: {type(e).__name__}")
+
+    def received(self, data: bytes) -> None:
+        """What the client sent: the session's (a tunnel unwraps it first)."""
         self.session.receive(data)
 
     def eof_received(self) -> bool:

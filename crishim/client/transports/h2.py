@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
-from urllib.parse import SplitResult
+from collections.abc import Iterable
 
 import h2.config
 import h2.events
@@ -17,11 +16,14 @@ import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
 
-from crishim.client.session import (
+from crishim.client.transports.base import (
+    Buffer,
     ClientSession,
     ForwardStream,
     SessionClosed,
     SessionError,
+    Target,
+    UpgradeProtocol,
     UpgradeRefused,
 )
 from crishim.protocols.constants import (
@@ -34,9 +36,6 @@ from crishim.protocols.constants import (
     STREAM_TYPE_ERROR,
 )
 from crishim.protocols.h2 import H2Codec, Outbound
-
-if TYPE_CHECKING:
-    from crishim.client.session import _ConnectionProtocol
 
 MAX_FRAME_SIZE = 1024 * 1024
 QUEUE_HIGH_WATER = 1024 * 1024
@@ -96,9 +95,9 @@ class H2ClientSession(ClientSession):
             q = self._queues[stream.key] = Outbound()
         return q
 
-    def _send(self, stream: ForwardStream, data) -> None:
+    def _send(self, stream: ForwardStream, data: Buffer) -> None:
         q = self._queue(stream)
-        q.append(data)
+        q.append(data if not isinstance(data, bytearray) else bytes(data))
         self._drain(stream.key, q)
         self._flush()
 
@@ -133,7 +132,6 @@ class H2ClientSession(ClientSession):
 
     def _stream_done(self, stream: ForwardStream) -> None:
         super()._stream_done(stream)
-        self._error_streams.pop(getattr(stream, "error_id", 0), None)
         self._queues.pop(stream.key, None)
 
     def _goodbye(self) -> None:
@@ -187,25 +185,14 @@ class H2ClientSession(ClientSession):
             self.codec.acknowledge_received_data(n, sid)
         acks.clear()
 
-    def _receive_events(self, events: list, acks: dict[int, int]) -> bool:
+    def _receive_events(self, events: list[h2.events.Event], acks: dict[int, int]) -> bool:
         """Act on one read's events; False once the server's GOAWAY ended the session."""
         for ev in events:
             match ev:
-                case h2.events.DataReceived():
-                    sid = ev.stream_id
-                    if ev.flow_controlled_length:
-                        acks[sid] = acks.get(sid, 0) + ev.flow_controlled_length
-                    stream = self.streams.get(sid)
-                    if sid in self._refusal:
-                        self._refusal[sid] += bytes(ev.data).decode("utf-8", "replace")
-                    elif stream is not None:
-                        stream._data(ev.data)
-                    else:
-                        stream = self._error_streams.get(sid)
-                        if stream is not None:
-                            stream._error_data(bytes(ev.data).decode("utf-8", "replace"))
+                case h2.events.DataReceived():  # the hot one: tested first
+                    self._on_data(ev, acks)
                 case h2.events.ResponseReceived():
-                    status = dict(ev.headers).get(":status", "0")
+                    status = _response_status(ev.headers)
                     stream = (self.streams.get(ev.stream_id)
                               or self._error_streams.get(ev.stream_id))
                     if status == "200":
@@ -240,7 +227,21 @@ class H2ClientSession(ClientSession):
                     return False
         return True
 
-    def _stream_ended(self, sid: int, reset: bool, code) -> None:
+    def _on_data(self, ev: h2.events.DataReceived, acks: dict[int, int]) -> None:
+        sid = ev.stream_id
+        if ev.flow_controlled_length:
+            acks[sid] = acks.get(sid, 0) + ev.flow_controlled_length
+        stream = self.streams.get(sid)
+        if sid in self._refusal:
+            self._refusal[sid] += bytes(ev.data).decode("utf-8", "replace")
+        elif stream is not None:
+            stream._data(ev.data)
+        else:
+            stream = self._error_streams.get(sid)
+            if stream is not None:
+                stream._error_data(bytes(ev.data).decode("utf-8", "replace"))
+
+    def _stream_ended(self, sid: int, reset: bool, code: ErrorCodes | int | None) -> None:
         refusal = self._refusal.pop(sid, None)
         stream = self.streams.get(sid)
         if stream is not None:
@@ -268,19 +269,29 @@ class H2ClientSession(ClientSession):
         self.transport_lost(None)
 
 
-async def start(conn: _ConnectionProtocol, tr: asyncio.Transport, u: SplitResult, target: str,
-                timeout: float) -> H2ClientSession:
+def _response_status(headers: Iterable[tuple[bytes | str, bytes | str]] | None) -> str:
+    """A response's :status (str with the header_encoding we configure; typed as bytes)."""
+    for name, value in headers or ():
+        if name in (":status", b":status"):
+            return value.decode("latin-1") if isinstance(value, bytes) else value
+    return "0"
+
+
+async def open_h2(conn: UpgradeProtocol, target: Target, ports: list[int],
+                  timeout: float) -> ClientSession:
     """HTTP/2 with prior knowledge (h2c) or TLS ALPN h2; done once the server's SETTINGS
-    arrive (the token is redeemed by the first stream)."""
-    ssl_object = tr.get_extra_info("ssl_object")
+    arrive (the token is redeemed by the first stream). Ports go per connection."""
+    if target.headers:
+        raise ValueError("extra headers are not supported by the h2 transport")
+    ssl_object = conn.transport.get_extra_info("ssl_object")
     if ssl_object is not None and ssl_object.selected_alpn_protocol() != "h2":
-        raise UpgradeRefused(0, f"the server at {u.netloc} did not negotiate h2 by ALPN "
+        raise UpgradeRefused(0, f"the server at {target.netloc} did not negotiate h2 by ALPN "
                                 f"(got {ssl_object.selected_alpn_protocol()!r})")
-    session = H2ClientSession(u.netloc, target, u.scheme)
+    session = H2ClientSession(target.netloc, target.path, target.scheme)
     conn.attach(session, bytes(conn.buffer))
     session.begin()
     try:
         await asyncio.wait_for(asyncio.shield(session.settings_received), timeout)
     except TimeoutError:
-        raise SessionError(f"no HTTP/2 SETTINGS from {u.netloc} in {timeout:g}s") from None
+        raise SessionError(f"no HTTP/2 SETTINGS from {target.netloc} in {timeout:g}s") from None
     return session
