@@ -82,7 +82,9 @@ class Crishim:
 
             self.metrics = Metrics(self.tokens)
             self.metrics.serve(cfg.metrics_address)
-        ctx = ForwardContext(self.plugin, cfg.error_policy, cfg.buffer_size, self.metrics)
+        ctx = ForwardContext(self.plugin, cfg.error_policy, cfg.buffer_size, self.metrics,
+                             udp=cfg.enable_udp_portforward,
+                             udp_idle_timeout=cfg.udp_flow_idle_timeout)
         self.stream = StreamServer(
             self.tokens, ctx, host=cfg.stream_server_address, port=cfg.stream_server_port,
             url_host=cfg.stream_url_host, creation_timeout=cfg.stream_creation_timeout,

@@ -84,6 +84,8 @@ class Config:
     helper_socket: str = "/run/crishim/helper.sock"
     helper_mode: str = "fd"
     buffer_size: int = 256 * 1024
+    enable_udp_portforward: bool = True
+    udp_flow_idle_timeout: float = 60.0
 
     def validate(self) -> Config:
         for name, setting in SETTINGS.items():
@@ -96,6 +98,8 @@ class Config:
         for name in ("max_tokens", "max_sessions", "buffer_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1")
+        if self.udp_flow_idle_timeout <= 0:
+            raise ConfigError("udp_flow_idle_timeout: must be positive")
         if self.token_ttl <= 0:
             raise ConfigError("token_ttl: must be positive")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
@@ -147,6 +151,12 @@ SETTINGS: dict[str, Setting] = {
                            "choice", ("fd", "socat")),
     "buffer_size": Setting("bytes buffered per forwarded connection and direction before "
                            "reads pause", "int"),
+    "enable_udp_portforward": Setting("offer crishim's port-forward extension (UDP flows, "
+                                      "stream protocol portforward.crishim.dev/v1) to "
+                                      "crishim's own client; off: plain portforward.k8s.io",
+                                      "bool"),
+    "udp_flow_idle_timeout": Setting("a forwarded UDP flow with no datagram either way for "
+                                     "this long ends (e.g. 60s)", "duration"),
 }
 
 _TRUE = {"1", "true", "yes", "on"}

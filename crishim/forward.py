@@ -125,11 +125,15 @@ class ForwardContext:
     """Shared by all sessions of a server: plugin, policy, limits, counters."""
 
     def __init__(self, plugin: RuntimePlugin, error_policy: str = "quiet",
-                 buffer_size: int = 256 * 1024, metrics: object | None = None) -> None:
+                 buffer_size: int = 256 * 1024, metrics: object | None = None,
+                 udp: bool = True, udp_idle_timeout: float = 60.0) -> None:
         self.plugin = plugin
         self.verbose_errors = error_policy == "verbose"
         self.buffer_size = buffer_size
         self.metrics = metrics
+        # UDP flows (portforward.crishim.dev/v1): on by setting, and the plugin can dial them
+        self.udp = udp and plugin.supports_udp
+        self.udp_idle_timeout = udp_idle_timeout
 
 
 class _PodProtocol(asyncio.Protocol):

@@ -47,7 +47,8 @@ class Sandbox:
 
 
 class RuntimePlugin(abc.ABC):
-    """Answer two questions: where is this sandbox, and connect me to a port in it."""
+    """Answer two questions: where is this sandbox, and connect me to a port in it (TCP,
+    or UDP for crishim's own port-forward extension)."""
 
     name: str = "?"
 
@@ -59,6 +60,20 @@ class RuntimePlugin(abc.ABC):
     async def dial(self, sandbox: Sandbox, port: int) -> socket.socket:
         """A connected non-blocking socket to port inside the sandbox, or DialFailed /
         SandboxGone."""
+
+    # whether dial_udp can work: the server offers UDP port-forward only if so
+    supports_udp: bool = True
+    # dial_udp's default also tries the sandbox's pod IP (plugins set it from the config)
+    pod_ip_fallback: bool = False
+
+    async def dial_udp(self, sandbox: Sandbox, port: int) -> socket.socket:
+        """A connected non-blocking UDP socket to port inside the sandbox, or DialFailed /
+        SandboxGone. This default enters the netns in this process; a plugin that cannot
+        (it asks a helper) sets supports_udp = False or overrides this."""
+        from crishim.netns import dial_udp_localhost
+
+        return dial_udp_localhost(None if sandbox.host_network else sandbox.netns_path, port,
+                                  sandbox.pod_ip if self.pod_ip_fallback else "")
 
     async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release what the plugin holds (connections to helpers, caches)."""

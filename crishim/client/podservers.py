@@ -1,4 +1,5 @@
-"""The pod side of `crishim check`: small TCP servers started inside the sandbox's netns.
+"""The pod side of `crishim check`: small TCP servers (and a UDP echo) started inside the
+sandbox's netns.
 
 The end-to-end tests run the same servers in their own netns (tests/support/podnet.py), so a
 byte the checker verifies and a byte a test verifies come from one definition.
@@ -10,8 +11,9 @@ import asyncio
 import hashlib
 import socket
 import struct
+from typing import Any, cast
 
-from crishim.netns import listen_in_netns
+from crishim.netns import bind_udp_in_netns, listen_in_netns
 
 SOURCE_CHUNK = 1 << 20
 SOURCE_WRITE_HIGH_WATER = 4 << 20
@@ -117,6 +119,34 @@ class Reset(asyncio.Protocol):
         self.t.abort()
 
 
+class UdpEcho(asyncio.DatagramProtocol):
+    """Sends every datagram back to its sender, boundaries as received."""
+
+    def __init__(self) -> None:
+        self.t: asyncio.DatagramTransport | None = None
+        self.datagrams = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t = cast(asyncio.DatagramTransport, transport)  # asyncio's is not a subclass
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.datagrams += 1
+        if self.t is not None:
+            self.t.sendto(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # ICMP for a sender that went away: the next sender is unaffected
+
+
+async def serve_udp_echo(netns: str, host: str = "127.0.0.1", port: int = 0
+                         ) -> tuple[asyncio.DatagramTransport, int]:
+    """A UdpEcho bound inside the netns; its transport and port."""
+    sock = bind_udp_in_netns(netns, host, port)
+    bound = sock.getsockname()[1]
+    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(UdpEcho, sock=sock)
+    return transport, bound
+
+
 class Peers:
     """Servers inside the sandbox netns, on free ports."""
 
@@ -124,6 +154,7 @@ class Peers:
         self.netns = netns
         self.ports: dict[str, int] = {}
         self._servers: list[asyncio.AbstractServer] = []
+        self._udp: asyncio.DatagramTransport | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -135,7 +166,10 @@ class Peers:
         sock = listen_in_netns(self.netns, "127.0.0.1", 0)
         self.ports["closed"] = sock.getsockname()[1]
         sock.close()
+        self._udp, self.ports["udp_echo"] = await serve_udp_echo(self.netns)
 
     def close(self) -> None:
         for server in self._servers:
             server.close()
+        if self._udp is not None:
+            self._udp.close()

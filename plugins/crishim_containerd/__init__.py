@@ -192,6 +192,13 @@ class ContainerdRuntime(RuntimePlugin):
             self.forget(sandbox.id)  # the next resolve asks the runtime again
             raise
 
+    async def dial_udp(self, sandbox: Sandbox, port: int) -> socket.socket:
+        try:
+            return await self.names.dial_udp(sandbox, port)
+        except (SandboxGone, DialFailed):
+            self.forget(sandbox.id)
+            raise
+
     async def close(self) -> None:
         if self._channel is not None:
             await self._channel.close()
