@@ -23,15 +23,28 @@ class UsageError(Exception):
 class PortSpec:
     local: int
     remote: int
+    protocol: str = "tcp"  # or "udp" (crishim's extension, portforward.crishim.dev/v1)
+
+    @property
+    def remote_text(self) -> str:
+        """The remote port as the output names it: `53/udp`; TCP ports bare, as kubectl."""
+        return f"{self.remote}/udp" if self.protocol == "udp" else str(self.remote)
 
 
 def parse_port_spec(text: str) -> PortSpec:
-    """`5000`, `6000:5000`, `:5000`, `0:5000` (0 or empty: a free local port)."""
-    local_text, sep, remote_text = text.partition(":")
+    """`5000`, `6000:5000`, `:5000`, `0:5000` (0 or empty: a free local port), each
+    optionally ending in `/tcp` (the default) or `/udp`."""
+    ports_text, slash, protocol = text.rpartition("/")
+    if not slash:
+        ports_text, protocol = text, "tcp"
+    elif protocol not in ("tcp", "udp"):
+        raise UsageError(f"invalid port spec {text!r}: protocol {protocol!r} is not tcp or "
+                         "udp")
+    local_text, sep, remote_text = ports_text.partition(":")
     if not sep:
-        local_text = remote_text = text
-    if ":" in remote_text:
-        raise UsageError(f"invalid port spec {text!r}: expected [LOCAL:]REMOTE")
+        local_text = remote_text = ports_text
+    if ":" in remote_text or "/" in ports_text:
+        raise UsageError(f"invalid port spec {text!r}: expected [LOCAL:]REMOTE[/tcp|/udp]")
     if local_text == "":
         local_text = "0"
     for what, value in (("local", local_text), ("remote", remote_text)):
@@ -44,7 +57,7 @@ def parse_port_spec(text: str) -> PortSpec:
     if not 1 <= remote <= 65535:
         raise UsageError(f"invalid port spec {text!r}: remote port {remote} is not in "
                          "1..65535")
-    return PortSpec(local, remote)
+    return PortSpec(local, remote, protocol)
 
 
 def listen_hosts(addresses: list[str]) -> list[str]:
