@@ -9,8 +9,13 @@ Paths measured (each that works on this machine):
   kubectl-1.33/...   kubectl 1.33 (SPDY over WebSocket, or SPDY if that is refused)
   crishim/<t>        `crishim port-forward --transport <t>` (spdy, h2, websocket,
                      spdy-over-websocket)
-Then 1,000 concurrent idle connections on one session (server memory per connection) and
-token issue+redeem cost with 0 and 10,000 outstanding.
+Each transfer figure is the median of --repeat transfers; beside it, the CPU share of each
+process, how busy the whole machine was (a path where no process reaches 90 % of a core and
+the machine is under 90 % busy is stalled somewhere) and crishim serve's CPU-seconds per GiB.
+Then 1,000 concurrent idle connections on one session (server memory per connection), the
+netns entry cost, token issue+redeem cost at 0 to 100,000 outstanding, connection storms
+(benchmarks/storm.py: containerd beside crishim on the same kubectl) and a chart
+(benchmarks/last-run.png).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+from benchmarks import storm  # noqa: E402
 from benchmarks.peer import ECHO, SINK, SOURCE  # noqa: E402
 from tests.support.crishim_proc import CrishimProcess  # noqa: E402
 from tests.support.standin import KubeStandIn, run_kubectl_port_forward  # noqa: E402
@@ -136,22 +142,52 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
 def measure(name: str, path, args, rows: list, half_close: bool = True,
-            pids: dict[str, int] | None = None, cpu: list | None = None) -> None:
+            pids: dict[str, int] | None = None, cpu: list | None = None,
+            serve_pid: int | None = None) -> None:
     """half_close=False: the transport cannot half-close (WebSocket channels), so the sink
     can never answer an upload; upload is not measured (shown as n/a). pids: processes
-    whose CPU use during the transfers is reported (where the time goes)."""
+    whose CPU use during the transfers is reported (where the time goes); serve_pid: the
+    crishim serve whose CPU-seconds per GiB forwarded are reported per direction."""
     try:
         latency(path, 5)  # warm up
-        before = {k: cpu_seconds(p) for k, p in (pids or {}).items()}
+        pids = pids or {}
+        before = {k: cpu_seconds(p) for k, p in pids.items()}
+        busy0, total0 = machine_busy()
         t0 = time.perf_counter()
-        up = max(upload(path, args.size) for _ in range(args.repeat)) if half_close else None
-        down = max(download(path, args.size) for _ in range(args.repeat))
+        per_gib: dict[str, float] = {}
+
+        def transfers(direction: str, fn) -> float:
+            serve0 = cpu_seconds(serve_pid) if serve_pid else 0.0
+            rates = [fn(path, args.size) for _ in range(args.repeat)]
+            if serve_pid:
+                per_gib[direction] = ((cpu_seconds(serve_pid) - serve0)
+                                      / (args.size * args.repeat / (1 << 30)))
+            return statistics.median(rates)
+
+        up = transfers("up", upload) if half_close else None
+        down = transfers("down", download)
         wall = time.perf_counter() - t0
+        busy1, total1 = machine_busy()
         if pids and cpu is not None:
+            shares = {k: (cpu_seconds(p) - before[k]) / wall for k, p in pids.items()}
+            machine = (busy1 - busy0) / max(1, total1 - total0)
+            healthy = max(shares.values()) >= 0.9 or machine >= 0.9
             cpu.append(f"{name}: CPU during the transfers: " + ", ".join(
-                f"{k} {(cpu_seconds(p) - before[k]) / wall:.0%}" for k, p in pids.items())
-                + " of one core")
+                f"{k} {v:.0%}" for k, v in shares.items()) + " of one core; machine "
+                f"{machine:.0%} busy: " + ("bound by a process or the machine" if healthy
+                                           else "STALL (no process >= 90 %, machine < 90 %)"))
+            if per_gib:
+                cpu.append(f"{name}: crishim serve CPU-seconds per GiB forwarded: " + ", ".join(
+                    f"{d} {v:.2f}" for d, v in per_gib.items()))
         med, p99 = latency(path, args.trials)
         rows.append((name, up, down, med, p99, ""))
     except Exception as e:  # one broken path is reported, the others still run
@@ -285,10 +321,16 @@ def tokens_cost() -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-mib", type=int, default=256)
-    ap.add_argument("--repeat", type=int, default=2, help="best of N transfers per direction")
+    ap.add_argument("--repeat", type=int, default=5,
+                    help="median of N transfers per direction")
     ap.add_argument("--trials", type=int, default=200, help="latency samples per path")
     ap.add_argument("--conns", type=int, default=1000)
-    ap.add_argument("--only", default="", help="comma list of path name prefixes")
+    ap.add_argument("--only", default="", help="comma list of path name prefixes "
+                    "(paths, 'concurrency', 'storm')")
+    ap.add_argument("--storm-counts", default="200,1000,2000",
+                    help="concurrent connections per storm (kubectl 1.27, containerd beside)")
+    ap.add_argument("--chart", default=os.path.join(HERE, "last-run.png"),
+                    help="where to draw the run's chart ('' for none; needs the bench extra)")
     args = ap.parse_args()
     args.size = args.size_mib << 20
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -318,7 +360,7 @@ def main() -> int:
                         api.upgrades.clear()
                         measure(f"{name}/{'+'.join(kinds)}", Local(kc.local_ports), args, rows,
                                 pids={"crishim serve": cs.proc.pid, "kubectl": kc.proc.pid},
-                                cpu=extra)
+                                cpu=extra, serve_pid=cs.proc.pid)
             for transport in ("spdy", "h2", "spdy-over-websocket", "websocket"):
                 name = f"crishim/{transport}"
                 if not wanted(name):
@@ -336,7 +378,7 @@ def main() -> int:
                     measure(name, Local(pf.ports), args, rows,
                             pids={"crishim serve": cs.proc.pid,
                                   "crishim port-forward": pf.proc.pid}, cpu=extra,
-                            half_close=transport != "websocket")
+                            half_close=transport != "websocket", serve_pid=cs.proc.pid)
                 finally:
                     pf.close()
             if wanted("concurrency"):
@@ -348,8 +390,14 @@ def main() -> int:
         peer.wait(10)
         delete_named_netns(NETNS)
 
+    storm_results: dict = {}
+    if wanted("storm"):
+        counts = [int(c) for c in args.storm_counts.split(",")]
+        storm_lines, storm_results = storm.run(counts, 3)
+        extra.extend(storm_lines)
+
     base = rows[0]
-    print(f"\nport-forward benchmark: {args.size_mib} MiB per transfer (best of {args.repeat}), "
+    print(f"\nport-forward benchmark: {args.size_mib} MiB per transfer (median of {args.repeat}), "
           f"{args.trials} latency samples; ratios to direct TCP in the same netns\n")
     print(f"{'path':34} {'up MB/s':>9} {'ratio':>6} {'down MB/s':>10} {'ratio':>6} "
           f"{'1st byte ms':>12} {'p99 ms':>7} {'x direct':>8}")
@@ -363,7 +411,46 @@ def main() -> int:
     print()
     for line in extra:
         print(line)
+    if args.chart:
+        print(draw_chart(args.chart, rows, storm_results))
     return 0
+
+
+def draw_chart(path: str, rows: list, storms: dict) -> str:
+    """Throughput per path as a share of direct TCP, and the storm cost per connection."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "chart: not drawn (pip install -e '.[bench]' for matplotlib)"
+    base = rows[0]
+    paths = [r for r in rows[1:] if not r[5]]
+    fig, axes = plt.subplots(1, 2 if storms else 1, figsize=(13 if storms else 8, 4.8))
+    ax = axes[0] if storms else axes
+    xs = range(len(paths))
+    ax.bar([x - 0.2 for x in xs], [100 * (r[1] or 0) / base[1] for r in paths], 0.4,
+           label="upload")
+    ax.bar([x + 0.2 for x in xs], [100 * r[2] / base[2] for r in paths], 0.4, label="download")
+    ax.set_xticks(list(xs), [r[0] for r in paths], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("% of direct TCP in the same netns")
+    ax.set_title("Throughput per path (median)")
+    ax.axhline(20, color="grey", linestyle=":", linewidth=1)
+    ax.axhline(40, color="grey", linestyle="--", linewidth=1)
+    ax.legend()
+    if storms:
+        ax2 = axes[1]
+        for name, per in storms.items():
+            counts = sorted(per)
+            ax2.plot(counts, [per[n][0] / n * 1e6 for n in counts], marker="o", label=name)
+        ax2.set_xlabel("concurrent connections on one kubectl 1.27 session")
+        ax2.set_ylabel("storm time per connection (us)")
+        ax2.set_title("Connection storms: cost per connection")
+        ax2.set_ylim(bottom=0)
+        ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return f"chart: {path}"
 
 
 if __name__ == "__main__":

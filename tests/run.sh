@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The whole test suite, every layer, as CI runs it (after deploy/install.sh --test):
+# lint, types, the unit layer as an unprivileged user, then unit + integration as root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+echo "== ruff" >&2
+python3 -m ruff check crishim tests benchmarks plugins
+echo "== mypy" >&2
+python3 -m mypy
+echo "== unit tests as uid 65534 (no root, no netns)" >&2
+python3 -m tests.support.unprivileged -m pytest -q -p no:cacheprovider tests/unit
+echo "== all tests (root: network namespaces, real clients, containerd)" >&2
+python3 -m pytest -q tests
