@@ -7,7 +7,7 @@ import asyncio
 import fcntl
 import os
 
-from crishim.client.podservers import serve_udp_echo
+from crishim.client.podservers import UdpEcho, serve_udp_echo
 from crishim.netns import create_named_netns, delete_named_netns, listen_in_netns
 
 DEMO_NETNS = "crishim-demo"
@@ -56,7 +56,7 @@ class Demo:
         self.lock_fd = -1
         self.netns_path = ""
         self.server: asyncio.base_events.Server | None = None
-        self.udp_echo: asyncio.DatagramTransport | None = None
+        self.udp_echo: UdpEcho | None = None
 
     def acquire(self) -> None:
         os.makedirs(self.run_dir, exist_ok=True)

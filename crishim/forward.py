@@ -10,6 +10,13 @@ import time
 from collections.abc import Callable, Container, Mapping
 from typing import Protocol
 
+from crishim.forward_udp import ForwardedFlow
+from crishim.protocols.negotiation import (
+    PORTFORWARD_K8S,
+    TCP,
+    StreamProtocolRefused,
+    stream_protocol,
+)
 from crishim.runtime import DialFailed, RuntimePlugin, Sandbox, SandboxGone
 
 log = logging.getLogger("crishim.forward")
@@ -40,11 +47,12 @@ class PairRefused(Exception):
 class PendingPair:
     """A forwarded connection's error and data streams while they gather."""
 
-    __slots__ = ("request_id", "port", "data_id", "error_id", "timer", "held")
+    __slots__ = ("request_id", "port", "protocol", "data_id", "error_id", "timer", "held")
 
-    def __init__(self, request_id: str, port: int) -> None:
+    def __init__(self, request_id: str, port: int, protocol: str = TCP) -> None:
         self.request_id = request_id
         self.port = port
+        self.protocol = protocol
         self.data_id = 0
         self.error_id = 0
         self.timer: asyncio.TimerHandle | None = None
@@ -66,9 +74,10 @@ class StreamPairs:
         self.by_stream: dict[int, PendingPair] = {}
 
     def add(self, stream_id: int, headers: Mapping[str, str],
-            live: Container[str] = ()) -> PendingPair:
+            live: Container[str] = (), version: str = PORTFORWARD_K8S) -> PendingPair:
         """File one stream with its pair, or raise PairRefused. A complete pair (both ids
-        set) is no longer pending: the caller opens its connection."""
+        set) is no longer pending: the caller opens its connection (or flow, for
+        protocol udp, which needs the session's negotiated version to allow it)."""
         stream_type = headers.get("streamtype", "")
         if stream_type not in ("data", "error"):
             raise PairRefused(f"unknown streamtype {stream_type!r}: expected data or error")
@@ -76,19 +85,26 @@ class StreamPairs:
         port = int(port_text) if port_text.isdigit() else 0
         if not 1 <= port <= 65535:
             raise PairRefused(f"invalid port {port_text!r}")
+        try:
+            protocol = stream_protocol(headers, version)
+        except StreamProtocolRefused as e:
+            raise PairRefused(str(e)) from None
         request_id = headers.get("requestid")
         if request_id is None:  # very old clients: ids derived from stream ids
             request_id = str(stream_id if stream_type == "error" else stream_id - 2)
         if request_id in live:
             raise PairRefused(f"a second {stream_type} stream for request {request_id}, "
                               "whose connection is live")
-        pair = self.pending.get(request_id) or PendingPair(request_id, port)
+        pair = self.pending.get(request_id) or PendingPair(request_id, port, protocol)
         slot = "data_id" if stream_type == "data" else "error_id"
         if getattr(pair, slot):
             raise PairRefused(f"a second {stream_type} stream for request {request_id}")
         if pair.port != port:
             raise PairRefused(f"port {port} differs from port {pair.port} of the other "
                               f"stream of request {request_id}")
+        if pair.protocol != protocol:
+            raise PairRefused(f"protocol {protocol} differs from protocol {pair.protocol} of "
+                              f"the other stream of request {request_id}")
         if request_id not in self.pending:
             self.pending[request_id] = pair
             pair.timer = asyncio.get_running_loop().call_later(
@@ -395,7 +411,9 @@ class SessionBase:
         # and written once at the end (see begin_batch / end_batch)
         self.batching = False
         self.batched: list[ForwardedConnection] = []
-        self.connections: set[ForwardedConnection] = set()
+        self.connections: set[ForwardedConnection | ForwardedFlow] = set()
+        # the stream protocol version the upgrade negotiated: udp flows need the crishim one
+        self.stream_version = PORTFORWARD_K8S
         self.writing_paused = False
         self._congested: set[object] = set()
         self.transport: asyncio.Transport | None = None
@@ -440,6 +458,23 @@ class SessionBase:
         conn.start()
         return conn
 
+    def open_flow(self, port: int, channel: Channel) -> ForwardedFlow:
+        """A UDP flow for a pair with protocol udp (only on a session whose version allows
+        it: StreamPairs refused the streams otherwise)."""
+        flow = ForwardedFlow(self.ctx, self, self.sandbox, port, channel, self.transport_name)
+        self.connections.add(flow)
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.connection_started(self.transport_name)
+        flow.start()
+        return flow
+
+    def open_pair(self, pair: PendingPair, channel: Channel
+                  ) -> ForwardedConnection | ForwardedFlow:
+        """The connection or flow a complete pair asks for."""
+        if pair.protocol == TCP:
+            return self.open_connection(pair.port, channel)
+        return self.open_flow(pair.port, channel)
+
     def begin_batch(self) -> None:
         self.batching = True
 
@@ -450,7 +485,7 @@ class SessionBase:
             for conn in batched:
                 conn.flush_batch()
 
-    def connection_finished(self, conn: ForwardedConnection) -> None:
+    def connection_finished(self, conn: ForwardedConnection | ForwardedFlow) -> None:
         self.connections.discard(conn)
         self._congested.discard(conn)
 

@@ -33,6 +33,7 @@ log = logging.getLogger("crishim.forward")
 
 # datagrams read from the pod socket per wakeup, joined into one channel write
 READ_BATCH = 64
+SOCKET_BUFFER = 4 << 20
 _LENGTH = struct.Struct(">H")
 
 
@@ -119,6 +120,10 @@ class ForwardedFlow:
         if self._done:
             sock.close()
             return
+        try:  # room for a burst while the client's transport is busy (capped by rmem_max)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+        except OSError:
+            pass
         self.sock = sock
         pending, self._pending = self._pending, []
         self._pending_size = 0

@@ -28,13 +28,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description="Call the runtime's CRI PortForward for SANDBOX, upgrade to the returned "
                     "stream URL and forward local ports, as `kubectl port-forward` does. "
                     "PORT specs: 5000 (5000 -> 5000), 6000:5000, :5000 or 0:5000 (a free "
-                    "local port). Prints 'Forwarding from 127.0.0.1:L -> R' per listener and "
+                    "local port); a spec ending in /udp (5353:53/udp) forwards UDP, one "
+                    "flow per local peer address, where the runtime's stream server "
+                    "negotiates crishim's extension (crishim serve does; containerd and "
+                    "CRI-O do not, and the /udp specs are then refused with one line while "
+                    "TCP specs go on); not with --transport websocket. "
+                    "Prints 'Forwarding from 127.0.0.1:L -> R' per listener and "
                     "'Handling connection for L' per connection. One failed connection is "
                     "reported and the session goes on; an error text from the server, or "
                     "losing the session, ends it with exit status 1; Ctrl-C or SIGTERM ends "
                     "it with 0.")
     pf.add_argument("sandbox", metavar="SANDBOX", help="pod sandbox id")
-    pf.add_argument("ports", metavar="[LOCAL:]REMOTE", nargs="+", help="port specs")
+    pf.add_argument("ports", metavar="[LOCAL:]REMOTE[/udp]", nargs="+", help="port specs")
     _add_common(pf)
     pf.add_argument("--transport", choices=TRANSPORTS, default="spdy",
                     help="stream protocol: spdy (kubectl, crictl), spdy-over-websocket "

@@ -25,6 +25,7 @@ from crishim.client.session import (
     UpgradeRefused,
 )
 from crishim.protocols.h2 import H2Codec, Outbound
+from crishim.protocols.negotiation import PORTFORWARD_K8S, TCP, UDP, VERSION_HEADER, client_offer
 
 if TYPE_CHECKING:
     from crishim.client.session import _ConnectionProtocol
@@ -38,8 +39,14 @@ QUEUE_HIGH_WATER = 1024 * 1024
 class H2ClientSession(ClientSession):
     transport_name = "h2"
 
-    def __init__(self, authority: str, path: str, scheme: str) -> None:
+    def __init__(self, authority: str, path: str, scheme: str, offer_udp: bool = True) -> None:
         super().__init__()
+        # HTTP/2's X-Stream-Protocol-Version: offered on every stream, answered in every
+        # response; unknown until the first response arrives
+        self.offer = ", ".join(client_offer(udp=offer_udp))
+        self.stream_version = None
+        self.version_known: asyncio.Future[None] = self.loop.create_future()
+        self._probe_id = 0
         self.codec = H2Codec(h2.config.H2Configuration(client_side=True,
                                                        header_encoding="utf-8"))
         self.codec.local_settings = h2.settings.Settings(client=True, initial_values={
@@ -63,11 +70,43 @@ class H2ClientSession(ClientSession):
         self._flush()
 
     # --- streams ------------------------------------------------------------------------
-    def _new_stream(self, port: int) -> ForwardStream:
+    async def negotiate(self, timeout: float = 10.0) -> str | None:
+        """The session's stream protocol version; before any stream has been answered,
+        asks with a probe: an error stream that never gets its data stream, reset once
+        answered (so no server, old or new, dials anything for it)."""
+        if self.stream_version is None:
+            if not self._probe_id:
+                self._probe_id = self.codec.get_next_available_stream_id()
+                self.codec.send_headers(self._probe_id, self.base_headers + [
+                    ("streamtype", "error"), ("port", "1"), ("requestid", "version-probe"),
+                    (VERSION_HEADER, self.offer)], end_stream=True)
+                self._flush()
+            done, _ = await asyncio.wait((self.version_known, self.closed), timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if self.stream_version is None:
+                why = self.closed.result() if self.closed.done() else f"no answer in {timeout:g}s"
+                raise SessionClosed(f"cannot learn the server's stream protocol version: {why}")
+        return self.stream_version
+
+    def _version_answered(self, sid: int, headers: dict[str, str]) -> None:
+        if self.stream_version is None:
+            self.stream_version = headers.get(VERSION_HEADER) or PORTFORWARD_K8S
+            if not self.version_known.done():
+                self.version_known.set_result(None)
+        if sid == self._probe_id:
+            try:
+                self.codec.reset_stream(sid, ErrorCodes.CANCEL)
+            except h2.exceptions.ProtocolError:
+                pass  # the server already ended it
+
+    def _new_stream(self, port: int, protocol: str = TCP) -> ForwardStream:
         codec = self.codec
         request_id = str(self._next_request_id)
         self._next_request_id += 1
-        extra = [("streamtype", "error"), ("port", str(port)), ("requestid", request_id)]
+        extra = [("streamtype", "error"), ("port", str(port)), ("requestid", request_id),
+                 (VERSION_HEADER, self.offer)]
+        if protocol == UDP:
+            extra.append(("protocol", UDP))
         try:
             error_id = codec.get_next_available_stream_id()
             codec.send_headers(error_id, self.base_headers + extra, end_stream=True)
@@ -197,7 +236,9 @@ class H2ClientSession(ClientSession):
                     if stream is not None:
                         stream._error_data(bytes(ev.data).decode("utf-8", "replace"))
             elif kind is h2.events.ResponseReceived:
-                status = dict(ev.headers).get(":status", "0")
+                response = dict(ev.headers)
+                self._version_answered(ev.stream_id, response)
+                status = response.get(":status", "0")
                 stream = self.streams.get(ev.stream_id) or self._error_streams.get(ev.stream_id)
                 if status == "200":
                     if stream is not None and ev.stream_id == stream.key:
@@ -259,14 +300,14 @@ class H2ClientSession(ClientSession):
 
 
 async def start(conn: _ConnectionProtocol, tr: asyncio.Transport, u: SplitResult, target: str,
-                timeout: float) -> H2ClientSession:
+                timeout: float, offer_udp: bool = True) -> H2ClientSession:
     """HTTP/2 with prior knowledge (h2c) or TLS ALPN h2; done once the server's SETTINGS
     arrive (the token is redeemed by the first stream)."""
     ssl_object = tr.get_extra_info("ssl_object")
     if ssl_object is not None and ssl_object.selected_alpn_protocol() != "h2":
         raise UpgradeRefused(0, f"the server at {u.netloc} did not negotiate h2 by ALPN "
                                 f"(got {ssl_object.selected_alpn_protocol()!r})")
-    session = H2ClientSession(u.netloc, target, u.scheme)
+    session = H2ClientSession(u.netloc, target, u.scheme, offer_udp)
     conn.attach(session, bytes(conn.buffer))
     session.begin()
     try:

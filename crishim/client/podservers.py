@@ -11,7 +11,6 @@ import asyncio
 import hashlib
 import socket
 import struct
-from typing import Any, cast
 
 from crishim.netns import bind_udp_in_netns, listen_in_netns
 
@@ -119,32 +118,42 @@ class Reset(asyncio.Protocol):
         self.t.abort()
 
 
-class UdpEcho(asyncio.DatagramProtocol):
-    """Sends every datagram back to its sender, boundaries as received."""
+class UdpEcho:
+    """Sends every datagram back to its sender, boundaries as received. Reads its socket
+    directly: asyncio's datagram transport would not send an empty datagram back."""
 
-    def __init__(self) -> None:
-        self.t: asyncio.DatagramTransport | None = None
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
         self.datagrams = 0
+        self._buffer = bytearray(65536)
+        self._loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self._loop.add_reader(sock.fileno(), self._readable)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.t = cast(asyncio.DatagramTransport, transport)  # asyncio's is not a subclass
+    def _readable(self) -> None:
+        view = memoryview(self._buffer)
+        for _ in range(64):
+            try:
+                n, addr = self.sock.recvfrom_into(self._buffer)
+                self.datagrams += 1
+                self.sock.sendto(view[:n], addr)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue  # ICMP for a sender that went away, or a full send buffer: drop
 
-    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        self.datagrams += 1
-        if self.t is not None:
-            self.t.sendto(data, addr)
-
-    def error_received(self, exc: Exception) -> None:
-        pass  # ICMP for a sender that went away: the next sender is unaffected
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            self._loop.remove_reader(self.sock.fileno())
+            self.sock.close()
 
 
 async def serve_udp_echo(netns: str, host: str = "127.0.0.1", port: int = 0
-                         ) -> tuple[asyncio.DatagramTransport, int]:
-    """A UdpEcho bound inside the netns; its transport and port."""
+                         ) -> tuple[UdpEcho, int]:
+    """A UdpEcho bound inside the netns, and its port."""
     sock = bind_udp_in_netns(netns, host, port)
-    bound = sock.getsockname()[1]
-    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(UdpEcho, sock=sock)
-    return transport, bound
+    return UdpEcho(sock), sock.getsockname()[1]
 
 
 class Peers:
@@ -154,7 +163,7 @@ class Peers:
         self.netns = netns
         self.ports: dict[str, int] = {}
         self._servers: list[asyncio.AbstractServer] = []
-        self._udp: asyncio.DatagramTransport | None = None
+        self._udp: UdpEcho | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

@@ -12,7 +12,14 @@ import time
 from dataclasses import dataclass
 
 from crishim.client.cri import CriClient, CriError
-from crishim.client.session import ClientSession, ForwardError, SessionError, open_session
+from crishim.client.session import (
+    ClientSession,
+    ForwardError,
+    SessionError,
+    UdpNotSupported,
+    open_session,
+)
+from crishim.client.udp import UdpListener
 
 
 class UsageError(Exception):
@@ -189,6 +196,7 @@ class PortForwarder:
         self.ping_interval = ping_interval
         self.session: ClientSession | None = None
         self.servers: list[asyncio.AbstractServer] = []
+        self.udp_listeners: list[UdpListener] = []
         self.finished: asyncio.Future[tuple[int, str]] | None = None
 
     async def _url(self, ports: list[int]) -> str:
@@ -198,6 +206,11 @@ class PortForwarder:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.finished = loop.create_future()
+        udp_specs = [spec for spec in self.specs if spec.protocol == "udp"]
+        if udp_specs and self.transport == "websocket":
+            raise UsageError(f"{udp_specs[0].remote_text}: the WebSocket channel protocol "
+                             "(--transport websocket) cannot carry UDP; use --transport spdy, "
+                             "spdy-over-websocket or h2")
         if self.transport == "websocket":
             # Ports are fixed per WebSocket: one session per local connection. Check the
             # sandbox and the upgrade once now, so a refusal is reported before listening.
@@ -209,8 +222,22 @@ class PortForwarder:
             self.session = await open_session(await self._url([]), self.transport,
                                               ping_interval=self.ping_interval, **self.tls)
             self.session.closed.add_done_callback(self._session_closed)
-        for spec in self.specs:
-            await self._listen(spec)
+        specs = self.specs
+        if udp_specs:
+            assert self.session is not None
+            await self.session.negotiate()
+            if not self.session.supports_udp:
+                refusal = UdpNotSupported(self.session.stream_version, self.transport)
+                ports = ", ".join(spec.remote_text for spec in udp_specs)
+                if len(udp_specs) == len(specs):
+                    raise SessionError(f"{refusal}: cannot forward {ports}")
+                print(f"error: {refusal}: not forwarding {ports}", file=sys.stderr, flush=True)
+                specs = [spec for spec in specs if spec.protocol != "udp"]
+        for spec in specs:
+            if spec.protocol == "udp":
+                await self._listen_udp(spec)
+            else:
+                await self._listen(spec)
 
     async def _listen(self, spec: PortSpec) -> None:
         loop = asyncio.get_running_loop()
@@ -240,6 +267,47 @@ class PortForwarder:
             print(f"Forwarding from {_show(host)}:{spec.local} -> {spec.remote}", flush=True)
         if not bound:
             raise UsageError(f"unable to listen on any address for port {spec.local}")
+
+    async def _listen_udp(self, spec: PortSpec) -> None:
+        bound = 0
+        for host in self.hosts:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((host, spec.local))
+            except OSError as e:
+                sock.close()
+                if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) and host == "::1":
+                    continue
+                raise UsageError(f"unable to listen on {_show(host)}:{spec.local}/udp: "
+                                 f"{e.strerror}") from None
+            if spec.local == 0:
+                spec.local = sock.getsockname()[1]
+            self.udp_listeners.append(UdpListener(sock, spec.remote, spec.local,
+                                                  self._open_flow, self._flow_failed))
+            bound += 1
+            print(f"Forwarding from {_show(host)}:{spec.local} -> {spec.remote_text}",
+                  flush=True)
+        if not bound:
+            raise UsageError(f"unable to listen on any address for port {spec.local}/udp")
+
+    def _open_flow(self, port: int, protocol_factory) -> asyncio.Transport:
+        session = self.session
+        if session is None:
+            raise SessionError("no session")
+        stream, _ = session.open_connection_nowait(port, protocol_factory, "udp")
+        return stream
+
+    def _flow_failed(self, listener: UdpListener, exc: Exception) -> None:
+        if self.finished is None or self.finished.done():
+            return
+        where = f"{listener.local_port} -> {listener.remote_port}/udp"
+        if isinstance(exc, ForwardError) and exc.fatal:
+            self._finish(1, f"an error occurred forwarding {where}: {exc}")
+        else:
+            log_error(f"error forwarding port {where}: {exc}")
 
     def start_pipe(self, pipe: _Pipe) -> None:
         session = self.session
@@ -304,6 +372,8 @@ class PortForwarder:
     def close(self) -> None:
         for server in self.servers:
             server.close()
+        for listener in self.udp_listeners:
+            listener.close()
         session = self.session
         self.session = None
         if session is not None:

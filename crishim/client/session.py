@@ -34,9 +34,18 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from crishim.protocols import spdy
 from crishim.protocols import websocket as ws
+from crishim.protocols.negotiation import (
+    PORTFORWARD_CRISHIM_V1,
+    PORTFORWARD_K8S,
+    TCP,
+    UDP,
+    carries_udp,
+    client_offer,
+    version_of_subprotocol,
+    websocket_subprotocol,
+)
 
 TRANSPORTS = ("spdy", "websocket", "spdy-over-websocket", "h2")
-PORTFORWARD_PROTOCOL = "portforward.k8s.io"
 # After a forwarded connection's data stream ends, how long to wait for its error stream.
 ERROR_STREAM_WAIT = 2.0
 SESSION_WRITE_HIGH_WATER = 1024 * 1024
@@ -56,6 +65,19 @@ class UpgradeRefused(SessionError):
 
 class SessionClosed(SessionError):
     """The session ended; no new connections."""
+
+
+class UdpNotSupported(SessionError):
+    """The server did not negotiate crishim's port-forward extension: no UDP flows."""
+
+    def __init__(self, version: str | None, transport: str) -> None:
+        if transport == "websocket":
+            why = ("the WebSocket channel protocol cannot carry UDP; use --transport spdy, "
+                   "spdy-over-websocket or h2")
+        else:
+            why = (f"its stream server negotiated {version or PORTFORWARD_K8S}; UDP needs "
+                   f"{PORTFORWARD_CRISHIM_V1}, which crishim's stream server speaks")
+        super().__init__(f"the container runtime does not support UDP port-forward ({why})")
 
 
 class ForwardError(Exception):
@@ -289,20 +311,41 @@ class ClientSession:
         self.closed: asyncio.Future[str] = loop.create_future()
         self.connected_at = time.perf_counter()
         self._ping_task: asyncio.Task | None = None
+        # the stream protocol version the server picked (None: HTTP/2 before it answered)
+        self.stream_version: str | None = PORTFORWARD_K8S
 
     # --- public -------------------------------------------------------------------------
-    async def open_connection(self, port: int, protocol_factory: Callable[[], asyncio.Protocol]
-                              ) -> tuple[ForwardStream, asyncio.Protocol]:
-        return self.open_connection_nowait(port, protocol_factory)
+    @property
+    def supports_udp(self) -> bool:
+        """Whether the server negotiated crishim's extension (UDP flows)."""
+        return carries_udp(self.stream_version)
+
+    async def negotiate(self, timeout: float = 10.0) -> str | None:
+        """The stream protocol version, asking the server first where the upgrade did not
+        say (HTTP/2)."""
+        return self.stream_version
+
+    async def open_connection(self, port: int, protocol_factory: Callable[[], asyncio.Protocol],
+                              protocol: str = TCP) -> tuple[ForwardStream, asyncio.Protocol]:
+        return self.open_connection_nowait(port, protocol_factory, protocol)
 
     def open_connection_nowait(self, port: int,
-                               protocol_factory: Callable[[], asyncio.Protocol]
-                               ) -> tuple[ForwardStream, asyncio.Protocol]:
+                               protocol_factory: Callable[[], asyncio.Protocol],
+                               protocol: str = TCP) -> tuple[ForwardStream, asyncio.Protocol]:
         """open_connection without a loop round trip: the streams' opening frames are
-        written at once (first-byte latency)."""
+        written at once (first-byte latency). protocol "udp" opens a UDP flow (datagrams
+        length-prefixed, crishim/protocols/datagram.py), or raises UdpNotSupported."""
         if self.closed.done():
             raise SessionClosed(f"session closed: {self.closed.result()}")
-        stream = self._new_stream(port)
+        if protocol == UDP:
+            if self.stream_version is None:
+                raise SessionError("the server has not said yet which stream protocol it "
+                                   "speaks: await negotiate() before opening a UDP flow")
+            if not self.supports_udp:
+                raise UdpNotSupported(self.stream_version, self.transport_name)
+        elif protocol != TCP:
+            raise ValueError(f"protocol {protocol!r}: expected tcp or udp")
+        stream = self._new_stream(port, protocol)
         protocol = protocol_factory()
         stream.protocol = protocol
         protocol.connection_made(stream)
@@ -331,7 +374,7 @@ class ClientSession:
         return await self.closed
 
     # --- for subclasses -----------------------------------------------------------------
-    def _new_stream(self, port: int) -> ForwardStream:
+    def _new_stream(self, port: int, protocol: str = TCP) -> ForwardStream:
         raise NotImplementedError
 
     def _send(self, stream: ForwardStream, data) -> None:
@@ -435,12 +478,14 @@ class SpdyClientSession(ClientSession):
         self._pings: dict[int, tuple[float, asyncio.Future[float]]] = {}
         self.goaway = False
 
-    def _new_stream(self, port: int) -> ForwardStream:
+    def _new_stream(self, port: int, protocol: str = TCP) -> ForwardStream:
         if self.goaway:
             raise SessionClosed("the server sent GOAWAY: no new connections on this session")
         request_id = str(self._next_request_id)
         self._next_request_id += 1
         headers = {"streamtype": "error", "port": str(port), "requestid": request_id}
+        if protocol == UDP:
+            headers["protocol"] = UDP
         try:
             error_id = self.codec.open_stream(headers)
             self.codec.end_stream(error_id)
@@ -591,7 +636,7 @@ class ChannelClientSession(ClientSession):
                 return index
         return None
 
-    def _new_stream(self, port: int) -> ForwardStream:
+    def _new_stream(self, port: int, protocol: str = TCP) -> ForwardStream:
         index = self._free_index(port)
         if index is None:
             raise SessionClosed(f"port {port} is not (or no longer) available on this "
@@ -603,8 +648,10 @@ class ChannelClientSession(ClientSession):
         return stream
 
     def open_connection_nowait(self, port: int,
-                               protocol_factory: Callable[[], asyncio.Protocol]
-                               ) -> tuple[ForwardStream, asyncio.Protocol]:
+                               protocol_factory: Callable[[], asyncio.Protocol],
+                               protocol: str = TCP) -> tuple[ForwardStream, asyncio.Protocol]:
+        if protocol != TCP:
+            raise UdpNotSupported(None, "websocket")
         index = self._free_index(port)
         early = self._early.pop(index, None) if index is not None else None
         if early is None:
@@ -800,11 +847,13 @@ def _with_ports(target: str, ports: list[int]) -> str:
 async def open_session(url: str, transport: str = "spdy", ports: list[int] | tuple = (), *,
                        insecure: bool = False, ca_file: str | None = None,
                        ssl_context: ssl.SSLContext | None = None, ping_interval: float = 5.0,
-                       timeout: float = 10.0) -> ClientSession:
+                       timeout: float = 10.0, offer_udp: bool = True) -> ClientSession:
     """Connect to a stream server URL and upgrade to `transport`.
 
     `ports` is needed by the channel WebSocket (added as ?port= unless the URL has some);
-    the other transports take ports per connection. SPDY and h2 sessions ping every
+    the other transports take ports per connection. `offer_udp`: offer crishim's stream
+    protocol version (UDP flows) before portforward.k8s.io; the session's `stream_version`
+    says what the server picked. SPDY and h2 sessions ping every
     `ping_interval` seconds (0: never). Raises SessionError / UpgradeRefused."""
     if transport not in TRANSPORTS:
         raise ValueError(f"unknown transport {transport!r}; choose from {', '.join(TRANSPORTS)}")
@@ -839,9 +888,10 @@ async def open_session(url: str, transport: str = "spdy", ports: list[int] | tup
         if transport == "h2":
             from crishim.client import h2client
 
-            session = await h2client.start(conn, tr, u, target, timeout)
+            session = await h2client.start(conn, tr, u, target, timeout, offer_udp)
         else:
-            session = await _upgrade_http1(conn, tr, u, target, transport, list(ports), timeout)
+            session = await _upgrade_http1(conn, tr, u, target, transport, list(ports), timeout,
+                                           offer_udp)
     except BaseException:
         tr.abort()
         raise
@@ -850,15 +900,20 @@ async def open_session(url: str, transport: str = "spdy", ports: list[int] | tup
 
 
 async def _upgrade_http1(conn: _ConnectionProtocol, tr: asyncio.Transport, u, target: str,
-                         transport: str, ports: list[int], timeout: float) -> ClientSession:
+                         transport: str, ports: list[int], timeout: float,
+                         offer_udp: bool = True) -> ClientSession:
     expected_accept = None
     offered: list[str] = []
+    versions = client_offer(udp=offer_udp)
     if transport == "spdy":
+        # one header line per version, best first, as client-go writes them
+        offer = "".join(f"X-Stream-Protocol-Version: {v}\r\n" for v in versions)
         tr.write(f"POST {target} HTTP/1.1\r\nHost: {u.netloc}\r\nConnection: Upgrade\r\n"
-                 f"Upgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: {PORTFORWARD_PROTOCOL}\r\n"
+                 f"Upgrade: SPDY/3.1\r\n{offer}"
                  f"Content-Length: 0\r\nUser-Agent: crishim-port-forward\r\n\r\n".encode())
     else:
-        offered = [ws.SPDY_TUNNEL] if transport == "spdy-over-websocket" else [ws.CHANNEL_BINARY]
+        offered = ([websocket_subprotocol(v) for v in versions]
+                   if transport == "spdy-over-websocket" else [ws.CHANNEL_BINARY])
         if transport == "websocket":
             if not ports:
                 raise ValueError("the websocket transport needs the ports at connect time")
@@ -878,17 +933,21 @@ async def _upgrade_http1(conn: _ConnectionProtocol, tr: asyncio.Transport, u, ta
     if transport == "spdy":
         if upgrade != "spdy/3.1":
             raise UpgradeRefused(101, f"the server upgraded to {upgrade!r}, not SPDY/3.1")
-        chosen = ",".join(headers.get("x-stream-protocol-version", []))
-        if chosen and chosen != PORTFORWARD_PROTOCOL:
+        chosen = ",".join(headers.get("x-stream-protocol-version", [])) or PORTFORWARD_K8S
+        if chosen not in versions:
             raise UpgradeRefused(101, f"the server chose stream protocol {chosen!r}")
         session: ClientSession = SpdyClientSession()
+        session.stream_version = chosen
     else:
         try:
-            ws.parse_handshake_response(raw, expected_accept, offered)
+            answer = ws.parse_handshake_response(raw, expected_accept, offered)
         except ws.HandshakeError as e:
             raise UpgradeRefused(101, f"bad WebSocket handshake answer: {e.reason}") from None
         if transport == "spdy-over-websocket":
             session = SpdyClientSession(ws.ByteStreamTunnel(client=True))
+            subprotocol = answer.subprotocol if answer is not None else None
+            session.stream_version = version_of_subprotocol(subprotocol or "") \
+                or PORTFORWARD_K8S
         else:
             session = ChannelClientSession(ports)
     conn.attach(session, rest)

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
-from crishim.protocols.datagram import MAX_DATAGRAM, DatagramDecoder, encode_datagram
+from crishim.protocols.datagram import MAX_DATAGRAM, DatagramDecoder, encode_datagrams
 
 log = logging.getLogger("crishim.client.udp")
 
+READ_BATCH = 64  # datagrams read per wakeup
+SOCKET_BUFFER = 4 << 20
 Address = tuple[Any, ...]  # (host, port) or (host, port, flowinfo, scope_id)
 # opens one forwarded connection with protocol udp to the remote port; may raise
 OpenFlow = Callable[[int, Callable[[], asyncio.Protocol]], asyncio.Transport]
@@ -38,14 +41,14 @@ class UdpFlow(asyncio.Protocol):
         self.datagrams_down = 0
         self.dropped = 0  # local datagrams dropped while the session was congested
 
-    def send(self, datagram: bytes) -> None:
+    def send(self, datagrams: list[bytes]) -> None:
         if self.stream is None or self.stream.is_closing():
             return
         if self.congested:
-            self.dropped += 1  # UDP has no backpressure: drop as a congested link would
+            self.dropped += len(datagrams)  # no backpressure in UDP: as a congested link
             return
-        self.datagrams_up += 1
-        self.stream.write(encode_datagram(datagram))
+        self.datagrams_up += len(datagrams)
+        self.stream.write(encode_datagrams(datagrams))
 
     # --- asyncio.Protocol of the forwarded connection -----------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -53,11 +56,9 @@ class UdpFlow(asyncio.Protocol):
         self.stream = transport
 
     def data_received(self, data: bytes) -> None:
-        local = self.listener.transport
         for datagram in self.decoder.receive_data(data):
             self.datagrams_down += 1
-            if local is not None:
-                local.sendto(datagram, self.peer)
+            self.listener.sendto(datagram, self.peer)
         if self.decoder.error is not None and self.stream is not None:
             log.warning("udp flow from %s: %s; resetting it", self.peer, self.decoder.error)
             self.stream.abort()
@@ -75,26 +76,49 @@ class UdpFlow(asyncio.Protocol):
         self.congested = False
 
 
-class UdpListener(asyncio.DatagramProtocol):
-    """A local UDP socket and its flow table, one flow per peer address."""
+class UdpListener:
+    """A local UDP socket and its flow table, one flow per peer address. The socket is
+    read directly (not through an asyncio datagram transport, which drops empty
+    datagrams): a batch of datagrams per wakeup, one stream write per flow per batch."""
 
-    def __init__(self, remote_port: int, local_port: int, open_flow: OpenFlow,
-                 on_flow_failed: Callable[[UdpListener, Exception], None],
+    def __init__(self, sock: socket.socket, remote_port: int, local_port: int,
+                 open_flow: OpenFlow, on_flow_failed: Callable[[UdpListener, Exception], None],
                  announce: bool = True) -> None:
+        self.sock = sock
         self.remote_port = remote_port
         self.local_port = local_port
         self.open_flow = open_flow
         self.on_flow_failed = on_flow_failed
         self.announce = announce
-        self.transport: asyncio.DatagramTransport | None = None
         self.flows: dict[Address, UdpFlow] = {}
         self.flows_opened = 0
+        self.dropped = 0  # datagrams to local peers the socket could not take
         self.closed = False
+        self._loop = asyncio.get_running_loop()
+        self._buffer = bytearray(MAX_DATAGRAM + 1)
+        sock.setblocking(False)
+        try:  # room for a burst while the session is busy (capped by net.core.rmem_max)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+        except OSError:
+            pass
+        self._loop.add_reader(sock.fileno(), self._readable)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)  # not a subclass
+    def _readable(self) -> None:
+        view = memoryview(self._buffer)
+        batch: dict[Address, list[bytes]] = {}
+        for _ in range(READ_BATCH):
+            try:
+                n, addr = self.sock.recvfrom_into(self._buffer)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:  # ICMP about an earlier datagram to a peer that has gone
+                log.debug("udp listener %d: %s", self.local_port, e)
+                continue
+            batch.setdefault(addr, []).append(bytes(view[:n]))
+        for addr, datagrams in batch.items():
+            self._to_flow(addr, datagrams)
 
-    def datagram_received(self, data: bytes, addr: Address) -> None:
+    def _to_flow(self, addr: Address, datagrams: list[bytes]) -> None:
         flow = self.flows.get(addr)
         if flow is None:
             if self.closed:
@@ -109,14 +133,17 @@ class UdpListener(asyncio.DatagramProtocol):
             self.flows_opened += 1
             if self.announce:
                 print(f"Handling connection for {self.local_port}/udp", flush=True)
-        flow.send(data)
+        flow.send(datagrams)
 
-    def error_received(self, exc: Exception) -> None:
-        # ICMP about a datagram we sent to a local peer that has gone: nothing to end
-        log.debug("udp listener %d: %s", self.local_port, exc)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.close()
+    def sendto(self, datagram: bytes, peer: Address) -> None:
+        if self.closed:
+            return
+        try:
+            self.sock.sendto(datagram, peer)
+        except (BlockingIOError, InterruptedError):
+            self.dropped += 1  # the local peer is not reading: as a full link would
+        except OSError as e:
+            log.debug("udp listener %d: sending to %s: %s", self.local_port, peer, e)
 
     def flow_ended(self, flow: UdpFlow, exc: Exception | None) -> None:
         if self.flows.get(flow.peer) is flow:
@@ -129,9 +156,9 @@ class UdpListener(asyncio.DatagramProtocol):
         if self.closed:
             return
         self.closed = True
+        self._loop.remove_reader(self.sock.fileno())
         for flow in list(self.flows.values()):
             if flow.stream is not None:
                 flow.stream.close()
         self.flows.clear()
-        if self.transport is not None:
-            self.transport.close()
+        self.sock.close()

@@ -78,7 +78,14 @@ from crishim.forward import (
     SessionProtocol,
     StreamPairs,
 )
+from crishim.forward_udp import ForwardedFlow
 from crishim.protocols.h2 import H2Codec, Outbound
+from crishim.protocols.negotiation import (
+    PORTFORWARD_K8S,
+    VERSION_HEADER,
+    choose_version,
+    server_versions,
+)
 from crishim.runtime import Sandbox, SandboxGone, SandboxNotFound
 
 if TYPE_CHECKING:
@@ -124,7 +131,7 @@ class _H2Channel:
         self.data_id = data_id
         self.error_id = error_id
         self.request_id = request_id
-        self.conn: ForwardedConnection | None = None
+        self.conn: ForwardedConnection | ForwardedFlow | None = None
         self.data_closed = False
 
     def send(self, data: bytes) -> None:
@@ -185,8 +192,9 @@ class H2PortForwardSession(SessionBase):
         })
         self.codec.max_inbound_frame_size = MAX_FRAME_SIZE
         self._pairs = StreamPairs(self.creation_timeout, self._pair_timed_out)
-        self._by_stream: dict[int, ForwardedConnection] = {}  # data stream id -> connection
-        self._live_requests: dict[str, ForwardedConnection] = {}  # request id -> connection
+        self._by_stream: dict[int, ForwardedConnection | ForwardedFlow] = {}  # data stream id
+        self._live_requests: dict[str, ForwardedConnection | ForwardedFlow] = {}  # request id
+        self._version_chosen = False  # at the first forwarding stream, for the session
         self._outbound: dict[int, Outbound] = {}  # streams waiting for window
         self._held_acks: dict[int, int] = {}  # data stream id -> bytes not yet acknowledged
         self._read_acks: dict[int, int] | None = None  # DATA of the read being processed
@@ -270,7 +278,8 @@ class H2PortForwardSession(SessionBase):
         try:
             self.codec.send_headers(stream_id, [
                 (":status", str(status)), ("content-type", "text/plain; charset=utf-8"),
-                ("content-length", str(len(body))), *headers])
+                ("content-length", str(len(body))), *headers,
+                *([(VERSION_HEADER, self.stream_version)] if self._version_chosen else [])])
         except h2.exceptions.ProtocolError:
             return
         self.queue_data(stream_id, body)
@@ -401,19 +410,32 @@ class H2PortForwardSession(SessionBase):
         self._dispatch(queued)
         self.flush()
 
+    def _choose_version(self, headers: dict[str, str]) -> None:
+        """The session's stream protocol version, from its first forwarding stream's offer
+        (HTTP/2's form of X-Stream-Protocol-Version: a request header, answered in every
+        response)."""
+        if not self._version_chosen:
+            self._version_chosen = True
+            offered = headers.get(VERSION_HEADER, "").split(",")
+            self.stream_version = (choose_version(offered, server_versions(self.ctx.udp))
+                                   or PORTFORWARD_K8S)
+
     def _pair(self, sid: int, headers: dict[str, str]) -> None:
+        self._choose_version(headers)
         try:
-            pair = self._pairs.add(sid, headers, live=self._live_requests)
+            pair = self._pairs.add(sid, headers, live=self._live_requests,
+                                   version=self.stream_version)
         except PairRefused as e:
             raise _Refused(400, str(e)) from None
         try:
-            self.codec.send_headers(sid, [(":status", "200")])
+            self.codec.send_headers(sid, [(":status", "200"),
+                                          (VERSION_HEADER, self.stream_version)])
         except h2.exceptions.ProtocolError:
             pass  # the client already reset it: its StreamReset event cleans up
         if not pair.complete:
             return
         channel = _H2Channel(self, pair.data_id, pair.error_id, pair.request_id)
-        conn = self.open_connection(pair.port, channel)
+        conn = self.open_pair(pair, channel)
         channel.conn = conn
         if conn.done:
             return
@@ -532,7 +554,7 @@ class H2PortForwardSession(SessionBase):
             if not (isinstance(channel, _H2Channel) and channel.data_id in self._outbound):
                 conn.resume_pod_reading()
 
-    def connection_finished(self, conn: ForwardedConnection) -> None:
+    def connection_finished(self, conn: ForwardedConnection | ForwardedFlow) -> None:
         super().connection_finished(conn)
         channel = conn.channel
         if isinstance(channel, _H2Channel):

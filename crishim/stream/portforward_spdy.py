@@ -15,6 +15,7 @@ from crishim.forward import (
     SessionBase,
     StreamPairs,
 )
+from crishim.forward_udp import ForwardedFlow
 from crishim.protocols import spdy
 from crishim.runtime import Sandbox
 
@@ -75,7 +76,7 @@ class SpdyPortForwardSession(SessionBase):
         self._write_buffers = write_buffers
         self._close = close
         self._pairs = StreamPairs(creation_timeout, self._pair_timed_out)
-        self._by_stream: dict[int, ForwardedConnection] = {}
+        self._by_stream: dict[int, ForwardedConnection | ForwardedFlow] = {}
         self._closed = False
         self.on_closed: Callable[[], None] | None = None
 
@@ -103,7 +104,7 @@ class SpdyPortForwardSession(SessionBase):
 
     def _on_stream_opened(self, ev: spdy.StreamOpened) -> None:
         try:
-            pair = self._pairs.add(ev.stream_id, ev.headers)
+            pair = self._pairs.add(ev.stream_id, ev.headers, version=self.stream_version)
         except PairRefused as e:
             log.info("spdy sandbox=%s: refusing stream %d: %s", self.sandbox.id, ev.stream_id,
                      e)
@@ -112,7 +113,7 @@ class SpdyPortForwardSession(SessionBase):
         self.codec.reply(ev.stream_id, {})
         if pair.complete:
             channel = _SpdyChannel(self, pair.data_id, pair.error_id)
-            conn = self.open_connection(pair.port, channel)
+            conn = self.open_pair(pair, channel)
             if not conn.done:
                 self._by_stream[pair.data_id] = conn
 
@@ -162,7 +163,7 @@ class SpdyPortForwardSession(SessionBase):
         if conn is not None:
             conn.close(ev.reason)
 
-    def connection_finished(self, conn: ForwardedConnection) -> None:
+    def connection_finished(self, conn: ForwardedConnection | ForwardedFlow) -> None:
         super().connection_finished(conn)
         channel = conn.channel
         if isinstance(channel, _SpdyChannel):

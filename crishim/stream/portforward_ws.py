@@ -35,7 +35,13 @@ import time
 from typing import TYPE_CHECKING
 
 from crishim.forward import ForwardContext, ForwardedConnection, SessionBase, SessionProtocol
+from crishim.forward_udp import ForwardedFlow
 from crishim.protocols import websocket as ws
+from crishim.protocols.negotiation import (
+    PORTFORWARD_CRISHIM_V1,
+    PORTFORWARD_K8S,
+    websocket_subprotocol,
+)
 from crishim.runtime import Sandbox
 from crishim.stream.portforward_spdy import SpdyPortForwardSession
 from crishim.stream.server import HttpError
@@ -47,6 +53,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("crishim.websocket")
 
 SUPPORTED_SUBPROTOCOLS = [ws.SPDY_TUNNEL, ws.CHANNEL_BINARY, ws.CHANNEL_BASE64]
+# crishim's port-forward extension over the SPDY tunnel (offered by crishim's client only)
+SPDY_TUNNEL_CRISHIM = websocket_subprotocol(PORTFORWARD_CRISHIM_V1)
 # After the client's close frame, connections still waiting for the pod get this long.
 CLOSE_GRACE = 5.0
 _GRACEFUL_CLOSE_CODES = (1000, 1001, 1005)
@@ -59,18 +67,21 @@ def start(server: StreamServer, transport: asyncio.Transport, request: Request,
     Raises HttpError (400/403) before anything is written when the upgrade cannot
     succeed; StreamServer.dispatch renders it."""
     try:
-        response, subprotocol = ws.accept_handshake(request.raw_headers, SUPPORTED_SUBPROTOCOLS)
+        supported = ([SPDY_TUNNEL_CRISHIM] if server.ctx.udp else []) + SUPPORTED_SUBPROTOCOLS
+        response, subprotocol = ws.accept_handshake(request.raw_headers, supported)
     except ws.HandshakeError as e:
         raise HttpError(e.status, e.reason,
                         [(k.decode("latin-1"), v.decode("latin-1")) for k, v in e.headers]
                         ) from None
-    if subprotocol == ws.SPDY_TUNNEL:
+    if subprotocol in (ws.SPDY_TUNNEL, SPDY_TUNNEL_CRISHIM):
         tunnel = ws.ByteStreamTunnel()
         spdy_session = SpdyPortForwardSession(
             server.ctx, sandbox, server.creation_timeout, server.idle_timeout,
             lambda chunks: _tunnel_writelines(tunnel, transport, chunks),
             lambda: _tunnel_close(tunnel, transport))
         spdy_session.transport_name = "spdy-websocket"
+        spdy_session.stream_version = (PORTFORWARD_CRISHIM_V1 if subprotocol == SPDY_TUNNEL_CRISHIM
+                                       else PORTFORWARD_K8S)
         transport.write(response)
         server.adopt(transport, spdy_session, SpdyTunnelProtocol(spdy_session, tunnel, transport),
                      rest)
@@ -298,7 +309,7 @@ class ChannelPortForwardSession(SessionBase):
             timer.cancel()
         self._timers.clear()
 
-    def connection_finished(self, conn: ForwardedConnection) -> None:
+    def connection_finished(self, conn: ForwardedConnection | ForwardedFlow) -> None:
         super().connection_finished(conn)
         if self._closed and not self.connections:
             self._cancel_timers()

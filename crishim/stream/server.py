@@ -12,6 +12,7 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 
 from crishim.forward import ForwardContext, SessionProtocol
+from crishim.protocols.negotiation import choose_version, server_versions
 from crishim.runtime import SandboxGone, SandboxNotFound
 from crishim.tokens import StreamRequest, TokenStore
 
@@ -209,19 +210,23 @@ class StreamServer:
         from crishim.stream.portforward_spdy import SpdyPortForwardSession
 
         offered = request.header_values("x-stream-protocol-version")
+        supported = server_versions(self.ctx.udp)
         if not offered:
             raise HttpError(400, "missing X-Stream-Protocol-Version: this server speaks "
                                  f"{PORTFORWARD_PROTOCOL}")
-        if PORTFORWARD_PROTOCOL not in offered:
+        version = choose_version(offered, supported)
+        if version is None:
+            # named as before: crishim's own client always offers the upstream name too
             raise HttpError(403, f"none of the offered stream protocols {offered} is supported; "
                                  f"this server speaks {PORTFORWARD_PROTOCOL}",
                             [("X-Accepted-Stream-Protocol-Versions", PORTFORWARD_PROTOCOL)])
         transport.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
                         b"Upgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: "
-                        + PORTFORWARD_PROTOCOL.encode() + b"\r\n\r\n")
+                        + version.encode() + b"\r\n\r\n")
         session = SpdyPortForwardSession(self.ctx, sandbox, self.creation_timeout,
                                          self.idle_timeout, transport.writelines,
                                          transport.close)
+        session.stream_version = version
         self.adopt(transport, session, SessionProtocol(session, transport), rest)
 
     def adopt(self, transport: asyncio.Transport, session, protocol: asyncio.Protocol,
