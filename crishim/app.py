@@ -6,17 +6,14 @@ loop and one token store without locks."""
 
 from __future__ import annotations
 
-import asyncio
-import errno
 import logging
 import os
-import signal
-import socket
 import ssl
-import stat
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import grpc
+import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from crishim import __version__
@@ -25,7 +22,11 @@ from crishim.cri.service import CriHandler, CriService, upstream_target
 from crishim.forward import ForwardContext
 from crishim.runtime import RuntimePlugin, load_plugin
 from crishim.stream.server import StreamServer
+from crishim.sysutil import prepare_socket_path, stop_on_signals
 from crishim.tokens import TokenStore
+
+if TYPE_CHECKING:
+    from crishim.metrics import Metrics
 
 log = logging.getLogger("crishim")
 
@@ -34,48 +35,22 @@ _MESSAGE_LIMITS = [("grpc.max_receive_message_length", 64 << 20),
                    ("grpc.max_send_message_length", 64 << 20)]
 
 
-class SocketInUse(Exception):
-    """A live server already answers on the CRI socket path."""
-
-
-def prepare_socket_path(path: str) -> None:
-    """Create the parent directory; replace a stale socket file; refuse a live one."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or "/", exist_ok=True)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise SocketInUse(f"{path} exists and is not a socket; not replacing it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(path)
-    except OSError as e:
-        if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
-            os.unlink(path)  # stale: nobody listens
-            return
-        raise SocketInUse(f"{path}: cannot tell whether it is in use ({e.strerror})") from None
-    finally:
-        probe.close()
-    raise SocketInUse(f"another server is already listening on {path}; stop it or choose "
-                      "another --socket")
-
-
 class Crishim:
     def __init__(self, config: Config, plugin: RuntimePlugin | None = None) -> None:
         self.config = config
         self.plugin = plugin
         self.tokens = TokenStore(ttl=config.token_ttl, max_outstanding=config.max_tokens)
-        self.metrics = None
+        self.metrics: Metrics | None = None
         self.grpc_server: grpc.aio.Server | None = None
         self.stream: StreamServer | None = None
         self.upstream: grpc.aio.Channel | None = None
-        self.health: health.aio.HealthServicer | None = None
+        self.health: Any = None  # a grpc_health.v1.health.aio.HealthServicer (no stubs)
 
     async def start(self) -> None:
         cfg = self.config
         if self.plugin is None:
+            name, why = cfg.chosen_runtime()
+            log.info("runtime plugin %s: %s", name, why)
             self.plugin = load_plugin(cfg)
         if cfg.metrics_address:
             from crishim.metrics import Metrics
@@ -98,8 +73,9 @@ class Crishim:
                                                       options=_MESSAGE_LIMITS)
         service = CriService(self.plugin, self.tokens, self.stream.url_for)
         server = grpc.aio.server(options=_MESSAGE_LIMITS)
-        server.add_generic_rpc_handlers((CriHandler(service, self.upstream),))
-        self.health = health.aio.HealthServicer()
+        server.add_generic_rpc_handlers(
+            (CriHandler(service, self.upstream, cfg.upstream_version),))
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # no aio in stubs
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if server.add_insecure_port("unix://" + cfg.socket) == 0:
             raise OSError(f"cannot listen on {cfg.socket}")
@@ -113,9 +89,17 @@ class Crishim:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("runtime.v1.RuntimeService",
                               health_pb2.HealthCheckResponse.SERVING)
-        log.info("crishim %s serving CRI on %s, streams on %s (runtime plugin %s)",
-                 __version__, cfg.socket, self.stream.base_url,
-                 self.plugin.name)
+        log.info("crishim %s serving CRI on %s, streams on %s (runtime plugin %s; Version "
+                 "answered by %s)", __version__, cfg.socket, self.stream.base_url,
+                 self.plugin.name, self._version_answerer())
+
+    def _version_answerer(self) -> str:
+        cfg = self.config
+        if not cfg.upstream_endpoint:
+            return "crishim"
+        if cfg.upstream_version:
+            return f"the upstream {cfg.upstream_endpoint}"
+        return "crishim (upstream_version off)"
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         if not (self.config.enable_tls_streaming or self.config.tls_cert_file):
@@ -136,22 +120,13 @@ class Crishim:
         if self.grpc_server is not None:
             await self.grpc_server.stop(1.0)
         if self.upstream is not None:
-            await self.upstream.close()
+            await self.upstream.close(None)
         if self.plugin is not None:
             await self.plugin.close()
         try:
             os.unlink(self.config.socket)
         except FileNotFoundError:
             pass
-
-
-def stop_on_signals() -> asyncio.Event:
-    """An event that SIGINT or SIGTERM sets, handled on the running loop from now on."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    return stop
 
 
 async def run_until_signalled(app: Crishim,

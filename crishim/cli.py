@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from crishim import __version__
 from crishim.config import SETTINGS, Config, ConfigError, load
@@ -17,12 +18,14 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_serve(sub: argparse._SubParsersAction) -> None:
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "serve", help="serve the CRI socket and the stream server",
-        description="Serve the CRI gRPC socket (PortForward and Version answered here, every "
-                    "other CRI method passed through to upstream_endpoint) and the stream "
-                    "server its URLs point at. Settings come from the TOML file (--config), "
+        description="Serve the CRI gRPC socket (PortForward answered here, every other CRI "
+                    "method passed through to upstream_endpoint, Version too unless "
+                    "upstream_version is off) and the stream server its URLs point at. "
+                    "With an upstream and no runtime chosen, the containerd plugin resolves "
+                    "sandboxes through it. Settings come from the TOML file (--config), "
                     "then CRISHIM_<NAME> environment variables, then these flags.")
     p.add_argument("--config", metavar="FILE", help="TOML file of settings (names as below, "
                    "with underscores)")
@@ -35,7 +38,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     defaults = Config()
     for name, setting in SETTINGS.items():
         default = getattr(defaults, name)
-        kw: dict = {"dest": name, "default": None,
+        kw: dict[str, Any] = {"dest": name, "default": None,
                     "help": f"{setting.help} [default: {default!r}]"}
         if setting.kind == "bool":
             kw["action"] = argparse.BooleanOptionalAction
@@ -63,29 +66,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvloop
 
     from crishim import logs
-    from crishim.app import Crishim, SocketInUse, run_until_signalled
+    from crishim.app import Crishim, run_until_signalled
     from crishim.demo import DemoAlreadyRunning
     from crishim.runtime import RuntimeError_
+    from crishim.sysutil import SocketInUse
 
     config = _serve_config(args)
     logs.setup(config.log_format, config.log_level)
     demo = None
-    plugin = None
     if args.demo:
-        from crishim_netns import NamedNetnsRuntime
-
         from crishim.demo import DEMO_SANDBOX, Demo
 
         demo = Demo()
-        if config.runtime != "netns":
-            log.info("--demo: using the netns runtime plugin")
-        plugin = NamedNetnsRuntime(config)
+        if config.chosen_runtime()[0] != "netns":
+            log.info("--demo: serving named netns and the demo sandbox in process")
 
     async def main() -> None:
-        app = Crishim(config, plugin)
         try:
+            plugin = None
             if demo is not None:
-                plugin.register(DEMO_SANDBOX, await demo.start())
+                await demo.start()
+                plugin = demo.runtime(config)
+            app = Crishim(config, plugin)
 
             async def announce() -> None:
                 if demo is not None:
@@ -148,9 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_serve(sub)
-    from crishim import helper
+    from crishim.helper import agent as helper_agent
 
-    helper.add_command(sub)
+    helper_agent.add_command(sub)
     from crishim.client import cli as client_cli
 
     client_cli.add_commands(sub)
@@ -165,7 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        code: int = args.func(args)
+        return code
     except ConfigError as e:
         print(f"crishim: {e}", file=sys.stderr)
         return 2

@@ -69,10 +69,11 @@ class Config:
     max_tokens: int = 1000
     max_sessions: int = 10000
     error_policy: str = "quiet"
-    runtime: str = "netns"
+    runtime: str = ""
     netns_dir: str = "/var/run/netns"
     sandboxes: dict[str, str] = field(default_factory=dict)
     upstream_endpoint: str = ""
+    upstream_version: bool = True
     enable_tls_streaming: bool = False
     tls_cert_file: str = ""
     tls_key_file: str = ""
@@ -86,6 +87,16 @@ class Config:
     buffer_size: int = 256 * 1024
     enable_udp_portforward: bool = True
     udp_flow_idle_timeout: float = 60.0
+
+    def chosen_runtime(self) -> tuple[str, str]:
+        """The runtime plugin to load and why: an explicit choice wins; otherwise a proxy
+        (upstream_endpoint set) resolves sandboxes through its upstream, as a drop-in must."""
+        if self.runtime:
+            return self.runtime, "set by runtime"
+        if self.upstream_endpoint:
+            return "containerd", ("upstream_endpoint is set and no runtime was chosen: "
+                                  "sandboxes are resolved through the upstream")
+        return "netns", "the default without upstream_endpoint"
 
     def validate(self) -> Config:
         for name, setting in SETTINGS.items():
@@ -128,12 +139,16 @@ SETTINGS: dict[str, Setting] = {
                             "closed empty); verbose: always write the reason (as containerd)",
                             "choice", ("quiet", "verbose")),
     "runtime": Setting("runtime plugin (entry point in group crishim.runtimes; see "
-                       "`crishim plugins`)", "str"),
+                       "`crishim plugins`); empty: containerd when upstream_endpoint is "
+                       "set, else netns", "str"),
     "netns_dir": Setting("directory of named network namespaces (netns plugin)", "str"),
     "sandboxes": Setting("explicit sandbox id -> netns path map (TOML table; env/flag: "
                          "id=path,id=path)", "map"),
     "upstream_endpoint": Setting("real runtime's CRI socket; every other CRI call is passed "
                                  "through to it", "str"),
+    "upstream_version": Setting("with upstream_endpoint: answer Version with the upstream's "
+                                "answer (the kubelet reports it as the node's runtime); "
+                                "off: answer crishim's own", "bool"),
     "enable_tls_streaming": Setting("serve the stream server over TLS (self-signed unless a "
                                     "certificate is given)", "bool"),
     "tls_cert_file": Setting("stream server TLS certificate (PEM)", "str"),

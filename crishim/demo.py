@@ -5,10 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import logging
 import os
+import socket
+from typing import cast
 
 from crishim.client.podservers import UdpEcho, serve_udp_echo
-from crishim.netns import create_named_netns, delete_named_netns, listen_in_netns
+from crishim.config import Config
+from crishim.netns import create_named_netns, delete_named_netns, dial_localhost, listen_in_netns
+from crishim.runtime import RuntimePlugin, Sandbox
+from crishim.sandboxes import NamedSandboxes
+
+log = logging.getLogger("crishim.demo")
 
 DEMO_NETNS = "crishim-demo"
 DEMO_SANDBOX = "demo"
@@ -21,11 +29,29 @@ class DemoAlreadyRunning(Exception):
     pass
 
 
+class DemoRuntime(RuntimePlugin):
+    """What the netns plugin serves (named netns, the sandboxes map) plus sandbox `demo`."""
+
+    name = "netns"
+
+    def __init__(self, config: Config, demo_netns_path: str) -> None:
+        self.names = NamedSandboxes(config.netns_dir,
+                                    {**config.sandboxes, DEMO_SANDBOX: demo_netns_path})
+        self.pod_ip_fallback = config.pod_ip_fallback
+
+    async def resolve(self, sandbox_id: str) -> Sandbox:
+        return self.names.resolve(sandbox_id)
+
+    async def dial(self, sandbox: Sandbox, port: int) -> socket.socket:
+        return await dial_localhost(None if sandbox.host_network else sandbox.netns_path, port,
+                                    sandbox.pod_ip if self.pod_ip_fallback else "")
+
+
 class _DemoHttp(asyncio.Protocol):
     """Answers every request with a short page; enough for curl and browsers."""
 
-    def connection_made(self, transport: asyncio.Transport) -> None:
-        self.transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # a stream server's: a Transport
         self.buffer = b""
 
     def data_received(self, data: bytes) -> None:
@@ -55,7 +81,7 @@ class Demo:
         self.netns_name = netns_name
         self.lock_fd = -1
         self.netns_path = ""
-        self.server: asyncio.base_events.Server | None = None
+        self.server: asyncio.Server | None = None
         self.udp_echo: UdpEcho | None = None
 
     def acquire(self) -> None:
@@ -86,18 +112,29 @@ class Demo:
         self.udp_echo, _ = await serve_udp_echo(self.netns_path, "127.0.0.1", DEMO_UDP_PORT)
         return self.netns_path
 
+    def runtime(self, config: Config) -> DemoRuntime:
+        """The runtime plugin `crishim serve --demo` uses while this demo runs."""
+        return DemoRuntime(config, self.netns_path)
+
     async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            self.server = None
-        if self.udp_echo is not None:
-            self.udp_echo.close()
-            self.udp_echo = None
-        if self.netns_path:
-            delete_named_netns(self.netns_name)
-            self.netns_path = ""
-        if self.lock_fd >= 0:
-            os.close(self.lock_fd)
-            self.lock_fd = -1
+        """Stop serving and delete the netns; OSError (path, errno) if it cannot be deleted."""
+        try:
+            if self.server is not None:
+                self.server.close()
+                self.server = None
+            if self.udp_echo is not None:
+                self.udp_echo.close()
+                self.udp_echo = None
+            if self.netns_path:
+                try:
+                    delete_named_netns(self.netns_name)
+                except OSError as e:
+                    log.error("demo netns left behind: %s", e)
+                    raise
+                self.netns_path = ""
+        finally:
+            if self.lock_fd >= 0:
+                os.close(self.lock_fd)
+                self.lock_fd = -1
 
 

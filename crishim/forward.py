@@ -11,12 +11,15 @@ from collections.abc import Callable, Container, Mapping
 from typing import Protocol
 
 from crishim.forward_udp import ForwardedFlow
-from crishim.protocols.negotiation import (
-    PORTFORWARD_K8S,
-    TCP,
-    StreamProtocolRefused,
-    stream_protocol,
+from crishim.protocols.constants import (
+    HEADER_PORT,
+    HEADER_REQUEST_ID,
+    HEADER_STREAM_TYPE,
+    PORTFORWARD_PROTOCOL,
+    STREAM_TYPE_DATA,
+    STREAM_TYPE_ERROR,
 )
+from crishim.protocols.negotiation import TCP, StreamProtocolRefused, stream_protocol
 from crishim.runtime import DialFailed, RuntimePlugin, Sandbox, SandboxGone
 
 log = logging.getLogger("crishim.forward")
@@ -74,14 +77,14 @@ class StreamPairs:
         self.by_stream: dict[int, PendingPair] = {}
 
     def add(self, stream_id: int, headers: Mapping[str, str],
-            live: Container[str] = (), version: str = PORTFORWARD_K8S) -> PendingPair:
+            live: Container[str] = (), version: str = PORTFORWARD_PROTOCOL) -> PendingPair:
         """File one stream with its pair, or raise PairRefused. A complete pair (both ids
         set) is no longer pending: the caller opens its connection (or flow, for
         protocol udp, which needs the session's negotiated version to allow it)."""
-        stream_type = headers.get("streamtype", "")
-        if stream_type not in ("data", "error"):
+        stream_type = headers.get(HEADER_STREAM_TYPE, "")
+        if stream_type not in (STREAM_TYPE_DATA, STREAM_TYPE_ERROR):
             raise PairRefused(f"unknown streamtype {stream_type!r}: expected data or error")
-        port_text = headers.get("port", "")
+        port_text = headers.get(HEADER_PORT, "")
         port = int(port_text) if port_text.isdigit() else 0
         if not 1 <= port <= 65535:
             raise PairRefused(f"invalid port {port_text!r}")
@@ -89,14 +92,14 @@ class StreamPairs:
             protocol = stream_protocol(headers, version)
         except StreamProtocolRefused as e:
             raise PairRefused(str(e)) from None
-        request_id = headers.get("requestid")
+        request_id = headers.get(HEADER_REQUEST_ID)
         if request_id is None:  # very old clients: ids derived from stream ids
-            request_id = str(stream_id if stream_type == "error" else stream_id - 2)
+            request_id = str(stream_id if stream_type == STREAM_TYPE_ERROR else stream_id - 2)
         if request_id in live:
             raise PairRefused(f"a second {stream_type} stream for request {request_id}, "
                               "whose connection is live")
         pair = self.pending.get(request_id) or PendingPair(request_id, port, protocol)
-        slot = "data_id" if stream_type == "data" else "error_id"
+        slot = "data_id" if stream_type == STREAM_TYPE_DATA else "error_id"
         if getattr(pair, slot):
             raise PairRefused(f"a second {stream_type} stream for request {request_id}")
         if pair.port != port:
@@ -304,7 +307,7 @@ class ForwardedConnection:
         return self._done
 
     # --- from the client (transport) -----------------------------------------------------
-    def client_data(self, data: bytes) -> None:
+    def client_data(self, data: bytes | memoryview) -> None:
         if self._done or not data:
             return
         self.bytes_up += len(data)
@@ -413,7 +416,7 @@ class SessionBase:
         self.batched: list[ForwardedConnection] = []
         self.connections: set[ForwardedConnection | ForwardedFlow] = set()
         # the stream protocol version the upgrade negotiated: udp flows need the crishim one
-        self.stream_version = PORTFORWARD_K8S
+        self.stream_version = PORTFORWARD_PROTOCOL
         self.writing_paused = False
         self._congested: set[object] = set()
         self.transport: asyncio.Transport | None = None

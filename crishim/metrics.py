@@ -8,6 +8,7 @@ import logging
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily
 
+from crishim import __version__
 from crishim.tokens import TokenStore
 
 log = logging.getLogger("crishim.metrics")
@@ -53,6 +54,9 @@ class Metrics:
                               buckets=(.0001, .00025, .0005, .001, .0025, .005, .01, .025,
                                        .05, .1, .25, 1, 5))
         r.register(_TokenCollector(tokens))
+        # crishim's own version stays visible when Version answers for the upstream
+        Gauge("crishim_build_info", "crishim's version (always 1)", ["version"],
+              registry=r).labels(__version__).set(1)
 
     def serve(self, address: str) -> None:
         host, _, port = address.rpartition(":")

@@ -85,9 +85,11 @@ def available_plugins() -> dict[str, str]:
 
 
 def load_plugin(config: Config) -> RuntimePlugin:
+    name, _ = config.chosen_runtime()
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name == config.runtime:
+        if ep.name == name:
             factory = ep.load()
-            return factory(config)
+            plugin: RuntimePlugin = factory(config)
+            return plugin
     names = ", ".join(sorted(available_plugins())) or "none"
-    raise PluginNotFound(f"runtime plugin {config.runtime!r} is not installed (installed: {names})")
+    raise PluginNotFound(f"runtime plugin {name!r} is not installed (installed: {names})")

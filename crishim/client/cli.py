@@ -24,9 +24,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     pf = sub.add_parser(
-        "port-forward", help="forward local ports to a pod sandbox through a CRI runtime",
+        "port-forward", help="forward local ports to a pod sandbox through a CRI runtime "
+                             "(or to a pod through an API server, with --kubeconfig)",
         description="Call the runtime's CRI PortForward for SANDBOX, upgrade to the returned "
                     "stream URL and forward local ports, as `kubectl port-forward` does. "
+                    "With --kubeconfig, TARGET is a pod (pod/NAME or NAME) reached through "
+                    "the API server's pods/portforward, as kubectl: the pod is checked "
+                    "first, then the WebSocket tunnel is tried and SPDY used where the "
+                    "server does not offer it. "
                     "PORT specs: 5000 (5000 -> 5000), 6000:5000, :5000 or 0:5000 (a free "
                     "local port); a spec ending in /udp (5353:53/udp) forwards UDP, one "
                     "flow per local peer address, where the runtime's stream server "
@@ -38,13 +43,24 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     "reported and the session goes on; an error text from the server, or "
                     "losing the session, ends it with exit status 1; Ctrl-C or SIGTERM ends "
                     "it with 0.")
-    pf.add_argument("sandbox", metavar="SANDBOX", help="pod sandbox id")
+    pf.add_argument("sandbox", metavar="TARGET",
+                    help="pod sandbox id; with --kubeconfig: pod/NAME or NAME")
     pf.add_argument("ports", metavar="[LOCAL:]REMOTE[/udp]", nargs="+", help="port specs")
     _add_common(pf)
-    pf.add_argument("--transport", choices=TRANSPORTS, default="spdy",
+    pf.add_argument("--kubeconfig", metavar="FILE",
+                    help="go through this cluster's API server (pods/portforward) instead "
+                         "of a CRI runtime endpoint")
+    pf.add_argument("--context", metavar="NAME",
+                    help="with --kubeconfig: the context to use [default: current-context]")
+    pf.add_argument("-n", "--namespace", metavar="NS",
+                    help="with --kubeconfig: the pod's namespace [default: the context's, "
+                         "else default]")
+    pf.add_argument("--transport", choices=TRANSPORTS + ("auto",), default=None,
                     help="stream protocol: spdy (kubectl, crictl), spdy-over-websocket "
                          "(kubectl 1.31+), websocket (v4.channel.k8s.io: one WebSocket "
-                         "per local connection), h2 (crishim's HTTP/2) [default: spdy]")
+                         "per local connection), h2 (crishim's HTTP/2) [default: spdy; "
+                         "with --kubeconfig: auto, spdy-over-websocket falling back to "
+                         "spdy]")
     pf.add_argument("--address", action="append", metavar="ADDR",
                     help="local addresses to listen on, repeatable or comma-separated; "
                          "'localhost' means 127.0.0.1 and ::1 [default: localhost]")
@@ -95,16 +111,49 @@ def cmd_port_forward(args: argparse.Namespace) -> int:
     from crishim.client import portforward
     from crishim.client.cri import CriClient, CriError
 
+    if args.kubeconfig:
+        return _port_forward_through_cluster(args)
+    if args.context or args.namespace:
+        print("error: --context and --namespace need --kubeconfig", file=sys.stderr)
+        return 1
     try:
+        if args.transport == "auto":
+            raise portforward.UsageError("--transport auto needs --kubeconfig")
         specs = [portforward.parse_port_spec(p) for p in args.ports]
         cri = CriClient(_endpoint(args), timeout=args.timeout)
     except (portforward.UsageError, CriError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    opener = portforward.cri_opener(cri, args.sandbox, args.insecure_skip_tls_verify,
+                                    args.certificate_authority)
     with cri:
         return uvloop.run(portforward.run(
-            cri, args.sandbox, specs, args.transport, portforward.listen_hosts(args.address),
-            args.insecure_skip_tls_verify, args.certificate_authority, args.ping_interval))
+            opener, specs, args.transport or "spdy", portforward.listen_hosts(args.address),
+            args.ping_interval))
+
+
+def _port_forward_through_cluster(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from crishim.client import cluster, portforward
+
+    try:
+        specs = [portforward.parse_port_spec(p) for p in args.ports]
+        name = cluster.pod_name(args.sandbox)
+        target = cluster.load_cluster(args.kubeconfig, args.context, args.namespace,
+                                      args.insecure_skip_tls_verify,
+                                      args.certificate_authority)
+        forward = cluster.ClusterForward(target, name, args.transport or "auto", args.timeout)
+        cluster.check_pod(target, name, args.timeout)
+    except portforward.UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except cluster.ClusterError as e:
+        print(e, file=sys.stderr)
+        return 1
+    return uvloop.run(portforward.run(
+        forward.open, specs, forward.transport, portforward.listen_hosts(args.address),
+        args.ping_interval))
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -24,14 +24,23 @@ from crishim.client.session import (
     SessionError,
     UpgradeRefused,
 )
+from crishim.protocols.constants import (
+    H2_CONNECTION_WINDOW,
+    H2_STREAM_WINDOW,
+    HEADER_PORT,
+    HEADER_PROTOCOL,
+    HEADER_REQUEST_ID,
+    HEADER_STREAM_TYPE,
+    PORTFORWARD_PROTOCOL,
+    STREAM_TYPE_DATA,
+    STREAM_TYPE_ERROR,
+)
 from crishim.protocols.h2 import H2Codec, Outbound
-from crishim.protocols.negotiation import PORTFORWARD_K8S, TCP, UDP, VERSION_HEADER, client_offer
+from crishim.protocols.negotiation import TCP, UDP, VERSION_HEADER, client_offer
 
 if TYPE_CHECKING:
     from crishim.client.session import _ConnectionProtocol
 
-STREAM_WINDOW = 16 * 1024 * 1024
-CONNECTION_WINDOW = 256 * 1024 * 1024
 MAX_FRAME_SIZE = 1024 * 1024
 QUEUE_HIGH_WATER = 1024 * 1024
 
@@ -50,7 +59,7 @@ class H2ClientSession(ClientSession):
         self.codec = H2Codec(h2.config.H2Configuration(client_side=True,
                                                        header_encoding="utf-8"))
         self.codec.local_settings = h2.settings.Settings(client=True, initial_values={
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: H2_STREAM_WINDOW,
             h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
             h2.settings.SettingCodes.ENABLE_PUSH: 0})
         self.codec.max_inbound_frame_size = MAX_FRAME_SIZE
@@ -66,7 +75,7 @@ class H2ClientSession(ClientSession):
 
     def begin(self) -> None:
         self.codec.initiate_connection()
-        self.codec.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.codec.increment_flow_control_window(H2_CONNECTION_WINDOW - 65535)
         self._flush()
 
     # --- streams ------------------------------------------------------------------------
@@ -78,7 +87,8 @@ class H2ClientSession(ClientSession):
             if not self._probe_id:
                 self._probe_id = self.codec.get_next_available_stream_id()
                 self.codec.send_headers(self._probe_id, self.base_headers + [
-                    ("streamtype", "error"), ("port", "1"), ("requestid", "version-probe"),
+                    (HEADER_STREAM_TYPE, STREAM_TYPE_ERROR), (HEADER_PORT, "1"),
+                    (HEADER_REQUEST_ID, "version-probe"),
                     (VERSION_HEADER, self.offer)], end_stream=True)
                 self._flush()
             done, _ = await asyncio.wait((self.version_known, self.closed), timeout=timeout,
@@ -90,7 +100,7 @@ class H2ClientSession(ClientSession):
 
     def _version_answered(self, sid: int, headers: dict[str, str]) -> None:
         if self.stream_version is None:
-            self.stream_version = headers.get(VERSION_HEADER) or PORTFORWARD_K8S
+            self.stream_version = headers.get(VERSION_HEADER) or PORTFORWARD_PROTOCOL
             if not self.version_known.done():
                 self.version_known.set_result(None)
         if sid == self._probe_id:
@@ -99,19 +109,19 @@ class H2ClientSession(ClientSession):
             except h2.exceptions.ProtocolError:
                 pass  # the server already ended it
 
-    def _new_stream(self, port: int, protocol: str = TCP) -> ForwardStream:
+    def _new_stream(self, port: int, ip_protocol: str = TCP) -> ForwardStream:
         codec = self.codec
         request_id = str(self._next_request_id)
         self._next_request_id += 1
-        extra = [("streamtype", "error"), ("port", str(port)), ("requestid", request_id),
-                 (VERSION_HEADER, self.offer)]
-        if protocol == UDP:
-            extra.append(("protocol", UDP))
+        extra = [(HEADER_STREAM_TYPE, STREAM_TYPE_ERROR), (HEADER_PORT, str(port)),
+                 (HEADER_REQUEST_ID, request_id), (VERSION_HEADER, self.offer)]
+        if ip_protocol == UDP:
+            extra.append((HEADER_PROTOCOL, UDP))
         try:
             error_id = codec.get_next_available_stream_id()
             codec.send_headers(error_id, self.base_headers + extra, end_stream=True)
             data_id = codec.get_next_available_stream_id()
-            extra[0] = ("streamtype", "data")
+            extra[0] = (HEADER_STREAM_TYPE, STREAM_TYPE_DATA)
             codec.send_headers(data_id, self.base_headers + extra)
         except h2.exceptions.ProtocolError as e:
             raise SessionClosed(f"cannot open an HTTP/2 stream: {e}") from None
@@ -221,54 +231,56 @@ class H2ClientSession(ClientSession):
     def _receive_events(self, events: list, acks: dict[int, int]) -> bool:
         """Act on one read's events; False once the server's GOAWAY ended the session."""
         for ev in events:
-            kind = type(ev)
-            if kind is h2.events.DataReceived:
-                sid = ev.stream_id
-                if ev.flow_controlled_length:
-                    acks[sid] = acks.get(sid, 0) + ev.flow_controlled_length
-                stream = self.streams.get(sid)
-                if sid in self._refusal:
-                    self._refusal[sid] += bytes(ev.data).decode("utf-8", "replace")
-                elif stream is not None:
-                    stream._data(ev.data)
-                else:
-                    stream = self._error_streams.get(sid)
-                    if stream is not None:
-                        stream._error_data(bytes(ev.data).decode("utf-8", "replace"))
-            elif kind is h2.events.ResponseReceived:
-                response = dict(ev.headers)
-                self._version_answered(ev.stream_id, response)
-                status = response.get(":status", "0")
-                stream = self.streams.get(ev.stream_id) or self._error_streams.get(ev.stream_id)
-                if status == "200":
-                    if stream is not None and ev.stream_id == stream.key:
-                        stream._accepted()
-                else:
-                    self._refusal[ev.stream_id] = f"HTTP {status}: "
-            elif kind is h2.events.StreamEnded or kind is h2.events.StreamReset:
-                self._stream_ended(ev.stream_id, kind is h2.events.StreamReset,
-                                   getattr(ev, "error_code", None))
-            elif kind is h2.events.WindowUpdated:
-                ids = list(self._queues) if ev.stream_id == 0 else [ev.stream_id]
-                for sid in ids:
-                    q = self._queues.get(sid)
-                    if q is not None:
-                        self._drain(sid, q)
-            elif kind is h2.events.RemoteSettingsChanged:
-                if not self.settings_received.done():
-                    self.settings_received.set_result(None)
-            elif kind is h2.events.PingAckReceived:
-                entry = self._pings.get(ev.ping_data)
-                if entry is not None and not entry[1].done():
-                    entry[1].set_result(time.perf_counter() - entry[0])
-            elif kind is h2.events.ConnectionTerminated:
-                self._acknowledge(acks)
-                self._flush()
-                extra = ev.additional_data.decode("utf-8", "replace") if ev.additional_data \
-                    else ""
-                self._lost(f"the server sent GOAWAY ({ev.error_code!s}"
-                           f"{': ' + extra if extra else ''})")
-                return False
+            match ev:
+                case h2.events.DataReceived():
+                    sid = ev.stream_id
+                    if ev.flow_controlled_length:
+                        acks[sid] = acks.get(sid, 0) + ev.flow_controlled_length
+                    stream = self.streams.get(sid)
+                    if sid in self._refusal:
+                        self._refusal[sid] += bytes(ev.data).decode("utf-8", "replace")
+                    elif stream is not None:
+                        stream._data(ev.data)
+                    else:
+                        stream = self._error_streams.get(sid)
+                        if stream is not None:
+                            stream._error_data(bytes(ev.data).decode("utf-8", "replace"))
+                case h2.events.ResponseReceived():
+                    response = dict(ev.headers)
+                    self._version_answered(ev.stream_id, response)
+                    status = response.get(":status", "0")
+                    stream = (self.streams.get(ev.stream_id)
+                              or self._error_streams.get(ev.stream_id))
+                    if status == "200":
+                        if stream is not None and ev.stream_id == stream.key:
+                            stream._accepted()
+                    else:
+                        self._refusal[ev.stream_id] = f"HTTP {status}: "
+                case h2.events.StreamEnded():
+                    self._stream_ended(ev.stream_id, False, None)
+                case h2.events.StreamReset():
+                    self._stream_ended(ev.stream_id, True, ev.error_code)
+                case h2.events.WindowUpdated():
+                    ids = list(self._queues) if ev.stream_id == 0 else [ev.stream_id]
+                    for sid in ids:
+                        q = self._queues.get(sid)
+                        if q is not None:
+                            self._drain(sid, q)
+                case h2.events.RemoteSettingsChanged():
+                    if not self.settings_received.done():
+                        self.settings_received.set_result(None)
+                case h2.events.PingAckReceived():
+                    entry = self._pings.get(ev.ping_data)
+                    if entry is not None and not entry[1].done():
+                        entry[1].set_result(time.perf_counter() - entry[0])
+                case h2.events.ConnectionTerminated():
+                    self._acknowledge(acks)
+                    self._flush()
+                    extra = ev.additional_data.decode("utf-8", "replace") \
+                        if ev.additional_data else ""
+                    self._lost(f"the server sent GOAWAY ({ev.error_code!s}"
+                               f"{': ' + extra if extra else ''})")
+                    return False
         return True
 
     def _stream_ended(self, sid: int, reset: bool, code) -> None:

@@ -1,5 +1,6 @@
 """`crishim port-forward SANDBOX [LOCAL:]REMOTE ...`: kubectl port-forward's behaviour and
-output, straight against a CRI runtime endpoint."""
+output, straight against a CRI runtime endpoint (or, with --kubeconfig, through an API
+server's pods/portforward: crishim/client/cluster.py opens those sessions)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from crishim.client.cri import CriClient, CriError
@@ -20,6 +22,24 @@ from crishim.client.session import (
     open_session,
 )
 from crishim.client.udp import UdpListener
+
+# (transport, ports, ping_interval) -> a new session to the pod: where the stream comes
+# from (a CRI PortForward URL, an API server) is the opener's business
+SessionOpener = Callable[[str, list[int], float], Awaitable[ClientSession]]
+
+
+def cri_opener(cri: CriClient, sandbox: str, insecure: bool = False,
+               ca_file: str | None = None) -> SessionOpener:
+    """Sessions to the stream URL the runtime's CRI PortForward issues for `sandbox`."""
+
+    async def open_for(transport: str, ports: list[int], ping_interval: float
+                       ) -> ClientSession:
+        url = await asyncio.get_running_loop().run_in_executor(
+            None, cri.port_forward, sandbox, ports)
+        return await open_session(url, transport, ports, ping_interval=ping_interval,
+                                  insecure=insecure, ca_file=ca_file)
+
+    return open_for
 
 
 class UsageError(Exception):
@@ -184,24 +204,17 @@ class _RemoteSide(asyncio.Protocol):
 
 
 class PortForwarder:
-    def __init__(self, cri: CriClient, sandbox: str, specs: list[PortSpec], transport: str,
-                 hosts: list[str], insecure: bool = False, ca_file: str | None = None,
-                 ping_interval: float = 5.0) -> None:
-        self.cri = cri
-        self.sandbox = sandbox
+    def __init__(self, opener: SessionOpener, specs: list[PortSpec], transport: str,
+                 hosts: list[str], ping_interval: float = 5.0) -> None:
+        self.opener = opener
         self.specs = specs
         self.transport = transport
         self.hosts = hosts
-        self.tls = {"insecure": insecure, "ca_file": ca_file}
         self.ping_interval = ping_interval
         self.session: ClientSession | None = None
         self.servers: list[asyncio.AbstractServer] = []
         self.udp_listeners: list[UdpListener] = []
         self.finished: asyncio.Future[tuple[int, str]] | None = None
-
-    async def _url(self, ports: list[int]) -> str:
-        return await asyncio.get_running_loop().run_in_executor(
-            None, self.cri.port_forward, self.sandbox, ports)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -215,12 +228,10 @@ class PortForwarder:
             # Ports are fixed per WebSocket: one session per local connection. Check the
             # sandbox and the upgrade once now, so a refusal is reported before listening.
             ports = [self.specs[0].remote]
-            probe = await open_session(await self._url(ports), "websocket", ports,
-                                       ping_interval=0, **self.tls)
+            probe = await self.opener("websocket", ports, 0)
             probe.close()
         else:
-            self.session = await open_session(await self._url([]), self.transport,
-                                              ping_interval=self.ping_interval, **self.tls)
+            self.session = await self.opener(self.transport, [], self.ping_interval)
             self.session.closed.add_done_callback(self._session_closed)
         specs = self.specs
         if udp_specs:
@@ -326,8 +337,7 @@ class PortForwarder:
             session = self.session
             if session is None:
                 ports = [pipe.spec.remote]
-                session = pipe.session = await open_session(
-                    await self._url(ports), "websocket", ports, ping_interval=0, **self.tls)
+                session = pipe.session = await self.opener("websocket", ports, 0)
             stream, _ = await session.open_connection(pipe.spec.remote,
                                                       lambda: _RemoteSide(pipe))
         except (SessionError, CriError) as e:
@@ -382,11 +392,9 @@ class PortForwarder:
             session.close()
 
 
-async def run(cri: CriClient, sandbox: str, specs: list[PortSpec], transport: str,
-              hosts: list[str], insecure: bool, ca_file: str | None,
-              ping_interval: float) -> int:
-    forwarder = PortForwarder(cri, sandbox, specs, transport, hosts, insecure, ca_file,
-                              ping_interval)
+async def run(opener: SessionOpener, specs: list[PortSpec], transport: str,
+              hosts: list[str], ping_interval: float) -> int:
+    forwarder = PortForwarder(opener, specs, transport, hosts, ping_interval)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, forwarder.stop_requested)

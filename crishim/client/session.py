@@ -29,14 +29,22 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from crishim.protocols import spdy
 from crishim.protocols import websocket as ws
-from crishim.protocols.negotiation import (
+from crishim.protocols.constants import (
+    HEADER_PORT,
+    HEADER_PROTOCOL,
+    HEADER_REQUEST_ID,
+    HEADER_STREAM_TYPE,
     PORTFORWARD_CRISHIM_V1,
-    PORTFORWARD_K8S,
+    PORTFORWARD_PROTOCOL,
+    STREAM_TYPE_DATA,
+    STREAM_TYPE_ERROR,
+)
+from crishim.protocols.negotiation import (
     TCP,
     UDP,
     carries_udp,
@@ -75,7 +83,7 @@ class UdpNotSupported(SessionError):
             why = ("the WebSocket channel protocol cannot carry UDP; use --transport spdy, "
                    "spdy-over-websocket or h2")
         else:
-            why = (f"its stream server negotiated {version or PORTFORWARD_K8S}; UDP needs "
+            why = (f"its stream server negotiated {version or PORTFORWARD_PROTOCOL}; UDP needs "
                    f"{PORTFORWARD_CRISHIM_V1}, which crishim's stream server speaks")
         super().__init__(f"the container runtime does not support UDP port-forward ({why})")
 
@@ -219,7 +227,7 @@ class ForwardStream(asyncio.Transport):
         if self.accepted_at is None:
             self.accepted_at = time.perf_counter()
 
-    def _data(self, data: bytes) -> None:
+    def _data(self, data: bytes | memoryview) -> None:
         if self._finished or self._closing:
             return
         if self.first_byte_at is None:
@@ -312,7 +320,7 @@ class ClientSession:
         self.connected_at = time.perf_counter()
         self._ping_task: asyncio.Task | None = None
         # the stream protocol version the server picked (None: HTTP/2 before it answered)
-        self.stream_version: str | None = PORTFORWARD_K8S
+        self.stream_version: str | None = PORTFORWARD_PROTOCOL
 
     # --- public -------------------------------------------------------------------------
     @property
@@ -326,26 +334,26 @@ class ClientSession:
         return self.stream_version
 
     async def open_connection(self, port: int, protocol_factory: Callable[[], asyncio.Protocol],
-                              protocol: str = TCP) -> tuple[ForwardStream, asyncio.Protocol]:
-        return self.open_connection_nowait(port, protocol_factory, protocol)
+                              ip_protocol: str = TCP) -> tuple[ForwardStream, asyncio.Protocol]:
+        return self.open_connection_nowait(port, protocol_factory, ip_protocol)
 
     def open_connection_nowait(self, port: int,
                                protocol_factory: Callable[[], asyncio.Protocol],
-                               protocol: str = TCP) -> tuple[ForwardStream, asyncio.Protocol]:
+                               ip_protocol: str = TCP) -> tuple[ForwardStream, asyncio.Protocol]:
         """open_connection without a loop round trip: the streams' opening frames are
-        written at once (first-byte latency). protocol "udp" opens a UDP flow (datagrams
+        written at once (first-byte latency). ip_protocol "udp" opens a UDP flow (datagrams
         length-prefixed, crishim/protocols/datagram.py), or raises UdpNotSupported."""
         if self.closed.done():
             raise SessionClosed(f"session closed: {self.closed.result()}")
-        if protocol == UDP:
+        if ip_protocol == UDP:
             if self.stream_version is None:
                 raise SessionError("the server has not said yet which stream protocol it "
                                    "speaks: await negotiate() before opening a UDP flow")
             if not self.supports_udp:
                 raise UdpNotSupported(self.stream_version, self.transport_name)
-        elif protocol != TCP:
-            raise ValueError(f"protocol {protocol!r}: expected tcp or udp")
-        stream = self._new_stream(port, protocol)
+        elif ip_protocol != TCP:
+            raise ValueError(f"ip_protocol {ip_protocol!r}: expected tcp or udp")
+        stream = self._new_stream(port, ip_protocol)
         protocol = protocol_factory()
         stream.protocol = protocol
         protocol.connection_made(stream)
@@ -374,7 +382,7 @@ class ClientSession:
         return await self.closed
 
     # --- for subclasses -----------------------------------------------------------------
-    def _new_stream(self, port: int, protocol: str = TCP) -> ForwardStream:
+    def _new_stream(self, port: int, ip_protocol: str = TCP) -> ForwardStream:
         raise NotImplementedError
 
     def _send(self, stream: ForwardStream, data) -> None:
@@ -469,7 +477,7 @@ class SpdyClientSession(ClientSession):
 
     def __init__(self, tunnel: ws.ByteStreamTunnel | None = None) -> None:
         super().__init__()
-        self.codec = spdy.SpdySession(spdy.SpdyConfig(client=True, max_send_frame=256 * 1024,
+        self.codec = spdy.SpdyConnection(spdy.SpdyConfig(client=True, max_send_frame=256 * 1024,
                                                       zero_copy=True))
         self.tunnel = tunnel
         if tunnel is not None:
@@ -478,18 +486,19 @@ class SpdyClientSession(ClientSession):
         self._pings: dict[int, tuple[float, asyncio.Future[float]]] = {}
         self.goaway = False
 
-    def _new_stream(self, port: int, protocol: str = TCP) -> ForwardStream:
+    def _new_stream(self, port: int, ip_protocol: str = TCP) -> ForwardStream:
         if self.goaway:
             raise SessionClosed("the server sent GOAWAY: no new connections on this session")
         request_id = str(self._next_request_id)
         self._next_request_id += 1
-        headers = {"streamtype": "error", "port": str(port), "requestid": request_id}
-        if protocol == UDP:
-            headers["protocol"] = UDP
+        headers = {HEADER_STREAM_TYPE: STREAM_TYPE_ERROR, HEADER_PORT: str(port),
+                   HEADER_REQUEST_ID: request_id}
+        if ip_protocol == UDP:
+            headers[HEADER_PROTOCOL] = UDP
         try:
             error_id = self.codec.open_stream(headers)
             self.codec.end_stream(error_id)
-            headers["streamtype"] = "data"
+            headers[HEADER_STREAM_TYPE] = STREAM_TYPE_DATA
             data_id = self.codec.open_stream(headers)
         except spdy.SessionClosedError as e:
             raise SessionClosed(str(e)) from None
@@ -552,13 +561,14 @@ class SpdyClientSession(ClientSession):
     def receive(self, data: bytes) -> None:
         if self.tunnel is not None:
             for event in self.tunnel.receive_data(data):
-                if isinstance(event, ws.TunnelData):
-                    self._receive_spdy(event.data)
-                elif isinstance(event, ws.Closed):
-                    self._write_raw(self.tunnel.take_output())
-                    self._lost(f"the server closed the WebSocket ({event.code} "
-                               f"{event.reason})".strip())
-                    return
+                match event:
+                    case ws.TunnelData():
+                        self._receive_spdy(event.data)
+                    case ws.Closed():
+                        self._write_raw(self.tunnel.take_output())
+                        self._lost(f"the server closed the WebSocket ({event.code} "
+                                   f"{event.reason})".strip())
+                        return
             self._write_raw(self.tunnel.take_output())  # pongs
             return
         self._receive_spdy(data)
@@ -566,49 +576,49 @@ class SpdyClientSession(ClientSession):
     def _receive_spdy(self, data: bytes) -> None:
         streams = self.streams
         for event in self.codec.receive_data(data):
-            kind = type(event)
-            if kind is spdy.DataReceived:
-                stream = streams.get(event.stream_id)
-                if stream is not None:
-                    if event.data:
-                        stream._data(event.data)
-                    if event.fin:
-                        stream._remote_eof()
-                    continue
-                stream = self._error_streams.get(event.stream_id)
-                if stream is not None:
-                    if event.data:
-                        stream._error_data(bytes(event.data).decode("utf-8", "replace"))
-                    if event.fin:
+            match event:
+                case spdy.DataReceived():
+                    stream = streams.get(event.stream_id)
+                    if stream is not None:
+                        if event.data:
+                            stream._data(event.data)
+                        if event.fin:
+                            stream._remote_eof()
+                        continue
+                    stream = self._error_streams.get(event.stream_id)
+                    if stream is not None:
+                        if event.data:
+                            stream._error_data(bytes(event.data).decode("utf-8", "replace"))
+                        if event.fin:
+                            stream._error_end()
+                case spdy.StreamReplied():
+                    stream = streams.get(event.stream_id)
+                    if stream is not None:
+                        stream._accepted()
+                case spdy.StreamReset() | spdy.StreamError():
+                    stream = streams.get(event.stream_id)
+                    if stream is not None:
+                        why = getattr(event, "reason", "") or f"RST_STREAM status {event.status}"
+                        stream._remote_reset(f"the server reset the connection ({why})")
+                        continue
+                    stream = self._error_streams.get(event.stream_id)
+                    if stream is not None:
                         stream._error_end()
-            elif kind is spdy.StreamReplied:
-                stream = streams.get(event.stream_id)
-                if stream is not None:
-                    stream._accepted()
-            elif kind is spdy.StreamReset or kind is spdy.StreamError:
-                stream = streams.get(event.stream_id)
-                if stream is not None:
-                    why = getattr(event, "reason", "") or f"RST_STREAM status {event.status}"
-                    stream._remote_reset(f"the server reset the connection ({why})")
-                    continue
-                stream = self._error_streams.get(event.stream_id)
-                if stream is not None:
-                    stream._error_end()
-            elif kind is spdy.PingAcknowledged:
-                entry = self._pings.get(event.ping_id)
-                if entry is not None and not entry[1].done():
-                    entry[1].set_result(time.perf_counter() - entry[0])
-            elif kind is spdy.GoAwayReceived:
-                self.goaway = True
-                self._flush()
-                self._lost(f"the server sent GOAWAY (status {event.status})")
-                return
-            elif kind is spdy.SessionTerminated:
-                self._flush()
-                self._lost(f"SPDY protocol error: {event.reason}")
-                if self.transport is not None:
-                    self.transport.close()
-                return
+                case spdy.PingAcknowledged():
+                    entry = self._pings.get(event.ping_id)
+                    if entry is not None and not entry[1].done():
+                        entry[1].set_result(time.perf_counter() - entry[0])
+                case spdy.GoAwayReceived():
+                    self.goaway = True
+                    self._flush()
+                    self._lost(f"the server sent GOAWAY (status {event.status})")
+                    return
+                case spdy.SessionTerminated():
+                    self._flush()
+                    self._lost(f"SPDY protocol error: {event.reason}")
+                    if self.transport is not None:
+                        self.transport.close()
+                    return
         self._flush()
 
 
@@ -636,7 +646,7 @@ class ChannelClientSession(ClientSession):
                 return index
         return None
 
-    def _new_stream(self, port: int, protocol: str = TCP) -> ForwardStream:
+    def _new_stream(self, port: int, ip_protocol: str = TCP) -> ForwardStream:
         index = self._free_index(port)
         if index is None:
             raise SessionClosed(f"port {port} is not (or no longer) available on this "
@@ -649,8 +659,8 @@ class ChannelClientSession(ClientSession):
 
     def open_connection_nowait(self, port: int,
                                protocol_factory: Callable[[], asyncio.Protocol],
-                               protocol: str = TCP) -> tuple[ForwardStream, asyncio.Protocol]:
-        if protocol != TCP:
+                               ip_protocol: str = TCP) -> tuple[ForwardStream, asyncio.Protocol]:
+        if ip_protocol != TCP:
             raise UdpNotSupported(None, "websocket")
         index = self._free_index(port)
         early = self._early.pop(index, None) if index is not None else None
@@ -691,16 +701,16 @@ class ChannelClientSession(ClientSession):
         self._write_raw(self.codec.take_output())
 
     @staticmethod
-    def _deliver(stream: ForwardStream, event) -> None:
-        kind = type(event)
-        if kind is ws.ChannelData:
-            stream._data(event.data)
-        elif kind is ws.PortPreface:
-            if not event.error_channel:
-                stream._accepted()
-        elif kind is ws.ChannelError:
-            stream._error_data(event.text)
-            stream._error_end()
+    def _deliver(stream: ForwardStream, event: ws.Event) -> None:
+        match event:
+            case ws.ChannelData():
+                stream._data(event.data)
+            case ws.PortPreface():
+                if not event.error_channel:
+                    stream._accepted()
+            case ws.ChannelError():
+                stream._error_data(event.text)
+                stream._error_end()
 
     @staticmethod
     def _deliver_close(stream: ForwardStream, event: ws.Closed) -> None:
@@ -711,24 +721,24 @@ class ChannelClientSession(ClientSession):
 
     def receive(self, data: bytes) -> None:
         for event in self.codec.receive_data(data):
-            if type(event) is ws.Closed:
-                self._close_event = event
-                self._flush()
-                for stream in list(self.streams.values()):
-                    self._deliver_close(stream, event)
-                self._lost(f"the server closed the WebSocket ({event.code})")
-                if self.transport is not None:
-                    self.transport.close()
-                return
-            index = getattr(event, "index", None)
-            if index is None:
-                continue
-            stream = self.streams.get(index)
-            if stream is not None:
-                self._deliver(stream, event)
-            elif index not in self._used and self._early_size < MAX_EARLY_BYTES:
-                self._early.setdefault(index, []).append(event)
-                self._early_size += len(getattr(event, "data", b"") or b"")
+            match event:
+                case ws.Closed():
+                    self._close_event = event
+                    self._flush()
+                    for stream in list(self.streams.values()):
+                        self._deliver_close(stream, event)
+                    self._lost(f"the server closed the WebSocket ({event.code})")
+                    if self.transport is not None:
+                        self.transport.close()
+                    return
+                case (ws.ChannelData(index=index) | ws.PortPreface(index=index)
+                      | ws.ChannelError(index=index)):
+                    stream = self.streams.get(index)
+                    if stream is not None:
+                        self._deliver(stream, event)
+                    elif index not in self._used and self._early_size < MAX_EARLY_BYTES:
+                        self._early.setdefault(index, []).append(event)
+                        self._early_size += len(getattr(event, "data", b"") or b"")
         self._flush()
 
     def transport_eof(self) -> None:
@@ -847,8 +857,12 @@ def _with_ports(target: str, ports: list[int]) -> str:
 async def open_session(url: str, transport: str = "spdy", ports: list[int] | tuple = (), *,
                        insecure: bool = False, ca_file: str | None = None,
                        ssl_context: ssl.SSLContext | None = None, ping_interval: float = 5.0,
-                       timeout: float = 10.0, offer_udp: bool = True) -> ClientSession:
+                       timeout: float = 10.0, headers: Sequence[tuple[str, str]] = (),
+                       offer_udp: bool = True) -> ClientSession:
     """Connect to a stream server URL and upgrade to `transport`.
+
+    `headers` are added to the upgrade request (e.g. Authorization for an API server's
+    pods/portforward); not supported by h2.
 
     `ports` is needed by the channel WebSocket (added as ?port= unless the URL has some);
     the other transports take ports per connection. `offer_udp`: offer crishim's stream
@@ -886,12 +900,14 @@ async def open_session(url: str, transport: str = "spdy", ports: list[int] | tup
     tr.set_write_buffer_limits(high=SESSION_WRITE_HIGH_WATER)
     try:
         if transport == "h2":
+            if headers:
+                raise ValueError("extra headers are not supported by the h2 transport")
             from crishim.client import h2client
 
             session = await h2client.start(conn, tr, u, target, timeout, offer_udp)
         else:
             session = await _upgrade_http1(conn, tr, u, target, transport, list(ports), timeout,
-                                           offer_udp)
+                                           headers, offer_udp)
     except BaseException:
         tr.abort()
         raise
@@ -901,16 +917,20 @@ async def open_session(url: str, transport: str = "spdy", ports: list[int] | tup
 
 async def _upgrade_http1(conn: _ConnectionProtocol, tr: asyncio.Transport, u, target: str,
                          transport: str, ports: list[int], timeout: float,
+                         headers: Sequence[tuple[str, str]] = (),
                          offer_udp: bool = True) -> ClientSession:
     expected_accept = None
     offered: list[str] = []
     versions = client_offer(udp=offer_udp)
+    extra = [(b"User-Agent", b"crishim-port-forward")]
+    extra += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
     if transport == "spdy":
         # one header line per version, best first, as client-go writes them
         offer = "".join(f"X-Stream-Protocol-Version: {v}\r\n" for v in versions)
         tr.write(f"POST {target} HTTP/1.1\r\nHost: {u.netloc}\r\nConnection: Upgrade\r\n"
                  f"Upgrade: SPDY/3.1\r\n{offer}"
-                 f"Content-Length: 0\r\nUser-Agent: crishim-port-forward\r\n\r\n".encode())
+                 f"Content-Length: 0\r\n".encode()
+                 + b"".join(k + b": " + v + b"\r\n" for k, v in extra) + b"\r\n")
     else:
         offered = ([websocket_subprotocol(v) for v in versions]
                    if transport == "spdy-over-websocket" else [ws.CHANNEL_BINARY])
@@ -919,7 +939,7 @@ async def _upgrade_http1(conn: _ConnectionProtocol, tr: asyncio.Transport, u, ta
                 raise ValueError("the websocket transport needs the ports at connect time")
             target = _with_ports(target, ports)
         request, expected_accept = ws.client_handshake_request(
-            u.netloc, target, offered, extra_headers=[(b"User-Agent", b"crishim-port-forward")])
+            u.netloc, target, offered, extra_headers=extra)
         tr.write(request)
     try:
         raw = await asyncio.wait_for(asyncio.shield(conn.head), timeout)
@@ -933,7 +953,7 @@ async def _upgrade_http1(conn: _ConnectionProtocol, tr: asyncio.Transport, u, ta
     if transport == "spdy":
         if upgrade != "spdy/3.1":
             raise UpgradeRefused(101, f"the server upgraded to {upgrade!r}, not SPDY/3.1")
-        chosen = ",".join(headers.get("x-stream-protocol-version", [])) or PORTFORWARD_K8S
+        chosen = ",".join(headers.get("x-stream-protocol-version", [])) or PORTFORWARD_PROTOCOL
         if chosen not in versions:
             raise UpgradeRefused(101, f"the server chose stream protocol {chosen!r}")
         session: ClientSession = SpdyClientSession()
@@ -947,7 +967,7 @@ async def _upgrade_http1(conn: _ConnectionProtocol, tr: asyncio.Transport, u, ta
             session = SpdyClientSession(ws.ByteStreamTunnel(client=True))
             subprotocol = answer.subprotocol if answer is not None else None
             session.stream_version = version_of_subprotocol(subprotocol or "") \
-                or PORTFORWARD_K8S
+                or PORTFORWARD_PROTOCOL
         else:
             session = ChannelClientSession(ports)
     conn.attach(session, rest)

@@ -1,5 +1,7 @@
-"""The CRI gRPC service: PortForward and Version answered here, every other method passed
-through to the upstream runtime byte for byte (or UNIMPLEMENTED without one)."""
+"""The CRI gRPC service: PortForward answered here, every other method passed through to
+the upstream runtime byte for byte (or UNIMPLEMENTED without one). Version is answered
+here without an upstream; with one, the upstream answers it unless `upstream_version` is
+off, so a kubelet reports the real runtime (containerd://1.6.x), not the shim."""
 
 from __future__ import annotations
 
@@ -81,12 +83,15 @@ def _typed(method: Callable, request_type) -> grpc.RpcMethodHandler:
 class CriHandler(grpc.GenericRpcHandler):
     """Routes every /runtime.v1.* method: ours typed, the rest to the upstream."""
 
-    def __init__(self, service: CriService, upstream: grpc.aio.Channel | None) -> None:
+    def __init__(self, service: CriService, upstream: grpc.aio.Channel | None,
+                 upstream_version: bool = True) -> None:
         self.own = {
-            f"/{RUNTIME_SERVICE}/Version": _typed(service.Version, api_pb2.VersionRequest),
             f"/{RUNTIME_SERVICE}/PortForward": _typed(service.PortForward,
                                                       api_pb2.PortForwardRequest),
         }
+        if upstream is None or not upstream_version:
+            self.own[f"/{RUNTIME_SERVICE}/Version"] = _typed(service.Version,
+                                                             api_pb2.VersionRequest)
         self.upstream = upstream
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:

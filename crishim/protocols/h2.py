@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import h2.config
 import h2.connection
@@ -33,6 +34,9 @@ from h2.frame_buffer import FrameBuffer
 from h2.stream import StreamState
 from hyperframe.exceptions import InvalidDataError, InvalidFrameError, InvalidPaddingError
 from hyperframe.frame import DataFrame, Frame
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 _HEADER = struct.Struct(">HBBBL")  # length (24 bits as 16 + 8), type, flags, stream id
 _DATA_TYPE = 0x0
@@ -48,7 +52,8 @@ class ViewDataFrame(DataFrame):
 
     def parse_body(self, data: memoryview) -> None:
         pad = self.parse_padding_data(data)
-        self.data = data[pad:len(data) - self.pad_length]
+        # a view, not a copy
+        self.data = data[pad:len(data) - self.pad_length]  # type: ignore[assignment]
         self.body_len = len(data)
         if self.pad_length and self.pad_length >= self.body_len:
             raise InvalidPaddingError("Padding is too long.")
@@ -59,7 +64,7 @@ class ViewDataFrame(DataFrame):
 
 def _data_piece(stream_id: int, payload: memoryview, end_stream: bool) -> ViewDataFrame:
     f = ViewDataFrame(stream_id)
-    f.data = payload
+    f.data = payload  # type: ignore[assignment]  # a view, not a copy
     f.body_len = len(payload)
     if end_stream:
         f.flags.add("END_STREAM")
@@ -82,7 +87,7 @@ class ViewFrameBuffer(FrameBuffer):
         # (stream id, length) -> may this DATA frame be handed out in pieces?
         self.can_split: Callable[[int, int], bool] = lambda stream_id, length: False
 
-    def add_data(self, data) -> None:
+    def add_data(self, data: Buffer) -> None:
         if type(data) is not bytes:  # memoryviews handed out must not see the bytes change
             data = bytes(data)
         view = memoryview(data)

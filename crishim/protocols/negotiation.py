@@ -23,16 +23,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-PORTFORWARD_K8S = "portforward.k8s.io"
-PORTFORWARD_CRISHIM_V1 = "portforward.crishim.dev/v1"
+from crishim.protocols.constants import (
+    HEADER_PROTOCOL,
+    PORTFORWARD_CRISHIM_V1,
+    PORTFORWARD_PROTOCOL,
+)
+
 VERSION_HEADER = "x-stream-protocol-version"
-PROTOCOL_HEADER = "protocol"
 TCP = "tcp"
 UDP = "udp"
 SPDY_WEBSOCKET_PREFIX = "SPDY/3.1+"
 
 # the server's order of preference; a server without UDP support offers only the last
-SERVER_VERSIONS = (PORTFORWARD_CRISHIM_V1, PORTFORWARD_K8S)
+SERVER_VERSIONS = (PORTFORWARD_CRISHIM_V1, PORTFORWARD_PROTOCOL)
 
 
 class StreamProtocolRefused(ValueError):
@@ -41,7 +44,7 @@ class StreamProtocolRefused(ValueError):
 
 def server_versions(udp: bool) -> tuple[str, ...]:
     """What a server supports, best first: the crishim version only where UDP can be dialled."""
-    return SERVER_VERSIONS if udp else (PORTFORWARD_K8S,)
+    return SERVER_VERSIONS if udp else (PORTFORWARD_PROTOCOL,)
 
 
 def choose_version(offered: Iterable[str], supported: Sequence[str] = SERVER_VERSIONS
@@ -57,7 +60,7 @@ def choose_version(offered: Iterable[str], supported: Sequence[str] = SERVER_VER
 
 def client_offer(udp: bool = True) -> list[str]:
     """What crishim's client offers, best first."""
-    return [PORTFORWARD_CRISHIM_V1, PORTFORWARD_K8S] if udp else [PORTFORWARD_K8S]
+    return [PORTFORWARD_CRISHIM_V1, PORTFORWARD_PROTOCOL] if udp else [PORTFORWARD_PROTOCOL]
 
 
 def websocket_subprotocol(version: str) -> str:
@@ -80,13 +83,13 @@ def carries_udp(version: str | None) -> bool:
 def stream_protocol(headers: Mapping[str, str], version: str | None) -> str:
     """The transport protocol (tcp or udp) a stream's headers ask for, or
     StreamProtocolRefused: unknown values, and udp on a session that did not negotiate it."""
-    value = headers.get(PROTOCOL_HEADER)
+    value = headers.get(HEADER_PROTOCOL)
     if value is None or value == TCP:
         return TCP
     if value == UDP:
         if not carries_udp(version):
             raise StreamProtocolRefused(
                 f"protocol udp needs stream protocol {PORTFORWARD_CRISHIM_V1}; this session "
-                f"negotiated {version or PORTFORWARD_K8S}")
+                f"negotiated {version or PORTFORWARD_PROTOCOL}")
         return UDP
     raise StreamProtocolRefused(f"unknown protocol {value!r}: expected tcp or udp")

@@ -1,4 +1,4 @@
-"""Port-forward over HTTP/2 (PROTOCOL.md section 6), with the `h2` library as the codec.
+"""Port-forward over HTTP/2 (docs/protocol.md §5), with the `h2` library as the codec.
 
 Getting onto HTTP/2 (all three end in the same session):
 - prior knowledge: the connection starts with the HTTP/2 preface (h2c, or TLS without
@@ -10,7 +10,7 @@ Getting onto HTTP/2 (all three end in the same session):
 The token then holds for that connection only: every later stream must carry the same
 `:path`; the token cannot be redeemed again elsewhere.
 
-The mapping: each SPDY stream of section 3 becomes one HTTP/2 request stream, so one
+The mapping: each SPDY stream of docs/protocol.md §2.3 becomes one HTTP/2 request stream, so one
 forwarded TCP connection is a PAIR of streams sharing a `requestid`, exactly as on SPDY:
 
     :method POST   :path /portforward/<token>   streamtype: error|data   port: N
@@ -43,8 +43,8 @@ forwarded TCP connection is a PAIR of streams sharing a `requestid`, exactly as 
   data stream reset CANCEL.
 - The client's RST_STREAM on the error stream is ignored.
 
-Flow control is real and per stream: the server advertises STREAM_WINDOW per stream and
-CONNECTION_WINDOW for the connection, and acknowledges received DATA only while the pod
+Flow control is real and per stream: the server advertises H2_STREAM_WINDOW per stream and
+H2_CONNECTION_WINDOW for the connection, and acknowledges received DATA only while the pod
 socket is not congested; bytes received for a pod whose socket is above its write buffer
 limit are acknowledged when it drains, so one slow pod stalls only its own stream. Sending,
 it respects the client's windows: a stream out of window keeps a bounded queue and stops
@@ -79,13 +79,13 @@ from crishim.forward import (
     StreamPairs,
 )
 from crishim.forward_udp import ForwardedFlow
-from crishim.protocols.h2 import H2Codec, Outbound
-from crishim.protocols.negotiation import (
-    PORTFORWARD_K8S,
-    VERSION_HEADER,
-    choose_version,
-    server_versions,
+from crishim.protocols.constants import (
+    H2_CONNECTION_WINDOW,
+    H2_STREAM_WINDOW,
+    PORTFORWARD_PROTOCOL,
 )
+from crishim.protocols.h2 import H2Codec, Outbound
+from crishim.protocols.negotiation import VERSION_HEADER, choose_version, server_versions
 from crishim.runtime import Sandbox, SandboxGone, SandboxNotFound
 
 if TYPE_CHECKING:
@@ -93,8 +93,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("crishim.h2")
 
-STREAM_WINDOW = 16 * 1024 * 1024  # per stream: a fast link is not throttled
-CONNECTION_WINDOW = 256 * 1024 * 1024  # 16 stalled streams before others feel it
 MAX_FRAME_SIZE = 256 * 1024  # measured: better than 64 KiB or 1 MiB frames here
 MAX_CONCURRENT_STREAMS = 1000  # 500 forwarded connections per HTTP/2 connection
 MAX_HEADER_LIST_SIZE = 16 * 1024
@@ -186,7 +184,7 @@ class H2PortForwardSession(SessionBase):
         self.codec.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: H2_STREAM_WINDOW,
             h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
             h2.settings.SettingCodes.ENABLE_PUSH: 0,
         })
@@ -212,7 +210,7 @@ class H2PortForwardSession(SessionBase):
             self.codec.send_headers(1, [(":status", "200")], end_stream=True)
         else:
             self.codec.initiate_connection()
-        self.codec.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.codec.increment_flow_control_window(H2_CONNECTION_WINDOW - 65535)
         self.flush()
         self.arm_idle_timer()
 
@@ -323,9 +321,24 @@ class H2PortForwardSession(SessionBase):
             if self._admitting is not None and isinstance(event, _QUEUED_WHILE_ADMITTING):
                 self._admitting.append(event)
                 continue
-            handler = _HANDLERS.get(type(event))
-            if handler is not None:
-                handler(self, event)
+            self._handle(event)
+
+    def _handle(self, event: h2.events.Event) -> None:
+        match event:
+            case h2.events.DataReceived():  # the hot one: tested first
+                self._on_data(event)
+            case h2.events.RequestReceived():
+                self._on_request(event)
+            case h2.events.StreamEnded():
+                self._on_stream_ended(event)
+            case h2.events.StreamReset():
+                self._on_reset(event)
+            case h2.events.WindowUpdated():
+                self._on_window_updated(event)
+            case h2.events.RemoteSettingsChanged():
+                self._on_settings_changed(event)
+            case h2.events.ConnectionTerminated():
+                self._on_terminated(event)
 
     @property
     def _sandbox_id(self) -> str:
@@ -418,7 +431,7 @@ class H2PortForwardSession(SessionBase):
             self._version_chosen = True
             offered = headers.get(VERSION_HEADER, "").split(",")
             self.stream_version = (choose_version(offered, server_versions(self.ctx.udp))
-                                   or PORTFORWARD_K8S)
+                                   or PORTFORWARD_PROTOCOL)
 
     def _pair(self, sid: int, headers: dict[str, str]) -> None:
         self._choose_version(headers)
@@ -442,7 +455,7 @@ class H2PortForwardSession(SessionBase):
         self._by_stream[pair.data_id] = conn
         self._live_requests[pair.request_id] = conn
         for event in pair.held:
-            _HANDLERS[type(event)](self, event)
+            self._handle(event)
 
     def _pair_timed_out(self, pair: PendingPair) -> None:
         if self._closed:
@@ -610,15 +623,6 @@ class H2PortForwardSession(SessionBase):
             self.on_closed()
 
 
-_HANDLERS = {
-    h2.events.RequestReceived: H2PortForwardSession._on_request,
-    h2.events.DataReceived: H2PortForwardSession._on_data,
-    h2.events.StreamEnded: H2PortForwardSession._on_stream_ended,
-    h2.events.StreamReset: H2PortForwardSession._on_reset,
-    h2.events.WindowUpdated: H2PortForwardSession._on_window_updated,
-    h2.events.RemoteSettingsChanged: H2PortForwardSession._on_settings_changed,
-    h2.events.ConnectionTerminated: H2PortForwardSession._on_terminated,
-}
 _QUEUED_WHILE_ADMITTING = (h2.events.RequestReceived, h2.events.DataReceived,
                            h2.events.StreamEnded, h2.events.StreamReset)
 

@@ -59,7 +59,7 @@ class _SpdyChannel:
 
 
 class SpdyPortForwardSession(SessionBase):
-    """Drives one SpdySession: pairs streams, opens forwarded connections, pumps bytes.
+    """Drives one SpdyConnection: pairs streams, opens forwarded connections, pumps bytes.
 
     `write_buffers` sends a list of buffers to the client (a TCP transport's writelines,
     or the WebSocket tunnel's): frames are never joined into one copy on the way out."""
@@ -70,7 +70,7 @@ class SpdyPortForwardSession(SessionBase):
                  idle_timeout: float, write_buffers: Callable[[list], None],
                  close: Callable[[], None]) -> None:
         super().__init__(ctx, sandbox)
-        self.codec = spdy.SpdySession(spdy.SpdyConfig(client=False, zero_copy=True,
+        self.codec = spdy.SpdyConnection(spdy.SpdyConfig(client=False, zero_copy=True,
                                                       max_send_frame=256 * 1024))
         self.idle_timeout = idle_timeout
         self._write_buffers = write_buffers
@@ -95,9 +95,26 @@ class SpdyPortForwardSession(SessionBase):
         self.begin_batch()
         try:
             for event in self.codec.receive_data(data):
-                handler = _HANDLERS.get(type(event))
-                if handler is not None:
-                    handler(self, event)
+                match event:
+                    case spdy.DataReceived():  # the hot one: tested first, handled inline
+                        conn = self._by_stream.get(event.stream_id)
+                        if conn is not None:
+                            if event.data:
+                                conn.client_data(event.data)
+                            if event.fin:
+                                conn.client_eof()
+                        # data on an error stream or a half-paired stream is ignored:
+                        # clients only read it
+                    case spdy.StreamOpened():
+                        self._on_stream_opened(event)
+                    case spdy.StreamReset():
+                        self._on_reset(event)
+                    case spdy.StreamError():
+                        self._on_stream_error(event)
+                    case spdy.GoAwayReceived():
+                        log.debug("spdy sandbox=%s: client sent GOAWAY", self.sandbox.id)
+                    case spdy.SessionTerminated():
+                        self._on_terminated(event)
         finally:
             self.end_batch()
         self.flush()
@@ -129,15 +146,6 @@ class SpdyPortForwardSession(SessionBase):
             self.codec.reset_stream(pair.data_id, spdy.CANCEL)
         self.flush()
 
-    def _on_data(self, ev: spdy.DataReceived) -> None:
-        conn = self._by_stream.get(ev.stream_id)
-        if conn is not None:
-            if ev.data:
-                conn.client_data(ev.data)
-            if ev.fin:
-                conn.client_eof()
-        # data on an error stream or on a half-paired stream is ignored: clients only read it
-
     def _on_reset(self, ev: spdy.StreamReset) -> None:
         conn = self._by_stream.get(ev.stream_id)
         if conn is not None:
@@ -146,9 +154,6 @@ class SpdyPortForwardSession(SessionBase):
         pair = self._pairs.by_stream.get(ev.stream_id)
         if pair is not None:
             self._pairs.forget(pair)
-
-    def _on_goaway(self, ev: spdy.GoAwayReceived) -> None:
-        log.debug("spdy sandbox=%s: client sent GOAWAY", self.sandbox.id)
 
     def _on_terminated(self, ev: spdy.SessionTerminated) -> None:
         log.warning("spdy sandbox=%s: protocol error, ending session: %s", self.sandbox.id,
@@ -204,12 +209,3 @@ class SpdyPortForwardSession(SessionBase):
             self.codec.goaway(spdy.GOAWAY_OK)
             self.flush()
 
-
-_HANDLERS = {
-    spdy.StreamOpened: SpdyPortForwardSession._on_stream_opened,
-    spdy.DataReceived: SpdyPortForwardSession._on_data,
-    spdy.StreamReset: SpdyPortForwardSession._on_reset,
-    spdy.GoAwayReceived: SpdyPortForwardSession._on_goaway,
-    spdy.SessionTerminated: SpdyPortForwardSession._on_terminated,
-    spdy.StreamError: SpdyPortForwardSession._on_stream_error,
-}

@@ -1,4 +1,4 @@
-"""Port-forward over WebSocket (PROTOCOL.md sections 4 and 5).
+"""Port-forward over WebSocket (docs/protocol.md §3 and §4).
 
 Two transports share the upgrade:
 
@@ -37,11 +37,8 @@ from typing import TYPE_CHECKING
 from crishim.forward import ForwardContext, ForwardedConnection, SessionBase, SessionProtocol
 from crishim.forward_udp import ForwardedFlow
 from crishim.protocols import websocket as ws
-from crishim.protocols.negotiation import (
-    PORTFORWARD_CRISHIM_V1,
-    PORTFORWARD_K8S,
-    websocket_subprotocol,
-)
+from crishim.protocols.constants import PORTFORWARD_CRISHIM_V1, PORTFORWARD_PROTOCOL
+from crishim.protocols.negotiation import websocket_subprotocol
 from crishim.runtime import Sandbox
 from crishim.stream.portforward_spdy import SpdyPortForwardSession
 from crishim.stream.server import HttpError
@@ -81,7 +78,7 @@ def start(server: StreamServer, transport: asyncio.Transport, request: Request,
             lambda: _tunnel_close(tunnel, transport))
         spdy_session.transport_name = "spdy-websocket"
         spdy_session.stream_version = (PORTFORWARD_CRISHIM_V1 if subprotocol == SPDY_TUNNEL_CRISHIM
-                                       else PORTFORWARD_K8S)
+                                       else PORTFORWARD_PROTOCOL)
         transport.write(response)
         server.adopt(transport, spdy_session, SpdyTunnelProtocol(spdy_session, tunnel, transport),
                      rest)
@@ -156,17 +153,19 @@ class SpdyTunnelProtocol(SessionProtocol):
         self._handle(self.tunnel.receive_data(b""))
         return False
 
-    def _handle(self, events: list) -> None:
+    def _handle(self, events: list[ws.TunnelEvent]) -> None:
         for event in events:
-            if isinstance(event, ws.TunnelData):
-                self.session.receive(event.data)
-            elif isinstance(event, ws.ProtocolViolation):
-                log.info("spdy-websocket sandbox=%s: %s (close code %d)",
-                         self.session.sandbox.id, event.reason, event.code)
-            elif isinstance(event, ws.Closed):
-                _flush_tunnel(self.tunnel, self.transport)
-                self.session.close(f"WebSocket closed ({event.code} {event.reason})".strip())
-                return
+            match event:
+                case ws.TunnelData():
+                    self.session.receive(event.data)
+                case ws.ProtocolViolation():
+                    log.info("spdy-websocket sandbox=%s: %s (close code %d)",
+                             self.session.sandbox.id, event.reason, event.code)
+                case ws.Closed():
+                    _flush_tunnel(self.tunnel, self.transport)
+                    self.session.close(
+                        f"WebSocket closed ({event.code} {event.reason})".strip())
+                    return
         _flush_tunnel(self.tunnel, self.transport)  # pongs
 
 
@@ -265,16 +264,17 @@ class ChannelPortForwardSession(SessionBase):
     def receive(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
         for event in self.codec.receive_data(data):
-            if isinstance(event, ws.ChannelData):
-                conn = self.channels[event.index].conn
-                if conn is not None:
-                    conn.client_data(event.data)
-            elif isinstance(event, ws.ProtocolViolation):
-                log.info("websocket sandbox=%s: %s (close code %d)", self.sandbox.id,
-                         event.reason, event.code)
-            elif isinstance(event, ws.Closed):
-                self._closed_by_peer(event)
-                return
+            match event:
+                case ws.ChannelData():
+                    conn = self.channels[event.index].conn
+                    if conn is not None:
+                        conn.client_data(event.data)
+                case ws.ProtocolViolation():
+                    log.info("websocket sandbox=%s: %s (close code %d)", self.sandbox.id,
+                             event.reason, event.code)
+                case ws.Closed():
+                    self._closed_by_peer(event)
+                    return
         self.flush()
 
     def _closed_by_peer(self, event: ws.Closed) -> None:

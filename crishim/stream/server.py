@@ -12,6 +12,7 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 
 from crishim.forward import ForwardContext, SessionProtocol
+from crishim.protocols.constants import PORTFORWARD_PROTOCOL
 from crishim.protocols.negotiation import choose_version, server_versions
 from crishim.runtime import SandboxGone, SandboxNotFound
 from crishim.tokens import StreamRequest, TokenStore
@@ -20,7 +21,6 @@ log = logging.getLogger("crishim.stream")
 
 MAX_REQUEST_HEAD = 16 * 1024
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-PORTFORWARD_PROTOCOL = "portforward.k8s.io"
 _REASONS = {101: "Switching Protocols", 400: "Bad Request", 403: "Forbidden",
             404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 410: "Gone",
             429: "Too Many Requests", 431: "Request Header Fields Too Large",

@@ -1,195 +1,40 @@
 """containerd-style runtime: sandboxes found through the upstream's CRI PodSandboxStatus.
 
-A sandbox id is first looked up in the config's explicit ``sandboxes`` map (lab use,
-served by the netns plugin); every other id is asked of the upstream runtime
-(``upstream_endpoint``) with ``PodSandboxStatus(verbose=true)``:
-
-- the netns path is ``runtimeSpec.linux.namespaces[type=network].path`` in the JSON under
-  ``info["info"]``, else ``/proc/<pid>/ns/net``;
-- ``status.linux.namespaces.options.network == NODE``: a host-network pod, dialled
-  from the host;
-- ``netNamespaceClosed`` or a NOTREADY sandbox: gone; NOT_FOUND upstream: not found;
-- ``status.network.ip`` is the pod IP (used only with ``pod_ip_fallback``).
-
-Answers are cached a few seconds, and a cached answer is used only after checking that
-its netns (or, for host-network pods, its pause process) still exists.
+A sandbox id is first looked up in the config's explicit ``sandboxes`` map (lab use);
+every other id is asked of the upstream runtime (``upstream_endpoint``) with
+``PodSandboxStatus(verbose=true)`` (how its answer is read: crishim.sandboxes). The netns
+is entered in process.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import os
 import socket
-import time
-from collections import OrderedDict
-from dataclasses import dataclass
-
-import grpc
-from crishim_netns import NamedNetnsRuntime
 
 from crishim.config import Config
-from crishim.cri import api_pb2, api_pb2_grpc
-from crishim.cri.service import upstream_target
-from crishim.runtime import (
-    DialFailed,
-    RuntimeError_,
-    RuntimePlugin,
-    Sandbox,
-    SandboxGone,
-    SandboxNotFound,
-)
-
-log = logging.getLogger("crishim.containerd")
-
-CACHE_TTL = 3.0
-CACHE_SIZE = 4096
-STATUS_TIMEOUT = 10.0
-
-
-class UpstreamUnavailable(RuntimeError_):
-    """The upstream runtime could not answer PodSandboxStatus (not a verdict on the sandbox)."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    sandbox: Sandbox
-    expires: float
-    #: A path whose existence proves the sandbox still lives: its netns file, or
-    #: /proc/<pid> of its pause process for a host-network pod ("" = cannot tell).
-    alive_path: str
-    alive_ino: int
-
-
-def sandbox_from_status(sandbox_id: str,
-                        response: api_pb2.PodSandboxStatusResponse) -> tuple[Sandbox, str]:
-    """The Sandbox a verbose PodSandboxStatus describes, and the path that proves it lives.
-
-    Raises SandboxGone for a stopped sandbox or a closed netns."""
-    status = response.status
-    raw = response.info.get("info", "")
-    try:
-        info = json.loads(raw) if raw else {}
-    except ValueError:
-        info = {}
-    if not isinstance(info, dict):
-        info = {}
-    if status.state == api_pb2.SANDBOX_NOTREADY:
-        raise SandboxGone(f"sandbox {sandbox_id} is not ready (stopped)")
-    if info.get("netNamespaceClosed") is True:
-        raise SandboxGone(f"sandbox {sandbox_id}: its network namespace is closed")
-    pod_ip = status.network.ip
-    pid = info.get("pid")
-    pid = pid if isinstance(pid, int) and pid > 0 else 0
-    if status.linux.namespaces.options.network == api_pb2.NODE:
-        return (Sandbox(sandbox_id, host_network=True, pod_ip=pod_ip),
-                f"/proc/{pid}" if pid else "")
-    path = _netns_path_from_spec(info)
-    if not path and pid:
-        path = f"/proc/{pid}/ns/net"
-    if not path:
-        raise SandboxGone(f"sandbox {sandbox_id}: the runtime reports neither a network "
-                          "namespace path nor a pid")
-    return Sandbox(sandbox_id, netns_path=path, pod_ip=pod_ip), path
-
-
-def _netns_path_from_spec(info: dict) -> str:
-    spec = info.get("runtimeSpec")
-    namespaces = spec.get("linux", {}).get("namespaces", []) if isinstance(spec, dict) else []
-    for ns in namespaces if isinstance(namespaces, list) else []:
-        if isinstance(ns, dict) and ns.get("type") == "network":
-            return str(ns.get("path") or "")
-    return ""
-
-
-def _inode(path: str) -> int:
-    """The inode behind path, -1 when it is gone, 0 when this process may not look (an
-    unprivileged shim dialling through the helper): then the runtime's word stands."""
-    try:
-        return os.stat(path).st_ino
-    except PermissionError:
-        return 0
-    except OSError:
-        return -1
+from crishim.netns import dial_localhost
+from crishim.runtime import DialFailed, RuntimePlugin, Sandbox, SandboxGone
+from crishim.sandboxes import CACHE_TTL, NamedSandboxes, UpstreamSandboxes
 
 
 class ContainerdRuntime(RuntimePlugin):
     name = "containerd"
 
     def __init__(self, config: Config, cache_ttl: float = CACHE_TTL) -> None:
-        self.endpoint = config.upstream_endpoint
-        self.cache_ttl = cache_ttl
-        self._cache: OrderedDict[str, _Entry] = OrderedDict()
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: api_pb2_grpc.RuntimeServiceStub | None = None
-        # the explicit sandboxes map (lab use), and the in-process dial for every sandbox
-        self.names = NamedNetnsRuntime(config)
+        self.names = NamedSandboxes(config.netns_dir, config.sandboxes)
+        self.upstream = UpstreamSandboxes(config.upstream_endpoint, cache_ttl)
+        self.pod_ip_fallback = config.pod_ip_fallback
 
-    # --- resolve ------------------------------------------------------------------------
     async def resolve(self, sandbox_id: str) -> Sandbox:
-        if sandbox_id in self.names.sandboxes:
-            return await self.names.resolve(sandbox_id)
-        cached = self._cached(sandbox_id)
-        if cached is not None:
-            return cached
-        response = await self._status(sandbox_id)
-        sandbox, alive_path = sandbox_from_status(sandbox_id, response)
-        alive_ino = _inode(alive_path) if alive_path else 0
-        if alive_ino < 0:
-            raise SandboxGone(f"sandbox {sandbox_id}: {alive_path} no longer exists")
-        self._remember(_Entry(sandbox, time.monotonic() + self.cache_ttl, alive_path,
-                              alive_ino))
-        return sandbox
+        if sandbox_id in self.names:
+            return self.names.resolve(sandbox_id)
+        return await self.upstream.resolve(sandbox_id)
 
-    def _cached(self, sandbox_id: str) -> Sandbox | None:
-        entry = self._cache.get(sandbox_id)
-        if entry is None:
-            return None
-        # never serve a dead sandbox: the netns (or pause process) must still be the same
-        if time.monotonic() >= entry.expires or (
-                entry.alive_path and _inode(entry.alive_path) != entry.alive_ino):
-            del self._cache[sandbox_id]
-            return None
-        return entry.sandbox
-
-    def _remember(self, entry: _Entry) -> None:
-        self._cache[entry.sandbox.id] = entry
-        self._cache.move_to_end(entry.sandbox.id)
-        while len(self._cache) > CACHE_SIZE:
-            self._cache.popitem(last=False)
-
-    def forget(self, sandbox_id: str) -> None:
-        self._cache.pop(sandbox_id, None)
-
-    async def _status(self, sandbox_id: str) -> api_pb2.PodSandboxStatusResponse:
-        if not self.endpoint:
-            raise SandboxNotFound(f"sandbox {sandbox_id!r} is not in the sandboxes map and no "
-                                  "upstream_endpoint is configured to ask")
-        stub = self._upstream()
-        try:
-            return await stub.PodSandboxStatus(
-                api_pb2.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id, verbose=True),
-                timeout=STATUS_TIMEOUT)
-        except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.NOT_FOUND:
-                raise SandboxNotFound(f"sandbox {sandbox_id!r} not found: {e.details()}") from None
-            raise UpstreamUnavailable(f"PodSandboxStatus({sandbox_id}) at {self.endpoint}: "
-                                      f"{e.code().name}: {e.details()}") from None
-
-    def _upstream(self) -> api_pb2_grpc.RuntimeServiceStub:
-        if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(
-                upstream_target(self.endpoint),
-                options=[("grpc.max_receive_message_length", 16 << 20)])
-            self._stub = api_pb2_grpc.RuntimeServiceStub(self._channel)
-        return self._stub
-
-    # --- dial ---------------------------------------------------------------------------
     async def dial(self, sandbox: Sandbox, port: int) -> socket.socket:
         try:
-            return await self.names.dial(sandbox, port)
+            return await dial_localhost(None if sandbox.host_network else sandbox.netns_path,
+                                        port, sandbox.pod_ip if self.pod_ip_fallback else "")
         except (SandboxGone, DialFailed):
-            self.forget(sandbox.id)  # the next resolve asks the runtime again
+            self.upstream.forget(sandbox.id)  # the next resolve asks the runtime again
             raise
 
     async def dial_udp(self, sandbox: Sandbox, port: int) -> socket.socket:
@@ -200,10 +45,7 @@ class ContainerdRuntime(RuntimePlugin):
             raise
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = self._stub = None
-        self._cache.clear()
+        await self.upstream.close()
 
 
 def factory(config: Config) -> ContainerdRuntime:

@@ -3,13 +3,14 @@ privileges.
 
 Sandboxes resolve as in the netns plugin (a named netns under netns_dir, or the explicit
 `sandboxes` map), or through the upstream runtime's PodSandboxStatus as the containerd
-plugin does when upstream_endpoint is set. The shim never opens the netns: it only checks
-that the path exists, and when it may not look (a /proc/<pid>/ns/net of another user) it
-asks the helper. Each dial is one unix connection to helper_socket (protocol:
-crishim.helper). In helper_mode fd the connected TCP socket comes back by SCM_RIGHTS; in
-socat mode the unix connection itself carries the bytes. A helper that is down or
-restarting fails only the dials made meanwhile, with DialFailed("helper at PATH
-unavailable: ..."); the next dial connects afresh.
+plugin does when upstream_endpoint is set (both lookups live in crishim.sandboxes). The
+shim never opens the netns: it only checks that the path exists, and when it may not look
+(a /proc/<pid>/ns/net of another user) it asks the helper. Each dial is one unix
+connection to helper_socket (protocol: crishim.helper.protocol). In helper_mode fd the
+connected TCP socket comes back by SCM_RIGHTS; in socat mode the unix connection itself
+carries the bytes. A helper that is down or restarting fails only the dials made
+meanwhile, with DialFailed("helper at PATH unavailable: ..."); the next dial connects
+afresh.
 """
 
 from __future__ import annotations
@@ -18,11 +19,17 @@ import asyncio
 import os
 import socket
 
-from crishim_netns import NamedNetnsRuntime
-
 from crishim.config import Config
-from crishim.helper import HOST, ProtocolError, Reply, encode_request, read_line, send_line
+from crishim.helper.protocol import (
+    HOST,
+    ProtocolError,
+    Reply,
+    encode_request,
+    read_line,
+    send_line,
+)
 from crishim.runtime import DialFailed, RuntimePlugin, Sandbox, SandboxGone, SandboxNotFound
+from crishim.sandboxes import NamedSandboxes, UpstreamSandboxes
 
 
 class HelperUnavailable(DialFailed):
@@ -35,26 +42,20 @@ class HelperPodRuntime(RuntimePlugin):
     name = "helper"
 
     def __init__(self, config: Config) -> None:
-        self.names = NamedNetnsRuntime(config)
+        self.names = NamedSandboxes(config.netns_dir, config.sandboxes)
         # with an upstream runtime, sandboxes are found as the containerd plugin finds them
-        self.upstream = None
-        if config.upstream_endpoint:
-            from crishim_containerd import ContainerdRuntime
-
-            self.upstream = ContainerdRuntime(config)
+        self.upstream = (UpstreamSandboxes(config.upstream_endpoint)
+                         if config.upstream_endpoint else None)
         self.socket_path = config.helper_socket
         self.mode = config.helper_mode
         self.pod_ip_fallback = config.pod_ip_fallback
         self.timeout = config.stream_creation_timeout or 30.0
 
-    def register(self, sandbox_id: str, netns_path: str) -> None:
-        self.names.register(sandbox_id, netns_path)
-
     async def resolve(self, sandbox_id: str) -> Sandbox:
-        if self.upstream is not None and sandbox_id not in self.names.sandboxes:
+        if self.upstream is not None and sandbox_id not in self.names:
             return await self.upstream.resolve(sandbox_id)
         try:
-            return await self.names.resolve(sandbox_id)
+            return self.names.resolve(sandbox_id)
         except (SandboxNotFound, SandboxGone):
             path = self.names.path_of(sandbox_id)  # never HOST: that resolves without error
             if path is None or not _hidden_from_us(path):

@@ -47,6 +47,7 @@ class RecordingUpstream:
     def service(self, details: grpc.HandlerCallDetails):
         name = details.method.rsplit("/", 1)[-1]
         unary = {
+            "Version": (self._version, api_pb2.VersionRequest),
             "Status": (self._status, api_pb2.StatusRequest),
             "ListImages": (self._list_images, api_pb2.ListImagesRequest),
             "ImageFsInfo": (self._slow, api_pb2.ImageFsInfoRequest),
@@ -66,6 +67,11 @@ class RecordingUpstream:
         metadata = dict(context.invocation_metadata())
         self.calls.append((name, metadata, context.time_remaining()))
         return metadata
+
+    def _version(self, request, context):
+        self._record("Version", context)
+        return api_pb2.VersionResponse(version="0.1.0", runtime_name="recording-upstream",
+                                       runtime_version="9.9.9", runtime_api_version="v1")
 
     def _status(self, request, context):
         metadata = self._record("Status", context)
@@ -196,14 +202,38 @@ def test_unimplemented_upstream_method_is_the_upstreams_answer_every_time(
     assert answers == {(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")}
 
 
-def test_version_and_port_forward_stay_crishims(proxy: CrishimProcess,
-                                               upstream: RecordingUpstream) -> None:
+def test_version_is_the_upstreams_by_default(proxy: CrishimProcess,
+                                            upstream: RecordingUpstream) -> None:
+    """A drop-in: the kubelet reports the real runtime, not crishim://."""
     before = len(upstream.calls)
-    assert proxy.runtime.Version(api_pb2.VersionRequest(), timeout=10).runtime_name == "crishim"
+    answer = proxy.runtime.Version(api_pb2.VersionRequest(version="0.1.0"), timeout=10)
+    assert (answer.runtime_name, answer.runtime_version) == ("recording-upstream", "9.9.9")
+    assert [name for name, _, _ in upstream.calls[before:]] == ["Version"]
+
+
+def test_port_forward_resolves_through_the_upstream_by_default(
+        proxy: CrishimProcess, upstream: RecordingUpstream) -> None:
+    """No runtime chosen: the containerd plugin asks the upstream (here it cannot answer
+    PodSandboxStatus), not the netns plugin's NOT_FOUND for every sandbox."""
     with pytest.raises(grpc.RpcError) as info:
         proxy.runtime.PortForward(api_pb2.PortForwardRequest(pod_sandbox_id="x"), timeout=10)
-    assert info.value.code() == grpc.StatusCode.NOT_FOUND  # the netns plugin: no such netns
-    assert len(upstream.calls) == before
+    assert info.value.code() != grpc.StatusCode.NOT_FOUND
+    assert "runtime plugin containerd: upstream_endpoint is set" in proxy.log()
+
+
+def test_explicit_runtime_and_upstream_version_off_stay_crishims(
+        upstream: RecordingUpstream) -> None:
+    with CrishimProcess("--upstream-endpoint", upstream.path, "--runtime", "netns",
+                        "--no-upstream-version") as proc:
+        before = len(upstream.calls)
+        answer = proc.runtime.Version(api_pb2.VersionRequest(), timeout=10)
+        assert answer.runtime_name == "crishim"
+        with pytest.raises(grpc.RpcError) as info:
+            proc.runtime.PortForward(api_pb2.PortForwardRequest(pod_sandbox_id="x"),
+                                     timeout=10)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND  # netns: no such netns
+        assert len(upstream.calls) == before
+        assert "runtime plugin netns: set by runtime" in proc.log()
 
 
 def test_non_cri_method_is_not_forwarded(proxy: CrishimProcess,
@@ -218,8 +248,12 @@ def test_non_cri_method_is_not_forwarded(proxy: CrishimProcess,
 def test_unreachable_upstream_is_unavailable() -> None:
     missing = os.path.join(tempfile.mkdtemp(prefix="crishim-upstream-"), "nobody.sock")
     with CrishimProcess("--upstream-endpoint", missing) as proc:
-        with pytest.raises(grpc.RpcError) as info:
-            proc.runtime.Status(api_pb2.StatusRequest(), timeout=10)
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        runtime = proc.runtime
+        for call, request in ((runtime.Status, api_pb2.StatusRequest()),
+                              (runtime.Version, api_pb2.VersionRequest())):
+            with pytest.raises(grpc.RpcError) as info:
+                call(request, timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    with CrishimProcess("--upstream-endpoint", missing, "--no-upstream-version") as proc:
         assert proc.runtime.Version(api_pb2.VersionRequest(), timeout=10).runtime_name == \
             "crishim"

@@ -12,7 +12,7 @@ import crishim_helperpod
 import pytest
 
 from crishim.config import load
-from crishim.helper import Reply, encode_request
+from crishim.helper.protocol import Reply, encode_request
 from crishim.runtime import DialFailed, Sandbox, SandboxGone, SandboxNotFound
 from tests.support.helper_proc import HelperProcess
 from tests.support.podnet import CLOSED_PORT, HTTP_BODY, HTTP_PORT

@@ -8,6 +8,7 @@ import urllib.request
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from crishim import __version__
 from tests.support.crishim_proc import CrishimProcess
 from tests.support.podnet import CLOSED_PORT, ECHO_PORT
 from tests.support.spdy_pf_client import SpdyPortForwardClient
@@ -55,6 +56,7 @@ def test_prometheus_metrics_count_sessions_bytes_failures_tokens(podnet):
     assert _metric(text, "crishim_tokens_total", event="redeemed") == 1
     assert _metric(text, "crishim_netns_dial_seconds_count") == 1  # the refused one failed
     assert _metric(text, "crishim_sessions_active", transport="spdy") == 0
+    assert _metric(text, "crishim_build_info", version=__version__) == 1
 
 
 def test_metrics_are_off_by_default(crishim):

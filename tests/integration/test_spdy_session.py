@@ -26,7 +26,7 @@ class RawSpdy:
         while b"\r\n\r\n" not in head:
             head += self.sock.recv(4096)
         assert head.startswith(b"HTTP/1.1 101"), head
-        self.codec = spdy.SpdySession(spdy.SpdyConfig(client=True))
+        self.codec = spdy.SpdyConnection(spdy.SpdyConfig(client=True))
         self.events: list = []
         rest = head.split(b"\r\n\r\n", 1)[1]
         if rest:

@@ -10,6 +10,7 @@ import tempfile
 import time
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from crishim.cri import api_pb2, api_pb2_grpc
 
@@ -43,7 +44,9 @@ class CrishimProcess:
                 raise RuntimeError(f"crishim exited {self.proc.returncode}:\n{self.log()}")
             if os.path.exists(self.socket):
                 try:
-                    self.runtime.Version(api_pb2.VersionRequest(version="0.1.0"), timeout=2)
+                    # health, not Version: with an upstream, Version is the upstream's answer
+                    health_pb2_grpc.HealthStub(self.channel).Check(
+                        health_pb2.HealthCheckRequest(service=""), timeout=2)
                     return
                 except grpc.RpcError:
                     pass

@@ -1,4 +1,4 @@
-"""A test client for crishim's HTTP/2 port-forward (PROTOCOL.md section 6), on the `h2`
+"""A test client for crishim's HTTP/2 port-forward (docs/protocol.md §5), on the `h2`
 library in the client role over a real socket: h2c prior knowledge, Upgrade: h2c, or TLS
 with ALPN h2. Each forward is an error stream plus a data stream sharing a requestid."""
 

@@ -24,7 +24,7 @@ from crishim.protocols.spdy import (
     GoAwayReceived,
     SessionTerminated,
     SpdyConfig,
-    SpdySession,
+    SpdyConnection,
     StreamReplied,
     StreamReset,
 )
@@ -104,7 +104,7 @@ class SpdyPortForwardClient:
         if status != 101:
             self.sock.close()
             raise UpgradeRefused(status, self.head, rest)
-        self.session = SpdySession(SpdyConfig(client=True))
+        self.session = SpdyConnection(SpdyConfig(client=True))
         self.closed = False
         self.goaway = False
         self.terminated_reason = ""

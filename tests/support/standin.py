@@ -22,6 +22,14 @@ Behaviour taken from the real components:
 * A runtime error is answered as the kubelet maps gRPC codes (NotFound 404,
   ResourceExhausted 429 with Retry-After, anything else 500), with a metav1 Status.
 * Discovery is the legacy (non-aggregated) shape, which every kubectl accepts.
+* With ``tls=True`` it serves HTTPS with a certificate from its own self-signed CA
+  (``ca_pem``); with ``token`` set every request, upgrades included, needs
+  ``Authorization: Bearer <token>`` and is otherwise answered ``401`` with an
+  ``Unauthorized`` Status, as the API server does. ``write_kubeconfig`` writes a
+  kubeconfig for both (kubectl and crishim read the same file).
+* ``websocket_tunnel=False`` refuses the WebSocket tunnel (subprotocol
+  ``SPDY/3.1+portforward.k8s.io``) with ``400``, as an API server before 1.30 fails that
+  upgrade; clients then fall back to SPDY.
 
 The stand-in runs its own uvloop event loop in a background thread so that
 synchronous test code can use it.
@@ -30,13 +38,17 @@ synchronous test code can use it.
 from __future__ import annotations
 
 import asyncio
+import base64
+import datetime
 import inspect
+import ipaddress
 import json
 import os
 import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -81,6 +93,8 @@ _SERVER_VERSION = {
 _PORTFORWARD_RE = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/([^/]+)/portforward/?$")
 _POD_RE = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/([^/]+)/?$")
 _GRPC_HTTP = {"NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429}
+_UNAUTHORIZED = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                 "message": "Unauthorized", "reason": "Unauthorized", "code": 401}
 
 
 # --------------------------------------------------------------------------- records
@@ -530,6 +544,10 @@ class _ApiProtocol(asyncio.Protocol, _RelayEnd):
 
     def _answer(self, req: h11.Request) -> None:
         rec = self._record(req)
+        if not self.standin._authorized(rec.headers):
+            rec.status = 401
+            self._send_json(401, _UNAUTHORIZED)
+            return
         status, body, extra = self.standin._route(rec)
         rec.status = status
         if isinstance(body, bytes):
@@ -565,6 +583,14 @@ class _ApiProtocol(asyncio.Protocol, _RelayEnd):
             method=req.method.decode("latin-1"), target=req.target.decode("latin-1"),
             headers=headers, namespace=namespace, pod=name, sandbox_id=sandbox or "")
         standin.requests.append(rec)
+        if not standin._authorized(headers):
+            self._refuse(rec, 401, _UNAUTHORIZED)
+            return
+        if not standin.websocket_tunnel and _is_spdy_tunnel(headers):
+            self._refuse(rec, 400, _status_body(
+                400, "BadRequest", "unable to upgrade: the WebSocket tunnel "
+                "(SPDY/3.1+portforward.k8s.io) is not supported by this server"))
+            return
         if sandbox is None:
             self._refuse(rec, 404, _status_body(
                 404, "NotFound", f'pods "{name}" not found', {"name": name, "kind": "pods"}))
@@ -666,6 +692,58 @@ class _ApiProtocol(asyncio.Protocol, _RelayEnd):
         return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
+# --------------------------------------------------------------------------- TLS
+
+
+def _serving_tls(host: str, directory: str) -> tuple[bytes, ssl.SSLContext]:
+    """A self-signed CA and a serving certificate for ``host`` it signed: (CA PEM, server
+    context). Clients must trust the CA, as they trust a cluster's."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "standin-ca")])
+    ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+               .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+               .add_extension(x509.KeyUsage(False, False, False, False, False, True, True,
+                                            False, False), critical=True)
+               .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    try:
+        san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        san = x509.DNSName(host)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "standin")]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    cert_path = os.path.join(directory, "server.crt")
+    key_path = os.path.join(directory, "server.key")
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(pem))
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert_path, key_path)
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ca_cert.public_bytes(pem), ctx
+
+
 # --------------------------------------------------------------------------- server
 
 
@@ -692,8 +770,24 @@ class KubeStandIn:
         host: str = "127.0.0.1",
         port: int = 0,
         splice: bool = True,
+        tls: bool = False,
+        token: str | None = None,
+        websocket_tunnel: bool = True,
+        phases: Mapping[str, str] | None = None,
     ) -> None:
-        self.splice = splice  # relay established upgrades in the kernel, as the kubelet
+        # relay established upgrades in the kernel, as the kubelet (not through TLS)
+        self.splice = splice and not tls
+        self.token = token
+        self.websocket_tunnel = websocket_tunnel
+        # pod "name" or "namespace/name" -> status.phase (default Running)
+        self.phases = {(k.rpartition("/")[0] or "default", k.rpartition("/")[2]): v
+                       for k, v in (phases or {}).items()}
+        self.ca_pem = b""
+        self._ssl: ssl.SSLContext | None = None
+        self._tls_dir: str | None = None
+        if tls:
+            self._tls_dir = tempfile.mkdtemp(prefix="kube-standin-tls-")
+            self.ca_pem, self._ssl = _serving_tls(host, self._tls_dir)
         self.pods: dict[tuple[str, str], str] = {}
         for key, sandbox in pods.items():
             ns, _, name = key.rpartition("/")
@@ -722,7 +816,37 @@ class KubeStandIn:
     def server_url(self) -> str:
         if self._server is None:
             raise RuntimeError("KubeStandIn is not running")
-        return f"http://{self._host}:{self._port}"
+        scheme = "https" if self._ssl is not None else "http"
+        return f"{scheme}://{self._host}:{self._port}"
+
+    def write_kubeconfig(self, path: str, token: str | None = None,
+                         namespace: str | None = None) -> str:
+        """A kubeconfig for this stand-in: its server URL, its CA (when TLS) and a bearer
+        token (default: the one it requires). JSON, which is YAML to every reader."""
+        cluster: dict[str, Any] = {"server": self.server_url}
+        if self.ca_pem:
+            cluster["certificate-authority-data"] = base64.b64encode(self.ca_pem).decode()
+        user: dict[str, Any] = {}
+        if token or self.token:
+            user["token"] = token or self.token
+        context: dict[str, Any] = {"cluster": "standin", "user": "standin"}
+        if namespace:
+            context["namespace"] = namespace
+        config = {
+            "apiVersion": "v1", "kind": "Config", "current-context": "standin",
+            "clusters": [{"name": "standin", "cluster": cluster}],
+            "users": [{"name": "standin", "user": user}],
+            "contexts": [{"name": "standin", "context": context}],
+        }
+        with open(path, "w") as f:
+            json.dump(config, f)
+        return path
+
+    def _authorized(self, headers: Iterable[tuple[str, str]]) -> bool:
+        if self.token is None:
+            return True
+        return any(k.lower() == "authorization" and v == f"Bearer {self.token}"
+                   for k, v in headers)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -749,7 +873,8 @@ class KubeStandIn:
 
     async def _listen(self) -> None:
         self._server = await asyncio.get_running_loop().create_server(
-            lambda: _ApiProtocol(self), self._host, self._port, reuse_address=True)
+            lambda: _ApiProtocol(self), self._host, self._port, reuse_address=True,
+            ssl=self._ssl)
         self._port = self._server.sockets[0].getsockname()[1]
 
     async def _shutdown(self) -> None:
@@ -774,6 +899,8 @@ class KubeStandIn:
             self._loop.close()
             self._thread = None
             self._server = None
+            if self._tls_dir is not None:
+                shutil.rmtree(self._tls_dir, ignore_errors=True)
 
     def __enter__(self) -> Self:
         return self.start()
@@ -896,7 +1023,7 @@ class KubeStandIn:
                 "nodeName": "standin-node",
             },
             "status": {
-                "phase": "Running",
+                "phase": self.phases.get((namespace, name), "Running"),
                 "conditions": [{"type": "Ready", "status": "True",
                                 "lastTransitionTime": now}],
                 "hostIP": "127.0.0.1",
@@ -941,12 +1068,13 @@ class KubectlPortForward:
 
     def __init__(self, kubectl_path: str, server_url: str, pod: str, specs: Sequence[str],
                  extra_args: Sequence[str] = (), *, namespace: str | None = None,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, kubeconfig: str | None = None) -> None:
         self._tmp = tempfile.mkdtemp(prefix="kubectl-standin-")
-        kubeconfig = os.path.join(self._tmp, "config")
-        with open(kubeconfig, "w"):
-            pass
-        cmd = [kubectl_path, "--server", server_url,
+        if kubeconfig is None:  # an empty one: everything from --server
+            kubeconfig = os.path.join(self._tmp, "config")
+            with open(kubeconfig, "w"):
+                pass
+        cmd = [kubectl_path, *(["--server", server_url] if server_url else []),
                "--cache-dir", os.path.join(self._tmp, "cache")]
         if namespace:
             cmd += ["--namespace", namespace]
@@ -1071,10 +1199,13 @@ def run_kubectl_port_forward(kubectl_path: str, server_url: str, pod: str, specs
                              extra_args: Sequence[str] = (), *, namespace: str | None = None,
                              wait_ready: bool = True, timeout: float = 30.0,
                              env: Mapping[str, str] | None = None,
-                             as_given: bool = False) -> KubectlPortForward:
+                             as_given: bool = False,
+                             kubeconfig: str | None = None) -> KubectlPortForward:
     """Start ``kubectl --server URL port-forward POD SPEC...``.
 
-    A bare ``pod`` name is passed as ``pod/NAME``; ``TYPE/NAME`` as is, and with
+    With ``kubeconfig`` kubectl reads that file (pass ``server_url=""`` to take the
+    server from it too). A bare ``pod`` name is passed as ``pod/NAME``; ``TYPE/NAME`` as
+    is, and with
     ``as_given=True`` a bare name is passed unchanged (kubectl's ``NAME`` form).
     With ``wait_ready`` (the default) this returns once kubectl printed a
     ``Forwarding from 127.0.0.1:…`` line for every numeric remote port, and raises
@@ -1084,7 +1215,7 @@ def run_kubectl_port_forward(kubectl_path: str, server_url: str, pod: str, specs
     if "/" not in pod and not as_given:
         pod = f"pod/{pod}"
     pf = KubectlPortForward(kubectl_path, server_url, pod, specs, extra_args,
-                            namespace=namespace, env=env)
+                            namespace=namespace, env=env, kubeconfig=kubeconfig)
     if wait_ready:
         remotes = [p for p in (_remote_port(s) for s in specs) if p is not None]
         try:

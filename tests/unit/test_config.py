@@ -43,3 +43,30 @@ def test_serve_help_documents_every_setting(capsys):
     out = capsys.readouterr().out
     for name in SETTINGS:
         assert "--" + name.replace("_", "-") in out, name
+
+
+def test_runtime_defaults_to_netns_without_an_upstream() -> None:
+    assert load(env={}).chosen_runtime()[0] == "netns"
+
+
+def test_runtime_defaults_to_containerd_with_an_upstream() -> None:
+    name, why = load(env={}, overrides={"upstream_endpoint": "/run/c.sock"}).chosen_runtime()
+    assert name == "containerd" and "upstream_endpoint" in why
+
+
+@pytest.mark.parametrize("source", ["flag", "env", "toml"])
+def test_an_explicit_runtime_wins_over_the_upstream_default(source: str, tmp_path) -> None:
+    path, env, overrides = None, {}, {"upstream_endpoint": "/run/c.sock"}
+    if source == "flag":
+        overrides["runtime"] = "netns"
+    elif source == "env":
+        env = {"CRISHIM_RUNTIME": "netns"}
+    else:
+        path = tmp_path / "crishim.toml"
+        path.write_text('runtime = "netns"\n')
+    assert load(str(path) if path else None, env, overrides).chosen_runtime()[0] == "netns"
+
+
+def test_upstream_version_is_on_by_default_and_can_be_turned_off() -> None:
+    assert load(env={}).upstream_version is True
+    assert load(env={"CRISHIM_UPSTREAM_VERSION": "false"}).upstream_version is False

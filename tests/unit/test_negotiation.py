@@ -2,9 +2,8 @@
 
 import pytest
 
+from crishim.protocols.constants import PORTFORWARD_CRISHIM_V1, PORTFORWARD_PROTOCOL
 from crishim.protocols.negotiation import (
-    PORTFORWARD_CRISHIM_V1,
-    PORTFORWARD_K8S,
     StreamProtocolRefused,
     carries_udp,
     choose_version,
@@ -27,31 +26,31 @@ def test_server_prefers_the_crishim_version_whatever_the_client_order():
 
 
 def test_upstream_clients_negotiate_what_they_always_did():
-    assert choose_version([PORTFORWARD_K8S]) == PORTFORWARD_K8S
+    assert choose_version([PORTFORWARD_PROTOCOL]) == PORTFORWARD_PROTOCOL
     assert choose_version(["v4.channel.k8s.io"]) is None
 
 
 def test_a_server_without_udp_picks_the_upstream_version():
-    assert choose_version(client_offer(), server_versions(udp=False)) == PORTFORWARD_K8S
+    assert choose_version(client_offer(), server_versions(udp=False)) == PORTFORWARD_PROTOCOL
     assert choose_version(client_offer(), server_versions(udp=True)) == PORTFORWARD_CRISHIM_V1
 
 
 def test_websocket_subprotocols_carry_the_version():
-    assert websocket_subprotocol(PORTFORWARD_K8S) == "SPDY/3.1+portforward.k8s.io"
+    assert websocket_subprotocol(PORTFORWARD_PROTOCOL) == "SPDY/3.1+portforward.k8s.io"
     assert version_of_subprotocol("SPDY/3.1+portforward.crishim.dev/v1") == PORTFORWARD_CRISHIM_V1
     assert version_of_subprotocol("v4.channel.k8s.io") is None
 
 
 def test_stream_protocol_tcp_is_the_default_everywhere():
-    assert stream_protocol({}, PORTFORWARD_K8S) == "tcp"
-    assert stream_protocol({"protocol": "tcp"}, PORTFORWARD_K8S) == "tcp"
+    assert stream_protocol({}, PORTFORWARD_PROTOCOL) == "tcp"
+    assert stream_protocol({"protocol": "tcp"}, PORTFORWARD_PROTOCOL) == "tcp"
     assert stream_protocol({"protocol": "udp"}, PORTFORWARD_CRISHIM_V1) == "udp"
-    assert carries_udp(PORTFORWARD_CRISHIM_V1) and not carries_udp(PORTFORWARD_K8S)
+    assert carries_udp(PORTFORWARD_CRISHIM_V1) and not carries_udp(PORTFORWARD_PROTOCOL)
 
 
 def test_udp_on_a_session_that_did_not_negotiate_it_is_refused():
     with pytest.raises(StreamProtocolRefused, match="needs stream protocol"):
-        stream_protocol({"protocol": "udp"}, PORTFORWARD_K8S)
+        stream_protocol({"protocol": "udp"}, PORTFORWARD_PROTOCOL)
     with pytest.raises(StreamProtocolRefused, match="needs stream protocol"):
         stream_protocol({"protocol": "udp"}, None)
 

@@ -35,7 +35,7 @@ from crishim.protocols.spdy import (
     SessionTerminated,
     SettingsReceived,
     SpdyConfig,
-    SpdySession,
+    SpdyConnection,
     StreamClosedError,
     StreamError,
     StreamOpened,
@@ -185,12 +185,12 @@ class Wire:
         return frames
 
 
-def server(**kw: object) -> SpdySession:
-    return SpdySession(SpdyConfig(client=False, **kw))
+def server(**kw: object) -> SpdyConnection:
+    return SpdyConnection(SpdyConfig(client=False, **kw))
 
 
-def client(**kw: object) -> SpdySession:
-    return SpdySession(SpdyConfig(client=True, **kw))
+def client(**kw: object) -> SpdyConnection:
+    return SpdyConnection(SpdyConfig(client=True, **kw))
 
 
 def merge_data(events: list) -> list:
@@ -210,7 +210,7 @@ def merge_data(events: list) -> list:
 class Peer:
     """A raw-frame peer talking to a codec session under test."""
 
-    def __init__(self, session: SpdySession) -> None:
+    def __init__(self, session: SpdyConnection) -> None:
         self.session = session
         self.enc = RefEncoder()
         self.wire = Wire()
@@ -222,7 +222,7 @@ class Peer:
         return self.wire.parse(self.session.data_to_send())
 
 
-def pump(a: SpdySession, b: SpdySession) -> tuple[list, list]:
+def pump(a: SpdyConnection, b: SpdyConnection) -> tuple[list, list]:
     """Move bytes both ways until quiet; return events seen by a and by b."""
     ev_a: list = []
     ev_b: list = []

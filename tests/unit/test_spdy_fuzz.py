@@ -14,7 +14,7 @@ from crishim.protocols.spdy import (
     SessionClosedError,
     SessionTerminated,
     SpdyConfig,
-    SpdySession,
+    SpdyConnection,
     StreamClosedError,
     StreamError,
     StreamOpened,
@@ -34,7 +34,7 @@ class Harness:
 
     def __init__(self, config: SpdyConfig, reply: bool = False) -> None:
         self.config = config
-        self.session = SpdySession(config)
+        self.session = SpdyConnection(config)
         self.wire = Wire()
         self.frames: list[tuple] = []
         self.events: list = []
@@ -108,7 +108,7 @@ action_st = st.one_of(
 
 def client_traffic(actions: list[tuple]) -> bytes:
     """Bytes a well-behaved client session emits for the given calls."""
-    session = SpdySession(SpdyConfig(client=True))
+    session = SpdyConnection(SpdyConfig(client=True))
     opened: list[int] = []
     out = bytearray()
     for action in actions:
@@ -169,7 +169,7 @@ def test_random_bytes_after_a_real_session_prefix(blob: bytes, data: st.DataObje
 def test_valid_traffic_split_anywhere_is_understood_the_same(actions: list[tuple],
                                                               data: st.DataObject) -> None:
     blob = client_traffic(actions)
-    whole = SpdySession(SpdyConfig(max_data_chunk=1 << 20))
+    whole = SpdyConnection(SpdyConfig(max_data_chunk=1 << 20))
     expected = whole.receive_data(blob)
     harness = Harness(SpdyConfig(max_data_chunk=64))
     for piece in split(data, blob):

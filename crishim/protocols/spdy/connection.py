@@ -1,11 +1,11 @@
 """Sans-IO SPDY/3.1 codec: bytes in, events out; calls in, bytes out.
 
-A :class:`SpdySession` owns no socket and no event loop. Feed it what the
-transport read with :meth:`SpdySession.receive_data`, act on the returned
-events, and write whatever :meth:`SpdySession.data_to_send` hands back. The
+A :class:`SpdyConnection` owns no socket and no event loop. Feed it what the
+transport read with :meth:`SpdyConnection.receive_data`, act on the returned
+events, and write whatever :meth:`SpdyConnection.data_to_send` hands back. The
 same class serves both roles; :attr:`SpdyConfig.client` picks stream-id parity.
 
-Deliberate choices (see PROTOCOL.md section 3):
+Deliberate choices (docs/protocol.md §2.2 and §2.5):
 
 * Flow control is reported (``WindowUpdateReceived``) but never enforced:
   spdystream neither sends nor honours WINDOW_UPDATE, so waiting for window
@@ -25,126 +25,59 @@ import zlib
 from dataclasses import dataclass
 from typing import NoReturn
 
-__all__ = [
-    "SPDY3_DICTIONARY",
-    "CompressionError",
-    "DataReceived",
-    "Event",
-    "GoAwayReceived",
-    "HeaderBlockError",
-    "HeaderDecoder",
-    "HeaderEncoder",
-    "HeadersReceived",
-    "PingAcknowledged",
-    "PingReceived",
-    "SessionClosedError",
-    "SessionTerminated",
-    "SettingsReceived",
-    "SpdyConfig",
-    "SpdyError",
-    "SpdySession",
-    "StreamClosedError",
-    "StreamError",
-    "StreamOpened",
-    "StreamReplied",
-    "StreamReset",
-    "WindowUpdateReceived",
-    "pack_header_block",
-    "unpack_header_block",
-]
-
-SPDY_VERSION = 3
-
-# Control frame types.
-SYN_STREAM = 1
-SYN_REPLY = 2
-RST_STREAM = 3
-SETTINGS = 4
-PING = 6
-GOAWAY = 7
-HEADERS = 8
-WINDOW_UPDATE = 9
-
-# Frame flags.
-FLAG_FIN = 0x01
-FLAG_UNIDIRECTIONAL = 0x02
-FLAG_SETTINGS_CLEAR_SETTINGS = 0x01
-
-# RST_STREAM status codes.
-PROTOCOL_ERROR = 1
-INVALID_STREAM = 2
-REFUSED_STREAM = 3
-UNSUPPORTED_VERSION = 4
-CANCEL = 5
-INTERNAL_ERROR = 6
-FLOW_CONTROL_ERROR = 7
-STREAM_IN_USE = 8
-STREAM_ALREADY_CLOSED = 9
-INVALID_CREDENTIALS = 10
-FRAME_TOO_LARGE = 11
-
-# GOAWAY status codes.
-OK = 0
-GOAWAY_OK = 0
-GOAWAY_PROTOCOL_ERROR = 1
-GOAWAY_INTERNAL_ERROR = 2
-
-# SETTINGS ids.
-SETTINGS_UPLOAD_BANDWIDTH = 1
-SETTINGS_DOWNLOAD_BANDWIDTH = 2
-SETTINGS_ROUND_TRIP_TIME = 3
-SETTINGS_MAX_CONCURRENT_STREAMS = 4
-SETTINGS_CURRENT_CWND = 5
-SETTINGS_DOWNLOAD_RETRANS_RATE = 6
-SETTINGS_INITIAL_WINDOW_SIZE = 7
-SETTINGS_CLIENT_CERTIFICATE_VECTOR_SIZE = 8
-
-MAX_STREAM_ID = 0x7FFFFFFF
-MAX_FRAME_PAYLOAD = 0xFFFFFF
+from .compression import HeaderDecoder, HeaderEncoder, unpack_header_block
+from .constants import (
+    CANCEL,
+    FLAG_FIN,
+    FLAG_SETTINGS_CLEAR_SETTINGS,
+    FLAG_UNIDIRECTIONAL,
+    FRAME_TOO_LARGE,
+    GOAWAY,
+    GOAWAY_INTERNAL_ERROR,
+    GOAWAY_OK,
+    GOAWAY_PROTOCOL_ERROR,
+    HEADERS,
+    INVALID_STREAM,
+    MAX_FRAME_PAYLOAD,
+    MAX_STREAM_ID,
+    PING,
+    PROTOCOL_ERROR,
+    REFUSED_STREAM,
+    RST_STREAM,
+    SETTINGS,
+    SPDY_VERSION,
+    STREAM_ALREADY_CLOSED,
+    STREAM_IN_USE,
+    SYN_REPLY,
+    SYN_STREAM,
+    UNSUPPORTED_VERSION,
+    WINDOW_UPDATE,
+)
+from .errors import (
+    CompressionError,
+    HeaderBlockError,
+    SessionClosedError,
+    StreamClosedError,
+)
+from .events import (
+    DataReceived,
+    Event,
+    GoAwayReceived,
+    HeadersReceived,
+    PingAcknowledged,
+    PingReceived,
+    SessionTerminated,
+    SettingsReceived,
+    StreamError,
+    StreamOpened,
+    StreamReplied,
+    StreamReset,
+    WindowUpdateReceived,
+)
 
 _KNOWN_CONTROL_TYPES = frozenset(
     (SYN_STREAM, SYN_REPLY, RST_STREAM, SETTINGS, PING, GOAWAY, HEADERS, WINDOW_UPDATE)
 )
-
-
-def _build_dictionary() -> bytes:
-    # SPDY/3 draft, section 2.6.10.1: 65 length-prefixed words, then one raw run.
-    words = (
-        "options", "head", "post", "put", "delete", "trace", "accept", "accept-charset",
-        "accept-encoding", "accept-language", "accept-ranges", "age", "allow",
-        "authorization", "cache-control", "connection", "content-base", "content-encoding",
-        "content-language", "content-length", "content-location", "content-md5",
-        "content-range", "content-type", "date", "etag", "expect", "expires", "from", "host",
-        "if-match", "if-modified-since", "if-none-match", "if-range", "if-unmodified-since",
-        "last-modified", "location", "max-forwards", "pragma", "proxy-authenticate",
-        "proxy-authorization", "range", "referer", "retry-after", "server", "te", "trailer",
-        "transfer-encoding", "upgrade", "user-agent", "vary", "via", "warning",
-        "www-authenticate", "method", "get", "status", "200 OK", "version", "HTTP/1.1", "url",
-        "public", "set-cookie", "keep-alive", "origin",
-    )
-    tail = (
-        "100101201202205206300302303304305306307402405406407408409410411412413414415416417"
-        "502504505"
-        "203 Non-Authoritative Information204 No Content301 Moved Permanently"
-        "400 Bad Request401 Unauthorized403 Forbidden404 Not Found"
-        "500 Internal Server Error501 Not Implemented503 Service Unavailable"
-        "Jan Feb Mar Apr May Jun Jul Aug Sept Oct Nov Dec 00:00:00 "
-        "Mon, Tue, Wed, Thu, Fri, Sat, Sun, GMT"
-        "chunked,text/html,image/png,image/jpg,image/gif,application/xml,"
-        "application/xhtml+xml,text/plain,text/javascript,public"
-        "privatemax-age=gzip,deflate,sdch"
-        "charset=utf-8charset=iso-8859-1,utf-,*,enq=0."
-    )
-    out = bytearray()
-    for word in words:
-        raw = word.encode("ascii")
-        out += len(raw).to_bytes(4, "big") + raw
-    out += tail.encode("ascii")
-    return bytes(out)
-
-
-#: The zlib preset dictionary every SPDY/3 header block is compressed with (1423 bytes).
-SPDY3_DICTIONARY = _build_dictionary()
 
 _U32 = struct.Struct(">I")
 _U32_PAIR = struct.Struct(">II")
@@ -193,251 +126,8 @@ class SpdyConfig:
         return min(self.max_frame_size, self.max_header_block + 64 * 1024)
 
 
-# --------------------------------------------------------------------------- errors
 
-
-class SpdyError(Exception):
-    """Base class for errors raised to the local user of a session."""
-
-
-class StreamClosedError(SpdyError):
-    """The stream cannot carry what the caller tried to send on it."""
-
-
-class SessionClosedError(SpdyError):
-    """The session no longer accepts new streams (terminated, GOAWAY, ids exhausted)."""
-
-
-class HeaderBlockError(SpdyError):
-    """An inflated header block is malformed; the zlib context is still intact."""
-
-
-class CompressionError(SpdyError):
-    """A header block could not be inflated; the zlib context is unusable."""
-
-
-# --------------------------------------------------------------------------- events
-
-
-class Event:
-    """Base class of everything :meth:`SpdySession.receive_data` returns."""
-
-    __slots__ = ()
-
-
-@dataclass(frozen=True, slots=True)
-class StreamOpened(Event):
-    """The peer opened a stream with SYN_STREAM."""
-
-    stream_id: int
-    associated_id: int
-    headers: dict[str, str]
-    fin: bool
-    unidirectional: bool
-    priority: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class StreamReplied(Event):
-    """The peer accepted one of our streams with SYN_REPLY."""
-
-    stream_id: int
-    headers: dict[str, str]
-    fin: bool
-
-
-@dataclass(frozen=True, slots=True)
-class HeadersReceived(Event):
-    stream_id: int
-    headers: dict[str, str]
-    fin: bool
-
-
-@dataclass(frozen=True, slots=True)
-class DataReceived(Event):
-    """A piece of a DATA frame; ``fin`` is set on the last piece of a FIN frame."""
-
-    stream_id: int
-    data: bytes
-    fin: bool
-
-
-@dataclass(frozen=True, slots=True)
-class StreamReset(Event):
-    """The peer reset a stream with RST_STREAM."""
-
-    stream_id: int
-    status: int
-
-
-@dataclass(frozen=True, slots=True)
-class PingReceived(Event):
-    """The peer pinged us; the echo is already queued."""
-
-    ping_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class PingAcknowledged(Event):
-    """The peer echoed a PING we sent."""
-
-    ping_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class SettingsReceived(Event):
-    settings: dict[int, int]
-
-
-@dataclass(frozen=True, slots=True)
-class WindowUpdateReceived(Event):
-    """Informational only: this codec never blocks sends on a window."""
-
-    stream_id: int
-    delta: int
-
-
-@dataclass(frozen=True, slots=True)
-class GoAwayReceived(Event):
-    last_good_stream_id: int
-    status: int
-
-
-@dataclass(frozen=True, slots=True)
-class StreamError(Event):
-    """The codec refused or reset a stream the peer misused; RST_STREAM is queued."""
-
-    stream_id: int
-    status: int
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class SessionTerminated(Event):
-    """Fatal protocol error; GOAWAY is queued and all further input is ignored."""
-
-    status: int
-    reason: str
-
-
-# --------------------------------------------------------------------------- header blocks
-
-
-def pack_header_block(headers: dict[str, str]) -> bytes:
-    """Lay out a header block (uncompressed): names lowercased, values kept raw.
-
-    Several values of one header travel as one value joined by NUL.
-    """
-    lowered: dict[bytes, bytes] = {}
-    for name, value in headers.items():
-        raw_name = name.lower().encode("latin-1")
-        if not raw_name:
-            raise ValueError("header names must not be empty")
-        if raw_name in lowered:
-            raise ValueError(f"header {name!r} appears twice once lowercased")
-        lowered[raw_name] = value.encode("latin-1")
-    parts = [_U32.pack(len(lowered))]
-    for raw_name, raw_value in lowered.items():
-        parts.append(_U32.pack(len(raw_name)))
-        parts.append(raw_name)
-        parts.append(_U32.pack(len(raw_value)))
-        parts.append(raw_value)
-    return b"".join(parts)
-
-
-def unpack_header_block(raw: bytes) -> dict[str, str]:
-    """Parse an inflated header block; raises :class:`HeaderBlockError` if malformed.
-
-    Names are lowercased (lenient towards peers that do not); bytes are decoded
-    as latin-1 so nothing is lost or rejected for its encoding.
-    """
-    size = len(raw)
-    if size == 0:
-        return {}
-    if size < 4:
-        raise HeaderBlockError(f"header block of {size} bytes has no pair count")
-    (count,) = _U32.unpack_from(raw, 0)
-    # Each pair needs at least two length fields, which caps any honest count.
-    if count > (size - 4) // 8:
-        raise HeaderBlockError(f"pair count {count} does not fit in a {size}-byte block")
-    headers: dict[str, str] = {}
-    pos = 4
-    for _ in range(count):
-        if pos + 4 > size:
-            raise HeaderBlockError("header block ends inside a name length")
-        (name_len,) = _U32.unpack_from(raw, pos)
-        pos += 4
-        if name_len == 0:
-            raise HeaderBlockError("header block has an empty name")
-        if pos + name_len > size:
-            raise HeaderBlockError(f"name length {name_len} runs past the block end")
-        name = raw[pos:pos + name_len].decode("latin-1").lower()
-        pos += name_len
-        if pos + 4 > size:
-            raise HeaderBlockError("header block ends inside a value length")
-        (value_len,) = _U32.unpack_from(raw, pos)
-        pos += 4
-        if pos + value_len > size:
-            raise HeaderBlockError(f"value length {value_len} runs past the block end")
-        if name in headers:
-            raise HeaderBlockError(f"header {name!r} appears twice")
-        headers[name] = raw[pos:pos + value_len].decode("latin-1")
-        pos += value_len
-    if pos != size:
-        raise HeaderBlockError(f"{size - pos} stray bytes after the last header")
-    return headers
-
-
-# Keeps a compressed block, plus deflate's worst-case growth, inside one frame.
-MAX_RAW_HEADER_BLOCK = MAX_FRAME_PAYLOAD - 64 * 1024
-
-
-class HeaderEncoder:
-    """Outgoing header compression: one zlib stream for the session's life."""
-
-    def __init__(self, level: int = zlib.Z_DEFAULT_COMPRESSION) -> None:
-        self._deflater = zlib.compressobj(level, zlib.DEFLATED, 15, 8,
-                                          zlib.Z_DEFAULT_STRATEGY, SPDY3_DICTIONARY)
-
-    def encode(self, headers: dict[str, str]) -> bytes:
-        """Compress one block; invalid headers raise ValueError before the context moves."""
-        raw = pack_header_block(headers)
-        if len(raw) > MAX_RAW_HEADER_BLOCK:
-            raise ValueError(f"header block of {len(raw)} bytes cannot fit in one frame")
-        return self._deflater.compress(raw) + self._deflater.flush(zlib.Z_SYNC_FLUSH)
-
-
-class HeaderDecoder:
-    """Incoming header decompression, bounded by ``max_size`` inflated bytes per block."""
-
-    def __init__(self, max_size: int) -> None:
-        self.max_size = max_size
-        self._inflater = zlib.decompressobj(zdict=SPDY3_DICTIONARY)
-        self.broken = False
-
-    def inflate(self, block: bytes | memoryview) -> bytes:
-        """Inflate one block; raises :class:`CompressionError` and stays broken after."""
-        if self.broken:
-            raise CompressionError("header decompression context is already broken")
-        try:
-            raw = self._inflater.decompress(block, self.max_size + 1)
-        except zlib.error as exc:
-            self.broken = True
-            raise CompressionError(f"header block does not inflate: {exc}") from None
-        if len(raw) > self.max_size:
-            self.broken = True
-            raise CompressionError(f"header block inflates beyond {self.max_size} bytes")
-        if self._inflater.eof:
-            # The peer ended its zlib stream; the next block would have nowhere to go.
-            self.broken = True
-            raise CompressionError("header block ends the session's zlib stream")
-        return raw
-
-    def decode(self, block: bytes | memoryview) -> dict[str, str]:
-        return unpack_header_block(self.inflate(block))
-
-
-# --------------------------------------------------------------------------- session
+# --------------------------------------------------------------------------- connection
 
 _CLOSED_RESET = 1  # reset by either side: late frames are dropped silently
 _CLOSED_FINISHED = 2  # both sides sent FIN: more data from the peer is an error
@@ -467,7 +157,7 @@ class _Terminated(Exception):
     """Unwinds frame processing after a fatal error was recorded."""
 
 
-class SpdySession:
+class SpdyConnection:
     """One SPDY/3.1 session, either role, without I/O.
 
     ``receive_data`` never raises on any byte content: peer misbehaviour comes
@@ -860,6 +550,8 @@ class SpdySession:
     def _unit_size(self, header: bytearray) -> int:
         """Bytes to hold before processing: a whole control frame if it is buffered,
         otherwise just the 8-byte header (DATA and ignored frames stream through)."""
+        word: int
+        flags_length: int
         word, flags_length = _U32_PAIR.unpack_from(header, 0)
         if word & 0x80000000:
             length = flags_length & 0xFFFFFF

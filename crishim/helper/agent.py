@@ -3,36 +3,7 @@
 It runs in a privileged helper pod (hostPID, hostNetwork, /var/run/netns mounted) or as a
 host process, and listens on a unix socket (helper_socket, mode 0660, group set with
 --group). The shim (runtime plugin `helper`) then needs no CAP_SYS_ADMIN, no nsenter and
-no socat.
-
-Protocol, version 1. One request per unix connection; every message is one line of JSON
-(UTF-8, at most 4096 bytes, ending in "\\n").
-
-Requests, shim -> helper:
-    {"v": 1, "op": "dial", "netns": PATH | "host", "port": N, "mode": "fd" | "socat",
-     "pod_ip": ""}
-    {"v": 1, "op": "exists", "netns": PATH}
-
-Replies, helper -> shim:
-    {"v": 1, "ok": true, "mode": "fd"}      sent with one SCM_RIGHTS fd: the TCP socket,
-                                            already connected inside the netns (127.0.0.1,
-                                            then ::1, then pod_ip if given). The helper
-                                            closes its copy and the unix connection; it
-                                            never sees a byte of the forwarded traffic.
-    {"v": 1, "ok": true, "mode": "socat"}   the helper ran `nsenter --net=PATH socat - TCP:..`
-                                            and from the next byte on the unix connection
-                                            itself carries the traffic (relayed by the
-                                            helper through socat); shutdown(SHUT_WR) on
-                                            either side is the half-close.
-    {"v": 1, "ok": true, "exists": BOOL}    answer to "exists"
-    {"v": 1, "ok": false, "error": CODE, "message": TEXT}
-        CODE: "gone" (the netns does not exist: the shim raises SandboxGone),
-              "refused" (nothing answered on the port: DialFailed),
-              "mode" (the helper runs the other mode), "bad-request", "version",
-              "internal" (all DialFailed).
-
-A helper that exits costs only the requests in flight (and, in socat mode, the relayed
-connections): the shim opens a new unix connection for every dial.
+no socat. The messages are in crishim.helper.protocol.
 """
 
 from __future__ import annotations
@@ -40,175 +11,35 @@ from __future__ import annotations
 import argparse
 import asyncio
 import grp
-import json
 import logging
 import os
 import socket
-import stat
 import subprocess
 import sys
-from dataclasses import dataclass
+from collections.abc import Sequence
 
+from crishim.helper.protocol import (
+    HOST,
+    ProtocolError,
+    Reply,
+    decode_request,
+    read_line,
+    send_line,
+    wait_io,
+)
+from crishim.netns import dial_localhost
 from crishim.runtime import DialFailed, SandboxGone
+from crishim.sysutil import SocketInUse, prepare_socket_path, remove_socket_file, stop_on_signals
 
 log = logging.getLogger("crishim.helper")
 
-PROTOCOL_VERSION = 1
-MAX_LINE = 4096
 REQUEST_TIMEOUT = 10.0  # a client that sends no complete request within this is dropped
-HOST = "host"
 SOCAT_LINGER = 4 * 3600  # socat -t: after one direction's EOF, wait this long for the other
 RELAY_CHUNK = 256 * 1024
 
 
 class HelperSetupError(Exception):
     """The helper cannot start as configured; the message says what to change."""
-
-
-class ProtocolError(Exception):
-    """A message that does not follow the helper protocol; code is the error code replied."""
-
-    def __init__(self, message: str, code: str = "bad-request") -> None:
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    ok: bool
-    mode: str = ""
-    exists: bool | None = None
-    error: str = ""
-    message: str = ""
-
-    def encode(self) -> bytes:
-        body: dict = {"v": PROTOCOL_VERSION, "ok": self.ok}
-        if self.ok:
-            if self.mode:
-                body["mode"] = self.mode
-            if self.exists is not None:
-                body["exists"] = self.exists
-        else:
-            body["error"] = self.error
-            body["message"] = self.message
-        return json.dumps(body, separators=(",", ":")).encode() + b"\n"
-
-    @classmethod
-    def decode(cls, line: bytes) -> Reply:
-        try:
-            body = json.loads(line)
-        except ValueError as e:
-            raise ProtocolError(f"reply is not JSON: {e}") from None
-        if not isinstance(body, dict) or body.get("v") != PROTOCOL_VERSION:
-            raise ProtocolError(f"reply of an unknown protocol version: {line[:100]!r}")
-        return cls(ok=bool(body.get("ok")), mode=str(body.get("mode", "")),
-                   exists=body.get("exists"), error=str(body.get("error", "")),
-                   message=str(body.get("message", "")))
-
-
-def encode_request(op: str, netns: str, port: int = 0, mode: str = "", pod_ip: str = "") -> bytes:
-    body: dict = {"v": PROTOCOL_VERSION, "op": op, "netns": netns}
-    if op == "dial":
-        body.update(port=port, mode=mode, pod_ip=pod_ip)
-    return json.dumps(body, separators=(",", ":")).encode() + b"\n"
-
-
-def decode_request(line: bytes) -> dict:
-    try:
-        body = json.loads(line)
-    except ValueError as e:
-        raise ProtocolError(f"request is not JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise ProtocolError("request is not a JSON object")
-    if body.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {body.get('v')!r} not supported "
-                            f"(this helper speaks {PROTOCOL_VERSION})", code="version")
-    op, netns = body.get("op"), body.get("netns")
-    if op not in ("dial", "exists"):
-        raise ProtocolError(f"unknown op {op!r}")
-    if not isinstance(netns, str) or not (netns == HOST or netns.startswith("/")):
-        raise ProtocolError(f"netns must be an absolute path or {HOST!r}, got {netns!r}")
-    if op == "dial":
-        port = body.get("port")
-        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-            raise ProtocolError(f"port must be in 1..65535, got {port!r}")
-        if body.get("mode") not in ("fd", "socat"):
-            raise ProtocolError(f"mode must be fd or socat, got {body.get('mode')!r}")
-        if not isinstance(body.get("pod_ip", ""), str):
-            raise ProtocolError("pod_ip must be a string")
-    return body
-
-
-async def wait_io(sock: socket.socket | int, writable: bool = False) -> None:
-    """Until sock (or an fd) is readable (or writable) on the running loop."""
-    loop = asyncio.get_running_loop()
-    fut = loop.create_future()
-    fd = sock if isinstance(sock, int) else sock.fileno()
-
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    if writable:
-        loop.add_writer(fd, ready)
-    else:
-        loop.add_reader(fd, ready)
-    try:
-        await fut
-    finally:
-        if writable:
-            loop.remove_writer(fd)
-        else:
-            loop.remove_reader(fd)
-
-
-async def read_line(sock: socket.socket, max_fds: int = 0) -> tuple[bytes, list[int]]:
-    """One protocol line from a non-blocking unix socket, and the fds sent with it. Reads
-    no byte past the newline, so bytes that follow (socat mode) stay in the socket."""
-    data = b""
-    fds: list[int] = []
-    try:
-        while len(data) < MAX_LINE:
-            try:
-                peek = sock.recv(MAX_LINE - len(data), socket.MSG_PEEK)
-            except BlockingIOError:
-                await wait_io(sock)
-                continue
-            if not peek:
-                raise EOFError("connection closed before a complete line")
-            # the bytes up to the newline, or all of them: they are the line's either way
-            end = peek.find(b"\n")
-            chunk, got, _flags, _addr = socket.recv_fds(
-                sock, end + 1 if end >= 0 else len(peek), max_fds or 1)
-            fds.extend(got)
-            data += chunk
-            if data.endswith(b"\n"):
-                break
-        else:
-            raise ProtocolError(f"line longer than {MAX_LINE} bytes")
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
-    if not max_fds:
-        for fd in fds:  # nobody asked for these
-            os.close(fd)
-        fds = []
-    return data[:-1], fds
-
-
-async def send_line(sock: socket.socket, line: bytes, fds: list[int] = ()) -> None:
-    """Send one line (with fds, in the same message) on a non-blocking unix socket."""
-    view = memoryview(line)
-    first = True
-    while view:
-        try:
-            n = socket.send_fds(sock, [view], list(fds)) if first and fds else sock.send(view)
-        except BlockingIOError:
-            await wait_io(sock, writable=True)
-            continue
-        first = False
-        view = view[n:]
 
 
 # --- the agent -----------------------------------------------------------------------------
@@ -221,12 +52,10 @@ class HelperAgent:
         self.mode = mode
         self.group = group
         self.listener: socket.socket | None = None
-        self._tasks: set[asyncio.Task] = set()
-        self._accept_task: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._accept_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        from crishim.app import prepare_socket_path
-
         prepare_socket_path(self.socket_path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o117)
@@ -245,14 +74,14 @@ class HelperAgent:
         sock.listen(1024)
         sock.setblocking(False)
         self.listener = sock
-        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
+        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop(sock))
         log.info("crishim helper serving %s mode on %s", self.mode, self.socket_path)
 
-    async def _accept_loop(self) -> None:
+    async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                conn, _ = await loop.sock_accept(self.listener)
+                conn, _ = await loop.sock_accept(listener)
             except OSError as e:  # EMFILE and friends: back off rather than spin
                 log.warning("accept on %s failed: %s", self.socket_path, e)
                 await asyncio.sleep(0.1)
@@ -271,11 +100,7 @@ class HelperAgent:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.listener is not None:
             self.listener.close()
-            try:
-                if stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
-                    os.unlink(self.socket_path)
-            except FileNotFoundError:
-                pass
+            remove_socket_file(self.socket_path)
 
     async def _serve(self, conn: socket.socket) -> None:
         try:
@@ -311,12 +136,10 @@ class HelperAgent:
         finally:
             conn.close()
 
-    async def _reply(self, conn: socket.socket, reply: Reply, fds: list[int] = ()) -> None:
+    async def _reply(self, conn: socket.socket, reply: Reply, fds: Sequence[int] = ()) -> None:
         await send_line(conn, reply.encode(), fds)
 
     async def _dial_fd(self, conn: socket.socket, netns: str, port: int, pod_ip: str) -> None:
-        from crishim.netns import dial_localhost
-
         try:
             sock = await dial_localhost(None if netns == HOST else netns, port, pod_ip)
         except SandboxGone as e:
@@ -352,7 +175,7 @@ class HelperAgent:
             for fd in (in_r, out_w, err_w):
                 os.close(fd)
         socat = Socat(proc, in_w, out_r, err_r)
-        errors = []
+        errors: list[str] = []
         while True:
             line = await socat.stderr_line()
             if not line:
@@ -391,7 +214,7 @@ class HelperAgent:
 class Socat:
     """One `socat - TCP:...` child and the three pipe ends the helper holds."""
 
-    def __init__(self, proc: subprocess.Popen, stdin_fd: int, stdout_fd: int,
+    def __init__(self, proc: subprocess.Popen[bytes], stdin_fd: int, stdout_fd: int,
                  stderr_fd: int) -> None:
         self.proc = proc
         self.stdin_fd = stdin_fd
@@ -400,7 +223,7 @@ class Socat:
         for fd in (stdin_fd, stdout_fd, stderr_fd):
             os.set_blocking(fd, False)
         self._stderr = b""
-        self._drain: asyncio.Task | None = None
+        self._drain: asyncio.Task[None] | None = None
 
     async def _read(self, fd: int) -> bytes:
         while True:
@@ -489,7 +312,7 @@ class Socat:
 
 # --- command line --------------------------------------------------------------------------
 
-def add_command(sub: argparse._SubParsersAction) -> None:
+def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "helper", help="privileged agent that dials into sandbox netns for an unprivileged shim",
         description="Listen on a unix socket; for each request enter the sandbox netns, connect "
@@ -517,7 +340,6 @@ def cmd_helper(args: argparse.Namespace) -> int:
     import uvloop
 
     from crishim import logs
-    from crishim.app import SocketInUse, stop_on_signals
     from crishim.config import load
 
     config = load(args.config, overrides={k: getattr(args, k) for k in (

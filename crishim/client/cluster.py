@@ -1,0 +1,190 @@
+"""`crishim port-forward --kubeconfig FILE pod/NAME ...`: through an API server's
+pods/portforward subresource, as kubectl does.
+
+Credentials come from the kubeconfig through the `kubernetes` package's loader (client
+certificates, bearer tokens, exec and auth-provider plugins, CA data,
+insecure-skip-tls-verify), so every kubeconfig kubectl accepts works the same. From
+that Configuration crishim builds its own TLS context and Authorization header and opens
+its own client session: the WebSocket tunnel (SPDY over WebSocket, kubectl 1.31+) where
+the server offers it, else the SPDY upgrade (client-go's fallback on a failed WebSocket
+upgrade). As kubectl, the pod is fetched first: not found, or not running, is reported
+before any port is bound.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from crishim.client.session import ClientSession, UpgradeRefused, open_session
+
+# the transports an API server's pods/portforward offers; "auto" is kubectl's choice
+CLUSTER_TRANSPORTS = ("auto", "spdy-over-websocket", "spdy")
+
+
+class ClusterError(Exception):
+    """The cluster path cannot go on; the message is the whole line to print, kubectl-like."""
+
+
+@dataclass
+class Cluster:
+    """What a kubeconfig context says about reaching its API server."""
+
+    server: str  # scheme://host:port[/prefix]
+    namespace: str
+    ssl_context: ssl.SSLContext | None
+    configuration: Any  # kubernetes.client.Configuration, for the pod GET and token refresh
+
+    def auth_headers(self) -> list[tuple[str, str]]:
+        """Authorization as the `kubernetes` client sends it, read per use so that a token
+        from an exec plugin or auth provider is refreshed by the loader's hook."""
+        cfg = self.configuration
+        headers = [("Authorization" if str(s["key"]).lower() == "authorization" else s["key"],
+                    s["value"]) for s in cfg.auth_settings().values()
+                   if s.get("in") == "header" and s.get("value")]
+        if not headers and (cfg.username or cfg.password):
+            headers.append(("Authorization", cfg.get_basic_auth_token()))
+        return headers
+
+
+def load_cluster(kubeconfig: str, context: str | None = None, namespace: str | None = None,
+                 insecure: bool = False, ca_file: str | None = None) -> Cluster:
+    """Read a kubeconfig with the `kubernetes` package's loader; `insecure` and `ca_file`
+    override the cluster's settings as kubectl's flags of the same names do."""
+    from kubernetes import client
+    from kubernetes import config as kube_config
+
+    loader: Any = kube_config  # untyped
+    configuration = client.Configuration()
+    try:
+        loader.load_kube_config(config_file=kubeconfig, context=context,
+                                client_configuration=configuration, persist_config=False)
+        contexts, active = loader.list_kube_config_contexts(config_file=kubeconfig)
+    except kube_config.ConfigException as e:
+        raise ClusterError(f"error: kubeconfig {kubeconfig}: {e}") from None
+    except OSError as e:
+        raise ClusterError(f"error: kubeconfig {kubeconfig}: {e.strerror or e}") from None
+    chosen = next((c for c in contexts if c.get("name") == context), None) if context \
+        else active
+    ns = namespace or ((chosen or {}).get("context") or {}).get("namespace") or "default"
+    if insecure:
+        configuration.verify_ssl = False
+    if ca_file:
+        configuration.ssl_ca_cert = ca_file
+    configuration.retries = 0  # one answer, as kubectl: no silent urllib3 retries
+    server = configuration.host.rstrip("/")
+    if urlsplit(server).scheme not in ("http", "https"):
+        raise ClusterError(f"error: kubeconfig {kubeconfig}: server {server!r} is not an "
+                           "http(s) URL")
+    return Cluster(server, ns, _ssl_context(configuration, server), configuration)
+
+
+def _ssl_context(configuration: Any, server: str) -> ssl.SSLContext | None:
+    if urlsplit(server).scheme != "https":
+        return None
+    ctx = ssl.create_default_context(cafile=configuration.ssl_ca_cert or None)
+    ca_data = getattr(configuration, "ca_cert_data", None)
+    if ca_data:
+        ctx.load_verify_locations(cadata=ca_data)
+    if not configuration.verify_ssl:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if configuration.cert_file:
+        ctx.load_cert_chain(configuration.cert_file, configuration.key_file or None)
+    ctx.set_alpn_protocols(["http/1.1"])  # the upgrade is HTTP/1.1 only
+    return ctx
+
+
+def pod_name(target: str) -> str:
+    """kubectl's forms: `pod/NAME`, `pods/NAME`, `po/NAME` or a bare `NAME`."""
+    kind, sep, name = target.partition("/")
+    if not sep:
+        return target
+    if kind not in ("pod", "pods", "po") or not name or "/" in name:
+        raise ClusterError(f"error: {target!r}: only pods are supported (pod/NAME or NAME)")
+    return name
+
+
+def check_pod(cluster: Cluster, name: str, timeout: float) -> None:
+    """GET the pod as kubectl does before forwarding: it must exist and be Running."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    api = client.CoreV1Api(client.ApiClient(cluster.configuration))
+    try:
+        response: Any = api.read_namespaced_pod(name, cluster.namespace,
+                                                _preload_content=False,
+                                                _request_timeout=timeout)
+        pod = json.loads(response.data)
+    except ApiException as e:
+        raise ClusterError(_server_error(e)) from None
+    except HTTPError as e:
+        reason = getattr(e, "reason", None) or e
+        raise ClusterError(f"error: unable to connect to the server {cluster.server}: "
+                           f"{reason}") from None
+    except ValueError as e:
+        raise ClusterError(f"error: the server's answer for pod {name!r} is not JSON: {e}"
+                           ) from None
+    phase = (pod.get("status") or {}).get("phase", "")
+    if phase != "Running":
+        raise ClusterError("error: unable to forward port because pod is not running. "
+                           f"Current status={phase}")
+
+
+def _server_error(e: Any) -> str:
+    """kubectl's wording for an API error answer."""
+    if e.status == 401:
+        return "error: You must be logged in to the server (Unauthorized)"
+    try:
+        status = json.loads(e.body or b"")
+    except ValueError:
+        status = {}
+    if not isinstance(status, dict):
+        status = {}
+    message = status.get("message") or (e.body.decode("utf-8", "replace").strip()
+                                         if isinstance(e.body, bytes) else str(e.body or ""))
+    reason = status.get("reason") or e.reason or str(e.status)
+    return f"Error from server ({reason}): {message or 'no message'}"
+
+
+class ClusterForward:
+    """Opens sessions to one pod through its pods/portforward subresource."""
+
+    def __init__(self, cluster: Cluster, pod: str, transport: str = "auto",
+                 timeout: float = 10.0) -> None:
+        if transport not in CLUSTER_TRANSPORTS:
+            raise ClusterError(f"error: transport {transport!r} is not offered by an API "
+                               f"server; choose from {', '.join(CLUSTER_TRANSPORTS)}")
+        self.cluster = cluster
+        self.pod = pod
+        self.transport = transport
+        self.timeout = timeout
+        self.url = (f"{cluster.server}/api/v1/namespaces/{quote(cluster.namespace, safe='')}"
+                    f"/pods/{quote(pod, safe='')}/portforward")
+        self.chosen: str | None = None  # the transport that worked, once one has
+
+    async def open(self, transport: str, ports: list[int], ping_interval: float
+                   ) -> ClientSession:
+        """A SessionOpener: `transport` is the forwarder's request, "auto" or one of ours."""
+        wanted = self.chosen or (transport if transport != "auto" else self.transport)
+        if wanted != "auto":
+            return await self._open(wanted, ping_interval)
+        try:
+            session = await self._open("spdy-over-websocket", ping_interval)
+        except UpgradeRefused as e:
+            if e.status == 101:  # upgraded, but wrongly: an error, not an old server
+                raise
+            session = await self._open("spdy", ping_interval)
+            self.chosen = "spdy"
+            return session
+        self.chosen = "spdy-over-websocket"
+        return session
+
+    async def _open(self, transport: str, ping_interval: float) -> ClientSession:
+        return await open_session(self.url, transport, ssl_context=self.cluster.ssl_context,
+                                  ping_interval=ping_interval, timeout=self.timeout,
+                                  headers=self.cluster.auth_headers())

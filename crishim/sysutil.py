@@ -1,0 +1,56 @@
+"""Unix socket files and signals, shared by `crishim serve` and `crishim helper`."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+import socket
+import stat
+
+
+class SocketInUse(Exception):
+    """A live server already answers on the socket path (or the path is not a socket)."""
+
+
+def prepare_socket_path(path: str) -> None:
+    """Create the parent directory; replace a stale socket file; refuse a live one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or "/", exist_ok=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketInUse(f"{path} exists and is not a socket; not replacing it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError as e:
+        if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            os.unlink(path)  # stale: nobody listens
+            return
+        raise SocketInUse(f"{path}: cannot tell whether it is in use ({e.strerror})") from None
+    finally:
+        probe.close()
+    raise SocketInUse(f"another server is already listening on {path}; stop it or choose "
+                      "another --socket")
+
+
+def remove_socket_file(path: str) -> None:
+    """Unlink path if it is (still) a socket; anything else put there is left alone."""
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event that SIGINT or SIGTERM sets, handled on the running loop from now on."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop

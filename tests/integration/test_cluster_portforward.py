@@ -1,0 +1,268 @@
+"""`crishim port-forward --kubeconfig`: the cluster path, through the API server stand-in
+(HTTPS from its own CA, a bearer token required) to a real `crishim serve` and the pod
+netns, side by side with real kubectl 1.33 on the same kubeconfig."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from typing import IO, Any
+
+import pytest
+
+from tests.support import SANDBOX, missing
+from tests.support.crishim_proc import CrishimProcess
+from tests.support.podnet import ECHO_PORT, HTTP_BODY, HTTP_PORT
+from tests.support.standin import KubeStandIn, run_kubectl_port_forward
+
+KUBECTL_133 = "/usr/lib/google-cloud-sdk/bin/kubectl.1.33"
+TOKEN = "standin-token-0123456789"
+_FORWARD = re.compile(r"Forwarding from 127\.0\.0\.1:(\d+) -> (\d+)")
+
+
+class CrishimClusterForward:
+    """`crishim port-forward --kubeconfig ...` as a subprocess; `local[remote]` once ready."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "crishim", "port-forward", *args, "--address", "127.0.0.1"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={k: v for k, v in os.environ.items() if k != "KUBECONFIG"})
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self.local: dict[int, int] = {}
+        self._cond = threading.Condition()
+        self._readers = [threading.Thread(target=self._read, args=(pipe, into), daemon=True)
+                         for pipe, into in ((self.proc.stdout, self.stdout),
+                                            (self.proc.stderr, self.stderr))]
+        for t in self._readers:
+            t.start()
+
+    def _read(self, pipe: IO[str], into: list[str]) -> None:
+        for line in pipe:
+            with self._cond:
+                into.append(line.rstrip("\n"))
+                m = _FORWARD.search(line)
+                if m:
+                    self.local[int(m.group(2))] = int(m.group(1))
+                self._cond.notify_all()
+
+    def wait_ready(self, remotes: list[int], timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not set(remotes) <= set(self.local):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"not forwarding: exit {self.proc.poll()}\n"
+                                         f"{self.output()}")
+                self._cond.wait(0.2)
+
+    def wait(self, timeout: float = 20.0) -> int:
+        code = self.proc.wait(timeout)
+        for t in self._readers:
+            t.join(5)
+        return code
+
+    def output(self) -> str:
+        return "\n".join(self.stdout + self.stderr)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        for t in self._readers:
+            t.join(5)
+
+    def __enter__(self) -> CrishimClusterForward:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def echo_roundtrip(port: int, payload: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := s.recv(65536):
+            received += chunk
+    return received
+
+
+def http_get(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: pod\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+            if answer.endswith(HTTP_BODY):
+                break
+    return answer
+
+
+@pytest.fixture
+def kubeconfig_dir() -> Iterator[str]:
+    with tempfile.TemporaryDirectory(prefix="crishim-kubeconfig-") as d:
+        yield d
+
+
+def standin_for(crishim: CrishimProcess, pods: dict[str, str] | None = None,
+                **kw: Any) -> KubeStandIn:
+    return KubeStandIn(pods or {"web": SANDBOX},
+                       lambda sb, ports: crishim.port_forward_url(sb, ports),
+                       tls=True, token=TOKEN, **kw)
+
+
+def test_websocket_tunnel_over_tls_with_a_bearer_token(
+        crishim: CrishimProcess, kubeconfig_dir: str) -> None:
+    with standin_for(crishim) as api:
+        config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"))
+        with CrishimClusterForward("--kubeconfig", config, "pod/web", f":{ECHO_PORT}",
+                                   f":{HTTP_PORT}") as pf:
+            pf.wait_ready([ECHO_PORT, HTTP_PORT])
+            assert echo_roundtrip(pf.local[ECHO_PORT], b"x" * 100_000) == b"x" * 100_000
+            assert http_get(pf.local[HTTP_PORT]).endswith(HTTP_BODY)
+        gets = [r for r in api.requests if r.method == "GET" and r.status == 200]
+        assert any(r.path == "/api/v1/namespaces/default/pods/web" for r in gets)
+        assert [u.transport for u in api.upgrades] == ["websocket"]
+        upgrade = api.upgrades[0]
+        assert "SPDY/3.1+portforward.k8s.io" in (upgrade.header("sec-websocket-protocol")
+                                                  or "")
+        assert upgrade.header("authorization") == f"Bearer {TOKEN}"
+        assert upgrade.backend_status == 101
+
+
+def test_spdy_fallback_when_the_server_refuses_the_websocket_tunnel(
+        crishim: CrishimProcess, kubeconfig_dir: str) -> None:
+    with standin_for(crishim, websocket_tunnel=False) as api:
+        config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"))
+        with CrishimClusterForward("--kubeconfig", config, "web", f":{ECHO_PORT}",
+                                   f":{HTTP_PORT}") as pf:
+            pf.wait_ready([ECHO_PORT, HTTP_PORT])
+            assert echo_roundtrip(pf.local[ECHO_PORT], b"spdy fallback") == b"spdy fallback"
+            assert http_get(pf.local[HTTP_PORT]).endswith(HTTP_BODY)
+        refused = [r for r in api.requests if r.path.endswith("/portforward")
+                   and r.status == 400]
+        assert refused and "websocket" in (refused[0].header("upgrade") or "").lower()
+        assert [u.transport for u in api.upgrades] == ["spdy"]
+        assert api.upgrades[0].method == "POST"
+
+
+def test_namespace_flag_selects_the_pod(crishim: CrishimProcess, kubeconfig_dir: str) -> None:
+    with standin_for(crishim, {"ns1/web": SANDBOX}) as api:
+        config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"))
+        with CrishimClusterForward("--kubeconfig", config, "-n", "ns1", "pod/web",
+                                   f":{ECHO_PORT}") as pf:
+            pf.wait_ready([ECHO_PORT])
+            assert echo_roundtrip(pf.local[ECHO_PORT], b"ns1") == b"ns1"
+        assert api.upgrades[0].namespace == "ns1"
+
+
+def test_wrong_token_is_refused_with_kubectls_error(
+        crishim: CrishimProcess, kubeconfig_dir: str) -> None:
+    with standin_for(crishim) as api:
+        config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"), token="wrong")
+        with CrishimClusterForward("--kubeconfig", config, "pod/web", f":{ECHO_PORT}") as pf:
+            assert pf.wait() == 1
+        assert "You must be logged in to the server (Unauthorized)" in pf.output()
+        assert not pf.local
+        assert api.requests and all(r.status == 401 for r in api.requests)
+        assert not api.port_forward_calls
+
+
+def test_missing_pod_is_reported_before_listening(
+        crishim: CrishimProcess, kubeconfig_dir: str) -> None:
+    with standin_for(crishim) as api:
+        config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"))
+        with CrishimClusterForward("--kubeconfig", config, "pod/nope", f":{ECHO_PORT}") as pf:
+            assert pf.wait() == 1
+        assert 'Error from server (NotFound): pods "nope" not found' in pf.output()
+        assert not pf.local and not api.port_forward_calls
+
+
+def test_pod_not_running_is_refused_as_kubectl(
+        crishim: CrishimProcess, kubeconfig_dir: str) -> None:
+    with standin_for(crishim, phases={"web": "Pending"}) as api:
+        config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"))
+        with CrishimClusterForward("--kubeconfig", config, "pod/web", f":{ECHO_PORT}") as pf:
+            assert pf.wait() == 1
+        assert ("unable to forward port because pod is not running. Current status=Pending"
+                in pf.output())
+        assert not api.port_forward_calls
+
+
+def test_untrusted_server_certificate_is_a_clear_error(
+        crishim: CrishimProcess, kubeconfig_dir: str) -> None:
+    """The kubeconfig's CA is what makes the stand-in trusted: without it, no forwarding."""
+    with standin_for(crishim) as api:
+        config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"))
+        with open(config) as f:
+            kubeconfig = json.load(f)
+        del kubeconfig["clusters"][0]["cluster"]["certificate-authority-data"]
+        with open(config, "w") as f:
+            json.dump(kubeconfig, f)
+        with CrishimClusterForward("--kubeconfig", config, "pod/web", f":{ECHO_PORT}") as pf:
+            assert pf.wait() == 1
+        assert "unable to connect to the server" in pf.output()
+        assert "CERTIFICATE_VERIFY_FAILED" in pf.output() or "certificate" in pf.output()
+
+
+def test_kubectl_133_side_by_side_on_the_same_kubeconfig(
+        crishim: CrishimProcess, kubeconfig_dir: str) -> None:
+    if not os.access(KUBECTL_133, os.X_OK):
+        missing(KUBECTL_133)
+    with standin_for(crishim) as api:
+        config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"))
+        with run_kubectl_port_forward(KUBECTL_133, "", "pod/web", [f":{ECHO_PORT}"],
+                                      ["--address", "127.0.0.1"],
+                                      kubeconfig=config) as kubectl, \
+                CrishimClusterForward("--kubeconfig", config, "pod/web",
+                                      f":{ECHO_PORT}") as ours:
+            ours.wait_ready([ECHO_PORT])
+            for port, who in ((kubectl.local_ports[ECHO_PORT], b"kubectl"),
+                              (ours.local[ECHO_PORT], b"crishim")):
+                assert echo_roundtrip(port, who * 1000) == who * 1000
+        assert len(api.upgrades) == 2
+        kubectl_upgrade, ours_upgrade = sorted(
+            api.upgrades, key=lambda u: "crishim" in (u.header("user-agent") or ""))
+        # the same subresource, transport and credentials as kubectl
+        for upgrade in (kubectl_upgrade, ours_upgrade):
+            assert upgrade.path == "/api/v1/namespaces/default/pods/web/portforward"
+            assert upgrade.transport == "websocket"
+            assert upgrade.header("authorization") == f"Bearer {TOKEN}"
+
+
+def test_token_from_an_exec_plugin(crishim: CrishimProcess, kubeconfig_dir: str) -> None:
+    """Credentials come from the `kubernetes` loader: an exec plugin's token is sent."""
+    plugin = os.path.join(kubeconfig_dir, "credential-plugin")
+    with open(plugin, "w") as f:
+        f.write(f"#!{sys.executable}\nimport json\nprint(json.dumps({{"
+                '"apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential", '
+                f'"status": {{"token": "{TOKEN}"}}}}))\n')
+    os.chmod(plugin, 0o755)
+    with standin_for(crishim) as api:
+        config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"), token="unused")
+        with open(config) as f:
+            kubeconfig = json.load(f)
+        kubeconfig["users"][0]["user"] = {"exec": {
+            "apiVersion": "client.authentication.k8s.io/v1", "command": plugin,
+            "interactiveMode": "Never"}}
+        with open(config, "w") as f:
+            json.dump(kubeconfig, f)
+        with CrishimClusterForward("--kubeconfig", config, "pod/web", f":{ECHO_PORT}") as pf:
+            pf.wait_ready([ECHO_PORT])
+            assert echo_roundtrip(pf.local[ECHO_PORT], b"exec") == b"exec"
+        assert api.upgrades[0].header("authorization") == f"Bearer {TOKEN}"

@@ -1,0 +1,56 @@
+"""The cluster path's pure parts: pod targets and the kubeconfig loader's credentials."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from crishim.client.cluster import ClusterError, load_cluster, pod_name
+
+
+@pytest.mark.parametrize("target", ["web", "pod/web", "pods/web", "po/web"])
+def test_pod_targets_as_kubectl(target: str) -> None:
+    assert pod_name(target) == "web"
+
+
+@pytest.mark.parametrize("target", ["deploy/web", "svc/web", "pod/", "pod/a/b"])
+def test_other_targets_are_refused(target: str) -> None:
+    with pytest.raises(ClusterError, match="only pods"):
+        pod_name(target)
+
+
+def _kubeconfig(tmp_path: Path, user: dict[str, Any],
+                context: dict[str, Any] | None = None) -> str:
+    path = tmp_path / "config"
+    path.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "k", "cluster": {"server": "https://127.0.0.1:6443",
+                                               "insecure-skip-tls-verify": True}}],
+        "users": [{"name": "u", "user": user}],
+        "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u",
+                                               **(context or {})}}],
+    }))
+    return str(path)
+
+
+def test_bearer_token_and_context_namespace(tmp_path: Path) -> None:
+    cluster = load_cluster(_kubeconfig(tmp_path, {"token": "t0k"}, {"namespace": "ns1"}))
+    assert cluster.auth_headers() == [("Authorization", "Bearer t0k")]
+    assert cluster.namespace == "ns1"
+    assert cluster.server == "https://127.0.0.1:6443"
+    assert cluster.ssl_context is not None and not cluster.ssl_context.check_hostname
+
+
+def test_namespace_flag_wins_and_basic_auth(tmp_path: Path) -> None:
+    cluster = load_cluster(_kubeconfig(tmp_path, {"username": "a", "password": "b"}),
+                           namespace="other")
+    assert cluster.namespace == "other"
+    assert cluster.auth_headers() == [("Authorization", "Basic YTpi")]
+
+
+def test_unreadable_kubeconfig_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ClusterError, match="kubeconfig .*missing"):
+        load_cluster(str(tmp_path / "missing"))
