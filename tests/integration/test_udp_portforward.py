@@ -4,11 +4,15 @@ it; and against a server without the extension (one clear line, TCP unaffected).
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import sys
 
 import pytest
 
 from tests.integration.test_client_portforward import PortForwardCLI, free_port, ipv6_loopback
+from tests.support import SANDBOX
 from tests.support.crishim_proc import CrishimProcess
 from tests.support.podnet import ECHO_PORT, UDP_CLOSED_PORT, UDP_DNS_PORT, UDP_ECHO_PORT
 from tests.support.udp_peers import (
@@ -139,8 +143,6 @@ def test_websocket_channels_refuse_udp_with_a_usage_error(crishim):
 
 @pytest.fixture(scope="module")
 def crishim_without_udp(podnet):
-    from tests.support import SANDBOX
-
     with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}",
                         env={"CRISHIM_ENABLE_UDP_PORTFORWARD": "false"}) as proc:
         yield proc
@@ -167,3 +169,16 @@ def test_udp_only_against_a_server_without_the_extension_exits_1(crishim_without
     assert pf.stdout == []
     assert len(pf.stderr) == 1
     assert "does not support UDP port-forward" in pf.stderr[0]
+
+
+def test_check_skips_udp_with_the_reason_against_a_server_without_it(crishim_without_udp,
+                                                                     podnet):
+    r = subprocess.run(
+        [sys.executable, "-m", "crishim", "check", "--sandbox", SANDBOX, "--runtime-endpoint",
+         f"unix://{crishim_without_udp.socket}", "--netns", podnet.path, "--json", "--size", "1"],
+        capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    checks = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+    assert checks["udp-echo"]["result"] == "skip"
+    assert "negotiated portforward.k8s.io" in checks["udp-echo"]["detail"]
+    assert checks["echo-sha256"]["result"] == "pass"
