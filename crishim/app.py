@@ -20,9 +20,10 @@ from crishim import __version__
 from crishim.config import Config
 from crishim.cri.service import CriHandler, CriService, upstream_target
 from crishim.forward import ForwardContext
+from crishim.memory import MemoryReleaser
 from crishim.runtime import RuntimePlugin, load_plugin
 from crishim.stream.server import StreamServer
-from crishim.sysutil import prepare_socket_path, stop_on_signals
+from crishim.sysutil import prepare_socket_path, raise_nofile_limit, stop_on_signals
 from crishim.tokens import TokenStore
 
 if TYPE_CHECKING:
@@ -57,7 +58,17 @@ class Crishim:
 
             self.metrics = Metrics(self.tokens)
             self.metrics.serve(cfg.metrics_address)
+        nofile = raise_nofile_limit()
+        fd_budget = max(2, nofile - cfg.reserved_fds)
+        # no one session may hold more than half of what all may: others keep their share
+        per_session = min(cfg.max_connections_per_session,
+                          max(1, min(cfg.max_connections, fd_budget) // 2))
+        log.info("RLIMIT_NOFILE %d: %d descriptors for sessions and forwarded connections, "
+                 "at most %d forwarded connections, %d per session", nofile, fd_budget,
+                 min(cfg.max_connections, fd_budget), per_session)
         ctx = ForwardContext(self.plugin, cfg.error_policy, cfg.buffer_size, self.metrics,
+                             max_per_session=per_session,
+                             max_connections=cfg.max_connections, fd_budget=fd_budget,
                              udp=cfg.enable_udp_portforward,
                              udp_idle_timeout=cfg.udp_flow_idle_timeout)
         self.stream = StreamServer(
@@ -65,13 +76,19 @@ class Crishim:
             url_host=cfg.stream_url_host, creation_timeout=cfg.stream_creation_timeout,
             idle_timeout=cfg.stream_idle_timeout, max_sessions=cfg.max_sessions,
             request_timeout=cfg.stream_request_timeout,
+            memory=MemoryReleaser(cfg.memory_release_sessions, cfg.memory_release_interval),
             ssl_context=self._ssl_context())
         await self.stream.start()
         prepare_socket_path(cfg.socket)
         if cfg.upstream_endpoint:
             self.upstream = grpc.aio.insecure_channel(upstream_target(cfg.upstream_endpoint),
                                                       options=_MESSAGE_LIMITS)
-        service = CriService(self.plugin, self.tokens, self.stream.url_for)
+        stream = self.stream
+        service = CriService(self.plugin, self.tokens, stream.url_for,
+                             max_sandbox_id_length=cfg.max_sandbox_id_length,
+                             max_ports=cfg.max_port_forward_ports,
+                             draining=lambda: stream.draining,
+                             max_request_bytes=cfg.max_request_bytes)
         server = grpc.aio.server(options=_MESSAGE_LIMITS)
         server.add_generic_rpc_handlers(
             (CriHandler(service, self.upstream, cfg.upstream_version),))

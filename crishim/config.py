@@ -85,6 +85,14 @@ class Config:
     helper_socket: str = "/run/crishim/helper.sock"
     helper_mode: str = "fd"
     buffer_size: int = 256 * 1024
+    max_sandbox_id_length: int = 256
+    max_port_forward_ports: int = 64
+    max_request_bytes: int = 64 * 1024
+    max_connections_per_session: int = 4096
+    max_connections: int = 65536
+    reserved_fds: int = 256
+    memory_release_sessions: int = 64
+    memory_release_interval: float = 10.0
     enable_udp_portforward: bool = True
     udp_flow_idle_timeout: float = 60.0
 
@@ -106,9 +114,15 @@ class Config:
                 )
         if not 0 <= self.stream_server_port <= 65535:
             raise ConfigError(f"stream_server_port: {self.stream_server_port} is not in 0..65535")
-        for name in ("max_tokens", "max_sessions", "buffer_size"):
+        for name in ("max_tokens", "max_sessions", "buffer_size", "max_sandbox_id_length",
+                     "max_port_forward_ports", "max_request_bytes",
+                     "max_connections_per_session",
+                     "max_connections"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1")
+        for name in ("reserved_fds", "memory_release_sessions"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must not be negative")
         if self.udp_flow_idle_timeout <= 0:
             raise ConfigError("udp_flow_idle_timeout: must be positive")
         if self.token_ttl <= 0:
@@ -166,6 +180,26 @@ SETTINGS: dict[str, Setting] = {
                            "choice", ("fd", "socat")),
     "buffer_size": Setting("bytes buffered per forwarded connection and direction before "
                            "reads pause", "int"),
+    "max_sandbox_id_length": Setting("longest pod_sandbox_id PortForward accepts, in bytes "
+                                     "(longer: INVALID_ARGUMENT)", "int"),
+    "max_port_forward_ports": Setting("most distinct ports in one PortForward request "
+                                      "(more, or over 16 times as many listed: "
+                                      "INVALID_ARGUMENT)", "int"),
+    "max_request_bytes": Setting("largest PortForward/Version request crishim decodes "
+                                 "itself (calls passed through keep gRPC's 64 MiB)", "int"),
+    "max_connections_per_session": Setting("most live forwarded connections in one streaming "
+                                           "session (at most half of the global limit); past "
+                                           "it new streams are refused", "int"),
+    "max_connections": Setting("most live forwarded connections in all sessions", "int"),
+    "reserved_fds": Setting("file descriptors kept free for accepting and refusing clients: "
+                            "sessions and forwarded connections hold at most RLIMIT_NOFILE "
+                            "less this (past it: 503 / refused streams)", "int"),
+    "memory_release_sessions": Setting("after this many sessions have ended since a high "
+                                       "(and at most a quarter of it is left), give freed "
+                                       "memory back to the system (malloc_trim); 0: never",
+                                       "int"),
+    "memory_release_interval": Setting("memory is given back at most this often (e.g. 10s)",
+                                       "duration"),
     "enable_udp_portforward": Setting("offer crishim's port-forward extension (UDP flows, "
                                       "stream protocol portforward.crishim.dev/v1) to "
                                       "crishim's own client; off: plain portforward.k8s.io",

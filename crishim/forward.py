@@ -11,6 +11,7 @@ from collections.abc import Callable, Container, Mapping
 from typing import Protocol
 
 from crishim.forward_udp import ForwardedFlow
+from crishim.ports import InvalidPort, parse_port
 from crishim.protocols.constants import (
     HEADER_PORT,
     HEADER_REQUEST_ID,
@@ -84,10 +85,10 @@ class StreamPairs:
         stream_type = headers.get(HEADER_STREAM_TYPE, "")
         if stream_type not in (STREAM_TYPE_DATA, STREAM_TYPE_ERROR):
             raise PairRefused(f"unknown streamtype {stream_type!r}: expected data or error")
-        port_text = headers.get(HEADER_PORT, "")
-        port = int(port_text) if port_text.isdigit() else 0
-        if not 1 <= port <= 65535:
-            raise PairRefused(f"invalid port {port_text!r}")
+        try:
+            port = parse_port(headers.get(HEADER_PORT, ""))
+        except InvalidPort as e:
+            raise PairRefused(str(e)) from None
         try:
             protocol = stream_protocol(headers, version)
         except StreamProtocolRefused as e:
@@ -145,6 +146,8 @@ class ForwardContext:
 
     def __init__(self, plugin: RuntimePlugin, error_policy: str = "quiet",
                  buffer_size: int = 256 * 1024, metrics: object | None = None,
+                 max_per_session: int = 4096, max_connections: int = 65536,
+                 fd_budget: int = 1 << 30,
                  udp: bool = True, udp_idle_timeout: float = 60.0) -> None:
         self.plugin = plugin
         self.verbose_errors = error_policy == "verbose"
@@ -153,6 +156,30 @@ class ForwardContext:
         # UDP flows (portforward.crishim.dev/v1): on by setting, and the plugin can dial them
         self.udp = udp and plugin.supports_udp
         self.udp_idle_timeout = udp_idle_timeout
+        self.max_per_session = max_per_session
+        self.max_connections = max_connections
+        # descriptors sessions and forwarded connections may hold together (RLIMIT_NOFILE
+        # less reserved_fds): the rest stay free to accept and refuse clients cleanly
+        self.fd_budget = fd_budget
+        self.live_connections = 0  # admitted and not yet finished, in every session
+        self.live_sessions = 0  # kept by the stream server
+
+    @property
+    def out_of_descriptors(self) -> bool:
+        return self.live_connections + self.live_sessions >= self.fd_budget
+
+    def refusal(self, session: SessionBase) -> str | None:
+        """Why session may not open another forwarded connection now, or None."""
+        if len(session.connections) >= self.max_per_session:
+            return (f"too many forwarded connections in this session "
+                    f"({self.max_per_session}, max_connections_per_session)")
+        if self.live_connections >= self.max_connections:
+            return (f"too many forwarded connections on this node ({self.max_connections}, "
+                    "max_connections)")
+        if self.out_of_descriptors:
+            return (f"out of file descriptors for forwarded connections ({self.fd_budget}: "
+                    "RLIMIT_NOFILE less reserved_fds)")
+        return None
 
 
 class _PodProtocol(asyncio.Protocol):
@@ -203,10 +230,17 @@ class ForwardedConnection:
         self.bytes_up = 0  # client -> pod
         self.bytes_down = 0  # pod -> client
         self.reason = ""
+        self.admitted = False
 
     # --- life cycle ---------------------------------------------------------------------
     def start(self) -> None:
+        self.admitted = True
+        self.ctx.live_connections += 1
         self._task = asyncio.get_running_loop().create_task(self._dial())
+
+    def refuse(self, reason: str) -> None:
+        """Never dialled: a limit was reached. Ends only this connection."""
+        self._fail(reason, "limit")
 
     async def _dial(self) -> None:
         t0 = time.perf_counter()
@@ -267,6 +301,8 @@ class ForwardedConnection:
         if self._done:
             return
         self._done = True
+        if self.admitted:
+            self.ctx.live_connections -= 1
         if self.pod is not None:
             if abort:
                 self.pod.abort()
@@ -455,20 +491,28 @@ class SessionBase:
     def open_connection(self, port: int, channel: Channel) -> ForwardedConnection:
         conn = ForwardedConnection(self.ctx, self, self.sandbox, port, channel,
                                    self.transport_name)
+        refusal = self.ctx.refusal(self)
         self.connections.add(conn)
         if self.ctx.metrics is not None:
             self.ctx.metrics.connection_started(self.transport_name)
-        conn.start()
+        if refusal is None:
+            conn.start()
+        else:
+            conn.refuse(refusal)
         return conn
 
     def open_flow(self, port: int, channel: Channel) -> ForwardedFlow:
         """A UDP flow for a pair with protocol udp (only on a session whose version allows
         it: StreamPairs refused the streams otherwise)."""
         flow = ForwardedFlow(self.ctx, self, self.sandbox, port, channel, self.transport_name)
+        refusal = self.ctx.refusal(self)
         self.connections.add(flow)
         if self.ctx.metrics is not None:
             self.ctx.metrics.connection_started(self.transport_name)
-        flow.start()
+        if refusal is None:
+            flow.start()
+        else:
+            flow.refuse(refusal)
         return flow
 
     def open_pair(self, pair: PendingPair, channel: Channel

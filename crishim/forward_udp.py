@@ -63,6 +63,7 @@ class FlowContext(Protocol):
     buffer_size: int
     metrics: object | None
     udp_idle_timeout: float
+    live_connections: int  # flows count against max_connections and the fd budget too
 
 
 class ForwardedFlow:
@@ -90,6 +91,7 @@ class ForwardedFlow:
         self._pending_size = 0
         self._reading = False
         self._done = False
+        self.admitted = False
         self._task: asyncio.Task[None] | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
@@ -101,8 +103,14 @@ class ForwardedFlow:
 
     # --- life cycle ---------------------------------------------------------------------
     def start(self) -> None:
+        self.admitted = True
+        self.ctx.live_connections += 1
         self._task = self._loop.create_task(self._dial())
         self._arm_idle_timer(self.ctx.udp_idle_timeout)
+
+    def refuse(self, reason: str) -> None:
+        """Never dialled: a limit was reached. Ends only this flow."""
+        self._fail(reason, "limit")
 
     async def _dial(self) -> None:
         try:
@@ -165,6 +173,8 @@ class ForwardedFlow:
         if self._done:
             return
         self._done = True
+        if self.admitted:
+            self.ctx.live_connections -= 1
         if self._idle_timer is not None:
             self._idle_timer.cancel()
         task = self._task

@@ -14,7 +14,7 @@ from crishim.tokens import TokenStore
 log = logging.getLogger("crishim.metrics")
 
 FAILURE_KINDS = ("dial_refused", "pod_reset", "sandbox_gone", "plugin_error",
-                 "creation_timeout", "other")
+                 "creation_timeout", "limit", "other")
 
 
 class _TokenCollector:

@@ -1,13 +1,18 @@
-"""Unix socket files and signals, shared by `crishim serve` and `crishim helper`."""
+"""Unix socket files, signals and descriptor limits, shared by `crishim serve` and
+`crishim helper`."""
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
+import resource
 import signal
 import socket
 import stat
+
+log = logging.getLogger("crishim")
 
 
 class SocketInUse(Exception):
@@ -54,3 +59,17 @@ def stop_on_signals() -> asyncio.Event:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     return stop
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (each forwarded connection holds a
+    descriptor); returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise RLIMIT_NOFILE from %d to %d: %s", soft, target, e)
+    return soft

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from crishim import __version__
 from crishim.cri import api_pb2
+from crishim.ports import InvalidPort, check_port, shown
 from crishim.runtime import RuntimeError_, RuntimePlugin, SandboxGone, SandboxNotFound
 from crishim.tokens import StreamRequest, TokensExhausted, TokenStore
 
@@ -35,29 +38,77 @@ def _forwardable(key: str) -> bool:
     return key not in _HOP_METADATA and not key.startswith(("grpc-", ":"))
 
 
+class Undecodable:
+    """What a request deserializer hands the handler for bytes that are not the message:
+    the handler answers INVALID_ARGUMENT instead of grpc logging a traceback (UNKNOWN)."""
+
+    __slots__ = ("method", "reason")
+
+    def __init__(self, method: str, reason: str) -> None:
+        self.method = method
+        self.reason = reason
+
+
 class CriService:
     """Typed handlers for the methods crishim answers itself."""
 
     def __init__(self, plugin: RuntimePlugin, tokens: TokenStore,
-                 url_for: Callable[[str], str]) -> None:
+                 url_for: Callable[[str], str], max_sandbox_id_length: int = 256,
+                 max_ports: int = 64, draining: Callable[[], bool] = lambda: False,
+                 max_request_bytes: int = 64 * 1024) -> None:
         self.plugin = plugin
         self.tokens = tokens
         self.url_for = url_for
+        self.max_sandbox_id_length = max_sandbox_id_length
+        self.max_ports = max_ports
+        self.draining = draining
+        self.max_request_bytes = max_request_bytes
+
+    @staticmethod
+    async def refuse_undecodable(request: object,
+                                 context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if isinstance(request, Undecodable):
+            log.warning("%s: refusing an undecodable request: %s", request.method,
+                        request.reason)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"request is not a valid {request.method} message: "
+                                f"{request.reason}")
 
     async def Version(self, request: api_pb2.VersionRequest,
                       context: grpc.aio.ServicerContext) -> api_pb2.VersionResponse:
+        await self.refuse_undecodable(request, context)
         return api_pb2.VersionResponse(version=KUBELET_API_VERSION, runtime_name="crishim",
                                        runtime_version=__version__, runtime_api_version="v1")
 
     async def PortForward(self, request: api_pb2.PortForwardRequest,
                           context: grpc.aio.ServicerContext) -> api_pb2.PortForwardResponse:
+        await self.refuse_undecodable(request, context)
+        if self.draining():
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "crishim is shutting down: a stream URL issued now could not "
+                                "be redeemed; retry against the restarted server")
         sandbox_id = request.pod_sandbox_id
         if not sandbox_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "pod_sandbox_id is empty")
-        bad = [p for p in request.port if not 1 <= p <= 65535]
-        if bad:
+        if len(sandbox_id.encode()) > self.max_sandbox_id_length:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"port {bad[0]} is not in 1..65535")
+                                f"pod_sandbox_id {shown(sandbox_id, 40)} is longer than "
+                                f"{self.max_sandbox_id_length} bytes "
+                                "(max_sandbox_id_length)")
+        if len(request.port) > 16 * self.max_ports:  # not even collapsed: too costly
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{len(request.port)} ports listed; at most "
+                                f"{16 * self.max_ports} (16 x max_port_forward_ports)")
+        ports = tuple(dict.fromkeys(request.port))  # duplicates collapse, order kept
+        if len(ports) > self.max_ports:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{len(ports)} distinct ports requested; at most "
+                                f"{self.max_ports} (max_port_forward_ports)")
+        try:
+            for port in ports:
+                check_port(port)
+        except InvalidPort as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         try:
             await self.plugin.resolve(sandbox_id)
         except (SandboxNotFound, SandboxGone) as e:
@@ -65,18 +116,37 @@ class CriService:
         except RuntimeError_ as e:  # e.g. the upstream runtime did not answer
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         try:
-            token = self.tokens.issue(StreamRequest(sandbox_id, tuple(request.port)))
+            token = self.tokens.issue(StreamRequest(sandbox_id, ports))
         except TokensExhausted as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         url = self.url_for(token)
-        log.debug("PortForward sandbox=%s ports=%s -> %s", sandbox_id, list(request.port),
+        log.debug("PortForward sandbox=%s ports=%s -> %s", sandbox_id, list(ports),
                   url.rsplit("/", 1)[0] + "/…")
         return api_pb2.PortForwardResponse(url=url)
 
 
-def _typed(method: Callable, request_type) -> grpc.RpcMethodHandler:
+def _decoder(request_type: type[Message], max_bytes: int) -> Callable[[bytes], object]:
+    """request_type.FromString, but bytes that do not decode (malformed protobuf, invalid
+    UTF-8 in a string) or are larger than max_bytes become an Undecodable for the handler
+    to refuse."""
+    name = request_type.DESCRIPTOR.name
+
+    def decode(data: bytes) -> object:
+        if len(data) > max_bytes:  # refused before decoding: a repeated field costs memory
+            return Undecodable(name, f"{len(data)} bytes; at most {max_bytes} "
+                                     "(max_request_bytes)")
+        try:
+            return request_type.FromString(data)
+        except DecodeError as e:
+            return Undecodable(name, shown(str(e), 120))
+
+    return decode
+
+
+def _typed(method: Callable[..., Any], request_type: type[Message],
+           max_bytes: int) -> grpc.RpcMethodHandler[Any, Any]:
     return grpc.unary_unary_rpc_method_handler(
-        method, request_deserializer=request_type.FromString,
+        method, request_deserializer=_decoder(request_type, max_bytes),
         response_serializer=lambda m: m.SerializeToString())
 
 
@@ -87,11 +157,13 @@ class CriHandler(grpc.GenericRpcHandler):
                  upstream_version: bool = True) -> None:
         self.own = {
             f"/{RUNTIME_SERVICE}/PortForward": _typed(service.PortForward,
-                                                      api_pb2.PortForwardRequest),
+                                                      api_pb2.PortForwardRequest,
+                                                      service.max_request_bytes),
         }
         if upstream is None or not upstream_version:
             self.own[f"/{RUNTIME_SERVICE}/Version"] = _typed(service.Version,
-                                                             api_pb2.VersionRequest)
+                                                             api_pb2.VersionRequest,
+                                                             service.max_request_bytes)
         self.upstream = upstream
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:

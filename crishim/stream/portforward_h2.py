@@ -321,7 +321,14 @@ class H2PortForwardSession(SessionBase):
             if self._admitting is not None and isinstance(event, _QUEUED_WHILE_ADMITTING):
                 self._admitting.append(event)
                 continue
-            self._handle(event)
+            try:
+                self._handle(event)
+            except Exception as e:  # a bug on one stream must not end the session
+                sid = getattr(event, "stream_id", 0)
+                log.error("h2 sandbox=%s: stream %d failed, resetting it: %s: %s",
+                          self._sandbox_id, sid or 0, type(e).__name__, e)
+                if sid:
+                    self.reset(sid, ErrorCodes.INTERNAL_ERROR)
 
     def _handle(self, event: h2.events.Event) -> None:
         match event:
@@ -386,6 +393,10 @@ class H2PortForwardSession(SessionBase):
                 raise _Refused(503, "crishim is shutting down")
             if self._over_limit:
                 raise _Refused(429, f"too many streaming sessions ({self.server.max_sessions})")
+            ctx = self.ctx
+            if ctx.live_connections + ctx.live_sessions > ctx.fd_budget:  # this one counted
+                raise _Refused(503, f"out of file descriptors ({ctx.fd_budget} in use: "
+                                    "RLIMIT_NOFILE less reserved_fds)")
             token_request = self.server.tokens.redeem(parts[2])
             if token_request is None:
                 raise _Refused(404, "unknown, expired or already used stream token")

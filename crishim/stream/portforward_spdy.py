@@ -95,26 +95,33 @@ class SpdyPortForwardSession(SessionBase):
         self.begin_batch()
         try:
             for event in self.codec.receive_data(data):
-                match event:
-                    case spdy.DataReceived():  # the hot one: tested first, handled inline
-                        conn = self._by_stream.get(event.stream_id)
-                        if conn is not None:
-                            if event.data:
-                                conn.client_data(event.data)
-                            if event.fin:
-                                conn.client_eof()
-                        # data on an error stream or a half-paired stream is ignored:
-                        # clients only read it
-                    case spdy.StreamOpened():
-                        self._on_stream_opened(event)
-                    case spdy.StreamReset():
-                        self._on_reset(event)
-                    case spdy.StreamError():
-                        self._on_stream_error(event)
-                    case spdy.GoAwayReceived():
-                        log.debug("spdy sandbox=%s: client sent GOAWAY", self.sandbox.id)
-                    case spdy.SessionTerminated():
-                        self._on_terminated(event)
+                try:
+                    match event:
+                        case spdy.DataReceived():  # the hot one: tested first, handled inline
+                            conn = self._by_stream.get(event.stream_id)
+                            if conn is not None:
+                                if event.data:
+                                    conn.client_data(event.data)
+                                if event.fin:
+                                    conn.client_eof()
+                            # data on an error stream or a half-paired stream is ignored:
+                            # clients only read it
+                        case spdy.StreamOpened():
+                            self._on_stream_opened(event)
+                        case spdy.StreamReset():
+                            self._on_reset(event)
+                        case spdy.StreamError():
+                            self._on_stream_error(event)
+                        case spdy.GoAwayReceived():
+                            log.debug("spdy sandbox=%s: client sent GOAWAY", self.sandbox.id)
+                        case spdy.SessionTerminated():
+                            self._on_terminated(event)
+                except Exception as e:  # a bug on one stream must not end the session
+                    sid = getattr(event, "stream_id", 0)
+                    log.error("spdy sandbox=%s: stream %d failed, resetting it: %s: %s",
+                              self.sandbox.id, sid, type(e).__name__, e)
+                    if sid:
+                        self.codec.reset_stream(sid, spdy.INTERNAL_ERROR)
         finally:
             self.end_batch()
         self.flush()

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 from crishim.forward import ForwardContext, ForwardedConnection, SessionBase, SessionProtocol
 from crishim.forward_udp import ForwardedFlow
+from crishim.ports import InvalidPort, parse_port
 from crishim.protocols import websocket as ws
 from crishim.protocols.constants import PORTFORWARD_CRISHIM_V1, PORTFORWARD_PROTOCOL
 from crishim.protocols.negotiation import websocket_subprotocol
@@ -97,10 +98,10 @@ def requested_ports(request: Request, token_request: StreamRequest, base64: bool
     ports: list[int] = []
     for value in values:
         for part in value.split(","):
-            part = part.strip()
-            if not part.isdigit() or not 1 <= int(part) <= 65535:
-                raise HttpError(400, f"invalid port {part!r} in the query: ports are 1-65535")
-            ports.append(int(part))
+            try:
+                ports.append(parse_port(part.strip()))
+            except InvalidPort as e:
+                raise HttpError(400, f"{e} (in the query)") from None
     if not ports:
         ports = list(token_request.ports)
     if not ports:

@@ -12,6 +12,7 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 
 from crishim.forward import ForwardContext, SessionProtocol
+from crishim.memory import MemoryReleaser
 from crishim.protocols.constants import PORTFORWARD_PROTOCOL
 from crishim.protocols.negotiation import choose_version, server_versions
 from crishim.runtime import SandboxGone, SandboxNotFound
@@ -76,7 +77,8 @@ class StreamServer:
                  port: int = 0, url_host: str = "", creation_timeout: float = 30.0,
                  idle_timeout: float = 4 * 3600.0, max_sessions: int = 10000,
                  ssl_context: ssl.SSLContext | None = None,
-                 request_timeout: float = 10.0) -> None:
+                 request_timeout: float = 10.0,
+                 memory: MemoryReleaser | None = None) -> None:
         self.tokens = tokens
         self.ctx = ctx
         self.host = host
@@ -88,6 +90,7 @@ class StreamServer:
         self.ssl_context = ssl_context
         self.request_timeout = request_timeout
         self.sessions: set = set()
+        self.memory = memory or MemoryReleaser()
         self.draining = False
         self._server: asyncio.base_events.Server | None = None
         self._transports: set[asyncio.Transport] = set()
@@ -120,6 +123,8 @@ class StreamServer:
     def add_session(self, session) -> Callable[[], None]:
         """Register a live session; returns the callback its end must call (once)."""
         self.sessions.add(session)
+        self.ctx.live_sessions = len(self.sessions)
+        self.memory.sessions_changed(len(self.sessions))
         metrics = self.ctx.metrics
         if metrics is not None:
             metrics.session_started(session.transport_name)
@@ -127,6 +132,8 @@ class StreamServer:
         def ended() -> None:
             if session in self.sessions:
                 self.sessions.discard(session)
+                self.ctx.live_sessions = len(self.sessions)
+                self.memory.sessions_changed(len(self.sessions))
                 if metrics is not None:
                     metrics.session_ended(session.transport_name)
 
@@ -147,6 +154,7 @@ class StreamServer:
             session.close("server shutting down")
         for transport in list(self._transports):
             transport.abort()
+        self.memory.close()
 
     async def close(self) -> None:
         await self.drain(0)
@@ -192,6 +200,9 @@ class StreamServer:
         if len(self.sessions) >= self.max_sessions:
             raise HttpError(429, f"too many streaming sessions ({self.max_sessions})",
                             [("Retry-After", "1")])
+        if self.ctx.out_of_descriptors:
+            raise HttpError(503, f"out of file descriptors ({self.ctx.fd_budget} in use: "
+                                 "RLIMIT_NOFILE less reserved_fds)", [("Retry-After", "1")])
         token_request = self.tokens.redeem(parts[2])
         if token_request is None:
             raise HttpError(404, "unknown, expired or already used stream token")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -17,11 +18,12 @@ from crishim.cri import api_pb2, api_pb2_grpc
 
 class CrishimProcess:
     def __init__(self, *args: str, socket_path: str | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, nofile: int | None = None) -> None:
         self.dir = tempfile.mkdtemp(prefix="crishim-test-")
         self.socket = socket_path or os.path.join(self.dir, "crishim.sock")
         self.args = list(args)
         self.env = env
+        self.nofile = nofile  # RLIMIT_NOFILE (soft and hard) for the server process
         self.log_path = os.path.join(self.dir, "crishim.log")
         self.proc: subprocess.Popen | None = None
         self._channel: grpc.Channel | None = None
@@ -32,10 +34,14 @@ class CrishimProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "crishim", "serve", "--socket", self.socket,
              "--log-level", "debug", *self.args],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env)
+            stdout=self._log, stderr=subprocess.STDOUT, env=env,
+            preexec_fn=self._limit if self.nofile else None)
         if wait:
             self.wait_ready()
         return self
+
+    def _limit(self) -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout

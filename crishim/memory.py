@@ -1,0 +1,90 @@
+"""Give memory back to the system after a burst of sessions has ended.
+
+Each session's buffers and zlib contexts are freed when it ends, but glibc keeps the freed
+heap for reuse, so a node component's RSS would stay at its peak. When the live-session
+count falls well below a recent high, collect cycles and call malloc_trim(0), at most
+once per interval."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import gc
+import logging
+import resource
+from collections.abc import Callable
+
+log = logging.getLogger("crishim.memory")
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS): nothing to trim
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def rss_kib() -> int:
+    """This process's resident set, from /proc (0 where there is none)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def release_memory() -> None:
+    """Free unreachable cycles, then return free heap pages to the system."""
+    gc.collect()
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+class MemoryReleaser:
+    """Watches the live-session count; after min_drop sessions have ended since the last
+    high and at most a quarter of that high is left, releases memory (rate-limited)."""
+
+    def __init__(self, min_drop: int = 64, interval: float = 10.0) -> None:
+        self.min_drop = min_drop
+        self.interval = interval
+        self.high = 0
+        self._last = -interval
+        self._timer: asyncio.TimerHandle | None = None
+
+    def sessions_changed(self, live: int) -> None:
+        if live > self.high:
+            self.high = live
+            return
+        if self.min_drop <= 0 or self._timer is not None:
+            return
+        if self.high - live >= self.min_drop and live <= self.high // 4:
+            loop = asyncio.get_running_loop()
+            delay = max(0.5, self._last + self.interval - loop.time())
+            self._timer = loop.call_later(delay, self._release)
+
+    def _release(self) -> None:
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        self._last = loop.time()
+        before = rss_kib()
+        release_memory()
+        log.info("released memory after a burst of %d sessions: RSS %d -> %d MiB",
+                 self.high, before >> 10, rss_kib() >> 10)
+        self.high = 0  # the next burst is measured from here
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

@@ -1,0 +1,115 @@
+"""Descriptor exhaustion: one session opening forwarded connections without end is refused
+past max_connections_per_session, and all sessions together past max_connections (capped
+by RLIMIT_NOFILE less reserved_fds), so other clients still get their upgrades served and
+established connections keep working."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.support import SANDBOX
+from tests.support.crishim_proc import CrishimProcess
+from tests.support.podnet import ECHO_PORT
+from tests.support.spdy_pf_client import SpdyPortForwardClient, UpgradeRefused
+
+CANCEL = 5
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _echo(client: SpdyPortForwardClient, payload: bytes) -> None:
+    fwd = client.roundtrip(ECHO_PORT, payload)
+    assert bytes(fwd.received) == payload, (fwd.error_text, fwd.reset_status)
+
+
+def _open_live(client: SpdyPortForwardClient, count: int) -> list:
+    """count forwards to the echo server, each proven live by one echoed byte (or ended)."""
+    forwards = [client.forward(ECHO_PORT) for _ in range(count)]
+    for fwd in forwards:
+        fwd.send(b"+")
+    client.wait(lambda: all(f.received or f.reset_status is not None for f in forwards), 60)
+    return forwards
+
+
+def test_per_session_limit_refuses_new_streams_and_keeps_the_rest(podnet):
+    with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}",
+                        "--max-connections-per-session", "8") as proc:
+        with SpdyPortForwardClient(proc.port_forward_url(SANDBOX)) as greedy:
+            forwards = _open_live(greedy, 12)
+            live = [f for f in forwards if f.received == b"+"]
+            refused = [f for f in forwards if f.reset_status is not None]
+            assert len(live) == 8 and len(refused) == 4
+            assert all(f.reset_status == CANCEL for f in refused)
+            assert greedy.wait(lambda: all(f.error_fin for f in refused))
+            # established connections keep working, the session is not ended
+            for fwd in live:
+                fwd.send(b"!")
+            assert greedy.wait(lambda: all(f.received == b"+!" for f in live))
+            # another session has its own allowance
+            with SpdyPortForwardClient(proc.port_forward_url(SANDBOX)) as other:
+                _echo(other, b"other client")
+            # a finished connection frees a place
+            live[0].close_write()
+            assert greedy.wait(live[0].finished)
+            _echo(greedy, b"room again")
+        log = proc.log()
+    assert "max_connections_per_session" in log
+    assert "Traceback" not in log
+
+
+def test_low_nofile_one_session_cannot_starve_other_clients(podnet):
+    # 400 descriptors, 150 reserved: at most 250 forwarded connections in all, 125 in one
+    # session
+    with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}", "--reserved-fds", "150",
+                        nofile=400) as proc:
+        with SpdyPortForwardClient(proc.port_forward_url(SANDBOX)) as greedy:
+            forwards = _open_live(greedy, 600)
+            live = [f for f in forwards if f.received == b"+"]
+            assert len(live) == 125, len(live)
+            assert _fds(proc.proc.pid) < 400 - 50
+            # other clients: upgrades served, connections forwarded
+            for n in range(3):
+                with SpdyPortForwardClient(proc.port_forward_url(SANDBOX), timeout=10) as other:
+                    _echo(other, b"other %d" % n)
+            for fwd in live[:50]:
+                fwd.send(b"!")
+            assert greedy.wait(lambda: all(f.received == b"+!" for f in live[:50]), 30)
+        log = proc.log()
+    assert ("RLIMIT_NOFILE 400: 250 descriptors for sessions and forwarded connections, "
+            "at most 250 forwarded connections, 125 per session") in log
+    assert "max_connections_per_session" in log
+    assert "Traceback" not in log
+
+
+def test_global_limit_refuses_streams_cleanly_and_keeps_descriptors_for_upgrades(podnet):
+    with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}", "--reserved-fds", "150",
+                        nofile=400) as proc:
+        with SpdyPortForwardClient(proc.port_forward_url(SANDBOX)) as first, \
+                SpdyPortForwardClient(proc.port_forward_url(SANDBOX)) as second:
+            a = [f for f in _open_live(first, 200) if f.received == b"+"]
+            b = [f for f in _open_live(second, 200) if f.received == b"+"]
+            # 250 descriptors: two sessions and 248 forwarded connections
+            assert len(a) == 125 and len(b) == 123, (len(a), len(b))
+            # every descriptor is taken: a newcomer is answered 503 with Retry-After, from
+            # the reserve, not accepted and reset
+            with pytest.raises(UpgradeRefused) as refused:
+                SpdyPortForwardClient(proc.port_forward_url(SANDBOX), timeout=10)
+            assert refused.value.status == 503
+            assert b"out of file descriptors" in refused.value.body
+            assert "Retry-After: 1" in refused.value.head
+            # finished connections make room for a session and its connection
+            for fwd in a[:2]:
+                fwd.close_write()
+            assert first.wait(lambda: a[0].finished() and a[1].finished())
+            with SpdyPortForwardClient(proc.port_forward_url(SANDBOX), timeout=10) as late:
+                _echo(late, b"room")
+            for fwd in b[:20]:
+                fwd.send(b"!")
+            assert second.wait(lambda: all(f.received == b"+!" for f in b[:20]), 30)
+        log = proc.log()
+    assert "RLIMIT_NOFILE less reserved_fds" in log
+    assert "Traceback" not in log

@@ -1,0 +1,99 @@
+"""Hostile CRI requests: oversized sandbox ids, too many ports, bytes that are not a
+protobuf message. Each gets INVALID_ARGUMENT with a short message, one log line and no
+traceback; the server keeps serving and its memory stays bounded."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from crishim.cri import api_pb2
+from tests.support import SANDBOX
+from tests.support.podnet import ECHO_PORT
+from tests.support.spdy_pf_client import SpdyPortForwardClient
+
+PORT_FORWARD = "/runtime.v1.RuntimeService/PortForward"
+VERSION = "/runtime.v1.RuntimeService/Version"
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def _port_forward(proc, sandbox_id: str, ports=()) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as e:
+        proc.runtime.PortForward(api_pb2.PortForwardRequest(pod_sandbox_id=sandbox_id,
+                                                            port=list(ports)), timeout=10)
+    return e.value
+
+
+def _still_serves(proc) -> None:
+    with SpdyPortForwardClient(proc.port_forward_url(SANDBOX, [ECHO_PORT])) as client:
+        fwd = client.roundtrip(ECHO_PORT, b"fine")
+        assert bytes(fwd.received) == b"fine"
+
+
+def _short_and_bounded(err: grpc.RpcError) -> None:
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.code(), err.details()[:200])
+    assert len(err.details()) < 300
+    assert sum(len(str(v)) for _, v in err.trailing_metadata() or ()) < 1024
+
+
+@pytest.mark.parametrize("size,limit", [(257, "max_sandbox_id_length"),
+                                        (4096, "max_sandbox_id_length"),
+                                        (1 << 20, "max_request_bytes")])
+def test_long_sandbox_id_is_invalid_argument_without_echo(crishim, size, limit):
+    offset = len(crishim.log())
+    err = _port_forward(crishim, "x" * size)
+    _short_and_bounded(err)
+    assert limit in err.details()
+    _still_serves(crishim)
+    assert "Traceback" not in crishim.log()[offset:]
+
+
+def test_sandbox_id_of_the_limit_is_looked_up(crishim):
+    err = _port_forward(crishim, "y" * 256)
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_too_many_ports_is_invalid_argument_and_costs_no_token(crishim):
+    offset = len(crishim.log())
+    before = _rss_kib(crishim.proc.pid)
+    for ports, limit in ((range(1, 66), "max_port_forward_ports"),
+                         ([80] * 2000, "16 x max_port_forward_ports"),
+                         (list(range(1, 65536)) * 30, "max_request_bytes")):
+        for _ in range(3):
+            err = _port_forward(crishim, SANDBOX, ports)
+            _short_and_bounded(err)
+            assert limit in err.details()
+    # duplicates collapse: 500 copies of two ports are two ports
+    url = crishim.port_forward_url(SANDBOX, [ECHO_PORT, 8080] * 500)
+    assert "/portforward/" in url
+    grown_mib = (_rss_kib(crishim.proc.pid) - before) / 1024
+    assert grown_mib < 40, f"RSS grew {grown_mib:.0f} MiB"  # was +80 MiB per request
+    _still_serves(crishim)
+    assert "Traceback" not in crishim.log()[offset:]
+
+
+@pytest.mark.parametrize("method", [PORT_FORWARD, VERSION])
+@pytest.mark.parametrize("payload", [
+    b"\xff\xff\xff\xff",  # not a protobuf message
+    b"\x0a\x05\xff\xfe\xfd\xfc\xfb",  # field 1 (pod_sandbox_id / version): invalid UTF-8
+    b"\x12\x80",  # a truncated field
+])
+def test_undecodable_request_is_invalid_argument_with_one_warning(crishim, method, payload):
+    offset = len(crishim.log())
+    call = crishim.channel.unary_unary(method, request_serializer=None,
+                                       response_deserializer=None)
+    with pytest.raises(grpc.RpcError) as e:
+        call(payload, timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    assert "not a valid" in e.value.details()
+    _still_serves(crishim)
+    log = crishim.log()[offset:]
+    assert "Traceback" not in log
+    assert log.count("undecodable request") == 1
