@@ -75,7 +75,7 @@ class Crishim:
             self.tokens, ctx, host=cfg.stream_server_address, port=cfg.stream_server_port,
             url_host=cfg.stream_url_host, creation_timeout=cfg.stream_creation_timeout,
             idle_timeout=cfg.stream_idle_timeout, max_sessions=cfg.max_sessions,
-            request_timeout=cfg.stream_request_timeout,
+            request_timeout=cfg.stream_request_timeout, max_unadmitted=cfg.max_unadmitted,
             memory=MemoryReleaser(cfg.memory_release_sessions, cfg.memory_release_interval),
             ssl_context=self._ssl_context())
         await self.stream.start()

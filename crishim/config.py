@@ -68,6 +68,7 @@ class Config:
     token_ttl: float = 60.0
     max_tokens: int = 1000
     max_sessions: int = 10000
+    max_unadmitted: int = 256
     error_policy: str = "quiet"
     runtime: str = ""
     netns_dir: str = "/var/run/netns"
@@ -114,10 +115,9 @@ class Config:
                 )
         if not 0 <= self.stream_server_port <= 65535:
             raise ConfigError(f"stream_server_port: {self.stream_server_port} is not in 0..65535")
-        for name in ("max_tokens", "max_sessions", "buffer_size", "max_sandbox_id_length",
-                     "max_port_forward_ports", "max_request_bytes",
-                     "max_connections_per_session",
-                     "max_connections"):
+        for name in ("max_tokens", "max_sessions", "max_unadmitted", "buffer_size",
+                     "max_sandbox_id_length", "max_port_forward_ports", "max_request_bytes",
+                     "max_connections_per_session", "max_connections"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1")
         for name in ("reserved_fds", "memory_release_sessions"):
@@ -144,11 +144,15 @@ SETTINGS: dict[str, Setting] = {
     "stream_creation_timeout": Setting("a forwarded connection's stream pair must be complete "
                                        "within this (e.g. 30s)", "duration"),
     "stream_request_timeout": Setting("a connection must send its whole upgrade request "
-                                      "within this (else 408)", "duration"),
+                                      "within this (else 408), or on HTTP/2 get its first "
+                                      "stream's token redeemed (else GOAWAY)", "duration"),
     "token_ttl": Setting("how long an issued URL stays redeemable (e.g. 1m)", "duration"),
     "max_tokens": Setting("most outstanding URLs; past it PortForward is RESOURCE_EXHAUSTED",
                           "int"),
     "max_sessions": Setting("most live streaming sessions; past it upgrades get 429", "int"),
+    "max_unadmitted": Setting("most stream connections that have not presented a token "
+                              "yet; past it the one that waited longest is dropped (503)",
+                              "int"),
     "error_policy": Setting("quiet: a refused/reset connection ends only itself (error stream "
                             "closed empty); verbose: always write the reason (as containerd)",
                             "choice", ("quiet", "verbose")),

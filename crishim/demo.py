@@ -12,7 +12,13 @@ from typing import cast
 
 from crishim.client.podservers import UdpEcho, serve_udp_echo
 from crishim.config import Config
-from crishim.netns import create_named_netns, delete_named_netns, dial_localhost, listen_in_netns
+from crishim.netns import (
+    InProcessUdp,
+    create_named_netns,
+    delete_named_netns,
+    dial_localhost,
+    listen_in_netns,
+)
 from crishim.runtime import RuntimePlugin, Sandbox
 from crishim.sandboxes import NamedSandboxes
 
@@ -29,7 +35,7 @@ class DemoAlreadyRunning(Exception):
     pass
 
 
-class DemoRuntime(RuntimePlugin):
+class DemoRuntime(InProcessUdp, RuntimePlugin):
     """What the netns plugin serves (named netns, the sandboxes map) plus sandbox `demo`."""
 
     name = "netns"

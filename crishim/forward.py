@@ -7,20 +7,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Container, Mapping
 from typing import Protocol
 
 from crishim.forward_udp import ForwardedFlow
-from crishim.ports import InvalidPort, parse_port
-from crishim.protocols.constants import (
-    HEADER_PORT,
-    HEADER_REQUEST_ID,
-    HEADER_STREAM_TYPE,
-    PORTFORWARD_PROTOCOL,
-    STREAM_TYPE_DATA,
-    STREAM_TYPE_ERROR,
-)
-from crishim.protocols.negotiation import TCP, StreamProtocolRefused, stream_protocol
+from crishim.protocols.constants import PORTFORWARD_PROTOCOL
+from crishim.protocols.negotiation import TCP
 from crishim.runtime import DialFailed, RuntimePlugin, Sandbox, SandboxGone
 
 log = logging.getLogger("crishim.forward")
@@ -43,109 +34,22 @@ class Channel(Protocol):
         """Close the error stream, with error text if any (text ends the client's session)."""
 
 
-class PairRefused(Exception):
-    """A stream that cannot join a forwarded connection: bad headers, or a second stream of
-    one type for a request. Only that stream is refused; the session carries on."""
+class ForwardMetrics(Protocol):
+    """What the forwarding core and the stream server count (crishim.metrics.Metrics)."""
 
-
-class PendingPair:
-    """A forwarded connection's error and data streams while they gather."""
-
-    __slots__ = ("request_id", "port", "protocol", "data_id", "error_id", "timer", "held")
-
-    def __init__(self, request_id: str, port: int, protocol: str = TCP) -> None:
-        self.request_id = request_id
-        self.port = port
-        self.protocol = protocol
-        self.data_id = 0
-        self.error_id = 0
-        self.timer: asyncio.TimerHandle | None = None
-        self.held: list = []  # what a transport keeps for the data stream until complete
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.data_id and self.error_id)
-
-
-class StreamPairs:
-    """Pairs each forwarded connection's error and data streams by `requestid`, as SPDY
-    and HTTP/2 carry them alike, and times out pairs that never complete."""
-
-    def __init__(self, timeout: float, on_timeout: Callable[[PendingPair], None]) -> None:
-        self.timeout = timeout
-        self.on_timeout = on_timeout
-        self.pending: dict[str, PendingPair] = {}
-        self.by_stream: dict[int, PendingPair] = {}
-
-    def add(self, stream_id: int, headers: Mapping[str, str],
-            live: Container[str] = (), version: str = PORTFORWARD_PROTOCOL) -> PendingPair:
-        """File one stream with its pair, or raise PairRefused. A complete pair (both ids
-        set) is no longer pending: the caller opens its connection (or flow, for
-        protocol udp, which needs the session's negotiated version to allow it)."""
-        stream_type = headers.get(HEADER_STREAM_TYPE, "")
-        if stream_type not in (STREAM_TYPE_DATA, STREAM_TYPE_ERROR):
-            raise PairRefused(f"unknown streamtype {stream_type!r}: expected data or error")
-        try:
-            port = parse_port(headers.get(HEADER_PORT, ""))
-        except InvalidPort as e:
-            raise PairRefused(str(e)) from None
-        try:
-            protocol = stream_protocol(headers, version)
-        except StreamProtocolRefused as e:
-            raise PairRefused(str(e)) from None
-        request_id = headers.get(HEADER_REQUEST_ID)
-        if request_id is None:  # very old clients: ids derived from stream ids
-            request_id = str(stream_id if stream_type == STREAM_TYPE_ERROR else stream_id - 2)
-        if request_id in live:
-            raise PairRefused(f"a second {stream_type} stream for request {request_id}, "
-                              "whose connection is live")
-        pair = self.pending.get(request_id) or PendingPair(request_id, port, protocol)
-        slot = "data_id" if stream_type == STREAM_TYPE_DATA else "error_id"
-        if getattr(pair, slot):
-            raise PairRefused(f"a second {stream_type} stream for request {request_id}")
-        if pair.port != port:
-            raise PairRefused(f"port {port} differs from port {pair.port} of the other "
-                              f"stream of request {request_id}")
-        if pair.protocol != protocol:
-            raise PairRefused(f"protocol {protocol} differs from protocol {pair.protocol} of "
-                              f"the other stream of request {request_id}")
-        if request_id not in self.pending:
-            self.pending[request_id] = pair
-            pair.timer = asyncio.get_running_loop().call_later(
-                self.timeout, self._timed_out, pair)
-        setattr(pair, slot, stream_id)
-        self.by_stream[stream_id] = pair
-        if pair.complete:
-            self.forget(pair)
-        return pair
-
-    def timeout_message(self, pair: PendingPair) -> str:
-        missing = "data" if not pair.data_id else "error"
-        return (f"timed out waiting for the {missing} stream of request {pair.request_id} "
-                f"(stream_creation_timeout {self.timeout:g}s)")
-
-    def _timed_out(self, pair: PendingPair) -> None:
-        if self.pending.get(pair.request_id) is pair:
-            self.forget(pair)
-            self.on_timeout(pair)
-
-    def forget(self, pair: PendingPair) -> None:
-        self.pending.pop(pair.request_id, None)
-        for stream_id in (pair.data_id, pair.error_id):
-            self.by_stream.pop(stream_id, None)
-        if pair.timer is not None:
-            pair.timer.cancel()
-
-    def clear(self) -> None:
-        for pair in list(self.pending.values()):
-            self.forget(pair)
+    def session_started(self, transport: str) -> None: ...
+    def session_ended(self, transport: str) -> None: ...
+    def connection_started(self, transport: str) -> None: ...
+    def connection_ended(self, transport: str, up: int, down: int) -> None: ...
+    def failure(self, kind: str) -> None: ...
+    def dial_seconds(self, seconds: float) -> None: ...
 
 
 class ForwardContext:
     """Shared by all sessions of a server: plugin, policy, limits, counters."""
 
     def __init__(self, plugin: RuntimePlugin, error_policy: str = "quiet",
-                 buffer_size: int = 256 * 1024, metrics: object | None = None,
+                 buffer_size: int = 256 * 1024, metrics: ForwardMetrics | None = None,
                  max_per_session: int = 4096, max_connections: int = 65536,
                  fd_budget: int = 1 << 30,
                  udp: bool = True, udp_idle_timeout: float = 60.0) -> None:
@@ -225,8 +129,8 @@ class ForwardedConnection:
         self._pod_eof = False
         self._done = False
         self._error_closed = False
-        self._batch: list | None = None
-        self._task: asyncio.Task | None = None
+        self._batch: list[bytes] | None = None
+        self._task: asyncio.Task[None] | None = None
         self.bytes_up = 0  # client -> pod
         self.bytes_down = 0  # pod -> client
         self.reason = ""
@@ -458,36 +362,6 @@ class SessionBase:
         self.transport: asyncio.Transport | None = None
         self.last_activity = time.monotonic()
 
-    # --- idle timeout, one for every transport -------------------------------------------
-    idle_timeout = 0.0
-    _closed = False
-    _idle_timer: asyncio.TimerHandle | None = None
-
-    def arm_idle_timer(self, delay: float | None = None) -> None:
-        if self.idle_timeout > 0 and not self._closed:
-            self._idle_timer = asyncio.get_running_loop().call_later(
-                self.idle_timeout if delay is None else delay, self._check_idle)
-
-    def cancel_idle_timer(self) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
-
-    def _check_idle(self) -> None:
-        if self._closed:
-            return
-        idle_for = time.monotonic() - self.last_activity
-        if idle_for < self.idle_timeout:
-            self.arm_idle_timer(self.idle_timeout - idle_for)
-            return
-        log.info("%s sandbox=%s: idle for %.0fs, closing session", self.transport_name,
-                 getattr(self.sandbox, "id", "?"), idle_for)
-        self.idle_expired()
-
-    def idle_expired(self) -> None:
-        """Say goodbye the transport's way, then close (transports override)."""
-        self.close("idle timeout")
-
     def open_connection(self, port: int, channel: Channel) -> ForwardedConnection:
         conn = ForwardedConnection(self.ctx, self, self.sandbox, port, channel,
                                    self.transport_name)
@@ -503,7 +377,7 @@ class SessionBase:
 
     def open_flow(self, port: int, channel: Channel) -> ForwardedFlow:
         """A UDP flow for a pair with protocol udp (only on a session whose version allows
-        it: StreamPairs refused the streams otherwise)."""
+        it: pairing refused the streams otherwise)."""
         flow = ForwardedFlow(self.ctx, self, self.sandbox, port, channel, self.transport_name)
         refusal = self.ctx.refusal(self)
         self.connections.add(flow)
@@ -515,12 +389,12 @@ class SessionBase:
             flow.refuse(refusal)
         return flow
 
-    def open_pair(self, pair: PendingPair, channel: Channel
-                  ) -> ForwardedConnection | ForwardedFlow:
-        """The connection or flow a complete pair asks for."""
-        if pair.protocol == TCP:
-            return self.open_connection(pair.port, channel)
-        return self.open_flow(pair.port, channel)
+    def open_forward(self, port: int, channel: Channel, protocol: str = TCP
+                     ) -> ForwardedConnection | ForwardedFlow:
+        """The connection (tcp) or flow (udp) a complete stream pair asks for."""
+        if protocol == TCP:
+            return self.open_connection(port, channel)
+        return self.open_flow(port, channel)
 
     def begin_batch(self) -> None:
         self.batching = True
@@ -563,28 +437,3 @@ class SessionBase:
         for conn in list(self.connections):
             conn.close(reason)
 
-
-class SessionProtocol(asyncio.Protocol):
-    """asyncio glue for a session on a TCP (or TLS) transport: bytes to session.receive,
-    the transport's end and its write-side flow control to the session."""
-
-    def __init__(self, session: SessionBase, transport: asyncio.Transport) -> None:
-        self.session = session
-        self.transport = transport
-        session.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.session.receive(data)
-
-    def eof_received(self) -> bool:
-        self.session.close("client closed the connection")
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.session.connection_lost()
-
-    def pause_writing(self) -> None:
-        self.session.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.session.resume_writing()

@@ -19,7 +19,7 @@ import threading
 
 from pyroute2 import netns as pyroute2_netns
 
-from crishim.runtime import DialFailed, SandboxGone
+from crishim.runtime import DialFailed, Sandbox, SandboxGone
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -261,6 +261,18 @@ def dial_udp_localhost(netns_path: str | None, port: int, pod_ip: str = "") -> s
         if ns_fd >= 0:
             os.close(ns_fd)
     raise DialFailed(f"udp port {port}: " + "; ".join(reasons))
+
+
+class InProcessUdp:
+    """RuntimePlugin.dial_udp for plugins that enter the sandbox netns in this process
+    (list it before RuntimePlugin among the bases)."""
+
+    supports_udp = True
+    pod_ip_fallback = False  # the plugin sets it from the config
+
+    async def dial_udp(self, sandbox: Sandbox, port: int) -> socket.socket:
+        return dial_udp_localhost(None if sandbox.host_network else sandbox.netns_path, port,
+                                  sandbox.pod_ip if self.pod_ip_fallback else "")
 
 
 def bind_udp_in_netns(netns_path: str, host: str, port: int) -> socket.socket:

@@ -61,19 +61,14 @@ class RuntimePlugin(abc.ABC):
         """A connected non-blocking socket to port inside the sandbox, or DialFailed /
         SandboxGone."""
 
-    # whether dial_udp can work: the server offers UDP port-forward only if so
-    supports_udp: bool = True
-    # dial_udp's default also tries the sandbox's pod IP (plugins set it from the config)
-    pod_ip_fallback: bool = False
+    # whether dial_udp works: the server offers UDP port-forward only if so. Plugins that
+    # enter the netns in process get both from crishim.netns.InProcessUdp.
+    supports_udp: bool = False
 
     async def dial_udp(self, sandbox: Sandbox, port: int) -> socket.socket:
         """A connected non-blocking UDP socket to port inside the sandbox, or DialFailed /
-        SandboxGone. This default enters the netns in this process; a plugin that cannot
-        (it asks a helper) sets supports_udp = False or overrides this."""
-        from crishim.netns import dial_udp_localhost
-
-        return dial_udp_localhost(None if sandbox.host_network else sandbox.netns_path, port,
-                                  sandbox.pod_ip if self.pod_ip_fallback else "")
+        SandboxGone (crishim's port-forward extension; never called unless supports_udp)."""
+        raise DialFailed(f"runtime plugin {self.name!r} does not forward UDP")
 
     async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release what the plugin holds (connections to helpers, caches)."""

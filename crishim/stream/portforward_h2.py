@@ -9,6 +9,11 @@ Getting onto HTTP/2 (all three end in the same session):
 - TLS with ALPN `h2`: as prior knowledge.
 The token then holds for that connection only: every later stream must carry the same
 `:path`; the token cannot be redeemed again elsewhere.
+Until its token is redeemed a prior-knowledge connection is a pending request, like an
+HTTP/1.1 request head: it must get there within stream_request_timeout, its frames other
+than DATA may not exceed 16 KiB (CONTINUATION included; else GOAWAY ENHANCE_YOUR_CALM),
+its connection window stays at the 64 KiB default, and it is not a session (it does not
+count against max_sessions; it counts against max_unadmitted).
 
 The mapping: each SPDY stream of docs/protocol.md §2.3 becomes one HTTP/2 request stream, so one
 forwarded TCP connection is a PAIR of streams sharing a `requestid`, exactly as on SPDY:
@@ -58,9 +63,10 @@ import asyncio
 import base64
 import binascii
 import logging
+import re
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import cast
 
 import h2.config
 import h2.events
@@ -70,14 +76,7 @@ from h2.errors import ErrorCodes
 from hyperframe.exceptions import HyperframeError
 from hyperframe.frame import GoAwayFrame
 
-from crishim.forward import (
-    ForwardedConnection,
-    PairRefused,
-    PendingPair,
-    SessionBase,
-    SessionProtocol,
-    StreamPairs,
-)
+from crishim.forward import ForwardedConnection
 from crishim.forward_udp import ForwardedFlow
 from crishim.protocols.constants import (
     H2_CONNECTION_WINDOW,
@@ -86,36 +85,43 @@ from crishim.protocols.constants import (
 )
 from crishim.protocols.h2 import H2Codec, Outbound
 from crishim.protocols.negotiation import VERSION_HEADER, choose_version, server_versions
-from crishim.runtime import Sandbox, SandboxGone, SandboxNotFound
-
-if TYPE_CHECKING:
-    from crishim.stream.server import Request, StreamServer
+from crishim.runtime import Sandbox
+from crishim.stream.admission import MAX_REQUEST_HEAD, Admit, Refused, h2_refusal, redact
+from crishim.stream.pairing import PendingPair, StreamPairs
+from crishim.stream.session import (
+    ServerSession,
+    SessionProtocol,
+    SessionSettings,
+    Upgrade,
+    WriteBuffers,
+)
 
 log = logging.getLogger("crishim.h2")
 
 MAX_FRAME_SIZE = 256 * 1024  # measured: better than 64 KiB or 1 MiB frames here
 MAX_CONCURRENT_STREAMS = 1000  # 500 forwarded connections per HTTP/2 connection
 MAX_HEADER_LIST_SIZE = 16 * 1024
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
-def _settings_header(value: str) -> bytes:
-    """HTTP2-Settings is base64url without padding (RFC 7540 3.2.1)."""
-    raw = value.strip().encode("ascii")
-    raw += b"=" * (-len(raw) % 4)
-    base64.urlsafe_b64decode(raw)  # validate here: h2 would raise later
-    return raw
-
-
-class _Refused(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+def settings_header(value: str) -> bytes:
+    """HTTP2-Settings is a SETTINGS payload in base64url without padding (RFC 7540
+    3.2.1); returned padded, as h2 decodes it. ValueError if it is not one."""
+    text = value.strip()
+    if not _BASE64URL.fullmatch(text) or len(text) % 4 == 1:
+        raise ValueError("HTTP2-Settings is not base64url")
+    text += "=" * (-len(text) % 4)
+    payload = base64.urlsafe_b64decode(text)
+    if len(payload) % 6:
+        raise ValueError(f"HTTP2-Settings decodes to {len(payload)} bytes, not a whole "
+                         "number of 6-byte settings")
+    return text.encode("ascii")
 
 
 def _check_method(headers: dict[str, str]) -> None:
     if headers.get(":method") != "POST":
-        raise _Refused(405, f"method {headers.get(':method')} not allowed; port-forward "
-                            "streams are POST")
+        raise Refused(405, f"method {headers.get(':method')} not allowed; port-forward "
+                           "streams are POST", [("allow", "POST")])
 
 
 class _H2Channel:
@@ -159,25 +165,29 @@ class _H2Channel:
         s.flush()
 
 
-class H2PortForwardSession(SessionBase):
+class H2PortForwardSession(ServerSession):
     """Drives one H2Connection: admits streams, pairs them, pumps bytes with flow control.
 
-    `sandbox` and `path` are None for prior knowledge until the first stream's token is
-    redeemed."""
+    By prior knowledge, `sandbox` and `path` are None until `admit` redeems the first
+    stream's token; until then the connection is a pending request: its frames other
+    than DATA may not exceed MAX_REQUEST_HEAD (CONTINUATION included), the connection
+    window stays at its 64 KiB default and no idle timer runs (the server's request
+    timeout bounds it). `on_admitted` is called once the token is redeemed."""
 
     transport_name = "h2"
 
-    def __init__(self, server: StreamServer, sandbox: Sandbox | None, path: str | None,
-                 writelines: Callable[[list], None], close: Callable[[], None],
-                 over_limit: bool = False) -> None:
-        super().__init__(server.ctx, sandbox)  # type: ignore[arg-type]
-        self.server = server
+    def __init__(self, settings: SessionSettings, writelines: WriteBuffers,
+                 close: Callable[[], None], *, admit: Admit | None = None,
+                 sandbox: Sandbox | None = None, path: str | None = None,
+                 upgraded: bool = False) -> None:
+        super().__init__(settings.ctx, sandbox, settings.idle_timeout)
         self.path = path
-        self.creation_timeout = server.creation_timeout
-        self.idle_timeout = server.idle_timeout
+        self.admit = admit
+        self.on_admitted: Callable[[], None] | None = None
+        self.creation_timeout = settings.creation_timeout
+        self._upgraded = upgraded
         self._writelines = writelines
-        self._close = close
-        self._over_limit = over_limit
+        self._close_transport = close
         config = h2.config.H2Configuration(client_side=False, header_encoding="utf-8",
                                            validate_inbound_headers=True)
         self.codec = H2Codec(config=config)
@@ -197,21 +207,28 @@ class H2PortForwardSession(SessionBase):
         self._held_acks: dict[int, int] = {}  # data stream id -> bytes not yet acknowledged
         self._read_acks: dict[int, int] | None = None  # DATA of the read being processed
         self._admitting: list[h2.events.Event] | None = None  # events queued while redeeming
-        self._closed = False
+        self._head_bytes = 0  # bytes of frames other than DATA before admission
         self._goaway_sent = False
         self._draining = False
-        self.on_closed: Callable[[], None] | None = None
+
+    @property
+    def admitted(self) -> bool:
+        return self.path is not None
 
     # --- start -------------------------------------------------------------------------
-    def start(self, upgraded: bool = False) -> None:
-        if upgraded:
+    def start(self) -> None:
+        if self._upgraded:
             # initiate_upgrade_connection ran before the 101; stream 1 is the upgrade
             # request itself: answer it, it carries no forward
             self.codec.send_headers(1, [(":status", "200")], end_stream=True)
         else:
             self.codec.initiate_connection()
-        self.codec.increment_flow_control_window(H2_CONNECTION_WINDOW - 65535)
+        if self.admitted:
+            self._open_connection_window()
         self.flush()
+
+    def _open_connection_window(self) -> None:
+        self.codec.increment_flow_control_window(H2_CONNECTION_WINDOW - 65535)
         self.arm_idle_timer()
 
     # --- output ------------------------------------------------------------------------
@@ -270,14 +287,12 @@ class H2PortForwardSession(SessionBase):
         except h2.exceptions.ProtocolError:
             pass  # already closed: nothing to reset
 
-    def _respond(self, stream_id: int, status: int, message: str, client_done: bool,
-                 headers: list[tuple[str, str]] = ()) -> None:
-        body = (message + "\n").encode("utf-8", "replace")
+    def _refuse_stream(self, stream_id: int, refused: Refused, client_done: bool) -> None:
+        headers, body = h2_refusal(refused)
+        if self._version_chosen:
+            headers = [*headers, (VERSION_HEADER, self.stream_version)]
         try:
-            self.codec.send_headers(stream_id, [
-                (":status", str(status)), ("content-type", "text/plain; charset=utf-8"),
-                ("content-length", str(len(body))), *headers,
-                *([(VERSION_HEADER, self.stream_version)] if self._version_chosen else [])])
+            self.codec.send_headers(stream_id, headers)
         except h2.exceptions.ProtocolError:
             return
         self.queue_data(stream_id, body)
@@ -294,15 +309,26 @@ class H2PortForwardSession(SessionBase):
             events = self.codec.receive_data(data)
         except h2.exceptions.ProtocolError as e:
             code = getattr(e, "error_code", None) or ErrorCodes.PROTOCOL_ERROR
-            log.info("h2 sandbox=%s: malformed HTTP/2 (%s), GOAWAY %s: %s", self._sandbox_id,
+            log.info("h2 sandbox=%s: malformed HTTP/2 (%s), GOAWAY %s: %s", self.sandbox_id,
                      type(e).__name__, getattr(code, "name", code), e)
             self.flush()  # h2 queued the GOAWAY
             self._goaway_sent = True
             self.close(f"HTTP/2 protocol error: {e}")
             return
+        if not self.admitted:
+            # before a token, header frames are bounded like an HTTP/1.1 request head
+            self._head_bytes += len(data) - sum(
+                e.flow_controlled_length or 0 for e in events
+                if isinstance(e, h2.events.DataReceived))
+            if self._head_bytes > MAX_REQUEST_HEAD:
+                log.info("h2: more than %d bytes of frames before a token was redeemed, "
+                         "GOAWAY ENHANCE_YOUR_CALM", MAX_REQUEST_HEAD)
+                self._send_goaway(ErrorCodes.ENHANCE_YOUR_CALM)
+                self.close("request head too large")
+                return
         # one pod write per forwarded connection and one acknowledgement per stream for
         # the whole read, not one per DATA frame
-        self._read_acks = acks = {}
+        self._read_acks = acks = dict[int, int]()
         self.begin_batch()
         try:
             self._dispatch(events)
@@ -326,7 +352,7 @@ class H2PortForwardSession(SessionBase):
             except Exception as e:  # a bug on one stream must not end the session
                 sid = getattr(event, "stream_id", 0)
                 log.error("h2 sandbox=%s: stream %d failed, resetting it: %s: %s",
-                          self._sandbox_id, sid or 0, type(e).__name__, e)
+                          self.sandbox.id, sid or 0, type(e).__name__, e)
                 if sid:
                     self.reset(sid, ErrorCodes.INTERNAL_ERROR)
 
@@ -347,89 +373,62 @@ class H2PortForwardSession(SessionBase):
             case h2.events.ConnectionTerminated():
                 self._on_terminated(event)
 
-    @property
-    def _sandbox_id(self) -> str:
-        return self.sandbox.id if self.sandbox is not None else "?"
-
     def _on_request(self, ev: h2.events.RequestReceived) -> None:
         client_done = ev.stream_ended is not None
-        headers = dict(ev.headers)
+        # header_encoding="utf-8": h2 hands over str
+        headers = cast("dict[str, str]", dict(ev.headers or ()))
         sid = ev.stream_id
-        if self.path is None:
+        if not self.admitted:
             self._admitting = []
             asyncio.get_running_loop().create_task(self._admit(ev, headers))
             return
         if self._goaway_sent or self._draining:
-            log.info("h2 sandbox=%s: refusing stream %d: shutting down", self._sandbox_id, sid)
+            log.info("h2 sandbox=%s: refusing stream %d: shutting down", self.sandbox_id, sid)
             self.reset(sid, ErrorCodes.REFUSED_STREAM)
             return
         try:
-            self._check_stream(headers)
+            if headers.get(":path") != self.path:
+                raise Refused(404, "this HTTP/2 connection serves only the path whose token "
+                                   "it redeemed")
+            _check_method(headers)
             self._pair(sid, headers)
-        except _Refused as e:
-            log.info("h2 sandbox=%s: refusing stream %d: %d %s", self._sandbox_id, sid,
+        except Refused as e:
+            log.info("h2 sandbox=%s: refusing stream %d: %d %s", self.sandbox_id, sid,
                      e.status, e)
-            extra = [("allow", "POST")] if e.status == 405 else []
-            self._respond(sid, e.status, str(e), client_done, extra)
-
-    def _check_stream(self, headers: dict[str, str]) -> None:
-        if headers.get(":path") != self.path:
-            raise _Refused(404, "this HTTP/2 connection serves only the path whose token "
-                                "it redeemed")
-        _check_method(headers)
+            self._refuse_stream(sid, e, client_done)
 
     async def _admit(self, ev: h2.events.RequestReceived, headers: dict[str, str]) -> None:
         """Prior knowledge: the first stream's path redeems the connection's token."""
-        from crishim.stream.server import _redact
-
         sid = ev.stream_id
         path = headers.get(":path", "")
+        client_done = ev.stream_ended is not None
+        assert self.admit is not None, "a connection without a token needs an admission"
         try:
-            parts = path.split("?", 1)[0].split("/")
-            if len(parts) != 3 or parts[0] != "" or parts[1] != "portforward" or not parts[2]:
-                raise _Refused(404, f"no such path {_redact(path)!r}")
-            _check_method(headers)
-            if self.server.draining:
-                raise _Refused(503, "crishim is shutting down")
-            if self._over_limit:
-                raise _Refused(429, f"too many streaming sessions ({self.server.max_sessions})")
-            ctx = self.ctx
-            if ctx.live_connections + ctx.live_sessions > ctx.fd_budget:  # this one counted
-                raise _Refused(503, f"out of file descriptors ({ctx.fd_budget} in use: "
-                                    "RLIMIT_NOFILE less reserved_fds)")
-            token_request = self.server.tokens.redeem(parts[2])
-            if token_request is None:
-                raise _Refused(404, "unknown, expired or already used stream token")
-            try:
-                sandbox = await self.ctx.plugin.resolve(token_request.sandbox_id)
-            except SandboxNotFound as e:
-                raise _Refused(404, str(e)) from None
-            except SandboxGone as e:
-                raise _Refused(410, str(e)) from None
-        except _Refused as e:
+            admitted = await self.admit(headers.get(":method", ""), path, ("POST",))
+        except Refused as e:
             if self._closed:
                 return
             log.info("h2 stream request %s %s refused: %d %s", headers.get(":method"),
-                     _redact(path), e.status, e)
-            self._respond(sid, e.status, str(e), ev.stream_ended is not None)
-            self._send_goaway(ErrorCodes.NO_ERROR)
-            self.flush()
-            self.close(f"first stream refused: {e}")
+                     redact(path), e.status, e)
+            self._refuse_stream(sid, e, client_done)
+            self.close(f"first stream refused: {e}")  # without a token it has no business
             return
         except Exception as e:  # a plugin bug ends this connection, not the server
             log.exception("h2: admitting the first stream failed")
             if not self._closed:
-                self._respond(sid, 500, f"internal error: {e}", ev.stream_ended is not None)
+                self._refuse_stream(sid, Refused(500, f"internal error: {e}"), client_done)
                 self._send_goaway(ErrorCodes.INTERNAL_ERROR)
-                self.flush()
                 self.close("internal error")
             return
         if self._closed:
             return
-        self.sandbox = sandbox
+        self.sandbox = admitted.sandbox
         self.path = path
+        self._open_connection_window()
         queued, self._admitting = self._admitting or [], None
-        log.debug("h2 session admitted: sandbox=%s", sandbox.id)
+        log.debug("h2 session admitted: sandbox=%s", self.sandbox_id)
+        if self.on_admitted is not None:
+            self.on_admitted()
         self._on_request(ev)
         self._dispatch(queued)
         self.flush()
@@ -446,11 +445,8 @@ class H2PortForwardSession(SessionBase):
 
     def _pair(self, sid: int, headers: dict[str, str]) -> None:
         self._choose_version(headers)
-        try:
-            pair = self._pairs.add(sid, headers, live=self._live_requests,
-                                   version=self.stream_version)
-        except PairRefused as e:
-            raise _Refused(400, str(e)) from None
+        pair = self._pairs.add(sid, headers, live=self._live_requests,
+                               version=self.stream_version)
         try:
             self.codec.send_headers(sid, [(":status", "200"),
                                           (VERSION_HEADER, self.stream_version)])
@@ -459,7 +455,7 @@ class H2PortForwardSession(SessionBase):
         if not pair.complete:
             return
         channel = _H2Channel(self, pair.data_id, pair.error_id, pair.request_id)
-        conn = self.open_pair(pair, channel)
+        conn = self.open_forward(pair.port, channel, pair.protocol)
         channel.conn = conn
         if conn.done:
             return
@@ -472,7 +468,7 @@ class H2PortForwardSession(SessionBase):
         if self._closed:
             return
         message = self._pairs.timeout_message(pair)
-        log.info("h2 sandbox=%s: %s", self._sandbox_id, message)
+        log.info("h2 sandbox=%s: %s", self.sandbox_id, message)
         if pair.error_id:
             self.queue_data(pair.error_id, message.encode())
             self.queue_eof(pair.error_id)
@@ -552,7 +548,7 @@ class H2PortForwardSession(SessionBase):
             self._window_opened(0)
 
     def _on_terminated(self, ev: h2.events.ConnectionTerminated) -> None:
-        log.debug("h2 sandbox=%s: client sent GOAWAY (%s)", self._sandbox_id, ev.error_code)
+        log.debug("h2 sandbox=%s: client sent GOAWAY (%s)", self.sandbox_id, ev.error_code)
         self._goaway_sent = True  # h2 sends nothing more after a GOAWAY either way
         self.close("client sent GOAWAY")
 
@@ -586,11 +582,7 @@ class H2PortForwardSession(SessionBase):
             self._live_requests.pop(channel.request_id, None)
             self._ack(channel.data_id, self._held_acks.pop(channel.data_id, 0))
 
-    # --- idle timeout, draining and closing --------------------------------------------
-    def idle_expired(self) -> None:
-        self._send_goaway(ErrorCodes.NO_ERROR)
-        self.close("idle timeout")
-
+    # --- goodbye, draining -------------------------------------------------------------
     def _send_goaway(self, code: ErrorCodes) -> None:
         """GOAWAY written beside h2, whose state machine would refuse every later frame
         on live streams once it sent one itself."""
@@ -603,68 +595,44 @@ class H2PortForwardSession(SessionBase):
         frame.error_code = code
         self._writelines([frame.serialize()])
 
+    def goodbye(self, reason: str) -> None:
+        self._send_goaway(ErrorCodes.NO_ERROR)
+
+    def close_transport(self) -> None:
+        self._close_transport()
+
+    def forget_pending(self) -> None:
+        self._pairs.clear()
+
     def drain(self) -> None:
         """Server shutting down: new streams are refused, live ones may finish. No GOAWAY
         yet: an h2-library peer that receives one refuses every later frame, even DATA on
         live streams; the GOAWAY goes with the close at the drain deadline."""
         self._draining = True
 
-    def close(self, reason: str) -> None:
-        if self._closed:
-            return
-        self.close_connections(reason)
-        self._pairs.clear()
-        self._send_goaway(ErrorCodes.NO_ERROR)
-        self.flush()
-        self._closed = True
-        self.cancel_idle_timer()
-        self._close()
-        if self.on_closed is not None:
-            self.on_closed()
-
-    def connection_lost(self) -> None:
-        """The client's transport is gone: end every forwarded connection."""
-        if self._closed:
-            return
-        self._closed = True
-        self.close_connections("client connection lost")
-        self._pairs.clear()
-        self.cancel_idle_timer()
-        if self.on_closed is not None:
-            self.on_closed()
-
 
 _QUEUED_WHILE_ADMITTING = (h2.events.RequestReceived, h2.events.DataReceived,
                            h2.events.StreamEnded, h2.events.StreamReset)
 
 
-def start_upgrade(server: StreamServer, transport: asyncio.Transport, request: Request,
-                  sandbox: Sandbox, rest: bytes) -> None:
-    """`Upgrade: h2c`: the request's path already redeemed the token."""
-    from crishim.stream.server import HttpError
 
+def start_upgrade(upgrade: Upgrade) -> None:
+    """`Upgrade: h2c`: the request's path already redeemed the token."""
+    transport, request = upgrade.transport, upgrade.request
     values = request.header_values("http2-settings")
     if len(values) != 1:
-        raise HttpError(400, "Upgrade: h2c needs exactly one HTTP2-Settings header")
+        raise Refused(400, "Upgrade: h2c needs exactly one HTTP2-Settings header")
     try:
-        settings = _settings_header(values[0])
-    except (binascii.Error, ValueError, UnicodeError):
-        raise HttpError(400, "HTTP2-Settings is not base64url") from None
-    session = H2PortForwardSession(server, sandbox, request.path, transport.writelines,
-                                   transport.close)
+        settings = settings_header(values[0])
+    except (binascii.Error, ValueError) as e:
+        raise Refused(400, str(e)) from None
+    session = H2PortForwardSession(upgrade.settings, transport.writelines, transport.close,
+                                   sandbox=upgrade.admitted.sandbox, path=request.target,
+                                   upgraded=True)
     try:
         session.codec.initiate_upgrade_connection(settings)
     except (h2.exceptions.ProtocolError, HyperframeError, ValueError) as e:
-        raise HttpError(400, f"HTTP2-Settings: {e}") from None
+        raise Refused(400, f"HTTP2-Settings: {e}") from None
     transport.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
                     b"Upgrade: h2c\r\n\r\n")
-    server.adopt(transport, session, SessionProtocol(session, transport), rest, upgraded=True)
-
-
-def start_prior_knowledge(server: StreamServer, transport: asyncio.Transport,
-                          data: bytes) -> None:
-    """The connection began with the HTTP/2 preface (h2c, or TLS with ALPN h2)."""
-    over_limit = len(server.sessions) >= server.max_sessions
-    session = H2PortForwardSession(server, None, None, transport.writelines, transport.close,
-                                   over_limit=over_limit)
-    server.adopt(transport, session, SessionProtocol(session, transport), data)
+    upgrade.adopt(session, SessionProtocol(session, transport))

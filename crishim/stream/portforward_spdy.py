@@ -7,19 +7,42 @@ import logging
 import time
 from collections.abc import Callable
 
-from crishim.forward import (
-    ForwardContext,
-    ForwardedConnection,
-    PairRefused,
-    PendingPair,
-    SessionBase,
-    StreamPairs,
-)
+from crishim.forward import ForwardContext, ForwardedConnection
 from crishim.forward_udp import ForwardedFlow
 from crishim.protocols import spdy
+from crishim.protocols.constants import PORTFORWARD_PROTOCOL
+from crishim.protocols.negotiation import choose_version, server_versions
 from crishim.runtime import Sandbox
+from crishim.stream.admission import Refused
+from crishim.stream.pairing import PendingPair, StreamPairs
+from crishim.stream.session import ServerSession, SessionProtocol, Upgrade, WriteBuffers
 
 log = logging.getLogger("crishim.spdy")
+
+
+def start(upgrade: Upgrade) -> None:
+    """`Upgrade: SPDY/3.1`: agree on the stream protocol, answer 101, start the session."""
+    request, transport, settings = upgrade.request, upgrade.transport, upgrade.settings
+    offered = request.header_values("x-stream-protocol-version")
+    if not offered:
+        raise Refused(400, "missing X-Stream-Protocol-Version: this server speaks "
+                           f"{PORTFORWARD_PROTOCOL}")
+    # portforward.crishim.dev/v1 (UDP flows) when offered, UDP is on and the plugin can
+    # dial it; upstream clients offer only portforward.k8s.io and get it as ever
+    version = choose_version(offered, server_versions(settings.ctx.udp))
+    if version is None:  # named as before: crishim's own client offers the upstream too
+        raise Refused(403, f"none of the offered stream protocols {offered} is supported; "
+                           f"this server speaks {PORTFORWARD_PROTOCOL}",
+                      [("X-Accepted-Stream-Protocol-Versions", PORTFORWARD_PROTOCOL)])
+    transport.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                    b"Upgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: "
+                    + version.encode() + b"\r\n\r\n")
+    session = SpdyPortForwardSession(settings.ctx, upgrade.admitted.sandbox,
+                                     settings.creation_timeout, settings.idle_timeout,
+                                     transport.writelines, transport.close)
+    session.stream_version = version
+    upgrade.adopt(session, SessionProtocol(session, transport))
+
 
 class _SpdyChannel:
     """A forwarded connection's data + error streams on one SPDY session."""
@@ -58,7 +81,7 @@ class _SpdyChannel:
         s.flush()
 
 
-class SpdyPortForwardSession(SessionBase):
+class SpdyPortForwardSession(ServerSession):
     """Drives one SpdyConnection: pairs streams, opens forwarded connections, pumps bytes.
 
     `write_buffers` sends a list of buffers to the client (a TCP transport's writelines,
@@ -67,18 +90,15 @@ class SpdyPortForwardSession(SessionBase):
     transport_name = "spdy"
 
     def __init__(self, ctx: ForwardContext, sandbox: Sandbox, creation_timeout: float,
-                 idle_timeout: float, write_buffers: Callable[[list], None],
+                 idle_timeout: float, write_buffers: WriteBuffers,
                  close: Callable[[], None]) -> None:
-        super().__init__(ctx, sandbox)
+        super().__init__(ctx, sandbox, idle_timeout)
         self.codec = spdy.SpdyConnection(spdy.SpdyConfig(client=False, zero_copy=True,
                                                       max_send_frame=256 * 1024))
-        self.idle_timeout = idle_timeout
         self._write_buffers = write_buffers
-        self._close = close
+        self._close_transport = close
         self._pairs = StreamPairs(creation_timeout, self._pair_timed_out)
         self._by_stream: dict[int, ForwardedConnection | ForwardedFlow] = {}
-        self._closed = False
-        self.on_closed: Callable[[], None] | None = None
 
     def start(self) -> None:
         self.arm_idle_timer()
@@ -129,7 +149,7 @@ class SpdyPortForwardSession(SessionBase):
     def _on_stream_opened(self, ev: spdy.StreamOpened) -> None:
         try:
             pair = self._pairs.add(ev.stream_id, ev.headers, version=self.stream_version)
-        except PairRefused as e:
+        except Refused as e:
             log.info("spdy sandbox=%s: refusing stream %d: %s", self.sandbox.id, ev.stream_id,
                      e)
             self.codec.reset_stream(ev.stream_id, spdy.PROTOCOL_ERROR)
@@ -137,7 +157,7 @@ class SpdyPortForwardSession(SessionBase):
         self.codec.reply(ev.stream_id, {})
         if pair.complete:
             channel = _SpdyChannel(self, pair.data_id, pair.error_id)
-            conn = self.open_pair(pair, channel)
+            conn = self.open_forward(pair.port, channel, pair.protocol)
             if not conn.done:
                 self._by_stream[pair.data_id] = conn
 
@@ -181,34 +201,15 @@ class SpdyPortForwardSession(SessionBase):
         if isinstance(channel, _SpdyChannel):
             self._by_stream.pop(channel.data_id, None)
 
-    # --- idle timeout and closing -------------------------------------------------------
-    def idle_expired(self) -> None:
+    # --- goodbye, draining ----------------------------------------------------------------
+    def goodbye(self, reason: str) -> None:
         self.codec.goaway(spdy.GOAWAY_OK)
-        self.flush()
-        self.close("idle timeout")
 
-    def close(self, reason: str) -> None:
-        """End the session: reset what is live, then close the client's transport."""
-        self._end(reason, transport_alive=True)
+    def close_transport(self) -> None:
+        self._close_transport()
 
-    def connection_lost(self) -> None:
-        """The client's transport is gone: end every forwarded connection."""
-        self._end("client connection lost", transport_alive=False)
-
-    def _end(self, reason: str, transport_alive: bool) -> None:
-        if self._closed:
-            return
-        if not transport_alive:
-            self._closed = True  # nothing more can be written
-        self.close_connections(reason)
+    def forget_pending(self) -> None:
         self._pairs.clear()
-        self.cancel_idle_timer()
-        if transport_alive:
-            self.flush()
-            self._closed = True
-            self._close()
-        if self.on_closed is not None:
-            self.on_closed()
 
     def drain(self) -> None:
         """Server shutting down: tell the client no new streams will be accepted."""

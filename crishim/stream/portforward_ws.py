@@ -32,21 +32,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import cast
 
-from crishim.forward import ForwardContext, ForwardedConnection, SessionBase, SessionProtocol
-from crishim.forward_udp import ForwardedFlow
+from crishim.forward import ForwardContext, ForwardedConnection
 from crishim.ports import InvalidPort, parse_port
 from crishim.protocols import websocket as ws
 from crishim.protocols.constants import PORTFORWARD_CRISHIM_V1, PORTFORWARD_PROTOCOL
 from crishim.protocols.negotiation import websocket_subprotocol
 from crishim.runtime import Sandbox
+from crishim.stream.admission import Refused
 from crishim.stream.portforward_spdy import SpdyPortForwardSession
-from crishim.stream.server import HttpError
-
-if TYPE_CHECKING:
-    from crishim.stream.server import Request, StreamServer
-    from crishim.tokens import StreamRequest
+from crishim.stream.session import ServerSession, SessionProtocol, Upgrade
+from crishim.tokens import StreamRequest
 
 log = logging.getLogger("crishim.websocket")
 
@@ -58,60 +56,60 @@ CLOSE_GRACE = 5.0
 _GRACEFUL_CLOSE_CODES = (1000, 1001, 1005)
 
 
-def start(server: StreamServer, transport: asyncio.Transport, request: Request,
-          sandbox: Sandbox, token_request: StreamRequest, rest: bytes) -> None:
+def start(upgrade: Upgrade) -> None:
     """Complete the WebSocket handshake and hand the connection to its session.
 
-    Raises HttpError (400/403) before anything is written when the upgrade cannot
-    succeed; StreamServer.dispatch renders it."""
+    Raises Refused (400/403) before anything is written when the upgrade cannot
+    succeed."""
+    transport, settings, sandbox = upgrade.transport, upgrade.settings, upgrade.admitted.sandbox
     try:
-        supported = ([SPDY_TUNNEL_CRISHIM] if server.ctx.udp else []) + SUPPORTED_SUBPROTOCOLS
-        response, subprotocol = ws.accept_handshake(request.raw_headers, supported)
-    except ws.HandshakeError as e:
-        raise HttpError(e.status, e.reason,
-                        [(k.decode("latin-1"), v.decode("latin-1")) for k, v in e.headers]
-                        ) from None
+        supported = ([SPDY_TUNNEL_CRISHIM] if settings.ctx.udp else []) + SUPPORTED_SUBPROTOCOLS
+        response, subprotocol = ws.accept_handshake(upgrade.request.raw_headers, supported)
+    except ws.HandshakeError as e:  # the codec's own refusal, as the client codec shares it
+        raise Refused(e.status, e.reason, [(k.decode("latin-1"), v.decode("latin-1"))
+                                           for k, v in e.headers]) from None
     if subprotocol in (ws.SPDY_TUNNEL, SPDY_TUNNEL_CRISHIM):
         tunnel = ws.ByteStreamTunnel()
         spdy_session = SpdyPortForwardSession(
-            server.ctx, sandbox, server.creation_timeout, server.idle_timeout,
+            settings.ctx, sandbox, settings.creation_timeout, settings.idle_timeout,
             lambda chunks: _tunnel_writelines(tunnel, transport, chunks),
             lambda: _tunnel_close(tunnel, transport))
         spdy_session.transport_name = "spdy-websocket"
         spdy_session.stream_version = (PORTFORWARD_CRISHIM_V1 if subprotocol == SPDY_TUNNEL_CRISHIM
                                        else PORTFORWARD_PROTOCOL)
         transport.write(response)
-        server.adopt(transport, spdy_session, SpdyTunnelProtocol(spdy_session, tunnel, transport),
-                     rest)
+        upgrade.adopt(spdy_session, SpdyTunnelProtocol(spdy_session, tunnel, transport))
         return
     base64 = subprotocol == ws.CHANNEL_BASE64
-    ports = requested_ports(request, token_request, base64)
-    session = ChannelPortForwardSession(server.ctx, sandbox, ports, base64, server.idle_timeout)
+    ports = requested_ports(upgrade.admitted.query, upgrade.admitted.stream_request, base64)
+    session = ChannelPortForwardSession(settings.ctx, sandbox, ports, base64,
+                                        settings.idle_timeout)
     transport.write(response)
-    server.adopt(transport, session, ChannelTransportProtocol(session, transport), rest)
+    upgrade.adopt(session, ChannelTransportProtocol(session, transport))
 
 
-def requested_ports(request: Request, token_request: StreamRequest, base64: bool) -> list[int]:
+def requested_ports(query: dict[str, list[str]], stream_request: StreamRequest,
+                    base64: bool) -> list[int]:
     """Ports from the query (``port=80&port=443``, ``ports=80,443``) or else from the CRI
-    PortForwardRequest the token was issued for; HttpError 400 if none or invalid."""
-    values = request.query.get("port", []) + request.query.get("ports", [])
+    PortForwardRequest the token was issued for; Refused 400 if none or invalid."""
+    values = query.get("port", []) + query.get("ports", [])
     ports: list[int] = []
     for value in values:
         for part in value.split(","):
             try:
                 ports.append(parse_port(part.strip()))
             except InvalidPort as e:
-                raise HttpError(400, f"{e} (in the query)") from None
+                raise Refused(400, f"{e} (in the query)") from None
     if not ports:
-        ports = list(token_request.ports)
+        ports = list(stream_request.ports)
     if not ports:
-        raise HttpError(400, "no port to forward: the WebSocket channel protocol needs the "
-                             "ports in the query (?port=80&port=443) or in the CRI "
-                             "PortForwardRequest")
+        raise Refused(400, "no port to forward: the WebSocket channel protocol needs the "
+                           "ports in the query (?port=80&port=443) or in the CRI "
+                           "PortForwardRequest")
     limit = ws.max_channel_ports(base64)
     if len(ports) > limit:
-        raise HttpError(400, f"{len(ports)} ports requested; one WebSocket carries at most "
-                             f"{limit} in this subprotocol")
+        raise Refused(400, f"{len(ports)} ports requested; one WebSocket carries at most "
+                           f"{limit} in this subprotocol")
     return ports
 
 
@@ -125,9 +123,9 @@ def _flush_tunnel(tunnel: ws.ByteStreamTunnel, transport: asyncio.Transport) -> 
 
 
 def _tunnel_writelines(tunnel: ws.ByteStreamTunnel, transport: asyncio.Transport,
-                       chunks: list) -> None:
+                       chunks: Sequence[bytes | bytearray | memoryview]) -> None:
     # SPDY frames go into WebSocket frames as buffers: no join copy on the way out.
-    tunnel.send_buffers(chunks)
+    tunnel.send_buffers(cast("list[bytes | bytearray | memoryview]", chunks))
     _flush_tunnel(tunnel, transport)
 
 
@@ -207,7 +205,7 @@ class _PortChannel:
         self._pod_done = True
         s = self.session
         reason = error or (self.conn.reason if self._failed and self.conn is not None else "")
-        if reason and not s.codec.framing.closing:
+        if reason and not (s.closing or s.codec.framing.closing):
             port = s.codec.ports[self.index]
             s.codec.send_error(self.index, f"error forwarding port {port} to pod sandbox "
                                            f"{s.sandbox.id}: {reason}")
@@ -219,21 +217,17 @@ class _PortChannel:
         return self._pod_done
 
 
-class ChannelPortForwardSession(SessionBase):
+class ChannelPortForwardSession(ServerSession):
     """One WebSocket in the Kubernetes channel protocol: one forwarded connection per port."""
 
     transport_name = "websocket"
 
     def __init__(self, ctx: ForwardContext, sandbox: Sandbox, ports: list[int], base64: bool,
                  idle_timeout: float) -> None:
-        super().__init__(ctx, sandbox)
+        super().__init__(ctx, sandbox, idle_timeout)
         self.codec = ws.ChannelCodec(ports, base64)
         self.transport_name = "websocket-base64" if base64 else "websocket"
-        self.idle_timeout = idle_timeout
         self.channels = [_PortChannel(self, i) for i in range(len(ports))]
-        self.on_closed = None
-        self._closed = False
-        self._timers: list[asyncio.TimerHandle] = []
 
     # --- life cycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -243,9 +237,6 @@ class ChannelPortForwardSession(SessionBase):
             channel.conn = self.open_connection(port, channel)
         self.arm_idle_timer()
 
-    def _call_later(self, delay: float, fn) -> None:
-        self._timers.append(asyncio.get_running_loop().call_later(delay, fn))
-
     def flush(self) -> None:
         out = self.codec.take_output()
         if out and self.transport is not None and not self.transport.is_closing():
@@ -253,13 +244,13 @@ class ChannelPortForwardSession(SessionBase):
 
     def port_done(self) -> None:
         """A port ended from the pod's side; when all have, end the WebSocket cleanly."""
-        if self._closed or self.transport is None or self.transport.is_closing():
-            return
+        if self.closing or self.transport is None or self.transport.is_closing():
+            return  # closing: the goodbye (1001) is the close frame
         if all(ch.pod_done for ch in self.channels) and not self.codec.framing.closing:
             log.debug("websocket sandbox=%s: all ports done, closing", self.sandbox.id)
             self.codec.close(ws.CLOSE_NORMAL, "all ports done")
             self.flush()
-            self._call_later(CLOSE_GRACE, self._end)  # a client that never answers the close
+            self.call_later(CLOSE_GRACE, self._finished)  # a client that never answers
 
     # --- input --------------------------------------------------------------------------
     def receive(self, data: bytes) -> None:
@@ -285,52 +276,24 @@ class ChannelPortForwardSession(SessionBase):
             for conn in list(self.connections):
                 conn.client_eof()
             if self.connections:
-                self._call_later(CLOSE_GRACE, lambda: self.close_connections(
+                self.call_later(CLOSE_GRACE, lambda: self.close_connections(
                     "client closed the WebSocket"))
         else:
             self.close_connections(f"WebSocket closed ({event.code} {event.reason})".strip())
-        self._end()
+        self._finished()
+
+    def _finished(self) -> None:
+        """The WebSocket is done; connections in their grace period may go on."""
+        if not self._closed:
+            self.end(close_transport=True)
 
     # --- closing ------------------------------------------------------------------------
-    def _end(self) -> None:
-        """The WebSocket is finished: close the transport and leave the registry."""
-        if self._closed:
-            return
-        self._closed = True
+    def goodbye(self, reason: str) -> None:
+        self.codec.close(1001, reason[:100])
+
+    def close_transport(self) -> None:
         if self.transport is not None:
             self.transport.close()
-        if not self.connections:
-            self._cancel_timers()
-        if self.on_closed is not None:
-            self.on_closed()
-
-    def _cancel_timers(self) -> None:
-        self.cancel_idle_timer()
-        for timer in self._timers:
-            timer.cancel()
-        self._timers.clear()
-
-    def connection_finished(self, conn: ForwardedConnection | ForwardedFlow) -> None:
-        super().connection_finished(conn)
-        if self._closed and not self.connections:
-            self._cancel_timers()
-
-    def close(self, reason: str) -> None:
-        """End from the server's side (drain deadline, idle timeout)."""
-        if self._closed:
-            return
-        self.codec.close(1001, reason[:100])
-        self.flush()
-        self.close_connections(reason)
-        self._end()
-
-    def drain(self) -> None:
-        """Server shutting down: the channel protocol cannot say so; ports carry on."""
-
-    def connection_lost(self) -> None:
-        if not self._closed:
-            self.close_connections("client connection lost")
-            self._end()
 
 
 class ChannelTransportProtocol(SessionProtocol):

@@ -108,11 +108,11 @@ class CertificateReloader:
         self.cert_file = cert_file
         self.key_file = key_file
         self.interval = interval
-        self.loaded: tuple | None = None
+        self.loaded: tuple[tuple[int, int, int], ...] | None = None
         self.reloads = 0
         self._timer: asyncio.TimerHandle | None = None
 
-    def _signature(self) -> tuple:
+    def _signature(self) -> tuple[tuple[int, int, int], ...]:
         out = []
         for path in (self.cert_file, self.key_file):
             st = os.stat(path)

@@ -11,12 +11,12 @@ from __future__ import annotations
 import socket
 
 from crishim.config import Config
-from crishim.netns import dial_localhost
+from crishim.netns import InProcessUdp, dial_localhost
 from crishim.runtime import DialFailed, RuntimePlugin, Sandbox, SandboxGone
 from crishim.sandboxes import CACHE_TTL, NamedSandboxes, UpstreamSandboxes
 
 
-class ContainerdRuntime(RuntimePlugin):
+class ContainerdRuntime(InProcessUdp, RuntimePlugin):
     name = "containerd"
 
     def __init__(self, config: Config, cache_ttl: float = CACHE_TTL) -> None:
@@ -39,9 +39,9 @@ class ContainerdRuntime(RuntimePlugin):
 
     async def dial_udp(self, sandbox: Sandbox, port: int) -> socket.socket:
         try:
-            return await self.names.dial_udp(sandbox, port)
+            return await super().dial_udp(sandbox, port)
         except (SandboxGone, DialFailed):
-            self.forget(sandbox.id)
+            self.upstream.forget(sandbox.id)  # the next resolve asks the runtime again
             raise
 
     async def close(self) -> None:

@@ -84,13 +84,8 @@ class HelperPodRuntime(RuntimePlugin):
             raise DialFailed(f"helper at {self.socket_path}: {reply.message}")
         return bool(reply.exists)
 
-    # the helper's protocol passes back connected TCP sockets only (fd mode) or relays a
-    # byte stream (socat mode): the server does not offer UDP port-forward with this plugin
-    supports_udp = False
-
-    async def dial_udp(self, sandbox: Sandbox, port: int) -> socket.socket:
-        raise DialFailed("the helper runtime plugin does not forward UDP: its helper "
-                         "protocol carries TCP connections only")
+    # no UDP (RuntimePlugin's supports_udp False): the helper's protocol passes back
+    # connected TCP sockets (fd mode) or relays one byte stream (socat mode)
 
     async def dial(self, sandbox: Sandbox, port: int) -> socket.socket:
         netns = HOST if sandbox.host_network else sandbox.netns_path

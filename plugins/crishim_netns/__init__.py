@@ -8,12 +8,12 @@ from __future__ import annotations
 import socket
 
 from crishim.config import Config
-from crishim.netns import dial_localhost
+from crishim.netns import InProcessUdp, dial_localhost
 from crishim.runtime import RuntimePlugin, Sandbox
 from crishim.sandboxes import NamedSandboxes
 
 
-class NamedNetnsRuntime(RuntimePlugin):
+class NamedNetnsRuntime(InProcessUdp, RuntimePlugin):
     name = "netns"
 
     def __init__(self, config: Config) -> None:

@@ -1,0 +1,113 @@
+"""Stream pairing for the transports that carry a forwarded connection as two streams
+(SPDY/3.1 and HTTP/2): an error stream and a data stream sharing a `requestid`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Container, Mapping
+
+from crishim.ports import InvalidPort, parse_port
+from crishim.protocols.constants import (
+    HEADER_PORT,
+    HEADER_REQUEST_ID,
+    HEADER_STREAM_TYPE,
+    PORTFORWARD_PROTOCOL,
+    STREAM_TYPE_DATA,
+    STREAM_TYPE_ERROR,
+)
+from crishim.protocols.negotiation import TCP, StreamProtocolRefused, stream_protocol
+from crishim.stream.admission import Refused
+
+
+class PendingPair:
+    """A forwarded connection's error and data streams while they gather."""
+
+    __slots__ = ("request_id", "port", "protocol", "data_id", "error_id", "timer", "held")
+
+    def __init__(self, request_id: str, port: int, protocol: str = TCP) -> None:
+        self.request_id = request_id
+        self.port = port
+        self.protocol = protocol  # tcp, or udp (portforward.crishim.dev/v1)
+        self.data_id = 0
+        self.error_id = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.held: list[object] = []  # what a transport keeps for the data stream until complete
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.data_id and self.error_id)
+
+
+class StreamPairs:
+    """Pairs each forwarded connection's error and data streams by `requestid`, as SPDY
+    and HTTP/2 carry them alike, and times out pairs that never complete."""
+
+    def __init__(self, timeout: float, on_timeout: Callable[[PendingPair], None]) -> None:
+        self.timeout = timeout
+        self.on_timeout = on_timeout
+        self.pending: dict[str, PendingPair] = {}
+        self.by_stream: dict[int, PendingPair] = {}
+
+    def add(self, stream_id: int, headers: Mapping[str, str],
+            live: Container[str] = (), version: str = PORTFORWARD_PROTOCOL) -> PendingPair:
+        """File one stream with its pair, or raise Refused(400): bad headers (a protocol
+        the session's negotiated version does not carry, too), or a second stream of one
+        type for a request; only that stream is refused. A complete pair (both ids set)
+        is no longer pending: the caller opens its connection or flow."""
+        stream_type = headers.get(HEADER_STREAM_TYPE, "")
+        if stream_type not in (STREAM_TYPE_DATA, STREAM_TYPE_ERROR):
+            raise Refused(400, f"unknown streamtype {stream_type!r}: expected data or error")
+        try:
+            port = parse_port(headers.get(HEADER_PORT, ""))
+        except InvalidPort as e:
+            raise Refused(400, str(e)) from None
+        try:
+            protocol = stream_protocol(headers, version)
+        except StreamProtocolRefused as e:
+            raise Refused(400, str(e)) from None
+        request_id = headers.get(HEADER_REQUEST_ID)
+        if request_id is None:  # very old clients: ids derived from stream ids
+            request_id = str(stream_id if stream_type == STREAM_TYPE_ERROR else stream_id - 2)
+        if request_id in live:
+            raise Refused(400, f"a second {stream_type} stream for request {request_id}, "
+                               "whose connection is live")
+        pair = self.pending.get(request_id) or PendingPair(request_id, port, protocol)
+        slot = "data_id" if stream_type == STREAM_TYPE_DATA else "error_id"
+        if getattr(pair, slot):
+            raise Refused(400, f"a second {stream_type} stream for request {request_id}")
+        if pair.port != port:
+            raise Refused(400, f"port {port} differs from port {pair.port} of the other "
+                               f"stream of request {request_id}")
+        if pair.protocol != protocol:
+            raise Refused(400, f"protocol {protocol} differs from protocol {pair.protocol} of "
+                               f"the other stream of request {request_id}")
+        if request_id not in self.pending:
+            self.pending[request_id] = pair
+            pair.timer = asyncio.get_running_loop().call_later(
+                self.timeout, self._timed_out, pair)
+        setattr(pair, slot, stream_id)
+        self.by_stream[stream_id] = pair
+        if pair.complete:
+            self.forget(pair)
+        return pair
+
+    def timeout_message(self, pair: PendingPair) -> str:
+        missing = "data" if not pair.data_id else "error"
+        return (f"timed out waiting for the {missing} stream of request {pair.request_id} "
+                f"(stream_creation_timeout {self.timeout:g}s)")
+
+    def _timed_out(self, pair: PendingPair) -> None:
+        if self.pending.get(pair.request_id) is pair:
+            self.forget(pair)
+            self.on_timeout(pair)
+
+    def forget(self, pair: PendingPair) -> None:
+        self.pending.pop(pair.request_id, None)
+        for stream_id in (pair.data_id, pair.error_id):
+            self.by_stream.pop(stream_id, None)
+        if pair.timer is not None:
+            pair.timer.cancel()
+
+    def clear(self) -> None:
+        for pair in list(self.pending.values()):
+            self.forget(pair)

@@ -1,0 +1,189 @@
+"""The server session contract: what every transport session (SPDY, SPDY over
+WebSocket, WebSocket channels, HTTP/2) offers the stream server, and its teardown,
+written once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from crishim.forward import ForwardContext, ForwardedConnection, SessionBase
+from crishim.forward_udp import ForwardedFlow
+from crishim.runtime import Sandbox
+from crishim.stream.admission import Admitted, Request
+
+log = logging.getLogger("crishim.stream")
+
+# sends a list of buffers to the client without joining them (transport.writelines)
+WriteBuffers = Callable[[Sequence[bytes | bytearray | memoryview]], None]
+
+
+class ServerSession(SessionBase, ABC):
+    """One upgraded client connection carrying forwarded connections into one sandbox.
+
+    Life cycle: `start` once the connection is adopted; `receive` for every read;
+    `drain` when the server shuts down; `close` to end it from the server's side (the
+    transport's `goodbye` is its last word); `connection_lost` when the client's
+    transport is gone. `on_closed` is called once, whichever way it ends."""
+
+    def __init__(self, ctx: ForwardContext, sandbox: Sandbox | None,
+                 idle_timeout: float) -> None:
+        # HTTP/2 by prior knowledge learns its sandbox from its first stream
+        super().__init__(ctx, sandbox)  # type: ignore[arg-type]
+        self.idle_timeout = idle_timeout
+        self.on_closed: Callable[[], None] | None = None
+        self.closing = False  # close() began: connections end without error text
+        self._closed = False
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._timers: list[asyncio.TimerHandle] = []
+
+    @property
+    def sandbox_id(self) -> str:
+        return self.sandbox.id if self.sandbox is not None else "?"
+
+    # --- what each transport provides ------------------------------------------------
+    @abstractmethod
+    def start(self) -> None:
+        """The connection is adopted: send what the transport sends first."""
+
+    @abstractmethod
+    def receive(self, data: bytes) -> None:
+        """Bytes from the client."""
+
+    @abstractmethod
+    def flush(self) -> None:
+        """Write what the codec has queued."""
+
+    @abstractmethod
+    def goodbye(self, reason: str) -> None:
+        """Queue the transport's last word before it closes (GOAWAY, close frame)."""
+
+    @abstractmethod
+    def close_transport(self) -> None:
+        """Close the client's connection once the goodbye is written."""
+
+    def drain(self) -> None:
+        """The server is shutting down: say so if the transport can; live forwarded
+        connections carry on until the drain deadline."""
+
+    def forget_pending(self) -> None:
+        """Drop streams still waiting for their pair (transports that pair streams)."""
+
+    # --- teardown, the same for every transport ----------------------------------------
+    def close(self, reason: str) -> None:
+        """End from the server's side: reset what is live, say goodbye, close."""
+        if self._closed:
+            return
+        self.closing = True
+        self.close_connections(reason)
+        self.forget_pending()
+        self.goodbye(reason)
+        self.flush()
+        self.end(close_transport=True)
+
+    def connection_lost(self) -> None:
+        """The client's transport is gone: end every forwarded connection, write nothing."""
+        if self._closed:
+            return
+        self._closed = self.closing = True
+        self.close_connections("client connection lost")
+        self.forget_pending()
+        self.end(close_transport=False)
+
+    def end(self, close_transport: bool) -> None:
+        """Leave the server's registry; forwarded connections still open (a WebSocket's
+        grace after the client's close) keep the timers until they finish."""
+        self._closed = True
+        if close_transport:
+            self.close_transport()
+        if not self.connections:
+            self.cancel_timers()
+        on_closed, self.on_closed = self.on_closed, None
+        if on_closed is not None:
+            on_closed()
+
+    def connection_finished(self, conn: ForwardedConnection | ForwardedFlow) -> None:
+        super().connection_finished(conn)
+        if self._closed and not self.connections:
+            self.cancel_timers()
+
+    # --- timers ------------------------------------------------------------------------
+    def call_later(self, delay: float, callback: Callable[[], object]) -> None:
+        """A timer cancelled with the session."""
+        self._timers.append(asyncio.get_running_loop().call_later(delay, callback))
+
+    def cancel_timers(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+
+    def arm_idle_timer(self, delay: float | None = None) -> None:
+        if self.idle_timeout > 0 and not self._closed:
+            self._idle_timer = asyncio.get_running_loop().call_later(
+                self.idle_timeout if delay is None else delay, self._check_idle)
+
+    def _check_idle(self) -> None:
+        if self._closed:
+            return
+        idle_for = time.monotonic() - self.last_activity
+        if idle_for < self.idle_timeout:
+            self.arm_idle_timer(self.idle_timeout - idle_for)
+            return
+        log.info("%s sandbox=%s: idle for %.0fs, closing session", self.transport_name,
+                 self.sandbox_id, idle_for)
+        self.close("idle timeout")
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """What the server gives every session it starts."""
+
+    ctx: ForwardContext
+    creation_timeout: float
+    idle_timeout: float
+
+
+@dataclass(frozen=True)
+class Upgrade:
+    """An admitted HTTP/1.1 upgrade request, handed to its transport's starter."""
+
+    transport: asyncio.Transport
+    request: Request
+    admitted: Admitted
+    rest: bytes  # bytes the client sent after the request head
+    settings: SessionSettings
+    # registers the session with the server, sets the protocol, starts, feeds `rest`
+    adopt: Callable[[ServerSession, asyncio.Protocol], None]
+
+
+class SessionProtocol(asyncio.Protocol):
+    """asyncio glue for a session on a TCP (or TLS) transport: bytes to session.receive,
+    the transport's end and its write-side flow control to the session."""
+
+    def __init__(self, session: ServerSession, transport: asyncio.Transport) -> None:
+        self.session = session
+        self.transport = transport
+        session.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.session.receive(data)
+
+    def eof_received(self) -> bool:
+        self.session.close("client closed the connection")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.session.connection_lost()
+
+    def pause_writing(self) -> None:
+        self.session.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.session.resume_writing()

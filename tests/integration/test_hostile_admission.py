@@ -1,0 +1,208 @@
+"""Hostile input at the stream server's door: connections that hold resources before
+presenting a token. Real sockets against a real `crishim serve`; each test checks what
+the hostile client gets, that a valid client is still served afterwards, and that the
+server logged no traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+import threading
+import time
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.support import SANDBOX
+from tests.support.crishim_proc import CrishimProcess
+from tests.support.h2_pf_client import H2Client
+from tests.support.podnet import ECHO_PORT
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+HEADERS, SETTINGS, GOAWAY, CONTINUATION = 0x1, 0x4, 0x7, 0x9
+END_HEADERS = 0x4
+ENHANCE_YOUR_CALM = 0xB
+
+
+def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) \
+        + struct.pack(">I", stream_id) + payload
+
+
+def read_frames_until_eof(sock: socket.socket, timeout: float) -> list[tuple[int, bytes]]:
+    """Every frame the server sends until it closes; TimeoutError if it never does."""
+    sock.settimeout(timeout)
+    data = bytearray()
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        except TimeoutError:
+            raise TimeoutError(f"the server kept the connection open for {timeout}s") from None
+        if not chunk:
+            break
+        data += chunk
+    frames = []
+    while len(data) >= 9:
+        length = int.from_bytes(data[:3], "big")
+        frames.append((data[3], bytes(data[9: 9 + length])))
+        del data[: 9 + length]
+    return frames
+
+
+def goaway_code(frames: list[tuple[int, bytes]]) -> int | None:
+    codes = [struct.unpack(">II", payload[:8])[1] for kind, payload in frames if kind == GOAWAY]
+    return codes[-1] if codes else None
+
+
+def stream_address(proc: CrishimProcess) -> tuple[str, int]:
+    url = urlsplit(proc.port_forward_url(SANDBOX))
+    return url.hostname, url.port
+
+
+def echo_served(proc: CrishimProcess, mode: str = "prior") -> bytes:
+    """A valid client's round trip through the echo server in the pod."""
+    async def go() -> bytes:
+        client = await H2Client.connect(proc.port_forward_url(SANDBOX), mode)
+        try:
+            fwd = await client.forward(ECHO_PORT)
+            await fwd.write(b"still serving", end_stream=True)
+            return await fwd.read_all(timeout=30)
+        finally:
+            await client.close()
+
+    return asyncio.run(asyncio.wait_for(go(), 60))
+
+
+def assert_no_traceback(proc: CrishimProcess) -> None:
+    assert "Traceback" not in proc.log()
+
+
+def open_fds(proc: CrishimProcess) -> int:
+    return len(os.listdir(f"/proc/{proc.proc.pid}/fd"))
+
+
+@pytest.fixture
+def serve(podnet):
+    procs: list[CrishimProcess] = []
+
+    def start(*args: str) -> CrishimProcess:
+        proc = CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}", *args).start()
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.stop()
+
+
+def test_preface_only_http2_connections_are_not_sessions_and_time_out(serve):
+    proc = serve("--max-sessions", "3", "--stream-request-timeout", "3s")
+    address = stream_address(proc)
+    idle = []
+    for _ in range(6):  # twice max_sessions, none ever sends a stream
+        sock = socket.create_connection(address)
+        sock.sendall(PREFACE + frame(SETTINGS, 0, 0))
+        idle.append(sock)
+    try:
+        assert echo_served(proc) == b"still serving"  # was 429: the idle ones were sessions
+        for sock in idle:  # was held for the 4 h idle timeout
+            frames = read_frames_until_eof(sock, timeout=60)
+            assert goaway_code(frames) == 0
+    finally:
+        for sock in idle:
+            sock.close()
+    assert echo_served(proc) == b"still serving"
+    assert "no token redeemed within 3s" in proc.log()
+    assert_no_traceback(proc)
+
+
+def test_continuation_flood_before_a_token_is_cut_at_the_head_limit(serve):
+    proc = serve()
+    sock = socket.create_connection(stream_address(proc))
+    try:
+        sock.sendall(PREFACE + frame(SETTINGS, 0, 0))
+        # a header block that never ends: 20 x 4 KiB, well below h2's own CONTINUATION cap
+        sock.sendall(frame(HEADERS, 0, 1, b"\x82" * 4096))
+        try:
+            for _ in range(20):
+                sock.sendall(frame(CONTINUATION, 0, 1, b"\x82" * 4096))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server already closed: what this test wants
+        frames = read_frames_until_eof(sock, timeout=60)  # was: held, unanswered
+        assert goaway_code(frames) == ENHANCE_YOUR_CALM
+    finally:
+        sock.close()
+    assert echo_served(proc) == b"still serving"
+    assert "bytes of frames before a token was redeemed" in proc.log()
+    assert_no_traceback(proc)
+
+
+@pytest.mark.parametrize("settings", ["!!!!", "AAMAAABk!", "AAMAAAB+"])
+def test_http2_settings_that_is_not_base64url_settings_is_400(serve, settings):
+    proc = serve()
+    url = urlsplit(proc.port_forward_url(SANDBOX))
+    with socket.create_connection((url.hostname, url.port)) as sock:
+        sock.sendall(f"GET {url.path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, "
+                     f"HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: {settings}\r\n\r\n"
+                     .encode())
+        sock.settimeout(30)
+        head = sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 400 "), head  # was 101 for the first three
+    assert echo_served(proc, "upgrade") == b"still serving"
+    assert_no_traceback(proc)
+
+
+def test_slow_clients_without_a_token_are_capped(serve):
+    cap, slow = 20, 50
+    proc = serve("--max-unadmitted", str(cap), "--stream-request-timeout", "60s")
+    address = stream_address(proc)
+    assert echo_served(proc, "upgrade") == b"still serving"  # warm: plugin, pod dial
+    baseline = open_fds(proc)
+    live = [socket.create_connection(address) for _ in range(slow)]
+    answers: list[bytes] = []  # what the server said to the ones it dropped
+    peak = [0]
+    stop = threading.Event()
+
+    def trickle() -> None:
+        """One header byte per connection every 0.2 s, for at most 10 s."""
+        head = b"GET /portforward/x HTTP/1.1\r\nHost: slow\r\n"
+        for i in range(50):
+            if stop.is_set():
+                return
+            for sock in list(live):
+                try:
+                    answer = sock.recv(4096, socket.MSG_DONTWAIT)
+                except BlockingIOError:  # nothing said yet: one more byte
+                    sock.send(head[i % len(head): i % len(head) + 1])
+                    continue
+                except OSError as e:
+                    answer = repr(e).encode()
+                answers.append(answer)
+                live.remove(sock)
+                sock.close()
+            peak[0] = max(peak[0], open_fds(proc))
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=trickle)
+    thread.start()
+    try:
+        time.sleep(1)
+        for _ in range(3):  # valid clients are served while the slow ones trickle
+            assert echo_served(proc, "upgrade") == b"still serving"
+            assert echo_served(proc, "prior") == b"still serving"
+    finally:
+        stop.set()
+        thread.join()
+        for sock in live:
+            sock.close()
+    # the server never holds more than the cap (+ one valid client's connection and its
+    # pod socket at a time); before: one descriptor per slow client
+    assert peak[0] - baseline <= cap + 4, (baseline, peak[0])
+    assert len(live) <= cap
+    assert sum(a.startswith(b"HTTP/1.1 503 ") for a in answers) >= slow - cap - 5, answers
+    assert echo_served(proc, "upgrade") == b"still serving"
+    assert_no_traceback(proc)

@@ -1,0 +1,93 @@
+"""The one admission path: every refusal and its status, the same for HTTP/1.1 upgrades
+and HTTP/2's first stream, rendered once per protocol."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from crishim_netns import NamedNetnsRuntime
+
+from crishim.config import Config
+from crishim.stream.admission import Admission, Refused, h2_refusal, http1_refusal
+from crishim.stream.portforward_h2 import settings_header
+from crishim.tokens import StreamRequest, TokenStore
+
+
+class Door:
+    """An Admission over a real token store and the netns plugin's sandbox map."""
+
+    def __init__(self) -> None:
+        self.tokens = TokenStore()
+        self.live = 0
+        self.draining = False
+        plugin = NamedNetnsRuntime(Config(sandboxes={"web": "host", "gone": "/nonexistent/ns"}))
+        self.admission = Admission(self.tokens, plugin, 2, lambda: self.live,
+                                   lambda: self.draining)
+
+    def url(self, sandbox: str = "web") -> str:
+        return "/portforward/" + self.tokens.issue(StreamRequest(sandbox, (80,)))
+
+    def status(self, method: str, target: str, methods: tuple[str, ...] = ("GET", "POST")):
+        try:
+            admitted = asyncio.run(self.admission(method, target, methods))
+        except Refused as e:
+            return e.status, e
+        return 200, admitted
+
+
+def test_a_valid_token_is_redeemed_once_with_its_query():
+    door = Door()
+    url = door.url()
+    status, admitted = door.status("POST", url + "?port=8080")
+    assert status == 200
+    assert admitted.sandbox.id == "web" and admitted.query == {"port": ["8080"]}
+    assert admitted.path == url
+    assert door.status("POST", url)[0] == 404  # single use
+
+
+@pytest.mark.parametrize("setup, method, methods, expected", [
+    ("draining", "POST", ("GET", "POST"), 503),
+    ("full", "POST", ("GET", "POST"), 429),
+    ("", "PUT", ("GET", "POST"), 405),
+    ("", "GET", ("POST",), 405),  # HTTP/2 streams are POST
+])
+def test_refusals_come_before_the_token_is_spent(setup, method, methods, expected):
+    door = Door()
+    url = door.url()
+    door.draining = setup == "draining"
+    door.live = 2 if setup == "full" else 0
+    status, refused = door.status(method, url, methods)
+    assert status == expected
+    door.draining, door.live = False, 0
+    assert door.status("POST", url)[0] == 200  # the refused request did not use it up
+
+
+def test_unknown_path_token_and_sandboxes():
+    door = Door()
+    assert door.status("GET", "/exec/abc")[0] == 404
+    assert door.status("GET", "/portforward/nosuchtoken")[0] == 404
+    assert door.status("GET", door.url("gone"))[0] == 410
+    status, refused = door.status("GET", door.url("missing"))
+    assert status == 404 and "missing" in refused.reason
+
+
+def test_a_refusal_rendered_for_http1_and_http2():
+    refused = Refused(405, "method PUT not allowed", [("Allow", "GET, POST")])
+    raw = http1_refusal(refused)
+    assert raw.startswith(b"HTTP/1.1 405 Method Not Allowed\r\nAllow: GET, POST\r\n")
+    assert raw.endswith(b"\r\n\r\nmethod PUT not allowed\n")
+    headers, body = h2_refusal(refused)
+    assert (":status", "405") in headers and ("allow", "GET, POST") in headers
+    assert body == b"method PUT not allowed\n"
+
+
+@pytest.mark.parametrize("value", ["", "AAMAAABk", "AAMAAABkAAQBAAAA"])
+def test_http2_settings_that_are_base64url_settings(value):
+    assert settings_header(value).rstrip(b"=") == value.encode()
+
+
+@pytest.mark.parametrize("value", ["!!!!", "AAMAAABk!", "AAMAAAB+", "AAMAAA", "A"])
+def test_http2_settings_that_are_not(value):
+    with pytest.raises(ValueError):
+        settings_header(value)
