@@ -9,6 +9,7 @@ import pytest
 from crishim_netns import NamedNetnsRuntime
 
 from crishim.config import Config
+from crishim.forward import ForwardContext
 from crishim.stream.admission import Admission, Refused, h2_refusal, http1_refusal
 from crishim.stream.portforward_h2 import settings_header
 from crishim.tokens import StreamRequest, TokenStore
@@ -22,7 +23,8 @@ class Door:
         self.live = 0
         self.draining = False
         plugin = NamedNetnsRuntime(Config(sandboxes={"web": "host", "gone": "/nonexistent/ns"}))
-        self.admission = Admission(self.tokens, plugin, 2, lambda: self.live,
+        self.ctx = ForwardContext(plugin, fd_budget=1000)
+        self.admission = Admission(self.tokens, self.ctx, 2, lambda: self.live,
                                    lambda: self.draining)
 
     def url(self, sandbox: str = "web") -> str:
@@ -49,6 +51,7 @@ def test_a_valid_token_is_redeemed_once_with_its_query():
 @pytest.mark.parametrize("setup, method, methods, expected", [
     ("draining", "POST", ("GET", "POST"), 503),
     ("full", "POST", ("GET", "POST"), 429),
+    ("no descriptors", "POST", ("GET", "POST"), 503),
     ("", "PUT", ("GET", "POST"), 405),
     ("", "GET", ("POST",), 405),  # HTTP/2 streams are POST
 ])
@@ -57,9 +60,10 @@ def test_refusals_come_before_the_token_is_spent(setup, method, methods, expecte
     url = door.url()
     door.draining = setup == "draining"
     door.live = 2 if setup == "full" else 0
+    door.ctx.live_connections = door.ctx.fd_budget if setup == "no descriptors" else 0
     status, refused = door.status(method, url, methods)
     assert status == expected
-    door.draining, door.live = False, 0
+    door.draining, door.live, door.ctx.live_connections = False, 0, 0
     assert door.status("POST", url)[0] == 200  # the refused request did not use it up
 
 
