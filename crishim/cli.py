@@ -99,7 +99,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           f"--runtime-endpoint unix://{sock}   then   "
                           f"curl http://127.0.0.1:8080/\n"
                           f"crishim demo: UDP:  crishim port-forward {DEMO_SANDBOX} "
-                          f"15353:5353/udp ...   then   "
+                          f"15353:5353/udp --runtime-endpoint unix://{sock}   then   "
                           f"echo hi | nc -u -w1 127.0.0.1 15353\n"
                           f"crishim demo: Ctrl-C stops crishim and deletes the netns",
                           flush=True)

@@ -8,6 +8,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -155,6 +156,7 @@ def test_server_without_the_extension_refuses_udp_in_one_line_and_tcp_works(
     with PortForwardCLI(crishim_without_udp, f"{udp_local}:{UDP_ECHO_PORT}/udp",
                         f"{tcp_local}:{ECHO_PORT}", transport=transport) as pf:
         assert pf.forwarding(1) == expected_forwarding(tcp_local, str(ECHO_PORT))
+        pf.wait_stderr("does not support UDP")  # stderr is read by a thread of its own
         assert len(pf.stderr) == 1, pf.stderr
         assert pf.stderr[0].startswith("error: the container runtime does not support UDP "
                                        "port-forward")
@@ -182,3 +184,21 @@ def test_check_skips_udp_with_the_reason_against_a_server_without_it(crishim_wit
     assert checks["udp-echo"]["result"] == "skip"
     assert "negotiated portforward.k8s.io" in checks["udp-echo"]["detail"]
     assert checks["echo-sha256"]["result"] == "pass"
+
+
+def test_an_idle_flow_ends_and_the_next_datagram_opens_a_new_one(podnet):
+    with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}",
+                        "--udp-flow-idle-timeout", "300ms") as proc:
+        local = free_port()
+        with PortForwardCLI(proc, f"{local}:{UDP_ECHO_PORT}/udp") as pf:
+            pf.forwarding(1)
+            with udp_socket() as peer:
+                assert exchange(local, [b"first"], sock=peer) == [b"first"]
+                deadline = time.monotonic() + 20
+                while "reason=idle for 0.3s" not in proc.log():
+                    assert time.monotonic() < deadline, proc.log()
+                    time.sleep(0.05)
+                assert exchange(local, [b"second"], sock=peer) == [b"second"]
+            handled = [line for line in pf.stdout if line.startswith("Handling connection")]
+            assert len(handled) == 2  # one peer, two flows: the first ended idle
+            assert pf.interrupt() == 0
