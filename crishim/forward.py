@@ -9,6 +9,7 @@ import logging
 import time
 from typing import Protocol
 
+from crishim.flow import ReadGate
 from crishim.forward_udp import ForwardedFlow
 from crishim.protocols.constants import PORTFORWARD_PROTOCOL
 from crishim.protocols.negotiation import TCP
@@ -358,7 +359,7 @@ class SessionBase:
         # the stream protocol version the upgrade negotiated: udp flows need the crishim one
         self.stream_version = PORTFORWARD_PROTOCOL
         self.writing_paused = False
-        self._congested: set[object] = set()
+        self.read_gate = ReadGate()  # the client transport, paused for congested pods
         self.transport: asyncio.Transport | None = None
         self.last_activity = time.monotonic()
 
@@ -408,19 +409,13 @@ class SessionBase:
 
     def connection_finished(self, conn: ForwardedConnection | ForwardedFlow) -> None:
         self.connections.discard(conn)
-        self._congested.discard(conn)
+        self.read_gate.forget(conn)
 
     def pause_client_reading(self, key: object) -> None:
-        if not self._congested and self.transport is not None:
-            self.transport.pause_reading()
-        self._congested.add(key)
+        self.read_gate.pause(key, self.transport)
 
     def resume_client_reading(self, key: object) -> None:
-        if key in self._congested:
-            self._congested.discard(key)
-            if not self._congested and self.transport is not None \
-                    and not self.transport.is_closing():
-                self.transport.resume_reading()
+        self.read_gate.resume(key, self.transport)
 
     # asyncio.Protocol write-side flow control of the client transport
     def pause_writing(self) -> None:

@@ -58,12 +58,18 @@ class FlowSession(Protocol):
 
 
 class FlowContext(Protocol):
-    plugin: Any
+    """What a flow needs of the forwarding context (crishim/forward.py's ForwardContext)."""
+
     verbose_errors: bool
     buffer_size: int
-    metrics: object | None
     udp_idle_timeout: float
     live_connections: int  # flows count against max_connections and the fd budget too
+
+    @property
+    def plugin(self) -> Any: ...
+
+    @property
+    def metrics(self) -> Any: ...
 
 
 class ForwardedFlow:
@@ -210,7 +216,7 @@ class ForwardedFlow:
             sock.close()
 
     # --- from the client (transport) ----------------------------------------------------
-    def client_data(self, data: bytes) -> None:
+    def client_data(self, data: bytes | memoryview) -> None:
         if self._done or not data:
             return
         self.last_activity = time.monotonic()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -22,12 +23,12 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from crishim.client.cri import CriClient, CriError
 from crishim.client.podservers import FIN_MARK, Peers, source_bytes
-from crishim.client.session import (
+from crishim.client.transports import (
     TRANSPORTS,
     ClientSession,
     ForwardError,
@@ -40,6 +41,8 @@ from crishim.protocols.datagram import DatagramDecoder, encode_datagram
 
 IO_TIMEOUT = 20.0
 UDP_CHECK_SIZES = (1, 512, 1472, 8192, 65507)  # 65,507: the largest UDP payload over IPv4
+# What a check says: its result (pass | fail | warn) and a line of detail.
+Outcome = tuple[str, str]
 URL_RE = re.compile(r"^(https?)://([^/]+)/portforward/([^/?#]+)$")
 
 
@@ -81,8 +84,8 @@ class Checker:
         self.transport = args.transport
         self.port = args.port
         self.size = max(1, args.size) << 20
-        self.tls = {"insecure": args.insecure_skip_tls_verify,
-                    "ca_file": args.certificate_authority}
+        self.insecure: bool = args.insecure_skip_tls_verify
+        self.ca_file: str | None = args.certificate_authority
         self.timeout = args.timeout
         self.netns_arg = args.netns
         self.no_servers = args.no_servers
@@ -93,14 +96,21 @@ class Checker:
         self.session: ClientSession | None = None
 
     # --- plumbing -----------------------------------------------------------------------
-    async def url(self, ports: list[int] = ()) -> str:
+    async def url(self, ports: Sequence[int] = ()) -> str:
         return await asyncio.get_running_loop().run_in_executor(
             None, self.cri.port_forward, self.sandbox, list(ports))
 
-    async def new_session(self, transport: str, ports: list[int] = ()) -> ClientSession:
+    async def new_session(self, transport: str, ports: Sequence[int] = ()) -> ClientSession:
         url = await self.url(ports if transport == "websocket" else [])
         return await open_session(url, transport, ports, ping_interval=0,
-                                  timeout=self.timeout, **self.tls)
+                                  timeout=self.timeout, insecure=self.insecure,
+                                  ca_file=self.ca_file)
+
+    def peer(self, name: str) -> int:
+        """The port of one of our servers in the sandbox (data checks run only with them)."""
+        if self.peers is None:
+            raise RuntimeError(f"no {name} server: the data checks need the sandbox's netns")
+        return self.peers.ports[name]
 
     @contextlib.asynccontextmanager
     async def connection(self, port: int
@@ -131,7 +141,8 @@ class Checker:
     def skip(self, name: str, why: str, required: bool = True) -> None:
         self.results.append(CheckResult(name, "skip", why, 0.0, required))
 
-    async def run_check(self, name: str, fn, required: bool = True) -> None:
+    async def run_check(self, name: str, fn: Callable[[], Awaitable[Outcome]],
+                        required: bool = True) -> None:
         t0 = time.perf_counter()
         try:
             result, detail = await asyncio.wait_for(fn(), 120)
@@ -168,7 +179,7 @@ class Checker:
         self.netns = netns
 
     # --- checks -------------------------------------------------------------------------
-    async def check_url(self):
+    async def check_url(self) -> Outcome:
         url = await self.url()
         m = URL_RE.match(url)
         if not m:
@@ -179,14 +190,16 @@ class Checker:
         return result, (f"{m.group(1)}://{m.group(2)}/portforward/…, token {len(token)} chars "
                         f"(~{bits} bits{'; reference runtimes use 8' if bits < 96 else ''})")
 
-    async def check_token_single_use(self):
+    async def check_token_single_use(self) -> Outcome:
         transport = self.transport if self.transport != "h2" else "spdy"
         ports = [self.probe_port()] if transport == "websocket" else []
         url = await self.url(ports)
-        first = await open_session(url, transport, ports, ping_interval=0, **self.tls)
+        first = await open_session(url, transport, ports, ping_interval=0,
+                                   insecure=self.insecure, ca_file=self.ca_file)
         first.close()
         try:
-            second = await open_session(url, transport, ports, ping_interval=0, **self.tls)
+            second = await open_session(url, transport, ports, ping_interval=0,
+                                        insecure=self.insecure, ca_file=self.ca_file)
         except UpgradeRefused as e:
             return "pass", f"second use refused with {e.status}"
         second.close()
@@ -197,7 +210,7 @@ class Checker:
             return self.peers.ports["echo"]
         return self.port or 1
 
-    async def check_handshake(self, transport: str):
+    async def check_handshake(self, transport: str) -> Outcome:
         ports = [self.probe_port()] if transport == "websocket" else []
         t0 = time.perf_counter()
         try:
@@ -212,18 +225,18 @@ class Checker:
         session.close()
         return "pass", detail
 
-    async def check_echo(self):
+    async def check_echo(self) -> Outcome:
         data = os.urandom(min(self.size, 4 << 20))
-        async with self.connection(self.peers.ports["echo"]) as (reader, writer):
+        async with self.connection(self.peer("echo")) as (reader, writer):
             writer.write(data)
             got = await asyncio.wait_for(reader.readexactly(len(data)), IO_TIMEOUT)
         ok = hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
         return ("pass" if ok else "fail"), f"{len(data)} bytes echoed, sha256 " + \
             ("matches" if ok else "DIFFERS")
 
-    async def check_upload(self):
+    async def check_upload(self) -> Outcome:
         data = os.urandom(self.size)
-        async with self.connection(self.peers.ports["sink"]) as (reader, writer):
+        async with self.connection(self.peer("sink")) as (reader, writer):
             t0 = time.perf_counter()
             writer.write(b"%d\n" % len(data))
             writer.write(data)
@@ -235,9 +248,9 @@ class Checker:
         return ("pass" if ok else "fail"), (f"{len(data) >> 20} MiB up, sha256 {verdict}, "
                                             f"{len(data) / secs / 1e6:.0f} MB/s")
 
-    async def check_download(self):
+    async def check_download(self) -> Outcome:
         n = self.size
-        async with self.connection(self.peers.ports["source"]) as (reader, writer):
+        async with self.connection(self.peer("source")) as (reader, writer):
             t0 = time.perf_counter()
             writer.write(f"{n}\n".encode())
             h = hashlib.sha256()
@@ -254,9 +267,9 @@ class Checker:
                                             f"{'matches' if ok else 'DIFFERS'}, "
                                             f"{got / secs / 1e6:.0f} MB/s")
 
-    async def check_half_close(self):
+    async def check_half_close(self) -> Outcome:
         data = os.urandom(65536)
-        async with self.connection(self.peers.ports["fin"]) as (reader, writer):
+        async with self.connection(self.peer("fin")) as (reader, writer):
             writer.write(data)
             writer.write_eof()
             got = await asyncio.wait_for(reader.read(), IO_TIMEOUT)
@@ -267,7 +280,7 @@ class Checker:
                             "instead of passing the half-close on")
         return "fail", f"got {len(got)} bytes, expected {len(data)} and the pod's EOF mark"
 
-    async def _failing_then_survive(self, port: int, payload: bytes):
+    async def _failing_then_survive(self, port: int, payload: bytes) -> Outcome:
         error: ForwardError | None = None
         async with self.connection(port) as (reader, writer):
             writer.write(payload)
@@ -290,7 +303,7 @@ class Checker:
             how = f"reported: {str(error)[:120]}"
         if self.transport == "websocket":
             return ("pass" if error is not None else "warn"), how
-        async with self.connection(self.peers.ports["echo"]) as (reader, writer):
+        async with self.connection(self.peer("echo")) as (reader, writer):
             writer.write(b"still there?")
             try:
                 back = await asyncio.wait_for(reader.readexactly(12), 5)
@@ -302,16 +315,16 @@ class Checker:
         return ("warn" if error is not None and error.fatal else "pass"), \
             how + "; the session survived"
 
-    async def check_closed_port(self):
-        return await self._failing_then_survive(self.peers.ports["closed"], b"")
+    async def check_closed_port(self) -> Outcome:
+        return await self._failing_then_survive(self.peer("closed"), b"")
 
-    async def check_reset(self):
-        return await self._failing_then_survive(self.peers.ports["reset"], b"x")
+    async def check_reset(self) -> Outcome:
+        return await self._failing_then_survive(self.peer("reset"), b"x")
 
-    async def check_concurrent(self, n: int = 16):
+    async def check_concurrent(self, n: int = 16) -> Outcome:
         async def one(i: int) -> bool:
             data = os.urandom(256 * 1024)
-            async with self.connection(self.peers.ports["echo"]) as (reader, writer):
+            async with self.connection(self.peer("echo")) as (reader, writer):
                 writer.write(data)
                 return await asyncio.wait_for(reader.readexactly(len(data)), IO_TIMEOUT) == data
         results = await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
@@ -322,11 +335,11 @@ class Checker:
             detail += f"; first error: {errors[0][:100]}"
         return ("pass" if ok == n else "fail"), detail
 
-    async def check_latency(self, n: int = 20):
+    async def check_latency(self, n: int = 20) -> Outcome:
         samples = []
         for _ in range(n):
             t0 = time.perf_counter()
-            async with self.connection(self.peers.ports["echo"]) as (reader, writer):
+            async with self.connection(self.peer("echo")) as (reader, writer):
                 writer.write(b"x")
                 await asyncio.wait_for(reader.readexactly(1), IO_TIMEOUT)
                 samples.append(time.perf_counter() - t0)
@@ -350,7 +363,7 @@ class Checker:
                     f"{PORTFORWARD_CRISHIM_V1}: it does not forward UDP")
         return ""
 
-    async def check_udp_echo(self):
+    async def check_udp_echo(self) -> Outcome:
         assert self.session is not None and self.peers is not None
         stream, flow = await self.session.open_connection(
             self.peers.ports["udp_echo"], _Datagrams, "udp")
@@ -372,7 +385,7 @@ class Checker:
         sizes = ", ".join(str(n) for n in UDP_CHECK_SIZES)
         return "pass", f"datagrams of {sizes} bytes echoed whole, boundaries kept"
 
-    async def check_connect_user_port(self):
+    async def check_connect_user_port(self) -> Outcome:
         async with self.connection(self.port) as (reader, writer):
             try:
                 await asyncio.wait_for(reader.read(1), 1.0)
@@ -399,7 +412,7 @@ class Checker:
         await self.run_check("token-single-use", self.check_token_single_use)
         for transport in TRANSPORTS:
             await self.run_check(f"handshake:{transport}",
-                                 lambda t=transport: self.check_handshake(t),
+                                 functools.partial(self.check_handshake, transport),
                                  required=transport == self.transport)
         half_close = self.transport != "websocket"
         data_checks = [
@@ -435,7 +448,7 @@ class Checker:
     def ok(self) -> bool:
         return not any(r.result == "fail" and r.required for r in self.results)
 
-    def report(self) -> dict:
+    def report(self) -> dict[str, object]:
         return {"sandbox": self.sandbox, "transport": self.transport,
                 "endpoint": self.cri.target, "servers": self.peers is not None,
                 "netns": self.netns, "servers_reason": self.why_no_servers.lstrip("; "),

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from crishim.client.cri import DEFAULT_ENDPOINT
-from crishim.client.session import TRANSPORTS
+from crishim.client.transports import TRANSPORTS
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -22,7 +22,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="CRI call and connect timeout [default: 10]")
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     pf = sub.add_parser(
         "port-forward", help="forward local ports to a pod sandbox through a CRI runtime "
                              "(or to a pod through an API server, with --kubeconfig)",

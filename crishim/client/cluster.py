@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from crishim.client.session import ClientSession, UpgradeRefused, open_session
+from crishim.client.transports import ClientSession, UpgradeRefused, open_session
 
 # the transports an API server's pods/portforward offers; "auto" is kubectl's choice
 CLUSTER_TRANSPORTS = ("auto", "spdy-over-websocket", "spdy")

@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import socket
 import struct
+from typing import cast
 
 from crishim.netns import bind_udp_in_netns, listen_in_netns
 
@@ -29,9 +30,14 @@ def source_bytes(n: int) -> bytes:
     return bytes(out[:n])
 
 
+def _stream(transport: asyncio.BaseTransport) -> asyncio.Transport:
+    # a TCP connection's transport; uvloop's does not subclass asyncio.Transport
+    return cast(asyncio.Transport, transport)
+
+
 class Echo(asyncio.Protocol):
-    def connection_made(self, transport: asyncio.Transport) -> None:
-        self.t = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t = _stream(transport)
 
     def data_received(self, data: bytes) -> None:
         self.t.write(data)
@@ -52,8 +58,9 @@ class SizedSink(asyncio.Protocol):
     """Reads "N\\n" then N bytes and answers "<N> <sha256>\\n": no half-close needed, so
     upload integrity is checked apart from half-close (runtimes differ on that)."""
 
-    def connection_made(self, transport: asyncio.Transport) -> None:
-        self.t, self.h, self.n, self.want, self.head = transport, hashlib.sha256(), 0, -1, b""
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t, self.h, self.n, self.want, self.head = _stream(transport), hashlib.sha256(), 0, \
+            -1, b""
 
     def data_received(self, data: bytes) -> None:
         if self.want < 0:
@@ -75,12 +82,12 @@ class SizedSink(asyncio.Protocol):
 class Source(asyncio.Protocol):
     """Reads "N\\n", sends source_bytes(N) as fast as the reader takes it, then closes."""
 
-    def connection_made(self, transport: asyncio.Transport) -> None:
-        self.t = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t = _stream(transport)
         self.head = b""
         self.out: memoryview | None = None
         self.paused = False
-        transport.set_write_buffer_limits(high=SOURCE_WRITE_HIGH_WATER)
+        self.t.set_write_buffer_limits(high=SOURCE_WRITE_HIGH_WATER)
 
     def data_received(self, data: bytes) -> None:
         if self.out is not None:
@@ -109,8 +116,8 @@ class Source(asyncio.Protocol):
 class Reset(asyncio.Protocol):
     """Resets the connection (RST, not FIN) on the first byte."""
 
-    def connection_made(self, transport: asyncio.Transport) -> None:
-        self.t = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t = _stream(transport)
 
     def data_received(self, data: bytes) -> None:
         sock = self.t.get_extra_info("socket")

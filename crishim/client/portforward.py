@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import signal
 import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import cast
 
 from crishim.client.cri import CriClient, CriError
-from crishim.client.session import (
+from crishim.client.transports import (
     ClientSession,
     ForwardError,
+    ForwardStream,
     SessionError,
     UdpNotSupported,
     open_session,
@@ -120,7 +123,7 @@ class _Pipe:
         self.spec = spec
         self.local_port = local_port
         self.local: asyncio.Transport | None = None
-        self.stream = None
+        self.stream: ForwardStream | None = None
         self.session: ClientSession | None = None  # own session (websocket transport)
         self.pending: list[bytes] = []
         self.local_eof = False
@@ -128,15 +131,16 @@ class _Pipe:
 
 
 class _LocalSide(asyncio.Protocol):
-    def __init__(self, pipe: _Pipe) -> None:
-        self.pipe = pipe
+    def __init__(self, forwarder: PortForwarder, spec: PortSpec, local_port: int) -> None:
+        self.pipe = _Pipe(forwarder, spec, local_port)
 
-    def connection_made(self, transport: asyncio.Transport) -> None:
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
         pipe = self.pipe
-        pipe.local = transport
-        transport.set_write_buffer_limits(high=1024 * 1024)
+        # a TCP connection's transport; uvloop's does not subclass asyncio.Transport
+        local = pipe.local = cast(asyncio.Transport, transport)
+        local.set_write_buffer_limits(high=1024 * 1024)
         print(f"Handling connection for {pipe.local_port}", flush=True)
-        pipe.forwarder.start_pipe(pipe)
+        pipe.forwarder.start_pipe(pipe, local)
 
     def data_received(self, data: bytes) -> None:
         stream = self.pipe.stream
@@ -173,14 +177,15 @@ class _LocalSide(asyncio.Protocol):
 
 
 class _RemoteSide(asyncio.Protocol):
-    def __init__(self, pipe: _Pipe) -> None:
+    def __init__(self, pipe: _Pipe, local: asyncio.Transport) -> None:
         self.pipe = pipe
+        self.local = local
 
     def data_received(self, data: bytes) -> None:
-        self.pipe.local.write(data)
+        self.local.write(data)
 
     def eof_received(self) -> bool:
-        local = self.pipe.local
+        local = self.local
         if not local.is_closing() and local.can_write_eof():
             local.write_eof()
         return True
@@ -189,18 +194,18 @@ class _RemoteSide(asyncio.Protocol):
         pipe = self.pipe
         if isinstance(exc, ForwardError):
             pipe.forwarder.connection_failed(pipe, exc)
-            pipe.local.abort()
+            self.local.abort()
         else:
-            pipe.local.close()
+            self.local.close()
         if pipe.session is not None:
             pipe.session.close()
 
     def pause_writing(self) -> None:
-        self.pipe.local.pause_reading()
+        self.local.pause_reading()
 
     def resume_writing(self) -> None:
-        if not self.pipe.local.is_closing():
-            self.pipe.local.resume_reading()
+        if not self.local.is_closing():
+            self.local.resume_reading()
 
 
 class PortForwarder:
@@ -216,9 +221,9 @@ class PortForwarder:
         self.udp_listeners: list[UdpListener] = []
         self.finished: asyncio.Future[tuple[int, str]] | None = None
 
-    async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.finished = loop.create_future()
+    async def start(self) -> asyncio.Future[tuple[int, str]]:
+        """Connect and listen; the future resolves with (exit status, message) at the end."""
+        finished = self.finished = asyncio.get_running_loop().create_future()
         udp_specs = [spec for spec in self.specs if spec.protocol == "udp"]
         if udp_specs and self.transport == "websocket":
             raise UsageError(f"{udp_specs[0].remote_text}: the WebSocket channel protocol "
@@ -239,16 +244,18 @@ class PortForwarder:
             await self.session.negotiate()
             if not self.session.supports_udp:
                 refusal = UdpNotSupported(self.session.stream_version, self.transport)
-                ports = ", ".join(spec.remote_text for spec in udp_specs)
+                refused = ", ".join(spec.remote_text for spec in udp_specs)
                 if len(udp_specs) == len(specs):
-                    raise SessionError(f"{refusal}: cannot forward {ports}")
-                print(f"error: {refusal}: not forwarding {ports}", file=sys.stderr, flush=True)
+                    raise SessionError(f"{refusal}: cannot forward {refused}")
+                print(f"error: {refusal}: not forwarding {refused}", file=sys.stderr,
+                      flush=True)
                 specs = [spec for spec in specs if spec.protocol != "udp"]
         for spec in specs:
             if spec.protocol == "udp":
                 await self._listen_udp(spec)
             else:
                 await self._listen(spec)
+        return finished
 
     async def _listen(self, spec: PortSpec) -> None:
         loop = asyncio.get_running_loop()
@@ -270,9 +277,8 @@ class PortForwarder:
                                  f"{e.strerror}") from None
             if spec.local == 0:
                 spec.local = sock.getsockname()[1]
-            local_port = spec.local
             server = await loop.create_server(
-                lambda lp=local_port, sp=spec: _LocalSide(_Pipe(self, sp, lp)), sock=sock)
+                functools.partial(_LocalSide, self, spec, spec.local), sock=sock)
             self.servers.append(server)
             bound += 1
             print(f"Forwarding from {_show(host)}:{spec.local} -> {spec.remote}", flush=True)
@@ -304,7 +310,8 @@ class PortForwarder:
         if not bound:
             raise UsageError(f"unable to listen on any address for port {spec.local}/udp")
 
-    def _open_flow(self, port: int, protocol_factory) -> asyncio.Transport:
+    def _open_flow(self, port: int, protocol_factory: Callable[[], asyncio.Protocol]
+                   ) -> asyncio.Transport:
         session = self.session
         if session is None:
             raise SessionError("no session")
@@ -320,29 +327,29 @@ class PortForwarder:
         else:
             log_error(f"error forwarding port {where}: {exc}")
 
-    def start_pipe(self, pipe: _Pipe) -> None:
+    def start_pipe(self, pipe: _Pipe, local: asyncio.Transport) -> None:
         session = self.session
         if session is not None and not session.closed.done():
             try:  # a multiplexed session: open the streams now, no task, no pause
                 pipe.stream, _ = session.open_connection_nowait(
-                    pipe.spec.remote, lambda: _RemoteSide(pipe))
+                    pipe.spec.remote, lambda: _RemoteSide(pipe, local))
                 return
             except SessionError:
                 pass  # reported by the task below
-        pipe.local.pause_reading()
-        asyncio.get_running_loop().create_task(self._connect(pipe))
+        local.pause_reading()
+        asyncio.get_running_loop().create_task(self._connect(pipe, local))
 
-    async def _connect(self, pipe: _Pipe) -> None:
+    async def _connect(self, pipe: _Pipe, local: asyncio.Transport) -> None:
         try:
             session = self.session
             if session is None:
                 ports = [pipe.spec.remote]
                 session = pipe.session = await self.opener("websocket", ports, 0)
             stream, _ = await session.open_connection(pipe.spec.remote,
-                                                      lambda: _RemoteSide(pipe))
+                                                      lambda: _RemoteSide(pipe, local))
         except (SessionError, CriError) as e:
             log_error(f"error forwarding port {pipe.local_port} -> {pipe.spec.remote}: {e}")
-            pipe.local.abort()
+            local.abort()
             return
         if pipe.done:
             stream.abort()
@@ -353,8 +360,8 @@ class PortForwarder:
         pipe.pending.clear()
         if pipe.local_eof:
             stream.write_eof()
-        if not pipe.local.is_closing():
-            pipe.local.resume_reading()
+        if not local.is_closing():
+            local.resume_reading()
 
     def connection_failed(self, pipe: _Pipe, exc: ForwardError) -> None:
         if self.finished is None or self.finished.done():
@@ -367,7 +374,7 @@ class PortForwarder:
         else:
             log_error(message)
 
-    def _session_closed(self, fut: asyncio.Future) -> None:
+    def _session_closed(self, fut: asyncio.Future[str]) -> None:
         if fut.cancelled():
             return
         self._finish(1, f"lost connection to pod ({fut.result()})")
@@ -400,11 +407,11 @@ async def run(opener: SessionOpener, specs: list[PortSpec], transport: str,
         loop.add_signal_handler(sig, forwarder.stop_requested)
     try:
         try:
-            await forwarder.start()
+            finished = await forwarder.start()
         except (CriError, SessionError, UsageError) as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             return 1
-        code, message = await forwarder.finished
+        code, message = await finished
         if message:
             print(f"error: {message}", file=sys.stderr, flush=True)
         return code

@@ -205,6 +205,7 @@ class H2PortForwardSession(ServerSession):
         self._version_chosen = False  # at the first forwarding stream, for the session
         self._outbound: dict[int, Outbound] = {}  # streams waiting for window
         self._held_acks: dict[int, int] = {}  # data stream id -> bytes not yet acknowledged
+        self._congested: set[object] = set()  # connections whose window is withheld
         self._read_acks: dict[int, int] | None = None  # DATA of the read being processed
         self._admitting: list[h2.events.Event] | None = None  # events queued while redeeming
         self._head_bytes = 0  # bytes of frames other than DATA before admission
@@ -576,6 +577,7 @@ class H2PortForwardSession(ServerSession):
 
     def connection_finished(self, conn: ForwardedConnection | ForwardedFlow) -> None:
         super().connection_finished(conn)
+        self._congested.discard(conn)
         channel = conn.channel
         if isinstance(channel, _H2Channel):
             self._by_stream.pop(channel.data_id, None)

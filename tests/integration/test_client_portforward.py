@@ -331,7 +331,7 @@ def test_refused_upgrade_is_one_line_and_nonzero(tmp_path):
     t.start()
     import asyncio
 
-    from crishim.client.session import UpgradeRefused, open_session
+    from crishim.client.transports import UpgradeRefused, open_session
 
     async def go():
         with pytest.raises(UpgradeRefused) as e:

@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from crishim.client.session import UdpNotSupported, open_session
+from crishim.client.transports import UdpNotSupported, open_session
 from crishim.protocols.datagram import DatagramDecoder, encode_datagram, encode_datagrams
 from tests.integration.test_cluster_portforward import (
     CrishimClusterForward,

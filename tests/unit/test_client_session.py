@@ -6,7 +6,7 @@ import asyncio
 import h11
 import pytest
 
-from crishim.client.session import ForwardError, open_session
+from crishim.client.transports import ForwardError, open_session
 from crishim.protocols import websocket as ws
 
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
-from urllib.parse import SplitResult
+from collections.abc import Iterable, Sequence
 
 import h2.config
 import h2.events
@@ -17,11 +16,14 @@ import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
 
-from crishim.client.session import (
+from crishim.client.transports.base import (
+    Buffer,
     ClientSession,
     ForwardStream,
     SessionClosed,
     SessionError,
+    Target,
+    UpgradeProtocol,
     UpgradeRefused,
 )
 from crishim.protocols.constants import (
@@ -36,10 +38,7 @@ from crishim.protocols.constants import (
     STREAM_TYPE_ERROR,
 )
 from crishim.protocols.h2 import H2Codec, Outbound
-from crishim.protocols.negotiation import TCP, UDP, VERSION_HEADER, client_offer
-
-if TYPE_CHECKING:
-    from crishim.client.session import _ConnectionProtocol
+from crishim.protocols.negotiation import TCP, UDP, VERSION_HEADER
 
 MAX_FRAME_SIZE = 1024 * 1024
 QUEUE_HIGH_WATER = 1024 * 1024
@@ -48,11 +47,12 @@ QUEUE_HIGH_WATER = 1024 * 1024
 class H2ClientSession(ClientSession):
     transport_name = "h2"
 
-    def __init__(self, authority: str, path: str, scheme: str, offer_udp: bool = True) -> None:
+    def __init__(self, authority: str, path: str, scheme: str,
+                 versions: Sequence[str] = (PORTFORWARD_PROTOCOL,)) -> None:
         super().__init__()
         # HTTP/2's X-Stream-Protocol-Version: offered on every stream, answered in every
         # response; unknown until the first response arrives
-        self.offer = ", ".join(client_offer(udp=offer_udp))
+        self.offer = ", ".join(versions)
         self.stream_version = None
         self.version_known: asyncio.Future[None] = self.loop.create_future()
         self._probe_id = 0
@@ -98,9 +98,9 @@ class H2ClientSession(ClientSession):
                 raise SessionClosed(f"cannot learn the server's stream protocol version: {why}")
         return self.stream_version
 
-    def _version_answered(self, sid: int, headers: dict[str, str]) -> None:
+    def _version_answered(self, sid: int, version: str | None) -> None:
         if self.stream_version is None:
-            self.stream_version = headers.get(VERSION_HEADER) or PORTFORWARD_PROTOCOL
+            self.stream_version = version or PORTFORWARD_PROTOCOL
             if not self.version_known.done():
                 self.version_known.set_result(None)
         if sid == self._probe_id:
@@ -137,9 +137,9 @@ class H2ClientSession(ClientSession):
             q = self._queues[stream.key] = Outbound()
         return q
 
-    def _send(self, stream: ForwardStream, data) -> None:
+    def _send(self, stream: ForwardStream, data: Buffer) -> None:
         q = self._queue(stream)
-        q.append(data)
+        q.append(data if not isinstance(data, bytearray) else bytes(data))
         self._drain(stream.key, q)
         self._flush()
 
@@ -174,7 +174,6 @@ class H2ClientSession(ClientSession):
 
     def _stream_done(self, stream: ForwardStream) -> None:
         super()._stream_done(stream)
-        self._error_streams.pop(getattr(stream, "error_id", 0), None)
         self._queues.pop(stream.key, None)
 
     def _goodbye(self) -> None:
@@ -228,7 +227,7 @@ class H2ClientSession(ClientSession):
             self.codec.acknowledge_received_data(n, sid)
         acks.clear()
 
-    def _receive_events(self, events: list, acks: dict[int, int]) -> bool:
+    def _receive_events(self, events: list[h2.events.Event], acks: dict[int, int]) -> bool:
         """Act on one read's events; False once the server's GOAWAY ended the session."""
         for ev in events:
             match ev:
@@ -246,9 +245,9 @@ class H2ClientSession(ClientSession):
                         if stream is not None:
                             stream._error_data(bytes(ev.data).decode("utf-8", "replace"))
                 case h2.events.ResponseReceived():
-                    response = dict(ev.headers)
-                    self._version_answered(ev.stream_id, response)
-                    status = response.get(":status", "0")
+                    status = _response_header(ev.headers, ":status") or "0"
+                    self._version_answered(ev.stream_id,
+                                           _response_header(ev.headers, VERSION_HEADER))
                     stream = (self.streams.get(ev.stream_id)
                               or self._error_streams.get(ev.stream_id))
                     if status == "200":
@@ -283,7 +282,21 @@ class H2ClientSession(ClientSession):
                     return False
         return True
 
-    def _stream_ended(self, sid: int, reset: bool, code) -> None:
+    def _on_data(self, ev: h2.events.DataReceived, acks: dict[int, int]) -> None:
+        sid = ev.stream_id
+        if ev.flow_controlled_length:
+            acks[sid] = acks.get(sid, 0) + ev.flow_controlled_length
+        stream = self.streams.get(sid)
+        if sid in self._refusal:
+            self._refusal[sid] += bytes(ev.data).decode("utf-8", "replace")
+        elif stream is not None:
+            stream._data(ev.data)
+        else:
+            stream = self._error_streams.get(sid)
+            if stream is not None:
+                stream._error_data(bytes(ev.data).decode("utf-8", "replace"))
+
+    def _stream_ended(self, sid: int, reset: bool, code: ErrorCodes | int | None) -> None:
         refusal = self._refusal.pop(sid, None)
         stream = self.streams.get(sid)
         if stream is not None:
@@ -311,19 +324,31 @@ class H2ClientSession(ClientSession):
         self.transport_lost(None)
 
 
-async def start(conn: _ConnectionProtocol, tr: asyncio.Transport, u: SplitResult, target: str,
-                timeout: float, offer_udp: bool = True) -> H2ClientSession:
+def _response_header(headers: Iterable[tuple[bytes | str, bytes | str]] | None,
+                     name: str) -> str | None:
+    """A response header's value (str with the header_encoding we configure; typed as
+    bytes), or None."""
+    for key, value in headers or ():
+        if key in (name, name.encode("latin-1")):
+            return value.decode("latin-1") if isinstance(value, bytes) else value
+    return None
+
+
+async def open_h2(conn: UpgradeProtocol, target: Target, ports: list[int],
+                  timeout: float) -> ClientSession:
     """HTTP/2 with prior knowledge (h2c) or TLS ALPN h2; done once the server's SETTINGS
-    arrive (the token is redeemed by the first stream)."""
-    ssl_object = tr.get_extra_info("ssl_object")
+    arrive (the token is redeemed by the first stream). Ports go per connection."""
+    if target.headers:
+        raise ValueError("extra headers are not supported by the h2 transport")
+    ssl_object = conn.transport.get_extra_info("ssl_object")
     if ssl_object is not None and ssl_object.selected_alpn_protocol() != "h2":
-        raise UpgradeRefused(0, f"the server at {u.netloc} did not negotiate h2 by ALPN "
+        raise UpgradeRefused(0, f"the server at {target.netloc} did not negotiate h2 by ALPN "
                                 f"(got {ssl_object.selected_alpn_protocol()!r})")
-    session = H2ClientSession(u.netloc, target, u.scheme, offer_udp)
+    session = H2ClientSession(target.netloc, target.path, target.scheme, target.versions)
     conn.attach(session, bytes(conn.buffer))
     session.begin()
     try:
         await asyncio.wait_for(asyncio.shield(session.settings_received), timeout)
     except TimeoutError:
-        raise SessionError(f"no HTTP/2 SETTINGS from {u.netloc} in {timeout:g}s") from None
+        raise SessionError(f"no HTTP/2 SETTINGS from {target.netloc} in {timeout:g}s") from None
     return session

@@ -1,0 +1,598 @@
+"""What every client transport shares: the errors, one forwarded connection as an
+asyncio.Transport (`ForwardStream`), the session's bookkeeping (`ClientSession`) and the
+HTTP connection the session upgrades from (`UpgradeProtocol`, `read_upgrade_answer`).
+
+Everything runs on callbacks: no queue per chunk, one copy from the session transport's
+read into the codec's frames and none on the way out (codec buffers go to writelines)."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import cast
+from urllib.parse import urlsplit
+
+from crishim.flow import ReadGate
+from crishim.protocols.constants import PORTFORWARD_CRISHIM_V1, PORTFORWARD_PROTOCOL
+from crishim.protocols.negotiation import TCP, UDP, carries_udp, client_offer
+
+USER_AGENT = "crishim-port-forward"
+# After a forwarded connection's data stream ends, how long to wait for its error stream.
+ERROR_STREAM_WAIT = 2.0
+SESSION_WRITE_HIGH_WATER = 1024 * 1024
+MAX_HEAD = 64 * 1024
+
+Buffer = bytes | bytearray | memoryview
+
+
+class SessionError(Exception):
+    """The session could not be set up (connect, TLS, upgrade refused)."""
+
+
+class UpgradeRefused(SessionError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class SessionClosed(SessionError):
+    """The session ended; no new connections."""
+
+
+class UdpNotSupported(SessionError):
+    """The server did not negotiate crishim's port-forward extension: no UDP flows."""
+
+    def __init__(self, version: str | None, transport: str) -> None:
+        if transport == "websocket":
+            why = ("the WebSocket channel protocol cannot carry UDP; use --transport spdy, "
+                   "spdy-over-websocket or h2")
+        else:
+            why = (f"its stream server negotiated {version or PORTFORWARD_PROTOCOL}; UDP needs "
+                   f"{PORTFORWARD_CRISHIM_V1}, which crishim's stream server speaks")
+        super().__init__(f"the container runtime does not support UDP port-forward ({why})")
+
+
+class ForwardError(Exception):
+    """One forwarded connection failed. `fatal`: the server wrote error text, which ends the
+    whole session for client-go (kubectl, crictl) and so for `crishim port-forward`."""
+
+    def __init__(self, message: str, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.fatal = fatal
+
+
+def ssl_context_for(url: str, insecure: bool = False, ca_file: str | None = None,
+                    alpn: list[str] | None = None) -> ssl.SSLContext | None:
+    if urlsplit(url).scheme != "https":
+        return None
+    ctx = ssl.create_default_context(cafile=ca_file or None)
+    if insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    return ctx
+
+
+# --------------------------------------------------------------------------- one stream
+
+
+class ForwardStream(asyncio.Transport):
+    """One forwarded connection as seen by the client: an asyncio.Transport to the pod."""
+
+    def __init__(self, session: ClientSession, port: int, key: int) -> None:
+        super().__init__({"peername": ("pod", port)})
+        self.session = session
+        self.port = port
+        self.key = key  # the transport's handle (SPDY data stream id, channel index, ...)
+        self.error_id: int | None = None  # its error stream, where that is a stream of its own
+        self.protocol: asyncio.Protocol | None = None
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.started = time.perf_counter()
+        self.accepted_at: float | None = None
+        self.first_byte_at: float | None = None
+        self.error_text = ""
+        self.failure = ""
+        self._eof_sent = False
+        self._remote_done = False
+        self._reset = False
+        self._error_done = not session.has_error_stream
+        self._closing = False
+        self._finished = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._write_blocks: set[str] = set()
+        self.done: asyncio.Future[ForwardError | None] = \
+            asyncio.get_running_loop().create_future()
+
+    # --- asyncio.Transport towards the pod ----------------------------------------------
+    def write(self, data: Buffer) -> None:
+        if self._closing or self._finished or self._eof_sent or self._reset or not data:
+            return
+        self.bytes_up += len(data)
+        self.session._send(self, data)
+
+    def writelines(self, list_of_data: Iterable[Buffer]) -> None:
+        self.write(b"".join(list_of_data))
+
+    def write_eof(self) -> None:
+        if self._eof_sent or self._finished or self._reset:
+            return
+        self._eof_sent = True
+        self.session._send_eof(self)
+        self._maybe_finish()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if self._finished or self._closing:
+            return
+        self._closing = True
+        if not self._reset and not (self._eof_sent and self._remote_done):
+            if not self._eof_sent:
+                self._eof_sent = True
+                self.session._send_eof(self)
+            if not self._remote_done:
+                self.session._reset_stream(self)
+        self._finish()
+
+    def abort(self) -> None:
+        if self._finished:
+            return
+        self._closing = True
+        if not self._reset:
+            self.session._reset_stream(self)
+        self._finish()
+
+    def is_closing(self) -> bool:
+        return self._closing or self._finished
+
+    def pause_reading(self) -> None:
+        self.session.read_gate.pause(self, self.session.transport)
+
+    def resume_reading(self) -> None:
+        self.session.read_gate.resume(self, self.session.transport)
+
+    def is_reading(self) -> bool:
+        return not self.session.read_gate.holds(self)
+
+    def get_write_buffer_size(self) -> int:
+        t = self.session.transport
+        return t.get_write_buffer_size() if t is not None else 0
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        return None
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        # a streaming protocol (data_received, eof_received), whatever its base classes
+        self.protocol = cast(asyncio.Protocol, protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        if self.protocol is None:
+            raise RuntimeError("the forwarded connection has no protocol yet")
+        return self.protocol
+
+    # --- from the session ---------------------------------------------------------------
+    def _block_writing(self, why: str) -> None:
+        """The protocol's pause_writing, once however many reasons (session transport
+        congested, stream out of flow-control window) hold at the same time."""
+        if not self._write_blocks:
+            self._write_blocks.add(why)
+            if self.protocol is not None and not self._finished:
+                self.protocol.pause_writing()
+        else:
+            self._write_blocks.add(why)
+
+    def _unblock_writing(self, why: str) -> None:
+        if why in self._write_blocks:
+            self._write_blocks.discard(why)
+            if not self._write_blocks and self.protocol is not None and not self._finished:
+                self.protocol.resume_writing()
+
+    def _accepted(self) -> None:
+        if self.accepted_at is None:
+            self.accepted_at = time.perf_counter()
+
+    def _data(self, data: bytes | memoryview) -> None:
+        protocol = self.protocol
+        if self._finished or self._closing or protocol is None:
+            return
+        if self.first_byte_at is None:
+            self.first_byte_at = time.perf_counter()
+        self.bytes_down += len(data)
+        # zero copy: a view into the received frame; asyncio's protocols take bytes-likes
+        protocol.data_received(data)  # type: ignore[arg-type]
+
+    def _remote_eof(self) -> None:
+        if self._remote_done or self._finished:
+            return
+        self._remote_done = True
+        if not self._closing and self.protocol is not None:
+            keep_open = self.protocol.eof_received()
+            if not keep_open and not self._eof_sent:
+                self.write_eof()
+        self._maybe_finish()
+
+    def _remote_reset(self, reason: str) -> None:
+        if self._finished or self._reset:
+            return
+        self._reset = True
+        self._remote_done = True
+        self.failure = self.failure or reason
+        self._maybe_finish()
+
+    def _error_data(self, text: str) -> None:
+        self.error_text += text
+
+    def _error_end(self) -> None:
+        self._error_done = True
+        if self.error_text and not self.session.error_text_is_fatal:
+            self._reset = True  # the channel protocol's error text ends just that port
+        self._maybe_finish()
+
+    def _lost(self, reason: str) -> None:
+        if not self._finished:
+            self._error_done = True
+            if not self._remote_done and not self._reset:
+                self.failure = self.failure or reason
+            self._finish()
+
+    def _maybe_finish(self) -> None:
+        if self._finished:
+            return
+        data_done = self._reset or (self._eof_sent and self._remote_done)
+        if not data_done:
+            return
+        if self._error_done:
+            self._finish()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(ERROR_STREAM_WAIT, self._finish)
+
+    def _finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        if self._timer is not None:
+            self._timer.cancel()
+        exc: ForwardError | None = None
+        if self.error_text:
+            exc = ForwardError(self.error_text.strip(), fatal=self.session.error_text_is_fatal)
+        elif self.failure and not self._closing:
+            exc = ForwardError(self.failure)
+        self.session._stream_done(self)
+        if not self.done.done():
+            self.done.set_result(exc)
+        if self.protocol is not None:
+            self.protocol.connection_lost(exc)
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+class ClientSession:
+    """What every transport's client session shares: streams, back-pressure, closing.
+
+    A transport subclasses it with `_new_stream`, `_send`, `_send_eof`, `_reset_stream`,
+    `_goodbye`, `_flush` and `receive` (the session transport's bytes)."""
+
+    transport_name = "?"
+    has_error_stream = True
+    error_text_is_fatal = True
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, ForwardStream] = {}
+        self._error_streams: dict[int, ForwardStream] = {}  # by error_id (SPDY, h2)
+        self.read_gate = ReadGate()  # the session transport, paused for congested streams
+        self.writing_paused = False
+        self.closed: asyncio.Future[str] = loop.create_future()
+        self.connected_at = time.perf_counter()
+        self._ping_task: asyncio.Task[None] | None = None
+        # the stream protocol version the server picked (None: HTTP/2 before it answered)
+        self.stream_version: str | None = PORTFORWARD_PROTOCOL
+
+    # --- public -------------------------------------------------------------------------
+    @property
+    def supports_udp(self) -> bool:
+        """Whether the server negotiated crishim's extension (UDP flows)."""
+        return carries_udp(self.stream_version)
+
+    async def negotiate(self, timeout: float = 10.0) -> str | None:
+        """The stream protocol version, asking the server first where the upgrade did not
+        say (HTTP/2)."""
+        return self.stream_version
+
+    async def open_connection(self, port: int, protocol_factory: Callable[[], asyncio.Protocol],
+                              ip_protocol: str = TCP) -> tuple[ForwardStream, asyncio.Protocol]:
+        return self.open_connection_nowait(port, protocol_factory, ip_protocol)
+
+    def open_connection_nowait(self, port: int,
+                               protocol_factory: Callable[[], asyncio.Protocol],
+                               ip_protocol: str = TCP) -> tuple[ForwardStream, asyncio.Protocol]:
+        """open_connection without a loop round trip: the streams' opening frames are
+        written at once (first-byte latency). ip_protocol "udp" opens a UDP flow
+        (datagrams length-prefixed, crishim/protocols/datagram.py), or raises
+        UdpNotSupported."""
+        if self.closed.done():
+            raise SessionClosed(f"session closed: {self.closed.result()}")
+        if ip_protocol == UDP:
+            if self.stream_version is None:
+                raise SessionError("the server has not said yet which stream protocol it "
+                                   "speaks: await negotiate() before opening a UDP flow")
+            if not self.supports_udp:
+                raise UdpNotSupported(self.stream_version, self.transport_name)
+        elif ip_protocol != TCP:
+            raise ValueError(f"ip_protocol {ip_protocol!r}: expected tcp or udp")
+        stream = self._new_stream(port, ip_protocol)
+        protocol = protocol_factory()
+        stream.protocol = protocol
+        protocol.connection_made(stream)
+        if self.writing_paused:
+            stream._block_writing("session")
+        self._flush()
+        return stream, protocol
+
+    async def open_stream(self, port: int, limit: int = 1 << 20
+                          ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader = asyncio.StreamReader(limit=limit)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        stream, _ = await self.open_connection(port, lambda: protocol)
+        return reader, asyncio.StreamWriter(stream, protocol, reader, self.loop)
+
+    async def ping(self, timeout: float = 10.0) -> float:
+        raise NotImplementedError(f"{self.transport_name} has no session ping")
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self._goodbye()
+            self.transport.close()
+        self._lost("closed by the client")
+
+    async def wait_closed(self) -> str:
+        return await self.closed
+
+    # --- for subclasses -----------------------------------------------------------------
+    def _new_stream(self, port: int, ip_protocol: str = TCP) -> ForwardStream:
+        raise NotImplementedError
+
+    def _send(self, stream: ForwardStream, data: Buffer) -> None:
+        raise NotImplementedError
+
+    def _send_eof(self, stream: ForwardStream) -> None:
+        raise NotImplementedError
+
+    def _reset_stream(self, stream: ForwardStream) -> None:
+        raise NotImplementedError
+
+    def _goodbye(self) -> None:
+        """The transport's polite end (GOAWAY, close frame), before the transport closes."""
+
+    def _flush(self) -> None:
+        raise NotImplementedError
+
+    def receive(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _stream_done(self, stream: ForwardStream) -> None:
+        self.streams.pop(stream.key, None)
+        if stream.error_id is not None:
+            self._error_streams.pop(stream.error_id, None)
+        self.read_gate.resume(stream, self.transport)
+
+    def _write_raw(self, out: list[bytes | memoryview] | list[Buffer]) -> None:
+        """Hand the codec's output buffers to the transport as they are (no join copy)."""
+        t = self.transport
+        if out and t is not None and not t.is_closing():
+            t.writelines(out)
+
+    def start_keepalive(self, interval: float) -> None:
+        if interval > 0:
+            self._ping_task = self.loop.create_task(self._keepalive(interval))
+
+    async def _keepalive(self, interval: float) -> None:
+        while not self.closed.done():
+            await asyncio.sleep(interval)
+            if self.closed.done():
+                return
+            self._send_ping()
+
+    def _send_ping(self) -> None:
+        return None
+
+    # --- transport events ---------------------------------------------------------------
+    def _lost(self, reason: str) -> None:
+        if self.closed.done():
+            return
+        self.closed.set_result(reason)
+        if self._ping_task is not None:
+            self._ping_task.cancel()
+        for stream in list(self.streams.values()):
+            stream._lost(reason)
+
+    def transport_eof(self) -> None:
+        self._lost("the server closed the connection")
+
+    def transport_lost(self, exc: Exception | None) -> None:
+        self._lost(f"connection lost: {exc}" if exc else "the server closed the connection")
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        for stream in list(self.streams.values()):
+            stream._block_writing("session")
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        for stream in list(self.streams.values()):
+            stream._unblock_writing("session")
+
+
+# --------------------------------------------------------------------------- upgrading
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a session goes: the stream URL's authority, scheme and request target, and
+    the headers its upgrade request adds (e.g. Authorization for an API server)."""
+
+    netloc: str  # host:port as in the URL, for Host / :authority
+    scheme: str  # http or https
+    path: str  # the request target: path and query
+    headers: tuple[tuple[str, str], ...] = ()
+    # stream protocol versions to offer, best first (portforward.crishim.dev/v1: UDP)
+    versions: tuple[str, ...] = tuple(client_offer())
+
+    def request_headers(self) -> list[tuple[bytes, bytes]]:
+        """User-Agent and the extra headers, for an HTTP/1.1 upgrade request."""
+        return [(b"User-Agent", USER_AGENT.encode())] + [
+            (name.encode("latin-1"), value.encode("latin-1")) for name, value in self.headers]
+
+
+class UpgradeProtocol(asyncio.Protocol):
+    """The session's TCP/TLS connection, first as an HTTP client, then as the session's pipe.
+
+    Until `attach`, incoming bytes collect in `buffer`; once a whole response head is there
+    (or MAX_HEAD bytes), reading pauses and `head` resolves with what arrived, which may
+    already hold the session's first frames. A transport checks the answer, builds its
+    session and calls `attach(session, leftover)`: from then on every read, the end of the
+    connection and its write-side flow control go straight to the session. After a refusal,
+    `read_body` gathers the rest of the response for the error message. HTTP/2 uses no head:
+    it attaches at once with whatever arrived."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.head: asyncio.Future[bytes] = loop.create_future()
+        self.body_done: asyncio.Future[None] = loop.create_future()
+        self.session: ClientSession | None = None
+
+    @property
+    def transport(self) -> asyncio.Transport:
+        if self._transport is None:
+            raise SessionError("the connection to the stream server is not made yet")
+        return self._transport
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # a stream connection's transport; uvloop's does not subclass asyncio.Transport
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        session = self.session
+        if session is not None:
+            session.receive(data)
+            return
+        self.buffer += data
+        if not self.head.done():
+            if self.buffer.find(b"\r\n\r\n") >= 0 or len(self.buffer) > MAX_HEAD:
+                self.transport.pause_reading()
+                self.head.set_result(bytes(self.buffer))
+
+    def eof_received(self) -> bool:
+        if self.session is not None:
+            self.session.transport_eof()
+        else:
+            self._end()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.session is not None:
+            self.session.transport_lost(exc)
+            return
+        self._end(exc)
+
+    def _end(self, exc: Exception | None = None) -> None:
+        if not self.head.done():
+            self.head.set_exception(SessionError(
+                f"the server closed the connection before answering"
+                f"{': ' + str(exc) if exc else ''}"))
+        if not self.body_done.done():
+            self.body_done.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self.session is not None:
+            self.session.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.session is not None:
+            self.session.resume_writing()
+
+    def attach(self, session: ClientSession, leftover: bytes) -> None:
+        """Hand the connection to `session`, with the bytes that came after the head."""
+        transport = self.transport
+        self.session = session
+        session.transport = transport
+        self.buffer = bytearray()
+        if leftover:
+            session.receive(leftover)
+        if not transport.is_closing():
+            transport.resume_reading()
+
+    async def read_body(self, timeout: float) -> bytes:
+        """After a non-101 answer: the rest of the response (it ends with the connection)."""
+        self.transport.resume_reading()
+        try:
+            await asyncio.wait_for(asyncio.shield(self.body_done), timeout)
+        except TimeoutError:
+            pass
+        return bytes(self.buffer)
+
+
+@dataclass(frozen=True)
+class UpgradeAnswer:
+    """A 101 response: its headers (lower-case names), the raw head and what followed it."""
+
+    headers: dict[str, list[str]]
+    raw: bytes
+    rest: bytes
+
+    def header(self, name: str) -> str:
+        return ",".join(self.headers.get(name, []))
+
+
+def parse_response_head(raw: bytes) -> tuple[int, dict[str, list[str]], bytes]:
+    """Status, headers (lower-case names) and the bytes after the head of an HTTP/1.x
+    response."""
+    end = raw.find(b"\r\n\r\n")
+    if end < 0:
+        raise SessionError("the server's response head is too large or malformed")
+    head, rest = raw[:end], raw[end + 4:]
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        raise SessionError(f"the server did not answer with HTTP: {lines[0][:80]!r}")
+    headers: dict[str, list[str]] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers.setdefault(name.strip().lower().decode("latin-1"), []).append(
+            value.strip().decode("latin-1"))
+    return int(parts[1]), headers, rest
+
+
+def _refusal(status: int, headers: dict[str, list[str]], body: bytes) -> UpgradeRefused:
+    length = headers.get("content-length", [""])[0]
+    if length.isdigit():
+        body = body[:int(length)]
+    text = body.decode("utf-8", "replace").strip() or "no reason given"
+    return UpgradeRefused(status, f"unable to upgrade connection: {status}: {text}")
+
+
+async def read_upgrade_answer(conn: UpgradeProtocol, target: Target,
+                              timeout: float) -> UpgradeAnswer:
+    """Wait for the answer to an HTTP/1.1 upgrade request already written on `conn`:
+    a 101, or UpgradeRefused carrying the server's status and body text."""
+    try:
+        raw = await asyncio.wait_for(asyncio.shield(conn.head), timeout)
+    except TimeoutError:
+        raise SessionError(f"no answer to the upgrade from {target.netloc} in "
+                           f"{timeout:g}s") from None
+    status, headers, rest = parse_response_head(raw)
+    if status != 101:
+        full = await conn.read_body(min(timeout, 2.0))
+        raise _refusal(status, headers, parse_response_head(full)[2])
+    return UpgradeAnswer(headers, raw, rest)

@@ -1,0 +1,212 @@
+"""client-go's port-forward over SPDY/3.1, straight on the upgraded HTTP/1.1 connection or
+inside a WebSocket (the SPDY-over-WebSocket tunnel, see websocket.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import cast
+
+from crishim.client.transports.base import (
+    Buffer,
+    ClientSession,
+    ForwardStream,
+    SessionClosed,
+    Target,
+    UpgradeProtocol,
+    UpgradeRefused,
+    read_upgrade_answer,
+)
+from crishim.protocols import spdy
+from crishim.protocols import websocket as ws
+from crishim.protocols.constants import (
+    HEADER_PORT,
+    HEADER_PROTOCOL,
+    HEADER_REQUEST_ID,
+    HEADER_STREAM_TYPE,
+    PORTFORWARD_PROTOCOL,
+    STREAM_TYPE_DATA,
+    STREAM_TYPE_ERROR,
+)
+from crishim.protocols.negotiation import TCP, UDP
+
+
+class SpdyClientSession(ClientSession):
+    """Per forwarded connection an error stream (closed for writing at once), then a data
+    stream, both with streamtype/port/requestid headers. Stream creation is pipelined: no
+    wait for SYN_REPLY (client-go waits; the server does not care)."""
+
+    transport_name = "spdy"
+
+    def __init__(self, tunnel: ws.ByteStreamTunnel | None = None) -> None:
+        super().__init__()
+        self.codec = spdy.SpdyConnection(spdy.SpdyConfig(
+            client=True, max_send_frame=256 * 1024, zero_copy=True))
+        self.tunnel = tunnel
+        if tunnel is not None:
+            self.transport_name = "spdy-over-websocket"
+        self._next_request_id = 0
+        self._pings: dict[int, tuple[float, asyncio.Future[float]]] = {}
+        self.goaway = False
+
+    def _new_stream(self, port: int, ip_protocol: str = TCP) -> ForwardStream:
+        if self.goaway:
+            raise SessionClosed("the server sent GOAWAY: no new connections on this session")
+        request_id = str(self._next_request_id)
+        self._next_request_id += 1
+        headers = {HEADER_STREAM_TYPE: STREAM_TYPE_ERROR, HEADER_PORT: str(port),
+                   HEADER_REQUEST_ID: request_id}
+        if ip_protocol == UDP:
+            headers[HEADER_PROTOCOL] = UDP
+        try:
+            error_id = self.codec.open_stream(headers)
+            self.codec.end_stream(error_id)
+            headers[HEADER_STREAM_TYPE] = STREAM_TYPE_DATA
+            data_id = self.codec.open_stream(headers)
+        except spdy.SessionClosedError as e:
+            raise SessionClosed(str(e)) from None
+        stream = ForwardStream(self, port, data_id)
+        stream.error_id = error_id
+        self.streams[data_id] = stream
+        self._error_streams[error_id] = stream
+        return stream
+
+    def _send(self, stream: ForwardStream, data: Buffer) -> None:
+        try:
+            self.codec.send_data(stream.key, data)
+        except spdy.StreamClosedError:
+            return
+        self._flush()
+
+    def _send_eof(self, stream: ForwardStream) -> None:
+        try:
+            self.codec.end_stream(stream.key)
+        except spdy.StreamClosedError:
+            return
+        self._flush()
+
+    def _reset_stream(self, stream: ForwardStream) -> None:
+        self.codec.reset_stream(stream.key, spdy.CANCEL)
+        self._flush()
+
+    def _goodbye(self) -> None:
+        self.codec.goaway(spdy.GOAWAY_OK)
+        self._flush()
+        if self.tunnel is not None:
+            self.tunnel.close(ws.CLOSE_NORMAL)
+            self._write_raw(self.tunnel.take_output())
+
+    def _flush(self) -> None:
+        chunks = self.codec.take_output()  # straight to writelines: no join copy
+        tunnel = self.tunnel
+        if tunnel is None:
+            self._write_raw(chunks)
+        elif chunks:
+            tunnel.send_buffers(cast(list[Buffer], chunks))  # only read, never stored into
+            self._write_raw(tunnel.take_output())
+
+    def _send_ping(self) -> None:
+        if not self.closed.done():
+            self.codec.ping()
+            self._flush()
+
+    async def ping(self, timeout: float = 10.0) -> float:
+        if self.closed.done():
+            raise SessionClosed(f"session closed: {self.closed.result()}")
+        fut: asyncio.Future[float] = self.loop.create_future()
+        ping_id = self.codec.ping()
+        self._pings[ping_id] = (time.perf_counter(), fut)
+        self._flush()
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._pings.pop(ping_id, None)
+
+    # --- input --------------------------------------------------------------------------
+    def receive(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            for event in self.tunnel.receive_data(data):
+                match event:
+                    case ws.TunnelData():
+                        self._receive_spdy(event.data)
+                    case ws.Closed():
+                        self._write_raw(self.tunnel.take_output())
+                        self._lost(f"the server closed the WebSocket ({event.code} "
+                                   f"{event.reason})".strip())
+                        return
+            self._write_raw(self.tunnel.take_output())  # pongs
+            return
+        self._receive_spdy(data)
+
+    def _receive_spdy(self, data: bytes) -> None:
+        streams = self.streams
+        for event in self.codec.receive_data(data):
+            match event:
+                case spdy.DataReceived():
+                    stream = streams.get(event.stream_id)
+                    if stream is not None:
+                        if event.data:
+                            stream._data(event.data)
+                        if event.fin:
+                            stream._remote_eof()
+                        continue
+                    stream = self._error_streams.get(event.stream_id)
+                    if stream is not None:
+                        if event.data:
+                            stream._error_data(bytes(event.data).decode("utf-8", "replace"))
+                        if event.fin:
+                            stream._error_end()
+                case spdy.StreamReplied():
+                    stream = streams.get(event.stream_id)
+                    if stream is not None:
+                        stream._accepted()
+                case spdy.StreamReset() | spdy.StreamError():
+                    stream = streams.get(event.stream_id)
+                    if stream is not None:
+                        why = getattr(event, "reason", "") or f"RST_STREAM status {event.status}"
+                        stream._remote_reset(f"the server reset the connection ({why})")
+                        continue
+                    stream = self._error_streams.get(event.stream_id)
+                    if stream is not None:
+                        stream._error_end()
+                case spdy.PingAcknowledged():
+                    entry = self._pings.get(event.ping_id)
+                    if entry is not None and not entry[1].done():
+                        entry[1].set_result(time.perf_counter() - entry[0])
+                case spdy.GoAwayReceived():
+                    self.goaway = True
+                    self._flush()
+                    self._lost(f"the server sent GOAWAY (status {event.status})")
+                    return
+                case spdy.SessionTerminated():
+                    self._flush()
+                    self._lost(f"SPDY protocol error: {event.reason}")
+                    if self.transport is not None:
+                        self.transport.close()
+                    return
+        self._flush()
+
+
+async def open_spdy(conn: UpgradeProtocol, target: Target, ports: list[int],
+                    timeout: float) -> ClientSession:
+    """POST with Upgrade: SPDY/3.1, as client-go does; ports go per connection. The
+    stream protocol versions are offered one header line each, best first, as client-go
+    writes its list."""
+    offer = "".join(f"X-Stream-Protocol-Version: {v}\r\n" for v in target.versions)
+    conn.transport.write(
+        f"POST {target.path} HTTP/1.1\r\nHost: {target.netloc}\r\nConnection: Upgrade\r\n"
+        f"Upgrade: SPDY/3.1\r\n{offer}"
+        f"Content-Length: 0\r\n".encode()
+        + b"".join(name + b": " + value + b"\r\n" for name, value in target.request_headers())
+        + b"\r\n")
+    answer = await read_upgrade_answer(conn, target, timeout)
+    upgrade = answer.header("upgrade").lower()
+    if upgrade != "spdy/3.1":
+        raise UpgradeRefused(101, f"the server upgraded to {upgrade!r}, not SPDY/3.1")
+    chosen = answer.header("x-stream-protocol-version") or PORTFORWARD_PROTOCOL
+    if chosen not in target.versions:
+        raise UpgradeRefused(101, f"the server chose stream protocol {chosen!r}")
+    session = SpdyClientSession()
+    session.stream_version = chosen
+    conn.attach(session, answer.rest)
+    return session

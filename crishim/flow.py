@@ -1,0 +1,48 @@
+"""Read-side backpressure shared by the server's sessions and the client's: one transport
+read by many forwarded connections, paused while any of them is congested."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Hashable
+
+
+class ReadGate:
+    """Pauses a transport's reading while at least one key holds it.
+
+    Each congested party (a forwarded connection, a stream) holds the gate with its own key;
+    the transport reads again once the last key lets go. Pausing twice with the same key
+    needs one resume. The transport is passed per call because sessions get theirs after
+    they are built (and may have none, e.g. in tests)."""
+
+    __slots__ = ("_holders",)
+
+    def __init__(self) -> None:
+        self._holders: set[Hashable] = set()
+
+    def pause(self, key: Hashable, transport: asyncio.ReadTransport | None) -> None:
+        if not self._holders and transport is not None:
+            transport.pause_reading()
+        self._holders.add(key)
+
+    def resume(self, key: Hashable, transport: asyncio.ReadTransport | None) -> None:
+        if key not in self._holders:
+            return
+        self._holders.discard(key)
+        if not self._holders and transport is not None and not transport.is_closing():
+            transport.resume_reading()
+
+    def forget(self, key: Hashable) -> None:
+        """Drop `key` without touching the transport (its owner is gone)."""
+        self._holders.discard(key)
+
+    def clear(self) -> None:
+        """Drop every key without touching the transport (the session is over)."""
+        self._holders.clear()
+
+    def holds(self, key: Hashable) -> bool:
+        return key in self._holders
+
+    @property
+    def paused(self) -> bool:
+        return bool(self._holders)

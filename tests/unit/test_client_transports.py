@@ -1,0 +1,68 @@
+"""The client's transport registry: what `--transport` accepts is what open_session opens."""
+
+import asyncio
+import inspect
+
+import pytest
+
+from crishim.cli import build_parser
+from crishim.client.cluster import CLUSTER_TRANSPORTS
+from crishim.client.transports import TRANSPORTS, open_session, transport_named
+
+
+def _cli_transport_choices() -> dict[str, list[str]]:
+    """The --transport choices of every client subcommand, read off the real parser."""
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.choices and "check" in a.choices)
+    found = {}
+    for command in ("port-forward", "check"):
+        sub = subparsers.choices[command]
+        action = next(a for a in sub._actions if "--transport" in a.option_strings)
+        found[command] = list(action.choices)
+    return found
+
+
+def test_every_transport_the_cli_accepts_has_an_opener():
+    choices = _cli_transport_choices()
+    # port-forward also takes "auto": with --kubeconfig, cluster.py picks a real transport
+    assert choices == {"port-forward": list(TRANSPORTS) + ["auto"], "check": list(TRANSPORTS)}
+    assert set(TRANSPORTS) == {"spdy", "websocket", "spdy-over-websocket", "h2"}
+    for name in TRANSPORTS:
+        transport = transport_named(name)
+        assert transport.name == name
+        assert inspect.iscoroutinefunction(transport.open), name
+        assert transport.alpn == ("h2" if name == "h2" else "http/1.1")
+
+
+def test_what_auto_falls_back_to_through_an_api_server_is_registered():
+    for name in CLUSTER_TRANSPORTS:
+        if name != "auto":
+            assert transport_named(name).name == name
+
+
+def test_the_default_transport_is_spdy_first_in_the_list():
+    assert TRANSPORTS[0] == "spdy"
+    args = build_parser().parse_args(["check", "--sandbox", "sandbox"])
+    assert args.transport == "spdy"
+
+
+def test_an_unknown_transport_names_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown transport 'quic'; choose from spdy, "
+                                         r"websocket, spdy-over-websocket, h2"):
+        transport_named("quic")
+
+
+def test_open_session_refuses_an_unknown_transport_before_connecting():
+    async def main() -> None:
+        # port 9 on loopback: nothing is dialled, the name is refused first
+        with pytest.raises(ValueError, match="unknown transport 'quic'"):
+            await open_session("http://127.0.0.1:9/portforward/x", "quic")
+
+    asyncio.run(main())
+
+
+def test_the_cli_rejects_an_unknown_transport(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["port-forward", "sandbox", "8080", "--transport", "quic"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'quic'" in capsys.readouterr().err
