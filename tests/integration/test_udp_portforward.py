@@ -202,3 +202,14 @@ def test_an_idle_flow_ends_and_the_next_datagram_opens_a_new_one(podnet):
             handled = [line for line in pf.stdout if line.startswith("Handling connection")]
             assert len(handled) == 2  # one peer, two flows: the first ended idle
             assert pf.interrupt() == 0
+
+
+def test_the_ipv6_loopback_listener_forwards_too(crishim):
+    if not ipv6_loopback():
+        pytest.skip("no IPv6 loopback on this host")
+    local = free_port()
+    with PortForwardCLI(crishim, f"{local}:{UDP_ECHO_PORT}/udp") as pf:
+        assert pf.forwarding(1) == expected_forwarding(local, f"{UDP_ECHO_PORT}/udp")
+        assert exchange(local, [b"over ::1"], host="::1") == [b"over ::1"]
+        assert exchange(local, [b"over 127.0.0.1"]) == [b"over 127.0.0.1"]
+        assert pf.interrupt() == 0
