@@ -226,6 +226,12 @@ class ForwardedFlow:
             if self.sock is not None:
                 if not self._send_to_pod(datagram):
                     return
+                # a burst from the client would otherwise fill the socket's receive buffer
+                # with answers before the loop reads it: read between sends
+                if self.datagrams_up % READ_BATCH == 0 and self._reading:
+                    self._readable()
+                    if self._done:
+                        return
             elif self._pending_size + len(datagram) <= self.ctx.buffer_size:
                 self._pending.append(datagram)
                 self._pending_size += len(datagram)
