@@ -39,13 +39,9 @@ class UdpFlow(asyncio.Protocol):
         self.congested = False
         self.datagrams_up = 0
         self.datagrams_down = 0
-        self.dropped = 0  # local datagrams dropped while the session was congested
 
     def send(self, datagrams: list[bytes]) -> None:
         if self.stream is None or self.stream.is_closing():
-            return
-        if self.congested:
-            self.dropped += len(datagrams)  # no backpressure in UDP: as a congested link
             return
         self.datagrams_up += len(datagrams)
         self.stream.write(encode_datagrams(datagrams))
@@ -71,9 +67,11 @@ class UdpFlow(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.congested = True
+        self.listener.flow_congested(self)
 
     def resume_writing(self) -> None:
         self.congested = False
+        self.listener.flow_drained(self)
 
 
 class UdpListener:
@@ -94,6 +92,9 @@ class UdpListener:
         self.flows_opened = 0
         self.dropped = 0  # datagrams to local peers the socket could not take
         self.closed = False
+        # flows whose stream cannot take more now: the socket is not read meanwhile, and
+        # the kernel drops what overflows its buffer (UDP has no backpressure to pass on)
+        self._congested: set[UdpFlow] = set()
         self._loop = asyncio.get_running_loop()
         self._buffer = bytearray(MAX_DATAGRAM + 1)
         sock.setblocking(False)
@@ -145,7 +146,19 @@ class UdpListener:
         except OSError as e:
             log.debug("udp listener %d: sending to %s: %s", self.local_port, peer, e)
 
+    def flow_congested(self, flow: UdpFlow) -> None:
+        if not self._congested and not self.closed:
+            self._loop.remove_reader(self.sock.fileno())
+        self._congested.add(flow)
+
+    def flow_drained(self, flow: UdpFlow) -> None:
+        if flow in self._congested:
+            self._congested.discard(flow)
+            if not self._congested and not self.closed:
+                self._loop.add_reader(self.sock.fileno(), self._readable)
+
     def flow_ended(self, flow: UdpFlow, exc: Exception | None) -> None:
+        self.flow_drained(flow)
         if self.flows.get(flow.peer) is flow:
             del self.flows[flow.peer]
         if exc is not None and not self.closed:
@@ -156,7 +169,9 @@ class UdpListener:
         if self.closed:
             return
         self.closed = True
-        self._loop.remove_reader(self.sock.fileno())
+        if not self._congested:
+            self._loop.remove_reader(self.sock.fileno())
+        self._congested.clear()
         for flow in list(self.flows.values()):
             if flow.stream is not None:
                 flow.stream.close()
