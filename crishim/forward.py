@@ -130,7 +130,7 @@ class ForwardedConnection:
         self._pod_eof = False
         self._done = False
         self._error_closed = False
-        self._batch: list[bytes] | None = None
+        self._batch: list[bytes | memoryview] | None = None
         self._task: asyncio.Task[None] | None = None
         self.bytes_up = 0  # client -> pod
         self.bytes_down = 0  # pod -> client

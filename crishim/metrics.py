@@ -4,6 +4,7 @@ connections by transport, bytes each way, failures by reason, tokens, netns dial
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily
@@ -23,7 +24,7 @@ class _TokenCollector:
     def __init__(self, tokens: TokenStore) -> None:
         self.tokens = tokens
 
-    def collect(self):
+    def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily("crishim_tokens", "Stream URL tokens by event",
                                      labels=["event"])
         for event in ("issued", "redeemed", "expired", "refused"):

@@ -75,13 +75,14 @@ class CriService:
                                 f"{request.reason}")
 
     async def Version(self, request: api_pb2.VersionRequest,
-                      context: grpc.aio.ServicerContext) -> api_pb2.VersionResponse:
+                      context: grpc.aio.ServicerContext[Any, Any]) -> api_pb2.VersionResponse:
         await self.refuse_undecodable(request, context)
         return api_pb2.VersionResponse(version=KUBELET_API_VERSION, runtime_name="crishim",
                                        runtime_version=__version__, runtime_api_version="v1")
 
     async def PortForward(self, request: api_pb2.PortForwardRequest,
-                          context: grpc.aio.ServicerContext) -> api_pb2.PortForwardResponse:
+                          context: grpc.aio.ServicerContext[Any, Any]
+                          ) -> api_pb2.PortForwardResponse:
         await self.refuse_undecodable(request, context)
         if self.draining():
             await context.abort(grpc.StatusCode.UNAVAILABLE,
@@ -150,7 +151,7 @@ def _typed(method: Callable[..., Any], request_type: type[Message],
         response_serializer=lambda m: m.SerializeToString())
 
 
-class CriHandler(grpc.GenericRpcHandler):
+class CriHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # stubs: generic
     """Routes every /runtime.v1.* method: ours typed, the rest to the upstream."""
 
     def __init__(self, service: CriService, upstream: grpc.aio.Channel | None,
@@ -166,7 +167,8 @@ class CriHandler(grpc.GenericRpcHandler):
                                                              service.max_request_bytes)
         self.upstream = upstream
 
-    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+    def service(self, details: grpc.HandlerCallDetails
+                ) -> grpc.RpcMethodHandler[Any, Any] | None:
         method = details.method
         handler = self.own.get(method)
         if handler is not None:
@@ -178,8 +180,9 @@ class CriHandler(grpc.GenericRpcHandler):
         return grpc.stream_stream_rpc_method_handler(self._pass_through(method))
 
     @staticmethod
-    def _unimplemented(method: str) -> Callable:
-        async def handler(requests: AsyncIterator[bytes], context) -> AsyncIterator[bytes]:
+    def _unimplemented(method: str) -> Callable[..., AsyncIterator[bytes]]:
+        async def handler(requests: AsyncIterator[bytes],
+                          context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED,
                                 f"{method} is not served by crishim itself and no "
                                 "upstream_endpoint is configured")
@@ -187,7 +190,7 @@ class CriHandler(grpc.GenericRpcHandler):
 
         return handler
 
-    def _pass_through(self, method: str) -> Callable:
+    def _pass_through(self, method: str) -> Callable[..., AsyncIterator[bytes]]:
         """Raw bytes both ways, without decoding: unary and server-streaming answers look
         alike on the wire. Every CRI method takes exactly one request, so the request is
         read first and sent with the call's opening batch (unary-stream). A stream-stream
@@ -196,11 +199,12 @@ class CriHandler(grpc.GenericRpcHandler):
         INTERNAL "Internal error from Core" (grpc/grpc#36066)."""
         upstream = self.upstream
         assert upstream is not None
-        one_request = upstream.unary_stream(method)
-        many_requests = upstream.stream_stream(method)
+        one_request = upstream.unary_stream(method)  # type: ignore[call-arg]  # raw bytes
+        many_requests = upstream.stream_stream(method)  # type: ignore[call-arg]  # raw bytes
 
-        async def handler(requests: AsyncIterator[bytes], context) -> AsyncIterator[bytes]:
-            metadata = tuple((k, v) for k, v in context.invocation_metadata()
+        async def handler(requests: AsyncIterator[bytes],
+                          context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
+            metadata = tuple((k, v) for k, v in context.invocation_metadata() or ()
                              if _forwardable(k))
             received = []
             async for request in requests:
@@ -210,6 +214,7 @@ class CriHandler(grpc.GenericRpcHandler):
                                         f"{method}: more than {_MAX_REQUESTS} request messages; "
                                         "CRI methods take one")
             timeout = context.time_remaining()
+            call: Any
             if len(received) == 1:
                 call = one_request(received[0], metadata=metadata, timeout=timeout)
             else:
@@ -225,7 +230,8 @@ class CriHandler(grpc.GenericRpcHandler):
                     context.set_trailing_metadata(trailing)
             except grpc.aio.AioRpcError as e:
                 if e.trailing_metadata():
-                    context.set_trailing_metadata(e.trailing_metadata())
+                    trailers: Any = e.trailing_metadata()  # stubs: _Metadatum, in fact pairs
+                    context.set_trailing_metadata(trailers)
                 await context.abort(e.code(), e.details() or "")
             finally:
                 # the client cancelled or went away: the upstream call must end too, not

@@ -13,7 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from crishim.forward import ForwardContext
 from crishim.protocols.headers import header_tokens
-from crishim.runtime import Sandbox, SandboxGone, SandboxNotFound
+from crishim.runtime import RuntimeError_, Sandbox, SandboxGone, SandboxNotFound
 from crishim.tokens import StreamRequest, TokenStore
 
 # An HTTP/1.1 request head, or HTTP/2 frames before the first stream's headers end
@@ -94,7 +94,8 @@ class Admitted:
 
 class Admission:
     """Redeems a request's token: draining -> 503, too many sessions -> 429, out of
-    descriptors -> 503, bad path or token -> 404, wrong method -> 405, sandbox gone -> 410."""
+    descriptors -> 503, bad path or token -> 404, wrong method -> 405, sandbox gone -> 410,
+    runtime unavailable -> 503."""
 
     def __init__(self, tokens: TokenStore, ctx: ForwardContext, max_sessions: int,
                  live_sessions: Callable[[], int], draining: Callable[[], bool]) -> None:
@@ -132,6 +133,8 @@ class Admission:
             raise Refused(404, str(e)) from None
         except SandboxGone as e:
             raise Refused(410, str(e)) from None
+        except RuntimeError_ as e:  # e.g. the upstream runtime did not answer: try later
+            raise Refused(503, f"runtime unavailable: {e}", [("Retry-After", "1")]) from None
         return Admitted(stream_request, sandbox, url.path, parse_qs(url.query))
 
 

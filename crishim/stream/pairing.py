@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Container, Mapping
+from typing import Any
 
 from crishim.ports import InvalidPort, parse_port
 from crishim.protocols.constants import (
@@ -31,7 +32,7 @@ class PendingPair:
         self.data_id = 0
         self.error_id = 0
         self.timer: asyncio.TimerHandle | None = None
-        self.held: list[object] = []  # what a transport keeps for the data stream until complete
+        self.held: list[Any] = []  # what a transport keeps for the data stream until complete
 
     @property
     def complete(self) -> bool:

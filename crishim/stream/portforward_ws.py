@@ -145,7 +145,7 @@ class SpdyTunnelProtocol(SessionProtocol):
         super().__init__(session, transport)
         self.tunnel = tunnel
 
-    def data_received(self, data: bytes) -> None:
+    def received(self, data: bytes) -> None:
         self._handle(self.tunnel.receive_data(data))
 
     def eof_received(self) -> bool:

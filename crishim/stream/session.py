@@ -173,6 +173,16 @@ class SessionProtocol(asyncio.Protocol):
         session.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        try:
+            self.received(data)
+        except Exception as e:  # one client's input ends its own session, never the server
+            session = self.session
+            log.error("%s sandbox=%s: ending the session after an unexpected error: %s: %s",
+                      session.transport_name, session.sandbox.id, type(e).__name__, e)
+            session.close(f"internal error: {type(e).__name__}")
+
+    def received(self, data: bytes) -> None:
+        """What the client sent: the session's (a tunnel unwraps it first)."""
         self.session.receive(data)
 
     def eof_received(self) -> bool:

@@ -10,6 +10,7 @@ from crishim_netns import NamedNetnsRuntime
 
 from crishim.config import Config
 from crishim.forward import ForwardContext
+from crishim.runtime import RuntimeError_, Sandbox
 from crishim.stream.admission import Admission, Refused, h2_refusal, http1_refusal
 from crishim.stream.portforward_h2 import settings_header
 from crishim.tokens import StreamRequest, TokenStore
@@ -95,3 +96,16 @@ def test_http2_settings_that_are_base64url_settings(value):
 def test_http2_settings_that_are_not(value):
     with pytest.raises(ValueError):
         settings_header(value)
+
+
+class _UnavailableRuntime(NamedNetnsRuntime):
+    async def resolve(self, sandbox_id: str) -> Sandbox:
+        raise RuntimeError_("upstream runtime unix:///run/x.sock did not answer")
+
+
+def test_an_unavailable_runtime_is_a_503_not_a_500():
+    door = Door()
+    door.admission.plugin = _UnavailableRuntime(Config(sandboxes={"web": "host"}))
+    status, refused = door.status("POST", door.url())
+    assert status == 503 and "did not answer" in refused.reason
+    assert ("Retry-After", "1") in refused.headers

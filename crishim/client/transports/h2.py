@@ -231,19 +231,8 @@ class H2ClientSession(ClientSession):
         """Act on one read's events; False once the server's GOAWAY ended the session."""
         for ev in events:
             match ev:
-                case h2.events.DataReceived():
-                    sid = ev.stream_id
-                    if ev.flow_controlled_length:
-                        acks[sid] = acks.get(sid, 0) + ev.flow_controlled_length
-                    stream = self.streams.get(sid)
-                    if sid in self._refusal:
-                        self._refusal[sid] += bytes(ev.data).decode("utf-8", "replace")
-                    elif stream is not None:
-                        stream._data(ev.data)
-                    else:
-                        stream = self._error_streams.get(sid)
-                        if stream is not None:
-                            stream._error_data(bytes(ev.data).decode("utf-8", "replace"))
+                case h2.events.DataReceived():  # the hot one: tested first
+                    self._on_data(ev, acks)
                 case h2.events.ResponseReceived():
                     status = _response_header(ev.headers, ":status") or "0"
                     self._version_answered(ev.stream_id,

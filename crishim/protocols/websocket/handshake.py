@@ -9,6 +9,8 @@ import hashlib
 import os
 from dataclasses import dataclass
 
+from crishim.protocols.headers import header_tokens
+
 _ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _MAX_RESPONSE_HEAD = 64 * 1024
 
@@ -46,17 +48,6 @@ def _header_values(headers: list[tuple[bytes, bytes]], name: bytes) -> list[byte
     return [value for key, value in headers if key.lower() == name]
 
 
-def _header_tokens(headers: list[tuple[bytes, bytes]], name: bytes) -> list[str]:
-    """Comma-separated tokens of every header called ``name``, in order, stripped."""
-    tokens = []
-    for value in _header_values(headers, name):
-        for part in value.split(b","):
-            part = part.strip()
-            if part:
-                tokens.append(part.decode("latin-1"))
-    return tokens
-
-
 def websocket_accept_value(key: str | bytes) -> str:
     """``Sec-WebSocket-Accept`` for a ``Sec-WebSocket-Key`` (RFC 6455 section 4.2.2)."""
     if isinstance(key, str):
@@ -66,8 +57,8 @@ def websocket_accept_value(key: str | bytes) -> str:
 
 def is_websocket_upgrade(headers: list[tuple[bytes, bytes]]) -> bool:
     """True if the request asks to upgrade to WebSocket (``Upgrade`` + ``Connection``)."""
-    upgrade = {t.lower() for t in _header_tokens(headers, b"upgrade")}
-    connection = {t.lower() for t in _header_tokens(headers, b"connection")}
+    upgrade = {t.lower() for t in header_tokens(headers, b"upgrade")}
+    connection = {t.lower() for t in header_tokens(headers, b"connection")}
     return "websocket" in upgrade and "upgrade" in connection
 
 
@@ -84,7 +75,7 @@ def accept_handshake(
     if not is_websocket_upgrade(headers):
         raise HandshakeError(400, "not a WebSocket upgrade: need 'Upgrade: websocket' "
                                   "and 'Connection: Upgrade'")
-    versions = _header_tokens(headers, b"sec-websocket-version")
+    versions = header_tokens(headers, b"sec-websocket-version")
     if versions != ["13"]:
         raise HandshakeError(
             400,
@@ -102,7 +93,7 @@ def accept_handshake(
     if len(nonce) != 16:
         raise HandshakeError(400, "Sec-WebSocket-Key is not a base64-encoded 16-byte nonce")
 
-    offered = _header_tokens(headers, b"sec-websocket-protocol")
+    offered = header_tokens(headers, b"sec-websocket-protocol")
     chosen: str | None = None
     if offered:
         chosen = next((p for p in offered if p in supported), None)
@@ -188,7 +179,7 @@ def parse_handshake_response(
         if not sep:
             raise HandshakeError(status, f"malformed header line {line[:100]!r}")
         headers.append((name.strip().lower(), value.strip()))
-    protocols = _header_tokens(headers, b"sec-websocket-protocol")
+    protocols = header_tokens(headers, b"sec-websocket-protocol")
     subprotocol = protocols[0] if protocols else None
     if status != 101:
         return HandshakeResponse(status, reason, headers, subprotocol, leftover)

@@ -1,0 +1,58 @@
+"""The asyncio glue under every server session: an exception that escapes a session's
+handling of one client's bytes ends that session with one logged line, never the loop's
+fatal-error path (a traceback and whatever asyncio then does to the transport)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from crishim_netns import NamedNetnsRuntime
+
+from crishim.config import Config
+from crishim.forward import ForwardContext
+from crishim.runtime import Sandbox
+from crishim.stream.portforward_spdy import SpdyPortForwardSession
+from crishim.stream.session import SessionProtocol
+
+
+class _Exploding:
+    """A codec stand-in for one input that hits a bug."""
+
+    def receive_data(self, data: bytes) -> list[object]:
+        raise ValueError("a bug reached by this input")
+
+    def take_output(self) -> list[bytes]:
+        return []
+
+    def goaway(self, code: int) -> None:
+        pass
+
+
+def test_an_exception_from_a_sessions_input_ends_only_that_session(caplog):
+    async def scenario() -> tuple[bool, bool, bytes]:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        ctx = ForwardContext(NamedNetnsRuntime(Config()))
+        closed: list[bool] = []
+        transport, _ = await loop.create_connection(asyncio.Protocol, sock=ours)
+        session = SpdyPortForwardSession(ctx, Sandbox("sb", "/nonexistent"), 5.0, 0.0,
+                                         transport.writelines, transport.close)
+        session.on_closed = lambda: closed.append(True)
+        session.codec = _Exploding()  # type: ignore[assignment]
+        protocol = SessionProtocol(session, transport)
+        transport.set_protocol(protocol)
+        protocol.data_received(b"\x80\x03\x00\x01")  # must not raise
+        await asyncio.sleep(0.05)
+        eof = await loop.sock_recv(theirs, 10)  # the session closed its transport
+        theirs.close()
+        return bool(closed), transport.is_closing(), eof
+
+    with caplog.at_level(logging.ERROR, logger="crishim.stream"):
+        closed, closing, eof = asyncio.run(scenario())
+    assert closed and closing and eof == b""
+    lines = [r for r in caplog.records if "unexpected error" in r.getMessage()]
+    assert len(lines) == 1 and "a bug reached by this input" in lines[0].getMessage()
+    assert lines[0].exc_info is None  # one line, no traceback
