@@ -7,20 +7,12 @@ import asyncio
 import fcntl
 import logging
 import os
-import socket
 from typing import cast
 
 from crishim.client.podservers import UdpEcho, serve_udp_echo
 from crishim.config import Config
-from crishim.netns import (
-    InProcessUdp,
-    create_named_netns,
-    delete_named_netns,
-    dial_localhost,
-    listen_in_netns,
-)
-from crishim.runtime import RuntimePlugin, Sandbox
-from crishim.sandboxes import NamedSandboxes
+from crishim.netns import create_named_netns, delete_named_netns, listen_in_netns
+from crishim.sandboxes import NamedNetnsRuntime
 
 log = logging.getLogger("crishim.demo")
 
@@ -33,24 +25,6 @@ MAX_REQUEST_HEAD = 64 * 1024  # a client that never ends its request head is cut
 
 class DemoAlreadyRunning(Exception):
     pass
-
-
-class DemoRuntime(InProcessUdp, RuntimePlugin):
-    """What the netns plugin serves (named netns, the sandboxes map) plus sandbox `demo`."""
-
-    name = "netns"
-
-    def __init__(self, config: Config, demo_netns_path: str) -> None:
-        self.names = NamedSandboxes(config.netns_dir,
-                                    {**config.sandboxes, DEMO_SANDBOX: demo_netns_path})
-        self.pod_ip_fallback = config.pod_ip_fallback
-
-    async def resolve(self, sandbox_id: str) -> Sandbox:
-        return self.names.resolve(sandbox_id)
-
-    async def dial(self, sandbox: Sandbox, port: int) -> socket.socket:
-        return await dial_localhost(None if sandbox.host_network else sandbox.netns_path, port,
-                                    sandbox.pod_ip if self.pod_ip_fallback else "")
 
 
 class _DemoHttp(asyncio.Protocol):
@@ -118,9 +92,10 @@ class Demo:
         self.udp_echo, _ = await serve_udp_echo(self.netns_path, "127.0.0.1", DEMO_UDP_PORT)
         return self.netns_path
 
-    def runtime(self, config: Config) -> DemoRuntime:
-        """The runtime plugin `crishim serve --demo` uses while this demo runs."""
-        return DemoRuntime(config, self.netns_path)
+    def runtime(self, config: Config) -> NamedNetnsRuntime:
+        """The runtime plugin `crishim serve --demo` uses while this demo runs: named netns
+        and the `sandboxes` map, as the netns plugin, plus sandbox `demo`."""
+        return NamedNetnsRuntime(config, {DEMO_SANDBOX: self.netns_path})
 
     async def stop(self) -> None:
         """Stop serving and delete the netns; OSError (path, errno) if it cannot be deleted."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -26,9 +27,11 @@ from typing import Any
 
 import grpc
 
+from crishim.config import Config
 from crishim.cri import api_pb2, api_pb2_grpc
 from crishim.cri.service import upstream_target
-from crishim.runtime import RuntimeError_, Sandbox, SandboxGone, SandboxNotFound
+from crishim.netns import InProcessUdp, dial_localhost
+from crishim.runtime import RuntimeError_, RuntimePlugin, Sandbox, SandboxGone, SandboxNotFound
 
 HOST = "host"
 CACHE_TTL = 3.0
@@ -70,6 +73,24 @@ class NamedSandboxes:
                 raise SandboxGone(f"sandbox {sandbox_id!r}: network namespace {path} is gone")
             raise SandboxNotFound(f"sandbox {sandbox_id!r} not found (no {path})")
         return Sandbox(sandbox_id, netns_path=path)
+
+
+class NamedNetnsRuntime(InProcessUdp, RuntimePlugin):
+    """Sandboxes that are named netns (or entries of the `sandboxes` map, plus any
+    `extra`), dialled in process: the netns plugin, and the demo with its own sandbox."""
+
+    name = "netns"
+
+    def __init__(self, config: Config, extra: Mapping[str, str] | None = None) -> None:
+        self.names = NamedSandboxes(config.netns_dir, {**config.sandboxes, **(extra or {})})
+        self.pod_ip_fallback = config.pod_ip_fallback
+
+    async def resolve(self, sandbox_id: str) -> Sandbox:
+        return self.names.resolve(sandbox_id)
+
+    async def dial(self, sandbox: Sandbox, port: int) -> socket.socket:
+        return await dial_localhost(None if sandbox.host_network else sandbox.netns_path, port,
+                                    sandbox.pod_ip if self.pod_ip_fallback else "")
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,6 @@ import asyncio
 import socket
 
 import pytest
-from crishim_netns import NamedNetnsRuntime
 
 from crishim.config import Config
 from crishim.forward import ForwardContext
@@ -13,6 +12,7 @@ from crishim.forward_udp import ForwardedFlow
 from crishim.netns import bind_udp_in_netns, dial_udp_localhost
 from crishim.protocols.datagram import DatagramDecoder, encode_datagram, encode_datagrams
 from crishim.runtime import Sandbox
+from crishim.sandboxes import NamedNetnsRuntime
 from tests.support.podnet import UDP_CLOSED_PORT, UDP_ECHO_PORT
 
 CHECK_SIZES = (1, 512, 1472, 8192, 65507)

@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from crishim_netns import NamedNetnsRuntime
 
 from crishim.config import Config
 from crishim.forward import ForwardContext
 from crishim.runtime import RuntimeError_, Sandbox
+from crishim.sandboxes import NamedNetnsRuntime
 from crishim.stream.admission import Admission, Refused, h2_refusal, http1_refusal
 from crishim.stream.portforward_h2 import settings_header
 from crishim.tokens import StreamRequest, TokenStore

@@ -8,11 +8,10 @@ import asyncio
 import logging
 import socket
 
-from crishim_netns import NamedNetnsRuntime
-
 from crishim.config import Config
 from crishim.forward import ForwardContext
 from crishim.runtime import Sandbox
+from crishim.sandboxes import NamedNetnsRuntime
 from crishim.stream.portforward_spdy import SpdyPortForwardSession
 from crishim.stream.session import SessionProtocol
 
