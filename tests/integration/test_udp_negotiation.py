@@ -22,7 +22,13 @@ from tests.support import SANDBOX
 from tests.support.h2_pf_client import H2Client
 from tests.support.podnet import ECHO_PORT, UDP_DNS_PORT, UDP_ECHO_PORT
 from tests.support.spdy_pf_client import SpdyPortForwardClient
-from tests.support.udp_peers import ANSWER_ADDRESS, dns_query, exchange, parse_dns_answer
+from tests.support.udp_peers import (
+    ANSWER_ADDRESS,
+    burst,
+    dns_query,
+    exchange,
+    parse_dns_answer,
+)
 
 K8S = "portforward.k8s.io"
 CRISHIM = "portforward.crishim.dev/v1"
@@ -171,12 +177,22 @@ def test_udp_through_the_kubelet_stand_in(crishim, kubeconfig_dir, transport):  
     with standin_for(crishim) as api:
         config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"))
         with CrishimClusterForward("--kubeconfig", config, "pod/web", f":{UDP_DNS_PORT}/udp",
-                                   f":{ECHO_PORT}", "--transport", transport) as pf:
+                                   f":{UDP_ECHO_PORT}/udp", f":{ECHO_PORT}",
+                                   "--transport", transport) as pf:
             pf.wait_ready([ECHO_PORT])
             line = next(line for line in pf.stdout if f"-> {UDP_DNS_PORT}/udp" in line)
             local = int(re.search(r":(\d+) ->", line).group(1))
             answers = exchange(local, [dns_query(7, "through.stand.in")])
             assert parse_dns_answer(answers[0]) == (7, ANSWER_ADDRESS)
+            echo_line = next(line for line in pf.stdout if f"-> {UDP_ECHO_PORT}/udp" in line)
+            echo_local = int(re.search(r":(\d+) ->", echo_line).group(1))
+            unpaced = burst(echo_local, 10000, 512)
+            print(unpaced.line(f"stand-in unpaced {transport}"))
+            assert unpaced.corrupt == unpaced.duplicates == 0
+            assert unpaced.received >= 0.5 * unpaced.sent
+            windowed = burst(echo_local, 10000, 512, window=64)
+            print(windowed.line(f"stand-in window=64 {transport}"))
+            assert (windowed.received, windowed.corrupt, windowed.reordered) == (10000, 0, 0)
         [upgrade] = api.upgrades
         sent = upgrade.forwarded_head.decode("latin-1")
         answer = upgrade.backend_head.decode("latin-1")
