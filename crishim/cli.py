@@ -30,8 +30,9 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--config", metavar="FILE", help="TOML file of settings (names as below, "
                    "with underscores)")
     p.add_argument("--demo", action="store_true",
-                   help="create a demo sandbox netns with an HTTP server on port 8080, "
-                        "registered as sandbox id 'demo'; deleted on exit")
+                   help="create a demo sandbox netns with an HTTP server on port 8080 and a "
+                        "UDP echo server on port 5353, registered as sandbox id 'demo'; "
+                        "deleted on exit")
     p.add_argument("--stream-address", metavar="HOST:PORT",
                    help="shorthand for --stream-server-address and --stream-server-port")
     defaults = Config()
@@ -93,10 +94,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     sock = config.socket
                     print(f"crishim demo: CRI socket {sock}\n"
                           f"crishim demo: sandbox id {DEMO_SANDBOX!r} (netns {demo.netns_path},"
-                          f" HTTP server on port 8080 inside)\n"
+                          f" HTTP server on port 8080, UDP echo on 5353 inside)\n"
                           f"crishim demo: try:  crishim port-forward {DEMO_SANDBOX} 8080:8080 "
                           f"--runtime-endpoint unix://{sock}   then   "
                           f"curl http://127.0.0.1:8080/\n"
+                          f"crishim demo: UDP:  crishim port-forward {DEMO_SANDBOX} "
+                          f"15353:5353/udp --runtime-endpoint unix://{sock}   then   "
+                          f"echo hi | nc -u -w1 127.0.0.1 15353\n"
                           f"crishim demo: Ctrl-C stops crishim and deletes the netns",
                           flush=True)
 

@@ -94,6 +94,8 @@ class Config:
     reserved_fds: int = 256
     memory_release_sessions: int = 64
     memory_release_interval: float = 10.0
+    enable_udp_portforward: bool = True
+    udp_flow_idle_timeout: float = 60.0
     control_frames_per_second: int = 100
     control_frame_burst: int = 1000
     stream_opens_per_second: int = 1000
@@ -131,6 +133,8 @@ class Config:
                      "buffer_budget"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative")
+        if self.udp_flow_idle_timeout <= 0:
+            raise ConfigError("udp_flow_idle_timeout: must be positive")
         if self.token_ttl <= 0:
             raise ConfigError("token_ttl: must be positive")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
@@ -210,6 +214,12 @@ SETTINGS: dict[str, Setting] = {
                                        "int"),
     "memory_release_interval": Setting("memory is given back at most this often (e.g. 10s)",
                                        "duration"),
+    "enable_udp_portforward": Setting("offer crishim's port-forward extension (UDP flows, "
+                                      "stream protocol portforward.crishim.dev/v1) to "
+                                      "crishim's own client; off: plain portforward.k8s.io",
+                                      "bool"),
+    "udp_flow_idle_timeout": Setting("a forwarded UDP flow with no datagram either way for "
+                                     "this long ends (e.g. 60s)", "duration"),
     "control_frames_per_second": Setting("frames one session may send that cost work or an "
                                          "answer but forward nothing (PING, SETTINGS, "
                                          "PRIORITY, resets of streams without a live "

@@ -1,4 +1,5 @@
-"""Demo mode: a sandbox netns with a small HTTP server inside, registered as sandbox `demo`."""
+"""Demo mode: a sandbox netns with a small HTTP server and a UDP echo server inside,
+registered as sandbox `demo`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 import os
 from typing import cast
 
+from crishim.client.podservers import UdpEcho, serve_udp_echo
 from crishim.config import Config
 from crishim.netns import create_named_netns, delete_named_netns, listen_in_netns
 from crishim.sandboxes import NamedNetnsRuntime
@@ -17,6 +19,7 @@ log = logging.getLogger("crishim.demo")
 DEMO_NETNS = "crishim-demo"
 DEMO_SANDBOX = "demo"
 DEMO_PORT = 8080
+DEMO_UDP_PORT = 5353  # UDP echo: `crishim port-forward demo 15353:5353/udp`
 MAX_REQUEST_HEAD = 64 * 1024  # a client that never ends its request head is cut off here
 
 
@@ -59,6 +62,7 @@ class Demo:
         self.lock_fd = -1
         self.netns_path = ""
         self.server: asyncio.Server | None = None
+        self.udp_echo: UdpEcho | None = None
 
     def acquire(self) -> None:
         os.makedirs(self.run_dir, exist_ok=True)
@@ -77,13 +81,15 @@ class Demo:
         self.lock_fd = fd
 
     async def start(self) -> str:
-        """Create the netns (replacing one left by a crashed demo) and serve HTTP in it."""
+        """Create the netns (replacing one left by a crashed demo) and serve HTTP and UDP echo
+        in it."""
         self.acquire()
         delete_named_netns(self.netns_name)  # left by a demo that was killed
         self.netns_path = create_named_netns(self.netns_name)
         sock = listen_in_netns(self.netns_path, "127.0.0.1", DEMO_PORT)
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(_DemoHttp, sock=sock)
+        self.udp_echo, _ = await serve_udp_echo(self.netns_path, "127.0.0.1", DEMO_UDP_PORT)
         return self.netns_path
 
     def runtime(self, config: Config) -> NamedNetnsRuntime:
@@ -97,6 +103,9 @@ class Demo:
             if self.server is not None:
                 self.server.close()
                 self.server = None
+            if self.udp_echo is not None:
+                self.udp_echo.close()
+                self.udp_echo = None
             if self.netns_path:
                 try:
                     delete_named_netns(self.netns_name)

@@ -11,6 +11,9 @@ from typing import Protocol
 
 from crishim.budget import FloodLimits
 from crishim.flow import ReadGate
+from crishim.forward_udp import ForwardedFlow
+from crishim.protocols.constants import PORTFORWARD_PROTOCOL
+from crishim.protocols.negotiation import TCP
 from crishim.runtime import DialFailed, RuntimePlugin, Sandbox, SandboxGone
 
 log = logging.getLogger("crishim.forward")
@@ -50,11 +53,15 @@ class ForwardContext:
     def __init__(self, plugin: RuntimePlugin, error_policy: str = "quiet",
                  buffer_size: int = 256 * 1024, metrics: ForwardMetrics | None = None,
                  max_per_session: int = 4096, max_connections: int = 65536,
-                 fd_budget: int = 1 << 30, flood: FloodLimits | None = None) -> None:
+                 fd_budget: int = 1 << 30, flood: FloodLimits | None = None,
+                 udp: bool = True, udp_idle_timeout: float = 60.0) -> None:
         self.plugin = plugin
         self.verbose_errors = error_policy == "verbose"
         self.buffer_size = buffer_size
         self.metrics = metrics
+        # UDP flows (portforward.crishim.dev/v1): on by setting, and the plugin can dial them
+        self.udp = udp and plugin.supports_udp
+        self.udp_idle_timeout = udp_idle_timeout
         self.max_per_session = max_per_session
         self.max_connections = max_connections
         # descriptors sessions and forwarded connections may hold together (RLIMIT_NOFILE
@@ -383,7 +390,9 @@ class SessionBase:
         # and written once at the end (see begin_batch / end_batch)
         self.batching = False
         self.batched: list[ForwardedConnection] = []
-        self.connections: set[ForwardedConnection] = set()
+        self.connections: set[ForwardedConnection | ForwardedFlow] = set()
+        # the stream protocol version the upgrade negotiated: udp flows need the crishim one
+        self.stream_version = PORTFORWARD_PROTOCOL
         self.writing_paused = False
         # the client transport, paused for congested pods and for its own unwritten output
         self.read_gate = ReadGate()
@@ -404,6 +413,27 @@ class SessionBase:
             conn.refuse(refusal)
         return conn
 
+    def open_flow(self, port: int, channel: Channel) -> ForwardedFlow:
+        """A UDP flow for a pair with protocol udp (only on a session whose version allows
+        it: pairing refused the streams otherwise)."""
+        flow = ForwardedFlow(self.ctx, self, self.sandbox, port, channel, self.transport_name)
+        refusal = self.ctx.refusal(self)
+        self.connections.add(flow)
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.connection_started(self.transport_name)
+        if refusal is None:
+            flow.start()
+        else:
+            flow.refuse(refusal)
+        return flow
+
+    def open_forward(self, port: int, channel: Channel, protocol: str = TCP
+                     ) -> ForwardedConnection | ForwardedFlow:
+        """The connection (tcp) or flow (udp) a complete stream pair asks for."""
+        if protocol == TCP:
+            return self.open_connection(port, channel)
+        return self.open_flow(port, channel)
+
     def begin_batch(self) -> None:
         self.batching = True
 
@@ -414,7 +444,7 @@ class SessionBase:
             for conn in batched:
                 conn.flush_batch()
 
-    def connection_finished(self, conn: ForwardedConnection) -> None:
+    def connection_finished(self, conn: ForwardedConnection | ForwardedFlow) -> None:
         self.connections.discard(conn)
         self.read_gate.forget(conn)
 

@@ -19,7 +19,7 @@ import threading
 
 from pyroute2 import netns as pyroute2_netns
 
-from crishim.runtime import DialFailed, SandboxGone
+from crishim.runtime import DialFailed, Sandbox, SandboxGone
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -156,6 +156,135 @@ def listen_in_netns(netns_path: str, host: str, port: int, backlog: int = 1024) 
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+
+# --- UDP -------------------------------------------------------------------------------
+
+_UDP_TABLES = ((socket.AF_INET, "/proc/thread-self/net/udp"),
+               (socket.AF_INET6, "/proc/thread-self/net/udp6"))
+
+
+def _proc_address(family: int, text: str) -> str:
+    """An address as /proc/net/udp{,6} writes it (32-bit words in host byte order)."""
+    raw = bytes.fromhex(text)
+    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    return socket.inet_ntop(family, raw)
+
+
+def _read_udp_listeners(port: int) -> set[str]:
+    """Addresses with an unconnected UDP socket bound to port, in the calling thread's
+    netns (IPv4-mapped IPv6 addresses as IPv4; wildcards as 0.0.0.0 and ::)."""
+    found: set[str] = set()
+    for family, path in _UDP_TABLES:
+        try:
+            with open(path) as table:
+                lines = table.read().splitlines()[1:]
+        except OSError:  # no IPv6 in this kernel or netns
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 3:
+                continue
+            local, _, local_port = fields[1].partition(":")
+            remote, _, remote_port = fields[2].partition(":")
+            if int(local_port, 16) != port or int(remote_port, 16) != 0:
+                continue  # another port, or a connected socket (a client, not a server)
+            address = _proc_address(family, local)
+            if address.startswith("::ffff:") and "." in address:
+                address = address[len("::ffff:"):]
+            found.add(address)
+    return found
+
+
+def udp_listeners(netns_fd: int, port: int) -> set[str]:
+    """The addresses a UDP server listens on at port inside the netns behind netns_fd
+    (-1: this thread's own), read from its /proc tables while the thread is inside."""
+    if netns_fd < 0:
+        return _read_udp_listeners(port)
+    home = _own_netns_fd()
+    try:
+        _setns(netns_fd)
+    except OSError as e:
+        raise SandboxGone(f"cannot enter network namespace: {e.strerror}") from None
+    try:
+        return _read_udp_listeners(port)
+    finally:
+        try:
+            _setns(home)
+        except OSError as e:  # the thread would stay in the sandbox: nothing safe remains
+            os.write(2, f"crishim: cannot leave a sandbox netns ({e}); exiting\n".encode())
+            os._exit(70)
+
+
+def _serves(listeners: set[str], family: int, host: str) -> bool:
+    if family == socket.AF_INET:  # a dual-stack [::] socket takes IPv4 as well
+        return bool(listeners & {host, "0.0.0.0", "::"})
+    return bool(listeners & {host, "::"})
+
+
+def dial_udp_localhost(netns_path: str | None, port: int, pod_ip: str = "") -> socket.socket:
+    """A non-blocking UDP socket connected to port on localhost in the netns (None: the
+    host's). UDP has no handshake to refuse, so the target is the first of 127.0.0.1, ::1
+    (then pod_ip if given) with a server bound to it; with none, 127.0.0.1, whose ICMP port
+    unreachable then ends the flow as a refused TCP dial would."""
+    targets = list(_LOCALHOST)
+    if pod_ip:
+        targets.append((socket.AF_INET6 if ":" in pod_ip else socket.AF_INET, pod_ip))
+    ns_fd = open_netns(netns_path) if netns_path else -1
+    reasons = []
+    try:
+        listeners = udp_listeners(ns_fd, port)
+        served = [t for t in targets if _serves(listeners, *t)]
+        for family, host in served + [t for t in targets if t not in served]:
+            try:
+                if ns_fd >= 0:
+                    sock = socket_in_netns(ns_fd, family, socket.SOCK_DGRAM)
+                else:
+                    sock = socket.socket(family, socket.SOCK_DGRAM)
+                    sock.setblocking(False)
+            except OSError as e:  # e.g. no IPv6 in this netns
+                reasons.append(f"{host}: {e.strerror}")
+                continue
+            try:
+                sock.connect((host, port))  # no packet sent: only sets the peer address
+            except OSError as e:
+                sock.close()
+                reasons.append(f"{host}: {e.strerror or e}")
+                continue
+            return sock
+    finally:
+        if ns_fd >= 0:
+            os.close(ns_fd)
+    raise DialFailed(f"udp port {port}: " + "; ".join(reasons))
+
+
+class InProcessUdp:
+    """RuntimePlugin.dial_udp for plugins that enter the sandbox netns in this process
+    (list it before RuntimePlugin among the bases)."""
+
+    supports_udp = True
+    pod_ip_fallback = False  # the plugin sets it from the config
+
+    async def dial_udp(self, sandbox: Sandbox, port: int) -> socket.socket:
+        return dial_udp_localhost(None if sandbox.host_network else sandbox.netns_path, port,
+                                  sandbox.pod_ip if self.pod_ip_fallback else "")
+
+
+def bind_udp_in_netns(netns_path: str, host: str, port: int) -> socket.socket:
+    """A UDP socket bound inside a netns (the demo's echo server, test servers)."""
+    fd = open_netns(netns_path)
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket_in_netns(fd, family, socket.SOCK_DGRAM)
+    finally:
+        os.close(fd)
+    try:
+        sock.bind((host, port))
     except BaseException:
         sock.close()
         raise

@@ -47,7 +47,8 @@ class Sandbox:
 
 
 class RuntimePlugin(abc.ABC):
-    """Answer two questions: where is this sandbox, and connect me to a port in it."""
+    """Answer two questions: where is this sandbox, and connect me to a port in it (TCP,
+    or UDP for crishim's own port-forward extension)."""
 
     name: str = "?"
 
@@ -59,6 +60,15 @@ class RuntimePlugin(abc.ABC):
     async def dial(self, sandbox: Sandbox, port: int) -> socket.socket:
         """A connected non-blocking socket to port inside the sandbox, or DialFailed /
         SandboxGone."""
+
+    # whether dial_udp works: the server offers UDP port-forward only if so. Plugins that
+    # enter the netns in process get both from crishim.netns.InProcessUdp.
+    supports_udp: bool = False
+
+    async def dial_udp(self, sandbox: Sandbox, port: int) -> socket.socket:
+        """A connected non-blocking UDP socket to port inside the sandbox, or DialFailed /
+        SandboxGone (crishim's port-forward extension; never called unless supports_udp)."""
+        raise DialFailed(f"runtime plugin {self.name!r} does not forward UDP")
 
     async def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release what the plugin holds (connections to helpers, caches)."""

@@ -30,7 +30,7 @@ import grpc
 from crishim.config import Config
 from crishim.cri import api_pb2, api_pb2_grpc
 from crishim.cri.service import upstream_target
-from crishim.netns import dial_localhost
+from crishim.netns import InProcessUdp, dial_localhost
 from crishim.runtime import RuntimeError_, RuntimePlugin, Sandbox, SandboxGone, SandboxNotFound
 
 HOST = "host"
@@ -75,7 +75,7 @@ class NamedSandboxes:
         return Sandbox(sandbox_id, netns_path=path)
 
 
-class NamedNetnsRuntime(RuntimePlugin):
+class NamedNetnsRuntime(InProcessUdp, RuntimePlugin):
     """Sandboxes that are named netns (or entries of the `sandboxes` map, plus any
     `extra`), dialled in process: the netns plugin, and the demo with its own sandbox."""
 

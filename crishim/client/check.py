@@ -4,8 +4,10 @@ With root and the sandbox's netns (PodSandboxStatus verbose info, or --netns), i
 its own peers inside the sandbox: echo, sink (reads "N\\n" and N bytes, answers
 "<count> <sha256>\\n"),
 source (sends N deterministic bytes for "N\\n"), reset (RST on the first byte), and a
-closed port. Otherwise only the checks that need no cooperating server run, against
---port, and the others are listed as skipped with the reason.
+closed port, and a UDP echo for the optional udp-echo check (crishim's port-forward
+extension, skipped with the reason where the runtime does not negotiate it). Otherwise
+only the checks that need no cooperating server run, against --port, and the others are
+listed as skipped with the reason.
 """
 
 from __future__ import annotations
@@ -34,11 +36,33 @@ from crishim.client.transports import (
     UpgradeRefused,
     open_session,
 )
+from crishim.protocols.constants import PORTFORWARD_CRISHIM_V1
+from crishim.protocols.datagram import DatagramDecoder, encode_datagram
 
 IO_TIMEOUT = 20.0
+UDP_CHECK_SIZES = (1, 512, 1472, 8192, 65507)  # 65,507: the largest UDP payload over IPv4
 # What a check says: its result (pass | fail | warn) and a line of detail.
 Outcome = tuple[str, str]
 URL_RE = re.compile(r"^(https?)://([^/]+)/portforward/([^/?#]+)$")
+
+
+class _Datagrams(asyncio.Protocol):
+    """A UDP flow's stream, its datagrams queued as they arrive, boundaries kept."""
+
+    def __init__(self) -> None:
+        self.decoder = DatagramDecoder()
+        self.queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
+
+    def data_received(self, data: bytes) -> None:
+        for datagram in self.decoder.receive_data(data):
+            self.queue.put_nowait(datagram)
+
+    def eof_received(self) -> bool:
+        self.queue.put_nowait(None)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.queue.put_nowait(exc)
 
 
 @dataclass
@@ -325,6 +349,42 @@ class Checker:
         return "pass", f"open + 1-byte round trip over {n}: p50 {p50:.2f} ms, max-ish p99 " \
                        f"{p99:.2f} ms"
 
+    async def udp_unavailable(self) -> str:
+        """Why the udp-echo check cannot run here, or "" if it can."""
+        if self.transport == "websocket":
+            return "the WebSocket channel protocol cannot carry UDP"
+        if self.peers is None:
+            return "needs a cooperating server in the sandbox (see below)"
+        if self.session is None or self.session.closed.done():
+            self.session = await self.new_session(self.transport)
+        version = await self.session.negotiate(self.timeout)
+        if not self.session.supports_udp:
+            return (f"the runtime's stream server negotiated {version}, not "
+                    f"{PORTFORWARD_CRISHIM_V1}: it does not forward UDP")
+        return ""
+
+    async def check_udp_echo(self) -> Outcome:
+        assert self.session is not None and self.peers is not None
+        stream, flow = await self.session.open_connection(
+            self.peers.ports["udp_echo"], _Datagrams, "udp")
+        assert isinstance(flow, _Datagrams)
+        try:
+            for size in UDP_CHECK_SIZES:
+                sent = os.urandom(size)
+                stream.write(encode_datagram(sent))
+                got = await asyncio.wait_for(flow.queue.get(), IO_TIMEOUT)
+                if isinstance(got, BaseException):
+                    raise got
+                if got is None:
+                    return "fail", f"the flow ended before the {size}-byte datagram came back"
+                if got != sent:
+                    return "fail", (f"a {size}-byte datagram came back as {len(got)} bytes"
+                                    + (" (content differs)" if len(got) == size else ""))
+        finally:
+            stream.close()
+        sizes = ", ".join(str(n) for n in UDP_CHECK_SIZES)
+        return "pass", f"datagrams of {sizes} bytes echoed whole, boundaries kept"
+
     async def check_connect_user_port(self) -> Outcome:
         async with self.connection(self.port) as (reader, writer):
             try:
@@ -373,6 +433,14 @@ class Checker:
                 self.skip(name, "needs a cooperating server in the sandbox (see below)")
             else:
                 await self.run_check(name, fn, required=name != "setup-latency")
+        try:
+            why_no_udp = await self.udp_unavailable()
+        except SessionError as e:
+            why_no_udp = f"cannot open a session to ask: {e}"
+        if why_no_udp:
+            self.skip("udp-echo", why_no_udp, required=False)
+        else:
+            await self.run_check("udp-echo", self.check_udp_echo, required=False)
         if self.peers is None and self.port:
             await self.run_check("connect", self.check_connect_user_port)
 

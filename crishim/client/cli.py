@@ -33,14 +33,19 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                     "first, then the WebSocket tunnel is tried and SPDY used where the "
                     "server does not offer it. "
                     "PORT specs: 5000 (5000 -> 5000), 6000:5000, :5000 or 0:5000 (a free "
-                    "local port). Prints 'Forwarding from 127.0.0.1:L -> R' per listener and "
+                    "local port); a spec ending in /udp (5353:53/udp) forwards UDP, one "
+                    "flow per local peer address, where the runtime's stream server "
+                    "negotiates crishim's extension (crishim serve does; containerd and "
+                    "CRI-O do not, and the /udp specs are then refused with one line while "
+                    "TCP specs go on); not with --transport websocket. "
+                    "Prints 'Forwarding from 127.0.0.1:L -> R' per listener and "
                     "'Handling connection for L' per connection. One failed connection is "
                     "reported and the session goes on; an error text from the server, or "
                     "losing the session, ends it with exit status 1; Ctrl-C or SIGTERM ends "
                     "it with 0.")
     pf.add_argument("sandbox", metavar="TARGET",
                     help="pod sandbox id; with --kubeconfig: pod/NAME or NAME")
-    pf.add_argument("ports", metavar="[LOCAL:]REMOTE", nargs="+", help="port specs")
+    pf.add_argument("ports", metavar="[LOCAL:]REMOTE[/udp]", nargs="+", help="port specs")
     _add_common(pf)
     pf.add_argument("--kubeconfig", metavar="FILE",
                     help="go through this cluster's API server (pods/portforward) instead "

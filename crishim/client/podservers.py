@@ -1,4 +1,5 @@
-"""The pod side of `crishim check`: small TCP servers started inside the sandbox's netns.
+"""The pod side of `crishim check`: small TCP servers (and a UDP echo) started inside the
+sandbox's netns.
 
 The end-to-end tests run the same servers in their own netns (tests/support/podnet.py), so a
 byte the checker verifies and a byte a test verifies come from one definition.
@@ -12,7 +13,7 @@ import socket
 import struct
 from typing import cast
 
-from crishim.netns import listen_in_netns
+from crishim.netns import bind_udp_in_netns, listen_in_netns
 
 SOURCE_CHUNK = 1 << 20
 SOURCE_WRITE_HIGH_WATER = 4 << 20
@@ -124,6 +125,44 @@ class Reset(asyncio.Protocol):
         self.t.abort()
 
 
+class UdpEcho:
+    """Sends every datagram back to its sender, boundaries as received. Reads its socket
+    directly: asyncio's datagram transport would not send an empty datagram back."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.datagrams = 0
+        self._buffer = bytearray(65536)
+        self._loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self._loop.add_reader(sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        view = memoryview(self._buffer)
+        for _ in range(64):
+            try:
+                n, addr = self.sock.recvfrom_into(self._buffer)
+                self.datagrams += 1
+                self.sock.sendto(view[:n], addr)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue  # ICMP for a sender that went away, or a full send buffer: drop
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            self._loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+
+
+async def serve_udp_echo(netns: str, host: str = "127.0.0.1", port: int = 0
+                         ) -> tuple[UdpEcho, int]:
+    """A UdpEcho bound inside the netns, and its port."""
+    sock = bind_udp_in_netns(netns, host, port)
+    return UdpEcho(sock), sock.getsockname()[1]
+
+
 class Peers:
     """Servers inside the sandbox netns, on free ports."""
 
@@ -131,6 +170,7 @@ class Peers:
         self.netns = netns
         self.ports: dict[str, int] = {}
         self._servers: list[asyncio.AbstractServer] = []
+        self._udp: UdpEcho | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -142,7 +182,10 @@ class Peers:
         sock = listen_in_netns(self.netns, "127.0.0.1", 0)
         self.ports["closed"] = sock.getsockname()[1]
         sock.close()
+        self._udp, self.ports["udp_echo"] = await serve_udp_echo(self.netns)
 
     def close(self) -> None:
         for server in self._servers:
             server.close()
+        if self._udp is not None:
+            self._udp.close()

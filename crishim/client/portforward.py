@@ -21,8 +21,10 @@ from crishim.client.transports import (
     ForwardError,
     ForwardStream,
     SessionError,
+    UdpNotSupported,
     open_session,
 )
+from crishim.client.udp import UdpListener
 
 # (transport, ports, ping_interval) -> a new session to the pod: where the stream comes
 # from (a CRI PortForward URL, an API server) is the opener's business
@@ -51,15 +53,28 @@ class UsageError(Exception):
 class PortSpec:
     local: int
     remote: int
+    protocol: str = "tcp"  # or "udp" (crishim's extension, portforward.crishim.dev/v1)
+
+    @property
+    def remote_text(self) -> str:
+        """The remote port as the output names it: `53/udp`; TCP ports bare, as kubectl."""
+        return f"{self.remote}/udp" if self.protocol == "udp" else str(self.remote)
 
 
 def parse_port_spec(text: str) -> PortSpec:
-    """`5000`, `6000:5000`, `:5000`, `0:5000` (0 or empty: a free local port)."""
-    local_text, sep, remote_text = text.partition(":")
+    """`5000`, `6000:5000`, `:5000`, `0:5000` (0 or empty: a free local port), each
+    optionally ending in `/tcp` (the default) or `/udp`."""
+    ports_text, slash, protocol = text.rpartition("/")
+    if not slash:
+        ports_text, protocol = text, "tcp"
+    elif protocol not in ("tcp", "udp"):
+        raise UsageError(f"invalid port spec {text!r}: protocol {protocol!r} is not tcp or "
+                         "udp")
+    local_text, sep, remote_text = ports_text.partition(":")
     if not sep:
-        local_text = remote_text = text
-    if ":" in remote_text:
-        raise UsageError(f"invalid port spec {text!r}: expected [LOCAL:]REMOTE")
+        local_text = remote_text = ports_text
+    if ":" in remote_text or "/" in ports_text:
+        raise UsageError(f"invalid port spec {text!r}: expected [LOCAL:]REMOTE[/tcp|/udp]")
     if local_text == "":
         local_text = "0"
     for what, value in (("local", local_text), ("remote", remote_text)):
@@ -72,7 +87,7 @@ def parse_port_spec(text: str) -> PortSpec:
     if not 1 <= remote <= 65535:
         raise UsageError(f"invalid port spec {text!r}: remote port {remote} is not in "
                          "1..65535")
-    return PortSpec(local, remote)
+    return PortSpec(local, remote, protocol)
 
 
 def listen_hosts(addresses: list[str]) -> list[str]:
@@ -203,11 +218,17 @@ class PortForwarder:
         self.ping_interval = ping_interval
         self.session: ClientSession | None = None
         self.servers: list[asyncio.AbstractServer] = []
+        self.udp_listeners: list[UdpListener] = []
         self.finished: asyncio.Future[tuple[int, str]] | None = None
 
     async def start(self) -> asyncio.Future[tuple[int, str]]:
         """Connect and listen; the future resolves with (exit status, message) at the end."""
         finished = self.finished = asyncio.get_running_loop().create_future()
+        udp_specs = [spec for spec in self.specs if spec.protocol == "udp"]
+        if udp_specs and self.transport == "websocket":
+            raise UsageError(f"{udp_specs[0].remote_text}: the WebSocket channel protocol "
+                             "(--transport websocket) cannot carry UDP; use --transport spdy, "
+                             "spdy-over-websocket or h2")
         if self.transport == "websocket":
             # Ports are fixed per WebSocket: one session per local connection. Check the
             # sandbox and the upgrade once now, so a refusal is reported before listening.
@@ -217,8 +238,23 @@ class PortForwarder:
         else:
             self.session = await self.opener(self.transport, [], self.ping_interval)
             self.session.closed.add_done_callback(self._session_closed)
-        for spec in self.specs:
-            await self._listen(spec)
+        specs = self.specs
+        if udp_specs:
+            assert self.session is not None
+            await self.session.negotiate()
+            if not self.session.supports_udp:
+                refusal = UdpNotSupported(self.session.stream_version, self.transport)
+                refused = ", ".join(spec.remote_text for spec in udp_specs)
+                if len(udp_specs) == len(specs):
+                    raise SessionError(f"{refusal}: cannot forward {refused}")
+                print(f"error: {refusal}: not forwarding {refused}", file=sys.stderr,
+                      flush=True)
+                specs = [spec for spec in specs if spec.protocol != "udp"]
+        for spec in specs:
+            if spec.protocol == "udp":
+                await self._listen_udp(spec)
+            else:
+                await self._listen(spec)
         return finished
 
     async def _listen(self, spec: PortSpec) -> None:
@@ -248,6 +284,48 @@ class PortForwarder:
             print(f"Forwarding from {_show(host)}:{spec.local} -> {spec.remote}", flush=True)
         if not bound:
             raise UsageError(f"unable to listen on any address for port {spec.local}")
+
+    async def _listen_udp(self, spec: PortSpec) -> None:
+        bound = 0
+        for host in self.hosts:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((host, spec.local))
+            except OSError as e:
+                sock.close()
+                if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) and host == "::1":
+                    continue
+                raise UsageError(f"unable to listen on {_show(host)}:{spec.local}/udp: "
+                                 f"{e.strerror}") from None
+            if spec.local == 0:
+                spec.local = sock.getsockname()[1]
+            self.udp_listeners.append(UdpListener(sock, spec.remote, spec.local,
+                                                  self._open_flow, self._flow_failed))
+            bound += 1
+            print(f"Forwarding from {_show(host)}:{spec.local} -> {spec.remote_text}",
+                  flush=True)
+        if not bound:
+            raise UsageError(f"unable to listen on any address for port {spec.local}/udp")
+
+    def _open_flow(self, port: int, protocol_factory: Callable[[], asyncio.Protocol]
+                   ) -> asyncio.Transport:
+        session = self.session
+        if session is None:
+            raise SessionError("no session")
+        stream, _ = session.open_connection_nowait(port, protocol_factory, "udp")
+        return stream
+
+    def _flow_failed(self, listener: UdpListener, exc: Exception) -> None:
+        if self.finished is None or self.finished.done():
+            return
+        where = f"{listener.local_port} -> {listener.remote_port}/udp"
+        if isinstance(exc, ForwardError) and exc.fatal:
+            self._finish(1, f"an error occurred forwarding {where}: {exc}")
+        else:
+            log_error(f"error forwarding port {where}: {exc}")
 
     def start_pipe(self, pipe: _Pipe, local: asyncio.Transport) -> None:
         session = self.session
@@ -311,6 +389,8 @@ class PortForwarder:
     def close(self) -> None:
         for server in self.servers:
             server.close()
+        for listener in self.udp_listeners:
+            listener.close()
         session = self.session
         self.session = None
         if session is not None:

@@ -7,8 +7,10 @@ __all__ = [
     "H2_CONNECTION_WINDOW",
     "H2_STREAM_WINDOW",
     "HEADER_PORT",
+    "HEADER_PROTOCOL",
     "HEADER_REQUEST_ID",
     "HEADER_STREAM_TYPE",
+    "PORTFORWARD_CRISHIM_V1",
     "PORTFORWARD_PROTOCOL",
     "STREAM_TYPE_DATA",
     "STREAM_TYPE_ERROR",
@@ -17,6 +19,9 @@ __all__ = [
 #: The port-forward subprotocol: ``X-Stream-Protocol-Version`` on SPDY, and the suffix of
 #: the SPDY-over-WebSocket subprotocol.
 PORTFORWARD_PROTOCOL = "portforward.k8s.io"
+#: crishim's extension beside it (UDP flows; crishim/protocols/negotiation.py): offered by
+#: crishim's client only, so upstream clients never see it.
+PORTFORWARD_CRISHIM_V1 = "portforward.crishim.dev/v1"
 
 # Headers of every port-forward stream (SPDY and HTTP/2): each forwarded connection is a
 # pair of streams, one per stream type, sharing a request id.
@@ -25,6 +30,8 @@ HEADER_PORT = "port"
 HEADER_REQUEST_ID = "requestid"
 STREAM_TYPE_DATA = "data"
 STREAM_TYPE_ERROR = "error"
+# portforward.crishim.dev/v1 only: "tcp" (the default when absent) or "udp", on both streams
+HEADER_PROTOCOL = "protocol"
 
 # HTTP/2 receive windows both ends advertise.
 H2_STREAM_WINDOW = 16 * 1024 * 1024  # per stream: a fast link is not throttled

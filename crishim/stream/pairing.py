@@ -12,20 +12,23 @@ from crishim.protocols.constants import (
     HEADER_PORT,
     HEADER_REQUEST_ID,
     HEADER_STREAM_TYPE,
+    PORTFORWARD_PROTOCOL,
     STREAM_TYPE_DATA,
     STREAM_TYPE_ERROR,
 )
+from crishim.protocols.negotiation import TCP, StreamProtocolRefused, stream_protocol
 from crishim.stream.admission import Refused
 
 
 class PendingPair:
     """A forwarded connection's error and data streams while they gather."""
 
-    __slots__ = ("request_id", "port", "data_id", "error_id", "timer", "held")
+    __slots__ = ("request_id", "port", "protocol", "data_id", "error_id", "timer", "held")
 
-    def __init__(self, request_id: str, port: int) -> None:
+    def __init__(self, request_id: str, port: int, protocol: str = TCP) -> None:
         self.request_id = request_id
         self.port = port
+        self.protocol = protocol  # tcp, or udp (portforward.crishim.dev/v1)
         self.data_id = 0
         self.error_id = 0
         self.timer: asyncio.TimerHandle | None = None
@@ -47,10 +50,11 @@ class StreamPairs:
         self.by_stream: dict[int, PendingPair] = {}
 
     def add(self, stream_id: int, headers: Mapping[str, str],
-            live: Container[str] = ()) -> PendingPair:
-        """File one stream with its pair, or raise Refused(400): bad headers, or a second
-        stream of one type for a request; only that stream is refused. A complete pair
-        (both ids set) is no longer pending: the caller opens its connection."""
+            live: Container[str] = (), version: str = PORTFORWARD_PROTOCOL) -> PendingPair:
+        """File one stream with its pair, or raise Refused(400): bad headers (a protocol
+        the session's negotiated version does not carry, too), or a second stream of one
+        type for a request; only that stream is refused. A complete pair (both ids set)
+        is no longer pending: the caller opens its connection or flow."""
         stream_type = headers.get(HEADER_STREAM_TYPE, "")
         if stream_type not in (STREAM_TYPE_DATA, STREAM_TYPE_ERROR):
             raise Refused(400, f"unknown streamtype {stream_type!r}: expected data or error")
@@ -58,19 +62,26 @@ class StreamPairs:
             port = parse_port(headers.get(HEADER_PORT, ""))
         except InvalidPort as e:
             raise Refused(400, str(e)) from None
+        try:
+            protocol = stream_protocol(headers, version)
+        except StreamProtocolRefused as e:
+            raise Refused(400, str(e)) from None
         request_id = headers.get(HEADER_REQUEST_ID)
         if request_id is None:  # very old clients: ids derived from stream ids
             request_id = str(stream_id if stream_type == STREAM_TYPE_ERROR else stream_id - 2)
         if request_id in live:
             raise Refused(400, f"a second {stream_type} stream for request {request_id}, "
                                "whose connection is live")
-        pair = self.pending.get(request_id) or PendingPair(request_id, port)
+        pair = self.pending.get(request_id) or PendingPair(request_id, port, protocol)
         slot = "data_id" if stream_type == STREAM_TYPE_DATA else "error_id"
         if getattr(pair, slot):
             raise Refused(400, f"a second {stream_type} stream for request {request_id}")
         if pair.port != port:
             raise Refused(400, f"port {port} differs from port {pair.port} of the other "
                                f"stream of request {request_id}")
+        if pair.protocol != protocol:
+            raise Refused(400, f"protocol {protocol} differs from protocol {pair.protocol} of "
+                               f"the other stream of request {request_id}")
         if request_id not in self.pending:
             self.pending[request_id] = pair
             pair.timer = asyncio.get_running_loop().call_later(

@@ -80,7 +80,10 @@ from hyperframe.exceptions import HyperframeError
 from hyperframe.frame import Frame, GoAwayFrame, RstStreamFrame
 
 from crishim.forward import ForwardedConnection
+from crishim.forward_udp import ForwardedFlow
+from crishim.protocols.constants import PORTFORWARD_PROTOCOL
 from crishim.protocols.h2 import H2Codec, Outbound, Overloaded
+from crishim.protocols.negotiation import VERSION_HEADER, choose_version, server_versions
 from crishim.runtime import Sandbox
 from crishim.stream.admission import MAX_REQUEST_HEAD, Admit, Refused, h2_refusal, redact
 from crishim.stream.pairing import PendingPair, StreamPairs
@@ -139,7 +142,7 @@ class _H2Channel:
         self.data_id = data_id
         self.error_id = error_id
         self.request_id = request_id
-        self.conn: ForwardedConnection | None = None
+        self.conn: ForwardedConnection | ForwardedFlow | None = None
         self.data_closed = False
 
     def send(self, data: bytes) -> None:
@@ -207,8 +210,9 @@ class H2PortForwardSession(ServerSession):
         self.codec.charge_frame = self._charge_frame
         self._window_granted = 0  # taken from the server's buffer budget, returned at the end
         self._pairs = StreamPairs(self.creation_timeout, self._pair_timed_out)
-        self._by_stream: dict[int, ForwardedConnection] = {}  # data stream id -> connection
-        self._live_requests: dict[str, ForwardedConnection] = {}  # request id -> connection
+        self._by_stream: dict[int, ForwardedConnection | ForwardedFlow] = {}  # data stream id
+        self._live_requests: dict[str, ForwardedConnection | ForwardedFlow] = {}  # request id
+        self._version_chosen = False  # at the first forwarding stream, for the session
         self._outbound: dict[int, Outbound] = {}  # streams waiting for window
         self._held_acks: dict[int, int] = {}  # data stream id -> bytes not yet acknowledged
         self._congested: set[object] = set()  # connections whose window is withheld
@@ -305,6 +309,8 @@ class H2PortForwardSession(ServerSession):
 
     def _refuse_stream(self, stream_id: int, refused: Refused, client_done: bool) -> None:
         headers, body = h2_refusal(refused)
+        if self._version_chosen:
+            headers = [*headers, (VERSION_HEADER, self.stream_version)]
         try:
             self.codec.send_headers(stream_id, headers)
         except h2.exceptions.ProtocolError:
@@ -458,16 +464,29 @@ class H2PortForwardSession(ServerSession):
         self._dispatch(queued)
         self.flush()
 
+    def _choose_version(self, headers: dict[str, str]) -> None:
+        """The session's stream protocol version, from its first forwarding stream's offer
+        (HTTP/2's form of X-Stream-Protocol-Version: a request header, answered in every
+        response)."""
+        if not self._version_chosen:
+            self._version_chosen = True
+            offered = headers.get(VERSION_HEADER, "").split(",")
+            self.stream_version = (choose_version(offered, server_versions(self.ctx.udp))
+                                   or PORTFORWARD_PROTOCOL)
+
     def _pair(self, sid: int, headers: dict[str, str]) -> None:
-        pair = self._pairs.add(sid, headers, live=self._live_requests)
+        self._choose_version(headers)
+        pair = self._pairs.add(sid, headers, live=self._live_requests,
+                               version=self.stream_version)
         try:
-            self.codec.send_headers(sid, [(":status", "200")])
+            self.codec.send_headers(sid, [(":status", "200"),
+                                          (VERSION_HEADER, self.stream_version)])
         except h2.exceptions.ProtocolError:
             pass  # the client already reset it: its StreamReset event cleans up
         if not pair.complete:
             return
         channel = _H2Channel(self, pair.data_id, pair.error_id, pair.request_id)
-        conn = self.open_connection(pair.port, channel)
+        conn = self.open_forward(pair.port, channel, pair.protocol)
         channel.conn = conn
         if conn.done:
             return
@@ -499,9 +518,11 @@ class H2PortForwardSession(ServerSession):
 
     def _ack_unless_congested(self, stream_id: int, n: int) -> None:
         """A stream gets window back only for bytes its pod's socket took: not while the
-        connection is dialling, nor while the socket's buffer holds any."""
+        connection is dialling, nor while the socket's buffer holds any (a UDP flow sends
+        or drops each datagram at once)."""
         conn = self._by_stream.get(stream_id)
-        if conn is not None and (conn in self._congested or not conn.dialled):
+        if conn is not None and (conn in self._congested or (
+                isinstance(conn, ForwardedConnection) and not conn.dialled)):
             self._congested.add(conn)  # released by resume_client_reading
             self._held_acks[stream_id] = self._held_acks.get(stream_id, 0) + n
         else:
@@ -589,7 +610,7 @@ class H2PortForwardSession(ServerSession):
             if not (isinstance(channel, _H2Channel) and channel.data_id in self._outbound):
                 conn.resume_pod_reading()
 
-    def connection_finished(self, conn: ForwardedConnection) -> None:
+    def connection_finished(self, conn: ForwardedConnection | ForwardedFlow) -> None:
         super().connection_finished(conn)
         self._congested.discard(conn)
         channel = conn.channel

@@ -8,8 +8,10 @@ import time
 from collections.abc import Callable
 
 from crishim.forward import ForwardContext, ForwardedConnection
+from crishim.forward_udp import ForwardedFlow
 from crishim.protocols import spdy
 from crishim.protocols.constants import PORTFORWARD_PROTOCOL
+from crishim.protocols.negotiation import choose_version, server_versions
 from crishim.runtime import Sandbox
 from crishim.stream.admission import Refused
 from crishim.stream.pairing import PendingPair, StreamPairs
@@ -31,17 +33,21 @@ def start(upgrade: Upgrade) -> None:
     if not offered:
         raise Refused(400, "missing X-Stream-Protocol-Version: this server speaks "
                            f"{PORTFORWARD_PROTOCOL}")
-    if PORTFORWARD_PROTOCOL not in offered:
+    # portforward.crishim.dev/v1 (UDP flows) when offered, UDP is on and the plugin can
+    # dial it; upstream clients offer only portforward.k8s.io and get it as ever
+    version = choose_version(offered, server_versions(settings.ctx.udp))
+    if version is None:  # named as before: crishim's own client offers the upstream too
         raise Refused(403, f"none of the offered stream protocols {offered} is supported; "
                            f"this server speaks {PORTFORWARD_PROTOCOL}",
                       [("X-Accepted-Stream-Protocol-Versions", PORTFORWARD_PROTOCOL)])
     transport.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
                     b"Upgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: "
-                    + PORTFORWARD_PROTOCOL.encode() + b"\r\n\r\n")
+                    + version.encode() + b"\r\n\r\n")
     session = SpdyPortForwardSession(
         settings.ctx, upgrade.admitted.sandbox, settings.creation_timeout,
         settings.idle_timeout, transport.writelines,
         lambda: close_client(transport, session.violated_budget))
+    session.stream_version = version
     upgrade.adopt(session, SessionProtocol(session, transport))
 
 
@@ -99,7 +105,7 @@ class SpdyPortForwardSession(ServerSession):
         self._write_buffers = write_buffers
         self._close_transport = close
         self._pairs = StreamPairs(creation_timeout, self._pair_timed_out)
-        self._by_stream: dict[int, ForwardedConnection] = {}
+        self._by_stream: dict[int, ForwardedConnection | ForwardedFlow] = {}
 
     def start(self) -> None:
         self.arm_idle_timer()
@@ -165,7 +171,7 @@ class SpdyPortForwardSession(ServerSession):
 
     def _on_stream_opened(self, ev: spdy.StreamOpened) -> bool:
         try:
-            pair = self._pairs.add(ev.stream_id, ev.headers)
+            pair = self._pairs.add(ev.stream_id, ev.headers, version=self.stream_version)
         except Refused as e:
             self.protocol_error("spdy sandbox=%s: refusing stream %d: %s", self.sandbox.id,
                                 ev.stream_id, e, logger=log)
@@ -174,7 +180,7 @@ class SpdyPortForwardSession(ServerSession):
         self.codec.reply(ev.stream_id, {})
         if pair.complete:
             channel = _SpdyChannel(self, pair.data_id, pair.error_id)
-            conn = self.open_connection(pair.port, channel)
+            conn = self.open_forward(pair.port, channel, pair.protocol)
             if not conn.done:
                 self._by_stream[pair.data_id] = conn
         return True
@@ -215,7 +221,7 @@ class SpdyPortForwardSession(ServerSession):
             conn.close(ev.reason)
         return self.charge_control("a refused frame")
 
-    def connection_finished(self, conn: ForwardedConnection) -> None:
+    def connection_finished(self, conn: ForwardedConnection | ForwardedFlow) -> None:
         super().connection_finished(conn)
         channel = conn.channel
         if isinstance(channel, _SpdyChannel):

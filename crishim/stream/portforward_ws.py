@@ -38,6 +38,8 @@ from typing import cast
 from crishim.forward import ForwardContext, ForwardedConnection
 from crishim.ports import InvalidPort, parse_port
 from crishim.protocols import websocket as ws
+from crishim.protocols.constants import PORTFORWARD_CRISHIM_V1, PORTFORWARD_PROTOCOL
+from crishim.protocols.negotiation import websocket_subprotocol
 from crishim.runtime import Sandbox
 from crishim.stream.admission import Refused
 from crishim.stream.portforward_spdy import SpdyPortForwardSession
@@ -47,6 +49,8 @@ from crishim.tokens import StreamRequest
 log = logging.getLogger("crishim.websocket")
 
 SUPPORTED_SUBPROTOCOLS = [ws.SPDY_TUNNEL, ws.CHANNEL_BINARY, ws.CHANNEL_BASE64]
+# crishim's port-forward extension over the SPDY tunnel (offered by crishim's client only)
+SPDY_TUNNEL_CRISHIM = websocket_subprotocol(PORTFORWARD_CRISHIM_V1)
 # After the client's close frame, connections still waiting for the pod get this long.
 CLOSE_GRACE = 5.0
 _GRACEFUL_CLOSE_CODES = (1000, 1001, 1005)
@@ -59,18 +63,20 @@ def start(upgrade: Upgrade) -> None:
     succeed."""
     transport, settings, sandbox = upgrade.transport, upgrade.settings, upgrade.admitted.sandbox
     try:
-        response, subprotocol = ws.accept_handshake(upgrade.request.raw_headers,
-                                                    SUPPORTED_SUBPROTOCOLS)
+        supported = ([SPDY_TUNNEL_CRISHIM] if settings.ctx.udp else []) + SUPPORTED_SUBPROTOCOLS
+        response, subprotocol = ws.accept_handshake(upgrade.request.raw_headers, supported)
     except ws.HandshakeError as e:  # the codec's own refusal, as the client codec shares it
         raise Refused(e.status, e.reason, [(k.decode("latin-1"), v.decode("latin-1"))
                                            for k, v in e.headers]) from None
-    if subprotocol == ws.SPDY_TUNNEL:
+    if subprotocol in (ws.SPDY_TUNNEL, SPDY_TUNNEL_CRISHIM):
         tunnel = ws.ByteStreamTunnel()
         spdy_session = SpdyPortForwardSession(
             settings.ctx, sandbox, settings.creation_timeout, settings.idle_timeout,
             lambda chunks: _tunnel_writelines(tunnel, transport, chunks),
             lambda: _tunnel_close(tunnel, transport, spdy_session.violated_budget))
         spdy_session.transport_name = "spdy-websocket"
+        spdy_session.stream_version = (PORTFORWARD_CRISHIM_V1 if subprotocol == SPDY_TUNNEL_CRISHIM
+                                       else PORTFORWARD_PROTOCOL)
         transport.write(response)
         upgrade.adopt(spdy_session, SpdyTunnelProtocol(spdy_session, tunnel, transport))
         return

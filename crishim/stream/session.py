@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from crishim.forward import ForwardContext, ForwardedConnection, SessionBase
+from crishim.forward_udp import ForwardedFlow
 from crishim.runtime import Sandbox
 from crishim.stream.admission import Admitted, Request
 
@@ -203,7 +204,7 @@ class ServerSession(SessionBase, ABC):
         if on_closed is not None:
             on_closed()
 
-    def connection_finished(self, conn: ForwardedConnection) -> None:
+    def connection_finished(self, conn: ForwardedConnection | ForwardedFlow) -> None:
         super().connection_finished(conn)
         if self._closed and not self.connections:
             self.cancel_timers()

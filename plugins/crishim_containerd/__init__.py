@@ -11,12 +11,12 @@ from __future__ import annotations
 import socket
 
 from crishim.config import Config
-from crishim.netns import dial_localhost
+from crishim.netns import InProcessUdp, dial_localhost
 from crishim.runtime import DialFailed, RuntimePlugin, Sandbox, SandboxGone
 from crishim.sandboxes import CACHE_TTL, NamedSandboxes, UpstreamSandboxes
 
 
-class ContainerdRuntime(RuntimePlugin):
+class ContainerdRuntime(InProcessUdp, RuntimePlugin):
     name = "containerd"
 
     def __init__(self, config: Config, cache_ttl: float = CACHE_TTL) -> None:
@@ -33,6 +33,13 @@ class ContainerdRuntime(RuntimePlugin):
         try:
             return await dial_localhost(None if sandbox.host_network else sandbox.netns_path,
                                         port, sandbox.pod_ip if self.pod_ip_fallback else "")
+        except (SandboxGone, DialFailed):
+            self.upstream.forget(sandbox.id)  # the next resolve asks the runtime again
+            raise
+
+    async def dial_udp(self, sandbox: Sandbox, port: int) -> socket.socket:
+        try:
+            return await super().dial_udp(sandbox, port)
         except (SandboxGone, DialFailed):
             self.upstream.forget(sandbox.id)  # the next resolve asks the runtime again
             raise

@@ -84,6 +84,9 @@ class HelperPodRuntime(RuntimePlugin):
             raise DialFailed(f"helper at {self.socket_path}: {reply.message}")
         return bool(reply.exists)
 
+    # no UDP (RuntimePlugin's supports_udp False): the helper's protocol passes back
+    # connected TCP sockets (fd mode) or relays one byte stream (socat mode)
+
     async def dial(self, sandbox: Sandbox, port: int) -> socket.socket:
         netns = HOST if sandbox.host_network else sandbox.netns_path
         pod_ip = sandbox.pod_ip if self.pod_ip_fallback else ""

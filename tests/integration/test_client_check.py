@@ -33,7 +33,8 @@ def test_check_with_own_servers_in_the_sandbox_passes(crishim, podnet, transport
     assert report["servers"] is True and report["netns"] == podnet.path
     checks = {c["name"]: c for c in report["checks"]}
     assert set(checks) == {"cri-url", "token-single-use", *(f"handshake:{t}" for t in
-                                                             TRANSPORTS), *DATA_CHECKS}
+                                                             TRANSPORTS), *DATA_CHECKS,
+                           "udp-echo"}
     # crishim speaks every transport
     for t in TRANSPORTS:
         assert checks[f"handshake:{t}"]["result"] == "pass", checks[f"handshake:{t}"]
@@ -42,9 +43,12 @@ def test_check_with_own_servers_in_the_sandbox_passes(crishim, podnet, transport
     assert "22 chars" in checks["cri-url"]["detail"]
     skipped = set(report["skipped"])
     if transport == "websocket":
-        assert skipped == {"upload-sha256", "half-close"}
+        assert skipped == {"upload-sha256", "half-close", "udp-echo"}
+        assert "cannot carry UDP" in checks["udp-echo"]["detail"]
     else:
         assert skipped == set()
+        assert checks["udp-echo"]["result"] == "pass", checks["udp-echo"]
+        assert "65507" in checks["udp-echo"]["detail"]
         assert "sha256 matches" in checks["upload-sha256"]["detail"]
         assert checks["half-close"]["result"] == "pass"
     for name in DATA_CHECKS:
@@ -66,7 +70,7 @@ def test_check_without_netns_skips_and_says_why(crishim):
     assert report["servers"] is False
     assert "UNIMPLEMENTED" in report["servers_reason"]
     assert "--netns" in report["servers_reason"]
-    assert set(report["skipped"]) == set(DATA_CHECKS)
+    assert set(report["skipped"]) == {*DATA_CHECKS, "udp-echo"}
     checks = {c["name"]: c for c in report["checks"]}
     assert checks["connect"]["result"] == "pass"
 

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import grpc
 import pytest
 
+from crishim.client.podservers import serve_udp_echo
 from crishim.config import Config
 from crishim.cri import api_pb2, api_pb2_grpc
 from crishim.netns import create_named_netns, delete_named_netns, listen_in_netns
@@ -77,6 +78,13 @@ class NetnsServers:
             self._servers.append(await asyncio.start_server(handler, sock=sock))
 
         asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
+
+    def udp_echo(self, netns_path: str) -> int:
+        """A UDP echo inside the netns (closed with the TCP servers); its port."""
+        echo, port = asyncio.run_coroutine_threadsafe(serve_udp_echo(netns_path),
+                                                      self.loop).result(10)
+        self._servers.append(echo)  # type: ignore[arg-type]  # only closed, like a server
+        return port
 
     @staticmethod
     async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -779,6 +787,60 @@ def test_crishim_client_against_containerd_own_stream_server(
     assert "connection refused" in pf.output()
 
 
+def _udp_exchange(port: int, payload: bytes) -> bytes:
+    from tests.support.udp_peers import exchange
+
+    return exchange(port, [payload])[0]
+
+
+def _udp_port_forward(endpoint: str, sandbox_id: str, *specs: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "crishim", "port-forward", sandbox_id, *specs,
+         "--runtime-endpoint", endpoint, "--address", "127.0.0.1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_udp_against_containerd_own_stream_server_is_one_line_and_tcp_works(
+        ctrd: ContainerdEnv, pod: tuple[str, str]) -> None:
+    """containerd's stream server picks portforward.k8s.io: the /udp spec is refused at
+    once with one line, never sent as a stream it would dial as TCP; TCP carries on."""
+    udp_local, tcp_local = free_port(), free_port()
+    proc = _udp_port_forward(ctrd.endpoint, pod[0], f"{udp_local}:53/udp",
+                             f"{tcp_local}:{ECHO_PORT}")
+    try:
+        assert proc.stdout.readline().startswith(
+            f"Forwarding from 127.0.0.1:{tcp_local} -> {ECHO_PORT}")
+        with socket.create_connection(("127.0.0.1", tcp_local), timeout=20) as conn:
+            conn.sendall(b"tcp through containerd")
+            assert conn.recv(100) == b"tcp through containerd"
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    stderr = proc.stderr.read().splitlines()
+    assert len(stderr) == 1, stderr
+    assert stderr[0].startswith("error: the container runtime does not support UDP "
+                                "port-forward (its stream server negotiated "
+                                "portforward.k8s.io")
+    assert stderr[0].endswith("not forwarding 53/udp")
+
+
+def test_udp_through_crishim_in_front_of_containerd(shim: CrishimProcess, pod: tuple[str, str],
+                                                    servers: NetnsServers) -> None:
+    """The containerd plugin enters the pod's netns in process: UDP flows work there."""
+    port = servers.udp_echo(pod[1])
+    local = free_port()
+    proc = _udp_port_forward(shim.socket, pod[0], f"{local}:{port}/udp")
+    try:
+        assert proc.stdout.readline().strip() == f"Forwarding from 127.0.0.1:{local} -> " \
+                                                 f"{port}/udp"
+        payload = os.urandom(1472)
+        assert _udp_exchange(local, payload) == payload
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
 # ----------------------------------------------------------------------------- crishim check
 
 
@@ -811,6 +873,8 @@ def test_check_finds_containerds_streaming_shortcomings(ctrd: ContainerdEnv) -> 
         assert checks[name]["result"] == "warn", checks[name]
         assert "error text" in checks[name]["detail"]
     assert checks["handshake:spdy-over-websocket"]["result"] != "pass"
+    assert checks["udp-echo"]["result"] == "skip"  # optional: not a failure of containerd
+    assert "negotiated portforward.k8s.io" in checks["udp-echo"]["detail"]
 
 
 def test_check_passes_against_crishim_in_front_of_containerd(shim: CrishimProcess,

@@ -16,6 +16,7 @@ from tests.support import peers
 from tests.support.crishim_proc import CrishimProcess
 from tests.support.podnet import CLOSED_PORT, HTTP_BODY, HTTP_PORT
 from tests.support.standin import KubeStandIn, run_kubectl_port_forward
+from tests.support.udp_peers import exchange
 
 KUBECTL_127 = "/usr/lib/google-cloud-sdk/bin/kubectl.1.27"
 KUBECTL_133 = "/usr/lib/google-cloud-sdk/bin/kubectl.1.33"
@@ -69,6 +70,22 @@ def test_demo_reached_with_the_readme_command(demo):
         with peers.connect(int(m.group(1))) as s:
             s.sendall(b"GET / HTTP/1.1\r\nHost: demo\r\n\r\n")
             assert b"hello from the crishim demo sandbox" in s.recv(65536)
+    finally:
+        pf.send_signal(signal.SIGINT)
+        assert pf.wait(20) == 0
+
+
+def test_demo_udp_echo_with_the_printed_command(demo):
+    sock, out = demo
+    command = re.search(r"UDP:\s+(crishim port-forward .*?)\s{3}", out).group(1).split()
+    command[command.index("15353:5353/udp")] = "0:5353/udp"  # a free local port in tests
+    pf = subprocess.Popen([sys.executable, "-m", "crishim", *command[1:]],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = pf.stdout.readline()
+        m = re.match(r"Forwarding from 127\.0\.0\.1:(\d+) -> 5353/udp", line)
+        assert m, line
+        assert exchange(int(m.group(1)), [b"hi", b"x" * 9000]) == [b"hi", b"x" * 9000]
     finally:
         pf.send_signal(signal.SIGINT)
         assert pf.wait(20) == 0

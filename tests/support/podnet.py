@@ -8,9 +8,15 @@ import hashlib
 import os
 import threading
 
-from crishim.client.podservers import Echo, Reset, Source
+from crishim.client.podservers import Echo, Reset, Source, serve_udp_echo
 from crishim.client.podservers import source_bytes as source_bytes  # what SOURCE_PORT sends
-from crishim.netns import create_named_netns, delete_named_netns, listen_in_netns
+from crishim.netns import (
+    bind_udp_in_netns,
+    create_named_netns,
+    delete_named_netns,
+    listen_in_netns,
+)
+from tests.support.udp_peers import DnsResponder
 
 HTTP_PORT = 8080
 ECHO_PORT = 9000
@@ -18,6 +24,9 @@ SINK_PORT = 9001  # reads to EOF, answers "<count> <sha256>\n"
 SOURCE_PORT = 9002  # reads "N\n", sends N deterministic bytes, closes
 RESET_PORT = 9003  # reads a little, then resets the connection
 CLOSED_PORT = 9999  # nothing listens
+UDP_ECHO_PORT = 5353  # UDP: every datagram sent back as it came
+UDP_DNS_PORT = 5354  # UDP: a DNS-style responder (tests/support/udp_peers.py)
+UDP_CLOSED_PORT = 5399  # UDP: nothing bound (ICMP port unreachable)
 HTTP_BODY = b"hello from inside the sandbox netns\n"
 
 
@@ -75,6 +84,10 @@ class PodNetwork:
                             (SOURCE_PORT, Source), (RESET_PORT, Reset)):
             sock = listen_in_netns(self.path, "127.0.0.1", port)
             self._servers.append(await self.loop.create_server(proto, sock=sock))
+        self._servers.append((await serve_udp_echo(self.path, "127.0.0.1", UDP_ECHO_PORT))[0])
+        dns, _ = await self.loop.create_datagram_endpoint(
+            DnsResponder, sock=bind_udp_in_netns(self.path, "127.0.0.1", UDP_DNS_PORT))
+        self._servers.append(dns)
 
     def listen_extra(self, host: str, port: int, proto_factory) -> None:
         async def go():

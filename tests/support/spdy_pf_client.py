@@ -82,14 +82,16 @@ class Forward:
 
 
 class SpdyPortForwardClient:
-    def __init__(self, url: str, timeout: float = 10.0) -> None:
+    def __init__(self, url: str, timeout: float = 10.0,
+                 versions: tuple[str, ...] = ("portforward.k8s.io",)) -> None:
         u = urlsplit(url)
         self.sock = socket.create_connection((u.hostname, u.port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         target = u.path + (f"?{u.query}" if u.query else "")
         head = (f"POST {target} HTTP/1.1\r\nHost: {u.netloc}\r\nConnection: Upgrade\r\n"
-                "Upgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: portforward.k8s.io\r\n"
-                "Content-Length: 0\r\n\r\n")
+                "Upgrade: SPDY/3.1\r\n"
+                + "".join(f"X-Stream-Protocol-Version: {v}\r\n" for v in versions)
+                + "Content-Length: 0\r\n\r\n")
         self.sock.sendall(head.encode())
         buf = b""
         deadline = time.monotonic() + timeout
@@ -114,14 +116,18 @@ class SpdyPortForwardClient:
             self._feed(rest)
 
     # --- streams ------------------------------------------------------------------------
-    def forward(self, port: int, request_id: int | None = None) -> Forward:
+    def forward(self, port: int, request_id: int | None = None,
+                error_headers: dict[str, str] | None = None,
+                data_headers: dict[str, str] | None = None) -> Forward:
+        """A stream pair; *_headers are added to one stream's (crishim's `protocol`)."""
         if request_id is None:
             request_id = self._next_request
             self._next_request += 1
         headers = {"streamtype": "error", "port": str(port), "requestid": str(request_id)}
-        error_sid = self.session.open_stream(headers)
+        error_sid = self.session.open_stream(dict(headers, **(error_headers or {})))
         self.session.end_stream(error_sid)  # as client-go: the error stream is read-only
-        data_sid = self.session.open_stream(dict(headers, streamtype="data"))
+        data_sid = self.session.open_stream(dict(headers, streamtype="data",
+                                                 **(data_headers or {})))
         fwd = Forward(self, port, request_id, error_sid, data_sid)
         self._by_sid[error_sid] = (fwd, "error")
         self._by_sid[data_sid] = (fwd, "data")

@@ -134,6 +134,7 @@ class UpgradeRecord(RequestRecord):
     url: str = ""
     forwarded_head: bytes = b""  # the request head as sent to the stream URL
     backend_status: int | None = None  # status code of the stream server's answer
+    backend_head: bytes = b""  # the stream server's response head, relayed as it came
 
     @property
     def transport(self) -> str:
@@ -385,11 +386,13 @@ class _BackendProtocol(asyncio.Protocol, _RelayEnd):
             if m:
                 self.record.backend_status = self.record.status = int(m.group(1))
         self.relay_data(data)
-        if self.standin_splice is not None and not self._head_done:
+        if not self._head_done:
             self._head += data
-            if b"\r\n\r\n" in self._head:
+            end = self._head.find(b"\r\n\r\n")
+            if end >= 0:
                 self._head_done = True
-                if self.record.backend_status == 101:
+                self.record.backend_head = self._head[:end + 4]
+                if self.standin_splice is not None and self.record.backend_status == 101:
                     self.standin_splice(self)
 
     def eof_received(self) -> bool:

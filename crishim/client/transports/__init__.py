@@ -38,6 +38,7 @@ from crishim.client.transports.base import (
     SessionClosed,
     SessionError,
     Target,
+    UdpNotSupported,
     UpgradeProtocol,
     UpgradeRefused,
     ssl_context_for,
@@ -45,10 +46,12 @@ from crishim.client.transports.base import (
 from crishim.client.transports.h2 import open_h2
 from crishim.client.transports.spdy import open_spdy
 from crishim.client.transports.websocket import open_channels, open_spdy_tunnel
+from crishim.protocols.negotiation import client_offer
 
 __all__ = [
     "TRANSPORTS", "ClientSession", "ForwardError", "ForwardStream", "SessionClosed",
-    "SessionError", "Transport", "UpgradeRefused", "open_session", "ssl_context_for",
+    "SessionError", "Transport", "UdpNotSupported", "UpgradeRefused", "open_session",
+    "ssl_context_for",
     "transport_named",
 ]
 
@@ -87,9 +90,13 @@ def transport_named(name: str) -> Transport:
 async def open_session(url: str, transport: str = "spdy", ports: Sequence[int] = (), *,
                        insecure: bool = False, ca_file: str | None = None,
                        ssl_context: ssl.SSLContext | None = None, ping_interval: float = 5.0,
-                       timeout: float = 10.0,
-                       headers: Sequence[tuple[str, str]] = ()) -> ClientSession:
+                       timeout: float = 10.0, headers: Sequence[tuple[str, str]] = (),
+                       offer_udp: bool = True) -> ClientSession:
     """Connect to a stream server URL and upgrade to `transport`.
+
+    `offer_udp`: offer crishim's stream protocol version (portforward.crishim.dev/v1, UDP
+    flows) before portforward.k8s.io; the session's `stream_version` and `supports_udp`
+    say what the server picked (HTTP/2: after `await session.negotiate()`).
 
     `headers` are added to the upgrade request (e.g. Authorization for an API server's
     pods/portforward); not supported by h2.
@@ -126,8 +133,9 @@ async def open_session(url: str, transport: str = "spdy", ports: Sequence[int] =
                            f"{e.strerror or e}") from None
     tr.set_write_buffer_limits(high=SESSION_WRITE_HIGH_WATER)
     try:
-        session = await kind.open(conn, Target(u.netloc, u.scheme, path, tuple(headers)),
-                                  list(ports), timeout)
+        versions = tuple(client_offer(udp=offer_udp))
+        session = await kind.open(conn, Target(u.netloc, u.scheme, path, tuple(headers),
+                                               versions), list(ports), timeout)
     except BaseException:
         tr.abort()
         raise

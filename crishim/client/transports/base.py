@@ -16,6 +16,8 @@ from typing import cast
 from urllib.parse import urlsplit
 
 from crishim.flow import ReadGate
+from crishim.protocols.constants import PORTFORWARD_CRISHIM_V1, PORTFORWARD_PROTOCOL
+from crishim.protocols.negotiation import TCP, UDP, carries_udp, client_offer
 
 USER_AGENT = "crishim-port-forward"
 # After a forwarded connection's data stream ends, how long to wait for its error stream.
@@ -38,6 +40,19 @@ class UpgradeRefused(SessionError):
 
 class SessionClosed(SessionError):
     """The session ended; no new connections."""
+
+
+class UdpNotSupported(SessionError):
+    """The server did not negotiate crishim's port-forward extension: no UDP flows."""
+
+    def __init__(self, version: str | None, transport: str) -> None:
+        if transport == "websocket":
+            why = ("the WebSocket channel protocol cannot carry UDP; use --transport spdy, "
+                   "spdy-over-websocket or h2")
+        else:
+            why = (f"its stream server negotiated {version or PORTFORWARD_PROTOCOL}; UDP needs "
+                   f"{PORTFORWARD_CRISHIM_V1}, which crishim's stream server speaks")
+        super().__init__(f"the container runtime does not support UDP port-forward ({why})")
 
 
 class ForwardError(Exception):
@@ -279,20 +294,42 @@ class ClientSession:
         self.closed: asyncio.Future[str] = loop.create_future()
         self.connected_at = time.perf_counter()
         self._ping_task: asyncio.Task[None] | None = None
+        # the stream protocol version the server picked (None: HTTP/2 before it answered)
+        self.stream_version: str | None = PORTFORWARD_PROTOCOL
 
     # --- public -------------------------------------------------------------------------
-    async def open_connection(self, port: int, protocol_factory: Callable[[], asyncio.Protocol]
-                              ) -> tuple[ForwardStream, asyncio.Protocol]:
-        return self.open_connection_nowait(port, protocol_factory)
+    @property
+    def supports_udp(self) -> bool:
+        """Whether the server negotiated crishim's extension (UDP flows)."""
+        return carries_udp(self.stream_version)
+
+    async def negotiate(self, timeout: float = 10.0) -> str | None:
+        """The stream protocol version, asking the server first where the upgrade did not
+        say (HTTP/2)."""
+        return self.stream_version
+
+    async def open_connection(self, port: int, protocol_factory: Callable[[], asyncio.Protocol],
+                              ip_protocol: str = TCP) -> tuple[ForwardStream, asyncio.Protocol]:
+        return self.open_connection_nowait(port, protocol_factory, ip_protocol)
 
     def open_connection_nowait(self, port: int,
-                               protocol_factory: Callable[[], asyncio.Protocol]
-                               ) -> tuple[ForwardStream, asyncio.Protocol]:
+                               protocol_factory: Callable[[], asyncio.Protocol],
+                               ip_protocol: str = TCP) -> tuple[ForwardStream, asyncio.Protocol]:
         """open_connection without a loop round trip: the streams' opening frames are
-        written at once (first-byte latency)."""
+        written at once (first-byte latency). ip_protocol "udp" opens a UDP flow
+        (datagrams length-prefixed, crishim/protocols/datagram.py), or raises
+        UdpNotSupported."""
         if self.closed.done():
             raise SessionClosed(f"session closed: {self.closed.result()}")
-        stream = self._new_stream(port)
+        if ip_protocol == UDP:
+            if self.stream_version is None:
+                raise SessionError("the server has not said yet which stream protocol it "
+                                   "speaks: await negotiate() before opening a UDP flow")
+            if not self.supports_udp:
+                raise UdpNotSupported(self.stream_version, self.transport_name)
+        elif ip_protocol != TCP:
+            raise ValueError(f"ip_protocol {ip_protocol!r}: expected tcp or udp")
+        stream = self._new_stream(port, ip_protocol)
         protocol = protocol_factory()
         stream.protocol = protocol
         protocol.connection_made(stream)
@@ -321,7 +358,7 @@ class ClientSession:
         return await self.closed
 
     # --- for subclasses -----------------------------------------------------------------
-    def _new_stream(self, port: int) -> ForwardStream:
+    def _new_stream(self, port: int, ip_protocol: str = TCP) -> ForwardStream:
         raise NotImplementedError
 
     def _send(self, stream: ForwardStream, data: Buffer) -> None:
@@ -407,6 +444,8 @@ class Target:
     scheme: str  # http or https
     path: str  # the request target: path and query
     headers: tuple[tuple[str, str], ...] = ()
+    # stream protocol versions to offer, best first (portforward.crishim.dev/v1: UDP)
+    versions: tuple[str, ...] = tuple(client_offer())
 
     def request_headers(self) -> list[tuple[bytes, bytes]]:
         """User-Agent and the extra headers, for an HTTP/1.1 upgrade request."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import h2.config
 import h2.events
@@ -30,12 +30,15 @@ from crishim.protocols.constants import (
     H2_CONNECTION_WINDOW,
     H2_STREAM_WINDOW,
     HEADER_PORT,
+    HEADER_PROTOCOL,
     HEADER_REQUEST_ID,
     HEADER_STREAM_TYPE,
+    PORTFORWARD_PROTOCOL,
     STREAM_TYPE_DATA,
     STREAM_TYPE_ERROR,
 )
 from crishim.protocols.h2 import H2Codec, Outbound
+from crishim.protocols.negotiation import TCP, UDP, VERSION_HEADER
 
 MAX_FRAME_SIZE = 1024 * 1024
 QUEUE_HIGH_WATER = 1024 * 1024
@@ -44,8 +47,15 @@ QUEUE_HIGH_WATER = 1024 * 1024
 class H2ClientSession(ClientSession):
     transport_name = "h2"
 
-    def __init__(self, authority: str, path: str, scheme: str) -> None:
+    def __init__(self, authority: str, path: str, scheme: str,
+                 versions: Sequence[str] = (PORTFORWARD_PROTOCOL,)) -> None:
         super().__init__()
+        # HTTP/2's X-Stream-Protocol-Version: offered on every stream, answered in every
+        # response; unknown until the first response arrives
+        self.offer = ", ".join(versions)
+        self.stream_version = None
+        self.version_known: asyncio.Future[None] = self.loop.create_future()
+        self._probe_id = 0
         self.codec = H2Codec(h2.config.H2Configuration(client_side=True,
                                                        header_encoding="utf-8"))
         self.codec.local_settings = h2.settings.Settings(client=True, initial_values={
@@ -69,12 +79,44 @@ class H2ClientSession(ClientSession):
         self._flush()
 
     # --- streams ------------------------------------------------------------------------
-    def _new_stream(self, port: int) -> ForwardStream:
+    async def negotiate(self, timeout: float = 10.0) -> str | None:
+        """The session's stream protocol version; before any stream has been answered,
+        asks with a probe: an error stream that never gets its data stream, reset once
+        answered (so no server, old or new, dials anything for it)."""
+        if self.stream_version is None:
+            if not self._probe_id:
+                self._probe_id = self.codec.get_next_available_stream_id()
+                self.codec.send_headers(self._probe_id, self.base_headers + [
+                    (HEADER_STREAM_TYPE, STREAM_TYPE_ERROR), (HEADER_PORT, "1"),
+                    (HEADER_REQUEST_ID, "version-probe"),
+                    (VERSION_HEADER, self.offer)], end_stream=True)
+                self._flush()
+            done, _ = await asyncio.wait((self.version_known, self.closed), timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if self.stream_version is None:
+                why = self.closed.result() if self.closed.done() else f"no answer in {timeout:g}s"
+                raise SessionClosed(f"cannot learn the server's stream protocol version: {why}")
+        return self.stream_version
+
+    def _version_answered(self, sid: int, version: str | None) -> None:
+        if self.stream_version is None:
+            self.stream_version = version or PORTFORWARD_PROTOCOL
+            if not self.version_known.done():
+                self.version_known.set_result(None)
+        if sid == self._probe_id:
+            try:
+                self.codec.reset_stream(sid, ErrorCodes.CANCEL)
+            except h2.exceptions.ProtocolError:
+                pass  # the server already ended it
+
+    def _new_stream(self, port: int, ip_protocol: str = TCP) -> ForwardStream:
         codec = self.codec
         request_id = str(self._next_request_id)
         self._next_request_id += 1
         extra = [(HEADER_STREAM_TYPE, STREAM_TYPE_ERROR), (HEADER_PORT, str(port)),
-                 (HEADER_REQUEST_ID, request_id)]
+                 (HEADER_REQUEST_ID, request_id), (VERSION_HEADER, self.offer)]
+        if ip_protocol == UDP:
+            extra.append((HEADER_PROTOCOL, UDP))
         try:
             error_id = codec.get_next_available_stream_id()
             codec.send_headers(error_id, self.base_headers + extra, end_stream=True)
@@ -192,7 +234,9 @@ class H2ClientSession(ClientSession):
                 case h2.events.DataReceived():  # the hot one: tested first
                     self._on_data(ev, acks)
                 case h2.events.ResponseReceived():
-                    status = _response_status(ev.headers)
+                    status = _response_header(ev.headers, ":status") or "0"
+                    self._version_answered(ev.stream_id,
+                                           _response_header(ev.headers, VERSION_HEADER))
                     stream = (self.streams.get(ev.stream_id)
                               or self._error_streams.get(ev.stream_id))
                     if status == "200":
@@ -269,12 +313,14 @@ class H2ClientSession(ClientSession):
         self.transport_lost(None)
 
 
-def _response_status(headers: Iterable[tuple[bytes | str, bytes | str]] | None) -> str:
-    """A response's :status (str with the header_encoding we configure; typed as bytes)."""
-    for name, value in headers or ():
-        if name in (":status", b":status"):
+def _response_header(headers: Iterable[tuple[bytes | str, bytes | str]] | None,
+                     name: str) -> str | None:
+    """A response header's value (str with the header_encoding we configure; typed as
+    bytes), or None."""
+    for key, value in headers or ():
+        if key in (name, name.encode("latin-1")):
             return value.decode("latin-1") if isinstance(value, bytes) else value
-    return "0"
+    return None
 
 
 async def open_h2(conn: UpgradeProtocol, target: Target, ports: list[int],
@@ -287,7 +333,7 @@ async def open_h2(conn: UpgradeProtocol, target: Target, ports: list[int],
     if ssl_object is not None and ssl_object.selected_alpn_protocol() != "h2":
         raise UpgradeRefused(0, f"the server at {target.netloc} did not negotiate h2 by ALPN "
                                 f"(got {ssl_object.selected_alpn_protocol()!r})")
-    session = H2ClientSession(target.netloc, target.path, target.scheme)
+    session = H2ClientSession(target.netloc, target.path, target.scheme, target.versions)
     conn.attach(session, bytes(conn.buffer))
     session.begin()
     try:

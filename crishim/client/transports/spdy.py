@@ -21,12 +21,14 @@ from crishim.protocols import spdy
 from crishim.protocols import websocket as ws
 from crishim.protocols.constants import (
     HEADER_PORT,
+    HEADER_PROTOCOL,
     HEADER_REQUEST_ID,
     HEADER_STREAM_TYPE,
     PORTFORWARD_PROTOCOL,
     STREAM_TYPE_DATA,
     STREAM_TYPE_ERROR,
 )
+from crishim.protocols.negotiation import TCP, UDP
 
 
 class SpdyClientSession(ClientSession):
@@ -47,13 +49,15 @@ class SpdyClientSession(ClientSession):
         self._pings: dict[int, tuple[float, asyncio.Future[float]]] = {}
         self.goaway = False
 
-    def _new_stream(self, port: int) -> ForwardStream:
+    def _new_stream(self, port: int, ip_protocol: str = TCP) -> ForwardStream:
         if self.goaway:
             raise SessionClosed("the server sent GOAWAY: no new connections on this session")
         request_id = str(self._next_request_id)
         self._next_request_id += 1
         headers = {HEADER_STREAM_TYPE: STREAM_TYPE_ERROR, HEADER_PORT: str(port),
                    HEADER_REQUEST_ID: request_id}
+        if ip_protocol == UDP:
+            headers[HEADER_PROTOCOL] = UDP
         try:
             error_id = self.codec.open_stream(headers)
             self.codec.end_stream(error_id)
@@ -185,10 +189,13 @@ class SpdyClientSession(ClientSession):
 
 async def open_spdy(conn: UpgradeProtocol, target: Target, ports: list[int],
                     timeout: float) -> ClientSession:
-    """POST with Upgrade: SPDY/3.1, as client-go does; ports go per connection."""
+    """POST with Upgrade: SPDY/3.1, as client-go does; ports go per connection. The
+    stream protocol versions are offered one header line each, best first, as client-go
+    writes its list."""
+    offer = "".join(f"X-Stream-Protocol-Version: {v}\r\n" for v in target.versions)
     conn.transport.write(
         f"POST {target.path} HTTP/1.1\r\nHost: {target.netloc}\r\nConnection: Upgrade\r\n"
-        f"Upgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: {PORTFORWARD_PROTOCOL}\r\n"
+        f"Upgrade: SPDY/3.1\r\n{offer}"
         f"Content-Length: 0\r\n".encode()
         + b"".join(name + b": " + value + b"\r\n" for name, value in target.request_headers())
         + b"\r\n")
@@ -196,9 +203,10 @@ async def open_spdy(conn: UpgradeProtocol, target: Target, ports: list[int],
     upgrade = answer.header("upgrade").lower()
     if upgrade != "spdy/3.1":
         raise UpgradeRefused(101, f"the server upgraded to {upgrade!r}, not SPDY/3.1")
-    chosen = answer.header("x-stream-protocol-version")
-    if chosen and chosen != PORTFORWARD_PROTOCOL:
+    chosen = answer.header("x-stream-protocol-version") or PORTFORWARD_PROTOCOL
+    if chosen not in target.versions:
         raise UpgradeRefused(101, f"the server chose stream protocol {chosen!r}")
     session = SpdyClientSession()
+    session.stream_version = chosen
     conn.attach(session, answer.rest)
     return session

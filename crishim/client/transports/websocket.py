@@ -14,6 +14,7 @@ from crishim.client.transports.base import (
     ForwardStream,
     SessionClosed,
     Target,
+    UdpNotSupported,
     UpgradeAnswer,
     UpgradeProtocol,
     UpgradeRefused,
@@ -21,6 +22,8 @@ from crishim.client.transports.base import (
 )
 from crishim.client.transports.spdy import SpdyClientSession
 from crishim.protocols import websocket as ws
+from crishim.protocols.constants import PORTFORWARD_PROTOCOL
+from crishim.protocols.negotiation import TCP, version_of_subprotocol, websocket_subprotocol
 
 MAX_EARLY_BYTES = 1024 * 1024  # kept for WebSocket channel ports not opened yet
 
@@ -49,7 +52,7 @@ class ChannelClientSession(ClientSession):
                 return index
         return None
 
-    def _new_stream(self, port: int) -> ForwardStream:
+    def _new_stream(self, port: int, ip_protocol: str = TCP) -> ForwardStream:
         index = self._free_index(port)
         if index is None:
             raise SessionClosed(f"port {port} is not (or no longer) available on this "
@@ -61,8 +64,10 @@ class ChannelClientSession(ClientSession):
         return stream
 
     def open_connection_nowait(self, port: int,
-                               protocol_factory: Callable[[], asyncio.Protocol]
-                               ) -> tuple[ForwardStream, asyncio.Protocol]:
+                               protocol_factory: Callable[[], asyncio.Protocol],
+                               ip_protocol: str = TCP) -> tuple[ForwardStream, asyncio.Protocol]:
+        if ip_protocol != TCP:  # a channel has no stream headers to ask for UDP with
+            raise UdpNotSupported(None, "websocket")
         index = self._free_index(port)
         early = self._early.pop(index, None) if index is not None else None
         if early is None:
@@ -157,17 +162,19 @@ def _with_ports(path: str, ports: list[int]) -> str:
 
 
 async def _websocket_upgrade(conn: UpgradeProtocol, target: Target, path: str,
-                             subprotocol: str, timeout: float) -> UpgradeAnswer:
+                             subprotocols: list[str], timeout: float
+                             ) -> tuple[UpgradeAnswer, str | None]:
+    """The 101 and the subprotocol the server chose among those offered."""
     request, expected_accept = ws.client_handshake_request(
-        target.netloc, path, [subprotocol],
+        target.netloc, path, subprotocols,
         extra_headers=target.request_headers())
     conn.transport.write(request)
     answer = await read_upgrade_answer(conn, target, timeout)
     try:
-        ws.parse_handshake_response(answer.raw, expected_accept, [subprotocol])
+        response = ws.parse_handshake_response(answer.raw, expected_accept, subprotocols)
     except ws.HandshakeError as e:
         raise UpgradeRefused(101, f"bad WebSocket handshake answer: {e.reason}") from None
-    return answer
+    return answer, response.subprotocol if response is not None else None
 
 
 async def open_channels(conn: UpgradeProtocol, target: Target, ports: list[int],
@@ -175,8 +182,8 @@ async def open_channels(conn: UpgradeProtocol, target: Target, ports: list[int],
     """The channel protocol: the ports go in the URL, one connection each."""
     if not ports:
         raise ValueError("the websocket transport needs the ports at connect time")
-    answer = await _websocket_upgrade(conn, target, _with_ports(target.path, ports),
-                                      ws.CHANNEL_BINARY, timeout)
+    answer, _ = await _websocket_upgrade(conn, target, _with_ports(target.path, ports),
+                                         [ws.CHANNEL_BINARY], timeout)
     session = ChannelClientSession(ports)
     conn.attach(session, answer.rest)
     return session
@@ -184,8 +191,12 @@ async def open_channels(conn: UpgradeProtocol, target: Target, ports: list[int],
 
 async def open_spdy_tunnel(conn: UpgradeProtocol, target: Target, ports: list[int],
                            timeout: float) -> ClientSession:
-    """SPDY/3.1 inside a WebSocket; ports go per connection as with plain SPDY."""
-    answer = await _websocket_upgrade(conn, target, target.path, ws.SPDY_TUNNEL, timeout)
+    """SPDY/3.1 inside a WebSocket; ports go per connection as with plain SPDY. The
+    stream protocol versions are offered as subprotocols SPDY/3.1+<version>, best first."""
+    answer, subprotocol = await _websocket_upgrade(
+        conn, target, target.path, [websocket_subprotocol(v) for v in target.versions],
+        timeout)
     session = SpdyClientSession(ws.ByteStreamTunnel(client=True))
+    session.stream_version = version_of_subprotocol(subprotocol or "") or PORTFORWARD_PROTOCOL
     conn.attach(session, answer.rest)
     return session

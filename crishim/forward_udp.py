@@ -1,0 +1,329 @@
+"""A forwarded UDP flow: one connected UDP socket inside the sandbox, paired with one
+transport channel (the same error + data stream pair as a TCP connection, negotiated with
+`portforward.crishim.dev/v1` and asked for with `protocol: udp`).
+
+Datagrams travel length-prefixed on the data stream (crishim/protocols/datagram.py), so
+their boundaries survive the byte stream. The flow ends when either side closes its data
+stream, when no datagram has passed either way for `udp_flow_idle_timeout`, or when the
+pod answers with ICMP port unreachable (ECONNREFUSED on the connected socket), which is
+reported like a refused TCP dial: a reset data stream, and text on the error stream only
+under error_policy=verbose.
+
+UDP has no backpressure: a datagram the pod socket cannot take (its send buffer is full)
+or that arrives before the socket is dialled beyond `buffer_size` bytes is dropped and
+counted, as the network would. While the client's transport is congested the socket is
+not read, and the kernel drops what overflows its receive buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+import struct
+import time
+from typing import Any, Protocol
+
+from crishim.protocols.datagram import MAX_UDP_PAYLOAD, DatagramDecoder
+from crishim.runtime import DialFailed, Sandbox, SandboxGone
+
+log = logging.getLogger("crishim.forward")
+
+# datagrams read from the pod socket per wakeup, joined into one channel write
+READ_BATCH = 64
+SOCKET_BUFFER = 4 << 20
+_LENGTH = struct.Struct(">H")
+
+
+class FlowChannel(Protocol):
+    """What a flow needs of its transport channel (the TCP Channel of crishim/forward.py)."""
+
+    def send(self, data: bytes) -> None: ...
+
+    def send_eof(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+    def finish(self, error: str | None) -> None: ...
+
+
+class FlowSession(Protocol):
+    """What a flow needs of its transport session."""
+
+    writing_paused: bool
+
+    def connection_finished(self, conn: Any) -> None: ...
+
+
+class FlowContext(Protocol):
+    """What a flow needs of the forwarding context (crishim/forward.py's ForwardContext)."""
+
+    verbose_errors: bool
+    buffer_size: int
+    udp_idle_timeout: float
+    live_connections: int  # flows count against max_connections and the fd budget too
+
+    @property
+    def plugin(self) -> Any: ...
+
+    @property
+    def metrics(self) -> Any: ...
+
+
+class ForwardedFlow:
+    """One UDP flow into the sandbox. Its methods mirror ForwardedConnection's, so a
+    transport drives both alike (client_data, client_eof, client_reset, close, ...)."""
+
+    def __init__(self, ctx: FlowContext, session: FlowSession, sandbox: Sandbox, port: int,
+                 channel: FlowChannel, transport_name: str = "?") -> None:
+        self.ctx = ctx
+        self.session = session
+        self.sandbox = sandbox
+        self.port = port
+        self.channel = channel
+        self.transport_name = transport_name
+        self.decoder = DatagramDecoder(MAX_UDP_PAYLOAD)
+        self.sock: socket.socket | None = None
+        self.reason = ""
+        self.bytes_up = 0  # client -> pod, payload bytes
+        self.bytes_down = 0
+        self.datagrams_up = 0
+        self.datagrams_down = 0
+        self.dropped = 0  # client datagrams the pod socket could not take
+        self.last_activity = time.monotonic()
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._reading = False
+        self._done = False
+        self.admitted = False
+        self._task: asyncio.Task[None] | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
+        self._buffer = bytearray(MAX_UDP_PAYLOAD + 1)  # one recv_into target per flow
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    # --- life cycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        self.admitted = True
+        self.ctx.live_connections += 1
+        self._task = self._loop.create_task(self._dial())
+        self._arm_idle_timer(self.ctx.udp_idle_timeout)
+
+    def refuse(self, reason: str) -> None:
+        """Never dialled: a limit was reached. Ends only this flow."""
+        self._fail(reason, "limit")
+
+    async def _dial(self) -> None:
+        try:
+            sock = await self.ctx.plugin.dial_udp(self.sandbox, self.port)
+        except SandboxGone as e:
+            self._fail(str(e), "sandbox_gone", fatal=True)
+            return
+        except DialFailed as e:
+            self._fail(str(e), "dial_refused")
+            return
+        except Exception as e:  # a plugin bug must end one flow, not the server
+            log.exception("runtime plugin %s failed to dial udp", self.ctx.plugin.name)
+            self._fail(f"runtime plugin error: {e}", "plugin_error")
+            return
+        if self._done:
+            sock.close()
+            return
+        try:  # room for a burst while the client's transport is busy (capped by rmem_max)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+        except OSError:
+            pass
+        self.sock = sock
+        pending, self._pending = self._pending, []
+        self._pending_size = 0
+        for datagram in pending:
+            if not self._send_to_pod(datagram):
+                return
+        if not self.session.writing_paused:
+            self._start_reading()
+
+    def _arm_idle_timer(self, delay: float) -> None:
+        self._idle_timer = self._loop.call_later(delay, self._check_idle)
+
+    def _check_idle(self) -> None:
+        if self._done:
+            return
+        idle_for = time.monotonic() - self.last_activity
+        timeout = self.ctx.udp_idle_timeout
+        if idle_for < timeout:
+            self._arm_idle_timer(timeout - idle_for)
+            return
+        self.reason = f"idle for {timeout:g}s"
+        self._finish(eof=True)
+
+    def _fail(self, reason: str, kind: str = "other", fatal: bool = False) -> None:
+        """End the flow as a failed TCP connection ends: data stream reset; the reason on
+        the error stream only when fatal or under the verbose policy."""
+        if self._done:
+            return
+        self.reason = reason
+        metrics: Any = self.ctx.metrics
+        if metrics is not None:
+            metrics.failure(kind)
+        self.channel.abort()
+        self._finish(error=reason if fatal or self.ctx.verbose_errors else None,
+                     level=logging.WARNING if fatal else logging.INFO)
+
+    def _finish(self, error: str | None = None, eof: bool = False,
+                level: int = logging.INFO) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self.admitted:
+            self.ctx.live_connections -= 1
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        task = self._task
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()
+        self._close_socket()
+        if eof:
+            self.channel.send_eof()
+        self.channel.finish(error)
+        if log.isEnabledFor(level):  # the one line per forwarded flow
+            reason = self.reason or "closed"
+            log.log(level, "forward sandbox=%s port=%d/udp transport=%s ended: up=%d down=%d "
+                    "datagrams_up=%d datagrams_down=%d dropped=%d reason=%s", self.sandbox.id,
+                    self.port, self.transport_name, self.bytes_up, self.bytes_down,
+                    self.datagrams_up, self.datagrams_down, self.dropped, reason,
+                    extra={"fields": {"sandbox": self.sandbox.id, "port": self.port,
+                                      "protocol": "udp", "transport": self.transport_name,
+                                      "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+                                      "datagrams_up": self.datagrams_up,
+                                      "datagrams_down": self.datagrams_down,
+                                      "dropped": self.dropped, "reason": reason}})
+        metrics: Any = self.ctx.metrics
+        if metrics is not None:
+            metrics.connection_ended(self.transport_name, self.bytes_up, self.bytes_down)
+        self.session.connection_finished(self)
+
+    def _close_socket(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            if self._reading:
+                self._loop.remove_reader(sock.fileno())
+                self._reading = False
+            sock.close()
+
+    # --- from the client (transport) ----------------------------------------------------
+    def client_data(self, data: bytes | memoryview) -> None:
+        if self._done or not data:
+            return
+        self.last_activity = time.monotonic()
+        for datagram in self.decoder.receive_data(data):
+            self.datagrams_up += 1
+            self.bytes_up += len(datagram)
+            if self.sock is not None:
+                if not self._send_to_pod(datagram):
+                    return
+                # a burst from the client would otherwise fill the socket's receive buffer
+                # with answers before the loop reads it: read between sends
+                if self.datagrams_up % READ_BATCH == 0 and self._reading:
+                    self._readable()
+                    if self._done:
+                        return
+            elif self._pending_size + len(datagram) <= self.ctx.buffer_size:
+                self._pending.append(datagram)
+                self._pending_size += len(datagram)
+            else:
+                self.dropped += 1
+        if self.decoder.error is not None:
+            self._fail(f"udp flow to port {self.port}: {self.decoder.error}", "protocol")
+
+    def flush_batch(self) -> None:
+        """Nothing is batched: each datagram is one send."""
+
+    def client_eof(self) -> None:
+        """The client closed its data stream: the flow is over."""
+        if self._done:
+            return
+        truncated = self.decoder.truncated()
+        if truncated is not None:
+            log.info("forward sandbox=%s port=%d/udp: %s (dropped)", self.sandbox.id,
+                     self.port, truncated)
+        self.reason = self.reason or "closed by client"
+        self._finish(eof=True)
+
+    def client_reset(self) -> None:
+        if not self._done:
+            self.reason = self.reason or "reset by client"
+            self._finish()
+
+    def close(self, reason: str, error: str | None = None) -> None:
+        """End from the session's side (session closing, creation timeout, drain)."""
+        if not self._done:
+            self.reason = reason
+            self.channel.abort()
+            self._finish(error=error)
+
+    # --- the pod socket -----------------------------------------------------------------
+    def _send_to_pod(self, datagram: bytes) -> bool:
+        """False if the flow ended (the pod refused)."""
+        assert self.sock is not None
+        try:
+            self.sock.send(datagram)
+        except (BlockingIOError, InterruptedError):
+            self.dropped += 1  # the socket's send buffer is full: as a congested link would
+        except OSError as e:
+            return self._pod_error(e)
+        return True
+
+    def _readable(self) -> None:
+        sock = self.sock
+        if sock is None or self._done:
+            return
+        view = memoryview(self._buffer)
+        out = bytearray()
+        for _ in range(READ_BATCH):
+            try:
+                n = sock.recv_into(self._buffer)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                if out:
+                    self._deliver(out)
+                self._pod_error(e)
+                return
+            out += _LENGTH.pack(n)
+            out += view[:n]
+            self.datagrams_down += 1
+            self.bytes_down += n
+        if out:
+            self._deliver(out)
+
+    def _deliver(self, framed: bytearray) -> None:
+        self.last_activity = time.monotonic()
+        self.channel.send(bytes(framed))
+
+    def _pod_error(self, exc: OSError) -> bool:
+        if exc.errno == errno.ECONNREFUSED:  # ICMP port unreachable from the pod side
+            self._fail(f"udp port {self.port} in sandbox: {os.strerror(errno.ECONNREFUSED)} "
+                       "(ICMP port unreachable)", "dial_refused")
+        else:
+            self._fail(f"udp flow to port {self.port} in sandbox: {exc.strerror or exc}",
+                       "pod_reset")
+        return False
+
+    def _start_reading(self) -> None:
+        if self.sock is not None and not self._reading and not self._done:
+            self._loop.add_reader(self.sock.fileno(), self._readable)
+            self._reading = True
+
+    # --- backpressure from the transport's write side -----------------------------------
+    def pause_pod_reading(self) -> None:
+        if self._reading and self.sock is not None:
+            self._loop.remove_reader(self.sock.fileno())
+            self._reading = False
+
+    def resume_pod_reading(self) -> None:
+        self._start_reading()

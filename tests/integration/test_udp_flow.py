@@ -1,0 +1,188 @@
+"""The server side of a forwarded UDP flow (crishim/forward_udp.py) against a real UDP
+echo in a real netns; the transport channel is a recorder, the rest is real."""
+
+import asyncio
+import socket
+
+import pytest
+
+from crishim.config import Config
+from crishim.forward import ForwardContext
+from crishim.forward_udp import ForwardedFlow
+from crishim.netns import bind_udp_in_netns, dial_udp_localhost
+from crishim.protocols.datagram import DatagramDecoder, encode_datagram, encode_datagrams
+from crishim.runtime import Sandbox
+from crishim.sandboxes import NamedNetnsRuntime
+from tests.support.podnet import UDP_CLOSED_PORT, UDP_ECHO_PORT
+
+CHECK_SIZES = (1, 512, 1472, 8192, 65507)
+
+
+class RecordingChannel:
+    def __init__(self) -> None:
+        self.decoder = DatagramDecoder()
+        self.datagrams: list[bytes] = []
+        self.eof = self.aborted = False
+        self.finished: list[str | None] = []
+        self.arrived = asyncio.Event()
+
+    def send(self, data: bytes) -> None:
+        self.datagrams += self.decoder.receive_data(data)
+        self.arrived.set()
+
+    def send_eof(self) -> None:
+        self.eof = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def finish(self, error: str | None) -> None:
+        self.finished.append(error)
+        self.arrived.set()
+
+
+class OneSession:
+    writing_paused = False
+
+    def __init__(self) -> None:
+        self.ended: list = []
+
+    def connection_finished(self, conn) -> None:
+        self.ended.append(conn)
+
+
+def _flow(podnet, port, **ctx_kw):
+    plugin = NamedNetnsRuntime(Config())
+    ctx = ForwardContext(plugin, **ctx_kw)
+    channel, session = RecordingChannel(), OneSession()
+    flow = ForwardedFlow(ctx, session, Sandbox("sb", netns_path=podnet.path), port, channel,
+                         "test")
+    return flow, channel, session
+
+
+async def _until(predicate, timeout=10.0):
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < end, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+def test_flow_echoes_datagrams_of_every_size_with_boundaries_kept(podnet):
+    async def go():
+        flow, channel, session = _flow(podnet, UDP_ECHO_PORT)
+        flow.start()
+        payloads = [bytes([n % 251]) * n for n in CHECK_SIZES]
+        wire = encode_datagrams(payloads)
+        flow.client_data(wire[:3])  # before the dial completes: held, then sent
+        flow.client_data(wire[3:])
+        await _until(lambda: len(channel.datagrams) == len(payloads))
+        assert sorted(channel.datagrams, key=len) == payloads
+        flow.client_eof()
+        assert channel.eof and channel.finished == [None] and not channel.aborted
+        assert session.ended == [flow] and flow.sock is None
+        assert (flow.datagrams_up, flow.datagrams_down) == (5, 5)
+    asyncio.run(go())
+
+
+def test_icmp_port_unreachable_ends_only_that_flow_quietly(podnet):
+    async def go():
+        flow, channel, session = _flow(podnet, UDP_CLOSED_PORT)
+        flow.start()
+        flow.client_data(encode_datagram(b"anyone?"))
+        await _until(lambda: flow.done)
+        assert channel.aborted and channel.finished == [None]  # quiet policy: no text
+        assert "ICMP port unreachable" in flow.reason
+    asyncio.run(go())
+
+
+def test_icmp_port_unreachable_is_written_under_the_verbose_policy(podnet):
+    async def go():
+        flow, channel, _ = _flow(podnet, UDP_CLOSED_PORT, error_policy="verbose")
+        flow.start()
+        flow.client_data(encode_datagram(b"anyone?"))
+        await _until(lambda: flow.done)
+        assert "Connection refused" in channel.finished[0]
+    asyncio.run(go())
+
+
+def test_idle_flow_ends_with_eof(podnet):
+    async def go():
+        flow, channel, _ = _flow(podnet, UDP_ECHO_PORT, udp_idle_timeout=0.2)
+        flow.start()
+        flow.client_data(encode_datagram(b"ping"))
+        await _until(lambda: flow.done)
+        assert channel.datagrams == [b"ping"]
+        assert channel.eof and channel.finished == [None] and not channel.aborted
+        assert flow.reason == "idle for 0.2s"
+    asyncio.run(go())
+
+
+def test_a_length_beyond_udp_resets_the_flow(podnet):
+    async def go():
+        flow, channel, _ = _flow(podnet, UDP_ECHO_PORT)
+        flow.start()
+        flow.client_data(b"\xff\xf0" + b"x" * 100)
+        assert flow.done and channel.aborted and channel.finished == [None]
+        assert "65520 bytes" in flow.reason
+    asyncio.run(go())
+
+
+def test_client_reset_closes_the_pod_socket(podnet):
+    async def go():
+        flow, channel, session = _flow(podnet, UDP_ECHO_PORT)
+        flow.start()
+        await asyncio.sleep(0)
+        await _until(lambda: flow.sock is not None)
+        sock = flow.sock
+        flow.client_reset()
+        assert sock.fileno() == -1 and session.ended == [flow] and not channel.eof
+    asyncio.run(go())
+
+
+def test_dial_prefers_the_address_a_server_is_bound_to(podnet):
+    sock = dial_udp_localhost(podnet.path, UDP_ECHO_PORT)
+    assert sock.getpeername() == ("127.0.0.1", UDP_ECHO_PORT)
+    sock.close()
+    try:
+        v6 = bind_udp_in_netns(podnet.path, "::1", 0)
+    except OSError as e:
+        pytest.skip(f"no IPv6 loopback in the test netns: {e}")
+    port = v6.getsockname()[1]
+    try:
+        sock = dial_udp_localhost(podnet.path, port)
+        assert sock.getpeername()[:2] == ("::1", port)
+        sock.close()
+        # nobody bound anywhere: 127.0.0.1, whose ICMP refusal ends the flow
+        free = bind_udp_in_netns(podnet.path, "127.0.0.1", 0)
+        free_port = free.getsockname()[1]
+        free.close()
+        sock = dial_udp_localhost(podnet.path, free_port)
+        assert sock.getpeername() == ("127.0.0.1", free_port)
+        sock.send(b"x")
+        import select
+        select.select([sock], [], [], 5)
+        with pytest.raises(ConnectionRefusedError):
+            sock.recv(10)
+        sock.close()
+    finally:
+        v6.close()
+
+
+def test_dial_in_the_netns_not_the_host(podnet):
+    host_only = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    host_only.bind(("127.0.0.1", 0))
+    port = host_only.getsockname()[1]
+    try:
+        sock = dial_udp_localhost(podnet.path, port)  # the host's socket is not seen
+        sock.send(b"x")
+        import select
+        select.select([sock], [], [], 5)
+        with pytest.raises(ConnectionRefusedError):
+            sock.recv(10)
+        sock.close()
+        host_only.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            host_only.recv(10)
+    finally:
+        host_only.close()
