@@ -27,3 +27,20 @@ def crishim(podnet):
         yield proc
     if os.environ.get("CRISHIM_KEEP_LOGS"):
         shutil.copy(proc.log_path, "/tmp/crishim-session.log")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """No crishim server of the run may have logged a traceback: what clients send (the
+    hostile tests included) ends a stream or a session with a logged reason, never that."""
+    with_tracebacks = []
+    for path in CrishimProcess.logs:
+        try:
+            with open(path, "rb") as f:
+                if b"Traceback" in f.read():
+                    with_tracebacks.append(path)
+        except FileNotFoundError:
+            continue
+    if with_tracebacks:
+        print(f"\ncrishim logged a traceback in {len(with_tracebacks)} server log(s): "
+              + ", ".join(with_tracebacks))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

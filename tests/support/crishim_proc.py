@@ -17,6 +17,10 @@ from crishim.cri import api_pb2, api_pb2_grpc
 
 
 class CrishimProcess:
+    #: every server log of this test run: the integration layer fails the run if any of
+    #: them holds a traceback (peer input must never produce one)
+    logs: list[str] = []
+
     def __init__(self, *args: str, socket_path: str | None = None,
                  env: dict[str, str] | None = None, nofile: int | None = None) -> None:
         self.dir = tempfile.mkdtemp(prefix="crishim-test-")
@@ -25,6 +29,7 @@ class CrishimProcess:
         self.env = env
         self.nofile = nofile  # RLIMIT_NOFILE (soft and hard) for the server process
         self.log_path = os.path.join(self.dir, "crishim.log")
+        CrishimProcess.logs.append(self.log_path)
         self.proc: subprocess.Popen | None = None
         self._channel: grpc.Channel | None = None
 
