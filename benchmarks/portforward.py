@@ -155,7 +155,9 @@ def measure(name: str, path, args, rows: list, half_close: bool = True,
             serve_pid: int | None = None) -> None:
     """half_close=False: the transport cannot half-close (WebSocket channels), so the sink
     can never answer an upload; upload is not measured (shown as n/a). pids: processes
-    whose CPU use during the transfers is reported (where the time goes); serve_pid: the
+    whose CPU use during the transfers is reported (where the time goes: the pod-side
+    server and this process, which runs the transfer client and, for kubectl, the
+    stand-in's splice relay threads, count too); serve_pid: the
     crishim serve whose CPU-seconds per GiB forwarded are reported per direction."""
     try:
         latency(path, 5)  # warm up
@@ -182,7 +184,8 @@ def measure(name: str, path, args, rows: list, half_close: bool = True,
             machine = (busy1 - busy0) / max(1, total1 - total0)
             healthy = max(shares.values()) >= 0.9 or machine >= 0.9
             cpu.append(f"{name}: CPU during the transfers: " + ", ".join(
-                f"{k} {v:.0%}" for k, v in shares.items()) + " of one core; machine "
+                f"{k} {v:.0%}" for k, v in shares.items()) + f" of one core (together "
+                f"{sum(shares.values()):.2f} of {os.cpu_count()} cores); machine "
                 f"{machine:.0%} busy: " + ("bound by a process or the machine" if healthy
                                            else "STALL (no process >= 90 %, machine < 90 %)"))
             if per_gib:
@@ -359,7 +362,9 @@ def main() -> int:
                         kinds = sorted({u.transport for u in api.upgrades})
                         api.upgrades.clear()
                         measure(f"{name}/{'+'.join(kinds)}", Local(kc.local_ports), args, rows,
-                                pids={"crishim serve": cs.proc.pid, "kubectl": kc.proc.pid},
+                                pids={"crishim serve": cs.proc.pid, "kubectl": kc.proc.pid,
+                                      "pod server": peer.pid,
+                                      "benchmark client + stand-in relay": os.getpid()},
                                 cpu=extra, serve_pid=cs.proc.pid)
             for transport in ("spdy", "h2", "spdy-over-websocket", "websocket"):
                 name = f"crishim/{transport}"
@@ -377,7 +382,9 @@ def main() -> int:
                 try:
                     measure(name, Local(pf.ports), args, rows,
                             pids={"crishim serve": cs.proc.pid,
-                                  "crishim port-forward": pf.proc.pid}, cpu=extra,
+                                  "crishim port-forward": pf.proc.pid,
+                                  "pod server": peer.pid, "benchmark client": os.getpid()},
+                            cpu=extra,
                             half_close=transport != "websocket", serve_pid=cs.proc.pid)
                 finally:
                     pf.close()

@@ -22,16 +22,26 @@ if os.environ.get("CRISHIM_PROBE"):
                             ("SessionBase", "resume_writing"),
                             ("ForwardedConnection", "flush_batch"),
                             ("ForwardedConnection", "pause_pod_reading"),
-                            ("ForwardedConnection", "resume_pod_reading")],
+                            ("ForwardedConnection", "resume_pod_reading"),
+                            ("ForwardedConnection", "start"),
+                            ("ForwardedConnection", "client_data"),
+                            ("ForwardedConnection", "pod_data"),
+                            ("SessionBase", "open_connection"),
+                            ("StreamPairs", "add")],
+        "crishim.protocols.spdy.connection": [("SpdyConnection", "receive_data")],
+        "crishim.metrics": [("Metrics", "connection_started"), ("Metrics", "dial_seconds")],
+        "crishim.netns": [(None, "socket_in_netns"), (None, "dial_localhost")],
         "crishim.stream.portforward_spdy": [("_SpdyChannel", "send"),
                                             ("SpdyPortForwardSession", "flush")],
-        "crishim.client.portforward": [("_LocalSide", "data_received"),
+        "crishim.client.portforward": [("_LocalSide", "connection_made"),
+                                       ("_LocalSide", "data_received"),
                                        ("_LocalSide", "pause_writing"),
                                        ("_LocalSide", "resume_writing"),
                                        ("_RemoteSide", "data_received"),
                                        ("_RemoteSide", "pause_writing"),
                                        ("_RemoteSide", "resume_writing")],
-        "crishim.client.session": [("_ConnectionProtocol", "data_received"),
+        "crishim.client.session": [("ClientSession", "open_connection_nowait"),
+                                   ("_ConnectionProtocol", "data_received"),
                                    ("_ConnectionProtocol", "pause_writing"),
                                    ("_ConnectionProtocol", "resume_writing"),
                                    ("ClientSession", "_write_raw"),
@@ -46,22 +56,35 @@ if os.environ.get("CRISHIM_PROBE"):
             return sum(len(x) for x in arg)
         return 0
 
-    def _wrap(cls, name: str, key: str) -> None:
-        fn = cls.__dict__.get(name)
+    import time
+    _TIMELINE: list = []  # (key, CLOCK_MONOTONIC ns): shared with the benchmark process
+    _now = time.perf_counter_ns
+
+    def _wrap(owner, name: str, key: str) -> None:
+        fn = owner.__dict__.get(name)
         if fn is None:
             return
         entry = _COUNTS.setdefault(key, [0, 0])
 
-        def counted(self, *args, _fn=fn, _e=entry):
+        def counted(*args, _fn=fn, _e=entry, _k=key, **kw):
             _e[0] += 1
-            if args:
-                _e[1] += _size(args[0])
-            return _fn(self, *args)
+            if len(args) > 1:
+                _e[1] += _size(args[1])
+            if len(_TIMELINE) > 1_000_000:
+                return _fn(*args, **kw)
+            _TIMELINE.append((_k, _now()))
+            try:
+                return _fn(*args, **kw)
+            finally:
+                _TIMELINE.append((_k + " returned", _now()))
 
-        setattr(cls, name, counted)
+        setattr(owner, name, counted)
 
     def _patch(module) -> None:
         for cls_name, meth in _TARGETS.get(module.__name__, ()):
+            if cls_name is None:  # a module-level function
+                _wrap(module, meth, f"{module.__name__.rsplit('.', 1)[1]}.{meth}")
+                continue
             cls = getattr(module, cls_name, None)
             if cls is not None:
                 _wrap(cls, meth, f"{module.__name__.rsplit('.', 1)[1]}.{cls_name}.{meth}")
@@ -77,7 +100,8 @@ if os.environ.get("CRISHIM_PROBE"):
                     getattr(sys.modules[mod_name], "_probe_ready", True):
                 mod = sys.modules[mod_name]
                 # wait until the module has finished executing (its classes exist)
-                if all(hasattr(mod, c) for c, _ in _TARGETS[mod_name]):
+                if all(c is None or hasattr(mod, c) for c, _ in _TARGETS[mod_name]) and \
+                        all(hasattr(mod, m) for c, m in _TARGETS[mod_name] if c is None):
                     _done.add(mod_name)
                     _patch(mod)
         return module
@@ -86,6 +110,7 @@ if os.environ.get("CRISHIM_PROBE"):
 
     def _dump(*_):
         with open(os.path.join(_OUT, f"{os.getpid()}.json"), "w") as f:
-            json.dump(_COUNTS, f)
+            json.dump({"counts": _COUNTS, "timeline": _TIMELINE}, f)
+        _TIMELINE.clear()
 
     signal.signal(signal.SIGUSR1, _dump)
