@@ -390,6 +390,7 @@ class SessionBase:
         # and written once at the end (see begin_batch / end_batch)
         self.batching = False
         self.batched: list[ForwardedConnection] = []
+        self._batch_depth = 0
         self.connections: set[ForwardedConnection | ForwardedFlow] = set()
         # the stream protocol version the upgrade negotiated: udp flows need the crishim one
         self.stream_version = PORTFORWARD_PROTOCOL
@@ -435,9 +436,15 @@ class SessionBase:
         return self.open_flow(port, channel)
 
     def begin_batch(self) -> None:
+        self._batch_depth += 1
         self.batching = True
 
     def end_batch(self) -> None:
+        """Nested batches (a WebSocket read carrying several SPDY pieces) write once, at
+        the outermost end."""
+        self._batch_depth -= 1
+        if self._batch_depth > 0:
+            return
         self.batching = False
         if self.batched:
             batched, self.batched = self.batched, []

@@ -155,23 +155,28 @@ class SpdyTunnelProtocol(SessionProtocol):
 
     def _handle(self, events: list[ws.TunnelEvent]) -> None:
         session = self.session
-        for event in events:
-            if session.closing:
-                return  # a budget ended it: the rest of the read goes unanswered
-            match event:
-                case ws.TunnelData():
-                    session.receive(event.data)
-                case ws.PingReceived():
-                    session.charge_control("WebSocket ping")
-                case ws.ProtocolViolation():
-                    session.protocol_error("spdy-websocket sandbox=%s: %s (close code %d)",
-                                           session.sandbox.id, event.reason, event.code,
-                                           logger=log)
-                case ws.Closed():
-                    _flush_tunnel(self.tunnel, self.transport)
-                    self.session.close(
-                        f"WebSocket closed ({event.code} {event.reason})".strip())
-                    return
+        # one write towards each pod per WebSocket read, not one per unmasked piece
+        session.begin_batch()
+        try:
+            for event in events:
+                if session.closing:
+                    return  # a budget ended it: the rest of the read goes unanswered
+                match event:
+                    case ws.TunnelData():
+                        session.receive(event.data)
+                    case ws.PingReceived():
+                        session.charge_control("WebSocket ping")
+                    case ws.ProtocolViolation():
+                        session.protocol_error("spdy-websocket sandbox=%s: %s (close code %d)",
+                                               session.sandbox.id, event.reason, event.code,
+                                               logger=log)
+                    case ws.Closed():
+                        _flush_tunnel(self.tunnel, self.transport)
+                        self.session.close(
+                            f"WebSocket closed ({event.code} {event.reason})".strip())
+                        return
+        finally:
+            session.end_batch()
         _flush_tunnel(self.tunnel, self.transport)  # pongs
 
 
