@@ -186,6 +186,9 @@ def first_byte_timeline(name: str, path, pids: dict[str, int], hooked: set[str],
     import statistics
     for pid_name in hooked:
         hook_counts(pids[pid_name], outdir)  # clears the timelines
+        if os.environ.get("CRISHIM_PROFILE"):
+            os.kill(pids[pid_name], signal.SIGUSR2)  # restarts the profile
+    cpu0 = {k: proc_counts(p) for k, p in pids.items()}
     windows = []
     for _ in range(trials):
         t0 = time.perf_counter_ns()
@@ -200,6 +203,16 @@ def first_byte_timeline(name: str, path, pids: dict[str, int], hooked: set[str],
         s.close()
         windows.append((t0, t1, t2, t3))
         time.sleep(0.002)
+    cpu1 = {k: proc_counts(p) for k, p in pids.items()}
+    if os.environ.get("CRISHIM_PROFILE"):
+        for k in hooked:
+            os.kill(pids[k], signal.SIGUSR2)
+        time.sleep(1)
+        for k in hooked:
+            print(f"  profile of {k}: {os.environ['CRISHIM_PROFILE']}/{pids[k]}.prof")
+    cpu_line = ", ".join(
+        f"{k} {(cpu1[k]['run_ns'] - cpu0[k]['run_ns']) / trials / 1000:.0f} us CPU "
+        f"{(cpu1[k]['sleeps'] - cpu0[k]['sleeps']) / trials:.1f} sleeps" for k in pids)
     events = []
     for pid_name in hooked:
         for key, t in hook_counts(pids[pid_name], outdir).get("timeline", []):
@@ -216,6 +229,7 @@ def first_byte_timeline(name: str, path, pids: dict[str, int], hooked: set[str],
     total = statistics.median((w[3] - w[0]) / 1000 for w in windows)
     print(f"\n{name} first byte: median {total:.0f} us over {trials}; first call of "
           "each step, us after connect() began (median, in how many trials):")
+    print(f"  per connection: {cpu_line} (hooks included)")
     for key, values in sorted(offsets.items(), key=lambda kv: statistics.median(kv[1])):
         print(f"  {statistics.median(values):8.0f} us  {key}  ({len(values)})")
 

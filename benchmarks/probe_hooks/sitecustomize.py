@@ -14,6 +14,8 @@ if os.environ.get("CRISHIM_PROBE"):
     _OUT = os.environ["CRISHIM_PROBE"]
     _COUNTS: dict = {}
     _TARGETS = {  # module -> [(class, method)]
+        "crishim.stream.session": [("SessionProtocol", "data_received")],
+        "crishim.stream.pairing": [("StreamPairs", "add")],
         "crishim.forward": [("SessionProtocol", "data_received"),
                             ("_PodProtocol", "data_received"),
                             ("_PodProtocol", "pause_writing"),
@@ -120,3 +122,19 @@ if os.environ.get("CRISHIM_PROBE"):
         _TIMELINE.clear()
 
     signal.signal(signal.SIGUSR1, _dump)
+
+if os.environ.get("CRISHIM_PROFILE"):  # a cProfile of the process, written on SIGUSR2
+    import cProfile
+    import signal as _signal
+
+    _profile = cProfile.Profile()
+
+    def _profile_dump(*_):
+        _profile.disable()
+        _profile.dump_stats(os.path.join(os.environ["CRISHIM_PROFILE"],
+                                         f"{os.getpid()}.prof"))
+        _profile.clear()
+        _profile.enable()
+
+    _signal.signal(_signal.SIGUSR2, _profile_dump)
+    _profile.enable()
