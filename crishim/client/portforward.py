@@ -22,6 +22,7 @@ from crishim.client.transports import (
     ForwardStream,
     SessionError,
     UdpNotSupported,
+    UpgradeRefused,
     open_session,
 )
 from crishim.client.udp import UdpListener
@@ -31,16 +32,52 @@ from crishim.client.udp import UdpListener
 SessionOpener = Callable[[str, list[int], float], Awaitable[ClientSession]]
 
 
+# A spare stream URL older than this is not used: well within the lifetime of stream
+# tokens (crishim 60 s, the kubelet's 30 s).
+SPARE_URL_MAX_AGE = 10.0
+
+
 def cri_opener(cri: CriClient, sandbox: str, insecure: bool = False,
                ca_file: str | None = None) -> SessionOpener:
-    """Sessions to the stream URL the runtime's CRI PortForward issues for `sandbox`."""
+    """Sessions to the stream URL the runtime's CRI PortForward issues for `sandbox`.
+
+    The WebSocket channel protocol takes a session, so a CRI call, per connection: the
+    URL for the next connection to the same ports is asked for while this one is used
+    (the call was ~0.8 of a ~1.9 ms first byte). A spare that is too old, refused by
+    the CRI or no longer redeemable (404) is replaced by a fresh URL."""
+    spares: dict[tuple[int, ...], tuple[float, asyncio.Future[str]]] = {}
+
+    def fetch(ports: list[int]) -> asyncio.Future[str]:
+        return asyncio.get_running_loop().run_in_executor(None, cri.port_forward, sandbox,
+                                                          ports)
+
+    async def spare_url(ports: list[int]) -> str | None:
+        loop = asyncio.get_running_loop()
+        key = tuple(ports)
+        entry = spares.pop(key, None)
+        nxt = fetch(ports)
+        nxt.add_done_callback(lambda f: f.cancelled() or f.exception())  # unused: no error
+        spares[key] = (loop.time(), nxt)
+        if entry is None or loop.time() - entry[0] > SPARE_URL_MAX_AGE:
+            return None
+        try:
+            return await entry[1]
+        except CriError:
+            return None
 
     async def open_for(transport: str, ports: list[int], ping_interval: float
                        ) -> ClientSession:
-        url = await asyncio.get_running_loop().run_in_executor(
-            None, cri.port_forward, sandbox, ports)
-        return await open_session(url, transport, ports, ping_interval=ping_interval,
-                                  insecure=insecure, ca_file=ca_file)
+        url = await spare_url(ports) if transport == "websocket" else None
+        if url is not None:
+            try:
+                return await open_session(url, transport, ports, ping_interval=ping_interval,
+                                          insecure=insecure, ca_file=ca_file)
+            except UpgradeRefused as e:
+                if e.status != 404:  # only an expired or spent spare is worth a retry
+                    raise
+        return await open_session(await fetch(ports), transport, ports,
+                                  ping_interval=ping_interval, insecure=insecure,
+                                  ca_file=ca_file)
 
     return open_for
 

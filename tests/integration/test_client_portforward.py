@@ -341,3 +341,47 @@ def test_refused_upgrade_is_one_line_and_nonzero(tmp_path):
     message = asyncio.run(go())
     listener.close()
     assert message == "unable to upgrade connection: 403: no stream protocol in common"
+
+
+def test_websocket_connections_use_a_url_fetched_while_the_last_was_opened(crishim):
+    # the channel protocol takes a session per connection: the next URL is asked for
+    # ahead; a spare that is no longer redeemable (404) is replaced, not reported
+    import asyncio
+
+    from crishim.client.cri import CriClient
+    from crishim.client.portforward import cri_opener
+    from crishim.client.transports import open_session
+
+    class RecordingCri(CriClient):
+        def __init__(self, endpoint: str) -> None:
+            super().__init__(endpoint)
+            self.urls: list[str] = []
+
+        def port_forward(self, sandbox_id: str, ports=()) -> str:
+            url = super().port_forward(sandbox_id, ports)
+            self.urls.append(url)
+            return url
+
+    async def echo(opener, payload: bytes) -> None:
+        session = await opener("websocket", [ECHO_PORT], 0)
+        try:
+            reader, writer = await session.open_stream(ECHO_PORT)
+            writer.write(payload)
+            assert await asyncio.wait_for(reader.readexactly(len(payload)), 10) == payload
+        finally:
+            session.close()
+
+    async def main() -> None:
+        cri = RecordingCri(f"unix://{crishim.socket}")
+        opener = cri_opener(cri, SANDBOX)
+        await echo(opener, b"one")
+        await echo(opener, b"two")
+        await asyncio.sleep(0.5)  # the spare for a third connection has arrived
+        assert len(cri.urls) == 3  # one on demand, then one ahead per connection
+        spent = await open_session(cri.urls[-1], "websocket", [ECHO_PORT])  # steal it
+        spent.close()
+        await echo(opener, b"three")  # the spare is refused (404): a fresh URL works
+        assert len(cri.urls) == 5
+        cri.close()
+
+    asyncio.run(main())
