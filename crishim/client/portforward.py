@@ -52,32 +52,41 @@ def cri_opener(cri: CriClient, sandbox: str, insecure: bool = False,
                                                           ports)
 
     async def spare_url(ports: list[int]) -> str | None:
-        loop = asyncio.get_running_loop()
-        key = tuple(ports)
-        entry = spares.pop(key, None)
-        nxt = fetch(ports)
-        nxt.add_done_callback(lambda f: f.cancelled() or f.exception())  # unused: no error
-        spares[key] = (loop.time(), nxt)
-        if entry is None or loop.time() - entry[0] > SPARE_URL_MAX_AGE:
+        entry = spares.pop(tuple(ports), None)
+        if entry is None or asyncio.get_running_loop().time() - entry[0] > SPARE_URL_MAX_AGE:
             return None
         try:
             return await entry[1]
         except CriError:
             return None
 
+    def fetch_spare(ports: list[int]) -> None:
+        # once the session is open: the CRI call's thread would compete for the GIL
+        spare = fetch(ports)
+        spare.add_done_callback(lambda f: f.cancelled() or f.exception())  # unused: no error
+        spares[tuple(ports)] = (asyncio.get_running_loop().time(), spare)
+
     async def open_for(transport: str, ports: list[int], ping_interval: float
                        ) -> ClientSession:
-        url = await spare_url(ports) if transport == "websocket" else None
+        if transport != "websocket":
+            return await open_session(await fetch(ports), transport, ports,
+                                      ping_interval=ping_interval, insecure=insecure,
+                                      ca_file=ca_file)
+        url = await spare_url(ports)
+        session = None
         if url is not None:
             try:
-                return await open_session(url, transport, ports, ping_interval=ping_interval,
-                                          insecure=insecure, ca_file=ca_file)
+                session = await open_session(url, transport, ports, ping_interval=ping_interval,
+                                             insecure=insecure, ca_file=ca_file)
             except UpgradeRefused as e:
                 if e.status != 404:  # only an expired or spent spare is worth a retry
                     raise
-        return await open_session(await fetch(ports), transport, ports,
-                                  ping_interval=ping_interval, insecure=insecure,
-                                  ca_file=ca_file)
+        if session is None:
+            session = await open_session(await fetch(ports), transport, ports,
+                                         ping_interval=ping_interval, insecure=insecure,
+                                         ca_file=ca_file)
+        fetch_spare(ports)
+        return session
 
     return open_for
 
