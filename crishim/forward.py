@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from typing import Protocol
 
@@ -103,7 +104,22 @@ class ForwardContext:
         return None
 
 
-class _PodProtocol(asyncio.Protocol):
+# Pod reads of up to 1 MiB, not the loop's 256 KiB: a quarter of the reads, DATA frames
+# and client writes per MiB downloaded (client-go spends less per byte on bigger frames).
+# One buffer per thread's loop, shared by its connections: each read is copied out before
+# the next.
+POD_READ_SIZE = 1 << 20
+_pod_reads = threading.local()
+
+
+def _pod_read_buffer() -> memoryview:
+    view: memoryview | None = getattr(_pod_reads, "view", None)
+    if view is None:
+        view = _pod_reads.view = memoryview(bytearray(POD_READ_SIZE))
+    return view
+
+
+class _PodProtocol(asyncio.BufferedProtocol):
     """The socket inside the sandbox: hands bytes to the forwarded connection."""
 
     __slots__ = ("conn",)
@@ -111,8 +127,11 @@ class _PodProtocol(asyncio.Protocol):
     def __init__(self, conn: ForwardedConnection) -> None:
         self.conn = conn
 
-    def data_received(self, data: bytes) -> None:
-        self.conn.pod_data(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _pod_read_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.conn.pod_data(_pod_read_buffer()[:nbytes].tobytes())
 
     def eof_received(self) -> bool:
         self.conn.pod_eof()

@@ -17,7 +17,7 @@ if os.environ.get("CRISHIM_PROBE"):
         "crishim.stream.session": [("SessionProtocol", "data_received")],
         "crishim.stream.pairing": [("StreamPairs", "add")],
         "crishim.forward": [("SessionProtocol", "data_received"),
-                            ("_PodProtocol", "data_received"),
+                            ("_PodProtocol", "buffer_updated"),
                             ("_PodProtocol", "pause_writing"),
                             ("_PodProtocol", "resume_writing"),
                             ("SessionBase", "pause_writing"),
