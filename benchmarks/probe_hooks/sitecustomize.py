@@ -47,14 +47,15 @@ if os.environ.get("CRISHIM_PROBE"):
                                   ("StreamServer", "_redeem"), ("StreamServer", "adopt")],
         "crishim.stream.portforward_ws": [(None, "start")],
         "crishim.client.cri": [("CriClient", "port_forward")],
-        "crishim.client.session": [(None, "open_session"), (None, "_upgrade_http1"),
-                                   ("ClientSession", "open_connection_nowait"),
-                                   ("_ConnectionProtocol", "data_received"),
-                                   ("_ConnectionProtocol", "pause_writing"),
-                                   ("_ConnectionProtocol", "resume_writing"),
-                                   ("ClientSession", "_write_raw"),
-                                   ("ClientSession", "_pause_input"),
-                                   ("ClientSession", "_resume_input")],
+        "crishim.client.transports": [(None, "open_session")],
+        "crishim.client.transports.websocket": [(None, "_websocket_upgrade")],
+        "crishim.client.transports.base": [("ClientSession", "open_connection_nowait"),
+                                           ("UpgradeProtocol", "data_received"),
+                                           ("UpgradeProtocol", "pause_writing"),
+                                           ("UpgradeProtocol", "resume_writing"),
+                                           ("ClientSession", "_write_raw"),
+                                           ("ClientSession", "_pause_input"),
+                                           ("ClientSession", "_resume_input")],
     }
 
     def _size(arg) -> int:
