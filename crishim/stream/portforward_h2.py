@@ -195,8 +195,11 @@ class H2PortForwardSession(ServerSession):
         self._upgraded = upgraded
         self._writelines = writelines
         self._close_transport = close
+        # the client's headers are checked; our own responses are built here
         config = h2.config.H2Configuration(client_side=False, header_encoding="utf-8",
-                                           validate_inbound_headers=True)
+                                           validate_inbound_headers=True,
+                                           validate_outbound_headers=False,
+                                           normalize_outbound_headers=False)
         self.codec = H2Codec(config=config)
         self.codec.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
