@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from crishim.forward import ForwardContext, ForwardedConnection, SessionBase
+from crishim.forward import ForwardContext, ForwardedConnection, SessionBase, read_buffer
 from crishim.forward_udp import ForwardedFlow
 from crishim.runtime import Sandbox
 from crishim.stream.admission import Admitted, Request
@@ -261,14 +261,21 @@ class Upgrade:
     adopt: Callable[[ServerSession, asyncio.Protocol], None]
 
 
-class SessionProtocol(asyncio.Protocol):
+class SessionProtocol(asyncio.BufferedProtocol):
     """asyncio glue for a session on a TCP (or TLS) transport: bytes to session.receive,
-    the transport's end and its write-side flow control to the session."""
+    the transport's end and its write-side flow control to the session. Reads go through
+    the loop thread's 1 MiB read buffer (forward.read_buffer)."""
 
     def __init__(self, session: ServerSession, transport: asyncio.Transport) -> None:
         self.session = session
         self.transport = transport
         session.transport = transport
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return read_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(read_buffer()[:nbytes].tobytes())
 
     def data_received(self, data: bytes) -> None:
         try:
