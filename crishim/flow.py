@@ -1,9 +1,11 @@
 """Read-side backpressure shared by the server's sessions and the client's: one transport
-read by many forwarded connections, paused while any of them is congested."""
+read by many forwarded connections, paused while any of them is congested; and the read
+buffer their protocols read into."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Hashable
 
 
@@ -46,3 +48,20 @@ class ReadGate:
     @property
     def paused(self) -> bool:
         return bool(self._holders)
+
+
+# Reads of up to 1 MiB, not the loop's 256 KiB, by crishim serve (from pods and clients)
+# and crishim port-forward (from its session): a quarter of the reads, DATA frames and
+# writes per MiB, and fewer wake-ups down the line (client-go also spends less per byte on
+# bigger frames). One buffer per thread's loop, shared by every connection: each read is
+# copied out before the next.
+READ_SIZE = 1 << 20
+_reads = threading.local()
+
+
+def read_buffer() -> memoryview:
+    """The calling thread's read buffer (BufferedProtocol.get_buffer)."""
+    view: memoryview | None = getattr(_reads, "view", None)
+    if view is None:
+        view = _reads.view = memoryview(bytearray(READ_SIZE))
+    return view

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from typing import Protocol
 
 from crishim.budget import FloodLimits
-from crishim.flow import ReadGate
+from crishim.flow import ReadGate, read_buffer
 from crishim.forward_udp import ForwardedFlow
 from crishim.protocols.constants import PORTFORWARD_PROTOCOL
 from crishim.protocols.negotiation import TCP
@@ -102,22 +101,6 @@ class ForwardContext:
             return (f"out of file descriptors for forwarded connections ({self.fd_budget}: "
                     "RLIMIT_NOFILE less reserved_fds)")
         return None
-
-
-# Reads of up to 1 MiB, not the loop's 256 KiB, from pods and (crishim/stream/session.py)
-# from clients: a quarter of the reads, DATA frames and writes per MiB, and fewer wake-ups
-# down the line (client-go also spends less per byte on bigger frames). One buffer per
-# thread's loop, shared by every connection: each read is copied out before the next.
-READ_SIZE = 1 << 20
-_reads = threading.local()
-
-
-def read_buffer() -> memoryview:
-    """The calling thread's read buffer (BufferedProtocol.get_buffer)."""
-    view: memoryview | None = getattr(_reads, "view", None)
-    if view is None:
-        view = _reads.view = memoryview(bytearray(READ_SIZE))
-    return view
 
 
 class _PodProtocol(asyncio.BufferedProtocol):

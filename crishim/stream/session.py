@@ -11,7 +11,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from crishim.forward import ForwardContext, ForwardedConnection, SessionBase, read_buffer
+from crishim.flow import read_buffer
+from crishim.forward import ForwardContext, ForwardedConnection, SessionBase
 from crishim.forward_udp import ForwardedFlow
 from crishim.runtime import Sandbox
 from crishim.stream.admission import Admitted, Request
@@ -264,7 +265,7 @@ class Upgrade:
 class SessionProtocol(asyncio.BufferedProtocol):
     """asyncio glue for a session on a TCP (or TLS) transport: bytes to session.receive,
     the transport's end and its write-side flow control to the session. Reads go through
-    the loop thread's 1 MiB read buffer (forward.read_buffer)."""
+    the loop thread's 1 MiB read buffer (flow.read_buffer)."""
 
     def __init__(self, session: ServerSession, transport: asyncio.Transport) -> None:
         self.session = session

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
 
-from crishim.flow import ReadGate
+from crishim.flow import ReadGate, read_buffer
 from crishim.protocols.constants import PORTFORWARD_CRISHIM_V1, PORTFORWARD_PROTOCOL
 from crishim.protocols.negotiation import TCP, UDP, carries_udp, client_offer
 
@@ -453,7 +453,7 @@ class Target:
             (name.encode("latin-1"), value.encode("latin-1")) for name, value in self.headers]
 
 
-class UpgradeProtocol(asyncio.Protocol):
+class UpgradeProtocol(asyncio.BufferedProtocol):
     """The session's TCP/TLS connection, first as an HTTP client, then as the session's pipe.
 
     Until `attach`, incoming bytes collect in `buffer`; once a whole response head is there
@@ -481,6 +481,12 @@ class UpgradeProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # a stream connection's transport; uvloop's does not subclass asyncio.Transport
         self._transport = cast(asyncio.Transport, transport)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return read_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(read_buffer()[:nbytes].tobytes())
 
     def data_received(self, data: bytes) -> None:
         session = self.session
