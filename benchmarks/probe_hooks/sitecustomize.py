@@ -14,7 +14,8 @@ if os.environ.get("CRISHIM_PROBE"):
     _OUT = os.environ["CRISHIM_PROBE"]
     _COUNTS: dict = {}
     _TARGETS = {  # module -> [(class, method)]
-        "crishim.stream.session": [("SessionProtocol", "data_received"), ("SessionProtocol", "buffer_updated")],
+        "crishim.stream.session": [("SessionProtocol", "data_received"),
+                                   ("SessionProtocol", "buffer_updated")],
         "crishim.stream.pairing": [("StreamPairs", "add")],
         "crishim.forward": [("SessionProtocol", "data_received"),
                             ("_PodProtocol", "buffer_updated"),

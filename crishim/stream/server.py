@@ -187,7 +187,7 @@ class StreamServer:
             transport.close()
 
     def adopt(self, transport: asyncio.Transport, session: ServerSession,
-              protocol: asyncio.Protocol, rest: bytes, register: bool = True) -> None:
+              protocol: SessionProtocol, rest: bytes, register: bool = True) -> None:
         """Hand an upgraded connection to its transport session."""
         if register:
             session.on_closed = self.add_session(session)

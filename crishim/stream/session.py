@@ -259,7 +259,7 @@ class Upgrade:
     rest: bytes  # bytes the client sent after the request head
     settings: SessionSettings
     # registers the session with the server, sets the protocol, starts, feeds `rest`
-    adopt: Callable[[ServerSession, asyncio.Protocol], None]
+    adopt: Callable[[ServerSession, SessionProtocol], None]
 
 
 class SessionProtocol(asyncio.BufferedProtocol):
