@@ -4,11 +4,10 @@ batch (each SPDY piece's) inside another (the WebSocket read's)."""
 
 from __future__ import annotations
 
-from crishim_netns import NamedNetnsRuntime
-
 from crishim.config import Config
 from crishim.forward import ForwardContext, SessionBase
 from crishim.runtime import Sandbox
+from crishim.sandboxes import NamedNetnsRuntime
 
 
 class Gathered:
