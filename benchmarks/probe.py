@@ -5,7 +5,8 @@ the machine's noise (counts, not times).
 
 For each path and direction, one transfer, and per MiB moved: read/write syscalls and
 voluntary context switches (a process that sleeps per MiB many times is waiting on
-something) from /proc, for crishim serve, the client (kubectl or crishim port-forward) and
+something) and minor page faults (memory given back and faulted in again) from /proc,
+for crishim serve, the client (kubectl or crishim port-forward) and
 the pod-side peer; and the calls and bytes of crishim's hot callbacks (reads, writes,
 pause/resume), counted by benchmarks/probe_hooks/sitecustomize.py in crishim serve and
 crishim port-forward.
@@ -77,6 +78,11 @@ def proc_counts(pid: int) -> dict[str, int]:
             pass
     out["run_ns"] = run
     out["wait_ns"] = wait
+    try:
+        with open(f"/proc/{pid}/stat") as f:  # field 10 (after "pid (comm)"): minflt
+            out["faults"] = int(f.read().rsplit(")", 1)[1].split()[7])
+    except (FileNotFoundError, IndexError, ValueError):
+        out["faults"] = 0
     out["t_ns"] = time.perf_counter_ns()
     return out
 
@@ -163,7 +169,7 @@ def report(name: str, direction: str, before: dict, after: dict, mib: float,
     for proc in before:
         (p0, h0), (p1, h1) = before[proc], after[proc]
         line = ", ".join(f"{k} {(p1[k] - p0[k]) / mib:.1f}" for k in
-                         ("syscr", "syscw", "sleeps", "preempted"))
+                         ("syscr", "syscw", "sleeps", "preempted", "faults"))
         wall = max(1, p1["t_ns"] - p0["t_ns"])
         line += (f"; CPU {(p1['run_ns'] - p0['run_ns']) / mib / 1e6:.2f} ms/MiB"
                  f"; of the wall time: running {(p1['run_ns'] - p0['run_ns']) / wall:.0%}, "

@@ -21,7 +21,7 @@ from crishim.budget import FloodLimits
 from crishim.config import Config
 from crishim.cri.service import CriHandler, CriService, upstream_target
 from crishim.forward import ForwardContext
-from crishim.memory import MemoryReleaser
+from crishim.memory import MemoryReleaser, keep_heap_for_reads
 from crishim.runtime import RuntimePlugin, load_plugin
 from crishim.stream.server import StreamServer
 from crishim.sysutil import prepare_socket_path, raise_nofile_limit, stop_on_signals
@@ -59,6 +59,7 @@ class Crishim:
 
             self.metrics = Metrics(self.tokens)
             self.metrics.serve(cfg.metrics_address)
+        keep_heap_for_reads()
         nofile = raise_nofile_limit()
         fd_budget = max(2, nofile - cfg.reserved_fds)
         # no one session may hold more than half of what all may: others keep their share

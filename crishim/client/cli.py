@@ -7,6 +7,7 @@ import sys
 
 from crishim.client.cri import DEFAULT_ENDPOINT
 from crishim.client.transports import TRANSPORTS
+from crishim.memory import keep_heap_for_reads
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -111,6 +112,7 @@ def cmd_port_forward(args: argparse.Namespace) -> int:
     from crishim.client import portforward
     from crishim.client.cri import CriClient, CriError
 
+    keep_heap_for_reads()
     if args.kubeconfig:
         return _port_forward_through_cluster(args)
     if args.context or args.namespace:

@@ -26,6 +26,7 @@ from crishim.client.transports import (
     open_session,
 )
 from crishim.client.udp import UdpListener
+from crishim.flow import read_buffer
 
 # (transport, ports, ping_interval) -> a new session to the pod: where the stream comes
 # from (a CRI PortForward URL, an API server) is the opener's business
@@ -176,7 +177,11 @@ class _Pipe:
         self.done = False
 
 
-class _LocalSide(asyncio.Protocol):
+class _LocalSide(asyncio.BufferedProtocol):
+    """A local connection; it reads through the loop thread's 1 MiB buffer
+    (flow.read_buffer), as crishim serve reads pods: 4.2 -> ~1.5 reads and DATA frames per
+    MiB uploaded instead of the loop's 256 KiB pieces."""
+
     def __init__(self, forwarder: PortForwarder, spec: PortSpec, local_port: int) -> None:
         self.pipe = _Pipe(forwarder, spec, local_port)
 
@@ -187,6 +192,12 @@ class _LocalSide(asyncio.Protocol):
         local.set_write_buffer_limits(high=1024 * 1024)
         print(f"Handling connection for {pipe.local_port}", flush=True)
         pipe.forwarder.start_pipe(pipe, local)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return read_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(read_buffer()[:nbytes].tobytes())
 
     def data_received(self, data: bytes) -> None:
         stream = self.pipe.stream

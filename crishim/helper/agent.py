@@ -13,6 +13,7 @@ import asyncio
 import grp
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -56,6 +57,12 @@ class HelperAgent:
         self._accept_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        if self.mode == "socat":
+            missing = [tool for tool in ("socat", "nsenter") if shutil.which(tool) is None]
+            if missing:  # else every dial would fail the same way, one by one
+                raise HelperSetupError(
+                    f"mode socat needs {' and '.join(missing)} on PATH (apt-get install "
+                    f"socat util-linux), or run --mode fd, which needs neither")
         prepare_socket_path(self.socket_path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o117)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import h2.config
 import h2.connection
@@ -218,6 +218,21 @@ class ViewFrameBuffer(FrameBuffer):
         return _data_piece(self._data_stream, piece, self._data_end and not self._data_left)
 
 
+class _Payload:
+    """A memoryview slice on its way through h2's send_data, which copies a memoryview
+    (`tobytes()`) and takes anything else as it is: DATA frames split at a window or the
+    frame size go out without that copy (h2 upload 1.4-1.7 -> see send_data). Unwrapped
+    again in _prepare_for_sending."""
+
+    __slots__ = ("view",)
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+
 class Outbound:
     """Bytes for one stream waiting for the peer's flow-control window."""
 
@@ -293,7 +308,8 @@ class H2Codec(h2.connection.H2Connection):
                 chunk = view[:n]
             out.size -= n
             last = out.eof and not chunks
-            self.send_data(stream_id, chunk, end_stream=last)
+            payload = cast("bytes", _Payload(chunk)) if type(chunk) is memoryview else chunk
+            self.send_data(stream_id, payload, end_stream=last)
             if last:
                 return True
         if out.eof:
@@ -308,7 +324,10 @@ class H2Codec(h2.connection.H2Connection):
             out.append(bytes(self._data_to_send))
             self._data_to_send = bytearray()
         for f in frames:
-            data = f.data if type(f) is DataFrame and "PADDED" not in f.flags else None
+            data: bytes | memoryview | None = None
+            if type(f) is DataFrame and "PADDED" not in f.flags:
+                payload: object = f.data
+                data = payload.view if type(payload) is _Payload else f.data
             if data:
                 n = len(data)
                 header = _HEADER.pack(n >> 8, n & 0xFF, _DATA_TYPE,

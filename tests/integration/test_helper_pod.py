@@ -6,7 +6,9 @@ fd (the connected socket handed back by SCM_RIGHTS) and socat (nsenter + socat r
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -96,6 +98,11 @@ def hidden_netns(podnet):
 
 @pytest.fixture(scope="module", params=["fd", "socat"])
 def stack(request, podnet, hidden_netns):
+    if request.param == "socat" and shutil.which("socat") is None:
+        message = "socat is not installed (deploy/install.sh --test installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message + " (CI is set, so this is a failure, not a skip)")
+        pytest.skip(message + " (set CI=1 to make this a failure)")
     s = Stack(request.param, podnet, hidden_netns)
     try:
         s.start()
@@ -230,3 +237,17 @@ def test_helper_socket_mode_and_group(stack):
     st = os.stat(stack.helper_socket)
     assert st.st_mode & 0o777 == 0o660
     assert st.st_gid == 65534
+
+
+def test_socat_mode_without_socat_refuses_to_start_and_says_why(tmp_path):
+    """Without socat or nsenter every dial would fail alike: the helper says so at start."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    out = subprocess.run(
+        [sys.executable, "-m", "crishim", "helper", "--mode", "socat",
+         "--socket", str(tmp_path / "helper.sock")],
+        env=dict(os.environ, PATH=str(empty)), capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1, out
+    assert "mode socat needs socat and nsenter on PATH" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "helper.sock").exists()

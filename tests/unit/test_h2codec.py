@@ -16,7 +16,7 @@ import pytest
 from hpack import Encoder
 from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame
 
-from crishim.protocols.h2 import H2Codec
+from crishim.protocols.h2 import H2Codec, Outbound
 
 REQUEST = [(":method", "POST"), (":scheme", "http"), (":authority", "x"),
            (":path", "/portforward/t")]
@@ -214,6 +214,31 @@ def test_output_is_byte_identical_to_h2_and_keeps_big_payloads_uncopied():
     assert b"".join(chunks) == stock.data_to_send()
     assert any(chunk is big for chunk in chunks)
     assert ours.take_output() == [] and ours.data_to_send() == b""
+
+
+def test_queued_data_split_at_the_frame_size_goes_out_as_views_of_the_caller_buffer():
+    """send_queued splits a chunk at the frame size or window into memoryview slices; h2's
+    own send_data would copy each (`tobytes()`): the frames must be byte-identical to
+    stock h2's and carry views of the caller's buffer, not copies."""
+    ours, stock = _servers()
+    for conn in (ours, stock):
+        client = _client()
+        client.send_headers(1, REQUEST)
+        conn.receive_data(client.data_to_send())
+        conn.send_headers(1, [(":status", "200")])
+    big = os.urandom(40_000)  # the client's max frame size is 16 KiB: three frames
+    out = Outbound()
+    out.append(big)
+    out.eof = True
+    assert ours.send_queued(1, out) and out.size == 0
+    stock.send_data(1, big[:16_384])
+    stock.send_data(1, big[16_384:32_768])
+    stock.send_data(1, big[32_768:], end_stream=True)
+    chunks = ours.take_output()
+    assert b"".join(chunks) == stock.data_to_send()
+    views = [c for c in chunks if type(c) is memoryview]
+    assert [len(v) for v in views] == [16_384, 16_384, 40_000 - 32_768]
+    assert all(v.obj is big for v in views)
 
 
 def test_data_to_send_still_works_with_an_amount():
