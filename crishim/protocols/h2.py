@@ -17,7 +17,14 @@ changes only the byte handling at both ends:
   h2 answers those per frame), padded ones and every other frame type are buffered whole
   and parsed by hyperframe as before;
 - out: `take_output()` returns the frames as a list for `transport.writelines`: a DATA
-  frame is its 9-byte header and the caller's payload object, never joined.
+  frame is its 9-byte header and the caller's payload object, never joined;
+- streams: h2 counts open streams by walking every stream it holds, at every stream
+  opened either way, so a new connection cost more the more were live (server, two
+  HEADERS: 414 us with none live, 1,050 with 500, 1,979 with 2,000).
+  `_open_streams` answers from the number of streams held while that is below the
+  concurrency limit in question (the answer to "may one more open?" is the same) and walks only
+  when the table has doubled since the last walk, which also drops the closed streams
+  as h2's walk does: O(1) amortised, the table at most twice the live streams (or 64).
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ _FLAG_END_STREAM = 0x1
 _FLAG_PADDED = 0x8
 _COALESCE = 4096  # small control frames written in the same flush are joined up to this
 _RECEIVING = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
+_WALK_MIN = 64  # streams held before _open_streams walks them at all
 
 
 # frames that cost the receiver no answer and no work beyond what they carry
@@ -260,6 +268,19 @@ class H2Codec(h2.connection.H2Connection):
         # called with each frame that opens a stream or costs work or an answer without
         # carrying data (see _receive_frame); raises Overloaded to end the connection
         self.charge_frame: Callable[[Frame, bool], None] | None = None
+        self._walk_at = _WALK_MIN  # len(self.streams) at which _open_streams walks again
+
+    def _open_streams(self, remainder: int) -> int:
+        """Open streams of one parity, or (while that cannot change the answer) an upper
+        bound: h2 compares the result + 1 with max_concurrent_streams and nothing else."""
+        held = len(self.streams)
+        outbound = remainder == int(self.config.client_side)
+        limit = (self.remote_settings if outbound else self.local_settings).max_concurrent_streams
+        if held < self._walk_at and held < limit:
+            return held
+        count = super()._open_streams(remainder)  # counts, and drops the closed streams
+        self._walk_at = max(_WALK_MIN, 2 * len(self.streams))
+        return count
 
     def _accepts_data(self, stream_id: int, length: int) -> bool:
         """Would h2 take a DATA frame of this length on this stream without complaint?"""

@@ -286,3 +286,71 @@ def test_random_frame_sequences_match_stock_h2():
         cuts = sorted(rng.sample(range(1, len(wire)), min(len(wire) - 1, rng.randint(0, 40))))
         ours, stock = _servers()
         assert _outcome(ours, wire, cuts) == _outcome(stock, wire, cuts)
+
+
+def _codec_pair(max_streams: int) -> tuple[H2Codec, H2Codec]:
+    """crishim's codec as client and as server (the server allows max_streams), past
+    the SETTINGS exchange."""
+    client = H2Codec(h2.config.H2Configuration(client_side=True))
+    server = H2Codec(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+    server.local_settings = h2.settings.Settings(client=False, initial_values={
+        h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_streams})
+    client.initiate_connection()
+    server.initiate_connection()
+    for _ in range(2):
+        server.receive_data(client.data_to_send())
+        client.receive_data(server.data_to_send())
+    return client, server
+
+
+def test_opening_streams_does_not_walk_every_live_stream(monkeypatch):
+    """h2 walks all the streams it holds at each open; with 2,000 live, a new one cost
+    ~5x what the first did. The codec walks only when its table has doubled."""
+    walks = []
+    stock = h2.connection.H2Connection._open_streams
+
+    def counted(self, remainder):
+        walks.append(len(self.streams))
+        return stock(self, remainder)
+
+    monkeypatch.setattr(h2.connection.H2Connection, "_open_streams", counted)
+    client, server = _codec_pair(max_streams=100_000)
+    client.remote_settings = h2.settings.Settings(client=True, initial_values={
+        h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 100_000})
+    for _ in range(2_000):
+        client.send_headers(client.get_next_available_stream_id(), REQUEST)
+        server.receive_data(client.data_to_send())
+    assert len(server.streams) == 2_000 and len(client.streams) == 2_000
+    # 64, 128, ..., 2048 on either side: a handful of walks, not one per stream
+    assert sum(walks) < 2 * 2 * 4_096, (len(walks), sum(walks))
+
+
+def test_the_concurrency_limit_still_holds_and_closed_streams_are_dropped():
+    client, server = _codec_pair(max_streams=10)
+    for _ in range(300):  # 3,000 streams, never more than 10 open at once
+        sids = []
+        for _ in range(10):
+            sid = client.get_next_available_stream_id()
+            client.send_headers(sid, REQUEST)
+            sids.append(sid)
+        server.receive_data(client.data_to_send())
+        server.data_to_send()
+        for sid in sids:
+            server.send_headers(sid, [(":status", "200")], end_stream=True)
+            client.end_stream(sid)
+        server.receive_data(client.data_to_send())
+        client.receive_data(server.data_to_send())
+    # an 11th open stream is refused by the client (the server's limit) ...
+    for _ in range(10):
+        client.send_headers(client.get_next_available_stream_id(), REQUEST)
+    with pytest.raises(h2.exceptions.TooManyStreamsError):
+        client.send_headers(client.get_next_available_stream_id(), REQUEST)
+    # ... and by the server (as h2 does), from a client that ignores that limit
+    client.remote_settings = h2.settings.Settings(client=True, initial_values={
+        h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 100})
+    client.send_headers(client.get_next_available_stream_id(), REQUEST)
+    with pytest.raises(h2.exceptions.TooManyStreamsError, match="10 open"):
+        server.receive_data(client.data_to_send())
+    # closed streams do not pile up: at most twice the live ones (or 64) are held
+    assert len(server.streams) <= 64 and len(client.streams) <= 64, (
+        len(server.streams), len(client.streams))

@@ -1,0 +1,99 @@
+"""What one more forwarded connection costs an HTTP/2 session that already carries many.
+
+    python3 -m benchmarks.h2_streams [--live 0,100,250,499] [--new 40] [--rounds 5]
+
+Drives crishim's H2Codec as client and server in one process (no sockets, so only the
+codec's own work is timed): `live` connections (two streams each, as crishim's client
+opens them) are opened, then `new` more, and the server's receive of their HEADERS is
+timed. Each count is run with the codec as shipped and with h2's stock stream count
+(`H2Connection._open_streams`, which walks every held stream at every open), alternated
+in one run; the figures are medians of `rounds`, and each row shows its ratio to the
+same code with no live connections. crishim serve allows 500 connections per HTTP/2
+session (MAX_CONCURRENT_STREAMS 1000), so 499 is the busiest session a client can have.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import h2.config
+import h2.connection
+import h2.settings
+
+from crishim.protocols.h2 import H2Codec
+
+BASE = [(":method", "POST"), (":scheme", "http"), (":authority", "127.0.0.1:10250"),
+        (":path", "/portforward/0123456789abcdef0123456789abcdef")]
+
+
+class StockCount(H2Codec):
+    """The codec with h2's own stream count: the baseline."""
+
+    _open_streams = h2.connection.H2Connection._open_streams
+
+
+def _out(codec: H2Codec) -> bytes:
+    return b"".join(bytes(p) for p in codec.take_output())
+
+
+def _session(cls: type[H2Codec], streams: int) -> tuple[H2Codec, H2Codec]:
+    client = cls(h2.config.H2Configuration(client_side=True, header_encoding="utf-8",
+                                           validate_outbound_headers=False))
+    server = cls(h2.config.H2Configuration(client_side=False, header_encoding="utf-8",
+                                           validate_inbound_headers=True,
+                                           validate_outbound_headers=False))
+    server.local_settings = h2.settings.Settings(client=False, initial_values={
+        h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: streams})
+    client.initiate_connection()
+    server.initiate_connection()
+    for _ in range(2):
+        server.receive_data(_out(client))
+        client.receive_data(_out(server))
+    return client, server
+
+
+def _connection(client: H2Codec, n: int) -> bytes:
+    for kind, end in (("error", True), ("data", False)):
+        client.send_headers(client.get_next_available_stream_id(), BASE + [
+            ("streamtype", kind), ("port", "8080"), ("requestid", str(n))], end_stream=end)
+    return _out(client)
+
+
+def new_connection_us(cls: type[H2Codec], live: int, new: int) -> float:
+    client, server = _session(cls, 2 * (live + new))
+    for n in range(live):
+        server.receive_data(_connection(client, n))
+    wires = [_connection(client, live + n) for n in range(new)]
+    start = time.perf_counter()
+    for wire in wires:
+        server.receive_data(wire)
+    return (time.perf_counter() - start) / new * 1e6
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--live", default="0,100,250,499")
+    ap.add_argument("--new", type=int, default=40)
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    counts = [int(c) for c in args.live.split(",")]
+    results: dict[tuple[str, int], list[float]] = {}
+    for _ in range(args.rounds):
+        for live in counts:
+            for name, cls in (("crishim", H2Codec), ("stock h2", StockCount)):
+                results.setdefault((name, live), []).append(
+                    new_connection_us(cls, live, args.new))
+    print(f"server receive of one new connection's two HEADERS, median of {args.rounds}:")
+    print(f"{'codec':10} {'live':>6} {'us':>8} {'x none live':>12}")
+    for name in ("crishim", "stock h2"):
+        zero = statistics.median(results[(name, counts[0])])
+        for live in counts:
+            us = statistics.median(results[(name, live)])
+            print(f"{name:10} {live:6d} {us:8.0f} {us / zero:11.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
