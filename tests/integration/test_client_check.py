@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -39,6 +40,9 @@ def test_check_with_own_servers_in_the_sandbox_passes(crishim, podnet, transport
     for t in TRANSPORTS:
         assert checks[f"handshake:{t}"]["result"] == "pass", checks[f"handshake:{t}"]
         assert checks[f"handshake:{t}"]["required"] is (t == transport)
+        # the session transports answer a session-level ping, timed
+        has_ping = re.search(r", ping \d+\.\d\d ms$", checks[f"handshake:{t}"]["detail"])
+        assert bool(has_ping) is (t != "websocket"), checks[f"handshake:{t}"]["detail"]
     assert "404" in checks["token-single-use"]["detail"]
     assert "22 chars" in checks["cri-url"]["detail"]
     skipped = set(report["skipped"])

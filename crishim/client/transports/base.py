@@ -294,6 +294,7 @@ class ClientSession:
         self.closed: asyncio.Future[str] = loop.create_future()
         self.connected_at = time.perf_counter()
         self._ping_task: asyncio.Task[None] | None = None
+        self._pings: dict[object, tuple[float, asyncio.Future[float]]] = {}  # by ping key
         # the stream protocol version the server picked (None: HTTP/2 before it answered)
         self.stream_version: str | None = PORTFORWARD_PROTOCOL
 
@@ -346,7 +347,17 @@ class ClientSession:
         return reader, asyncio.StreamWriter(stream, protocol, reader, self.loop)
 
     async def ping(self, timeout: float = 10.0) -> float:
-        raise NotImplementedError(f"{self.transport_name} has no session ping")
+        """Round trip of one session-level ping, in seconds."""
+        if self.closed.done():
+            raise SessionClosed(f"session closed: {self.closed.result()}")
+        fut: asyncio.Future[float] = self.loop.create_future()
+        key = self._send_ping_frame()
+        self._pings[key] = (time.perf_counter(), fut)
+        self._flush()
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._pings.pop(key, None)
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -358,6 +369,15 @@ class ClientSession:
         return await self.closed
 
     # --- for subclasses -----------------------------------------------------------------
+    def _send_ping_frame(self) -> object:
+        """Queue a ping; return the key its answer will carry (see _ping_answered)."""
+        raise NotImplementedError(f"{self.transport_name} has no session ping")
+
+    def _ping_answered(self, key: object) -> None:
+        entry = self._pings.get(key)
+        if entry is not None and not entry[1].done():
+            entry[1].set_result(time.perf_counter() - entry[0])
+
     def _new_stream(self, port: int, ip_protocol: str = TCP) -> ForwardStream:
         raise NotImplementedError
 

@@ -72,7 +72,6 @@ class H2ClientSession(ClientSession):
         self._status: dict[int, int] = {}
         self._refusal: dict[int, str] = {}
         self._next_request_id = 0
-        self._pings: dict[bytes, tuple[float, asyncio.Future[float]]] = {}
         self.settings_received: asyncio.Future[None] = self.loop.create_future()
 
     def begin(self) -> None:
@@ -196,18 +195,10 @@ class H2ClientSession(ClientSession):
             self.codec.ping(time.monotonic_ns().to_bytes(8, "big"))
             self._flush()
 
-    async def ping(self, timeout: float = 10.0) -> float:
-        if self.closed.done():
-            raise SessionClosed(f"session closed: {self.closed.result()}")
+    def _send_ping_frame(self) -> bytes:
         payload = time.monotonic_ns().to_bytes(8, "big")
-        fut: asyncio.Future[float] = self.loop.create_future()
-        self._pings[payload] = (time.perf_counter(), fut)
         self.codec.ping(payload)
-        self._flush()
-        try:
-            return await asyncio.wait_for(fut, timeout)
-        finally:
-            self._pings.pop(payload, None)
+        return payload
 
     # --- input --------------------------------------------------------------------------
     def receive(self, data: bytes) -> None:
@@ -260,9 +251,7 @@ class H2ClientSession(ClientSession):
                     if not self.settings_received.done():
                         self.settings_received.set_result(None)
                 case h2.events.PingAckReceived():
-                    entry = self._pings.get(ev.ping_data)
-                    if entry is not None and not entry[1].done():
-                        entry[1].set_result(time.perf_counter() - entry[0])
+                    self._ping_answered(ev.ping_data)
                 case h2.events.ConnectionTerminated():
                     self._acknowledge(acks)
                     self._flush()

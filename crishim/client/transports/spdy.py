@@ -3,8 +3,6 @@ inside a WebSocket (the SPDY-over-WebSocket tunnel, see websocket.py)."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import cast
 
 from crishim.client.transports.base import (
@@ -46,7 +44,6 @@ class SpdyClientSession(ClientSession):
         if tunnel is not None:
             self.transport_name = "spdy-over-websocket"
         self._next_request_id = 0
-        self._pings: dict[int, tuple[float, asyncio.Future[float]]] = {}
         self.goaway = False
 
     def _new_stream(self, port: int, ip_protocol: str = TCP) -> ForwardStream:
@@ -110,17 +107,8 @@ class SpdyClientSession(ClientSession):
             self.codec.ping()
             self._flush()
 
-    async def ping(self, timeout: float = 10.0) -> float:
-        if self.closed.done():
-            raise SessionClosed(f"session closed: {self.closed.result()}")
-        fut: asyncio.Future[float] = self.loop.create_future()
-        ping_id = self.codec.ping()
-        self._pings[ping_id] = (time.perf_counter(), fut)
-        self._flush()
-        try:
-            return await asyncio.wait_for(fut, timeout)
-        finally:
-            self._pings.pop(ping_id, None)
+    def _send_ping_frame(self) -> int:
+        return self.codec.ping()
 
     # --- input --------------------------------------------------------------------------
     def receive(self, data: bytes) -> None:
@@ -170,9 +158,7 @@ class SpdyClientSession(ClientSession):
                     if stream is not None:
                         stream._error_end()
                 case spdy.PingAcknowledged():
-                    entry = self._pings.get(event.ping_id)
-                    if entry is not None and not entry[1].done():
-                        entry[1].set_result(time.perf_counter() - entry[0])
+                    self._ping_answered(event.ping_id)
                 case spdy.GoAwayReceived():
                     self.goaway = True
                     self._flush()
