@@ -99,7 +99,8 @@ from crishim.stream.session import (
 log = logging.getLogger("crishim.h2")
 
 MAX_FRAME_SIZE = 256 * 1024  # measured: better than 64 KiB or 1 MiB frames here
-MAX_CONCURRENT_STREAMS = 1000  # 500 forwarded connections per HTTP/2 connection
+STREAMS_PER_CONNECTION = 2  # an error and a data stream per forwarded connection
+SPARE_STREAMS = 8  # the version probe and streams whose pair has not arrived yet
 MAX_HEADER_LIST_SIZE = 16 * 1024
 DEFAULT_WINDOW = 65535  # what every connection and stream may send before SETTINGS
 
@@ -202,7 +203,11 @@ class H2PortForwardSession(ServerSession):
                                            normalize_outbound_headers=False)
         self.codec = H2Codec(config=config)
         self.codec.local_settings = h2.settings.Settings(client=False, initial_values={
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+            # as many forwarded connections as any other session may hold
+            # (max_connections_per_session, or half the descriptors): the codec's stream
+            # count does not grow with them (protocols/h2.py)
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS:
+                STREAMS_PER_CONNECTION * settings.ctx.max_per_session + SPARE_STREAMS,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE:
                 stream_window(settings.ctx.flood.session_buffer_size),
