@@ -1,7 +1,8 @@
 """Connection storms: N concurrent new connections on one port-forward session, each a
 1 KiB echo, through the same client-go client (kubectl 1.27 behind the API server/kubelet
 stand-in) to containerd's own stream server and to crishim in front of that containerd,
-measured in one run.
+measured in one run; then through crishim's own client (`crishim port-forward`, one SPDY
+and one HTTP/2 session) to the same crishim.
 
     python3 -m benchmarks.storm [--counts 200,1000,2000] [--repeat 3]
 
@@ -98,15 +99,31 @@ def kubectl_session(sandbox_id: str, port_forward: Callable[[str, list[int]], st
         yield kc.local_ports[ECHO]
 
 
+def own_client_storms(crishim: CrishimProcess, sandbox_id: str, counts: list[int],
+                      repeat: int) -> dict[str, dict[int, tuple]]:
+    """The same storms through `crishim port-forward --transport T`: one session each."""
+    from benchmarks.portforward import CrishimPortForward
+
+    out: dict[str, dict[int, tuple]] = {}
+    for transport in ("spdy", "h2"):
+        pf = CrishimPortForward(crishim, transport, sandbox_id)
+        try:
+            out[f"crishim, own client {transport}"] = measure(
+                f"crishim/{transport}", pf.ports[ECHO], counts, repeat)
+        finally:
+            pf.close()
+    return out
+
+
 def report(results: dict[str, dict[int, tuple]], counts: list[int]) -> list[str]:
-    lines = ["connection storms (N concurrent 1 KiB echoes on one kubectl 1.27 session; "
-             "median; cost = time / N):"]
-    header = f"  {'server':28}" + "".join(f"{n:>8,} conns  per conn  " for n in counts)
+    lines = ["connection storms (N concurrent 1 KiB echoes on one session: kubectl 1.27 "
+             "unless named; median; cost = time / N):"]
+    header = f"  {'server':30}" + "".join(f"{n:>8,} conns  per conn  " for n in counts)
     lines.append(header)
     for name, per in results.items():
         cells = "".join(f"{per[n][0]:11.3f} s {per[n][0] / n * 1e6:6.0f} us  " for n in counts)
         errs = sum(per[n][1] for n in counts)
-        lines.append(f"  {name:28}{cells} errors {errs}")
+        lines.append(f"  {name:30}{cells} errors {errs}")
     if "containerd" in results and "crishim" in results:
         ratios = ", ".join(f"{n:,}: {results['crishim'][n][0] / results['containerd'][n][0]:.2f}x"
                            for n in counts)
@@ -151,6 +168,7 @@ def run(counts: list[int], repeat: int) -> tuple[list[str], dict[str, dict[int, 
                                 str(env.socket), "--log-level", "warning") as cs, \
                     kubectl_session(sandbox_id, cs.port_forward_url) as port:
                 results["crishim"] = measure("crishim", port, counts, repeat)
+                results.update(own_client_storms(cs, sandbox_id, counts, repeat))
         finally:
             peer.terminate()
             peer.wait(10)
@@ -171,7 +189,9 @@ def _crishim_alone(counts: list[int], repeat: int) -> list[str]:
         assert peer.stdout is not None and peer.stdout.readline().strip() == "ready"
         with CrishimProcess("--sandboxes", f"bench={netns}", "--log-level", "warning") as cs, \
                 kubectl_session("bench", cs.port_forward_url) as port:
-            return report({"crishim": measure("crishim", port, counts, repeat)}, counts)
+            results = {"crishim": measure("crishim", port, counts, repeat)}
+            results.update(own_client_storms(cs, "bench", counts, repeat))
+            return report(results, counts)
     finally:
         peer.terminate()
         peer.wait(10)

@@ -386,3 +386,34 @@ def test_websocket_connections_use_a_url_fetched_after_the_last_opened(crishim):
         cri.close()
 
     asyncio.run(main())
+
+
+def test_local_listeners_take_a_burst_of_connects(crishim):
+    """The local listener's accept queue is as deep as the kernel allows (as kubectl's Go
+    listeners are): asyncio's default of 100 dropped SYNs in a burst of 200 connects, each
+    then waiting a second for the retransmission."""
+    with open("/proc/sys/net/core/somaxconn") as f:
+        somaxconn = int(f.read())
+    with PortForwardCLI(crishim, f"0:{ECHO_PORT}") as cli:
+        local = int(re.search(r":(\d+) ->", cli.forwarding(1)[0]).group(1))
+        out = subprocess.run(["ss", "-ltnH", f"sport = :{local}"], capture_output=True,
+                             text=True, check=True).stdout.split("\n")
+        backlogs = {int(line.split()[2]) for line in out if line.strip()}
+        assert backlogs == {min(4096, somaxconn)}, out
+        # a burst of connects, all accepted and all forwarded
+        socks = [socket.create_connection(("127.0.0.1", local), timeout=30)
+                 for _ in range(300)]
+        try:
+            for i, s in enumerate(socks):
+                s.sendall(b"%d\n" % i)
+            for i, s in enumerate(socks):
+                got = b""
+                while not got.endswith(b"\n"):
+                    chunk = s.recv(16)
+                    assert chunk, (i, got)
+                    got += chunk
+                assert got == b"%d\n" % i
+        finally:
+            for s in socks:
+                s.close()
+        assert cli.interrupt() == 0
