@@ -18,6 +18,11 @@ changes only the byte handling at both ends:
   and parsed by hyperframe as before;
 - out: `take_output()` returns the frames as a list for `transport.writelines`: a DATA
   frame is its 9-byte header and the caller's payload object, never joined;
+- headers: `LiteralHeaderEncoder` sends every field as a literal without indexing, each
+  field's bytes cached: hpack's encoder searched its tables for every field to save ~160
+  bytes per HEADERS on a loopback hop. A client opening a forwarded connection (two
+  HEADERS) 147-269 -> 77-81 us, the server's response HEADERS 25.5 -> 20 us, and the
+  server decodes the literals no slower (244-344 -> 222 us per connection);
 - streams: h2 counts open streams by walking every stream it holds, at every stream
   opened either way, so a new connection cost more the more were live (server, two
   HEADERS: 414 us with none live, 1,050 with 500, 1,979 with 2,000).
@@ -31,11 +36,12 @@ changes only the byte handling at both ends:
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, cast
 
 import h2.config
 import h2.connection
+import hpack
 from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
 from h2.events import Event
@@ -240,6 +246,64 @@ class _Payload:
 
     def __len__(self) -> int:
         return len(self.view)
+
+
+_Headers = (Iterable[hpack.HeaderTuple | tuple[bytes | str, bytes | str]
+                    | tuple[bytes | str, bytes | str, bool | None]]
+            | dict[bytes | str, bytes | str])
+_FIELD_CACHE = 64  # encoded fields kept: the constant ones of a session's requests
+
+
+def _length(n: int) -> bytes:
+    """An HPACK string length (7-bit prefix integer, Huffman bit clear)."""
+    if n < 0x7F:
+        return bytes((n,))
+    out = bytearray((0x7F,))
+    n -= 0x7F
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+class LiteralHeaderEncoder(hpack.Encoder):
+    """HPACK that never touches the dynamic table: each field a literal without indexing
+    (RFC 7541 6.2.2; never indexed, 6.2.3, where h2 marks a field sensitive) with a
+    literal name, so a field's bytes do not depend on what came before and are cached.
+    Table size updates the peer's SETTINGS call for are still sent first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._fields: dict[tuple[object, object, bool], bytes] = {}
+
+    def encode(self, headers: _Headers, huffman: bool = True) -> bytes:
+        if isinstance(headers, dict):
+            return super().encode(headers, huffman)
+        block = []
+        if self.header_table.resized:
+            block.append(self._encode_table_size_change())
+            self.header_table.resized = False
+        fields = self._fields
+        for header in headers:
+            if isinstance(header, hpack.HeaderTuple):
+                sensitive = not header.indexable
+            else:
+                sensitive = len(header) > 2 and bool(header[2])
+            key = (header[0], header[1], sensitive)
+            field = fields.get(key)
+            if field is None:
+                name, value = _utf8(header[0]), _utf8(header[1])
+                field = b"".join((b"\x10" if sensitive else b"\x00", _length(len(name)), name,
+                                  _length(len(value)), value))
+                if len(fields) < _FIELD_CACHE:
+                    fields[key] = field
+            block.append(field)
+        return b"".join(block)
+
+
+def _utf8(text: object) -> bytes:
+    return text if type(text) is bytes else str(text).encode("utf-8")
 
 
 class Outbound:

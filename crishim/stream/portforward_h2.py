@@ -82,7 +82,7 @@ from hyperframe.frame import Frame, GoAwayFrame, RstStreamFrame
 from crishim.forward import ForwardedConnection
 from crishim.forward_udp import ForwardedFlow
 from crishim.protocols.constants import PORTFORWARD_PROTOCOL
-from crishim.protocols.h2 import H2Codec, Outbound, Overloaded
+from crishim.protocols.h2 import H2Codec, LiteralHeaderEncoder, Outbound, Overloaded
 from crishim.protocols.negotiation import VERSION_HEADER, choose_version, server_versions
 from crishim.runtime import Sandbox
 from crishim.stream.admission import MAX_REQUEST_HEAD, Admit, Refused, h2_refusal, redact
@@ -216,6 +216,7 @@ class H2PortForwardSession(ServerSession):
         })
         self.codec.max_inbound_frame_size = MAX_FRAME_SIZE
         self.codec.charge_frame = self._charge_frame
+        self.codec.encoder = LiteralHeaderEncoder()  # responses: the same fields each time
         self._window_granted = 0  # taken from the server's buffer budget, returned at the end
         self._pairs = StreamPairs(self.creation_timeout, self._pair_timed_out)
         self._by_stream: dict[int, ForwardedConnection | ForwardedFlow] = {}  # data stream id

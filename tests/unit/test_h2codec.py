@@ -354,3 +354,38 @@ def test_the_concurrency_limit_still_holds_and_closed_streams_are_dropped():
     # closed streams do not pile up: at most twice the live ones (or 64) are held
     assert len(server.streams) <= 64 and len(client.streams) <= 64, (
         len(server.streams), len(client.streams))
+
+
+def test_literal_header_encoder_decodes_as_hpack_does():
+    from hpack import Decoder, HeaderTuple, NeverIndexedHeaderTuple
+
+    from crishim.protocols.h2 import LiteralHeaderEncoder
+
+    encoder, decoder = LiteralHeaderEncoder(), Decoder()
+    long_value = "v" * 127 + "é" * 200  # lengths past the 7-bit prefix, UTF-8
+    for round_ in range(3):  # the cached fields give the same bytes
+        headers = REQUEST + [("port", "8080"), ("requestid", str(round_)), ("x-long", long_value),
+                             NeverIndexedHeaderTuple("authorization", "Bearer t"),
+                             (b"bytes-name", b"bytes-value")]
+        block = encoder.encode(headers)
+        got = decoder.decode(block)
+        as_text = [tuple(x.decode() if isinstance(x, bytes) else x for x in h) for h in headers]
+        assert got == as_text
+        # nothing went into the peer's dynamic table; the sensitive field stays never-indexed
+        assert len(decoder.header_table.dynamic_entries) == 0
+        assert isinstance(got[-2], NeverIndexedHeaderTuple)
+        assert not isinstance(got[0], NeverIndexedHeaderTuple) and isinstance(got[0], HeaderTuple)
+
+
+def test_literal_header_encoder_sends_the_table_size_update_first():
+    from hpack import Decoder
+
+    from crishim.protocols.h2 import LiteralHeaderEncoder
+
+    encoder, decoder = LiteralHeaderEncoder(), Decoder()
+    encoder.header_table_size = 0  # as h2 does when the peer's SETTINGS say so
+    decoder.max_allowed_table_size = 0
+    block = encoder.encode(REQUEST)
+    assert block[0] == 0x20  # dynamic table size update to 0, before any field
+    assert decoder.decode(block) == REQUEST
+    assert encoder.encode(REQUEST)[0] == 0x00  # once only

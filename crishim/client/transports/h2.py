@@ -37,7 +37,7 @@ from crishim.protocols.constants import (
     STREAM_TYPE_DATA,
     STREAM_TYPE_ERROR,
 )
-from crishim.protocols.h2 import H2Codec, Outbound
+from crishim.protocols.h2 import H2Codec, LiteralHeaderEncoder, Outbound
 from crishim.protocols.negotiation import TCP, UDP, VERSION_HEADER
 
 MAX_FRAME_SIZE = 1024 * 1024
@@ -65,6 +65,7 @@ class H2ClientSession(ClientSession):
             h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
             h2.settings.SettingCodes.ENABLE_PUSH: 0})
         self.codec.max_inbound_frame_size = MAX_FRAME_SIZE
+        self.codec.encoder = LiteralHeaderEncoder()
         self.base_headers = [(":method", "POST"), (":scheme", scheme),
                              (":authority", authority), (":path", path)]
         self._error_streams: dict[int, ForwardStream] = {}
