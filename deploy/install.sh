@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Install crishim and what it needs on a Debian/Ubuntu host, as root.
-#   deploy/install.sh          the server: iproute2 + crishim (pip, editable from this tree)
+#   deploy/install.sh          the server: iproute2 + crishim (pip, editable from this tree),
+#                              and curl + nc for the demo's try-it commands (README)
 #   deploy/install.sh --test   also what the test suite drives: containerd, runc, CNI
 #                              plugins, gcc (the pause image), socat, and the test extras
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(iproute2 ca-certificates)
+packages=(iproute2 ca-certificates curl netcat-openbsd)
 extra=""
 if [[ "${1:-}" == "--test" ]]; then
-    packages+=(containerd runc containernetworking-plugins gcc libc6-dev socat curl)
+    packages+=(containerd runc containernetworking-plugins gcc libc6-dev socat)
     extra="[test]"
 fi
 
