@@ -10,9 +10,9 @@ python3 -m mypy
 echo "== unit tests as uid 65534 (no root, no netns)" >&2
 # (nobody may not write the tree: Hypothesis keeps its examples in a directory of its own)
 hypothesis_dir=$(mktemp -d /tmp/crishim-hypothesis-XXXXXX)
+trap 'rm -rf "$hypothesis_dir"' EXIT
 chown 65534:65534 "$hypothesis_dir"
 HYPOTHESIS_STORAGE_DIRECTORY=$hypothesis_dir \
     python3 -m tests.support.unprivileged -m pytest -q -p no:cacheprovider tests/unit
-rm -rf "$hypothesis_dir"
 echo "== all tests (root: network namespaces, real clients, containerd)" >&2
 python3 -m pytest -q tests
