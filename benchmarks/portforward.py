@@ -450,7 +450,7 @@ def draw_chart(path: str, rows: list, storms: dict) -> str:
         for name, per in storms.items():
             counts = sorted(per)
             ax2.plot(counts, [per[n][0] / n * 1e6 for n in counts], marker="o", label=name)
-        ax2.set_xlabel("concurrent connections on one kubectl 1.27 session")
+        ax2.set_xlabel("concurrent connections on one session (kubectl 1.27 unless named)")
         ax2.set_ylabel("storm time per connection (us)")
         ax2.set_title("Connection storms: cost per connection")
         ax2.set_ylim(bottom=0)
