@@ -98,8 +98,8 @@ class Config:
     udp_flow_idle_timeout: float = 60.0
     control_frames_per_second: int = 100
     control_frame_burst: int = 1000
-    stream_opens_per_second: int = 1000
-    stream_open_burst: int = 10000
+    stream_opens_per_second: int = 10000
+    stream_open_burst: int = 20000
     protocol_error_log_lines: int = 10
     session_buffer_size: int = 16 * 1024 * 1024
     buffer_budget: int = 512 * 1024 * 1024

@@ -20,6 +20,7 @@ import threading
 from pyroute2 import netns as pyroute2_netns
 
 from crishim.runtime import DialFailed, Sandbox, SandboxGone
+from crishim.sysutil import LISTEN_BACKLOG
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -144,8 +145,10 @@ async def dial_localhost(netns_path: str | None, port: int, pod_ip: str = "") ->
     raise DialFailed(f"connect to port {port}: " + "; ".join(reasons))
 
 
-def listen_in_netns(netns_path: str, host: str, port: int, backlog: int = 1024) -> socket.socket:
-    """A listening socket inside a netns (the demo's server, test servers)."""
+def listen_in_netns(netns_path: str, host: str, port: int,
+                    backlog: int = LISTEN_BACKLOG) -> socket.socket:
+    """A listening socket inside a netns (the demo's server, test servers); hand it to
+    create_server with the same backlog (asyncio listens again, with 100, unless told)."""
     fd = open_netns(netns_path)
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -14,6 +14,12 @@ import stat
 
 log = logging.getLogger("crishim")
 
+# The accept queue every TCP listener of crishim's asks for (the kernel caps it at
+# net.core.somaxconn), as Go's listeners do. asyncio's create_server re-listens with 100
+# unless told: a burst of connects then loses SYNs and each waits the 1 s retransmission
+# (200 connections at once through crishim port-forward: 1.07 s instead of 0.12).
+LISTEN_BACKLOG = 4096
+
 
 class SocketInUse(Exception):
     """A live server already answers on the socket path (or the path is not a socket)."""

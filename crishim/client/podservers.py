@@ -14,6 +14,7 @@ import struct
 from typing import cast
 
 from crishim.netns import bind_udp_in_netns, listen_in_netns
+from crishim.sysutil import LISTEN_BACKLOG
 
 SOURCE_CHUNK = 1 << 20
 SOURCE_WRITE_HIGH_WATER = 4 << 20
@@ -178,7 +179,8 @@ class Peers:
                             ("reset", Reset), ("fin", FinEcho)):
             sock = listen_in_netns(self.netns, "127.0.0.1", 0)
             self.ports[name] = sock.getsockname()[1]
-            self._servers.append(await loop.create_server(proto, sock=sock))
+            self._servers.append(await loop.create_server(proto, sock=sock,
+                                                          backlog=LISTEN_BACKLOG))
         sock = listen_in_netns(self.netns, "127.0.0.1", 0)
         self.ports["closed"] = sock.getsockname()[1]
         sock.close()

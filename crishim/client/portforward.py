@@ -27,11 +27,7 @@ from crishim.client.transports import (
 )
 from crishim.client.udp import UdpListener
 from crishim.flow import read_buffer
-
-# connections waiting to be accepted (the kernel caps it at net.core.somaxconn), as Go's
-# listeners (kubectl) ask: with asyncio's default of 100, a burst of 200 connects lost
-# SYNs and waited the 1 s retransmission (a 200-connection storm took 1.07 s, not 0.15)
-LISTEN_BACKLOG = 4096
+from crishim.sysutil import LISTEN_BACKLOG
 
 # (transport, ports, ping_interval) -> a new session to the pod: where the stream comes
 # from (a CRI PortForward URL, an API server) is the opener's business

@@ -115,3 +115,14 @@ def test_error_policy_as_kubectl_sees_a_refused_port(podnet, policy):
         else:
             assert "Connection refused" in out, out
         assert f"port={CLOSED_PORT}" in proc.log() and "refused" in proc.log()
+
+
+def test_demo_server_takes_a_burst_of_connects(demo):
+    """The demo's HTTP server asks for the full accept queue, not asyncio's 100 (a burst
+    of connections through a port-forward would otherwise lose SYNs for a second)."""
+    with open("/proc/sys/net/core/somaxconn") as f:
+        somaxconn = int(f.read())
+    out = subprocess.run(["ip", "netns", "exec", "crishim-demo", "ss", "-ltnH",
+                          "sport = :8080"], capture_output=True, text=True, check=True).stdout
+    backlogs = {int(line.split()[2]) for line in out.splitlines() if line.strip()}
+    assert backlogs == {min(4096, somaxconn)}, out

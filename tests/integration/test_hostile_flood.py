@@ -155,6 +155,42 @@ def test_spdy_ping_flood_ends_the_session_with_goaway(podnet):
     assert "Traceback" not in log
 
 
+def test_spdy_streams_opened_past_the_budget_end_the_session_with_goaway(podnet):
+    """stream_opens_per_second / stream_open_burst: a session that opens streams faster
+    ends with GOAWAY and says which setting; the next client is served."""
+    with _serve(podnet, "--stream-opens-per-second", "5", "--stream-open-burst", "100") as proc:
+        with SpdyPortForwardClient(proc.port_forward_url(SANDBOX)) as client:
+            for _ in range(60):  # 120 streams: past the burst of 100
+                client.forward(ECHO_PORT)
+            client.flush()
+            assert client.wait(lambda: client.goaway, 10)
+        _second_client_is_served(proc)
+        log = proc.log()
+    assert "stream_opens_per_second" in log and "more than 100 streams opened" in log
+    assert "Traceback" not in log
+
+
+def test_spdy_repeated_storms_stay_within_the_default_stream_budget(podnet):
+    """The defaults let a load test through: 4 x 2,000 connections at once on one session
+    (16,000 streams in a few seconds; the old defaults, 10,000 at once and 1,000 a second,
+    ended it)."""
+    with _serve(podnet) as proc:
+        with SpdyPortForwardClient(proc.port_forward_url(SANDBOX), timeout=60) as client:
+            for round_ in range(4):
+                forwards = [client.forward(ECHO_PORT) for _ in range(2000)]
+                for fwd in forwards:
+                    fwd.send(b"+")
+                assert client.wait(lambda fs=forwards: all(f.received == b"+" for f in fs),
+                                   60), (round_, client.goaway)
+                for fwd in forwards:
+                    fwd.close_write()
+                assert client.wait(lambda fs=forwards: all(f.finished() for f in fs), 60)
+            assert not client.goaway
+        log = proc.log()
+    assert "stream_opens_per_second" not in log
+    assert "Traceback" not in log
+
+
 def test_unread_answers_stop_crishim_reading_the_client(podnet):
     # budgets out of the way: only the output backpressure bounds the answers
     with _serve(podnet, "--control-frame-burst", UNLIMITED,

@@ -16,6 +16,7 @@ from crishim.netns import (
     delete_named_netns,
     listen_in_netns,
 )
+from crishim.sysutil import LISTEN_BACKLOG
 from tests.support.udp_peers import DnsResponder
 
 HTTP_PORT = 8080
@@ -83,7 +84,8 @@ class PodNetwork:
         for port, proto in ((HTTP_PORT, _Http), (ECHO_PORT, Echo), (SINK_PORT, _Sink),
                             (SOURCE_PORT, Source), (RESET_PORT, Reset)):
             sock = listen_in_netns(self.path, "127.0.0.1", port)
-            self._servers.append(await self.loop.create_server(proto, sock=sock))
+            self._servers.append(await self.loop.create_server(proto, sock=sock,
+                                                               backlog=LISTEN_BACKLOG))
         self._servers.append((await serve_udp_echo(self.path, "127.0.0.1", UDP_ECHO_PORT))[0])
         dns, _ = await self.loop.create_datagram_endpoint(
             DnsResponder, sock=bind_udp_in_netns(self.path, "127.0.0.1", UDP_DNS_PORT))
@@ -92,7 +94,8 @@ class PodNetwork:
     def listen_extra(self, host: str, port: int, proto_factory) -> None:
         async def go():
             sock = listen_in_netns(self.path, host, port)
-            self._servers.append(await self.loop.create_server(proto_factory, sock=sock))
+            self._servers.append(await self.loop.create_server(proto_factory, sock=sock,
+                                                               backlog=LISTEN_BACKLOG))
         asyncio.run_coroutine_threadsafe(go(), self.loop).result(10)
 
     def stop(self) -> None:
