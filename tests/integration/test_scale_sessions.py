@@ -39,7 +39,7 @@ async def _echo_all(url: str, transport: str) -> tuple[list[int], float]:
     return bad, rtt
 
 
-@pytest.mark.parametrize("transport", ["spdy", "h2"])
+@pytest.mark.parametrize("transport", ["spdy", "spdy-over-websocket", "h2"])
 def test_2000_concurrent_forwards_on_one_client_session(podnet, transport):
     with CrishimProcess("--sandboxes", f"sb={podnet.path}", "--log-level", "warning") as proc:
         bad, rtt = uvloop.run(_echo_all(proc.port_forward_url("sb"), transport))
