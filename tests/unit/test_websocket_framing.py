@@ -354,3 +354,21 @@ def test_fuzz_random_bytes_never_raise_and_buffer_little(client_side, stream, da
         side.data_to_send()
     side.receive_data(b"")
     assert side.closed
+
+
+def test_a_message_whole_in_one_received_bytes_is_a_view_into_it_not_a_copy():
+    """The client's channel downloads: a server message (unmasked) that arrived whole in
+    one `bytes` read is handed out as a view of it; from a buffer the caller reuses
+    (bytearray, memoryview of one), it is copied, so reusing the buffer changes nothing."""
+    client = WebSocketFraming(client=True)
+    payload = os.urandom(300_000)
+    wire = frame(BINARY, payload[:100], masked=False) + frame(BINARY, payload, masked=False)
+    got = [e for e in client.receive_data(wire) if isinstance(e, Message)]
+    assert [bytes(m.data) for m in got] == [payload[:100], payload]
+    assert all(isinstance(m.data, memoryview) and m.data.obj is wire for m in got)
+
+    reused = bytearray(wire)
+    got = [e for e in client.receive_data(memoryview(reused)) if isinstance(e, Message)]
+    reused[:] = bytes(len(reused))  # the caller's next read lands in the same buffer
+    assert [bytes(m.data) for m in got] == [payload[:100], payload]
+    assert all(type(m.data) is bytes for m in got)

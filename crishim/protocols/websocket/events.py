@@ -25,9 +25,10 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class Message(Event):
-    """One whole WebSocket message. Text messages arrive UTF-8 encoded."""
+    """One whole WebSocket message. Text messages arrive UTF-8 encoded. A message that
+    came whole in one received `bytes` is a memoryview into it (no copy)."""
 
-    data: bytes
+    data: bytes | memoryview
     binary: bool
 
 

@@ -138,7 +138,7 @@ class WebSocketFraming:
         self._fin = False
         self._message_opcode = 0          # opcode of the message in progress, 0 if none
         self._message_size = 0
-        self._parts: list[bytes | bytearray] = []
+        self._parts: list[bytes | bytearray | memoryview] = []
         self._utf8: codecs.IncrementalDecoder | None = None
         # Stream mode: unmasked payload pieces of this read, not yet handed on.
         self._acc: list[bytes | bytearray | memoryview] = []
@@ -342,11 +342,13 @@ class WebSocketFraming:
 
     def _payload(self, piece: memoryview, key: bytes, events: list[FramingEvent]) -> None:
         """Message mode: keep one piece of a data frame's payload, unmasked."""
-        chunk: bytes | bytearray
+        chunk: bytes | bytearray | memoryview
         if key:
             chunk = _masked(piece, key)
+        elif type(piece.obj) is bytes:
+            chunk = piece  # a view into received bytes, which nobody changes: no copy
         else:
-            chunk = bytes(piece)
+            chunk = bytes(piece)  # a view into a buffer the caller reuses: copied
         if self._utf8 is not None:
             try:
                 self._utf8.decode(chunk)
@@ -362,7 +364,12 @@ class WebSocketFraming:
         if self.stream:
             return
         parts = self._parts
-        data = parts[0] if len(parts) == 1 and type(parts[0]) is bytes else b"".join(parts)
+        only = parts[0] if len(parts) == 1 else None
+        data: bytes | memoryview
+        if only is not None and not isinstance(only, bytearray):
+            data = only
+        else:
+            data = b"".join(parts)
         parts.clear()
         if opcode == OP_TEXT:
             utf8, self._utf8 = self._utf8, None
