@@ -25,8 +25,9 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class Message(Event):
-    """One whole WebSocket message. Text messages arrive UTF-8 encoded. A message that
-    came whole in one received `bytes` is a memoryview into it (no copy)."""
+    """One whole WebSocket message. Text messages arrive UTF-8 encoded. A message of
+    64 KiB or more that came whole in one received `bytes` is a memoryview into it (no
+    copy)."""
 
     data: bytes | memoryview
     binary: bool

@@ -88,6 +88,10 @@ def _unmask_in_place(buf: bytearray, start: int, end: int, key: bytes | bytearra
         _translate_in_place(buf, start, end, key)
 
 
+# message payload pieces at least this big are handed out as views of the received bytes
+_VIEW_MIN = 64 * 1024
+
+
 def _masked(data: bytes | bytearray | memoryview, key: bytes | bytearray) -> bytes | bytearray:
     """A copy of ``data`` XORed with ``key`` repeated."""
     if _apply_mask is not None:
@@ -345,10 +349,12 @@ class WebSocketFraming:
         chunk: bytes | bytearray | memoryview
         if key:
             chunk = _masked(piece, key)
-        elif type(piece.obj) is bytes:
+        elif type(piece.obj) is bytes and len(piece) >= _VIEW_MIN:
             chunk = piece  # a view into received bytes, which nobody changes: no copy
         else:
-            chunk = bytes(piece)  # a view into a buffer the caller reuses: copied
+            # a view into a buffer the caller reuses, or a small piece that would keep a
+            # whole read alive for a few bytes: copied
+            chunk = bytes(piece)
         if self._utf8 is not None:
             try:
                 self._utf8.decode(chunk)
