@@ -48,6 +48,7 @@ from h2.events import Event
 from h2.exceptions import FrameDataMissingError, ProtocolError
 from h2.frame_buffer import FrameBuffer
 from h2.stream import StreamState
+from hpack.hpack import encode_integer
 from hyperframe.exceptions import InvalidDataError, InvalidFrameError, InvalidPaddingError
 from hyperframe.frame import (
     ContinuationFrame,
@@ -254,19 +255,6 @@ _Headers = (Iterable[hpack.HeaderTuple | tuple[bytes | str, bytes | str]
 _FIELD_CACHE = 64  # encoded fields kept: the constant ones of a session's requests
 
 
-def _length(n: int) -> bytes:
-    """An HPACK string length (7-bit prefix integer, Huffman bit clear)."""
-    if n < 0x7F:
-        return bytes((n,))
-    out = bytearray((0x7F,))
-    n -= 0x7F
-    while n >= 0x80:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 class LiteralHeaderEncoder(hpack.Encoder):
     """HPACK that never touches the dynamic table: each field a literal without indexing
     (RFC 7541 6.2.2; never indexed, 6.2.3, where h2 marks a field sensitive) with a
@@ -294,8 +282,10 @@ class LiteralHeaderEncoder(hpack.Encoder):
             field = fields.get(key)
             if field is None:
                 name, value = _utf8(header[0]), _utf8(header[1])
-                field = b"".join((b"\x10" if sensitive else b"\x00", _length(len(name)), name,
-                                  _length(len(value)), value))
+                # string lengths: 7-bit prefix integers, Huffman bit clear
+                field = b"".join((b"\x10" if sensitive else b"\x00",
+                                  encode_integer(len(name), 7), name,
+                                  encode_integer(len(value), 7), value))
                 if len(fields) < _FIELD_CACHE:
                     fields[key] = field
             block.append(field)
