@@ -10,8 +10,7 @@ import sys
 
 import uvloop
 
-from crishim.netns import listen_in_netns
-from crishim.sysutil import LISTEN_BACKLOG
+from crishim.netns import serve_in_netns
 
 SINK, SOURCE, ECHO = 7001, 7002, 7003
 _BLOCK = bytes(range(256)) * 4096  # 1 MiB
@@ -84,8 +83,7 @@ class Echo(asyncio.Protocol):
 async def main(path: str) -> None:
     loop = asyncio.get_running_loop()
     for port, proto in ((SINK, Sink), (SOURCE, Source), (ECHO, Echo)):
-        await loop.create_server(proto, sock=listen_in_netns(path, "127.0.0.1", port),
-                                 backlog=LISTEN_BACKLOG)
+        await serve_in_netns(path, "127.0.0.1", port, proto)
     print("ready", flush=True)
     await loop.create_future()
 

@@ -11,9 +11,8 @@ from typing import cast
 
 from crishim.client.podservers import UdpEcho, serve_udp_echo
 from crishim.config import Config
-from crishim.netns import create_named_netns, delete_named_netns, listen_in_netns
+from crishim.netns import create_named_netns, delete_named_netns, serve_in_netns
 from crishim.sandboxes import NamedNetnsRuntime
-from crishim.sysutil import LISTEN_BACKLOG
 
 log = logging.getLogger("crishim.demo")
 
@@ -87,9 +86,7 @@ class Demo:
         self.acquire()
         delete_named_netns(self.netns_name)  # left by a demo that was killed
         self.netns_path = create_named_netns(self.netns_name)
-        sock = listen_in_netns(self.netns_path, "127.0.0.1", DEMO_PORT)
-        loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(_DemoHttp, sock=sock, backlog=LISTEN_BACKLOG)
+        self.server = await serve_in_netns(self.netns_path, "127.0.0.1", DEMO_PORT, _DemoHttp)
         self.udp_echo, _ = await serve_udp_echo(self.netns_path, "127.0.0.1", DEMO_UDP_PORT)
         return self.netns_path
 

@@ -16,6 +16,7 @@ import select
 import socket
 import struct
 import threading
+from collections.abc import Callable
 
 from pyroute2 import netns as pyroute2_netns
 
@@ -147,8 +148,7 @@ async def dial_localhost(netns_path: str | None, port: int, pod_ip: str = "") ->
 
 def listen_in_netns(netns_path: str, host: str, port: int,
                     backlog: int = LISTEN_BACKLOG) -> socket.socket:
-    """A listening socket inside a netns (the demo's server, test servers); hand it to
-    create_server with the same backlog (asyncio listens again, with 100, unless told)."""
+    """A listening socket inside a netns (serve_in_netns makes a server of one)."""
     fd = open_netns(netns_path)
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -171,6 +171,16 @@ def listen_in_netns(netns_path: str, host: str, port: int,
 _UDP_TABLES = ((socket.AF_INET, "/proc/thread-self/net/udp"),
                (socket.AF_INET6, "/proc/thread-self/net/udp6"))
 
+
+
+async def serve_in_netns(netns_path: str, host: str, port: int,
+                         protocol_factory: Callable[[], asyncio.BaseProtocol]
+                         ) -> asyncio.Server:
+    """A TCP server listening inside a netns with the full accept queue (create_server
+    listens again, with 100, unless given the backlog too)."""
+    sock = listen_in_netns(netns_path, host, port)
+    return await asyncio.get_running_loop().create_server(protocol_factory, sock=sock,
+                                                          backlog=LISTEN_BACKLOG)
 
 def _proc_address(family: int, text: str) -> str:
     """An address as /proc/net/udp{,6} writes it (32-bit words in host byte order)."""

@@ -13,8 +13,7 @@ import socket
 import struct
 from typing import cast
 
-from crishim.netns import bind_udp_in_netns, listen_in_netns
-from crishim.sysutil import LISTEN_BACKLOG
+from crishim.netns import bind_udp_in_netns, listen_in_netns, serve_in_netns
 
 SOURCE_CHUNK = 1 << 20
 SOURCE_WRITE_HIGH_WATER = 4 << 20
@@ -174,13 +173,11 @@ class Peers:
         self._udp: UdpEcho | None = None
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         for name, proto in (("echo", Echo), ("sink", SizedSink), ("source", Source),
                             ("reset", Reset), ("fin", FinEcho)):
-            sock = listen_in_netns(self.netns, "127.0.0.1", 0)
-            self.ports[name] = sock.getsockname()[1]
-            self._servers.append(await loop.create_server(proto, sock=sock,
-                                                          backlog=LISTEN_BACKLOG))
+            server = await serve_in_netns(self.netns, "127.0.0.1", 0, proto)
+            self.ports[name] = server.sockets[0].getsockname()[1]
+            self._servers.append(server)
         sock = listen_in_netns(self.netns, "127.0.0.1", 0)
         self.ports["closed"] = sock.getsockname()[1]
         sock.close()

@@ -14,9 +14,8 @@ from crishim.netns import (
     bind_udp_in_netns,
     create_named_netns,
     delete_named_netns,
-    listen_in_netns,
+    serve_in_netns,
 )
-from crishim.sysutil import LISTEN_BACKLOG
 from tests.support.udp_peers import DnsResponder
 
 HTTP_PORT = 8080
@@ -83,9 +82,7 @@ class PodNetwork:
     async def _serve(self) -> None:
         for port, proto in ((HTTP_PORT, _Http), (ECHO_PORT, Echo), (SINK_PORT, _Sink),
                             (SOURCE_PORT, Source), (RESET_PORT, Reset)):
-            sock = listen_in_netns(self.path, "127.0.0.1", port)
-            self._servers.append(await self.loop.create_server(proto, sock=sock,
-                                                               backlog=LISTEN_BACKLOG))
+            self._servers.append(await serve_in_netns(self.path, "127.0.0.1", port, proto))
         self._servers.append((await serve_udp_echo(self.path, "127.0.0.1", UDP_ECHO_PORT))[0])
         dns, _ = await self.loop.create_datagram_endpoint(
             DnsResponder, sock=bind_udp_in_netns(self.path, "127.0.0.1", UDP_DNS_PORT))
@@ -93,9 +90,7 @@ class PodNetwork:
 
     def listen_extra(self, host: str, port: int, proto_factory) -> None:
         async def go():
-            sock = listen_in_netns(self.path, host, port)
-            self._servers.append(await self.loop.create_server(proto_factory, sock=sock,
-                                                               backlog=LISTEN_BACKLOG))
+            self._servers.append(await serve_in_netns(self.path, host, port, proto_factory))
         asyncio.run_coroutine_threadsafe(go(), self.loop).result(10)
 
     def stop(self) -> None:
