@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import queue
@@ -218,6 +219,48 @@ def test_local_colon_remote_moves_8_mib_both_ways_intact(crishim, transport):
         assert cli.read_lines(2) == [f"Handling connection for {source_local}",
                                      f"Handling connection for {other_local}"]
         assert cli.interrupt() == 0
+
+
+class _StallingSink(podnet_module._Sink):
+    """A sink that stops reading for a moment after every 256 KiB: its socket fills, so
+    crishim serve's writes towards it are often partial."""
+
+    def data_received(self, data):
+        super().data_received(data)
+        self.since = getattr(self, "since", 0) + len(data)
+        if self.since >= 256 << 10:
+            self.since = 0
+            self.t.pause_reading()
+            asyncio.get_running_loop().call_later(0.005, self.t.resume_reading)
+
+
+def test_uploads_to_a_stalling_pod_and_a_fast_one_beside_a_download_arrive_intact(crishim, podnet):
+    """Two uploads interleaved on one session, one to a pod that keeps stalling (crishim
+    serve's writes towards it are partial and wait in its transport), while a download
+    reads into the same per-thread read buffer (flow.read_buffer): each arrives byte for
+    byte. Handing a pod's transport views of that buffer instead of copies fails here."""
+    stalling = free_port()
+    podnet.listen_extra("127.0.0.1", stalling, _StallingSink)
+    slow_local, fast_local, down_local = free_port(), free_port(), free_port()
+    size = 32 << 20
+    payloads = {slow_local: os.urandom(size), fast_local: os.urandom(size)}
+    answers: dict[int, bytes] = {}
+    with PortForwardCLI(crishim, f"{slow_local}:{stalling}", f"{fast_local}:{SINK_PORT}",
+                        f"{down_local}:{SOURCE_PORT}") as cli:
+        cli.forwarding(3)
+        threads = [threading.Thread(target=lambda p=p: answers.__setitem__(
+            p, upload(p, payloads[p]))) for p in payloads]
+        threads.append(threading.Thread(target=lambda: answers.__setitem__(
+            down_local, download(down_local, 4 * size))))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert cli.interrupt() == 0
+    for port, payload in payloads.items():
+        assert answers.get(port) == f"{size} {hashlib.sha256(payload).hexdigest()}\n".encode()
+    assert hashlib.sha256(answers[down_local]).digest() == \
+        hashlib.sha256(source_bytes(4 * size)).digest()
 
 
 @pytest.mark.parametrize("spec_prefix", [":", "0:"])
