@@ -191,8 +191,10 @@ class _LocalSide(asyncio.BufferedProtocol):
         # a TCP connection's transport; uvloop's does not subclass asyncio.Transport
         local = pipe.local = cast(asyncio.Transport, transport)
         local.set_write_buffer_limits(high=1024 * 1024)
-        print(f"Handling connection for {pipe.local_port}", flush=True)
         pipe.forwarder.start_pipe(pipe, local)
+        # after the streams are on their way: the line (a write to a terminal or a pipe,
+        # which wakes its reader) is not on the connection's first-byte path
+        print(f"Handling connection for {pipe.local_port}", flush=True)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return read_buffer()
