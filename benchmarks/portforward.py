@@ -9,9 +9,12 @@ Paths measured (each that works on this machine):
   kubectl-1.33/...   kubectl 1.33 (SPDY over WebSocket, or SPDY if that is refused)
   crishim/<t>        `crishim port-forward --transport <t>` (spdy, h2, websocket,
                      spdy-over-websocket)
-Each transfer figure is the median of --repeat transfers; beside it, the CPU share of each
-process, how busy the whole machine was (a path where no process reaches 90 % of a core and
-the machine is under 90 % busy is stalled somewhere) and crishim serve's CPU-seconds per GiB.
+Each transfer figure is the median of --repeat transfers, and its ratio the median of each
+transfer's ratio to a direct transfer made just before it (the machine's speed drifts over a
+run; a pair shares it); first bytes alternate with direct ones the same way. Beside them,
+the CPU share of each process, how busy the whole machine was (a path where no process
+reaches 90 % of a core and the machine is under 90 % busy is stalled somewhere) and crishim
+serve's CPU-seconds per GiB.
 Then 1,000 concurrent idle connections on one session (server memory per connection), the
 netns entry cost, token issue+redeem cost at 0 to 100,000 outstanding, connection storms
 (benchmarks/storm.py: containerd beside crishim on the same kubectl) and a chart
@@ -120,20 +123,31 @@ def download(path, size: int) -> float:
     return size / dt / 1e6
 
 
-def latency(path, trials: int) -> tuple[float, float]:
-    """Connect, send one byte, get it echoed: median and p99 in ms."""
-    samples = []
+def latency(path, trials: int, baseline=None) -> tuple[float, float, float]:
+    """Connect, send one byte, get it echoed: median and p99 in ms, and the median as a
+    multiple of the baseline's, whose trials alternate with these (one each, in turn: a
+    machine that slows down or speeds up meanwhile moves both)."""
+    samples, base = [], []
     for _ in range(trials):
-        t0 = time.perf_counter()
-        s = path.connect(ECHO)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        s.sendall(b"x")
-        if s.recv(1) != b"x":
-            raise RuntimeError("echo failed")
-        samples.append((time.perf_counter() - t0) * 1000)
-        s.close()
+        if baseline is not None:
+            base.append(_echo_ms(baseline))
+        samples.append(_echo_ms(path))
     samples.sort()
-    return statistics.median(samples), samples[min(len(samples) - 1, int(len(samples) * 0.99))]
+    med = statistics.median(samples)
+    return (med, samples[min(len(samples) - 1, int(len(samples) * 0.99))],
+            med / statistics.median(base) if base else 1.0)
+
+
+def _echo_ms(path) -> float:
+    t0 = time.perf_counter()
+    s = path.connect(ECHO)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s.sendall(b"x")
+    if s.recv(1) != b"x":
+        raise RuntimeError("echo failed")
+    ms = (time.perf_counter() - t0) * 1000
+    s.close()
+    return ms
 
 
 def cpu_seconds(pid: int) -> float:
@@ -150,38 +164,74 @@ def machine_busy() -> tuple[float, float]:
     return sum(fields) - idle, sum(fields)
 
 
+class Row:
+    """One path's figures; a ratio is the median of ratios to direct transfers (or first
+    bytes) taken in turn with the path's own, not a quotient of two separate medians."""
+
+    def __init__(self, name: str, note: str = "") -> None:
+        self.name = name
+        self.note = note
+        self.up: float | None = None
+        self.down = 0.0
+        self.up_ratio: float | None = None
+        self.down_ratio = 0.0
+        self.first_byte = 0.0
+        self.first_byte_p99 = 0.0
+        self.first_byte_ratio = 0.0
+
+
 def measure(name: str, path, args, rows: list, half_close: bool = True,
             pids: dict[str, int] | None = None, cpu: list | None = None,
-            serve_pid: int | None = None) -> None:
+            serve_pid: int | None = None, baseline=None) -> None:
     """half_close=False: the transport cannot half-close (WebSocket channels), so the sink
     can never answer an upload; upload is not measured (shown as n/a). pids: processes
-    whose CPU use during the transfers is reported (where the time goes: the pod-side
-    server and this process, which runs the transfer client and, for kubectl, the
-    stand-in's splice relay threads, count too); serve_pid: the
-    crishim serve whose CPU-seconds per GiB forwarded are reported per direction."""
+    whose CPU use during the path's transfers is reported (where the time goes: the
+    pod-side server and this process, which runs the transfer client and, for kubectl, the
+    stand-in's splice relay threads, count too); serve_pid: the crishim serve whose
+    CPU-seconds per GiB forwarded are reported per direction. baseline: the direct path,
+    whose transfers and first bytes alternate with this path's (each ratio pairs a
+    transfer with the direct one made just before it)."""
+    row = Row(name)
     try:
         latency(path, 5)  # warm up
         pids = pids or {}
-        before = {k: cpu_seconds(p) for k, p in pids.items()}
-        busy0, total0 = machine_busy()
-        t0 = time.perf_counter()
+        cpu_used = {k: 0.0 for k in pids}
+        busy = total = 0
+        wall = 0.0
         per_gib: dict[str, float] = {}
 
-        def transfers(direction: str, fn) -> float:
+        def timed(direction: str, fn):
+            """One transfer of this path, its CPU and the machine's counted."""
+            nonlocal busy, total, wall
+            before = {k: cpu_seconds(p) for k, p in pids.items()}
+            busy0, total0 = machine_busy()
+            t0 = time.perf_counter()
+            rate = fn(path, args.size)
+            wall += time.perf_counter() - t0
+            busy1, total1 = machine_busy()
+            busy, total = busy + busy1 - busy0, total + total1 - total0
+            for k, p in pids.items():
+                cpu_used[k] += cpu_seconds(p) - before[k]
+            return rate
+
+        def transfers(direction: str, fn) -> tuple[float, float]:
             serve0 = cpu_seconds(serve_pid) if serve_pid else 0.0
-            rates = [fn(path, args.size) for _ in range(args.repeat)]
-            if serve_pid:
+            rates, ratios = [], []
+            for _ in range(args.repeat):
+                base = fn(baseline, args.size) if baseline is not None else None
+                rates.append(timed(direction, fn))
+                ratios.append(rates[-1] / base if base else 1.0)
+            if serve_pid:  # serve does nothing during the direct transfers
                 per_gib[direction] = ((cpu_seconds(serve_pid) - serve0)
                                       / (args.size * args.repeat / (1 << 30)))
-            return statistics.median(rates)
+            return statistics.median(rates), statistics.median(ratios)
 
-        up = transfers("up", upload) if half_close else None
-        down = transfers("down", download)
-        wall = time.perf_counter() - t0
-        busy1, total1 = machine_busy()
+        if half_close:
+            row.up, row.up_ratio = transfers("up", upload)
+        row.down, row.down_ratio = transfers("down", download)
         if pids and cpu is not None:
-            shares = {k: (cpu_seconds(p) - before[k]) / wall for k, p in pids.items()}
-            machine = (busy1 - busy0) / max(1, total1 - total0)
+            shares = {k: v / wall for k, v in cpu_used.items()}
+            machine = busy / max(1, total)
             healthy = max(shares.values()) >= 0.9 or machine >= 0.9
             cpu.append(f"{name}: CPU during the transfers: " + ", ".join(
                 f"{k} {v:.0%}" for k, v in shares.items()) + f" of one core (together "
@@ -191,10 +241,11 @@ def measure(name: str, path, args, rows: list, half_close: bool = True,
             if per_gib:
                 cpu.append(f"{name}: crishim serve CPU-seconds per GiB forwarded: " + ", ".join(
                     f"{d} {v:.2f}" for d, v in per_gib.items()))
-        med, p99 = latency(path, args.trials)
-        rows.append((name, up, down, med, p99, ""))
+        row.first_byte, row.first_byte_p99, row.first_byte_ratio = latency(
+            path, args.trials, baseline)
     except Exception as e:  # one broken path is reported, the others still run
-        rows.append((name, 0.0, 0.0, 0.0, 0.0, f"failed: {e}"))
+        row.note = f"failed: {e}"
+    rows.append(row)
     print(f"  measured {name}", file=sys.stderr, flush=True)
 
 
@@ -349,7 +400,8 @@ def main() -> int:
         with CrishimProcess("--sandboxes", f"bench={netns}", "--log-level", "warning") as cs:
             wanted = lambda name: not args.only or any(  # noqa: E731
                 name.startswith(p) for p in args.only.split(","))
-            measure("direct", Direct(netns), args, rows)
+            direct = Direct(netns)
+            measure("direct", direct, args, rows)
             with KubeStandIn({"bench": "bench"},
                              lambda sid, ports: cs.port_forward_url(sid, ports)) as api:
                 for version in ("1.27", "1.33"):
@@ -365,7 +417,7 @@ def main() -> int:
                                 pids={"crishim serve": cs.proc.pid, "kubectl": kc.proc.pid,
                                       "pod server": peer.pid,
                                       "benchmark client + stand-in relay": os.getpid()},
-                                cpu=extra, serve_pid=cs.proc.pid)
+                                cpu=extra, serve_pid=cs.proc.pid, baseline=direct)
             for transport in ("spdy", "h2", "spdy-over-websocket", "websocket"):
                 name = f"crishim/{transport}"
                 if not wanted(name):
@@ -377,7 +429,7 @@ def main() -> int:
                 try:
                     pf = CrishimPortForward(cs, transport, "bench")
                 except RuntimeError as e:
-                    rows.append((name, 0, 0, 0, 0, f"failed: {e}"))
+                    rows.append(Row(name, f"failed: {e}"))
                     continue
                 try:
                     measure(name, Local(pf.ports), args, rows,
@@ -385,7 +437,8 @@ def main() -> int:
                                   "crishim port-forward": pf.proc.pid,
                                   "pod server": peer.pid, "benchmark client": os.getpid()},
                             cpu=extra,
-                            half_close=transport != "websocket", serve_pid=cs.proc.pid)
+                            half_close=transport != "websocket", serve_pid=cs.proc.pid,
+                            baseline=direct)
                 finally:
                     pf.close()
             if wanted("concurrency"):
@@ -403,18 +456,24 @@ def main() -> int:
         storm_lines, storm_results = storm.run(counts, 3)
         extra.extend(storm_lines)
 
-    base = rows[0]
     print(f"\nport-forward benchmark: {args.size_mib} MiB per transfer (median of {args.repeat}), "
-          f"{args.trials} latency samples; ratios to direct TCP in the same netns\n")
+          f"{args.trials} latency samples; each ratio is the median of the path's transfers "
+          f"(first bytes) each divided by a direct one in the same netns made just before it\n")
     print(f"{'path':34} {'up MB/s':>9} {'ratio':>6} {'down MB/s':>10} {'ratio':>6} "
-          f"{'1st byte ms':>12} {'p99 ms':>7} {'x direct':>8}")
-    for name, up, down, med, p99, note in rows:
-        if note:
-            print(f"{name:34} {note}")
+          f"{'1st byte ms':>12} {'p99 ms':>7} {'x direct':>8} {'x paired':>8}")
+    direct = rows[0]
+    for row in rows:
+        if row.note:
+            print(f"{row.name:34} {row.note}")
             continue
-        up_text = f"{up:9.0f} {up / base[1]:6.1%}" if up is not None else f"{'n/a':>9} {'':6}"
-        print(f"{name:34} {up_text} {down:10.0f} {down / base[2]:6.1%} "
-              f"{med:12.3f} {p99:7.3f} {med / base[3]:8.1f}")
+        up_text = (f"{row.up:9.0f} {row.up_ratio:6.1%}" if row.up is not None
+                   else f"{'n/a':>9} {'':6}")
+        print(f"{row.name:34} {up_text} {row.down:10.0f} {row.down_ratio:6.1%} "
+              f"{row.first_byte:12.3f} {row.first_byte_p99:7.3f} "
+              f"{row.first_byte / direct.first_byte:8.1f} {row.first_byte_ratio:8.1f}")
+    print("\n(x direct: the first byte over the direct row's, whose trials ran back to back "
+          "with nothing else woken between them; x paired: over direct trials taken in turn "
+          "with the path's, so both meet the same idle, halted vCPUs)")
     print()
     for line in extra:
         print(line)
@@ -431,15 +490,14 @@ def draw_chart(path: str, rows: list, storms: dict) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "chart: not drawn (pip install -e '.[bench]' for matplotlib)"
-    base = rows[0]
-    paths = [r for r in rows[1:] if not r[5]]
+    paths = [r for r in rows[1:] if not r.note]
     fig, axes = plt.subplots(1, 2 if storms else 1, figsize=(13 if storms else 8, 4.8))
     ax = axes[0] if storms else axes
     xs = range(len(paths))
-    ax.bar([x - 0.2 for x in xs], [100 * (r[1] or 0) / base[1] for r in paths], 0.4,
+    ax.bar([x - 0.2 for x in xs], [100 * (r.up_ratio or 0) for r in paths], 0.4,
            label="upload")
-    ax.bar([x + 0.2 for x in xs], [100 * r[2] / base[2] for r in paths], 0.4, label="download")
-    ax.set_xticks(list(xs), [r[0] for r in paths], rotation=30, ha="right", fontsize=8)
+    ax.bar([x + 0.2 for x in xs], [100 * r.down_ratio for r in paths], 0.4, label="download")
+    ax.set_xticks(list(xs), [r.name for r in paths], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("% of direct TCP in the same netns")
     ax.set_title("Throughput per path (median)")
     ax.axhline(20, color="grey", linestyle=":", linewidth=1)
