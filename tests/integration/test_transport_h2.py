@@ -217,6 +217,42 @@ def test_malformed_http2_gets_goaway_and_harms_nothing_else(crishim):
     run(go())
 
 
+@pytest.mark.parametrize("bad", [
+    [(b"Port", b"9000")],  # upper case in a name (RFC 9113 8.2.1)
+    [(b"connection", b"close")],  # connection-specific (8.2.2)
+    [(b"port", b"\xff\xfe")],  # not UTF-8
+    [(b"port", b"9000 ")],  # value ending in a space
+    [(b":custom", b"1")],  # unknown pseudo-header (8.3)
+])
+def test_malformed_request_headers_get_goaway_and_harm_nothing_else(crishim, bad):
+    """crishim checks received header blocks itself (protocols/h2.py): a malformed one is a
+    connection error as h2 would have made it, logged as such, never an internal error."""
+    async def go():
+        bystander = await _client(crishim, "prior")
+        keep = await bystander.forward(ECHO_PORT)
+        await keep.write(b"before ")
+        victim = await _client(crishim, "prior")
+        assert await _echo(victim, b"ok") == b"ok"
+        victim.conn.config.validate_outbound_headers = False
+        victim.conn.config.normalize_outbound_headers = False
+        headers = [(k.encode(), v.encode()) for k, v in victim.request_headers(
+            streamtype="data", port=str(ECHO_PORT), requestid="77")]
+        victim.open_stream(headers + bad)
+        await asyncio.wait_for(victim.closed.wait(), 10)
+        assert victim.terminated is not None
+        assert victim.terminated.error_code == 1  # PROTOCOL_ERROR
+        await keep.write(b"after", end_stream=True)
+        assert await keep.read_all() == b"before after"
+        fresh = await _client(crishim, "prior")
+        assert await _echo(fresh, b"fresh") == b"fresh"
+        await fresh.close()
+        await bystander.close()
+    run(go())
+    log = crishim.log()
+    assert "malformed HTTP/2" in log
+    assert "Traceback" not in log and "unexpected error" not in log
+
+
 def test_garbage_after_preface_gets_goaway(crishim):
     async def go():
         u = urlsplit(crishim.port_forward_url(SANDBOX))
