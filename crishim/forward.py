@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Protocol
 
@@ -17,6 +18,22 @@ from crishim.protocols.negotiation import TCP
 from crishim.runtime import DialFailed, RuntimePlugin, Sandbox, SandboxGone
 
 log = logging.getLogger("crishim.forward")
+
+# Pieces of one read written with one writev(2) (IOV_MAX is 1024); more go through a copy.
+_MAX_IOV = 512
+
+
+def _unsent(pieces: list[bytes | memoryview], sent: int) -> list[bytes | memoryview]:
+    """What is left of pieces once their first `sent` bytes were written."""
+    for i, piece in enumerate(pieces):
+        size = len(piece)
+        if sent < size:
+            rest = pieces[i:]
+            if sent:
+                rest[0] = memoryview(piece)[sent:]
+            return rest
+        sent -= size
+    return []
 
 
 class Channel(Protocol):
@@ -143,6 +160,7 @@ class ForwardedConnection:
         self.channel = channel
         self.transport_name = transport_name
         self.pod: asyncio.Transport | None = None
+        self._pod_fd = -1
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._client_eof = False
@@ -198,6 +216,7 @@ class ForwardedConnection:
         # any byte the pod's socket did not take pauses the client (or withholds its
         # window): what crishim holds towards a pod is at most one read, not a buffer each
         transport.set_write_buffer_limits(high=0)
+        self._pod_fd = sock.fileno()  # the transport owns the socket; open while it is
         self.pod = transport
         if self._pending:
             self._forget_pending()
@@ -286,7 +305,7 @@ class ForwardedConnection:
                 self._batch = [data]
                 self.session.batched.append(self)
             else:
-                pod.write(data)
+                self._write_to_pod(pod, [data])
             return
         self._pending.append(bytes(data))
         self._pending_size += len(data)
@@ -306,8 +325,28 @@ class ForwardedConnection:
     def flush_batch(self) -> None:
         """Write what client_data gathered during one transport read."""
         batch, self._batch = self._batch, None
-        if batch and self.pod is not None and not self._done:
-            self.pod.writelines(batch)
+        pod = self.pod
+        if batch and pod is not None and not self._done:
+            self._write_to_pod(pod, batch)
+
+    def _write_to_pod(self, pod: asyncio.Transport, pieces: list[bytes | memoryview]) -> None:
+        if not self.session.borrowing:
+            pod.writelines(pieces)
+            return
+        # Views of the loop's read buffer, which the next read overwrites: the transport
+        # must not keep them. While it holds nothing, they go straight to the socket;
+        # only what the socket did not take is copied and queued (usually nothing).
+        if not pod.get_write_buffer_size() and len(pieces) <= _MAX_IOV and \
+                not pod.is_closing():
+            try:
+                sent = os.writev(self._pod_fd, pieces)
+            except OSError:  # EAGAIN, or an error the transport's own write meets below
+                sent = 0
+            if sent:
+                pieces = _unsent(pieces, sent)
+                if not pieces:
+                    return
+        pod.writelines([bytes(piece) for piece in pieces])
 
     def client_eof(self) -> None:
         """The client half-closed the data stream: shut down writing towards the pod."""
@@ -385,10 +424,16 @@ class SessionBase:
     back-pressure between them and the one client transport."""
 
     transport_name = "?"
+    #: receive() takes a view of the loop's read buffer (flow.read_buffer) and copies
+    #: only what it keeps past the read; otherwise the protocol copies every read first
+    borrows_reads = False
 
     def __init__(self, ctx: ForwardContext, sandbox: Sandbox) -> None:
         self.ctx = ctx
         self.sandbox = sandbox
+        # client data handed to connections are views of a read buffer the loop reuses
+        # (set by a borrowing receive() while it runs)
+        self.borrowing = False
         # while a transport read is being decoded, client data is gathered per connection
         # and written once at the end (see begin_batch / end_batch)
         self.batching = False

@@ -330,7 +330,7 @@ class H2PortForwardSession(ServerSession):
             self.reset(stream_id, ErrorCodes.NO_ERROR)
 
     # --- input -------------------------------------------------------------------------
-    def receive(self, data: bytes) -> None:
+    def receive(self, data: bytes | memoryview) -> None:
         if self._closed:
             return
         self.last_activity = time.monotonic()

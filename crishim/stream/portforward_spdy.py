@@ -95,6 +95,7 @@ class SpdyPortForwardSession(ServerSession):
     or the WebSocket tunnel's): frames are never joined into one copy on the way out."""
 
     transport_name = "spdy"
+    borrows_reads = True  # DATA pieces are views of the read, written before it returns
 
     def __init__(self, ctx: ForwardContext, sandbox: Sandbox, creation_timeout: float,
                  idle_timeout: float, write_buffers: WriteBuffers,
@@ -117,13 +118,18 @@ class SpdyPortForwardSession(ServerSession):
             self._write_buffers(chunks)
 
     # --- input -------------------------------------------------------------------------
-    def receive(self, data: bytes) -> None:
+    def receive(self, data: bytes | memoryview) -> None:
+        """One read from the client: bytes, or a view of the loop's read buffer that is
+        reused once this returns (the codec's DATA pieces are views of it; a forwarded
+        connection copies what its pod's socket does not take at once)."""
         if self._closed:
             return
         self.last_activity = time.monotonic()
+        lent = type(data) is not bytes
+        self.borrowing = lent
         self.begin_batch()
         try:
-            for event in self.codec.receive_data(data):
+            for event in self.codec.receive_data(data, lent=lent):
                 try:
                     if not self._handle(event):
                         break  # a budget ended the session
@@ -136,6 +142,7 @@ class SpdyPortForwardSession(ServerSession):
                         self.codec.reset_stream(sid, spdy.INTERNAL_ERROR)
         finally:
             self.end_batch()
+            self.borrowing = False
         self.flush()
 
     def _handle(self, event: spdy.Event) -> bool:

@@ -145,8 +145,9 @@ class SpdyTunnelProtocol(SessionProtocol):
                  transport: asyncio.Transport) -> None:
         super().__init__(session, transport)
         self.tunnel = tunnel
+        self.lend_reads = False  # the tunnel's WebSocket frames are parsed from a copy
 
-    def received(self, data: bytes) -> None:
+    def received(self, data: bytes | memoryview) -> None:
         self._handle(self.tunnel.receive_data(data))
 
     def eof_received(self) -> bool:
@@ -265,7 +266,7 @@ class ChannelPortForwardSession(ServerSession):
             self.call_later(CLOSE_GRACE, self._finished)  # a client that never answers
 
     # --- input --------------------------------------------------------------------------
-    def receive(self, data: bytes) -> None:
+    def receive(self, data: bytes | memoryview) -> None:
         if self._closed:
             return
         self.last_activity = time.monotonic()

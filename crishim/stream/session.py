@@ -85,8 +85,9 @@ class ServerSession(SessionBase, ABC):
         """The connection is adopted: send what the transport sends first."""
 
     @abstractmethod
-    def receive(self, data: bytes) -> None:
-        """Bytes from the client."""
+    def receive(self, data: bytes | memoryview) -> None:
+        """Bytes from the client: a memoryview of the loop's read buffer only if the
+        session `borrows_reads`."""
 
     @abstractmethod
     def flush(self) -> None:
@@ -271,14 +272,17 @@ class SessionProtocol(asyncio.BufferedProtocol):
         self.session = session
         self.transport = transport
         session.transport = transport
+        # a session that copies what it keeps of a read gets the read buffer itself
+        self.lend_reads = session.borrows_reads
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return read_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(read_buffer()[:nbytes].tobytes())
+        view = read_buffer()[:nbytes]
+        self.data_received(view if self.lend_reads else view.tobytes())
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         try:
             self.received(data)
         except Exception as e:  # one client's input ends its own session, never the server
@@ -287,8 +291,9 @@ class SessionProtocol(asyncio.BufferedProtocol):
                       session.transport_name, session.sandbox.id, type(e).__name__, e)
             session.close(f"internal error: {type(e).__name__}")
 
-    def received(self, data: bytes) -> None:
-        """What the client sent: the session's (a tunnel unwraps it first)."""
+    def received(self, data: bytes | memoryview) -> None:
+        """What the client sent: the session's (a tunnel unwraps it first). A memoryview
+        only when the session borrows reads: the loop reuses it once this returns."""
         self.session.receive(data)
 
     def eof_received(self) -> bool:

@@ -105,8 +105,9 @@ class SpdyConfig:
     max_outstanding_pings: int = 1024
     #: zlib level for outgoing header blocks.
     header_compression_level: int = zlib.Z_DEFAULT_COMPRESSION
-    #: DataReceived.data as a read-only memoryview into the received ``bytes`` (no copy)
-    #: when receive_data is given immutable bytes; mutable input is always copied.
+    #: DataReceived.data as a memoryview into the received ``bytes`` (no copy) when
+    #: receive_data is given immutable bytes, or a buffer it is told is lent; other
+    #: mutable input is always copied.
     zero_copy: bool = False
 
     def __post_init__(self) -> None:
@@ -491,15 +492,20 @@ class SpdyConnection:
 
     # ----------------------------------------------------------------- input
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
-        """Consume bytes read from the transport; never raises on any byte content."""
+    def receive_data(self, data: bytes | bytearray | memoryview,
+                     lent: bool = False) -> list[Event]:
+        """Consume bytes read from the transport; never raises on any byte content.
+
+        ``lent``: with ``zero_copy``, DataReceived.data may be views of a mutable ``data``
+        that the caller reuses once it has acted on the events: whoever keeps a piece
+        past that copies it (nothing in the codec keeps a view of its input)."""
         events: list[Event] = []
         if self.terminated:
             return events
         view = memoryview(data)
         if view.ndim != 1 or view.itemsize != 1:
             view = view.cast("B")
-        self._share_input = self.config.zero_copy and type(data) is bytes
+        self._share_input = self.config.zero_copy and (lent or type(data) is bytes)
         try:
             try:
                 offset = 0

@@ -45,7 +45,8 @@ class DataReceived(Event):
     """A piece of a DATA frame; ``fin`` is set on the last piece of a FIN frame."""
 
     stream_id: int
-    #: A read-only view into the received bytes with ``SpdyConfig.zero_copy``.
+    #: A view into the received bytes with ``SpdyConfig.zero_copy`` (valid only while
+    #: the events are acted on when the input was lent: see receive_data).
     data: bytes | memoryview
     fin: bool
 
