@@ -19,7 +19,7 @@ from crishim.stream.session import SessionProtocol
 class _Exploding:
     """A codec stand-in for one input that hits a bug."""
 
-    def receive_data(self, data: bytes) -> list[object]:
+    def receive_data(self, data: bytes, lent: bool = False) -> list[object]:
         raise ValueError("a bug reached by this input")
 
     def take_output(self) -> list[bytes]:
