@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import cast
 
-from crishim.client.announce import announce
 from crishim.client.cri import CriClient, CriError
 from crishim.client.transports import (
     ClientSession,
@@ -193,7 +192,9 @@ class _LocalSide(asyncio.BufferedProtocol):
         local = pipe.local = cast(asyncio.Transport, transport)
         local.set_write_buffer_limits(high=1024 * 1024)
         pipe.forwarder.start_pipe(pipe, local)
-        announce(f"Handling connection for {pipe.local_port}")  # after: the streams first
+        # after the streams are on their way: the line (a write to a terminal or a pipe,
+        # which wakes its reader) is not on the connection's first-byte path
+        print(f"Handling connection for {pipe.local_port}", flush=True)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return read_buffer()

@@ -17,7 +17,6 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from crishim.client.announce import announce
 from crishim.protocols.datagram import MAX_DATAGRAM, DatagramDecoder, encode_datagrams
 
 log = logging.getLogger("crishim.client.udp")
@@ -134,7 +133,7 @@ class UdpListener:
             self.flows[addr] = flow
             self.flows_opened += 1
             if self.announce:
-                announce(f"Handling connection for {self.local_port}/udp")
+                print(f"Handling connection for {self.local_port}/udp", flush=True)
         flow.send(datagrams)
 
     def sendto(self, datagram: bytes, peer: Address) -> None:
