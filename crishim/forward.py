@@ -19,7 +19,7 @@ from crishim.runtime import DialFailed, RuntimePlugin, Sandbox, SandboxGone
 
 log = logging.getLogger("crishim.forward")
 
-# Pieces of one read written with one writev(2) (IOV_MAX is 1024); more go through a copy.
+# Pieces of one read written with one writev(2) (IOV_MAX is 1024); more are joined first.
 _MAX_IOV = 512
 
 
@@ -335,7 +335,8 @@ class ForwardedConnection:
             return
         # Views of the loop's read buffer, which the next read overwrites: the transport
         # must not keep them. While it holds nothing, they go straight to the socket;
-        # only what the socket did not take is copied and queued (usually nothing).
+        # only what the socket did not take is copied, joined, and queued (usually
+        # nothing; one buffer however many tiny frames a client sent).
         if not pod.get_write_buffer_size() and len(pieces) <= _MAX_IOV and \
                 not pod.is_closing():
             try:
@@ -346,7 +347,7 @@ class ForwardedConnection:
                 pieces = _unsent(pieces, sent)
                 if not pieces:
                     return
-        pod.writelines([bytes(piece) for piece in pieces])
+        pod.write(b"".join(pieces))
 
     def client_eof(self) -> None:
         """The client half-closed the data stream: shut down writing towards the pod."""
