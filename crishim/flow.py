@@ -1,10 +1,11 @@
 """Read-side backpressure shared by the server's sessions and the client's: one transport
-read by many forwarded connections, paused while any of them is congested; and the read
-buffer their protocols read into."""
+read by many forwarded connections, paused while any of them is congested; the read
+buffer their protocols read into; and how views of it are written on (write_lent)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Hashable
 
@@ -65,3 +66,39 @@ def read_buffer() -> memoryview:
     if view is None:
         view = _reads.view = memoryview(bytearray(READ_SIZE))
     return view
+
+
+# Pieces of one read written with one writev(2) (IOV_MAX is 1024); more are joined first.
+_MAX_IOV = 512
+
+
+def write_lent(transport: asyncio.WriteTransport, fd: int,
+               pieces: list[bytes | memoryview]) -> None:
+    """Write views of the loop's read buffer, which the next read overwrites, so the
+    transport must not keep them: while it holds nothing they go straight to its socket
+    `fd` with one writev(2); only what the socket did not take is copied, joined, and
+    queued on the transport (usually nothing; one buffer however many pieces)."""
+    if not transport.get_write_buffer_size() and len(pieces) <= _MAX_IOV and \
+            not transport.is_closing():
+        try:
+            sent = os.writev(fd, pieces)
+        except OSError:  # EAGAIN, or an error the transport's own write meets below
+            sent = 0
+        if sent:
+            pieces = unsent(pieces, sent)
+            if not pieces:
+                return
+    transport.write(b"".join(pieces))
+
+
+def unsent(pieces: list[bytes | memoryview], sent: int) -> list[bytes | memoryview]:
+    """What is left of pieces once their first `sent` bytes were written."""
+    for i, piece in enumerate(pieces):
+        size = len(piece)
+        if sent < size:
+            rest = pieces[i:]
+            if sent:
+                rest[0] = memoryview(piece)[sent:]
+            return rest
+        sent -= size
+    return []

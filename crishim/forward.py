@@ -6,35 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from typing import Protocol
 
 from crishim.budget import FloodLimits
-from crishim.flow import ReadGate, read_buffer
+from crishim.flow import ReadGate, read_buffer, write_lent
 from crishim.forward_udp import ForwardedFlow
 from crishim.protocols.constants import PORTFORWARD_PROTOCOL
 from crishim.protocols.negotiation import TCP
 from crishim.runtime import DialFailed, RuntimePlugin, Sandbox, SandboxGone
 
 log = logging.getLogger("crishim.forward")
-
-# Pieces of one read written with one writev(2) (IOV_MAX is 1024); more are joined first.
-_MAX_IOV = 512
-
-
-def _unsent(pieces: list[bytes | memoryview], sent: int) -> list[bytes | memoryview]:
-    """What is left of pieces once their first `sent` bytes were written."""
-    for i, piece in enumerate(pieces):
-        size = len(piece)
-        if sent < size:
-            rest = pieces[i:]
-            if sent:
-                rest[0] = memoryview(piece)[sent:]
-            return rest
-        sent -= size
-    return []
-
 
 class Channel(Protocol):
     """One forwarded connection as its transport carries it (SPDY stream pair, WebSocket
@@ -330,24 +312,10 @@ class ForwardedConnection:
             self._write_to_pod(pod, batch)
 
     def _write_to_pod(self, pod: asyncio.Transport, pieces: list[bytes | memoryview]) -> None:
-        if not self.session.borrowing:
+        if self.session.borrowing:  # views of the loop's read buffer: see flow.write_lent
+            write_lent(pod, self._pod_fd, pieces)
+        else:
             pod.writelines(pieces)
-            return
-        # Views of the loop's read buffer, which the next read overwrites: the transport
-        # must not keep them. While it holds nothing, they go straight to the socket;
-        # only what the socket did not take is copied, joined, and queued (usually
-        # nothing; one buffer however many tiny frames a client sent).
-        if not pod.get_write_buffer_size() and len(pieces) <= _MAX_IOV and \
-                not pod.is_closing():
-            try:
-                sent = os.writev(self._pod_fd, pieces)
-            except OSError:  # EAGAIN, or an error the transport's own write meets below
-                sent = 0
-            if sent:
-                pieces = _unsent(pieces, sent)
-                if not pieces:
-                    return
-        pod.write(b"".join(pieces))
 
     def client_eof(self) -> None:
         """The client half-closed the data stream: shut down writing towards the pod."""

@@ -263,6 +263,56 @@ def test_uploads_to_a_stalling_pod_and_a_fast_one_beside_a_download_arrive_intac
         hashlib.sha256(source_bytes(4 * size)).digest()
 
 
+def _slow_download(port: int, n: int) -> bytes:
+    """Read like a slow consumer: a pause after every 256 KiB, so crishim port-forward's
+    writes to this connection are often partial."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        s.sendall(f"{n}\n".encode())
+        got = bytearray()
+        since = 0
+        while True:
+            chunk = s.recv(64 << 10)
+            if not chunk:
+                break
+            got += chunk
+            since += len(chunk)
+            if since >= 256 << 10:
+                since = 0
+                time.sleep(0.005)
+    return bytes(got)
+
+
+def test_downloads_to_a_slow_reader_and_a_fast_one_beside_an_upload_arrive_intact(crishim):
+    """Two downloads on one session, one read slowly (crishim port-forward's writes to it
+    are partial and wait in its transport), while an upload reads into the same per-thread
+    read buffer: each arrives byte for byte. Handing the local transports views of that
+    buffer instead of copies fails here."""
+    slow_local, fast_local, up_local = free_port(), free_port(), free_port()
+    size = 32 << 20
+    payload = os.urandom(2 * size)
+    got: dict[str, bytes] = {}
+    with PortForwardCLI(crishim, f"{slow_local}:{SOURCE_PORT}", f"{fast_local}:{SOURCE_PORT}",
+                        f"{up_local}:{SINK_PORT}") as cli:
+        cli.forwarding(3)
+        threads = [
+            threading.Thread(target=lambda: got.__setitem__("slow", _slow_download(
+                slow_local, size))),
+            threading.Thread(target=lambda: got.__setitem__("fast", download(
+                fast_local, size))),
+            threading.Thread(target=lambda: got.__setitem__("up", upload(up_local, payload))),
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert cli.interrupt() == 0
+    want = hashlib.sha256(source_bytes(size)).digest()
+    assert hashlib.sha256(got["slow"]).digest() == want
+    assert hashlib.sha256(got["fast"]).digest() == want
+    assert got["up"] == f"{2 * size} {hashlib.sha256(payload).hexdigest()}\n".encode()
+
+
 @pytest.mark.parametrize("spec_prefix", [":", "0:"])
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_free_local_port_is_chosen_and_printed(crishim, transport, spec_prefix):

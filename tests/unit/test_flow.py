@@ -104,3 +104,12 @@ def test_resume_on_a_closing_transport_or_none_is_harmless():
         peer.close()
 
     asyncio.run(main())
+
+
+def test_unsent_keeps_what_a_partial_writev_left_in_order():
+    from crishim.flow import unsent
+    pieces = [b"abc", memoryview(b"defg"), b"hi"]
+    for sent in range(10):
+        rest = unsent(list(pieces), sent)
+        assert b"".join(bytes(p) for p in rest) == b"abcdefghi"[sent:]
+        assert all(len(p) for p in rest)
