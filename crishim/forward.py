@@ -18,6 +18,7 @@ from crishim.runtime import DialFailed, RuntimePlugin, Sandbox, SandboxGone
 
 log = logging.getLogger("crishim.forward")
 
+
 class Channel(Protocol):
     """One forwarded connection as its transport carries it (SPDY stream pair, WebSocket
     channel pair, HTTP/2 stream)."""
