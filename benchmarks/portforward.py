@@ -165,8 +165,9 @@ def machine_busy() -> tuple[float, float]:
 
 
 class Row:
-    """One path's figures; a ratio is the median of ratios to direct transfers (or first
-    bytes) taken in turn with the path's own, not a quotient of two separate medians."""
+    """One path's figures. A throughput ratio is the median of each transfer's ratio to a
+    direct transfer made just before it; the first-byte ratio is the path's median over
+    the median of direct trials taken in turn with its own."""
 
     def __init__(self, name: str, note: str = "") -> None:
         self.name = name
@@ -457,8 +458,8 @@ def main() -> int:
         extra.extend(storm_lines)
 
     print(f"\nport-forward benchmark: {args.size_mib} MiB per transfer (median of {args.repeat}), "
-          f"{args.trials} latency samples; each ratio is the median of the path's transfers "
-          f"(first bytes) each divided by a direct one in the same netns made just before it\n")
+          f"{args.trials} latency samples; a throughput ratio is the median of the path's "
+          f"transfers each divided by a direct one in the same netns made just before it\n")
     print(f"{'path':34} {'up MB/s':>9} {'ratio':>6} {'down MB/s':>10} {'ratio':>6} "
           f"{'1st byte ms':>12} {'p99 ms':>7} {'x direct':>8} {'x paired':>8}")
     direct = rows[0]
