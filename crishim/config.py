@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from crishim.budget import FloodLimits
+
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -96,13 +98,14 @@ class Config:
     memory_release_interval: float = 10.0
     enable_udp_portforward: bool = True
     udp_flow_idle_timeout: float = 60.0
-    control_frames_per_second: int = 100
-    control_frame_burst: int = 1000
-    stream_opens_per_second: int = 10000
-    stream_open_burst: int = 20000
-    protocol_error_log_lines: int = 10
-    session_buffer_size: int = 16 * 1024 * 1024
-    buffer_budget: int = 512 * 1024 * 1024
+    # the flood limits: their defaults are FloodLimits' (crishim/budget.py, with the why)
+    control_frames_per_second: int = int(FloodLimits.control_frames_per_second)
+    control_frame_burst: int = FloodLimits.control_frame_burst
+    stream_opens_per_second: int = int(FloodLimits.stream_opens_per_second)
+    stream_open_burst: int = FloodLimits.stream_open_burst
+    protocol_error_log_lines: int = FloodLimits.protocol_error_log_lines
+    session_buffer_size: int = FloodLimits.session_buffer_size
+    buffer_budget: int = FloodLimits.buffer_budget
 
     def chosen_runtime(self) -> tuple[str, str]:
         """The runtime plugin to load and why: an explicit choice wins; otherwise a proxy
