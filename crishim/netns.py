@@ -165,14 +165,6 @@ def listen_in_netns(netns_path: str, host: str, port: int,
     return sock
 
 
-
-# --- UDP -------------------------------------------------------------------------------
-
-_UDP_TABLES = ((socket.AF_INET, "/proc/thread-self/net/udp"),
-               (socket.AF_INET6, "/proc/thread-self/net/udp6"))
-
-
-
 async def serve_in_netns(netns_path: str, host: str, port: int,
                          protocol_factory: Callable[[], asyncio.BaseProtocol]
                          ) -> asyncio.Server:
@@ -181,6 +173,13 @@ async def serve_in_netns(netns_path: str, host: str, port: int,
     sock = listen_in_netns(netns_path, host, port)
     return await asyncio.get_running_loop().create_server(protocol_factory, sock=sock,
                                                           backlog=LISTEN_BACKLOG)
+
+
+# --- UDP -------------------------------------------------------------------------------
+
+_UDP_TABLES = ((socket.AF_INET, "/proc/thread-self/net/udp"),
+               (socket.AF_INET6, "/proc/thread-self/net/udp6"))
+
 
 def _proc_address(family: int, text: str) -> str:
     """An address as /proc/net/udp{,6} writes it (32-bit words in host byte order)."""
