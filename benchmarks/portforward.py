@@ -201,7 +201,7 @@ def measure(name: str, path, args, rows: list, half_close: bool = True,
         wall = 0.0
         per_gib: dict[str, float] = {}
 
-        def timed(direction: str, fn):
+        def timed(fn):
             """One transfer of this path, its CPU and the machine's counted."""
             nonlocal busy, total, wall
             before = {k: cpu_seconds(p) for k, p in pids.items()}
@@ -220,7 +220,7 @@ def measure(name: str, path, args, rows: list, half_close: bool = True,
             rates, ratios = [], []
             for _ in range(args.repeat):
                 base = fn(baseline, args.size) if baseline is not None else None
-                rates.append(timed(direction, fn))
+                rates.append(timed(fn))
                 ratios.append(rates[-1] / base if base else 1.0)
             if serve_pid:  # serve does nothing during the direct transfers
                 per_gib[direction] = ((cpu_seconds(serve_pid) - serve0)
