@@ -5,6 +5,10 @@ TCP inside the same netns, measured in one run and printed as ratios.
 
 Paths measured (each that works on this machine):
   direct             a socket created inside the sandbox netns, straight to the server
+  plain-relays       two plain copying relays in the client's and crishim's places
+                     (benchmarks/relay.py): the three TCP hops of every port-forward with
+                     no framing and no Python per byte, the reference for what the hops
+                     alone allow on this machine
   kubectl-1.27/spdy  kubectl 1.27 -> API server/kubelet stand-in -> crishim (SPDY/3.1)
   kubectl-1.33/...   kubectl 1.33 (SPDY over WebSocket, or SPDY if that is refused)
   crishim/<t>        `crishim port-forward --transport <t>` (spdy, h2, websocket,
@@ -150,10 +154,16 @@ def _echo_ms(path) -> float:
     return ms
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, kernel) CPU-seconds of a process, all its threads."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum(cpu_split(pid))
 
 
 def machine_busy() -> tuple[float, float]:
@@ -197,6 +207,7 @@ def measure(name: str, path, args, rows: list, half_close: bool = True,
         latency(path, 5)  # warm up
         pids = pids or {}
         cpu_used = {k: 0.0 for k in pids}
+        kernel_used = {k: 0.0 for k in pids}
         busy = total = 0
         wall = 0.0
         per_gib: dict[str, float] = {}
@@ -204,7 +215,7 @@ def measure(name: str, path, args, rows: list, half_close: bool = True,
         def timed(fn):
             """One transfer of this path, its CPU and the machine's counted."""
             nonlocal busy, total, wall
-            before = {k: cpu_seconds(p) for k, p in pids.items()}
+            before = {k: cpu_split(p) for k, p in pids.items()}
             busy0, total0 = machine_busy()
             t0 = time.perf_counter()
             rate = fn(path, args.size)
@@ -212,7 +223,9 @@ def measure(name: str, path, args, rows: list, half_close: bool = True,
             busy1, total1 = machine_busy()
             busy, total = busy + busy1 - busy0, total + total1 - total0
             for k, p in pids.items():
-                cpu_used[k] += cpu_seconds(p) - before[k]
+                user, kernel = cpu_split(p)
+                cpu_used[k] += user + kernel - sum(before[k])
+                kernel_used[k] += kernel - before[k][1]
             return rate
 
         def transfers(direction: str, fn) -> tuple[float, float]:
@@ -235,7 +248,8 @@ def measure(name: str, path, args, rows: list, half_close: bool = True,
             machine = busy / max(1, total)
             healthy = max(shares.values()) >= 0.9 or machine >= 0.9
             cpu.append(f"{name}: CPU during the transfers: " + ", ".join(
-                f"{k} {v:.0%}" for k, v in shares.items()) + f" of one core (together "
+                f"{k} {v:.0%} ({kernel_used[k] / max(cpu_used[k], 1e-9):.0%} in the kernel)"
+                for k, v in shares.items()) + f" of one core (together "
                 f"{sum(shares.values()):.2f} of {os.cpu_count()} cores); machine "
                 f"{machine:.0%} busy: " + ("bound by a process or the machine" if healthy
                                            else "STALL (no process >= 90 %, machine < 90 %)"))
@@ -281,6 +295,34 @@ class CrishimPortForward:
         if self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
+
+
+class RelayChain:
+    """benchmarks/relay.py twice: one in the server's place, dialling into the netns, one in
+    the client's place in front of it."""
+
+    def __init__(self, netns: str) -> None:
+        self.procs: list[subprocess.Popen] = []
+        server = self._start("--netns", netns, f"{SINK},{SOURCE},{ECHO}")
+        client = self._start(",".join(str(p) for p in server))
+        self.ports = dict(zip((SINK, SOURCE, ECHO), client))
+
+    def _start(self, *args: str) -> list[int]:
+        *flags, ports = args
+        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.relay", *flags,
+                                 "--to-ports", ports], cwd=ROOT, stdout=subprocess.PIPE,
+                                text=True)
+        self.procs.append(proc)
+        line = proc.stdout.readline().split()
+        if len(line) != 3:
+            self.close()
+            raise RuntimeError("benchmarks.relay did not start")
+        return [int(p) for p in line]
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+            proc.wait(10)
 
 
 def rss_kib(pid: int) -> int:
@@ -403,6 +445,20 @@ def main() -> int:
                 name.startswith(p) for p in args.only.split(","))
             direct = Direct(netns)
             measure("direct", direct, args, rows)
+            if wanted("plain-relays"):
+                try:
+                    chain = RelayChain(netns)
+                except RuntimeError as e:
+                    rows.append(Row("plain-relays", f"failed: {e}"))
+                else:
+                    try:
+                        measure("plain-relays", Local(chain.ports), args, rows,
+                                pids={"relay (client's place)": chain.procs[1].pid,
+                                      "relay (server's place)": chain.procs[0].pid,
+                                      "pod server": peer.pid, "benchmark client": os.getpid()},
+                                cpu=extra, baseline=direct)
+                    finally:
+                        chain.close()
             with KubeStandIn({"bench": "bench"},
                              lambda sid, ports: cs.port_forward_url(sid, ports)) as api:
                 for version in ("1.27", "1.33"):
@@ -472,6 +528,15 @@ def main() -> int:
         print(f"{row.name:34} {up_text} {row.down:10.0f} {row.down_ratio:6.1%} "
               f"{row.first_byte:12.3f} {row.first_byte_p99:7.3f} "
               f"{row.first_byte / direct.first_byte:8.1f} {row.first_byte_ratio:8.1f}")
+    relays = next((r for r in rows if r.name == "plain-relays" and not r.note), None)
+    if relays is not None:
+        print("\nagainst plain-relays (a path's ratio over theirs, up / down):")
+        for row in rows:
+            if row.note or row.name in ("direct", "plain-relays"):
+                continue
+            up = (f"{row.up_ratio / relays.up_ratio:.0%}" if row.up_ratio is not None
+                  else "n/a")
+            print(f"  {row.name:32} {up:>5} / {row.down_ratio / relays.down_ratio:.0%}")
     print("\n(x direct: the first byte over the direct row's, whose trials ran back to back "
           "with nothing else woken between them; x paired: over direct trials taken in turn "
           "with the path's, so both meet the same idle, halted vCPUs)")
