@@ -270,7 +270,8 @@ def main() -> int:
             def run(name: str, path, pids: dict[str, int], hooked: set[str]) -> None:
                 if args.first_byte:
                     latency(path, 20)
-                    first_byte_timeline(name, path, pids, hooked, outdir, args.first_byte)
+                    first_byte_timeline(name, path, dict(pids, peer=peer.pid), hooked, outdir,
+                                        args.first_byte)
                     return
                 pids = dict(pids, peer=peer.pid)
                 pids["benchmark (client, stand-in relay)"] = os.getpid()

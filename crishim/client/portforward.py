@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import os
 import signal
 import socket
 import sys
@@ -37,6 +38,7 @@ SessionOpener = Callable[[str, list[int], float], Awaitable[ClientSession]]
 # A spare stream URL older than this is not used: well within the lifetime of stream
 # tokens (crishim 60 s, the kubelet's 30 s).
 SPARE_URL_MAX_AGE = 10.0
+EARLY_READ = 64 * 1024  # read at accept, to go out with the streams' opening frames
 
 
 def cri_opener(cri: CriClient, sandbox: str, insecure: bool = False,
@@ -236,10 +238,35 @@ class _LocalSide(asyncio.BufferedProtocol):
             self.pipe.stream.resume_reading()
 
 
+def _read_now(local: asyncio.Transport) -> bytes:
+    """What the local client sent before its connection was accepted (most clients speak
+    first: an HTTP request, the benchmark's byte), read at once from the socket rather than
+    on the loop's next turn, so that it goes out in the same write as the streams' opening
+    frames: crishim serve then has it when its dial completes and sends it with the
+    connection (forward.py _send_pending_now), and neither crishim serve nor the pod wakes
+    up twice for the first bytes (benchmarks.probe --first-byte). The transport reads on
+    from where this stopped."""
+    sock = local.get_extra_info("socket")
+    if sock is None:
+        return b""
+    try:
+        return os.read(sock.fileno(), EARLY_READ)
+    except OSError:  # nothing yet (EAGAIN); after a reset the transport finds an EOF
+        return b""
+
+
 class _RemoteSide(asyncio.Protocol):
     def __init__(self, pipe: _Pipe, local: asyncio.Transport) -> None:
         self.pipe = pipe
         self.local = local
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        pending = self.pipe.pending
+        if pending:  # read at accept (_read_now): before the streams' frames are flushed
+            stream = cast(asyncio.Transport, transport)
+            for chunk in pending:
+                stream.write(chunk)
+            pending.clear()
 
     def data_received(self, data: bytes) -> None:
         self.local.write(data)
@@ -392,6 +419,10 @@ class PortForwarder:
         session = self.session
         if session is not None and not session.closed.done():
             try:  # a multiplexed session: open the streams now, no task, no pause
+                if not session.writing_paused:
+                    early = _read_now(local)
+                    if early:  # _RemoteSide.connection_made writes it
+                        pipe.pending.append(early)
                 pipe.stream, _ = session.open_connection_nowait(
                     pipe.spec.remote, lambda: _RemoteSide(pipe, local))
                 return

@@ -1,0 +1,202 @@
+"""The first bytes of a connection take the short way, and arrive whole and in order.
+
+crishim port-forward reads what a local client sent before its connection was accepted
+at once (`_read_now`), so that it leaves in the same write as the streams' opening frames;
+crishim serve sends what arrived while a connection dialled with the connection, before
+the pod's transport exists (`ForwardedConnection._send_pending_now`). Real TCP sockets on
+127.0.0.1 (a host-network sandbox), unprivileged."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import uvloop
+
+from crishim.client.portforward import _read_now
+from crishim.config import Config
+from crishim.forward import ForwardContext, SessionBase
+from crishim.runtime import Sandbox
+from crishim.sandboxes import NamedNetnsRuntime
+
+
+class _Channel:
+    """The client's side of one forwarded connection, as the session's transport would
+    carry it: what the pod sent and how the connection ended."""
+
+    def __init__(self) -> None:
+        self.down = bytearray()
+        self.ended: str | None = None
+        self.aborted = False
+
+    def send(self, data: bytes) -> None:
+        self.down += data
+
+    def send_eof(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def finish(self, error: str | None) -> None:
+        self.ended = error or ""
+
+
+def _pod_listener(rcvbuf: int) -> socket.socket:
+    """A pod that does not accept yet; its connections' receive buffer is `rcvbuf`."""
+    pod = socket.socket()
+    pod.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    pod.bind(("127.0.0.1", 0))
+    pod.listen(8)
+    pod.setblocking(False)
+    return pod
+
+
+def test_bytes_sent_while_dialling_reach_the_pod_whole_when_its_socket_takes_part():
+    """64 pieces (16 MiB) and the half-close arrive while the connection dials; the pod's
+    small receive window takes only part of them in the early send(2), the transport the
+    rest, in order, then the EOF; the session's count of held bytes returns to zero and
+    its client reading to unpaused."""
+    pieces = [bytes([i]) * 256 * 1024 for i in range(64)]
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        pod = _pod_listener(4096)
+        session = SessionBase(ForwardContext(NamedNetnsRuntime(Config(sandboxes={}))),
+                              Sandbox("web", host_network=True))
+        channel = _Channel()
+        conn = session.open_connection(pod.getsockname()[1], channel)
+        for piece in pieces:  # the dial runs on the loop's next turn: all of it is held
+            conn.client_data(piece)
+        conn.client_eof()
+        assert session.pending_up == sum(map(len, pieces))
+        assert session.read_gate.paused  # more than buffer_size held: the client paused
+        for _ in range(200):
+            if conn.dialled:
+                break
+            await asyncio.sleep(0.01)
+        assert conn.dialled and not conn.done
+        accepted, _ = await loop.sock_accept(pod)
+        got = bytearray()
+        while data := await asyncio.wait_for(loop.sock_recv(accepted, 1 << 20), 10):
+            got += data
+        assert len(got) == len(b"".join(pieces)) and bytes(got) == b"".join(pieces)
+        assert session.pending_up == 0
+        for _ in range(100):  # the transport's buffer drains, then the client reads again
+            if not session.read_gate.paused:
+                break
+            await asyncio.sleep(0.01)
+        assert not session.read_gate.paused
+        await loop.sock_sendall(accepted, b"answer")
+        for _ in range(100):
+            if channel.down:
+                break
+            await asyncio.sleep(0.01)
+        assert bytes(channel.down) == b"answer" and channel.ended is None
+        conn.close("test over")
+        accepted.close()
+        pod.close()
+
+    uvloop.run(main())
+
+
+def test_a_connection_that_takes_everything_early_goes_on_as_usual():
+    """The common case: one small piece, sent with the connection; the pod's answer comes
+    back and the client's half-close reaches the pod after the early bytes."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        pod = _pod_listener(1 << 20)
+        session = SessionBase(ForwardContext(NamedNetnsRuntime(Config(sandboxes={}))),
+                              Sandbox("web", host_network=True))
+        channel = _Channel()
+        conn = session.open_connection(pod.getsockname()[1], channel)
+        conn.client_data(b"GET / HTTP/1.0\r\n\r\n")
+        conn.client_eof()
+        accepted, _ = await loop.sock_accept(pod)
+        got = bytearray()
+        while data := await asyncio.wait_for(loop.sock_recv(accepted, 4096), 10):
+            got += data
+        assert bytes(got) == b"GET / HTTP/1.0\r\n\r\n"  # then EOF: the half-close came after
+        assert session.pending_up == 0 and not session.read_gate.paused
+        await loop.sock_sendall(accepted, b"HTTP/1.0 200 OK\r\n\r\n")
+        accepted.close()
+        for _ in range(100):
+            if channel.ended is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert bytes(channel.down) == b"HTTP/1.0 200 OK\r\n\r\n"
+        assert channel.ended == "" and not channel.aborted
+        pod.close()
+
+    uvloop.run(main())
+
+
+def test_read_now_takes_what_came_before_accept_and_the_transport_reads_on():
+    """What the client sent before its connection was accepted comes from _read_now in
+    connection_made; the transport then delivers the rest and the EOF, nothing twice."""
+
+    class Local(asyncio.Protocol):
+        def __init__(self, done: asyncio.Future[tuple[bytes, bytes]]) -> None:
+            self.done = done
+            self.early = b""
+            self.rest = bytearray()
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.early = _read_now(transport)  # type: ignore[arg-type]
+            self.made.set_result(None)
+
+        def data_received(self, data: bytes) -> None:
+            self.rest += data
+
+        def eof_received(self) -> bool:
+            self.done.set_result((self.early, bytes(self.rest)))
+            return False
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[tuple[bytes, bytes]] = loop.create_future()
+        made: asyncio.Future[None] = loop.create_future()
+
+        def factory() -> Local:
+            proto = Local(done)
+            proto.made = made  # type: ignore[attr-defined]
+            return proto
+
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        # connect and speak first while the loop has not run: the kernel completes the
+        # handshake from the listen queue, the loop accepts only when this yields
+        client = socket.create_connection(("127.0.0.1", port))
+        client.sendall(b"first")
+        await asyncio.wait_for(made, 10)
+        client.sendall(b"second")
+        client.shutdown(socket.SHUT_WR)
+        early, rest = await asyncio.wait_for(done, 10)
+        assert (early, rest) == (b"first", b"second")
+        client.close()
+        server.close()
+
+    uvloop.run(main())
+
+
+def test_read_now_with_nothing_sent_yet_returns_nothing():
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        results: list[bytes] = []
+
+        class Local(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                results.append(_read_now(transport))  # type: ignore[arg-type]
+
+        server = await loop.create_server(Local, "127.0.0.1", 0)
+        client = socket.create_connection(server.sockets[0].getsockname()[:2])
+        for _ in range(100):
+            if results:
+                break
+            await asyncio.sleep(0.01)
+        assert results == [b""]
+        client.close()
+        server.close()
+
+    uvloop.run(main())
