@@ -301,10 +301,11 @@ class RelayChain:
     """benchmarks/relay.py twice: one in the server's place, dialling into the netns, one in
     the client's place in front of it."""
 
-    def __init__(self, netns: str) -> None:
+    def __init__(self, netns: str, splice: bool = False) -> None:
         self.procs: list[subprocess.Popen] = []
-        server = self._start("--netns", netns, f"{SINK},{SOURCE},{ECHO}")
-        client = self._start(",".join(str(p) for p in server))
+        mode = ["--splice"] if splice else []
+        server = self._start(*mode, "--netns", netns, f"{SINK},{SOURCE},{ECHO}")
+        client = self._start(*mode, ",".join(str(p) for p in server))
         self.ports = dict(zip((SINK, SOURCE, ECHO), client))
 
     def _start(self, *args: str) -> list[int]:
@@ -426,6 +427,8 @@ def main() -> int:
                     "(paths, 'concurrency', 'storm')")
     ap.add_argument("--storm-counts", default="200,1000,2000",
                     help="concurrent connections per storm (kubectl 1.27, containerd beside)")
+    ap.add_argument("--relay-splice", action="store_true",
+                    help="the plain relays move bytes with splice(2) instead of copying them")
     ap.add_argument("--chart", default=os.path.join(HERE, "last-run.png"),
                     help="where to draw the run's chart ('' for none; needs the bench extra)")
     args = ap.parse_args()
@@ -447,7 +450,9 @@ def main() -> int:
             measure("direct", direct, args, rows)
             if wanted("plain-relays"):
                 try:
-                    chain = RelayChain(netns)
+                    chain = RelayChain(netns, args.relay_splice)
+                    if args.relay_splice:
+                        extra.append("plain-relays: splice(2) through a pipe, not copies")
                 except RuntimeError as e:
                     rows.append(Row("plain-relays", f"failed: {e}"))
                 else:
