@@ -21,7 +21,7 @@ from crishim.budget import FloodLimits
 from crishim.config import Config
 from crishim.cri.service import CriHandler, CriService, upstream_target
 from crishim.forward import ForwardContext
-from crishim.memory import MemoryReleaser, keep_heap_for_reads
+from crishim.memory import MemoryReleaser, freeze_startup_objects, keep_heap_for_reads
 from crishim.runtime import RuntimePlugin, load_plugin
 from crishim.stream.server import StreamServer
 from crishim.sysutil import prepare_socket_path, raise_nofile_limit, stop_on_signals
@@ -159,6 +159,7 @@ async def run_until_signalled(app: Crishim,
                               on_started: Callable[[], Awaitable[None]] | None = None) -> None:
     stop = stop_on_signals()
     await app.start()
+    freeze_startup_objects()  # long pauses of the cyclic collector: memory.py
     try:
         if on_started is not None:
             await on_started()

@@ -7,7 +7,7 @@ import sys
 
 from crishim.client.cri import DEFAULT_ENDPOINT
 from crishim.client.transports import TRANSPORTS
-from crishim.memory import keep_heap_for_reads
+from crishim.memory import freeze_startup_objects, keep_heap_for_reads
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -128,6 +128,7 @@ def cmd_port_forward(args: argparse.Namespace) -> int:
         return 1
     opener = portforward.cri_opener(cri, args.sandbox, args.insecure_skip_tls_verify,
                                     args.certificate_authority)
+    freeze_startup_objects()
     with cri:
         return uvloop.run(portforward.run(
             opener, specs, args.transport or "spdy", portforward.listen_hosts(args.address),
@@ -153,6 +154,7 @@ def _port_forward_through_cluster(args: argparse.Namespace) -> int:
     except cluster.ClusterError as e:
         print(e, file=sys.stderr)
         return 1
+    freeze_startup_objects()
     return uvloop.run(portforward.run(
         forward.open, specs, forward.transport, portforward.listen_hosts(args.address),
         args.ping_interval))
