@@ -43,7 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from benchmarks import storm  # noqa: E402
+from benchmarks import relay, storm  # noqa: E402
 from benchmarks.peer import ECHO, SINK, SOURCE  # noqa: E402
 from tests.support.crishim_proc import CrishimProcess  # noqa: E402
 from tests.support.standin import KubeStandIn, run_kubectl_port_forward  # noqa: E402
@@ -60,14 +60,7 @@ class Direct:
         self.path = path
 
     def connect(self, port: int) -> socket.socket:
-        fd = open_netns(self.path)
-        try:
-            s = socket_in_netns(fd, socket.AF_INET)
-        finally:
-            os.close(fd)
-        s.setblocking(True)
-        s.connect(("127.0.0.1", port))
-        return s
+        return relay.dial(port, self.path)
 
 
 class Local:

@@ -57,7 +57,9 @@ def _splice(src: socket.socket, dst: socket.socket) -> None:
         os.close(w)
 
 
-def _dial(port: int, netns: str | None) -> socket.socket:
+def dial(port: int, netns: str | None) -> socket.socket:
+    """A blocking connection to 127.0.0.1:port, made inside the netns at that path (if
+    given); benchmarks.portforward's direct path uses it too."""
     if netns is None:
         s = socket.socket()
     else:
@@ -73,7 +75,7 @@ def _dial(port: int, netns: str | None) -> socket.socket:
 
 def _relay(client: socket.socket, port: int, netns: str | None, move: Mover) -> None:
     try:
-        upstream = _dial(port, netns)
+        upstream = dial(port, netns)
     except OSError:
         client.close()
         return
