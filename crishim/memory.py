@@ -67,7 +67,7 @@ def freeze_startup_objects() -> None:
     objects have survived younger ones, which a burst of connections does. Each took
     26-34 ms in crishim port-forward (timed with gc.callbacks), and one falling inside a
     transfer stopped the bytes for that long: a 4 MiB SPDY-over-WebSocket download after
-    a few short connections took 30-40 ms instead of 5-7. Frozen objects are never
+    a few short connections took 30-49 ms instead of 5-9. Frozen objects are never
     walked again; what connections create later is collected as before."""
     gc.collect()
     gc.freeze()
