@@ -379,10 +379,15 @@ class ForwardedConnection:
         if self._done:
             return
         self._pod_eof = True
-        self.channel.send_eof()
-        # client-go waits for the error stream's end before it finishes a connection whose
-        # remote side ended: close it now, while the client may still send (half-close)
-        self._close_error_stream(None)
+        session = self.session
+        session.hold_output()  # the data stream's end and the error stream's: one write
+        try:
+            self.channel.send_eof()
+            # client-go waits for the error stream's end before it finishes a connection
+            # whose remote side ended: close it now, while the client may still send
+            self._close_error_stream(None)
+        finally:
+            session.release_output()
         if self._client_eof:
             self._finish()
 
@@ -439,6 +444,7 @@ class SessionBase:
         # the client transport, paused for congested pods and for its own unwritten output
         self.read_gate = ReadGate()
         self.pending_up = 0  # client bytes held for connections still dialling
+        self.output_held = 0  # hold_output() calls not yet released: flush() waits
         self.transport: asyncio.Transport | None = None
         self.last_activity = time.monotonic()
 
@@ -475,6 +481,19 @@ class SessionBase:
         if protocol == TCP:
             return self.open_connection(port, channel)
         return self.open_flow(port, channel)
+
+    def hold_output(self) -> None:
+        """Until release_output, what the channels queue for the client is written at once
+        at the end: one write (one wake-up of the client) rather than one per call."""
+        self.output_held += 1
+
+    def release_output(self) -> None:
+        self.output_held = max(0, self.output_held - 1)  # close() may have let go already
+        if not self.output_held:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what the transport queued for the client (each transport's session)."""
 
     def begin_batch(self) -> None:
         self._batch_depth += 1

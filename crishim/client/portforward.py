@@ -196,7 +196,10 @@ class _LocalSide(asyncio.BufferedProtocol):
         pipe.forwarder.start_pipe(pipe, local)
         # after the streams are on their way: the line (a write to a terminal or a pipe,
         # which wakes its reader) is not on the connection's first-byte path
-        print(f"Handling connection for {pipe.local_port}", flush=True)
+        # one write, also where stdout is unbuffered (PYTHONUNBUFFERED: print() writes the
+        # text and its newline apart, each a system call that wakes the reader)
+        sys.stdout.write(f"Handling connection for {pipe.local_port}\n")
+        sys.stdout.flush()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return read_buffer()

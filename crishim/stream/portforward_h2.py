@@ -262,6 +262,8 @@ class H2PortForwardSession(ServerSession):
 
     # --- output ------------------------------------------------------------------------
     def flush(self) -> None:
+        if self.output_held:
+            return  # release_output() flushes
         out = self.codec.take_output()
         if out and not self._closed:
             self._writelines(out)  # DATA payloads go out as they are: no join

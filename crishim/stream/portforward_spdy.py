@@ -113,6 +113,8 @@ class SpdyPortForwardSession(ServerSession):
 
     # --- output ------------------------------------------------------------------------
     def flush(self) -> None:
+        if self.output_held:
+            return  # release_output() flushes
         chunks = self.codec.take_output()
         if chunks and not self._closed:
             self._write_buffers(chunks)

@@ -251,6 +251,8 @@ class ChannelPortForwardSession(ServerSession):
         self.arm_idle_timer()
 
     def flush(self) -> None:
+        if self.output_held:
+            return  # release_output() flushes
         out = self.codec.take_output()
         if out and self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(out)

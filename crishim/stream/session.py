@@ -181,6 +181,7 @@ class ServerSession(SessionBase, ABC):
         self.close_connections(reason)
         self.forget_pending()
         self.goodbye(reason, violation)
+        self.output_held = 0  # closing inside hold_output(): the goodbye goes out now
         self.flush()
         self.end(close_transport=True)
 

@@ -1,4 +1,5 @@
-"""The first bytes of a connection take the short way, and arrive whole and in order.
+"""The first bytes of a connection take the short way, and arrive whole and in order; its
+last frames leave together.
 
 crishim port-forward reads what a local client sent before its connection was accepted
 at once (`_read_now`), so that it leaves in the same write as the streams' opening frames;
@@ -200,3 +201,53 @@ def test_read_now_with_nothing_sent_yet_returns_nothing():
         server.close()
 
     uvloop.run(main())
+
+
+def test_the_pods_eof_ends_both_streams_in_one_write():
+    """When the pod closes its side, the data stream's FIN and the error stream's (which
+    client-go waits for) leave in one write to the client, not one each."""
+    from crishim.protocols import spdy
+    from crishim.protocols.constants import (
+        HEADER_PORT,
+        HEADER_REQUEST_ID,
+        HEADER_STREAM_TYPE,
+        STREAM_TYPE_DATA,
+        STREAM_TYPE_ERROR,
+    )
+    from crishim.stream.portforward_spdy import SpdyPortForwardSession
+
+    async def main() -> list[list[tuple[int, bool]]]:
+        loop = asyncio.get_running_loop()
+        pod = _pod_listener(1 << 16)
+        writes: list[list[bytes]] = []
+        session = SpdyPortForwardSession(
+            ForwardContext(NamedNetnsRuntime(Config(sandboxes={}))),
+            Sandbox("web", host_network=True), 5.0, 0.0,
+            lambda chunks: writes.append([bytes(c) for c in chunks]), lambda: None)
+        client = spdy.SpdyConnection(spdy.SpdyConfig(client=True))
+        headers = {HEADER_STREAM_TYPE: STREAM_TYPE_ERROR,
+                   HEADER_PORT: str(pod.getsockname()[1]), HEADER_REQUEST_ID: "0"}
+        client.end_stream(client.open_stream(headers))
+        headers[HEADER_STREAM_TYPE] = STREAM_TYPE_DATA
+        client.open_stream(headers)
+        session.receive(b"".join(bytes(c) for c in client.take_output()))
+        accepted, _ = await loop.sock_accept(pod)
+        writes.clear()  # the replies
+        accepted.shutdown(socket.SHUT_WR)  # the pod is done sending
+        for _ in range(100):
+            if writes:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # a second write, if any, would have come by now
+        ends = []
+        for chunks in writes:  # the FINs each write carried: (stream id, fin)
+            ends.append([(e.stream_id, e.fin) for e in client.receive_data(b"".join(chunks))
+                         if isinstance(e, spdy.DataReceived)])
+        accepted.close()
+        pod.close()
+        session.close("test over")
+        return ends
+
+    ends = uvloop.run(main())
+    assert len(ends) == 1, ends  # one write
+    assert sorted(sid for sid, fin in ends[0] if fin) == [1, 3]  # both streams ended
