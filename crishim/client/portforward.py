@@ -265,7 +265,8 @@ class _RemoteSide(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         pending = self.pipe.pending
-        if pending:  # read at accept (_read_now): before the streams' frames are flushed
+        if pending:  # read at accept (_read_now): out with the streams' opening frames,
+            # on either way of opening them (start_pipe's or _connect's)
             stream = cast(asyncio.Transport, transport)
             for chunk in pending:
                 stream.write(chunk)
@@ -449,10 +450,7 @@ class PortForwarder:
         if pipe.done:
             stream.abort()
             return
-        pipe.stream = stream
-        for chunk in pipe.pending:
-            stream.write(chunk)
-        pipe.pending.clear()
+        pipe.stream = stream  # _RemoteSide.connection_made has written pipe.pending
         if pipe.local_eof:
             stream.write_eof()
         if not local.is_closing():

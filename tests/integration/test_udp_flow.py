@@ -13,6 +13,7 @@ from crishim.netns import bind_udp_in_netns, dial_udp_localhost
 from crishim.protocols.datagram import DatagramDecoder, encode_datagram, encode_datagrams
 from crishim.runtime import Sandbox
 from crishim.sandboxes import NamedNetnsRuntime
+from tests.support import until
 from tests.support.podnet import UDP_CLOSED_PORT, UDP_ECHO_PORT
 
 CHECK_SIZES = (1, 512, 1472, 8192, 65507)
@@ -60,14 +61,6 @@ def _flow(podnet, port, **ctx_kw):
     return flow, channel, session
 
 
-async def _until(predicate, timeout=10.0):
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < end, "condition not reached in time"
-        await asyncio.sleep(0.01)
-
-
 def test_flow_echoes_datagrams_of_every_size_with_boundaries_kept(podnet):
     async def go():
         flow, channel, session = _flow(podnet, UDP_ECHO_PORT)
@@ -76,7 +69,7 @@ def test_flow_echoes_datagrams_of_every_size_with_boundaries_kept(podnet):
         wire = encode_datagrams(payloads)
         flow.client_data(wire[:3])  # before the dial completes: held, then sent
         flow.client_data(wire[3:])
-        await _until(lambda: len(channel.datagrams) == len(payloads))
+        await until(lambda: len(channel.datagrams) == len(payloads))
         assert sorted(channel.datagrams, key=len) == payloads
         flow.client_eof()
         assert channel.eof and channel.finished == [None] and not channel.aborted
@@ -90,7 +83,7 @@ def test_icmp_port_unreachable_ends_only_that_flow_quietly(podnet):
         flow, channel, session = _flow(podnet, UDP_CLOSED_PORT)
         flow.start()
         flow.client_data(encode_datagram(b"anyone?"))
-        await _until(lambda: flow.done)
+        await until(lambda: flow.done)
         assert channel.aborted and channel.finished == [None]  # quiet policy: no text
         assert "ICMP port unreachable" in flow.reason
     asyncio.run(go())
@@ -101,7 +94,7 @@ def test_icmp_port_unreachable_is_written_under_the_verbose_policy(podnet):
         flow, channel, _ = _flow(podnet, UDP_CLOSED_PORT, error_policy="verbose")
         flow.start()
         flow.client_data(encode_datagram(b"anyone?"))
-        await _until(lambda: flow.done)
+        await until(lambda: flow.done)
         assert "Connection refused" in channel.finished[0]
     asyncio.run(go())
 
@@ -111,7 +104,7 @@ def test_idle_flow_ends_with_eof(podnet):
         flow, channel, _ = _flow(podnet, UDP_ECHO_PORT, udp_idle_timeout=0.2)
         flow.start()
         flow.client_data(encode_datagram(b"ping"))
-        await _until(lambda: flow.done)
+        await until(lambda: flow.done)
         assert channel.datagrams == [b"ping"]
         assert channel.eof and channel.finished == [None] and not channel.aborted
         assert flow.reason == "idle for 0.2s"
@@ -133,7 +126,7 @@ def test_client_reset_closes_the_pod_socket(podnet):
         flow, channel, session = _flow(podnet, UDP_ECHO_PORT)
         flow.start()
         await asyncio.sleep(0)
-        await _until(lambda: flow.sock is not None)
+        await until(lambda: flow.sock is not None)
         sock = flow.sock
         flow.client_reset()
         assert sock.fileno() == -1 and session.ended == [flow] and not channel.eof

@@ -1,6 +1,8 @@
 """Helpers shared by the test layers: real peers, processes and stand-ins, no tests."""
 
+import asyncio
 import os
+from collections.abc import Callable
 
 import pytest
 
@@ -13,3 +15,12 @@ def missing(what: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{what} is not installed (CI must have it)")
     pytest.skip(f"{what} is not installed")
+
+
+async def until(predicate: Callable[[], object], timeout: float = 10.0) -> None:
+    """Poll every 10 ms until predicate() is true; fail the test after timeout seconds."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < end, "condition not reached in time"
+        await asyncio.sleep(0.01)

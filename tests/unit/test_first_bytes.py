@@ -19,6 +19,7 @@ from crishim.config import Config
 from crishim.forward import ForwardContext, SessionBase
 from crishim.runtime import Sandbox
 from crishim.sandboxes import NamedNetnsRuntime
+from tests.support import until
 
 
 class _Channel:
@@ -43,6 +44,13 @@ class _Channel:
         self.ended = error or ""
 
 
+HOST = Sandbox("web", host_network=True)  # dials 127.0.0.1 in this process's netns
+
+
+def _context() -> ForwardContext:
+    return ForwardContext(NamedNetnsRuntime(Config(sandboxes={})))
+
+
 def _pod_listener(rcvbuf: int) -> socket.socket:
     """A pod that does not accept yet; its connections' receive buffer is `rcvbuf`."""
     pod = socket.socket()
@@ -63,8 +71,7 @@ def test_bytes_sent_while_dialling_reach_the_pod_whole_when_its_socket_takes_par
     async def main() -> None:
         loop = asyncio.get_running_loop()
         pod = _pod_listener(4096)
-        session = SessionBase(ForwardContext(NamedNetnsRuntime(Config(sandboxes={}))),
-                              Sandbox("web", host_network=True))
+        session = SessionBase(_context(), HOST)
         channel = _Channel()
         conn = session.open_connection(pod.getsockname()[1], channel)
         for piece in pieces:  # the dial runs on the loop's next turn: all of it is held
@@ -72,27 +79,18 @@ def test_bytes_sent_while_dialling_reach_the_pod_whole_when_its_socket_takes_par
         conn.client_eof()
         assert session.pending_up == sum(map(len, pieces))
         assert session.read_gate.paused  # more than buffer_size held: the client paused
-        for _ in range(200):
-            if conn.dialled:
-                break
-            await asyncio.sleep(0.01)
-        assert conn.dialled and not conn.done
+        await until(lambda: conn.dialled, 2.0)
+        assert not conn.done
         accepted, _ = await loop.sock_accept(pod)
         got = bytearray()
         while data := await asyncio.wait_for(loop.sock_recv(accepted, 1 << 20), 10):
             got += data
         assert len(got) == len(b"".join(pieces)) and bytes(got) == b"".join(pieces)
         assert session.pending_up == 0
-        for _ in range(100):  # the transport's buffer drains, then the client reads again
-            if not session.read_gate.paused:
-                break
-            await asyncio.sleep(0.01)
-        assert not session.read_gate.paused
+        # the transport's buffer drains, then the client reads again
+        await until(lambda: not session.read_gate.paused, 1.0)
         await loop.sock_sendall(accepted, b"answer")
-        for _ in range(100):
-            if channel.down:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: channel.down, 1.0)
         assert bytes(channel.down) == b"answer" and channel.ended is None
         conn.close("test over")
         accepted.close()
@@ -108,8 +106,7 @@ def test_a_connection_that_takes_everything_early_goes_on_as_usual():
     async def main() -> None:
         loop = asyncio.get_running_loop()
         pod = _pod_listener(1 << 20)
-        session = SessionBase(ForwardContext(NamedNetnsRuntime(Config(sandboxes={}))),
-                              Sandbox("web", host_network=True))
+        session = SessionBase(_context(), HOST)
         channel = _Channel()
         conn = session.open_connection(pod.getsockname()[1], channel)
         conn.client_data(b"GET / HTTP/1.0\r\n\r\n")
@@ -122,10 +119,7 @@ def test_a_connection_that_takes_everything_early_goes_on_as_usual():
         assert session.pending_up == 0 and not session.read_gate.paused
         await loop.sock_sendall(accepted, b"HTTP/1.0 200 OK\r\n\r\n")
         accepted.close()
-        for _ in range(100):
-            if channel.ended is not None:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: channel.ended is not None, 1.0)
         assert bytes(channel.down) == b"HTTP/1.0 200 OK\r\n\r\n"
         assert channel.ended == "" and not channel.aborted
         pod.close()
@@ -192,10 +186,7 @@ def test_read_now_with_nothing_sent_yet_returns_nothing():
 
         server = await loop.create_server(Local, "127.0.0.1", 0)
         client = socket.create_connection(server.sockets[0].getsockname()[:2])
-        for _ in range(100):
-            if results:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: results, 1.0)
         assert results == [b""]
         client.close()
         server.close()
@@ -221,8 +212,7 @@ def test_the_pods_eof_ends_both_streams_in_one_write():
         pod = _pod_listener(1 << 16)
         writes: list[list[bytes]] = []
         session = SpdyPortForwardSession(
-            ForwardContext(NamedNetnsRuntime(Config(sandboxes={}))),
-            Sandbox("web", host_network=True), 5.0, 0.0,
+            _context(), HOST, 5.0, 0.0,
             lambda chunks: writes.append([bytes(c) for c in chunks]), lambda: None)
         client = spdy.SpdyConnection(spdy.SpdyConfig(client=True))
         headers = {HEADER_STREAM_TYPE: STREAM_TYPE_ERROR,
@@ -234,10 +224,7 @@ def test_the_pods_eof_ends_both_streams_in_one_write():
         accepted, _ = await loop.sock_accept(pod)
         writes.clear()  # the replies
         accepted.shutdown(socket.SHUT_WR)  # the pod is done sending
-        for _ in range(100):
-            if writes:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: writes, 1.0)
         await asyncio.sleep(0.05)  # a second write, if any, would have come by now
         ends = []
         for chunks in writes:  # the FINs each write carried: (stream id, fin)
