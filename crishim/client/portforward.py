@@ -38,6 +38,9 @@ SessionOpener = Callable[[str, list[int], float], Awaitable[ClientSession]]
 # A spare stream URL older than this is not used: well within the lifetime of stream
 # tokens (crishim 60 s, the kubelet's 30 s).
 SPARE_URL_MAX_AGE = 10.0
+# The spare is asked for when the connection that used the last one has its first bytes
+# back, or this long after it opened, whichever is first (seconds).
+SPARE_FETCH_DELAY = 0.1
 EARLY_READ = 64 * 1024  # read at accept, to go out with the streams' opening frames
 
 
@@ -47,15 +50,21 @@ def cri_opener(cri: CriClient, sandbox: str, insecure: bool = False,
 
     The WebSocket channel protocol takes a session, so a CRI call, per connection: the
     URL for the next connection to the same ports is asked for while this one is used
-    (the call was ~0.8 of a ~1.9 ms first byte). A spare that is too old, refused by
-    the CRI or no longer redeemable (404) is replaced by a fresh URL."""
+    (the call was ~0.8 of a ~1.9 ms first byte), once this one's first bytes have come
+    back (its reply, its end or SPARE_FETCH_DELAY, whichever is first: the call's
+    thread, and crishim serve's answering it, took the GIL from the first byte's way,
+    ~0.2 ms of it). A connection that comes before the spare was asked for asks at once.
+    A spare that is too old, refused by the CRI or no longer redeemable (404) is
+    replaced by a fresh URL."""
     spares: dict[tuple[int, ...], tuple[float, asyncio.Future[str]]] = {}
+    wanted: dict[tuple[int, ...], asyncio.TimerHandle] = {}  # spares not yet asked for
 
     def fetch(ports: list[int]) -> asyncio.Future[str]:
         return asyncio.get_running_loop().run_in_executor(None, cri.port_forward, sandbox,
                                                           ports)
 
     async def spare_url(ports: list[int]) -> str | None:
+        fetch_spare(ports)  # wanted and not asked for yet: now
         entry = spares.pop(tuple(ports), None)
         if entry is None or asyncio.get_running_loop().time() - entry[0] > SPARE_URL_MAX_AGE:
             return None
@@ -64,8 +73,20 @@ def cri_opener(cri: CriClient, sandbox: str, insecure: bool = False,
         except CriError:
             return None
 
+    def want_spare(ports: list[int], session: ClientSession) -> None:
+        key = tuple(ports)
+        timer = wanted.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+        wanted[key] = asyncio.get_running_loop().call_later(SPARE_FETCH_DELAY, fetch_spare,
+                                                            ports)
+        session.replied.add_done_callback(lambda _: fetch_spare(ports))
+
     def fetch_spare(ports: list[int]) -> None:
-        # once the session is open: the CRI call's thread would compete for the GIL
+        timer = wanted.pop(tuple(ports), None)
+        if timer is None:
+            return  # asked for already
+        timer.cancel()
         spare = fetch(ports)
         spare.add_done_callback(lambda f: f.cancelled() or f.exception())  # unused: no error
         spares[tuple(ports)] = (asyncio.get_running_loop().time(), spare)
@@ -89,7 +110,7 @@ def cri_opener(cri: CriClient, sandbox: str, insecure: bool = False,
             session = await open_session(await fetch(ports), transport, ports,
                                          ping_interval=ping_interval, insecure=insecure,
                                          ca_file=ca_file)
-        fetch_spare(ports)
+        want_spare(ports, session)
         return session
 
     return open_for

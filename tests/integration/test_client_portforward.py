@@ -481,6 +481,63 @@ def test_websocket_connections_use_a_url_fetched_after_the_last_opened(crishim):
     asyncio.run(main())
 
 
+def test_websocket_spare_url_is_asked_for_once_the_first_bytes_came_back(crishim,
+                                                                          monkeypatch):
+    # the spare's CRI call (and crishim serve's answer to it) took the GIL from the first
+    # byte's way: it waits for the connection's reply, its end or SPARE_FETCH_DELAY
+    import asyncio
+
+    from crishim.client import portforward
+    from crishim.client.cri import CriClient
+
+    class CountingCri(CriClient):
+        calls = 0
+
+        def port_forward(self, sandbox_id: str, ports=()) -> str:
+            CountingCri.calls += 1
+            return super().port_forward(sandbox_id, ports)
+
+    async def main() -> None:
+        cri = CountingCri(f"unix://{crishim.socket}")
+        opener = portforward.cri_opener(cri, SANDBOX)
+        monkeypatch.setattr(portforward, "SPARE_FETCH_DELAY", 60.0)
+        session = await opener("websocket", [ECHO_PORT], 0)
+        reader, writer = await session.open_stream(ECHO_PORT)
+        await asyncio.sleep(0.3)
+        assert CountingCri.calls == 1  # nothing came back yet: no spare asked for
+        writer.write(b"ping")
+        assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+        assert await until_async(lambda: CountingCri.calls == 2)  # the reply: now
+        session.close()
+        # a connection that never hears back gets its spare after the delay
+        monkeypatch.setattr(portforward, "SPARE_FETCH_DELAY", 0.2)
+        quiet = await opener("websocket", [ECHO_PORT], 0)  # takes the spare
+        await quiet.open_stream(ECHO_PORT)
+        assert CountingCri.calls == 2
+        assert await until_async(lambda: CountingCri.calls == 3)
+        # a connection that comes before its spare was asked for asks at once, and works
+        monkeypatch.setattr(portforward, "SPARE_FETCH_DELAY", 60.0)
+        first = await opener("websocket", [ECHO_PORT], 0)  # takes the third URL
+        second = await opener("websocket", [ECHO_PORT], 0)
+        assert CountingCri.calls == 4
+        reader, writer = await second.open_stream(ECHO_PORT)
+        writer.write(b"pong")
+        assert await asyncio.wait_for(reader.readexactly(4), 10) == b"pong"
+        for s in (quiet, first, second):
+            s.close()
+        cri.close()
+
+    async def until_async(predicate, timeout: float = 10.0) -> bool:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not predicate():
+            if asyncio.get_running_loop().time() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    asyncio.run(main())
+
+
 def test_local_listeners_take_a_burst_of_connects(crishim):
     """The local listener's accept queue is as deep as the kernel allows (as kubectl's Go
     listeners are): asyncio's default of 100 dropped SYNs in a burst of 200 connects, each

@@ -203,6 +203,7 @@ class ForwardStream(asyncio.Transport):
             return
         if self.first_byte_at is None:
             self.first_byte_at = time.perf_counter()
+            self.session.reply_came()
         self.bytes_down += len(data)
         # zero copy: a view into the received frame; asyncio's protocols take bytes-likes
         protocol.data_received(data)  # type: ignore[arg-type]
@@ -264,6 +265,7 @@ class ForwardStream(asyncio.Transport):
         elif self.failure and not self._closing:
             exc = ForwardError(self.failure)
         self.session._stream_done(self)
+        self.session.reply_came()
         if not self.done.done():
             self.done.set_result(exc)
         if self.protocol is not None:
@@ -292,6 +294,8 @@ class ClientSession:
         self.read_gate = ReadGate()  # the session transport, paused for congested streams
         self.writing_paused = False
         self.closed: asyncio.Future[str] = loop.create_future()
+        # done when a stream's first bytes come back or a stream or the session ends
+        self.replied: asyncio.Future[None] = loop.create_future()
         self.connected_at = time.perf_counter()
         self._ping_task: asyncio.Task[None] | None = None
         self._pings: dict[object, tuple[float, asyncio.Future[float]]] = {}  # by ping key
@@ -425,11 +429,16 @@ class ClientSession:
     def _send_ping(self) -> None:
         return None
 
+    def reply_came(self) -> None:
+        if not self.replied.done():
+            self.replied.set_result(None)
+
     # --- transport events ---------------------------------------------------------------
     def _lost(self, reason: str) -> None:
         if self.closed.done():
             return
         self.closed.set_result(reason)
+        self.reply_came()
         if self._ping_task is not None:
             self._ping_task.cancel()
         for stream in list(self.streams.values()):
