@@ -21,6 +21,23 @@ log = logging.getLogger("crishim")
 LISTEN_BACKLOG = 4096
 
 
+def read_now(transport: asyncio.BaseTransport, limit: int) -> bytes:
+    """What the peer of a just-accepted plain TCP connection sent before it was accepted,
+    read at once from the socket rather than on the loop's next turn (b"" if nothing
+    yet; after a reset or an EOF the transport finds it). Most clients speak first (an
+    upgrade request, a forwarded client's request): handled in the accept's callback,
+    it saves the loop a turn and the process a wake-up on the first bytes' way
+    (benchmarks.probe --first-byte). The transport reads on from where this stopped.
+    Never for a TLS transport: its socket carries records, not the peer's bytes."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return b""
+    try:
+        return os.read(sock.fileno(), limit)
+    except OSError:  # nothing yet (EAGAIN)
+        return b""
+
+
 class SocketInUse(Exception):
     """A live server already answers on the socket path (or the path is not a socket)."""
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
-import os
 import signal
 import socket
 import sys
@@ -28,7 +27,7 @@ from crishim.client.transports import (
 )
 from crishim.client.udp import UdpListener
 from crishim.flow import read_buffer
-from crishim.sysutil import LISTEN_BACKLOG
+from crishim.sysutil import LISTEN_BACKLOG, read_now
 
 # (transport, ports, ping_interval) -> a new session to the pod: where the stream comes
 # from (a CRI PortForward URL, an API server) is the opener's business
@@ -263,20 +262,12 @@ class _LocalSide(asyncio.BufferedProtocol):
 
 
 def _read_now(local: asyncio.Transport) -> bytes:
-    """What the local client sent before its connection was accepted (most clients speak
-    first: an HTTP request, the benchmark's byte), read at once from the socket rather than
-    on the loop's next turn, so that it goes out in the same write as the streams' opening
-    frames: crishim serve then has it when its dial completes and sends it with the
-    connection (forward.py _send_pending_now), and neither crishim serve nor the pod wakes
-    up twice for the first bytes (benchmarks.probe --first-byte). The transport reads on
-    from where this stopped."""
-    sock = local.get_extra_info("socket")
-    if sock is None:
-        return b""
-    try:
-        return os.read(sock.fileno(), EARLY_READ)
-    except OSError:  # nothing yet (EAGAIN); after a reset the transport finds an EOF
-        return b""
+    """What the local client sent before its connection was accepted (sysutil.read_now),
+    to go out in the same write as the streams' opening frames: crishim serve then has it
+    when its dial completes and sends it with the connection (forward.py
+    _send_pending_now), and neither crishim serve nor the pod wakes up twice for the
+    first bytes."""
+    return read_now(local, EARLY_READ)
 
 
 class _RemoteSide(asyncio.Protocol):

@@ -30,11 +30,14 @@ from crishim.stream.session import (
     Upgrade,
     close_client,
 )
+from crishim.sysutil import read_now
 from crishim.tokens import TokenStore
 
 log = logging.getLogger("crishim.stream")
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+# read at accept: a request head, and whatever the client sent after it
+EARLY_READ = 64 * 1024
 
 # Upgrade header (lower case) -> the transport's starter
 UPGRADES: dict[str, Callable[[Upgrade], None]] = {
@@ -250,7 +253,11 @@ class _RequestProtocol(asyncio.Protocol):
             server.request_timeout, self._head_timed_out)
         server.await_token(self, self._refuse)
         ssl_object = transport.get_extra_info("ssl_object")
-        if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+        if ssl_object is None:
+            early = read_now(transport, EARLY_READ)  # the request, sent before the accept
+            if early:
+                self.data_received(early)
+        elif ssl_object.selected_alpn_protocol() == "h2":
             self._handover()  # TLS chose HTTP/2: no HTTP/1.1 request will come
             server.start_prior_knowledge(transport, b"")
 

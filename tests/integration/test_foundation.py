@@ -240,6 +240,28 @@ def test_request_head_timeout_is_408_and_server_lives_on(podnet):
         assert http(proc.port_forward_url("sb"), "POST", SPDY_UPGRADE)[0] == 101
 
 
+def test_request_head_in_pieces_around_the_accept_is_one_request(crishim):
+    """The server reads what a client sent before the accept at once (sysutil.read_now);
+    the rest of the head, sent later, completes the same request, and a head that is
+    whole at the accept (as clients send it) is answered the same."""
+    def upgrade_request() -> tuple[str, int, bytes]:
+        u = urlsplit(crishim.port_forward_url(SANDBOX))
+        head = f"POST {u.path} HTTP/1.1\r\nHost: {u.netloc}\r\n" + "".join(
+            f"{k}: {v}\r\n" for k, v in SPDY_UPGRADE.items()) + "\r\n"
+        return u.hostname, u.port, head.encode()
+
+    host, port, head = upgrade_request()
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(head[:20])  # most likely before the accept
+        time.sleep(0.2)
+        s.sendall(head[20:])
+        assert s.recv(200).startswith(b"HTTP/1.1 101")
+    host, port, head = upgrade_request()
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(head)
+        assert s.recv(200).startswith(b"HTTP/1.1 101")
+
+
 def test_stream_address_in_use_is_one_clear_line(tmp_path, podnet):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
