@@ -218,10 +218,11 @@ class ViewFrameBuffer(FrameBuffer):
         self._data_end = False
         # (stream id, length) -> may this DATA frame be handed out in pieces?
         self.can_split: Callable[[int, int], bool] = lambda stream_id, length: False
+        self.lent = False  # the input is a buffer its owner reuses: see keep()
 
     def add_data(self, data: Buffer) -> None:
-        if type(data) is not bytes:  # memoryviews handed out must not see the bytes change
-            data = bytes(data)
+        if type(data) is not bytes and not self.lent:
+            data = bytes(data)  # memoryviews handed out must not see the bytes change
         view = memoryview(data)
         if self._preamble_len:
             n = min(self._preamble_len, len(view))
@@ -230,6 +231,16 @@ class ViewFrameBuffer(FrameBuffer):
         if view:
             self._views.append(view)
             self._avail += len(view)
+
+    def keep(self) -> None:
+        """Copy what is left unconsumed of a lent input (a frame that goes on in the next
+        read), joined into one object: its owner is about to reuse the buffer."""
+        views = self._views
+        if views:
+            first = views[0][self._start:]
+            self._views = [memoryview(b"".join([first, *views[1:]]) if len(views) > 1
+                                      else first.tobytes())]
+            self._start = 0
 
     def _take(self, n: int) -> memoryview:
         """Consume n bytes (n <= _avail): a view into one received object when they lie in
@@ -475,8 +486,9 @@ class H2Codec(h2.connection.H2Connection):
         super().__init__(config=config)
         self.decoder = LiteralHeaderDecoder()
         self.decoder.max_header_list_size = self.DEFAULT_MAX_HEADER_LIST_SIZE
-        self.incoming_buffer = ViewFrameBuffer(server=not self.config.client_side)
-        self.incoming_buffer.can_split = self._accepts_data
+        self._frames = ViewFrameBuffer(server=not self.config.client_side)
+        self._frames.can_split = self._accepts_data
+        self.incoming_buffer = self._frames
         self._frame_dispatch_table[ViewDataFrame] = self._receive_data_frame
         self._output: list[bytes | memoryview] = []
         # called with each frame that opens a stream or costs work or an answer without
@@ -606,6 +618,20 @@ class H2Codec(h2.connection.H2Connection):
                 out[-1] = last + raw
             else:
                 out.append(raw)
+
+    def receive_data(self, data: Buffer, lent: bool = False) -> list[Event]:
+        """h2's, and with `lent` the input may be a buffer its owner reuses once the
+        events are acted on: DATA payloads in the events are views of it (act on them, or
+        copy them, before returning to the owner), and what is left of a frame that goes
+        on in the next read is copied here."""
+        buffer = self._frames
+        buffer.lent = lent
+        try:
+            return super().receive_data(data)
+        finally:
+            if lent:
+                buffer.lent = False
+                buffer.keep()
 
     def take_output(self) -> list[bytes | memoryview]:
         """Everything queued to send, as buffers for `transport.writelines`."""

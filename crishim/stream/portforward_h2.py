@@ -69,7 +69,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import TypeVar, cast
 
 import h2.config
 import h2.events
@@ -131,6 +131,7 @@ def _check_method(headers: dict[str, str]) -> None:
         raise Refused(405, f"method {headers.get(':method')} not allowed; port-forward "
                            "streams are POST", [("allow", "POST")])
 
+_E = TypeVar("_E", bound=h2.events.Event)
 
 class _H2Channel:
     """A forwarded connection's data + error streams on one HTTP/2 connection."""
@@ -183,6 +184,7 @@ class H2PortForwardSession(ServerSession):
     timeout bounds it). `on_admitted` is called once the token is redeemed."""
 
     transport_name = "h2"
+    borrows_reads = True  # DATA pieces are views of the read, written before it returns
 
     def __init__(self, settings: SessionSettings, writelines: WriteBuffers,
                  close: Callable[[], None], *, admit: Admit | None = None,
@@ -336,8 +338,16 @@ class H2PortForwardSession(ServerSession):
         if self._closed:
             return
         self.last_activity = time.monotonic()
+        lent = type(data) is not bytes
+        self.borrowing = lent
         try:
-            events = self.codec.receive_data(data)
+            self._receive(data, lent)
+        finally:
+            self.borrowing = False
+
+    def _receive(self, data: bytes | memoryview, lent: bool) -> None:
+        try:
+            events = self.codec.receive_data(data, lent=lent)
         except Overloaded as e:
             self.flush()  # h2 queued GOAWAY ENHANCE_YOUR_CALM
             self._goaway_sent = True
@@ -381,7 +391,7 @@ class H2PortForwardSession(ServerSession):
             if self._closed:
                 break
             if self._admitting is not None and isinstance(event, _QUEUED_WHILE_ADMITTING):
-                self._admitting.append(event)
+                self._admitting.append(self._kept(event))
                 continue
             try:
                 self._handle(event)
@@ -545,7 +555,7 @@ class H2PortForwardSession(ServerSession):
         if conn is None:
             pair = self._pairs.by_stream.get(sid)
             if pair is not None and sid == pair.data_id:
-                pair.held.append(ev)  # acknowledged once the pair is complete and flowing
+                pair.held.append(self._kept(ev))  # acknowledged once the pair is flowing
                 return
             self._ack(sid, ev.flow_controlled_length)  # error stream or ended: discard
             return
@@ -556,6 +566,12 @@ class H2PortForwardSession(ServerSession):
             acks[sid] = acks.get(sid, 0) + ev.flow_controlled_length
         else:
             self._ack_unless_congested(sid, ev.flow_controlled_length)
+
+    def _kept(self, event: _E) -> _E:
+        """An event kept past the read it came in: its data copied out of a lent read."""
+        if self.borrowing and isinstance(event, h2.events.DataReceived) and event.data:
+            event.data = bytes(event.data)
+        return event
 
     def _on_stream_ended(self, ev: h2.events.StreamEnded) -> None:
         conn = self._by_stream.get(ev.stream_id)

@@ -18,7 +18,7 @@ import pytest
 from crishim.stream.tls import self_signed
 from tests.support import SANDBOX
 from tests.support.crishim_proc import CrishimProcess
-from tests.support.h2_pf_client import WINDOW, H2Client, UpgradeRefused
+from tests.support.h2_pf_client import WINDOW, Forward, H2Client, UpgradeRefused
 from tests.support.podnet import (
     CLOSED_PORT,
     ECHO_PORT,
@@ -364,6 +364,51 @@ def test_unpaired_data_stream_times_out_alone(crishim):
         assert client.streams[lonely].reset_code == CANCEL
         await client.close()
     run(go())
+
+
+def test_data_held_until_its_pair_completes_survives_the_reads_after_it(crishim):
+    """crishim serve decodes HTTP/2 from its read buffer without copying (DATA payloads
+    are views of it, written to the pod before the next read): data it must keep past
+    its read (a data stream whose error stream has not come yet, or frames that came
+    while the first stream's token was being redeemed) is copied out. Here later reads,
+    64 KiB of PINGs each, refill that buffer before the pair completes; the pod echoes
+    the held bytes as they were sent."""
+    async def go():
+        client = await _client(crishim, "prior")
+        assert await _echo(client, b"warm") == b"warm"  # admitted: the session reads on
+        request_id = "held-data"
+        data_id = client.open_stream(client.request_headers(
+            streamtype="data", port=str(ECHO_PORT), requestid=request_id))
+        held = os.urandom(48 << 10)
+        await client.send(data_id, held)
+        for _ in range(4):
+            await asyncio.sleep(0.05)
+            for i in range(64 << 10 // 17):  # PINGs: 17 bytes each on the wire
+                client.conn.ping(i.to_bytes(8, "big"))
+            client.flush()
+        error_id = client.open_stream(client.request_headers(
+            streamtype="error", port=str(ECHO_PORT), requestid=request_id), end_stream=True)
+        fwd = Forward(client, data_id, error_id)
+        await fwd.close_write()
+        assert await fwd.read_all() == held
+        assert await fwd.error_text() == ""
+        await client.close()
+
+    async def first_stream_queued():
+        # the first stream's data, sent with its headers, waits for the token's redemption
+        client = await _client(crishim, "prior")
+        payload = os.urandom(32 << 10)
+        error_id = client.open_stream(client.request_headers(
+            streamtype="error", port=str(ECHO_PORT), requestid="first"), end_stream=True)
+        data_id = client.open_stream(client.request_headers(
+            streamtype="data", port=str(ECHO_PORT), requestid="first"))
+        await client.send(data_id, payload, end_stream=True)
+        fwd = Forward(client, data_id, error_id)
+        assert await fwd.read_all() == payload
+        await client.close()
+
+    run(go())
+    run(first_stream_queued())
 
 
 # --- flow control -------------------------------------------------------------------------
