@@ -234,11 +234,14 @@ class _StallingSink(podnet_module._Sink):
             asyncio.get_running_loop().call_later(0.005, self.t.resume_reading)
 
 
-def test_uploads_to_a_stalling_pod_and_a_fast_one_beside_a_download_arrive_intact(crishim, podnet):
+@pytest.mark.parametrize("transport", ["spdy", "h2"])
+def test_uploads_to_a_stalling_pod_and_a_fast_one_beside_a_download_arrive_intact(
+        crishim, podnet, transport):
     """Two uploads interleaved on one session, one to a pod that keeps stalling (crishim
     serve's writes towards it are partial and wait in its transport), while a download
     reads into the same per-thread read buffer (flow.read_buffer): each arrives byte for
-    byte. Handing a pod's transport views of that buffer instead of copies fails here."""
+    byte. Handing a pod's transport views of that buffer instead of copies fails here
+    (both sessions borrow their reads)."""
     stalling = free_port()
     podnet.listen_extra("127.0.0.1", stalling, _StallingSink)
     slow_local, fast_local, down_local = free_port(), free_port(), free_port()
@@ -246,7 +249,7 @@ def test_uploads_to_a_stalling_pod_and_a_fast_one_beside_a_download_arrive_intac
     payloads = {slow_local: os.urandom(size), fast_local: os.urandom(size)}
     answers: dict[int, bytes] = {}
     with PortForwardCLI(crishim, f"{slow_local}:{stalling}", f"{fast_local}:{SINK_PORT}",
-                        f"{down_local}:{SOURCE_PORT}") as cli:
+                        f"{down_local}:{SOURCE_PORT}", transport=transport) as cli:
         cli.forwarding(3)
         threads = [threading.Thread(target=lambda p=p: answers.__setitem__(
             p, upload(p, payloads[p]))) for p in payloads]

@@ -137,6 +137,51 @@ def test_mutable_input_is_copied_before_views_are_handed_out():
     assert data == [b"x" * 100]
 
 
+def test_lent_input_is_read_in_place_and_what_goes_on_is_kept():
+    """receive_data(lent=True): the input is a buffer its owner reuses once the events
+    are acted on (crishim serve's read buffer). DATA comes out as views of it, and what
+    is left of a frame that goes on in the next read, a header block or DATA that h2
+    takes whole, is copied before the owner overwrites the buffer: the events over reads
+    cut anywhere match stock h2's."""
+    c = _client()
+    c.send_headers(1, REQUEST)
+    c.send_headers(3, REQUEST)
+    payload = os.urandom(100_000)
+    c.send_data(1, payload[:60_000])
+    c.send_data(3, payload[:5], pad_length=3)  # padded: buffered whole, not split
+    c.send_data(1, payload[60_000:], end_stream=True)
+    wire = c.data_to_send()
+    rng = random.Random(11)
+    for _ in range(20):
+        cuts = sorted(rng.sample(range(1, len(wire)), rng.randint(1, 40)))
+        ours, stock = _servers()
+        got = []
+        reused = bytearray(len(wire))  # one buffer for every read, as the loop's
+        last = in_place = 0
+        for cut in [*cuts, len(wire)]:
+            n = cut - last
+            reused[:n] = wire[last:cut]
+            events = ours.receive_data(memoryview(reused)[:n], lent=True)
+            # acted on before the next read: DATA copied out now, as a pod write would
+            got += [(ev.stream_id, bytes(ev.data)) if isinstance(ev, h2.events.DataReceived)
+                    else ev for ev in events]
+            in_place += sum(isinstance(ev, h2.events.DataReceived) and
+                            isinstance(ev.data, memoryview) and ev.data.obj is reused
+                            for ev in events)
+            reused[:] = b"\xee" * len(reused)  # the next read overwrites it
+            last = cut
+        want = _feed(stock, wire, cuts)
+        data: dict[int, bytes] = {}
+        for item in got:
+            if isinstance(item, tuple):
+                data[item[0]] = data.get(item[0], b"") + item[1]
+        assert data == {1: payload, 3: payload[:5]}
+        assert in_place  # not copied on the way in
+        assert [type(e).__name__ for e in got if not isinstance(e, tuple)] == \
+            [type(e).__name__ for e in want if not isinstance(e, h2.events.DataReceived)]
+        assert _windows(ours, (1, 3)) == _windows(stock, (1, 3))
+
+
 def test_header_block_with_continuation_split_over_reads():
     big = [("streamtype", "data"), ("port", "80"), ("x-pad", "v" * 3000)]
     block = Encoder().encode(REQUEST + big)
