@@ -15,7 +15,10 @@ changes only the byte handling at both ends:
   whole are split (open stream, within both windows, no header block pending), so every
   piece is accepted just the same; any other DATA frame (closed stream, window exceeded:
   h2 answers those per frame), padded ones and every other frame type are buffered whole
-  and parsed by hyperframe as before;
+  and parsed by hyperframe as before. `receive_data(data, lent=True)` takes a buffer its
+  owner reuses (crishim serve's read buffer, as for SPDY) without copying it: the events'
+  DATA are views of it, to be acted on (or copied) before the owner reads again, and only
+  what is left of a frame that goes on in the next read is copied (`keep`);
 - out: `take_output()` returns the frames as a list for `transport.writelines`: a DATA
   frame is its 9-byte header and the caller's payload object, never joined;
 - headers: `LiteralHeaderEncoder` sends every field as a literal without indexing, each

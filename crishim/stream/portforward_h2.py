@@ -131,7 +131,9 @@ def _check_method(headers: dict[str, str]) -> None:
         raise Refused(405, f"method {headers.get(':method')} not allowed; port-forward "
                            "streams are POST", [("allow", "POST")])
 
+
 _E = TypeVar("_E", bound=h2.events.Event)
+
 
 class _H2Channel:
     """A forwarded connection's data + error streams on one HTTP/2 connection."""
