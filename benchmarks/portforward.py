@@ -120,14 +120,22 @@ def download(path, size: int) -> float:
     return size / dt / 1e6
 
 
+# Between paired trials: what a trial left running (a connection's teardown, the channel
+# client's CRI call for its next URL) ends before the next trial starts, so neither the
+# path's trials nor the baseline's pay for the other's.
+SETTLE = 0.005
+
+
 def latency(path, trials: int, baseline=None) -> tuple[float, float, float]:
     """Connect, send one byte, get it echoed: median and p99 in ms, and the median as a
     multiple of the baseline's, whose trials alternate with these (one each, in turn: a
-    machine that slows down or speeds up meanwhile moves both)."""
+    machine that slows down or speeds up meanwhile moves both; each after SETTLE)."""
     samples, base = [], []
     for _ in range(trials):
         if baseline is not None:
+            time.sleep(SETTLE)
             base.append(_echo_ms(baseline))
+            time.sleep(SETTLE)
         samples.append(_echo_ms(path))
     samples.sort()
     med = statistics.median(samples)
