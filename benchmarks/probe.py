@@ -322,13 +322,15 @@ def main() -> int:
                         socket_report(samples)
 
             run("direct", Direct(netns), {}, set())
-            if "kubectl-1.27" in wanted:
+            for w in wanted:  # kubectl-1.27 (SPDY), kubectl-1.33 (SPDY over WebSocket), ...
+                if not w.startswith("kubectl-"):
+                    continue
                 with KubeStandIn({"bench": "bench"},
                                  lambda sid, ports: cs.port_forward_url(sid, ports)) as api:
                     specs = [f"0:{p}" for p in (SINK, SOURCE, ECHO)]
-                    with run_kubectl_port_forward(KUBECTL.format("1.27"), api.server_url,
-                                                  "bench", specs) as kc:
-                        run("kubectl-1.27", Local(kc.local_ports),
+                    with run_kubectl_port_forward(KUBECTL.format(w.split("-", 1)[1]),
+                                                  api.server_url, "bench", specs) as kc:
+                        run(w, Local(kc.local_ports),
                             {"crishim serve": cs.proc.pid, "kubectl": kc.proc.pid},
                             {"crishim serve"})
             for w in wanted:
