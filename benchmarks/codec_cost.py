@@ -22,6 +22,7 @@ from collections.abc import Callable
 import h2.config
 import h2.settings
 
+from benchmarks.h2_streams import connect
 from crishim.protocols.h2 import H2Codec, LiteralHeaderEncoder
 from crishim.protocols.spdy.connection import SpdyConfig, SpdyConnection
 
@@ -33,30 +34,24 @@ def _wire(codec: H2Codec | SpdyConnection) -> bytes:
     return b"".join(bytes(p) for p in codec.take_output())
 
 
+def _h2_codec(client_side: bool, settings: dict[int, int]) -> H2Codec:
+    """Configured as crishim port-forward's (client) or crishim serve's (server)."""
+    codec = H2Codec(h2.config.H2Configuration(
+        client_side=client_side, header_encoding="utf-8", validate_outbound_headers=False,
+        normalize_outbound_headers=False))
+    codec.local_settings = h2.settings.Settings(client=client_side, initial_values=settings)
+    codec.encoder = LiteralHeaderEncoder()
+    return codec
+
+
 def _h2_pair() -> tuple[H2Codec, H2Codec]:
-    """Configured as crishim port-forward's and crishim serve's."""
-    client = H2Codec(h2.config.H2Configuration(
-        client_side=True, header_encoding="utf-8", validate_outbound_headers=False,
-        normalize_outbound_headers=False))
-    client.local_settings = h2.settings.Settings(client=True, initial_values={
-        h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 24,
-        h2.settings.SettingCodes.MAX_FRAME_SIZE: 256 << 10,
-        h2.settings.SettingCodes.ENABLE_PUSH: 0})
-    client.encoder = LiteralHeaderEncoder()
-    server = H2Codec(h2.config.H2Configuration(
-        client_side=False, header_encoding="utf-8", validate_outbound_headers=False,
-        normalize_outbound_headers=False))
-    server.local_settings = h2.settings.Settings(client=False, initial_values={
-        h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1 << 20,
-        h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 22,
-        h2.settings.SettingCodes.MAX_FRAME_SIZE: 256 << 10})
-    server.encoder = LiteralHeaderEncoder()
-    client.initiate_connection()
-    server.initiate_connection()
-    for _ in range(2):
-        server.receive_data(_wire(client))
-        client.receive_data(_wire(server))
-    return client, server
+    codes = h2.settings.SettingCodes
+    return connect(
+        _h2_codec(True, {codes.INITIAL_WINDOW_SIZE: 1 << 24, codes.MAX_FRAME_SIZE: 256 << 10,
+                         codes.ENABLE_PUSH: 0}),
+        _h2_codec(False, {codes.MAX_CONCURRENT_STREAMS: 1 << 20,
+                          codes.INITIAL_WINDOW_SIZE: 1 << 22,
+                          codes.MAX_FRAME_SIZE: 256 << 10}))
 
 
 def h2_connection(client: H2Codec, server: H2Codec, n: int) -> list[float]:

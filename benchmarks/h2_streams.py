@@ -65,6 +65,11 @@ def _session(cls: type[H2Codec], streams: int) -> tuple[H2Codec, H2Codec]:
     server.local_settings = h2.settings.Settings(client=False, initial_values={
         h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: streams})
     client.encoder = LiteralHeaderEncoder()
+    return connect(client, server)
+
+
+def connect(client: H2Codec, server: H2Codec) -> tuple[H2Codec, H2Codec]:
+    """The two codecs past the preface and both SETTINGS exchanges."""
     client.initiate_connection()
     server.initiate_connection()
     for _ in range(2):
