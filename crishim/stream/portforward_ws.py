@@ -145,7 +145,10 @@ class SpdyTunnelProtocol(SessionProtocol):
                  transport: asyncio.Transport) -> None:
         super().__init__(session, transport)
         self.tunnel = tunnel
-        self.lend_reads = False  # the tunnel's WebSocket frames are parsed from a copy
+        # the tunnel's framing keeps nothing of a read past it (payload comes out
+        # unmasked into new buffers or joined, a partial head is copied): it reads the
+        # loop's read buffer in place
+        self.lend_reads = True
 
     def received(self, data: bytes | memoryview) -> None:
         self._handle(self.tunnel.receive_data(data))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import itertools
 import os
+import random
 import struct
 
 import pytest
@@ -482,6 +483,36 @@ def test_tunnel_round_trip_ignores_message_boundaries():
     assert received == stream
     server.send(b"\x80\x03\x00\x04")  # looks like a SPDY frame head, means nothing here
     assert client.receive_data(server.data_to_send()) == [TunnelData(b"\x80\x03\x00\x04")]
+
+
+def test_tunnel_keeps_nothing_of_a_read_its_owner_reuses():
+    """crishim serve's SPDY-over-WebSocket tunnel reads the loop's read buffer in place:
+    whatever its events carry must be its own, not views of that buffer. Frames masked,
+    with a zero key (payload as sent, which a tunnel must not hand out as a view), of
+    every size, cut anywhere: the stream comes out whole though the buffer is
+    overwritten after every read."""
+    rng = random.Random(5)
+    stream = os.urandom(300_000)
+    wire, pos = b"", 0
+    while pos < len(stream):
+        n = rng.choice((1, 4, 125, 126, 4096, 70_000))
+        key = b"\0\0\0\0" if rng.random() < 0.3 else os.urandom(4)
+        wire += frame(BINARY, stream[pos:pos + n], mask_key=key)
+        pos += n
+    for _ in range(10):
+        server = ByteStreamTunnel()
+        reused = bytearray(len(wire))
+        received = []
+        last = 0
+        for cut in sorted(rng.sample(range(1, len(wire)), 50)) + [len(wire)]:
+            n = cut - last
+            reused[:n] = wire[last:cut]
+            for event in server.receive_data(memoryview(reused)[:n]):
+                assert isinstance(event, TunnelData)
+                received.append(event.data)  # kept, as a session keeps what it queues
+            reused[:] = b"\xee" * len(reused)
+            last = cut
+        assert b"".join(received) == stream
 
 
 def test_tunnel_rejects_text_messages_1003():
