@@ -634,6 +634,23 @@ def test_receive_accepts_bytearray_and_memoryview() -> None:
                       DataReceived(1, b"xyz", False)]
 
 
+def test_data_of_a_view_of_bytes_is_shared_and_of_a_reused_buffer_copied() -> None:
+    """A view of immutable bytes (the SPDY-over-WebSocket tunnel's big pieces) is shared
+    as bytes are: DATA comes out as views of it; a view of a bytearray is not."""
+    peer = Peer(server(zero_copy=True))
+    wire = peer.enc.syn_stream(1, {"a": "b"}) + data_frame(1, b"z" * 70_000)
+    events = peer.send(memoryview(wire))
+    data = [e.data for e in events if isinstance(e, DataReceived)]
+    assert b"".join(bytes(d) for d in data) == b"z" * 70_000
+    assert all(isinstance(d, memoryview) and d.obj is wire for d in data)
+    peer = Peer(server(zero_copy=True))
+    reused = bytearray(wire)
+    events = peer.send(memoryview(reused))
+    data = [e.data for e in events if isinstance(e, DataReceived)]
+    reused[:] = bytes(len(reused))
+    assert b"".join(bytes(d) for d in data) == b"z" * 70_000
+
+
 # --------------------------------------------------------------------------- local misuse
 
 

@@ -118,6 +118,24 @@ def test_tunnel_hands_payload_on_before_the_frame_completes():
     assert tunnel_bytes(server.receive_data(wire[1008:])) == b"b" * 1000
 
 
+def test_tunnel_hands_big_unmasked_payload_on_as_views_of_received_bytes():
+    """crishim port-forward's SPDY-over-WebSocket downloads: a big piece of a server's
+    (unmasked) frame that arrived in one `bytes` read is handed on as a view of it, not
+    copied in blocks; small pieces are joined; from a buffer the caller reuses, copies."""
+    client = ByteStreamTunnel(client=True)
+    payload = os.urandom(300_000)
+    wire = frame(BINARY, b"head", masked=False) + frame(BINARY, payload, masked=False)
+    events = client.receive_data(wire)
+    assert tunnel_bytes(events) == b"head" + payload
+    views = [e.data for e in events if isinstance(e.data, memoryview)]
+    assert len(views) == 1 and views[0].obj is wire and bytes(views[0]) == payload
+    reused = bytearray(wire)
+    events = ByteStreamTunnel(client=True).receive_data(memoryview(reused))
+    reused[:] = bytes(len(reused))
+    assert tunnel_bytes(events) == b"head" + payload
+    assert all(type(e.data) is bytes for e in events)
+
+
 # --------------------------------------------------------------------------- lengths
 
 

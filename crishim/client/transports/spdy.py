@@ -126,7 +126,7 @@ class SpdyClientSession(ClientSession):
             return
         self._receive_spdy(data)
 
-    def _receive_spdy(self, data: bytes) -> None:
+    def _receive_spdy(self, data: bytes | memoryview) -> None:
         streams = self.streams
         for event in self.codec.receive_data(data):
             match event:

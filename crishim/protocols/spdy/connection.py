@@ -505,7 +505,10 @@ class SpdyConnection:
         view = memoryview(data)
         if view.ndim != 1 or view.itemsize != 1:
             view = view.cast("B")
-        self._share_input = self.config.zero_copy and (lent or type(data) is bytes)
+        # bytes, or a view of bytes, cannot change under a DATA view handed out
+        self._share_input = self.config.zero_copy and (
+            lent or type(data) is bytes
+            or (type(data) is memoryview and type(data.obj) is bytes))
         try:
             try:
                 offset = 0

@@ -52,9 +52,10 @@ class PingReceived(Event):
 
 @dataclass(frozen=True, slots=True)
 class TunnelData(Event):
-    """The next piece of the tunnelled byte stream."""
+    """The next piece of the tunnelled byte stream: bytes, or a view into received bytes
+    (immutable, so as safe to keep)."""
 
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True)

@@ -242,7 +242,17 @@ class WebSocketFraming:
         group: _Buffers = []
         size = 0
         for piece in acc:
-            if len(piece) > _MAX_JOIN:  # unmasked: a view of the received block
+            if len(piece) >= _VIEW_MIN and type(piece) is memoryview and \
+                    type(piece.obj) is bytes:
+                # unmasked, a view into received bytes, which nobody changes: handed on
+                # as it is (the SPDY codec shares such input as it shares bytes)
+                if group:
+                    events.append(TunnelData(b"".join(group)))
+                    group = []
+                    size = 0
+                events.append(TunnelData(piece))
+                continue
+            if len(piece) > _MAX_JOIN:  # unmasked: a view of a buffer its owner reuses
                 if group:
                     events.append(TunnelData(b"".join(group)))
                     group = []
