@@ -242,10 +242,11 @@ class WebSocketFraming:
         group: _Buffers = []
         size = 0
         for piece in acc:
-            if len(piece) >= _VIEW_MIN and type(piece) is memoryview and \
-                    type(piece.obj) is bytes:
-                # unmasked, a view into received bytes, which nobody changes: handed on
-                # as it is (the SPDY codec shares such input as it shares bytes)
+            if len(piece) >= _VIEW_MIN and (type(piece) is bytes or (
+                    type(piece) is memoryview and type(piece.obj) is bytes)):
+                # unmasked into bytes of its own, or a view into received bytes: nobody
+                # changes either, so it is handed on as it is (the SPDY codec shares such
+                # input as it shares bytes)
                 if group:
                     events.append(TunnelData(b"".join(group)))
                     group = []
