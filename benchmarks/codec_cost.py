@@ -35,6 +35,7 @@ from crishim.protocols.h2 import H2Codec, LiteralHeaderEncoder
 from crishim.protocols.spdy.connection import SpdyConfig, SpdyConnection
 from crishim.protocols.spdy.events import DataReceived as SpdyData
 from crishim.protocols.websocket import ByteStreamTunnel
+from crishim.stream.portforward_spdy import SEND_FRAME
 
 STEPS = ("client opens", "server decodes", "server answers", "client decodes")
 PATH = "/portforward/0123456789abcdef0123456789abcdef"
@@ -138,7 +139,7 @@ def _spdy_bulk(upload: bool, tunnel: bool, mib: int) -> tuple[Decode, bytes]:
     """A receiver's decode and the wire of `mib` MiB on one stream (serve's and the
     client's SPDY configurations; over WebSocket, masked from the client)."""
     client = SpdyConnection(SpdyConfig(client=True, zero_copy=True, max_send_frame=256 << 10))
-    server = SpdyConnection(SpdyConfig(zero_copy=True, max_send_frame=256 << 10))
+    server = SpdyConnection(SpdyConfig(zero_copy=True, max_send_frame=SEND_FRAME))
     server.receive_data(_wire(client))
     client.receive_data(_wire(server))
     sid = client.open_stream({"streamtype": "data"})
