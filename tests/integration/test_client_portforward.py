@@ -18,7 +18,7 @@ import time
 import pytest
 
 import tests.support.podnet as podnet_module
-from tests.support import SANDBOX, peers
+from tests.support import SANDBOX, peers, until
 from tests.support.podnet import (
     ECHO_PORT,
     HTTP_BODY,
@@ -510,14 +510,14 @@ def test_websocket_spare_url_is_asked_for_once_the_first_bytes_came_back(crishim
         assert CountingCri.calls == 1  # nothing came back yet: no spare asked for
         writer.write(b"ping")
         assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
-        assert await until_async(lambda: CountingCri.calls == 2)  # the reply: now
+        await until(lambda: CountingCri.calls == 2)  # the reply: now
         session.close()
         # a connection that never hears back gets its spare after the delay
         monkeypatch.setattr(portforward, "SPARE_FETCH_DELAY", 0.2)
         quiet = await opener("websocket", [ECHO_PORT], 0)  # takes the spare
         await quiet.open_stream(ECHO_PORT)
         assert CountingCri.calls == 2
-        assert await until_async(lambda: CountingCri.calls == 3)
+        await until(lambda: CountingCri.calls == 3)
         # a connection that comes before its spare was asked for asks at once, and works
         monkeypatch.setattr(portforward, "SPARE_FETCH_DELAY", 60.0)
         first = await opener("websocket", [ECHO_PORT], 0)  # takes the third URL
@@ -529,14 +529,6 @@ def test_websocket_spare_url_is_asked_for_once_the_first_bytes_came_back(crishim
         for s in (quiet, first, second):
             s.close()
         cri.close()
-
-    async def until_async(predicate, timeout: float = 10.0) -> bool:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while not predicate():
-            if asyncio.get_running_loop().time() > deadline:
-                return False
-            await asyncio.sleep(0.01)
-        return True
 
     asyncio.run(main())
 
