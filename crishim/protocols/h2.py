@@ -489,9 +489,9 @@ class H2Codec(h2.connection.H2Connection):
         super().__init__(config=config)
         self.decoder = LiteralHeaderDecoder()
         self.decoder.max_header_list_size = self.DEFAULT_MAX_HEADER_LIST_SIZE
-        self._frames = ViewFrameBuffer(server=not self.config.client_side)
-        self._frames.can_split = self._accepts_data
-        self.incoming_buffer = self._frames
+        self.incoming_buffer: ViewFrameBuffer = ViewFrameBuffer(
+            server=not self.config.client_side)
+        self.incoming_buffer.can_split = self._accepts_data
         self._frame_dispatch_table[ViewDataFrame] = self._receive_data_frame
         self._output: list[bytes | memoryview] = []
         # called with each frame that opens a stream or costs work or an answer without
@@ -627,7 +627,7 @@ class H2Codec(h2.connection.H2Connection):
         events are acted on: DATA payloads in the events are views of it (act on them, or
         copy them, before returning to the owner), and what is left of a frame that goes
         on in the next read is copied here."""
-        buffer = self._frames
+        buffer = self.incoming_buffer
         buffer.lent = lent
         try:
             return super().receive_data(data)

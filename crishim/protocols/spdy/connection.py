@@ -25,6 +25,7 @@ import zlib
 from dataclasses import dataclass
 from typing import NoReturn
 
+from ..buffers import immutable
 from .compression import HeaderDecoder, HeaderEncoder, unpack_header_block
 from .constants import (
     CANCEL,
@@ -505,10 +506,7 @@ class SpdyConnection:
         view = memoryview(data)
         if view.ndim != 1 or view.itemsize != 1:
             view = view.cast("B")
-        # bytes, or a view of bytes, cannot change under a DATA view handed out
-        self._share_input = self.config.zero_copy and (
-            lent or type(data) is bytes
-            or (type(data) is memoryview and type(data.obj) is bytes))
+        self._share_input = self.config.zero_copy and (lent or immutable(data))
         try:
             try:
                 offset = 0

@@ -17,6 +17,7 @@ import os
 import struct
 from collections.abc import Callable
 
+from ..buffers import immutable
 from .events import (
     CLOSE_ABNORMAL,
     CLOSE_INVALID_PAYLOAD,
@@ -242,24 +243,20 @@ class WebSocketFraming:
         group: _Buffers = []
         size = 0
         for piece in acc:
-            if len(piece) >= _VIEW_MIN and (type(piece) is bytes or (
-                    type(piece) is memoryview and type(piece.obj) is bytes)):
-                # unmasked into bytes of its own, or a view into received bytes: nobody
-                # changes either, so it is handed on as it is (the SPDY codec shares such
-                # input as it shares bytes)
+            # unmasked into bytes of its own, or a view into received bytes: nobody
+            # changes either, so a big one is handed on as it is (the SPDY codec shares
+            # such input as it shares bytes); a view of a buffer its owner reuses is copied
+            whole = piece if len(piece) >= _VIEW_MIN and immutable(piece) else None
+            if whole is not None or len(piece) > _MAX_JOIN:
                 if group:
                     events.append(TunnelData(b"".join(group)))
                     group = []
                     size = 0
-                events.append(TunnelData(piece))
-                continue
-            if len(piece) > _MAX_JOIN:  # unmasked: a view of a buffer its owner reuses
-                if group:
-                    events.append(TunnelData(b"".join(group)))
-                    group = []
-                    size = 0
-                for start in range(0, len(piece), _MAX_JOIN):
-                    events.append(TunnelData(bytes(piece[start:start + _MAX_JOIN])))
+                if whole is not None:
+                    events.append(TunnelData(whole))
+                else:
+                    for start in range(0, len(piece), _MAX_JOIN):
+                        events.append(TunnelData(bytes(piece[start:start + _MAX_JOIN])))
                 continue
             if size and size + len(piece) > _MAX_JOIN:
                 events.append(TunnelData(b"".join(group)))
@@ -360,7 +357,7 @@ class WebSocketFraming:
         chunk: bytes | bytearray | memoryview
         if key:
             chunk = _masked(piece, key)
-        elif type(piece.obj) is bytes and len(piece) >= _VIEW_MIN:
+        elif immutable(piece) and len(piece) >= _VIEW_MIN:
             chunk = piece  # a view into received bytes, which nobody changes: no copy
         else:
             # a view into a buffer the caller reuses, or a small piece that would keep a
@@ -552,9 +549,5 @@ def _masked_pieces(buffers: _Buffers, key: bytes) -> list[bytes | bytearray]:
 
 def _stable(data: bytes | bytearray | memoryview) -> bytes | memoryview:
     """``data`` itself if nobody can change it before it is written, else a copy."""
-    if type(data) is bytes:
-        return data
-    if type(data) is memoryview and type(data.obj) is bytes:
-        return data
-    return bytes(data)
+    return data if immutable(data) else bytes(data)
 
