@@ -90,9 +90,10 @@ class ForwardContext:
     def out_of_descriptors(self) -> bool:
         return self.live_connections + self.live_sessions >= self.fd_budget
 
-    def refusal(self, session: SessionBase) -> str | None:
-        """Why session may not open another forwarded connection now, or None."""
-        if len(session.connections) >= self.max_per_session:
+    def refusal(self, session: SessionBase, counted: bool = False) -> str | None:
+        """Why session may not open another forwarded connection now, or None (`counted`:
+        the connection is among the session's already, a pair opened ahead)."""
+        if len(session.connections) - counted >= self.max_per_session:
             return (f"too many forwarded connections in this session "
                     f"({self.max_per_session}, max_connections_per_session)")
         if self.live_connections >= self.max_connections:
@@ -157,12 +158,21 @@ class ForwardedConnection:
         self.bytes_down = 0  # pod -> client
         self.reason = ""
         self.admitted = False
+        # dial: on-data (docs/protocol.md 8.5): a pair opened ahead of its connection;
+        # admitted, counted and dialled when the client's first data or end comes
+        self.on_data = False
+        self._counted = False
 
     # --- life cycle ---------------------------------------------------------------------
     def start(self) -> None:
         self.admitted = True
         self.ctx.live_connections += 1
         self._task = asyncio.get_running_loop().create_task(self._dial())
+
+    def _go(self) -> None:
+        """The client's first data (or end) on a pair opened ahead: now it is a connection."""
+        self.on_data = False
+        self.session.admit_connection(self, armed=True)
 
     def refuse(self, reason: str) -> None:
         """Never dialled: a limit was reached. Ends only this connection."""
@@ -270,6 +280,12 @@ class ForwardedConnection:
         if abort:
             self.channel.abort()
         self._close_error_stream(error)
+        if not self._counted:  # a pair opened ahead that never carried a connection
+            log.debug("forward sandbox=%s port=%d transport=%s: a pair opened ahead ended "
+                      "unused: %s", self.sandbox.id, self.port, self.transport_name,
+                      self.reason or "closed")
+            self.session.connection_finished(self)
+            return
         if log.isEnabledFor(level):  # the one line per forwarded connection
             reason = self.reason or "closed"
             log.log(level, "forward sandbox=%s port=%d transport=%s ended: up=%d down=%d "
@@ -298,6 +314,8 @@ class ForwardedConnection:
 
     # --- from the client (transport) -----------------------------------------------------
     def client_data(self, data: bytes | memoryview) -> None:
+        if self.on_data:
+            self._go()
         if self._done or not data:
             return
         self.bytes_up += len(data)
@@ -342,6 +360,8 @@ class ForwardedConnection:
 
     def client_eof(self) -> None:
         """The client half-closed the data stream: shut down writing towards the pod."""
+        if self.on_data:
+            self._go()
         if self._done or self._client_eof:
             return
         self.flush_batch()
@@ -448,18 +468,32 @@ class SessionBase:
         self.transport: asyncio.Transport | None = None
         self.last_activity = time.monotonic()
 
-    def open_connection(self, port: int, channel: Channel) -> ForwardedConnection:
+    def open_connection(self, port: int, channel: Channel, on_data: bool = False
+                        ) -> ForwardedConnection:
+        """A forwarded connection, dialled now, or (`on_data`, a pair opened ahead) when
+        the client's first data or end comes: admitted and counted then, and until then
+        holding no pod socket, only its place among the session's connections."""
         conn = ForwardedConnection(self.ctx, self, self.sandbox, port, channel,
                                    self.transport_name)
-        refusal = self.ctx.refusal(self)
+        if on_data and self.ctx.refusal(self) is None:
+            self.connections.add(conn)
+            conn.on_data = True
+            return conn
+        self.admit_connection(conn)
+        return conn
+
+    def admit_connection(self, conn: ForwardedConnection, armed: bool = False) -> None:
+        """Count conn and dial it, or refuse it where a limit is reached (`armed`: it has
+        its place in the session already)."""
+        refusal = self.ctx.refusal(self, counted=armed)
         self.connections.add(conn)
+        conn._counted = True
         if self.ctx.metrics is not None:
             self.ctx.metrics.connection_started(self.transport_name)
         if refusal is None:
             conn.start()
         else:
             conn.refuse(refusal)
-        return conn
 
     def open_flow(self, port: int, channel: Channel) -> ForwardedFlow:
         """A UDP flow for a pair with protocol udp (only on a session whose version allows
@@ -475,11 +509,12 @@ class SessionBase:
             flow.refuse(refusal)
         return flow
 
-    def open_forward(self, port: int, channel: Channel, protocol: str = TCP
-                     ) -> ForwardedConnection | ForwardedFlow:
-        """The connection (tcp) or flow (udp) a complete stream pair asks for."""
+    def open_forward(self, port: int, channel: Channel, protocol: str = TCP,
+                     on_data: bool = False) -> ForwardedConnection | ForwardedFlow:
+        """The connection (tcp) or flow (udp) a complete stream pair asks for; `on_data`:
+        the pair asked for dial: on-data (tcp only)."""
         if protocol == TCP:
-            return self.open_connection(port, channel)
+            return self.open_connection(port, channel, on_data)
         return self.open_flow(port, channel)
 
     def hold_output(self) -> None:

@@ -4,8 +4,10 @@ kept here once instead of copied into each side."""
 from __future__ import annotations
 
 __all__ = [
+    "DIAL_ON_DATA",
     "H2_CONNECTION_WINDOW",
     "H2_STREAM_WINDOW",
+    "HEADER_DIAL",
     "HEADER_PORT",
     "HEADER_PROTOCOL",
     "HEADER_REQUEST_ID",
@@ -32,6 +34,11 @@ STREAM_TYPE_DATA = "data"
 STREAM_TYPE_ERROR = "error"
 # portforward.crishim.dev/v1 only: "tcp" (the default when absent) or "udp", on both streams
 HEADER_PROTOCOL = "protocol"
+# portforward.crishim.dev/v1 only, on a TCP pair's data stream: the server dials the pod
+# when the stream's first DATA frame (an empty one too) or its end comes, not at once,
+# and says so with the same header in its reply to the data stream (docs/protocol.md 8.5)
+HEADER_DIAL = "dial"
+DIAL_ON_DATA = "on-data"
 
 # HTTP/2 receive windows both ends advertise.
 H2_STREAM_WINDOW = 16 * 1024 * 1024  # per stream: a fast link is not throttled

@@ -24,6 +24,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 from crishim.protocols.constants import (
+    DIAL_ON_DATA,
+    HEADER_DIAL,
     HEADER_PROTOCOL,
     PORTFORWARD_CRISHIM_V1,
     PORTFORWARD_PROTOCOL,
@@ -93,3 +95,16 @@ def stream_protocol(headers: Mapping[str, str], version: str | None) -> str:
                 f"negotiated {version or PORTFORWARD_PROTOCOL}")
         return UDP
     raise StreamProtocolRefused(f"unknown protocol {value!r}: expected tcp or udp")
+
+
+def dials_on_data(headers: Mapping[str, str], version: str | None) -> bool:
+    """Whether a stream asks to be dialled on its first data (``dial: on-data``), which
+    only portforward.crishim.dev/v1 carries: under portforward.k8s.io the header means
+    nothing and is ignored, as any unknown header is. StreamProtocolRefused for another
+    value."""
+    value = headers.get(HEADER_DIAL)
+    if value is None or version != PORTFORWARD_CRISHIM_V1:
+        return False
+    if value != DIAL_ON_DATA:
+        raise StreamProtocolRefused(f"unknown dial {value!r}: expected {DIAL_ON_DATA}")
+    return True

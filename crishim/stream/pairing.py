@@ -16,14 +16,20 @@ from crishim.protocols.constants import (
     STREAM_TYPE_DATA,
     STREAM_TYPE_ERROR,
 )
-from crishim.protocols.negotiation import TCP, StreamProtocolRefused, stream_protocol
+from crishim.protocols.negotiation import (
+    TCP,
+    StreamProtocolRefused,
+    dials_on_data,
+    stream_protocol,
+)
 from crishim.stream.admission import Refused
 
 
 class PendingPair:
     """A forwarded connection's error and data streams while they gather."""
 
-    __slots__ = ("request_id", "port", "protocol", "data_id", "error_id", "timer", "held")
+    __slots__ = ("request_id", "port", "protocol", "data_id", "error_id", "timer", "held",
+                 "on_data")
 
     def __init__(self, request_id: str, port: int, protocol: str = TCP) -> None:
         self.request_id = request_id
@@ -33,6 +39,7 @@ class PendingPair:
         self.error_id = 0
         self.timer: asyncio.TimerHandle | None = None
         self.held: list[Any] = []  # what a transport keeps for the data stream until complete
+        self.on_data = False  # its data stream asked for dial: on-data (a TCP pair only)
 
     @property
     def complete(self) -> bool:
@@ -64,6 +71,7 @@ class StreamPairs:
             raise Refused(400, str(e)) from None
         try:
             protocol = stream_protocol(headers, version)
+            on_data = dials_on_data(headers, version)
         except StreamProtocolRefused as e:
             raise Refused(400, str(e)) from None
         request_id = headers.get(HEADER_REQUEST_ID)
@@ -87,6 +95,8 @@ class StreamPairs:
             pair.timer = asyncio.get_running_loop().call_later(
                 self.timeout, self._timed_out, pair)
         setattr(pair, slot, stream_id)
+        if stream_type == STREAM_TYPE_DATA:
+            pair.on_data = on_data and protocol == TCP
         self.by_stream[stream_id] = pair
         if pair.complete:
             self.forget(pair)

@@ -81,7 +81,7 @@ from hyperframe.frame import Frame, GoAwayFrame, RstStreamFrame
 
 from crishim.forward import ForwardedConnection
 from crishim.forward_udp import ForwardedFlow
-from crishim.protocols.constants import PORTFORWARD_PROTOCOL
+from crishim.protocols.constants import DIAL_ON_DATA, HEADER_DIAL, PORTFORWARD_PROTOCOL
 from crishim.protocols.h2 import H2Codec, LiteralHeaderEncoder, Outbound, Overloaded
 from crishim.protocols.negotiation import VERSION_HEADER, choose_version, server_versions
 from crishim.runtime import Sandbox
@@ -501,15 +501,17 @@ class H2PortForwardSession(ServerSession):
         self._choose_version(headers)
         pair = self._pairs.add(sid, headers, live=self._live_requests,
                                version=self.stream_version)
+        response = [(":status", "200"), (VERSION_HEADER, self.stream_version)]
+        if pair.on_data and sid == pair.data_id:
+            response.append((HEADER_DIAL, DIAL_ON_DATA))
         try:
-            self.codec.send_headers(sid, [(":status", "200"),
-                                          (VERSION_HEADER, self.stream_version)])
+            self.codec.send_headers(sid, response)
         except h2.exceptions.ProtocolError:
             pass  # the client already reset it: its StreamReset event cleans up
         if not pair.complete:
             return
         channel = _H2Channel(self, pair.data_id, pair.error_id, pair.request_id)
-        conn = self.open_forward(pair.port, channel, pair.protocol)
+        conn = self.open_forward(pair.port, channel, pair.protocol, pair.on_data)
         channel.conn = conn
         if conn.done:
             return
@@ -561,8 +563,7 @@ class H2PortForwardSession(ServerSession):
                 return
             self._ack(sid, ev.flow_controlled_length)  # error stream or ended: discard
             return
-        if ev.data:
-            conn.client_data(ev.data)
+        conn.client_data(ev.data)  # an empty frame dials a pair opened ahead
         acks = self._read_acks
         if acks is not None:
             acks[sid] = acks.get(sid, 0) + ev.flow_controlled_length

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from crishim.forward import ForwardContext, ForwardedConnection
 from crishim.forward_udp import ForwardedFlow
 from crishim.protocols import spdy
-from crishim.protocols.constants import PORTFORWARD_PROTOCOL
+from crishim.protocols.constants import DIAL_ON_DATA, HEADER_DIAL, PORTFORWARD_PROTOCOL
 from crishim.protocols.negotiation import choose_version, server_versions
 from crishim.runtime import Sandbox
 from crishim.stream.admission import Refused
@@ -160,8 +160,7 @@ class SpdyPortForwardSession(ServerSession):
             case spdy.DataReceived():  # the hot one: tested first, handled inline
                 conn = self._by_stream.get(event.stream_id)
                 if conn is not None:
-                    if event.data:
-                        conn.client_data(event.data)
+                    conn.client_data(event.data)  # an empty frame dials a pair opened ahead
                     if event.fin:
                         conn.client_eof()
                 # data on an error stream or a half-paired stream is ignored: clients
@@ -193,10 +192,11 @@ class SpdyPortForwardSession(ServerSession):
                                 ev.stream_id, e, logger=log)
             self.codec.reset_stream(ev.stream_id, spdy.PROTOCOL_ERROR)
             return self.charge_control("a refused stream")
-        self.codec.reply(ev.stream_id, {})
+        on_data = pair.on_data and ev.stream_id == pair.data_id
+        self.codec.reply(ev.stream_id, {HEADER_DIAL: DIAL_ON_DATA} if on_data else {})
         if pair.complete:
             channel = _SpdyChannel(self, pair.data_id, pair.error_id)
-            conn = self.open_forward(pair.port, channel, pair.protocol)
+            conn = self.open_forward(pair.port, channel, pair.protocol, pair.on_data)
             if not conn.done:
                 self._by_stream[pair.data_id] = conn
         return True

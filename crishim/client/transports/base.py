@@ -24,6 +24,9 @@ USER_AGENT = "crishim-port-forward"
 ERROR_STREAM_WAIT = 2.0
 SESSION_WRITE_HIGH_WATER = 1024 * 1024
 MAX_HEAD = 64 * 1024
+# A port's next pair is opened ahead (dial: on-data) once the connection before it has its
+# first bytes back or has ended, or this long after it opened (seconds).
+OPEN_AHEAD_DELAY = 0.1
 
 Buffer = bytes | bytearray | memoryview
 
@@ -97,6 +100,9 @@ class ForwardStream(asyncio.Transport):
         self.first_byte_at: float | None = None
         self.error_text = ""
         self.failure = ""
+        # opened ahead of its connection (dial: on-data); `ahead` until a connection takes it
+        self.opened_ahead = self.ahead = False
+        self.opens_next = False  # its first reply opens its port's next pair ahead
         self._eof_sent = False
         self._remote_done = False
         self._reset = False
@@ -203,7 +209,7 @@ class ForwardStream(asyncio.Transport):
             return
         if self.first_byte_at is None:
             self.first_byte_at = time.perf_counter()
-            self.session.reply_came()
+            self.session.reply_came(self)
         self.bytes_down += len(data)
         # zero copy: a view into the received frame; asyncio's protocols take bytes-likes
         protocol.data_received(data)  # type: ignore[arg-type]
@@ -265,7 +271,7 @@ class ForwardStream(asyncio.Transport):
         elif self.failure and not self._closing:
             exc = ForwardError(self.failure)
         self.session._stream_done(self)
-        self.session.reply_came()
+        self.session.reply_came(self)
         if not self.done.done():
             self.done.set_result(exc)
         if self.protocol is not None:
@@ -279,11 +285,22 @@ class ClientSession:
     """What every transport's client session shares: streams, back-pressure, closing.
 
     A transport subclasses it with `_new_stream`, `_send`, `_send_eof`, `_reset_stream`,
-    `_goodbye`, `_flush` and `receive` (the session transport's bytes)."""
+    `_goodbye`, `_flush` and `receive` (the session transport's bytes).
+
+    Pairs opened ahead (transports with stream headers, to a server that negotiated
+    portforward.crishim.dev/v1; docs/protocol.md 8.5): once a TCP connection to a port has
+    its first bytes back (or has ended, or OPEN_AHEAD_DELAY after it opened), the session
+    opens that port's next stream pair with `dial: on-data`; the server answers it and
+    dials nothing. The port's next connection takes it: its first DATA frame (an empty
+    one if the local side sent nothing yet) has the server dial, so a new connection costs
+    one frame each way rather than a pair's opening and answer on its first byte's way.
+    A server whose reply lacks the acknowledgement dialled at once: the pair is reset and
+    the session opens no more ahead."""
 
     transport_name = "?"
     has_error_stream = True
     error_text_is_fatal = True
+    opens_ahead = False  # the transport's streams carry headers (SPDY, HTTP/2)
 
     def __init__(self) -> None:
         loop = asyncio.get_running_loop()
@@ -301,6 +318,9 @@ class ClientSession:
         self._pings: dict[object, tuple[float, asyncio.Future[float]]] = {}  # by ping key
         # the stream protocol version the server picked (None: HTTP/2 before it answered)
         self.stream_version: str | None = PORTFORWARD_PROTOCOL
+        self.open_ahead = self.opens_ahead  # off once a server did not acknowledge
+        self._ahead: dict[int, ForwardStream] = {}  # by port: a pair opened ahead, unused
+        self._opening_ahead: dict[int, asyncio.TimerHandle] = {}  # by port: due to open
 
     # --- public -------------------------------------------------------------------------
     @property
@@ -334,12 +354,22 @@ class ClientSession:
                 raise UdpNotSupported(self.stream_version, self.transport_name)
         elif ip_protocol != TCP:
             raise ValueError(f"ip_protocol {ip_protocol!r}: expected tcp or udp")
-        stream = self._new_stream(port, ip_protocol)
+        stream = self._ahead.pop(port, None) if ip_protocol == TCP else None
+        if stream is None:
+            stream = self._new_stream(port, ip_protocol)
         protocol = protocol_factory()
         stream.protocol = protocol
         protocol.connection_made(stream)
+        if stream.ahead:
+            stream.ahead = False
+            if stream._write_blocks:  # blocked while it had no protocol to tell
+                protocol.pause_writing()
+            if not (stream.bytes_up or stream._eof_sent or stream.is_closing()):
+                self._send_go(stream)  # nothing to send yet: an empty DATA frame dials
         if self.writing_paused:
             stream._block_writing("session")
+        if ip_protocol == TCP:
+            self._open_ahead_after(stream)
         self._flush()
         return stream, protocol
 
@@ -382,7 +412,9 @@ class ClientSession:
         if entry is not None and not entry[1].done():
             entry[1].set_result(time.perf_counter() - entry[0])
 
-    def _new_stream(self, port: int, ip_protocol: str = TCP) -> ForwardStream:
+    def _new_stream(self, port: int, ip_protocol: str = TCP, on_data: bool = False
+                    ) -> ForwardStream:
+        """Open a connection's streams (`on_data`: with dial: on-data, ahead of it)."""
         raise NotImplementedError
 
     def _send(self, stream: ForwardStream, data: Buffer) -> None:
@@ -405,6 +437,8 @@ class ClientSession:
 
     def _stream_done(self, stream: ForwardStream) -> None:
         self.streams.pop(stream.key, None)
+        if stream.ahead and self._ahead.get(stream.port) is stream:
+            del self._ahead[stream.port]  # ended unused (the session ends, a limit)
         if stream.error_id is not None:
             self._error_streams.pop(stream.error_id, None)
         self.read_gate.resume(stream, self.transport)
@@ -429,9 +463,59 @@ class ClientSession:
     def _send_ping(self) -> None:
         return None
 
-    def reply_came(self) -> None:
+    def reply_came(self, stream: ForwardStream | None = None) -> None:
+        """A stream's first bytes came back, or it ended."""
         if not self.replied.done():
             self.replied.set_result(None)
+        if stream is not None and stream.opens_next:
+            stream.opens_next = False
+            self._open_ahead(stream.port)
+
+    # --- pairs opened ahead -------------------------------------------------------------
+    def _may_open_ahead(self) -> bool:
+        return (self.open_ahead and self.stream_version == PORTFORWARD_CRISHIM_V1
+                and not self.closed.done())
+
+    def _open_ahead_after(self, stream: ForwardStream) -> None:
+        """After `stream` (a TCP connection) has its first reply: its port's next pair."""
+        port = stream.port
+        if not self._may_open_ahead() or port in self._ahead or port in self._opening_ahead:
+            return
+        stream.opens_next = True
+        self._opening_ahead[port] = self.loop.call_later(OPEN_AHEAD_DELAY, self._open_ahead,
+                                                         port)
+
+    def _open_ahead(self, port: int) -> None:
+        timer = self._opening_ahead.pop(port, None)
+        if timer is None:
+            return  # opened already
+        timer.cancel()
+        if not self._may_open_ahead() or port in self._ahead:
+            return
+        try:
+            stream = self._new_stream(port, TCP, on_data=True)
+        except SessionError:
+            return  # the session is ending: its next connection hears why
+        stream.opened_ahead = stream.ahead = True
+        self._ahead[port] = stream
+        if self.writing_paused:
+            stream._block_writing("session")  # told once a connection takes it
+        self._flush()
+
+    def _answered_ahead(self, stream: ForwardStream, acknowledged: bool) -> None:
+        """The server's reply to a data stream opened ahead: without the acknowledgement it
+        dialled at once (a server before dial: on-data), so an unused pair is reset, not
+        left with a pod connection nobody reads, and no more are opened ahead."""
+        if acknowledged:
+            return
+        self.open_ahead = False
+        if stream.ahead:
+            self._ahead.pop(stream.port, None)
+            stream.abort()
+
+    def _send_go(self, stream: ForwardStream) -> None:
+        """An empty DATA frame on a pair opened ahead: the server dials."""
+        raise NotImplementedError
 
     # --- transport events ---------------------------------------------------------------
     def _lost(self, reason: str) -> None:
@@ -441,6 +525,9 @@ class ClientSession:
         self.reply_came()
         if self._ping_task is not None:
             self._ping_task.cancel()
+        for timer in self._opening_ahead.values():
+            timer.cancel()
+        self._opening_ahead.clear()
         for stream in list(self.streams.values()):
             stream._lost(reason)
 

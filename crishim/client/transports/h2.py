@@ -27,8 +27,10 @@ from crishim.client.transports.base import (
     UpgradeRefused,
 )
 from crishim.protocols.constants import (
+    DIAL_ON_DATA,
     H2_CONNECTION_WINDOW,
     H2_STREAM_WINDOW,
+    HEADER_DIAL,
     HEADER_PORT,
     HEADER_PROTOCOL,
     HEADER_REQUEST_ID,
@@ -46,6 +48,7 @@ QUEUE_HIGH_WATER = 1024 * 1024
 
 class H2ClientSession(ClientSession):
     transport_name = "h2"
+    opens_ahead = True
 
     def __init__(self, authority: str, path: str, scheme: str,
                  versions: Sequence[str] = (PORTFORWARD_PROTOCOL,)) -> None:
@@ -111,7 +114,8 @@ class H2ClientSession(ClientSession):
             except h2.exceptions.ProtocolError:
                 pass  # the server already ended it
 
-    def _new_stream(self, port: int, ip_protocol: str = TCP) -> ForwardStream:
+    def _new_stream(self, port: int, ip_protocol: str = TCP, on_data: bool = False
+                    ) -> ForwardStream:
         codec = self.codec
         request_id = str(self._next_request_id)
         self._next_request_id += 1
@@ -124,6 +128,8 @@ class H2ClientSession(ClientSession):
             codec.send_headers(error_id, self.base_headers + extra, end_stream=True)
             data_id = codec.get_next_available_stream_id()
             extra[0] = (HEADER_STREAM_TYPE, STREAM_TYPE_DATA)
+            if on_data:
+                extra.append((HEADER_DIAL, DIAL_ON_DATA))
             codec.send_headers(data_id, self.base_headers + extra)
         except h2.exceptions.ProtocolError as e:
             raise SessionClosed(f"cannot open an HTTP/2 stream: {e}") from None
@@ -143,6 +149,13 @@ class H2ClientSession(ClientSession):
         q = self._queue(stream)
         q.append(data if not isinstance(data, bytearray) else bytes(data))
         self._drain(stream.key, q)
+        self._flush()
+
+    def _send_go(self, stream: ForwardStream) -> None:
+        try:
+            self.codec.send_data(stream.key, b"")  # no window needed
+        except h2.exceptions.ProtocolError:
+            pass  # reset meanwhile: its StreamReset event ends it
         self._flush()
 
     def _send_eof(self, stream: ForwardStream) -> None:
@@ -236,6 +249,9 @@ class H2ClientSession(ClientSession):
                     if status == "200":
                         if stream is not None and ev.stream_id == stream.key:
                             stream._accepted()
+                            if stream.opened_ahead:
+                                self._answered_ahead(stream, _response_header(
+                                    ev.headers, HEADER_DIAL) == DIAL_ON_DATA)
                     else:
                         self._refusal[ev.stream_id] = f"HTTP {status}: "
                 case h2.events.StreamEnded():

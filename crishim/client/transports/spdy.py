@@ -18,6 +18,8 @@ from crishim.client.transports.base import (
 from crishim.protocols import spdy
 from crishim.protocols import websocket as ws
 from crishim.protocols.constants import (
+    DIAL_ON_DATA,
+    HEADER_DIAL,
     HEADER_PORT,
     HEADER_PROTOCOL,
     HEADER_REQUEST_ID,
@@ -35,6 +37,7 @@ class SpdyClientSession(ClientSession):
     wait for SYN_REPLY (client-go waits; the server does not care)."""
 
     transport_name = "spdy"
+    opens_ahead = True
 
     def __init__(self, tunnel: ws.ByteStreamTunnel | None = None) -> None:
         super().__init__()
@@ -46,7 +49,8 @@ class SpdyClientSession(ClientSession):
         self._next_request_id = 0
         self.goaway = False
 
-    def _new_stream(self, port: int, ip_protocol: str = TCP) -> ForwardStream:
+    def _new_stream(self, port: int, ip_protocol: str = TCP, on_data: bool = False
+                    ) -> ForwardStream:
         if self.goaway:
             raise SessionClosed("the server sent GOAWAY: no new connections on this session")
         request_id = str(self._next_request_id)
@@ -59,6 +63,8 @@ class SpdyClientSession(ClientSession):
             error_id = self.codec.open_stream(headers)
             self.codec.end_stream(error_id)
             headers[HEADER_STREAM_TYPE] = STREAM_TYPE_DATA
+            if on_data:
+                headers[HEADER_DIAL] = DIAL_ON_DATA
             data_id = self.codec.open_stream(headers)
         except spdy.SessionClosedError as e:
             raise SessionClosed(str(e)) from None
@@ -74,6 +80,9 @@ class SpdyClientSession(ClientSession):
         except spdy.StreamClosedError:
             return
         self._flush()
+
+    def _send_go(self, stream: ForwardStream) -> None:
+        self._send(stream, b"")
 
     def _send_eof(self, stream: ForwardStream) -> None:
         try:
@@ -148,6 +157,9 @@ class SpdyClientSession(ClientSession):
                     stream = streams.get(event.stream_id)
                     if stream is not None:
                         stream._accepted()
+                        if stream.opened_ahead:
+                            self._answered_ahead(
+                                stream, event.headers.get(HEADER_DIAL) == DIAL_ON_DATA)
                 case spdy.StreamReset() | spdy.StreamError():
                     stream = streams.get(event.stream_id)
                     if stream is not None:

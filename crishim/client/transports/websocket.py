@@ -52,7 +52,8 @@ class ChannelClientSession(ClientSession):
                 return index
         return None
 
-    def _new_stream(self, port: int, ip_protocol: str = TCP) -> ForwardStream:
+    def _new_stream(self, port: int, ip_protocol: str = TCP, on_data: bool = False
+                    ) -> ForwardStream:
         index = self._free_index(port)
         if index is None:
             raise SessionClosed(f"port {port} is not (or no longer) available on this "
