@@ -24,9 +24,11 @@ USER_AGENT = "crishim-port-forward"
 ERROR_STREAM_WAIT = 2.0
 SESSION_WRITE_HIGH_WATER = 1024 * 1024
 MAX_HEAD = 64 * 1024
-# A port's next pair is opened ahead (dial: on-data) once the connection before it has its
-# first bytes back or has ended, or this long after it opened (seconds).
+# A port's next pair is opened ahead (dial: on-data) OPEN_AHEAD_AFTER_REPLY after the
+# connection before it has its first bytes back or has ended, or OPEN_AHEAD_DELAY after it
+# opened, whichever is first (seconds).
 OPEN_AHEAD_DELAY = 0.1
+OPEN_AHEAD_AFTER_REPLY = 0.001
 
 Buffer = bytes | bytearray | memoryview
 
@@ -469,7 +471,13 @@ class ClientSession:
             self.replied.set_result(None)
         if stream is not None and stream.opens_next:
             stream.opens_next = False
-            self._open_ahead(stream.port)
+            # not at once: the local client woken by these bytes shares the CPU (a wake-up
+            # lands the woken on the waker's core) and would wait for the opening
+            timer = self._opening_ahead.get(stream.port)
+            if timer is not None:
+                timer.cancel()
+                self._opening_ahead[stream.port] = self.loop.call_later(
+                    OPEN_AHEAD_AFTER_REPLY, self._open_ahead, stream.port)
 
     # --- pairs opened ahead -------------------------------------------------------------
     def _may_open_ahead(self) -> bool:
