@@ -54,6 +54,7 @@ class Forward:
     reset_status: int | None = None
     error_reset_status: int | None = None
     replied: set[int] = field(default_factory=set)
+    reply_headers: dict[int, dict[str, str]] = field(default_factory=dict)
 
     @property
     def error_text(self) -> str:
@@ -169,6 +170,7 @@ class SpdyPortForwardClient:
                 entry = self._by_sid.get(ev.stream_id)
                 if entry is not None:
                     entry[0].replied.add(ev.stream_id)
+                    entry[0].reply_headers[ev.stream_id] = dict(ev.headers)
                     if ev.fin:
                         if entry[1] == "data":
                             entry[0].data_fin = True

@@ -7,7 +7,9 @@ import h11
 import pytest
 
 from crishim.client.transports import ForwardError, open_session
+from crishim.protocols import spdy
 from crishim.protocols import websocket as ws
+from tests.support import until
 
 
 async def _scripted_channel_server(script) -> tuple[asyncio.AbstractServer, int]:
@@ -59,5 +61,54 @@ def test_channel_data_before_the_port_is_opened_is_delivered():
                                          "websocket", [7000])
             reader, _ = await session.open_stream(7000)
             assert await asyncio.wait_for(reader.read(), 5) == b"hello early"
+
+    asyncio.run(main())
+
+
+def test_a_server_that_does_not_acknowledge_dial_on_data_gets_no_pairs_opened_ahead():
+    """A server that speaks portforward.crishim.dev/v1 from before dial: on-data dials a pair
+    at once and replies without the acknowledgement: the client resets that pair (no pod
+    connection left that nobody reads) and opens no more ahead."""
+
+    async def main() -> None:
+        events: list[spdy.Event] = []
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                         b"Upgrade: SPDY/3.1\r\n"
+                         b"X-Stream-Protocol-Version: portforward.crishim.dev/v1\r\n\r\n")
+            codec = spdy.SpdyConnection(spdy.SpdyConfig())
+            while data := await reader.read(65536):
+                for ev in codec.receive_data(data):
+                    events.append(ev)
+                    if isinstance(ev, spdy.StreamOpened):
+                        codec.reply(ev.stream_id, {})  # no dial: on-data in the reply
+                        if ev.headers.get("streamtype") == "data":
+                            codec.send_data(ev.stream_id, b"hi")  # dialled at once
+                writer.write(codec.data_to_send())
+            writer.close()
+
+        def opened_ahead() -> list[int]:
+            return [e.stream_id for e in events if isinstance(e, spdy.StreamOpened)
+                    and e.headers.get("dial") == "on-data"]
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            session = await open_session(f"http://127.0.0.1:{port}/portforward/x", "spdy")
+            assert session.stream_version == "portforward.crishim.dev/v1"
+            reader, writer = await session.open_stream(7000)
+            assert await asyncio.wait_for(reader.readexactly(2), 5) == b"hi"
+            await until(lambda: opened_ahead())  # opened ahead after the first bytes
+            sid = opened_ahead()[0]
+            await until(lambda: any(isinstance(e, spdy.StreamReset) and e.stream_id == sid
+                                    for e in events))  # and reset once answered
+            assert not session.open_ahead and not session._ahead
+            reader2, _ = await session.open_stream(7000)  # a pair of its own
+            assert await asyncio.wait_for(reader2.readexactly(2), 5) == b"hi"
+            await asyncio.sleep(0.3)
+            assert len(opened_ahead()) == 1  # and none after it
+            session.close()
 
     asyncio.run(main())

@@ -487,8 +487,9 @@ class ClientSession:
     def _open_ahead_after(self, stream: ForwardStream) -> None:
         """After `stream` (a TCP connection) has its first reply: its port's next pair."""
         port = stream.port
-        if not self._may_open_ahead() or port in self._ahead or port in self._opening_ahead:
-            return
+        if (not self.open_ahead or self.stream_version not in (None, PORTFORWARD_CRISHIM_V1)
+                or port in self._ahead or port in self._opening_ahead):
+            return  # (HTTP/2 learns its version from the first reply: _open_ahead checks)
         stream.opens_next = True
         self._opening_ahead[port] = self.loop.call_later(OPEN_AHEAD_DELAY, self._open_ahead,
                                                          port)

@@ -659,9 +659,10 @@ class SpdyConnection:
             return
         if length:
             self._payload_target = stream
-        elif fin:
-            events.append(DataReceived(stream_id, b"", True))
-            self._close_remote(stream)
+        else:  # an empty frame is an event too: it may end the stream, or dial its pair
+            events.append(DataReceived(stream_id, b"", fin))
+            if fin:
+                self._close_remote(stream)
 
     def _on_bad_version(self, version: int, frame_type: int, payload: memoryview,
                         events: list[Event]) -> None:
