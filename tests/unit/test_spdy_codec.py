@@ -592,10 +592,12 @@ def test_max_data_chunk_slices_one_big_read() -> None:
     assert [(len(e.data), e.fin) for e in events] == [(1000, False), (1000, False), (500, True)]
 
 
-def test_empty_fin_data_frame_gives_an_empty_fin_event() -> None:
+def test_empty_data_frames_give_empty_events() -> None:
+    """An empty frame is an event: with FIN it ends the stream, without it may dial a pair
+    opened ahead (dial: on-data)."""
     peer = Peer(server())
     peer.send(peer.enc.syn_stream(1, {"a": "b"}))
-    assert peer.send(data_frame(1, b"")) == []
+    assert peer.send(data_frame(1, b"")) == [DataReceived(1, b"", False)]
     assert peer.send(data_frame(1, b"", fin=True)) == [DataReceived(1, b"", True)]
 
 
