@@ -17,6 +17,7 @@ from typing import cast
 
 from crishim.client.cri import CriClient, CriError
 from crishim.client.transports import (
+    OPEN_AHEAD_AFTER_REPLY,
     ClientSession,
     ForwardError,
     ForwardStream,
@@ -27,6 +28,7 @@ from crishim.client.transports import (
 )
 from crishim.client.udp import UdpListener
 from crishim.flow import read_buffer
+from crishim.protocols.constants import DIAL_ON_DATA, HEADER_CRISHIM_DIAL
 from crishim.sysutil import LISTEN_BACKLOG, read_now
 
 # (transport, ports, ping_interval) -> a new session to the pod: where the stream comes
@@ -43,76 +45,135 @@ SPARE_FETCH_DELAY = 0.1
 EARLY_READ = 64 * 1024  # read at accept, to go out with the streams' opening frames
 
 
-def cri_opener(cri: CriClient, sandbox: str, insecure: bool = False,
-               ca_file: str | None = None) -> SessionOpener:
-    """Sessions to the stream URL the runtime's CRI PortForward issues for `sandbox`.
+class CriOpener:
+    """Sessions to the stream URL the runtime's CRI PortForward issues for `sandbox` (a
+    SessionOpener; `close()` ends what it holds for later connections).
 
-    The WebSocket channel protocol takes a session, so a CRI call, per connection: the
-    URL for the next connection to the same ports is asked for while this one is used
-    (the call was ~0.8 of a ~1.9 ms first byte), once this one's first bytes have come
-    back (its reply, its end or SPARE_FETCH_DELAY, whichever is first: the call's
-    thread, and crishim serve's answering it, took the GIL from the first byte's way,
-    ~0.2 ms of it). A connection that comes before the spare was asked for asks at once.
-    A spare that is too old, refused by the CRI or no longer redeemable (404) is
-    replaced by a fresh URL."""
-    spares: dict[tuple[int, ...], tuple[float, asyncio.Future[str]]] = {}
-    wanted: dict[tuple[int, ...], asyncio.TimerHandle] = {}  # spares not yet asked for
+    The WebSocket channel protocol takes a session, so a CRI call and an upgrade, per
+    connection. The next connection's to the same ports is prepared while this one is
+    used, once this one's first bytes have come back (OPEN_AHEAD_AFTER_REPLY after its
+    reply, at its end, or SPARE_FETCH_DELAY after it opened, whichever is first: the CRI
+    call's thread, and crishim serve's answering it, took the GIL from the first byte's
+    way). Against a stream server whose 101 says how it dials (Crishim-Dial: crishim
+    serve's), the next session itself is opened ahead with Crishim-Dial: on-data: its
+    ports are dialled at the connection's first message, so the connection costs a
+    frame, not a CRI call, a TCP connect, an upgrade and a session's start; elsewhere
+    the next URL is fetched ahead. A connection that comes before its spare was asked
+    for asks at once; a spare that is too old (a URL), refused by the CRI, no longer
+    redeemable (404) or closed by the server meanwhile is replaced by a fresh one."""
 
-    def fetch(ports: list[int]) -> asyncio.Future[str]:
-        return asyncio.get_running_loop().run_in_executor(None, cri.port_forward, sandbox,
-                                                          ports)
+    def __init__(self, cri: CriClient, sandbox: str, insecure: bool = False,
+                 ca_file: str | None = None) -> None:
+        self.cri = cri
+        self.sandbox = sandbox
+        self.insecure = insecure
+        self.ca_file = ca_file
+        # by ports: when it was asked for, and a URL or a session opened ahead
+        self._spares: dict[tuple[int, ...],
+                           tuple[float, asyncio.Future[str | ClientSession]]] = {}
+        self._wanted: dict[tuple[int, ...], asyncio.TimerHandle] = {}  # not asked for yet
+        self.opens_ahead = False  # the stream server's last 101 said how it dials
 
-    async def spare_url(ports: list[int]) -> str | None:
-        fetch_spare(ports)  # wanted and not asked for yet: now
-        entry = spares.pop(tuple(ports), None)
-        if entry is None or asyncio.get_running_loop().time() - entry[0] > SPARE_URL_MAX_AGE:
-            return None
-        try:
-            return await entry[1]
-        except CriError:
-            return None
-
-    def want_spare(ports: list[int], session: ClientSession) -> None:
-        key = tuple(ports)
-        timer = wanted.pop(key, None)
-        if timer is not None:
-            timer.cancel()
-        wanted[key] = asyncio.get_running_loop().call_later(SPARE_FETCH_DELAY, fetch_spare,
-                                                            ports)
-        session.replied.add_done_callback(lambda _: fetch_spare(ports))
-
-    def fetch_spare(ports: list[int]) -> None:
-        timer = wanted.pop(tuple(ports), None)
-        if timer is None:
-            return  # asked for already
-        timer.cancel()
-        spare = fetch(ports)
-        spare.add_done_callback(lambda f: f.cancelled() or f.exception())  # unused: no error
-        spares[tuple(ports)] = (asyncio.get_running_loop().time(), spare)
-
-    async def open_for(transport: str, ports: list[int], ping_interval: float
+    async def __call__(self, transport: str, ports: list[int], ping_interval: float
                        ) -> ClientSession:
         if transport != "websocket":
-            return await open_session(await fetch(ports), transport, ports,
-                                      ping_interval=ping_interval, insecure=insecure,
-                                      ca_file=ca_file)
-        url = await spare_url(ports)
-        session = None
-        if url is not None:
+            return await open_session(await self._fetch(ports), transport, ports,
+                                      ping_interval=ping_interval, insecure=self.insecure,
+                                      ca_file=self.ca_file)
+        spare = await self._take_spare(ports)
+        session = spare if isinstance(spare, ClientSession) else None
+        if isinstance(spare, str):
             try:
-                session = await open_session(url, transport, ports, ping_interval=ping_interval,
-                                             insecure=insecure, ca_file=ca_file)
+                session = await self._channels(spare, ports, ping_interval)
             except UpgradeRefused as e:
                 if e.status != 404:  # only an expired or spent spare is worth a retry
                     raise
         if session is None:
-            session = await open_session(await fetch(ports), transport, ports,
-                                         ping_interval=ping_interval, insecure=insecure,
-                                         ca_file=ca_file)
-        want_spare(ports, session)
+            session = await self._channels(await self._fetch(ports), ports, ping_interval)
+        self._want_spare(ports, session)
         return session
 
-    return open_for
+    def close(self) -> None:
+        for timer in self._wanted.values():
+            timer.cancel()
+        self._wanted.clear()
+        for _, spare in self._spares.values():
+            spare.add_done_callback(_close_unused)
+            spare.cancel()
+        self._spares.clear()
+
+    # --- the next connection's ----------------------------------------------------------
+    def _fetch(self, ports: list[int]) -> asyncio.Future[str]:
+        return asyncio.get_running_loop().run_in_executor(None, self.cri.port_forward,
+                                                          self.sandbox, ports)
+
+    async def _channels(self, url: str, ports: list[int], ping_interval: float,
+                        ahead: bool = False) -> ClientSession:
+        headers = [(HEADER_CRISHIM_DIAL, DIAL_ON_DATA)] if ahead else []
+        session = await open_session(url, "websocket", ports, ping_interval=ping_interval,
+                                     insecure=self.insecure, ca_file=self.ca_file,
+                                     headers=headers)
+        self.opens_ahead = bool(session.dial)
+        if ahead and session.dial != DIAL_ON_DATA:  # dialled already: no connection's yet
+            session.close()
+            raise SessionError(f"the stream server answered {HEADER_CRISHIM_DIAL}: "
+                               f"{session.dial!r}")
+        return session
+
+    async def _open_ahead(self, ports: list[int]) -> ClientSession:
+        return await self._channels(await self._fetch(ports), ports, 0, ahead=True)
+
+    async def _take_spare(self, ports: list[int]) -> str | ClientSession | None:
+        self._fetch_spare(ports)  # wanted and not asked for yet: now
+        entry = self._spares.pop(tuple(ports), None)
+        if entry is None:
+            return None
+        asked, future = entry
+        try:
+            spare = await future
+        except (CriError, SessionError):
+            return None
+        if isinstance(spare, str):
+            return spare if asyncio.get_running_loop().time() - asked <= SPARE_URL_MAX_AGE \
+                else None
+        return None if spare.closed.done() else spare
+
+    def _want_spare(self, ports: list[int], session: ClientSession) -> None:
+        key = tuple(ports)
+        timer = self._wanted.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._wanted[key] = loop.call_later(SPARE_FETCH_DELAY, self._fetch_spare, ports)
+        # after the reply has reached the local client: it shares the core
+        session.replied.add_done_callback(
+            lambda _: loop.call_later(OPEN_AHEAD_AFTER_REPLY, self._fetch_spare, ports))
+
+    def _fetch_spare(self, ports: list[int]) -> None:
+        timer = self._wanted.pop(tuple(ports), None)
+        if timer is None:
+            return  # asked for already
+        timer.cancel()
+        spare: asyncio.Future[str | ClientSession]
+        if self.opens_ahead:
+            spare = asyncio.ensure_future(self._open_ahead(ports))
+        else:
+            spare = cast("asyncio.Future[str | ClientSession]", self._fetch(ports))
+        spare.add_done_callback(lambda f: f.cancelled() or f.exception())  # unused: no error
+        self._spares[tuple(ports)] = (asyncio.get_running_loop().time(), spare)
+
+
+def _close_unused(spare: asyncio.Future[str | ClientSession]) -> None:
+    if not spare.cancelled() and spare.exception() is None:
+        session = spare.result()
+        if isinstance(session, ClientSession):
+            session.close()
+
+
+def cri_opener(cri: CriClient, sandbox: str, insecure: bool = False,
+               ca_file: str | None = None) -> CriOpener:
+    """Sessions to the stream URL the runtime's CRI PortForward issues for `sandbox`."""
+    return CriOpener(cri, sandbox, insecure, ca_file)
 
 
 class UsageError(Exception):
@@ -502,6 +563,9 @@ class PortForwarder:
             if not session.closed.done():
                 session.closed.remove_done_callback(self._session_closed)
             session.close()
+        close_opener = getattr(self.opener, "close", None)
+        if close_opener is not None:
+            close_opener()  # what it holds for later connections (CriOpener)
 
 
 async def run(opener: SessionOpener, specs: list[PortSpec], transport: str,

@@ -4,9 +4,11 @@ kept here once instead of copied into each side."""
 from __future__ import annotations
 
 __all__ = [
+    "DIAL_AT_ONCE",
     "DIAL_ON_DATA",
     "H2_CONNECTION_WINDOW",
     "H2_STREAM_WINDOW",
+    "HEADER_CRISHIM_DIAL",
     "HEADER_DIAL",
     "HEADER_PORT",
     "HEADER_PROTOCOL",
@@ -39,6 +41,11 @@ HEADER_PROTOCOL = "protocol"
 # and says so with the same header in its reply to the data stream (docs/protocol.md 8.5)
 HEADER_DIAL = "dial"
 DIAL_ON_DATA = "on-data"
+# the WebSocket channel protocol's form, a whole session opened ahead: its upgrade
+# request's Crishim-Dial (on-data or at-once, the default); every WebSocket 101 crishim
+# serve sends says how that session dials
+HEADER_CRISHIM_DIAL = "Crishim-Dial"
+DIAL_AT_ONCE = "at-once"
 
 # HTTP/2 receive windows both ends advertise.
 H2_STREAM_WINDOW = 16 * 1024 * 1024  # per stream: a fast link is not throttled

@@ -38,7 +38,13 @@ from typing import cast
 from crishim.forward import ForwardContext, ForwardedConnection
 from crishim.ports import InvalidPort, parse_port
 from crishim.protocols import websocket as ws
-from crishim.protocols.constants import PORTFORWARD_CRISHIM_V1, PORTFORWARD_PROTOCOL
+from crishim.protocols.constants import (
+    DIAL_AT_ONCE,
+    DIAL_ON_DATA,
+    HEADER_CRISHIM_DIAL,
+    PORTFORWARD_CRISHIM_V1,
+    PORTFORWARD_PROTOCOL,
+)
 from crishim.protocols.negotiation import websocket_subprotocol
 from crishim.runtime import Sandbox
 from crishim.stream.admission import Refused
@@ -62,13 +68,22 @@ def start(upgrade: Upgrade) -> None:
     Raises Refused (400/403) before anything is written when the upgrade cannot
     succeed."""
     transport, settings, sandbox = upgrade.transport, upgrade.settings, upgrade.admitted.sandbox
+    on_data = dials_on_data(upgrade.request.header(HEADER_CRISHIM_DIAL))
     try:
         supported = ([SPDY_TUNNEL_CRISHIM] if settings.ctx.udp else []) + SUPPORTED_SUBPROTOCOLS
-        response, subprotocol = ws.accept_handshake(upgrade.request.raw_headers, supported)
+        # how the session dials, in every 101: a client learns from it that it may ask
+        response, subprotocol = ws.accept_handshake(
+            upgrade.request.raw_headers, supported,
+            [(HEADER_CRISHIM_DIAL.encode(),
+              (DIAL_ON_DATA if on_data else DIAL_AT_ONCE).encode())])
     except ws.HandshakeError as e:  # the codec's own refusal, as the client codec shares it
         raise Refused(e.status, e.reason, [(k.decode("latin-1"), v.decode("latin-1"))
                                            for k, v in e.headers]) from None
     if subprotocol in (ws.SPDY_TUNNEL, SPDY_TUNNEL_CRISHIM):
+        if on_data:
+            raise Refused(400, f"{HEADER_CRISHIM_DIAL}: {DIAL_ON_DATA} is for the channel "
+                               "protocol; SPDY streams ask for it a pair at a time (dial: "
+                               "on-data)")
         tunnel = ws.ByteStreamTunnel()
         spdy_session = SpdyPortForwardSession(
             settings.ctx, sandbox, settings.creation_timeout, settings.idle_timeout,
@@ -83,9 +98,22 @@ def start(upgrade: Upgrade) -> None:
     base64 = subprotocol == ws.CHANNEL_BASE64
     ports = requested_ports(upgrade.admitted.query, upgrade.admitted.stream_request, base64)
     session = ChannelPortForwardSession(settings.ctx, sandbox, ports, base64,
-                                        settings.idle_timeout)
+                                        settings.idle_timeout, on_data)
     transport.write(response)
     upgrade.adopt(session, ChannelTransportProtocol(session, transport))
+
+
+def dials_on_data(value: str) -> bool:
+    """A channel upgrade's Crishim-Dial: on-data (a session opened ahead: the port
+    prefaces and the dials wait for the client's first message, an empty one too) or
+    at-once (the default); Refused 400 for another value."""
+    value = value.strip().lower()
+    if value in ("", DIAL_AT_ONCE):
+        return False
+    if value == DIAL_ON_DATA:
+        return True
+    raise Refused(400, f"unknown {HEADER_CRISHIM_DIAL} {value!r}: expected {DIAL_ON_DATA} or "
+                       f"{DIAL_AT_ONCE}")
 
 
 def requested_ports(query: dict[str, list[str]], stream_request: StreamRequest,
@@ -239,19 +267,26 @@ class ChannelPortForwardSession(ServerSession):
     transport_name = "websocket"
 
     def __init__(self, ctx: ForwardContext, sandbox: Sandbox, ports: list[int], base64: bool,
-                 idle_timeout: float) -> None:
+                 idle_timeout: float, on_data: bool = False) -> None:
         super().__init__(ctx, sandbox, idle_timeout)
         self.codec = ws.ChannelCodec(ports, base64)
         self.transport_name = "websocket-base64" if base64 else "websocket"
         self.channels = [_PortChannel(self, i) for i in range(len(ports))]
+        self.on_data = on_data  # opened ahead: the ports wait for the client's first message
 
     # --- life cycle ---------------------------------------------------------------------
     def start(self) -> None:
+        if not self.on_data:
+            self._start_ports()
+        self.arm_idle_timer()
+
+    def _start_ports(self) -> None:
+        """The port prefaces, then a connection per port."""
+        self.on_data = False
         self.codec.start()
         self.flush()
         for channel, port in zip(self.channels, self.codec.ports):
             channel.conn = self.open_connection(port, channel)
-        self.arm_idle_timer()
 
     def flush(self) -> None:
         if self.output_held:
@@ -276,6 +311,8 @@ class ChannelPortForwardSession(ServerSession):
             return
         self.last_activity = time.monotonic()
         for event in self.codec.receive_data(data):
+            if self.on_data and isinstance(event, ws.ChannelData):
+                self._start_ports()  # the client's first message: now the ports are dialled
             match event:
                 case ws.ChannelData():
                     conn = self.channels[event.index].conn

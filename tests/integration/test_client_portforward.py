@@ -439,14 +439,14 @@ def test_refused_upgrade_is_one_line_and_nonzero(tmp_path):
     assert message == "unable to upgrade connection: 403: no stream protocol in common"
 
 
-def test_websocket_connections_use_a_url_fetched_after_the_last_opened(crishim):
-    # the channel protocol takes a session per connection: the next URL is asked for
-    # once a session is open; a spare that is no longer redeemable (404) is replaced, not reported
+def test_websocket_connections_use_a_session_opened_after_the_last_opened(crishim):
+    # the channel protocol takes a session per connection: the next one is opened ahead
+    # (Crishim-Dial: on-data) once a connection's bytes came back, from a URL fetched
+    # then; one that is refused (its URL spent: 404) is replaced, not reported
     import asyncio
 
     from crishim.client.cri import CriClient
     from crishim.client.portforward import cri_opener
-    from crishim.client.transports import open_session
 
     class RecordingCri(CriClient):
         def __init__(self, endpoint: str) -> None:
@@ -458,7 +458,7 @@ def test_websocket_connections_use_a_url_fetched_after_the_last_opened(crishim):
             self.urls.append(url)
             return url
 
-    async def echo(opener, payload: bytes) -> None:
+    async def echo(opener, payload: bytes):
         session = await opener("websocket", [ECHO_PORT], 0)
         try:
             reader, writer = await session.open_stream(ECHO_PORT)
@@ -466,19 +466,28 @@ def test_websocket_connections_use_a_url_fetched_after_the_last_opened(crishim):
             assert await asyncio.wait_for(reader.readexactly(len(payload)), 10) == payload
         finally:
             session.close()
+        return session
 
     async def main() -> None:
         cri = RecordingCri(f"unix://{crishim.socket}")
         opener = cri_opener(cri, SANDBOX)
-        await echo(opener, b"one")
-        await echo(opener, b"two")
-        await asyncio.sleep(0.5)  # the spare for a third connection has arrived
+        first = await echo(opener, b"one")
+        second = await echo(opener, b"two")
+        assert first.dial == "at-once" and second.dial == "on-data"  # opened ahead
+        await asyncio.sleep(0.5)  # the spare for a third connection is open
         assert len(cri.urls) == 3  # one on demand, then one ahead per connection
-        spent = await open_session(cri.urls[-1], "websocket", [ECHO_PORT])  # steal it
-        spent.close()
-        await echo(opener, b"three")  # the spare is refused (404): a fresh URL works
+        # its URL refused: the next spare's CRI call answers with a spent token
+        spent = cri.urls[-1]
+        real = cri.port_forward
+        cri.port_forward = lambda sandbox_id, ports=(): (cri.urls.append(spent), spent)[1]
+        await echo(opener, b"three")  # takes the open spare
+        await asyncio.sleep(0.5)  # the next spare is refused (404)
+        cri.port_forward = real
+        fourth = await echo(opener, b"four")  # so a fresh URL on demand works
+        assert fourth.dial == "at-once"
         await asyncio.sleep(0.5)
-        assert len(cri.urls) == 5  # and the next spare
+        assert len(cri.urls) == 6  # and the next spare
+        opener.close()
         cri.close()
 
     asyncio.run(main())

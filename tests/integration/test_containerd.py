@@ -652,6 +652,39 @@ def test_sandbox_from_status_reads_containerd_fields() -> None:
 # ----------------------------------------------------------------------------- containerd's own
 
 
+def test_crishim_channel_client_asks_containerd_for_no_session_ahead(
+        ctrd: ContainerdEnv, pod: tuple[str, str]) -> None:
+    """containerd's own stream server does not say how it dials (no Crishim-Dial in its
+    101): crishim port-forward's channel connections fetch only the next URL ahead, never
+    open a session that containerd would dial at once."""
+    from crishim.client.cri import CriClient
+    from crishim.client.portforward import cri_opener
+
+    async def main() -> None:
+        cri = CriClient(ctrd.endpoint)
+        opener = cri_opener(cri, pod[0])
+        try:
+            for payload in (b"one", b"two"):
+                session = await opener("websocket", [ECHO_PORT], 0)
+                assert session.dial == ""
+                reader, writer = await session.open_stream(ECHO_PORT)
+                writer.write(payload)
+                assert await asyncio.wait_for(reader.readexactly(len(payload)), 10) == payload
+                session.close()
+                assert not opener.opens_ahead
+                deadline = time.monotonic() + 5
+                while not any(f.done() for _, f in opener._spares.values()):
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.01)
+                _, spare = opener._spares[(ECHO_PORT,)]
+                assert isinstance(spare.result(), str)  # a URL, not a session
+        finally:
+            opener.close()
+            cri.close()
+
+    asyncio.run(main())
+
+
 def test_containerd_own_stream_server_behaviour(ctrd: ContainerdEnv,
                                                 pod: tuple[str, str]) -> None:
     """What containerd 1.6's own stream server does with the same client (a baseline; the

@@ -11,12 +11,16 @@ import time
 
 import pytest
 
+from crishim.client.cri import CriClient
+from crishim.client.portforward import cri_opener
 from crishim.client.transports import open_session
 from crishim.protocols import spdy
+from crishim.protocols import websocket as ws
 from crishim.protocols.constants import PORTFORWARD_CRISHIM_V1, PORTFORWARD_PROTOCOL
 from tests.support import SANDBOX, until
 from tests.support.podnet import ECHO_PORT
 from tests.support.spdy_pf_client import SpdyPortForwardClient
+from tests.support.ws_channel_client import RawChannelClient
 
 GREETER_PORT = 9110
 V1 = (PORTFORWARD_CRISHIM_V1, PORTFORWARD_PROTOCOL)
@@ -158,5 +162,92 @@ def test_the_client_opens_nothing_ahead_where_the_server_speaks_upstream_only(cr
         finally:
             session.close()
             await session.wait_closed()
+
+    asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- WebSocket channels
+
+
+def test_a_channel_session_opened_ahead_dials_at_its_first_message(crishim, greeter):
+    """Crishim-Dial: on-data on the channel protocol's upgrade: the 101 says so, and the
+    port prefaces and the dial wait for the client's first message (an empty one too)."""
+    url = crishim.port_forward_url(SANDBOX, [GREETER_PORT])
+    before = greeter.accepted
+    ahead = RawChannelClient(url, [GREETER_PORT], [ws.CHANNEL_BINARY],
+                             headers=[(b"Crishim-Dial", b"on-data")])
+    try:
+        assert ahead.response.status == 101
+        assert dict(ahead.response.headers).get(b"crishim-dial") == b"on-data"
+        with pytest.raises(TimeoutError):
+            ahead.pump(lambda: ahead.events, timeout=0.3)
+        assert ahead.events == [] and greeter.accepted == before  # nothing dialled
+        ahead.codec.send_empty(0)
+        ahead.sock.sendall(ahead.codec.data_to_send())
+        ahead.pump(lambda: ahead.data(0) == b"hello\n")
+        assert ahead.prefaces() == [(0, GREETER_PORT, False), (0, GREETER_PORT, True)]
+        assert greeter.accepted == before + 1
+    finally:
+        ahead.close()
+    plain = RawChannelClient(crishim.port_forward_url(SANDBOX, [GREETER_PORT]),
+                             [GREETER_PORT], [ws.CHANNEL_BINARY])
+    try:  # without the header: at once, and the 101 says so
+        assert dict(plain.response.headers).get(b"crishim-dial") == b"at-once"
+        plain.pump(lambda: plain.data(0) == b"hello\n")
+    finally:
+        plain.close()
+    bad = RawChannelClient(crishim.port_forward_url(SANDBOX, [GREETER_PORT]),
+                           [GREETER_PORT], [ws.CHANNEL_BINARY],
+                           headers=[(b"Crishim-Dial", b"later")])
+    assert bad.response.status == 400 and b"Crishim-Dial" in bad.body()
+    bad.close()
+
+
+def test_port_forward_over_channels_takes_a_session_opened_ahead(crishim, greeter):
+    """crishim port-forward's channel connections after the first find their session
+    open (Crishim-Dial: on-data): the pod sees each connection when it is made locally."""
+
+    async def main() -> None:
+        cri = CriClient(f"unix://{crishim.socket}")
+        opener = cri_opener(cri, SANDBOX)
+        before = greeter.accepted
+        try:
+            first = await opener("websocket", [GREETER_PORT], 0)
+            assert first.dial == "at-once"  # crishim serve: it may ask
+            reader, writer = await first.open_stream(GREETER_PORT)
+            assert await asyncio.wait_for(reader.readline(), 10) == b"hello\n"
+            await until(lambda: any(f.done() for _, f in opener._spares.values()))
+            _, spare = opener._spares[(GREETER_PORT,)]
+            ahead = spare.result()
+            assert ahead.dial == "on-data"
+            await asyncio.sleep(0.3)
+            assert greeter.accepted == before + 1  # open, not dialled
+            second = await opener("websocket", [GREETER_PORT], 0)
+            assert second is ahead
+            reader2, writer2 = await second.open_stream(GREETER_PORT)
+            # the local side sent nothing: the empty message had the server dial
+            assert await asyncio.wait_for(reader2.readline(), 10) == b"hello\n"
+            assert greeter.accepted == before + 2
+            writer2.write(b"ping")
+            assert await asyncio.wait_for(reader2.readexactly(4), 10) == b"ping"
+            # a spare the server closed meanwhile is replaced by a fresh session
+            await until(lambda: any(f.done() for _, f in opener._spares.values()))
+            _, spare = opener._spares[(GREETER_PORT,)]
+            spare.result().close()
+            third = await opener("websocket", [GREETER_PORT], 0)
+            assert third is not spare.result()
+            reader3, _ = await third.open_stream(GREETER_PORT)
+            assert await asyncio.wait_for(reader3.readline(), 10) == b"hello\n"
+            for s in (first, second, third):
+                s.close()
+            await until(lambda: any(f.done() for _, f in opener._spares.values()))
+            _, spare = opener._spares[(GREETER_PORT,)]
+            unused = spare.result()
+        finally:
+            opener.close()
+            cri.close()
+        await until(lambda: unused.closed.done())  # close() ends the unused one
+        await asyncio.sleep(0.3)
+        assert greeter.accepted == before + 3  # and it never reached the pod
 
     asyncio.run(main())

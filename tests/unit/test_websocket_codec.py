@@ -378,10 +378,17 @@ def test_client_rejects_preface_for_wrong_port():
     expect_violation(client, frame(BINARY, b"\x00\x51\x00", masked=False), 1002)
 
 
-def test_empty_data_message_after_channel_byte_is_ignored():
-    server = ChannelCodec([80], base64=False)
-    assert server.receive_data(frame(BINARY, b"\x00")) == []
+def test_empty_data_message_is_an_empty_event_and_the_client_sends_one_on_request():
+    """The channel byte alone: no bytes for the pod, but an event (it dials a session
+    opened ahead, Crishim-Dial: on-data), and what the client's send_empty writes."""
+    server = ChannelCodec([80, 81], base64=False)
+    assert server.receive_data(frame(BINARY, b"\x02")) == [ChannelData(1, b"")]
     assert not server.closed
+    client = ChannelCodec([80, 81], base64=False, client=True)
+    client.send_empty(1)
+    assert server.receive_data(client.data_to_send()) == [ChannelData(1, b"")]
+    with pytest.raises(ValueError):
+        server.send_empty(0)
 
 
 # --------------------------------------------------------------------------- framing rules

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from crishim.client.transports.base import (
+    OPEN_AHEAD_AFTER_REPLY,
     SESSION_WRITE_HIGH_WATER,
     ClientSession,
     ForwardError,
@@ -49,6 +50,7 @@ from crishim.client.transports.websocket import open_channels, open_spdy_tunnel
 from crishim.protocols.negotiation import client_offer
 
 __all__ = [
+    "OPEN_AHEAD_AFTER_REPLY",
     "TRANSPORTS", "ClientSession", "ForwardError", "ForwardStream", "SessionClosed",
     "SessionError", "Transport", "UdpNotSupported", "UpgradeRefused", "open_session",
     "ssl_context_for",

@@ -321,6 +321,10 @@ class ClientSession:
         # the stream protocol version the server picked (None: HTTP/2 before it answered)
         self.stream_version: str | None = PORTFORWARD_PROTOCOL
         self.open_ahead = self.opens_ahead  # off once a server did not acknowledge
+        # how the server says the session dials (the channel WebSocket's Crishim-Dial in its
+        # 101): on-data (opened ahead: its ports wait for a first message), at-once, or ""
+        # (a server that does not say: not crishim serve)
+        self.dial = ""
         self._ahead: dict[int, ForwardStream] = {}  # by port: a pair opened ahead, unused
         self._opening_ahead: dict[int, asyncio.TimerHandle] = {}  # by port: due to open
 

@@ -22,7 +22,7 @@ from crishim.client.transports.base import (
 )
 from crishim.client.transports.spdy import SpdyClientSession
 from crishim.protocols import websocket as ws
-from crishim.protocols.constants import PORTFORWARD_PROTOCOL
+from crishim.protocols.constants import DIAL_ON_DATA, HEADER_CRISHIM_DIAL, PORTFORWARD_PROTOCOL
 from crishim.protocols.negotiation import TCP, version_of_subprotocol, websocket_subprotocol
 
 MAX_EARLY_BYTES = 1024 * 1024  # kept for WebSocket channel ports not opened yet
@@ -45,6 +45,7 @@ class ChannelClientSession(ClientSession):
         self._early: dict[int, list[ws.ChannelEvent]] = {}
         self._early_size = 0
         self._close_event: ws.Closed | None = None
+        self._sent = False
 
     def _free_index(self, port: int) -> int | None:
         for index, p in enumerate(self.codec.ports):
@@ -61,6 +62,8 @@ class ChannelClientSession(ClientSession):
                                 "each")
         self._used.add(index)
         stream = ForwardStream(self, port, index)
+        # opened ahead: its first bytes (or an empty message, _send_go) dial the ports
+        stream.opened_ahead = stream.ahead = self.dial == DIAL_ON_DATA and not self._sent
         self.streams[index] = stream
         return stream
 
@@ -85,8 +88,15 @@ class ChannelClientSession(ClientSession):
         return stream, protocol
 
     def _send(self, stream: ForwardStream, data: Buffer) -> None:
+        self._sent = True
         self.codec.send_data(stream.key, data)
         self._flush()
+
+    def _send_go(self, stream: ForwardStream) -> None:
+        if not self._sent:
+            self._sent = True
+            self.codec.send_empty(stream.key)
+            self._flush()
 
     def _send_eof(self, stream: ForwardStream) -> None:
         # No per-port half-close: the close frame half-closes every port at once.
@@ -186,6 +196,7 @@ async def open_channels(conn: UpgradeProtocol, target: Target, ports: list[int],
     answer, _ = await _websocket_upgrade(conn, target, _with_ports(target.path, ports),
                                          [ws.CHANNEL_BINARY], timeout)
     session = ChannelClientSession(ports)
+    session.dial = answer.header(HEADER_CRISHIM_DIAL.lower()).strip().lower()
     conn.attach(session, answer.rest)
     return session
 

@@ -145,7 +145,8 @@ class ChannelCodec:
         if not self.client:
             if is_error:
                 return self._violation(f"client wrote to error channel {channel}")
-            return ChannelData(index, data) if data else None
+            # an empty message is an event too: it dials a session opened ahead
+            return ChannelData(index, data)
         if self._awaiting_preface[channel]:
             self._awaiting_preface[channel] = False
             if len(data) != 2:
@@ -187,6 +188,15 @@ class ChannelCodec:
         """Queue bytes for port ``index``'s data channel, cut into bounded messages."""
         self._check_index(index)
         self._send(2 * index, data)
+
+    def send_empty(self, index: int) -> None:
+        """Client: an empty message on port ``index``'s data channel (the channel byte
+        alone): what has a session opened ahead (Crishim-Dial: on-data) dial its ports
+        when there are no bytes to send yet."""
+        if not self.client:
+            raise ValueError("only a client opens sessions ahead")
+        self._check_index(index)
+        self._send_message(2 * index, b"")
 
     def send_error(self, index: int, text: str) -> None:
         """Server: queue error text for port ``index``'s error channel."""

@@ -63,7 +63,8 @@ def is_websocket_upgrade(headers: list[tuple[bytes, bytes]]) -> bool:
 
 
 def accept_handshake(
-    headers: list[tuple[bytes, bytes]], supported: list[str]
+    headers: list[tuple[bytes, bytes]], supported: list[str],
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
 ) -> tuple[bytes, str | None]:
     """Validate a client's upgrade request and build the ``101`` response.
 
@@ -112,6 +113,7 @@ def accept_handshake(
     ]
     if chosen is not None:
         lines.append(b"Sec-WebSocket-Protocol: " + chosen.encode("latin-1"))
+    lines += [name + b": " + value for name, value in extra_headers or []]
     return b"\r\n".join(lines) + b"\r\n\r\n", chosen
 
 
