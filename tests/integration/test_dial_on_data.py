@@ -18,6 +18,7 @@ from crishim.protocols import spdy
 from crishim.protocols import websocket as ws
 from crishim.protocols.constants import PORTFORWARD_CRISHIM_V1, PORTFORWARD_PROTOCOL
 from tests.support import SANDBOX, until
+from tests.support.crishim_proc import CrishimProcess
 from tests.support.podnet import ECHO_PORT
 from tests.support.spdy_pf_client import SpdyPortForwardClient
 from tests.support.ws_channel_client import RawChannelClient
@@ -251,3 +252,39 @@ def test_port_forward_over_channels_takes_a_session_opened_ahead(crishim, greete
         assert greeter.accepted == before + 3  # and it never reached the pod
 
     asyncio.run(main())
+
+
+def test_pairs_opened_ahead_meet_the_connection_limits(podnet, greeter):
+    """A pair opened ahead holds a place among its session's connections
+    (max_connections_per_session refuses the one past it, at its opening); the node's
+    max_connections counts it from its first data, and refuses it then."""
+    # 4 on the node, 2 per session (no session may hold more than half)
+    with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}",
+                        "--max-connections-per-session", "2", "--max-connections", "4") as proc:
+        url = proc.port_forward_url
+        with SpdyPortForwardClient(url(SANDBOX), versions=V1) as client, \
+                SpdyPortForwardClient(url(SANDBOX)) as other1, \
+                SpdyPortForwardClient(url(SANDBOX)) as other2:
+            before = greeter.accepted
+            ahead = [client.forward(GREETER_PORT, data_headers=ON_DATA) for _ in range(3)]
+            assert client.wait(lambda: ahead[2].reset_status is not None)
+            assert ahead[2].reset_status == spdy.CANCEL
+            assert client.wait(lambda: all(len(f.replied) == 2 for f in ahead[:2]))
+            assert all(f.reset_status is None for f in ahead[:2])
+            # the node's four connections, taken by two other sessions
+            live = [o.forward(GREETER_PORT) for o in (other1, other2) for _ in range(2)]
+            for fwd in live:
+                assert fwd.client.wait(lambda f=fwd: f.received == b"hello\n")
+            assert greeter.accepted == before + 4  # the pairs ahead dialled nothing
+            ahead[0].send(b"")  # no room on the node: refused now, alone
+            assert client.wait(lambda: ahead[0].reset_status is not None)
+            assert ahead[0].reset_status == spdy.CANCEL and greeter.accepted == before + 4
+            live[0].close_write()
+            assert other1.wait(live[0].finished)
+            ahead[1].send(b"")  # room again
+            assert client.wait(lambda: ahead[1].received == b"hello\n")
+            live[3].send(b"still")  # the other sessions' connections go on
+            assert other2.wait(lambda: live[3].received == b"hello\nstill")
+        log = proc.log()
+    assert "max_connections_per_session" in log and "max_connections)" in log
+    assert "Traceback" not in log
