@@ -169,6 +169,13 @@ class ForwardedConnection:
         self.ctx.live_connections += 1
         self._task = asyncio.get_running_loop().create_task(self._dial())
 
+    def drop(self, reason: str) -> None:
+        """A pair opened ahead that will not be a connection: its data stream reset, its
+        error stream ended, the pod never dialled."""
+        self.on_data = False
+        self.reason = reason
+        self._finish(abort=True)
+
     def _go(self) -> None:
         """The client's first data (or end) on a pair opened ahead: now it is a connection."""
         self.on_data = False
@@ -578,4 +585,11 @@ class SessionBase:
     def close_connections(self, reason: str) -> None:
         for conn in list(self.connections):
             conn.close(reason)
+
+    def drop_unused_ahead(self, reason: str) -> None:
+        """Reset the pairs opened ahead that no connection took yet (a drain: they would
+        be new connections)."""
+        for conn in list(self.connections):
+            if isinstance(conn, ForwardedConnection) and conn.on_data:
+                conn.drop(reason)
 

@@ -687,8 +687,12 @@ class H2PortForwardSession(ServerSession):
     def drain(self) -> None:
         """Server shutting down: new streams are refused, live ones may finish. No GOAWAY
         yet: an h2-library peer that receives one refuses every later frame, even DATA on
-        live streams; the GOAWAY goes with the close at the drain deadline."""
+        live streams; the GOAWAY goes with the close at the drain deadline. Pairs opened
+        ahead are reset: they would be new connections."""
         self._draining = True
+        if not self._closed:
+            self.drop_unused_ahead("crishim is shutting down")
+            self.flush()
 
 
 _QUEUED_WHILE_ADMITTING = (h2.events.RequestReceived, h2.events.DataReceived,

@@ -257,5 +257,6 @@ class SpdyPortForwardSession(ServerSession):
         """Server shutting down: tell the client no new streams will be accepted."""
         if not self._closed:
             self.codec.goaway(spdy.GOAWAY_OK)
+            self.drop_unused_ahead("crishim is shutting down")
             self.flush()
 

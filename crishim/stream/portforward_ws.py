@@ -348,6 +348,12 @@ class ChannelPortForwardSession(ServerSession):
             self.end(close_transport=True)
 
     # --- closing ------------------------------------------------------------------------
+    def drain(self) -> None:
+        """Server shutting down: a session opened ahead, its ports not dialled yet, ends
+        now (close 1001): it would be a new connection."""
+        if self.on_data and not self._closed:
+            self.close("crishim is shutting down")
+
     def goodbye(self, reason: str, violation: bool) -> None:
         self.codec.close(ws.CLOSE_POLICY_VIOLATION if violation else ws.CLOSE_GOING_AWAY,
                          reason[:100])

@@ -7,6 +7,7 @@ connection it accepts, so a dial shows as a greeting on the data stream and in i
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 
 import pytest
@@ -288,3 +289,56 @@ def test_pairs_opened_ahead_meet_the_connection_limits(podnet, greeter):
         log = proc.log()
     assert "max_connections_per_session" in log and "max_connections)" in log
     assert "Traceback" not in log
+
+
+def test_a_drain_ends_what_was_opened_ahead_and_nothing_else(podnet, greeter):
+    """SIGTERM: pairs and channel sessions opened ahead would be new connections, so the
+    drain ends them at once (RST_STREAM CANCEL; close 1001); live connections go on."""
+    proc = CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}", "--drain-timeout", "60s")
+    with proc:
+        client = SpdyPortForwardClient(proc.port_forward_url(SANDBOX), versions=V1)
+        live = client.forward(GREETER_PORT)
+        assert client.wait(lambda: live.received == b"hello\n")
+        ahead = client.forward(GREETER_PORT, data_headers=ON_DATA)
+        assert client.wait(lambda: len(ahead.replied) == 2)
+        channel = RawChannelClient(proc.port_forward_url(SANDBOX, [GREETER_PORT]),
+                                   [GREETER_PORT], [ws.CHANNEL_BINARY],
+                                   headers=[(b"Crishim-Dial", b"on-data")])
+        before = greeter.accepted
+        proc.proc.send_signal(signal.SIGTERM)
+        assert client.wait(lambda: client.goaway and ahead.reset_status is not None)
+        assert ahead.reset_status == spdy.CANCEL and ahead.received == b""
+        channel.pump(lambda: False)  # until its close
+        assert channel.closed is not None and channel.closed.code == ws.CLOSE_GOING_AWAY
+        assert channel.events == []
+        channel.close()
+        live.send(b"still")  # the live connection goes on through the drain
+        assert client.wait(lambda: live.received == b"hello\nstill")
+        assert greeter.accepted == before
+        client.close()
+        assert proc.proc.wait(30) == 0
+    assert "Traceback" not in proc.log()
+
+
+def test_a_drain_resets_an_http2_pair_opened_ahead(podnet, greeter):
+    proc = CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}", "--drain-timeout", "60s")
+    with proc:
+        async def main() -> None:
+            session = await open_session(proc.port_forward_url(SANDBOX), "h2")
+            reader, writer = await session.open_stream(GREETER_PORT)
+            assert await asyncio.wait_for(reader.readline(), 10) == b"hello\n"
+            await until(lambda: GREETER_PORT in session._ahead)
+            ahead = session._ahead[GREETER_PORT]
+            before = greeter.accepted
+            proc.proc.send_signal(signal.SIGTERM)
+            await until(lambda: ahead.done.done())  # reset by the drain
+            assert GREETER_PORT not in session._ahead
+            writer.write(b"still")  # the live connection goes on
+            assert await asyncio.wait_for(reader.readexactly(5), 10) == b"still"
+            assert greeter.accepted == before
+            session.close()
+            await session.wait_closed()
+
+        asyncio.run(main())
+        assert proc.proc.wait(30) == 0
+    assert "Traceback" not in proc.log()
