@@ -204,7 +204,8 @@ class ForwardedConnection:
         if self._done:
             sock.close()
             return
-        sent_early = bool(self._pending) and self._send_pending_now(sock)
+        if self._pending:
+            self._send_pending_now(sock)
         loop = asyncio.get_running_loop()
         try:
             transport, _ = await loop.create_connection(lambda: _PodProtocol(self), sock=sock)
@@ -228,7 +229,10 @@ class ForwardedConnection:
                 # the socket took it all; if not, pause_writing paused the client and
                 # resume_writing will let it go on
                 self.session.resume_client_reading(self)
-        elif sent_early:
+        else:
+            # nothing waits for the pod (sent before the transport existed, or nothing
+            # came: a pair opened ahead dialled by an empty frame): what was withheld from
+            # the client while dialling goes back
             self.session.resume_client_reading(self)
         if self._client_eof:
             self._write_eof_to_pod()

@@ -20,7 +20,7 @@ from crishim.protocols import websocket as ws
 from crishim.protocols.constants import PORTFORWARD_CRISHIM_V1, PORTFORWARD_PROTOCOL
 from tests.support import SANDBOX, until
 from tests.support.crishim_proc import CrishimProcess
-from tests.support.podnet import ECHO_PORT
+from tests.support.podnet import ECHO_PORT, SINK_PORT
 from tests.support.spdy_pf_client import SpdyPortForwardClient
 from tests.support.ws_channel_client import RawChannelClient
 
@@ -144,6 +144,41 @@ def test_the_client_opens_a_ports_next_pair_ahead_and_its_next_connection_takes_
             await session.wait_closed()
         await asyncio.sleep(0.3)
         assert greeter.accepted == before + 2  # the unused pair never reached the pod
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("transport", ["spdy", "h2"])
+def test_a_pair_dialled_by_an_empty_frame_then_carries_more_than_its_window(crishim,
+                                                                          transport):
+    """The empty DATA frame that dials a pair opened ahead acknowledges nothing: it must
+    not leave the stream's window withheld (HTTP/2 held it for good, and an upload past
+    the first window stalled)."""
+    size = 40 << 20  # beyond crishim serve's HTTP/2 stream window (16 MiB)
+
+    async def main() -> None:
+        session = await open_session(crishim.port_forward_url(SANDBOX), transport)
+        try:
+            reader, writer = await session.open_stream(SINK_PORT)
+            writer.write_eof()
+            assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"0 ")
+            await until(lambda: SINK_PORT in session._ahead)
+            reader, writer = await session.open_stream(SINK_PORT)
+            assert writer.transport.opened_ahead
+            await asyncio.sleep(0.2)  # the empty frame has dialled by now
+            block = bytes(1 << 20)
+
+            async def upload() -> None:
+                for _ in range(size >> 20):
+                    writer.write(block)
+                    await writer.drain()
+                writer.write_eof()
+            await asyncio.wait_for(upload(), 30)
+            answer = await asyncio.wait_for(reader.readline(), 30)
+            assert answer.split()[0] == str(size).encode()
+        finally:
+            session.close()
+            await session.wait_closed()
 
     asyncio.run(main())
 
