@@ -36,6 +36,15 @@ if os.environ.get("CRISHIM_PROBE"):
         "crishim.netns": [(None, "socket_in_netns"), (None, "dial_localhost")],
         "crishim.stream.portforward_spdy": [("_SpdyChannel", "send"),
                                             ("SpdyPortForwardSession", "flush")],
+        "crishim.stream.portforward_h2": [("_H2Channel", "send"),
+                                          ("H2PortForwardSession", "flush")],
+        "crishim.protocols.h2": [("H2Codec", "receive_data"), ("H2Codec", "send_data"),
+                                 ("H2Codec", "take_output")],
+        "crishim.client.transports.h2": [("H2ClientSession", "receive"),
+                                         ("H2ClientSession", "_receive_events"),
+                                         ("H2ClientSession", "_on_data"),
+                                         ("H2ClientSession", "_send_go"),
+                                         ("H2ClientSession", "_flush")],
         "crishim.client.portforward": [("_LocalSide", "connection_made"),
                                        ("_LocalSide", "data_received"),
                                        ("_LocalSide", "pause_writing"),
@@ -63,7 +72,8 @@ if os.environ.get("CRISHIM_PROBE"):
         if isinstance(arg, (bytes, bytearray, memoryview)):
             return len(arg)
         if isinstance(arg, list):
-            return sum(len(x) for x in arg)
+            return sum(len(x) for x in arg
+                       if isinstance(x, (bytes, bytearray, memoryview)))
         return 0
 
     import time

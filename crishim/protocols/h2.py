@@ -62,6 +62,7 @@ import hpack
 from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
 from h2.events import (
+    DataReceived,
     Event,
     InformationalResponseReceived,
     RequestReceived,
@@ -73,6 +74,7 @@ from h2.frame_buffer import FrameBuffer
 from h2.stream import StreamState
 from hpack.hpack import encode_integer
 from hyperframe.exceptions import InvalidDataError, InvalidFrameError, InvalidPaddingError
+from hyperframe.flags import Flags
 from hyperframe.frame import (
     ContinuationFrame,
     DataFrame,
@@ -91,6 +93,9 @@ _FLAG_END_STREAM = 0x1
 _FLAG_PADDED = 0x8
 _COALESCE = 4096  # small control frames written in the same flush are joined up to this
 _RECEIVING = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
+_SENDING = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
+_DATA_FLAG_NAMES = {flag.name for flag in DataFrame.defined_flags}  # shared, only read
+_CONNECTION_OPEN = (ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN)
 _WALK_MIN = 64  # streams held before _open_streams walks them at all
 
 
@@ -198,11 +203,16 @@ class ViewDataFrame(DataFrame):
 
 
 def _data_piece(stream_id: int, payload: memoryview, end_stream: bool) -> ViewDataFrame:
-    f = ViewDataFrame(stream_id)
+    """A piece of a DATA frame (stream_id is not 0): hyperframe's constructor's result,
+    set directly (it builds the flag set's valid names and checks the id every time)."""
+    f = ViewDataFrame.__new__(ViewDataFrame)
+    f.stream_id = stream_id
+    flags = f.flags = Flags.__new__(Flags)
+    flags._valid_flags = _DATA_FLAG_NAMES
+    flags._flags = {"END_STREAM"} if end_stream else set()
+    f.pad_length = 0
     f.data = payload  # type: ignore[assignment]  # a view, not a copy
     f.body_len = len(payload)
-    if end_stream:
-        f.flags.add("END_STREAM")
     return f
 
 
@@ -304,19 +314,23 @@ class ViewFrameBuffer(FrameBuffer):
             if self._avail < 9:
                 raise StopIteration
             header = self._peek_header()
+            hi, lo, kind, flags, stream_id = _HEADER.unpack(header)
+            length = hi << 8 | lo
+            stream_id &= 0x7FFFFFFF
+            if kind == _DATA_TYPE and not flags & _FLAG_PADDED and length and stream_id \
+                    and not self._headers_buffer and self.can_split(stream_id, length):
+                # the hot one, without a frame object for the header
+                self._validate_frame_length(length)
+                self._take(9)
+                self._data_stream = stream_id
+                self._data_left = length
+                self._data_end = bool(flags & _FLAG_END_STREAM)
+                continue
             try:
                 f, length = Frame.parse_frame_header(header)
             except (InvalidDataError, InvalidFrameError) as err:
                 raise ProtocolError(f"Received frame with invalid header: {err!s}") from err
             self._validate_frame_length(length)
-            flags = header[4]
-            if f.type == _DATA_TYPE and not flags & _FLAG_PADDED and length \
-                    and not self._headers_buffer and self.can_split(f.stream_id, length):
-                self._take(9)
-                self._data_stream = f.stream_id
-                self._data_left = length
-                self._data_end = bool(flags & _FLAG_END_STREAM)
-                continue
             if self._avail < 9 + length:
                 raise StopIteration
             self._take(9)
@@ -535,12 +549,88 @@ class H2Codec(h2.connection.H2Connection):
                 charge(frame, frame.stream_id not in self.streams)
             else:
                 charge(frame, False)
+        if type(frame) is ViewDataFrame and not frame.flags:
+            events = self._receive_plain_data(frame)
+            if events is not None:
+                return events
         events = super()._receive_frame(frame)
         if self._check_headers or self._decode_as:
             for event in events:
                 if isinstance(event, _HEADER_EVENTS):
                     self._receive_header_block(event)
         return events
+
+    def _receive_plain_data(self, frame: ViewDataFrame) -> list[Event] | None:
+        """A DATA frame with no flags on a stream that takes it, as h2 would handle it
+        (both windows consumed, one DataReceived), without the two state machines'
+        transitions, which change nothing for DATA in these states, and h2's trace
+        formatting: a small frame cost ~8 us this way and ~3.5 us now, and the first
+        byte of every forwarded connection crosses two. None: anything else, left to h2
+        (a window exceeded, a stream without headers or with a content-length, ...)."""
+        stream = self.streams.get(frame.stream_id)
+        n = len(frame.data)
+        if (stream is None or stream.state_machine.state not in _RECEIVING
+                or not stream.state_machine.headers_received
+                or stream._expected_content_length is not None
+                or self.state_machine.state not in _CONNECTION_OPEN):
+            return None
+        connection_window = self._inbound_flow_control_window_manager
+        stream_window = stream._inbound_window_manager
+        if n > connection_window.current_window_size or n > stream_window.current_window_size:
+            return None
+        connection_window.current_window_size -= n
+        stream_window.current_window_size -= n
+        event = DataReceived(stream_id=frame.stream_id)
+        event.data = frame.data
+        event.flow_controlled_length = n
+        return [event]
+
+    def send_data(self, stream_id: int, data: bytes | memoryview, end_stream: bool = False,
+                  pad_length: int | None = None) -> None:
+        """h2's; a DATA frame that neither ends its stream nor is padded, on a stream that
+        may send, within both windows and the frame size, is queued here directly (the
+        windows decreased as h2 would; no state changes for DATA in these states)."""
+        n = len(data)
+        if not end_stream and pad_length is None and n <= self.max_outbound_frame_size \
+                and n <= self.outbound_flow_control_window \
+                and self.state_machine.state in _CONNECTION_OPEN:
+            stream = self.streams.get(stream_id)
+            if stream is not None and stream.state_machine.state in _SENDING \
+                    and n <= stream.outbound_flow_control_window:
+                stream.outbound_flow_control_window -= n
+                self.outbound_flow_control_window -= n
+                payload = cast("object", data)
+                self._queue_data(stream_id, payload.view if type(payload) is _Payload
+                                 else data, 0)
+                return
+        super().send_data(stream_id, data, end_stream, pad_length)
+
+    def _queue_data(self, stream_id: int, data: bytes | memoryview, flags: int) -> None:
+        """A DATA frame (no padding) into the output: header and payload, the payload not
+        copied when big, small frames joined up to _COALESCE."""
+        n = len(data)
+        header = _HEADER.pack(n >> 8, n & 0xFF, _DATA_TYPE, flags, stream_id)
+        if n > _COALESCE:
+            if self._data_to_send:
+                self._queue(b"")
+            self._output += (header, data)
+            return
+        self._queue(header + data)
+
+    def _queue(self, raw: bytes) -> None:
+        """A frame's bytes into the output, after what h2 wrote directly (the connection
+        preface), small ones joined up to _COALESCE."""
+        out = self._output
+        if self._data_to_send:
+            out.append(bytes(self._data_to_send))
+            self._data_to_send = bytearray()
+        if not raw:
+            return
+        last = out[-1] if out else None
+        if type(last) is bytes and len(last) + len(raw) <= _COALESCE:
+            out[-1] = last + raw
+        else:
+            out.append(raw)
 
     def _receive_header_block(self, event: RequestReceived | ResponseReceived |
                               TrailersReceived | InformationalResponseReceived) -> None:
@@ -595,32 +685,14 @@ class H2Codec(h2.connection.H2Connection):
     def _prepare_for_sending(self, frames: list[Frame]) -> None:
         if not frames:
             return
-        out = self._output
-        if self._data_to_send:  # written by h2 directly (the connection preface)
-            out.append(bytes(self._data_to_send))
-            self._data_to_send = bytearray()
         for f in frames:
-            data: bytes | memoryview | None = None
-            if type(f) is DataFrame and "PADDED" not in f.flags:
+            if type(f) is DataFrame and "PADDED" not in f.flags and f.data:
                 payload: object = f.data
-                data = payload.view if type(payload) is _Payload else f.data
-            if data:
-                n = len(data)
-                header = _HEADER.pack(n >> 8, n & 0xFF, _DATA_TYPE,
-                                       _FLAG_END_STREAM if "END_STREAM" in f.flags else 0,
-                                       f.stream_id)
-                if n > _COALESCE:
-                    out.append(header)
-                    out.append(data)
-                    continue
-                raw = header + data
+                self._queue_data(f.stream_id,
+                                 payload.view if type(payload) is _Payload else f.data,
+                                 _FLAG_END_STREAM if "END_STREAM" in f.flags else 0)
             else:
-                raw = f.serialize()
-            last = out[-1] if out else None
-            if type(last) is bytes and len(last) + len(raw) <= _COALESCE:
-                out[-1] = last + raw
-            else:
-                out.append(raw)
+                self._queue(f.serialize())
 
     def receive_data(self, data: Buffer, lent: bool = False) -> list[Event]:
         """h2's, and with `lent` the input may be a buffer its owner reuses once the

@@ -434,3 +434,120 @@ def test_literal_header_encoder_sends_the_table_size_update_first():
     assert block[0] == 0x20  # dynamic table size update to 0, before any field
     assert decoder.decode(block) == REQUEST
     assert encoder.encode(REQUEST)[0] == 0x00  # once only
+
+
+def _send_outcome(conn, action) -> tuple:
+    try:
+        action(conn)
+        error = None
+    except h2.exceptions.ProtocolError as e:
+        error = type(e).__name__
+    out = b"".join(bytes(c) for c in conn.take_output()) if isinstance(conn, H2Codec) \
+        else conn.data_to_send()
+    states = {sid: s.state_machine.state for sid, s in conn.streams.items()}
+    windows = {sid: s.outbound_flow_control_window for sid, s in conn.streams.items()}
+    return error, out, states, conn.outbound_flow_control_window, windows
+
+
+def test_data_sent_on_the_short_way_matches_stock_h2():
+    """H2Codec queues plain DATA itself (no state machine, no frame object): random sends,
+    sizes up to and past both windows and the frame size, END_STREAM, padding, resets and
+    the peer's END_STREAM must give the same bytes, windows, states and errors as h2."""
+    rng = random.Random(11)
+    for _ in range(60):
+        ours, stock = _servers()
+        client = _client()
+        client.send_headers(1, REQUEST)
+        client.send_headers(3, REQUEST, end_stream=True)  # half-closed (remote) at once
+        wire = client.data_to_send()
+        for conn in (ours, stock):
+            conn.receive_data(wire)
+            conn.send_headers(1, [(":status", "200")])
+            conn.send_headers(3, [(":status", "200")])
+        assert _send_outcome(ours, lambda c: None) == _send_outcome(stock, lambda c: None)
+        for _ in range(rng.randint(1, 30)):
+            sid = rng.choice((1, 3))
+            n = rng.choice([0, 1, 100, 16_384, 16_385, 70_000])
+            data = os.urandom(n)
+            kind = rng.random()
+            if kind < 0.7:
+                def act(c, sid=sid, data=data):
+                    c.send_data(sid, data)
+            elif kind < 0.8:
+                def act(c, sid=sid, data=data):
+                    c.send_data(sid, memoryview(data)[:10], end_stream=True)
+            elif kind < 0.9:
+                def act(c, sid=sid, data=data):
+                    c.send_data(sid, data[:10], pad_length=4)
+            else:
+                def act(c, sid=sid):
+                    c.reset_stream(sid)
+            assert _send_outcome(ours, act) == _send_outcome(stock, act)
+
+
+def test_data_sent_after_the_connection_preface_follows_it():
+    """A client's first frames: h2 writes its preface into its own buffer; DATA queued
+    directly must come after it."""
+    ours = H2Codec(h2.config.H2Configuration(client_side=True))
+    stock = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    for conn in (ours, stock):
+        conn.initiate_connection()
+        conn.send_headers(1, REQUEST)
+        conn.send_data(1, b"first")
+        conn.send_data(1, os.urandom(5000))
+    assert b"".join(bytes(c) for c in ours.take_output())[:24] == \
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+@pytest.mark.parametrize("case", ["before headers", "content-length", "past the window",
+                                  "after END_STREAM", "plain"])
+def test_data_received_on_the_short_way_matches_stock_h2_as_a_client(case):
+    """The client side of the short way for received DATA (a response's): what h2 refuses
+    (DATA before the response's HEADERS, a content-length overrun, a window exceeded,
+    DATA after END_STREAM) is refused alike, and plain DATA gives the same events."""
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    server.initiate_connection()
+    conns = [H2Codec(h2.config.H2Configuration(client_side=True)),
+             h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))]
+    for conn in conns:
+        conn.initiate_connection()
+        conn.send_headers(1, REQUEST)
+    server.receive_data(conns[1].data_to_send())
+    prefix = server.data_to_send()
+    frames = b""
+    if case != "before headers":
+        headers = [(":status", "200")] + ([("content-length", "3")]
+                                          if case == "content-length" else [])
+        server.send_headers(1, headers)
+        frames = server.data_to_send()
+    if case == "past the window":
+        frames += b"".join(DataFrame(1, data=b"w" * 16_384).serialize() for _ in range(5))
+    elif case == "after END_STREAM":
+        frames += DataFrame(1, data=b"end", flags=["END_STREAM"]).serialize()
+        frames += DataFrame(1, data=b"late").serialize()
+    else:
+        frames += DataFrame(1, data=b"hello").serialize() * 2
+    outcomes = []
+    for conn in conns:
+        conn.receive_data(prefix)
+        conn.data_to_send()
+        if isinstance(conn, H2Codec):
+            conn.take_output()
+        outcomes.append(_outcome(conn, frames, []) + (_windows(conn, (1,)),))
+    assert outcomes[0] == outcomes[1]
+    if case == "plain":
+        assert outcomes[0][0][1] == {1: b"hellohello"} and outcomes[0][1] is None
+    else:
+        assert outcomes[0][1] is not None or outcomes[0][2]  # refused: an error or an answer
+
+
+def test_a_data_frame_with_the_reserved_bit_set_is_its_stream_s():
+    """RFC 9113 4.1: the reserved bit of the stream identifier is ignored on receipt."""
+    c = _client()
+    c.send_headers(1, REQUEST)
+    frame = bytearray(DataFrame(1, data=b"reserved").serialize())
+    frame[5] |= 0x80
+    wire = c.data_to_send() + bytes(frame)
+    ours, stock = _servers()
+    assert _outcome(ours, wire, []) == _outcome(stock, wire, [])
+    assert _outcome(*_servers()[:1], wire, [])[0][1] == {1: b"reserved"}
