@@ -21,6 +21,15 @@ changes only the byte handling at both ends:
   what is left of a frame that goes on in the next read is copied (`keep`);
 - out: `take_output()` returns the frames as a list for `transport.writelines`: a DATA
   frame is its 9-byte header and the caller's payload object, never joined;
+- DATA's short way: a DATA frame with no flags received on a stream that takes it, or
+  sent without END_STREAM or padding on a stream that may send, within both windows, is
+  handled here: the windows change as h2 changes them, and nothing else would (both
+  state machines keep their state for DATA there); the received frame's header is read
+  with one struct, not into a hyperframe object. One small frame: 3.8 -> 1.0 us to send,
+  7.8 -> 3.3 us to receive; bulk decoding 0.051 -> 0.030 ms per MiB; anything else (a
+  window exceeded, a stream without its headers yet or with a content-length, a closed
+  one) goes through h2 as before, with h2's errors (tests/unit/test_h2codec.py compares
+  both ways with stock h2);
 - headers: `LiteralHeaderEncoder` sends every field as a literal without indexing, each
   field's bytes cached: hpack's encoder searched its tables for every field to save ~160
   bytes per HEADERS on a loopback hop. A client opening a forwarded connection (two
