@@ -1,6 +1,7 @@
 """The client's transport registry: what `--transport` accepts is what open_session opens."""
 
 import asyncio
+import gc
 import inspect
 
 import pytest
@@ -66,3 +67,41 @@ def test_the_cli_rejects_an_unknown_transport(capsys):
         build_parser().parse_args(["port-forward", "sandbox", "8080", "--transport", "quic"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'quic'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("transport", ["websocket", "spdy"])
+def test_an_upgrade_given_up_leaves_no_unretrieved_error(transport):
+    """An opening abandoned while it waits for the upgrade's answer (crishim port-forward
+    ending with a session being opened ahead) must not leave an error nobody retrieves:
+    asyncio would log "Future exception was never retrieved" once the server closes."""
+    unreported: list[dict] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(
+            lambda loop, context: unreported.append(context))
+        held: list[asyncio.StreamWriter] = []
+
+        async def accept(reader, writer):  # reads the request, never answers
+            held.append(writer)
+
+        server = await asyncio.start_server(accept, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        opening = asyncio.ensure_future(
+            open_session(f"http://127.0.0.1:{port}/portforward/x", transport, [80]))
+        while not held:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # the request is written: it waits for the answer
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+        for writer in held:
+            writer.close()  # the server goes: the answer's future fails
+        server.close()
+        await server.wait_closed()
+        await asyncio.sleep(0.1)
+        gc.collect()
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert not [c for c in unreported if "never retrieved" in c.get("message", "")], \
+        unreported

@@ -646,6 +646,9 @@ class UpgradeProtocol(asyncio.BufferedProtocol):
             self.head.set_exception(SessionError(
                 f"the server closed the connection before answering"
                 f"{': ' + str(exc) if exc else ''}"))
+            # whoever awaits the answer still gets the error; an opening given up (one
+            # made ahead, at exit) has nobody to tell, and asyncio would log it as lost
+            self.head.exception()
         if not self.body_done.done():
             self.body_done.set_result(None)
 
