@@ -151,10 +151,19 @@ def download(port: int, n: int) -> bytes:
 
 
 def upload(port: int, payload: bytes) -> bytes:
+    """The sink's answer line, read to its end (it may come in pieces: an HTTP/2 stream
+    sends what its window allows, and a busy download on the same session shares the
+    connection's)."""
     with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
         s.sendall(payload)
         s.shutdown(socket.SHUT_WR)
-        return s.recv(1000)
+        answer = b""
+        while not answer.endswith(b"\n"):
+            piece = s.recv(1000)
+            if not piece:
+                break
+            answer += piece
+        return answer
 
 
 # --------------------------------------------------------------------------- per transport
