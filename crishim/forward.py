@@ -239,23 +239,22 @@ class ForwardedConnection:
         if self.session.writing_paused:
             transport.pause_reading()
 
-    def _send_pending_now(self, sock: socket.socket) -> bool:
+    def _send_pending_now(self, sock: socket.socket) -> None:
         """Send what the client sent during the dial straight away, before the pod's
         transport exists (creating it takes a loop iteration): the pod finds the first
         bytes beside the connection when it accepts, in one wake-up rather than two
         (benchmarks.probe --first-byte). Whatever the socket does not take, and any error,
-        is left to the transport as before. True when nothing is left pending."""
+        is left to the transport as before."""
         pending = self._pending
         if len(pending) > _EARLY_SEND_PIECES:
-            return False
+            return
         try:
             sent = sock.sendmsg(pending, (), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
         except OSError:
-            return False  # the transport meets it again and ends the connection
+            return  # the transport meets it again and ends the connection
         self._pending_size -= sent
         self.session.pending_up -= sent
         self._pending = unsent(pending, sent)
-        return not self._pending
 
     def _fail(self, reason: str, kind: str = "other", fatal: bool = False) -> None:
         """End this connection: reset the data stream; the error stream carries the reason

@@ -157,13 +157,7 @@ def upload(port: int, payload: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
         s.sendall(payload)
         s.shutdown(socket.SHUT_WR)
-        answer = b""
-        while not answer.endswith(b"\n"):
-            piece = s.recv(1000)
-            if not piece:
-                break
-            answer += piece
-        return answer
+        return peers.recv_line(s)
 
 
 # --------------------------------------------------------------------------- per transport

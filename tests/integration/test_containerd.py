@@ -31,7 +31,7 @@ from crishim.config import Config
 from crishim.cri import api_pb2, api_pb2_grpc
 from crishim.netns import create_named_netns, delete_named_netns, listen_in_netns
 from crishim.runtime import DialFailed, Sandbox, SandboxGone, SandboxNotFound
-from tests.support import missing
+from tests.support import missing, peers
 from tests.support.containerd_env import ContainerdEnv, ContainerdUnavailable, skip_or_fail
 from tests.support.crishim_proc import CrishimProcess
 from tests.support.spdy_pf_client import SpdyPortForwardClient
@@ -438,12 +438,7 @@ def test_port_forward_with_kubectl_127(shim: CrishimProcess, pod: tuple[str, str
                                           timeout=20) as conn:
                 conn.sendall(payload)
                 conn.shutdown(socket.SHUT_WR)
-                answer = b""
-                while not answer.endswith(b"\n"):
-                    chunk = conn.recv(4096)
-                    if not chunk:
-                        break
-                    answer += chunk
+                answer = peers.recv_line(conn)
             assert answer.decode() == f"{len(payload)} {hashlib.sha256(payload).hexdigest()}\n"
             assert pf.returncode is None, pf.output()
     assert standin.port_forward_calls == [(sandbox_id, [])]

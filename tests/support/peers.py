@@ -27,6 +27,17 @@ def recv_all(s: socket.socket) -> bytes:
         chunks.append(data)
 
 
+def recv_line(s: socket.socket) -> bytes:
+    """One answer line, read to its newline (or the end): it may come in pieces."""
+    answer = b""
+    while not answer.endswith(b"\n"):
+        piece = s.recv(4096)
+        if not piece:
+            break
+        answer += piece
+    return answer
+
+
 def http_request(s: socket.socket) -> bytes:
     """One GET on an open connection (keep-alive: may be called again)."""
     s.sendall(b"GET / HTTP/1.1\r\nHost: pod\r\n\r\n")
