@@ -7,7 +7,10 @@ and one HTTP/2 session) to the same crishim.
     python3 -m benchmarks.storm [--counts 200,1000,2000] [--repeat 3]
 
 Prints, per count, the median wall time of a storm and the cost per connection, for each
-server, and crishim's time as a ratio of containerd's (target at 2,000: <= 0.7x). Needs
+server, and crishim's time as a ratio of containerd's (target at 2,000: <= 0.7x). Before
+the storms, kubectl's first byte through each server (connect, one byte echoed; median, as
+a multiple of direct trials taken in turn inside the pod's netns): what client-go's way
+of opening a connection costs whichever server answers it. Needs
 containerd (deploy/install.sh --test); without it only crishim's own figures are printed
 (on a named netns, `crishim serve --runtime netns`).
 """
@@ -72,9 +75,27 @@ def storm(port: int, count: int, timeout: float = 120.0) -> tuple[float, int]:
         return timeout, count
 
 
-def measure(name: str, local_port: int, counts: list[int], repeat: int) -> dict[int, tuple]:
-    """Median storm time per count (and errors summed over the repeats)."""
-    out: dict[int, tuple] = {}
+FIRST_BYTE_TRIALS = 200
+
+
+def first_byte(name: str, local_port: int, netns: str) -> tuple[float, float]:
+    """kubectl's first byte through a server: (median ms, x direct trials in turn)."""
+    from benchmarks.portforward import Direct, Local, latency
+
+    storm(local_port, 20)  # warm up: the session exists and the server has dialled once
+    med, _, paired = latency(Local({ECHO: local_port}), FIRST_BYTE_TRIALS, Direct(netns))
+    print(f"  {name}: first byte {med:.3f} ms, {paired:.1f}x direct", file=sys.stderr,
+          flush=True)
+    return med, paired
+
+
+def measure(name: str, local_port: int, counts: list[int], repeat: int,
+            netns: str | None = None) -> dict:
+    """Median storm time per count (and errors summed over the repeats); with netns, the
+    first byte too (under "first byte")."""
+    out: dict = {}
+    if netns is not None:
+        out["first byte"] = first_byte(name, local_port, netns)
     storm(local_port, 20)  # warm up: the session exists and the server has dialled once
     for count in counts:
         times, errors = [], 0
@@ -128,6 +149,11 @@ def report(results: dict[str, dict[int, tuple]], counts: list[int]) -> list[str]
         ratios = ", ".join(f"{n:,}: {results['crishim'][n][0] / results['containerd'][n][0]:.2f}x"
                            for n in counts)
         lines.append(f"  crishim time / containerd time: {ratios} (target at 2,000: <= 0.70x)")
+    first = {name: per["first byte"] for name, per in results.items() if "first byte" in per}
+    if first:
+        lines.append("  kubectl 1.27's first byte (connect, one byte echoed; median, x direct "
+                     "trials in turn in the pod's netns): " + ", ".join(
+                         f"{name} {ms:.3f} ms {x:.1f}x" for name, (ms, x) in first.items()))
     for name, per in results.items():
         growth = (per[counts[-1]][0] / counts[-1]) / (per[counts[0]][0] / counts[0])
         lines.append(f"  {name}: cost per connection at {counts[-1]:,} vs {counts[0]:,}: "
@@ -163,11 +189,12 @@ def run(counts: list[int], repeat: int) -> tuple[list[str], dict[str, dict[int, 
                         pod_sandbox_id=sid, port=ports), timeout=10).url
 
                 with kubectl_session(sandbox_id, containerd_url) as port:
-                    results["containerd"] = measure("containerd", port, counts, repeat)
+                    results["containerd"] = measure("containerd", port, counts, repeat,
+                                                    netns)
             with CrishimProcess("--runtime", "containerd", "--upstream-endpoint",
                                 str(env.socket), "--log-level", "warning") as cs, \
                     kubectl_session(sandbox_id, cs.port_forward_url) as port:
-                results["crishim"] = measure("crishim", port, counts, repeat)
+                results["crishim"] = measure("crishim", port, counts, repeat, netns)
                 results.update(own_client_storms(cs, sandbox_id, counts, repeat))
         finally:
             peer.terminate()

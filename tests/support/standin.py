@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime
+import fcntl
 import inspect
 import ipaddress
 import json
@@ -328,6 +329,10 @@ class _SpliceRelay:
 
     def _pump(self, src: int, dst: int) -> None:
         rfd, wfd = os.pipe()
+        try:  # as Go's splice pipes: a splice moves up to CHUNK, not the default 64 KiB
+            fcntl.fcntl(wfd, fcntl.F_SETPIPE_SZ, self.CHUNK)
+        except OSError:
+            pass  # a smaller pipe works, in more calls (Go ignores this error too)
         src_fd, dst_fd = self.socks[src].fileno(), self.socks[dst].fileno()
         failed = False
         try:
