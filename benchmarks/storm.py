@@ -78,12 +78,18 @@ def storm(port: int, count: int, timeout: float = 120.0) -> tuple[float, int]:
 FIRST_BYTE_TRIALS = 200
 
 
-def first_byte(name: str, local_port: int, netns: str) -> tuple[float, float]:
-    """kubectl's first byte through a server: (median ms, x direct trials in turn)."""
+def first_byte(name: str, local_port: int, netns: str) -> tuple[float, float] | None:
+    """kubectl's first byte through a server: (median ms, x direct trials in turn), None
+    if a trial failed (printed; the storms still run)."""
     from benchmarks.portforward import Direct, Local, latency
 
     storm(local_port, 20)  # warm up: the session exists and the server has dialled once
-    med, _, paired = latency(Local({ECHO: local_port}), FIRST_BYTE_TRIALS, Direct(netns))
+    try:
+        med, _, paired = latency(Local({ECHO: local_port}), FIRST_BYTE_TRIALS,
+                                 Direct(netns))
+    except (OSError, RuntimeError) as e:
+        print(f"  {name}: first byte failed: {e}", file=sys.stderr, flush=True)
+        return None
     print(f"  {name}: first byte {med:.3f} ms, {paired:.1f}x direct", file=sys.stderr,
           flush=True)
     return med, paired
@@ -153,7 +159,8 @@ def report(results: dict[str, dict[int, tuple]], counts: list[int]) -> list[str]
     if first:
         lines.append("  kubectl 1.27's first byte (connect, one byte echoed; median, x direct "
                      "trials in turn in the pod's netns): " + ", ".join(
-                         f"{name} {ms:.3f} ms {x:.1f}x" for name, (ms, x) in first.items()))
+                         f"{name} {fb[0]:.3f} ms {fb[1]:.1f}x" if fb else f"{name} failed"
+                         for name, fb in first.items()))
     for name, per in results.items():
         growth = (per[counts[-1]][0] / counts[-1]) / (per[counts[0]][0] / counts[0])
         lines.append(f"  {name}: cost per connection at {counts[-1]:,} vs {counts[0]:,}: "
