@@ -46,6 +46,7 @@ sys.path.insert(0, ROOT)
 from benchmarks import relay, storm  # noqa: E402
 from benchmarks.peer import ECHO, SINK, SOURCE  # noqa: E402
 from tests.support.crishim_proc import CrishimProcess  # noqa: E402
+from tests.support.peers import recv_line  # noqa: E402
 from tests.support.standin import KubeStandIn, run_kubectl_port_forward  # noqa: E402
 
 KUBECTL = "/usr/lib/google-cloud-sdk/bin/kubectl.{}"
@@ -89,12 +90,7 @@ def upload(path, size: int) -> float:
         s.sendall(block[:n])
         left -= n
     s.shutdown(socket.SHUT_WR)
-    answer = b""
-    while not answer.endswith(b"\n"):
-        data = s.recv(64)
-        if not data:
-            break
-        answer += data
+    answer = recv_line(s)
     dt = time.perf_counter() - t0
     s.close()
     if int(answer or 0) != size:
