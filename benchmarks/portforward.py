@@ -574,7 +574,7 @@ def draw_chart(path: str, rows: list, storms: dict) -> str:
     if storms:
         ax2 = axes[1]
         for name, per in storms.items():
-            counts = sorted(n for n in per if isinstance(n, int))  # not 'first byte'
+            counts = sorted(per)
             ax2.plot(counts, [per[n][0] / n * 1e6 for n in counts], marker="o", label=name)
         ax2.set_xlabel("concurrent connections on one session (kubectl 1.27 unless named)")
         ax2.set_ylabel("storm time per connection (us)")

@@ -95,13 +95,9 @@ def first_byte(name: str, local_port: int, netns: str) -> tuple[float, float] | 
     return med, paired
 
 
-def measure(name: str, local_port: int, counts: list[int], repeat: int,
-            netns: str | None = None) -> dict:
-    """Median storm time per count (and errors summed over the repeats); with netns, the
-    first byte too (under "first byte")."""
-    out: dict = {}
-    if netns is not None:
-        out["first byte"] = first_byte(name, local_port, netns)
+def measure(name: str, local_port: int, counts: list[int], repeat: int) -> dict[int, tuple]:
+    """Median storm time per count (and errors summed over the repeats)."""
+    out: dict[int, tuple] = {}
     storm(local_port, 20)  # warm up: the session exists and the server has dialled once
     for count in counts:
         times, errors = [], 0
@@ -142,7 +138,8 @@ def own_client_storms(crishim: CrishimProcess, sandbox_id: str, counts: list[int
     return out
 
 
-def report(results: dict[str, dict[int, tuple]], counts: list[int]) -> list[str]:
+def report(results: dict[str, dict[int, tuple]], counts: list[int],
+           first: dict[str, tuple[float, float] | None]) -> list[str]:
     lines = ["connection storms (N concurrent 1 KiB echoes on one session: kubectl 1.27 "
              "unless named; median; cost = time / N):"]
     header = f"  {'server':30}" + "".join(f"{n:>8,} conns  per conn  " for n in counts)
@@ -155,7 +152,6 @@ def report(results: dict[str, dict[int, tuple]], counts: list[int]) -> list[str]
         ratios = ", ".join(f"{n:,}: {results['crishim'][n][0] / results['containerd'][n][0]:.2f}x"
                            for n in counts)
         lines.append(f"  crishim time / containerd time: {ratios} (target at 2,000: <= 0.70x)")
-    first = {name: per["first byte"] for name, per in results.items() if "first byte" in per}
     if first:
         lines.append("  kubectl 1.27's first byte (connect, one byte echoed; median, x direct "
                      "trials in turn in the pod's netns): " + ", ".join(
@@ -175,6 +171,7 @@ def run(counts: list[int], repeat: int) -> tuple[list[str], dict[str, dict[int, 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
     results: dict[str, dict[int, tuple]] = {}
+    first: dict[str, tuple[float, float] | None] = {}  # kubectl's first byte per server
     try:
         env = ContainerdEnv()
         env.start()
@@ -196,12 +193,13 @@ def run(counts: list[int], repeat: int) -> tuple[list[str], dict[str, dict[int, 
                         pod_sandbox_id=sid, port=ports), timeout=10).url
 
                 with kubectl_session(sandbox_id, containerd_url) as port:
-                    results["containerd"] = measure("containerd", port, counts, repeat,
-                                                    netns)
+                    first["containerd"] = first_byte("containerd", port, netns)
+                    results["containerd"] = measure("containerd", port, counts, repeat)
             with CrishimProcess("--runtime", "containerd", "--upstream-endpoint",
                                 str(env.socket), "--log-level", "warning") as cs, \
                     kubectl_session(sandbox_id, cs.port_forward_url) as port:
-                results["crishim"] = measure("crishim", port, counts, repeat, netns)
+                first["crishim"] = first_byte("crishim", port, netns)
+                results["crishim"] = measure("crishim", port, counts, repeat)
                 results.update(own_client_storms(cs, sandbox_id, counts, repeat))
         finally:
             peer.terminate()
@@ -209,7 +207,7 @@ def run(counts: list[int], repeat: int) -> tuple[list[str], dict[str, dict[int, 
             env.stop_and_remove(sandbox_id)
     finally:
         env.close()
-    return report(results, counts), results
+    return report(results, counts, first), results
 
 
 def _crishim_alone(counts: list[int], repeat: int) -> list[str]:
@@ -223,9 +221,10 @@ def _crishim_alone(counts: list[int], repeat: int) -> list[str]:
         assert peer.stdout is not None and peer.stdout.readline().strip() == "ready"
         with CrishimProcess("--sandboxes", f"bench={netns}", "--log-level", "warning") as cs, \
                 kubectl_session("bench", cs.port_forward_url) as port:
+            first = {"crishim": first_byte("crishim", port, netns)}
             results = {"crishim": measure("crishim", port, counts, repeat)}
             results.update(own_client_storms(cs, "bench", counts, repeat))
-            return report(results, counts)
+            return report(results, counts, first)
     finally:
         peer.terminate()
         peer.wait(10)
