@@ -717,10 +717,7 @@ class H2Codec(h2.connection.H2Connection):
 
     def take_output(self) -> list[bytes | memoryview]:
         """Everything queued to send, as buffers for `transport.writelines`."""
-        out = self._output
-        if self._data_to_send:
-            out.append(bytes(self._data_to_send))
-            self._data_to_send = bytearray()
+        out = self._out()
         if not out:
             return []
         self._output = []
