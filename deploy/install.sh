@@ -3,14 +3,15 @@
 #   deploy/install.sh          the server: iproute2 + crishim (pip, editable from this tree),
 #                              and curl + nc for the demo's try-it commands (README)
 #   deploy/install.sh --test   also what the test suite drives: containerd, runc, CNI
-#                              plugins, gcc (the pause image), socat, and the test extras
+#                              plugins, gcc (the pause image), socat, prlimit (util-linux:
+#                              a server with a low descriptor limit), and the test extras
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(iproute2 ca-certificates curl netcat-openbsd)
 extra=""
 if [[ "${1:-}" == "--test" ]]; then
-    packages+=(containerd runc containernetworking-plugins gcc libc6-dev socat)
+    packages+=(containerd runc containernetworking-plugins gcc libc6-dev socat util-linux)
     extra="[test]"
 fi
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -36,17 +35,20 @@ class CrishimProcess:
     def start(self, wait: bool = True) -> CrishimProcess:
         env = dict(os.environ, **(self.env or {}))
         self._log = open(self.log_path, "wb")
+        # the limit is set by prlimit(1), which then execs crishim (same pid), not by a
+        # preexec_fn: that makes subprocess fork this gRPC-using process, and gRPC's fork
+        # handler restarts its poller in the child, which dies on the epoll descriptor
+        # close_fds closed (SIGABRT before exec, "epoll_wait error: Bad file descriptor";
+        # grpc/grpc#43055)
+        limit = ["prlimit", f"--nofile={self.nofile}:{self.nofile}", "--"] \
+            if self.nofile else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "crishim", "serve", "--socket", self.socket,
+            [*limit, sys.executable, "-m", "crishim", "serve", "--socket", self.socket,
              "--log-level", "debug", *self.args],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env,
-            preexec_fn=self._limit if self.nofile else None)
+            stdout=self._log, stderr=subprocess.STDOUT, env=env)
         if wait:
             self.wait_ready()
         return self
-
-    def _limit(self) -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
