@@ -74,7 +74,8 @@ class Crishim:
             stream_opens_per_second=cfg.stream_opens_per_second,
             stream_open_burst=cfg.stream_open_burst,
             protocol_error_log_lines=cfg.protocol_error_log_lines,
-            session_buffer_size=cfg.session_buffer_size, buffer_budget=cfg.buffer_budget)
+            session_buffer_size=cfg.session_buffer_size, buffer_budget=cfg.buffer_budget,
+            read_turn=cfg.read_turn)
         ctx = ForwardContext(self.plugin, cfg.error_policy, cfg.buffer_size, self.metrics,
                              max_per_session=per_session,
                              max_connections=cfg.max_connections, fd_budget=fd_budget,

@@ -52,6 +52,11 @@ class FloodLimits:
     session_buffer_size: int = 16 * 1024 * 1024
     # ... and all of them together: a session's window is taken from this
     buffer_budget: int = 512 * 1024 * 1024
+    # CPU one session's input may take before the others get theirs: one event loop
+    # serves every session, and a read of tiny frames (1 MiB of 9-byte SPDY frames is
+    # 0.2 s of decoding) would otherwise hold all of them up; the session's reads shrink
+    # until one fits in a turn, and grow back while they are cheap (bulk data)
+    read_turn: float = 0.005
 
     def control_budget(self) -> TokenBucket:
         return TokenBucket(self.control_frames_per_second, self.control_frame_burst)

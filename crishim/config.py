@@ -106,6 +106,7 @@ class Config:
     protocol_error_log_lines: int = FloodLimits.protocol_error_log_lines
     session_buffer_size: int = FloodLimits.session_buffer_size
     buffer_budget: int = FloodLimits.buffer_budget
+    read_turn: float = FloodLimits.read_turn
 
     def chosen_runtime(self) -> tuple[str, str]:
         """The runtime plugin to load and why: an explicit choice wins; otherwise a proxy
@@ -138,6 +139,8 @@ class Config:
                 raise ConfigError(f"{name}: must not be negative")
         if self.udp_flow_idle_timeout <= 0:
             raise ConfigError("udp_flow_idle_timeout: must be positive")
+        if self.read_turn <= 0:
+            raise ConfigError("read_turn: must be positive")
         if self.token_ttl <= 0:
             raise ConfigError("token_ttl: must be positive")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
@@ -244,6 +247,9 @@ SETTINGS: dict[str, Setting] = {
     "buffer_budget": Setting("bytes towards pods all HTTP/2 connections together may hold: "
                              "each takes its session_buffer_size from it, and once it is "
                              "spent new ones get the 64 KiB protocol default", "int"),
+    "read_turn": Setting("CPU one session's input may take before other sessions get "
+                         "theirs (e.g. 5ms): past it the session waits one turn of the "
+                         "event loop, and its reads shrink until one fits", "duration"),
 }
 
 _TRUE = {"1", "true", "yes", "on"}

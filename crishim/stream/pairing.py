@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import Callable, Container, Mapping
 from typing import Any
 
-from crishim.ports import InvalidPort, parse_port
+from crishim.ports import InvalidPort, parse_port, shown
 from crishim.protocols.constants import (
     HEADER_PORT,
     HEADER_REQUEST_ID,
@@ -64,7 +64,8 @@ class StreamPairs:
         is no longer pending: the caller opens its connection or flow."""
         stream_type = headers.get(HEADER_STREAM_TYPE, "")
         if stream_type not in (STREAM_TYPE_DATA, STREAM_TYPE_ERROR):
-            raise Refused(400, f"unknown streamtype {stream_type!r}: expected data or error")
+            raise Refused(400, f"unknown streamtype {shown(stream_type, 64)}: expected data or "
+                               "error")
         try:
             port = parse_port(headers.get(HEADER_PORT, ""))
         except InvalidPort as e:

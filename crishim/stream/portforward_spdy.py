@@ -3,6 +3,7 @@ request id, handed to the forwarding core."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -10,7 +11,12 @@ from collections.abc import Callable
 from crishim.forward import ForwardContext, ForwardedConnection
 from crishim.forward_udp import ForwardedFlow
 from crishim.protocols import spdy
-from crishim.protocols.constants import DIAL_ON_DATA, HEADER_DIAL, PORTFORWARD_PROTOCOL
+from crishim.protocols.constants import (
+    DIAL_ON_DATA,
+    HEADER_DIAL,
+    HEADER_REQUEST_ID,
+    PORTFORWARD_PROTOCOL,
+)
 from crishim.protocols.negotiation import choose_version, server_versions
 from crishim.runtime import Sandbox
 from crishim.stream.admission import Refused
@@ -93,6 +99,16 @@ class _SpdyChannel:
 # frames and 1.06-1.26 with 1 MiB ones, 660-683 -> 729-811 MB/s (benchmarks.probe
 # --only kubectl-1.27, three alternated rounds); a pod read rarely gives more at once.
 SEND_FRAME = 1024 * 1024
+# What one client read may cost before its session yields (the rest waits, copied, for
+# the next turn of the loop; reading pauses meanwhile): 4096 frames, 1 MiB of header
+# blocks inflated (a 290-byte block may inflate to the 256 KiB limit, and one read's
+# events are all held at once)
+FRAMES_PER_RECEIVE = 4096
+INFLATED_PER_RECEIVE = 1024 * 1024
+# the key the session's read gate is held with while a read's backlog waits
+_BACKLOG = "backlog"
+# longest requestid kept: client-go's are decimal counters, crishim's the same
+MAX_REQUEST_ID = 128
 
 
 class SpdyPortForwardSession(ServerSession):
@@ -108,12 +124,16 @@ class SpdyPortForwardSession(ServerSession):
                  idle_timeout: float, write_buffers: WriteBuffers,
                  close: Callable[[], None]) -> None:
         super().__init__(ctx, sandbox, idle_timeout)
-        self.codec = spdy.SpdyConnection(spdy.SpdyConfig(client=False, zero_copy=True,
-                                                      max_send_frame=SEND_FRAME))
+        self.codec = spdy.SpdyConnection(spdy.SpdyConfig(
+            client=False, zero_copy=True, max_send_frame=SEND_FRAME,
+            max_frames_per_receive=FRAMES_PER_RECEIVE,
+            max_inflated_per_receive=INFLATED_PER_RECEIVE))
         self._write_buffers = write_buffers
         self._close_transport = close
         self._pairs = StreamPairs(creation_timeout, self._pair_timed_out)
         self._by_stream: dict[int, ForwardedConnection | ForwardedFlow] = {}
+        self._fin_on_open: set[int] = set()  # data streams opened with FIN, pair pending
+        self._goaway_seen = False
 
     def start(self) -> None:
         self.arm_idle_timer()
@@ -153,6 +173,22 @@ class SpdyPortForwardSession(ServerSession):
             self.end_batch()
             self.borrowing = False
         self.flush()
+        if self.codec.backlogged and not self._closed:
+            self._continue_later()
+
+    def _continue_later(self) -> None:
+        """The read's share of work is done and whole frames are left: let the other
+        sessions have the loop, then go on (reading stays paused until then)."""
+        if self.read_gate.holds(_BACKLOG):
+            return
+        self.read_gate.pause(_BACKLOG, self.transport)
+        asyncio.get_running_loop().call_soon(self._continue)
+
+    def _continue(self) -> None:
+        if self._closed:
+            return
+        self.read_gate.resume(_BACKLOG, self.transport)
+        self.receive(b"")
 
     def _handle(self, event: spdy.Event) -> bool:
         """Act on one event; False once a budget ended the session."""
@@ -160,11 +196,17 @@ class SpdyPortForwardSession(ServerSession):
             case spdy.DataReceived():  # the hot one: tested first, handled inline
                 conn = self._by_stream.get(event.stream_id)
                 if conn is not None:
+                    if not event.data and not event.fin and not (
+                            isinstance(conn, ForwardedConnection) and conn.on_data):
+                        if not self.charge_control("an empty DATA frame"):
+                            return False
                     conn.client_data(event.data)  # an empty frame dials a pair opened ahead
                     if event.fin:
                         conn.client_eof()
                 # data on an error stream or a half-paired stream is ignored: clients
-                # only read it
+                # only read it, and end it (client-go: an empty DATA frame with FIN)
+                elif not event.fin:
+                    return self.charge_control("DATA on a stream carrying no connection")
             case spdy.StreamOpened():
                 if not self.charge_stream_open():
                     return False
@@ -177,7 +219,17 @@ class SpdyPortForwardSession(ServerSession):
                 return self.charge_control("PING")
             case spdy.SettingsReceived():
                 return self.charge_control("SETTINGS")
+            case spdy.HeadersReceived():
+                conn = self._by_stream.get(event.stream_id)
+                if event.fin and conn is not None:
+                    conn.client_eof()  # a half-close sent as HEADERS with FIN
+                return self.charge_control("HEADERS")
+            case spdy.FrameIgnored():
+                return self.charge_control(f"an ignored control frame (type {event.frame_type})")
             case spdy.GoAwayReceived():
+                if self._goaway_seen:
+                    return self.charge_control("a second GOAWAY")
+                self._goaway_seen = True
                 log.debug("spdy sandbox=%s: client sent GOAWAY", self.sandbox.id)
             case spdy.SessionTerminated():
                 self._on_terminated(event)
@@ -185,6 +237,18 @@ class SpdyPortForwardSession(ServerSession):
         return True
 
     def _on_stream_opened(self, ev: spdy.StreamOpened) -> bool:
+        if ev.unidirectional:  # a stream crishim could not answer on carries nothing here
+            self.protocol_error("spdy sandbox=%s: refusing stream %d: it is unidirectional",
+                                self.sandbox.id, ev.stream_id, logger=log)
+            self.codec.reset_stream(ev.stream_id, spdy.PROTOCOL_ERROR)
+            return self.charge_control("a refused stream")
+        request_id = ev.headers.get(HEADER_REQUEST_ID, "")
+        if len(request_id) > MAX_REQUEST_ID:
+            self.protocol_error("spdy sandbox=%s: refusing stream %d: a requestid of %d "
+                                "characters (at most %d)", self.sandbox.id, ev.stream_id,
+                                len(request_id), MAX_REQUEST_ID, logger=log)
+            self.codec.reset_stream(ev.stream_id, spdy.PROTOCOL_ERROR)
+            return self.charge_control("a refused stream")
         try:
             pair = self._pairs.add(ev.stream_id, ev.headers, version=self.stream_version)
         except Refused as e:
@@ -194,11 +258,18 @@ class SpdyPortForwardSession(ServerSession):
             return self.charge_control("a refused stream")
         on_data = pair.on_data and ev.stream_id == pair.data_id
         self.codec.reply(ev.stream_id, {HEADER_DIAL: DIAL_ON_DATA} if on_data else {})
+        if ev.fin and ev.stream_id == pair.data_id:
+            self._fin_on_open.add(pair.data_id)  # a half-close sent as SYN_STREAM with FIN
         if pair.complete:
             channel = _SpdyChannel(self, pair.data_id, pair.error_id)
             conn = self.open_forward(pair.port, channel, pair.protocol, pair.on_data)
             if not conn.done:
                 self._by_stream[pair.data_id] = conn
+            if self._fin_on_open:
+                if pair.data_id in self._fin_on_open:
+                    self._fin_on_open.discard(pair.data_id)
+                    if not conn.done:
+                        conn.client_eof()
         return True
 
     def _pair_timed_out(self, pair: PendingPair) -> None:
@@ -210,6 +281,7 @@ class SpdyPortForwardSession(ServerSession):
             self.codec.send_data(pair.error_id, message.encode())
             self.codec.end_stream(pair.error_id)
         if pair.data_id:
+            self._fin_on_open.discard(pair.data_id)
             self.codec.reset_stream(pair.data_id, spdy.CANCEL)
         self.flush()
 
@@ -220,6 +292,7 @@ class SpdyPortForwardSession(ServerSession):
             return True
         pair = self._pairs.by_stream.get(ev.stream_id)
         if pair is not None:
+            self._fin_on_open.discard(pair.data_id)
             self._pairs.forget(pair)
         return self.charge_control("RST_STREAM")
 
@@ -252,6 +325,7 @@ class SpdyPortForwardSession(ServerSession):
 
     def forget_pending(self) -> None:
         self._pairs.clear()
+        self._fin_on_open.clear()
 
     def drain(self) -> None:
         """Server shutting down: tell the client no new streams will be accepted."""

@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from crishim.flow import read_buffer
+from crishim.flow import READ_SIZE, read_buffer
 from crishim.forward import ForwardContext, ForwardedConnection, SessionBase
 from crishim.forward_udp import ForwardedFlow
 from crishim.runtime import Sandbox
@@ -264,10 +264,26 @@ class Upgrade:
     adopt: Callable[[ServerSession, SessionProtocol], None]
 
 
+# the key a session's turn holds its read gate with while other sessions have theirs
+_TURN = "turn"
+# a session's first reads, and the least it reads: a read's size follows what the session
+# spends on it (SessionProtocol.buffer_updated)
+FIRST_READ = 64 * 1024
+LEAST_READ = 4 * 1024
+
+
 class SessionProtocol(asyncio.BufferedProtocol):
     """asyncio glue for a session on a TCP (or TLS) transport: bytes to session.receive,
     the transport's end and its write-side flow control to the session. Reads go through
-    the loop thread's 1 MiB read buffer (flow.read_buffer)."""
+    the loop thread's 1 MiB read buffer (flow.read_buffer).
+
+    Fair turns: one event loop serves every session, and the loop reads a connection
+    again and again while its socket has data, so a client sending what is dear to decode
+    (tiny frames, header blocks) would hold every other session up. Each read's cost is
+    measured: once a session has spent `read_turn` since its last turn, its reading is
+    paused until the loop has gone round once (the others' reads and callbacks run); a
+    read that alone cost more than a turn makes the next reads smaller, and cheap full
+    reads (bulk data) grow them back to the whole buffer."""
 
     def __init__(self, session: ServerSession, transport: asyncio.Transport) -> None:
         self.session = session
@@ -275,13 +291,40 @@ class SessionProtocol(asyncio.BufferedProtocol):
         session.transport = transport
         # a session that copies what it keeps of a read gets the read buffer itself
         self.lend_reads = session.borrows_reads
+        self.turn = session.ctx.flood.read_turn
+        self.read_size = FIRST_READ
+        self._spent = 0.0  # CPU seconds of reads since the last turn
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return read_buffer()
+        buf = read_buffer()
+        return buf if self.read_size >= len(buf) else buf[:self.read_size]
 
     def buffer_updated(self, nbytes: int) -> None:
         view = read_buffer()[:nbytes]
+        started = time.perf_counter()
         self.data_received(view if self.lend_reads else view.tobytes())
+        self.spent(time.perf_counter() - started, nbytes)
+
+    def spent(self, seconds: float, nbytes: int) -> None:
+        """A read of nbytes took seconds to handle: size the next read, and give the
+        other sessions their turn once this one has had its own."""
+        turn = self.turn
+        if seconds > turn:
+            self.read_size = max(LEAST_READ, int(nbytes * turn / seconds))
+        elif nbytes >= self.read_size and seconds < turn / 4 and self.read_size < READ_SIZE:
+            self.read_size = min(READ_SIZE, self.read_size * 2)
+        self._spent += seconds
+        if self._spent < turn:
+            return
+        self._spent = 0.0
+        session, transport = self.session, self.transport
+        if session.closing or transport.is_closing() or session.read_gate.holds(_TURN):
+            return
+        session.read_gate.pause(_TURN, transport)
+        asyncio.get_running_loop().call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        self.session.read_gate.resume(_TURN, self.transport)
 
     def data_received(self, data: bytes | memoryview) -> None:
         try:
@@ -289,7 +332,7 @@ class SessionProtocol(asyncio.BufferedProtocol):
         except Exception as e:  # one client's input ends its own session, never the server
             session = self.session
             log.error("%s sandbox=%s: ending the session after an unexpected error: %s: %s",
-                      session.transport_name, session.sandbox.id, type(e).__name__, e)
+                      session.transport_name, session.sandbox_id, type(e).__name__, e)
             session.close(f"internal error: {type(e).__name__}")
 
     def received(self, data: bytes | memoryview) -> None:

@@ -26,7 +26,9 @@ from crishim.protocols.spdy import (
     STREAM_ALREADY_CLOSED,
     STREAM_IN_USE,
     UNSUPPORTED_VERSION,
+    WINDOW_UPDATE,
     DataReceived,
+    FrameIgnored,
     GoAwayReceived,
     HeadersReceived,
     PingAcknowledged,
@@ -936,7 +938,7 @@ def test_window_update_with_zero_delta_on_the_session_ends_it(peer: Peer) -> Non
 
 
 def test_window_update_for_unknown_stream_is_ignored(peer: Peer) -> None:
-    assert peer.send(window_update(5, 100)) == []
+    assert peer.send(window_update(5, 100)) == [FrameIgnored(WINDOW_UPDATE)]  # counted
     assert peer.sent() == []
 
 
@@ -966,12 +968,47 @@ def test_unknown_control_frame_types_are_ignored_even_when_large(peer: Peer) -> 
     credential = control(10, b"c" * 100_000)
     huge = control(0x7777, length=0xFFFFFF)
     events = peer.send(noop + credential + ping(1))
-    assert events == [PingReceived(1)]
-    assert peer.send(huge) == []
+    # ignored, but reported: the session counts them against its control budget
+    assert events == [FrameIgnored(5), FrameIgnored(10), PingReceived(1)]
+    assert peer.send(huge) == [FrameIgnored(0x7777)]
     for _ in range(0xFFFFFF // 1_000_000):
         assert peer.send(b"\x00" * 1_000_000) == []
         assert peer.session.buffered_input == 0
     assert peer.send(b"\x00" * (0xFFFFFF % 1_000_000) + ping(3)) == [PingReceived(3)]
+
+
+def test_settings_keep_only_the_ids_spdy_defines() -> None:
+    peer = Peer(SpdyConnection(SpdyConfig()))
+    entries = [(i, i * 10) for i in range(1, 40_000)]
+    frame = control(4, struct.pack(">I", len(entries))
+                    + b"".join(struct.pack(">II", i, v) for i, v in entries))
+    assert peer.send(frame) == [SettingsReceived({i: i * 10 for i in range(1, 9)})]
+    assert peer.session.peer_settings == {i: i * 10 for i in range(1, 9)}
+
+
+def test_a_receive_stops_at_its_share_of_frames_and_goes_on_when_called_again() -> None:
+    peer = Peer(SpdyConnection(SpdyConfig(max_frames_per_receive=3)))
+    events = peer.send(b"".join(ping(2 * i + 1) for i in range(8)))
+    assert events == [PingReceived(1), PingReceived(3), PingReceived(5)]
+    assert peer.session.backlogged
+    assert peer.send(b"") == [PingReceived(7), PingReceived(9), PingReceived(11)]
+    # new input queues behind the backlog, in order, and a partial frame stays held
+    assert peer.send(ping(17)[:5]) == [PingReceived(13), PingReceived(15)]
+    assert not peer.session.backlogged
+    assert peer.send(ping(17)[5:]) == [PingReceived(17)]
+
+
+def test_a_receive_stops_once_header_blocks_inflated_past_its_share() -> None:
+    peer = Peer(SpdyConnection(SpdyConfig(max_inflated_per_receive=1000)))
+    big = {"x-pad": "p" * 2000}
+    blocks = b"".join(peer.enc.syn_stream(2 * i + 1, big) for i in range(5))
+    events = peer.send(blocks)
+    assert [type(e) for e in events] == [StreamOpened]  # 2,000 bytes: over its share
+    assert peer.session.backlogged
+    ids = [e.stream_id for e in events]
+    while peer.session.backlogged:
+        ids += [e.stream_id for e in peer.send(b"")]
+    assert ids == [1, 3, 5, 7, 9]
 
 
 def test_syn_reply_rules(peer: Peer) -> None:

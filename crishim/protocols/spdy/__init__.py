@@ -69,6 +69,7 @@ from .errors import (
 from .events import (
     DataReceived,
     Event,
+    FrameIgnored,
     GoAwayReceived,
     HeadersReceived,
     PingAcknowledged,
@@ -125,6 +126,7 @@ __all__ = [
     "CompressionError",
     "DataReceived",
     "Event",
+    "FrameIgnored",
     "GoAwayReceived",
     "HeaderBlockError",
     "HeaderDecoder",

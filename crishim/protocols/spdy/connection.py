@@ -63,6 +63,7 @@ from .errors import (
 from .events import (
     DataReceived,
     Event,
+    FrameIgnored,
     GoAwayReceived,
     HeadersReceived,
     PingAcknowledged,
@@ -76,6 +77,9 @@ from .events import (
     WindowUpdateReceived,
 )
 
+_UNLIMITED = 1 << 62
+# SPDY/3.1's settings ids (SETTINGS_UPLOAD_BANDWIDTH .. CLIENT_CERTIFICATE_VECTOR_SIZE)
+_KNOWN_SETTINGS = frozenset(range(1, 9))
 _KNOWN_CONTROL_TYPES = frozenset(
     (SYN_STREAM, SYN_REPLY, RST_STREAM, SETTINGS, PING, GOAWAY, HEADERS, WINDOW_UPDATE)
 )
@@ -104,6 +108,12 @@ class SpdyConfig:
     closed_stream_memory: int = 1024
     #: How many of our own unanswered PING ids are remembered.
     max_outstanding_pings: int = 1024
+    #: Work one receive_data call does before it stops and keeps the rest of its input
+    #: (``backlogged``) for the next call: frames, and bytes inflated from header blocks
+    #: (the events of one call, decoded headers included, are all held at once). 0: no
+    #: limit (a caller that does not call again when ``backlogged`` must keep it so).
+    max_frames_per_receive: int = 0
+    max_inflated_per_receive: int = 0
     #: zlib level for outgoing header blocks.
     header_compression_level: int = zlib.Z_DEFAULT_COMPRESSION
     #: DataReceived.data as a memoryview into the received ``bytes`` (no copy) when
@@ -120,6 +130,9 @@ class SpdyConfig:
                      "closed_stream_memory", "max_outstanding_pings"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
+        for name in ("max_frames_per_receive", "max_inflated_per_receive"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
 
     @property
     def max_control_frame(self) -> int:
@@ -180,6 +193,11 @@ class SpdyConnection:
         self._control_limit = config.max_control_frame
 
         self._inbuf = bytearray()
+        # input a receive_data call left for the next one once it had done its share
+        self._backlog = b""
+        self._frames_left = 0
+        self._inflate_left = 0
+        self._stopped = False
         # A DATA frame (or an ignored control frame) still being read: bytes left,
         # where they go (None: discard) and its FIN flag.
         self._payload_left = 0
@@ -216,6 +234,13 @@ class SpdyConnection:
     def buffered_input(self) -> int:
         """Bytes held back waiting for the rest of a frame header or control frame."""
         return len(self._inbuf)
+
+    @property
+    def backlogged(self) -> bool:
+        """A receive_data call stopped at its share of work (max_frames_per_receive,
+        max_inflated_per_receive) with whole frames left: call receive_data again (b""
+        will do) once its events are handled."""
+        return bool(self._backlog)
 
     @property
     def remembered_closed_streams(self) -> int:
@@ -503,25 +528,38 @@ class SpdyConnection:
         events: list[Event] = []
         if self.terminated:
             return events
+        if self._backlog:  # only after a call stopped at its share: copying is fine here
+            data = self._backlog + bytes(data)
+            self._backlog = b""
+            lent = False
         view = memoryview(data)
         if view.ndim != 1 or view.itemsize != 1:
             view = view.cast("B")
-        self._share_input = self.config.zero_copy and (lent or immutable(data))
+        config = self.config
+        self._share_input = config.zero_copy and (lent or immutable(data))
+        budgeted = bool(config.max_frames_per_receive or config.max_inflated_per_receive)
+        self._frames_left = config.max_frames_per_receive or _UNLIMITED
+        self._inflate_left = config.max_inflated_per_receive or _UNLIMITED
         try:
             try:
                 offset = 0
                 if self._inbuf:
                     offset = self._complete_buffered(view, events)
-                consumed = self._process(view[offset:], events)
-                if offset + consumed < len(view):
+                consumed = self._process(view[offset:], events, budgeted)
+                if self._stopped:
+                    self._stopped = False
+                    self._backlog = bytes(view[offset + consumed:])
+                elif offset + consumed < len(view):
                     self._inbuf += view[offset + consumed:]
             except _Terminated:
                 self._inbuf = bytearray()
+                self._backlog = b""
             except Exception as exc:  # noqa: BLE001 - a bug ends the session, not the transport
                 try:
                     self._fail(GOAWAY_INTERNAL_ERROR, f"internal codec error: {exc!r}", events)
                 except _Terminated:
                     self._inbuf = bytearray()
+                    self._backlog = b""
         finally:
             view.release()
         return events
@@ -569,8 +607,9 @@ class SpdyConnection:
                 return 8 + length
         return 8
 
-    def _process(self, view: memoryview, events: list[Event]) -> int:
-        """Handle every complete unit in ``view``; return the bytes consumed."""
+    def _process(self, view: memoryview, events: list[Event], budgeted: bool = False) -> int:
+        """Handle every complete unit in ``view``; return the bytes consumed. ``budgeted``:
+        stop (``_stopped``) before a frame once this call has done its share of work."""
         size = len(view)
         pos = 0
         unpack_header = _U32_PAIR.unpack_from
@@ -600,6 +639,11 @@ class SpdyConnection:
                 continue
             if size - pos < 8:
                 return pos
+            if budgeted:
+                self._frames_left -= 1
+                if self._frames_left < 0 or self._inflate_left < 0:
+                    self._stopped = True
+                    return pos
             word, flags_length = unpack_header(view, pos)
             length = flags_length & 0xFFFFFF
             flags = flags_length >> 24
@@ -608,6 +652,7 @@ class SpdyConnection:
                 version = (word >> 16) & 0x7FFF
                 if version == SPDY_VERSION and frame_type not in _KNOWN_CONTROL_TYPES:
                     # Unknown control frames are ignored, streamed past without buffering.
+                    events.append(FrameIgnored(frame_type))
                     pos += 8
                     self._payload_left = length
                     self._payload_target = None
@@ -694,7 +739,9 @@ class SpdyConnection:
 
     def _inflate(self, frame_name: str, block: memoryview, events: list[Event]) -> bytes:
         try:
-            return self._decoder.inflate(block)
+            raw = self._decoder.inflate(block)
+            self._inflate_left -= len(raw)
+            return raw
         except CompressionError as exc:
             self._fail(GOAWAY_PROTOCOL_ERROR, f"{frame_name}: {exc}", events)
 
@@ -817,7 +864,9 @@ class SpdyConnection:
         settings: dict[int, int] = {}
         for offset in range(4, size, 8):
             flags_id, value = _SETTING.unpack_from(payload, offset)
-            settings[flags_id & 0xFFFFFF] = value
+            setting_id = flags_id & 0xFFFFFF
+            if setting_id in _KNOWN_SETTINGS:  # unknown ids are ignored, not kept
+                settings[setting_id] = value
         self.peer_settings.update(settings)
         events.append(SettingsReceived(settings))
 
@@ -853,7 +902,8 @@ class SpdyConnection:
             if delta == 0:
                 self._fail(GOAWAY_PROTOCOL_ERROR, "session WINDOW_UPDATE with delta 0", events)
         elif stream_id not in self._streams:
-            return  # late update for a stream that is gone: harmless
+            events.append(FrameIgnored(WINDOW_UPDATE))  # late, for a stream that is gone
+            return
         elif delta == 0:
             self._stream_error(stream_id, PROTOCOL_ERROR,
                                f"WINDOW_UPDATE with delta 0 on stream {stream_id}", events)

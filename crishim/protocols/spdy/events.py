@@ -87,6 +87,14 @@ class WindowUpdateReceived(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class FrameIgnored(Event):
+    """A control frame the codec skips (an unknown type, a WINDOW_UPDATE for a stream
+    that is gone): reported so that whoever budgets the peer's frames can count it."""
+
+    frame_type: int
+
+
+@dataclass(frozen=True, slots=True)
 class GoAwayReceived(Event):
     last_good_stream_id: int
     status: int
