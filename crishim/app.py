@@ -32,9 +32,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("crishim")
 
-# CRI messages (ListContainers, ListImages on a busy node) outgrow gRPC's 4 MiB default
-_MESSAGE_LIMITS = [("grpc.max_receive_message_length", 64 << 20),
-                   ("grpc.max_send_message_length", 64 << 20)]
+# CRI messages (ListContainers, ListImages on a busy node) outgrow gRPC's 4 MiB default;
+# the kubelet's CRI client takes at most 16 MiB (k8s.io/cri-client maxMsgSize), so no
+# answer it can use is larger, and a request larger than that is refused from its length
+# prefix on (at 64 MiB, concurrent oversized calls held 845 MiB before they were refused)
+_MESSAGE_LIMITS = [("grpc.max_receive_message_length", 16 << 20),
+                   ("grpc.max_send_message_length", 16 << 20)]
 
 
 class Crishim:

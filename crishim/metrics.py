@@ -4,9 +4,14 @@ connections by transport, bytes each way, failures by reason, tokens, netns dial
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 from collections.abc import Iterator
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily
 
 from crishim import __version__
@@ -61,7 +66,11 @@ class Metrics:
 
     def serve(self, address: str) -> None:
         host, _, port = address.rpartition(":")
-        start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=self.registry)
+        host = host.strip("[]") or "0.0.0.0"
+        _MetricsServer.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        server = make_server(host, int(port), make_wsgi_app(self.registry), _MetricsServer,
+                             handler_class=_QuietHandler)
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         log.info("metrics on http://%s/metrics", address)
 
     # --- hooks called by the stream server and the forwarding core ----------------------
@@ -86,3 +95,49 @@ class Metrics:
 
     def dial_seconds(self, seconds: float) -> None:
         self.dial.observe(seconds)
+
+
+# Scrapes served at once, and how long one may take to send its request: the endpoint
+# costs crishim a thread and a descriptor per connection (prometheus_client's own server
+# keeps both for as long as a client holds the connection open, without limit)
+METRICS_CONNECTIONS = 8
+METRICS_TIMEOUT = 10.0
+
+
+class _QuietHandler(WSGIRequestHandler):
+    timeout = METRICS_TIMEOUT  # a socket timeout: a silent client is dropped
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # scrapes are not logged
+
+
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    """A thread per scrape, at most METRICS_CONNECTIONS at once: past them a connection
+    is closed at once (the scraper retries at its next interval)."""
+
+    daemon_threads = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(METRICS_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # a scraper's dropped or silent connection (socket timeout): not crishim's fault,
+        # and socketserver's default prints a traceback
+        log.debug("metrics: connection from %s ended early", client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()

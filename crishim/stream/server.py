@@ -85,6 +85,9 @@ class StreamServer:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: _RequestProtocol(self), self.host, self.port, ssl=self.ssl_context,
+            # a TLS connection is the request's only once its handshake is done: until
+            # then the request timeout bounds it here (the loop's default is 60 s)
+            ssl_handshake_timeout=self.request_timeout if self.ssl_context else None,
             backlog=1024)
         self.port = self._server.sockets[0].getsockname()[1]
 
