@@ -289,7 +289,7 @@ class SessionProtocol(asyncio.BufferedProtocol):
         except Exception as e:  # one client's input ends its own session, never the server
             session = self.session
             log.error("%s sandbox=%s: ending the session after an unexpected error: %s: %s",
-                      session.transport_name, session.sandbox.id, type(e).__name__, e)
+                      session.transport_name, session.sandbox_id, type(e).__name__, e)
             session.close(f"internal error: {type(e).__name__}")
 
     def received(self, data: bytes | memoryview) -> None:
