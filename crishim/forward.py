@@ -146,7 +146,7 @@ class ForwardedConnection:
         self.transport_name = transport_name
         self.pod: asyncio.Transport | None = None
         self._pod_fd = -1
-        self._pending: list[bytes | memoryview] = []
+        self._pending: list[bytes | bytearray | memoryview] = []
         self._pending_size = 0
         self._client_eof = False
         self._pod_eof = False
@@ -340,7 +340,16 @@ class ForwardedConnection:
             else:
                 self._write_to_pod(pod, [data])
             return
-        self._pending.append(bytes(data))
+        pending = self._pending
+        if len(data) < _GATHER_BELOW:
+            # small pieces (a flood of 1-byte frames) into one buffer, not an object each
+            last = pending[-1] if pending else None
+            if type(last) is bytearray:
+                last += data
+            else:
+                pending.append(bytearray(data))
+        else:
+            pending.append(bytes(data))  # kept past a lent read: copied once either way
         self._pending_size += len(data)
         self.session.pending_up += len(data)
         # bounded per session, not per connection: many slow dials hold one buffer
@@ -443,6 +452,9 @@ class ForwardedConnection:
             self.pod.resume_reading()
 
 
+# client pieces smaller than this, sent while the pod is dialled, are gathered into one
+# buffer: ~1 byte of memory per byte rather than ~40 for an object per piece
+_GATHER_BELOW = 4096
 _EARLY_SEND_PIECES = 64  # sent with one sendmsg(2) before the pod's transport exists
 _CLIENT_OUTPUT = "client output"  # the read gate's key while the client's output backs up
 
