@@ -72,19 +72,32 @@ class ForwardContext:
         self.live_sessions = 0  # kept by the stream server
         self.flood = flood or FloodLimits()
         # HTTP/2 receive windows granted beyond the 64 KiB every connection has, in all
-        # sessions: at most flood.buffer_budget (see take_window)
+        # sessions, and the bytes WebSocket channel sessions hold beyond their free
+        # allowance: together at most flood.buffer_budget (see take_window, take_bytes)
         self.windows_granted = 0
+        self.bytes_held = 0
 
     def take_window(self) -> int:
         """Bytes towards pods a new session may hold: session_buffer_size while the
         buffer budget lasts, less (down to nothing) once it is spent."""
         grant = max(0, min(self.flood.session_buffer_size,
-                           self.flood.buffer_budget - self.windows_granted))
+                           self.flood.buffer_budget - self.windows_granted - self.bytes_held))
         self.windows_granted += grant
         return grant
 
     def return_window(self, grant: int) -> None:
         self.windows_granted -= grant
+
+    def take_bytes(self, n: int) -> bool:
+        """n more bytes held by a session from the buffer budget; False (nothing taken)
+        when the budget has not that many left."""
+        if self.windows_granted + self.bytes_held + n > self.flood.buffer_budget:
+            return False
+        self.bytes_held += n
+        return True
+
+    def return_bytes(self, n: int) -> None:
+        self.bytes_held -= n
 
     @property
     def out_of_descriptors(self) -> bool:

@@ -151,6 +151,11 @@ class WebSocketFraming:
         self._acc: list[bytes | bytearray | memoryview] = []
 
     @property
+    def message_bytes(self) -> int:
+        """Payload bytes of a message being reassembled, held here until it ends."""
+        return self._message_size if self._message_opcode and not self.stream else 0
+
+    @property
     def closing(self) -> bool:
         """A close frame has been sent or received; no more messages go out."""
         return self.closed or self._close_sent
