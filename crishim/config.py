@@ -244,9 +244,11 @@ SETTINGS: dict[str, Setting] = {
                                         "are counted in one line when it ends", "int"),
     "session_buffer_size": Setting("bytes towards pods one HTTP/2 connection may hold (its "
                                    "receive window; a stream's is a quarter of it)", "int"),
-    "buffer_budget": Setting("bytes towards pods all HTTP/2 connections together may hold: "
-                             "each takes its session_buffer_size from it, and once it is "
-                             "spent new ones get the 64 KiB protocol default", "int"),
+    "buffer_budget": Setting("bytes towards pods all sessions together may hold: each "
+                             "HTTP/2 connection takes its session_buffer_size from it (once "
+                             "it is spent new ones get the 64 KiB protocol default), and a "
+                             "WebSocket channel session what it holds beyond 1 MiB (one that "
+                             "would pass it is closed 1013)", "int"),
     "read_turn": Setting("CPU one session's input may take before other sessions get "
                          "theirs (e.g. 5ms): past it the session waits one turn of the "
                          "event loop, and its reads shrink until one fits", "duration"),

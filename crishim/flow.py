@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 
 
 class ReadGate:
@@ -85,18 +85,20 @@ def write_lent(transport: asyncio.WriteTransport, fd: int,
         except OSError:  # EAGAIN, or an error the transport's own write meets below
             sent = 0
         if sent:
-            pieces = unsent(pieces, sent)
-            if not pieces:
-                return
+            left = unsent(pieces, sent)
+            if left:
+                transport.write(b"".join(left))
+            return
     transport.write(b"".join(pieces))
 
 
-def unsent(pieces: list[bytes | memoryview], sent: int) -> list[bytes | memoryview]:
+def unsent(pieces: Sequence[bytes | bytearray | memoryview], sent: int
+           ) -> list[bytes | bytearray | memoryview]:
     """What is left of pieces once their first `sent` bytes were written."""
     for i, piece in enumerate(pieces):
         size = len(piece)
         if sent < size:
-            rest = pieces[i:]
+            rest = list(pieces[i:])
             if sent:
                 rest[0] = memoryview(piece)[sent:]
             return rest

@@ -72,19 +72,32 @@ class ForwardContext:
         self.live_sessions = 0  # kept by the stream server
         self.flood = flood or FloodLimits()
         # HTTP/2 receive windows granted beyond the 64 KiB every connection has, in all
-        # sessions: at most flood.buffer_budget (see take_window)
+        # sessions, and the bytes WebSocket channel sessions hold beyond their free
+        # allowance: together at most flood.buffer_budget (see take_window, take_bytes)
         self.windows_granted = 0
+        self.bytes_held = 0
 
     def take_window(self) -> int:
         """Bytes towards pods a new session may hold: session_buffer_size while the
         buffer budget lasts, less (down to nothing) once it is spent."""
         grant = max(0, min(self.flood.session_buffer_size,
-                           self.flood.buffer_budget - self.windows_granted))
+                           self.flood.buffer_budget - self.windows_granted - self.bytes_held))
         self.windows_granted += grant
         return grant
 
     def return_window(self, grant: int) -> None:
         self.windows_granted -= grant
+
+    def take_bytes(self, n: int) -> bool:
+        """n more bytes held by a session from the buffer budget; False (nothing taken)
+        when the budget has not that many left."""
+        if self.windows_granted + self.bytes_held + n > self.flood.buffer_budget:
+            return False
+        self.bytes_held += n
+        return True
+
+    def return_bytes(self, n: int) -> None:
+        self.bytes_held -= n
 
     @property
     def out_of_descriptors(self) -> bool:
@@ -146,7 +159,7 @@ class ForwardedConnection:
         self.transport_name = transport_name
         self.pod: asyncio.Transport | None = None
         self._pod_fd = -1
-        self._pending: list[bytes | memoryview] = []
+        self._pending: list[bytes | bytearray | memoryview] = []
         self._pending_size = 0
         self._client_eof = False
         self._pod_eof = False
@@ -340,7 +353,16 @@ class ForwardedConnection:
             else:
                 self._write_to_pod(pod, [data])
             return
-        self._pending.append(bytes(data))
+        pending = self._pending
+        if len(data) < _GATHER_BELOW:
+            # small pieces (a flood of 1-byte frames) into one buffer, not an object each
+            last = pending[-1] if pending else None
+            if type(last) is bytearray:
+                last += data
+            else:
+                pending.append(bytearray(data))
+        else:
+            pending.append(bytes(data))  # kept past a lent read: copied once either way
         self._pending_size += len(data)
         self.session.pending_up += len(data)
         # bounded per session, not per connection: many slow dials hold one buffer
@@ -443,6 +465,9 @@ class ForwardedConnection:
             self.pod.resume_reading()
 
 
+# client pieces smaller than this, sent while the pod is dialled, are gathered into one
+# buffer: ~1 byte of memory per byte rather than ~40 for an object per piece
+_GATHER_BELOW = 4096
 _EARLY_SEND_PIECES = 64  # sent with one sendmsg(2) before the pod's transport exists
 _CLIENT_OUTPUT = "client output"  # the read gate's key while the client's output backs up
 

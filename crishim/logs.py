@@ -25,6 +25,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, separators=(",", ":"))
 
 
+# library loggers never below INFO, whatever --log-level says
+_CAPPED_AT_INFO = ("grpc", "hpack", "h2")
+
+
 def setup(log_format: str = "text", level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
@@ -34,4 +38,7 @@ def setup(log_format: str = "text", level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    logging.getLogger("grpc").setLevel(max(logging.INFO, root.level))  # its debug is per-call noise
+    # their debug is per-call (grpc) or per-header-field (hpack, h2) noise, and hpack's
+    # and h2's write every decoded header, the token in :path among them (docs §1.2)
+    for name in _CAPPED_AT_INFO:
+        logging.getLogger(name).setLevel(max(logging.INFO, root.level))

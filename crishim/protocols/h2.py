@@ -90,6 +90,7 @@ from hyperframe.frame import (
     Frame,
     GoAwayFrame,
     HeadersFrame,
+    PushPromiseFrame,
     WindowUpdateFrame,
 )
 
@@ -241,6 +242,19 @@ class ViewFrameBuffer(FrameBuffer):
         # (stream id, length) -> may this DATA frame be handed out in pieces?
         self.can_split: Callable[[int, int], bool] = lambda stream_id, length: False
         self.lent = False  # the input is a buffer its owner reuses: see keep()
+        # bytes a header block may hold while it waits for END_HEADERS (h2 bounds only the
+        # number of CONTINUATION frames, 64, so up to 64 frames of MAX_FRAME_SIZE each)
+        self.max_header_block = 2 * h2.connection.H2Connection.DEFAULT_MAX_HEADER_LIST_SIZE
+
+    def _update_header_buffer(self, f: Frame | None) -> Frame | None:
+        if self._headers_buffer or (isinstance(f, (HeadersFrame, PushPromiseFrame))
+                                    and "END_HEADERS" not in f.flags):
+            held = sum(len(x.data) for x in self._headers_buffer)
+            held += len(getattr(f, "data", b""))
+            if held > self.max_header_block:
+                raise Overloaded(f"a header block of more than {self.max_header_block} bytes "
+                                 "(twice MAX_HEADER_LIST_SIZE) without END_HEADERS")
+        return super()._update_header_buffer(f)
 
     def add_data(self, data: Buffer) -> None:
         if type(data) is not bytes and not self.lent:
@@ -708,6 +722,10 @@ class H2Codec(h2.connection.H2Connection):
         on in the next read is copied here."""
         buffer = self.incoming_buffer
         buffer.lent = lent
+        # an encoded block within the advertised list size is never bigger than it (each
+        # field counts 32 bytes more than its name and value): twice is ample
+        buffer.max_header_block = 2 * (self.local_settings.max_header_list_size
+                                       or self.DEFAULT_MAX_HEADER_LIST_SIZE)
         try:
             return super().receive_data(data)
         finally:

@@ -7,6 +7,7 @@ HTTP/2 (`h2_refusal`)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
@@ -57,12 +58,29 @@ def h2_refusal(refused: Refused) -> tuple[list[tuple[str, str]], bytes]:
     return headers, body
 
 
+# a path segment longer than this could be a token (22 characters) and is cut
+_PLAIN_SEGMENT = 12
+_KEPT = 4  # characters of a token a log line shows (docs/protocol.md 1.2)
+_TOKEN_LIKE = re.compile(r"[A-Za-z0-9_%-]{" + str(_PLAIN_SEGMENT + 1) + ",}")
+
+
 def redact(path: str) -> str:
-    """Tokens are credentials: never log one whole."""
-    parts = path.split("?", 1)[0].split("/")
-    if len(parts) == 3 and len(parts[2]) > 6:
-        parts[2] = parts[2][:4] + "…"
+    """A request target fit for a log line (tokens are credentials, never logged whole):
+    every segment after a `portforward` one and every segment longer than 12 characters
+    is cut to its first 4, whatever the path's shape; the query is left out."""
+    parts = path.split("?", 1)[0].split("#", 1)[0].split("/")
+    after_portforward = False
+    for i, part in enumerate(parts):
+        if len(part) > _KEPT and (after_portforward or len(part) > _PLAIN_SEGMENT):
+            parts[i] = part[:_KEPT] + "…"
+        after_portforward = after_portforward or part.lower() == "portforward"
     return "/".join(parts)
+
+
+def redact_text(text: str) -> str:
+    """Free text that may quote a request (a parser's error message): every run of
+    characters a token is made of longer than 12 cut to its first 4."""
+    return _TOKEN_LIKE.sub(lambda m: m.group(0)[:_KEPT] + "…", text)
 
 
 class Request:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Container, Mapping
-from typing import Any
 
 from crishim.ports import InvalidPort, parse_port, shown
 from crishim.protocols.constants import (
@@ -29,7 +28,7 @@ class PendingPair:
     """A forwarded connection's error and data streams while they gather."""
 
     __slots__ = ("request_id", "port", "protocol", "data_id", "error_id", "timer", "held",
-                 "on_data")
+                 "held_length", "held_end", "on_data")
 
     def __init__(self, request_id: str, port: int, protocol: str = TCP) -> None:
         self.request_id = request_id
@@ -38,7 +37,11 @@ class PendingPair:
         self.data_id = 0
         self.error_id = 0
         self.timer: asyncio.TimerHandle | None = None
-        self.held: list[Any] = []  # what a transport keeps for the data stream until complete
+        # what the client sent on the data stream before the pair completed, kept as one
+        # buffer however it was framed (None: no data frame came)
+        self.held: bytearray | None = None
+        self.held_length = 0  # its flow-controlled length (padding too): acknowledged later
+        self.held_end = False  # the client ended the data stream too
         self.on_data = False  # its data stream asked for dial: on-data (a TCP pair only)
 
     @property

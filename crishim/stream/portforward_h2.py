@@ -393,7 +393,7 @@ class H2PortForwardSession(ServerSession):
             if self._closed:
                 break
             if self._admitting is not None and isinstance(event, _QUEUED_WHILE_ADMITTING):
-                self._admitting.append(self._kept(event))
+                self._queue_while_admitting(self._admitting, event)
                 continue
             try:
                 self._handle(event)
@@ -404,6 +404,24 @@ class H2PortForwardSession(ServerSession):
                                     level=logging.ERROR, logger=log)
                 if sid:
                     self.reset(sid, ErrorCodes.INTERNAL_ERROR)
+
+    def _queue_while_admitting(self, queued: list[h2.events.Event],
+                               event: h2.events.Event) -> None:
+        """Keep an event until the first stream's token is redeemed: consecutive DATA of
+        one stream joined into one event (1-byte frames cost a byte each, not an event)."""
+        last = queued[-1] if queued else None
+        if isinstance(event, h2.events.DataReceived) and \
+                isinstance(last, h2.events.DataReceived) and \
+                last.stream_id == event.stream_id and event.data:
+            data = cast("bytes | bytearray", last.data)
+            if type(data) is not bytearray:
+                data = bytearray(data or b"")
+                last.data = cast("bytes", data)  # what _on_data reads as it reads bytes
+            data += event.data
+            last.flow_controlled_length = (last.flow_controlled_length or 0) + \
+                (event.flow_controlled_length or 0)
+            return
+        queued.append(self._kept(event))
 
     def _handle(self, event: h2.events.Event) -> None:
         match event:
@@ -517,8 +535,11 @@ class H2PortForwardSession(ServerSession):
             return
         self._by_stream[pair.data_id] = conn
         self._live_requests[pair.request_id] = conn
-        for event in pair.held:
-            self._handle(event)
+        if pair.held is not None:  # what came before the pair, in one piece
+            held, pair.held = pair.held, None
+            self._forward_data(pair.data_id, conn, memoryview(held), pair.held_length)
+        if pair.held_end and not conn.done:
+            conn.client_eof()
 
     def _pair_timed_out(self, pair: PendingPair) -> None:
         if self._closed:
@@ -529,8 +550,7 @@ class H2PortForwardSession(ServerSession):
             self.queue_data(pair.error_id, message.encode())
             self.queue_eof(pair.error_id)
         if pair.data_id:
-            self._ack(pair.data_id, sum(getattr(e, "flow_controlled_length", 0)
-                                        for e in pair.held))
+            self._ack(pair.data_id, pair.held_length)
             self.reset(pair.data_id, ErrorCodes.CANCEL)
         self.flush()
 
@@ -559,16 +579,26 @@ class H2PortForwardSession(ServerSession):
         if conn is None:
             pair = self._pairs.by_stream.get(sid)
             if pair is not None and sid == pair.data_id:
-                pair.held.append(self._kept(ev))  # acknowledged once the pair is flowing
+                # kept until the pair completes, acknowledged once it flows: appended to one
+                # buffer (copied out of a lent read), never an object per frame, so 1-byte
+                # frames cost a byte each and the pair's completion forwards them at once
+                if pair.held is None:
+                    pair.held = bytearray()
+                pair.held += ev.data
+                pair.held_length += ev.flow_controlled_length
                 return
             self._ack(sid, ev.flow_controlled_length)  # error stream or ended: discard
             return
-        conn.client_data(ev.data)  # an empty frame dials a pair opened ahead
+        self._forward_data(sid, conn, ev.data, ev.flow_controlled_length)
+
+    def _forward_data(self, sid: int, conn: ForwardedConnection | ForwardedFlow,
+                      data: bytes | memoryview, flow_controlled: int) -> None:
+        conn.client_data(data)  # an empty frame dials a pair opened ahead
         acks = self._read_acks
         if acks is not None:
-            acks[sid] = acks.get(sid, 0) + ev.flow_controlled_length
+            acks[sid] = acks.get(sid, 0) + flow_controlled
         else:
-            self._ack_unless_congested(sid, ev.flow_controlled_length)
+            self._ack_unless_congested(sid, flow_controlled)
 
     def _kept(self, event: _E) -> _E:
         """An event kept past the read it came in: its data copied out of a lent read."""
@@ -583,7 +613,7 @@ class H2PortForwardSession(ServerSession):
             return
         pair = self._pairs.by_stream.get(ev.stream_id)
         if pair is not None and ev.stream_id == pair.data_id:
-            pair.held.append(ev)
+            pair.held_end = True
 
     def _on_reset(self, ev: h2.events.StreamReset) -> None:
         sid = ev.stream_id
@@ -598,6 +628,8 @@ class H2PortForwardSession(ServerSession):
         pair = self._pairs.by_stream.get(sid)
         if pair is not None:
             self._pairs.forget(pair)
+            if sid == pair.data_id:  # what it held goes: the connection's window comes back
+                self._ack(sid, pair.held_length)
             other = pair.error_id if sid == pair.data_id else pair.data_id
             if other == pair.error_id and other:
                 self.queue_eof(other)

@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from typing import cast
 
 from crishim.forward import ForwardContext, ForwardedConnection
+from crishim.forward_udp import ForwardedFlow
 from crishim.ports import InvalidPort, parse_port
 from crishim.protocols import websocket as ws
 from crishim.protocols.constants import (
@@ -59,6 +60,9 @@ SUPPORTED_SUBPROTOCOLS = [ws.SPDY_TUNNEL, ws.CHANNEL_BINARY, ws.CHANNEL_BASE64]
 SPDY_TUNNEL_CRISHIM = websocket_subprotocol(PORTFORWARD_CRISHIM_V1)
 # After the client's close frame, connections still waiting for the pod get this long.
 CLOSE_GRACE = 5.0
+# What a channel session holds (a message being reassembled, bytes its pods have not
+# taken yet) beyond this comes from the server's buffer_budget, as HTTP/2's windows do
+FREE_HOLD = 1024 * 1024
 _GRACEFUL_CLOSE_CODES = (1000, 1001, 1005)
 
 
@@ -273,6 +277,7 @@ class ChannelPortForwardSession(ServerSession):
         self.transport_name = "websocket-base64" if base64 else "websocket"
         self.channels = [_PortChannel(self, i) for i in range(len(ports))]
         self.on_data = on_data  # opened ahead: the ports wait for the client's first message
+        self._charged = 0  # bytes taken from the server's buffer budget (see _account)
 
     # --- life cycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -327,7 +332,56 @@ class ChannelPortForwardSession(ServerSession):
                 case ws.Closed():
                     self._closed_by_peer(event)
                     return
-        self.flush()
+        if self._account():
+            self.flush()
+
+    # --- the server's buffer budget ------------------------------------------------------
+    def held(self) -> int:
+        """Bytes this session holds: the message being reassembled, what waits for a
+        dial, and what its pods' sockets have not taken."""
+        held = self.codec.framing.message_bytes + self.pending_up
+        for conn in self.connections:
+            pod = getattr(conn, "pod", None)
+            if pod is not None:
+                held += pod.get_write_buffer_size()
+        return held
+
+    def _account(self, growing: bool = True) -> bool:
+        """Charge what the session holds beyond FREE_HOLD to the server's buffer budget,
+        or give back what it no longer holds. False, the session closed with 1013, when
+        it would hold more than the budget has left."""
+        if self._closed:
+            return False
+        held = self.held()
+        want = max(0, held - FREE_HOLD)
+        if want > self._charged:
+            if not growing:
+                return True
+            if not self.ctx.take_bytes(want - self._charged):
+                budget = self.ctx.flood.buffer_budget
+                reason = (f"holding {held} bytes towards pods would pass the server's "
+                          f"buffer_budget ({budget} bytes, shared by every session)")
+                self.codec.close(ws.CLOSE_TRY_AGAIN_LATER, "crishim's buffer budget is spent; "
+                                                           "try again later")
+                self.violated(reason)
+                return False
+        else:
+            self.ctx.return_bytes(self._charged - want)
+        self._charged = want
+        return True
+
+    def resume_client_reading(self, key: object) -> None:
+        super().resume_client_reading(key)
+        self._account(growing=False)  # a pod took what it held
+
+    def connection_finished(self, conn: ForwardedConnection | ForwardedFlow) -> None:
+        super().connection_finished(conn)
+        self._account(growing=False)
+
+    def end(self, close_transport: bool) -> None:
+        self.ctx.return_bytes(self._charged)
+        self._charged = 0
+        super().end(close_transport)
 
     def _closed_by_peer(self, event: ws.Closed) -> None:
         self.flush()

@@ -22,6 +22,7 @@ from crishim.stream.admission import (
     Request,
     http1_refusal,
     redact,
+    redact_text,
 )
 from crishim.stream.session import (
     ServerSession,
@@ -300,7 +301,8 @@ class _RequestProtocol(asyncio.Protocol):
         try:
             event = conn.next_event()
         except h11.RemoteProtocolError as e:
-            self._refuse(Refused(400, f"malformed HTTP request: {e}"))
+            # h11 quotes the request line, the token in it: cut like a logged path
+            self._refuse(Refused(400, f"malformed HTTP request: {redact_text(str(e))}"))
             return
         if not isinstance(event, h11.Request):
             self._refuse(Refused(400, "malformed HTTP request"))

@@ -137,8 +137,62 @@ def test_continuation_flood_before_a_token_is_cut_at_the_head_limit(serve):
     finally:
         sock.close()
     assert echo_served(proc) == b"still serving"
-    assert "bytes of frames before a token was redeemed" in proc.log()
+    log = proc.log()
+    # the head limit (16 KiB), or the header block's own (32 KiB) when one read carried it
+    assert "bytes of frames before a token was redeemed" in log or \
+        "without END_HEADERS" in log
     assert_no_traceback(proc)
+
+
+def test_continuation_flood_after_a_token_is_cut_at_twice_the_header_list_size(serve):
+    """Once admitted, a header block waiting for END_HEADERS may hold twice the
+    MAX_HEADER_LIST_SIZE crishim advertises (16 KiB), not h2's 64 CONTINUATION frames of
+    up to 256 KiB each (16 MiB per connection, for the idle timeout)."""
+    proc = serve()
+    url = proc.port_forward_url(SANDBOX)
+    host, port = stream_address(proc)
+    sock = socket.create_connection((host, port))
+    try:
+        block = H2Client._new_conn().encoder.encode([
+            (":method", "POST"), (":scheme", "http"), (":authority", f"{host}:{port}"),
+            (":path", urlsplit(url).path), ("streamtype", "error"),
+            ("port", str(ECHO_PORT)), ("requestid", "1")])
+        sock.sendall(PREFACE + frame(SETTINGS, 0, 0) + frame(HEADERS, END_HEADERS | 1, 1,
+                                                             block))
+        _read_until_response(sock, stream_id=1)  # the token is redeemed: a session
+        sock.sendall(frame(HEADERS, 0, 3, b"\x82" * 16384))
+        try:
+            for _ in range(10):  # 176 KiB, well below h2's own 64-frame cap
+                sock.sendall(frame(CONTINUATION, 0, 3, b"\x82" * 16384))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server already closed: what this test wants
+        frames = read_frames_until_eof(sock, timeout=20)  # was: held, unanswered
+        assert goaway_code(frames) == ENHANCE_YOUR_CALM
+    finally:
+        sock.close()
+    assert echo_served(proc) == b"still serving"
+    lines = _lines_with(proc.log(), "without END_HEADERS")
+    assert len(lines) == 1 and "a header block of more than 32768 bytes" in lines[0], lines
+    assert " WARNING " in lines[0]
+    assert_no_traceback(proc)
+
+
+def _read_until_response(sock: socket.socket, stream_id: int) -> None:
+    """Read the server's frames until a HEADERS frame on stream_id."""
+    sock.settimeout(30)
+    data = bytearray()
+    while True:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed before answering"
+        data += chunk
+        while len(data) >= 9:
+            length = int.from_bytes(data[:3], "big")
+            if len(data) < 9 + length:
+                break
+            kind, sid = data[3], int.from_bytes(data[5:9], "big") & 0x7FFFFFFF
+            del data[: 9 + length]
+            if kind == HEADERS and sid == stream_id:
+                return
 
 
 @pytest.mark.parametrize("settings", ["!!!!", "AAMAAABk!", "AAMAAAB+"])
@@ -205,4 +259,89 @@ def test_slow_clients_without_a_token_are_capped(serve):
     assert len(live) <= cap
     assert sum(a.startswith(b"HTTP/1.1 503 ") for a in answers) >= slow - cap - 5, answers
     assert echo_served(proc, "upgrade") == b"still serving"
+    assert_no_traceback(proc)
+
+
+def _token(url: str) -> str:
+    return urlsplit(url).path.rsplit("/", 1)[1]
+
+
+def _lines_with(log: str, text: str) -> list[str]:
+    return [line for line in log.splitlines() if text in line]
+
+
+def _refusal(sock: socket.socket) -> bytes:
+    sock.settimeout(30)
+    return sock.recv(4096).split(b"\r\n", 1)[0]
+
+
+def test_refused_requests_are_logged_without_their_whole_token(serve):
+    """docs/protocol.md 1.2: a log line shows only a token's first 4 characters, however
+    the path around it is shaped. Each of these is refused and leaves its token valid."""
+    proc = serve()
+    host, port = stream_address(proc)
+    tokens = []
+    # a WebSocket upgrade to /portforward/<token>/ (a trailing slash)
+    token = _token(proc.port_forward_url(SANDBOX))
+    tokens.append(token)
+    with socket.create_connection((host, port)) as sock:
+        sock.sendall((f"GET /portforward/{token}/ HTTP/1.1\r\nHost: x\r\n"
+                      "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                      "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        assert _refusal(sock) == b"HTTP/1.1 404 Not Found"
+    # a request line h11 cannot parse, which its error message quotes
+    token = _token(proc.port_forward_url(SANDBOX))
+    tokens.append(token)
+    with socket.create_connection((host, port)) as sock:
+        sock.sendall(f"GET /portforward/{token} HTTP/1.1 extra\r\nHost: x\r\n\r\n".encode())
+        assert _refusal(sock) == b"HTTP/1.1 400 Bad Request"
+    # an HTTP/2 first stream with :path //portforward/<token>
+    token = _token(proc.port_forward_url(SANDBOX))
+    tokens.append(token)
+    with socket.create_connection((host, port)) as sock:
+        block = H2Client._new_conn().encoder.encode([
+            (":method", "POST"), (":scheme", "http"), (":authority", f"{host}:{port}"),
+            (":path", f"//portforward/{token}"), ("streamtype", "error"),
+            ("port", str(ECHO_PORT)), ("requestid", "1")])
+        sock.sendall(PREFACE + frame(SETTINGS, 0, 0) + frame(HEADERS, END_HEADERS | 1, 1,
+                                                             block))
+        read_frames_until_eof(sock, timeout=60)  # 404 and GOAWAY: refused, then closed
+    log = proc.log()
+    refused = _lines_with(log, "refused")
+    assert len(_lines_with(log, "stream request GET /portforward/")) >= 1, log
+    assert len(_lines_with(log, "h2 stream request POST //portforward/")) == 1, log
+    assert len(_lines_with(log, "malformed HTTP request")) == 1, log
+    for token in tokens:
+        assert _lines_with(log, token[:4] + "…"), (token, refused)
+        assert not _lines_with(log, token[:5]), (token, _lines_with(log, token[:5]))
+    assert echo_served(proc) == b"still serving"
+    assert_no_traceback(proc)
+
+
+def test_debug_log_shows_no_header_fields_of_http2_requests(serve):
+    """At --log-level debug (as every test server runs), hpack and h2 log every decoded
+    header field, the token in :path among them: their loggers stay at INFO. The test
+    client encodes its headers as h2 does by default (indexed, Huffman), so crishim's
+    decoder hands them to hpack."""
+    proc = serve()
+    assert "--log-level" in proc.proc.args and "debug" in proc.proc.args
+    url = proc.port_forward_url(SANDBOX)
+    token = _token(url)
+
+    async def forward_once() -> bytes:
+        client = await H2Client.connect(url, "prior")
+        try:
+            fwd = await client.forward(ECHO_PORT)
+            await fwd.write(b"debug", end_stream=True)
+            return await fwd.read_all(timeout=30)
+        finally:
+            await client.close()
+
+    assert asyncio.run(asyncio.wait_for(forward_once(), 60)) == b"debug"
+    log = proc.log()
+    assert _lines_with(log, "h2 session admitted"), log  # the server did log at debug
+    assert not _lines_with(log, " hpack."), _lines_with(log, " hpack.")[:5]
+    assert not _lines_with(log, " h2."), _lines_with(log, " h2.")[:5]
+    assert not _lines_with(log, token[:5])
     assert_no_traceback(proc)

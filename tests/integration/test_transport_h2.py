@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import ssl
+import struct
 import time
 from urllib.parse import urlsplit
 
@@ -408,6 +409,49 @@ def test_data_held_until_its_pair_completes_survives_the_reads_after_it(crishim)
 
     run(go())
     run(first_stream_queued())
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_tiny_frames_held_for_an_unpaired_data_stream_cost_a_byte_each(podnet):
+    """DATA on a data stream whose error stream has not come yet is held, bounded by the
+    stream's window in payload bytes: sent as 1-byte frames, it is still held as bytes
+    (it was an event and a bytes object per frame, ~180 bytes of server memory per byte),
+    and once the pair completes the pod gets it all, in order."""
+    count = 400_000
+    payload = bytes(i % 251 for i in range(count))
+
+    async def go(proc: CrishimProcess) -> None:
+        client = await _client(proc, "prior")
+        assert await _echo(client, b"warm") == b"warm"  # admitted: the session reads on
+        data_id = client.open_stream(client.request_headers(
+            streamtype="data", port=str(ECHO_PORT), requestid="tiny"))
+        header = struct.Struct(">HBBBL")
+        client.write_raw(b"".join(header.pack(0, 1, 0x0, 0, data_id) + payload[i:i + 1]
+                                  for i in range(count)))
+        before = _rss_mib(proc.proc.pid)
+        # served in order on one connection: once this echo is back, every frame was read
+        assert await _echo(client, b"after the frames") == b"after the frames"
+        grown = _rss_mib(proc.proc.pid) - before
+        assert grown < 16, f"{count} held bytes grew the server by {grown:.0f} MiB"
+        error_id = client.open_stream(client.request_headers(
+            streamtype="error", port=str(ECHO_PORT), requestid="tiny"), end_stream=True)
+        fwd = Forward(client, data_id, error_id)
+        await fwd.close_write()
+        assert await fwd.read_all() == payload
+        assert await fwd.error_text() == ""
+        assert await _echo(client, b"still serving") == b"still serving"
+        await client.close()
+
+    with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}") as proc:
+        run(go(proc))
+        assert "Traceback" not in proc.log()
 
 
 # --- flow control -------------------------------------------------------------------------

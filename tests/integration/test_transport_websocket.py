@@ -579,3 +579,74 @@ def test_raw_session_is_closed_with_1001_when_the_server_stops(podnet):
         finally:
             c.close()
         assert proc.proc.wait(20) == 0
+
+
+# --------------------------------------------------------------------------- buffer budget
+_PONG = b"\x8a\x00"
+
+
+def _budget_session(proc) -> RawChannelClient:
+    c = RawChannelClient(proc.port_forward_url(SANDBOX, [ECHO_PORT]), [ECHO_PORT],
+                         [ws.CHANNEL_BINARY])
+    c.pump(lambda: len(c.prefaces()) == 2)
+    return c
+
+
+def _hold_unfinished(c: RawChannelClient, size: int) -> bytes:
+    """Send the first fragment (no FIN) of a data message of `size` bytes for port 0 and
+    an empty ping; what the server sent back until its pong or its close (the server
+    answers the ping only after it has read the fragment)."""
+    payload = b"\x00" + b"u" * (size - 1)
+    first = bytes([0x02, 0x80 | 127]) + struct.pack(">Q", size) + bytes(4) + payload
+    try:
+        c.sock.sendall(first + bytes([0x89, 0x80]) + bytes(4))
+    except OSError:
+        pass  # closed by the server already: what it wrote tells why
+    got = b""
+    c.sock.settimeout(30)
+    while _PONG not in got:
+        try:
+            chunk = c.sock.recv(65536)
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def test_channel_sessions_hold_against_the_servers_buffer_budget(podnet):
+    """What channel sessions hold towards pods (here unfinished messages) beyond 1 MiB
+    each comes from the server's buffer_budget, as HTTP/2's windows do: a session that
+    would pass it is closed 1013 with a reason, a small one is still served, and what a
+    session held comes back to the budget once its pod took it."""
+    from tests.support.crishim_proc import CrishimProcess
+
+    mib = 1 << 20
+    with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}",
+                        "--buffer-budget", str(8 * mib)) as proc:
+        first = _budget_session(proc)
+        assert _PONG in _hold_unfinished(first, 6 * mib)  # 5 MiB of the budget's 8
+        second = _budget_session(proc)
+        answer = _hold_unfinished(second, 6 * mib)  # 5 more would pass it
+        assert _PONG not in answer
+        second._feed(answer)
+        second.pump(lambda: False)
+        assert second.closed is not None and second.closed.code == 1013
+        assert "buffer budget" in second.closed.reason
+        small = _budget_session(proc)  # within its free megabyte: served
+        small.send(0, b"small")
+        small.pump(lambda: small.data(0) == b"small")
+        # the first message ends: the echo pod takes it, and the budget is whole again
+        first.sock.sendall(bytes([0x80, 0x80]) + bytes(4))  # empty continuation, FIN
+        first.pump(lambda: len(first.data(0)) == 6 * mib - 1)
+        third = _budget_session(proc)
+        assert _PONG in _hold_unfinished(third, 6 * mib)
+        assert third.closed is None
+        for c in (first, second, small, third):
+            c.close()
+        log = proc.log()
+    warnings = [line for line in log.splitlines()
+                if " WARNING " in line and "buffer_budget" in line]
+    assert len(warnings) == 1 and "ending session" in warnings[0], warnings
+    assert "Traceback" not in log

@@ -11,7 +11,14 @@ from crishim.config import Config
 from crishim.forward import ForwardContext
 from crishim.runtime import RuntimeError_, Sandbox
 from crishim.sandboxes import NamedNetnsRuntime
-from crishim.stream.admission import Admission, Refused, h2_refusal, http1_refusal
+from crishim.stream.admission import (
+    Admission,
+    Refused,
+    h2_refusal,
+    http1_refusal,
+    redact,
+    redact_text,
+)
 from crishim.stream.portforward_h2 import settings_header
 from crishim.tokens import StreamRequest, TokenStore
 
@@ -109,3 +116,41 @@ def test_an_unavailable_runtime_is_a_503_not_a_500():
     status, refused = door.status("POST", door.url())
     assert status == 503 and "did not answer" in refused.reason
     assert ("Retry-After", "1") in refused.headers
+
+
+TOKEN = "AbCdEfGhIjKlMnOpQrStUv"  # secrets.token_urlsafe(16): 22 characters
+
+
+@pytest.mark.parametrize("path", [
+    f"/portforward/{TOKEN}",
+    f"/portforward/{TOKEN}/",
+    f"//portforward/{TOKEN}",
+    f"/portforward/{TOKEN}/extra/segments",
+    f"/PortForward/{TOKEN}",
+    f"/portforward//{TOKEN}",
+    f"/other/{TOKEN}",
+    f"/{TOKEN}",
+    f"/portforward{TOKEN}",
+    f"http://host:1234/portforward/{TOKEN}?port=80",
+    f"/portforward/{TOKEN}?token={TOKEN}",
+    f"/portforward/{TOKEN}#{TOKEN}",
+])
+def test_redact_never_shows_a_whole_token_whatever_the_paths_shape(path):
+    shown = redact(path)
+    assert TOKEN not in shown
+    assert TOKEN[:5] not in shown  # only the first 4 characters of any token-like segment
+    assert "…" in shown
+
+
+def test_redact_keeps_what_identifies_the_request():
+    assert redact(f"/portforward/{TOKEN}") == "/portforward/AbCd…"
+    assert redact("/healthz") == "/healthz"
+    assert redact("/portforward/") == "/portforward/"
+    assert redact("/portforward/abc") == "/portforward/abc"  # too short to be one
+
+
+def test_redact_text_cuts_a_token_quoted_in_a_parsers_message():
+    message = f"illegal request line: bytearray(b'GET /portforward/{TOKEN} HTTP/1.1 x')"
+    shown = redact_text(message)
+    assert TOKEN[:5] not in shown
+    assert shown == ("illegal request line: bytearray(b'GET /portforward/AbCd… HTTP/1.1 x')")

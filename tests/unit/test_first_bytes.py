@@ -238,3 +238,39 @@ def test_the_pods_eof_ends_both_streams_in_one_write():
     ends = uvloop.run(main())
     assert len(ends) == 1, ends  # one write
     assert sorted(sid for sid, fin in ends[0] if fin) == [1, 3]  # both streams ended
+
+
+def test_tiny_pieces_sent_while_dialling_are_held_as_one_buffer_and_arrive_in_order():
+    """A flood of 1-byte frames while the pod is dialled is held as one buffer per run of
+    small pieces (a byte each), not an object per piece (~40 bytes each); a big piece in
+    between is kept as it came; the pod gets every byte, in order."""
+    small = bytes(i % 251 for i in range(100_000))
+    big = b"B" * (64 * 1024)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        pod = _pod_listener(1 << 20)
+        session = SessionBase(_context(), HOST)
+        channel = _Channel()
+        conn = session.open_connection(pod.getsockname()[1], channel)
+        for i in range(len(small)):
+            conn.client_data(memoryview(small)[i:i + 1])  # views, as of a lent read
+            if i == len(small) // 2:
+                conn.client_data(big)
+        conn.client_eof()
+        held = conn._pending
+        assert [len(piece) for piece in held] == [len(small) // 2 + 1, len(big),
+                                                  len(small) - len(small) // 2 - 1]
+        assert session.pending_up == len(small) + len(big)
+        accepted, _ = await loop.sock_accept(pod)
+        got = bytearray()
+        while data := await asyncio.wait_for(loop.sock_recv(accepted, 1 << 20), 10):
+            got += data
+        half = len(small) // 2 + 1
+        assert bytes(got) == small[:half] + big + small[half:]
+        assert session.pending_up == 0
+        conn.close("test over")
+        accepted.close()
+        pod.close()
+
+    uvloop.run(main())

@@ -16,7 +16,7 @@ import pytest
 from hpack import Encoder
 from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame
 
-from crishim.protocols.h2 import H2Codec, Outbound
+from crishim.protocols.h2 import H2Codec, Outbound, Overloaded
 
 REQUEST = [(":method", "POST"), (":scheme", "http"), (":authority", "x"),
            (":path", "/portforward/t")]
@@ -551,3 +551,23 @@ def test_a_data_frame_with_the_reserved_bit_set_is_its_stream_s():
     ours, stock = _servers()
     assert _outcome(ours, wire, []) == _outcome(stock, wire, [])
     assert _outcome(*_servers()[:1], wire, [])[0][1] == {1: b"reserved"}
+
+
+def test_a_header_block_waiting_for_end_headers_is_bounded_by_the_list_size():
+    """h2 bounds an unfinished header block only by its CONTINUATION count (64 frames of
+    up to MAX_FRAME_SIZE); the codec holds at most twice the MAX_HEADER_LIST_SIZE it
+    advertises, then GOAWAY ENHANCE_YOUR_CALM. Within that, a block split over
+    CONTINUATION frames is decoded as before."""
+    ours, _ = _servers()
+    ours.local_settings = h2.settings.Settings(client=False, initial_values={
+        h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 16 * 1024,
+        h2.settings.SettingCodes.MAX_FRAME_SIZE: 64 * 1024})
+    wire = _client().data_to_send() + HeadersFrame(1, data=b"\x82" * 16384).serialize()
+    ours.receive_data(wire)
+    held = ContinuationFrame(1, data=b"\x82" * 16384)  # 32 KiB: at the bound, kept
+    assert ours.receive_data(held.serialize()) == []
+    ours.data_to_send()  # the SETTINGS acknowledgement
+    with pytest.raises(Overloaded, match="more than 32768 bytes"):
+        ours.receive_data(ContinuationFrame(1, data=b"\x82").serialize())
+    goaway = ours.data_to_send()
+    assert goaway[3] == 0x7 and int.from_bytes(goaway[13:17], "big") == 0xB  # GOAWAY, 11

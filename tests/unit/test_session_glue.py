@@ -12,8 +12,9 @@ from crishim.config import Config
 from crishim.forward import ForwardContext
 from crishim.runtime import Sandbox
 from crishim.sandboxes import NamedNetnsRuntime
+from crishim.stream.portforward_h2 import H2PortForwardSession
 from crishim.stream.portforward_spdy import SpdyPortForwardSession
-from crishim.stream.session import SessionProtocol
+from crishim.stream.session import SessionProtocol, SessionSettings
 
 
 class _Exploding:
@@ -55,3 +56,42 @@ def test_an_exception_from_a_sessions_input_ends_only_that_session(caplog):
     lines = [r for r in caplog.records if "unexpected error" in r.getMessage()]
     assert len(lines) == 1 and "a bug reached by this input" in lines[0].getMessage()
     assert lines[0].exc_info is None  # one line, no traceback
+
+
+class _ExplodingH2(_Exploding):
+    highest_inbound_stream_id = 0
+
+
+def test_an_exception_before_an_http2_token_is_redeemed_ends_only_that_session(caplog):
+    """By prior knowledge an HTTP/2 session has no sandbox until its first stream's token
+    is redeemed: the error line says so rather than failing on the missing sandbox."""
+    async def scenario() -> tuple[bool, bytes]:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        ctx = ForwardContext(NamedNetnsRuntime(Config()))
+        closed: list[bool] = []
+        transport, _ = await loop.create_connection(asyncio.Protocol, sock=ours)
+
+        async def admit(method: str, path: str, methods: object) -> object:
+            raise AssertionError("never reached")
+
+        session = H2PortForwardSession(SessionSettings(ctx, 5.0, 0.0), transport.writelines,
+                                       transport.close, admit=admit)  # type: ignore[arg-type]
+        assert session.sandbox is None
+        session.on_closed = lambda: closed.append(True)
+        session.codec = _ExplodingH2()  # type: ignore[assignment]
+        protocol = SessionProtocol(session, transport)
+        transport.set_protocol(protocol)
+        protocol.data_received(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")  # must not raise
+        await asyncio.sleep(0.05)
+        eof = await loop.sock_recv(theirs, 100)
+        theirs.close()
+        return bool(closed), eof
+
+    with caplog.at_level(logging.ERROR, logger="crishim.stream"):
+        closed, _ = asyncio.run(scenario())
+    assert closed
+    lines = [r.getMessage() for r in caplog.records if "unexpected error" in r.getMessage()]
+    assert lines == ["h2 sandbox=?: ending the session after an unexpected error: ValueError: "
+                     "a bug reached by this input"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import os
 import struct
+import tracemalloc
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -392,3 +393,38 @@ def test_a_message_whole_in_one_received_bytes_is_a_view_into_it_not_a_copy():
     reused[:] = bytes(len(reused))  # the caller's next read lands in the same buffer
     assert [bytes(m.data) for m in got] == [payload[:100], payload]
     assert all(type(m.data) is bytes for m in got)
+
+
+# --------------------------------------------------------------------------- reassembly memory
+
+
+def test_a_message_in_1_byte_fragments_is_held_in_about_a_byte_per_byte():
+    """A message's fragments are reassembled up to max_message_size counted in payload
+    bytes: held as one buffer however small the fragments (was an object per fragment,
+    ~60 bytes of memory per payload byte), and the message comes out whole."""
+    count = 100_000
+    payload = bytes(i % 251 for i in range(count))
+    wire = frame(BINARY, payload[:1], fin=False) + b"".join(
+        frame(CONTINUATION, payload[i:i + 1], fin=False) for i in range(1, count))
+    server = WebSocketFraming(client=False)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for start in range(0, len(wire), 65536):  # reads of 64 KiB, as a transport gives
+            assert server.receive_data(wire[start:start + 65536]) == []
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 2 * count, f"{held} bytes held for {count} payload bytes"
+    assert server.receive_data(frame(CONTINUATION, b"!")) == [Message(payload + b"!", True)]
+
+
+def test_a_single_frame_message_is_handed_on_as_it_came():
+    """The common case is not copied into a gathering buffer: a big unmasked frame's
+    payload is a view of the received bytes."""
+    payload = os.urandom(framing._VIEW_MIN)
+    server = WebSocketFraming(client=False)
+    wire = frame(BINARY, payload, masked=True)
+    (message,) = server.receive_data(wire)
+    assert message == Message(payload, True)
+    assert type(message.data) is not bytearray
