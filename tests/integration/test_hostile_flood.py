@@ -29,7 +29,7 @@ from hyperframe.frame import PingFrame, SettingsFrame
 from crishim.netns import listen_in_netns, open_netns, socket_in_netns
 from crishim.protocols import websocket as ws
 from crishim.protocols.spdy import GoAwayReceived, SpdyConfig, SpdyConnection
-from tests.support import SANDBOX
+from tests.support import SANDBOX, status_mib
 from tests.support.crishim_proc import CrishimProcess
 from tests.support.h2_pf_client import H2Client
 from tests.support.podnet import ECHO_PORT
@@ -59,11 +59,7 @@ def _serve(podnet, *args: str) -> CrishimProcess:
 
 
 def _rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
+    return status_mib(pid)
 
 
 def _log_lines(proc: CrishimProcess) -> int:

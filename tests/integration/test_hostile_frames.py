@@ -30,7 +30,7 @@ from tests.integration.test_hostile_flood import (
     _spdy_ping,
     _warm,
 )
-from tests.support import SANDBOX
+from tests.support import SANDBOX, status_mib
 from tests.support.podnet import ECHO_PORT, SINK_PORT
 from tests.support.spdy_pf_client import Forward, SpdyPortForwardClient
 
@@ -133,11 +133,7 @@ def test_spdy_header_blocks_that_inflate_are_charged_and_bounded(podnet):
 
 
 def _peak_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
+    return status_mib(pid, "VmHWM")
 
 
 def test_spdy_settings_keep_only_spdys_own_ids(podnet):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from tests.support import SANDBOX
+from tests.support import SANDBOX, status_mib
 from tests.support.crishim_proc import CrishimProcess
 from tests.support.podnet import ECHO_PORT
 from tests.support.spdy_pf_client import SpdyPortForwardClient
@@ -14,11 +14,7 @@ SESSIONS = 300
 
 
 def _rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
+    return status_mib(pid)
 
 
 def test_rss_returns_near_its_level_after_a_burst_of_sessions(podnet):

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from crishim.stream.tls import self_signed
-from tests.support import SANDBOX
+from tests.support import SANDBOX, status_mib
 from tests.support.crishim_proc import CrishimProcess
 from tests.support.h2_pf_client import WINDOW, Forward, H2Client, UpgradeRefused
 from tests.support.podnet import (
@@ -412,11 +412,7 @@ def test_data_held_until_its_pair_completes_survives_the_reads_after_it(crishim)
 
 
 def _rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
+    return status_mib(pid)
 
 
 def test_tiny_frames_held_for_an_unpaired_data_stream_cost_a_byte_each(podnet):

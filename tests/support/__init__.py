@@ -24,3 +24,12 @@ async def until(predicate: Callable[[], object], timeout: float = 10.0) -> None:
     while not predicate():
         assert loop.time() < end, "condition not reached in time"
         await asyncio.sleep(0.01)
+
+
+def status_mib(pid: int, field: str = "VmRSS") -> float:
+    """A memory line of /proc/<pid>/status in MiB: VmRSS now, VmHWM the peak."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
