@@ -13,6 +13,7 @@ from typing import Protocol
 from crishim.budget import FloodLimits
 from crishim.flow import ReadGate, read_buffer, unsent, write_lent
 from crishim.forward_udp import ForwardedFlow
+from crishim.protocols.buffers import gather
 from crishim.protocols.constants import PORTFORWARD_PROTOCOL
 from crishim.protocols.negotiation import TCP
 from crishim.runtime import DialFailed, RuntimePlugin, Sandbox, SandboxGone
@@ -353,16 +354,9 @@ class ForwardedConnection:
             else:
                 self._write_to_pod(pod, [data])
             return
-        pending = self._pending
-        if len(data) < _GATHER_BELOW:
-            # small pieces (a flood of 1-byte frames) into one buffer, not an object each
-            last = pending[-1] if pending else None
-            if type(last) is bytearray:
-                last += data
-            else:
-                pending.append(bytearray(data))
-        else:
-            pending.append(bytes(data))  # kept past a lent read: copied once either way
+        # small pieces (a flood of 1-byte frames) into one buffer, not an object each
+        if not gather(self._pending, data):
+            self._pending.append(bytes(data))  # kept past a lent read: copied
         self._pending_size += len(data)
         self.session.pending_up += len(data)
         # bounded per session, not per connection: many slow dials hold one buffer
@@ -465,9 +459,6 @@ class ForwardedConnection:
             self.pod.resume_reading()
 
 
-# client pieces smaller than this, sent while the pod is dialled, are gathered into one
-# buffer: ~1 byte of memory per byte rather than ~40 for an object per piece
-_GATHER_BELOW = 4096
 _EARLY_SEND_PIECES = 64  # sent with one sendmsg(2) before the pod's transport exists
 _CLIENT_OUTPUT = "client output"  # the read gate's key while the client's output backs up
 

@@ -10,3 +10,24 @@ def immutable(data: object) -> TypeGuard[bytes | memoryview]:
     so a codec may keep it (or views of it) as it is; anything else (a bytearray, a view
     of a buffer its owner reuses) is copied first."""
     return type(data) is bytes or (type(data) is memoryview and type(data.obj) is bytes)
+
+
+# pieces smaller than this are gathered into one bytearray as they come: a flood of
+# 1-byte frames costs a byte of memory per byte, not an object per piece (~40-60 bytes)
+GATHER_BELOW = 4096
+
+
+def gather(parts: list[bytes | bytearray | memoryview],
+           piece: bytes | bytearray | memoryview) -> bool:
+    """Add a small piece to the small buffer `parts` ends with (made a bytearray on the
+    way). False when the piece or that buffer is not small, or `parts` is empty: the
+    caller appends the piece as it keeps pieces (copied or not)."""
+    if not parts or len(piece) >= GATHER_BELOW:
+        return False
+    last = parts[-1]
+    if type(last) is not bytearray:
+        if len(last) >= GATHER_BELOW:
+            return False
+        last = parts[-1] = bytearray(last)
+    last += piece
+    return True

@@ -17,7 +17,7 @@ import os
 import struct
 from collections.abc import Callable
 
-from ..buffers import immutable
+from ..buffers import gather, immutable
 from .events import (
     CLOSE_ABNORMAL,
     CLOSE_INVALID_PAYLOAD,
@@ -91,8 +91,6 @@ def _unmask_in_place(buf: bytearray, start: int, end: int, key: bytes | bytearra
 
 # message payload pieces at least this big are handed out as views of the received bytes
 _VIEW_MIN = 64 * 1024
-# a message's pieces smaller than this are gathered into one bytearray as they come
-_GATHER_BELOW = 4096
 
 
 def _masked(data: bytes | bytearray | memoryview, key: bytes | bytearray) -> bytes | bytearray:
@@ -376,20 +374,10 @@ class WebSocketFraming:
             except UnicodeDecodeError as exc:
                 self._fail(CLOSE_INVALID_PAYLOAD, f"text message is not UTF-8: {exc.reason}",
                            events)
-        parts = self._parts
-        if parts and len(chunk) < _GATHER_BELOW:
-            # small fragments (1-byte continuation frames) go into one buffer: a byte of
-            # memory per payload byte, not an object per fragment (~60 bytes per byte)
-            last = parts[-1]
-            if type(last) is bytearray:
-                last += chunk
-                return
-            if len(last) < _GATHER_BELOW:
-                gathered = bytearray(last)
-                gathered += chunk
-                parts[-1] = gathered
-                return
-        parts.append(chunk)
+        # small fragments (1-byte continuation frames) go into one buffer: a byte of
+        # memory per payload byte, not an object per fragment (~60 bytes per byte)
+        if not gather(self._parts, chunk):
+            self._parts.append(chunk)
 
     def _message_done(self, events: list[FramingEvent]) -> None:
         opcode = self._message_opcode
