@@ -3,7 +3,6 @@ request id, handed to the forwarding core."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -132,7 +131,6 @@ class SpdyPortForwardSession(ServerSession):
         self._close_transport = close
         self._pairs = StreamPairs(creation_timeout, self._pair_timed_out)
         self._by_stream: dict[int, ForwardedConnection | ForwardedFlow] = {}
-        self._fin_on_open: set[int] = set()  # data streams opened with FIN, pair pending
         self._goaway_seen = False
 
     def start(self) -> None:
@@ -174,21 +172,9 @@ class SpdyPortForwardSession(ServerSession):
             self.borrowing = False
         self.flush()
         if self.codec.backlogged and not self._closed:
-            self._continue_later()
-
-    def _continue_later(self) -> None:
-        """The read's share of work is done and whole frames are left: let the other
-        sessions have the loop, then go on (reading stays paused until then)."""
-        if self.read_gate.holds(_BACKLOG):
-            return
-        self.read_gate.pause(_BACKLOG, self.transport)
-        asyncio.get_running_loop().call_soon(self._continue)
-
-    def _continue(self) -> None:
-        if self._closed:
-            return
-        self.read_gate.resume(_BACKLOG, self.transport)
-        self.receive(b"")
+            # the read's share of work is done and whole frames are left: the other
+            # sessions have the loop first, then the rest (reading paused meanwhile)
+            self.after_turn(_BACKLOG, lambda: self.receive(b""))
 
     def _handle(self, event: spdy.Event) -> bool:
         """Act on one event; False once a budget ended the session."""
@@ -258,18 +244,13 @@ class SpdyPortForwardSession(ServerSession):
             return self.charge_control("a refused stream")
         on_data = pair.on_data and ev.stream_id == pair.data_id
         self.codec.reply(ev.stream_id, {HEADER_DIAL: DIAL_ON_DATA} if on_data else {})
-        if ev.fin and ev.stream_id == pair.data_id:
-            self._fin_on_open.add(pair.data_id)  # a half-close sent as SYN_STREAM with FIN
         if pair.complete:
             channel = _SpdyChannel(self, pair.data_id, pair.error_id)
             conn = self.open_forward(pair.port, channel, pair.protocol, pair.on_data)
             if not conn.done:
                 self._by_stream[pair.data_id] = conn
-            if self._fin_on_open:
-                if pair.data_id in self._fin_on_open:
-                    self._fin_on_open.discard(pair.data_id)
-                    if not conn.done:
-                        conn.client_eof()
+            if not conn.done and self.codec.peer_ended(pair.data_id):
+                conn.client_eof()  # the client half-closed the data stream before the pair
         return True
 
     def _pair_timed_out(self, pair: PendingPair) -> None:
@@ -281,7 +262,6 @@ class SpdyPortForwardSession(ServerSession):
             self.codec.send_data(pair.error_id, message.encode())
             self.codec.end_stream(pair.error_id)
         if pair.data_id:
-            self._fin_on_open.discard(pair.data_id)
             self.codec.reset_stream(pair.data_id, spdy.CANCEL)
         self.flush()
 
@@ -292,7 +272,6 @@ class SpdyPortForwardSession(ServerSession):
             return True
         pair = self._pairs.by_stream.get(ev.stream_id)
         if pair is not None:
-            self._fin_on_open.discard(pair.data_id)
             self._pairs.forget(pair)
         return self.charge_control("RST_STREAM")
 
@@ -325,7 +304,6 @@ class SpdyPortForwardSession(ServerSession):
 
     def forget_pending(self) -> None:
         self._pairs.clear()
-        self._fin_on_open.clear()
 
     def drain(self) -> None:
         """Server shutting down: tell the client no new streams will be accepted."""

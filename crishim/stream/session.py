@@ -212,6 +212,23 @@ class ServerSession(SessionBase, ABC):
         if self._closed and not self.connections:
             self.cancel_timers()
 
+    def after_turn(self, key: str, then: Callable[[], object] | None = None) -> None:
+        """Let every other session have the loop once: reading from the client stays
+        paused (the read gate held with `key`) until the loop has gone round, then `then`
+        runs. Nothing if that is already under way, or the session is ending."""
+        transport = self.transport
+        if self.closing or transport is None or transport.is_closing() \
+                or self.read_gate.holds(key):
+            return
+        self.read_gate.pause(key, transport)
+
+        def turn_over() -> None:
+            self.read_gate.resume(key, self.transport)
+            if then is not None and not self.closing:
+                then()
+
+        asyncio.get_running_loop().call_soon(turn_over)
+
     # --- timers ------------------------------------------------------------------------
     def call_later(self, delay: float, callback: Callable[[], object]) -> None:
         """A timer cancelled with the session."""
@@ -317,14 +334,7 @@ class SessionProtocol(asyncio.BufferedProtocol):
         if self._spent < turn:
             return
         self._spent = 0.0
-        session, transport = self.session, self.transport
-        if session.closing or transport.is_closing() or session.read_gate.holds(_TURN):
-            return
-        session.read_gate.pause(_TURN, transport)
-        asyncio.get_running_loop().call_soon(self._next_turn)
-
-    def _next_turn(self) -> None:
-        self.session.read_gate.resume(_TURN, self.transport)
+        self.session.after_turn(_TURN)
 
     def data_received(self, data: bytes | memoryview) -> None:
         try:

@@ -219,7 +219,7 @@ def _pair_ending_on_open(client: SpdyPortForwardClient, request_id: str) -> Forw
     return fwd
 
 
-def test_spdy_a_half_close_sent_with_syn_stream_or_headers_reaches_the_pod(podnet):
+def test_spdy_a_half_close_before_the_pair_or_with_headers_reaches_the_pod(podnet):
     """The echo pod closes once it reads EOF: the data stream's end proves the EOF came."""
     with _serve(podnet) as proc:
         with SpdyPortForwardClient(proc.port_forward_url(SANDBOX)) as client:
@@ -231,6 +231,18 @@ def test_spdy_a_half_close_sent_with_syn_stream_or_headers_reaches_the_pod(podne
             client.flush()
             assert client.wait(later.finished, 10), "HEADERS' FIN never reached the pod"
             assert bytes(later.received) == b"abc"
+            # the data stream first, ended with an empty DATA frame before its error
+            # stream comes (it was dropped: the pod never saw the end)
+            headers = {"streamtype": "data", "port": str(ECHO_PORT), "requestid": "12"}
+            data_sid = client.session.open_stream(headers)
+            client.session.end_stream(data_sid)
+            error_sid = client.session.open_stream(dict(headers, streamtype="error"))
+            client.session.end_stream(error_sid)
+            first = Forward(client, ECHO_PORT, 12, error_sid, data_sid)
+            client._by_sid[error_sid] = (first, "error")
+            client._by_sid[data_sid] = (first, "data")
+            client.flush()
+            assert client.wait(first.finished, 10), "DATA's FIN before the pair was lost"
         log = proc.log()
     assert "Traceback" not in log
 
