@@ -63,13 +63,15 @@ def stream_address(proc: CrishimProcess) -> tuple[str, int]:
     return url.hostname, url.port
 
 
-def echo_served(proc: CrishimProcess, mode: str = "prior") -> bytes:
-    """A valid client's round trip through the echo server in the pod."""
+def echo_served(proc: CrishimProcess, mode: str = "prior", payload: bytes = b"still serving",
+                url: str | None = None) -> bytes:
+    """A valid client's round trip through the echo server in the pod (on `url`, else a
+    new one)."""
     async def go() -> bytes:
-        client = await H2Client.connect(proc.port_forward_url(SANDBOX), mode)
+        client = await H2Client.connect(url or proc.port_forward_url(SANDBOX), mode)
         try:
             fwd = await client.forward(ECHO_PORT)
-            await fwd.write(b"still serving", end_stream=True)
+            await fwd.write(payload, end_stream=True)
             return await fwd.read_all(timeout=30)
         finally:
             await client.close()
@@ -120,19 +122,26 @@ def test_preface_only_http2_connections_are_not_sessions_and_time_out(serve):
     assert_no_traceback(proc)
 
 
+def _unended_header_block(sock: socket.socket, stream_id: int, size: int, count: int,
+                          timeout: float) -> list:
+    """HEADERS of `size` bytes without END_HEADERS, then `count` CONTINUATION frames as
+    big, none ending the block; the frames the server sent until it closed."""
+    sock.sendall(frame(HEADERS, 0, stream_id, b"\x82" * size))
+    try:
+        for _ in range(count):
+            sock.sendall(frame(CONTINUATION, 0, stream_id, b"\x82" * size))
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server already closed: what the tests want
+    return read_frames_until_eof(sock, timeout=timeout)
+
+
 def test_continuation_flood_before_a_token_is_cut_at_the_head_limit(serve):
     proc = serve()
     sock = socket.create_connection(stream_address(proc))
     try:
         sock.sendall(PREFACE + frame(SETTINGS, 0, 0))
         # a header block that never ends: 20 x 4 KiB, well below h2's own CONTINUATION cap
-        sock.sendall(frame(HEADERS, 0, 1, b"\x82" * 4096))
-        try:
-            for _ in range(20):
-                sock.sendall(frame(CONTINUATION, 0, 1, b"\x82" * 4096))
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the server already closed: what this test wants
-        frames = read_frames_until_eof(sock, timeout=60)  # was: held, unanswered
+        frames = _unended_header_block(sock, 1, 4096, 20, timeout=60)  # was: held, unanswered
         assert goaway_code(frames) == ENHANCE_YOUR_CALM
     finally:
         sock.close()
@@ -160,13 +169,8 @@ def test_continuation_flood_after_a_token_is_cut_at_twice_the_header_list_size(s
         sock.sendall(PREFACE + frame(SETTINGS, 0, 0) + frame(HEADERS, END_HEADERS | 1, 1,
                                                              block))
         _read_until_response(sock, stream_id=1)  # the token is redeemed: a session
-        sock.sendall(frame(HEADERS, 0, 3, b"\x82" * 16384))
-        try:
-            for _ in range(10):  # 176 KiB, well below h2's own 64-frame cap
-                sock.sendall(frame(CONTINUATION, 0, 3, b"\x82" * 16384))
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the server already closed: what this test wants
-        frames = read_frames_until_eof(sock, timeout=20)  # was: held, unanswered
+        # 176 KiB, well below h2's own 64-frame cap
+        frames = _unended_header_block(sock, 3, 16384, 10, timeout=20)  # was: held, unanswered
         assert goaway_code(frames) == ENHANCE_YOUR_CALM
     finally:
         sock.close()
@@ -329,16 +333,7 @@ def test_debug_log_shows_no_header_fields_of_http2_requests(serve):
     url = proc.port_forward_url(SANDBOX)
     token = _token(url)
 
-    async def forward_once() -> bytes:
-        client = await H2Client.connect(url, "prior")
-        try:
-            fwd = await client.forward(ECHO_PORT)
-            await fwd.write(b"debug", end_stream=True)
-            return await fwd.read_all(timeout=30)
-        finally:
-            await client.close()
-
-    assert asyncio.run(asyncio.wait_for(forward_once(), 60)) == b"debug"
+    assert echo_served(proc, payload=b"debug", url=url) == b"debug"
     log = proc.log()
     assert _lines_with(log, "h2 session admitted"), log  # the server did log at debug
     assert not _lines_with(log, " hpack."), _lines_with(log, " hpack.")[:5]

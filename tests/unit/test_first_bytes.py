@@ -16,7 +16,7 @@ import uvloop
 
 from crishim.client.portforward import _read_now
 from crishim.config import Config
-from crishim.forward import ForwardContext, SessionBase
+from crishim.forward import ForwardContext, ForwardedConnection, SessionBase
 from crishim.runtime import Sandbox
 from crishim.sandboxes import NamedNetnsRuntime
 from tests.support import until
@@ -61,6 +61,15 @@ def _pod_listener(rcvbuf: int) -> socket.socket:
     return pod
 
 
+def _dialling(rcvbuf: int) -> tuple[socket.socket, SessionBase, _Channel, ForwardedConnection]:
+    """A connection dialling a pod listener (_pod_listener(rcvbuf)) from a session of
+    its own, its channel recording what the client would get; on a running loop."""
+    pod = _pod_listener(rcvbuf)
+    session = SessionBase(_context(), HOST)
+    channel = _Channel()
+    return pod, session, channel, session.open_connection(pod.getsockname()[1], channel)
+
+
 def test_bytes_sent_while_dialling_reach_the_pod_whole_when_its_socket_takes_part():
     """64 pieces (16 MiB) and the half-close arrive while the connection dials; the pod's
     small receive window takes only part of them in the early send(2), the transport the
@@ -70,10 +79,7 @@ def test_bytes_sent_while_dialling_reach_the_pod_whole_when_its_socket_takes_par
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        pod = _pod_listener(4096)
-        session = SessionBase(_context(), HOST)
-        channel = _Channel()
-        conn = session.open_connection(pod.getsockname()[1], channel)
+        pod, session, channel, conn = _dialling(4096)
         for piece in pieces:  # the dial runs on the loop's next turn: all of it is held
             conn.client_data(piece)
         conn.client_eof()
@@ -105,10 +111,7 @@ def test_a_connection_that_takes_everything_early_goes_on_as_usual():
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        pod = _pod_listener(1 << 20)
-        session = SessionBase(_context(), HOST)
-        channel = _Channel()
-        conn = session.open_connection(pod.getsockname()[1], channel)
+        pod, session, channel, conn = _dialling(1 << 20)
         conn.client_data(b"GET / HTTP/1.0\r\n\r\n")
         conn.client_eof()
         accepted, _ = await loop.sock_accept(pod)
@@ -249,10 +252,7 @@ def test_tiny_pieces_sent_while_dialling_are_held_as_one_buffer_and_arrive_in_or
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        pod = _pod_listener(1 << 20)
-        session = SessionBase(_context(), HOST)
-        channel = _Channel()
-        conn = session.open_connection(pod.getsockname()[1], channel)
+        pod, session, channel, conn = _dialling(1 << 20)
         for i in range(len(small)):
             conn.client_data(memoryview(small)[i:i + 1])  # views, as of a lent read
             if i == len(small) // 2:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 
 from crishim.config import Config
 from crishim.forward import ForwardContext
@@ -14,7 +15,7 @@ from crishim.runtime import Sandbox
 from crishim.sandboxes import NamedNetnsRuntime
 from crishim.stream.portforward_h2 import H2PortForwardSession
 from crishim.stream.portforward_spdy import SpdyPortForwardSession
-from crishim.stream.session import SessionProtocol, SessionSettings
+from crishim.stream.session import ServerSession, SessionProtocol, SessionSettings
 
 
 class _Exploding:
@@ -30,28 +31,35 @@ class _Exploding:
         pass
 
 
+async def _explode(make_session: Callable[[ForwardContext, asyncio.Transport], ServerSession],
+                   codec: object, data: bytes) -> tuple[bool, bool, bytes]:
+    """A session on one end of a socket pair, its codec one that raises on any input, fed
+    `data` through the glue: (the session closed, its transport closing, what the other
+    end then read)."""
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    transport, _ = await loop.create_connection(asyncio.Protocol, sock=ours)
+    session = make_session(ForwardContext(NamedNetnsRuntime(Config())), transport)
+    closed: list[bool] = []
+    session.on_closed = lambda: closed.append(True)
+    session.codec = codec  # type: ignore[attr-defined]
+    protocol = SessionProtocol(session, transport)
+    transport.set_protocol(protocol)
+    protocol.data_received(data)  # must not raise
+    await asyncio.sleep(0.05)
+    eof = await loop.sock_recv(theirs, 100)  # the session closed its transport
+    theirs.close()
+    return bool(closed), transport.is_closing(), eof
+
+
 def test_an_exception_from_a_sessions_input_ends_only_that_session(caplog):
-    async def scenario() -> tuple[bool, bool, bytes]:
-        loop = asyncio.get_running_loop()
-        ours, theirs = socket.socketpair()
-        theirs.setblocking(False)
-        ctx = ForwardContext(NamedNetnsRuntime(Config()))
-        closed: list[bool] = []
-        transport, _ = await loop.create_connection(asyncio.Protocol, sock=ours)
-        session = SpdyPortForwardSession(ctx, Sandbox("sb", "/nonexistent"), 5.0, 0.0,
-                                         transport.writelines, transport.close)
-        session.on_closed = lambda: closed.append(True)
-        session.codec = _Exploding()  # type: ignore[assignment]
-        protocol = SessionProtocol(session, transport)
-        transport.set_protocol(protocol)
-        protocol.data_received(b"\x80\x03\x00\x01")  # must not raise
-        await asyncio.sleep(0.05)
-        eof = await loop.sock_recv(theirs, 10)  # the session closed its transport
-        theirs.close()
-        return bool(closed), transport.is_closing(), eof
+    def spdy(ctx: ForwardContext, transport: asyncio.Transport) -> ServerSession:
+        return SpdyPortForwardSession(ctx, Sandbox("sb", "/nonexistent"), 5.0, 0.0,
+                                      transport.writelines, transport.close)
 
     with caplog.at_level(logging.ERROR, logger="crishim.stream"):
-        closed, closing, eof = asyncio.run(scenario())
+        closed, closing, eof = asyncio.run(_explode(spdy, _Exploding(), b"\x80\x03\x00\x01"))
     assert closed and closing and eof == b""
     lines = [r for r in caplog.records if "unexpected error" in r.getMessage()]
     assert len(lines) == 1 and "a bug reached by this input" in lines[0].getMessage()
@@ -65,32 +73,18 @@ class _ExplodingH2(_Exploding):
 def test_an_exception_before_an_http2_token_is_redeemed_ends_only_that_session(caplog):
     """By prior knowledge an HTTP/2 session has no sandbox until its first stream's token
     is redeemed: the error line says so rather than failing on the missing sandbox."""
-    async def scenario() -> tuple[bool, bytes]:
-        loop = asyncio.get_running_loop()
-        ours, theirs = socket.socketpair()
-        theirs.setblocking(False)
-        ctx = ForwardContext(NamedNetnsRuntime(Config()))
-        closed: list[bool] = []
-        transport, _ = await loop.create_connection(asyncio.Protocol, sock=ours)
+    async def admit(method: str, path: str, methods: object) -> object:
+        raise AssertionError("never reached")
 
-        async def admit(method: str, path: str, methods: object) -> object:
-            raise AssertionError("never reached")
-
+    def h2(ctx: ForwardContext, transport: asyncio.Transport) -> ServerSession:
         session = H2PortForwardSession(SessionSettings(ctx, 5.0, 0.0), transport.writelines,
                                        transport.close, admit=admit)  # type: ignore[arg-type]
         assert session.sandbox is None
-        session.on_closed = lambda: closed.append(True)
-        session.codec = _ExplodingH2()  # type: ignore[assignment]
-        protocol = SessionProtocol(session, transport)
-        transport.set_protocol(protocol)
-        protocol.data_received(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")  # must not raise
-        await asyncio.sleep(0.05)
-        eof = await loop.sock_recv(theirs, 100)
-        theirs.close()
-        return bool(closed), eof
+        return session
 
     with caplog.at_level(logging.ERROR, logger="crishim.stream"):
-        closed, _ = asyncio.run(scenario())
+        closed, _, _ = asyncio.run(_explode(h2, _ExplodingH2(),
+                                            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"))
     assert closed
     lines = [r.getMessage() for r in caplog.records if "unexpected error" in r.getMessage()]
     assert lines == ["h2 sandbox=?: ending the session after an unexpected error: ValueError: "
