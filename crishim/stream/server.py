@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 from typing import cast
@@ -37,6 +38,9 @@ from crishim.tokens import TokenStore
 log = logging.getLogger("crishim.stream")
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+LISTEN_QUEUE = 1024
+ACCEPTS_PER_TURN = 64  # TLS listener: connections accepted per wake-up, then the loop goes on
+ACCEPT_RETRY = 1.0  # seconds without accepting after running out of descriptors (as asyncio)
 # read at accept: a request head, and whatever the client sent after it
 EARLY_READ = 64 * 1024
 
@@ -78,18 +82,19 @@ class StreamServer:
         self.memory = memory or MemoryReleaser()
         self.draining = False
         self._server: asyncio.base_events.Server | None = None
+        self._tls: _TlsListener | None = None
         self._transports: set[asyncio.Transport] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._unadmitted: dict[object, Evict] = {}  # oldest first
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.ssl_context is not None:
+            self._tls = _TlsListener(self, loop, self.ssl_context)
+            self.port = self._tls.port
+            return
         self._server = await loop.create_server(
-            lambda: _RequestProtocol(self), self.host, self.port, ssl=self.ssl_context,
-            # a TLS connection is the request's only once its handshake is done: until
-            # then the request timeout bounds it here (the loop's default is 60 s)
-            ssl_handshake_timeout=self.request_timeout if self.ssl_context else None,
-            backlog=1024)
+            lambda: _RequestProtocol(self), self.host, self.port, backlog=LISTEN_QUEUE)
         self.port = self._server.sockets[0].getsockname()[1]
 
     @property
@@ -153,6 +158,8 @@ class StreamServer:
         self.draining = True
         if self._server is not None:
             self._server.close()
+        if self._tls is not None:
+            self._tls.close()
         for session in list(self.sessions):
             session.drain()
         loop = asyncio.get_running_loop()
@@ -237,11 +244,127 @@ class StreamServer:
                    register=False)
 
 
+class _TlsListener:
+    """The TLS stream port. crishim accepts here itself, so that a connection counts among
+    those without a token (max_unadmitted: past it the one that waited longest is dropped)
+    from accept, through its handshake, as a plain connection does. A listener made with
+    create_server(ssl=...) shows a connection only once its handshake is done, and each
+    holds ~50 KiB of TLS state until then: 3,000 silent connections held +160 MiB and a
+    descriptor each, for the request timeout. The handshake is bounded by the request
+    timeout; a failed one is a debug line."""
+
+    def __init__(self, server: StreamServer, loop: asyncio.AbstractEventLoop,
+                 context: ssl.SSLContext) -> None:
+        self.server = server
+        self.loop = loop
+        self.context = context
+        self.sockets = _listen(server.host, server.port)
+        self.port = self.sockets[0].getsockname()[1]
+        self._retry: asyncio.TimerHandle | None = None
+        self._serve()
+
+    def _serve(self) -> None:
+        self._retry = None
+        for sock in self.sockets:
+            self.loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def close(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+        for sock in self.sockets:
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+        self.sockets = []
+
+    def _accept(self, listener: socket.socket) -> None:
+        for _ in range(ACCEPTS_PER_TURN):
+            try:
+                conn, _peer = listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as e:  # out of descriptors or memory: stop accepting a while
+                log.warning("stream server: accept failed (%s); accepting again in %gs",
+                            e, ACCEPT_RETRY)
+                for sock in self.sockets:
+                    self.loop.remove_reader(sock.fileno())
+                self._retry = self.loop.call_later(ACCEPT_RETRY, self._serve)
+                return
+            conn.setblocking(False)
+            _TlsHandshake(self, conn)
+
+
+class _TlsHandshake:
+    """One accepted TLS connection until its request is read: counted among the
+    connections without a token until _RequestProtocol takes its place."""
+
+    def __init__(self, listener: _TlsListener, conn: socket.socket) -> None:
+        self.listener = listener
+        self.conn = conn
+        self.started = False
+        server = listener.server
+        self.task = listener.loop.create_task(self._run())
+        server._tasks.add(self.task)
+        self.task.add_done_callback(server._tasks.discard)
+        server.await_token(self, self._drop)
+
+    def _drop(self, _refused: Refused) -> None:
+        """Past max_unadmitted, or draining: the TLS transport closes the socket, or this
+        does if the task has not run yet (a task cancelled then never enters _run)."""
+        if not self.started:
+            self.conn.close()
+        self.task.cancel()
+
+    async def _run(self) -> None:
+        self.started = True
+        server, conn = self.listener.server, self.conn
+        try:
+            # the ClientHello has waited in the kernel: the socket is read only by the
+            # TLS transport made here
+            await self.listener.loop.connect_accepted_socket(
+                lambda: _RequestProtocol(server, replaces=self), conn,
+                ssl=self.listener.context, ssl_handshake_timeout=server.request_timeout)
+        except asyncio.CancelledError:
+            conn.close()  # dropped during its handshake
+        except OSError as e:  # ssl.SSLError, the handshake timeout, resets
+            # a peer's failed handshake is its own business: one line, no traceback
+            log.debug("stream server: TLS handshake failed: %s", e or type(e).__name__)
+            conn.close()
+        finally:
+            server.token_presented(self)
+
+
+def _listen(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for every address host names, as create_server makes them."""
+    socks: list[socket.socket] = []
+    seen = set()
+    try:
+        for family, kind, proto, _name, addr in socket.getaddrinfo(
+                host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+            if (family, addr) in seen:
+                continue
+            seen.add((family, addr))
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(LISTEN_QUEUE)
+            sock.setblocking(False)
+    except OSError as e:
+        for sock in socks:
+            sock.close()
+        raise OSError(e.errno, f"error while attempting to bind on address "
+                               f"{(host, port)!r}: {e.strerror}") from None
+    return socks
+
+
 class _RequestProtocol(asyncio.Protocol):
     """Reads one request head, then pauses and hands the connection over."""
 
-    def __init__(self, server: StreamServer) -> None:
+    def __init__(self, server: StreamServer, replaces: object = None) -> None:
         self.server = server
+        self.replaces = replaces  # TLS: the handshake counted until now
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.done = False
@@ -255,6 +378,8 @@ class _RequestProtocol(asyncio.Protocol):
         # a client that connects and never finishes its request head is dropped
         self._head_timer = asyncio.get_running_loop().call_later(
             server.request_timeout, self._head_timed_out)
+        if self.replaces is not None:
+            server.token_presented(self.replaces)
         server.await_token(self, self._refuse)
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is None:

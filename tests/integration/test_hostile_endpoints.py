@@ -4,8 +4,10 @@ kubelet takes. Each holds a bounded amount, for a bounded time, and logs no trac
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+import ssl
 import time
 import urllib.request
 from urllib.parse import urlsplit
@@ -14,14 +16,25 @@ import grpc
 import pytest
 
 from tests.integration.test_operations import _free_port
-from tests.support import SANDBOX
+from tests.support import SANDBOX, status_mib
 from tests.support.crishim_proc import CrishimProcess
+from tests.support.h2_pf_client import H2Client
 from tests.support.podnet import ECHO_PORT
 from tests.support.spdy_pf_client import SpdyPortForwardClient
 
 
 def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _sockets(pid: int) -> int:
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except OSError:
+            pass
+    return count
 
 
 def _threads(pid: int) -> int:
@@ -62,6 +75,69 @@ def test_tls_handshakes_that_never_come_are_dropped_at_the_request_timeout(podne
                 sock.close()
         log = proc.log()
     assert "Traceback" not in log
+
+
+def test_tls_handshakes_count_against_max_unadmitted_from_accept(podnet):
+    """200 connections to the TLS stream port that never finish their handshake (a record
+    header, then nothing) meet max_unadmitted (here 16) as plain connections do: the ones
+    that waited longest are dropped at once, not held with their TLS state for the request
+    timeout, and a client that does finish its handshake is served meanwhile."""
+    with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}", "--enable-tls-streaming",
+                        "--max-unadmitted", "16", "--stream-request-timeout", "60s") as proc:
+        url = proc.port_forward_url(SANDBOX)
+        u = urlsplit(url)
+        time.sleep(0.5)
+        base_sockets, base_rss = _sockets(proc.proc.pid), status_mib(proc.proc.pid)
+        silent = []
+        try:
+            for _ in range(200):
+                sock = socket.create_connection((u.hostname, u.port), timeout=10)
+                sock.sendall(b"\x16\x03\x01\x02\x00")  # a handshake record, never sent
+                silent.append(sock)
+            assert _wait_for(lambda: _sockets(proc.proc.pid) <= base_sockets + 16, 10), \
+                (_sockets(proc.proc.pid), base_sockets)
+            held = _sockets(proc.proc.pid) - base_sockets
+            grown = status_mib(proc.proc.pid) - base_rss
+            # the first 184 were dropped (EOF or a reset), well before the 60 s timeout
+            for sock in silent[:184]:
+                sock.settimeout(10)
+                try:
+                    assert sock.recv(1) == b""
+                except ConnectionResetError:
+                    pass
+            # the newest are still waiting for their handshake
+            for sock in silent[-8:]:
+                sock.setblocking(False)
+                with pytest.raises(BlockingIOError):
+                    sock.recv(1)
+            # a client that completes its handshake is served, over HTTP/2 and HTTP/1.1
+            assert asyncio.run(_tls_echo(url, b"through the flood")) == b"through the flood"
+            ctx = ssl.create_default_context()
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+            with ctx.wrap_socket(socket.create_connection((u.hostname, u.port),
+                                                          timeout=10)) as tls:
+                path = urlsplit(proc.port_forward_url(SANDBOX)).path  # tokens are single-use
+                tls.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\n"
+                            "Connection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
+                            "X-Stream-Protocol-Version: portforward.k8s.io\r\n\r\n".encode())
+                assert tls.recv(65536).startswith(b"HTTP/1.1 101")
+        finally:
+            for sock in silent:
+                sock.close()
+        log = proc.log()
+    print(f"200 silent TLS connections: {held} sockets held, RSS +{grown:.1f} MiB")
+    assert "max_unadmitted" in log
+    assert "Traceback" not in log
+
+
+async def _tls_echo(url: str, payload: bytes) -> bytes:
+    client = await H2Client.connect(url, "tls")
+    try:
+        fwd = await client.forward(ECHO_PORT)
+        await fwd.write(payload, end_stream=True)
+        return await fwd.read_all()
+    finally:
+        await client.close()
 
 
 def test_the_metrics_endpoint_holds_a_bounded_number_of_idle_connections(podnet):
