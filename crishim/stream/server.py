@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 import ssl
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from crishim.tokens import TokenStore
 log = logging.getLogger("crishim.stream")
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+HEAD_END = re.compile(rb"\r?\n\r?\n")
 LISTEN_QUEUE = 1024
 ACCEPTS_PER_TURN = 64  # TLS listener: connections accepted per wake-up, then the loop goes on
 ACCEPT_RETRY = 1.0  # seconds without accepting after running out of descriptors (as asyncio)
@@ -414,13 +416,17 @@ class _RequestProtocol(asyncio.Protocol):
                 self._handover()
                 self.server.start_prior_knowledge(transport, bytes(buf))
             return
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
+        # the blank line ending the head; bare LF line ends are taken, as h11 and Go's
+        # server take them; only the bytes not searched before are (a head trickled in
+        # byte by byte is not searched again and again)
+        found = HEAD_END.search(buf, max(0, len(buf) - len(data) - 3))
+        if found is None:
             if len(buf) > MAX_REQUEST_HEAD:
                 self._refuse(Refused(431, f"request head larger than {MAX_REQUEST_HEAD} "
                                           "bytes"))
             return
-        head, rest = bytes(buf[: end + 4]), bytes(buf[end + 4:])
+        end = found.end()
+        head, rest = bytes(buf[:end]), bytes(buf[end:])
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
         conn.receive_data(head)
         try:

@@ -340,3 +340,16 @@ def test_debug_log_shows_no_header_fields_of_http2_requests(serve):
     assert not _lines_with(log, " h2."), _lines_with(log, " h2.")[:5]
     assert not _lines_with(log, token[:5])
     assert_no_traceback(proc)
+
+
+def test_a_request_head_with_bare_lf_line_ends_is_read_at_once(serve):
+    """Line ends of a bare LF are taken as h11 and Go's server take them: the upgrade is
+    answered at once, not after the request timeout as a head never ended."""
+    proc = serve("--stream-request-timeout", "60s")
+    url = urlsplit(proc.port_forward_url(SANDBOX))
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        sock.sendall(f"POST {url.path} HTTP/1.1\nHost: x\nConnection: Upgrade\n"
+                     "Upgrade: SPDY/3.1\nX-Stream-Protocol-Version: portforward.k8s.io\n"
+                     "\n".encode())
+        assert sock.recv(65536).startswith(b"HTTP/1.1 101 ")
+    assert_no_traceback(proc)
