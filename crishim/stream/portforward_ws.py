@@ -202,6 +202,8 @@ class SpdyTunnelProtocol(SessionProtocol):
                         session.receive(event.data)
                     case ws.PingReceived():
                         session.charge_control("WebSocket ping")
+                    case ws.FrameIgnored():
+                        session.charge_control(f"WebSocket {event.kind}")
                     case ws.ProtocolViolation():
                         session.protocol_error("spdy-websocket sandbox=%s: %s (close code %d)",
                                                session.sandbox.id, event.reason, event.code,
@@ -325,6 +327,9 @@ class ChannelPortForwardSession(ServerSession):
                         conn.client_data(event.data)
                 case ws.PingReceived():
                     if not self.charge_control("WebSocket ping"):
+                        return
+                case ws.FrameIgnored():
+                    if not self.charge_control(f"WebSocket {event.kind}"):
                         return
                 case ws.ProtocolViolation():
                     self.protocol_error("websocket sandbox=%s: %s (close code %d)",

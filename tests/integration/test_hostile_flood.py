@@ -227,10 +227,10 @@ def test_spdy_unknown_stream_data_ends_the_session_with_goaway(podnet):
     assert "Traceback" not in log
 
 
-def _ws_connect(url: str, ports: list[int]) -> tuple[socket.socket, bytes]:
+def _ws_connect(url: str, protocol: str = ws.CHANNEL_BINARY) -> tuple[socket.socket, bytes]:
     u = urlsplit(url)
     sock = socket.create_connection((u.hostname, u.port), timeout=10)
-    request, accept = ws.client_handshake_request(u.netloc, u.path, [ws.CHANNEL_BINARY])
+    request, accept = ws.client_handshake_request(u.netloc, u.path, [protocol])
     sock.sendall(request)
     buf = b""
     response = None
@@ -238,7 +238,7 @@ def _ws_connect(url: str, ports: list[int]) -> tuple[socket.socket, bytes]:
         data = sock.recv(65536)
         assert data, f"closed during the handshake: {buf!r}"
         buf += data
-        response = ws.parse_handshake_response(buf, accept, [ws.CHANNEL_BINARY])
+        response = ws.parse_handshake_response(buf, accept, [protocol])
     assert response.status == 101
     return sock, response.leftover
 
@@ -251,17 +251,37 @@ def _ws_close_code(data: bytes) -> int | None:
     return None
 
 
-def test_websocket_ping_flood_closes_with_1008(podnet):
+def _masked_empty(b0: int) -> bytes:
+    return bytes([b0, 0x80]) + os.urandom(4)
+
+
+TUNNEL = "SPDY/3.1+portforward.k8s.io"
+
+
+@pytest.mark.parametrize("protocol, first, unit", [
+    (ws.CHANNEL_BINARY, b"", _masked_empty(0x89)),  # pings
+    (ws.CHANNEL_BINARY, b"", _masked_empty(0x8A)),  # unsolicited pongs
+    # a fragmented message that never grows: empty continuation frames
+    (ws.CHANNEL_BINARY, _masked_empty(0x02), _masked_empty(0x00)),
+    (TUNNEL, b"", _masked_empty(0x89)),
+    (TUNNEL, b"", _masked_empty(0x8A)),
+    (TUNNEL, b"", _masked_empty(0x82)),  # empty binary frames: no tunnel bytes
+], ids=["channels-ping", "channels-pong", "channels-empty-fragment", "tunnel-ping",
+        "tunnel-pong", "tunnel-empty-binary"])
+def test_websocket_floods_of_frames_that_carry_nothing_close_with_1008(podnet, protocol,
+                                                                       first, unit):
     with _serve(podnet) as proc:
         before = _warm(proc)
-        sock, leftover = _ws_connect(proc.port_forward_url(SANDBOX, [ECHO_PORT]), [ECHO_PORT])
-        ping = bytes([0x89, 0x80]) + os.urandom(4)  # an empty masked ping
-        sent, answer = _flood_reading(sock, ping, 16 << 20)
+        url = proc.port_forward_url(SANDBOX, [ECHO_PORT] if protocol != TUNNEL else [])
+        sock, leftover = _ws_connect(url, protocol)
+        sock.sendall(first)
+        sent, answer = _flood_reading(sock, unit, 16 << 20)
         answer = leftover + answer
         grown = _rss_mib(proc.proc.pid) - before
         _second_client_is_served(proc)
         log = proc.log()
-    print(f"sent {sent} bytes of pings, read {len(answer)}, RSS +{grown:.1f} MiB")
+    print(f"sent {sent} bytes of {unit[:1].hex()} frames, read {len(answer)}, "
+          f"RSS +{grown:.1f} MiB")
     assert _ws_close_code(answer) == POLICY_VIOLATION
     assert len(answer) < 1 << 20
     assert grown < 16, grown

@@ -19,6 +19,7 @@ from crishim.protocols.websocket import (
     ChannelCodec,
     ChannelData,
     Closed,
+    FrameIgnored,
     Message,
     PingReceived,
     TunnelData,
@@ -89,7 +90,8 @@ WIRE = (frame(BINARY, b"\x00ab", fin=False) + frame(PING, b"p1")
 
 
 def test_every_split_point_gives_the_same_events():
-    expected = [PingReceived(b"p1"), Message(b"\x00ab" + b"cd" * 100 + b"ef", True),
+    expected = [PingReceived(b"p1"), FrameIgnored("pong"),
+                Message(b"\x00ab" + b"cd" * 100 + b"ef", True),
                 Message("grüße".encode(), False), Closed(1000, "bye")]
     for cut in range(len(WIRE) + 1):
         server = WebSocketFraming(client=False)
@@ -254,6 +256,28 @@ def test_no_pong_after_our_close():
     server.data_to_send()
     assert server.receive_data(frame(PING, b"x")) == [PingReceived(b"x")]
     assert server.data_to_send() == b""
+
+
+def test_frames_that_carry_nothing_are_reported_for_budgeting():
+    """Pongs and empty data frames that end no message with data in it are reported (a
+    session charges them to its control budget); an empty frame that ends a message with
+    data in it is ordinary and is not."""
+    server = WebSocketFraming(client=False)
+    assert server.receive_data(frame(PONG, b"hb")) == [FrameIgnored("pong")]
+    assert server.data_to_send() == b""  # a pong is not answered
+    wire = (frame(BINARY, b"ab", fin=False) + frame(CONTINUATION, b"", fin=False)
+            + frame(CONTINUATION, b"", fin=True))
+    assert server.receive_data(wire) == [FrameIgnored("empty data frame"), Message(b"ab", True)]
+    assert server.receive_data(frame(BINARY, b"", fin=False)) == \
+        [FrameIgnored("empty data frame")]
+    server = WebSocketFraming(client=False)  # an empty message: the channel layer's
+    assert server.receive_data(frame(BINARY, b"")) == [Message(b"", True)]
+    tunnel = WebSocketFraming(client=False, stream=True)
+    events = tunnel.receive_data(frame(BINARY, b"") + frame(BINARY, b"xy")
+                                 + frame(PONG) + frame(BINARY, b"z"))
+    assert [e for e in events if isinstance(e, FrameIgnored)] == \
+        [FrameIgnored("empty data frame"), FrameIgnored("pong")]
+    assert tunnel_bytes(events) == b"xyz"
 
 
 # --------------------------------------------------------------------------- UTF-8

@@ -17,6 +17,7 @@ from .events import (
     ChannelError,
     ChannelEvent,
     Closed,
+    FrameIgnored,
     Message,
     PingReceived,
     PortPreface,
@@ -109,7 +110,7 @@ class ChannelCodec:
                     if isinstance(decoded, ProtocolViolation):
                         events.append(Closed(decoded.code, decoded.reason))
                         break
-                case Closed() | PingReceived() | ProtocolViolation():
+                case Closed() | PingReceived() | FrameIgnored() | ProtocolViolation():
                     events.append(event)
                 case TunnelData():
                     pass  # only a stream-mode framing hands these out

@@ -52,6 +52,15 @@ class PingReceived(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class FrameIgnored(Event):
+    """A frame that carries nothing to act on: a pong, or an empty data frame that ends no
+    message with data in it. Reported so that whoever budgets the peer's frames can count
+    it (each costs a frame's parsing and nothing else)."""
+
+    kind: str
+
+
+@dataclass(frozen=True, slots=True)
 class TunnelData(Event):
     """The next piece of the tunnelled byte stream: bytes, or a view into received bytes
     (immutable, so as safe to keep)."""
@@ -97,6 +106,8 @@ class PortPreface(Event):
 
 
 
-FramingEvent = Message | Closed | PingReceived | TunnelData | ProtocolViolation
-ChannelEvent = ChannelData | ChannelError | PortPreface | ProtocolViolation | Closed | PingReceived
-TunnelEvent = TunnelData | ProtocolViolation | Closed | PingReceived
+FramingEvent = (Message | Closed | PingReceived | FrameIgnored | TunnelData
+                | ProtocolViolation)
+ChannelEvent = (ChannelData | ChannelError | PortPreface | ProtocolViolation | Closed
+                | PingReceived | FrameIgnored)
+TunnelEvent = TunnelData | ProtocolViolation | Closed | PingReceived | FrameIgnored

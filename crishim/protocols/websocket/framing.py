@@ -27,6 +27,7 @@ from .events import (
     CLOSE_PROTOCOL_ERROR,
     CLOSE_UNSUPPORTED_DATA,
     Closed,
+    FrameIgnored,
     FramingEvent,
     Message,
     PingReceived,
@@ -353,8 +354,13 @@ class WebSocketFraming:
         self._fin = bool(fin)
         self._key = key
         self._remaining = size
-        if not size and fin:
-            self._message_done(events)
+        if not size:
+            # an empty fragment; or, in a tunnel, an empty message (no bytes to hand on;
+            # as a message, an empty one is the channel layer's to judge)
+            if not fin or (self.stream and not self._message_size):
+                events.append(FrameIgnored("empty data frame"))
+            if fin:
+                self._message_done(events)
         return used
 
     def _payload(self, piece: memoryview, key: bytes, events: list[FramingEvent]) -> None:
@@ -427,7 +433,8 @@ class WebSocketFraming:
             self.closed = True
             events.append(Closed(code, reason))
             raise _Failed  # nothing after a close frame is read
-        # Pongs need no action: we never ping unprompted through this object.
+        else:  # a pong: nothing to do (this object pings only when asked to)
+            events.append(FrameIgnored("pong"))
 
     def fail(self, code: int, reason: str) -> None:
         """Fail the connection from above (a channel protocol violation): queue a close
