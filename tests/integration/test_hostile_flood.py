@@ -26,8 +26,9 @@ import pytest
 from h2.errors import ErrorCodes
 from hyperframe.frame import PingFrame, SettingsFrame
 
-from crishim.netns import listen_in_netns, open_netns, socket_in_netns
+from crishim.netns import bind_udp_in_netns, listen_in_netns, open_netns, socket_in_netns
 from crishim.protocols import websocket as ws
+from crishim.protocols.datagram import encode_datagram
 from crishim.protocols.spdy import GoAwayReceived, SpdyConfig, SpdyConnection
 from tests.support import SANDBOX, status_mib
 from tests.support.crishim_proc import CrishimProcess
@@ -511,4 +512,83 @@ def test_spdy_connections_still_dialling_hold_one_buffer_per_session(podnet,
         log = proc.log()
     print(f"sent {sent} bytes for connections still dialling, RSS +{grown:.1f} MiB")
     assert grown < 12, grown
+    assert "Traceback" not in log
+
+
+UDP_FLOOD_PORT = 9012  # answers each datagram with a burst of the biggest datagrams
+
+
+def _udp_answers_with_bursts(podnet, stop: threading.Event, burst: int) -> None:
+    sock = bind_udp_in_netns(podnet.path, "127.0.0.1", UDP_FLOOD_PORT)
+    sock.setblocking(True)
+    sock.settimeout(0.2)
+    biggest = b"F" * 65507
+    try:
+        while not stop.is_set():
+            try:
+                _, peer = sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            for _ in range(burst):
+                try:
+                    sock.sendto(biggest, peer)
+                except OSError:
+                    pass
+    finally:
+        sock.close()
+
+
+async def _h2_udp_flows_never_given_window(url: str, flows: int, watch) -> float:
+    """One HTTP/2 session (the connection window left at 64 KiB, no DATA acknowledged)
+    opening `flows` UDP flows, each sending one datagram; the peak of watch() meanwhile."""
+    u = urlsplit(url)
+    conn = H2Client._new_conn()
+    conn.initiate_connection()
+    reader, writer = await asyncio.open_connection(u.hostname, u.port)
+    client = H2Client(reader, writer, conn, u.path)
+    client.flush()
+    client._task = asyncio.get_running_loop().create_task(client._read_loop())
+    headers = {"x-stream-protocol-version": "portforward.crishim.dev/v1, portforward.k8s.io",
+               "protocol": "udp", "port": str(UDP_FLOOD_PORT)}
+    peak = watch()
+    try:
+        for i in range(flows):
+            client.open_stream(client.request_headers(streamtype="error", requestid=str(i),
+                                                      **headers), end_stream=True)
+            sid = client.open_stream(client.request_headers(streamtype="data",
+                                                            requestid=str(i), **headers))
+            client.hold_acks.add(sid)
+            client.conn.send_data(sid, encode_datagram(b"go"))
+            client.flush()
+            if i % 10 == 9:
+                await asyncio.sleep(0.05)
+                peak = max(peak, watch())
+        for _ in range(12):
+            await asyncio.sleep(0.25)
+            peak = max(peak, watch())
+    finally:
+        await client.close()
+    return peak
+
+
+def test_h2_udp_flows_whose_client_gives_no_window_hold_a_write_each(podnet):
+    """A pod answering with bursts of 64 KiB datagrams, a client that never opens its
+    window: each flow stops reading its pod socket after one write of about 64 KiB (it
+    read 64 datagrams first: 4 MiB a flow held in the stream's queue)."""
+    stop = threading.Event()
+    pod = threading.Thread(target=_udp_answers_with_bursts, args=(podnet, stop, 40),
+                           daemon=True)
+    pod.start()
+    try:
+        with _serve(podnet, "--udp-flow-idle-timeout", "60s") as proc:
+            before = _warm(proc)
+            peak = asyncio.run(asyncio.wait_for(_h2_udp_flows_never_given_window(
+                proc.port_forward_url(SANDBOX), 60, lambda: _rss_mib(proc.proc.pid)), 60))
+            _second_client_is_served(proc)
+            log = proc.log()
+    finally:
+        stop.set()
+        pod.join(5)
+    print(f"60 UDP flows without window: RSS peak +{peak - before:.1f} MiB")
+    assert peak - before < 40, peak - before
     assert "Traceback" not in log

@@ -9,7 +9,7 @@ import pytest
 from crishim.config import Config
 from crishim.forward import ForwardContext
 from crishim.forward_udp import ForwardedFlow
-from crishim.netns import bind_udp_in_netns, dial_udp_localhost
+from crishim.netns import bind_udp_in_netns, dial_udp_localhost, forget_udp_listeners
 from crishim.protocols.datagram import DatagramDecoder, encode_datagram, encode_datagrams
 from crishim.runtime import Sandbox
 from crishim.sandboxes import NamedNetnsRuntime
@@ -179,3 +179,37 @@ def test_dial_in_the_netns_not_the_host(podnet):
             host_only.recv(10)
     finally:
         host_only.close()
+
+
+def test_a_burst_of_dials_reads_the_listener_tables_once(podnet):
+    """Which address a UDP server listens on is read from the netns's /proc tables, which
+    hold every UDP socket there (each flow's own too): within a while of one dial, the
+    next dials to that port take the same answer rather than reading them again;
+    forget_udp_listeners reads them afresh."""
+    try:
+        v6 = bind_udp_in_netns(podnet.path, "::1", 0)
+    except OSError as e:
+        pytest.skip(f"no IPv6 loopback in the test netns: {e}")
+    port = v6.getsockname()[1]
+    forget_udp_listeners()
+    flows = []
+    try:
+        flows = [dial_udp_localhost(podnet.path, port) for _ in range(50)]
+        assert {sock.getpeername()[0] for sock in flows} == {"::1"}
+        v6.close()
+        v4 = bind_udp_in_netns(podnet.path, "127.0.0.1", port)
+        try:
+            again = dial_udp_localhost(podnet.path, port)  # as read before
+            assert again.getpeername()[0] == "::1"
+            again.close()
+            forget_udp_listeners()
+            fresh = dial_udp_localhost(podnet.path, port)
+            assert fresh.getpeername() == ("127.0.0.1", port)
+            fresh.close()
+        finally:
+            v4.close()
+    finally:
+        v6.close()
+        for sock in flows:
+            sock.close()
+        forget_udp_listeners()
