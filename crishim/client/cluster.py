@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import ssl
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -114,7 +115,10 @@ def check_pod(cluster: Cluster, name: str, timeout: float) -> None:
     from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import HTTPError
 
-    api = client.CoreV1Api(client.ApiClient(cluster.configuration))
+    api_client = client.ApiClient(cluster.configuration)
+    rest: Any = api_client.rest_client  # its pool is wrapped: typed as a PoolManager
+    rest.pool_manager = _BoundedAnswers(rest.pool_manager, MAX_POD_ANSWER, timeout)
+    api = client.CoreV1Api(api_client)
     try:
         response: Any = api.read_namespaced_pod(name, cluster.namespace,
                                                 _preload_content=False,
@@ -133,6 +137,62 @@ def check_pod(cluster: Cluster, name: str, timeout: float) -> None:
     if phase != "Running":
         raise ClusterError("error: unable to forward port because pod is not running. "
                            f"Current status={phase}")
+
+
+# a Pod object is a few KiB; kubectl's own GET has no bound, an answer past this is not one
+MAX_POD_ANSWER = 4 << 20
+_ANSWER_READ = 64 * 1024
+
+
+class _Answer:
+    """An answer read whole, in the shape the kubernetes client reads a urllib3 one."""
+
+    def __init__(self, response: Any, data: bytes) -> None:
+        self.status = response.status
+        self.reason = response.reason
+        self.headers = response.headers
+        self.data = data
+
+    def getheaders(self) -> Any:
+        return self.headers
+
+    def getheader(self, name: str, default: Any = None) -> Any:
+        return self.headers.get(name, default)
+
+
+class _BoundedAnswers:
+    """The kubernetes client's urllib3 pool, its answers read whole here: at most `limit`
+    bytes and within `timeout` seconds of the request, where the client would read any
+    body whole with only each socket read timed (an endless body grew the process by
+    ~220 MiB/s, one byte every 2 s held it forever)."""
+
+    def __init__(self, pool: Any, limit: int, timeout: float) -> None:
+        self.pool = pool
+        self.limit = limit
+        self.timeout = timeout
+
+    def request(self, *args: Any, **kwargs: Any) -> _Answer:
+        deadline = time.monotonic() + self.timeout
+        kwargs["preload_content"] = False
+        response = self.pool.request(*args, **kwargs)
+        body = bytearray()
+        try:
+            while chunk := response.read1(_ANSWER_READ):
+                body += chunk
+                if len(body) > self.limit:
+                    raise ClusterError(f"error: the server's answer is larger than "
+                                       f"{self.limit >> 20} MiB")
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"error: the server's answer took longer than "
+                                       f"{self.timeout:g}s")
+        except BaseException:
+            response.close()  # the rest of the answer is never read: not reused
+            raise
+        response.release_conn()
+        return _Answer(response, bytes(body))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pool, name)
 
 
 def _server_error(e: Any) -> str:

@@ -266,3 +266,76 @@ def test_token_from_an_exec_plugin(crishim: CrishimProcess, kubeconfig_dir: str)
             pf.wait_ready([ECHO_PORT])
             assert echo_roundtrip(pf.local[ECHO_PORT], b"exec") == b"exec"
         assert api.upgrades[0].header("authorization") == f"Bearer {TOKEN}"
+
+
+def _hostile_pod_answers(mode: str, stop: threading.Event) -> tuple[socket.socket, str]:
+    """An API server on loopback whose pod GET answer never ends: `endless` sends a
+    chunked body as fast as it is read, `trickle` one byte of a 1 MB body every 0.5 s
+    (each read well within the client's read timeout)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.5)
+
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                head += data
+            try:
+                if mode == "endless":
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                 b"Transfer-Encoding: chunked\r\n\r\n")
+                    chunk = b"%x\r\n%s\r\n" % (1 << 16, b" " * (1 << 16))
+                    while not stop.is_set():
+                        conn.sendall(chunk)
+                else:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: 1000000\r\n\r\n")
+                    while not stop.wait(0.5):
+                        conn.sendall(b" ")
+            except OSError:
+                pass
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener, f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("mode, error", [
+    ("endless", "error: the server's answer is larger than 4 MiB"),
+    ("trickle", "error: the server's answer took longer than 3s"),
+])
+def test_a_pod_answer_that_never_ends_is_a_clear_error(kubeconfig_dir: str, mode: str,
+                                                        error: str) -> None:
+    """The pod GET is read whole, as kubectl does, but at most 4 MiB and within --timeout:
+    an endless answer grew the client by ~220 MiB/s, a trickled one held it forever."""
+    stop = threading.Event()
+    listener, server = _hostile_pod_answers(mode, stop)
+    config = os.path.join(kubeconfig_dir, "config")
+    with open(config, "w") as f:
+        json.dump({"apiVersion": "v1", "kind": "Config", "current-context": "hostile",
+                   "clusters": [{"name": "hostile", "cluster": {"server": server}}],
+                   "users": [{"name": "hostile", "user": {"token": TOKEN}}],
+                   "contexts": [{"name": "hostile", "context": {"cluster": "hostile",
+                                                                "user": "hostile"}}]}, f)
+    try:
+        with CrishimClusterForward("--kubeconfig", config, "--timeout", "3", "pod/web",
+                                   f":{ECHO_PORT}") as pf:
+            assert pf.wait(30) == 1
+    finally:
+        stop.set()
+        listener.close()
+    assert error in pf.output(), pf.output()
+    assert "Traceback" not in pf.output()
+    assert not pf.local
