@@ -20,7 +20,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--certificate-authority", metavar="FILE",
                    help="for https stream URLs: trust this CA bundle (PEM)")
     p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="CRI call and connect timeout [default: 10]")
+                   help="CRI call, connect and (--kubeconfig) pod GET timeout [default: 10]")
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
