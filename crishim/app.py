@@ -102,7 +102,14 @@ class Crishim:
                              max_ports=cfg.max_port_forward_ports,
                              draining=lambda: stream.draining,
                              max_request_bytes=cfg.max_request_bytes)
-        server = grpc.aio.server(options=_MESSAGE_LIMITS)
+        # calls in progress are bounded: each may hold a partly received message (up to
+        # the 16 MiB limit) and, passed through, its upstream call (~32 KiB idle); one
+        # connection may hold a quarter of them, so one client cannot take every slot
+        # from the kubelet's connection
+        server = grpc.aio.server(
+            options=[*_MESSAGE_LIMITS,
+                     ("grpc.max_concurrent_streams", max(1, cfg.max_cri_calls // 4))],
+            maximum_concurrent_rpcs=cfg.max_cri_calls)
         server.add_generic_rpc_handlers(
             (CriHandler(service, self.upstream, cfg.upstream_version),))
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # no aio in stubs

@@ -91,6 +91,7 @@ class Config:
     max_sandbox_id_length: int = 256
     max_port_forward_ports: int = 64
     max_request_bytes: int = 64 * 1024
+    max_cri_calls: int = 4096
     max_connections_per_session: int = 4096
     max_connections: int = 65536
     reserved_fds: int = 256
@@ -128,6 +129,7 @@ class Config:
             raise ConfigError(f"stream_server_port: {self.stream_server_port} is not in 0..65535")
         for name in ("max_tokens", "max_sessions", "max_unadmitted", "buffer_size",
                      "max_sandbox_id_length", "max_port_forward_ports", "max_request_bytes",
+                     "max_cri_calls",
                      "max_connections_per_session", "max_connections",
                      "control_frames_per_second", "control_frame_burst",
                      "stream_opens_per_second", "stream_open_burst", "session_buffer_size"):
@@ -206,7 +208,11 @@ SETTINGS: dict[str, Setting] = {
                                       "(more, or over 16 times as many listed: "
                                       "INVALID_ARGUMENT)", "int"),
     "max_request_bytes": Setting("largest PortForward/Version request crishim decodes "
-                                 "itself (calls passed through keep gRPC's 64 MiB)", "int"),
+                                 "itself (calls passed through: 16 MiB, the kubelet's "
+                                 "limit)", "int"),
+    "max_cri_calls": Setting("most CRI calls in progress at once on the CRI socket, every "
+                             "connection together (a quarter of it on one connection); past "
+                             "it a call gets RESOURCE_EXHAUSTED", "int"),
     "max_connections_per_session": Setting("most live forwarded connections in one streaming "
                                            "session (at most half of the global limit); past "
                                            "it new streams are refused", "int"),

@@ -25,8 +25,11 @@ KUBELET_API_VERSION = "0.1.0"
 # metadata gRPC itself sets on a call (and every reserved grpc-*/:pseudo key); everything
 # else is carried to the upstream
 _HOP_METADATA = {"user-agent", "content-type", "te", "host"}
-# CRI methods take one request message; a client streaming more is refused, not buffered
+# CRI methods take one request message; a client streaming more is refused, not buffered:
+# at most 16 messages, together at most one message's limit (16 messages of 15 MiB each
+# were held for as long as the client kept the call open: three such calls held +1 GiB)
 _MAX_REQUESTS = 16
+_MAX_REQUEST_BYTES = 16 << 20
 
 
 def upstream_target(endpoint: str) -> str:
@@ -207,12 +210,16 @@ class CriHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # stubs: ge
             metadata = tuple((k, v) for k, v in context.invocation_metadata() or ()
                              if _forwardable(k))
             received = []
+            size = 0
             async for request in requests:
                 received.append(request)
-                if len(received) > _MAX_REQUESTS:
+                size += len(request)
+                if len(received) > _MAX_REQUESTS or size > _MAX_REQUEST_BYTES:
+                    received.clear()
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                        f"{method}: more than {_MAX_REQUESTS} request messages; "
-                                        "CRI methods take one")
+                                        f"{method}: more than {_MAX_REQUESTS} request messages "
+                                        f"or {_MAX_REQUEST_BYTES >> 20} MiB; CRI methods take "
+                                        "one")
             timeout = context.time_remaining()
             call: Any
             if len(received) == 1:

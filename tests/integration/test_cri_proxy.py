@@ -257,3 +257,73 @@ def test_unreachable_upstream_is_unavailable() -> None:
     with CrishimProcess("--upstream-endpoint", missing, "--no-upstream-version") as proc:
         assert proc.runtime.Version(api_pb2.VersionRequest(), timeout=10).runtime_name == \
             "crishim"
+
+
+def test_a_call_streaming_requests_past_16_mib_is_refused_at_once(proxy: CrishimProcess
+                                                                  ) -> None:
+    """CRI methods take one request: what a call passed through may send is bounded in
+    bytes too (16 messages of 15 MiB were held for as long as the call stayed open)."""
+    hold = threading.Event()
+
+    def requests() -> Iterator[bytes]:
+        yield b"\x00" * (9 << 20)
+        yield b"\x00" * (9 << 20)
+        hold.wait(15)  # the call stays open: no half-close
+
+    status = proxy.channel.stream_stream(f"/{RUNTIME}/Status")
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            list(status(requests(), timeout=10))
+    finally:
+        hold.set()
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "16 MiB" in (info.value.details() or "")
+    proxy.runtime.Status(api_pb2.StatusRequest(), timeout=10)  # still serving
+
+
+def test_calls_in_progress_are_bounded_per_connection_and_in_all(
+        upstream: RecordingUpstream) -> None:
+    """--max-cri-calls 8: one connection holds at most 2 calls (a quarter), every
+    connection together 8; past that a call gets RESOURCE_EXHAUSTED, and a slot that
+    ends serves the next call."""
+    health = "/grpc.health.v1.Health/Check"
+    with CrishimProcess("--upstream-endpoint", upstream.path, "--max-cri-calls", "8") as proc:
+        # a connection each (channels to one target share one unless told not to)
+        channels = [grpc.insecure_channel("unix://" + proc.socket,
+                                          options=[("grpc.use_local_subchannel_pool", 1)])
+                    for _ in range(5)]
+        streams = []
+        try:
+            for channel in channels[:4]:
+                for _ in range(2):
+                    stream = api_pb2_grpc.RuntimeServiceStub(channel).GetContainerEvents(
+                        api_pb2.GetEventsRequest(), timeout=60)
+                    next(stream)  # relayed: the call is in progress
+                    streams.append(stream)
+            # a third call on a full connection waits for a slot of its own connection
+            with pytest.raises(grpc.RpcError) as waited:
+                api_pb2_grpc.RuntimeServiceStub(channels[0]).Status(api_pb2.StatusRequest(),
+                                                                    timeout=1)
+            assert waited.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # 8 in progress: a call on another connection is refused at once
+            check = channels[4].unary_unary(health)
+            with pytest.raises(grpc.RpcError) as refused:
+                check(b"", timeout=10)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            streams.pop().cancel()
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    check(b"", timeout=10)
+                    break
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    assert time.monotonic() < deadline, "the freed slot never served a call"
+                    time.sleep(0.1)
+        finally:
+            for stream in streams:
+                stream.cancel()
+            for channel in channels:
+                channel.close()
+        log = proc.log()
+    assert "Traceback" not in log
