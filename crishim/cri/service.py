@@ -99,6 +99,11 @@ class CriService:
                                 f"pod_sandbox_id {shown(sandbox_id, 40)} is longer than "
                                 f"{self.max_sandbox_id_length} bytes "
                                 "(max_sandbox_id_length)")
+        if any(c < " " or c == "\x7f" for c in sandbox_id):
+            # no runtime names a sandbox so; a NUL reached a plugin's os.stat as ValueError
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"pod_sandbox_id {shown(sandbox_id, 40)} contains control "
+                                "characters")
         if len(request.port) > 16 * self.max_ports:  # not even collapsed: too costly
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"{len(request.port)} ports listed; at most "

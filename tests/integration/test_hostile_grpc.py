@@ -55,6 +55,16 @@ def test_long_sandbox_id_is_invalid_argument_without_echo(crishim, size, limit):
     assert "Traceback" not in crishim.log()[offset:]
 
 
+@pytest.mark.parametrize("sandbox_id", ["abc\x00def", "\x00", "line\nbreak", "del\x7f"])
+def test_sandbox_id_with_control_characters_is_invalid_argument(crishim, sandbox_id):
+    offset = len(crishim.log())
+    err = _port_forward(crishim, sandbox_id)
+    _short_and_bounded(err)
+    assert "control characters" in err.details()
+    _still_serves(crishim)
+    assert "Traceback" not in crishim.log()[offset:]
+
+
 def test_sandbox_id_of_the_limit_is_looked_up(crishim):
     err = _port_forward(crishim, "y" * 256)
     assert err.code() == grpc.StatusCode.NOT_FOUND
