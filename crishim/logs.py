@@ -29,6 +29,41 @@ class JsonFormatter(logging.Formatter):
 _CAPPED_AT_INFO = ("grpc", "hpack", "h2")
 
 
+class PeerEncodingErrors(logging.Filter):
+    """grpc's Cython layer logs ERROR and a traceback for every metadata value a CRI
+    client (or the upstream) sends that is not UTF-8, one to three per call: peer input,
+    not a fault of crishim's. Such records become one warning line without the traceback,
+    at most `burst` per `period` seconds (then counted, and the count given with the
+    next line let through)."""
+
+    def __init__(self, burst: int = 10, period: float = 60.0) -> None:
+        super().__init__()
+        self.burst = burst
+        self.period = period
+        self._window_start = 0.0
+        self._in_window = 0
+        self._suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Invalid encoding"):
+            return True
+        now = time.monotonic()
+        if now - self._window_start >= self.period:
+            self._window_start, self._in_window = now, 0
+        if self._in_window >= self.burst:
+            self._suppressed += 1
+            return False
+        self._in_window += 1
+        value = record.getMessage()[len("Invalid encoding on "):][:40]
+        more = f" ({self._suppressed} more suppressed)" if self._suppressed else ""
+        self._suppressed = 0
+        record.msg = f"a gRPC metadata value that is not UTF-8 was refused: %s{more}"
+        record.args = (value,)
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = record.exc_text = None
+        return True
+
+
 def setup(log_format: str = "text", level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
@@ -42,3 +77,6 @@ def setup(log_format: str = "text", level: str = "info") -> None:
     # and h2's write every decoded header, the token in :path among them (docs §1.2)
     for name in _CAPPED_AT_INFO:
         logging.getLogger(name).setLevel(max(logging.INFO, root.level))
+    cygrpc = logging.getLogger("grpc._cython.cygrpc")
+    cygrpc.filters[:] = [f for f in cygrpc.filters if not isinstance(f, PeerEncodingErrors)]
+    cygrpc.addFilter(PeerEncodingErrors())
