@@ -112,7 +112,7 @@ def sandbox_from_status(sandbox_id: str,
     raw = response.info.get("info", "")
     try:
         info = json.loads(raw) if raw else {}
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested ~100,000 deep
         info = {}
     if not isinstance(info, dict):
         info = {}
@@ -136,11 +136,16 @@ def sandbox_from_status(sandbox_id: str,
 
 
 def _netns_path_from_spec(info: dict[str, Any]) -> str:
+    """runtimeSpec.linux.namespaces[type=network].path, "" where any level is not the
+    shape the OCI spec gives it (a list for `linux` raised AttributeError: UNKNOWN and a
+    traceback per PortForward)."""
     spec = info.get("runtimeSpec")
-    namespaces = spec.get("linux", {}).get("namespaces", []) if isinstance(spec, dict) else []
+    linux = spec.get("linux") if isinstance(spec, dict) else None
+    namespaces = linux.get("namespaces") if isinstance(linux, dict) else None
     for ns in namespaces if isinstance(namespaces, list) else []:
         if isinstance(ns, dict) and ns.get("type") == "network":
-            return str(ns.get("path") or "")
+            path = ns.get("path")
+            return path if isinstance(path, str) else ""
     return ""
 
 

@@ -663,6 +663,15 @@ def test_sandbox_from_status_reads_containerd_fields() -> None:
         sandbox_from_status("a", response(spec, state=api_pb2.SANDBOX_NOTREADY))
     with pytest.raises(SandboxGone):
         sandbox_from_status("a", response("not json"))
+    # an upstream's answer of another shape is no path, not an exception of ours
+    for odd in ('{"pid": 42, "runtimeSpec": {"linux": []}}',
+                '{"pid": 42, "runtimeSpec": {"linux": {"namespaces": {"type": "network"}}}}',
+                '{"pid": 42, "runtimeSpec": {"linux": {"namespaces": '
+                '[{"type": "network", "path": ["x"]}]}}}'):
+        assert sandbox_from_status("a", response(odd))[0].netns_path == "/proc/42/ns/net"
+    with pytest.raises(SandboxGone):  # nested too deep to read: as no answer at all
+        sandbox_from_status("a", response('{"pid": 42, "runtimeSpec": '
+                                          + "[" * 100_000 + "]" * 100_000 + "}"))
 
 
 # ----------------------------------------------------------------------------- containerd's own
