@@ -445,6 +445,54 @@ def test_refused_upgrade_is_one_line_and_nonzero(tmp_path):
     assert message == "unable to upgrade connection: 403: no stream protocol in common"
 
 
+@pytest.mark.parametrize("transport", ["spdy", "websocket", "spdy-over-websocket"])
+def test_a_refusal_with_an_endless_body_keeps_4_kib_of_it_and_hangs_up(transport):
+    """A stream server that answers 500 and streams its body: the message shows the
+    body's first 4 KiB, says it is cut, and the client closes rather than read on."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(10)
+    port = listener.getsockname()[1]
+    most = 64 << 20  # what the server sends at most (the client read it all: the bug)
+    sent = [0]
+    hung_up = threading.Event()
+
+    def answer():
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(10)
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 500 Internal Server Error\r\n"
+                         b"Content-Type: text/plain\r\n\r\n")
+            chunk = b"A" * (1 << 20)
+            end = time.monotonic() + 10
+            try:
+                while sent[0] < most and time.monotonic() < end:
+                    conn.sendall(chunk)
+                    sent[0] += len(chunk)
+            except ConnectionError:  # reset or broken pipe: the client closed
+                hung_up.set()
+
+    t = threading.Thread(target=answer, daemon=True)
+    t.start()
+
+    from crishim.client.transports import UpgradeRefused, open_session
+
+    async def go():
+        with pytest.raises(UpgradeRefused) as e:
+            await open_session(f"http://127.0.0.1:{port}/portforward/x", transport, [80])
+        return str(e.value)
+
+    message = asyncio.run(go())
+    t.join(15)
+    listener.close()
+    assert message.startswith("unable to upgrade connection: 500: AAAA")
+    assert message.endswith("A… (the body's first 4096 bytes)"), message[-80:]
+    assert message.count("A") == 4096
+    assert hung_up.is_set() and sent[0] < most, sent[0]
+
+
 class UrlRuntime:
     """A CRI runtime on a unix socket whose PortForward answers `url`, whatever it is."""
 
