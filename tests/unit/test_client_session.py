@@ -112,3 +112,67 @@ def test_a_server_that_does_not_acknowledge_dial_on_data_gets_no_pairs_opened_ah
             session.close()
 
     asyncio.run(main())
+
+
+def test_error_text_past_4_kib_is_cut_and_its_stream_reset():
+    """A SPDY server that answers a pair and sends error text without end: the client keeps
+    4 KiB of it, resets the error stream and ends the connection with the cut text."""
+
+    async def main() -> None:
+        most = 32 << 20  # what the server sends at most (the client kept it all: the bug)
+        sent = 0
+        resets: list[int] = []
+        error_ids: list[int] = []
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal sent
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                         b"Upgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: portforward.k8s.io"
+                         b"\r\n\r\n")
+            codec = spdy.SpdyConnection(spdy.SpdyConfig())
+
+            async def read() -> None:
+                while data := await reader.read(65536):
+                    for ev in codec.receive_data(data):
+                        if isinstance(ev, spdy.StreamOpened):
+                            codec.reply(ev.stream_id, {})
+                            if ev.headers.get("streamtype") == "error":
+                                error_ids.append(ev.stream_id)
+                        elif isinstance(ev, spdy.StreamReset):
+                            resets.append(ev.stream_id)
+                    writer.write(codec.data_to_send())
+
+            reading = asyncio.ensure_future(read())
+            line = "connection refused by a hostile pod\n" * 1800  # 64,800 characters
+            end = asyncio.get_running_loop().time() + 10
+            while (sent < most and not set(error_ids) & set(resets)
+                   and asyncio.get_running_loop().time() < end and not reading.done()):
+                if error_ids:
+                    codec.send_data(error_ids[0], line.encode())
+                    sent += len(line)
+                writer.write(codec.data_to_send())
+                await writer.drain()
+                await asyncio.sleep(0)
+            reading.cancel()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            session = await open_session(f"http://127.0.0.1:{port}/portforward/x", "spdy",
+                                         ping_interval=0)
+            reader, writer = await session.open_stream(7000)
+            writer.write(b"hi")
+            with pytest.raises(ForwardError) as e:
+                await asyncio.wait_for(reader.read(), 5)
+            message = str(e.value)
+            assert e.value.fatal
+            assert message.startswith("connection refused by a hostile pod\n")
+            assert message.endswith("… (the first 4096 characters of the error stream)")
+            assert len(message) < 4096 + 60
+            await until(lambda: error_ids and error_ids[0] in resets)
+            assert sent < most, sent
+            session.close()
+
+    asyncio.run(main())

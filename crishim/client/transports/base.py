@@ -23,6 +23,10 @@ USER_AGENT = "crishim-port-forward"
 # After a forwarded connection's data stream ends, how long to wait for its error stream.
 ERROR_STREAM_WAIT = 2.0
 SESSION_WRITE_HIGH_WATER = 1024 * 1024
+# Of a connection's error-stream text, what is kept and shown; past it the error stream is
+# reset and the connection ends (a server sending endless error text grew crishim
+# port-forward from 59 to 159 MiB for 43 MiB of it, and it printed all of it).
+ERROR_TEXT_KEPT = 4096
 MAX_HEAD = 64 * 1024
 # Of a refused upgrade's body, what the error message shows; the rest is not read (a
 # server streaming one took crishim port-forward to 6 GiB and a 1.2 GB error line).
@@ -104,6 +108,7 @@ class ForwardStream(asyncio.Transport):
         self.accepted_at: float | None = None
         self.first_byte_at: float | None = None
         self.error_text = ""
+        self.error_cut = False  # the server sent more than ERROR_TEXT_KEPT of error text
         self.failure = ""
         # opened ahead of its connection (dial: on-data); `ahead` until a connection takes it
         self.opened_ahead = self.ahead = False
@@ -238,7 +243,16 @@ class ForwardStream(asyncio.Transport):
         self._maybe_finish()
 
     def _error_data(self, text: str) -> None:
-        self.error_text += text
+        if self.error_cut:
+            return
+        room = ERROR_TEXT_KEPT - len(self.error_text)
+        if len(text) <= room:
+            self.error_text += text
+            return
+        self.error_text += text[:room]
+        self.error_cut = True
+        self.session._stop_error_stream(self)
+        self.abort()  # the error is known: the rest of it, and of the connection, is not read
 
     def _error_end(self) -> None:
         self._error_done = True
@@ -272,7 +286,10 @@ class ForwardStream(asyncio.Transport):
             self._timer.cancel()
         exc: ForwardError | None = None
         if self.error_text:
-            exc = ForwardError(self.error_text.strip(), fatal=self.session.error_text_is_fatal)
+            text = self.error_text.strip()
+            if self.error_cut:
+                text += f"… (the first {ERROR_TEXT_KEPT} characters of the error stream)"
+            exc = ForwardError(text, fatal=self.session.error_text_is_fatal)
         elif self.failure and not self._closing:
             exc = ForwardError(self.failure)
         self.session._stream_done(self)
@@ -434,6 +451,10 @@ class ClientSession:
 
     def _reset_stream(self, stream: ForwardStream) -> None:
         raise NotImplementedError
+
+    def _stop_error_stream(self, stream: ForwardStream) -> None:
+        """Reset a connection's error stream, where it is a stream of its own (SPDY,
+        HTTP/2): the server sent more error text than is kept."""
 
     def _goodbye(self) -> None:
         """The transport's polite end (GOAWAY, close frame), before the transport closes."""

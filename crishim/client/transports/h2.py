@@ -187,6 +187,14 @@ class H2ClientSession(ClientSession):
             pass
         self._flush()
 
+    def _stop_error_stream(self, stream: ForwardStream) -> None:
+        if stream.error_id is not None:
+            try:
+                self.codec.reset_stream(stream.error_id, ErrorCodes.CANCEL)
+            except h2.exceptions.ProtocolError:
+                pass  # ended meanwhile
+            self._flush()
+
     def _stream_done(self, stream: ForwardStream) -> None:
         super()._stream_done(stream)
         self._queues.pop(stream.key, None)
