@@ -3,6 +3,8 @@ arrive together with the upgrade response are not lost."""
 
 import asyncio
 
+import h2.config
+import h2.connection
 import h11
 import pytest
 
@@ -174,5 +176,41 @@ def test_error_text_past_4_kib_is_cut_and_its_stream_reset():
             await until(lambda: error_ids and error_ids[0] in resets)
             assert sent < most, sent
             session.close()
+
+    asyncio.run(main())
+
+
+def test_h2_preface_goes_before_the_ack_of_settings_that_came_with_the_connect():
+    """An HTTP/2 server that writes its SETTINGS at accept (the h2 library's, Go's): they
+    reach the client before its preface is out; the preface must still come first (its
+    SETTINGS ACK went ahead of it: 'Invalid HTTP/2 preamble', the connection reset)."""
+
+    async def main() -> None:
+        first: list[bytes] = []
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+            conn.initiate_connection()
+            writer.write(conn.data_to_send())  # before anything is read
+            await writer.drain()
+            reads = 0
+            while data := await reader.read(65536):
+                if not reads:
+                    first.append(data)  # each connection's first read
+                reads += 1
+                conn.receive_data(data)
+                writer.write(conn.data_to_send())
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            for _ in range(20):  # the server's SETTINGS must be read before the attach
+                session = await open_session(f"http://127.0.0.1:{port}/portforward/x", "h2",
+                                             ping_interval=0)
+                assert await session.ping(5) < 5
+                session.close()
+        assert len(first) == 20
+        assert all(data.startswith(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n") for data in first)
 
     asyncio.run(main())

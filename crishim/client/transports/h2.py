@@ -350,8 +350,11 @@ async def open_h2(conn: UpgradeProtocol, target: Target, ports: list[int],
         raise UpgradeRefused(0, f"the server at {target.netloc} did not negotiate h2 by ALPN "
                                 f"(got {ssl_object.selected_alpn_protocol()!r})")
     session = H2ClientSession(target.netloc, target.path, target.scheme, target.versions)
-    conn.attach(session, bytes(conn.buffer))
+    # the preface first: a server's SETTINGS that came with the connect (any server that
+    # writes its own at accept, as h2 and Go's do) would be acknowledged ahead of it
+    session.transport = conn.transport
     session.begin()
+    conn.attach(session, bytes(conn.buffer))
     try:
         await asyncio.wait_for(asyncio.shield(session.settings_received), timeout)
     except TimeoutError:
