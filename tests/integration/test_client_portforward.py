@@ -14,10 +14,13 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent import futures
 
+import grpc
 import pytest
 
 import tests.support.podnet as podnet_module
+from crishim.cri import api_pb2
 from tests.support import SANDBOX, peers, until
 from tests.support.podnet import (
     ECHO_PORT,
@@ -440,6 +443,93 @@ def test_refused_upgrade_is_one_line_and_nonzero(tmp_path):
     message = asyncio.run(go())
     listener.close()
     assert message == "unable to upgrade connection: 403: no stream protocol in common"
+
+
+@pytest.mark.parametrize("transport", ["spdy", "websocket", "spdy-over-websocket"])
+def test_a_refusal_with_an_endless_body_keeps_4_kib_of_it_and_hangs_up(transport):
+    """A stream server that answers 500 and streams its body: the message shows the
+    body's first 4 KiB, says it is cut, and the client closes rather than read on."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(10)
+    port = listener.getsockname()[1]
+    most = 64 << 20  # what the server sends at most (the client read it all: the bug)
+    sent = [0]
+    hung_up = threading.Event()
+
+    def answer():
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(10)
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 500 Internal Server Error\r\n"
+                         b"Content-Type: text/plain\r\n\r\n")
+            chunk = b"A" * (1 << 20)
+            end = time.monotonic() + 10
+            try:
+                while sent[0] < most and time.monotonic() < end:
+                    conn.sendall(chunk)
+                    sent[0] += len(chunk)
+            except ConnectionError:  # reset or broken pipe: the client closed
+                hung_up.set()
+
+    t = threading.Thread(target=answer, daemon=True)
+    t.start()
+
+    from crishim.client.transports import UpgradeRefused, open_session
+
+    async def go():
+        with pytest.raises(UpgradeRefused) as e:
+            await open_session(f"http://127.0.0.1:{port}/portforward/x", transport, [80])
+        return str(e.value)
+
+    message = asyncio.run(go())
+    t.join(15)
+    listener.close()
+    assert message.startswith("unable to upgrade connection: 500: AAAA")
+    assert message.endswith("A… (the body's first 4096 bytes)"), message[-80:]
+    assert message.count("A") == 4096
+    assert hung_up.is_set() and sent[0] < most, sent[0]
+
+
+class UrlRuntime:
+    """A CRI runtime on a unix socket whose PortForward answers `url`, whatever it is."""
+
+    def __init__(self, path: str, url: str) -> None:
+        self.url = url
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        self.server.add_generic_rpc_handlers((self,))
+        self.server.add_insecure_port("unix://" + path)
+        self.server.start()
+
+    def service(self, details: grpc.HandlerCallDetails):
+        if not details.method.endswith("/PortForward"):
+            return None
+        return grpc.unary_unary_rpc_method_handler(
+            lambda request, context: api_pb2.PortForwardResponse(url=self.url),
+            request_deserializer=api_pb2.PortForwardRequest.FromString,
+            response_serializer=lambda m: m.SerializeToString())
+
+
+@pytest.mark.parametrize("url,pattern", [
+    ("http://127.0.0.1:99999/x", r"Port out of range"),
+    ("http://[zz/x", r"Invalid IPv6 URL"),
+    ("http://127.0.0.1:1\r\nX: y/x", r"Port could not be cast"),
+    ("http://" + "a" * 300 + "/x", r"bad host name: .*label too long"),
+], ids=["port-over-65535", "unclosed-ipv6", "crlf-in-port", "300-char-label"])
+def test_a_malformed_stream_url_from_the_runtime_is_one_line_and_nonzero(tmp_path, url,
+                                                                          pattern):
+    """What urlsplit and the resolver raise for the runtime's URL (ValueError, UnicodeError)
+    is a bad URL like any other, not a traceback."""
+    runtime = UrlRuntime(str(tmp_path / "cri.sock"), url)
+    try:
+        r = run_cli(SANDBOX, ":80", "--runtime-endpoint", f"unix://{tmp_path}/cri.sock")
+    finally:
+        runtime.server.stop(0)
+    assert r.returncode == 1
+    assert_one_error_line(r, r"^error: cannot use stream URL '.+: " + pattern)
+    assert len(r.stderr) < 300, r.stderr
 
 
 def test_websocket_connections_use_a_session_opened_after_the_last_opened(crishim):

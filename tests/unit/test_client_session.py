@@ -3,6 +3,9 @@ arrive together with the upgrade response are not lost."""
 
 import asyncio
 
+import h2.config
+import h2.connection
+import h2.events
 import h11
 import pytest
 
@@ -110,5 +113,149 @@ def test_a_server_that_does_not_acknowledge_dial_on_data_gets_no_pairs_opened_ah
             await asyncio.sleep(0.3)
             assert len(opened_ahead()) == 1  # and none after it
             session.close()
+
+    asyncio.run(main())
+
+
+ERROR_LINE = "connection refused by a hostile pod\n" * 1800  # 64,800 characters
+
+
+class ErrorFlood:
+    """A stream server's side that answers every stream and sends ERROR_LINE on the first
+    error stream until the client resets it, `most` bytes are sent or 10 s pass."""
+
+    def __init__(self, most: int) -> None:
+        self.most = most
+        self.sent = 0
+        self.error_ids: list[int] = []
+        self.resets: list[int] = []
+
+    def going(self, reading: asyncio.Future[None]) -> bool:
+        return (self.sent < self.most and not set(self.error_ids) & set(self.resets)
+                and not reading.done())
+
+    async def spdy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                     b"Upgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: portforward.k8s.io"
+                     b"\r\n\r\n")
+        codec = spdy.SpdyConnection(spdy.SpdyConfig())
+
+        async def read() -> None:
+            while data := await reader.read(65536):
+                for ev in codec.receive_data(data):
+                    if isinstance(ev, spdy.StreamOpened):
+                        codec.reply(ev.stream_id, {})
+                        if ev.headers.get("streamtype") == "error":
+                            self.error_ids.append(ev.stream_id)
+                    elif isinstance(ev, spdy.StreamReset):
+                        self.resets.append(ev.stream_id)
+                writer.write(codec.data_to_send())
+
+        reading = asyncio.ensure_future(read())
+        async with asyncio.timeout(10):
+            while self.going(reading):
+                if self.error_ids:
+                    codec.send_data(self.error_ids[0], ERROR_LINE.encode())
+                    self.sent += len(ERROR_LINE)
+                writer.write(codec.data_to_send())
+                await writer.drain()
+                await asyncio.sleep(0)
+        reading.cancel()
+        writer.close()
+
+    async def h2(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        conn.initiate_connection()
+
+        async def read() -> None:
+            while data := await reader.read(65536):
+                for ev in conn.receive_data(data):
+                    if isinstance(ev, h2.events.RequestReceived):
+                        conn.send_headers(ev.stream_id, [(":status", "200")])
+                        if (b"streamtype", b"error") in ev.headers:
+                            self.error_ids.append(ev.stream_id)
+                    elif isinstance(ev, h2.events.StreamReset):
+                        self.resets.append(ev.stream_id)
+                writer.write(conn.data_to_send())
+
+        reading = asyncio.ensure_future(read())
+        line = ERROR_LINE.encode()
+        async with asyncio.timeout(10):
+            while self.going(reading):
+                if self.error_ids:
+                    sid = self.error_ids[0]
+                    n = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+                    if n:
+                        conn.send_data(sid, line[:n])
+                        self.sent += n
+                writer.write(conn.data_to_send())
+                await writer.drain()
+                await asyncio.sleep(0.001)
+        reading.cancel()
+        writer.close()
+
+
+@pytest.mark.parametrize("transport", ["spdy", "h2"])
+def test_error_text_past_4_kib_is_cut_and_its_stream_reset(transport):
+    """A server that answers a pair and sends error text without end: the client keeps
+    4 KiB of it, resets the error stream and ends the connection with the cut text."""
+
+    async def main() -> None:
+        flood = ErrorFlood(32 << 20)  # the most it sends (the client kept it all: the bug)
+        server = await asyncio.start_server(getattr(flood, transport.replace("-", "_")),
+                                            "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            session = await open_session(f"http://127.0.0.1:{port}/portforward/x",
+                                         transport, ping_interval=0)
+            reader, writer = await session.open_stream(7000)
+            writer.write(b"hi")
+            with pytest.raises(ForwardError) as e:
+                await asyncio.wait_for(reader.read(), 5)
+            message = str(e.value)
+            assert e.value.fatal
+            assert message.startswith("connection refused by a hostile pod\n")
+            assert message.endswith("… (the first 4096 characters of the error stream)")
+            assert len(message) < 4096 + 60
+            await until(lambda: flood.error_ids and flood.error_ids[0] in flood.resets)
+            assert flood.sent < flood.most, flood.sent
+            session.close()
+
+    asyncio.run(main())
+
+
+def test_h2_preface_goes_before_the_ack_of_settings_that_came_with_the_connect():
+    """An HTTP/2 server that writes its SETTINGS at accept (the h2 library's, Go's): they
+    reach the client before its preface is out; the preface must still come first (its
+    SETTINGS ACK went ahead of it: 'Invalid HTTP/2 preamble', the connection reset)."""
+
+    async def main() -> None:
+        first: list[bytes] = []
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+            conn.initiate_connection()
+            writer.write(conn.data_to_send())  # before anything is read
+            await writer.drain()
+            reads = 0
+            while data := await reader.read(65536):
+                if not reads:
+                    first.append(data)  # each connection's first read
+                reads += 1
+                conn.receive_data(data)
+                writer.write(conn.data_to_send())
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            for _ in range(20):  # the server's SETTINGS must be read before the attach
+                session = await open_session(f"http://127.0.0.1:{port}/portforward/x", "h2",
+                                             ping_interval=0)
+                assert await session.ping(5) < 5
+                session.close()
+        assert len(first) == 20
+        assert all(data.startswith(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n") for data in first)
 
     asyncio.run(main())

@@ -47,6 +47,7 @@ from crishim.client.transports.base import (
 from crishim.client.transports.h2 import open_h2
 from crishim.client.transports.spdy import open_spdy
 from crishim.client.transports.websocket import open_channels, open_spdy_tunnel
+from crishim.ports import shown
 from crishim.protocols.negotiation import client_offer
 
 __all__ = [
@@ -108,13 +109,17 @@ async def open_session(url: str, transport: str = "spdy", ports: Sequence[int] =
     `ping_interval` seconds (0: never). Raises SessionError / UpgradeRefused, and
     ValueError for an unknown transport."""
     kind = transport_named(transport)
-    u = urlsplit(url)
+    try:  # the runtime's URL: a port over 65535 or not digits, an unclosed [ raise here
+        u = urlsplit(url)
+        port = u.port or (443 if u.scheme == "https" else 80)
+    except ValueError as e:
+        raise SessionError(f"cannot use stream URL {shown(url, 120)}: {e}") from None
     if u.scheme not in ("http", "https") or not u.hostname:
-        raise SessionError(f"cannot use stream URL {url!r}: need http(s)://HOST:PORT/...")
+        raise SessionError(f"cannot use stream URL {shown(url, 120)}: need "
+                           "http(s)://HOST:PORT/...")
     if ssl_context is None:
         ssl_context = ssl_context_for(url, insecure, ca_file, [kind.alpn])
     host = u.hostname
-    port = u.port or (443 if u.scheme == "https" else 80)
     path = u.path or "/"
     if u.query:
         path += "?" + u.query
@@ -133,6 +138,9 @@ async def open_session(url: str, transport: str = "spdy", ports: Sequence[int] =
     except OSError as e:
         raise SessionError(f"cannot connect to the stream server {u.netloc}: "
                            f"{e.strerror or e}") from None
+    except ValueError as e:  # a host name idna cannot encode (a label over 63), a NUL in it
+        raise SessionError(f"cannot use stream URL {shown(url, 120)}: bad host name: {e}"
+                           ) from None
     tr.set_write_buffer_limits(high=SESSION_WRITE_HIGH_WATER)
     try:
         versions = tuple(client_offer(udp=offer_udp))

@@ -23,7 +23,14 @@ USER_AGENT = "crishim-port-forward"
 # After a forwarded connection's data stream ends, how long to wait for its error stream.
 ERROR_STREAM_WAIT = 2.0
 SESSION_WRITE_HIGH_WATER = 1024 * 1024
+# Of a connection's error-stream text, what is kept and shown; past it the error stream is
+# reset and the connection ends (a server sending endless error text grew crishim
+# port-forward from 59 to 159 MiB for 43 MiB of it, and it printed all of it).
+ERROR_TEXT_KEPT = 4096
 MAX_HEAD = 64 * 1024
+# Of a refused upgrade's body, what the error message shows; the rest is not read (a
+# server streaming one took crishim port-forward to 6 GiB and a 1.2 GB error line).
+REFUSAL_BODY_KEPT = 4096
 # A port's next pair is opened ahead (dial: on-data) OPEN_AHEAD_AFTER_REPLY after the
 # connection before it has its first bytes back or has ended, or OPEN_AHEAD_DELAY after it
 # opened, whichever is first (seconds).
@@ -101,6 +108,7 @@ class ForwardStream(asyncio.Transport):
         self.accepted_at: float | None = None
         self.first_byte_at: float | None = None
         self.error_text = ""
+        self.error_cut = False  # the server sent more than ERROR_TEXT_KEPT of error text
         self.failure = ""
         # opened ahead of its connection (dial: on-data); `ahead` until a connection takes it
         self.opened_ahead = self.ahead = False
@@ -235,7 +243,16 @@ class ForwardStream(asyncio.Transport):
         self._maybe_finish()
 
     def _error_data(self, text: str) -> None:
-        self.error_text += text
+        if self.error_cut:
+            return
+        room = ERROR_TEXT_KEPT - len(self.error_text)
+        if len(text) <= room:
+            self.error_text += text
+            return
+        self.error_text += text[:room]
+        self.error_cut = True
+        self.session._stop_error_stream(self)
+        self.abort()  # the error is known: the rest of it, and of the connection, is not read
 
     def _error_end(self) -> None:
         self._error_done = True
@@ -269,7 +286,10 @@ class ForwardStream(asyncio.Transport):
             self._timer.cancel()
         exc: ForwardError | None = None
         if self.error_text:
-            exc = ForwardError(self.error_text.strip(), fatal=self.session.error_text_is_fatal)
+            text = self.error_text.strip()
+            if self.error_cut:
+                text += f"… (the first {ERROR_TEXT_KEPT} characters of the error stream)"
+            exc = ForwardError(text, fatal=self.session.error_text_is_fatal)
         elif self.failure and not self._closing:
             exc = ForwardError(self.failure)
         self.session._stream_done(self)
@@ -432,6 +452,10 @@ class ClientSession:
     def _reset_stream(self, stream: ForwardStream) -> None:
         raise NotImplementedError
 
+    def _stop_error_stream(self, stream: ForwardStream) -> None:
+        """Reset a connection's error stream, where it is a stream of its own (SPDY,
+        HTTP/2): the server sent more error text than is kept."""
+
     def _goodbye(self) -> None:
         """The transport's polite end (GOAWAY, close frame), before the transport closes."""
 
@@ -590,13 +614,16 @@ class UpgradeProtocol(asyncio.BufferedProtocol):
     already hold the session's first frames. A transport checks the answer, builds its
     session and calls `attach(session, leftover)`: from then on every read, the end of the
     connection and its write-side flow control go straight to the session. After a refusal,
-    `read_body` gathers the rest of the response for the error message. HTTP/2 uses no head:
-    it attaches at once with whatever arrived."""
+    `read_body` gathers the rest of the response for the error message, at most
+    REFUSAL_BODY_KEPT bytes of body. HTTP/2 uses no head: it attaches at once with whatever
+    arrived."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self._transport: asyncio.Transport | None = None
         self.buffer = bytearray()
+        self.body_at = 0  # where the body starts in `buffer`, once the head is whole
+        self.refused = False  # read_body was called: what comes is a refusal's body
         self.head: asyncio.Future[bytes] = loop.create_future()
         self.body_done: asyncio.Future[None] = loop.create_future()
         self.session: ClientSession | None = None
@@ -624,9 +651,25 @@ class UpgradeProtocol(asyncio.BufferedProtocol):
             return
         self.buffer += data
         if not self.head.done():
-            if self.buffer.find(b"\r\n\r\n") >= 0 or len(self.buffer) > MAX_HEAD:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end >= 0 or len(self.buffer) > MAX_HEAD:
                 self.transport.pause_reading()
+                self.body_at = end + 4 if end >= 0 else len(self.buffer)
                 self.head.set_result(bytes(self.buffer))
+        elif self.refused:
+            self._body_kept()
+
+    def _body_kept(self) -> bool:
+        """Whether a refusal's body has all the message shows: then reading stops and the
+        connection is closed (the rest is not read)."""
+        end = self.body_at + REFUSAL_BODY_KEPT
+        if len(self.buffer) <= end:
+            return False
+        del self.buffer[end + 1:]  # one byte past what is shown: the message says it is cut
+        self.transport.abort()
+        if not self.body_done.done():
+            self.body_done.set_result(None)
+        return True
 
     def eof_received(self) -> bool:
         if self.session is not None:
@@ -672,12 +715,15 @@ class UpgradeProtocol(asyncio.BufferedProtocol):
             transport.resume_reading()
 
     async def read_body(self, timeout: float) -> bytes:
-        """After a non-101 answer: the rest of the response (it ends with the connection)."""
-        self.transport.resume_reading()
-        try:
-            await asyncio.wait_for(asyncio.shield(self.body_done), timeout)
-        except TimeoutError:
-            pass
+        """After a non-101 answer: the rest of the response (it ends with the connection),
+        cut one byte past REFUSAL_BODY_KEPT of body."""
+        self.refused = True
+        if not self._body_kept():  # the head's read may have brought enough
+            self.transport.resume_reading()
+            try:
+                await asyncio.wait_for(asyncio.shield(self.body_done), timeout)
+            except TimeoutError:
+                pass
         return bytes(self.buffer)
 
 
@@ -716,7 +762,10 @@ def _refusal(status: int, headers: dict[str, list[str]], body: bytes) -> Upgrade
     length = headers.get("content-length", [""])[0]
     if length.isdigit():
         body = body[:int(length)]
-    text = body.decode("utf-8", "replace").strip() or "no reason given"
+    cut = len(body) > REFUSAL_BODY_KEPT
+    text = body[:REFUSAL_BODY_KEPT].decode("utf-8", "replace").strip() or "no reason given"
+    if cut:
+        text += f"… (the body's first {REFUSAL_BODY_KEPT} bytes)"
     return UpgradeRefused(status, f"unable to upgrade connection: {status}: {text}")
 
 

@@ -187,6 +187,14 @@ class H2ClientSession(ClientSession):
             pass
         self._flush()
 
+    def _stop_error_stream(self, stream: ForwardStream) -> None:
+        if stream.error_id is not None:
+            try:
+                self.codec.reset_stream(stream.error_id, ErrorCodes.CANCEL)
+            except h2.exceptions.ProtocolError:
+                pass  # ended meanwhile
+            self._flush()
+
     def _stream_done(self, stream: ForwardStream) -> None:
         super()._stream_done(stream)
         self._queues.pop(stream.key, None)
@@ -342,8 +350,11 @@ async def open_h2(conn: UpgradeProtocol, target: Target, ports: list[int],
         raise UpgradeRefused(0, f"the server at {target.netloc} did not negotiate h2 by ALPN "
                                 f"(got {ssl_object.selected_alpn_protocol()!r})")
     session = H2ClientSession(target.netloc, target.path, target.scheme, target.versions)
-    conn.attach(session, bytes(conn.buffer))
+    # the preface first: a server's SETTINGS that came with the connect (any server that
+    # writes its own at accept, as h2 and Go's do) would be acknowledged ahead of it
+    session.transport = conn.transport
     session.begin()
+    conn.attach(session, bytes(conn.buffer))
     try:
         await asyncio.wait_for(asyncio.shield(session.settings_received), timeout)
     except TimeoutError:

@@ -95,6 +95,11 @@ class SpdyClientSession(ClientSession):
         self.codec.reset_stream(stream.key, spdy.CANCEL)
         self._flush()
 
+    def _stop_error_stream(self, stream: ForwardStream) -> None:
+        if stream.error_id is not None:
+            self.codec.reset_stream(stream.error_id, spdy.CANCEL)
+            self._flush()
+
     def _goodbye(self) -> None:
         self.codec.goaway(spdy.GOAWAY_OK)
         self._flush()
