@@ -259,3 +259,49 @@ def test_h2_preface_goes_before_the_ack_of_settings_that_came_with_the_connect()
         assert all(data.startswith(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n") for data in first)
 
     asyncio.run(main())
+
+
+def test_h2_stream_refusal_keeps_4_kib_of_its_body():
+    """An HTTP/2 server that refuses a stream with 403 and a 1 MiB body: the client's
+    message keeps the status and at most 4 KiB of the body (it kept all of it)."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        conn.initiate_connection()
+        body = b"no " * (1 << 18)
+        pending: dict[int, int] = {}
+        while data := await reader.read(65536):
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.RequestReceived) and \
+                        (b"streamtype", b"data") in ev.headers:
+                    conn.send_headers(ev.stream_id, [(":status", "403")])
+                    pending[ev.stream_id] = 0
+                elif isinstance(ev, h2.events.RequestReceived):
+                    conn.send_headers(ev.stream_id, [(":status", "200")])
+            for sid, sent in list(pending.items()):
+                n = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size,
+                        len(body) - sent)
+                if n:
+                    conn.send_data(sid, body[sent:sent + n], end_stream=sent + n == len(body))
+                    pending[sid] = sent + n
+                if pending[sid] == len(body):
+                    del pending[sid]
+            writer.write(conn.data_to_send())
+            await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            session = await open_session(f"http://127.0.0.1:{port}/portforward/x", "h2",
+                                         ping_interval=0)
+            reader, _writer = await session.open_stream(7000)
+            with pytest.raises(ForwardError) as e:
+                await asyncio.wait_for(reader.read(), 20)
+            message = str(e.value)
+            assert message.startswith("the server refused the stream (HTTP 403: no no")
+            assert len(message) < 4096 + 200, len(message)
+            session.close()
+
+    asyncio.run(main())

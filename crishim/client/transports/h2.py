@@ -17,6 +17,7 @@ import h2.settings
 from h2.errors import ErrorCodes
 
 from crishim.client.transports.base import (
+    REFUSAL_BODY_KEPT,
     Buffer,
     ClientSession,
     ForwardStream,
@@ -293,7 +294,10 @@ class H2ClientSession(ClientSession):
             acks[sid] = acks.get(sid, 0) + ev.flow_controlled_length
         stream = self.streams.get(sid)
         if sid in self._refusal:
-            self._refusal[sid] += bytes(ev.data).decode("utf-8", "replace")
+            kept = self._refusal[sid]
+            if len(kept) < REFUSAL_BODY_KEPT:  # the rest of a refusal's body is not kept
+                self._refusal[sid] = kept + bytes(ev.data[:REFUSAL_BODY_KEPT - len(kept)]
+                                                  ).decode("utf-8", "replace")
         elif stream is not None:
             stream._data(ev.data)
         else:
