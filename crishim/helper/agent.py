@@ -28,7 +28,7 @@ from crishim.helper.protocol import (
     send_line,
     wait_io,
 )
-from crishim.netns import dial_localhost
+from crishim.netns import dial_localhost_in, is_netns, open_netns
 from crishim.runtime import DialFailed, SandboxGone
 from crishim.sysutil import SocketInUse, prepare_socket_path, remove_socket_file, stop_on_signals
 
@@ -121,7 +121,7 @@ class HelperAgent:
                 return
             netns = request["netns"]
             if request["op"] == "exists":
-                found = netns == HOST or os.path.exists(netns)
+                found = netns == HOST or is_netns(netns)
                 await self._reply(conn, Reply(True, exists=found))
                 return
             if request["mode"] != self.mode:
@@ -148,7 +148,12 @@ class HelperAgent:
 
     async def _dial_fd(self, conn: socket.socket, netns: str, port: int, pod_ip: str) -> None:
         try:
-            sock = await dial_localhost(None if netns == HOST else netns, port, pod_ip)
+            ns_fd = -1 if netns == HOST else _open_requested_netns(netns)
+            try:
+                sock = await dial_localhost_in(ns_fd, port, pod_ip)
+            finally:
+                if ns_fd >= 0:
+                    os.close(ns_fd)
         except SandboxGone as e:
             await self._reply(conn, Reply(False, error="gone", message=str(e)))
             return
@@ -161,19 +166,21 @@ class HelperAgent:
             sock.close()
         log.debug("dialled port %d in %s: fd passed", port, netns)
 
-    async def _start_socat(self, netns: str, target: str) -> tuple[Socat | None, str]:
-        """socat connected to target inside netns, or (None, its error text)."""
+    async def _start_socat(self, ns_fd: int, target: str) -> tuple[Socat | None, str]:
+        """socat connected to target inside the netns behind ns_fd (-1: the host's), or
+        (None, its error text)."""
         # shut-close: the pod's EOF closes socat's stdout at once (plain "-" keeps it open)
         argv = ["socat", "-d", "-d", "-t", str(SOCAT_LINGER), "-,shut-close", target]
-        if netns != HOST:
-            argv = ["nsenter", f"--net={netns}", "--", *argv]
+        if ns_fd >= 0:  # the fd open_netns checked, not the path, which may since differ
+            argv = ["nsenter", f"--net=/proc/self/fd/{ns_fd}", "--", *argv]
         # plain pipes and subprocess.Popen: uvloop's subprocess transport keeps a copy of
         # the child's stdout, so socat's shut-close would never reach us as EOF
         in_r, in_w = os.pipe()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         try:
-            proc = subprocess.Popen(argv, stdin=in_r, stdout=out_w, stderr=err_w)
+            proc = subprocess.Popen(argv, stdin=in_r, stdout=out_w, stderr=err_w,
+                                    pass_fds=(ns_fd,) if ns_fd >= 0 else ())
         except BaseException:
             for fd in (in_w, out_r, err_r):
                 os.close(fd)
@@ -196,17 +203,22 @@ class HelperAgent:
                 errors.append(text.rsplit(": ", 1)[-1])
 
     async def _dial_socat(self, conn: socket.socket, netns: str, port: int) -> None:
-        if netns != HOST and not os.path.exists(netns):
-            await self._reply(conn, Reply(False, error="gone",
-                                          message=f"network namespace {netns} no longer exists"))
+        try:
+            ns_fd = -1 if netns == HOST else _open_requested_netns(netns)
+        except SandboxGone as e:
+            await self._reply(conn, Reply(False, error="gone", message=str(e)))
             return
         reasons = []
         socat = None
-        for address_type, host in (("TCP4", "127.0.0.1"), ("TCP6", "[::1]")):
-            socat, error = await self._start_socat(netns, f"{address_type}:{host}:{port}")
-            if socat is not None:
-                break
-            reasons.append(f"{host}: {error}")
+        try:
+            for address_type, host in (("TCP4", "127.0.0.1"), ("TCP6", "[::1]")):
+                socat, error = await self._start_socat(ns_fd, f"{address_type}:{host}:{port}")
+                if socat is not None:
+                    break
+                reasons.append(f"{host}: {error}")
+        finally:
+            if ns_fd >= 0:
+                os.close(ns_fd)
         if socat is None:
             await self._reply(conn, Reply(False, error="refused",
                                           message=f"connect to port {port}: " + "; ".join(reasons)))
@@ -216,6 +228,17 @@ class HelperAgent:
             await socat.relay(conn)
         finally:
             await socat.close()
+
+
+def _open_requested_netns(path: str) -> int:
+    """open_netns for a path a client named. Every path that is not a network namespace
+    (missing, unreadable, a FIFO, a device, /etc/shadow) gets the same answer: the helper
+    runs as root, and a different one would tell any member of its socket's group which
+    files exist where it cannot look."""
+    try:
+        return open_netns(path)
+    except SandboxGone:
+        raise SandboxGone(f"no network namespace at {path}") from None
 
 
 class Socat:

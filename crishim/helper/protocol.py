@@ -19,9 +19,12 @@ Replies, helper -> shim:
                                             itself carries the traffic (relayed by the
                                             helper through socat); shutdown(SHUT_WR) on
                                             either side is the half-close.
-    {"v": 1, "ok": true, "exists": BOOL}    answer to "exists"
+    {"v": 1, "ok": true, "exists": BOOL}    answer to "exists": true only for a network
+                                            namespace file (nsfs); false for a missing path
+                                            and for any other file alike
     {"v": 1, "ok": false, "error": CODE, "message": TEXT}
-        CODE: "gone" (the netns does not exist: the shim raises SandboxGone),
+        CODE: "gone" (no network namespace at the path, "no network namespace at PATH"
+              whatever is or is not there: the shim raises SandboxGone),
               "refused" (nothing answered on the port: DialFailed),
               "mode" (the helper runs the other mode), "bad-request", "version",
               "internal" (all DialFailed).

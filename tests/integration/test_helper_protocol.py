@@ -7,6 +7,7 @@ import asyncio
 import os
 import socket
 import tempfile
+import time
 
 import crishim_helperpod
 import pytest
@@ -32,9 +33,9 @@ def plugin_for(socket_path: str, sandboxes: dict, mode: str = "fd"):
         "stream_creation_timeout": "5s"}))
 
 
-def raw_exchange(path: str, request: bytes) -> tuple[Reply, list[int]]:
+def raw_exchange(path: str, request: bytes, timeout: float = 10) -> tuple[Reply, list[int]]:
     with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(10)
+        s.settimeout(timeout)
         s.connect(path)
         s.sendall(request)
         data, fds, _, _ = socket.recv_fds(s, 4096, 1)
@@ -92,6 +93,69 @@ def test_exists_op(helper, podnet):
     assert reply.ok and reply.exists is True
     reply, _ = raw_exchange(helper.socket, encode_request("exists", "/var/run/netns/nope"))
     assert reply.ok and reply.exists is False
+
+
+def _release(fifo: str) -> None:
+    """Open the FIFO for writing, so that a reader blocked on it (old helpers) goes on."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # ENXIO: nobody is reading it
+        pass
+
+
+# /etc/shadow and /dev/null exist and /proc/1/ns/mnt is a namespace, of the wrong type:
+# the helper, as root, must answer about each as about a path that does not exist
+@pytest.mark.parametrize("path", ["/etc/shadow", "/dev/null", "/proc/1/ns/mnt",
+                                  "/etc/shadow/x", "/var/run/netns/crishim-none"])
+def test_only_network_namespaces_exist_for_the_helper(helper, path):
+    reply, _ = raw_exchange(helper.socket, encode_request("exists", path))
+    assert reply.ok and reply.exists is False
+    reply, fds = raw_exchange(helper.socket, encode_request("dial", path, 80, "fd"))
+    assert not reply.ok and not fds
+    assert (reply.error, reply.message) == ("gone", f"no network namespace at {path}")
+
+
+def test_a_fifo_named_as_netns_is_refused_and_blocks_no_other_request(helper, podnet,
+                                                                      tmp_path):
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    try:
+        with socket.socket(socket.AF_UNIX) as first:
+            first.settimeout(5)
+            first.connect(helper.socket)
+            first.sendall(encode_request("dial", fifo, HTTP_PORT, "fd"))
+            time.sleep(0.2)  # the helper has read it (an old one sits in open() from here)
+            start = time.monotonic()
+            reply, _ = raw_exchange(helper.socket, encode_request("exists", podnet.path), 3)
+            assert reply.ok and reply.exists is True
+            assert time.monotonic() - start < 1
+            reply = Reply.decode(first.recv(4096).rstrip(b"\n"))
+        assert (reply.error, reply.message) == ("gone", f"no network namespace at {fifo}")
+    finally:
+        _release(fifo)
+
+
+def test_socat_mode_refuses_a_fifo_and_enters_the_netns_it_checked(podnet, tmp_path):
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    try:
+        with HelperProcess(str(tmp_path / "helper.sock"), "socat", group="0") as proc:
+            reply, _ = raw_exchange(proc.socket, encode_request("dial", fifo, HTTP_PORT,
+                                                                "socat"), 3)
+            assert (reply.error, reply.message) == ("gone", f"no network namespace at {fifo}")
+            with socket.socket(socket.AF_UNIX) as conn:
+                conn.settimeout(10)
+                conn.connect(proc.socket)
+                conn.sendall(encode_request("dial", podnet.path, HTTP_PORT, "socat"))
+                conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                data = b""
+                while not data.endswith(HTTP_BODY):
+                    chunk = conn.recv(65536)
+                    assert chunk, data
+                    data += chunk
+            assert data.startswith(b'{"v":1,"ok":true,"mode":"socat"}\n')
+    finally:
+        _release(fifo)
 
 
 @pytest.mark.parametrize("request_line, code, words", [
