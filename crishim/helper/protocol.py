@@ -80,7 +80,7 @@ class Reply:
     def decode(cls, line: bytes) -> Reply:
         try:
             body = json.loads(line)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # a line of 4096 "[" nests past the limit
             raise ProtocolError(f"reply is not JSON: {e}") from None
         if not isinstance(body, dict) or body.get("v") != PROTOCOL_VERSION:
             raise ProtocolError(f"reply of an unknown protocol version: {line[:100]!r}")
@@ -99,7 +99,7 @@ def encode_request(op: str, netns: str, port: int = 0, mode: str = "", pod_ip: s
 def decode_request(line: bytes) -> dict[str, Any]:
     try:
         body = json.loads(line)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # a line of 4096 "[" nests past the limit
         raise ProtocolError(f"request is not JSON: {e}") from None
     if not isinstance(body, dict):
         raise ProtocolError("request is not a JSON object")

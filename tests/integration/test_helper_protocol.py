@@ -7,6 +7,7 @@ import asyncio
 import os
 import socket
 import tempfile
+import threading
 import time
 
 import crishim_helperpod
@@ -194,3 +195,95 @@ def test_no_helper_is_a_clear_dial_failed(tmp_path, podnet):
     with pytest.raises(DialFailed) as e:
         asyncio.run(go())
     assert str(e.value) == f"helper at {path} unavailable: No such file or directory"
+
+
+def test_a_request_nested_past_the_recursion_limit_is_a_bad_request(helper):
+    for _ in range(20):
+        reply, fds = raw_exchange(helper.socket, b"[" * 4000 + b"\n")
+        assert (reply.ok, reply.error, fds) == (False, "bad-request", [])
+        assert reply.message.startswith("request is not JSON: maximum recursion depth")
+    assert "Traceback" not in helper.log()
+
+
+class FakeHelper:
+    """A helper that answers every request with reply(conn): a buggy or hostile one."""
+
+    def __init__(self, path: str, reply) -> None:
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(path)
+        self.listener.listen(16)
+        self.listener.settimeout(0.1)
+        self.reply = reply
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                conn.recv(4096)
+                self.reply(conn)
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(5)
+        self.listener.close()
+
+
+def _send_with_fd(conn: socket.socket, line: bytes, make_fd) -> None:
+    """Send line with one descriptor, closing our copies of what make_fd opened."""
+    keep, *extra = make_fd()
+    try:
+        socket.send_fds(conn, [line], [keep])
+    finally:
+        for fd in (keep, *extra):
+            os.close(fd)
+
+
+def _udp_fd() -> list[int]:
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.connect(("127.0.0.1", 9))
+    return [udp.detach()]
+
+
+def _listening_fd() -> list[int]:
+    tcp = socket.socket()
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen(1)
+    return [tcp.detach()]
+
+
+OK_FD = b'{"v":1,"ok":true,"mode":"fd"}\n'
+
+
+@pytest.mark.parametrize("reply, words", [
+    (lambda c: c.sendall(b"[" * 4000 + b"\n"), "reply is not JSON: maximum recursion depth"),
+    (lambda c: _send_with_fd(c, b"[" * 4000 + b"\n", os.pipe),
+     "reply is not JSON: maximum recursion depth"),
+], ids=["deep", "deep-with-fd"])
+def test_a_bad_helper_reply_fails_that_dial_and_leaks_no_descriptor(tmp_path, podnet,
+                                                                    reply, words):
+    path = str(tmp_path / "helper.sock")
+    fake = FakeHelper(path, reply)
+    plugin = plugin_for(path, {"sb": podnet.path})
+
+    async def dial() -> None:
+        await plugin.dial(await plugin.resolve("sb"), HTTP_PORT)
+
+    try:
+        with pytest.raises(DialFailed) as first:
+            asyncio.run(dial())
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(20):
+            with pytest.raises(DialFailed) as e:
+                asyncio.run(dial())
+            assert words in str(e.value) and str(e.value).startswith(f"helper at {path}")
+        assert len(os.listdir("/proc/self/fd")) == before
+        assert str(first.value) == str(e.value)
+    finally:
+        fake.close()
