@@ -265,7 +265,10 @@ OK_FD = b'{"v":1,"ok":true,"mode":"fd"}\n'
     (lambda c: c.sendall(b"[" * 4000 + b"\n"), "reply is not JSON: maximum recursion depth"),
     (lambda c: _send_with_fd(c, b"[" * 4000 + b"\n", os.pipe),
      "reply is not JSON: maximum recursion depth"),
-], ids=["deep", "deep-with-fd"])
+    (lambda c: _send_with_fd(c, OK_FD, os.pipe), "passed a descriptor that is not a socket"),
+    (lambda c: _send_with_fd(c, OK_FD, _udp_fd), "not a connected TCP socket"),
+    (lambda c: _send_with_fd(c, OK_FD, _listening_fd), "not a connected TCP socket"),
+], ids=["deep", "deep-with-fd", "pipe", "udp", "listening"])
 def test_a_bad_helper_reply_fails_that_dial_and_leaks_no_descriptor(tmp_path, podnet,
                                                                     reply, words):
     path = str(tmp_path / "helper.sock")
