@@ -48,10 +48,13 @@ class HelperSetupError(Exception):
 class HelperAgent:
     """The listening side: one task per unix connection."""
 
-    def __init__(self, socket_path: str, mode: str = "fd", group: str = "") -> None:
+    def __init__(self, socket_path: str, mode: str = "fd", group: str = "",
+                 max_requests: int = 1024) -> None:
         self.socket_path = socket_path
         self.mode = mode
         self.group = group
+        self.max_requests = max_requests
+        self._at_limit = False
         self.listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._accept_task: asyncio.Task[None] | None = None
@@ -94,9 +97,29 @@ class HelperAgent:
                 await asyncio.sleep(0.1)
                 continue
             conn.setblocking(False)
+            if len(self._tasks) >= self.max_requests:
+                self._refuse_busy(conn)
+                continue
+            self._at_limit = False
             task = loop.create_task(self._serve(conn))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _refuse_busy(self, conn: socket.socket) -> None:
+        """Answer 'busy' without reading the request (it stays unread; the reply is read
+        first) and close: a refusal costs no task, so a flood of them holds nothing."""
+        if not self._at_limit:
+            self._at_limit = True
+            log.warning("serving %d requests (helper_max_requests): refusing more until one "
+                        "ends", self.max_requests)
+        reply = Reply(False, error="busy", message=(
+            f"helper at {self.socket_path} is serving its limit of {self.max_requests} "
+            f"requests (helper_max_requests); try again later"))
+        try:
+            conn.send(reply.encode())  # a new connection's buffer takes one line at once
+        except OSError as e:
+            log.debug("could not send busy to a client: %s", e)
+        conn.close()
 
     async def stop(self) -> None:
         if self._accept_task is not None:
@@ -351,7 +374,7 @@ def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                     "root (or with CAP_SYS_ADMIN + CAP_NET_ADMIN); the shim, with runtime "
                     "plugin `helper`, then needs no privileges.")
     p.add_argument("--config", metavar="FILE", help="TOML file of settings (helper_socket, "
-                   "helper_mode, log_format, log_level are used)")
+                   "helper_mode, helper_max_requests, log_format, log_level are used)")
     p.add_argument("--socket", dest="helper_socket", metavar="PATH",
                    help="unix socket to listen on [default: helper_socket, "
                         "/run/crishim/helper.sock]")
@@ -361,6 +384,10 @@ def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--group", default="", metavar="GROUP",
                    help="group (name or id) given the socket, so that an unprivileged shim in "
                         "that group can connect (mode 0660)")
+    p.add_argument("--max-requests", dest="helper_max_requests", type=int, metavar="N",
+                   help="requests served at once; in socat mode each live relay (one socat "
+                        "process) is one; past it a request is answered 'busy' at once "
+                        "[default: helper_max_requests, 1024]")
     p.add_argument("--log-format", dest="log_format", choices=("text", "json"))
     p.add_argument("--log-level", dest="log_level", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=cmd_helper)
@@ -373,9 +400,10 @@ def cmd_helper(args: argparse.Namespace) -> int:
     from crishim.config import load
 
     config = load(args.config, overrides={k: getattr(args, k) for k in (
-        "helper_socket", "helper_mode", "log_format", "log_level")})
+        "helper_socket", "helper_mode", "helper_max_requests", "log_format", "log_level")})
     logs.setup(config.log_format, config.log_level)
-    agent = HelperAgent(config.helper_socket, config.helper_mode, args.group)
+    agent = HelperAgent(config.helper_socket, config.helper_mode, args.group,
+                        config.helper_max_requests)
 
     async def main() -> None:
         stop = stop_on_signals()

@@ -26,7 +26,8 @@ Replies, helper -> shim:
         CODE: "gone" (no network namespace at the path, "no network namespace at PATH"
               whatever is or is not there: the shim raises SandboxGone),
               "refused" (nothing answered on the port: DialFailed),
-              "mode" (the helper runs the other mode), "bad-request", "version",
+              "mode" (the helper runs the other mode), "busy" (helper_max_requests are
+              being served; sent without reading the request), "bad-request", "version",
               "internal" (all DialFailed).
 
 A helper that exits costs only the requests in flight (and, in socat mode, the relayed

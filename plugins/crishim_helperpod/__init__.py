@@ -151,7 +151,10 @@ class HelperPodRuntime(RuntimePlugin):
     async def _ask(self, conn: socket.socket, request: bytes,
                    max_fds: int = 0) -> tuple[Reply, list[int]]:
         try:
-            await send_line(conn, request)
+            try:
+                await send_line(conn, request)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # a busy helper answers and closes without reading: its reply is there
             line, fds = await asyncio.wait_for(read_line(conn, max_fds), self.timeout)
         except TimeoutError:
             raise DialFailed(f"helper at {self.socket_path} did not answer within "

@@ -17,7 +17,7 @@ from crishim.config import load
 from crishim.helper.protocol import Reply, encode_request
 from crishim.runtime import DialFailed, Sandbox, SandboxGone, SandboxNotFound
 from tests.support.helper_proc import HelperProcess
-from tests.support.podnet import CLOSED_PORT, HTTP_BODY, HTTP_PORT
+from tests.support.podnet import CLOSED_PORT, ECHO_PORT, HTTP_BODY, HTTP_PORT
 
 
 @pytest.fixture(scope="module")
@@ -290,3 +290,58 @@ def test_a_bad_helper_reply_fails_that_dial_and_leaks_no_descriptor(tmp_path, po
         assert str(first.value) == str(e.value)
     finally:
         fake.close()
+
+
+def _children(pid: int) -> int:
+    return sum(1 for task in os.listdir(f"/proc/{pid}/task")
+               for _ in open(f"/proc/{pid}/task/{task}/children").read().split())
+
+
+def test_requests_past_helper_max_requests_are_answered_busy(podnet, tmp_path):
+    """In socat mode each relay is a request and a socat process for its whole life: 300
+    dials were 300 processes. Past the limit a request is told so at once."""
+    with HelperProcess(str(tmp_path / "helper.sock"), "socat", "0",
+                       "--max-requests", "3") as proc:
+        relays = []
+        try:
+            for _ in range(3):
+                conn = socket.socket(socket.AF_UNIX)
+                conn.settimeout(10)
+                conn.connect(proc.socket)
+                conn.sendall(encode_request("dial", podnet.path, ECHO_PORT, "socat"))
+                assert conn.recv(4096) == b'{"v":1,"ok":true,"mode":"socat"}\n'
+                relays.append(conn)
+            plugin = plugin_for(proc.socket, {"sb": podnet.path}, "socat")
+            for _ in range(20):
+                with pytest.raises(DialFailed) as e:
+                    asyncio.run(plugin.dial(Sandbox("sb", netns_path=podnet.path), ECHO_PORT))
+                assert str(e.value) == (f"helper at {proc.socket} is serving its limit of 3 "
+                                        "requests (helper_max_requests); try again later")
+            assert _children(proc.proc.pid) == 3
+            relays[0].sendall(b"still relayed")
+            assert relays[0].recv(4096) == b"still relayed"
+            relays.pop(0).close()
+
+            async def relayed() -> bytes:  # the place the closed relay left is taken again
+                conn = await plugin.dial(Sandbox("sb", netns_path=podnet.path), ECHO_PORT)
+                loop = asyncio.get_running_loop()
+                try:
+                    await loop.sock_sendall(conn, b"again")
+                    return await asyncio.wait_for(loop.sock_recv(conn, 4096), 10)
+                finally:
+                    conn.close()
+
+            deadline = time.monotonic() + 10
+            while True:  # once the helper has seen the close and reaped that socat
+                try:
+                    assert asyncio.run(relayed()) == b"again"
+                    break
+                except DialFailed:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        finally:
+            for conn in relays:
+                conn.close()
+        assert proc.log().count("refusing more until one ends") == 1
+        assert "Traceback" not in proc.log()
