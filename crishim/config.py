@@ -87,6 +87,7 @@ class Config:
     pod_ip_fallback: bool = False
     helper_socket: str = "/run/crishim/helper.sock"
     helper_mode: str = "fd"
+    helper_max_requests: int = 1024
     buffer_size: int = 256 * 1024
     max_sandbox_id_length: int = 256
     max_port_forward_ports: int = 64
@@ -130,7 +131,7 @@ class Config:
         for name in ("max_tokens", "max_sessions", "max_unadmitted", "buffer_size",
                      "max_sandbox_id_length", "max_port_forward_ports", "max_request_bytes",
                      "max_cri_calls",
-                     "max_connections_per_session", "max_connections",
+                     "max_connections_per_session", "max_connections", "helper_max_requests",
                      "control_frames_per_second", "control_frame_burst",
                      "stream_opens_per_second", "stream_open_burst", "session_buffer_size"):
             if getattr(self, name) < 1:
@@ -200,6 +201,9 @@ SETTINGS: dict[str, Setting] = {
     "helper_socket": Setting("unix socket of `crishim helper` (helper plugin)", "str"),
     "helper_mode": Setting("helper plugin: fd (socket passed back) or socat (nsenter+socat)",
                            "choice", ("fd", "socat")),
+    "helper_max_requests": Setting("`crishim helper`: requests it serves at once (in socat "
+                                   "mode each live relay, one socat process, is one); past "
+                                   "it a request is answered 'busy' at once", "int"),
     "buffer_size": Setting("bytes buffered per forwarded connection and direction before "
                            "reads pause", "int"),
     "max_sandbox_id_length": Setting("longest pod_sandbox_id PortForward accepts, in bytes "

@@ -47,14 +47,55 @@ def _own_netns_fd() -> int:
     return fd
 
 
+NS_GET_NSTYPE = 0xB703  # ioctl(2) on a namespace fd: its CLONE_NEW* type (Linux 4.11)
+_nsfs_dev: int | None = None
+
+
+def _nsfs() -> int:
+    """st_dev of nsfs, the filesystem every namespace file lives on."""
+    global _nsfs_dev
+    if _nsfs_dev is None:
+        _nsfs_dev = os.stat("/proc/self/ns/net").st_dev
+    return _nsfs_dev
+
+
 def open_netns(path: str) -> int:
-    """An fd for the netns at path, or SandboxGone if it no longer exists."""
+    """An fd for the network namespace at path; SandboxGone if there is none, or if path
+    is any other file.
+
+    The path is opened with O_PATH first, which opens nothing: a FIFO there blocked the
+    whole event loop in open() until a writer came, and a device would be opened as root
+    with whatever opening it does. Only once fstat shows nsfs is it opened for setns,
+    through /proc/self/fd. That costs 7-10 us against 2.5-4.5 us for a plain open."""
     try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        path_fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except FileNotFoundError:
         raise SandboxGone(f"network namespace {path} no longer exists") from None
     except OSError as e:
         raise SandboxGone(f"network namespace {path}: {e.strerror}") from None
+    try:
+        if os.fstat(path_fd).st_dev != _nsfs():
+            raise SandboxGone(f"{path} is not a network namespace")
+        fd = os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(path_fd)
+    try:
+        kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError:  # a kernel before 4.11: setns itself refuses another namespace type
+        kind = CLONE_NEWNET
+    if kind != CLONE_NEWNET:
+        os.close(fd)
+        raise SandboxGone(f"{path} is a namespace, but not a network namespace")
+    return fd
+
+
+def is_netns(path: str) -> bool:
+    """True if path is a network namespace file (and nothing about any other file)."""
+    try:
+        os.close(open_netns(path))
+    except SandboxGone:
+        return False
+    return True
 
 
 def socket_in_netns(netns_fd: int, family: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
@@ -110,41 +151,46 @@ async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket,
 async def dial_localhost(netns_path: str | None, port: int, pod_ip: str = "") -> socket.socket:
     """Connect to port on localhost in the netns (None: the host's): 127.0.0.1, then ::1,
     serially; then pod_ip if given. Never a dual-stack dial that could leave the netns."""
+    ns_fd = open_netns(netns_path) if netns_path else -1
+    try:
+        return await dial_localhost_in(ns_fd, port, pod_ip)
+    finally:
+        if ns_fd >= 0:
+            os.close(ns_fd)
+
+
+async def dial_localhost_in(ns_fd: int, port: int, pod_ip: str = "") -> socket.socket:
+    """dial_localhost in the netns behind ns_fd (-1: the host's), which stays open."""
     loop = asyncio.get_running_loop()
     targets = list(_LOCALHOST)
     if pod_ip:
         targets.append((socket.AF_INET6 if ":" in pod_ip else socket.AF_INET, pod_ip))
-    ns_fd = open_netns(netns_path) if netns_path else -1
     reasons = []
-    try:
-        for family, host in targets:
-            try:
-                if ns_fd >= 0:
-                    sock = socket_in_netns(ns_fd, family)
-                else:
-                    sock = socket.socket(family, socket.SOCK_STREAM)
-                    sock.setblocking(False)
-            except OSError as e:  # e.g. no IPv6 in this netns
-                reasons.append(f"{host}: {e.strerror}")
+    for family, host in targets:
+        try:
+            if ns_fd >= 0:
+                sock = socket_in_netns(ns_fd, family)
+            else:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock.setblocking(False)
+        except OSError as e:  # e.g. no IPv6 in this netns
+            reasons.append(f"{host}: {e.strerror}")
+            continue
+        try:
+            await _connect(loop, sock, (host, port))
+        except OSError as e:
+            sock.close()
+            # asyncio words it "Connect call failed (addr)": name the errno instead
+            reasons.append(f"{host}: {os.strerror(e.errno) if e.errno else e}")
+            if e.errno in (errno.ECONNREFUSED, errno.EADDRNOTAVAIL, errno.ENETUNREACH,
+                           errno.EAFNOSUPPORT, errno.EHOSTUNREACH):
                 continue
-            try:
-                await _connect(loop, sock, (host, port))
-            except OSError as e:
-                sock.close()
-                # asyncio words it "Connect call failed (addr)": name the errno instead
-                reasons.append(f"{host}: {os.strerror(e.errno) if e.errno else e}")
-                if e.errno in (errno.ECONNREFUSED, errno.EADDRNOTAVAIL, errno.ENETUNREACH,
-                               errno.EAFNOSUPPORT, errno.EHOSTUNREACH):
-                    continue
-                break
-            except BaseException:
-                sock.close()
-                raise
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return sock
-    finally:
-        if ns_fd >= 0:
-            os.close(ns_fd)
+            break
+        except BaseException:
+            sock.close()
+            raise
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
     raise DialFailed(f"connect to port {port}: " + "; ".join(reasons))
 
 

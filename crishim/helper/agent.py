@@ -28,7 +28,7 @@ from crishim.helper.protocol import (
     send_line,
     wait_io,
 )
-from crishim.netns import dial_localhost
+from crishim.netns import dial_localhost_in, is_netns, open_netns
 from crishim.runtime import DialFailed, SandboxGone
 from crishim.sysutil import SocketInUse, prepare_socket_path, remove_socket_file, stop_on_signals
 
@@ -48,10 +48,13 @@ class HelperSetupError(Exception):
 class HelperAgent:
     """The listening side: one task per unix connection."""
 
-    def __init__(self, socket_path: str, mode: str = "fd", group: str = "") -> None:
+    def __init__(self, socket_path: str, mode: str = "fd", group: str = "",
+                 max_requests: int = 1024) -> None:
         self.socket_path = socket_path
         self.mode = mode
         self.group = group
+        self.max_requests = max_requests
+        self._at_limit = False
         self.listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._accept_task: asyncio.Task[None] | None = None
@@ -94,9 +97,29 @@ class HelperAgent:
                 await asyncio.sleep(0.1)
                 continue
             conn.setblocking(False)
+            if len(self._tasks) >= self.max_requests:
+                self._refuse_busy(conn)
+                continue
+            self._at_limit = False
             task = loop.create_task(self._serve(conn))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _refuse_busy(self, conn: socket.socket) -> None:
+        """Answer 'busy' without reading the request (it stays unread; the reply is read
+        first) and close: a refusal costs no task, so a flood of them holds nothing."""
+        if not self._at_limit:
+            self._at_limit = True
+            log.warning("serving %d requests (helper_max_requests): refusing more until one "
+                        "ends", self.max_requests)
+        reply = Reply(False, error="busy", message=(
+            f"helper at {self.socket_path} is serving its limit of {self.max_requests} "
+            f"requests (helper_max_requests); try again later"))
+        try:
+            conn.send(reply.encode())  # a new connection's buffer takes one line at once
+        except OSError as e:
+            log.debug("could not send busy to a client: %s", e)
+        conn.close()
 
     async def stop(self) -> None:
         if self._accept_task is not None:
@@ -121,7 +144,7 @@ class HelperAgent:
                 return
             netns = request["netns"]
             if request["op"] == "exists":
-                found = netns == HOST or os.path.exists(netns)
+                found = netns == HOST or is_netns(netns)
                 await self._reply(conn, Reply(True, exists=found))
                 return
             if request["mode"] != self.mode:
@@ -148,7 +171,12 @@ class HelperAgent:
 
     async def _dial_fd(self, conn: socket.socket, netns: str, port: int, pod_ip: str) -> None:
         try:
-            sock = await dial_localhost(None if netns == HOST else netns, port, pod_ip)
+            ns_fd = -1 if netns == HOST else _open_requested_netns(netns)
+            try:
+                sock = await dial_localhost_in(ns_fd, port, pod_ip)
+            finally:
+                if ns_fd >= 0:
+                    os.close(ns_fd)
         except SandboxGone as e:
             await self._reply(conn, Reply(False, error="gone", message=str(e)))
             return
@@ -161,19 +189,21 @@ class HelperAgent:
             sock.close()
         log.debug("dialled port %d in %s: fd passed", port, netns)
 
-    async def _start_socat(self, netns: str, target: str) -> tuple[Socat | None, str]:
-        """socat connected to target inside netns, or (None, its error text)."""
+    async def _start_socat(self, ns_fd: int, target: str) -> tuple[Socat | None, str]:
+        """socat connected to target inside the netns behind ns_fd (-1: the host's), or
+        (None, its error text)."""
         # shut-close: the pod's EOF closes socat's stdout at once (plain "-" keeps it open)
         argv = ["socat", "-d", "-d", "-t", str(SOCAT_LINGER), "-,shut-close", target]
-        if netns != HOST:
-            argv = ["nsenter", f"--net={netns}", "--", *argv]
+        if ns_fd >= 0:  # the fd open_netns checked, not the path, which may since differ
+            argv = ["nsenter", f"--net=/proc/self/fd/{ns_fd}", "--", *argv]
         # plain pipes and subprocess.Popen: uvloop's subprocess transport keeps a copy of
         # the child's stdout, so socat's shut-close would never reach us as EOF
         in_r, in_w = os.pipe()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         try:
-            proc = subprocess.Popen(argv, stdin=in_r, stdout=out_w, stderr=err_w)
+            proc = subprocess.Popen(argv, stdin=in_r, stdout=out_w, stderr=err_w,
+                                    pass_fds=(ns_fd,) if ns_fd >= 0 else ())
         except BaseException:
             for fd in (in_w, out_r, err_r):
                 os.close(fd)
@@ -196,17 +226,22 @@ class HelperAgent:
                 errors.append(text.rsplit(": ", 1)[-1])
 
     async def _dial_socat(self, conn: socket.socket, netns: str, port: int) -> None:
-        if netns != HOST and not os.path.exists(netns):
-            await self._reply(conn, Reply(False, error="gone",
-                                          message=f"network namespace {netns} no longer exists"))
+        try:
+            ns_fd = -1 if netns == HOST else _open_requested_netns(netns)
+        except SandboxGone as e:
+            await self._reply(conn, Reply(False, error="gone", message=str(e)))
             return
         reasons = []
         socat = None
-        for address_type, host in (("TCP4", "127.0.0.1"), ("TCP6", "[::1]")):
-            socat, error = await self._start_socat(netns, f"{address_type}:{host}:{port}")
-            if socat is not None:
-                break
-            reasons.append(f"{host}: {error}")
+        try:
+            for address_type, host in (("TCP4", "127.0.0.1"), ("TCP6", "[::1]")):
+                socat, error = await self._start_socat(ns_fd, f"{address_type}:{host}:{port}")
+                if socat is not None:
+                    break
+                reasons.append(f"{host}: {error}")
+        finally:
+            if ns_fd >= 0:
+                os.close(ns_fd)
         if socat is None:
             await self._reply(conn, Reply(False, error="refused",
                                           message=f"connect to port {port}: " + "; ".join(reasons)))
@@ -216,6 +251,17 @@ class HelperAgent:
             await socat.relay(conn)
         finally:
             await socat.close()
+
+
+def _open_requested_netns(path: str) -> int:
+    """open_netns for a path a client named. Every path that is not a network namespace
+    (missing, unreadable, a FIFO, a device, /etc/shadow) gets the same answer: the helper
+    runs as root, and a different one would tell any member of its socket's group which
+    files exist where it cannot look."""
+    try:
+        return open_netns(path)
+    except SandboxGone:
+        raise SandboxGone(f"no network namespace at {path}") from None
 
 
 class Socat:
@@ -328,7 +374,7 @@ def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                     "root (or with CAP_SYS_ADMIN + CAP_NET_ADMIN); the shim, with runtime "
                     "plugin `helper`, then needs no privileges.")
     p.add_argument("--config", metavar="FILE", help="TOML file of settings (helper_socket, "
-                   "helper_mode, log_format, log_level are used)")
+                   "helper_mode, helper_max_requests, log_format, log_level are used)")
     p.add_argument("--socket", dest="helper_socket", metavar="PATH",
                    help="unix socket to listen on [default: helper_socket, "
                         "/run/crishim/helper.sock]")
@@ -338,6 +384,10 @@ def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--group", default="", metavar="GROUP",
                    help="group (name or id) given the socket, so that an unprivileged shim in "
                         "that group can connect (mode 0660)")
+    p.add_argument("--max-requests", dest="helper_max_requests", type=int, metavar="N",
+                   help="requests served at once; in socat mode each live relay (one socat "
+                        "process) is one; past it a request is answered 'busy' at once "
+                        "[default: helper_max_requests, 1024]")
     p.add_argument("--log-format", dest="log_format", choices=("text", "json"))
     p.add_argument("--log-level", dest="log_level", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=cmd_helper)
@@ -350,9 +400,10 @@ def cmd_helper(args: argparse.Namespace) -> int:
     from crishim.config import load
 
     config = load(args.config, overrides={k: getattr(args, k) for k in (
-        "helper_socket", "helper_mode", "log_format", "log_level")})
+        "helper_socket", "helper_mode", "helper_max_requests", "log_format", "log_level")})
     logs.setup(config.log_format, config.log_level)
-    agent = HelperAgent(config.helper_socket, config.helper_mode, args.group)
+    agent = HelperAgent(config.helper_socket, config.helper_mode, args.group,
+                        config.helper_max_requests)
 
     async def main() -> None:
         stop = stop_on_signals()

@@ -19,11 +19,15 @@ Replies, helper -> shim:
                                             itself carries the traffic (relayed by the
                                             helper through socat); shutdown(SHUT_WR) on
                                             either side is the half-close.
-    {"v": 1, "ok": true, "exists": BOOL}    answer to "exists"
+    {"v": 1, "ok": true, "exists": BOOL}    answer to "exists": true only for a network
+                                            namespace file (nsfs); false for a missing path
+                                            and for any other file alike
     {"v": 1, "ok": false, "error": CODE, "message": TEXT}
-        CODE: "gone" (the netns does not exist: the shim raises SandboxGone),
+        CODE: "gone" (no network namespace at the path, "no network namespace at PATH"
+              whatever is or is not there: the shim raises SandboxGone),
               "refused" (nothing answered on the port: DialFailed),
-              "mode" (the helper runs the other mode), "bad-request", "version",
+              "mode" (the helper runs the other mode), "busy" (helper_max_requests are
+              being served; sent without reading the request), "bad-request", "version",
               "internal" (all DialFailed).
 
 A helper that exits costs only the requests in flight (and, in socat mode, the relayed
@@ -77,7 +81,7 @@ class Reply:
     def decode(cls, line: bytes) -> Reply:
         try:
             body = json.loads(line)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # a line of 4096 "[" nests past the limit
             raise ProtocolError(f"reply is not JSON: {e}") from None
         if not isinstance(body, dict) or body.get("v") != PROTOCOL_VERSION:
             raise ProtocolError(f"reply of an unknown protocol version: {line[:100]!r}")
@@ -96,7 +100,7 @@ def encode_request(op: str, netns: str, port: int = 0, mode: str = "", pod_ip: s
 def decode_request(line: bytes) -> dict[str, Any]:
     try:
         body = json.loads(line)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # a line of 4096 "[" nests past the limit
         raise ProtocolError(f"request is not JSON: {e}") from None
     if not isinstance(body, dict):
         raise ProtocolError("request is not a JSON object")

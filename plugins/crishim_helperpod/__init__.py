@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import stat
 
 from crishim.config import Config
 from crishim.helper.protocol import (
@@ -107,14 +108,32 @@ class HelperPodRuntime(RuntimePlugin):
                 return conn
             if len(fds) != 1:
                 raise DialFailed(f"helper at {self.socket_path} answered without a socket")
-            sock = socket.socket(fileno=fds.pop())
-            sock.setblocking(False)
+            sock = self._pod_socket(fds[0])
+            fds.clear()  # the socket owns it now
             return sock
         finally:
             for fd in fds:  # any the reply brought that no socket took
                 os.close(fd)
             if not keep:
                 conn.close()
+
+    def _pod_socket(self, fd: int) -> socket.socket:
+        """The connected TCP socket a helper passed as fd, or DialFailed with fd still the
+        caller's to close: a pipe made socket() raise ENOTSOCK once the fd had left the list
+        that closes it (a traceback and a leaked fd per dial), and a UDP socket was
+        forwarded as the pod's TCP connection."""
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise DialFailed(f"helper at {self.socket_path} passed a descriptor that is not "
+                             "a socket")
+        sock = socket.socket(fileno=fd)  # family and type as the kernel reports them
+        if not (sock.type == socket.SOCK_STREAM
+                and sock.family in (socket.AF_INET, socket.AF_INET6) and _connected(sock)):
+            kind = f"{sock.family.name}/{sock.type.name}"
+            sock.detach()
+            raise DialFailed(f"helper at {self.socket_path} passed a {kind} socket, not a "
+                             "connected TCP socket")
+        sock.setblocking(False)
+        return sock
 
     async def _connect(self) -> socket.socket:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -132,7 +151,10 @@ class HelperPodRuntime(RuntimePlugin):
     async def _ask(self, conn: socket.socket, request: bytes,
                    max_fds: int = 0) -> tuple[Reply, list[int]]:
         try:
-            await send_line(conn, request)
+            try:
+                await send_line(conn, request)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # a busy helper answers and closes without reading: its reply is there
             line, fds = await asyncio.wait_for(read_line(conn, max_fds), self.timeout)
         except TimeoutError:
             raise DialFailed(f"helper at {self.socket_path} did not answer within "
@@ -149,6 +171,14 @@ class HelperPodRuntime(RuntimePlugin):
             for fd in fds:
                 os.close(fd)
             raise DialFailed(f"helper at {self.socket_path}: {e}") from None
+
+
+def _connected(sock: socket.socket) -> bool:
+    try:
+        sock.getpeername()
+    except OSError:  # ENOTCONN: never connected, or listening
+        return False
+    return True
 
 
 def _hidden_from_us(path: str) -> bool:

@@ -7,6 +7,8 @@ import asyncio
 import os
 import socket
 import tempfile
+import threading
+import time
 
 import crishim_helperpod
 import pytest
@@ -15,7 +17,7 @@ from crishim.config import load
 from crishim.helper.protocol import Reply, encode_request
 from crishim.runtime import DialFailed, Sandbox, SandboxGone, SandboxNotFound
 from tests.support.helper_proc import HelperProcess
-from tests.support.podnet import CLOSED_PORT, HTTP_BODY, HTTP_PORT
+from tests.support.podnet import CLOSED_PORT, ECHO_PORT, HTTP_BODY, HTTP_PORT
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +34,9 @@ def plugin_for(socket_path: str, sandboxes: dict, mode: str = "fd"):
         "stream_creation_timeout": "5s"}))
 
 
-def raw_exchange(path: str, request: bytes) -> tuple[Reply, list[int]]:
+def raw_exchange(path: str, request: bytes, timeout: float = 10) -> tuple[Reply, list[int]]:
     with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(10)
+        s.settimeout(timeout)
         s.connect(path)
         s.sendall(request)
         data, fds, _, _ = socket.recv_fds(s, 4096, 1)
@@ -94,6 +96,69 @@ def test_exists_op(helper, podnet):
     assert reply.ok and reply.exists is False
 
 
+def _release(fifo: str) -> None:
+    """Open the FIFO for writing, so that a reader blocked on it (old helpers) goes on."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # ENXIO: nobody is reading it
+        pass
+
+
+# /etc/shadow and /dev/null exist and /proc/1/ns/mnt is a namespace, of the wrong type:
+# the helper, as root, must answer about each as about a path that does not exist
+@pytest.mark.parametrize("path", ["/etc/shadow", "/dev/null", "/proc/1/ns/mnt",
+                                  "/etc/shadow/x", "/var/run/netns/crishim-none"])
+def test_only_network_namespaces_exist_for_the_helper(helper, path):
+    reply, _ = raw_exchange(helper.socket, encode_request("exists", path))
+    assert reply.ok and reply.exists is False
+    reply, fds = raw_exchange(helper.socket, encode_request("dial", path, 80, "fd"))
+    assert not reply.ok and not fds
+    assert (reply.error, reply.message) == ("gone", f"no network namespace at {path}")
+
+
+def test_a_fifo_named_as_netns_is_refused_and_blocks_no_other_request(helper, podnet,
+                                                                      tmp_path):
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    try:
+        with socket.socket(socket.AF_UNIX) as first:
+            first.settimeout(5)
+            first.connect(helper.socket)
+            first.sendall(encode_request("dial", fifo, HTTP_PORT, "fd"))
+            time.sleep(0.2)  # the helper has read it (an old one sits in open() from here)
+            start = time.monotonic()
+            reply, _ = raw_exchange(helper.socket, encode_request("exists", podnet.path), 3)
+            assert reply.ok and reply.exists is True
+            assert time.monotonic() - start < 1
+            reply = Reply.decode(first.recv(4096).rstrip(b"\n"))
+        assert (reply.error, reply.message) == ("gone", f"no network namespace at {fifo}")
+    finally:
+        _release(fifo)
+
+
+def test_socat_mode_refuses_a_fifo_and_enters_the_netns_it_checked(podnet, tmp_path):
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    try:
+        with HelperProcess(str(tmp_path / "helper.sock"), "socat", group="0") as proc:
+            reply, _ = raw_exchange(proc.socket, encode_request("dial", fifo, HTTP_PORT,
+                                                                "socat"), 3)
+            assert (reply.error, reply.message) == ("gone", f"no network namespace at {fifo}")
+            with socket.socket(socket.AF_UNIX) as conn:
+                conn.settimeout(10)
+                conn.connect(proc.socket)
+                conn.sendall(encode_request("dial", podnet.path, HTTP_PORT, "socat"))
+                conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                data = b""
+                while not data.endswith(HTTP_BODY):
+                    chunk = conn.recv(65536)
+                    assert chunk, data
+                    data += chunk
+            assert data.startswith(b'{"v":1,"ok":true,"mode":"socat"}\n')
+    finally:
+        _release(fifo)
+
+
 @pytest.mark.parametrize("request_line, code, words", [
     (b"not json\n", "bad-request", "not JSON"),
     (b'{"v": 99, "op": "dial"}\n', "version", "version 99"),
@@ -130,3 +195,153 @@ def test_no_helper_is_a_clear_dial_failed(tmp_path, podnet):
     with pytest.raises(DialFailed) as e:
         asyncio.run(go())
     assert str(e.value) == f"helper at {path} unavailable: No such file or directory"
+
+
+def test_a_request_nested_past_the_recursion_limit_is_a_bad_request(helper):
+    for _ in range(20):
+        reply, fds = raw_exchange(helper.socket, b"[" * 4000 + b"\n")
+        assert (reply.ok, reply.error, fds) == (False, "bad-request", [])
+        assert reply.message.startswith("request is not JSON: maximum recursion depth")
+    assert "Traceback" not in helper.log()
+
+
+class FakeHelper:
+    """A helper that answers every request with reply(conn): a buggy or hostile one."""
+
+    def __init__(self, path: str, reply) -> None:
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(path)
+        self.listener.listen(16)
+        self.listener.settimeout(0.1)
+        self.reply = reply
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                conn.recv(4096)
+                self.reply(conn)
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(5)
+        self.listener.close()
+
+
+def _send_with_fd(conn: socket.socket, line: bytes, make_fd) -> None:
+    """Send line with one descriptor, closing our copies of what make_fd opened."""
+    keep, *extra = make_fd()
+    try:
+        socket.send_fds(conn, [line], [keep])
+    finally:
+        for fd in (keep, *extra):
+            os.close(fd)
+
+
+def _udp_fd() -> list[int]:
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.connect(("127.0.0.1", 9))
+    return [udp.detach()]
+
+
+def _listening_fd() -> list[int]:
+    tcp = socket.socket()
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen(1)
+    return [tcp.detach()]
+
+
+OK_FD = b'{"v":1,"ok":true,"mode":"fd"}\n'
+
+
+@pytest.mark.parametrize("reply, words", [
+    (lambda c: c.sendall(b"[" * 4000 + b"\n"), "reply is not JSON: maximum recursion depth"),
+    (lambda c: _send_with_fd(c, b"[" * 4000 + b"\n", os.pipe),
+     "reply is not JSON: maximum recursion depth"),
+    (lambda c: _send_with_fd(c, OK_FD, os.pipe), "passed a descriptor that is not a socket"),
+    (lambda c: _send_with_fd(c, OK_FD, _udp_fd), "not a connected TCP socket"),
+    (lambda c: _send_with_fd(c, OK_FD, _listening_fd), "not a connected TCP socket"),
+], ids=["deep", "deep-with-fd", "pipe", "udp", "listening"])
+def test_a_bad_helper_reply_fails_that_dial_and_leaks_no_descriptor(tmp_path, podnet,
+                                                                    reply, words):
+    path = str(tmp_path / "helper.sock")
+    fake = FakeHelper(path, reply)
+    plugin = plugin_for(path, {"sb": podnet.path})
+
+    async def dial() -> None:
+        await plugin.dial(await plugin.resolve("sb"), HTTP_PORT)
+
+    try:
+        with pytest.raises(DialFailed) as first:
+            asyncio.run(dial())
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(20):
+            with pytest.raises(DialFailed) as e:
+                asyncio.run(dial())
+            assert words in str(e.value) and str(e.value).startswith(f"helper at {path}")
+        assert len(os.listdir("/proc/self/fd")) == before
+        assert str(first.value) == str(e.value)
+    finally:
+        fake.close()
+
+
+def _children(pid: int) -> int:
+    return sum(1 for task in os.listdir(f"/proc/{pid}/task")
+               for _ in open(f"/proc/{pid}/task/{task}/children").read().split())
+
+
+def test_requests_past_helper_max_requests_are_answered_busy(podnet, tmp_path):
+    """In socat mode each relay is a request and a socat process for its whole life: 300
+    dials were 300 processes. Past the limit a request is told so at once."""
+    with HelperProcess(str(tmp_path / "helper.sock"), "socat", "0",
+                       "--max-requests", "3") as proc:
+        relays = []
+        try:
+            for _ in range(3):
+                conn = socket.socket(socket.AF_UNIX)
+                conn.settimeout(10)
+                conn.connect(proc.socket)
+                conn.sendall(encode_request("dial", podnet.path, ECHO_PORT, "socat"))
+                assert conn.recv(4096) == b'{"v":1,"ok":true,"mode":"socat"}\n'
+                relays.append(conn)
+            plugin = plugin_for(proc.socket, {"sb": podnet.path}, "socat")
+            for _ in range(20):
+                with pytest.raises(DialFailed) as e:
+                    asyncio.run(plugin.dial(Sandbox("sb", netns_path=podnet.path), ECHO_PORT))
+                assert str(e.value) == (f"helper at {proc.socket} is serving its limit of 3 "
+                                        "requests (helper_max_requests); try again later")
+            assert _children(proc.proc.pid) == 3
+            relays[0].sendall(b"still relayed")
+            assert relays[0].recv(4096) == b"still relayed"
+            relays.pop(0).close()
+
+            async def relayed() -> bytes:  # the place the closed relay left is taken again
+                conn = await plugin.dial(Sandbox("sb", netns_path=podnet.path), ECHO_PORT)
+                loop = asyncio.get_running_loop()
+                try:
+                    await loop.sock_sendall(conn, b"again")
+                    return await asyncio.wait_for(loop.sock_recv(conn, 4096), 10)
+                finally:
+                    conn.close()
+
+            deadline = time.monotonic() + 10
+            while True:  # once the helper has seen the close and reaped that socat
+                try:
+                    assert asyncio.run(relayed()) == b"again"
+                    break
+                except DialFailed:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        finally:
+            for conn in relays:
+                conn.close()
+        assert proc.log().count("refusing more until one ends") == 1
+        assert "Traceback" not in proc.log()

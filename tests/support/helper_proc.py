@@ -74,10 +74,12 @@ class UnprivilegedCrishim(CrishimProcess):
 class HelperProcess:
     """`crishim helper` as a root subprocess; can be killed and started again."""
 
-    def __init__(self, socket_path: str, mode: str = "fd", group: str = str(NOBODY)) -> None:
+    def __init__(self, socket_path: str, mode: str = "fd", group: str = str(NOBODY),
+                 *args: str) -> None:
         self.socket = socket_path
         self.mode = mode
         self.group = group
+        self.args = list(args)  # more `crishim helper` flags
         self.dir = tempfile.mkdtemp(prefix="crishim-helper-")
         self.log_path = os.path.join(self.dir, "helper.log")
         self.proc: subprocess.Popen | None = None
@@ -88,7 +90,7 @@ class HelperProcess:
         seen = self._log.tell()  # a restart appends: look only at this run's lines
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "crishim", "helper", "--socket", self.socket, "--mode",
-             self.mode, "--group", self.group, "--log-level", "debug"],
+             self.mode, "--group", self.group, "--log-level", "debug", *self.args],
             stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
