@@ -148,6 +148,15 @@ async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket,
         raise OSError(err, os.strerror(err))
 
 
+def _socket_in(ns_fd: int, family: int, kind: int) -> socket.socket:
+    """A non-blocking socket in the netns behind ns_fd (-1: this thread's own)."""
+    if ns_fd >= 0:
+        return socket_in_netns(ns_fd, family, kind)
+    sock = socket.socket(family, kind)
+    sock.setblocking(False)
+    return sock
+
+
 async def dial_localhost(netns_path: str | None, port: int, pod_ip: str = "") -> socket.socket:
     """Connect to port on localhost in the netns (None: the host's): 127.0.0.1, then ::1,
     serially; then pod_ip if given. Never a dual-stack dial that could leave the netns."""
@@ -168,11 +177,7 @@ async def dial_localhost_in(ns_fd: int, port: int, pod_ip: str = "") -> socket.s
     reasons = []
     for family, host in targets:
         try:
-            if ns_fd >= 0:
-                sock = socket_in_netns(ns_fd, family)
-            else:
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                sock.setblocking(False)
+            sock = _socket_in(ns_fd, family, socket.SOCK_STREAM)
         except OSError as e:  # e.g. no IPv6 in this netns
             reasons.append(f"{host}: {e.strerror}")
             continue
@@ -331,11 +336,7 @@ def dial_udp_localhost(netns_path: str | None, port: int, pod_ip: str = "") -> s
         served = [t for t in targets if _serves(listeners, *t)]
         for family, host in served + [t for t in targets if t not in served]:
             try:
-                if ns_fd >= 0:
-                    sock = socket_in_netns(ns_fd, family, socket.SOCK_DGRAM)
-                else:
-                    sock = socket.socket(family, socket.SOCK_DGRAM)
-                    sock.setblocking(False)
+                sock = _socket_in(ns_fd, family, socket.SOCK_DGRAM)
             except OSError as e:  # e.g. no IPv6 in this netns
                 reasons.append(f"{host}: {e.strerror}")
                 continue
