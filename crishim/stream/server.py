@@ -9,6 +9,7 @@ import logging
 import re
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from typing import cast
 
@@ -43,6 +44,7 @@ HEAD_END = re.compile(rb"\r?\n\r?\n")
 LISTEN_QUEUE = 1024
 ACCEPTS_PER_TURN = 64  # TLS listener: connections accepted per wake-up, then the loop goes on
 ACCEPT_RETRY = 1.0  # seconds without accepting after running out of descriptors (as asyncio)
+DROPPED_LOG_INTERVAL = 1.0  # seconds between lines about connections dropped (max_unadmitted)
 # read at accept: a request head, and whatever the client sent after it
 EARLY_READ = 64 * 1024
 
@@ -88,6 +90,8 @@ class StreamServer:
         self._transports: set[asyncio.Transport] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._unadmitted: dict[object, Evict] = {}  # oldest first
+        self._dropped = 0  # dropped past max_unadmitted since the last line saying so
+        self._dropped_logged = -DROPPED_LOG_INTERVAL
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -122,8 +126,14 @@ class StreamServer:
         while len(self._unadmitted) >= self.max_unadmitted:
             oldest = next(iter(self._unadmitted))
             drop = self._unadmitted.pop(oldest)
-            log.info("dropping the oldest of %d connections without a token "
-                     "(max_unadmitted)", self.max_unadmitted + 1)
+            self._dropped += 1
+            now = time.monotonic()
+            if now - self._dropped_logged >= DROPPED_LOG_INTERVAL:
+                # one line a second at most: a flood of connections is not a flood of lines
+                log.info("dropping the oldest of %d connections without a token "
+                         "(max_unadmitted): %d dropped since the last such line",
+                         self.max_unadmitted + 1, self._dropped)
+                self._dropped, self._dropped_logged = 0, now
             drop(Refused(503, f"too many connections without a token ({self.max_unadmitted});"
                               " this one waited longest", [("Retry-After", "1")]))
         self._unadmitted[key] = evict

@@ -126,7 +126,9 @@ def test_tls_handshakes_count_against_max_unadmitted_from_accept(podnet):
                 sock.close()
         log = proc.log()
     print(f"200 silent TLS connections: {held} sockets held, RSS +{grown:.1f} MiB")
-    assert "max_unadmitted" in log
+    # 184 dropped, in a line or a few a second: not a line each
+    drop_lines = [line for line in log.splitlines() if "(max_unadmitted)" in line]
+    assert 1 <= len(drop_lines) <= 5, drop_lines
     assert "Traceback" not in log
 
 
