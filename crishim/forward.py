@@ -70,6 +70,9 @@ class ForwardContext:
         # less reserved_fds): the rest stay free to accept and refuse clients cleanly
         self.fd_budget = fd_budget
         self.live_connections = 0  # admitted and not yet finished, in every session
+        # dials in progress: each holds the sandbox's netns fd besides its socket until the
+        # connect ends (a pod that never accepts: ~2 min of SYN retries), so counted twice
+        self.dialling = 0
         self.live_sessions = 0  # kept by the stream server
         self.flood = flood or FloodLimits()
         # HTTP/2 receive windows granted beyond the 64 KiB every connection has, in all
@@ -102,7 +105,8 @@ class ForwardContext:
 
     @property
     def out_of_descriptors(self) -> bool:
-        return self.live_connections + self.live_sessions >= self.fd_budget
+        return (self.live_connections + self.live_sessions + self.dialling
+                >= self.fd_budget)
 
     def refusal(self, session: SessionBase, counted: bool = False) -> str | None:
         """Why session may not open another forwarded connection now, or None (`counted`:
@@ -201,6 +205,7 @@ class ForwardedConnection:
 
     async def _dial(self) -> None:
         t0 = time.perf_counter()
+        self.ctx.dialling += 1
         try:
             sock = await self.ctx.plugin.dial(self.sandbox, self.port)
         except SandboxGone as e:
@@ -213,6 +218,8 @@ class ForwardedConnection:
             log.exception("runtime plugin %s failed to dial", self.ctx.plugin.name)
             self._fail(f"runtime plugin error: {e}", "plugin_error")
             return
+        finally:
+            self.ctx.dialling -= 1
         if self.ctx.metrics is not None:
             self.ctx.metrics.dial_seconds(time.perf_counter() - t0)
         if self._done:

@@ -59,6 +59,16 @@ def _nsfs() -> int:
     return _nsfs_dev
 
 
+_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS)
+
+
+def _out_of_resources(e: OSError) -> None:
+    """Out of descriptors or memory is this process's state, not the sandbox's: that dial
+    fails (DialFailed), the sandbox is not reported gone (a fatal error to kubectl)."""
+    if e.errno in _RESOURCES:
+        raise DialFailed(f"crishim is out of resources: {e.strerror}") from None
+
+
 def open_netns(path: str) -> int:
     """An fd for the network namespace at path; SandboxGone if there is none, or if path
     is any other file.
@@ -72,11 +82,15 @@ def open_netns(path: str) -> int:
     except FileNotFoundError:
         raise SandboxGone(f"network namespace {path} no longer exists") from None
     except OSError as e:
+        _out_of_resources(e)
         raise SandboxGone(f"network namespace {path}: {e.strerror}") from None
     try:
         if os.fstat(path_fd).st_dev != _nsfs():
             raise SandboxGone(f"{path} is not a network namespace")
         fd = os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        _out_of_resources(e)
+        raise SandboxGone(f"network namespace {path}: {e.strerror}") from None
     finally:
         os.close(path_fd)
     try:

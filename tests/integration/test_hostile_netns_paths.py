@@ -35,3 +35,40 @@ def test_a_fifo_as_a_sandbox_netns_ends_that_connection_and_stalls_nothing(podne
             os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
         except OSError:
             pass
+
+
+def test_out_of_descriptors_while_opening_a_netns_fails_the_dial_not_the_sandbox(podnet):
+    """EMFILE opening the netns is this process's state: that dial fails (DialFailed, not
+    fatal to the client), the sandbox is not reported gone, nothing raises past it (the
+    second open, through /proc/self/fd, raised OSError past the dial: a traceback each)."""
+    import resource
+
+    from crishim.netns import open_netns
+    from crishim.runtime import DialFailed
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        for spare in (0, 1):  # the first open, then the second, out of descriptors
+            try:
+                while True:
+                    held.append(os.open("/dev/null", os.O_RDONLY))
+            except OSError:
+                pass
+            for _ in range(spare):
+                os.close(held.pop())
+            try:
+                open_netns(podnet.path)
+            except DialFailed as e:
+                assert "out of resources" in str(e)
+            else:
+                raise AssertionError("open_netns succeeded without descriptors")
+            for fd in held:
+                os.close(fd)
+            held.clear()
+        os.close(open_netns(podnet.path))  # and with descriptors again, it opens
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
