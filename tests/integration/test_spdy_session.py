@@ -146,3 +146,28 @@ def test_incomplete_pair_times_out_with_a_message_on_its_error_stream(podnet):
             assert s.echo_pair("10", b"next one works") == b"next one works"
         finally:
             s.close()
+
+
+def test_many_pairs_timing_out_log_a_bounded_number_of_lines(podnet):
+    """Pairs that never complete are a client's protocol errors: the first
+    protocol_error_log_lines are logged, the rest counted in one line at the session's
+    end (a line each was 180,000 lines for 20 sessions within their budgets)."""
+    with CrishimProcess("--sandboxes", f"sb={podnet.path}",
+                        "--stream-creation-timeout", "300ms",
+                        "--protocol-error-log-lines", "5") as proc:
+        s = RawSpdy(proc.port_forward_url("sb"))
+        try:
+            errors = [s.open({"streamtype": "error", "port": str(ECHO_PORT),
+                              "requestid": str(i)}, fin=True) for i in range(200)]
+            assert s.wait(lambda: all(s.fin(err) for err in errors), timeout=10)
+            assert all(b"timed out waiting for the data stream" in s.data(err)
+                       for err in errors)
+        finally:
+            s.close()
+        deadline = time.monotonic() + 5
+        while "more protocol errors suppressed" not in proc.log() and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
+        log = proc.log()
+    assert log.count("timed out waiting for the data stream") == 5
+    assert "195 more protocol errors suppressed" in log
