@@ -123,6 +123,10 @@ class ForwardContext:
         return None
 
 
+# the smallest pod read, however little room the client's output has
+MIN_POD_READ = 16 * 1024
+
+
 class _PodProtocol(asyncio.BufferedProtocol):
     """The socket inside the sandbox: hands bytes to the forwarded connection."""
 
@@ -132,7 +136,11 @@ class _PodProtocol(asyncio.BufferedProtocol):
         self.conn = conn
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return read_buffer()
+        # no more than the client's output has room for (at least a small read): a read
+        # landing past the session's high-water mark is memory no budget counts
+        buffer = read_buffer()
+        room = self.conn.session.output_room()
+        return buffer if room >= len(buffer) else buffer[:max(MIN_POD_READ, room)]
 
     def buffer_updated(self, nbytes: int) -> None:
         self.conn.pod_data(read_buffer()[:nbytes].tobytes())
@@ -499,7 +507,20 @@ class SessionBase:
         self.pending_up = 0  # client bytes held for connections still dialling
         self.output_held = 0  # hold_output() calls not yet released: flush() waits
         self.transport: asyncio.Transport | None = None
+        # the client transport's write high-water mark (the stream server sets it), and
+        # whether pod reads are cut to the room below it (a session whose output the
+        # buffer budget covers, a pod read past the mark included, reads whole)
+        self.output_high = 1 << 40
+        self.output_sized = False
         self.last_activity = time.monotonic()
+
+    def output_room(self) -> int:
+        """Bytes a pod read may bring for the client: what its transport may still take
+        before the high-water mark, or, where the budget covers a read past it, any."""
+        transport = self.transport
+        if transport is None or not self.output_sized:
+            return 1 << 40
+        return self.output_high - transport.get_write_buffer_size()
 
     def open_connection(self, port: int, channel: Channel, on_data: bool = False
                         ) -> ForwardedConnection:

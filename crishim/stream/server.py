@@ -44,6 +44,9 @@ HEAD_END = re.compile(rb"\r?\n\r?\n")
 LISTEN_QUEUE = 1024
 ACCEPTS_PER_TURN = 64  # TLS listener: connections accepted per wake-up, then the loop goes on
 ACCEPT_RETRY = 1.0  # seconds without accepting after running out of descriptors (as asyncio)
+# a session's client output high-water mark until (or unless) the buffer budget grants it
+# 4 x buffer_size: before admission, and once the budget is spent
+OUTPUT_UNGRANTED = 64 * 1024
 DROPPED_LOG_INTERVAL = 1.0  # seconds between lines about connections dropped (max_unadmitted)
 # read at accept: a request head, and whatever the client sent after it
 EARLY_READ = 64 * 1024
@@ -217,7 +220,9 @@ class StreamServer:
         """Hand an upgraded connection to its transport session."""
         if register:
             session.on_closed = self.add_session(session)
-        transport.set_write_buffer_limits(high=4 * self.ctx.buffer_size)
+        session.limit_output(transport, OUTPUT_UNGRANTED)
+        if register:
+            session.grant_output(4 * self.ctx.buffer_size)
         transport.set_protocol(protocol)
         session.start()
         if rest:
@@ -248,6 +253,7 @@ class StreamServer:
         def admitted() -> None:
             left()
             session.on_closed = self.add_session(session)
+            session.grant_output(4 * self.ctx.buffer_size)
 
         session.on_closed = left
         session.on_admitted = admitted

@@ -74,6 +74,7 @@ class ServerSession(SessionBase, ABC):
         self._stream_budget = flood.stream_open_budget()
         self._error_lines_left = flood.protocol_error_log_lines
         self._errors_suppressed = 0
+        self._output_granted = 0  # taken from the buffer budget for the client's output
 
     @property
     def sandbox_id(self) -> str:
@@ -194,10 +195,35 @@ class ServerSession(SessionBase, ABC):
         self.forget_pending()
         self.end(close_transport=False)
 
+    # --- what waits for the client to read ------------------------------------------------
+    def limit_output(self, transport: asyncio.Transport, high: int) -> None:
+        """The client's output holds at most `high` bytes, and pod reads are cut to it."""
+        self.output_high = high
+        self.output_sized = True
+        transport.set_write_buffer_limits(high=high)
+
+    def grant_output(self, full: int) -> None:
+        """Admitted: the client's output may hold `full` bytes (4 x buffer_size) and a
+        whole pod read past them while the server's buffer budget lasts, else stays as
+        limit_output left it. What waits for a client that does not read is memory of the
+        server's: a session held its 1 MiB high-water mark and a pod read more, and 600
+        sessions whose clients never read held +1 GiB with no bound but max_sessions."""
+        if self._output_granted or self.transport is None:
+            return
+        charge = full + READ_SIZE
+        if self.ctx.take_bytes(charge):
+            self._output_granted = charge
+            self.output_high = full
+            self.output_sized = False
+            self.transport.set_write_buffer_limits(high=full)
+
     def end(self, close_transport: bool) -> None:
         """Leave the server's registry; forwarded connections still open (a WebSocket's
         grace after the client's close) keep the timers until they finish."""
         self._closed = True
+        if self._output_granted:
+            self.ctx.return_bytes(self._output_granted)
+            self._output_granted = 0
         self._log_suppressed()
         if close_transport:
             self.close_transport()

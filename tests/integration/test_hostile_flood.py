@@ -592,3 +592,55 @@ def test_h2_udp_flows_whose_client_gives_no_window_hold_a_write_each(podnet):
     print(f"60 UDP flows without window: RSS peak +{peak - before:.1f} MiB")
     assert peak - before < 40, peak - before
     assert "Traceback" not in log
+
+
+ENDLESS_PORT = 9013  # sends without end to whoever connects
+
+
+class _Endless(asyncio.Protocol):
+    CHUNK = b"e" * 65536
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.paused = False
+        self._fill()
+
+    def _fill(self) -> None:
+        while not self.paused and not self.transport.is_closing():
+            self.transport.write(self.CHUNK)  # type: ignore[attr-defined]
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._fill()
+
+
+def test_clients_that_never_read_hold_output_from_the_buffer_budget(podnet):
+    """30 sessions whose pods send without end to clients that never read: each session's
+    output may hold 1 MiB only while the buffer budget (here 4 MiB) lasts, 64 KiB after,
+    and pods are read no further than that room. Each held ~2 MiB (its 1 MiB mark and a
+    pod read past it), with no bound but max_sessions."""
+    podnet.listen_extra("127.0.0.1", ENDLESS_PORT, _Endless)
+    with _serve(podnet, "--buffer-budget", str(4 << 20)) as proc:
+        before = _warm(proc)
+        clients = []
+        try:
+            for _ in range(30):
+                client = SpdyPortForwardClient(proc.port_forward_url(SANDBOX))
+                client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                client.forward(ENDLESS_PORT)
+                clients.append(client)
+            peak = before
+            for _ in range(20):  # the pods fill what they may
+                time.sleep(0.1)
+                peak = max(peak, _rss_mib(proc.proc.pid))
+            _second_client_is_served(proc)
+        finally:
+            for client in clients:
+                client.sock.close()
+        log = proc.log()
+    print(f"30 sessions not reading: RSS peak +{peak - before:.1f} MiB")
+    assert peak - before < 30, peak - before
+    assert "Traceback" not in log
