@@ -40,6 +40,11 @@ _MESSAGE_LIMITS = [("grpc.max_receive_message_length", 16 << 20),
                    ("grpc.max_send_message_length", 16 << 20)]
 
 
+# descriptors crishim holds itself (listeners, the gRPC server and its channel, logs,
+# epoll, the token store's timers) and a few refusals in flight, beyond max_unadmitted
+OWN_FDS = 64
+
+
 class Crishim:
     def __init__(self, config: Config, plugin: RuntimePlugin | None = None) -> None:
         self.config = config
@@ -64,7 +69,15 @@ class Crishim:
             self.metrics.serve(cfg.metrics_address)
         keep_heap_for_reads()
         nofile = raise_nofile_limit()
-        fd_budget = max(2, nofile - cfg.reserved_fds)
+        # the connections without a token come out of the reserve too (and crishim's own
+        # listeners, gRPC and log descriptors): kept free beyond them, or a full budget
+        # plus slow request heads used every descriptor and new clients were reset unheard
+        reserved = max(cfg.reserved_fds, cfg.max_unadmitted + OWN_FDS)
+        if reserved > cfg.reserved_fds:
+            log.info("reserved_fds %d is raised to %d: max_unadmitted (%d) connections and "
+                     "crishim's own descriptors come out of it", cfg.reserved_fds, reserved,
+                     cfg.max_unadmitted)
+        fd_budget = max(2, nofile - reserved)
         # no one session may hold more than half of what all may: others keep their share
         per_session = min(cfg.max_connections_per_session,
                           max(1, min(cfg.max_connections, fd_budget) // 2))

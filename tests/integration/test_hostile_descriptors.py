@@ -6,6 +6,7 @@ established connections keep working."""
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
@@ -65,7 +66,7 @@ def test_low_nofile_one_session_cannot_starve_other_clients(podnet):
     # 400 descriptors, 150 reserved: at most 250 forwarded connections in all, 125 in one
     # session
     with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}", "--reserved-fds", "150",
-                        nofile=400) as proc:
+                        "--max-unadmitted", "64", nofile=400) as proc:
         with SpdyPortForwardClient(proc.port_forward_url(SANDBOX)) as greedy:
             forwards = _open_live(greedy, 600)
             live = [f for f in forwards if f.received == b"+"]
@@ -87,7 +88,7 @@ def test_low_nofile_one_session_cannot_starve_other_clients(podnet):
 
 def test_global_limit_refuses_streams_cleanly_and_keeps_descriptors_for_upgrades(podnet):
     with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}", "--reserved-fds", "150",
-                        nofile=400) as proc:
+                        "--max-unadmitted", "64", nofile=400) as proc:
         with SpdyPortForwardClient(proc.port_forward_url(SANDBOX)) as first, \
                 SpdyPortForwardClient(proc.port_forward_url(SANDBOX)) as second:
             a = [f for f in _open_live(first, 200) if f.received == b"+"]
@@ -112,4 +113,35 @@ def test_global_limit_refuses_streams_cleanly_and_keeps_descriptors_for_upgrades
             assert second.wait(lambda: all(f.received == b"+!" for f in b[:20]), 30)
         log = proc.log()
     assert "RLIMIT_NOFILE less reserved_fds" in log
+    assert "Traceback" not in log
+
+
+def test_slow_heads_on_a_full_budget_leave_descriptors_to_refuse_newcomers(podnet):
+    """The connections without a token come out of the reserve too: reserved_fds (256) is
+    raised to max_unadmitted (256) + 64. With every budgeted descriptor taken and 256 slow
+    request heads open, a newcomer is still answered 503 (it was accepted past the
+    descriptor limit, or not at all, and reset unheard)."""
+    with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}", nofile=600) as proc:
+        url = proc.port_forward_url(SANDBOX)
+        host, port = url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+        with SpdyPortForwardClient(proc.port_forward_url(SANDBOX)) as first, \
+                SpdyPortForwardClient(proc.port_forward_url(SANDBOX)) as second:
+            _open_live(first, 200)
+            _open_live(second, 200)
+            slow = []
+            try:
+                for _ in range(256):
+                    sock = socket.create_connection((host, int(port)), timeout=10)
+                    sock.sendall(b"POST /portforward/x HTTP/1.1\r\n")  # never ended
+                    slow.append(sock)
+                with pytest.raises(UpgradeRefused) as refused:
+                    SpdyPortForwardClient(proc.port_forward_url(SANDBOX), timeout=10)
+                assert refused.value.status == 503
+                assert _fds(proc.proc.pid) < 600
+            finally:
+                for sock in slow:
+                    sock.close()
+        log = proc.log()
+    assert "reserved_fds 256 is raised to 320" in log
+    assert "RLIMIT_NOFILE 600: 280 descriptors" in log
     assert "Traceback" not in log
