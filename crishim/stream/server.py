@@ -341,6 +341,8 @@ class _TlsHandshake:
             await self.listener.loop.connect_accepted_socket(
                 lambda: _RequestProtocol(server, replaces=self), conn,
                 ssl=self.listener.context, ssl_handshake_timeout=server.request_timeout)
+        # conn.close() below closes the descriptor only if no transport took it: one that
+        # did holds a reference (socket._io_refs) and detaches it as it closes itself
         except asyncio.CancelledError:
             conn.close()  # dropped during its handshake
         except OSError as e:  # ssl.SSLError, the handshake timeout, resets
