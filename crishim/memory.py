@@ -92,9 +92,17 @@ def release_memory() -> None:
         _malloc_trim(0)
 
 
+# with no session left, memory is released if RSS is this far above where the last
+# release (or the start) left it
+IDLE_RELEASE_ABOVE = 32 * 1024 * 1024
+
+
 class MemoryReleaser:
     """Watches the live-session count; after min_drop sessions have ended since the last
-    high and at most a quarter of that high is left, releases memory (rate-limited)."""
+    high and at most a quarter of that high is left, or when the last session has ended
+    with RSS well above where the last release left it (a few heavy sessions: 20 sessions
+    of 9,000 unpaired streams each left 247 MiB, kept for good), releases memory
+    (rate-limited)."""
 
     def __init__(self, min_drop: int = 64, interval: float = 10.0) -> None:
         self.min_drop = min_drop
@@ -102,6 +110,7 @@ class MemoryReleaser:
         self.high = 0
         self._last = -interval
         self._timer: asyncio.TimerHandle | None = None
+        self._floor_kib = rss_kib()
 
     def sessions_changed(self, live: int) -> None:
         if live > self.high:
@@ -109,7 +118,9 @@ class MemoryReleaser:
             return
         if self.min_drop <= 0 or self._timer is not None:
             return
-        if self.high - live >= self.min_drop and live <= self.high // 4:
+        burst = self.high - live >= self.min_drop and live <= self.high // 4
+        if burst or (live == 0 and self.high
+                     and rss_kib() - self._floor_kib > IDLE_RELEASE_ABOVE >> 10):
             loop = asyncio.get_running_loop()
             delay = max(0.5, self._last + self.interval - loop.time())
             self._timer = loop.call_later(delay, self._release)
@@ -120,8 +131,9 @@ class MemoryReleaser:
         self._last = loop.time()
         before = rss_kib()
         release_memory()
+        self._floor_kib = rss_kib()
         log.info("released memory after a burst of %d sessions: RSS %d -> %d MiB",
-                 self.high, before >> 10, rss_kib() >> 10)
+                 self.high, before >> 10, self._floor_kib >> 10)
         self.high = 0  # the next burst is measured from here
 
     def close(self) -> None:

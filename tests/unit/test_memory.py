@@ -95,3 +95,24 @@ def test_startup_objects_are_frozen_and_later_cycles_still_collected():
     assert frozen >= 10000  # the start-up objects (and the interpreter's own)
     assert startup_walked == 0  # not among what a collection walks
     assert collected == 1  # a cycle made afterwards is still freed
+
+
+def test_the_last_session_ending_releases_memory_only_if_rss_grew_well():
+    """A few heavy sessions are no burst of min_drop, but once none is left and RSS is
+    more than 32 MiB above where the start (or the last release) left it, memory is
+    released; with RSS where it was, nothing is scheduled."""
+    async def go() -> tuple[bool, bool]:
+        releaser = MemoryReleaser(min_drop=64, interval=60.0)
+        for live in (1, 2, 3, 2, 1, 0):
+            releaser.sessions_changed(live)
+        quiet = releaser._timer is None
+        grown = bytearray(64 << 20)  # pages written: RSS +64 MiB
+        for live in (1, 2, 1, 0):
+            releaser.sessions_changed(live)
+        scheduled = releaser._timer is not None
+        releaser.close()
+        del grown
+        return quiet, scheduled
+
+    quiet, scheduled = asyncio.run(go())
+    assert quiet and scheduled
