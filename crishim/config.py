@@ -258,9 +258,9 @@ SETTINGS: dict[str, Setting] = {
                              "HTTP/2 connection takes its session_buffer_size from it (once "
                              "it is spent new ones get the 64 KiB protocol default), and a "
                              "WebSocket channel session what it holds beyond 1 MiB (one that "
-                             "would pass it is closed 1013); towards clients, each session's "
-                             "output may hold 4 x buffer_size and a pod read while it lasts, "
-                             "64 KiB once it is spent", "int"),
+                             "would pass it is closed 1013); as much again, a pool of its own, "
+                             "towards clients: each session's output may hold 4 x buffer_size "
+                             "and a pod read while it lasts, 64 KiB once it is spent", "int"),
     "read_turn": Setting("CPU one session's input may take before other sessions get "
                          "theirs (e.g. 5ms): past it the session waits one turn of the "
                          "event loop, and its reads shrink until one fits", "duration"),

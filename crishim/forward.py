@@ -80,6 +80,7 @@ class ForwardContext:
         # allowance: together at most flood.buffer_budget (see take_window, take_bytes)
         self.windows_granted = 0
         self.bytes_held = 0
+        self.output_held = 0  # what sessions' output towards clients may hold (take_output)
 
     def take_window(self) -> int:
         """Bytes towards pods a new session may hold: session_buffer_size while the
@@ -102,6 +103,19 @@ class ForwardContext:
 
     def return_bytes(self, n: int) -> None:
         self.bytes_held -= n
+
+    def take_output(self, n: int) -> bool:
+        """n more bytes a session's output towards its client may hold, from a pool of
+        buffer_budget of its own (a session takes it at admission, idle or not: from the
+        pool towards pods, 256 idle sessions left WebSocket sessions closed 1013 and HTTP/2
+        windows at 64 KiB); False (nothing taken) when it has not that many left."""
+        if self.output_held + n > self.flood.buffer_budget:
+            return False
+        self.output_held += n
+        return True
+
+    def return_output(self, n: int) -> None:
+        self.output_held -= n
 
     @property
     def out_of_descriptors(self) -> bool:

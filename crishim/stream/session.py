@@ -204,14 +204,15 @@ class ServerSession(SessionBase, ABC):
 
     def grant_output(self, full: int) -> None:
         """Admitted: the client's output may hold `full` bytes (4 x buffer_size) and a
-        whole pod read past them while the server's buffer budget lasts, else stays as
-        limit_output left it. What waits for a client that does not read is memory of the
-        server's: a session held its 1 MiB high-water mark and a pod read more, and 600
-        sessions whose clients never read held +1 GiB with no bound but max_sessions."""
+        whole pod read past them while the server's output budget (take_output) lasts,
+        else stays as limit_output left it. What waits for a client that does not read
+        is memory of the server's: a session held its 1 MiB high-water mark and a pod
+        read more, and 600 sessions whose clients never read held +1 GiB with no bound
+        but max_sessions."""
         if self._output_granted or self.transport is None:
             return
         charge = full + READ_SIZE
-        if self.ctx.take_bytes(charge):
+        if self.ctx.take_output(charge):
             self._output_granted = charge
             self.output_high = full
             self.output_sized = False
@@ -222,7 +223,7 @@ class ServerSession(SessionBase, ABC):
         grace after the client's close) keep the timers until they finish."""
         self._closed = True
         if self._output_granted:
-            self.ctx.return_bytes(self._output_granted)
+            self.ctx.return_output(self._output_granted)
             self._output_granted = 0
         self._log_suppressed()
         if close_transport:

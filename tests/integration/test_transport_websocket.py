@@ -619,17 +619,16 @@ def test_channel_sessions_hold_against_the_servers_buffer_budget(podnet):
     """What channel sessions hold towards pods (here unfinished messages) beyond 1 MiB
     each comes from the server's buffer_budget, as HTTP/2's windows do: a session that
     would pass it is closed 1013 with a reason, a small one is still served, and what a
-    session held comes back to the budget once its pod took it. (Each admitted session
-    also takes 2 MiB of it for its output towards the client while it lasts.)"""
+    session held comes back to the budget once its pod took it."""
     from tests.support.crishim_proc import CrishimProcess
 
     mib = 1 << 20
     with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}",
-                        "--buffer-budget", str(12 * mib)) as proc:
+                        "--buffer-budget", str(8 * mib)) as proc:
         first = _budget_session(proc)
-        assert _PONG in _hold_unfinished(first, 6 * mib)  # 2 + 5 MiB of the budget's 12
+        assert _PONG in _hold_unfinished(first, 6 * mib)  # 5 MiB of the budget's 8
         second = _budget_session(proc)
-        answer = _hold_unfinished(second, 6 * mib)  # 2 + 5 more would pass it
+        answer = _hold_unfinished(second, 6 * mib)  # 5 more would pass it
         assert _PONG not in answer
         second._feed(answer)
         second.pump(lambda: False)
@@ -650,4 +649,29 @@ def test_channel_sessions_hold_against_the_servers_buffer_budget(podnet):
     warnings = [line for line in log.splitlines()
                 if " WARNING " in line and "buffer_budget" in line]
     assert len(warnings) == 1 and "ending session" in warnings[0], warnings
+    assert "Traceback" not in log
+
+
+def test_idle_sessions_leave_the_budget_towards_pods_whole(podnet):
+    """Each admitted session's output towards its client is taken from a pool of its own:
+    10 idle SPDY sessions (2 MiB of output each, 20 MiB, past the 16 MiB budget) leave a
+    channel session the budget towards pods (from one pool, 8 of them got it closed 1013
+    although nothing held a byte)."""
+    from tests.support.crishim_proc import CrishimProcess
+    from tests.support.spdy_pf_client import SpdyPortForwardClient
+
+    mib = 1 << 20
+    with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}",
+                        "--buffer-budget", str(16 * mib)) as proc:
+        idle = [SpdyPortForwardClient(proc.port_forward_url(SANDBOX)) for _ in range(10)]
+        try:
+            session = _budget_session(proc)
+            assert _PONG in _hold_unfinished(session, 6 * mib)  # 5 MiB beyond its free 1
+            assert session.closed is None
+            session.close()
+        finally:
+            for client in idle:
+                client.close()
+        log = proc.log()
+    assert "buffer budget" not in log
     assert "Traceback" not in log
