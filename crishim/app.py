@@ -72,11 +72,17 @@ class Crishim:
         # the connections without a token come out of the reserve too (and crishim's own
         # listeners, gRPC and log descriptors): kept free beyond them, or a full budget
         # plus slow request heads used every descriptor and new clients were reset unheard
-        reserved = max(cfg.reserved_fds, cfg.max_unadmitted + OWN_FDS)
+        # and they may take at most a quarter of the descriptors (the default 256 and a
+        # limit of 300 left 2 descriptors for sessions)
+        self.max_unadmitted = min(cfg.max_unadmitted, max(16, nofile // 4))
+        if self.max_unadmitted < cfg.max_unadmitted:
+            log.warning("max_unadmitted %d is lowered to %d: a quarter of RLIMIT_NOFILE %d",
+                        cfg.max_unadmitted, self.max_unadmitted, nofile)
+        reserved = max(cfg.reserved_fds, self.max_unadmitted + OWN_FDS)
         if reserved > cfg.reserved_fds:
             log.info("reserved_fds %d is raised to %d: max_unadmitted (%d) connections and "
                      "crishim's own descriptors come out of it", cfg.reserved_fds, reserved,
-                     cfg.max_unadmitted)
+                     self.max_unadmitted)
         fd_budget = max(2, nofile - reserved)
         # no one session may hold more than half of what all may: others keep their share
         per_session = min(cfg.max_connections_per_session,
@@ -101,7 +107,7 @@ class Crishim:
             self.tokens, ctx, host=cfg.stream_server_address, port=cfg.stream_server_port,
             url_host=cfg.stream_url_host, creation_timeout=cfg.stream_creation_timeout,
             idle_timeout=cfg.stream_idle_timeout, max_sessions=cfg.max_sessions,
-            request_timeout=cfg.stream_request_timeout, max_unadmitted=cfg.max_unadmitted,
+            request_timeout=cfg.stream_request_timeout, max_unadmitted=self.max_unadmitted,
             memory=MemoryReleaser(cfg.memory_release_sessions, cfg.memory_release_interval),
             ssl_context=self._ssl_context())
         await self.stream.start()

@@ -117,10 +117,11 @@ def test_global_limit_refuses_streams_cleanly_and_keeps_descriptors_for_upgrades
 
 
 def test_slow_heads_on_a_full_budget_leave_descriptors_to_refuse_newcomers(podnet):
-    """The connections without a token come out of the reserve too: reserved_fds (256) is
-    raised to max_unadmitted (256) + 64. With every budgeted descriptor taken and 256 slow
-    request heads open, a newcomer is still answered 503 (it was accepted past the
-    descriptor limit, or not at all, and reset unheard)."""
+    """The connections without a token come out of the reserve too: max_unadmitted takes
+    at most a quarter of the descriptors (256 -> 150 of 600) and reserved_fds covers it
+    and crishim's own. With every budgeted descriptor taken and 256 slow request heads
+    open, a newcomer is still answered 503 (it was accepted past the descriptor limit, or
+    not at all, and reset unheard)."""
     with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}", nofile=600) as proc:
         url = proc.port_forward_url(SANDBOX)
         host, port = url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
@@ -142,6 +143,22 @@ def test_slow_heads_on_a_full_budget_leave_descriptors_to_refuse_newcomers(podne
                 for sock in slow:
                     sock.close()
         log = proc.log()
-    assert "reserved_fds 256 is raised to 320" in log
-    assert "RLIMIT_NOFILE 600: 280 descriptors" in log
+    assert "max_unadmitted 256 is lowered to 150: a quarter of RLIMIT_NOFILE 600" in log
+    assert "RLIMIT_NOFILE 600: 344 descriptors" in log
     assert "Traceback" not in log
+
+
+def test_a_small_descriptor_limit_lowers_max_unadmitted_not_the_sessions(podnet):
+    """RLIMIT_NOFILE 300 with the defaults: max_unadmitted 256 would take the reserve and
+    leave 2 descriptors for sessions; it is lowered to a quarter (75), sessions keep 44."""
+    with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}", nofile=300) as proc:
+        clients = [SpdyPortForwardClient(proc.port_forward_url(SANDBOX)) for _ in range(5)]
+        try:
+            for n, client in enumerate(clients):
+                _echo(client, b"session %d" % n)
+        finally:
+            for client in clients:
+                client.close()
+        log = proc.log()
+    assert "max_unadmitted 256 is lowered to 75" in log
+    assert "RLIMIT_NOFILE 300: 44 descriptors" in log
