@@ -80,7 +80,7 @@ class ForwardContext:
         # allowance: together at most flood.buffer_budget (see take_window, take_bytes)
         self.windows_granted = 0
         self.bytes_held = 0
-        self.output_held = 0  # what sessions' output towards clients may hold (take_output)
+        self.output_granted = 0  # what sessions' output towards clients may hold
 
     def take_window(self) -> int:
         """Bytes towards pods a new session may hold: session_buffer_size while the
@@ -109,13 +109,13 @@ class ForwardContext:
         buffer_budget of its own (a session takes it at admission, idle or not: from the
         pool towards pods, 256 idle sessions left WebSocket sessions closed 1013 and HTTP/2
         windows at 64 KiB); False (nothing taken) when it has not that many left."""
-        if self.output_held + n > self.flood.buffer_budget:
+        if self.output_granted + n > self.flood.buffer_budget:
             return False
-        self.output_held += n
+        self.output_granted += n
         return True
 
     def return_output(self, n: int) -> None:
-        self.output_held -= n
+        self.output_granted -= n
 
     @property
     def out_of_descriptors(self) -> bool:
@@ -523,7 +523,7 @@ class SessionBase:
         self.transport: asyncio.Transport | None = None
         # the client transport's write high-water mark (the stream server sets it), and
         # whether pod reads are cut to the room below it (a session whose output the
-        # buffer budget covers, a pod read past the mark included, reads whole)
+        # output budget covers, a pod read past the mark included, reads whole)
         self.output_high = 1 << 40
         self.output_sized = False
         self.last_activity = time.monotonic()

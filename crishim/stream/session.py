@@ -74,7 +74,7 @@ class ServerSession(SessionBase, ABC):
         self._stream_budget = flood.stream_open_budget()
         self._error_lines_left = flood.protocol_error_log_lines
         self._errors_suppressed = 0
-        self._output_granted = 0  # taken from the buffer budget for the client's output
+        self._output_granted = 0  # taken from the output budget (ctx.take_output)
 
     @property
     def sandbox_id(self) -> str:
