@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import grp
 import logging
 import os
@@ -159,6 +160,10 @@ class HelperAgent:
                 await self._dial_socat(conn, netns, request["port"])
         except (ConnectionError, BrokenPipeError) as e:
             log.debug("shim went away: %s", e)
+        except DialFailed as e:  # open_netns: the helper is out of descriptors or memory
+            log.warning("helper request failed: %s", e)
+            with contextlib.suppress(OSError):
+                await self._reply(conn, Reply(False, error="internal", message=str(e)))
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -345,3 +345,40 @@ def test_requests_past_helper_max_requests_are_answered_busy(podnet, tmp_path):
                 conn.close()
         assert proc.log().count("refusing more until one ends") == 1
         assert "Traceback" not in proc.log()
+
+
+def test_a_helper_out_of_descriptors_answers_internal_without_a_traceback(podnet, tmp_path):
+    """The helper's own state: with one descriptor left, the accept takes it and opening
+    the netns for an `exists` finds none; that request is answered 'internal' with the
+    reason and one warning (it raised past the request: a traceback each)."""
+    import subprocess
+
+    path = str(tmp_path / "helper.sock")
+    with HelperProcess(path, "fd", "0", "--max-requests", "1000") as helper:
+        fds = f"/proc/{helper.proc.pid}/fd"
+        base = len(os.listdir(fds))
+        limit = base + 8
+        subprocess.run(["prlimit", f"--pid={helper.proc.pid}", f"--nofile={limit}:{limit}"],
+                       check=True)
+        idle = []
+        try:
+            while base + len(idle) < limit - 1:  # each held until the helper reads it
+                conn = socket.socket(socket.AF_UNIX)
+                conn.connect(path)
+                idle.append(conn)
+                deadline = time.monotonic() + 5
+                while len(os.listdir(fds)) < base + len(idle) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            with socket.socket(socket.AF_UNIX) as conn:
+                conn.settimeout(10)
+                conn.connect(path)
+                conn.sendall(encode_request("exists", podnet.path))
+                line = conn.makefile("rb").readline()
+        finally:
+            for conn in idle:
+                conn.close()
+        reply = Reply.decode(line)
+        log = helper.log()
+    assert not reply.ok and reply.error == "internal", line
+    assert "out of resources" in reply.message
+    assert "Traceback" not in log
