@@ -290,7 +290,8 @@ _listeners_seen: dict[tuple[int, int, int], tuple[float, set[str]]] = {}
 
 
 def forget_udp_listeners() -> None:
-    """Read the tables afresh at the next dial (a flow found no server where one was)."""
+    """Read the tables afresh at the next dial (tests that move a server within the
+    2 s an answer is kept)."""
     _listeners_seen.clear()
 
 

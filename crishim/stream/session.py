@@ -214,9 +214,8 @@ class ServerSession(SessionBase, ABC):
         charge = full + READ_SIZE
         if self.ctx.take_output(charge):
             self._output_granted = charge
-            self.output_high = full
-            self.output_sized = False
-            self.transport.set_write_buffer_limits(high=full)
+            self.limit_output(self.transport, full)
+            self.output_sized = False  # the charge covers a whole pod read past the mark
 
     def end(self, close_transport: bool) -> None:
         """Leave the server's registry; forwarded connections still open (a WebSocket's
