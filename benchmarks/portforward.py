@@ -475,7 +475,8 @@ def main() -> int:
                     finally:
                         chain.close()
             with KubeStandIn({"bench": "bench"},
-                             lambda sid, ports: cs.port_forward_url(sid, ports)) as api:
+                             lambda sid, ports: cs.port_forward_url(sid, ports),
+                             relay_process=True) as api:
                 for version in ("1.27", "1.33"):
                     name = f"kubectl-{version}"
                     if not wanted(name):
@@ -488,7 +489,8 @@ def main() -> int:
                         measure(f"{name}/{'+'.join(kinds)}", Local(kc.local_ports), args, rows,
                                 pids={"crishim serve": cs.proc.pid, "kubectl": kc.proc.pid,
                                       "pod server": peer.pid,
-                                      "benchmark client + stand-in relay": os.getpid()},
+                                      "stand-in relay": api.relay_pid,
+                                      "benchmark client": os.getpid()},
                                 cpu=extra, serve_pid=cs.proc.pid, baseline=direct)
             for transport in ("spdy", "h2", "spdy-over-websocket", "websocket"):
                 name = f"crishim/{transport}"

@@ -274,7 +274,7 @@ def main() -> int:
                                         args.first_byte)
                     return
                 pids = dict(pids, peer=peer.pid)
-                pids["benchmark (client, stand-in relay)"] = os.getpid()
+                pids["benchmark (transfer client)"] = os.getpid()
                 latency(path, 3)
                 directions = [("upload", upload), ("download", download)]
                 if name == "crishim/websocket":  # no half-close: the sink never answers
@@ -326,12 +326,14 @@ def main() -> int:
                 if not w.startswith("kubectl-"):
                     continue
                 with KubeStandIn({"bench": "bench"},
-                                 lambda sid, ports: cs.port_forward_url(sid, ports)) as api:
+                                 lambda sid, ports: cs.port_forward_url(sid, ports),
+                                 relay_process=True) as api:
                     specs = [f"0:{p}" for p in (SINK, SOURCE, ECHO)]
                     with run_kubectl_port_forward(KUBECTL.format(w.split("-", 1)[1]),
                                                   api.server_url, "bench", specs) as kc:
                         run(w, Local(kc.local_ports),
-                            {"crishim serve": cs.proc.pid, "kubectl": kc.proc.pid},
+                            {"crishim serve": cs.proc.pid, "kubectl": kc.proc.pid,
+                             "stand-in relay": api.relay_pid},
                             {"crishim serve"})
             for w in wanted:
                 if not w.startswith("crishim/"):

@@ -116,7 +116,7 @@ def measure(name: str, local_port: int, counts: list[int], repeat: int) -> dict[
 def kubectl_session(sandbox_id: str, port_forward: Callable[[str, list[int]], str]
                     ) -> Iterator[int]:
     """kubectl 1.27 port-forward (client-go SPDY) through the stand-in: its local port."""
-    with KubeStandIn({"bench": sandbox_id}, port_forward) as api, \
+    with KubeStandIn({"bench": sandbox_id}, port_forward, relay_process=True) as api, \
             run_kubectl_port_forward(KUBECTL_127, api.server_url, "bench",
                                      [f"0:{ECHO}"]) as kc:
         yield kc.local_ports[ECHO]

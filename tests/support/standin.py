@@ -32,7 +32,9 @@ Behaviour taken from the real components:
   upgrade; clients then fall back to SPDY.
 
 The stand-in runs its own uvloop event loop in a background thread so that
-synchronous test code can use it.
+synchronous test code can use it. Established upgrades are relayed in the kernel
+(``tests.support.splice_relay``), in threads of this process or, with
+``relay_process=True`` (the benchmarks), in a process of their own, as the kubelet is.
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime
-import fcntl
 import inspect
 import ipaddress
 import json
@@ -51,6 +52,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -62,10 +64,14 @@ from urllib.parse import parse_qs, urlsplit
 
 import h11
 
+from tests.support.splice_relay import SpliceRelay
+
 try:
     import uvloop
 except ImportError:  # pragma: no cover - uvloop is a dependency of crishim
     uvloop = None
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 __all__ = [
     "KubeStandIn",
@@ -306,66 +312,6 @@ class _RelayEnd:
                 peer.transport.abort()
             else:
                 peer.transport.close()
-
-
-class _SpliceRelay:
-    """The established upgrade relayed in the kernel, as the kubelet's Go proxy does
-    (Go's TCPConn.ReadFrom splices TCP to TCP on Linux): a thread per direction moves
-    bytes socket -> pipe -> socket with splice(2), EOF becomes shutdown(SHUT_WR) on the
-    other side, and the pair is closed once both directions have ended."""
-
-    CHUNK = 1 << 20
-
-    def __init__(self, client_fd: int, backend_fd: int) -> None:
-        self.socks = [socket.socket(fileno=client_fd), socket.socket(fileno=backend_fd)]
-        for sock in self.socks:
-            sock.setblocking(True)
-        self._lock = threading.Lock()
-        self._open = 2
-        self.threads = [threading.Thread(target=self._pump, args=(0, 1), daemon=True),
-                        threading.Thread(target=self._pump, args=(1, 0), daemon=True)]
-        for t in self.threads:
-            t.start()
-
-    def _pump(self, src: int, dst: int) -> None:
-        rfd, wfd = os.pipe()
-        try:  # as Go's splice pipes: a splice moves up to CHUNK, not the default 64 KiB
-            fcntl.fcntl(wfd, fcntl.F_SETPIPE_SZ, self.CHUNK)
-        except OSError:
-            pass  # a smaller pipe works, in more calls (Go ignores this error too)
-        src_fd, dst_fd = self.socks[src].fileno(), self.socks[dst].fileno()
-        failed = False
-        try:
-            while True:
-                n = os.splice(src_fd, wfd, self.CHUNK)
-                if n == 0:
-                    break
-                while n:
-                    n -= os.splice(rfd, dst_fd, n)
-        except OSError:
-            failed = True  # a reset on one side: the other side is torn down too
-        finally:
-            os.close(rfd)
-            os.close(wfd)
-        try:
-            self.socks[dst].shutdown(socket.SHUT_RDWR if failed else socket.SHUT_WR)
-            if failed:
-                self.socks[src].shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        with self._lock:
-            self._open -= 1
-            last = self._open == 0
-        if last:
-            for sock in self.socks:
-                sock.close()
-
-    def shutdown(self) -> None:
-        for sock in self.socks:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 class _BackendProtocol(asyncio.Protocol, _RelayEnd):
@@ -681,7 +627,7 @@ class _ApiProtocol(asyncio.Protocol, _RelayEnd):
         for t in (mine, theirs):
             self.standin._transports.discard(t)
             t.abort()
-        self.standin._relays.append(_SpliceRelay(*fds))
+        self.standin._relay(fds)
 
     def _forward_head(self, req: h11.Request, target: str, host: str) -> bytes:
         lines = [req.method + b" " + target.encode("latin-1") + b" HTTP/1.1"]
@@ -782,6 +728,7 @@ class KubeStandIn:
         token: str | None = None,
         websocket_tunnel: bool = True,
         phases: Mapping[str, str] | None = None,
+        relay_process: bool = False,
     ) -> None:
         # relay established upgrades in the kernel, as the kubelet (not through TLS)
         self.splice = splice and not tls
@@ -811,7 +758,10 @@ class KubeStandIn:
         self._thread: threading.Thread | None = None
         self._server: asyncio.base_events.Server | None = None
         self._transports: set[asyncio.BaseTransport] = set()
-        self._relays: list[_SpliceRelay] = []
+        self._relays: list[SpliceRelay] = []
+        self.relay_process = relay_process
+        self._relay_control: socket.socket | None = None
+        self._relay_proc: subprocess.Popen | None = None
         self._tasks: set[asyncio.Task] = set()
         self._uids: dict[tuple[str, str], str] = {}
         self._is_async = inspect.iscoroutinefunction(port_forward) or (
@@ -864,6 +814,13 @@ class KubeStandIn:
     def start(self) -> KubeStandIn:
         if self._thread is not None:
             return self
+        if self.relay_process and self.splice:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            with theirs:
+                self._relay_proc = subprocess.Popen(
+                    [sys.executable, "-m", "tests.support.splice_relay", str(theirs.fileno())],
+                    pass_fds=[theirs.fileno()], cwd=_REPO_ROOT)
+            self._relay_control = ours
         self._loop = uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()
         started = threading.Event()
         self._thread = threading.Thread(
@@ -899,6 +856,16 @@ class KubeStandIn:
             return
         for relay in self._relays:
             relay.shutdown()
+        if self._relay_control is not None:
+            self._relay_control.close()  # the relay process shuts its relays down and ends
+            self._relay_control = None
+        if self._relay_proc is not None:
+            try:
+                self._relay_proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._relay_proc.kill()
+                self._relay_proc.wait()
+            self._relay_proc = None
         try:
             asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=10)
         finally:
@@ -915,6 +882,23 @@ class KubeStandIn:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    @property
+    def relay_pid(self) -> int | None:
+        """The relay process's pid (``relay_process=True``), for CPU accounting."""
+        return self._relay_proc.pid if self._relay_proc is not None else None
+
+    def _relay(self, fds: list[int]) -> None:
+        """Relay an established pair (two descriptors the caller gives up) in the kernel:
+        in the relay process if there is one, else in threads of this process."""
+        if self._relay_control is None:
+            self._relays.append(SpliceRelay(*fds))
+            return
+        try:
+            socket.send_fds(self._relay_control, [b"r"], fds)
+        finally:  # the relay process holds its own copies now
+            for fd in fds:
+                os.close(fd)
 
     # -- runtime call
     async def _call_port_forward(self, sandbox: str, ports: list[int]) -> str:
