@@ -102,7 +102,8 @@ class Crishim:
                              max_per_session=per_session,
                              max_connections=cfg.max_connections, fd_budget=fd_budget,
                              flood=flood, udp=cfg.enable_udp_portforward,
-                             udp_idle_timeout=cfg.udp_flow_idle_timeout)
+                             udp_idle_timeout=cfg.udp_flow_idle_timeout,
+                             dial_timeout=cfg.dial_timeout)
         self.stream = StreamServer(
             self.tokens, ctx, host=cfg.stream_server_address, port=cfg.stream_server_port,
             url_host=cfg.stream_url_host, creation_timeout=cfg.stream_creation_timeout,

@@ -67,6 +67,7 @@ class Config:
     stream_idle_timeout: float = 4 * 3600.0
     stream_creation_timeout: float = 30.0
     stream_request_timeout: float = 10.0
+    dial_timeout: float = 20.0
     token_ttl: float = 60.0
     max_tokens: int = 1000
     max_sessions: int = 10000
@@ -142,6 +143,8 @@ class Config:
                 raise ConfigError(f"{name}: must not be negative")
         if self.udp_flow_idle_timeout <= 0:
             raise ConfigError("udp_flow_idle_timeout: must be positive")
+        if self.dial_timeout <= 0:
+            raise ConfigError("dial_timeout: must be positive")
         if self.read_turn <= 0:
             raise ConfigError("read_turn: must be positive")
         if self.token_ttl <= 0:
@@ -165,6 +168,10 @@ SETTINGS: dict[str, Setting] = {
     "stream_request_timeout": Setting("a connection must send its whole upgrade request "
                                       "within this (else 408), or on HTTP/2 get its first "
                                       "stream's token redeemed (else GOAWAY)", "duration"),
+    "dial_timeout": Setting("a connect into the sandbox that has not completed after this "
+                            "long fails that connection, as a refused one does (a port "
+                            "whose SYNs are dropped: else ~2 min of kernel retries)",
+                            "duration"),
     "token_ttl": Setting("how long an issued URL stays redeemable (e.g. 1m)", "duration"),
     "max_tokens": Setting("most outstanding URLs; past it PortForward is RESOURCE_EXHAUSTED",
                           "int"),

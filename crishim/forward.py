@@ -56,8 +56,11 @@ class ForwardContext:
                  buffer_size: int = 256 * 1024, metrics: ForwardMetrics | None = None,
                  max_per_session: int = 4096, max_connections: int = 65536,
                  fd_budget: int = 1 << 30, flood: FloodLimits | None = None,
-                 udp: bool = True, udp_idle_timeout: float = 60.0) -> None:
+                 udp: bool = True, udp_idle_timeout: float = 60.0,
+                 dial_timeout: float = 20.0) -> None:
         self.plugin = plugin
+        # a dial not connected by then fails its connection (SYNs dropped in the pod)
+        self.dial_timeout = dial_timeout
         self.verbose_errors = error_policy == "verbose"
         self.buffer_size = buffer_size
         self.metrics = metrics
@@ -228,15 +231,23 @@ class ForwardedConnection:
     async def _dial(self) -> None:
         t0 = time.perf_counter()
         self.ctx.dialling += 1
+        deadline = asyncio.timeout(self.ctx.dial_timeout)
         try:
-            sock = await self.ctx.plugin.dial(self.sandbox, self.port)
+            async with deadline:
+                sock = await self.ctx.plugin.dial(self.sandbox, self.port)
         except SandboxGone as e:
             self._fail(str(e), "sandbox_gone", fatal=True)
             return
         except DialFailed as e:
             self._fail(str(e), "dial_refused")
             return
-        except Exception as e:  # a plugin bug must end one connection, not the server
+        except Exception as e:
+            if isinstance(e, TimeoutError) and deadline.expired():
+                # dial_timeout: the plugin's dial was cancelled (and closed what it opened)
+                self._fail(f"connect to port {self.port}: no answer after "
+                           f"{self.ctx.dial_timeout:g} s", "dial_timeout")
+                return
+            # a plugin bug must end one connection, not the server
             log.exception("runtime plugin %s failed to dial", self.ctx.plugin.name)
             self._fail(f"runtime plugin error: {e}", "plugin_error")
             return

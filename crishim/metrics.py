@@ -19,7 +19,7 @@ from crishim.tokens import TokenStore
 
 log = logging.getLogger("crishim.metrics")
 
-FAILURE_KINDS = ("dial_refused", "pod_reset", "sandbox_gone", "plugin_error",
+FAILURE_KINDS = ("dial_refused", "dial_timeout", "pod_reset", "sandbox_gone", "plugin_error",
                  "creation_timeout", "limit", "other")
 
 

@@ -4,14 +4,15 @@
 #                              and curl + nc for the demo's try-it commands (README)
 #   deploy/install.sh --test   also what the test suite drives: containerd, runc, CNI
 #                              plugins, gcc (the pause image), socat, prlimit (util-linux:
-#                              a server with a low descriptor limit), and the test extras
+#                              a server with a low descriptor limit), iptables (a pod port
+#                              whose SYNs are dropped), and the test extras
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(iproute2 ca-certificates curl netcat-openbsd)
 extra=""
 if [[ "${1:-}" == "--test" ]]; then
-    packages+=(containerd runc containernetworking-plugins gcc libc6-dev socat util-linux)
+    packages+=(containerd runc containernetworking-plugins gcc libc6-dev socat util-linux iptables)
     extra="[test]"
 fi
 

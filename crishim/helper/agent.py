@@ -18,7 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 
 from crishim.helper.protocol import (
     HOST,
@@ -178,10 +178,14 @@ class HelperAgent:
         try:
             ns_fd = -1 if netns == HOST else _open_requested_netns(netns)
             try:
-                sock = await dial_localhost_in(ns_fd, port, pod_ip)
+                sock = await _unless_hung_up(conn, dial_localhost_in(ns_fd, port, pod_ip))
             finally:
                 if ns_fd >= 0:
                     os.close(ns_fd)
+            if sock is None:
+                log.debug("shim hung up while port %d in %s was dialled: dial dropped",
+                          port, netns)
+                return
         except SandboxGone as e:
             await self._reply(conn, Reply(False, error="gone", message=str(e)))
             return
@@ -256,6 +260,27 @@ class HelperAgent:
             await socat.relay(conn)
         finally:
             await socat.close()
+
+
+async def _unless_hung_up(conn: socket.socket,
+                          dial: Coroutine[None, None, socket.socket]) -> socket.socket | None:
+    """dial's socket, or None (dial cancelled, its socket closed) once the shim closes
+    conn first: it sends nothing after its request, so conn turns readable only as it
+    hangs up (its dial_timeout passed, or its client went away). A port whose SYNs are
+    dropped held a request slot and a socket here for the kernel's ~2 min of retries."""
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(dial)
+    fd = conn.fileno()
+    loop.add_reader(fd, lambda: task.cancel() if not task.done() else None)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if task.cancelled() and (current := asyncio.current_task()) is not None \
+                and not current.cancelling():
+            return None  # the shim hung up; not this request being cancelled
+        raise
+    finally:
+        loop.remove_reader(fd)
 
 
 def _open_requested_netns(path: str) -> int:

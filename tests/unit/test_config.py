@@ -70,3 +70,11 @@ def test_an_explicit_runtime_wins_over_the_upstream_default(source: str, tmp_pat
 def test_upstream_version_is_on_by_default_and_can_be_turned_off() -> None:
     assert load(env={}).upstream_version is True
     assert load(env={"CRISHIM_UPSTREAM_VERSION": "false"}).upstream_version is False
+
+
+@pytest.mark.parametrize("value", ["0s", "-1s"])
+def test_dial_timeout_must_be_positive(value: str) -> None:
+    assert load(env={}).dial_timeout == 20
+    assert load(env={"CRISHIM_DIAL_TIMEOUT": "750ms"}).dial_timeout == 0.75
+    with pytest.raises(ConfigError, match="dial_timeout"):
+        load(env={"CRISHIM_DIAL_TIMEOUT": value})

@@ -1,0 +1,105 @@
+"""dial_timeout: a port in the pod whose SYNs are dropped (an iptables DROP rule in the pod
+netns, as a NetworkPolicy or a firewall in the pod makes them) fails that connection once
+the timeout passes, as a refused port does, instead of holding it, its socket and the
+netns descriptor for the kernel's ~2 min of SYN retries. The session and its other
+connections carry on; with the helper-pod backend the helper drops its dial too when the
+shim gives up."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+import urllib.request
+
+import pytest
+
+from tests.integration.test_operations import _free_port, _metric
+from tests.support.crishim_proc import CrishimProcess
+from tests.support.helper_proc import HelperProcess, UnprivilegedCrishim
+from tests.support.podnet import ECHO_PORT
+from tests.support.spdy_pf_client import SpdyPortForwardClient
+
+DROP_PORT = 9005  # SYNs dropped in the pod netns (nothing listens either)
+
+
+def _in_pod(podnet, *argv: str) -> str:
+    return subprocess.run(["nsenter", f"--net={podnet.path}", "--", *argv], check=True,
+                          capture_output=True, text=True, timeout=20).stdout
+
+
+@pytest.fixture(scope="module")
+def dropping(podnet):
+    rule = ["INPUT", "-p", "tcp", "--dport", str(DROP_PORT), "-j", "DROP"]
+    _in_pod(podnet, "iptables", "-I", *rule)
+    try:
+        yield podnet
+    finally:
+        _in_pod(podnet, "iptables", "-D", *rule)
+
+
+def _dialling(podnet) -> list[str]:
+    """Sockets in the pod netns still sending SYNs to DROP_PORT."""
+    out = _in_pod(podnet, "ss", "-Htn", "state", "syn-sent", "dport", f"= :{DROP_PORT}")
+    return [line for line in out.splitlines() if line.strip()]
+
+
+def _until(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def _dropped_dial_ends_only_its_connection(proc, podnet) -> SpdyPortForwardClient:
+    with SpdyPortForwardClient(proc.port_forward_url("sb")) as client:
+        live = client.forward(ECHO_PORT)
+        live.send(b"before")
+        assert client.wait(lambda: bytes(live.received) == b"before")
+        fwd = client.forward(DROP_PORT)
+        assert _until(lambda: bool(_dialling(podnet)), 5), "the dial never started"
+        # the kernel retries a dropped SYN for ~2 min: ended here by the 0.5 s timeout
+        assert client.wait(fwd.finished, timeout=15), "the dial was not given up"
+        assert fwd.reset_status is not None  # the data stream reset, as a refused port's
+        assert fwd.error_text == ""  # quiet policy: kubectl keeps its session
+        assert not client.closed
+        live.send(b"after")
+        assert client.wait(lambda: bytes(live.received) == b"beforeafter")
+        assert client.roundtrip(ECHO_PORT, b"new one").received == b"new one"
+        # the cancelled dial closed its socket: nothing keeps sending SYNs for it
+        assert _until(lambda: not _dialling(podnet), 5), _dialling(podnet)
+        live.close_write()
+        assert client.wait(live.finished)
+    return client
+
+
+def test_a_dial_whose_syns_are_dropped_fails_its_connection_at_dial_timeout(dropping):
+    port = _free_port()
+    with CrishimProcess("--sandboxes", f"sb={dropping.path}", "--dial-timeout", "500ms",
+                        "--metrics-address", f"127.0.0.1:{port}") as proc:
+        _dropped_dial_ends_only_its_connection(proc, dropping)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) \
+            .read().decode()
+        log = proc.log()
+    assert f"connect to port {DROP_PORT}: no answer after 0.5 s" in log, log
+    assert _metric(text, "crishim_forward_failures_total", reason="dial_timeout") == 1
+
+
+def test_the_helper_drops_its_dial_when_the_shim_gives_up(dropping):
+    """fd mode: the helper dials and passes the socket back. The shim's dial_timeout
+    closes its request; the helper, which would have waited out the kernel's retries
+    holding a request slot and the socket, drops the dial at once."""
+    with tempfile.TemporaryDirectory(prefix="crishim-helper-dial-") as d:
+        os.chmod(d, 0o755)
+        sock = os.path.join(d, "helper.sock")
+        with HelperProcess(sock, "fd") as helper, \
+                UnprivilegedCrishim("--runtime", "helper", "--helper-socket", sock,
+                                    "--sandboxes", f"sb={dropping.path}",
+                                    "--dial-timeout", "500ms") as shim:
+            _dropped_dial_ends_only_its_connection(shim, dropping)
+            assert _until(lambda: "dial dropped" in helper.log(), 5), helper.log()
+            shim_log = shim.log()
+    assert f"connect to port {DROP_PORT}: no answer after 0.5 s" in shim_log, shim_log
