@@ -334,13 +334,24 @@ class _TlsHandshake:
 
     async def _run(self) -> None:
         self.started = True
-        server, conn = self.listener.server, self.conn
+        server, conn, loop = self.listener.server, self.conn, self.listener.loop
         try:
+            until = loop.time() + server.request_timeout
+            async with asyncio.timeout_at(until):
+                first = await self._first_byte()
+            if not first or first.isupper():
+                if first:  # a request line: plain HTTP to the TLS port (a wrong scheme)
+                    _answer_plain_http(conn)
+                log.debug("stream server: %s on the TLS port",
+                          "plain HTTP" if first else "closed before its handshake")
+                conn.close()
+                return
             # the ClientHello has waited in the kernel: the socket is read only by the
             # TLS transport made here
-            await self.listener.loop.connect_accepted_socket(
+            await loop.connect_accepted_socket(
                 lambda: _RequestProtocol(server, replaces=self), conn,
-                ssl=self.listener.context, ssl_handshake_timeout=server.request_timeout)
+                ssl=self.listener.context,
+                ssl_handshake_timeout=max(until - loop.time(), 0.001))
         # conn.close() below closes the descriptor only if no transport took it: one that
         # did holds a reference (socket._io_refs) and detaches it as it closes itself
         except asyncio.CancelledError:
@@ -351,6 +362,37 @@ class _TlsHandshake:
             conn.close()
         finally:
             server.token_presented(self)
+
+    async def _first_byte(self) -> bytes:
+        """The connection's first byte once it comes (b'' at its end), left in the kernel
+        for the TLS transport."""
+        loop, fd = self.listener.loop, self.conn.fileno()
+        ready = loop.create_future()
+        loop.add_reader(fd, lambda: None if ready.done() else ready.set_result(None))
+        try:
+            await ready
+        finally:
+            loop.remove_reader(fd)
+        return self.conn.recv(1, socket.MSG_PEEK)
+
+
+# Go's HTTPS server answers a plain request alike: a client with the wrong scheme is told
+_PLAIN_HTTP_BODY = b"crishim: this stream server speaks TLS: use https\n"
+_PLAIN_HTTP_ANSWER = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                      b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
+                      % (len(_PLAIN_HTTP_BODY), _PLAIN_HTTP_BODY))
+
+
+def _answer_plain_http(conn: socket.socket) -> None:
+    """400 to a plain HTTP request on the TLS port, best effort and without waiting: what
+    of the request has come is read first (closing over unread bytes resets the
+    connection, which may discard the answer before the client reads it)."""
+    try:
+        conn.recv(EARLY_READ)
+        conn.send(_PLAIN_HTTP_ANSWER)
+        conn.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
 
 
 def _listen(host: str, port: int) -> list[socket.socket]:

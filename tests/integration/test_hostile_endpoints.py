@@ -187,3 +187,31 @@ def test_a_cri_message_larger_than_the_kubelet_takes_is_refused(crishim):
     with SpdyPortForwardClient(crishim.port_forward_url(SANDBOX)) as client:
         assert bytes(client.roundtrip(ECHO_PORT, b"ok").received) == b"ok"
     assert "Traceback" not in crishim.log()
+
+
+def test_plain_http_to_the_tls_port_is_told_to_use_https(podnet):
+    """A client with the wrong scheme (http:// to the TLS stream port) gets a 400 that says
+    so, as Go's HTTPS server answers, instead of a closed connection; a connection closed
+    before its handshake is dropped quietly; TLS clients are served alike."""
+    with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}",
+                        "--enable-tls-streaming") as proc:
+        url = proc.port_forward_url(SANDBOX)
+        u = urlsplit(url)
+        with socket.create_connection((u.hostname, u.port), timeout=10) as plain:
+            plain.sendall(f"POST {u.path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                          "Upgrade: SPDY/3.1\r\n"
+                          "X-Stream-Protocol-Version: portforward.k8s.io\r\n\r\n".encode())
+            answer = b""
+            while chunk := plain.recv(65536):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 Bad Request"), answer
+        assert body == b"crishim: this stream server speaks TLS: use https\n", answer
+        with socket.create_connection((u.hostname, u.port), timeout=10):
+            pass  # closed before any byte
+        assert asyncio.run(_tls_echo(proc.port_forward_url(SANDBOX), b"tls")) == b"tls"
+        time.sleep(0.2)
+        log = proc.log()
+    assert "plain HTTP on the TLS port" in log, log
+    assert "closed before its handshake" in log, log
+    assert "Traceback" not in log
