@@ -194,8 +194,8 @@ def measure(name: str, path, args, rows: list, half_close: bool = True,
     """half_close=False: the transport cannot half-close (WebSocket channels), so the sink
     can never answer an upload; upload is not measured (shown as n/a). pids: processes
     whose CPU use during the path's transfers is reported (where the time goes: the
-    pod-side server and this process, which runs the transfer client and, for kubectl, the
-    stand-in's splice relay threads, count too); serve_pid: the crishim serve whose
+    pod-side server, this process, which runs the transfer client, and for kubectl the
+    stand-in's relay process count too); serve_pid: the crishim serve whose
     CPU-seconds per GiB forwarded are reported per direction. baseline: the direct path,
     whose transfers and first bytes alternate with this path's (each ratio pairs a
     transfer with the direct one made just before it)."""
