@@ -175,6 +175,9 @@ class StreamServer:
             self._server.close()
         if self._tls is not None:
             self._tls.close()
+        # connections without a token could only be refused: told now (503, GOAWAY, or
+        # closed mid-handshake), not held through the live sessions' drain
+        self._refuse_unadmitted()
         for session in list(self.sessions):
             session.drain()
         loop = asyncio.get_running_loop()
@@ -183,12 +186,15 @@ class StreamServer:
             await asyncio.sleep(0.05)
         for session in list(self.sessions):
             session.close("server shutting down")
-        for evict in list(self._unadmitted.values()):
-            evict(Refused(503, "crishim is shutting down"))
-        self._unadmitted.clear()
+        self._refuse_unadmitted()
         for transport in list(self._transports):
             transport.abort()
         self.memory.close()
+
+    def _refuse_unadmitted(self) -> None:
+        for evict in list(self._unadmitted.values()):
+            evict(Refused(503, "crishim is shutting down"))
+        self._unadmitted.clear()
 
     async def close(self) -> None:
         await self.drain(0)

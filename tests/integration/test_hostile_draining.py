@@ -1,10 +1,13 @@
 """While a SIGTERM drain lasts, PortForward must not issue URLs that can no longer be
-redeemed: it answers UNAVAILABLE with the reason."""
+redeemed: it answers UNAVAILABLE with the reason; connections that have not presented a
+token are refused as the drain begins, not held through it."""
 
 from __future__ import annotations
 
 import signal
+import socket
 import time
+from urllib.parse import urlsplit
 
 import grpc
 import pytest
@@ -35,6 +38,38 @@ def test_port_forward_while_draining_is_unavailable(podnet):
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
         assert "shutting down" in e.value.details()
         # the live connection still works through the drain
+        live.send(b" pong")
+        assert client.wait(lambda: bytes(live.received) == b"ping pong")
+        client.close()
+        assert proc.proc.wait(30) == 0
+    assert "Traceback" not in proc.log()
+
+
+def test_connections_without_a_token_are_refused_as_the_drain_begins(podnet):
+    """A connection still sending its request head when SIGTERM comes can only be refused:
+    it gets its 503 at once, while a live session goes on through the drain (60 s here),
+    instead of waiting for the drain's end."""
+    proc = CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}", "--drain-timeout", "60s",
+                          "--stream-request-timeout", "60s")
+    with proc:
+        url = proc.port_forward_url(SANDBOX)
+        client = SpdyPortForwardClient(url)
+        live = client.forward(ECHO_PORT)
+        live.send(b"ping")
+        assert client.wait(lambda: bytes(live.received) == b"ping")
+        u = urlsplit(url)
+        slow = socket.create_connection((u.hostname, u.port), timeout=10)
+        slow.sendall(b"POST /portforward/")  # a head that is not finished
+        time.sleep(0.2)
+        proc.proc.send_signal(signal.SIGTERM)
+        assert client.wait(lambda: client.goaway, 10)  # the drain has begun
+        answer = b""
+        while chunk := slow.recv(4096):
+            answer += chunk
+        slow.close()
+        assert answer.startswith(b"HTTP/1.1 503"), answer
+        assert b"shutting down" in answer, answer
+        # the live session is still being drained, not closed
         live.send(b" pong")
         assert client.wait(lambda: bytes(live.received) == b"ping pong")
         client.close()
