@@ -267,7 +267,8 @@ SETTINGS: dict[str, Setting] = {
                              "WebSocket channel session what it holds beyond 1 MiB (one that "
                              "would pass it is closed 1013); as much again, a pool of its own, "
                              "towards clients: each session's output may hold 4 x buffer_size "
-                             "and a pod read while it lasts, 64 KiB once it is spent", "int"),
+                             "and a pod read while it lasts, 64 KiB once it is spent (granted "
+                             "later, oldest first, as sessions holding it end)", "int"),
     "read_turn": Setting("CPU one session's input may take before other sessions get "
                          "theirs (e.g. 5ms): past it the session waits one turn of the "
                          "event loop, and its reads shrink until one fits", "duration"),

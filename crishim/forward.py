@@ -8,6 +8,7 @@ import asyncio
 import logging
 import socket
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from crishim.budget import FloodLimits
@@ -84,6 +85,8 @@ class ForwardContext:
         self.windows_granted = 0
         self.bytes_held = 0
         self.output_granted = 0  # what sessions' output towards clients may hold
+        # sessions admitted while that was spent, oldest first: key -> (bytes, granted)
+        self._output_waiting: dict[object, tuple[int, Callable[[], None]]] = {}
 
     def take_window(self) -> int:
         """Bytes towards pods a new session may hold: session_buffer_size while the
@@ -117,8 +120,26 @@ class ForwardContext:
         self.output_granted += n
         return True
 
+    def wait_for_output(self, key: object, n: int, granted: Callable[[], None]) -> None:
+        """take_output(n) failed: granted() once n is returned to the pool, in the order
+        sessions came (a session admitted during a burst kept the 64 KiB mark for its
+        whole life, hours of slow downloads after the burst had gone)."""
+        self._output_waiting[key] = (n, granted)
+
+    def forget_output_wait(self, key: object) -> None:
+        self._output_waiting.pop(key, None)
+
     def return_output(self, n: int) -> None:
         self.output_granted -= n
+        waiting = self._output_waiting
+        while waiting:
+            key = next(iter(waiting))
+            need, granted = waiting[key]
+            if self.output_granted + need > self.flood.buffer_budget:
+                return
+            del waiting[key]
+            self.output_granted += need
+            granted()
 
     @property
     def out_of_descriptors(self) -> bool:

@@ -213,14 +213,24 @@ class ServerSession(SessionBase, ABC):
             return
         charge = full + READ_SIZE
         if self.ctx.take_output(charge):
-            self._output_granted = charge
+            self._granted(charge, full)
+        else:  # granted as sessions before it end
+            self.ctx.wait_for_output(self, charge, lambda: self._granted(charge, full, True))
+
+    def _granted(self, charge: int, full: int, waited: bool = False) -> None:
+        if waited:
+            log.debug("%s sandbox=%s: output allowance granted after waiting for the buffer "
+                      "budget", self.transport_name, self.sandbox_id)
+        self._output_granted = charge
+        if self.transport is not None:
             self.limit_output(self.transport, full)
-            self.output_sized = False  # the charge covers a whole pod read past the mark
+        self.output_sized = False  # the charge covers a whole pod read past the mark
 
     def end(self, close_transport: bool) -> None:
         """Leave the server's registry; forwarded connections still open (a WebSocket's
         grace after the client's close) keep the timers until they finish."""
         self._closed = True
+        self.ctx.forget_output_wait(self)
         if self._output_granted:
             self.ctx.return_output(self._output_granted)
             self._output_granted = 0

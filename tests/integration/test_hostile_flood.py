@@ -33,7 +33,7 @@ from crishim.protocols.spdy import GoAwayReceived, SpdyConfig, SpdyConnection
 from tests.support import SANDBOX, status_mib
 from tests.support.crishim_proc import CrishimProcess
 from tests.support.h2_pf_client import H2Client
-from tests.support.podnet import ECHO_PORT
+from tests.support.podnet import ECHO_PORT, SOURCE_PORT, source_bytes
 from tests.support.spdy_pf_client import SpdyPortForwardClient
 
 STALLED_PORT = 9010  # accepts and never reads
@@ -643,4 +643,33 @@ def test_clients_that_never_read_hold_output_from_the_buffer_budget(podnet):
         log = proc.log()
     print(f"30 sessions not reading: RSS peak +{peak - before:.1f} MiB")
     assert peak - before < 30, peak - before
+    assert "Traceback" not in log
+
+
+def test_a_session_admitted_while_the_output_budget_is_spent_gets_it_as_it_frees(podnet):
+    """--buffer-budget 2 MiB is one session's output allowance (4 x buffer_size and a pod
+    read). A second session admitted meanwhile works within 64 KiB; when the first ends it
+    is granted the allowance (it kept 64 KiB for its whole life) and goes on."""
+    with _serve(podnet, "--buffer-budget", str(2 << 20)) as proc:
+        first = SpdyPortForwardClient(proc.port_forward_url(SANDBOX))
+        second = SpdyPortForwardClient(proc.port_forward_url(SANDBOX))
+        try:
+            assert first.roundtrip(ECHO_PORT, b"one").received == b"one"
+            fwd = second.roundtrip(SOURCE_PORT, b"%d\n" % (4 << 20))
+            assert bytes(fwd.received) == source_bytes(4 << 20)
+            time.sleep(0.2)
+            assert "granted after waiting" not in proc.log()
+            first.close()
+            deadline = time.monotonic() + 10
+            while "granted after waiting" not in proc.log() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert "output allowance granted after waiting for the buffer budget" \
+                in proc.log()
+            fwd = second.roundtrip(SOURCE_PORT, b"%d\n" % (8 << 20))
+            assert bytes(fwd.received) == source_bytes(8 << 20)
+        finally:
+            first.close()
+            second.close()
+        log = proc.log()
+    assert log.count("granted after waiting") == 1
     assert "Traceback" not in log

@@ -154,3 +154,25 @@ def test_redact_text_cuts_a_token_quoted_in_a_parsers_message():
     shown = redact_text(message)
     assert TOKEN[:5] not in shown
     assert shown == ("illegal request line: bytearray(b'GET /portforward/AbCd… HTTP/1.1 x')")
+
+
+def test_sessions_that_waited_for_the_output_budget_get_it_in_turn():
+    """A session admitted while the output budget is spent waits (64 KiB meanwhile) and is
+    granted, oldest first, as soon as what others return covers it; one that ends while
+    waiting is forgotten and takes nothing."""
+    from crishim.budget import FloodLimits
+
+    ctx = ForwardContext(NamedNetnsRuntime(Config(sandboxes={})),
+                         flood=FloodLimits(buffer_budget=100))
+    granted: list[str] = []
+    assert ctx.take_output(60) and ctx.take_output(40)
+    assert not ctx.take_output(30)
+    for name, need in (("a", 30), ("gone", 10), ("b", 50), ("c", 10)):
+        ctx.wait_for_output(name, need, lambda name=name: granted.append(name))
+    ctx.forget_output_wait("gone")  # ended while waiting
+    ctx.return_output(40)  # 60 taken: a (30) fits, b (50) does not; c waits behind b
+    assert granted == ["a"] and ctx.output_granted == 90
+    ctx.return_output(60)  # 30 taken: b and c
+    assert granted == ["a", "b", "c"] and ctx.output_granted == 90
+    ctx.return_output(90)
+    assert ctx.output_granted == 0 and granted == ["a", "b", "c"]
