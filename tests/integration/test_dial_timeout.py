@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
-import time
 import urllib.request
 
 import pytest
 
+from tests.integration.test_hostile_endpoints import _wait_for
 from tests.integration.test_operations import _free_port, _metric
 from tests.support.crishim_proc import CrishimProcess
 from tests.support.helper_proc import HelperProcess, UnprivilegedCrishim
@@ -45,22 +45,13 @@ def _dialling(podnet) -> list[str]:
     return [line for line in out.splitlines() if line.strip()]
 
 
-def _until(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
-
-
 def _dropped_dial_ends_only_its_connection(proc, podnet) -> SpdyPortForwardClient:
     with SpdyPortForwardClient(proc.port_forward_url("sb")) as client:
         live = client.forward(ECHO_PORT)
         live.send(b"before")
         assert client.wait(lambda: bytes(live.received) == b"before")
         fwd = client.forward(DROP_PORT)
-        assert _until(lambda: bool(_dialling(podnet)), 5), "the dial never started"
+        assert _wait_for(lambda: bool(_dialling(podnet)), 5), "the dial never started"
         # the kernel retries a dropped SYN for ~2 min: ended here by the 0.5 s timeout
         assert client.wait(fwd.finished, timeout=15), "the dial was not given up"
         assert fwd.reset_status is not None  # the data stream reset, as a refused port's
@@ -70,7 +61,7 @@ def _dropped_dial_ends_only_its_connection(proc, podnet) -> SpdyPortForwardClien
         assert client.wait(lambda: bytes(live.received) == b"beforeafter")
         assert client.roundtrip(ECHO_PORT, b"new one").received == b"new one"
         # the cancelled dial closed its socket: nothing keeps sending SYNs for it
-        assert _until(lambda: not _dialling(podnet), 5), _dialling(podnet)
+        assert _wait_for(lambda: not _dialling(podnet), 5), _dialling(podnet)
         live.close_write()
         assert client.wait(live.finished)
     return client
@@ -100,6 +91,6 @@ def test_the_helper_drops_its_dial_when_the_shim_gives_up(dropping):
                                     "--sandboxes", f"sb={dropping.path}",
                                     "--dial-timeout", "500ms") as shim:
             _dropped_dial_ends_only_its_connection(shim, dropping)
-            assert _until(lambda: "dial dropped" in helper.log(), 5), helper.log()
+            assert _wait_for(lambda: "dial dropped" in helper.log(), 5), helper.log()
             shim_log = shim.log()
     assert f"connect to port {DROP_PORT}: no answer after 0.5 s" in shim_log, shim_log

@@ -113,10 +113,11 @@ def concurrent_echoes(port: int, count: int, size: int = 4096) -> list[bool]:
     return results
 
 
-def reset_by_pod(port: int) -> bytes:
-    """The pod resets the connection after the first bytes: we see EOF or a reset."""
+def reset_by_pod(port: int, first: bytes = b"hello") -> bytes:
+    """Send first, read to the end: what came back, b'' when the connection was ended
+    without an answer (EOF or a reset: the pod reset it, or nothing listens there)."""
     with connect(port, timeout=20) as s:
-        s.sendall(b"hello")
+        s.sendall(first)
         try:
             return recv_all(s)
         except ConnectionResetError:
