@@ -31,7 +31,10 @@ Replies, helper -> shim:
               "internal" (all DialFailed).
 
 A helper that exits costs only the requests in flight (and, in socat mode, the relayed
-connections): the shim opens a new unix connection for every dial.
+connections): the shim opens a new unix connection for every dial. The shim sends
+nothing after its request until the reply: in fd mode a connection that turns readable
+meanwhile (the shim closed or half-closed it: its dial_timeout passed, or its client went
+away) has its dial dropped, with no reply.
 """
 
 from __future__ import annotations
