@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Coroutine, Sequence
+from typing import TypeVar
 
 from crishim.helper.protocol import (
     HOST,
@@ -34,6 +35,8 @@ from crishim.runtime import DialFailed, SandboxGone
 from crishim.sysutil import SocketInUse, prepare_socket_path, remove_socket_file, stop_on_signals
 
 log = logging.getLogger("crishim.helper")
+
+T = TypeVar("T")
 
 REQUEST_TIMEOUT = 10.0  # a client that sends no complete request within this is dropped
 SOCAT_LINGER = 4 * 3600  # socat -t: after one direction's EOF, wait this long for the other
@@ -222,17 +225,31 @@ class HelperAgent:
                 os.close(fd)
         socat = Socat(proc, in_w, out_r, err_r)
         errors: list[str] = []
-        while True:
-            line = await socat.stderr_line()
-            if not line:
-                await socat.close()
-                return None, " ".join(errors) or f"socat exited {proc.returncode}"
-            text = line.decode(errors="replace").strip()
-            if "starting data transfer loop" in text:
-                socat.discard_stderr()
-                return socat, ""
-            if " E " in text or "nsenter:" in text:  # "E connect(..): Connection refused"
-                errors.append(text.rsplit(": ", 1)[-1])
+        try:
+            while True:
+                line = await socat.stderr_line()
+                if not line:
+                    await socat.close()
+                    return None, " ".join(errors) or f"socat exited {proc.returncode}"
+                text = line.decode(errors="replace").strip()
+                if "starting data transfer loop" in text:
+                    socat.discard_stderr()
+                    return socat, ""
+                if " E " in text or "nsenter:" in text:  # "E connect(..): Connection refused"
+                    errors.append(text.rsplit(": ", 1)[-1])
+        except asyncio.CancelledError:  # the shim hung up, or the helper stops: no socat left
+            await socat.close()
+            raise
+
+    async def _socat_to(self, ns_fd: int, port: int) -> tuple[Socat | None, list[str]]:
+        """socat connected to port on 127.0.0.1, else ::1; or (None, why not each)."""
+        reasons: list[str] = []
+        for address_type, host in (("TCP4", "127.0.0.1"), ("TCP6", "[::1]")):
+            socat, error = await self._start_socat(ns_fd, f"{address_type}:{host}:{port}")
+            if socat is not None:
+                return socat, reasons
+            reasons.append(f"{host}: {error}")
+        return None, reasons
 
     async def _dial_socat(self, conn: socket.socket, netns: str, port: int) -> None:
         try:
@@ -240,17 +257,15 @@ class HelperAgent:
         except SandboxGone as e:
             await self._reply(conn, Reply(False, error="gone", message=str(e)))
             return
-        reasons = []
-        socat = None
         try:
-            for address_type, host in (("TCP4", "127.0.0.1"), ("TCP6", "[::1]")):
-                socat, error = await self._start_socat(ns_fd, f"{address_type}:{host}:{port}")
-                if socat is not None:
-                    break
-                reasons.append(f"{host}: {error}")
+            found = await _unless_hung_up(conn, self._socat_to(ns_fd, port))
         finally:
             if ns_fd >= 0:
                 os.close(ns_fd)
+        if found is None:
+            log.debug("shim hung up while port %d in %s was dialled: dial dropped", port, netns)
+            return
+        socat, reasons = found
         if socat is None:
             await self._reply(conn, Reply(False, error="refused",
                                           message=f"connect to port {port}: " + "; ".join(reasons)))
@@ -262,12 +277,12 @@ class HelperAgent:
             await socat.close()
 
 
-async def _unless_hung_up(conn: socket.socket,
-                          dial: Coroutine[None, None, socket.socket]) -> socket.socket | None:
-    """dial's socket, or None (dial cancelled, its socket closed) once the shim closes
-    conn first: it sends nothing after its request, so conn turns readable only as it
-    hangs up (its dial_timeout passed, or its client went away). A port whose SYNs are
-    dropped held a request slot and a socket here for the kernel's ~2 min of retries."""
+async def _unless_hung_up(conn: socket.socket, dial: Coroutine[None, None, T]) -> T | None:
+    """dial's result, or None (dial cancelled: it closed what it had opened, socket or
+    socat) once the shim closes conn first: it sends nothing after its request, so conn
+    turns readable only as it hangs up (its dial_timeout passed, or its client went away).
+    A port whose SYNs are dropped held a request slot and a socket (and in socat mode a
+    socat process) here for the kernel's ~2 min of retries."""
     loop = asyncio.get_running_loop()
     task = loop.create_task(dial)
     fd = conn.fileno()

@@ -32,9 +32,9 @@ Replies, helper -> shim:
 
 A helper that exits costs only the requests in flight (and, in socat mode, the relayed
 connections): the shim opens a new unix connection for every dial. The shim sends
-nothing after its request until the reply: in fd mode a connection that turns readable
-meanwhile (the shim closed or half-closed it: its dial_timeout passed, or its client went
-away) has its dial dropped, with no reply.
+nothing after its request until the reply: a connection that turns readable meanwhile
+(the shim closed or half-closed it: its dial_timeout passed, or its client went away) has
+its dial dropped (in socat mode, socat killed), with no reply.
 """
 
 from __future__ import annotations

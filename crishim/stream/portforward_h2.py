@@ -239,6 +239,11 @@ class H2PortForwardSession(ServerSession):
     def admitted(self) -> bool:
         return self.path is not None
 
+    @property
+    def admitting(self) -> bool:
+        """The first stream's admission is under way (its token may be redeemed)."""
+        return self._admitting is not None
+
     # --- start -------------------------------------------------------------------------
     def start(self) -> None:
         if self._upgraded:

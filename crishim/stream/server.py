@@ -261,9 +261,17 @@ class StreamServer:
             session.on_closed = self.add_session(session)
             session.grant_output(4 * self.ctx.buffer_size)
 
+        def drop(refused: Refused) -> None:
+            if self.draining and session.admitting:
+                # past admission's draining check, its token redeemed while its sandbox is
+                # resolved: it becomes a session and is drained as one (an HTTP/1.1 request
+                # in that state has left the connections without a token already)
+                return
+            session.close(refused.reason)
+
         session.on_closed = left
         session.on_admitted = admitted
-        self.await_token(session, lambda refused: session.close(refused.reason))
+        self.await_token(session, drop)
         self.adopt(transport, session, SessionProtocol(session, transport), data,
                    register=False)
 

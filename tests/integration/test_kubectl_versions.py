@@ -30,7 +30,8 @@ def _minor(path: str) -> int:
     return int(found.group(1))
 
 
-KUBECTLS = sorted(glob.glob(f"{SDK}/kubectl.1.*")) + ["/usr/bin/kubectl"]
+KUBECTLS = sorted(glob.glob(f"{SDK}/kubectl.1.*")) + [
+    p for p in ("/usr/bin/kubectl",) if os.path.exists(p)]
 # (path, the gate's value or None for kubectl's default, the transport the server sees)
 CASES = []
 for _path in KUBECTLS:
@@ -77,3 +78,39 @@ def test_kubectl_version_forwards(standin, path: str, gate: str | None, transpor
         upgrades = [u.transport for u in standin.upgrades[seen:]]
     # the transport the session settled on: the last upgrade (1.31+ tries WebSocket first)
     assert upgrades and upgrades[-1] == transport, upgrades
+
+
+def _sockets(pid: int) -> int:
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except OSError:
+            pass
+    return count
+
+
+def test_the_stand_ins_relay_process(crishim):
+    """relay_process=True (the benchmarks' stand-in): the upgraded connection is relayed by
+    a process of its own, which holds both of its sockets while the session lives, lets
+    them go when kubectl ends, and exits 0 when the stand-in stops."""
+    api = KubeStandIn({"web": SANDBOX}, lambda sid, ports: crishim.port_forward_url(sid, ports),
+                      relay_process=True).start()
+    try:
+        relay = api.relay_pid
+        assert relay is not None
+        idle = _sockets(relay)  # its control socket
+        kubectl = f"{SDK}/kubectl.1.27"
+        with run_kubectl_port_forward(kubectl, api.server_url, "web",
+                                      [f"0:{ECHO_PORT}"]) as kc:
+            payload = os.urandom(4 * peers.MiB)
+            assert peers.echo_half_close(kc.local_ports[ECHO_PORT], payload) == payload
+            assert _sockets(relay) == idle + 2  # kubectl's side and crishim's
+        deadline = time.monotonic() + 10
+        while _sockets(relay) > idle and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _sockets(relay) == idle
+        proc = api._relay_proc
+    finally:
+        api.stop()
+    assert proc is not None and proc.returncode == 0

@@ -854,18 +854,6 @@ class KubeStandIn:
     def stop(self) -> None:
         if self._thread is None or self._loop is None:
             return
-        for relay in self._relays:
-            relay.shutdown()
-        if self._relay_control is not None:
-            self._relay_control.close()  # the relay process shuts its relays down and ends
-            self._relay_control = None
-        if self._relay_proc is not None:
-            try:
-                self._relay_proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._relay_proc.kill()
-                self._relay_proc.wait()
-            self._relay_proc = None
         try:
             asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=10)
         finally:
@@ -874,6 +862,19 @@ class KubeStandIn:
             self._loop.close()
             self._thread = None
             self._server = None
+            # the loop, which starts relays, has stopped: every relay is known now
+            for relay in self._relays:
+                relay.shutdown()
+            if self._relay_control is not None:
+                self._relay_control.close()  # the relay process shuts its relays down, ends
+                self._relay_control = None
+            if self._relay_proc is not None:
+                try:
+                    self._relay_proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self._relay_proc.kill()
+                    self._relay_proc.wait()
+                self._relay_proc = None
             if self._tls_dir is not None:
                 shutil.rmtree(self._tls_dir, ignore_errors=True)
 
