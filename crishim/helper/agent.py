@@ -279,14 +279,27 @@ class HelperAgent:
 
 async def _unless_hung_up(conn: socket.socket, dial: Coroutine[None, None, T]) -> T | None:
     """dial's result, or None (dial cancelled: it closed what it had opened, socket or
-    socat) once the shim closes conn first: it sends nothing after its request, so conn
-    turns readable only as it hangs up (its dial_timeout passed, or its client went away).
-    A port whose SYNs are dropped held a request slot and a socket (and in socat mode a
-    socat process) here for the kernel's ~2 min of retries."""
+    socat) once the shim hangs up first (closes or half-closes conn: its dial_timeout
+    passed, or its client went away). A port whose SYNs are dropped held a request slot
+    and a socket (and in socat mode a socat process) here for the kernel's ~2 min of
+    retries. Bytes the shim sends ahead (socat mode's traffic) are left where they are:
+    not a hang-up, and no longer watched for one."""
     loop = asyncio.get_running_loop()
     task = loop.create_task(dial)
     fd = conn.fileno()
-    loop.add_reader(fd, lambda: task.cancel() if not task.done() else None)
+
+    def readable() -> None:
+        try:
+            hung_up = conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return
+        except OSError:  # reset
+            hung_up = True
+        loop.remove_reader(fd)
+        if hung_up and not task.done():
+            task.cancel()
+
+    loop.add_reader(fd, readable)
     try:
         return await task
     except asyncio.CancelledError:

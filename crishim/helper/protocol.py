@@ -31,10 +31,10 @@ Replies, helper -> shim:
               "internal" (all DialFailed).
 
 A helper that exits costs only the requests in flight (and, in socat mode, the relayed
-connections): the shim opens a new unix connection for every dial. The shim sends
-nothing after its request until the reply: a connection that turns readable meanwhile
-(the shim closed or half-closed it: its dial_timeout passed, or its client went away) has
-its dial dropped (in socat mode, socat killed), with no reply.
+connections): the shim opens a new unix connection for every dial. A connection the
+shim closes or half-closes before the reply (its dial_timeout passed, or its client went
+away) has its dial dropped (in socat mode, socat killed), with no reply; bytes sent after
+the request line (socat mode's traffic, sent ahead) are kept for the relay.
 """
 
 from __future__ import annotations

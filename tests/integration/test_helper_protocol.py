@@ -148,6 +148,7 @@ def test_socat_mode_refuses_a_fifo_and_enters_the_netns_it_checked(podnet, tmp_p
                 conn.settimeout(10)
                 conn.connect(proc.socket)
                 conn.sendall(encode_request("dial", podnet.path, HTTP_PORT, "socat"))
+                time.sleep(0.002)  # the traffic sent ahead comes while socat is starting
                 conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
                 data = b""
                 while not data.endswith(HTTP_BODY):
@@ -286,7 +287,9 @@ def test_a_bad_helper_reply_fails_that_dial_and_leaks_no_descriptor(tmp_path, po
             with pytest.raises(DialFailed) as e:
                 asyncio.run(dial())
             assert words in str(e.value) and str(e.value).startswith(f"helper at {path}")
-        assert len(os.listdir("/proc/self/fd")) == before
+        # no more than before: a socket an earlier test left to this process's pod servers
+        # may close meanwhile (socat lingers); a leak would be one or more per dial
+        assert len(os.listdir("/proc/self/fd")) <= before
         assert str(first.value) == str(e.value)
     finally:
         fake.close()
