@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from tests.integration.test_hostile_endpoints import _sockets
 from tests.support import SANDBOX, peers
 from tests.support.podnet import CLOSED_PORT, ECHO_PORT, HTTP_BODY, HTTP_PORT
 from tests.support.standin import KubeStandIn, run_kubectl_port_forward
@@ -78,16 +79,6 @@ def test_kubectl_version_forwards(standin, path: str, gate: str | None, transpor
         upgrades = [u.transport for u in standin.upgrades[seen:]]
     # the transport the session settled on: the last upgrade (1.31+ tries WebSocket first)
     assert upgrades and upgrades[-1] == transport, upgrades
-
-
-def _sockets(pid: int) -> int:
-    count = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
-        except OSError:
-            pass
-    return count
 
 
 def test_the_stand_ins_relay_process(crishim):
