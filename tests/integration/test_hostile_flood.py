@@ -649,7 +649,7 @@ def test_clients_that_never_read_hold_output_from_the_buffer_budget(podnet):
 def test_a_session_admitted_while_the_output_budget_is_spent_gets_it_as_it_frees(podnet):
     """--buffer-budget 2 MiB is one session's output allowance (4 x buffer_size and a pod
     read). A second session admitted meanwhile works within 64 KiB; when the first ends it
-    is granted the allowance (it kept 64 KiB for its whole life) and goes on."""
+    is granted the allowance (before, it kept 64 KiB for its whole life) and goes on."""
     with _serve(podnet, "--buffer-budget", str(2 << 20)) as proc:
         first = SpdyPortForwardClient(proc.port_forward_url(SANDBOX))
         second = SpdyPortForwardClient(proc.port_forward_url(SANDBOX))
