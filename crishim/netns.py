@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pyroute2 import netns as pyroute2_netns
 
 from crishim.runtime import DialFailed, Sandbox, SandboxGone
-from crishim.sysutil import LISTEN_BACKLOG
+from crishim.sysutil import LISTEN_BACKLOG, wait_io
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -136,8 +136,7 @@ def socket_in_netns(netns_fd: int, family: int, kind: int = socket.SOCK_STREAM) 
 _LOCALHOST = ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1"))
 
 
-async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                   addr: tuple[str, int]) -> None:
+async def _connect(sock: socket.socket, addr: tuple[str, int]) -> None:
     """Non-blocking connect that does not wait a loop iteration when the kernel finished
     the handshake inside connect() (always so on loopback): first-byte latency matters."""
     err = sock.connect_ex(addr)
@@ -145,18 +144,7 @@ async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket,
         poller = select.poll()  # not select(): fds past 1023 are routine here
         poller.register(sock, select.POLLOUT)
         if not poller.poll(0):
-            fd = sock.fileno()
-            ready: asyncio.Future[None] = loop.create_future()
-
-            def writable() -> None:
-                if not ready.done():
-                    ready.set_result(None)
-
-            loop.add_writer(fd, writable)
-            try:
-                await ready
-            finally:
-                loop.remove_writer(fd)
+            await wait_io(sock, writable=True)
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
         raise OSError(err, os.strerror(err))
@@ -184,7 +172,6 @@ async def dial_localhost(netns_path: str | None, port: int, pod_ip: str = "") ->
 
 async def dial_localhost_in(ns_fd: int, port: int, pod_ip: str = "") -> socket.socket:
     """dial_localhost in the netns behind ns_fd (-1: the host's), which stays open."""
-    loop = asyncio.get_running_loop()
     targets = list(_LOCALHOST)
     if pod_ip:
         targets.append((socket.AF_INET6 if ":" in pod_ip else socket.AF_INET, pod_ip))
@@ -196,7 +183,7 @@ async def dial_localhost_in(ns_fd: int, port: int, pod_ip: str = "") -> socket.s
             reasons.append(f"{host}: {e.strerror}")
             continue
         try:
-            await _connect(loop, sock, (host, port))
+            await _connect(sock, (host, port))
         except OSError as e:
             sock.close()
             # asyncio words it "Connect call failed (addr)": name the errno instead

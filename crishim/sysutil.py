@@ -21,6 +21,29 @@ log = logging.getLogger("crishim")
 LISTEN_BACKLOG = 4096
 
 
+async def wait_io(sock: socket.socket | int, writable: bool = False) -> None:
+    """Until sock (or an fd) is readable (or writable) on the running loop."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    fd = sock if isinstance(sock, int) else sock.fileno()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    if writable:
+        loop.add_writer(fd, ready)
+    else:
+        loop.add_reader(fd, ready)
+    try:
+        await fut
+    finally:
+        if writable:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
 def read_now(transport: asyncio.BaseTransport, limit: int) -> bytes:
     """What the peer of a just-accepted plain TCP connection sent before it was accepted,
     read at once from the socket rather than on the loop's next turn (b"" if nothing

@@ -28,11 +28,16 @@ from crishim.helper.protocol import (
     decode_request,
     read_line,
     send_line,
-    wait_io,
 )
 from crishim.netns import dial_localhost_in, is_netns, open_netns
 from crishim.runtime import DialFailed, SandboxGone
-from crishim.sysutil import SocketInUse, prepare_socket_path, remove_socket_file, stop_on_signals
+from crishim.sysutil import (
+    SocketInUse,
+    prepare_socket_path,
+    remove_socket_file,
+    stop_on_signals,
+    wait_io,
+)
 
 log = logging.getLogger("crishim.helper")
 

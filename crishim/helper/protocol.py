@@ -39,13 +39,14 @@ the request line (socat mode's traffic, sent ahead) are kept for the relay.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from crishim.sysutil import wait_io
 
 PROTOCOL_VERSION = 1
 MAX_LINE = 4096
@@ -124,29 +125,6 @@ def decode_request(line: bytes) -> dict[str, Any]:
         if not isinstance(body.get("pod_ip", ""), str):
             raise ProtocolError("pod_ip must be a string")
     return body
-
-
-async def wait_io(sock: socket.socket | int, writable: bool = False) -> None:
-    """Until sock (or an fd) is readable (or writable) on the running loop."""
-    loop = asyncio.get_running_loop()
-    fut = loop.create_future()
-    fd = sock if isinstance(sock, int) else sock.fileno()
-
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    if writable:
-        loop.add_writer(fd, ready)
-    else:
-        loop.add_reader(fd, ready)
-    try:
-        await fut
-    finally:
-        if writable:
-            loop.remove_writer(fd)
-        else:
-            loop.remove_reader(fd)
 
 
 async def read_line(sock: socket.socket, max_fds: int = 0) -> tuple[bytes, list[int]]:

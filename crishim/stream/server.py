@@ -34,7 +34,7 @@ from crishim.stream.session import (
     Upgrade,
     close_client,
 )
-from crishim.sysutil import read_now
+from crishim.sysutil import read_now, wait_io
 from crishim.tokens import TokenStore
 
 log = logging.getLogger("crishim.stream")
@@ -380,13 +380,7 @@ class _TlsHandshake:
     async def _first_byte(self) -> bytes:
         """The connection's first byte once it comes (b'' at its end), left in the kernel
         for the TLS transport."""
-        loop, fd = self.listener.loop, self.conn.fileno()
-        ready = loop.create_future()
-        loop.add_reader(fd, lambda: None if ready.done() else ready.set_result(None))
-        try:
-            await ready
-        finally:
-            loop.remove_reader(fd)
+        await wait_io(self.conn)
         return self.conn.recv(1, socket.MSG_PEEK)
 
 
