@@ -223,19 +223,13 @@ class SpdyPortForwardSession(ServerSession):
         return True
 
     def _on_stream_opened(self, ev: spdy.StreamOpened) -> bool:
-        if ev.unidirectional:  # a stream crishim could not answer on carries nothing here
-            self.protocol_error("spdy sandbox=%s: refusing stream %d: it is unidirectional",
-                                self.sandbox.id, ev.stream_id, logger=log)
-            self.codec.reset_stream(ev.stream_id, spdy.PROTOCOL_ERROR)
-            return self.charge_control("a refused stream")
-        request_id = ev.headers.get(HEADER_REQUEST_ID, "")
-        if len(request_id) > MAX_REQUEST_ID:
-            self.protocol_error("spdy sandbox=%s: refusing stream %d: a requestid of %d "
-                                "characters (at most %d)", self.sandbox.id, ev.stream_id,
-                                len(request_id), MAX_REQUEST_ID, logger=log)
-            self.codec.reset_stream(ev.stream_id, spdy.PROTOCOL_ERROR)
-            return self.charge_control("a refused stream")
         try:
+            if ev.unidirectional:  # a stream crishim could not answer on carries nothing
+                raise Refused(400, "it is unidirectional")
+            request_id = ev.headers.get(HEADER_REQUEST_ID, "")
+            if len(request_id) > MAX_REQUEST_ID:
+                raise Refused(400, f"a requestid of {len(request_id)} characters (at most "
+                                   f"{MAX_REQUEST_ID})")
             pair = self._pairs.add(ev.stream_id, ev.headers, version=self.stream_version)
         except Refused as e:
             self.protocol_error("spdy sandbox=%s: refusing stream %d: %s", self.sandbox.id,
