@@ -35,6 +35,7 @@ from crishim.client.transports import (
     SessionError,
     UpgradeRefused,
     open_session,
+    without_userinfo,
 )
 from crishim.protocols.constants import PORTFORWARD_CRISHIM_V1
 from crishim.protocols.datagram import DatagramDecoder, encode_datagram
@@ -183,7 +184,8 @@ class Checker:
         url = await self.url()
         m = URL_RE.match(url)
         if not m:
-            return "fail", f"not an absolute http(s)://HOST:PORT/portforward/TOKEN URL: {url}"
+            return "fail", ("not an absolute http(s)://HOST:PORT/portforward/TOKEN URL: "
+                            + without_userinfo(url))
         token = m.group(3)
         bits = len(token) * 6 if re.fullmatch(r"[A-Za-z0-9_-]+", token) else len(token) * 4
         result = "pass" if len(token) >= 8 else "warn"

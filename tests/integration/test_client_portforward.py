@@ -517,7 +517,10 @@ class UrlRuntime:
     ("http://[zz/x", r"Invalid IPv6 URL"),
     ("http://127.0.0.1:1\r\nX: y/x", r"Port could not be cast"),
     ("http://" + "a" * 300 + "/x", r"bad host name: .*label too long"),
-], ids=["port-over-65535", "unclosed-ipv6", "crlf-in-port", "300-char-label"])
+    ("http://user:secret@127.0.0.1:99999/x", r"Port out of range"),
+    ("http://user:secret@127.0.0.1:1/x?a@b", r"it carries user information"),
+], ids=["port-over-65535", "unclosed-ipv6", "crlf-in-port", "300-char-label",
+        "credentials-and-bad-port", "credentials"])
 def test_a_malformed_stream_url_from_the_runtime_is_one_line_and_nonzero(tmp_path, url,
                                                                           pattern):
     """What urlsplit and the resolver raise for the runtime's URL (ValueError, UnicodeError)
@@ -530,6 +533,7 @@ def test_a_malformed_stream_url_from_the_runtime_is_one_line_and_nonzero(tmp_pat
     assert r.returncode == 1
     assert_one_error_line(r, r"^error: cannot use stream URL '.+: " + pattern)
     assert len(r.stderr) < 300, r.stderr
+    assert "secret" not in r.stderr  # a URL's credentials are never shown
 
 
 def test_websocket_connections_use_a_session_opened_after_the_last_opened(crishim):

@@ -8,7 +8,12 @@ import pytest
 
 from crishim.cli import build_parser
 from crishim.client.cluster import CLUSTER_TRANSPORTS
-from crishim.client.transports import TRANSPORTS, open_session, transport_named
+from crishim.client.transports import (
+    TRANSPORTS,
+    open_session,
+    transport_named,
+    without_userinfo,
+)
 
 
 def _cli_transport_choices() -> dict[str, list[str]]:
@@ -105,3 +110,15 @@ def test_an_upgrade_given_up_leaves_no_unretrieved_error(transport):
     asyncio.run(main())
     assert not [c for c in unreported if "never retrieved" in c.get("message", "")], \
         unreported
+
+
+@pytest.mark.parametrize("url,shown", [
+    ("http://u:pw@h:1/portforward/t", "http://***@h:1/portforward/t"),
+    ("https://u@[::1]:443/x?q=a@b#f@g", "https://***@[::1]:443/x?q=a@b#f@g"),
+    ("http://a@b@h/x", "http://***@h/x"),  # the last @ before the path ends the userinfo
+    ("http://h:1/x@y", "http://h:1/x@y"),  # an @ in the path is not userinfo
+    ("http://h?x=@", "http://h?x=@"),
+    ("not a url @ all", "not a url @ all"),
+])
+def test_without_userinfo_hides_credentials_and_nothing_else(url, shown):
+    assert without_userinfo(url) == shown

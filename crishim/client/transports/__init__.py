@@ -54,12 +54,27 @@ __all__ = [
     "OPEN_AHEAD_AFTER_REPLY",
     "TRANSPORTS", "ClientSession", "ForwardError", "ForwardStream", "SessionClosed",
     "SessionError", "Transport", "UdpNotSupported", "UpgradeRefused", "open_session",
+    "without_userinfo",
     "ssl_context_for",
     "transport_named",
 ]
 
 # Upgrades the connected `UpgradeProtocol` to a session: (conn, target, ports, timeout).
 Opener = Callable[[UpgradeProtocol, Target, list[int], float], Awaitable[ClientSession]]
+
+
+def without_userinfo(url: str) -> str:
+    """The URL with any USER[:PASSWORD]@ before its host replaced by ***@, for messages."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    end = len(rest)
+    for stop in "/?#":
+        i = rest.find(stop)
+        if i != -1:
+            end = min(end, i)
+    at = rest.rfind("@", 0, end)
+    return url if at == -1 else f"{scheme}://***@{rest[at + 1:]}"
 
 
 @dataclass(frozen=True)
@@ -113,10 +128,15 @@ async def open_session(url: str, transport: str = "spdy", ports: Sequence[int] =
         u = urlsplit(url)
         port = u.port or (443 if u.scheme == "https" else 80)
     except ValueError as e:
-        raise SessionError(f"cannot use stream URL {shown(url, 120)}: {e}") from None
+        raise SessionError(f"cannot use stream URL {shown(without_userinfo(url), 120)}: {e}"
+                           ) from None
     if u.scheme not in ("http", "https") or not u.hostname:
-        raise SessionError(f"cannot use stream URL {shown(url, 120)}: need "
+        raise SessionError(f"cannot use stream URL {shown(without_userinfo(url), 120)}: need "
                            "http(s)://HOST:PORT/...")
+    if "@" in u.netloc:  # never shown, never sent as Host: the URL's token authorises
+        raise SessionError(f"cannot use stream URL {shown(without_userinfo(url), 120)}: it "
+                           "carries user information (USER[:PASSWORD]@), which crishim does "
+                           "not send")
     if ssl_context is None:
         ssl_context = ssl_context_for(url, insecure, ca_file, [kind.alpn])
     host = u.hostname
