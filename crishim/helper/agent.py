@@ -18,7 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TypeVar
 
 from crishim.helper.protocol import (
@@ -184,15 +184,9 @@ class HelperAgent:
 
     async def _dial_fd(self, conn: socket.socket, netns: str, port: int, pod_ip: str) -> None:
         try:
-            ns_fd = -1 if netns == HOST else _open_requested_netns(netns)
-            try:
-                sock = await _unless_hung_up(conn, dial_localhost_in(ns_fd, port, pod_ip))
-            finally:
-                if ns_fd >= 0:
-                    os.close(ns_fd)
+            sock = await _dial_in(conn, netns, port,
+                                  lambda ns_fd: dial_localhost_in(ns_fd, port, pod_ip))
             if sock is None:
-                log.debug("shim hung up while port %d in %s was dialled: dial dropped",
-                          port, netns)
                 return
         except SandboxGone as e:
             await self._reply(conn, Reply(False, error="gone", message=str(e)))
@@ -258,17 +252,12 @@ class HelperAgent:
 
     async def _dial_socat(self, conn: socket.socket, netns: str, port: int) -> None:
         try:
-            ns_fd = -1 if netns == HOST else _open_requested_netns(netns)
+            found = await _dial_in(conn, netns, port,
+                                   lambda ns_fd: self._socat_to(ns_fd, port))
         except SandboxGone as e:
             await self._reply(conn, Reply(False, error="gone", message=str(e)))
             return
-        try:
-            found = await _unless_hung_up(conn, self._socat_to(ns_fd, port))
-        finally:
-            if ns_fd >= 0:
-                os.close(ns_fd)
         if found is None:
-            log.debug("shim hung up while port %d in %s was dialled: dial dropped", port, netns)
             return
         socat, reasons = found
         if socat is None:
@@ -280,6 +269,21 @@ class HelperAgent:
             await socat.relay(conn)
         finally:
             await socat.close()
+
+
+async def _dial_in(conn: socket.socket, netns: str, port: int,
+                   dial: Callable[[int], Coroutine[None, None, T]]) -> T | None:
+    """dial(ns_fd) with the requested netns open (-1: the host's) for its duration;
+    None, logged, when the shim hung up first. SandboxGone: no netns at that path."""
+    ns_fd = -1 if netns == HOST else _open_requested_netns(netns)
+    try:
+        found = await _unless_hung_up(conn, dial(ns_fd))
+    finally:
+        if ns_fd >= 0:
+            os.close(ns_fd)
+    if found is None:
+        log.debug("shim hung up while port %d in %s was dialled: dial dropped", port, netns)
+    return found
 
 
 async def _unless_hung_up(conn: socket.socket, dial: Coroutine[None, None, T]) -> T | None:
