@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from crishim import __version__
 from crishim.budget import FloodLimits
-from crishim.config import Config
+from crishim.config import Config, ConfigError
 from crishim.cri.service import CriHandler, CriService, upstream_target
 from crishim.forward import ForwardContext
 from crishim.memory import MemoryReleaser, freeze_startup_objects, keep_heap_for_reads
@@ -43,6 +43,7 @@ _MESSAGE_LIMITS = [("grpc.max_receive_message_length", 16 << 20),
 # descriptors crishim holds itself (listeners, the gRPC server and its channel, logs,
 # epoll, the token store's timers) and a few refusals in flight, beyond max_unadmitted
 OWN_FDS = 64
+MIN_FD_BUDGET = 16  # descriptors for sessions and connections below which serve refuses to start
 
 
 class Crishim:
@@ -83,7 +84,13 @@ class Crishim:
             log.info("reserved_fds %d is raised to %d: max_unadmitted (%d) connections and "
                      "crishim's own descriptors come out of it", cfg.reserved_fds, reserved,
                      self.max_unadmitted)
-        fd_budget = max(2, nofile - reserved)
+        if nofile - reserved < MIN_FD_BUDGET:  # a server that refuses every session
+            raise ConfigError(
+                f"reserved_fds: {reserved} reserved of RLIMIT_NOFILE {nofile} leaves "
+                f"{max(0, nofile - reserved)} descriptors for sessions and forwarded "
+                f"connections (at least {MIN_FD_BUDGET}): lower reserved_fds or "
+                "max_unadmitted, or raise the limit (ulimit -n, LimitNOFILE=)")
+        fd_budget = nofile - reserved
         # no one session may hold more than half of what all may: others keep their share
         per_session = min(cfg.max_connections_per_session,
                           max(1, min(cfg.max_connections, fd_budget) // 2))

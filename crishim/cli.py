@@ -55,7 +55,7 @@ def _serve_config(args: argparse.Namespace) -> Config:
     overrides = {name: getattr(args, name) for name in SETTINGS}
     if args.stream_address:
         host, sep, port = args.stream_address.rpartition(":")
-        if not sep or not port.isdigit():
+        if not sep or not port.isascii() or not port.isdigit():
             raise ConfigError(f"--stream-address: {args.stream_address!r} is not HOST:PORT")
         overrides["stream_server_address"] = host.strip("[]") or "0.0.0.0"
         overrides["stream_server_port"] = int(port)

@@ -7,6 +7,7 @@ stream_server_port, stream_idle_timeout, enable_tls_streaming, ...).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -18,6 +19,7 @@ from crishim.budget import FloodLimits
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+MAX_DURATION = 100 * 365 * 86400.0  # seconds; beyond it the event loop's timers overflow
 
 
 class ConfigError(ValueError):
@@ -25,27 +27,31 @@ class ConfigError(ValueError):
 
 
 def parse_duration(text: str | int | float, name: str = "duration") -> float:
-    """Go-style durations ("4h", "1m30s", "250ms") or plain seconds, as float seconds."""
+    """Go-style durations ("4h", "1m30s", "250ms") or plain seconds, as float seconds:
+    finite, not negative, at most MAX_DURATION (nan would pass every comparison a limit
+    makes and fail deep in the event loop; inf or 1e300 overflow its timers)."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
-        if text < 0:
-            raise ConfigError(f"{name}: must not be negative, got {text}")
-        return float(text)
-    s = str(text).strip()
-    try:
-        value = float(s)
-    except ValueError:
-        pos, total = 0, 0.0
-        for m in _DURATION_PART.finditer(s):
-            if m.start() != pos:
-                break
-            total += float(m.group(1)) * _UNITS[m.group(2)]
-            pos = m.end()
-        if pos != len(s) or not s:
-            raise ConfigError(
-                f"{name}: {text!r} is not a duration (examples: 30s, 1m, 4h, 1h30m)") from None
-        return total
+        value = float(text)
+    else:
+        s = str(text).strip()
+        try:
+            value = float(s)
+        except ValueError:
+            pos, value = 0, 0.0
+            for m in _DURATION_PART.finditer(s):
+                if m.start() != pos:
+                    break
+                value += float(m.group(1)) * _UNITS[m.group(2)]
+                pos = m.end()
+            if pos != len(s) or not s:
+                raise ConfigError(f"{name}: {text!r} is not a duration (examples: 30s, 1m, 4h, "
+                                  "1h30m)") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}: {text!r} is not a duration (examples: 30s, 1m, 4h, 1h30m)")
     if value < 0:
         raise ConfigError(f"{name}: must not be negative, got {text}")
+    if value > MAX_DURATION:
+        raise ConfigError(f"{name}: {text!r} is more than {MAX_DURATION:.0f}s (100 years)")
     return value
 
 
@@ -151,7 +157,19 @@ class Config:
             raise ConfigError("token_ttl: must be positive")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ConfigError("tls_cert_file and tls_key_file: give both or neither")
+        if self.metrics_address:
+            host_port(self.metrics_address, "metrics_address")
         return self
+
+
+def host_port(address: str, name: str) -> tuple[str, int]:
+    """HOST:PORT ([V6]:PORT; an empty host: every address) as (host, port 1..65535)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535 \
+            or host.count(":") and not (host.startswith("[") and host.endswith("]")):
+        raise ConfigError(f"{name}: {address!r} is not HOST:PORT (port 1..65535; an IPv6 "
+                          "host in brackets)")
+    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 SETTINGS: dict[str, Setting] = {
@@ -222,8 +240,9 @@ SETTINGS: dict[str, Setting] = {
                                  "itself (calls passed through: 16 MiB, the kubelet's "
                                  "limit)", "int"),
     "max_cri_calls": Setting("most CRI calls in progress at once on the CRI socket, every "
-                             "connection together (a quarter of it on one connection); past "
-                             "it a call gets RESOURCE_EXHAUSTED", "int"),
+                             "connection together (past it a call gets RESOURCE_EXHAUSTED); "
+                             "a quarter of it on one connection (past that a call waits for "
+                             "one of its connection's to end)", "int"),
     "max_connections_per_session": Setting("most live forwarded connections in one streaming "
                                            "session (at most half of the global limit); past "
                                            "it new streams are refused", "int"),
@@ -285,8 +304,8 @@ def _coerce(name: str, value: Any) -> Any:
         if kind == "duration":
             return parse_duration(value, name)
         if kind == "int":
-            if isinstance(value, bool):
-                raise ValueError
+            if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+                raise ValueError  # 1.5 is not silently 1
             return int(value)
         if kind == "bool":
             if isinstance(value, bool):
@@ -308,7 +327,7 @@ def _coerce(name: str, value: Any) -> Any:
                 result[key] = path
             return result
         return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # int(inf): OverflowError
         raise ConfigError(f"{name}: {value!r} is not a valid {kind}") from None
 
 

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make
 from prometheus_client.core import CounterMetricFamily
 
 from crishim import __version__
+from crishim.config import host_port
 from crishim.tokens import TokenStore
 
 log = logging.getLogger("crishim.metrics")
@@ -65,11 +66,14 @@ class Metrics:
               registry=r).labels(__version__).set(1)
 
     def serve(self, address: str) -> None:
-        host, _, port = address.rpartition(":")
-        host = host.strip("[]") or "0.0.0.0"
+        host, port = host_port(address, "metrics_address")
         _MetricsServer.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        server = make_server(host, int(port), make_wsgi_app(self.registry), _MetricsServer,
-                             handler_class=_QuietHandler)
+        try:
+            server = make_server(host, port, make_wsgi_app(self.registry), _MetricsServer,
+                                 handler_class=_QuietHandler)
+        except OSError as e:  # in use, not an address of this host, a name that won't resolve
+            raise OSError(f"metrics_address {address}: cannot listen: {e.strerror or e}"
+                          ) from None
         threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         log.info("metrics on http://%s/metrics", address)
 

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from crishim.config import Config
-from crishim.cri import api_pb2, api_pb2_grpc
+from crishim.cri import api_pb2
 from crishim.cri.service import upstream_target
 from crishim.netns import InProcessUdp, dial_localhost
 from crishim.runtime import RuntimeError_, RuntimePlugin, Sandbox, SandboxGone, SandboxNotFound
@@ -160,6 +161,24 @@ def _inode(path: str) -> int:
         return -1
 
 
+STATUS_METHOD = "/runtime.v1.RuntimeService/PodSandboxStatus"
+_StatusCall = grpc.aio.UnaryUnaryMultiCallable[api_pb2.PodSandboxStatusRequest,
+                                               "api_pb2.PodSandboxStatusResponse | None"]
+
+
+def _serialize(request: api_pb2.PodSandboxStatusRequest) -> bytes:
+    return request.SerializeToString()
+
+
+def _parse_status(raw: bytes) -> api_pb2.PodSandboxStatusResponse | None:
+    """The answer, or None for bytes that are not one: the generated stub's FromString
+    raised, and grpc logged that with a traceback before failing the call."""
+    try:
+        return api_pb2.PodSandboxStatusResponse.FromString(raw)
+    except DecodeError:
+        return None
+
+
 class UpstreamSandboxes:
     """Sandboxes the upstream runtime knows, asked with a verbose PodSandboxStatus."""
 
@@ -168,7 +187,7 @@ class UpstreamSandboxes:
         self.cache_ttl = cache_ttl
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
         self._channel: grpc.aio.Channel | None = None
-        self._stub: api_pb2_grpc.RuntimeServiceStub | None = None
+        self._call: _StatusCall | None = None
 
     async def resolve(self, sandbox_id: str) -> Sandbox:
         cached = self._cached(sandbox_id)
@@ -208,9 +227,9 @@ class UpstreamSandboxes:
         if not self.endpoint:
             raise SandboxNotFound(f"sandbox {sandbox_id!r} is not in the sandboxes map and no "
                                   "upstream_endpoint is configured to ask")
-        stub = self._upstream()
+        call = self._upstream()
         try:
-            response: api_pb2.PodSandboxStatusResponse = await stub.PodSandboxStatus(
+            response = await call(
                 api_pb2.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id, verbose=True),
                 timeout=STATUS_TIMEOUT)
         except grpc.aio.AioRpcError as e:
@@ -218,18 +237,22 @@ class UpstreamSandboxes:
                 raise SandboxNotFound(f"sandbox {sandbox_id!r} not found: {e.details()}") from None
             raise UpstreamUnavailable(f"PodSandboxStatus({sandbox_id}) at {self.endpoint}: "
                                       f"{e.code().name}: {e.details()}") from None
+        if not isinstance(response, api_pb2.PodSandboxStatusResponse):  # _parse_status
+            raise UpstreamUnavailable(f"PodSandboxStatus({sandbox_id}) at {self.endpoint}: "
+                                      "an answer that is not a PodSandboxStatusResponse")
         return response
 
-    def _upstream(self) -> api_pb2_grpc.RuntimeServiceStub:
-        if self._stub is None:
+    def _upstream(self) -> _StatusCall:
+        if self._call is None:
             self._channel = grpc.aio.insecure_channel(
                 upstream_target(self.endpoint),
                 options=[("grpc.max_receive_message_length", 16 << 20)])
-            self._stub = api_pb2_grpc.RuntimeServiceStub(self._channel)  # type: ignore[no-untyped-call]
-        return self._stub
+            self._call = self._channel.unary_unary(
+                STATUS_METHOD, request_serializer=_serialize, response_deserializer=_parse_status)
+        return self._call
 
     async def close(self) -> None:
         if self._channel is not None:
             await self._channel.close(None)
-            self._channel = self._stub = None
+            self._channel = self._call = None
         self._cache.clear()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -65,9 +66,23 @@ class SocketInUse(Exception):
     """A live server already answers on the socket path (or the path is not a socket)."""
 
 
+MAX_SOCKET_PATH = 107  # bytes: sockaddr_un's sun_path is 108, with its NUL
+
+
 def prepare_socket_path(path: str) -> None:
-    """Create the parent directory; replace a stale socket file; refuse a live one."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or "/", exist_ok=True)
+    """Create the parent directory (0755 at most: the umask may narrow it, never widen
+    it); replace a stale socket file; refuse a live one, and a path bind() cannot take."""
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise SocketInUse(f"{path[:40]}…: a unix socket path of {len(os.fsencode(path))} "
+                          f"bytes; at most {MAX_SOCKET_PATH} fit")
+    missing = []
+    directory = os.path.dirname(os.path.abspath(path))
+    while directory and not os.path.isdir(directory):
+        missing.append(directory)  # os.makedirs gives only the last one its mode
+        directory = os.path.dirname(directory)
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # made meanwhile by another
+            os.mkdir(directory, 0o755)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -98,12 +113,23 @@ def remove_socket_file(path: str) -> None:
         pass
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def stop_on_signals() -> asyncio.Event:
-    """An event that SIGINT or SIGTERM sets, handled on the running loop from now on."""
+    """An event that SIGINT, SIGTERM or SIGHUP sets, handled on the running loop from now
+    on. SIGHUP (the terminal closed) killed the process outright: no drain, the socket
+    file and the demo's netns left behind."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+
+    def received(sig: signal.Signals) -> None:
+        if not stop.is_set():
+            log.info("%s received", sig.name)
+        stop.set()
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, received, sig)
     return stop
 
 

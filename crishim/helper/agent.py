@@ -70,11 +70,12 @@ class HelperAgent:
 
     async def start(self) -> None:
         if self.mode == "socat":
-            missing = [tool for tool in ("socat", "nsenter") if shutil.which(tool) is None]
+            missing = [tool for tool in ("socat", "nsenter", "setpriv")
+                       if shutil.which(tool) is None]
             if missing:  # else every dial would fail the same way, one by one
                 raise HelperSetupError(
                     f"mode socat needs {' and '.join(missing)} on PATH (apt-get install "
-                    f"socat util-linux), or run --mode fd, which needs neither")
+                    f"socat util-linux), or run --mode fd, which needs none of them")
         prepare_socket_path(self.socket_path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o117)
@@ -207,6 +208,9 @@ class HelperAgent:
         argv = ["socat", "-d", "-d", "-t", str(SOCAT_LINGER), "-,shut-close", target]
         if ns_fd >= 0:  # the fd open_netns checked, not the path, which may since differ
             argv = ["nsenter", f"--net=/proc/self/fd/{ns_fd}", "--", *argv]
+        # a helper killed outright (SIGKILL, OOM) takes its socats with it: one left
+        # connecting stayed in the pod's netns for the kernel's ~2 min of SYN retries
+        argv = ["setpriv", "--pdeathsig", "KILL", "--", *argv]
         # plain pipes and subprocess.Popen: uvloop's subprocess transport keeps a copy of
         # the child's stdout, so socat's shut-close would never reach us as EOF
         in_r, in_w = os.pipe()

@@ -31,6 +31,8 @@ class RecordingUpstream:
     - ListImages: fails with FAILED_PRECONDITION, a message and trailing metadata.
     - ImageFsInfo: waits up to 10 s for the call to end (a slow method for deadlines).
     - GetContainerEvents: streams one event per 50 ms until the client goes away.
+    - PodSandboxStatus: for sandbox "garbled", bytes that are no PodSandboxStatusResponse;
+      for any other, UNIMPLEMENTED.
     """
 
     def __init__(self, path: str) -> None:
@@ -57,6 +59,11 @@ class RecordingUpstream:
             return grpc.unary_unary_rpc_method_handler(
                 fn, request_deserializer=request_type.FromString,
                 response_serializer=lambda m: m.SerializeToString())
+        if name == "PodSandboxStatus":
+            return grpc.unary_unary_rpc_method_handler(
+                self._garbled_status,
+                request_deserializer=api_pb2.PodSandboxStatusRequest.FromString,
+                response_serializer=lambda raw: raw)
         if name == "GetContainerEvents":
             return grpc.unary_stream_rpc_method_handler(
                 self._events, request_deserializer=api_pb2.GetEventsRequest.FromString,
@@ -86,6 +93,12 @@ class RecordingUpstream:
         self._record("ListImages", context)
         context.set_trailing_metadata((("x-why", "upstream reasons"),))
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, "upstream says no: ünïcode too")
+
+    def _garbled_status(self, request, context):
+        self._record("PodSandboxStatus", context)
+        if request.pod_sandbox_id != "garbled":
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "no PodSandboxStatus here")
+        return b"\x0a\x05abc"  # field 1 (status) says 5 bytes follow; 3 do
 
     def _slow(self, request, context):
         self._record("ImageFsInfo", context)
@@ -219,6 +232,21 @@ def test_port_forward_resolves_through_the_upstream_by_default(
         proxy.runtime.PortForward(api_pb2.PortForwardRequest(pod_sandbox_id="x"), timeout=10)
     assert info.value.code() != grpc.StatusCode.NOT_FOUND
     assert "runtime plugin containerd: upstream_endpoint is set" in proxy.log()
+
+
+def test_an_upstream_status_answer_that_does_not_parse_fails_that_call_only(
+        proxy: CrishimProcess) -> None:
+    """grpc.aio hands over None for an answer it cannot parse: that is an upstream that
+    cannot answer (UNAVAILABLE, said once), not an AttributeError in the handler."""
+    for _ in range(2):
+        with pytest.raises(grpc.RpcError) as info:
+            proxy.runtime.PortForward(api_pb2.PortForwardRequest(pod_sandbox_id="garbled"),
+                                      timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
+        assert "not a PodSandboxStatusResponse" in info.value.details()
+    assert proxy.runtime.Version(api_pb2.VersionRequest(), timeout=10).runtime_name
+    assert "Traceback" not in proxy.log()
+    assert "AttributeError" not in proxy.log()
 
 
 def test_explicit_runtime_and_upstream_version_off_stay_crishims(

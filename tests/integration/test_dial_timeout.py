@@ -43,7 +43,7 @@ def _socats(pid: int) -> list[str]:
     """The helper's socat children still running."""
     out = subprocess.run(["ps", "--ppid", str(pid), "-o", "comm="], capture_output=True,
                          text=True, timeout=20).stdout
-    return [name for name in out.split() if name in ("socat", "nsenter")]
+    return [name for name in out.split() if name in ("socat", "nsenter", "setpriv")]
 
 
 def _dialling(podnet) -> list[str]:
@@ -103,3 +103,36 @@ def test_the_helper_drops_its_dial_when_the_shim_gives_up(dropping, mode: str):
             assert not _socats(helper.proc.pid)
             shim_log = shim.log()
     assert f"connect to port {DROP_PORT}: no answer after 0.5 s" in shim_log, shim_log
+
+
+def test_a_killed_socat_helper_leaves_no_socat_dialling(dropping):
+    """socat runs with the helper's death as its own (setpriv --pdeathsig): a helper
+    SIGKILLed (or OOM-killed) mid-dial left its socat, reparented to init, sending SYNs
+    in the pod's netns for the kernel's ~2 min of retries."""
+    import socket
+    import time
+
+    from crishim.helper.protocol import encode_request
+
+    with tempfile.TemporaryDirectory(prefix="crishim-helper-kill-") as d:
+        os.chmod(d, 0o755)
+        helper = HelperProcess(os.path.join(d, "helper.sock"), "socat").start()
+        try:
+            with socket.socket(socket.AF_UNIX) as shim:
+                shim.connect(helper.socket)
+                shim.sendall(encode_request("dial", dropping.path, DROP_PORT, mode="socat"))
+                assert _wait_for(lambda: _dialling(dropping) and _socats(helper.proc.pid), 10)
+                children = subprocess.run(["ps", "--ppid", str(helper.proc.pid), "-o",
+                                           "pid="], capture_output=True, text=True,
+                                          timeout=20).stdout.split()
+                assert children
+                helper.kill()
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline and (
+                        any(os.path.exists(f"/proc/{pid}") for pid in children)
+                        or _dialling(dropping)):
+                    time.sleep(0.05)
+                assert not [pid for pid in children if os.path.exists(f"/proc/{pid}")]
+                assert not _dialling(dropping)
+        finally:
+            helper.stop()

@@ -243,6 +243,6 @@ def test_socat_mode_without_socat_refuses_to_start_and_says_why(tmp_path):
          "--socket", str(tmp_path / "helper.sock")],
         env=dict(os.environ, PATH=str(empty)), capture_output=True, text=True, timeout=30)
     assert out.returncode == 1, out
-    assert "mode socat needs socat and nsenter on PATH" in out.stderr, out.stderr
+    assert "mode socat needs socat and nsenter and setpriv on PATH" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "helper.sock").exists()

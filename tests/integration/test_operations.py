@@ -1,11 +1,13 @@
 """Operations: Prometheus metrics, JSON log lines, the gRPC health service, SIGTERM drain."""
 
 import json
+import signal
 import socket
 import time
 import urllib.request
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from crishim import __version__
@@ -93,7 +95,9 @@ def test_grpc_health_service_on_the_cri_socket(crishim):
         assert e.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_sigterm_drains_live_sessions_then_exits(podnet):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_drains_live_sessions_then_exits(podnet, sig):
+    """SIGHUP too (the terminal closed): it killed crishim, leaving its socket file."""
     proc = CrishimProcess("--sandboxes", f"sb={podnet.path}", "--drain-timeout", "3s").start()
     try:
         spare_url = proc.port_forward_url("sb")
@@ -101,7 +105,7 @@ def test_sigterm_drains_live_sessions_then_exits(podnet):
             assert client.roundtrip(ECHO_PORT, b"before").received == b"before"
             live = client.forward(ECHO_PORT)
             t0 = time.monotonic()
-            proc.proc.send_signal(15)
+            proc.proc.send_signal(sig)
             time.sleep(0.5)
             # new upgrades are refused while draining
             host, port = spare_url.split("//")[1].split("/")[0].split(":")
@@ -122,6 +126,8 @@ def test_sigterm_drains_live_sessions_then_exits(podnet):
             elapsed = time.monotonic() - t0
             assert 2.5 <= elapsed <= 12, elapsed
             assert client.wait(live.finished, timeout=5)
+            assert f"{sig.name} received" in proc.log()
+            assert "signal received: draining" in proc.log()
     finally:
         proc.stop()
 
@@ -144,3 +150,37 @@ def test_idle_spdy_session_gets_goaway_and_is_closed_busy_one_is_not(podnet):
             assert idle.wait(lambda: idle.closed, timeout=5)
             assert idle.goaway
         assert "idle for" in proc.log()
+
+
+def _serve_fails(*args: str, cwd: str = "/") -> str:
+    """crishim serve with args: it must refuse to start with one line on stderr, rc 1."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "crishim", "serve", "--log-level", "warning",
+                        *args], capture_output=True, text=True, timeout=30, cwd=cwd)
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr and "grpc" not in r.stderr.lower(), r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("crishim: "), r.stderr
+    return lines[0]
+
+
+def test_what_serve_cannot_use_is_one_line_before_it_listens(tmp_path):
+    """A socket path bind() cannot take (gRPC printed its C-core errors and a traceback),
+    a metrics port in use (a bare 'Address already in use'), and a reserve that leaves no
+    descriptors (it started and refused every session)."""
+    long_dir = tmp_path / ("d" * 100)
+    line = _serve_fails("--socket", str(long_dir / "crishim.sock"))
+    assert "a unix socket path of" in line and "at most 107 fit" in line
+    assert not long_dir.exists()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        address = f"127.0.0.1:{busy.getsockname()[1]}"
+        line = _serve_fails("--socket", str(tmp_path / "m.sock"), "--metrics-address", address)
+    assert line == f"crishim: metrics_address {address}: cannot listen: Address already in use"
+    line = _serve_fails("--socket", str(tmp_path / "r.sock"), "--reserved-fds", "100000000")
+    assert line.startswith("crishim: reserved_fds: 100000000 reserved of RLIMIT_NOFILE ")
+    assert "leaves 0 descriptors" in line
+    assert not (tmp_path / "r.sock").exists()

@@ -78,3 +78,39 @@ def test_dial_timeout_must_be_positive(value: str) -> None:
     assert load(env={"CRISHIM_DIAL_TIMEOUT": "750ms"}).dial_timeout == 0.75
     with pytest.raises(ConfigError, match="dial_timeout"):
         load(env={"CRISHIM_DIAL_TIMEOUT": value})
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e300", "NaN"])
+def test_a_duration_is_finite_and_bounded(value: str) -> None:
+    """nan passed every comparison a limit made (and failed every forward later, in the
+    event loop); inf and 1e300 overflow its timers."""
+    with pytest.raises(ConfigError, match="dial_timeout"):
+        load(env={"CRISHIM_DIAL_TIMEOUT": value})
+    with pytest.raises(ConfigError, match="not a duration|more than"):
+        parse_duration(float(value), "x")
+    assert parse_duration("87600h") == 87600 * 3600  # 10 years is still a duration
+
+
+def test_an_int_setting_takes_whole_numbers_only(tmp_path) -> None:
+    f = tmp_path / "c.toml"
+    for text, ok in (("1.5", False), ("2.0", True), ("inf", False), ("nan", False),
+                     ("true", False), ('"3"', True)):
+        f.write_text(f"max_tokens = {text}\n")
+        if ok:
+            assert load(str(f), env={}).max_tokens == int(float(text.strip('"')))
+        else:
+            with pytest.raises(ConfigError, match="max_tokens: .* is not a valid int"):
+                load(str(f), env={})
+
+
+@pytest.mark.parametrize("address", ["notanaddress", "127.0.0.1:", "127.0.0.1:99999",
+                                     "127.0.0.1:-1", "127.0.0.1:9x", ":0", "::1:9090",
+                                     "127.0.0.1:٩٠٩٠"])
+def test_metrics_address_is_host_and_port(address: str) -> None:
+    with pytest.raises(ConfigError, match="metrics_address: .* is not HOST:PORT"):
+        load(env={"CRISHIM_METRICS_ADDRESS": address})
+
+
+@pytest.mark.parametrize("address", [":9090", "127.0.0.1:9090", "[::1]:9090", "localhost:1"])
+def test_metrics_address_accepts(address: str) -> None:
+    assert load(env={"CRISHIM_METRICS_ADDRESS": address}).metrics_address == address
