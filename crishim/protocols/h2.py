@@ -99,6 +99,17 @@ if TYPE_CHECKING:
 
 _HEADER = struct.Struct(">HBBBL")  # length (24 bits as 16 + 8), type, flags, stream id
 _DATA_TYPE = 0x0
+_SETTINGS_TYPE = 0x4
+# entries one SETTINGS frame may carry: RFC 9113 defines 7 and extensions a few more; h2
+# handles each entry in Python (an enum lookup, an object): 40,000 of them in one frame
+# within MAX_FRAME_SIZE held the event loop ~350 ms, and every session on it waited
+MAX_SETTINGS_ENTRIES = 64
+# WINDOW_UPDATEs a peer may send free: an allowance to start with, and per DATA frame
+# sent two more (the stream's and the connection's credit returned) up to a cap; past
+# it each one is charged as a control frame (h2 ignores those for closed streams, and
+# increments of 1 cost the same work as any)
+WINDOW_UPDATE_ALLOWANCE = 16
+WINDOW_UPDATE_CREDIT_CAP = 1 << 16
 _FLAG_END_STREAM = 0x1
 _FLAG_PADDED = 0x8
 _COALESCE = 4096  # small control frames written in the same flush are joined up to this
@@ -110,7 +121,7 @@ _WALK_MIN = 64  # streams held before _open_streams walks them at all
 
 
 # frames that cost the receiver no answer and no work beyond what they carry
-_FREE_FRAMES = (WindowUpdateFrame, ContinuationFrame, GoAwayFrame)
+_FREE_FRAMES = (ContinuationFrame, GoAwayFrame)
 
 # RFC 9113 8.2.1: a name is no byte in 0x00-0x20, 0x41-0x5a (upper case) or 0x7f-0xff, and
 # no colon but a pseudo-header's leading one; a value has no NUL, LF or CR and neither
@@ -349,6 +360,9 @@ class ViewFrameBuffer(FrameBuffer):
                 self._data_left = length
                 self._data_end = bool(flags & _FLAG_END_STREAM)
                 continue
+            if kind == _SETTINGS_TYPE and length > 6 * MAX_SETTINGS_ENTRIES:
+                raise Overloaded(f"a SETTINGS frame of {length // 6} entries (at most "
+                                 f"{MAX_SETTINGS_ENTRIES})")
             try:
                 f, length = Frame.parse_frame_header(header)
             except (InvalidDataError, InvalidFrameError) as err:
@@ -539,6 +553,7 @@ class H2Codec(h2.connection.H2Connection):
         # called with each frame that opens a stream or costs work or an answer without
         # carrying data (see _receive_frame); raises Overloaded to end the connection
         self.charge_frame: Callable[[Frame, bool], None] | None = None
+        self.window_update_credit = WINDOW_UPDATE_ALLOWANCE
         self._walk_at = _WALK_MIN  # len(self.streams) at which _open_streams walks again
 
     def _open_streams(self, remainder: int) -> int:
@@ -564,14 +579,21 @@ class H2Codec(h2.connection.H2Connection):
 
     def _receive_frame(self, frame: Frame) -> list[Event]:
         """h2's, after `charge_frame` for every frame but DATA on a stream that takes it,
-        WINDOW_UPDATE, CONTINUATION and GOAWAY: its second argument says whether the frame
-        opens a stream."""
+        WINDOW_UPDATE within the credit DATA sent earns (window_update_credit),
+        CONTINUATION and GOAWAY: its second argument says whether the frame opens a
+        stream."""
         charge = self.charge_frame
         if charge is not None and not isinstance(frame, _FREE_FRAMES):
             if isinstance(frame, DataFrame):
-                # data h2 would answer with RST_STREAM, or an empty frame that ends nothing
+                # data h2 would answer with RST_STREAM, or a frame that carries no data
+                # (padding only counts as none) and ends nothing
                 if not self._accepts_data(frame.stream_id, 0) or \
-                        not (frame.body_len or "END_STREAM" in frame.flags):
+                        not (len(frame.data) or "END_STREAM" in frame.flags):
+                    charge(frame, False)
+            elif isinstance(frame, WindowUpdateFrame):
+                if self.window_update_credit > 0:
+                    self.window_update_credit -= 1
+                else:
                     charge(frame, False)
             elif isinstance(frame, HeadersFrame):
                 charge(frame, frame.stream_id not in self.streams)
@@ -614,6 +636,8 @@ class H2Codec(h2.connection.H2Connection):
         """h2's; a DATA frame that neither ends its stream nor is padded, on a stream that
         may send, within both windows and the frame size, is queued here directly (the
         windows decreased as h2 would; no state changes for DATA in these states)."""
+        if self.window_update_credit < WINDOW_UPDATE_CREDIT_CAP:
+            self.window_update_credit += 2
         n = len(data)
         if not end_stream and pad_length is None and n <= self.max_outbound_frame_size \
                 and n <= self.outbound_flow_control_window \

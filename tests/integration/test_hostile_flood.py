@@ -228,6 +228,37 @@ def test_spdy_unknown_stream_data_ends_the_session_with_goaway(podnet):
     assert "Traceback" not in log
 
 
+@pytest.mark.parametrize("frame", [
+    # RST_STREAM for streams never opened: the codec returned before reporting them
+    struct.pack(">IIII", 0x80030003, 8, 1001, 5),
+    # session WINDOW_UPDATE of 1: no SPDY client returns credit for DATA it never got
+    struct.pack(">IIII", 0x80030009, 8, 0, 1),
+], ids=["rst-stream-never-opened", "window-update-of-1"])
+def test_spdy_free_frame_floods_end_the_session_with_goaway(podnet, frame):
+    """Frames that cost work and carry nothing were free: 14-34 M accepted in 20 s, a
+    core busy. Each is now charged to the control budget once it is not the credit of a
+    stream just closed or of DATA sent."""
+    with _serve(podnet) as proc:
+        before = _warm(proc)
+        with SpdyPortForwardClient(proc.port_forward_url(SANDBOX)) as live:
+            fwd = live.forward(ECHO_PORT)
+            fwd.send(b"live")
+            assert live.wait(lambda: bytes(fwd.received) == b"live")
+            client = SpdyPortForwardClient(proc.port_forward_url(SANDBOX))
+            sent, answer = _flood_reading(client.sock, frame * 8192, 16 << 20)
+            fwd.send(b" still")  # another session's connection is unharmed
+            assert live.wait(lambda: bytes(fwd.received) == b"live still")
+        grown = _rss_mib(proc.proc.pid) - before
+        _second_client_is_served(proc)
+        log = proc.log()
+    print(f"sent {sent} bytes, read {len(answer)}, RSS +{grown:.1f} MiB")
+    assert _spdy_goaways(answer) == [SPDY_GOAWAY_PROTOCOL_ERROR]
+    assert sent < 8 << 20  # ended within the budget, not at the end of the flood
+    assert "control_frames_per_second" in log and "an ignored control frame" in log
+    assert grown < 16, grown
+    assert "Traceback" not in log
+
+
 def _ws_connect(url: str, protocol: str = ws.CHANNEL_BINARY) -> tuple[socket.socket, bytes]:
     u = urlsplit(url)
     sock = socket.create_connection((u.hostname, u.port), timeout=10)
@@ -332,6 +363,34 @@ def test_h2_settings_flood_gets_goaway_enhance_your_calm(podnet):
     with _serve(podnet) as proc:
         before = _warm(proc)
         code = _h2_answer(proc, SettingsFrame(0).serialize(), 100_000 * 9)
+        grown = _rss_mib(proc.proc.pid) - before
+        _second_client_is_served(proc)
+        log = proc.log()
+    assert code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert grown < 16, grown
+    assert "Traceback" not in log
+
+
+def _h2_frame(kind: int, flags: int, stream_id: int, body: bytes) -> bytes:
+    return struct.pack(">HBBBL", len(body) >> 8, len(body) & 0xFF, kind, flags,
+                       stream_id) + body
+
+
+@pytest.mark.parametrize("frames,total", [
+    # one SETTINGS frame of 40,000 entries (within the advertised 256 KiB MAX_FRAME_SIZE):
+    # h2 spent ~350 ms on each, and every session on the event loop waited
+    (_h2_frame(0x4, 0, 0, struct.pack(">HL", 0x2, 0) * 40_000), 3 * 240_009),
+    # WINDOW_UPDATE of 1 on the connection, none of it credit for DATA received: free
+    # until now (millions a second, a core busy)
+    (_h2_frame(0x8, 0, 0, struct.pack(">L", 1)), 200_000 * 13),
+    # DATA on the live data stream with only padding: counted as data, so free
+    (_h2_frame(0x0, 0x8, 3, b"\x00"), 200_000 * 10),
+], ids=["settings-of-40000-entries", "window-update-of-1", "padding-only-data"])
+def test_h2_frames_that_cost_work_and_carry_nothing_get_enhance_your_calm(podnet, frames,
+                                                                          total):
+    with _serve(podnet) as proc:
+        before = _warm(proc)
+        code = _h2_answer(proc, frames, total)
         grown = _rss_mib(proc.proc.pid) - before
         _second_client_is_served(proc)
         log = proc.log()

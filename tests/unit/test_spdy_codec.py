@@ -780,9 +780,34 @@ def test_peer_reset_is_reported_and_forgets_the_stream(peer: Peer) -> None:
     assert peer.sent() == []
 
 
-def test_reset_for_an_unknown_stream_is_ignored(peer: Peer) -> None:
-    assert peer.send(rst(9, CANCEL)) == []
+def test_reset_for_an_unknown_stream_is_ignored_and_reported_for_the_budget(
+        peer: Peer) -> None:
+    """Never answered; one for a stream never opened (or no longer remembered) is reported
+    as FrameIgnored so the session charges it (34 M a second were free); a late one for a
+    stream just closed is not."""
+    assert peer.send(rst(9, CANCEL)) == [FrameIgnored(spdy.RST_STREAM)]
     assert peer.sent() == []
+    peer.send(peer.enc.syn_stream(11, {"a": "b"}, flags=spdy.FLAG_FIN))
+    peer.session.reply(11, fin=True)
+    assert peer.session.open_stream_count == 0
+    peer.sent()
+    assert peer.send(rst(11, CANCEL)) == []  # closed a moment ago: a late reset, free
+    assert peer.sent() == []
+
+
+def test_window_updates_beyond_the_credit_data_earns_are_reported_for_the_budget(
+        peer: Peer) -> None:
+    """spdystream sends no WINDOW_UPDATE; a client that does returns at most two per DATA
+    frame it received. Past an allowance of 16 they are FrameIgnored, to be charged."""
+    wu = control(spdy.WINDOW_UPDATE, struct.pack(">II", 0, 1))
+    events = peer.send(wu * 16)
+    assert events == [WindowUpdateReceived(0, 1)] * 16
+    assert peer.send(wu) == [FrameIgnored(spdy.WINDOW_UPDATE)]
+    peer.send(peer.enc.syn_stream(1, {"a": "b"}))
+    peer.session.reply(1)
+    peer.session.send_data(1, b"x" * 10)  # one DATA frame: two more
+    assert peer.send(wu * 3) == [WindowUpdateReceived(0, 1)] * 2 + \
+        [FrameIgnored(spdy.WINDOW_UPDATE)]
 
 
 def test_closed_stream_memory_is_capped() -> None:
