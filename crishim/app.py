@@ -103,6 +103,7 @@ class Crishim:
             stream_opens_per_second=cfg.stream_opens_per_second,
             stream_open_burst=cfg.stream_open_burst,
             protocol_error_log_lines=cfg.protocol_error_log_lines,
+            log_lines_per_second=cfg.log_lines_per_second,
             session_buffer_size=cfg.session_buffer_size, buffer_budget=cfg.buffer_budget,
             read_turn=cfg.read_turn)
         ctx = ForwardContext(self.plugin, cfg.error_policy, cfg.buffer_size, self.metrics,

@@ -113,6 +113,7 @@ class Config:
     stream_opens_per_second: int = int(FloodLimits.stream_opens_per_second)
     stream_open_burst: int = FloodLimits.stream_open_burst
     protocol_error_log_lines: int = FloodLimits.protocol_error_log_lines
+    log_lines_per_second: int = int(FloodLimits.log_lines_per_second)
     session_buffer_size: int = FloodLimits.session_buffer_size
     buffer_budget: int = FloodLimits.buffer_budget
     read_turn: float = FloodLimits.read_turn
@@ -144,6 +145,7 @@ class Config:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1")
         for name in ("reserved_fds", "memory_release_sessions", "protocol_error_log_lines",
+                     "log_lines_per_second",
                      "buffer_budget"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative")
@@ -276,6 +278,10 @@ SETTINGS: dict[str, Setting] = {
                                        "and the burst the session ends as above", "int"),
     "stream_open_burst": Setting("streams one session may open at once before "
                                  "stream_opens_per_second applies", "int"),
+    "log_lines_per_second": Setting("per-connection lines one session logs a second, and "
+                                    "lines about refused stream requests the server logs a "
+                                    "second (bursts of 10x); the rest are counted: 'N more "
+                                    "... not logged', a second later. 0: every line", "int"),
     "protocol_error_log_lines": Setting("protocol-error lines one session logs; the rest "
                                         "are counted in one line when it ends", "int"),
     "session_buffer_size": Setting("bytes towards pods one HTTP/2 connection may hold (its "

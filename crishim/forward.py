@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from crishim.budget import FloodLimits
+from crishim.budget import FloodLimits, LogBudget
 from crishim.flow import ReadGate, read_buffer, unsent, write_lent
 from crishim.forward_udp import ForwardedFlow
 from crishim.protocols.buffers import gather
@@ -373,13 +373,14 @@ class ForwardedConnection:
             return
         if log.isEnabledFor(level):  # the one line per forwarded connection
             reason = self.reason or "closed"
-            log.log(level, "forward sandbox=%s port=%d transport=%s ended: up=%d down=%d "
-                    "reason=%s", self.sandbox.id, self.port, self.transport_name,
-                    self.bytes_up, self.bytes_down, reason,
-                    extra={"fields": {"sandbox": self.sandbox.id, "port": self.port,
-                                      "transport": self.transport_name,
-                                      "bytes_up": self.bytes_up,
-                                      "bytes_down": self.bytes_down, "reason": reason}})
+            self.session.connection_log.log(
+                level, "forward sandbox=%s port=%d transport=%s ended: up=%d down=%d "
+                "reason=%s", self.sandbox.id, self.port, self.transport_name,
+                self.bytes_up, self.bytes_down, reason,
+                extra={"fields": {"sandbox": self.sandbox.id, "port": self.port,
+                                  "transport": self.transport_name,
+                                  "bytes_up": self.bytes_up,
+                                  "bytes_down": self.bytes_down, "reason": reason}})
         if self.ctx.metrics is not None:
             self.ctx.metrics.connection_ended(self.transport_name, self.bytes_up,
                                               self.bytes_down)
@@ -390,8 +391,9 @@ class ForwardedConnection:
             self._error_closed = True
             self.channel.finish(error)
         elif error:
-            log.info("forward sandbox=%s port=%d: error after the error stream closed: %s",
-                     self.sandbox.id, self.port, error)
+            self.session.connection_log.log(
+                logging.INFO, "forward sandbox=%s port=%d: error after the error stream "
+                "closed: %s", self.sandbox.id, self.port, error)
 
     @property
     def done(self) -> bool:
@@ -559,6 +561,22 @@ class SessionBase:
         self.output_high = 1 << 40
         self.output_sized = False
         self.last_activity = time.monotonic()
+        self._connection_log: LogBudget | None = None
+
+    @property
+    def connection_log(self) -> LogBudget:
+        """The session's per-connection lines (and its flows'), within
+        log_lines_per_second; made with the first, once the sandbox is known."""
+        if self._connection_log is None:
+            self._connection_log = LogBudget(
+                log, self.ctx.flood.log_lines_per_second,
+                f"forward sandbox={self.sandbox.id if self.sandbox else '?'} "
+                f"transport={self.transport_name}: %d more connection lines not logged")
+        return self._connection_log
+
+    def flush_connection_log(self) -> None:
+        if self._connection_log is not None:
+            self._connection_log.flush()
 
     def output_room(self) -> int:
         """Bytes a pod read may bring for the client: what its transport may still take

@@ -27,6 +27,7 @@ import threading
 import time
 from typing import Any, Protocol
 
+from crishim.budget import LogBudget
 from crishim.protocols.datagram import MAX_UDP_PAYLOAD, DatagramDecoder
 from crishim.runtime import DialFailed, Sandbox, SandboxGone
 
@@ -72,6 +73,9 @@ class FlowSession(Protocol):
     """What a flow needs of its transport session."""
 
     writing_paused: bool
+
+    @property
+    def connection_log(self) -> LogBudget: ...
 
     def connection_finished(self, conn: Any) -> None: ...
 
@@ -210,16 +214,17 @@ class ForwardedFlow:
         self.channel.finish(error)
         if log.isEnabledFor(level):  # the one line per forwarded flow
             reason = self.reason or "closed"
-            log.log(level, "forward sandbox=%s port=%d/udp transport=%s ended: up=%d down=%d "
-                    "datagrams_up=%d datagrams_down=%d dropped=%d reason=%s", self.sandbox.id,
-                    self.port, self.transport_name, self.bytes_up, self.bytes_down,
-                    self.datagrams_up, self.datagrams_down, self.dropped, reason,
-                    extra={"fields": {"sandbox": self.sandbox.id, "port": self.port,
-                                      "protocol": "udp", "transport": self.transport_name,
-                                      "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
-                                      "datagrams_up": self.datagrams_up,
-                                      "datagrams_down": self.datagrams_down,
-                                      "dropped": self.dropped, "reason": reason}})
+            self.session.connection_log.log(
+                level, "forward sandbox=%s port=%d/udp transport=%s ended: up=%d down=%d "
+                "datagrams_up=%d datagrams_down=%d dropped=%d reason=%s", self.sandbox.id,
+                self.port, self.transport_name, self.bytes_up, self.bytes_down,
+                self.datagrams_up, self.datagrams_down, self.dropped, reason,
+                extra={"fields": {"sandbox": self.sandbox.id, "port": self.port,
+                                  "protocol": "udp", "transport": self.transport_name,
+                                  "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+                                  "datagrams_up": self.datagrams_up,
+                                  "datagrams_down": self.datagrams_down,
+                                  "dropped": self.dropped, "reason": reason}})
         metrics: Any = self.ctx.metrics
         if metrics is not None:
             metrics.connection_ended(self.transport_name, self.bytes_up, self.bytes_down)
@@ -267,8 +272,9 @@ class ForwardedFlow:
             return
         truncated = self.decoder.truncated()
         if truncated is not None:
-            log.info("forward sandbox=%s port=%d/udp: %s (dropped)", self.sandbox.id,
-                     self.port, truncated)
+            self.session.connection_log.log(
+                logging.INFO, "forward sandbox=%s port=%d/udp: %s (dropped)", self.sandbox.id,
+                self.port, truncated)
         self.reason = self.reason or "closed by client"
         self._finish(eof=True)
 

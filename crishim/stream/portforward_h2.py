@@ -197,6 +197,7 @@ class H2PortForwardSession(ServerSession):
         self.admit = admit
         self.on_admitted: Callable[[], None] | None = None
         self.creation_timeout = settings.creation_timeout
+        self.refusal_log = settings.refusal_log
         self._upgraded = upgraded
         self._writelines = writelines
         self._close_transport = close
@@ -362,8 +363,9 @@ class H2PortForwardSession(ServerSession):
             return
         except h2.exceptions.ProtocolError as e:
             code = getattr(e, "error_code", None) or ErrorCodes.PROTOCOL_ERROR
-            log.info("h2 sandbox=%s: malformed HTTP/2 (%s), GOAWAY %s: %s", self.sandbox_id,
-                     type(e).__name__, getattr(code, "name", code), e)
+            self.refusal_log.log(
+                logging.INFO, "h2 sandbox=%s: malformed HTTP/2 (%s), GOAWAY %s: %s",
+                self.sandbox_id, type(e).__name__, getattr(code, "name", code), e)
             self.flush()  # h2 queued the GOAWAY
             self._goaway_sent = True
             self.close(f"HTTP/2 protocol error: {e}")
@@ -374,8 +376,9 @@ class H2PortForwardSession(ServerSession):
                 e.flow_controlled_length or 0 for e in events
                 if isinstance(e, h2.events.DataReceived))
             if self._head_bytes > MAX_REQUEST_HEAD:
-                log.info("h2: more than %d bytes of frames before a token was redeemed, "
-                         "GOAWAY ENHANCE_YOUR_CALM", MAX_REQUEST_HEAD)
+                self.refusal_log.log(
+                    logging.INFO, "h2: more than %d bytes of frames before a token was "
+                    "redeemed, GOAWAY ENHANCE_YOUR_CALM", MAX_REQUEST_HEAD)
                 self._send_goaway(ErrorCodes.ENHANCE_YOUR_CALM)
                 self.close("request head too large")
                 return
@@ -485,8 +488,9 @@ class H2PortForwardSession(ServerSession):
         except Refused as e:
             if self._closed:
                 return
-            log.info("h2 stream request %s %s refused: %d %s", headers.get(":method"),
-                     redact(path), e.status, e)
+            self.refusal_log.log(
+                logging.INFO, "h2 stream request %s %s refused: %d %s",
+                headers.get(":method"), redact(path), e.status, e)
             self._refuse_stream(sid, e, client_done)
             self.close(f"first stream refused: {e}")  # without a token it has no business
             return

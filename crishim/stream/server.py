@@ -15,6 +15,7 @@ from typing import cast
 
 import h11
 
+from crishim.budget import LogBudget
 from crishim.forward import ForwardContext
 from crishim.memory import MemoryReleaser
 from crishim.stream import portforward_h2, portforward_spdy, portforward_ws
@@ -82,7 +83,10 @@ class StreamServer:
         self.ssl_context = ssl_context
         self.request_timeout = request_timeout
         self.max_unadmitted = max_unadmitted
-        self.session_settings = SessionSettings(ctx, creation_timeout, idle_timeout)
+        self.refusal_log = LogBudget(log, ctx.flood.log_lines_per_second,
+                                     "%d more lines about refused stream requests not logged")
+        self.session_settings = SessionSettings(ctx, creation_timeout, idle_timeout,
+                                                self.refusal_log)
         self.admission = Admission(tokens, ctx, max_sessions,
                                    lambda: len(self.sessions), lambda: self.draining)
         self.sessions: set[ServerSession] = set()
@@ -212,8 +216,8 @@ class StreamServer:
                             lambda session, protocol: self.adopt(transport, session,
                                                                  protocol, rest)))
         except Refused as e:
-            log.info("stream request %s %s refused: %d %s", request.method,
-                     redact(request.target), e.status, e)
+            self.refusal_log.log(logging.INFO, "stream request %s %s refused: %d %s",
+                                 request.method, redact(request.target), e.status, e)
             transport.write(http1_refusal(e))
             transport.close()
         except Exception:
@@ -247,7 +251,8 @@ class StreamServer:
         timeout = self.request_timeout
 
         def timed_out() -> None:
-            log.info("h2: no token redeemed within %gs, closing", timeout)
+            self.refusal_log.log(logging.INFO, "h2: no token redeemed within %gs, closing",
+                                 timeout)
             session.close(f"no token redeemed within {timeout:g}s")
 
         timer = asyncio.get_running_loop().call_later(timeout, timed_out)
@@ -528,7 +533,8 @@ class _RequestProtocol(asyncio.Protocol):
             return
         self.done = True
         self.server.token_presented(self)
-        log.info("stream request refused: %d %s", refused.status, refused)
+        self.server.refusal_log.log(logging.INFO, "stream request refused: %d %s",
+                                    refused.status, refused)
         if self.transport is not None:
             self.transport.write(http1_refusal(refused))
             self.transport.close()

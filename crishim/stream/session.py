@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from crishim.budget import LogBudget
 from crishim.flow import READ_SIZE, read_buffer
 from crishim.forward import ForwardContext, ForwardedConnection, SessionBase
 from crishim.forward_udp import ForwardedFlow
@@ -235,6 +236,7 @@ class ServerSession(SessionBase, ABC):
             self.ctx.return_output(self._output_granted)
             self._output_granted = 0
         self._log_suppressed()
+        self.flush_connection_log()
         if close_transport:
             self.close_transport()
         if not self.connections:
@@ -302,6 +304,9 @@ class SessionSettings:
     ctx: ForwardContext
     creation_timeout: float
     idle_timeout: float
+    # lines about requests refused and connections failed before (or as) a token is
+    # redeemed: one budget for the whole server, since they need no token to cause
+    refusal_log: LogBudget
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import struct
 import threading
@@ -731,4 +732,57 @@ def test_a_session_admitted_while_the_output_budget_is_spent_gets_it_as_it_frees
             second.close()
         log = proc.log()
     assert log.count("granted after waiting") == 1
+    assert "Traceback" not in log
+
+
+def test_connection_lines_past_log_lines_per_second_are_counted_not_written(podnet):
+    """A session opening connections to a closed port within its stream budget wrote a
+    line each (4,481 a second from one session); past log_lines_per_second (bursts of
+    10x) they are counted and the count written. Another session's lines have their own
+    budget."""
+    from tests.support.podnet import CLOSED_PORT
+
+    with _serve(podnet, "--log-lines-per-second", "5") as proc:
+        with SpdyPortForwardClient(proc.port_forward_url(SANDBOX)) as client:
+            forwards = [client.forward(CLOSED_PORT) for _ in range(200)]
+            assert client.wait(lambda: all(f.finished() for f in forwards), 30)
+            with SpdyPortForwardClient(proc.port_forward_url(SANDBOX)) as other:
+                fwd = other.forward(ECHO_PORT)
+                fwd.send(b"x")
+                assert other.wait(lambda: bytes(fwd.received) == b"x")
+        deadline = time.monotonic() + 10
+        while "more connection lines not logged" not in proc.log() and \
+                time.monotonic() < deadline:
+            time.sleep(0.1)
+        log = proc.log()
+    refused = log.count(f"port={CLOSED_PORT} transport=spdy ended")
+    counted = [int(n) for n in re.findall(r"(\d+) more connection lines not logged", log)]
+    print(f"{refused} lines written, {counted} counted")
+    assert 50 <= refused < 100  # the burst, and what the rate gave meanwhile
+    assert refused + sum(counted) == 200  # every connection is a line or counted
+    assert f"port={ECHO_PORT} transport=spdy ended" in log  # the other session's own
+    assert "Traceback" not in log
+
+
+def test_refused_requests_past_log_lines_per_second_are_counted_not_written(podnet):
+    """Connections with a malformed request need no token: 2,246 lines a second. The
+    server's refusal lines share one budget."""
+    with _serve(podnet, "--log-lines-per-second", "5") as proc:
+        host, port = urlsplit(proc.port_forward_url(SANDBOX)).netloc.split(":")
+        for _ in range(300):
+            with socket.create_connection((host, int(port)), timeout=10) as s:
+                s.sendall(b"GARBAGE\r\n\r\n")
+                assert s.recv(100).startswith(b"HTTP/1.1 400")
+        _second_client_is_served(proc)
+        deadline = time.monotonic() + 10
+        while "refused stream requests not logged" not in proc.log() and \
+                time.monotonic() < deadline:
+            time.sleep(0.1)
+        log = proc.log()
+    written = log.count("stream request refused: 400")
+    counted = [int(n) for n in re.findall(
+        r"(\d+) more lines about refused stream requests not logged", log)]
+    print(f"{written} lines written, {counted} counted")
+    assert 50 <= written < 150
+    assert written + sum(counted) == 300
     assert "Traceback" not in log

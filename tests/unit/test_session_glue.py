@@ -9,6 +9,7 @@ import logging
 import socket
 from collections.abc import Callable
 
+from crishim.budget import LogBudget
 from crishim.config import Config
 from crishim.forward import ForwardContext
 from crishim.runtime import Sandbox
@@ -77,7 +78,8 @@ def test_an_exception_before_an_http2_token_is_redeemed_ends_only_that_session(c
         raise AssertionError("never reached")
 
     def h2(ctx: ForwardContext, transport: asyncio.Transport) -> ServerSession:
-        session = H2PortForwardSession(SessionSettings(ctx, 5.0, 0.0), transport.writelines,
+        settings = SessionSettings(ctx, 5.0, 0.0, LogBudget(logging.getLogger("t"), 0, "%d"))
+        session = H2PortForwardSession(settings, transport.writelines,
                                        transport.close, admit=admit)  # type: ignore[arg-type]
         assert session.sandbox is None
         return session
