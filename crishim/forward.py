@@ -568,10 +568,11 @@ class SessionBase:
         """The session's per-connection lines (and its flows'), within
         log_lines_per_second; made with the first, once the sandbox is known."""
         if self._connection_log is None:
+            sandbox = (self.sandbox.id if self.sandbox else "?").replace("%", "%%")
             self._connection_log = LogBudget(
                 log, self.ctx.flood.log_lines_per_second,
-                f"forward sandbox={self.sandbox.id if self.sandbox else '?'} "
-                f"transport={self.transport_name}: %d more connection lines not logged")
+                f"forward sandbox={sandbox} transport={self.transport_name}: %d more "
+                "connection lines not logged")
         return self._connection_log
 
     def flush_connection_log(self) -> None:
