@@ -53,9 +53,14 @@ class StreamPairs:
     """Pairs each forwarded connection's error and data streams by `requestid`, as SPDY
     and HTTP/2 carry them alike, and times out pairs that never complete."""
 
-    def __init__(self, timeout: float, on_timeout: Callable[[PendingPair], None]) -> None:
+    def __init__(self, timeout: float, on_timeout: Callable[[PendingPair], None],
+                 max_pending: int = 4096) -> None:
         self.timeout = timeout
         self.on_timeout = on_timeout
+        # pairs waiting for their other stream (~1 KiB each, for up to `timeout`): no more
+        # than the connections the session may hold, max_connections_per_session; a
+        # client opening only error streams held 8,200 (HTTP/2) or 10,000 (SPDY) a session
+        self.max_pending = max_pending
         self.pending: dict[str, PendingPair] = {}
         self.by_stream: dict[int, PendingPair] = {}
 
@@ -84,7 +89,12 @@ class StreamPairs:
         if request_id in live:
             raise Refused(400, f"a second {stream_type} stream for request {request_id}, "
                                "whose connection is live")
-        pair = self.pending.get(request_id) or PendingPair(request_id, port, protocol)
+        pair = self.pending.get(request_id)
+        if pair is None:
+            if len(self.pending) >= self.max_pending:
+                raise Refused(429, f"{self.max_pending} stream pairs already wait for their "
+                                   "other stream (max_connections_per_session)")
+            pair = PendingPair(request_id, port, protocol)
         slot = "data_id" if stream_type == STREAM_TYPE_DATA else "error_id"
         if getattr(pair, slot):
             raise Refused(400, f"a second {stream_type} stream for request {request_id}")

@@ -223,7 +223,8 @@ class H2PortForwardSession(ServerSession):
         self.codec.charge_frame = self._charge_frame
         self.codec.encoder = LiteralHeaderEncoder()  # responses: the same fields each time
         self._window_granted = 0  # taken from the server's buffer budget, returned at the end
-        self._pairs = StreamPairs(self.creation_timeout, self._pair_timed_out)
+        self._pairs = StreamPairs(self.creation_timeout, self._pair_timed_out,
+                                  self.ctx.max_per_session)
         self._by_stream: dict[int, ForwardedConnection | ForwardedFlow] = {}  # data stream id
         self._live_requests: dict[str, ForwardedConnection | ForwardedFlow] = {}  # request id
         self._version_chosen = False  # at the first forwarding stream, for the session

@@ -129,7 +129,8 @@ class SpdyPortForwardSession(ServerSession):
             max_inflated_per_receive=INFLATED_PER_RECEIVE))
         self._write_buffers = write_buffers
         self._close_transport = close
-        self._pairs = StreamPairs(creation_timeout, self._pair_timed_out)
+        self._pairs = StreamPairs(creation_timeout, self._pair_timed_out,
+                                  ctx.max_per_session)
         self._by_stream: dict[int, ForwardedConnection | ForwardedFlow] = {}
         self._goaway_seen = False
 

@@ -30,7 +30,7 @@ from hyperframe.frame import PingFrame, SettingsFrame
 from crishim.netns import bind_udp_in_netns, listen_in_netns, open_netns, socket_in_netns
 from crishim.protocols import websocket as ws
 from crishim.protocols.datagram import encode_datagram
-from crishim.protocols.spdy import GoAwayReceived, SpdyConfig, SpdyConnection
+from crishim.protocols.spdy import GoAwayReceived, SpdyConfig, SpdyConnection, StreamReset
 from tests.support import SANDBOX, status_mib
 from tests.support.crishim_proc import CrishimProcess
 from tests.support.h2_pf_client import H2Client
@@ -785,4 +785,39 @@ def test_refused_requests_past_log_lines_per_second_are_counted_not_written(podn
     print(f"{written} lines written, {counted} counted")
     assert 50 <= written < 150
     assert written + sum(counted) == 300
+    assert "Traceback" not in log
+
+
+def test_stream_pairs_waiting_for_their_other_stream_are_bounded_per_session(podnet):
+    """Error streams whose data stream never comes were held up to the transport's stream
+    limit (10,000 on SPDY, 8,200 on HTTP/2, ~1 KiB each for stream_creation_timeout);
+    now no more than max_connections_per_session wait: the next is refused, alone, and
+    once the waiting ones time out the session pairs again."""
+    with _serve(podnet, "--max-connections-per-session", "100",
+                "--stream-creation-timeout", "1s") as proc:
+        with SpdyPortForwardClient(proc.port_forward_url(SANDBOX)) as client:
+            sids = [client.session.open_stream({"streamtype": "error", "port": str(ECHO_PORT),
+                                                "requestid": f"lone-{i}"})
+                    for i in range(150)]
+            client.flush()
+            refused: dict[int, int] = {}
+            # these streams are not the test client's forwards: read their resets raw
+            deadline = time.monotonic() + 10
+            while len(refused) < 50 and time.monotonic() < deadline:
+                client.sock.settimeout(1)
+                try:
+                    data = client.sock.recv(65536)
+                except TimeoutError:
+                    continue
+                for ev in client.session.receive_data(data):
+                    if isinstance(ev, StreamReset):
+                        refused[ev.stream_id] = ev.status
+            assert sorted(refused) == sids[100:], sorted(refused)[:5]
+            assert not client.goaway
+            time.sleep(1.5)  # the 100 waiting pairs time out
+            fwd = client.forward(ECHO_PORT)
+            fwd.send(b"paired again")
+            assert client.wait(lambda: bytes(fwd.received) == b"paired again")
+        log = proc.log()
+    assert "100 stream pairs already wait for their other stream" in log
     assert "Traceback" not in log
