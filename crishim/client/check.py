@@ -107,6 +107,14 @@ class Checker:
                                   timeout=self.timeout, insecure=self.insecure,
                                   ca_file=self.ca_file)
 
+    async def shared_session(self) -> ClientSession:
+        """The session the data checks share, a new one once it takes no new connections
+        (ended, or the server sent GOAWAY)."""
+        session = self.session
+        if session is None or session.closed.done() or session.going_away:
+            session = self.session = await self.new_session(self.transport)
+        return session
+
     def peer(self, name: str) -> int:
         """The port of one of our servers in the sandbox (data checks run only with them)."""
         if self.peers is None:
@@ -122,9 +130,7 @@ class Checker:
         if self.transport == "websocket":
             session = own = await self.new_session("websocket", [port])
         else:
-            if self.session is None or self.session.closed.done():
-                self.session = await self.new_session(self.transport)
-            session = self.session
+            session = await self.shared_session()
         try:
             reader, writer = await session.open_stream(port)
             try:
@@ -181,11 +187,11 @@ class Checker:
 
     # --- checks -------------------------------------------------------------------------
     async def check_url(self) -> Outcome:
-        url = await self.url()
+        url = without_userinfo(await self.url())  # credentials are never shown
         m = URL_RE.match(url)
         if not m:
             return "fail", ("not an absolute http(s)://HOST:PORT/portforward/TOKEN URL: "
-                            + without_userinfo(url))
+                            + url)
         token = m.group(3)
         bits = len(token) * 6 if re.fullmatch(r"[A-Za-z0-9_-]+", token) else len(token) * 4
         result = "pass" if len(token) >= 8 else "warn"
@@ -197,11 +203,13 @@ class Checker:
         ports = [self.probe_port()] if transport == "websocket" else []
         url = await self.url(ports)
         first = await open_session(url, transport, ports, ping_interval=0,
-                                   insecure=self.insecure, ca_file=self.ca_file)
+                                   timeout=self.timeout, insecure=self.insecure,
+                                   ca_file=self.ca_file)
         first.close()
         try:
             second = await open_session(url, transport, ports, ping_interval=0,
-                                        insecure=self.insecure, ca_file=self.ca_file)
+                                        timeout=self.timeout, insecure=self.insecure,
+                                        ca_file=self.ca_file)
         except UpgradeRefused as e:
             return "pass", f"second use refused with {e.status}"
         second.close()
@@ -357,10 +365,9 @@ class Checker:
             return "the WebSocket channel protocol cannot carry UDP"
         if self.peers is None:
             return "needs a cooperating server in the sandbox (see below)"
-        if self.session is None or self.session.closed.done():
-            self.session = await self.new_session(self.transport)
-        version = await self.session.negotiate(self.timeout)
-        if not self.session.supports_udp:
+        session = await self.shared_session()
+        version = await session.negotiate(self.timeout)
+        if not session.supports_udp:
             return (f"the runtime's stream server negotiated {version}, not "
                     f"{PORTFORWARD_CRISHIM_V1}: it does not forward UDP")
         return ""
@@ -481,6 +488,8 @@ async def run(cri: CriClient, args: argparse.Namespace) -> int:
     except CriError as e:  # the endpoint itself is unusable: one line, like port-forward
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        cri.cancel_calls()  # Ctrl-C: a CRI call in its thread is not waited out
     if args.json:
         print(json.dumps(checker.report(), indent=2))
     else:

@@ -10,6 +10,24 @@ from crishim.client.transports import TRANSPORTS
 from crishim.memory import freeze_startup_objects, keep_heap_for_reads
 
 
+def _port(text: str) -> int:
+    """--port: 1 to 65535 in ASCII digits, as every port crishim parses."""
+    from crishim.ports import InvalidPort, parse_port
+
+    try:
+        return parse_port(text)
+    except InvalidPort as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _mebibytes(text: str) -> int:
+    """--size: a whole number of MiB, at least 1."""
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of MiB of 1 or "
+                                         "more")
+    return int(text)
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime-endpoint", metavar="unix:///PATH", default=None,
                    help="the CRI runtime's socket (a bare path works too) "
@@ -20,7 +38,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--certificate-authority", metavar="FILE",
                    help="for https stream URLs: trust this CA bundle (PEM)")
     p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="CRI call, connect and (--kubeconfig) pod GET timeout [default: 10]")
+                   help="timeout of the CRI call, the connect, the stream server's "
+                        "answer to the upgrade and (--kubeconfig) the pod GET "
+                        "[default: 10]")
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -42,7 +62,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                     "Prints 'Forwarding from 127.0.0.1:L -> R' per listener and "
                     "'Handling connection for L' per connection. One failed connection is "
                     "reported and the session goes on; an error text from the server, or "
-                    "losing the session, ends it with exit status 1; Ctrl-C or SIGTERM ends "
+                    "losing the session, ends it with exit status 1 (after the server's "
+                    "GOAWAY, live connections go on, new ones are refused and the session "
+                    "is lost with the last); Ctrl-C or SIGTERM, also while starting, ends "
                     "it with 0.")
     pf.add_argument("sandbox", metavar="TARGET",
                     help="pod sandbox id; with --kubeconfig: pod/NAME or NAME")
@@ -66,8 +88,10 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                     help="local addresses to listen on, repeatable or comma-separated; "
                          "'localhost' means 127.0.0.1 and ::1 [default: localhost]")
     pf.add_argument("--ping-interval", type=float, default=5.0, metavar="SECONDS",
-                    help="keepalive PING interval on SPDY and h2 sessions, 0 for none "
-                         "[default: 5, as client-go]")
+                    help="keepalive PING interval on SPDY and h2 sessions, 0 for none; "
+                         "a server that sends nothing at all, not even the answer, for "
+                         "--timeout seconds after a PING has stalled, and the session ends "
+                         "as lost [default: 5, as client-go]")
     pf.set_defaults(func=cmd_port_forward)
 
     ck = sub.add_parser(
@@ -81,7 +105,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                     "and skips the checks that need a cooperating server. Exit status 1 if "
                     "a required check fails.")
     ck.add_argument("--sandbox", required=True, metavar="ID", help="pod sandbox id")
-    ck.add_argument("--port", type=int, default=0, metavar="N",
+    ck.add_argument("--port", type=_port, default=0, metavar="N",
                     help="a port that accepts connections in the sandbox (used when "
                          "crishim check cannot start its own servers)")
     _add_common(ck)
@@ -93,11 +117,23 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                          "it (crishim without an upstream runtime)")
     ck.add_argument("--no-servers", action="store_true",
                     help="do not start servers in the sandbox even when possible")
-    ck.add_argument("--size", type=int, default=8, metavar="MIB",
+    ck.add_argument("--size", type=_mebibytes, default=8, metavar="MIB",
                     help="MiB moved each way by the SHA-256 and throughput checks "
                          "[default: 8]")
     ck.add_argument("--json", action="store_true", help="print the results as JSON")
     ck.set_defaults(func=cmd_check)
+
+
+def _bad_certificate_authority(args: argparse.Namespace) -> bool:
+    """Say why --certificate-authority cannot be used, once and before anything else
+    (not a traceback, or every check's detail, when an https URL first needs it)."""
+    from crishim.client.transports import ca_bundle_problem
+
+    path = args.certificate_authority
+    why = ca_bundle_problem(path) if path else ""
+    if why:
+        print(f"error: --certificate-authority {path}: {why}", file=sys.stderr)
+    return bool(why)
 
 
 def _endpoint(args: argparse.Namespace) -> str:
@@ -113,6 +149,8 @@ def cmd_port_forward(args: argparse.Namespace) -> int:
     from crishim.client.cri import CriClient, CriError
 
     keep_heap_for_reads()
+    if _bad_certificate_authority(args):
+        return 1
     if args.kubeconfig:
         return _port_forward_through_cluster(args)
     if args.context or args.namespace:
@@ -121,13 +159,13 @@ def cmd_port_forward(args: argparse.Namespace) -> int:
     try:
         if args.transport == "auto":
             raise portforward.UsageError("--transport auto needs --kubeconfig")
-        specs = [portforward.parse_port_spec(p) for p in args.ports]
+        specs = portforward.parse_port_specs(args.ports)
         cri = CriClient(_endpoint(args), timeout=args.timeout)
     except (portforward.UsageError, CriError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     opener = portforward.cri_opener(cri, args.sandbox, args.insecure_skip_tls_verify,
-                                    args.certificate_authority)
+                                    args.certificate_authority, args.timeout)
     freeze_startup_objects()
     with cri:
         return uvloop.run(portforward.run(
@@ -141,7 +179,7 @@ def _port_forward_through_cluster(args: argparse.Namespace) -> int:
     from crishim.client import cluster, portforward
 
     try:
-        specs = [portforward.parse_port_spec(p) for p in args.ports]
+        specs = portforward.parse_port_specs(args.ports)
         name = cluster.pod_name(args.sandbox)
         target = cluster.load_cluster(args.kubeconfig, args.context, args.namespace,
                                       args.insecure_skip_tls_verify,
@@ -166,6 +204,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     from crishim.client import check
     from crishim.client.cri import CriClient, CriError
 
+    if _bad_certificate_authority(args):
+        return 1
     try:
         cri = CriClient(_endpoint(args), timeout=args.timeout)
     except CriError as e:

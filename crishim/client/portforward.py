@@ -28,6 +28,7 @@ from crishim.client.transports import (
 )
 from crishim.client.udp import UdpListener
 from crishim.flow import read_buffer
+from crishim.ports import shown
 from crishim.protocols.constants import DIAL_ON_DATA, HEADER_CRISHIM_DIAL
 from crishim.sysutil import LISTEN_BACKLOG, read_now
 
@@ -63,11 +64,12 @@ class CriOpener:
     redeemable (404) or closed by the server meanwhile is replaced by a fresh one."""
 
     def __init__(self, cri: CriClient, sandbox: str, insecure: bool = False,
-                 ca_file: str | None = None) -> None:
+                 ca_file: str | None = None, timeout: float = 10.0) -> None:
         self.cri = cri
         self.sandbox = sandbox
         self.insecure = insecure
         self.ca_file = ca_file
+        self.timeout = timeout  # connect and upgrade answer (--timeout)
         # by ports: when it was asked for, and a URL or a session opened ahead
         self._spares: dict[tuple[int, ...],
                            tuple[float, asyncio.Future[str | ClientSession]]] = {}
@@ -79,7 +81,7 @@ class CriOpener:
         if transport != "websocket":
             return await open_session(await self._fetch(ports), transport, ports,
                                       ping_interval=ping_interval, insecure=self.insecure,
-                                      ca_file=self.ca_file)
+                                      ca_file=self.ca_file, timeout=self.timeout)
         spare = await self._take_spare(ports)
         session = spare if isinstance(spare, ClientSession) else None
         if isinstance(spare, str):
@@ -94,6 +96,7 @@ class CriOpener:
         return session
 
     def close(self) -> None:
+        self.cri.cancel_calls()  # a spare's, or the first one's at Ctrl-C: not waited for
         for timer in self._wanted.values():
             timer.cancel()
         self._wanted.clear()
@@ -112,7 +115,7 @@ class CriOpener:
         headers = [(HEADER_CRISHIM_DIAL, DIAL_ON_DATA)] if ahead else []
         session = await open_session(url, "websocket", ports, ping_interval=ping_interval,
                                      insecure=self.insecure, ca_file=self.ca_file,
-                                     headers=headers)
+                                     headers=headers, timeout=self.timeout)
         self.opens_ahead = bool(session.dial)
         if ahead and session.dial != DIAL_ON_DATA:  # dialled already: no connection's yet
             session.close()
@@ -171,9 +174,10 @@ def _close_unused(spare: asyncio.Future[str | ClientSession]) -> None:
 
 
 def cri_opener(cri: CriClient, sandbox: str, insecure: bool = False,
-               ca_file: str | None = None) -> CriOpener:
-    """Sessions to the stream URL the runtime's CRI PortForward issues for `sandbox`."""
-    return CriOpener(cri, sandbox, insecure, ca_file)
+               ca_file: str | None = None, timeout: float = 10.0) -> CriOpener:
+    """Sessions to the stream URL the runtime's CRI PortForward issues for `sandbox`;
+    `timeout` bounds each connect and upgrade answer."""
+    return CriOpener(cri, sandbox, insecure, ca_file, timeout)
 
 
 class UsageError(Exception):
@@ -195,30 +199,58 @@ class PortSpec:
 def parse_port_spec(text: str) -> PortSpec:
     """`5000`, `6000:5000`, `:5000`, `0:5000` (0 or empty: a free local port), each
     optionally ending in `/tcp` (the default) or `/udp`."""
+    spec = shown(text, 40)
     ports_text, slash, protocol = text.rpartition("/")
     if not slash:
         ports_text, protocol = text, "tcp"
     elif protocol not in ("tcp", "udp"):
-        raise UsageError(f"invalid port spec {text!r}: protocol {protocol!r} is not tcp or "
+        raise UsageError(f"invalid port spec {spec}: protocol {protocol!r} is not tcp or "
                          "udp")
     local_text, sep, remote_text = ports_text.partition(":")
     if not sep:
         local_text = remote_text = ports_text
     if ":" in remote_text or "/" in ports_text:
-        raise UsageError(f"invalid port spec {text!r}: expected [LOCAL:]REMOTE[/tcp|/udp]")
+        raise UsageError(f"invalid port spec {spec}: expected [LOCAL:]REMOTE[/tcp|/udp]")
     if local_text == "":
         local_text = "0"
     for what, value in (("local", local_text), ("remote", remote_text)):
-        if not value.isdigit():
-            raise UsageError(f"invalid port spec {text!r}: {what} port {value!r} is not a "
+        # ASCII only, as kubectl and crishim.ports.parse_port: '٨٠٨٠'.isdigit() too
+        if not (value.isascii() and value.isdigit()):
+            raise UsageError(f"invalid port spec {spec}: {what} port {shown(value)} is not a "
                              "number")
-    local, remote = int(local_text), int(remote_text)
+    local, remote = _port_value(local_text), _port_value(remote_text)
     if local > 65535:
-        raise UsageError(f"invalid port spec {text!r}: local port {local} is not in 0..65535")
+        raise UsageError(f"invalid port spec {spec}: local port {_cut(local_text)} is not "
+                         "in 0..65535")
     if not 1 <= remote <= 65535:
-        raise UsageError(f"invalid port spec {text!r}: remote port {remote} is not in "
-                         "1..65535")
+        raise UsageError(f"invalid port spec {spec}: remote port {_cut(remote_text)} is not "
+                         "in 1..65535")
     return PortSpec(local, remote, protocol)
+
+
+def _cut(digits: str) -> str:
+    return digits if len(digits) <= 12 else digits[:11] + "…"
+
+
+def _port_value(digits: str) -> int:
+    """The number, or 65536 for any longer one (int() refuses over 4300 digits)."""
+    significant = digits.lstrip("0")
+    return int(significant or "0") if len(significant) <= 5 else 65536
+
+
+def parse_port_specs(texts: list[str]) -> list[PortSpec]:
+    """Every spec of a command; a local port given twice for one protocol is refused up
+    front, not after 'Forwarding from' when its second listener finds it taken."""
+    specs = [parse_port_spec(text) for text in texts]
+    seen: dict[tuple[int, str], str] = {}
+    for text, spec in zip(texts, specs):
+        key = (spec.local, spec.protocol)
+        if spec.local and key in seen:
+            raise UsageError(f"invalid port specs {shown(seen[key])} and {shown(text)}: "
+                             f"local port {spec.local}"
+                             f"{'/udp' if spec.protocol == 'udp' else ''} is given twice")
+        seen.setdefault(key, text)
+    return specs
 
 
 def listen_hosts(addresses: list[str]) -> list[str]:
@@ -384,6 +416,7 @@ class PortForwarder:
         self.servers: list[asyncio.AbstractServer] = []
         self.udp_listeners: list[UdpListener] = []
         self.finished: asyncio.Future[tuple[int, str]] | None = None
+        self.stopped = False  # Ctrl-C or SIGTERM came
 
     async def start(self) -> asyncio.Future[tuple[int, str]]:
         """Connect and listen; the future resolves with (exit status, message) at the end."""
@@ -550,6 +583,7 @@ class PortForwarder:
             self.finished.set_result((code, message))
 
     def stop_requested(self) -> None:
+        self.stopped = True
         self._finish(0, "")
 
     def close(self) -> None:
@@ -572,11 +606,21 @@ async def run(opener: SessionOpener, specs: list[PortSpec], transport: str,
               hosts: list[str], ping_interval: float) -> int:
     forwarder = PortForwarder(opener, specs, transport, hosts, ping_interval)
     loop = asyncio.get_running_loop()
+    starting = asyncio.ensure_future(forwarder.start())
+
+    def stop() -> None:
+        forwarder.stop_requested()
+        starting.cancel()  # still waiting for the CRI call or the upgrade: given up
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, forwarder.stop_requested)
+        loop.add_signal_handler(sig, stop)
     try:
         try:
-            finished = await forwarder.start()
+            finished = await starting
+        except asyncio.CancelledError:
+            if forwarder.stopped:
+                return 0
+            raise
         except (CriError, SessionError, UsageError) as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             return 1

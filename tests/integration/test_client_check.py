@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 
 import pytest
 
+from tests.integration.test_client_portforward import (
+    HangingUp,
+    SilentListener,
+    UrlRuntime,
+    bad_ca_bundles,
+)
 from tests.support import SANDBOX
 from tests.support.podnet import HTTP_PORT
 
@@ -103,3 +110,119 @@ def test_check_unknown_sandbox_fails(crishim):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert "sandbox 'nope' not found" in r.stderr
+
+
+def test_check_against_a_stream_server_that_hangs_up_at_once_fails_each_check(tmp_path):
+    """Every session check fails with the reason in its detail, no traceback (uvloop's
+    transport, closed before the connect returned, raised RuntimeError)."""
+    listener = HangingUp()
+    runtime = UrlRuntime(str(tmp_path / "cri.sock"),
+                         f"http://127.0.0.1:{listener.port}/portforward/x")
+    try:
+        r = subprocess.run([sys.executable, "-m", "crishim", "check", "--sandbox", SANDBOX,
+                            "--runtime-endpoint", str(tmp_path / "cri.sock"), "--port", "80",
+                            "--no-servers", "--json"],
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        runtime.server.stop(0)
+        listener.close()
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stderr == ""
+    checks = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+    for name in ("token-single-use", "connect", *(f"handshake:{t}" for t in TRANSPORTS)):
+        assert checks[name]["result"] == "fail", checks[name]
+        assert "closed the connection" in checks[name]["detail"], checks[name]
+
+
+def test_ctrl_c_during_checks_cri_call_ends_it_with_130(tmp_path):
+    """Ctrl-C while the runtime does not answer the CRI call (with --timeout 60): the
+    call's thread is not waited out."""
+    silent = SilentListener(str(tmp_path / "cri.sock"))
+    proc = subprocess.Popen([sys.executable, "-m", "crishim", "check", "--sandbox", SANDBOX,
+                             "--runtime-endpoint", str(tmp_path / "cri.sock"), "--port", "80",
+                             "--timeout", "60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert silent.accepted.wait(20), "check never connected"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)  # not the 60 s --timeout
+        assert proc.returncode == 130, out + err
+        assert "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        silent.close()
+
+
+def test_check_timeout_bounds_every_upgrade_wait(tmp_path):
+    """--timeout governs token-single-use's upgrades as the handshakes' (it used 10 s)."""
+    silent = SilentListener()
+    runtime = UrlRuntime(str(tmp_path / "cri.sock"),
+                         f"http://127.0.0.1:{silent.sock.getsockname()[1]}/portforward/x")
+    try:
+        r = subprocess.run([sys.executable, "-m", "crishim", "check", "--sandbox", SANDBOX,
+                            "--runtime-endpoint", str(tmp_path / "cri.sock"), "--port", "80",
+                            "--no-servers", "--json", "--timeout", "0.5"],
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        runtime.server.stop(0)
+        silent.close()
+    assert r.returncode == 1, r.stdout + r.stderr
+    checks = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+    for name in ("token-single-use", "connect", *(f"handshake:{t}" for t in TRANSPORTS)):
+        assert checks[name]["result"] == "fail", checks[name]
+        assert checks[name]["detail"].endswith(" in 0.5s"), checks[name]
+
+
+@pytest.mark.parametrize("case", ["missing", "directory", "garbage"])
+def test_check_with_an_unusable_certificate_authority_fails_early_with_one_line(tmp_path,
+                                                                              case):
+    path, why = bad_ca_bundles(tmp_path)[case]
+    runtime = UrlRuntime(str(tmp_path / "cri.sock"), "https://127.0.0.1:1/portforward/x")
+    try:
+        r = subprocess.run([sys.executable, "-m", "crishim", "check", "--sandbox", SANDBOX,
+                            "--runtime-endpoint", str(tmp_path / "cri.sock"), "--port", "80",
+                            "--certificate-authority", path],
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        runtime.server.stop(0)
+    assert r.returncode == 1
+    assert r.stdout == ""
+    assert re.fullmatch(f"error: --certificate-authority {re.escape(path)}: {why}\n",
+                        r.stderr), r.stderr
+
+
+@pytest.mark.parametrize("output", ["--json", "table"])
+def test_check_never_shows_the_stream_urls_credentials(tmp_path, output):
+    runtime = UrlRuntime(str(tmp_path / "cri.sock"),
+                         "http://alice:secret@127.0.0.1:1/portforward/abcdefghijklmnopqrstuv")
+    try:
+        r = subprocess.run([sys.executable, "-m", "crishim", "check", "--sandbox", SANDBOX,
+                            "--runtime-endpoint", str(tmp_path / "cri.sock"), "--port", "80",
+                            "--no-servers", *([output] if output == "--json" else [])],
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        runtime.server.stop(0)
+    assert "secret" not in r.stdout + r.stderr
+    assert "alice" not in r.stdout + r.stderr
+    line = next(line for line in r.stdout.splitlines() if "cri-url" in line)
+    detail = json.loads(r.stdout)["checks"][0]["detail"] if output == "--json" else line
+    assert "http://***@127.0.0.1:1/portforward/…, token 22 chars" in detail, detail
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--port", "70000"], "argument --port: invalid port '70000': expected 1 to 65535"),
+    (["--port", "٨٠"], "argument --port: invalid port '٨٠': expected 1 to 65535 in "
+                        "ASCII digits"),
+    (["--size", "-1"], "argument --size: '-1' is not a whole number of MiB of 1 or more"),
+    (["--size", "0"], "argument --size: '0' is not a whole number of MiB of 1 or more"),
+])
+def test_check_refuses_a_bad_port_or_size_as_a_usage_error(tmp_path, option, message):
+    r = subprocess.run([sys.executable, "-m", "crishim", "check", "--sandbox", SANDBOX,
+                        "--runtime-endpoint", str(tmp_path / "none.sock"), *option],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.splitlines()[-1] == f"crishim check: error: {message}", r.stderr
+    assert r.stdout == ""
+

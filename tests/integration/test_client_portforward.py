@@ -22,6 +22,7 @@ import pytest
 import tests.support.podnet as podnet_module
 from crishim.cri import api_pb2
 from tests.support import SANDBOX, peers, until
+from tests.support.crishim_proc import CrishimProcess
 from tests.support.podnet import (
     ECHO_PORT,
     HTTP_BODY,
@@ -366,6 +367,86 @@ def test_sigterm_ends_cleanly(crishim, transport):
         assert cli.proc.wait(15) == 0
 
 
+def _roundtrip(sock: socket.socket, payload: bytes) -> bytes:
+    sock.sendall(payload)
+    got = b""
+    while len(got) < len(payload):
+        chunk = sock.recv(len(payload) - len(got))
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def _wait_for_goaway(cli: PortForwardCLI, local: int) -> None:
+    """New local connections until one is refused for the server's GOAWAY (those made
+    before it reached the client are refused by the draining server instead)."""
+    deadline = time.monotonic() + 15
+    while not any("takes no new connections" in line for line in cli.stderr):
+        assert time.monotonic() < deadline, cli.stderr
+        assert cli.proc.poll() is None, cli.stderr
+        with socket.create_connection(("127.0.0.1", local), timeout=10) as s:
+            s.sendall(b"x")
+            try:
+                s.recv(10)
+            except OSError:
+                pass
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("transport", ["spdy", "spdy-over-websocket"])
+def test_a_live_connection_outlives_the_servers_goaway_until_the_drain_deadline(
+        podnet, transport):
+    """crishim serve draining (SIGTERM) sends GOAWAY: as spdystream (kubectl), the live
+    connection goes on, new ones are refused with an E line, and the server's close at
+    its drain deadline ends the command as a lost session."""
+    server = CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}",
+                            "--drain-timeout", "4s").start()
+    local = free_port()
+    try:
+        with PortForwardCLI(server, f"{local}:{ECHO_PORT}", transport=transport) as cli:
+            cli.forwarding(1)
+            with socket.create_connection(("127.0.0.1", local), timeout=20) as live:
+                assert _roundtrip(live, b"before") == b"before"
+                server.proc.send_signal(signal.SIGTERM)
+                _wait_for_goaway(cli, local)
+                line = cli.wait_stderr(r"takes no new connections")
+                assert line.startswith("E") and f"error forwarding port {local} -> " \
+                    f"{ECHO_PORT}: the server sent GOAWAY" in line, line
+                for i in range(3):  # still carried while the server drains
+                    assert _roundtrip(live, b"during %d" % i) == b"during %d" % i
+                    assert cli.proc.poll() is None, cli.stderr
+                assert cli.proc.wait(20) == 1  # the drain deadline closed the session
+            assert cli.stderr[-1].startswith("error: lost connection to pod ("), cli.stderr
+            assert not any("Traceback" in line for line in cli.stderr)
+        assert server.proc.wait(20) == 0
+    finally:
+        server.stop()
+
+
+def test_after_goaway_the_last_connection_ending_ends_port_forward(podnet):
+    """The session ends with its last live connection once the server sent GOAWAY (it
+    takes no new ones): the command ends as on a lost session, without waiting for the
+    server's drain deadline."""
+    server = CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}",
+                            "--drain-timeout", "60s").start()
+    local = free_port()
+    try:
+        with PortForwardCLI(server, f"{local}:{ECHO_PORT}") as cli:
+            cli.forwarding(1)
+            with socket.create_connection(("127.0.0.1", local), timeout=20) as live:
+                assert _roundtrip(live, b"before") == b"before"
+                server.proc.send_signal(signal.SIGTERM)
+                _wait_for_goaway(cli, local)
+                assert _roundtrip(live, b"still") == b"still"
+            assert cli.proc.wait(20) == 1
+            assert cli.stderr[-1] == \
+                "error: lost connection to pod (the server sent GOAWAY (status 0))", cli.stderr
+        assert server.proc.wait(20) == 0  # its last session ended with the client's
+    finally:
+        server.stop()
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -388,11 +469,21 @@ def assert_one_error_line(r: subprocess.CompletedProcess, pattern: str) -> None:
     ("70000:80", r"local port 70000"),
     ("5000:0", r"remote port 0"),
     (":", r"invalid port spec"),
+    ("٨٠٨٠", r"local port '٨٠٨٠' is not a number"),
 ])
 def test_bad_spec_is_one_line_and_nonzero(crishim, spec, pattern):
     r = run_cli(SANDBOX, spec, "--runtime-endpoint", crishim.socket)
     assert_one_error_line(r, pattern)
     assert r.stdout == ""
+
+
+def test_a_local_port_given_twice_is_refused_before_forwarding(crishim):
+    port = free_port()
+    r = run_cli(SANDBOX, f"{port}:{HTTP_PORT}", f"{port}:{ECHO_PORT}", "--runtime-endpoint",
+                crishim.socket)
+    assert_one_error_line(r, rf"^error: invalid port specs '{port}:{HTTP_PORT}' and "
+                             rf"'{port}:{ECHO_PORT}': local port {port} is given twice$")
+    assert r.stdout == ""  # no 'Forwarding from' for the first one
 
 
 def test_local_port_in_use_is_one_line_and_nonzero(crishim):
@@ -534,6 +625,306 @@ def test_a_malformed_stream_url_from_the_runtime_is_one_line_and_nonzero(tmp_pat
     assert_one_error_line(r, r"^error: cannot use stream URL '.+: " + pattern)
     assert len(r.stderr) < 300, r.stderr
     assert "secret" not in r.stderr  # a URL's credentials are never shown
+
+
+class HangingUp:
+    """A stream server that closes every connection as soon as it has accepted it."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                self.sock.accept()[0].close()
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_stream_server_that_hangs_up_at_once_is_one_line_every_time(tmp_path, transport):
+    """It accepts and closes: however the close races the connect (uvloop's transport is
+    closed by the time the connect returns, or not), one line and exit 1."""
+    listener = HangingUp()
+    runtime = UrlRuntime(str(tmp_path / "cri.sock"),
+                         f"http://127.0.0.1:{listener.port}/portforward/x")
+    try:
+        for _ in range(3):
+            r = run_cli(SANDBOX, ":80", "--runtime-endpoint", f"unix://{tmp_path}/cri.sock",
+                        "--transport", transport)
+            assert r.returncode == 1
+            assert_one_error_line(r, r"^error: the server closed the connection before")
+    finally:
+        runtime.server.stop(0)
+        listener.close()
+
+
+class SilentListener:
+    """A listening socket (unix or TCP) that accepts and never answers; `accepted` is set
+    once a client connected."""
+
+    def __init__(self, unix_path: str | None = None) -> None:
+        if unix_path:
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.bind(unix_path)
+        else:
+            self.sock = socket.socket()
+            self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.accepted = threading.Event()
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                self.held.append(self.sock.accept()[0])
+            except OSError:
+                return
+            self.accepted.set()
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("waiting_for", ["cri-call", "upgrade"])
+def test_a_signal_while_starting_ends_port_forward_with_0(tmp_path, sig, waiting_for):
+    """Ctrl-C or SIGTERM while the CRI PortForward or the upgrade is unanswered (with
+    --timeout 60) ends the command at once, as it does once forwarding."""
+    if waiting_for == "cri-call":
+        silent = SilentListener(str(tmp_path / "cri.sock"))
+        runtime = None
+    else:
+        silent = SilentListener()
+        runtime = UrlRuntime(str(tmp_path / "cri.sock"),
+                             f"http://127.0.0.1:{silent.sock.getsockname()[1]}/portforward/x")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crishim", "port-forward", SANDBOX, f"{free_port()}:80",
+         "--runtime-endpoint", str(tmp_path / "cri.sock"), "--timeout", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert silent.accepted.wait(20), "port-forward never connected"
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=20)  # not the 60 s --timeout
+        assert (proc.returncode, out, err) == (0, "", "")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        silent.close()
+        if runtime is not None:
+            runtime.server.stop(0)
+
+
+class SettingsOnlyH2:
+    """An HTTP/2 stream server that sends its SETTINGS and answers no stream."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import h2.config
+        import h2.connection
+
+        while True:
+            try:
+                conn = self.sock.accept()[0]
+            except OSError:
+                return
+            h2conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+            h2conn.initiate_connection()
+            try:
+                with conn:
+                    conn.sendall(h2conn.data_to_send())
+                    while data := conn.recv(65536):
+                        h2conn.receive_data(data)  # SETTINGS acknowledged, no answers
+                        conn.sendall(h2conn.data_to_send())
+            except Exception:  # noqa: BLE001 - the client hung up or broke the protocol
+                continue
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_timeout_bounds_the_wait_for_the_upgrade_answer(tmp_path, transport):
+    """--timeout governs the upgrade as it does the CRI call (it was always 10 s)."""
+    silent = SilentListener()
+    runtime = UrlRuntime(str(tmp_path / "cri.sock"),
+                         f"http://127.0.0.1:{silent.sock.getsockname()[1]}/portforward/x")
+    try:
+        r = run_cli(SANDBOX, f"{free_port()}:80", "--runtime-endpoint",
+                    str(tmp_path / "cri.sock"), "--transport", transport, "--timeout", "0.5")
+    finally:
+        runtime.server.stop(0)
+        silent.close()
+    if transport == "h2":
+        assert_one_error_line(r, r"^error: no HTTP/2 SETTINGS from 127\.0\.0\.1:\d+ in 0\.5s$")
+    else:
+        assert_one_error_line(r, r"^error: no answer to the upgrade from 127\.0\.0\.1:\d+ "
+                                 r"in 0\.5s$")
+
+
+def test_timeout_bounds_h2_stream_version_negotiation(tmp_path):
+    """A UDP spec on h2 asks the server its stream protocol version: --timeout bounds the
+    wait for the answer too."""
+    server = SettingsOnlyH2()
+    runtime = UrlRuntime(str(tmp_path / "cri.sock"),
+                         f"http://127.0.0.1:{server.port}/portforward/x")
+    try:
+        r = run_cli(SANDBOX, f"{free_port()}:53/udp", "--runtime-endpoint",
+                    str(tmp_path / "cri.sock"), "--transport", "h2", "--timeout", "0.5")
+    finally:
+        runtime.server.stop(0)
+        server.close()
+    assert_one_error_line(r, r"^error: cannot learn the server's stream protocol version: "
+                             r"no answer in 0\.5s$")
+
+
+def bad_ca_bundles(tmp_path) -> dict[str, tuple[str, str]]:
+    """--certificate-authority values that cannot be loaded, and why, by case."""
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    return {"missing": (str(tmp_path / "none.pem"), "No such file or directory"),
+            "directory": (str(tmp_path), "Is a directory"),
+            "garbage": (str(garbage), r"not a PEM CA bundle \(no certificate or crl found\)")}
+
+
+@pytest.mark.parametrize("case", ["missing", "directory", "garbage"])
+@pytest.mark.parametrize("through", ["cri", "kubeconfig"])
+def test_an_unusable_certificate_authority_is_one_line(tmp_path, case, through):
+    path, why = bad_ca_bundles(tmp_path)[case]
+    runtime = UrlRuntime(str(tmp_path / "cri.sock"), "https://127.0.0.1:1/portforward/x")
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+        "clusters: [{name: k, cluster: {server: 'https://127.0.0.1:1'}}]\n"
+        "contexts: [{name: c, context: {cluster: k, user: u}}]\n"
+        "users: [{name: u, user: {token: t}}]\n")
+    target = ["--kubeconfig", str(kubeconfig)] if through == "kubeconfig" else \
+        ["--runtime-endpoint", str(tmp_path / "cri.sock")]
+    try:
+        r = run_cli(SANDBOX, f"{free_port()}:80", *target, "--certificate-authority", path)
+    finally:
+        runtime.server.stop(0)
+    assert r.returncode == 1
+    assert_one_error_line(r, f"^error: --certificate-authority {re.escape(path)}: {why}$")
+    assert r.stdout == ""
+
+
+class StalledAfterUpgrade:
+    """A stream server that accepts the upgrade (SPDY's or the WebSocket's 101, HTTP/2's
+    SETTINGS) and then reads on but never writes again: a stopped or wedged server."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn = self.sock.accept()[0]
+            except OSError:
+                return
+            self.held.append(conn)
+            threading.Thread(target=self._upgrade_then_stall, args=(conn,),
+                             daemon=True).start()
+
+    @staticmethod
+    def _upgrade_then_stall(conn: socket.socket) -> None:
+        import base64
+        import hashlib
+
+        try:
+            head = conn.recv(65536)
+            if head.startswith(b"PRI * HTTP/2.0"):
+                conn.sendall(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # empty SETTINGS
+            elif key := re.search(rb"(?i)sec-websocket-key:\s*(\S+)", head):
+                accept = base64.b64encode(hashlib.sha1(
+                    key.group(1) + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+                conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                             b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept +
+                             b"\r\nSec-WebSocket-Protocol: SPDY/3.1+portforward.k8s.io"
+                             b"\r\n\r\n")
+            else:
+                conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                             b"Upgrade: SPDY/3.1\r\n"
+                             b"X-Stream-Protocol-Version: portforward.k8s.io\r\n\r\n")
+            while conn.recv(65536):
+                pass
+        except OSError:
+            return
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.mark.parametrize("transport", ["spdy", "spdy-over-websocket", "h2"])
+def test_a_server_that_stalls_after_the_upgrade_ends_the_session_after_a_ping(tmp_path,
+                                                                             transport):
+    """It never answers the keepalive PING, nor sends anything else: the session is lost
+    once --timeout has passed after a PING (new connections hung without an error)."""
+    server = StalledAfterUpgrade()
+    runtime = UrlRuntime(str(tmp_path / "cri.sock"),
+                         f"http://127.0.0.1:{server.port}/portforward/x")
+    local = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crishim", "port-forward", SANDBOX, f"{local}:80",
+         "--runtime-endpoint", str(tmp_path / "cri.sock"), "--transport", transport,
+         "--ping-interval", "0.5", "--timeout", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=30)  # it ends by itself
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        runtime.server.stop(0)
+        server.close()
+    assert proc.returncode == 1
+    assert out.startswith(f"Forwarding from 127.0.0.1:{local} -> 80\n"), out
+    assert err == "error: lost connection to pod (the server answered no PING in 1s)\n", err
+
+
+def test_a_paused_local_reader_does_not_make_a_busy_session_look_stalled(crishim):
+    """A download whose local reader stops for a while pauses the session's reading, and
+    the server's PING answers wait unread behind its data: that is not a stalled server
+    (bytes wait in the socket), and the session goes on with short --timeout pings."""
+    local = free_port()
+    size = 64 << 20
+    with PortForwardCLI(crishim, f"{local}:{SOURCE_PORT}",
+                        extra=("--ping-interval", "0.2", "--timeout", "0.5")) as cli:
+        cli.forwarding(1)
+        with socket.create_connection(("127.0.0.1", local), timeout=20) as s:
+            s.sendall(f"{size}\n".encode())
+            got = bytearray(s.recv(1 << 20))
+            time.sleep(3)  # not reading: many PING intervals and timeouts pass
+            while chunk := s.recv(1 << 20):
+                got += chunk
+        assert hashlib.sha256(got).digest() == hashlib.sha256(source_bytes(size)).digest()
+        assert cli.proc.poll() is None, cli.stderr
+        assert cli.interrupt() == 0
+        assert not cli.stderr
 
 
 def test_websocket_connections_use_a_session_opened_after_the_last_opened(crishim):

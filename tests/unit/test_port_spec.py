@@ -2,7 +2,7 @@
 
 import pytest
 
-from crishim.client.portforward import PortSpec, UsageError, parse_port_spec
+from crishim.client.portforward import PortSpec, UsageError, parse_port_spec, parse_port_specs
 
 
 @pytest.mark.parametrize("text, spec", [
@@ -25,6 +25,10 @@ def test_valid_specs(text, spec):
     ("53/udp/udp", "expected"),
     ("x:53/udp", "local port 'x'"),
     (":0/udp", "remote port 0"),
+    ("٨٠٨٠", "local port '٨٠٨٠' is not a number"),  # Arabic-Indic digits: ASCII only
+    ("8080:８０", "remote port '８０' is not a number"),  # fullwidth
+    ("²", "local port '²' is not a number"),  # isdigit(), but int() refuses it
+    ("1" * 5000, r"local port 11111111111… is not in 0\.\.65535"),  # int() refuses it too
 ])
 def test_invalid_specs(text, message):
     with pytest.raises(UsageError, match=message):
@@ -34,3 +38,24 @@ def test_invalid_specs(text, message):
 def test_output_names_udp_ports():
     assert parse_port_spec("5353:53/udp").remote_text == "53/udp"
     assert parse_port_spec("8080").remote_text == "8080"
+
+
+def test_leading_zeros_are_the_same_port():
+    assert parse_port_spec("0000000080:08080") == PortSpec(80, 8080)
+
+
+@pytest.mark.parametrize("texts, message", [
+    (["28083:8080", "28083:8080"], "'28083:8080' and '28083:8080': local port 28083 is given "
+                                   "twice"),
+    (["5000", "5000:80/tcp"], "local port 5000 is given twice"),
+    (["53/udp", "53:5353/udp"], "local port 53/udp is given twice"),
+])
+def test_a_local_port_given_twice_is_refused(texts, message):
+    with pytest.raises(UsageError, match=message):
+        parse_port_specs(texts)
+
+
+def test_the_same_number_for_tcp_and_udp_and_free_ports_twice_are_fine():
+    assert parse_port_specs(["53", "53/udp", ":80", "0:80"]) == [
+        PortSpec(53, 53), PortSpec(53, 53, "udp"), PortSpec(0, 80), PortSpec(0, 80)]
+

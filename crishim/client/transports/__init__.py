@@ -32,7 +32,6 @@ from urllib.parse import urlsplit
 
 from crishim.client.transports.base import (
     OPEN_AHEAD_AFTER_REPLY,
-    SESSION_WRITE_HIGH_WATER,
     ClientSession,
     ForwardError,
     ForwardStream,
@@ -42,6 +41,7 @@ from crishim.client.transports.base import (
     UdpNotSupported,
     UpgradeProtocol,
     UpgradeRefused,
+    ca_bundle_problem,
     ssl_context_for,
 )
 from crishim.client.transports.h2 import open_h2
@@ -53,8 +53,8 @@ from crishim.protocols.negotiation import client_offer
 __all__ = [
     "OPEN_AHEAD_AFTER_REPLY",
     "TRANSPORTS", "ClientSession", "ForwardError", "ForwardStream", "SessionClosed",
-    "SessionError", "Transport", "UdpNotSupported", "UpgradeRefused", "open_session",
-    "without_userinfo",
+    "SessionError", "Transport", "UdpNotSupported", "UpgradeRefused", "ca_bundle_problem",
+    "open_session", "without_userinfo",
     "ssl_context_for",
     "transport_named",
 ]
@@ -121,8 +121,9 @@ async def open_session(url: str, transport: str = "spdy", ports: Sequence[int] =
 
     `ports` is needed by the channel WebSocket (added as ?port= unless the URL has some);
     the other transports take ports per connection. SPDY and h2 sessions ping every
-    `ping_interval` seconds (0: never). Raises SessionError / UpgradeRefused, and
-    ValueError for an unknown transport."""
+    `ping_interval` seconds (0: never). `timeout` bounds the connect and the server's
+    answer to the upgrade (h2: its SETTINGS), and is the session's negotiate() default.
+    Raises SessionError / UpgradeRefused, and ValueError for an unknown transport."""
     kind = transport_named(transport)
     try:  # the runtime's URL: a port over 65535 or not digits, an unclosed [ raise here
         u = urlsplit(url)
@@ -146,9 +147,12 @@ async def open_session(url: str, transport: str = "spdy", ports: Sequence[int] =
     loop = asyncio.get_running_loop()
     conn = UpgradeProtocol(loop)
     try:
-        tr, _ = await asyncio.wait_for(loop.create_connection(
-            lambda: conn, host, port, ssl=ssl_context,
-            server_hostname=host if ssl_context is not None else None), timeout)
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a cancellation (Ctrl-C)
+        # that comes as the connect completes, and the upgrade would be waited for
+        async with asyncio.timeout(timeout):
+            tr, _ = await loop.create_connection(
+                lambda: conn, host, port, ssl=ssl_context,
+                server_hostname=host if ssl_context is not None else None)
     except TimeoutError:
         raise SessionError(f"connecting to {u.netloc} timed out after {timeout:g}s") from None
     except ssl.SSLCertVerificationError as e:
@@ -161,7 +165,8 @@ async def open_session(url: str, transport: str = "spdy", ports: Sequence[int] =
     except ValueError as e:  # a host name idna cannot encode (a label over 63), a NUL in it
         raise SessionError(f"cannot use stream URL {shown(url, 120)}: bad host name: {e}"
                            ) from None
-    tr.set_write_buffer_limits(high=SESSION_WRITE_HIGH_WATER)
+    if tr.is_closing():  # hung up before the upgrade went out: nothing may be written
+        raise SessionError("the server closed the connection before answering")
     try:
         versions = tuple(client_offer(udp=offer_udp))
         session = await kind.open(conn, Target(u.netloc, u.scheme, path, tuple(headers),
@@ -169,5 +174,6 @@ async def open_session(url: str, transport: str = "spdy", ports: Sequence[int] =
     except BaseException:
         tr.abort()
         raise
+    session.answer_timeout = timeout
     session.start_keepalive(ping_interval)
     return session

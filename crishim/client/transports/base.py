@@ -8,7 +8,10 @@ read into the codec's frames and none on the way out (codec buffers go to writel
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import ssl
+import sys
+import termios
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -76,11 +79,30 @@ class ForwardError(Exception):
         self.fatal = fatal
 
 
+def ca_bundle_problem(path: str) -> str:
+    """Why the CA bundle at `path` cannot be used (missing, a directory, not PEM), or ""
+    if it can: said before the first https URL needs it, not as a traceback then."""
+    try:
+        ssl.create_default_context(cafile=path)
+    except OSError as e:
+        return _why_not_loaded(e)
+    return ""
+
+
+def _why_not_loaded(e: OSError) -> str:
+    if isinstance(e, ssl.SSLError):  # read, but no certificate in it or a broken one
+        return f"not a PEM CA bundle ({(e.reason or str(e)).lower().replace('_', ' ')})"
+    return e.strerror or str(e)
+
+
 def ssl_context_for(url: str, insecure: bool = False, ca_file: str | None = None,
                     alpn: list[str] | None = None) -> ssl.SSLContext | None:
     if urlsplit(url).scheme != "https":
         return None
-    ctx = ssl.create_default_context(cafile=ca_file or None)
+    try:
+        ctx = ssl.create_default_context(cafile=ca_file or None)
+    except OSError as e:
+        raise SessionError(f"CA bundle {ca_file}: {_why_not_loaded(e)}") from None
     if insecure:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
@@ -320,6 +342,7 @@ class ClientSession:
     the session opens no more ahead."""
 
     transport_name = "?"
+    has_ping = False  # a session-level PING (SPDY, HTTP/2): ping(), keepalive
     has_error_stream = True
     error_text_is_fatal = True
     opens_ahead = False  # the transport's streams carry headers (SPDY, HTTP/2)
@@ -336,6 +359,10 @@ class ClientSession:
         # done when a stream's first bytes come back or a stream or the session ends
         self.replied: asyncio.Future[None] = loop.create_future()
         self.connected_at = time.perf_counter()
+        # open_session's timeout: how long the server may take to answer (negotiate()'s
+        # default, a keepalive PING)
+        self.answer_timeout = 10.0
+        self.reads = 0  # reads from the server so far (a stalled server makes none)
         self._ping_task: asyncio.Task[None] | None = None
         self._pings: dict[object, tuple[float, asyncio.Future[float]]] = {}  # by ping key
         # the stream protocol version the server picked (None: HTTP/2 before it answered)
@@ -345,6 +372,9 @@ class ClientSession:
         # 101): on-data (opened ahead: its ports wait for a first message), at-once, or ""
         # (a server that does not say: not crishim serve)
         self.dial = ""
+        # why the server takes no new streams (SPDY GOAWAY), "" while it does: live
+        # connections go on, new ones are refused, the session ends with the last one
+        self.going_away = ""
         self._ahead: dict[int, ForwardStream] = {}  # by port: a pair opened ahead, unused
         self._opening_ahead: dict[int, asyncio.TimerHandle] = {}  # by port: due to open
 
@@ -354,9 +384,10 @@ class ClientSession:
         """Whether the server negotiated crishim's extension (UDP flows)."""
         return carries_udp(self.stream_version)
 
-    async def negotiate(self, timeout: float = 10.0) -> str | None:
+    async def negotiate(self, timeout: float | None = None) -> str | None:
         """The stream protocol version, asking the server first where the upgrade did not
-        say (HTTP/2)."""
+        say (HTTP/2), for at most `timeout` seconds (default: the session's
+        answer_timeout, open_session's `timeout`)."""
         return self.stream_version
 
     async def open_connection(self, port: int, protocol_factory: Callable[[], asyncio.Protocol],
@@ -372,6 +403,9 @@ class ClientSession:
         UdpNotSupported."""
         if self.closed.done():
             raise SessionClosed(f"session closed: {self.closed.result()}")
+        if self.going_away:
+            raise SessionClosed(f"{self.going_away}: it takes no new connections on this "
+                                "session")
         if ip_protocol == UDP:
             if self.stream_version is None:
                 raise SessionError("the server has not said yet which stream protocol it "
@@ -472,6 +506,9 @@ class ClientSession:
         if stream.error_id is not None:
             self._error_streams.pop(stream.error_id, None)
         self.read_gate.resume(stream, self.transport)
+        if self.going_away and not self.streams:
+            # after the stream has told its protocol (an E line before the session's end)
+            self.loop.call_soon(self._end_when_idle)
 
     def _write_raw(self, out: list[bytes | memoryview] | list[Buffer]) -> None:
         """Hand the codec's output buffers to the transport as they are (no join copy)."""
@@ -480,18 +517,29 @@ class ClientSession:
             t.writelines(out)
 
     def start_keepalive(self, interval: float) -> None:
-        if interval > 0:
+        if interval > 0 and self.has_ping:
             self._ping_task = self.loop.create_task(self._keepalive(interval))
 
     async def _keepalive(self, interval: float) -> None:
+        """A PING every `interval`. A server that then sends nothing at all, not the answer
+        nor any other byte, for answer_timeout is stalled (stopped, or gone without a FIN
+        or RST): the session ends as lost instead of new connections hanging on it."""
         while not self.closed.done():
             await asyncio.sleep(interval)
-            if self.closed.done():
+            reads = self.reads
+            try:
+                await self.ping(self.answer_timeout)
+            except SessionClosed:
                 return
-            self._send_ping()
-
-    def _send_ping(self) -> None:
-        return None
+            except TimeoutError:
+                # bytes the session has not read (its reading paused for a slow local
+                # reader) came from the server too
+                if (not self.closed.done() and self.reads == reads
+                        and not _unread_bytes(self.transport)):
+                    self._lost(f"the server answered no PING in {self.answer_timeout:g}s")
+                    if self.transport is not None:
+                        self.transport.abort()
+                    return
 
     def reply_came(self, stream: ForwardStream | None = None) -> None:
         """A stream's first bytes came back, or it ended."""
@@ -510,7 +558,7 @@ class ClientSession:
     # --- pairs opened ahead -------------------------------------------------------------
     def _may_open_ahead(self) -> bool:
         return (self.open_ahead and self.stream_version == PORTFORWARD_CRISHIM_V1
-                and not self.closed.done())
+                and not self.closed.done() and not self.going_away)
 
     def _open_ahead_after(self, stream: ForwardStream) -> None:
         """After `stream` (a TCP connection) has its first reply: its port's next pair."""
@@ -555,6 +603,25 @@ class ClientSession:
         raise NotImplementedError
 
     # --- transport events ---------------------------------------------------------------
+    def _go_away(self, reason: str) -> None:
+        """The server takes no new streams (SPDY GOAWAY). As spdystream (kubectl) does,
+        live connections go on until they end or the server closes; pairs opened ahead
+        are reset, new connections refused, and the session ends with its last one."""
+        if self.going_away or self.closed.done():
+            return
+        self.going_away = reason
+        for timer in self._opening_ahead.values():
+            timer.cancel()
+        self._opening_ahead.clear()
+        for stream in list(self._ahead.values()):
+            stream.abort()  # unused: no connection of the session's will take it
+        self._end_when_idle()
+
+    def _end_when_idle(self) -> None:
+        if self.going_away and not self.streams and not self.closed.done():
+            self._lost(self.going_away)
+            self.close()
+
     def _lost(self, reason: str) -> None:
         if self.closed.done():
             return
@@ -583,6 +650,18 @@ class ClientSession:
         self.writing_paused = False
         for stream in list(self.streams.values()):
             stream._unblock_writing("session")
+
+
+def _unread_bytes(transport: asyncio.BaseTransport | None) -> int:
+    """Bytes waiting in the connection's socket that its transport has not read."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return 0
+    try:
+        return int.from_bytes(fcntl.ioctl(sock.fileno(), termios.FIONREAD, bytes(4)),
+                              sys.byteorder)
+    except (OSError, ValueError):  # closed meanwhile
+        return 0
 
 
 # --------------------------------------------------------------------------- upgrading
@@ -637,6 +716,9 @@ class UpgradeProtocol(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # a stream connection's transport; uvloop's does not subclass asyncio.Transport
         self._transport = cast(asyncio.Transport, transport)
+        # here, not once connected: a server that hangs up at once may have had it closed
+        # by then, and uvloop's transport raises RuntimeError for a closed one
+        self._transport.set_write_buffer_limits(high=SESSION_WRITE_HIGH_WATER)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return read_buffer()
@@ -647,6 +729,7 @@ class UpgradeProtocol(asyncio.BufferedProtocol):
     def data_received(self, data: bytes) -> None:
         session = self.session
         if session is not None:
+            session.reads += 1
             session.receive(data)
             return
         self.buffer += data
@@ -721,7 +804,8 @@ class UpgradeProtocol(asyncio.BufferedProtocol):
         if not self._body_kept():  # the head's read may have brought enough
             self.transport.resume_reading()
             try:
-                await asyncio.wait_for(asyncio.shield(self.body_done), timeout)
+                async with asyncio.timeout(timeout):  # (not wait_for: see read_upgrade_answer)
+                    await asyncio.shield(self.body_done)
             except TimeoutError:
                 pass
         return bytes(self.buffer)
@@ -774,7 +858,10 @@ async def read_upgrade_answer(conn: UpgradeProtocol, target: Target,
     """Wait for the answer to an HTTP/1.1 upgrade request already written on `conn`:
     a 101, or UpgradeRefused carrying the server's status and body text."""
     try:
-        raw = await asyncio.wait_for(asyncio.shield(conn.head), timeout)
+        # not wait_for: Python 3.11's drops a cancellation (Ctrl-C) that comes as the answer
+        # does, and the command would go on
+        async with asyncio.timeout(timeout):
+            raw = await asyncio.shield(conn.head)
     except TimeoutError:
         raise SessionError(f"no answer to the upgrade from {target.netloc} in "
                            f"{timeout:g}s") from None

@@ -50,6 +50,7 @@ QUEUE_HIGH_WATER = 1024 * 1024
 class H2ClientSession(ClientSession):
     transport_name = "h2"
     opens_ahead = True
+    has_ping = True
 
     def __init__(self, authority: str, path: str, scheme: str,
                  versions: Sequence[str] = (PORTFORWARD_PROTOCOL,)) -> None:
@@ -85,10 +86,12 @@ class H2ClientSession(ClientSession):
         self._flush()
 
     # --- streams ------------------------------------------------------------------------
-    async def negotiate(self, timeout: float = 10.0) -> str | None:
+    async def negotiate(self, timeout: float | None = None) -> str | None:
         """The session's stream protocol version; before any stream has been answered,
         asks with a probe: an error stream that never gets its data stream, reset once
         answered (so no server, old or new, dials anything for it)."""
+        if timeout is None:
+            timeout = self.answer_timeout
         if self.stream_version is None:
             if not self._probe_id:
                 self._probe_id = self.codec.get_next_available_stream_id()
@@ -213,14 +216,12 @@ class H2ClientSession(ClientSession):
         if out and t is not None and not t.is_closing():
             t.writelines(out)
 
-    def _send_ping(self) -> None:
-        if not self.closed.done():
-            self.codec.ping(time.monotonic_ns().to_bytes(8, "big"))
-            self._flush()
-
     def _send_ping_frame(self) -> bytes:
         payload = time.monotonic_ns().to_bytes(8, "big")
-        self.codec.ping(payload)
+        try:
+            self.codec.ping(payload)
+        except h2.exceptions.ProtocolError as e:  # the connection is closing
+            raise SessionClosed(f"cannot send a PING: {e}") from None
         return payload
 
     # --- input --------------------------------------------------------------------------
@@ -327,6 +328,9 @@ class H2ClientSession(ClientSession):
         if not self.settings_received.done():
             self.settings_received.set_exception(SessionError(
                 "the server closed the connection before its HTTP/2 SETTINGS"))
+            # open_h2 may have given up waiting (timeout, Ctrl-C): then nobody awaits it,
+            # and asyncio would print the error as "never retrieved"
+            self.settings_received.exception()
         super().transport_lost(exc)
 
     def transport_eof(self) -> None:
@@ -360,7 +364,8 @@ async def open_h2(conn: UpgradeProtocol, target: Target, ports: list[int],
     session.begin()
     conn.attach(session, bytes(conn.buffer))
     try:
-        await asyncio.wait_for(asyncio.shield(session.settings_received), timeout)
+        async with asyncio.timeout(timeout):  # (not wait_for: see read_upgrade_answer)
+            await asyncio.shield(session.settings_received)
     except TimeoutError:
         raise SessionError(f"no HTTP/2 SETTINGS from {target.netloc} in {timeout:g}s") from None
     return session

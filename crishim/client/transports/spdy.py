@@ -38,6 +38,7 @@ class SpdyClientSession(ClientSession):
 
     transport_name = "spdy"
     opens_ahead = True
+    has_ping = True
 
     def __init__(self, tunnel: ws.ByteStreamTunnel | None = None) -> None:
         super().__init__()
@@ -47,12 +48,9 @@ class SpdyClientSession(ClientSession):
         if tunnel is not None:
             self.transport_name = "spdy-over-websocket"
         self._next_request_id = 0
-        self.goaway = False
 
     def _new_stream(self, port: int, ip_protocol: str = TCP, on_data: bool = False
                     ) -> ForwardStream:
-        if self.goaway:
-            raise SessionClosed("the server sent GOAWAY: no new connections on this session")
         request_id = str(self._next_request_id)
         self._next_request_id += 1
         headers = {HEADER_STREAM_TYPE: STREAM_TYPE_ERROR, HEADER_PORT: str(port),
@@ -116,11 +114,6 @@ class SpdyClientSession(ClientSession):
             tunnel.send_buffers(cast(list[Buffer], chunks))  # only read, never stored into
             self._write_raw(tunnel.take_output())
 
-    def _send_ping(self) -> None:
-        if not self.closed.done():
-            self.codec.ping()
-            self._flush()
-
     def _send_ping_frame(self) -> int:
         return self.codec.ping()
 
@@ -177,10 +170,11 @@ class SpdyClientSession(ClientSession):
                 case spdy.PingAcknowledged():
                     self._ping_answered(event.ping_id)
                 case spdy.GoAwayReceived():
-                    self.goaway = True
-                    self._flush()
-                    self._lost(f"the server sent GOAWAY (status {event.status})")
-                    return
+                    reason = f"the server sent GOAWAY (status {event.status})"
+                    for stream in list(streams.values()):
+                        if stream.key > event.last_good_stream_id:  # never taken
+                            stream._lost(f"{reason} before it took the connection")
+                    self._go_away(reason)
                 case spdy.SessionTerminated():
                     self._flush()
                     self._lost(f"SPDY protocol error: {event.reason}")
