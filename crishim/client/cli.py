@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from crishim.client.cri import DEFAULT_ENDPOINT
 from crishim.client.transports import TRANSPORTS
 from crishim.memory import freeze_startup_objects, keep_heap_for_reads
+
+MAX_SECONDS = 86400.0 * 365  # a year: beyond it the event loop's timers overflow
 
 
 def _port(text: str) -> int:
@@ -28,6 +31,31 @@ def _mebibytes(text: str) -> int:
     return int(text)
 
 
+def _timeout(text: str) -> float:
+    """--timeout: seconds, more than 0 and finite (inf was 'timed out after infs')."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= MAX_SECONDS):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0 (at "
+                                         f"most {MAX_SECONDS:.0f})")
+    return value
+
+
+def _ping_interval(text: str) -> float:
+    """--ping-interval: 0 (none) or 0.1 s or more: crishim serve charges PINGs to the
+    control budget (100 a second), and an interval of 1 ms ended the session in 2 s."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value == 0 or math.isfinite(value) and 0.1 <= value <= MAX_SECONDS):
+        raise argparse.ArgumentTypeError(f"{text!r}: give 0 (no PING) or 0.1 to "
+                                         f"{MAX_SECONDS:.0f} seconds")
+    return value
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime-endpoint", metavar="unix:///PATH", default=None,
                    help="the CRI runtime's socket (a bare path works too) "
@@ -37,7 +65,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="for https stream URLs: do not verify the server's certificate")
     p.add_argument("--certificate-authority", metavar="FILE",
                    help="for https stream URLs: trust this CA bundle (PEM)")
-    p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=_timeout, default=10.0, metavar="SECONDS",
                    help="timeout of the CRI call, the connect, the stream server's "
                         "answer to the upgrade and (--kubeconfig) the pod GET "
                         "[default: 10]")
@@ -87,7 +115,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     pf.add_argument("--address", action="append", metavar="ADDR",
                     help="local addresses to listen on, repeatable or comma-separated; "
                          "'localhost' means 127.0.0.1 and ::1 [default: localhost]")
-    pf.add_argument("--ping-interval", type=float, default=5.0, metavar="SECONDS",
+    pf.add_argument("--ping-interval", type=_ping_interval, default=5.0, metavar="SECONDS",
                     help="keepalive PING interval on SPDY and h2 sessions, 0 for none; "
                          "a server that sends nothing at all, not even the answer, for "
                          "--timeout seconds after a PING has stalled, and the session ends "

@@ -122,3 +122,26 @@ def test_an_upgrade_given_up_leaves_no_unretrieved_error(transport):
 ])
 def test_without_userinfo_hides_credentials_and_nothing_else(url, shown):
     assert without_userinfo(url) == shown
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--timeout", "inf"), ("--timeout", "nan"), ("--timeout", "0"), ("--timeout", "-1"),
+    ("--timeout", "soon"), ("--ping-interval", "0.001"), ("--ping-interval", "-1"),
+    ("--ping-interval", "inf"),
+])
+def test_the_cli_refuses_seconds_it_cannot_use(capsys, flag: str, value: str):
+    """inf was 'timed out after infs' at once; a PING every 1 ms ran past crishim serve's
+    control budget and ended the session within 2 s."""
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["port-forward", "sandbox", "8080", flag, value])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: '{value}'" in capsys.readouterr().err
+
+
+def test_the_cli_takes_seconds_it_can_use():
+    args = build_parser().parse_args(["port-forward", "sandbox", "8080", "--timeout", "0.5",
+                                      "--ping-interval", "0"])
+    assert (args.timeout, args.ping_interval) == (0.5, 0.0)
+    args = build_parser().parse_args(["port-forward", "sandbox", "8080", "--ping-interval",
+                                      "0.2"])
+    assert args.ping_interval == 0.2
