@@ -112,26 +112,34 @@ def test_check_unknown_sandbox_fails(crishim):
     assert "sandbox 'nope' not found" in r.stderr
 
 
-def test_check_against_a_stream_server_that_hangs_up_at_once_fails_each_check(tmp_path):
-    """Every session check fails with the reason in its detail, no traceback (uvloop's
-    transport, closed before the connect returned, raised RuntimeError)."""
-    listener = HangingUp()
+def _session_checks_against(server, tmp_path, *args: str) -> tuple[list[dict], str]:
+    """`crishim check --json` with a runtime whose URLs lead to `server` (closed after):
+    the checks that open a session, each asserted failed, and stderr."""
     runtime = UrlRuntime(str(tmp_path / "cri.sock"),
-                         f"http://127.0.0.1:{listener.port}/portforward/x")
+                         f"http://127.0.0.1:{server.port}/portforward/x")
     try:
         r = subprocess.run([sys.executable, "-m", "crishim", "check", "--sandbox", SANDBOX,
                             "--runtime-endpoint", str(tmp_path / "cri.sock"), "--port", "80",
-                            "--no-servers", "--json"],
+                            "--no-servers", "--json", *args],
                            capture_output=True, text=True, timeout=120)
     finally:
         runtime.server.stop(0)
-        listener.close()
+        server.close()
     assert r.returncode == 1, r.stdout + r.stderr
-    assert r.stderr == ""
     checks = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
-    for name in ("token-single-use", "connect", *(f"handshake:{t}" for t in TRANSPORTS)):
+    names = ("token-single-use", "connect", *(f"handshake:{t}" for t in TRANSPORTS))
+    for name in names:
         assert checks[name]["result"] == "fail", checks[name]
-        assert "closed the connection" in checks[name]["detail"], checks[name]
+    return [checks[name] for name in names], r.stderr
+
+
+def test_check_against_a_stream_server_that_hangs_up_at_once_fails_each_check(tmp_path):
+    """Every session check fails with the reason in its detail, no traceback (uvloop's
+    transport, closed before the connect returned, raised RuntimeError)."""
+    checks, stderr = _session_checks_against(HangingUp(), tmp_path)
+    assert stderr == ""
+    for check in checks:
+        assert "closed the connection" in check["detail"], check
 
 
 def test_ctrl_c_during_checks_cri_call_ends_it_with_130(tmp_path):
@@ -157,22 +165,9 @@ def test_ctrl_c_during_checks_cri_call_ends_it_with_130(tmp_path):
 
 def test_check_timeout_bounds_every_upgrade_wait(tmp_path):
     """--timeout governs token-single-use's upgrades as the handshakes' (it used 10 s)."""
-    silent = SilentListener()
-    runtime = UrlRuntime(str(tmp_path / "cri.sock"),
-                         f"http://127.0.0.1:{silent.sock.getsockname()[1]}/portforward/x")
-    try:
-        r = subprocess.run([sys.executable, "-m", "crishim", "check", "--sandbox", SANDBOX,
-                            "--runtime-endpoint", str(tmp_path / "cri.sock"), "--port", "80",
-                            "--no-servers", "--json", "--timeout", "0.5"],
-                           capture_output=True, text=True, timeout=120)
-    finally:
-        runtime.server.stop(0)
-        silent.close()
-    assert r.returncode == 1, r.stdout + r.stderr
-    checks = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
-    for name in ("token-single-use", "connect", *(f"handshake:{t}" for t in TRANSPORTS)):
-        assert checks[name]["result"] == "fail", checks[name]
-        assert checks[name]["detail"].endswith(" in 0.5s"), checks[name]
+    checks, _ = _session_checks_against(SilentListener(), tmp_path, "--timeout", "0.5")
+    for check in checks:
+        assert check["detail"].endswith(" in 0.5s"), check
 
 
 @pytest.mark.parametrize("case", ["missing", "directory", "garbage"])

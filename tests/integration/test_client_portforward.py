@@ -23,6 +23,7 @@ import tests.support.podnet as podnet_module
 from crishim.cri import api_pb2
 from tests.support import SANDBOX, peers, until
 from tests.support.crishim_proc import CrishimProcess
+from tests.support.fake_servers import FakeServer
 from tests.support.podnet import (
     ECHO_PORT,
     HTTP_BODY,
@@ -627,25 +628,11 @@ def test_a_malformed_stream_url_from_the_runtime_is_one_line_and_nonzero(tmp_pat
     assert "secret" not in r.stderr  # a URL's credentials are never shown
 
 
-class HangingUp:
+class HangingUp(FakeServer):
     """A stream server that closes every connection as soon as it has accepted it."""
 
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                self.sock.accept()[0].close()
-            except OSError:
-                return
-
-    def close(self) -> None:
-        self.sock.close()
+    def handle(self, conn: socket.socket) -> None:
+        conn.close()
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -666,34 +653,15 @@ def test_a_stream_server_that_hangs_up_at_once_is_one_line_every_time(tmp_path, 
         listener.close()
 
 
-class SilentListener:
+class SilentListener(FakeServer):
     """A listening socket (unix or TCP) that accepts and never answers; `accepted` is set
     once a client connected."""
 
     def __init__(self, unix_path: str | None = None) -> None:
-        if unix_path:
-            self.sock = socket.socket(socket.AF_UNIX)
-            self.sock.bind(unix_path)
-        else:
-            self.sock = socket.socket()
-            self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.accepted = threading.Event()
-        self.held: list[socket.socket] = []
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__(unix_path=unix_path)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                self.held.append(self.sock.accept()[0])
-            except OSError:
-                return
-            self.accepted.set()
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.held:
-            conn.close()
+    def handle(self, conn: socket.socket) -> None:
+        self.held.append(conn)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -726,38 +694,23 @@ def test_a_signal_while_starting_ends_port_forward_with_0(tmp_path, sig, waiting
             runtime.server.stop(0)
 
 
-class SettingsOnlyH2:
+class SettingsOnlyH2(FakeServer):
     """An HTTP/2 stream server that sends its SETTINGS and answers no stream."""
 
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
+    def handle(self, conn: socket.socket) -> None:
         import h2.config
         import h2.connection
 
-        while True:
-            try:
-                conn = self.sock.accept()[0]
-            except OSError:
-                return
-            h2conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-            h2conn.initiate_connection()
-            try:
-                with conn:
+        h2conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        h2conn.initiate_connection()
+        try:
+            with conn:
+                conn.sendall(h2conn.data_to_send())
+                while data := conn.recv(65536):
+                    h2conn.receive_data(data)  # SETTINGS acknowledged, no answers
                     conn.sendall(h2conn.data_to_send())
-                    while data := conn.recv(65536):
-                        h2conn.receive_data(data)  # SETTINGS acknowledged, no answers
-                        conn.sendall(h2conn.data_to_send())
-            except Exception:  # noqa: BLE001 - the client hung up or broke the protocol
-                continue
-
-    def close(self) -> None:
-        self.sock.close()
+        except Exception:  # noqa: BLE001, S110 - the client hung up or broke the protocol
+            pass
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -826,27 +779,13 @@ def test_an_unusable_certificate_authority_is_one_line(tmp_path, case, through):
     assert r.stdout == ""
 
 
-class StalledAfterUpgrade:
+class StalledAfterUpgrade(FakeServer):
     """A stream server that accepts the upgrade (SPDY's or the WebSocket's 101, HTTP/2's
     SETTINGS) and then reads on but never writes again: a stopped or wedged server."""
 
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.held: list[socket.socket] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn = self.sock.accept()[0]
-            except OSError:
-                return
-            self.held.append(conn)
-            threading.Thread(target=self._upgrade_then_stall, args=(conn,),
-                             daemon=True).start()
+    def handle(self, conn: socket.socket) -> None:
+        self.held.append(conn)
+        threading.Thread(target=self._upgrade_then_stall, args=(conn,), daemon=True).start()
 
     @staticmethod
     def _upgrade_then_stall(conn: socket.socket) -> None:
@@ -872,11 +811,6 @@ class StalledAfterUpgrade:
                 pass
         except OSError:
             return
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.held:
-            conn.close()
 
 
 @pytest.mark.parametrize("transport", ["spdy", "spdy-over-websocket", "h2"])

@@ -7,38 +7,24 @@ from __future__ import annotations
 import asyncio
 import gc
 import socket
-import threading
 
 import pytest
 import uvloop
 
 from crishim.client.transports import TRANSPORTS, SessionError, open_session
+from tests.support.fake_servers import FakeServer
 
 TRIALS = 20
 
 
-class AcceptAndClose:
+class AcceptAndClose(FakeServer):
     """A listening socket whose every connection is closed as soon as it is accepted."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.port = self.sock.getsockname()[1]
-        self.accepted = 0
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__(backlog=128)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return  # closed
-            conn.close()
-            self.accepted += 1
-
-    def close(self) -> None:
-        self.sock.close()
+    def handle(self, conn: socket.socket) -> None:
+        conn.close()
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
