@@ -22,15 +22,15 @@ class TokenBucket:
         self._stamp = time.monotonic()
 
     def take(self, n: int = 1) -> bool:
-        """Spend n tokens if there are that many; False (nothing spent) when there are not."""
-        tokens = self._tokens
+        """Spend n tokens if there are that many; False (nothing spent) when there are not.
+        Refilled at every call: refilled only once short, the time the bucket sat full
+        counted as accrual, and after an idle spell a burst came twice over."""
+        now = time.monotonic()
+        tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
         if tokens < n:
-            now = time.monotonic()
-            tokens = min(self.burst, tokens + (now - self._stamp) * self.rate)
-            self._stamp = now
-            if tokens < n:
-                self._tokens = tokens
-                return False
+            self._tokens = tokens
+            return False
         self._tokens = tokens - n
         return True
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 
 from crishim.client.cri import DEFAULT_ENDPOINT
@@ -118,8 +119,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     pf.add_argument("--ping-interval", type=_ping_interval, default=5.0, metavar="SECONDS",
                     help="keepalive PING interval on SPDY and h2 sessions, 0 for none; "
                          "a server that sends nothing at all, not even the answer, for "
-                         "--timeout seconds after a PING has stalled, and the session ends "
-                         "as lost [default: 5, as client-go]")
+                         "--timeout seconds after each of two PINGs in a row, while it "
+                         "has room for all the session sent, has stalled, and the session "
+                         "ends as lost [default: 5, as client-go]")
     pf.set_defaults(func=cmd_port_forward)
 
     ck = sub.add_parser(
@@ -201,11 +203,18 @@ def cmd_port_forward(args: argparse.Namespace) -> int:
             args.ping_interval))
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _port_forward_through_cluster(args: argparse.Namespace) -> int:
     import uvloop
 
     from crishim.client import cluster, portforward
 
+    # the pod GET blocks before the event loop (and its signal handlers) runs: Ctrl-C or
+    # SIGTERM during it end the command as they do once it forwards, exit 0
+    term = signal.signal(signal.SIGTERM, _interrupt)
     try:
         specs = portforward.parse_port_specs(args.ports)
         name = cluster.pod_name(args.sandbox)
@@ -220,6 +229,10 @@ def _port_forward_through_cluster(args: argparse.Namespace) -> int:
     except cluster.ClusterError as e:
         print(e, file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, term)
     freeze_startup_objects()
     return uvloop.run(portforward.run(
         forward.open, specs, forward.transport, portforward.listen_hosts(args.address),

@@ -238,7 +238,8 @@ class HelperAgent:
                 if "starting data transfer loop" in text:
                     socat.discard_stderr()
                     return socat, ""
-                if " E " in text or "nsenter:" in text:  # "E connect(..): Connection refused"
+                if " E " in text or text.startswith(("nsenter:", "setpriv:")):
+                    # "E connect(..): Connection refused"; "setpriv: unrecognized option"
                     errors.append(text.rsplit(": ", 1)[-1])
         except asyncio.CancelledError:  # the shim hung up, or the helper stops: no socat left
             await socat.close()

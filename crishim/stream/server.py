@@ -194,6 +194,7 @@ class StreamServer:
         for transport in list(self._transports):
             transport.abort()
         self.memory.close()
+        self.refusal_log.flush()  # the count of lines not logged, before the process ends
 
     def _refuse_unadmitted(self) -> None:
         for evict in list(self._unadmitted.values()):

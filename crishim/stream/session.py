@@ -249,6 +249,7 @@ class ServerSession(SessionBase, ABC):
         super().connection_finished(conn)
         if self._closed and not self.connections:
             self.cancel_timers()
+            self.flush_connection_log()  # the lines of those that ended after the session
 
     def after_turn(self, key: str, then: Callable[[], object] | None = None) -> None:
         """Let every other session have the loop once: reading from the client stays

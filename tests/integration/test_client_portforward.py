@@ -993,3 +993,35 @@ def test_local_listeners_take_a_burst_of_connects(crishim):
             for s in socks:
                 s.close()
         assert cli.interrupt() == 0
+
+
+class _PausingSink(podnet_module._Sink):
+    """Takes 1 MiB, then reads nothing for 4 s, then the rest."""
+
+    paused = False
+
+    def data_received(self, data):
+        super().data_received(data)
+        if not self.paused and self.n >= 1 << 20:
+            self.paused = True
+            self.t.pause_reading()
+            asyncio.get_running_loop().call_later(4.0, self.t.resume_reading)
+
+
+@pytest.mark.parametrize("transport", ["spdy", "spdy-over-websocket", "h2"])
+def test_an_upload_to_a_pod_that_pauses_is_no_stalled_server(crishim, podnet, transport):
+    """On SPDY a pod that does not read pauses crishim serve's reading of the whole
+    session (docs/protocol.md 2.5): the keepalive PING waits behind the upload, unanswered
+    for many --timeouts. The server has not taken our bytes: not a stall, and the upload
+    goes on (it was reset: 'the server answered no PING in 1s')."""
+    port = free_port()
+    podnet.listen_extra("127.0.0.1", port, _PausingSink)
+    local = free_port()
+    payload = os.urandom(64 << 20)
+    with PortForwardCLI(crishim, f"{local}:{port}", transport=transport,
+                        extra=("--ping-interval", "0.5", "--timeout", "1")) as cli:
+        cli.forwarding(1)
+        answer = upload(local, payload)
+        assert cli.proc.poll() is None, cli.stderr
+    assert answer == f"{len(payload)} {hashlib.sha256(payload).hexdigest()}\n".encode()
+    assert not [line for line in cli.stderr if "answered no PING" in line], cli.stderr

@@ -339,3 +339,37 @@ def test_a_pod_answer_that_never_ends_is_a_clear_error(kubeconfig_dir: str, mode
     assert error in pf.output(), pf.output()
     assert "Traceback" not in pf.output()
     assert not pf.local
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_during_the_pod_get_ends_port_forward_with_0(kubeconfig_dir, sig):
+    """The pod GET runs before the event loop's signal handlers: Ctrl-C there was a
+    KeyboardInterrupt (130) and SIGTERM killed the process (143), not exit 0."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)  # accepts (in the kernel) and never answers
+    config = os.path.join(kubeconfig_dir, "silent")
+    with open(config, "w") as f:
+        json.dump({"apiVersion": "v1", "kind": "Config", "current-context": "silent",
+                   "clusters": [{"name": "silent", "cluster": {
+                       "server": f"http://127.0.0.1:{listener.getsockname()[1]}"}}],
+                   "users": [{"name": "silent", "user": {"token": "t"}}],
+                   "contexts": [{"name": "silent", "context": {"cluster": "silent",
+                                                               "user": "silent"}}]}, f)
+    try:
+        with CrishimClusterForward("--kubeconfig", config, "--timeout", "60", "pod/web",
+                                   f":{ECHO_PORT}") as pf:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:  # the GET is on its way
+                out = subprocess.run(["ss", "-Htn", "state", "established", "dport",
+                                      f"= :{listener.getsockname()[1]}"],
+                                     capture_output=True, text=True, timeout=10).stdout
+                if out.strip():
+                    break
+                time.sleep(0.1)
+            time.sleep(0.3)
+            pf.proc.send_signal(sig)
+            assert pf.wait(20) == 0, pf.output()  # not the 60 s --timeout
+    finally:
+        listener.close()
+    assert "Traceback" not in pf.output()

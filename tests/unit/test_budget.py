@@ -48,3 +48,12 @@ def test_the_limits_make_fresh_buckets(clock: _Clock) -> None:
     assert second.take()  # a session's budget is its own
     streams = limits.stream_open_budget()
     assert sum(streams.take() for _ in range(10)) == 2
+
+
+def test_time_spent_full_is_not_saved_up(clock: _Clock) -> None:
+    """Refilled only once short, the bucket counted the time it sat full as accrual: a
+    burst half spent, an idle hour, and the next burst came twice over."""
+    bucket = TokenBucket(rate=10, burst=100)
+    assert all(bucket.take() for _ in range(50))
+    clock.now += 3600
+    assert sum(bucket.take() for _ in range(1000)) == 100  # the burst, not 150 or 200

@@ -39,6 +39,9 @@ REFUSAL_BODY_KEPT = 4096
 # opened, whichever is first (seconds).
 OPEN_AHEAD_DELAY = 0.1
 OPEN_AHEAD_AFTER_REPLY = 0.001
+# keepalive PINGs in a row that time out on a server that took all we sent: stalled
+STALL_STRIKES = 2
+SIOCOUTQNSD = 0x894B  # linux/sockios.h: a TCP socket's send queue not yet sent
 
 Buffer = bytes | bytearray | memoryview
 
@@ -521,24 +524,34 @@ class ClientSession:
             self._ping_task = self.loop.create_task(self._keepalive(interval))
 
     async def _keepalive(self, interval: float) -> None:
-        """A PING every `interval`. A server that then sends nothing at all, not the answer
-        nor any other byte, for answer_timeout is stalled (stopped, or gone without a FIN
-        or RST): the session ends as lost instead of new connections hanging on it."""
+        """A PING every `interval`. A server that answers two PINGs in a row with nothing
+        at all for answer_timeout each, while it has taken everything the session sent,
+        is stalled (stopped, or gone without a FIN or RST): the session ends as lost
+        instead of new connections hanging on it. Not stalled: bytes from the server
+        unread here (a slow local reader paused the session's reading), or bytes of
+        ours it has not taken (on SPDY a pod that does not read pauses the server's
+        reading of the whole session: the PING waits behind an upload); and a server
+        that resumes as one PING times out answers the next."""
+        strikes = 0
         while not self.closed.done():
             await asyncio.sleep(interval)
             reads = self.reads
             try:
                 await self.ping(self.answer_timeout)
+                strikes = 0
             except SessionClosed:
                 return
             except TimeoutError:
-                # bytes the session has not read (its reading paused for a slow local
-                # reader) came from the server too
-                if (not self.closed.done() and self.reads == reads
-                        and not _unread_bytes(self.transport)):
+                transport = self.transport
+                if self.closed.done() or self.reads != reads or _unread_bytes(transport) \
+                        or _unsent_bytes(transport):
+                    strikes = 0
+                    continue
+                strikes += 1
+                if strikes == STALL_STRIKES:
                     self._lost(f"the server answered no PING in {self.answer_timeout:g}s")
-                    if self.transport is not None:
-                        self.transport.abort()
+                    if transport is not None:
+                        transport.abort()
                     return
 
     def reply_came(self, stream: ForwardStream | None = None) -> None:
@@ -654,12 +667,26 @@ class ClientSession:
 
 def _unread_bytes(transport: asyncio.BaseTransport | None) -> int:
     """Bytes waiting in the connection's socket that its transport has not read."""
+    return _socket_queue(transport, termios.FIONREAD)
+
+
+def _unsent_bytes(transport: asyncio.BaseTransport | None) -> int:
+    """Bytes written to the connection that the server's end has no room for: in the
+    transport's buffer, or in the socket's send queue not yet sent (SIOCOUTQNSD: a
+    receive window closed by a server that reads no more; bytes sent and not
+    acknowledged, a host gone, do not count)."""
+    if transport is None:
+        return 0
+    buffered = cast(asyncio.WriteTransport, transport).get_write_buffer_size()
+    return buffered + _socket_queue(transport, SIOCOUTQNSD)
+
+
+def _socket_queue(transport: asyncio.BaseTransport | None, request: int) -> int:
     sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is None:
         return 0
     try:
-        return int.from_bytes(fcntl.ioctl(sock.fileno(), termios.FIONREAD, bytes(4)),
-                              sys.byteorder)
+        return int.from_bytes(fcntl.ioctl(sock.fileno(), request, bytes(4)), sys.byteorder)
     except (OSError, ValueError):  # closed meanwhile
         return 0
 
