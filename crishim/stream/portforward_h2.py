@@ -220,6 +220,9 @@ class H2PortForwardSession(ServerSession):
             h2.settings.SettingCodes.ENABLE_PUSH: 0,
         })
         self.codec.max_inbound_frame_size = MAX_FRAME_SIZE
+        # the advertised list size from the first header block on, not once the client
+        # acknowledged it: hpack took 64 KiB lists (its default) until then
+        self.codec.decoder.max_header_list_size = MAX_HEADER_LIST_SIZE
         self.codec.charge_frame = self._charge_frame
         self.codec.encoder = LiteralHeaderEncoder()  # responses: the same fields each time
         self._window_granted = 0  # taken from the server's buffer budget, returned at the end

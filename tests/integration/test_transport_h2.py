@@ -602,3 +602,50 @@ def test_certificate_reload_keeps_sessions(podnet, tmp_path):
         run(go())
         assert "reloaded certificate" in proc.log()
     shutil.rmtree(proc.dir, ignore_errors=True)
+
+
+def test_a_header_list_over_the_advertised_16_kib_is_refused_without_a_settings_ack(
+        crishim):
+    """MAX_HEADER_LIST_SIZE 16 KiB held only once the client acknowledged the server's
+    SETTINGS: a client that never does could send 64 KiB lists (hpack's default) on
+    every stream of its admitted connection."""
+    import h2.config
+    import h2.connection
+
+    async def go() -> tuple[list[tuple[int, int, bytes]], list[tuple[int, int, bytes]]]:
+        u = urlsplit(crishim.port_forward_url(SANDBOX))
+        reader, writer = await asyncio.open_connection(u.hostname, u.port)
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=True, validate_outbound_headers=False))
+        conn.initiate_connection()
+
+        def request(sid: int, pad: int) -> None:
+            conn.send_headers(sid, [(":method", "POST"), (":scheme", "http"),
+                                    (":authority", u.netloc), (":path", u.path),
+                                    ("streamtype", "error"), ("port", str(ECHO_PORT)),
+                                    ("requestid", str(sid)), ("x-pad", "p" * pad)],
+                              end_stream=True)
+            writer.write(conn.data_to_send())  # the server's bytes never reach conn: no ACK
+
+        async def frames_until(done) -> list[tuple[int, int, bytes]]:
+            data = b""
+            while not done(_frames(data)):
+                chunk = await asyncio.wait_for(reader.read(65536), 10)
+                if not chunk:
+                    break
+                data += chunk
+            return _frames(data)
+
+        request(1, 10)  # admitted: the token is redeemed
+        first = await frames_until(lambda fs: any(f[0] == 1 for f in fs))
+        request(3, 24 << 10)
+        second = await frames_until(lambda fs: any(f[0] == 7 for f in fs))
+        writer.close()
+        return first, second
+
+    first, second = run(go())
+    assert any(ftype == 1 for ftype, _, _ in first), first  # stream 1 answered
+    goaways = [payload for ftype, _, payload in second if ftype == 7]
+    assert goaways, second
+    assert int.from_bytes(goaways[-1][4:8], "big") in (1, 11)  # PROTOCOL_ERROR, CALM
+    assert "Traceback" not in crishim.log()
