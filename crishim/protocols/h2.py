@@ -94,6 +94,8 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 
+from crishim.protocols.credit import WindowUpdateCredit
+
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
@@ -104,12 +106,6 @@ _SETTINGS_TYPE = 0x4
 # handles each entry in Python (an enum lookup, an object): 40,000 of them in one frame
 # within MAX_FRAME_SIZE held the event loop ~350 ms, and every session on it waited
 MAX_SETTINGS_ENTRIES = 64
-# WINDOW_UPDATEs a peer may send free: an allowance to start with, and per DATA frame
-# sent two more (the stream's and the connection's credit returned) up to a cap; past
-# it each one is charged as a control frame (h2 ignores those for closed streams, and
-# increments of 1 cost the same work as any)
-WINDOW_UPDATE_ALLOWANCE = 16
-WINDOW_UPDATE_CREDIT_CAP = 1 << 16
 _FLAG_END_STREAM = 0x1
 _FLAG_PADDED = 0x8
 _COALESCE = 4096  # small control frames written in the same flush are joined up to this
@@ -553,7 +549,7 @@ class H2Codec(h2.connection.H2Connection):
         # called with each frame that opens a stream or costs work or an answer without
         # carrying data (see _receive_frame); raises Overloaded to end the connection
         self.charge_frame: Callable[[Frame, bool], None] | None = None
-        self.window_update_credit = WINDOW_UPDATE_ALLOWANCE
+        self.window_update_credit = WindowUpdateCredit()
         self._walk_at = _WALK_MIN  # len(self.streams) at which _open_streams walks again
 
     def _open_streams(self, remainder: int) -> int:
@@ -579,7 +575,7 @@ class H2Codec(h2.connection.H2Connection):
 
     def _receive_frame(self, frame: Frame) -> list[Event]:
         """h2's, after `charge_frame` for every frame but DATA on a stream that takes it,
-        WINDOW_UPDATE within the credit DATA sent earns (window_update_credit),
+        WINDOW_UPDATE within the credit DATA sent earns (WindowUpdateCredit),
         CONTINUATION and GOAWAY: its second argument says whether the frame opens a
         stream."""
         charge = self.charge_frame
@@ -591,9 +587,7 @@ class H2Codec(h2.connection.H2Connection):
                         not (len(frame.data) or "END_STREAM" in frame.flags):
                     charge(frame, False)
             elif isinstance(frame, WindowUpdateFrame):
-                if self.window_update_credit > 0:
-                    self.window_update_credit -= 1
-                else:
+                if not self.window_update_credit.spend():
                     charge(frame, False)
             elif isinstance(frame, HeadersFrame):
                 charge(frame, frame.stream_id not in self.streams)
@@ -636,8 +630,7 @@ class H2Codec(h2.connection.H2Connection):
         """h2's; a DATA frame that neither ends its stream nor is padded, on a stream that
         may send, within both windows and the frame size, is queued here directly (the
         windows decreased as h2 would; no state changes for DATA in these states)."""
-        if self.window_update_credit < WINDOW_UPDATE_CREDIT_CAP:
-            self.window_update_credit += 2
+        self.window_update_credit.earn(1)
         n = len(data)
         if not end_stream and pad_length is None and n <= self.max_outbound_frame_size \
                 and n <= self.outbound_flow_control_window \

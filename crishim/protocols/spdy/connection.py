@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from ..buffers import immutable
+from ..credit import WindowUpdateCredit
 from .compression import HeaderDecoder, HeaderEncoder, unpack_header_block
 from .constants import (
     CANCEL,
@@ -78,8 +79,6 @@ from .events import (
 )
 
 _UNLIMITED = 1 << 62
-WINDOW_UPDATE_ALLOWANCE = 16  # free before any DATA was sent
-WINDOW_UPDATE_CREDIT_CAP = 1 << 16
 # SPDY/3.1's settings ids (SETTINGS_UPLOAD_BANDWIDTH .. CLIENT_CERTIFICATE_VECTOR_SIZE)
 _KNOWN_SETTINGS = frozenset(range(1, 9))
 _KNOWN_CONTROL_TYPES = frozenset(
@@ -213,10 +212,9 @@ class SpdyConnection:
         self._streams: dict[int, _Stream] = {}
         self._peer_stream_count = 0
         self._closed: dict[int, int] = {}
-        # WINDOW_UPDATEs the peer may send as credit for DATA received: spdystream sends
-        # none; a client that does returns at most the stream's and the session's per
-        # DATA frame. Past it they are reported as FrameIgnored, for the budget
-        self._window_update_credit = WINDOW_UPDATE_ALLOWANCE
+        # spdystream sends no WINDOW_UPDATE; past this credit they are reported as
+        # FrameIgnored, for the budget
+        self._window_update_credit = WindowUpdateCredit()
         self._last_peer_stream_id = 0
         self._last_accepted_peer_stream_id = 0
         self._outstanding_pings: dict[int, None] = {}
@@ -390,8 +388,7 @@ class SpdyConnection:
                 out.append(piece)
         frames = (total + chunk - 1) // chunk or 1
         self._outbuf_size += total + 8 * frames
-        if self._window_update_credit < WINDOW_UPDATE_CREDIT_CAP:
-            self._window_update_credit += 2 * frames
+        self._window_update_credit.earn(frames)
         if fin:
             self._close_local(stream)
 
@@ -924,8 +921,7 @@ class SpdyConnection:
             self._stream_error(stream_id, PROTOCOL_ERROR,
                                f"WINDOW_UPDATE with delta 0 on stream {stream_id}", events)
             return
-        if self._window_update_credit <= 0:  # credit for no DATA we sent: budgeted
+        if not self._window_update_credit.spend():  # credit for no DATA we sent: budgeted
             events.append(FrameIgnored(WINDOW_UPDATE))
             return
-        self._window_update_credit -= 1
         events.append(WindowUpdateReceived(stream_id, delta))
