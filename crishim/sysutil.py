@@ -69,12 +69,21 @@ class SocketInUse(Exception):
 MAX_SOCKET_PATH = 107  # bytes: sockaddr_un's sun_path is 108, with its NUL
 
 
+def socket_path_problem(path: str) -> str:
+    """Why bind() or connect() cannot take `path` as a unix socket address (gRPC's C core
+    printed a dump of errors for one), or ""."""
+    size = len(os.fsencode(path))
+    if size <= MAX_SOCKET_PATH:
+        return ""
+    return f"{path[:40]}…: a unix socket path of {size} bytes; at most {MAX_SOCKET_PATH} fit"
+
+
 def prepare_socket_path(path: str) -> None:
     """Create the parent directory (0755 at most: the umask may narrow it, never widen
     it); replace a stale socket file; refuse a live one, and a path bind() cannot take."""
-    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
-        raise SocketInUse(f"{path[:40]}…: a unix socket path of {len(os.fsencode(path))} "
-                          f"bytes; at most {MAX_SOCKET_PATH} fit")
+    problem = socket_path_problem(path)
+    if problem:
+        raise SocketInUse(problem)
     missing = []
     directory = os.path.dirname(os.path.abspath(path))
     while directory and not os.path.isdir(directory):

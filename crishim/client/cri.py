@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 
 from crishim.cri import api_pb2, api_pb2_grpc
-from crishim.sysutil import MAX_SOCKET_PATH
+from crishim.sysutil import socket_path_problem
 
 DEFAULT_ENDPOINT = "unix:///run/crishim/crishim.sock"
 
@@ -45,9 +45,9 @@ def normalize_endpoint(endpoint: str) -> str:
         raise CriError("runtime endpoint: empty; give unix:///PATH or a path")
     if not path.startswith("/"):
         path = os.path.abspath(path)
-    if len(os.fsencode(path)) > MAX_SOCKET_PATH:  # else gRPC C-core's dump, then a timeout
-        raise CriError(f"runtime endpoint {path[:40]}…: a unix socket path of "
-                       f"{len(os.fsencode(path))} bytes; at most {MAX_SOCKET_PATH} fit")
+    problem = socket_path_problem(path)
+    if problem:
+        raise CriError(f"runtime endpoint {problem}")
     return "unix://" + path
 
 
