@@ -44,8 +44,7 @@ def parse_duration(text: str | int | float, name: str = "duration") -> float:
                 value += float(m.group(1)) * _UNITS[m.group(2)]
                 pos = m.end()
             if pos != len(s) or not s:
-                raise ConfigError(f"{name}: {text!r} is not a duration (examples: 30s, 1m, 4h, "
-                                  "1h30m)") from None
+                value = math.nan
     if not math.isfinite(value):
         raise ConfigError(f"{name}: {text!r} is not a duration (examples: 30s, 1m, 4h, 1h30m)")
     if value < 0:

@@ -32,12 +32,17 @@ def _mebibytes(text: str) -> int:
     return int(text)
 
 
+def _seconds(text: str) -> float:
+    """A number of seconds as given; nan for what is none (every check refuses nan)."""
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
 def _timeout(text: str) -> float:
     """--timeout: seconds, more than 0 and finite (inf was 'timed out after infs')."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
+    value = _seconds(text)
     if not (math.isfinite(value) and 0 < value <= MAX_SECONDS):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0 (at "
                                          f"most {MAX_SECONDS:.0f})")
@@ -47,10 +52,7 @@ def _timeout(text: str) -> float:
 def _ping_interval(text: str) -> float:
     """--ping-interval: 0 (none) or 0.1 s or more: crishim serve charges PINGs to the
     control budget (100 a second), and an interval of 1 ms ended the session in 2 s."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
+    value = _seconds(text)
     if not (value == 0 or math.isfinite(value) and 0.1 <= value <= MAX_SECONDS):
         raise argparse.ArgumentTypeError(f"{text!r}: give 0 (no PING) or 0.1 to "
                                          f"{MAX_SECONDS:.0f} seconds")
