@@ -83,7 +83,12 @@ def load_plugin(config: Config) -> RuntimePlugin:
     name, _ = config.chosen_runtime()
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name == name:
-            factory = ep.load()
+            try:
+                factory = ep.load()
+            except Exception as e:  # noqa: BLE001 - any import failure is the plugin's
+                raise PluginNotFound(
+                    f"runtime plugin {name!r} ({ep.value}) could not be loaded: "
+                    f"{type(e).__name__}: {e}") from e
             plugin: RuntimePlugin = factory(config)
             return plugin
     names = ", ".join(sorted(available_plugins())) or "none"

@@ -152,13 +152,13 @@ def test_idle_spdy_session_gets_goaway_and_is_closed_busy_one_is_not(podnet):
         assert "idle for" in proc.log()
 
 
-def _serve_fails(*args: str, cwd: str = "/") -> str:
+def _serve_fails(*args: str, cwd: str = "/", env: dict[str, str] | None = None) -> str:
     """crishim serve with args: it must refuse to start with one line on stderr, rc 1."""
     import subprocess
     import sys
 
     r = subprocess.run([sys.executable, "-m", "crishim", "serve", "--log-level", "warning",
-                        *args], capture_output=True, text=True, timeout=30, cwd=cwd)
+                        *args], capture_output=True, text=True, timeout=30, cwd=cwd, env=env)
     assert r.returncode == 1, (r.returncode, r.stderr)
     assert "Traceback" not in r.stderr and "grpc" not in r.stderr.lower(), r.stderr
     lines = r.stderr.strip().splitlines()
@@ -184,3 +184,27 @@ def test_what_serve_cannot_use_is_one_line_before_it_listens(tmp_path):
     assert line.startswith("crishim: reserved_fds: 100000000 reserved of RLIMIT_NOFILE ")
     assert "leaves 0 descriptors" in line
     assert not (tmp_path / "r.sock").exists()
+
+
+def test_a_plugin_that_does_not_import_is_one_line(tmp_path):
+    """An installed entry point whose module is missing or raises on import (a half-removed
+    plugin package) stopped serve with an import traceback; now one line names the plugin,
+    the object its entry point names and why, and nothing listens."""
+    import os
+
+    dist = tmp_path / "crishim_broken-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: crishim-broken\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(
+        "[crishim.runtimes]\nbroken = crishim_no_such_module:make\n"
+        "raising = crishim_raising_plugin:make\n")
+    (tmp_path / "crishim_raising_plugin.py").write_text("raise ValueError('bad build')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    line = _serve_fails("--socket", str(tmp_path / "b.sock"), "--runtime", "broken", env=env)
+    assert line == ("crishim: runtime plugin 'broken' (crishim_no_such_module:make) could not "
+                    "be loaded: ModuleNotFoundError: No module named 'crishim_no_such_module'")
+    line = _serve_fails("--socket", str(tmp_path / "r.sock"), "--runtime", "raising", env=env)
+    assert line == ("crishim: runtime plugin 'raising' (crishim_raising_plugin:make) could not "
+                    "be loaded: ValueError: bad build")
+    assert not (tmp_path / "b.sock").exists() and not (tmp_path / "r.sock").exists()
