@@ -126,7 +126,10 @@ class Admission:
 
     async def __call__(self, method: str, target: str,
                        methods: Sequence[str] = ("GET", "POST")) -> Admitted:
-        url = urlsplit(target)
+        try:
+            url = urlsplit(target)
+        except ValueError:  # e.g. "//[/portforward/x": an unbalanced IPv6 bracket
+            raise Refused(400, "malformed request target") from None
         parts = url.path.split("/")
         if len(parts) != 3 or parts[0] != "" or parts[1] != "portforward" or not parts[2]:
             raise Refused(404, f"no such path {redact(url.path)!r}")

@@ -23,6 +23,10 @@ from crishim.protocols.negotiation import (
 )
 from crishim.stream.admission import Refused
 
+# longest requestid kept (SPDY and HTTP/2 alike): client-go's are decimal counters,
+# crishim's the same; a longer one was held per pending pair and quoted in every line
+MAX_REQUEST_ID = 128
+
 
 class PendingPair:
     """A forwarded connection's error and data streams while they gather."""
@@ -84,6 +88,9 @@ class StreamPairs:
         except StreamProtocolRefused as e:
             raise Refused(400, str(e)) from None
         request_id = headers.get(HEADER_REQUEST_ID)
+        if request_id is not None and len(request_id) > MAX_REQUEST_ID:
+            raise Refused(400, f"a requestid of {len(request_id)} characters (at most "
+                               f"{MAX_REQUEST_ID})")
         if request_id is None:  # very old clients: ids derived from stream ids
             request_id = str(stream_id if stream_type == STREAM_TYPE_ERROR else stream_id - 2)
         if request_id in live:

@@ -13,7 +13,6 @@ from crishim.protocols import spdy
 from crishim.protocols.constants import (
     DIAL_ON_DATA,
     HEADER_DIAL,
-    HEADER_REQUEST_ID,
     PORTFORWARD_PROTOCOL,
 )
 from crishim.protocols.negotiation import choose_version, server_versions
@@ -106,9 +105,6 @@ FRAMES_PER_RECEIVE = 4096
 INFLATED_PER_RECEIVE = 1024 * 1024
 # the key the session's read gate is held with while a read's backlog waits
 _BACKLOG = "backlog"
-# longest requestid kept: client-go's are decimal counters, crishim's the same
-MAX_REQUEST_ID = 128
-
 
 class SpdyPortForwardSession(ServerSession):
     """Drives one SpdyConnection: pairs streams, opens forwarded connections, pumps bytes.
@@ -227,10 +223,6 @@ class SpdyPortForwardSession(ServerSession):
         try:
             if ev.unidirectional:  # a stream crishim could not answer on carries nothing
                 raise Refused(400, "it is unidirectional")
-            request_id = ev.headers.get(HEADER_REQUEST_ID, "")
-            if len(request_id) > MAX_REQUEST_ID:
-                raise Refused(400, f"a requestid of {len(request_id)} characters (at most "
-                                   f"{MAX_REQUEST_ID})")
             pair = self._pairs.add(ev.stream_id, ev.headers, version=self.stream_version)
         except Refused as e:
             self.protocol_error("spdy sandbox=%s: refusing stream %d: %s", self.sandbox.id,

@@ -353,3 +353,33 @@ def test_a_request_head_with_bare_lf_line_ends_is_read_at_once(serve):
                      "\n".encode())
         assert sock.recv(65536).startswith(b"HTTP/1.1 101 ")
     assert_no_traceback(proc)
+
+
+def test_a_request_target_that_does_not_parse_is_400_without_a_traceback(serve):
+    """`//[/portforward/x` (an unbalanced IPv6 bracket in the authority urlsplit sees) made
+    urlsplit raise: a 500 and an ERROR traceback per request over HTTP/1.1, the same on
+    HTTP/2's first stream, none of it budgeted."""
+    proc = serve()
+    host, port = stream_address(proc)
+    with socket.create_connection((host, port)) as sock:
+        sock.sendall(b"GET //[/portforward/abc HTTP/1.1\r\nHost: x\r\nUpgrade: SPDY/3.1\r\n"
+                     b"Connection: Upgrade\r\n\r\n")
+        sock.settimeout(30)
+        head = sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    assert b"malformed request target" in head
+
+    async def h2_first_stream() -> int | None:
+        client = await H2Client.connect(proc.port_forward_url(SANDBOX), "prior")
+        try:
+            client.path = "//[/portforward/abc"
+            sid = client.open_stream(client.request_headers(streamtype="error", port="80"))
+            await asyncio.wait_for(client.streams[sid].ended.wait(), 10)
+            return client.streams[sid].status
+        finally:
+            await client.close()
+
+    assert asyncio.run(h2_first_stream()) == 400
+    assert echo_served(proc) == b"still serving"
+    log = proc.log()
+    assert "Traceback" not in log and "ERROR" not in log, log
