@@ -3,6 +3,8 @@ WebSocket query, CRI PortForwardRequest) goes through here."""
 
 from __future__ import annotations
 
+import ipaddress
+
 _ASCII_DIGITS = frozenset("0123456789")
 
 
@@ -32,3 +34,25 @@ def check_port(port: int) -> int:
     if not 1 <= port <= 65535:
         raise InvalidPort(f"invalid port {shown(port)}: expected 1 to 65535")
     return port
+
+
+def ip_or_empty(text: str) -> str:
+    """text if it is an IP address, else "" (a pod IP from a runtime or a helper request,
+    dialled only by the pod-IP fallback: a NUL or a host name in it made connect() raise
+    TypeError, a traceback per forwarded connection)."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return ""
+    return text
+
+
+def netns_path_problem(path: str) -> str:
+    """Why path cannot be a network namespace to open, or "": it must be absolute (a
+    relative one would be resolved in crishim's working directory) and free of NUL (which
+    made open() raise ValueError past every handler)."""
+    if "\0" in path:
+        return f"{shown(path, 64)} contains a NUL byte"
+    if not path.startswith("/"):
+        return f"{shown(path, 64)} is not an absolute path"
+    return ""

@@ -32,6 +32,7 @@ from crishim.config import Config
 from crishim.cri import api_pb2
 from crishim.cri.service import upstream_target
 from crishim.netns import InProcessUdp, dial_localhost
+from crishim.ports import ip_or_empty, netns_path_problem
 from crishim.runtime import RuntimeError_, RuntimePlugin, Sandbox, SandboxGone, SandboxNotFound
 
 HOST = "host"
@@ -121,7 +122,7 @@ def sandbox_from_status(sandbox_id: str,
         raise SandboxGone(f"sandbox {sandbox_id} is not ready (stopped)")
     if info.get("netNamespaceClosed") is True:
         raise SandboxGone(f"sandbox {sandbox_id}: its network namespace is closed")
-    pod_ip = status.network.ip
+    pod_ip = ip_or_empty(status.network.ip)
     pid = info.get("pid")
     pid = pid if isinstance(pid, int) and pid > 0 else 0
     if status.linux.namespaces.options.network == api_pb2.NODE:
@@ -133,6 +134,10 @@ def sandbox_from_status(sandbox_id: str,
     if not path:
         raise SandboxGone(f"sandbox {sandbox_id}: the runtime reports neither a network "
                           "namespace path nor a pid")
+    problem = netns_path_problem(path)
+    if problem:
+        raise SandboxGone(f"sandbox {sandbox_id}: the runtime's network namespace path "
+                          f"{problem}")
     return Sandbox(sandbox_id, netns_path=path, pod_ip=pod_ip), path
 
 

@@ -46,6 +46,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from crishim.ports import ip_or_empty, netns_path_problem, shown
 from crishim.sysutil import wait_io
 
 PROTOCOL_VERSION = 1
@@ -114,16 +115,21 @@ def decode_request(line: bytes) -> dict[str, Any]:
     op, netns = body.get("op"), body.get("netns")
     if op not in ("dial", "exists"):
         raise ProtocolError(f"unknown op {op!r}")
-    if not isinstance(netns, str) or not (netns == HOST or netns.startswith("/")):
-        raise ProtocolError(f"netns must be an absolute path or {HOST!r}, got {netns!r}")
+    if not isinstance(netns, str):
+        raise ProtocolError(f"netns must be an absolute path or {HOST!r}, got {shown(netns)}")
+    if netns != HOST and netns_path_problem(netns):
+        raise ProtocolError(f"netns must be an absolute path or {HOST!r}: "
+                            f"{netns_path_problem(netns)}")
     if op == "dial":
         port = body.get("port")
         if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
             raise ProtocolError(f"port must be in 1..65535, got {port!r}")
         if body.get("mode") not in ("fd", "socat"):
             raise ProtocolError(f"mode must be fd or socat, got {body.get('mode')!r}")
-        if not isinstance(body.get("pod_ip", ""), str):
-            raise ProtocolError("pod_ip must be a string")
+        pod_ip = body.get("pod_ip", "")
+        if not isinstance(pod_ip, str) or (pod_ip and not ip_or_empty(pod_ip)):
+            raise ProtocolError(f"pod_ip must be an IP address or empty, got "
+                                f"{shown(pod_ip, 64)}")
     return body
 
 

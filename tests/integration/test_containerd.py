@@ -669,6 +669,18 @@ def test_sandbox_from_status_reads_containerd_fields() -> None:
                 '{"pid": 42, "runtimeSpec": {"linux": {"namespaces": '
                 '[{"type": "network", "path": ["x"]}]}}}'):
         assert sandbox_from_status("a", response(odd))[0].netns_path == "/proc/42/ns/net"
+    # a path with a NUL made stat() raise ValueError (UNKNOWN and a grpc traceback per
+    # PortForward); a relative one would be read in crishim's working directory
+    for path, words in (("/run/netns/a\\u0000b", "contains a NUL byte"),
+                        ("netns/cni-1", "is not an absolute path")):
+        odd = ('{"pid": 42, "runtimeSpec": {"linux": {"namespaces": '
+               f'[{{"type": "network", "path": "{path}"}}]}}}}}}')
+        with pytest.raises(SandboxGone, match=words):
+            sandbox_from_status("a", response(odd))
+    # a pod IP that is no IP address is none: the fallback dialled it (TypeError per
+    # connection for a NUL)
+    for ip in ("a\0b", "pod.example"):
+        assert sandbox_from_status("a", response(spec, ip=ip))[0].pod_ip == ""
     with pytest.raises(SandboxGone):  # nested too deep to read: as no answer at all
         sandbox_from_status("a", response('{"pid": 42, "runtimeSpec": '
                                           + "[" * 100_000 + "]" * 100_000 + "}"))

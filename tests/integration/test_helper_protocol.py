@@ -168,6 +168,14 @@ def test_socat_mode_refuses_a_fifo_and_enters_the_netns_it_checked(podnet, tmp_p
      "bad-request", "absolute path"),
     (b'{"v": 1, "op": "dial", "netns": "host", "port": 70000, "mode": "fd"}\n',
      "bad-request", "1..65535"),
+    # a NUL made open() raise ValueError and a host name made connect() raise TypeError:
+    # a traceback in the helper's log and EOF for the shim instead of an answer
+    (b'{"v": 1, "op": "exists", "netns": "/run/netns/a\\u0000b"}\n',
+     "bad-request", "contains a NUL byte"),
+    (b'{"v": 1, "op": "dial", "netns": "host", "port": 80, "mode": "fd", '
+     b'"pod_ip": "a\\u0000b"}\n', "bad-request", "pod_ip must be an IP address"),
+    (b'{"v": 1, "op": "dial", "netns": "host", "port": 80, "mode": "fd", '
+     b'"pod_ip": "example.com"}\n', "bad-request", "pod_ip must be an IP address"),
     (b'{"v": 1, "op": "dial", "netns": "host", "port": 80, "mode": "socat"}\n',
      "mode", "runs in fd mode"),
 ])

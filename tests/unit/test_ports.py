@@ -1,6 +1,6 @@
 import pytest
 
-from crishim.ports import InvalidPort, check_port, parse_port
+from crishim.ports import InvalidPort, check_port, ip_or_empty, netns_path_problem, parse_port
 
 
 @pytest.mark.parametrize("text,port", [("1", 1), ("80", 80), ("08080", 8080), ("65535", 65535)])
@@ -20,3 +20,17 @@ def test_numeric_ports_are_checked():
     assert check_port(443) == 443
     with pytest.raises(InvalidPort):
         check_port(70000)
+
+
+@pytest.mark.parametrize("text,ip", [("10.1.2.3", "10.1.2.3"), ("fd00::1", "fd00::1"),
+                                     ("", ""), ("a\0b", ""), ("example.com", ""),
+                                     ("ü" * 70, ""), ("10.1.2.3 ", "")])
+def test_only_ip_addresses_are_pod_ips(text, ip):
+    assert ip_or_empty(text) == ip
+
+
+def test_netns_paths_must_be_absolute_and_free_of_nul():
+    assert netns_path_problem("/run/netns/cni-1") == ""
+    assert "NUL" in netns_path_problem("/run/netns/a\0b")
+    assert "not an absolute path" in netns_path_problem("run/netns/x")
+    assert "not an absolute path" in netns_path_problem("")
