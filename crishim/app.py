@@ -142,8 +142,12 @@ class Crishim:
             (CriHandler(service, self.upstream, cfg.upstream_version),))
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # no aio in stubs
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        if server.add_insecure_port("unix://" + cfg.socket) == 0:
-            raise OSError(f"cannot listen on {cfg.socket}")
+        try:  # grpcio 1.6x raises RuntimeError where older ones returned 0
+            bound = server.add_insecure_port("unix://" + cfg.socket)
+        except RuntimeError:
+            bound = 0
+        if bound == 0:
+            raise OSError(f"socket {cfg.socket}: cannot listen there")
         old_umask = os.umask(0o117)
         try:
             await server.start()

@@ -169,9 +169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
         return code
-    except ConfigError as e:
-        print(f"crishim: {e}", file=sys.stderr)
-        return 2
+    except ConfigError as e:  # a setting crishim cannot use: a start-up failure like any
+        print(f"crishim: {e}", file=sys.stderr)  # other (usage errors stay 2, argparse's)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -7,6 +7,7 @@ stream_server_port, stream_idle_timeout, enable_tls_streaming, ...).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
@@ -156,11 +157,42 @@ class Config:
             raise ConfigError("read_turn: must be positive")
         if self.token_ttl <= 0:
             raise ConfigError("token_ttl: must be positive")
+        if self.session_buffer_size > MAX_WINDOW:
+            # HTTP/2 windows are 31-bit: a larger one failed every HTTP/2 connection
+            raise ConfigError(f"session_buffer_size: at most {MAX_WINDOW} (HTTP/2's largest "
+                              "window)")
+        problem = host_problem(self.stream_url_host)
+        if problem:
+            raise ConfigError(f"stream_url_host: {problem}")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ConfigError("tls_cert_file and tls_key_file: give both or neither")
         if self.metrics_address:
             host_port(self.metrics_address, "metrics_address")
         return self
+
+
+# HTTP/2's largest flow-control window (RFC 9113 6.9.1)
+MAX_WINDOW = 2**31 - 1
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def host_problem(host: str) -> str:
+    """Why host cannot go into an issued URL and a certificate, or "" (empty: the listen
+    address): an IP address (IPv6 with or without brackets) or an ASCII DNS name. A
+    non-ASCII one made the TLS certificate raise; one with a space was written into URLs."""
+    if not host:
+        return ""
+    try:
+        ipaddress.ip_address(host[1:-1] if host.startswith("[") and host.endswith("]")
+                             else host)
+        return ""
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    if len(name) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in name.split(".")):
+        return (f"{host!r} is not an IP address or a DNS name (ASCII letters, digits and "
+                "hyphens; an internationalised name in its xn-- form)")
+    return ""
 
 
 def host_port(address: str, name: str) -> tuple[str, int]:
@@ -351,6 +383,8 @@ def load(
             raise ConfigError(f"config file {path}: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path}: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path}: not UTF-8 (byte {e.start})") from None
         for key, value in data.items():
             if key not in SETTINGS:
                 raise ConfigError(f"config file {path}: unknown setting {key!r}")

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import os
@@ -90,12 +89,19 @@ def prepare_socket_path(path: str) -> None:
         missing.append(directory)  # os.makedirs gives only the last one its mode
         directory = os.path.dirname(directory)
     for directory in reversed(missing):
-        with contextlib.suppress(FileExistsError):  # made meanwhile by another
+        try:
             os.mkdir(directory, 0o755)
+        except FileExistsError:  # made meanwhile by another, or a file of that name
+            pass
+        except OSError as e:
+            raise SocketInUse(f"{path}: cannot create {directory} ({e.strerror})") from None
     try:
         st = os.lstat(path)
     except FileNotFoundError:
+        _try_bind(path)
         return
+    except OSError as e:  # ENOTDIR: a file where a directory should be
+        raise SocketInUse(f"{path}: cannot listen there ({e.strerror})") from None
     if not stat.S_ISSOCK(st.st_mode):
         raise SocketInUse(f"{path} exists and is not a socket; not replacing it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -111,6 +117,20 @@ def prepare_socket_path(path: str) -> None:
         probe.close()
     raise SocketInUse(f"another server is already listening on {path}; stop it or choose "
                       "another --socket")
+
+
+def _try_bind(path: str) -> None:
+    """Bind path once and let it go: a directory that takes no sockets (/proc, a read-only
+    mount) is one clear line here, where gRPC printed C-core errors and raised
+    RuntimeError."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.bind(path)
+    except OSError as e:
+        raise SocketInUse(f"{path}: cannot listen there ({e.strerror})") from None
+    finally:
+        probe.close()
+    os.unlink(path)
 
 
 def remove_socket_file(path: str) -> None:

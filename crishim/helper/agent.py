@@ -76,26 +76,41 @@ class HelperAgent:
                 raise HelperSetupError(
                     f"mode socat needs {' and '.join(missing)} on PATH (apt-get install "
                     f"socat util-linux), or run --mode fd, which needs none of them")
+        gid = self._group_id()  # before the socket exists: a bad one leaves nothing behind
         prepare_socket_path(self.socket_path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o117)
         try:
             sock.bind(self.socket_path)
+            if gid >= 0:
+                os.chown(self.socket_path, -1, gid)
+            os.chmod(self.socket_path, 0o660)
+        except OSError as e:
+            sock.close()
+            remove_socket_file(self.socket_path)
+            raise HelperSetupError(f"{self.socket_path}: {e.strerror}") from None
         finally:
             os.umask(old_umask)
-        if self.group:
-            try:
-                gid = int(self.group) if self.group.isdigit() else grp.getgrnam(self.group).gr_gid
-            except KeyError:
-                sock.close()
-                raise HelperSetupError(f"--group: no group named {self.group!r}") from None
-            os.chown(self.socket_path, -1, gid)
-        os.chmod(self.socket_path, 0o660)
         sock.listen(1024)
         sock.setblocking(False)
         self.listener = sock
         self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop(sock))
         log.info("crishim helper serving %s mode on %s", self.mode, self.socket_path)
+
+    def _group_id(self) -> int:
+        """--group as a gid (a name or a number), -1 when not given."""
+        if not self.group:
+            return -1
+        if self.group.isascii() and self.group.isdigit():
+            gid = int(self.group)
+            if gid >= 2**32 - 1:  # (uid_t)-1 means "no change" to chown
+                raise HelperSetupError(f"--group: {self.group} is not a group id "
+                                       f"(0..{2**32 - 2})")
+            return gid
+        try:
+            return grp.getgrnam(self.group).gr_gid
+        except KeyError:
+            raise HelperSetupError(f"--group: no group named {self.group!r}") from None
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()

@@ -208,3 +208,50 @@ def test_a_plugin_that_does_not_import_is_one_line(tmp_path):
     assert line == ("crishim: runtime plugin 'raising' (crishim_raising_plugin:make) could not "
                     "be loaded: ValueError: bad build")
     assert not (tmp_path / "b.sock").exists() and not (tmp_path / "r.sock").exists()
+
+
+@pytest.mark.parametrize("args, expected", [
+    # a config file that is not UTF-8: UnicodeDecodeError traceback
+    (["--config", "{tmp}/latin1.toml"], "crishim: config file {tmp}/latin1.toml: not UTF-8 "
+                                        "(byte 12)"),
+    # a non-ASCII host: the TLS certificate raised ValueError
+    (["--stream-url-host", "pöd.example", "--enable-tls-streaming"],
+     "crishim: stream_url_host: 'pöd.example' is not an IP address or a DNS name"),
+    (["--stream-url-host", "a b"], "crishim: stream_url_host: 'a b' is not an IP address"),
+    # past HTTP/2's largest window: every HTTP/2 connection failed with a traceback
+    (["--session-buffer-size", str(2**34)], "crishim: session_buffer_size: at most "
+                                            "2147483647 (HTTP/2's largest window)"),
+    # a directory that takes no socket: gRPC's C-core errors, then a RuntimeError
+    (["--socket", "/proc/crishim-test.sock"], "crishim: /proc/crishim-test.sock: cannot "
+                                              "listen there (No such file or directory)"),
+    (["--socket", "/etc/hostname/crishim.sock"], "crishim: /etc/hostname/crishim.sock: "
+                                                 "cannot listen there (Not a directory)"),
+    # a value that does not parse: exit 2 before, unlike every other start-up failure
+    (["--max-tokens", "abc"], "crishim: max_tokens: 'abc' is not a valid int"),
+])
+def test_settings_serve_cannot_use_are_one_line_and_exit_1(tmp_path, args, expected):
+    (tmp_path / "latin1.toml").write_bytes(b'socket = "/x\xe9.sock"\n')
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if "--socket" not in args:
+        args += ["--socket", str(tmp_path / "c.sock")]
+    line = _serve_fails(*args)
+    assert line.startswith(expected.replace("{tmp}", str(tmp_path))), line
+    assert not (tmp_path / "c.sock").exists()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--group", "99999999999"], "--group: 99999999999 is not a group id (0..4294967294)"),
+    (["--group", "no-such-group-here"], "--group: no group named 'no-such-group-here'"),
+])
+def test_helper_settings_it_cannot_use_are_one_line_and_leave_no_socket(tmp_path, args,
+                                                                        expected):
+    """A gid past 32 bits raised OverflowError after the socket was bound, and left it."""
+    import subprocess
+    import sys
+
+    sock = tmp_path / "h.sock"
+    r = subprocess.run([sys.executable, "-m", "crishim", "helper", "--socket", str(sock),
+                        *args], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip() == f"crishim helper: {expected}"
+    assert not sock.exists()
