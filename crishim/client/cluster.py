@@ -55,6 +55,7 @@ def load_cluster(kubeconfig: str, context: str | None = None, namespace: str | N
                  insecure: bool = False, ca_file: str | None = None) -> Cluster:
     """Read a kubeconfig with the `kubernetes` package's loader; `insecure` and `ca_file`
     override the cluster's settings as kubectl's flags of the same names do."""
+    import yaml  # type: ignore[import-untyped]
     from kubernetes import client
     from kubernetes import config as kube_config
 
@@ -68,6 +69,13 @@ def load_cluster(kubeconfig: str, context: str | None = None, namespace: str | N
         raise ClusterError(f"error: kubeconfig {kubeconfig}: {e}") from None
     except OSError as e:
         raise ClusterError(f"error: kubeconfig {kubeconfig}: {e.strerror or e}") from None
+    except (yaml.YAMLError, UnicodeError) as e:  # not YAML, not UTF-8
+        why = " ".join(str(e).split())
+        raise ClusterError(f"error: kubeconfig {kubeconfig}: not a YAML file: {why}") from None
+    except (TypeError, AttributeError, KeyError, ValueError) as e:
+        # YAML of another shape (`clusters: 5`): the loader indexes it as it finds it
+        raise ClusterError(f"error: kubeconfig {kubeconfig}: not a kubeconfig "
+                           f"({type(e).__name__}: {e})") from None
     chosen = next((c for c in contexts if c.get("name") == context), None) if context \
         else active
     ns = namespace or ((chosen or {}).get("context") or {}).get("namespace") or "default"

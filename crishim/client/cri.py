@@ -140,11 +140,15 @@ def netns_from_info(info: dict[str, str]) -> str:
         raise CriError("PodSandboxStatus verbose info has no 'info' entry")
     try:
         data = json.loads(raw)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise CriError(f"PodSandboxStatus verbose info is not JSON: {e}") from None
-    spec = data.get("runtimeSpec") or {}
-    for ns in (spec.get("linux") or {}).get("namespaces") or []:
-        path = ns.get("path")
+    if not isinstance(data, dict):  # `[1]` raised AttributeError: a traceback from check
+        raise CriError("PodSandboxStatus verbose info is not a JSON object")
+    spec = data.get("runtimeSpec")
+    linux = spec.get("linux") if isinstance(spec, dict) else None
+    namespaces = linux.get("namespaces") if isinstance(linux, dict) else None
+    for ns in namespaces if isinstance(namespaces, list) else []:
+        path = ns.get("path") if isinstance(ns, dict) else None
         if ns.get("type") == "network" and isinstance(path, str) and path:
             return path
     pid = data.get("pid")

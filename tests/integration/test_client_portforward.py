@@ -506,35 +506,53 @@ def test_unknown_sandbox_is_one_line_and_nonzero(crishim):
     assert_one_error_line(r, r"sandbox 'no-such-sandbox' not found")
 
 
-def test_refused_upgrade_is_one_line_and_nonzero(tmp_path):
-    """A stream server that answers 403 (a runtime speaking another protocol)."""
+_NO_PROTOCOL = b"no stream protocol in common\n"
+
+
+@pytest.mark.parametrize("transport", ["spdy", "websocket"])
+@pytest.mark.parametrize("answer, expected", [
+    # a runtime speaking another protocol
+    (b"HTTP/1.1 403 Forbidden\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+     % (len(_NO_PROTOCOL), _NO_PROTOCOL),
+     "unable to upgrade connection: 403: no stream protocol in common"),
+    # a Content-Length of Latin-1 '²' passed str.isdigit() and int() raised: a traceback
+    (b"HTTP/1.1 404 Not Found\r\nContent-Length: \xb2\r\n\r\nnope",
+     "unable to upgrade connection: 404: nope"),
+    # a status of 5,000 digits: int() refuses more than 4,300
+    (b"HTTP/1.1 " + b"4" * 5000 + b" Odd\r\n\r\n", "HTTP"),
+], ids=["refused", "latin1-length", "long-status"])
+def test_refused_upgrade_is_one_line_and_nonzero(transport, answer, expected):
+    """A stream server that refuses the upgrade, or answers what is not HTTP: one clear
+    error, never an exception of another kind."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
     port = listener.getsockname()[1]
 
-    def answer():
+    def serve():
         conn, _ = listener.accept()
         with conn:
             conn.recv(65536)
-            body = b"no stream protocol in common\n"
-            conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: %d\r\n"
-                         b"Connection: close\r\n\r\n%s" % (len(body), body))
+            conn.sendall(answer)
 
-    t = threading.Thread(target=answer, daemon=True)
+    t = threading.Thread(target=serve, daemon=True)
     t.start()
-    import asyncio
 
-    from crishim.client.transports import UpgradeRefused, open_session
+    from crishim.client.transports import SessionError, UpgradeRefused, open_session
 
     async def go():
-        with pytest.raises(UpgradeRefused) as e:
-            await open_session(f"http://127.0.0.1:{port}/portforward/x", "spdy")
+        with pytest.raises((UpgradeRefused, SessionError)) as e:
+            await open_session(f"http://127.0.0.1:{port}/portforward/x", transport, [80])
         return str(e.value)
 
     message = asyncio.run(go())
     listener.close()
-    assert message == "unable to upgrade connection: 403: no stream protocol in common"
+    if expected == "HTTP":
+        assert "did not answer with HTTP" in message or "malformed status line" in message, \
+            message
+        assert len(message) < 300
+    else:
+        assert message == expected
 
 
 @pytest.mark.parametrize("transport", ["spdy", "websocket", "spdy-over-websocket"])

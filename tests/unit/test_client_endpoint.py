@@ -27,3 +27,23 @@ def test_a_relative_path_is_from_the_working_directory() -> None:
 def test_what_is_no_unix_socket_is_one_clear_error(endpoint: str) -> None:
     with pytest.raises(CriError, match="runtime endpoint"):
         normalize_endpoint(endpoint)
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ('{"runtimeSpec": {"linux": {"namespaces": [{"type": "network", "path": "/run/netns/a"}]}}}',
+     "/run/netns/a"),
+    ('{"pid": 7}', "/proc/7/ns/net"),
+    # other shapes from a runtime: no path, never AttributeError (a traceback from check)
+    ('{"pid": 7, "runtimeSpec": {"linux": []}}', "/proc/7/ns/net"),
+    ('{"pid": 7, "runtimeSpec": {"linux": {"namespaces": [1, "x"]}}}', "/proc/7/ns/net"),
+    ('{"pid": 7, "runtimeSpec": []}', "/proc/7/ns/net"),
+    ("[1]", CriError), ('"text"', CriError), ("[" * 100_000, CriError),
+])
+def test_netns_from_verbose_info_of_any_shape(raw, expected):
+    from crishim.client.cri import netns_from_info
+
+    if expected is CriError:
+        with pytest.raises(CriError):
+            netns_from_info({"info": raw})
+    else:
+        assert netns_from_info({"info": raw}) == expected

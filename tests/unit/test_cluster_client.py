@@ -54,3 +54,20 @@ def test_namespace_flag_wins_and_basic_auth(tmp_path: Path) -> None:
 def test_unreadable_kubeconfig_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(ClusterError, match="kubeconfig .*missing"):
         load_cluster(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"clusters: [\n", "not a YAML file"),                    # a YAML syntax error
+    (b"apiVersion: v1\nclusters: 5\ncontexts: 5\n", "kubeconfig"),  # YAML, not a kubeconfig
+    (b"\xff\xfe\x00garbage", "kubeconfig"),                  # not UTF-8
+])
+def test_a_kubeconfig_that_is_not_one_is_a_cluster_error(tmp_path: Path, content: bytes,
+                                                          words: str) -> None:
+    """A YAML error, another shape or another encoding raised ScannerError, TypeError or
+    UnicodeDecodeError out of the loader: a traceback from port-forward."""
+    path = tmp_path / "config"
+    path.write_bytes(content)
+    with pytest.raises(ClusterError) as e:
+        load_cluster(str(path))
+    assert str(e.value).startswith(f"error: kubeconfig {path}: ") and words in str(e.value)
+    assert len(str(e.value)) < 400

@@ -859,7 +859,8 @@ def parse_response_head(raw: bytes) -> tuple[int, dict[str, list[str]], bytes]:
     head, rest = raw[:end], raw[end + 4:]
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or len(parts[1]) != 3 \
+            or not parts[1].isdigit():  # bytes: ASCII digits only
         raise SessionError(f"the server did not answer with HTTP: {lines[0][:80]!r}")
     headers: dict[str, list[str]] = {}
     for line in lines[1:]:
@@ -871,7 +872,7 @@ def parse_response_head(raw: bytes) -> tuple[int, dict[str, list[str]], bytes]:
 
 def _refusal(status: int, headers: dict[str, list[str]], body: bytes) -> UpgradeRefused:
     length = headers.get("content-length", [""])[0]
-    if length.isdigit():
+    if length.isascii() and length.isdigit() and len(length) <= 18:  # '²' passes isdigit()
         body = body[:int(length)]
     cut = len(body) > REFUSAL_BODY_KEPT
     text = body[:REFUSAL_BODY_KEPT].decode("utf-8", "replace").strip() or "no reason given"

@@ -171,7 +171,8 @@ def parse_handshake_response(
     head, leftover = data[:end], bytes(data[end + 4:])
     status_line, *header_lines = head.split(b"\r\n")
     parts = status_line.split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or len(parts[1]) != 3 \
+            or not parts[1].isdigit():
         raise HandshakeError(0, f"malformed status line {status_line[:100]!r}")
     status = int(parts[1])
     reason = parts[2].decode("latin-1") if len(parts) > 2 else ""
