@@ -148,7 +148,9 @@ def netns_from_info(info: dict[str, str]) -> str:
     linux = spec.get("linux") if isinstance(spec, dict) else None
     namespaces = linux.get("namespaces") if isinstance(linux, dict) else None
     for ns in namespaces if isinstance(namespaces, list) else []:
-        path = ns.get("path") if isinstance(ns, dict) else None
+        if not isinstance(ns, dict):
+            continue
+        path = ns.get("path")
         if ns.get("type") == "network" and isinstance(path, str) and path:
             return path
     pid = data.get("pid")

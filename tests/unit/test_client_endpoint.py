@@ -38,7 +38,8 @@ def test_what_is_no_unix_socket_is_one_clear_error(endpoint: str) -> None:
     ('{"pid": 7, "runtimeSpec": {"linux": {"namespaces": [1, "x"]}}}', "/proc/7/ns/net"),
     ('{"pid": 7, "runtimeSpec": []}', "/proc/7/ns/net"),
     ("[1]", CriError), ('"text"', CriError), ("[" * 100_000, CriError),
-])
+], ids=["spec", "pid", "linux-list", "namespaces-odd", "spec-list", "list", "string",
+        "deep"])
 def test_netns_from_verbose_info_of_any_shape(raw, expected):
     from crishim.client.cri import netns_from_info
 
