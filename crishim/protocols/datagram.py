@@ -67,9 +67,13 @@ class DatagramDecoder:
         if self.error is not None or not data:
             return []
         buf = self._buffer
-        if buf:  # a partial datagram waits: join once, parse from the start
+        if buf:  # a partial datagram waits
             buf += data
-            data = bytes(buf)
+            if len(buf) >= LENGTH_SIZE:
+                (length,) = _LENGTH.unpack_from(buf, 0)
+                if length <= self.max_datagram and len(buf) < LENGTH_SIZE + length:
+                    return []  # still incomplete: kept (joining per piece was quadratic)
+            data = bytes(buf)  # complete (or over the limit): join once, parse from start
             buf.clear()
         view = memoryview(data)
         out: list[bytes] = []

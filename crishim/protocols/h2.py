@@ -80,7 +80,7 @@ from h2.events import (
 )
 from h2.exceptions import FrameDataMissingError, ProtocolError
 from h2.frame_buffer import FrameBuffer
-from h2.stream import StreamState
+from h2.stream import StreamClosedBy, StreamState
 from hpack.hpack import encode_integer
 from hyperframe.exceptions import InvalidDataError, InvalidFrameError, InvalidPaddingError
 from hyperframe.flags import Flags
@@ -564,6 +564,14 @@ class H2Codec(h2.connection.H2Connection):
         self._walk_at = max(_WALK_MIN, 2 * len(self.streams))
         return count
 
+    def reset_here(self, stream_id: int) -> bool:
+        """This side reset the stream: DATA the peer sent before it learned is expected,
+        not a frame to charge (a refused connection's first bytes, in flight)."""
+        stream = self.streams.get(stream_id)
+        closed_by = stream.closed_by if stream is not None else \
+            self._closed_streams.get(stream_id)
+        return closed_by is StreamClosedBy.SEND_RST_STREAM
+
     def _accepts_data(self, stream_id: int, length: int) -> bool:
         """Would h2 take a DATA frame of this length on this stream without complaint?"""
         stream = self.streams.get(stream_id)
@@ -583,8 +591,10 @@ class H2Codec(h2.connection.H2Connection):
             if isinstance(frame, DataFrame):
                 # data h2 would answer with RST_STREAM, or a frame that carries no data
                 # (padding only counts as none) and ends nothing
-                if not self._accepts_data(frame.stream_id, 0) or \
-                        not (len(frame.data) or "END_STREAM" in frame.flags):
+                if not self._accepts_data(frame.stream_id, 0):
+                    if not self.reset_here(frame.stream_id):
+                        charge(frame, False)
+                elif not (len(frame.data) or "END_STREAM" in frame.flags):
                     charge(frame, False)
             elif isinstance(frame, WindowUpdateFrame):
                 if not self.window_update_credit.spend():

@@ -186,10 +186,17 @@ class SpdyPortForwardSession(ServerSession):
                     conn.client_data(event.data)  # an empty frame dials a pair opened ahead
                     if event.fin:
                         conn.client_eof()
-                # data on an error stream or a half-paired stream is ignored: clients
-                # only read it, and end it (client-go: an empty DATA frame with FIN)
-                elif not event.fin:
-                    return self.charge_control("DATA on a stream carrying no connection")
+                else:
+                    # data on an error stream or a half-paired stream is ignored: clients
+                    # only read it, and end it (client-go: an empty DATA frame with FIN);
+                    # a data stream's end before its pair completes is kept for the pair
+                    pair = self._pairs.by_stream.get(event.stream_id)
+                    if event.fin and pair is not None and pair.data_id == event.stream_id:
+                        pair.held_end = True
+                    # data read with the SYN_STREAM of a connection refused since (a
+                    # limit) is expected: charged, it ended sessions at the limit
+                    elif not event.fin and not self.codec.reset_here(event.stream_id):
+                        return self.charge_control("DATA on a stream carrying no connection")
             case spdy.StreamOpened():
                 if not self.charge_stream_open():
                     return False
@@ -230,14 +237,19 @@ class SpdyPortForwardSession(ServerSession):
             self.codec.reset_stream(ev.stream_id, spdy.PROTOCOL_ERROR)
             return self.charge_control("a refused stream")
         on_data = pair.on_data and ev.stream_id == pair.data_id
+        if ev.fin and ev.stream_id == pair.data_id:
+            pair.held_end = True  # a data stream opened already ended
         self.codec.reply(ev.stream_id, {HEADER_DIAL: DIAL_ON_DATA} if on_data else {})
         if pair.complete:
             channel = _SpdyChannel(self, pair.data_id, pair.error_id)
             conn = self.open_forward(pair.port, channel, pair.protocol, pair.on_data)
             if not conn.done:
                 self._by_stream[pair.data_id] = conn
-            if not conn.done and self.codec.peer_ended(pair.data_id):
-                conn.client_eof()  # the client half-closed the data stream before the pair
+            # the client half-closed the data stream before the pair completed; an end
+            # read after this SYN_STREAM comes as its own event, after the data before it
+            # (the codec's state, already past the whole read, lost that data for UDP)
+            if not conn.done and pair.held_end:
+                conn.client_eof()
         return True
 
     def _pair_timed_out(self, pair: PendingPair) -> None:

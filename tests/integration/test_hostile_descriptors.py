@@ -162,3 +162,85 @@ def test_a_small_descriptor_limit_lowers_max_unadmitted_not_the_sessions(podnet)
         log = proc.log()
     assert "max_unadmitted 256 is lowered to 75" in log
     assert "RLIMIT_NOFILE 300: 44 descriptors" in log
+
+
+REFUSED_WITH_DATA = 1100  # past control_frame_burst (1,000)
+
+
+def test_refused_connections_whose_first_bytes_were_in_flight_leave_the_session_alone(
+        podnet):
+    """A client past max_connections_per_session that sends each new connection's first
+    bytes with its streams (crishim port-forward does, for UDP and for TCP): the DATA read
+    with a refused stream's SYN_STREAM was charged as a frame on no connection, and 1,100
+    refusals ended the session, its live connections with it."""
+    with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}",
+                        "--max-connections-per-session", "50") as proc:
+        with SpdyPortForwardClient(proc.port_forward_url(SANDBOX)) as client:
+            live = _open_live(client, 50)
+            assert all(f.received == b"+" for f in live)
+            session = client.session
+            for n in range(REFUSED_WITH_DATA):  # streams and data, written together
+                headers = {"streamtype": "error", "port": str(ECHO_PORT),
+                           "requestid": str(10_000 + n)}
+                error_sid = session.open_stream(headers)
+                session.end_stream(error_sid)
+                data_sid = session.open_stream(dict(headers, streamtype="data"))
+                session.send_data(data_sid, b"first bytes")
+            client.flush()
+            for fwd in live:  # the session and its connections live on
+                fwd.send(b"!")
+            assert client.wait(lambda: all(f.received == b"+!" for f in live), 30), \
+                client.terminated_reason
+            assert not client.goaway and not client.closed
+        log = proc.log()
+    assert "max_connections_per_session" in log
+    assert "control frames" not in log and "Traceback" not in log
+
+
+def test_refused_http2_connections_whose_first_bytes_were_in_flight_leave_the_session_alone(
+        podnet):
+    """HTTP/2: DATA that reaches crishim after it reset the stream (sent before the client
+    read the reset) was charged to the control budget: ENHANCE_YOUR_CALM for the session."""
+    import asyncio
+    import struct
+
+    from tests.support.h2_pf_client import H2Client
+
+    async def main(url: str) -> None:
+        client = await H2Client.connect(url, "prior")
+        live = [await client.forward(ECHO_PORT) for _ in range(50)]
+        conn, refused = client.conn, []
+        # as many as MAX_CONCURRENT_STREAMS lets the client open at once (2 x 50 + 8), again
+        # as the refusals free them
+        for _ in range(400):
+            if len(refused) >= REFUSED_WITH_DATA:
+                break
+            while len(refused) < REFUSED_WITH_DATA and conn.open_outbound_streams + 2 <= \
+                    conn.remote_settings.max_concurrent_streams:
+                headers = client.request_headers(streamtype="error", port=str(ECHO_PORT),
+                                                 requestid=str(10_000 + len(refused)))
+                conn.send_headers(conn.get_next_available_stream_id(), headers,
+                                  end_stream=True)
+                data_sid = conn.get_next_available_stream_id()
+                conn.send_headers(data_sid, [(k, "data" if k == "streamtype" else v)
+                                             for k, v in headers])
+                refused.append(data_sid)
+            client.flush()
+            await asyncio.sleep(0.02)
+        assert len(refused) == REFUSED_WITH_DATA
+        # each refused connection's first bytes, as if sent before its reset arrived
+        payload = b"first bytes"
+        client.write_raw(b"".join(struct.pack(">I", len(payload))[1:] + bytes([0, 0])
+                                  + struct.pack(">I", sid) + payload for sid in refused))
+        for fwd in live:
+            await fwd.write(b"still here", end_stream=True)
+        for fwd in live:
+            assert await fwd.read_all(timeout=30) == b"still here"
+        await client.close()
+
+    with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}",
+                        "--max-connections-per-session", "50") as proc:
+        asyncio.run(main(proc.port_forward_url(SANDBOX)))
+        log = proc.log()
+    assert "max_connections_per_session" in log
+    assert "ENHANCE_YOUR_CALM" not in log and "Traceback" not in log

@@ -213,3 +213,32 @@ def test_a_burst_of_dials_reads_the_listener_tables_once(podnet):
         for sock in flows:
             sock.close()
         forget_udp_listeners()
+
+
+def test_a_pod_datagram_past_what_a_flow_forwards_is_dropped_not_cut(podnet):
+    """IPv6 carries UDP payloads of up to 65,527 bytes; a flow forwards 65,507. One of
+    65,509 bytes was read into the 65,508-byte buffer and sent on cut, counted as
+    delivered."""
+    try:
+        pod = bind_udp_in_netns(podnet.path, "::1", 0)
+    except OSError as e:
+        pytest.skip(f"no IPv6 loopback in the test netns: {e}")
+
+    async def go():
+        flow, channel, _ = _flow(podnet, pod.getsockname()[1])
+        flow.start()
+        flow.client_data(encode_datagram(b"hello"))
+        await until(lambda: flow.sock is not None)
+        pod.settimeout(5)
+        _, peer = pod.recvfrom(100)
+        for size in (65509, 65527, 100):
+            pod.sendto(b"z" * size, peer)
+        await until(lambda: len(channel.datagrams) == 1)
+        await asyncio.sleep(0.1)
+        assert [len(d) for d in channel.datagrams] == [100]
+        assert flow.dropped == 2 and flow.datagrams_down == 1
+        flow.close("test over")
+    try:
+        asyncio.run(go())
+    finally:
+        pod.close()

@@ -207,3 +207,32 @@ def test_udp_through_the_kubelet_stand_in(crishim, kubeconfig_dir, transport):  
                 [f"SPDY/3.1+{CRISHIM}", f"SPDY/3.1+{K8S}"]
             assert re.search(r"(?im)^Sec-WebSocket-Protocol:\s*(.+?)\s*$", answer).group(1) \
                 == f"SPDY/3.1+{CRISHIM}"
+
+
+def test_a_flow_opened_sent_and_ended_in_one_write_delivers_its_datagram(crishim, podnet):
+    """SYN_STREAMs, the datagram and the FIN read at once (a DNS-style query, sent and
+    done): the end was acted on when the pair completed, before the data read with it,
+    and the datagram was dropped (0 of 20 arrived)."""
+    from crishim.netns import bind_udp_in_netns
+
+    pod = bind_udp_in_netns(podnet.path, "127.0.0.1", 0)
+    pod.settimeout(5)
+    port = pod.getsockname()[1]
+    count = 20
+    try:
+        url = crishim.port_forward_url(SANDBOX)
+        with SpdyPortForwardClient(url, versions=(CRISHIM, K8S)) as client:
+            session = client.session
+            for n in range(count):
+                headers = {"streamtype": "error", "port": str(port), "requestid": str(n),
+                           **UDP}
+                error_sid = session.open_stream(headers)
+                session.end_stream(error_sid)
+                data_sid = session.open_stream(dict(headers, streamtype="data"))
+                session.send_data(data_sid, encode_datagram(b"query %d" % n))
+                session.end_stream(data_sid)
+            client.flush()  # everything in one write
+            got = sorted(pod.recv(100) for _ in range(count))
+        assert got == sorted(b"query %d" % n for n in range(count))
+    finally:
+        pod.close()

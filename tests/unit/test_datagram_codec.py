@@ -87,3 +87,14 @@ def test_memoryview_and_bytearray_input():
     decoder = DatagramDecoder()
     assert decoder.receive_data(memoryview(wire)[:4]) == []
     assert decoder.receive_data(bytearray(wire[4:])) == [b"one", b"two"]
+
+
+def test_a_largest_datagram_a_byte_at_a_time_is_kept_without_rejoining():
+    """65,509 one-byte pieces: each was joined with the part held (bytes(buf)), a copy
+    of up to 64 KiB per byte, 2 GB in all; now kept as it comes, joined once."""
+    decoder = DatagramDecoder(MAX_UDP_PAYLOAD)
+    wire = encode_datagram(b"y" * MAX_UDP_PAYLOAD) + encode_datagram(b"next")
+    out = []
+    for i in range(len(wire)):
+        out += decoder.receive_data(wire[i:i + 1])
+    assert out == [b"y" * MAX_UDP_PAYLOAD, b"next"] and decoder.buffered == 0

@@ -253,11 +253,10 @@ class SpdyConnection:
     def is_stream_open(self, stream_id: int) -> bool:
         return stream_id in self._streams
 
-    def peer_ended(self, stream_id: int) -> bool:
-        """The peer has half-closed an open stream (FIN on its SYN_STREAM, a HEADERS or a
-        DATA frame)."""
-        stream = self._streams.get(stream_id)
-        return stream is not None and not stream.remote_open
+    def reset_here(self, stream_id: int) -> bool:
+        """The stream was reset (recently, within closed_stream_memory): DATA the peer
+        sent before it learned is expected, not a frame to charge."""
+        return self._closed.get(stream_id) == _CLOSED_RESET
 
     def can_send(self, stream_id: int) -> bool:
         stream = self._streams.get(stream_id)
