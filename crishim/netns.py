@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from pyroute2 import netns as pyroute2_netns
 
+from crishim.budget import TokenBucket
 from crishim.ports import netns_path_problem
 from crishim.runtime import DialFailed, Sandbox, SandboxGone
 from crishim.sysutil import LISTEN_BACKLOG, wait_io
@@ -246,38 +247,55 @@ def _proc_address(family: int, text: str) -> str:
     return socket.inet_ntop(family, raw)
 
 
-def _udp_row(port: int) -> re.Pattern[str]:
-    """A /proc/net/udp{,6} row of an unconnected socket bound to port: its local address."""
-    return re.compile(rf"^\s*\d+: ([0-9A-F]+):{port:04X} [0-9A-F]+:0000 ", re.MULTILINE)
+# a /proc/net/udp{,6} row of an unconnected socket: its local address and port
+_UDP_UNCONNECTED_ROW = re.compile(r"^\s*\d+: ([0-9A-F]+):([0-9A-F]{4}) [0-9A-F]+:0000 ",
+                                  re.MULTILINE)
 
 
-def _read_udp_listeners(port: int) -> set[str]:
-    """Addresses with an unconnected UDP socket bound to port, in the calling thread's
-    netns (IPv4-mapped IPv6 addresses as IPv4; wildcards as 0.0.0.0 and ::). The rows are
-    found by one regular expression over each table: the table holds every UDP socket of
-    the netns, crishim's own connected flow sockets too, and splitting each row in Python
-    cost ~4 us a row, per flow dialled."""
-    found: set[str] = set()
-    row = _udp_row(port)
+def _read_udp_listeners() -> dict[int, set[str]]:
+    """Port -> addresses with an unconnected UDP socket bound to it, in the calling
+    thread's netns (IPv4-mapped IPv6 addresses as IPv4; wildcards as 0.0.0.0 and ::). The
+    rows are found by one regular expression over each table: the table holds every UDP
+    socket of the netns, crishim's own connected flow sockets too, and splitting each row
+    in Python cost ~4 us a row."""
+    found: dict[int, set[str]] = {}
     for family, path in _UDP_TABLES:
         try:
             with open(path) as table:
                 text = table.read()
         except OSError:  # no IPv6 in this kernel or netns
             continue
-        for match in row.finditer(text):
+        for match in _UDP_UNCONNECTED_ROW.finditer(text):
             address = _proc_address(family, match.group(1))
             if address.startswith("::ffff:") and "." in address:
                 address = address[len("::ffff:"):]
-            found.add(address)
+            found.setdefault(int(match.group(2), 16), set()).add(address)
     return found
 
 
-# (netns device, inode, port) -> (when read, listeners): a burst of flows to one port reads
-# the tables once, not once per flow (each read is the size of the netns's UDP table)
+# (netns device, inode) -> its tables and what reading them again may cost. The tables
+# are the size of the netns's UDP socket count (4,000 flows parked by one session: 16-23 ms
+# a read), and they were read per port dialled: 2,000 flows to distinct ports held the
+# loop 31 s. Now one read answers every port for _LISTENERS_TTL; a port with no server
+# in them is read afresh (a server started since) while the netns's re-read budget lasts:
+# a scan of ports gets at most _REREADS_PER_SECOND reads a second.
 _LISTENERS_TTL = 2.0
+_REREADS_PER_SECOND = 2.0
+_REREAD_BURST = 8
 _LISTENERS_KEPT = 1024
-_listeners_seen: dict[tuple[int, int, int], tuple[float, set[str]]] = {}
+
+
+class _Tables:
+    __slots__ = ("read_at", "listeners", "rereads")
+
+    def __init__(self) -> None:
+        self.read_at = -_LISTENERS_TTL
+        self.listeners: dict[int, set[str]] = {}
+        self.rereads = TokenBucket(_REREADS_PER_SECOND, _REREAD_BURST)
+
+
+_listeners_seen: dict[tuple[int, int], _Tables] = {}
+_NONE: set[str] = set()
 
 
 def forget_udp_listeners() -> None:
@@ -288,31 +306,33 @@ def forget_udp_listeners() -> None:
 
 def udp_listeners(netns_fd: int, port: int) -> set[str]:
     """The addresses a UDP server listens on at port inside the netns behind netns_fd
-    (-1: this thread's own), read from its /proc tables while the thread is inside, or
+    (-1: this thread's own), from its /proc tables read while the thread is inside, or
     as read within the last _LISTENERS_TTL seconds."""
     st = os.fstat(netns_fd) if netns_fd >= 0 else os.stat("/proc/thread-self/ns/net")
-    key = (st.st_dev, st.st_ino, port)
+    key = (st.st_dev, st.st_ino)
+    tables = _listeners_seen.get(key)
+    if tables is None:
+        if len(_listeners_seen) >= _LISTENERS_KEPT:
+            _listeners_seen.clear()
+        tables = _listeners_seen[key] = _Tables()
     now = time.monotonic()
-    seen = _listeners_seen.get(key)
-    if seen is not None and now - seen[0] < _LISTENERS_TTL:
-        return seen[1]
-    found = _read_udp_listeners_in(netns_fd, port)
-    if len(_listeners_seen) >= _LISTENERS_KEPT:
-        _listeners_seen.clear()
-    _listeners_seen[key] = (now, found)
-    return found
+    if now - tables.read_at >= _LISTENERS_TTL or (
+            port not in tables.listeners and tables.rereads.take()):
+        tables.listeners = _read_udp_listeners_in(netns_fd)
+        tables.read_at = now
+    return tables.listeners.get(port, _NONE)
 
 
-def _read_udp_listeners_in(netns_fd: int, port: int) -> set[str]:
+def _read_udp_listeners_in(netns_fd: int) -> dict[int, set[str]]:
     if netns_fd < 0:
-        return _read_udp_listeners(port)
+        return _read_udp_listeners()
     home = _own_netns_fd()
     try:
         _setns(netns_fd)
     except OSError as e:
         raise SandboxGone(f"cannot enter network namespace: {e.strerror}") from None
     try:
-        return _read_udp_listeners(port)
+        return _read_udp_listeners()
     finally:
         try:
             _setns(home)
