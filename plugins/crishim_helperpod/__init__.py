@@ -103,12 +103,15 @@ class HelperPodRuntime(RuntimePlugin):
                 if reply.error == "gone":
                     raise SandboxGone(reply.message)
                 raise DialFailed(reply.message or f"helper error {reply.error}")
+            if reply.mode != self.mode:  # its own bytes would be forwarded as the pod's
+                raise DialFailed(f"helper at {self.socket_path} answered in "
+                                 f"{reply.mode or 'no'} mode; this shim asked for {self.mode}")
             if reply.mode == "socat":
                 keep = True  # the unix connection itself carries the bytes
                 return conn
             if len(fds) != 1:
                 raise DialFailed(f"helper at {self.socket_path} answered without a socket")
-            sock = self._pod_socket(fds[0])
+            sock = self._pod_socket(fds[0], port)
             fds.clear()  # the socket owns it now
             return sock
         finally:
@@ -117,7 +120,7 @@ class HelperPodRuntime(RuntimePlugin):
             if not keep:
                 conn.close()
 
-    def _pod_socket(self, fd: int) -> socket.socket:
+    def _pod_socket(self, fd: int, port: int) -> socket.socket:
         """The connected TCP socket a helper passed as fd, or DialFailed with fd still the
         caller's to close: a pipe made socket() raise ENOTSOCK once the fd had left the list
         that closes it (a traceback and a leaked fd per dial), and a UDP socket was
@@ -125,13 +128,22 @@ class HelperPodRuntime(RuntimePlugin):
         if not stat.S_ISSOCK(os.fstat(fd).st_mode):
             raise DialFailed(f"helper at {self.socket_path} passed a descriptor that is not "
                              "a socket")
-        sock = socket.socket(fileno=fd)  # family and type as the kernel reports them
+        try:
+            sock = socket.socket(fileno=fd)  # family and type as the kernel reports them
+        except OSError as e:  # a family Python cannot make a socket object of
+            raise DialFailed(f"helper at {self.socket_path} passed a socket of no usable "
+                             f"kind ({e.strerror or e})") from None
         if not (sock.type == socket.SOCK_STREAM
                 and sock.family in (socket.AF_INET, socket.AF_INET6) and _connected(sock)):
             kind = f"{sock.family.name}/{sock.type.name}"
             sock.detach()
             raise DialFailed(f"helper at {self.socket_path} passed a {kind} socket, not a "
                              "connected TCP socket")
+        peer_port = sock.getpeername()[1]
+        if peer_port != port:  # another service's bytes would be forwarded as the pod's
+            sock.detach()
+            raise DialFailed(f"helper at {self.socket_path} passed a socket connected to "
+                             f"port {peer_port}, not to port {port}")
         sock.setblocking(False)
         return sock
 

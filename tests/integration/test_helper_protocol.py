@@ -267,6 +267,16 @@ def _listening_fd() -> list[int]:
     return [tcp.detach()]
 
 
+_ELSEWHERE = socket.socket()  # a host service, not the port the shim asked for
+_ELSEWHERE.bind(("127.0.0.1", 0))
+_ELSEWHERE.listen(64)
+
+
+def _elsewhere_fd() -> list[int]:
+    tcp = socket.create_connection(_ELSEWHERE.getsockname())
+    return [tcp.detach()]
+
+
 OK_FD = b'{"v":1,"ok":true,"mode":"fd"}\n'
 
 
@@ -277,7 +287,13 @@ OK_FD = b'{"v":1,"ok":true,"mode":"fd"}\n'
     (lambda c: _send_with_fd(c, OK_FD, os.pipe), "passed a descriptor that is not a socket"),
     (lambda c: _send_with_fd(c, OK_FD, _udp_fd), "not a connected TCP socket"),
     (lambda c: _send_with_fd(c, OK_FD, _listening_fd), "not a connected TCP socket"),
-], ids=["deep", "deep-with-fd", "pipe", "udp", "listening"])
+    # the helper's own bytes were forwarded as the pod's
+    (lambda c: c.sendall(b'{"v":1,"ok":true,"mode":"socat"}\n'),
+     "answered in socat mode; this shim asked for fd"),
+    # a host service's bytes were forwarded as the pod's
+    (lambda c: _send_with_fd(c, OK_FD, _elsewhere_fd), f"not to port {HTTP_PORT}"),
+], ids=["deep", "deep-with-fd", "pipe", "udp", "listening", "socat-in-fd-mode",
+        "another-port"])
 def test_a_bad_helper_reply_fails_that_dial_and_leaks_no_descriptor(tmp_path, podnet,
                                                                     reply, words):
     path = str(tmp_path / "helper.sock")
