@@ -59,7 +59,7 @@ def _ping_interval(text: str) -> float:
     return value
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, pod_get: bool = False) -> None:
     p.add_argument("--runtime-endpoint", metavar="unix:///PATH", default=None,
                    help="the CRI runtime's socket (a bare path works too) "
                         "[default: $CONTAINER_RUNTIME_ENDPOINT or "
@@ -70,8 +70,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="for https stream URLs: trust this CA bundle (PEM)")
     p.add_argument("--timeout", type=_timeout, default=10.0, metavar="SECONDS",
                    help="timeout of the CRI call, the connect, the stream server's "
-                        "answer to the upgrade and (--kubeconfig) the pod GET "
-                        "[default: 10]")
+                        "answer to the upgrade"
+                        + (" and (--kubeconfig) the pod GET" if pod_get else "")
+                        + " [default: 10]")
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -100,7 +101,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     pf.add_argument("sandbox", metavar="TARGET",
                     help="pod sandbox id; with --kubeconfig: pod/NAME or NAME")
     pf.add_argument("ports", metavar="[LOCAL:]REMOTE[/udp]", nargs="+", help="port specs")
-    _add_common(pf)
+    _add_common(pf, pod_get=True)
     pf.add_argument("--kubeconfig", metavar="FILE",
                     help="go through this cluster's API server (pods/portforward) instead "
                          "of a CRI runtime endpoint")
@@ -131,7 +132,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         description="Run a battery of port-forward checks against any CRI runtime: URL form "
                     "and token single use, each transport's handshake, bytes both ways with "
                     "SHA-256, half-close, closed port, reset from the pod, concurrency, "
-                    "setup latency and throughput. As root with the sandbox's netns known "
+                    "setup latency, throughput and, where the server offers crishim's UDP "
+                    "extension, a UDP echo. As root with the sandbox's netns known "
                     "(PodSandboxStatus verbose info, or --netns) it starts its own echo, "
                     "sink, source and reset servers in the sandbox; otherwise it uses --port "
                     "and skips the checks that need a cooperating server. Exit status 1 if "

@@ -114,3 +114,15 @@ def test_metrics_address_is_host_and_port(address: str) -> None:
 @pytest.mark.parametrize("address", [":9090", "127.0.0.1:9090", "[::1]:9090", "localhost:1"])
 def test_metrics_address_accepts(address: str) -> None:
     assert load(env={"CRISHIM_METRICS_ADDRESS": address}).metrics_address == address
+
+
+def test_client_help_names_only_options_the_command_has(capsys):
+    """check's --timeout help spoke of --kubeconfig's pod GET, an option check refuses."""
+    for command, has_kubeconfig in (("check", False), ("port-forward", True)):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert ("--kubeconfig" in out) == has_kubeconfig, command
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["check", "--help"])
+    assert "UDP echo" in " ".join(capsys.readouterr().out.split())
