@@ -6,6 +6,7 @@ loop and one token store without locks."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import ssl
@@ -43,6 +44,8 @@ _MESSAGE_LIMITS = [("grpc.max_receive_message_length", 16 << 20),
 # descriptors crishim holds itself (listeners, the gRPC server and its channel, logs,
 # epoll, the token store's timers) and a few refusals in flight, beyond max_unadmitted
 OWN_FDS = 64
+# how often expired tokens are dropped (and counted) without a CRI call or a redeem
+TOKEN_COLLECT_INTERVAL = 5.0
 MIN_FD_BUDGET = 16  # descriptors for sessions and connections below which serve refuses to start
 
 
@@ -56,6 +59,7 @@ class Crishim:
         self.stream: StreamServer | None = None
         self.upstream: grpc.aio.Channel | None = None
         self.health: Any = None  # a grpc_health.v1.health.aio.HealthServicer (no stubs)
+        self._token_timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -158,9 +162,16 @@ class Crishim:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("runtime.v1.RuntimeService",
                               health_pb2.HealthCheckResponse.SERVING)
+        self._collect_tokens()
         log.info("crishim %s serving CRI on %s, streams on %s (runtime plugin %s; Version "
                  "answered by %s)", __version__, cfg.socket, self.stream.base_url,
                  self.plugin.name, self._version_answerer())
+
+    def _collect_tokens(self) -> None:
+        """Expired tokens dropped every TOKEN_COLLECT_INTERVAL (or token_ttl, if less)."""
+        self.tokens.collect()
+        self._token_timer = asyncio.get_running_loop().call_later(
+            min(TOKEN_COLLECT_INTERVAL, self.config.token_ttl), self._collect_tokens)
 
     def _version_answerer(self) -> str:
         cfg = self.config
@@ -179,6 +190,9 @@ class Crishim:
 
     async def stop(self, drain: float | None = None) -> None:
         deadline = self.config.drain_timeout if drain is None else drain
+        if self._token_timer is not None:
+            self._token_timer.cancel()
+            self._token_timer = None
         if self.health is not None:
             await self.health.enter_graceful_shutdown()
         if self.stream is not None:

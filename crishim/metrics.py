@@ -12,7 +12,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from crishim import __version__
 from crishim.config import host_port
@@ -30,12 +30,15 @@ class _TokenCollector:
     def __init__(self, tokens: TokenStore) -> None:
         self.tokens = tokens
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         family = CounterMetricFamily("crishim_tokens", "Stream URL tokens by event",
                                      labels=["event"])
         for event in ("issued", "redeemed", "expired", "refused"):
             family.add_metric([event], getattr(self.tokens, event))
         yield family
+        yield GaugeMetricFamily("crishim_tokens_outstanding",
+                                "Stream URLs issued and neither redeemed nor expired "
+                                "(at most max_tokens)", value=len(self.tokens))
 
 
 class Metrics:

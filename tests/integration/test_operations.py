@@ -255,3 +255,24 @@ def test_helper_settings_it_cannot_use_are_one_line_and_leave_no_socket(tmp_path
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip() == f"crishim helper: {expected}"
     assert not sock.exists()
+
+
+def test_urls_never_redeemed_expire_without_another_cri_call(podnet):
+    """Expired tokens were dropped and counted only at the next PortForward or redeem:
+    a minute after the TTL, 1,000 unredeemed URLs were still held and counted outstanding,
+    and `expired` stood still."""
+    port = _free_port()
+    with CrishimProcess("--sandboxes", f"sb={podnet.path}", "--token-ttl", "1s",
+                        "--metrics-address", f"127.0.0.1:{port}") as proc:
+        for _ in range(3):
+            proc.port_forward_url("sb")  # issued, never redeemed
+        deadline = time.monotonic() + 15
+        while True:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) \
+                .read().decode()
+            if _metric(text, "crishim_tokens_total", event="expired") == 3 \
+                    or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    assert _metric(text, "crishim_tokens_total", event="expired") == 3
+    assert _metric(text, "crishim_tokens_outstanding") == 0
