@@ -20,14 +20,33 @@ SOURCE_WRITE_HIGH_WATER = 4 << 20
 FIN_MARK = b"<pod saw EOF>"
 
 
+_SOURCE_BLOCK = 32 * 64  # one SHA-256 digest, 64 times
+# the largest N a sink or source takes (a typo's "1 TiB" built 1 TiB in memory)
+MAX_SIZED = 1 << 40
+
+
+def source_piece(start: int, length: int) -> bytes:
+    """Bytes [start, start + length) of the endless source: block k is SHA-256(k) x 64."""
+    first, last = start // _SOURCE_BLOCK, (start + length - 1) // _SOURCE_BLOCK
+    blocks = b"".join(hashlib.sha256(struct.pack(">Q", k)).digest() * 64
+                      for k in range(first, last + 1))
+    skip = start - first * _SOURCE_BLOCK
+    return blocks[skip:skip + length]
+
+
 def source_bytes(n: int) -> bytes:
     """What Source sends for n (deterministic, incompressible)."""
-    out = bytearray()
-    block = 0
-    while len(out) < n:
-        out += hashlib.sha256(struct.pack(">Q", block)).digest() * 64
-        block += 1
-    return bytes(out[:n])
+    return source_piece(0, n) if n > 0 else b""
+
+
+def _size_line(head: bytes) -> int | None:
+    """N from a sink's or source's first line "N\n"; None if it is not a size (the
+    server closes: any process in the sandbox may connect)."""
+    line = head.split(b"\n", 1)[0].strip() or b"0"
+    if not (line.isdigit() and len(line) <= 13):  # bytes: ASCII digits only
+        return None
+    n = int(line)
+    return n if n <= MAX_SIZED else None
 
 
 def _stream(transport: asyncio.BaseTransport) -> asyncio.Transport:
@@ -67,8 +86,12 @@ class SizedSink(asyncio.Protocol):
             self.head += data
             if b"\n" not in self.head:
                 return
-            line, data = self.head.split(b"\n", 1)
-            self.want = int(line or 0)
+            want = _size_line(self.head)
+            if want is None:
+                self.t.close()
+                return
+            data = self.head.split(b"\n", 1)[1]
+            self.want = want
         take = data[: self.want - self.n]
         self.h.update(take)
         self.n += len(take)
@@ -85,24 +108,31 @@ class Source(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.t = _stream(transport)
         self.head = b""
-        self.out: memoryview | None = None
+        self.total = -1  # bytes to send, once the request line is read
+        self.sent = 0
         self.paused = False
         self.t.set_write_buffer_limits(high=SOURCE_WRITE_HIGH_WATER)
 
     def data_received(self, data: bytes) -> None:
-        if self.out is not None:
+        if self.total >= 0:
             return
         self.head += data
-        if b"\n" in self.head:
-            self.out = memoryview(source_bytes(int(self.head.split(b"\n", 1)[0] or 0)))
+        if b"\n" in self.head or len(self.head) > 64:
+            total = _size_line(self.head)
+            if total is None:
+                self.t.close()
+                return
+            self.total = total
             self._fill()
 
     def _fill(self) -> None:
-        # writes stop at the high-water mark, so the transport holds at most a few MiB
-        while self.out and not self.paused:
-            self.t.write(self.out[:SOURCE_CHUNK])
-            self.out = self.out[SOURCE_CHUNK:]
-        if not self.out:
+        # made a chunk at a time as the reader takes them: writes stop at the high-water
+        # mark, so the transport holds at most a few MiB
+        while self.sent < self.total and not self.paused:
+            n = min(SOURCE_CHUNK, self.total - self.sent)
+            self.t.write(source_piece(self.sent, n))
+            self.sent += n
+        if self.sent >= self.total:
             self.t.close()
 
     def pause_writing(self) -> None:
