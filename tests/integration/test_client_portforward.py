@@ -324,6 +324,33 @@ def test_downloads_to_a_slow_reader_and_a_fast_one_beside_an_upload_arrive_intac
     assert got["up"] == f"{2 * size} {hashlib.sha256(payload).hexdigest()}\n".encode()
 
 
+def test_h2_a_connection_that_is_not_read_holds_back_only_itself(crishim):
+    """A local client that stops reading its download: over HTTP/2 only that stream's
+    window is held back, and the session's other connections go on (the whole session
+    paused before: an echo beside it waited forever). Once it reads again it gets every
+    byte."""
+    stalled_local, echo_local = free_port(), free_port()
+    size = 64 << 20
+    with PortForwardCLI(crishim, f"{stalled_local}:{SOURCE_PORT}", f"{echo_local}:{ECHO_PORT}",
+                        transport="h2") as cli:
+        cli.forwarding(2)
+        with socket.create_connection(("127.0.0.1", stalled_local), timeout=30) as stalled:
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+            stalled.sendall(f"{size}\n".encode())
+            got = bytearray(stalled.recv(65536))
+            time.sleep(1.0)  # the server sends until this stream's window is spent
+            for n in range(5):
+                payload = b"beside it %d " % n * 100
+                assert echo(echo_local, payload) == payload
+            while len(got) < size:  # then read it all: nothing was lost meanwhile
+                chunk = stalled.recv(1 << 20)
+                if not chunk:
+                    break
+                got += chunk
+        assert hashlib.sha256(got).digest() == hashlib.sha256(source_bytes(size)).digest()
+        assert cli.interrupt() == 0
+
+
 @pytest.mark.parametrize("spec_prefix", [":", "0:"])
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_free_local_port_is_chosen_and_printed(crishim, transport, spec_prefix):

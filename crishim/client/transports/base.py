@@ -193,13 +193,13 @@ class ForwardStream(asyncio.Transport):
         return self._closing or self._finished
 
     def pause_reading(self) -> None:
-        self.session.read_gate.pause(self, self.session.transport)
+        self.session.pause_stream(self)
 
     def resume_reading(self) -> None:
-        self.session.read_gate.resume(self, self.session.transport)
+        self.session.resume_stream(self)
 
     def is_reading(self) -> bool:
-        return not self.session.read_gate.holds(self)
+        return self.session.stream_reading(self)
 
     def get_write_buffer_size(self) -> int:
         t = self.session.transport
@@ -501,6 +501,20 @@ class ClientSession:
 
     def receive(self, data: bytes) -> None:
         raise NotImplementedError
+
+    # --- a local connection that does not take what the pod sends -----------------------
+    def pause_stream(self, stream: ForwardStream) -> None:
+        """Stop what comes for stream. Here, with no flow control per stream (SPDY, whose
+        peers ignore its windows; WebSocket), the whole session's reading pauses: its other
+        connections wait too, as with kubectl. HTTP/2 holds back only that stream's
+        window."""
+        self.read_gate.pause(stream, self.transport)
+
+    def resume_stream(self, stream: ForwardStream) -> None:
+        self.read_gate.resume(stream, self.transport)
+
+    def stream_reading(self, stream: ForwardStream) -> bool:
+        return not self.read_gate.holds(stream)
 
     def _stream_done(self, stream: ForwardStream) -> None:
         self.streams.pop(stream.key, None)

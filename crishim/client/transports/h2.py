@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterable, Sequence
 
 import h2.config
+import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
@@ -79,6 +80,11 @@ class H2ClientSession(ClientSession):
         self._refusal: dict[int, str] = {}
         self._next_request_id = 0
         self.settings_received: asyncio.Future[None] = self.loop.create_future()
+        # streams whose local connection does not take what comes: their data is not
+        # acknowledged until it does, so the server stops at the stream's window (16 MiB)
+        # while the session's other connections go on (the whole session paused before);
+        # the connection window (256 MiB) bounds what 16 such streams hold together
+        self._withheld: dict[int, int] = {}
 
     def begin(self) -> None:
         self.codec.initiate_connection()
@@ -200,6 +206,7 @@ class H2ClientSession(ClientSession):
             self._flush()
 
     def _stream_done(self, stream: ForwardStream) -> None:
+        self._release(stream.key)  # the connection window, whatever the stream held
         super()._stream_done(stream)
         self._queues.pop(stream.key, None)
 
@@ -292,7 +299,10 @@ class H2ClientSession(ClientSession):
     def _on_data(self, ev: h2.events.DataReceived, acks: dict[int, int]) -> None:
         sid = ev.stream_id
         if ev.flow_controlled_length:
-            acks[sid] = acks.get(sid, 0) + ev.flow_controlled_length
+            if sid in self._withheld:
+                self._withheld[sid] += ev.flow_controlled_length
+            else:
+                acks[sid] = acks.get(sid, 0) + ev.flow_controlled_length
         stream = self.streams.get(sid)
         if sid in self._refusal:
             kept = self._refusal[sid]
@@ -305,6 +315,22 @@ class H2ClientSession(ClientSession):
             stream = self._error_streams.get(sid)
             if stream is not None:
                 stream._error_data(bytes(ev.data).decode("utf-8", "replace"))
+
+    # --- per-stream flow control towards the server -----------------------------------------
+    def pause_stream(self, stream: ForwardStream) -> None:
+        self._withheld.setdefault(stream.key, 0)
+
+    def resume_stream(self, stream: ForwardStream) -> None:
+        self._release(stream.key)
+
+    def stream_reading(self, stream: ForwardStream) -> bool:
+        return stream.key not in self._withheld
+
+    def _release(self, sid: int) -> None:
+        n = self._withheld.pop(sid, 0)
+        if n and self.codec.state_machine.state is not h2.connection.ConnectionState.CLOSED:
+            self.codec.acknowledge_received_data(n, sid)  # the connection's share too
+            self._flush()
 
     def _stream_ended(self, sid: int, reset: bool, code: ErrorCodes | int | None) -> None:
         refusal = self._refusal.pop(sid, None)
