@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import cast
 
+from crishim.budget import TokenBucket
 from crishim.client.cri import CriClient, CriError
 from crishim.client.transports import (
     OPEN_AHEAD_AFTER_REPLY,
@@ -271,6 +272,11 @@ def _show(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+# E lines for failed UDP flows (every local peer is a flow: a flood of peers past the
+# server's limits is a flood of failures); the rest are counted in a line a second later
+UDP_ERROR_LINES_PER_SECOND = 10.0
+
+
 def log_error(message: str) -> None:
     """A klog-style error line, as kubectl prints for one failed connection."""
     now = time.time()
@@ -415,6 +421,10 @@ class PortForwarder:
         self.session: ClientSession | None = None
         self.servers: list[asyncio.AbstractServer] = []
         self.udp_listeners: list[UdpListener] = []
+        self._udp_error_lines = TokenBucket(UDP_ERROR_LINES_PER_SECOND,
+                                            int(5 * UDP_ERROR_LINES_PER_SECOND))
+        self._udp_errors_not_shown = 0
+        self._udp_errors_timer: asyncio.TimerHandle | None = None
         self.finished: asyncio.Future[tuple[int, str]] | None = None
         self.stopped = False  # Ctrl-C or SIGTERM came
 
@@ -522,8 +532,20 @@ class PortForwarder:
         where = f"{listener.local_port} -> {listener.remote_port}/udp"
         if isinstance(exc, ForwardError) and exc.fatal:
             self._finish(1, f"an error occurred forwarding {where}: {exc}")
-        else:
+        elif self._udp_error_lines.take():
             log_error(f"error forwarding port {where}: {exc}")
+        else:  # thousands of local peers past a limit wrote a line each
+            self._udp_errors_not_shown += 1
+            if self._udp_errors_timer is None:
+                self._udp_errors_timer = asyncio.get_running_loop().call_later(
+                    1.0, self._udp_errors_summary)
+
+    def _udp_errors_summary(self) -> None:
+        self._udp_errors_timer = None
+        if self._udp_errors_not_shown:
+            log_error(f"{self._udp_errors_not_shown} more UDP flow errors not shown "
+                      f"(at most {UDP_ERROR_LINES_PER_SECOND:g} lines a second)")
+            self._udp_errors_not_shown = 0
 
     def start_pipe(self, pipe: _Pipe, local: asyncio.Transport) -> None:
         session = self.session

@@ -22,6 +22,11 @@ from crishim.protocols.datagram import MAX_DATAGRAM, DatagramDecoder, encode_dat
 log = logging.getLogger("crishim.client.udp")
 
 READ_BATCH = 64  # datagrams read per wakeup
+# a peer whose flow just failed (refused by a limit, the pod's ICMP port unreachable) has
+# its datagrams dropped this long before a new flow is tried: 6,000 peers past the
+# server's connection limit reopened a refused flow per datagram
+RETRY_AFTER = 0.25
+FAILED_PEERS_KEPT = 4096
 SOCKET_BUFFER = 4 << 20
 Address = tuple[Any, ...]  # (host, port) or (host, port, flowinfo, scope_id)
 # opens one forwarded connection with protocol udp to the remote port; may raise
@@ -91,6 +96,8 @@ class UdpListener:
         self.flows: dict[Address, UdpFlow] = {}
         self.flows_opened = 0
         self.dropped = 0  # datagrams to local peers the socket could not take
+        self.held_back = 0  # datagrams from peers whose flow failed within RETRY_AFTER
+        self._failed_at: dict[Address, float] = {}
         self.closed = False
         # flows whose stream cannot take more now: the socket is not read meanwhile, and
         # the kernel drops what overflows its buffer (UDP has no backpressure to pass on)
@@ -124,10 +131,17 @@ class UdpListener:
         if flow is None:
             if self.closed:
                 return
+            failed_at = self._failed_at.get(addr)
+            if failed_at is not None:
+                if self._loop.time() - failed_at < RETRY_AFTER:
+                    self.held_back += len(datagrams)
+                    return
+                del self._failed_at[addr]
             flow = UdpFlow(self, addr)
             try:
                 self.open_flow(self.remote_port, lambda: flow)
             except Exception as e:  # the session is gone or refuses new streams
+                self._failed(addr)
                 self.on_flow_failed(self, e)
                 return
             self.flows[addr] = flow
@@ -162,7 +176,13 @@ class UdpListener:
         if self.flows.get(flow.peer) is flow:
             del self.flows[flow.peer]
         if exc is not None and not self.closed:
+            self._failed(flow.peer)
             self.on_flow_failed(self, exc)
+
+    def _failed(self, peer: Address) -> None:
+        if len(self._failed_at) >= FAILED_PEERS_KEPT:
+            self._failed_at.clear()
+        self._failed_at[peer] = self._loop.time()
 
     def close(self) -> None:
         """Stop listening and end every flow."""

@@ -213,3 +213,38 @@ def test_the_ipv6_loopback_listener_forwards_too(crishim):
         assert exchange(local, [b"over ::1"], host="::1") == [b"over ::1"]
         assert exchange(local, [b"over 127.0.0.1"]) == [b"over 127.0.0.1"]
         assert pf.interrupt() == 0
+
+
+def test_local_peers_past_the_servers_limit_cost_a_few_lines_and_no_session(podnet):
+    """Every local peer is a flow: 400 peers against max_connections_per_session 20. Each
+    refused peer reopened a flow per datagram and printed an E line each time (6,001 lines
+    for 6,000 peers), and the data read with the refused streams ended the session (the
+    server's side of this is in test_hostile_descriptors). Now refused peers wait
+    RETRY_AFTER, the lines are budgeted with a count of the rest, and the flows that fit
+    keep working."""
+    local = free_port()
+    with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}",
+                        "--max-connections-per-session", "20") as proc, \
+            PortForwardCLI(proc, f"{local}:{UDP_ECHO_PORT}/udp", transport="spdy") as pf:
+        pf.forwarding(1)
+        first = udp_socket()
+        try:
+            assert exchange(local, [b"first"], sock=first) == [b"first"]
+            peers = [udp_socket() for _ in range(400)]
+            try:
+                for _ in range(3):
+                    for peer in peers:
+                        peer.sendto(b"crowd", ("127.0.0.1", local))
+                    time.sleep(0.1)
+            finally:
+                for peer in peers:
+                    peer.close()
+            time.sleep(1.5)  # the count of lines not shown comes a second later
+            assert exchange(local, [b"still here"], sock=first) == [b"still here"]
+        finally:
+            first.close()
+        assert pf.proc.poll() is None, pf.stderr[-3:]
+        errors = [line for line in pf.stderr if line.startswith("E")]
+        assert 0 < len(errors) <= 80, len(errors)
+        assert any("more UDP flow errors not shown" in line for line in errors), errors[-3:]
+        assert pf.interrupt() == 0
