@@ -171,7 +171,7 @@ class Crishim:
         """Expired tokens dropped every TOKEN_COLLECT_INTERVAL (or token_ttl, if less)."""
         self.tokens.collect()
         self._token_timer = asyncio.get_running_loop().call_later(
-            min(TOKEN_COLLECT_INTERVAL, self.config.token_ttl), self._collect_tokens)
+            max(0.1, min(TOKEN_COLLECT_INTERVAL, self.config.token_ttl)), self._collect_tokens)
 
     def _version_answerer(self) -> str:
         cfg = self.config

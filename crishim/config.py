@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from crishim.budget import FloodLimits
+from crishim.ports import netns_path_problem
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -161,6 +162,15 @@ class Config:
             # HTTP/2 windows are 31-bit: a larger one failed every HTTP/2 connection
             raise ConfigError(f"session_buffer_size: at most {MAX_WINDOW} (HTTP/2's largest "
                               "window)")
+        # relative paths would be read in crishim's working directory: a dial of each
+        # then failed, after serve had started and issued URLs
+        for sandbox_id, path in self.sandboxes.items():
+            problem = "" if path == "host" else netns_path_problem(path)
+            if problem:
+                raise ConfigError(f"sandboxes: {sandbox_id!r}: {problem} (or 'host')")
+        problem = netns_path_problem(self.netns_dir)
+        if problem:
+            raise ConfigError(f"netns_dir: {problem}")
         problem = host_problem(self.stream_url_host)
         if problem:
             raise ConfigError(f"stream_url_host: {problem}")

@@ -29,6 +29,7 @@ from collections import deque
 from typing import Any, Protocol
 
 from crishim.budget import LogBudget
+from crishim.flow import READ_SIZE
 from crishim.protocols.datagram import MAX_UDP_PAYLOAD, DatagramDecoder
 from crishim.runtime import DialFailed, Sandbox, SandboxGone
 
@@ -43,11 +44,14 @@ READ_BATCH = 64
 DELIVER_BYTES = 64 * 1024
 # datagrams sent to the pod per turn of the event loop: a client frame of tiny datagrams
 # (32,768 empty ones in 64 KiB) made as many send() calls in one callback, up to 184 ms
-# in which no other session ran; the rest wait in the flow's queue for the next turn
+# in which no other session ran; the rest wait in the flow's queue for the next turn, and
+# the session's reading of its client pauses until the queue is sent (as a TCP connection
+# whose pod does not keep up pauses it), so the queue holds what one read brought
 SENDS_PER_TURN = 256
-# datagrams a flow queues (before its socket is dialled, or behind SENDS_PER_TURN) besides
-# buffer_size bytes of them: empty datagrams cost no bytes but an object each
-MAX_QUEUED = 4096
+# what a queue may hold (past it datagrams are dropped and counted): more than one client
+# read (1 MiB) brings; empty datagrams cost no bytes but an object each
+MAX_QUEUED = 16384
+MAX_QUEUED_BYTES = 2 * READ_SIZE
 # the pod socket's receive buffer: room for a burst while the client's transport is busy
 # (the kernel counts twice this against the host's udp_mem)
 SOCKET_BUFFER = 256 * 1024
@@ -87,6 +91,10 @@ class FlowSession(Protocol):
 
     def connection_finished(self, conn: Any) -> None: ...
 
+    def pause_client_reading(self, key: object) -> None: ...
+
+    def resume_client_reading(self, key: object) -> None: ...
+
 
 class FlowContext(Protocol):
     """What a flow needs of the forwarding context (crishim/forward.py's ForwardContext)."""
@@ -118,7 +126,7 @@ class ForwardedFlow:
         self.decoder = DatagramDecoder(MAX_UDP_PAYLOAD)
         self.sock: socket.socket | None = None
         self.reason = ""
-        self.bytes_up = 0  # client -> pod, payload bytes
+        self.bytes_up = 0  # client -> pod, payload bytes sent to the pod
         self.bytes_down = 0
         self.datagrams_up = 0
         self.datagrams_down = 0
@@ -131,6 +139,7 @@ class ForwardedFlow:
         self._queued_bytes = 0
         self._drain_handle: asyncio.Handle | None = None
         self._eof_pending = False  # the client ended the flow: finish once the queue is sent
+        self._holding_client = False  # the session's reading paused while the queue waits
         self._reading = False
         self._done = False
         self.admitted = False
@@ -220,7 +229,9 @@ class ForwardedFlow:
         if self._drain_handle is not None:
             self._drain_handle.cancel()
             self._drain_handle = None
+        self.dropped += len(self._queue)  # never sent: the flow ended first
         self._queue.clear()
+        self._release_client()
         self._close_socket()
         if eof:
             self.channel.send_eof()
@@ -283,18 +294,27 @@ class ForwardedFlow:
         return True
 
     def _enqueue(self, datagrams: list[bytes]) -> None:
-        """Hold datagrams for the socket or the next turn, within buffer_size bytes and
-        MAX_QUEUED datagrams; the rest are dropped and counted, as a full link would."""
-        queue, room = self._queue, self.ctx.buffer_size - self._queued_bytes
+        """Hold datagrams for the socket or the next turn, pausing the session's reading
+        meanwhile; past MAX_QUEUED datagrams or MAX_QUEUED_BYTES they are dropped and
+        counted, as a full link would."""
+        queue, room = self._queue, MAX_QUEUED_BYTES - self._queued_bytes
         for datagram in datagrams:
             if len(queue) >= MAX_QUEUED or len(datagram) > room:
                 self.dropped += 1
                 continue
             queue.append(datagram)
             room -= len(datagram)
-        self._queued_bytes = self.ctx.buffer_size - room
+        self._queued_bytes = MAX_QUEUED_BYTES - room
+        if queue and not self._holding_client:
+            self._holding_client = True
+            self.session.pause_client_reading(self)
         if self.sock is not None and self._drain_handle is None and queue:
             self._drain_handle = self._loop.call_soon(self._drain_queue)
+
+    def _release_client(self) -> None:
+        if self._holding_client:
+            self._holding_client = False
+            self.session.resume_client_reading(self)
 
     def _drain_queue(self) -> None:
         """Send up to SENDS_PER_TURN queued datagrams; the rest next turn. Ends the flow
@@ -309,7 +329,9 @@ class ForwardedFlow:
             return
         if queue:
             self._drain_handle = self._loop.call_soon(self._drain_queue)
-        elif self._eof_pending:
+            return
+        self._release_client()
+        if self._eof_pending:
             self._finish(eof=True)
 
     def flush_batch(self) -> None:

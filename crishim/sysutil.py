@@ -71,6 +71,8 @@ MAX_SOCKET_PATH = 107  # bytes: sockaddr_un's sun_path is 108, with its NUL
 def socket_path_problem(path: str) -> str:
     """Why bind() or connect() cannot take `path` as a unix socket address (gRPC's C core
     printed a dump of errors for one), or ""."""
+    if "\0" in path:
+        return f"{path[:40]!r}: a unix socket path cannot contain a NUL byte"
     size = len(os.fsencode(path))
     if size <= MAX_SOCKET_PATH:
         return ""

@@ -84,7 +84,7 @@ class SizedSink(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.want < 0:
             self.head += data
-            if b"\n" not in self.head:
+            if b"\n" not in self.head and len(self.head) <= 64:
                 return
             want = _size_line(self.head)
             if want is None:

@@ -613,6 +613,9 @@ class PortForwarder:
             server.close()
         for listener in self.udp_listeners:
             listener.close()
+        if self._udp_errors_timer is not None:  # the count of lines not shown, now
+            self._udp_errors_timer.cancel()
+            self._udp_errors_summary()
         session = self.session
         self.session = None
         if session is not None:

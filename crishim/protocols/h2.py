@@ -203,6 +203,12 @@ class Overloaded(ProtocolError):
     error_code = ErrorCodes.ENHANCE_YOUR_CALM
 
 
+# DATA frames on a stream this side reset that are not charged, earned per reset (what
+# was in flight when the peer learned) and saved up to LATE_DATA_CAP
+LATE_DATA_FRAMES = 16
+LATE_DATA_CAP = 4096
+
+
 class ViewDataFrame(DataFrame):
     """A DATA frame whose payload is a memoryview into the received bytes, with a repr
     that does not hexlify the payload (h2 formats every received frame)."""
@@ -550,6 +556,7 @@ class H2Codec(h2.connection.H2Connection):
         # carrying data (see _receive_frame); raises Overloaded to end the connection
         self.charge_frame: Callable[[Frame, bool], None] | None = None
         self.window_update_credit = WindowUpdateCredit()
+        self._late_data_credit = 0  # see _late_data
         self._walk_at = _WALK_MIN  # len(self.streams) at which _open_streams walks again
 
     def _open_streams(self, remainder: int) -> int:
@@ -564,13 +571,24 @@ class H2Codec(h2.connection.H2Connection):
         self._walk_at = max(_WALK_MIN, 2 * len(self.streams))
         return count
 
-    def reset_here(self, stream_id: int) -> bool:
-        """This side reset the stream: DATA the peer sent before it learned is expected,
-        not a frame to charge (a refused connection's first bytes, in flight)."""
+    def reset_stream(self, stream_id: int, error_code: ErrorCodes | int = 0) -> None:
+        super().reset_stream(stream_id, error_code)
+        self._late_data_credit = min(self._late_data_credit + LATE_DATA_FRAMES,
+                                     LATE_DATA_CAP)
+
+    def _late_data(self, stream_id: int) -> bool:
+        """DATA on a stream this side reset, within the credit resets earn: sent before
+        the peer learned (a refused connection's first bytes, an upload in flight when the
+        pod reset), not a frame to charge. h2 answers each with RST_STREAM: past the
+        credit they are charged, or 20,000 frames on one reset stream were 20,000 free
+        answers."""
         stream = self.streams.get(stream_id)
         closed_by = stream.closed_by if stream is not None else \
             self._closed_streams.get(stream_id)
-        return closed_by is StreamClosedBy.SEND_RST_STREAM
+        if closed_by is not StreamClosedBy.SEND_RST_STREAM or self._late_data_credit <= 0:
+            return False
+        self._late_data_credit -= 1
+        return True
 
     def _accepts_data(self, stream_id: int, length: int) -> bool:
         """Would h2 take a DATA frame of this length on this stream without complaint?"""
@@ -592,7 +610,7 @@ class H2Codec(h2.connection.H2Connection):
                 # data h2 would answer with RST_STREAM, or a frame that carries no data
                 # (padding only counts as none) and ends nothing
                 if not self._accepts_data(frame.stream_id, 0):
-                    if not self.reset_here(frame.stream_id):
+                    if not self._late_data(frame.stream_id):
                         charge(frame, False)
                 elif not (len(frame.data) or "END_STREAM" in frame.flags):
                     charge(frame, False)

@@ -186,17 +186,15 @@ class SpdyPortForwardSession(ServerSession):
                     conn.client_data(event.data)  # an empty frame dials a pair opened ahead
                     if event.fin:
                         conn.client_eof()
-                else:
-                    # data on an error stream or a half-paired stream is ignored: clients
-                    # only read it, and end it (client-go: an empty DATA frame with FIN);
-                    # a data stream's end before its pair completes is kept for the pair
-                    pair = self._pairs.by_stream.get(event.stream_id)
-                    if event.fin and pair is not None and pair.data_id == event.stream_id:
-                        pair.held_end = True
-                    # data read with the SYN_STREAM of a connection refused since (a
-                    # limit) is expected: charged, it ended sessions at the limit
-                    elif not event.fin and not self.codec.reset_here(event.stream_id):
-                        return self.charge_control("DATA on a stream carrying no connection")
+                # data on an error stream or a half-paired stream is ignored: clients
+                # only read it, and end it (client-go: an empty DATA frame with FIN); a
+                # data stream's end before its pair completes is kept for the pair
+                elif event.fin:
+                    self._held_end(event.stream_id)
+                # data read with the SYN_STREAM of a connection refused since (a limit)
+                # is expected: charged, it ended sessions at the limit
+                elif not self.codec.reset_here(event.stream_id):
+                    return self.charge_control("DATA on a stream carrying no connection")
             case spdy.StreamOpened():
                 if not self.charge_stream_open():
                     return False
@@ -210,9 +208,12 @@ class SpdyPortForwardSession(ServerSession):
             case spdy.SettingsReceived():
                 return self.charge_control("SETTINGS")
             case spdy.HeadersReceived():
-                conn = self._by_stream.get(event.stream_id)
-                if event.fin and conn is not None:
-                    conn.client_eof()  # a half-close sent as HEADERS with FIN
+                if event.fin:  # a half-close sent as HEADERS with FIN
+                    conn = self._by_stream.get(event.stream_id)
+                    if conn is not None:
+                        conn.client_eof()
+                    else:
+                        self._held_end(event.stream_id)
                 return self.charge_control("HEADERS")
             case spdy.FrameIgnored():
                 return self.charge_control(f"an ignored control frame (type {event.frame_type})")
@@ -251,6 +252,12 @@ class SpdyPortForwardSession(ServerSession):
             if not conn.done and pair.held_end:
                 conn.client_eof()
         return True
+
+    def _held_end(self, stream_id: int) -> None:
+        """The client ended a data stream whose pair has not completed: kept for it."""
+        pair = self._pairs.by_stream.get(stream_id)
+        if pair is not None and pair.data_id == stream_id:
+            pair.held_end = True
 
     def _pair_timed_out(self, pair: PendingPair) -> None:
         if self._closed:

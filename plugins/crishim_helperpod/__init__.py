@@ -133,13 +133,13 @@ class HelperPodRuntime(RuntimePlugin):
         except OSError as e:  # a family Python cannot make a socket object of
             raise DialFailed(f"helper at {self.socket_path} passed a socket of no usable "
                              f"kind ({e.strerror or e})") from None
-        if not (sock.type == socket.SOCK_STREAM
-                and sock.family in (socket.AF_INET, socket.AF_INET6) and _connected(sock)):
+        peer = _peer(sock) if sock.family in (socket.AF_INET, socket.AF_INET6) else None
+        if not (sock.type == socket.SOCK_STREAM and peer is not None):
             kind = f"{sock.family.name}/{sock.type.name}"
             sock.detach()
             raise DialFailed(f"helper at {self.socket_path} passed a {kind} socket, not a "
                              "connected TCP socket")
-        peer_port = sock.getpeername()[1]
+        peer_port = peer[1]
         if peer_port != port:  # another service's bytes would be forwarded as the pod's
             sock.detach()
             raise DialFailed(f"helper at {self.socket_path} passed a socket connected to "
@@ -185,12 +185,14 @@ class HelperPodRuntime(RuntimePlugin):
             raise DialFailed(f"helper at {self.socket_path}: {e}") from None
 
 
-def _connected(sock: socket.socket) -> bool:
+def _peer(sock: socket.socket) -> tuple[str, int] | None:
+    """The address sock is connected to; None if it is not (never connected, listening,
+    or reset meanwhile)."""
     try:
-        sock.getpeername()
-    except OSError:  # ENOTCONN: never connected, or listening
-        return False
-    return True
+        peer: tuple[str, int] = sock.getpeername()[:2]
+    except OSError:  # ENOTCONN
+        return None
+    return peer
 
 
 def _hidden_from_us(path: str) -> bool:

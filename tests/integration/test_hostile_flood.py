@@ -35,7 +35,7 @@ from crishim.protocols.spdy import GoAwayReceived, SpdyConfig, SpdyConnection, S
 from tests.support import SANDBOX, status_mib
 from tests.support.crishim_proc import CrishimProcess
 from tests.support.h2_pf_client import H2Client
-from tests.support.podnet import ECHO_PORT, SOURCE_PORT, source_bytes
+from tests.support.podnet import CLOSED_PORT, ECHO_PORT, SOURCE_PORT, source_bytes
 from tests.support.spdy_pf_client import SpdyPortForwardClient
 
 STALLED_PORT = 9010  # accepts and never reads
@@ -322,11 +322,16 @@ def test_websocket_floods_of_frames_that_carry_nothing_close_with_1008(podnet, p
     assert "Traceback" not in log
 
 
-async def _h2_flood(url: str, frames: bytes, total: int) -> tuple[H2Client, int]:
-    """An admitted HTTP/2 connection (one live forward), then `frames` repeated up to
-    `total` bytes; waits for the connection to end."""
+async def _h2_flood(url: str, frames: bytes, total: int,
+                    refused: bool = False) -> tuple[H2Client, int]:
+    """An admitted HTTP/2 connection (one live forward; with `refused`, then one to a
+    closed port), then `frames` repeated up to `total` bytes; waits for the connection
+    to end."""
     client = await H2Client.connect(url)
-    await client.forward(ECHO_PORT)
+    await client.forward(ECHO_PORT)  # streams 1 and 3
+    if refused:
+        fwd = await client.forward(CLOSED_PORT)  # 5 and 7: crishim resets 7, the data
+        await asyncio.wait_for(client.streams[fwd.data_id].ended.wait(), 10)
     sent = 0
     block = frames * max(1, (64 * 1024) // len(frames))
     while sent < total and not client.closed.is_set():
@@ -340,8 +345,9 @@ async def _h2_flood(url: str, frames: bytes, total: int) -> tuple[H2Client, int]
     return client, sent
 
 
-def _h2_answer(proc: CrishimProcess, frames: bytes, total: int) -> int:
-    client, sent = asyncio.run(_h2_flood(proc.port_forward_url(SANDBOX), frames, total))
+def _h2_answer(proc: CrishimProcess, frames: bytes, total: int, refused: bool = False) -> int:
+    client, sent = asyncio.run(_h2_flood(proc.port_forward_url(SANDBOX), frames, total,
+                                         refused))
     assert client.terminated is not None, "no GOAWAY"
     print(f"sent {sent} bytes, GOAWAY {client.terminated.error_code!r}")
     return int(client.terminated.error_code)
@@ -369,13 +375,17 @@ def _h2_ping() -> bytes:
     (_h2_frame(0x8, 0, 0, struct.pack(">L", 1)), 200_000 * 13),
     # DATA on the live data stream with only padding: counted as data, so free
     (_h2_frame(0x0, 0x8, 3, b"\x00"), 200_000 * 10),
+    # DATA on a stream crishim reset (a refused dial): h2 answers each with RST_STREAM;
+    # free past what may have been in flight, 20,000 frames got 20,000 free answers
+    (_h2_frame(0x0, 0, 7, b"x"), 200_000 * 10),
 ], ids=["ping", "settings", "settings-of-40000-entries", "window-update-of-1",
-        "padding-only-data"])
+        "padding-only-data", "data-on-a-reset-stream"])
 def test_h2_frames_that_cost_work_and_carry_nothing_get_enhance_your_calm(podnet, frames,
                                                                           total):
     with _serve(podnet) as proc:
         before = _warm(proc)
-        code = _h2_answer(proc, frames, total)
+        # the frames on stream 7 need it to be a stream crishim reset
+        code = _h2_answer(proc, frames, total, refused=frames[5:9] == b"\0\0\0\x07")
         grown = _rss_mib(proc.proc.pid) - before
         _second_client_is_served(proc)
         log = proc.log()
@@ -724,7 +734,6 @@ def test_connection_lines_past_log_lines_per_second_are_counted_not_written(podn
     line each (4,481 a second from one session); past log_lines_per_second (bursts of
     10x) they are counted and the count written. Another session's lines have their own
     budget."""
-    from tests.support.podnet import CLOSED_PORT
 
     with _serve(podnet, "--log-lines-per-second", "5") as proc:
         with SpdyPortForwardClient(proc.port_forward_url(SANDBOX)) as client:

@@ -243,6 +243,19 @@ def test_spdy_a_half_close_before_the_pair_or_with_headers_reaches_the_pod(podne
             client._by_sid[data_sid] = (first, "data")
             client.flush()
             assert client.wait(first.finished, 10), "DATA's FIN before the pair was lost"
+            # the same with HEADERS and FIN, read before the error stream comes
+            headers = dict(headers, requestid="13")
+            data_sid = client.session.open_stream(headers)
+            client.session.send_headers(data_sid, {}, fin=True)
+            client.flush()
+            time.sleep(0.2)
+            error_sid = client.session.open_stream(dict(headers, streamtype="error"))
+            client.session.end_stream(error_sid)
+            second = Forward(client, ECHO_PORT, 13, error_sid, data_sid)
+            client._by_sid[error_sid] = (second, "error")
+            client._by_sid[data_sid] = (second, "data")
+            client.flush()
+            assert client.wait(second.finished, 10), "HEADERS' FIN before the pair was lost"
         log = proc.log()
     assert "Traceback" not in log
 

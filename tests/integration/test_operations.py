@@ -228,6 +228,10 @@ def test_a_plugin_that_does_not_import_is_one_line(tmp_path):
                                                  "cannot listen there (Not a directory)"),
     # a value that does not parse: exit 2 before, unlike every other start-up failure
     (["--max-tokens", "abc"], "crishim: max_tokens: 'abc' is not a valid int"),
+    # relative netns paths: read in the working directory, every dial failed after start
+    (["--sandboxes", "sb=var/run/netns/x"], "crishim: sandboxes: 'sb': 'var/run/netns/x' "
+                                             "is not an absolute path (or 'host')"),
+    (["--netns-dir", "run/netns"], "crishim: netns_dir: 'run/netns' is not an absolute path"),
 ])
 def test_settings_serve_cannot_use_are_one_line_and_exit_1(tmp_path, args, expected):
     (tmp_path / "latin1.toml").write_bytes(b'socket = "/x\xe9.sock"\n')

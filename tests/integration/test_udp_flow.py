@@ -52,6 +52,12 @@ class OneSession:
     def connection_finished(self, conn) -> None:
         self.ended.append(conn)
 
+    def pause_client_reading(self, key) -> None:
+        pass
+
+    def resume_client_reading(self, key) -> None:
+        pass
+
 
 def _flow(podnet, port, **ctx_kw):
     plugin = NamedNetnsRuntime(Config())

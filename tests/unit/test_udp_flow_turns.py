@@ -54,9 +54,12 @@ def _flow(pod: socket.socket, delay: float = 0.0) -> tuple[ForwardedFlow, _Chann
     ctx = SimpleNamespace(verbose_errors=False, buffer_size=256 * 1024,
                           udp_idle_timeout=60.0, live_connections=0,
                           plugin=_Plugin(pod, delay), metrics=None)
+    holds: set[object] = set()
     session = SimpleNamespace(writing_paused=False,
                               connection_log=LogBudget(logging.getLogger("test"), 0, "%d"),
-                              connection_finished=lambda conn: None)
+                              connection_finished=lambda conn: None, holds=holds,
+                              pause_client_reading=holds.add,
+                              resume_client_reading=holds.discard)
     channel = _Channel()
     flow = ForwardedFlow(ctx, session, Sandbox("sb", netns_path="/proc/self/ns/net"), 9,
                          channel, "test")  # type: ignore[arg-type]
@@ -92,11 +95,14 @@ def test_a_frame_of_tiny_datagrams_is_sent_a_turn_at_a_time():
         flow.client_data(encode_datagrams([b""] * count))
         first_turn = len(_received(pod))
         assert first_turn == SENDS_PER_TURN, first_turn
+        # the session's reading waits for the queue, as for a pod that does not keep up
+        assert flow.session.holds == {flow}
         got = first_turn
         for _ in range(100):
             await asyncio.sleep(0)
             got += len(_received(pod))
         assert got == count and flow.dropped == 0, (got, flow.dropped)
+        assert flow.session.holds == set()
         flow.close("test over")
         pod.close()
 
@@ -111,9 +117,11 @@ def test_past_max_queued_datagrams_are_dropped_and_counted():
         await asyncio.sleep(0.05)
         count = SENDS_PER_TURN + MAX_QUEUED + 100
         flow.client_data(encode_datagrams([b"x"] * count))
-        for _ in range(100):
+        got = len(_received(pod))
+        for _ in range(200):  # read each turn: the pod's socket buffer holds ~10,000
             await asyncio.sleep(0)
-        assert len(_received(pod)) == SENDS_PER_TURN + MAX_QUEUED
+            got += len(_received(pod))
+        assert got == SENDS_PER_TURN + MAX_QUEUED
         assert flow.dropped == 100 and flow.datagrams_up == count
         flow.close("test over")
         pod.close()
@@ -137,6 +145,22 @@ def test_datagrams_sent_before_the_end_go_out_while_the_socket_is_dialled():
                 break
         assert flow.done and channel.eof and channel.finished == [None]
         assert _received(pod) == [b"query one", b"query two"]
+        pod.close()
+
+    asyncio.run(main())
+
+
+def test_datagrams_still_queued_when_the_flow_ends_are_counted_as_dropped():
+    async def main() -> None:
+        pod = _pod()
+        flow, _ = _flow(pod)
+        flow.start()
+        await asyncio.sleep(0.05)
+        flow.client_data(encode_datagrams([b"x"] * 3000))
+        flow.client_reset()  # before the queue's next turn
+        assert flow.datagrams_up == 3000 and flow.bytes_up == SENDS_PER_TURN
+        assert flow.dropped == 3000 - SENDS_PER_TURN
+        assert flow.session.holds == set()  # the session reads again
         pod.close()
 
     asyncio.run(main())

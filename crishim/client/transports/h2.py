@@ -318,7 +318,8 @@ class H2ClientSession(ClientSession):
 
     # --- per-stream flow control towards the server -----------------------------------------
     def pause_stream(self, stream: ForwardStream) -> None:
-        self._withheld.setdefault(stream.key, 0)
+        if stream.key in self.streams:  # not for one already done: nothing would release it
+            self._withheld.setdefault(stream.key, 0)
 
     def resume_stream(self, stream: ForwardStream) -> None:
         self._release(stream.key)
