@@ -33,3 +33,10 @@ def test_the_longest_path_that_fits_binds(tmp_path):
     prepare_socket_path(path)
     with socket.socket(socket.AF_UNIX) as s:
         s.bind(path)  # the bound: one byte more and bind() raises
+
+
+def test_a_nul_in_a_socket_path_is_a_problem_not_a_valueerror():
+    """bind() raises ValueError for it, past every handler of OSError: a traceback."""
+    from crishim.sysutil import socket_path_problem
+
+    assert "cannot contain a NUL byte" in socket_path_problem("/run/a\0b.sock")
