@@ -438,7 +438,8 @@ class Socat:
                 if not data:
                     break
                 await loop.sock_sendall(conn, data)
-            conn.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(OSError):  # the shim is gone already: nothing to end
+                conn.shutdown(socket.SHUT_WR)
 
         tasks = [loop.create_task(up()), loop.create_task(down())]
         try:
