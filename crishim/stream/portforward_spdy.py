@@ -129,6 +129,9 @@ class SpdyPortForwardSession(ServerSession):
                                   ctx.max_per_session)
         self._by_stream: dict[int, ForwardedConnection | ForwardedFlow] = {}
         self._goaway_seen = False
+        # bytes held for data streams whose pair has not completed, at most buffer_size
+        # for the session (see _hold)
+        self._held_estimate = 0
 
     def start(self) -> None:
         self.arm_idle_timer()
@@ -186,15 +189,26 @@ class SpdyPortForwardSession(ServerSession):
                     conn.client_data(event.data)  # an empty frame dials a pair opened ahead
                     if event.fin:
                         conn.client_eof()
-                # data on an error stream or a half-paired stream is ignored: clients
-                # only read it, and end it (client-go: an empty DATA frame with FIN); a
-                # data stream's end before its pair completes is kept for the pair
-                elif event.fin:
-                    self._held_end(event.stream_id)
-                # data read with the SYN_STREAM of a connection refused since (a limit)
-                # is expected: charged, it ended sessions at the limit
-                elif not self.codec.reset_here(event.stream_id):
-                    return self.charge_control("DATA on a stream carrying no connection")
+                else:
+                    pair = self._pairs.by_stream.get(event.stream_id)
+                    if pair is not None and pair.data_id == event.stream_id:
+                        # a data stream opened before its error stream: what it carries
+                        # and its end are kept for the pair, as on HTTP/2 (the bytes were
+                        # dropped: the pod got the stream with a hole in it)
+                        if event.data:
+                            if not self._hold(pair, event.data):
+                                return self.charge_control(
+                                    "data past buffer_size before its pair completed")
+                        elif not event.fin:
+                            return self.charge_control("an empty DATA frame")
+                        if event.fin:
+                            pair.held_end = True
+                    # data on an error stream is ignored: clients only read it, and end it
+                    # (client-go: an empty DATA frame with FIN); data read with the
+                    # SYN_STREAM of a connection refused since (a limit) is expected:
+                    # charged, it ended sessions at the limit
+                    elif not event.fin and not self.codec.reset_here(event.stream_id):
+                        return self.charge_control("DATA on a stream carrying no connection")
             case spdy.StreamOpened():
                 if not self.charge_stream_open():
                     return False
@@ -246,11 +260,36 @@ class SpdyPortForwardSession(ServerSession):
             conn = self.open_forward(pair.port, channel, pair.protocol, pair.on_data)
             if not conn.done:
                 self._by_stream[pair.data_id] = conn
+            if pair.held is not None and not conn.done:  # what came before the pair
+                held, pair.held = pair.held, None
+                conn.client_data(memoryview(held))
             # the client half-closed the data stream before the pair completed; an end
             # read after this SYN_STREAM comes as its own event, after the data before it
             # (the codec's state, already past the whole read, lost that data for UDP)
             if not conn.done and pair.held_end:
                 conn.client_eof()
+        return True
+
+    def _hold(self, pair: PendingPair, data: bytes | memoryview) -> bool:
+        """Keep data for a pair that has not completed (copied: it may be a view into the
+        read); False past buffer_size held by the session's pending pairs together, then
+        the pair is refused alone. The running count is only ever raised; it is made exact
+        from the pairs themselves when it would pass the limit."""
+        limit, n = self.ctx.buffer_size, len(data)
+        if self._held_estimate + n > limit:
+            self._held_estimate = sum(len(p.held) for p in self._pairs.pending.values()
+                                      if p.held is not None)
+            if self._held_estimate + n > limit:
+                self.protocol_error("spdy sandbox=%s: request %s: more than %d bytes held "
+                                    "before pairs completed; refused", self.sandbox.id,
+                                    pair.request_id, limit, logger=log)
+                self._pairs.forget(pair)
+                self.codec.reset_stream(pair.data_id, spdy.CANCEL)
+                return False
+        if pair.held is None:
+            pair.held = bytearray()
+        pair.held += data
+        self._held_estimate += n
         return True
 
     def _held_end(self, stream_id: int) -> None:

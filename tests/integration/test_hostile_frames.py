@@ -19,7 +19,7 @@ import struct
 import threading
 import time
 
-from crishim.protocols.spdy import PROTOCOL_ERROR
+from crishim.protocols.spdy import CANCEL, PROTOCOL_ERROR
 from tests.integration.test_hostile_flood import (
     SPDY_GOAWAY_PROTOCOL_ERROR,
     _flood_reading,
@@ -256,6 +256,23 @@ def test_spdy_a_half_close_before_the_pair_or_with_headers_reaches_the_pod(podne
             client._by_sid[data_sid] = (second, "data")
             client.flush()
             assert client.wait(second.finished, 10), "HEADERS' FIN before the pair was lost"
+            # data sent on the data stream before its error stream comes is kept for the
+            # pair, as on HTTP/2 (it was dropped and charged: a hole in the pod's stream)
+            headers = dict(headers, requestid="14")
+            data_sid = client.session.open_stream(headers)
+            client.session.send_data(data_sid, b"early ")
+            client.flush()
+            time.sleep(0.2)
+            error_sid = client.session.open_stream(dict(headers, streamtype="error"))
+            client.session.end_stream(error_sid)
+            third = Forward(client, ECHO_PORT, 14, error_sid, data_sid)
+            client._by_sid[error_sid] = (third, "error")
+            client._by_sid[data_sid] = (third, "data")
+            client.flush()
+            third.send(b"late")
+            third.close_write()
+            assert client.wait(third.finished, 10)
+            assert bytes(third.received) == b"early late"
         log = proc.log()
     assert "Traceback" not in log
 
@@ -301,4 +318,32 @@ def test_spdy_frames_that_forward_nothing_are_charged(podnet):
         assert f"({what}" in log, what
     assert "(DATA on a stream carrying no connection" in log
     assert log.count("client sent GOAWAY") < 20  # a line per session, not per frame
+    assert "Traceback" not in log
+
+
+def test_spdy_data_held_before_pairs_complete_is_bounded_by_buffer_size(podnet):
+    """Data streams opened without their error streams keep what they carry for their
+    pair; past buffer_size (256 KiB) held by the session's pending pairs together, the
+    pair is refused alone (its data stream reset) and the session goes on."""
+    with _serve(podnet) as proc:
+        with SpdyPortForwardClient(proc.port_forward_url(SANDBOX)) as client:
+            before = _rss_mib(proc.proc.pid)
+            streams = []
+            for n in range(5):
+                headers = {"streamtype": "data", "port": str(ECHO_PORT),
+                           "requestid": str(100 + n)}
+                sid = client.session.open_stream(headers)
+                client.session.send_data(sid, b"h" * (100 << 10))
+                streams.append(sid)
+                fwd = Forward(client, ECHO_PORT, 100 + n, 0, sid)
+                client._by_sid[sid] = (fwd, "data")
+            client.flush()
+            refused = [client._by_sid[sid][0] for sid in streams[2:]]
+            assert client.wait(lambda: all(f.reset_status == CANCEL for f in refused), 10), \
+                [f.reset_status for f in refused]
+            ok = client.roundtrip(ECHO_PORT, b"the session lives on")
+            assert bytes(ok.received) == b"the session lives on"
+            assert _rss_mib(proc.proc.pid) - before < 16
+        log = proc.log()
+    assert "more than 262144 bytes held before pairs completed" in log
     assert "Traceback" not in log
