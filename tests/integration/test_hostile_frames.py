@@ -219,6 +219,23 @@ def _pair_ending_on_open(client: SpdyPortForwardClient, request_id: str) -> Forw
     return fwd
 
 
+def _data_stream_first(client: SpdyPortForwardClient, request_id: int, before) -> Forward:
+    """A pair whose data stream comes first: before(data stream id) acts on it, read by
+    the server before the error stream comes."""
+    headers = {"streamtype": "data", "port": str(ECHO_PORT), "requestid": str(request_id)}
+    data_sid = client.session.open_stream(headers)
+    before(data_sid)
+    client.flush()
+    time.sleep(0.2)
+    error_sid = client.session.open_stream(dict(headers, streamtype="error"))
+    client.session.end_stream(error_sid)
+    fwd = Forward(client, ECHO_PORT, request_id, error_sid, data_sid)
+    client._by_sid[error_sid] = (fwd, "error")
+    client._by_sid[data_sid] = (fwd, "data")
+    client.flush()
+    return fwd
+
+
 def test_spdy_a_half_close_before_the_pair_or_with_headers_reaches_the_pod(podnet):
     """The echo pod closes once it reads EOF: the data stream's end proves the EOF came."""
     with _serve(podnet) as proc:
@@ -233,42 +250,16 @@ def test_spdy_a_half_close_before_the_pair_or_with_headers_reaches_the_pod(podne
             assert bytes(later.received) == b"abc"
             # the data stream first, ended with an empty DATA frame before its error
             # stream comes (it was dropped: the pod never saw the end)
-            headers = {"streamtype": "data", "port": str(ECHO_PORT), "requestid": "12"}
-            data_sid = client.session.open_stream(headers)
-            client.session.end_stream(data_sid)
-            error_sid = client.session.open_stream(dict(headers, streamtype="error"))
-            client.session.end_stream(error_sid)
-            first = Forward(client, ECHO_PORT, 12, error_sid, data_sid)
-            client._by_sid[error_sid] = (first, "error")
-            client._by_sid[data_sid] = (first, "data")
-            client.flush()
+            first = _data_stream_first(client, 12, lambda sid: client.session.end_stream(sid))
             assert client.wait(first.finished, 10), "DATA's FIN before the pair was lost"
             # the same with HEADERS and FIN, read before the error stream comes
-            headers = dict(headers, requestid="13")
-            data_sid = client.session.open_stream(headers)
-            client.session.send_headers(data_sid, {}, fin=True)
-            client.flush()
-            time.sleep(0.2)
-            error_sid = client.session.open_stream(dict(headers, streamtype="error"))
-            client.session.end_stream(error_sid)
-            second = Forward(client, ECHO_PORT, 13, error_sid, data_sid)
-            client._by_sid[error_sid] = (second, "error")
-            client._by_sid[data_sid] = (second, "data")
-            client.flush()
+            second = _data_stream_first(
+                client, 13, lambda sid: client.session.send_headers(sid, {}, fin=True))
             assert client.wait(second.finished, 10), "HEADERS' FIN before the pair was lost"
             # data sent on the data stream before its error stream comes is kept for the
             # pair, as on HTTP/2 (it was dropped and charged: a hole in the pod's stream)
-            headers = dict(headers, requestid="14")
-            data_sid = client.session.open_stream(headers)
-            client.session.send_data(data_sid, b"early ")
-            client.flush()
-            time.sleep(0.2)
-            error_sid = client.session.open_stream(dict(headers, streamtype="error"))
-            client.session.end_stream(error_sid)
-            third = Forward(client, ECHO_PORT, 14, error_sid, data_sid)
-            client._by_sid[error_sid] = (third, "error")
-            client._by_sid[data_sid] = (third, "data")
-            client.flush()
+            third = _data_stream_first(
+                client, 14, lambda sid: client.session.send_data(sid, b"early "))
             third.send(b"late")
             third.close_write()
             assert client.wait(third.finished, 10)
