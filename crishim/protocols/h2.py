@@ -80,7 +80,7 @@ from h2.events import (
 )
 from h2.exceptions import FrameDataMissingError, ProtocolError
 from h2.frame_buffer import FrameBuffer
-from h2.stream import StreamClosedBy, StreamState
+from h2.stream import StreamState
 from hpack.hpack import encode_integer
 from hyperframe.exceptions import InvalidDataError, InvalidFrameError, InvalidPaddingError
 from hyperframe.flags import Flags
@@ -203,10 +203,13 @@ class Overloaded(ProtocolError):
     error_code = ErrorCodes.ENHANCE_YOUR_CALM
 
 
-# DATA frames on a stream this side reset that are not charged, earned per reset (what
-# was in flight when the peer learned) and saved up to LATE_DATA_CAP
+# DATA on a stream this side reset that is not charged: what may have been in flight when
+# the peer learned, the stream's receive window at the reset in bytes, in at most
+# LATE_DATA_FRAMES plus a frame per LATE_DATA_FRAME_BYTES of it; remembered for the last
+# LATE_DATA_STREAMS streams reset
 LATE_DATA_FRAMES = 16
-LATE_DATA_CAP = 4096
+LATE_DATA_FRAME_BYTES = 16384  # HTTP/2's default largest frame: what a bulk sender sends
+LATE_DATA_STREAMS = 4096
 
 
 class ViewDataFrame(DataFrame):
@@ -556,7 +559,8 @@ class H2Codec(h2.connection.H2Connection):
         # carrying data (see _receive_frame); raises Overloaded to end the connection
         self.charge_frame: Callable[[Frame, bool], None] | None = None
         self.window_update_credit = WindowUpdateCredit()
-        self._late_data_credit = 0  # see _late_data
+        # stream id -> [bytes, frames] of late DATA still free on it (see _late_data)
+        self._late_allowance: dict[int, list[int]] = {}
         self._walk_at = _WALK_MIN  # len(self.streams) at which _open_streams walks again
 
     def _open_streams(self, remainder: int) -> int:
@@ -572,22 +576,31 @@ class H2Codec(h2.connection.H2Connection):
         return count
 
     def reset_stream(self, stream_id: int, error_code: ErrorCodes | int = 0) -> None:
-        super().reset_stream(stream_id, error_code)
-        self._late_data_credit = min(self._late_data_credit + LATE_DATA_FRAMES,
-                                     LATE_DATA_CAP)
-
-    def _late_data(self, stream_id: int) -> bool:
-        """DATA on a stream this side reset, within the credit resets earn: sent before
-        the peer learned (a refused connection's first bytes, an upload in flight when the
-        pod reset), not a frame to charge. h2 answers each with RST_STREAM: past the
-        credit they are charged, or 20,000 frames on one reset stream were 20,000 free
-        answers."""
         stream = self.streams.get(stream_id)
-        closed_by = stream.closed_by if stream is not None else \
-            self._closed_streams.get(stream_id)
-        if closed_by is not StreamClosedBy.SEND_RST_STREAM or self._late_data_credit <= 0:
+        window = max(0, stream._inbound_window_manager.current_window_size) \
+            if stream is not None else 0
+        super().reset_stream(stream_id, error_code)
+        allowance = self._late_allowance
+        if len(allowance) >= LATE_DATA_STREAMS:
+            del allowance[next(iter(allowance))]
+        allowance[stream_id] = [window, LATE_DATA_FRAMES + window // LATE_DATA_FRAME_BYTES]
+
+    def _late_data(self, frame: DataFrame) -> bool:
+        """DATA on a stream this side reset, within what may have been in flight when the
+        peer learned (the stream's window at the reset): a refused connection's first
+        bytes, an upload in flight when the pod reset. Not charged: 1,100 refusals with
+        their first bytes in flight ended sessions at max_connections_per_session. Past it
+        charged: h2 answers each with RST_STREAM (20,000 frames on one reset stream were
+        20,000 free answers)."""
+        left = self._late_allowance.get(frame.stream_id)
+        if left is None:
             return False
-        self._late_data_credit -= 1
+        size = len(frame.data) + (frame.pad_length or 0)
+        if size > left[0] or left[1] <= 0 or not (size or "END_STREAM" in frame.flags):
+            del self._late_allowance[frame.stream_id]
+            return False
+        left[0] -= size
+        left[1] -= 1
         return True
 
     def _accepts_data(self, stream_id: int, length: int) -> bool:
@@ -610,7 +623,7 @@ class H2Codec(h2.connection.H2Connection):
                 # data h2 would answer with RST_STREAM, or a frame that carries no data
                 # (padding only counts as none) and ends nothing
                 if not self._accepts_data(frame.stream_id, 0):
-                    if not self._late_data(frame.stream_id):
+                    if not self._late_data(frame):
                         charge(frame, False)
                 elif not (len(frame.data) or "END_STREAM" in frame.flags):
                     charge(frame, False)

@@ -32,7 +32,7 @@ class PendingPair:
     """A forwarded connection's error and data streams while they gather."""
 
     __slots__ = ("request_id", "port", "protocol", "data_id", "error_id", "timer", "held",
-                 "held_length", "held_end", "on_data")
+                 "held_length", "held_end", "on_data", "counted")
 
     def __init__(self, request_id: str, port: int, protocol: str = TCP) -> None:
         self.request_id = request_id
@@ -47,6 +47,7 @@ class PendingPair:
         self.held_length = 0  # its flow-controlled length (padding too): acknowledged later
         self.held_end = False  # the client ended the data stream too
         self.on_data = False  # its data stream asked for dial: on-data (a TCP pair only)
+        self.counted = 0  # of held, the bytes StreamPairs.held_bytes counts (hold())
 
     @property
     def complete(self) -> bool:
@@ -67,6 +68,9 @@ class StreamPairs:
         self.max_pending = max_pending
         self.pending: dict[str, PendingPair] = {}
         self.by_stream: dict[int, PendingPair] = {}
+        # bytes held through hold() by the pending pairs, exact: given back as a pair is
+        # forgotten (completed, timed out, reset, refused, cleared)
+        self.held_bytes = 0
 
     def add(self, stream_id: int, headers: Mapping[str, str],
             live: Container[str] = (), version: str = PORTFORWARD_PROTOCOL) -> PendingPair:
@@ -133,7 +137,18 @@ class StreamPairs:
             self.forget(pair)
             self.on_timeout(pair)
 
+    def hold(self, pair: PendingPair, data: bytes | memoryview) -> None:
+        """Keep data for a pending pair (copied: it may be a view into the read), counted
+        in held_bytes until the pair is forgotten."""
+        if pair.held is None:
+            pair.held = bytearray()
+        pair.held += data
+        pair.counted += len(data)
+        self.held_bytes += len(data)
+
     def forget(self, pair: PendingPair) -> None:
+        self.held_bytes -= pair.counted
+        pair.counted = 0
         self.pending.pop(pair.request_id, None)
         for stream_id in (pair.data_id, pair.error_id):
             self.by_stream.pop(stream_id, None)

@@ -129,9 +129,6 @@ class SpdyPortForwardSession(ServerSession):
                                   ctx.max_per_session)
         self._by_stream: dict[int, ForwardedConnection | ForwardedFlow] = {}
         self._goaway_seen = False
-        # bytes held for data streams whose pair has not completed, at most buffer_size
-        # for the session (see _hold)
-        self._held_estimate = 0
 
     def start(self) -> None:
         self.arm_idle_timer()
@@ -271,25 +268,17 @@ class SpdyPortForwardSession(ServerSession):
         return True
 
     def _hold(self, pair: PendingPair, data: bytes | memoryview) -> bool:
-        """Keep data for a pair that has not completed (copied: it may be a view into the
-        read); False past buffer_size held by the session's pending pairs together, then
-        the pair is refused alone. The running count is only ever raised; it is made exact
-        from the pairs themselves when it would pass the limit."""
-        limit, n = self.ctx.buffer_size, len(data)
-        if self._held_estimate + n > limit:
-            self._held_estimate = sum(len(p.held) for p in self._pairs.pending.values()
-                                      if p.held is not None)
-            if self._held_estimate + n > limit:
-                self.protocol_error("spdy sandbox=%s: request %s: more than %d bytes held "
-                                    "before pairs completed; refused", self.sandbox.id,
-                                    pair.request_id, limit, logger=log)
-                self._pairs.forget(pair)
-                self.codec.reset_stream(pair.data_id, spdy.CANCEL)
-                return False
-        if pair.held is None:
-            pair.held = bytearray()
-        pair.held += data
-        self._held_estimate += n
+        """Keep data for a pair that has not completed; False past buffer_size held by the
+        session's pending pairs together, then the pair is refused alone."""
+        limit = self.ctx.buffer_size
+        if self._pairs.held_bytes + len(data) > limit:
+            self.protocol_error("spdy sandbox=%s: request %s: more than %d bytes held "
+                                "before pairs completed; refused", self.sandbox.id,
+                                pair.request_id, limit, logger=log)
+            self._pairs.forget(pair)
+            self.codec.reset_stream(pair.data_id, spdy.CANCEL)
+            return False
+        self._pairs.hold(pair, data)
         return True
 
     def _held_end(self, stream_id: int) -> None:

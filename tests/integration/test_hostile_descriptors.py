@@ -244,3 +244,66 @@ def test_refused_http2_connections_whose_first_bytes_were_in_flight_leave_the_se
         log = proc.log()
     assert "max_connections_per_session" in log
     assert "control frames" not in log and "Traceback" not in log
+
+
+def test_http2_uploads_in_flight_when_their_pods_reset_leave_the_session_alone(podnet):
+    """Three uploads whose pods reset at the first byte while the client, within every
+    window, goes on sending the rest of each stream's window in 8 KiB frames before the
+    reset reaches it (a path's latency): 1,533 frames on streams crishim reset. A credit of
+    16 frames per reset charged the rest and ended the session; now what may be in flight
+    is free: each stream's window at the reset, in frames of up to 16 KiB, and the rest
+    (frames smaller than that) is within the control budget."""
+    import asyncio
+
+    from tests.support.h2_pf_client import H2Client
+    from tests.support.podnet import RESET_PORT
+
+    frame = 8 << 10
+
+    async def main(url: str) -> tuple[str, int]:
+        client = await H2Client.connect(url, "prior")
+        uploads = [await client.forward(RESET_PORT) for _ in range(3)]
+        client._task.cancel()  # read nothing meanwhile: the resets are "in flight"
+        await asyncio.sleep(0.05)
+        late = 0
+        for fwd in uploads:  # the first bytes: each pod resets on them
+            client.conn.send_data(fwd.data_id, b"u" * frame)
+        client.flush()
+        await asyncio.sleep(0.3)  # crishim has reset the streams; the client has not read it
+        for fwd in uploads:  # 8 KiB frames: 511 a stream after the first
+            window = client.conn.local_flow_control_window(fwd.data_id)
+            while window >= frame:
+                client.conn.send_data(fwd.data_id, b"u" * frame)
+                window -= frame
+                late += 1
+            client.flush()
+            await client.writer.drain()
+        data = b""  # what the server sent meanwhile: resets, window, a GOAWAY?
+        try:
+            while True:
+                chunk = await asyncio.wait_for(client.reader.read(1 << 20), 1.5)
+                if not chunk:
+                    break
+                data += chunk
+        except TimeoutError:
+            pass
+        ended = ""
+        for ev in client.conn.receive_data(data):
+            if type(ev).__name__ == "ConnectionTerminated":
+                ended = str(ev.error_code)
+        client.writer.close()
+        return ended, late
+
+    with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}") as proc:
+        ended, late = asyncio.run(main(proc.port_forward_url(SANDBOX)))
+        assert echo_on_a_new_session(proc)
+        log = proc.log()
+    assert late >= 1500, late
+    assert ended == "", ended  # no GOAWAY: the session lives
+    assert "control frames" not in log and "Traceback" not in log
+
+
+def echo_on_a_new_session(proc: CrishimProcess) -> bool:
+    with SpdyPortForwardClient(proc.port_forward_url(SANDBOX)) as other:
+        fwd = other.roundtrip(ECHO_PORT, b"served")
+        return bytes(fwd.received) == b"served"
