@@ -17,7 +17,12 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from crishim.protocols.datagram import MAX_DATAGRAM, DatagramDecoder, encode_datagrams
+from crishim.protocols.datagram import (
+    MAX_DATAGRAM,
+    MAX_UDP_PAYLOAD,
+    DatagramDecoder,
+    encode_datagrams,
+)
 
 log = logging.getLogger("crishim.client.udp")
 
@@ -97,6 +102,7 @@ class UdpListener:
         self.flows_opened = 0
         self.dropped = 0  # datagrams to local peers the socket could not take
         self.held_back = 0  # datagrams from peers whose flow failed within RETRY_AFTER
+        self.too_big = 0  # local datagrams over MAX_UDP_PAYLOAD, dropped
         self._failed_at: dict[Address, float] = {}
         self.closed = False
         # flows whose stream cannot take more now: the socket is not read meanwhile, and
@@ -121,6 +127,15 @@ class UdpListener:
                 break
             except OSError as e:  # ICMP about an earlier datagram to a peer that has gone
                 log.debug("udp listener %d: %s", self.local_port, e)
+                continue
+            if n > MAX_UDP_PAYLOAD:
+                # IPv6 carries up to 65,527 bytes, a flow 65,507: the server reset the flow
+                # for it, losing the datagrams after it too; dropped here, counted
+                self.too_big += 1
+                if self.too_big == 1:
+                    log.warning("udp listener %d: a datagram of %d bytes from %s is larger "
+                                "than the %d a flow carries; dropped (and any more)",
+                                self.local_port, n, addr, MAX_UDP_PAYLOAD)
                 continue
             batch.setdefault(addr, []).append(bytes(view[:n]))
         for addr, datagrams in batch.items():

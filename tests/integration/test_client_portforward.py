@@ -1070,3 +1070,64 @@ def test_an_upload_to_a_pod_that_pauses_is_no_stalled_server(crishim, podnet, tr
         assert cli.proc.poll() is None, cli.stderr
     assert answer == f"{len(payload)} {hashlib.sha256(payload).hexdigest()}\n".encode()
     assert not [line for line in cli.stderr if "answered no PING" in line], cli.stderr
+
+
+@pytest.mark.parametrize("transport", ["h2", "spdy"])
+def test_a_server_that_sends_and_never_reads_ends_the_session_not_the_memory(transport,
+                                                                            monkeypatch):
+    """A stream server that floods PINGs and reads nothing: every PING was answered into
+    the session's write buffer (100 MiB of PINGs grew the client by 100-140 MiB). Past
+    MAX_UNSENT (lowered here) unsent, the session ends as lost."""
+    import crishim.client.transports.base as base
+    from crishim.client.transports import open_session
+    from crishim.protocols import spdy as spdy_codec
+
+    monkeypatch.setattr(base, "MAX_UNSENT", 1 << 20)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def h2_frame(kind: int, flags: int, payload: bytes) -> bytes:
+        return len(payload).to_bytes(3, "big") + bytes([kind, flags, 0, 0, 0, 0]) + payload
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(5)
+            head = conn.recv(65536)  # the upgrade (SPDY) or the preface (h2); never again
+            if transport == "h2":
+                conn.sendall(h2_frame(4, 0, b"") + h2_frame(4, 1, b""))
+                unit = h2_frame(6, 0, b"12345678") * 4000
+            else:
+                assert head.startswith(b"POST ") or head.startswith(b"GET ")
+                conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                             b"Upgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: "
+                             b"portforward.k8s.io\r\n\r\n")
+                server = spdy_codec.SpdyConnection(spdy_codec.SpdyConfig(client=False))
+                for n in range(4000):
+                    server.ping(2 * n + 2)
+                unit = server.data_to_send()
+            deadline = time.monotonic() + 30
+            while not stop.is_set() and time.monotonic() < deadline:
+                try:
+                    conn.sendall(unit)
+                except OSError:
+                    return
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+
+    async def main() -> str:
+        session = await open_session(f"http://127.0.0.1:{port}/portforward/x", transport,
+                                     [80], timeout=5)
+        return await asyncio.wait_for(session.closed, 30)
+
+    try:
+        reason = asyncio.run(main())
+    finally:
+        stop.set()
+        thread.join(10)
+        listener.close()
+    assert "does not read what this session sends" in reason, reason

@@ -117,6 +117,10 @@ def ssl_context_for(url: str, insecure: bool = False, ca_file: str | None = None
 # --------------------------------------------------------------------------- one stream
 
 
+# what may wait for the server to read before the session is ended (see _write_raw)
+MAX_UNSENT = 64 << 20
+
+
 class ForwardStream(asyncio.Transport):
     """One forwarded connection as seen by the client: an asyncio.Transport to the pod."""
 
@@ -528,10 +532,19 @@ class ClientSession:
             self.loop.call_soon(self._end_when_idle)
 
     def _write_raw(self, out: list[bytes | memoryview] | list[Buffer]) -> None:
-        """Hand the codec's output buffers to the transport as they are (no join copy)."""
+        """Hand the codec's output buffers to the transport as they are (no join copy).
+        Past MAX_UNSENT waiting for the server to read, the session ends: forwarded data
+        stops at the transport's high-water mark, so what piles up beyond it are answers
+        (PING, SETTINGS acknowledgements) to a server that sends and never reads (100 MiB
+        of PINGs grew the client by 100-140 MiB)."""
         t = self.transport
         if out and t is not None and not t.is_closing():
             t.writelines(out)
+            unsent = t.get_write_buffer_size()
+            if unsent > MAX_UNSENT:
+                self._lost(f"the server does not read what this session sends "
+                           f"({unsent >> 20} MiB unsent)")
+                t.abort()
 
     def start_keepalive(self, interval: float) -> None:
         if interval > 0 and self.has_ping:

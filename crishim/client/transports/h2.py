@@ -218,10 +218,7 @@ class H2ClientSession(ClientSession):
         self._flush()
 
     def _flush(self) -> None:
-        out = self.codec.take_output()  # DATA payloads as they are, not joined
-        t = self.transport
-        if out and t is not None and not t.is_closing():
-            t.writelines(out)
+        self._write_raw(self.codec.take_output())  # DATA payloads as they are, not joined
 
     def _send_ping_frame(self) -> bytes:
         payload = time.monotonic_ns().to_bytes(8, "big")
