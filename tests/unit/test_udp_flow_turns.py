@@ -164,3 +164,24 @@ def test_datagrams_still_queued_when_the_flow_ends_are_counted_as_dropped():
         pod.close()
 
     asyncio.run(main())
+
+
+def test_the_pod_socket_is_read_every_64_datagrams_sent_whatever_the_frames():
+    """Between sends the flow reads the pod's answers, or a burst fills its socket's
+    receive buffer first: counted per call, frames of fewer than 64 datagrams (what
+    crishim port-forward sends) never read in between, and unpaced bursts lost twice as
+    many."""
+    async def main() -> None:
+        pod = _pod()
+        flow, _ = _flow(pod)
+        flow.start()
+        await asyncio.sleep(0.05)
+        reads = []
+        flow._readable = lambda: reads.append(flow.datagrams_up)  # type: ignore[method-assign]
+        for _ in range(13):  # 130 datagrams in frames of 10, no loop turn between
+            flow.client_data(encode_datagrams([b"q"] * 10))
+        assert reads == [70, 130], reads  # after the 64th and the 128th sent
+        flow.close("test over")
+        pod.close()
+
+    asyncio.run(main())
