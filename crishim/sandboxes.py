@@ -23,13 +23,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from crishim.config import Config
-from crishim.cri import api_pb2
+from crishim.cri import api_pb2, netns_path_from_spec
 from crishim.cri.service import upstream_target
 from crishim.netns import InProcessUdp, dial_localhost
 from crishim.ports import ip_or_empty, netns_path_problem
@@ -128,7 +127,7 @@ def sandbox_from_status(sandbox_id: str,
     if status.linux.namespaces.options.network == api_pb2.NODE:
         return (Sandbox(sandbox_id, host_network=True, pod_ip=pod_ip),
                 f"/proc/{pid}" if pid else "")
-    path = _netns_path_from_spec(info)
+    path = netns_path_from_spec(info)
     if not path and pid:
         path = f"/proc/{pid}/ns/net"
     if not path:
@@ -139,20 +138,6 @@ def sandbox_from_status(sandbox_id: str,
         raise SandboxGone(f"sandbox {sandbox_id}: the runtime's network namespace path "
                           f"{problem}")
     return Sandbox(sandbox_id, netns_path=path, pod_ip=pod_ip), path
-
-
-def _netns_path_from_spec(info: dict[str, Any]) -> str:
-    """runtimeSpec.linux.namespaces[type=network].path, "" where any level is not the
-    shape the OCI spec gives it (a list for `linux` raised AttributeError: UNKNOWN and a
-    traceback per PortForward)."""
-    spec = info.get("runtimeSpec")
-    linux = spec.get("linux") if isinstance(spec, dict) else None
-    namespaces = linux.get("namespaces") if isinstance(linux, dict) else None
-    for ns in namespaces if isinstance(namespaces, list) else []:
-        if isinstance(ns, dict) and ns.get("type") == "network":
-            path = ns.get("path")
-            return path if isinstance(path, str) else ""
-    return ""
 
 
 def _inode(path: str) -> int:

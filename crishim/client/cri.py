@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 
-from crishim.cri import api_pb2, api_pb2_grpc
+from crishim.cri import api_pb2, api_pb2_grpc, netns_path_from_spec
 from crishim.sysutil import socket_path_problem
 
 DEFAULT_ENDPOINT = "unix:///run/crishim/crishim.sock"
@@ -144,15 +144,9 @@ def netns_from_info(info: dict[str, str]) -> str:
         raise CriError(f"PodSandboxStatus verbose info is not JSON: {e}") from None
     if not isinstance(data, dict):  # `[1]` raised AttributeError: a traceback from check
         raise CriError("PodSandboxStatus verbose info is not a JSON object")
-    spec = data.get("runtimeSpec")
-    linux = spec.get("linux") if isinstance(spec, dict) else None
-    namespaces = linux.get("namespaces") if isinstance(linux, dict) else None
-    for ns in namespaces if isinstance(namespaces, list) else []:
-        if not isinstance(ns, dict):
-            continue
-        path = ns.get("path")
-        if ns.get("type") == "network" and isinstance(path, str) and path:
-            return path
+    path = netns_path_from_spec(data)
+    if path:
+        return path
     pid = data.get("pid")
     if isinstance(pid, int) and pid > 0:
         return f"/proc/{pid}/ns/net"
