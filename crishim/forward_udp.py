@@ -303,14 +303,14 @@ class ForwardedFlow:
         """Hold datagrams for the socket or the next turn, pausing the session's reading
         meanwhile; past MAX_QUEUED datagrams or MAX_QUEUED_BYTES they are dropped and
         counted, as a full link would."""
-        queue, room = self._queue, MAX_QUEUED_BYTES - self._queued_bytes
+        queue = self._queue
         for datagram in datagrams:
-            if len(queue) >= MAX_QUEUED or len(datagram) > room:
+            if len(queue) >= MAX_QUEUED or \
+                    self._queued_bytes + len(datagram) > MAX_QUEUED_BYTES:
                 self.dropped += 1
                 continue
             queue.append(datagram)
-            room -= len(datagram)
-        self._queued_bytes = MAX_QUEUED_BYTES - room
+            self._queued_bytes += len(datagram)
         if queue and not self._holding_client:
             self._holding_client = True
             self.session.pause_client_reading(self)

@@ -74,6 +74,16 @@ def _pod() -> socket.socket:
     return pod
 
 
+async def _dialled() -> tuple[socket.socket, ForwardedFlow]:
+    """A pod socket and a started flow to it whose socket is dialled."""
+    pod = _pod()
+    flow, _ = _flow(pod)
+    flow.start()
+    await asyncio.sleep(0.05)
+    assert flow.sock is not None
+    return pod, flow
+
+
 def _received(pod: socket.socket) -> list[bytes]:
     out = []
     while True:
@@ -87,10 +97,7 @@ def test_a_frame_of_tiny_datagrams_is_sent_a_turn_at_a_time():
     """32,768 empty datagrams fit one 64 KiB frame: they were 32,768 send() calls in one
     callback (up to 184 ms in which no other session ran)."""
     async def main() -> None:
-        pod = _pod()
-        flow, _ = _flow(pod)
-        flow.start()
-        await asyncio.sleep(0.05)  # dialled
+        pod, flow = await _dialled()
         count = 3000
         flow.client_data(encode_datagrams([b""] * count))
         first_turn = len(_received(pod))
@@ -111,10 +118,7 @@ def test_a_frame_of_tiny_datagrams_is_sent_a_turn_at_a_time():
 
 def test_past_max_queued_datagrams_are_dropped_and_counted():
     async def main() -> None:
-        pod = _pod()
-        flow, _ = _flow(pod)
-        flow.start()
-        await asyncio.sleep(0.05)
+        pod, flow = await _dialled()
         count = SENDS_PER_TURN + MAX_QUEUED + 100
         flow.client_data(encode_datagrams([b"x"] * count))
         got = len(_received(pod))
@@ -152,10 +156,7 @@ def test_datagrams_sent_before_the_end_go_out_while_the_socket_is_dialled():
 
 def test_datagrams_still_queued_when_the_flow_ends_are_counted_as_dropped():
     async def main() -> None:
-        pod = _pod()
-        flow, _ = _flow(pod)
-        flow.start()
-        await asyncio.sleep(0.05)
+        pod, flow = await _dialled()
         flow.client_data(encode_datagrams([b"x"] * 3000))
         flow.client_reset()  # before the queue's next turn
         assert flow.datagrams_up == 3000 and flow.bytes_up == SENDS_PER_TURN
@@ -172,10 +173,7 @@ def test_the_pod_socket_is_read_every_64_datagrams_sent_whatever_the_frames():
     crishim port-forward sends) never read in between, and unpaced bursts lost twice as
     many."""
     async def main() -> None:
-        pod = _pod()
-        flow, _ = _flow(pod)
-        flow.start()
-        await asyncio.sleep(0.05)
+        pod, flow = await _dialled()
         reads = []
         flow._readable = lambda: reads.append(flow.datagrams_up)  # type: ignore[method-assign]
         for _ in range(13):  # 130 datagrams in frames of 10, no loop turn between
