@@ -1,5 +1,6 @@
-"""The one port parser: every port a peer sends (SPDY and HTTP/2 stream headers, the
-WebSocket query, CRI PortForwardRequest) goes through here."""
+"""Checks of what peers send: the one port parser (every port in SPDY and HTTP/2 stream
+headers, the WebSocket query, CRI PortForwardRequest goes through here), and the pod IPs
+and network namespace paths a runtime or a helper request names."""
 
 from __future__ import annotations
 
