@@ -31,3 +31,19 @@ def gather(parts: list[bytes | bytearray | memoryview],
         last = parts[-1] = bytearray(last)
     last += piece
     return True
+
+
+class Outbound:
+    """Bytes for one stream waiting for the peer's flow-control window (HTTP/2, and SPDY
+    where the peer asked for windows)."""
+
+    __slots__ = ("chunks", "eof", "size")
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes | memoryview] = []
+        self.eof = False  # the stream's end goes out with the last queued byte
+        self.size = 0
+
+    def append(self, data: bytes | memoryview) -> None:
+        self.chunks.append(data)
+        self.size += len(data)

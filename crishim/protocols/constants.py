@@ -6,10 +6,12 @@ from __future__ import annotations
 __all__ = [
     "DIAL_AT_ONCE",
     "DIAL_ON_DATA",
+    "FLOW_CONTROL_WINDOWS",
     "H2_CONNECTION_WINDOW",
     "H2_STREAM_WINDOW",
     "HEADER_CRISHIM_DIAL",
     "HEADER_DIAL",
+    "HEADER_FLOW_CONTROL",
     "HEADER_PORT",
     "HEADER_PROTOCOL",
     "HEADER_REQUEST_ID",
@@ -41,6 +43,12 @@ HEADER_PROTOCOL = "protocol"
 # and says so with the same header in its reply to the data stream (docs/protocol.md 8.5)
 HEADER_DIAL = "dial"
 DIAL_ON_DATA = "on-data"
+# portforward.crishim.dev/v1 over SPDY only: a client that sends SETTINGS_INITIAL_WINDOW_SIZE
+# before its first stream gets SPDY/3.1's flow control (its stream and session windows
+# honoured), and every SYN_REPLY of such a session says so with this header
+# (docs/protocol.md 8.6); without it the windows are ignored, as spdystream's peers expect
+HEADER_FLOW_CONTROL = "flow-control"
+FLOW_CONTROL_WINDOWS = "windows"
 # the WebSocket channel protocol's form, a whole session opened ahead: its upgrade
 # request's Crishim-Dial (on-data or at-once, the default); every WebSocket 101 crishim
 # serve sends says how that session dials

@@ -94,6 +94,7 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 
+from crishim.protocols.buffers import Outbound
 from crishim.protocols.credit import WindowUpdateCredit
 
 if TYPE_CHECKING:
@@ -519,21 +520,6 @@ class LiteralHeaderDecoder(hpack.Decoder):
             out.append(hpack.NeverIndexedHeaderTuple(name, value) if first
                        else hpack.HeaderTuple(name, value))
         return out
-
-
-class Outbound:
-    """Bytes for one stream waiting for the peer's flow-control window."""
-
-    __slots__ = ("chunks", "eof", "size")
-
-    def __init__(self) -> None:
-        self.chunks: list[bytes | memoryview] = []
-        self.eof = False  # END_STREAM goes out with the last queued byte
-        self.size = 0
-
-    def append(self, data: bytes | memoryview) -> None:
-        self.chunks.append(data)
-        self.size += len(data)
 
 
 class H2Codec(h2.connection.H2Connection):

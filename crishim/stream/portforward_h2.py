@@ -81,8 +81,9 @@ from hyperframe.frame import Frame, GoAwayFrame, RstStreamFrame
 
 from crishim.forward import ForwardedConnection
 from crishim.forward_udp import ForwardedFlow
+from crishim.protocols.buffers import Outbound
 from crishim.protocols.constants import DIAL_ON_DATA, HEADER_DIAL, PORTFORWARD_PROTOCOL
-from crishim.protocols.h2 import H2Codec, LiteralHeaderEncoder, Outbound, Overloaded
+from crishim.protocols.h2 import H2Codec, LiteralHeaderEncoder, Overloaded
 from crishim.protocols.negotiation import VERSION_HEADER, choose_version, server_versions
 from crishim.runtime import Sandbox
 from crishim.stream.admission import MAX_REQUEST_HEAD, Admit, Refused, h2_refusal, redact

@@ -10,9 +10,13 @@ from collections.abc import Callable
 from crishim.forward import ForwardContext, ForwardedConnection
 from crishim.forward_udp import ForwardedFlow
 from crishim.protocols import spdy
+from crishim.protocols.buffers import Outbound
 from crishim.protocols.constants import (
     DIAL_ON_DATA,
+    FLOW_CONTROL_WINDOWS,
     HEADER_DIAL,
+    HEADER_FLOW_CONTROL,
+    PORTFORWARD_CRISHIM_V1,
     PORTFORWARD_PROTOCOL,
 )
 from crishim.protocols.negotiation import choose_version, server_versions
@@ -58,37 +62,42 @@ def start(upgrade: Upgrade) -> None:
 class _SpdyChannel:
     """A forwarded connection's data + error streams on one SPDY session."""
 
-    __slots__ = ("session", "data_id", "error_id", "_data_closed")
+    __slots__ = ("session", "data_id", "error_id", "conn", "_data_closed")
 
     def __init__(self, session: SpdyPortForwardSession, data_id: int, error_id: int) -> None:
         self.session = session
         self.data_id = data_id
         self.error_id = error_id
+        self.conn: ForwardedConnection | ForwardedFlow | None = None
         self._data_closed = False
 
     def send(self, data: bytes) -> None:
         s = self.session
         s.last_activity = time.monotonic()
-        s.codec.send_data(self.data_id, data)
+        if s.windowed:  # the client's windows are honoured (docs/protocol.md 8.6)
+            if not s.queue_data(self.data_id, data) and self.conn is not None:
+                self.conn.pause_pod_reading()
+        else:
+            s.codec.send_data(self.data_id, data)
         s.flush()
 
     def send_eof(self) -> None:
         if not self._data_closed:
             self._data_closed = True
-            self.session.codec.end_stream(self.data_id)
+            self.session.queue_eof(self.data_id)
             self.session.flush()
 
     def abort(self) -> None:
         if not self._data_closed:
             self._data_closed = True
-            self.session.codec.reset_stream(self.data_id, spdy.CANCEL)
+            self.session.reset(self.data_id, spdy.CANCEL)
             self.session.flush()
 
     def finish(self, error: str | None) -> None:
         s = self.session
         if error:
-            s.codec.send_data(self.error_id, error.encode("utf-8", "replace"))
-        s.codec.end_stream(self.error_id)
+            s.queue_data(self.error_id, error.encode("utf-8", "replace"))
+        s.queue_eof(self.error_id)
         s.flush()
 
 
@@ -129,9 +138,19 @@ class SpdyPortForwardSession(ServerSession):
                                   ctx.max_per_session)
         self._by_stream: dict[int, ForwardedConnection | ForwardedFlow] = {}
         self._goaway_seen = False
+        # what waits for the client's windows, per stream (docs/protocol.md 8.6)
+        self._outbound: dict[int, Outbound] = {}
 
     def start(self) -> None:
+        if self.stream_version == PORTFORWARD_CRISHIM_V1:  # kubectl's never: spdystream
+            self.codec.offer_send_windows()  # sends no WINDOW_UPDATE
         self.arm_idle_timer()
+
+    @property
+    def windowed(self) -> bool:
+        """The client asked for windows (a SETTINGS before its first stream, on
+        portforward.crishim.dev/v1): they are honoured."""
+        return self.codec.send_windows_enforced
 
     # --- output ------------------------------------------------------------------------
     def flush(self) -> None:
@@ -140,6 +159,52 @@ class SpdyPortForwardSession(ServerSession):
         chunks = self.codec.take_output()
         if chunks and not self._closed:
             self._write_buffers(chunks)
+
+    # --- the client's windows, where it asked for them -----------------------------------
+    def queue_data(self, stream_id: int, data: bytes) -> bool:
+        """Send data on a stream, within the client's windows if it asked for them (the
+        rest waits); False when the stream is blocked on a window."""
+        codec = self.codec
+        if not self.windowed:
+            codec.send_data(stream_id, data)
+            return True
+        out = self._outbound.get(stream_id)
+        if out is None:
+            if len(data) <= codec.send_window(stream_id):  # the common case
+                codec.send_data(stream_id, data)
+                return True
+            out = self._outbound[stream_id] = Outbound()
+        out.append(data)
+        return self._drain_stream(stream_id, out)
+
+    def queue_eof(self, stream_id: int) -> None:
+        """End a stream once what waits for its window has gone."""
+        out = self._outbound.get(stream_id)
+        if out is None:
+            self.codec.end_stream(stream_id)
+            return
+        out.eof = True
+        self._drain_stream(stream_id, out)
+
+    def reset(self, stream_id: int, status: int) -> None:
+        self._outbound.pop(stream_id, None)
+        self.codec.reset_stream(stream_id, status)
+
+    def _drain_stream(self, stream_id: int, out: Outbound) -> bool:
+        if not self.codec.send_queued(stream_id, out):
+            return False
+        self._outbound.pop(stream_id, None)
+        return True
+
+    def _window_opened(self, stream_id: int) -> None:
+        ids = list(self._outbound) if stream_id == 0 else [stream_id]
+        for sid in ids:
+            out = self._outbound.get(sid)
+            if out is not None and self._drain_stream(sid, out):
+                conn = self._by_stream.get(sid)
+                if conn is not None and not self.writing_paused:
+                    conn.resume_pod_reading()
+
 
     # --- input -------------------------------------------------------------------------
     def receive(self, data: bytes | memoryview) -> None:
@@ -206,6 +271,9 @@ class SpdyPortForwardSession(ServerSession):
                     # charged, it ended sessions at the limit
                     elif not event.fin and not self.codec.reset_here(event.stream_id):
                         return self.charge_control("DATA on a stream carrying no connection")
+            case spdy.WindowUpdateReceived():
+                if self.windowed and self._outbound:
+                    self._window_opened(event.stream_id)
             case spdy.StreamOpened():
                 if not self.charge_stream_open():
                     return False
@@ -217,7 +285,10 @@ class SpdyPortForwardSession(ServerSession):
             case spdy.PingReceived():
                 return self.charge_control("PING")
             case spdy.SettingsReceived():
-                return self.charge_control("SETTINGS")
+                if not self.charge_control("SETTINGS"):
+                    return False
+                if self._outbound and spdy.SETTINGS_INITIAL_WINDOW_SIZE in event.settings:
+                    self._window_opened(0)  # the codec moved every stream's window
             case spdy.HeadersReceived():
                 if event.fin:  # a half-close sent as HEADERS with FIN
                     conn = self._by_stream.get(event.stream_id)
@@ -251,10 +322,14 @@ class SpdyPortForwardSession(ServerSession):
         on_data = pair.on_data and ev.stream_id == pair.data_id
         if ev.fin and ev.stream_id == pair.data_id:
             pair.held_end = True  # a data stream opened already ended
-        self.codec.reply(ev.stream_id, {HEADER_DIAL: DIAL_ON_DATA} if on_data else {})
+        reply = {HEADER_DIAL: DIAL_ON_DATA} if on_data else {}
+        if self.windowed:
+            reply[HEADER_FLOW_CONTROL] = FLOW_CONTROL_WINDOWS
+        self.codec.reply(ev.stream_id, reply)
         if pair.complete:
             channel = _SpdyChannel(self, pair.data_id, pair.error_id)
             conn = self.open_forward(pair.port, channel, pair.protocol, pair.on_data)
+            channel.conn = conn
             if not conn.done:
                 self._by_stream[pair.data_id] = conn
             if pair.held is not None and not conn.done:  # what came before the pair
@@ -295,13 +370,14 @@ class SpdyPortForwardSession(ServerSession):
         # (a line each was 180,000 lines for 20 sessions within their budgets)
         self.protocol_error("spdy sandbox=%s: %s", self.sandbox.id, message, logger=log)
         if pair.error_id:
-            self.codec.send_data(pair.error_id, message.encode())
-            self.codec.end_stream(pair.error_id)
+            self.queue_data(pair.error_id, message.encode())
+            self.queue_eof(pair.error_id)
         if pair.data_id:
-            self.codec.reset_stream(pair.data_id, spdy.CANCEL)
+            self.reset(pair.data_id, spdy.CANCEL)
         self.flush()
 
     def _on_reset(self, ev: spdy.StreamReset) -> bool:
+        self._outbound.pop(ev.stream_id, None)
         conn = self._by_stream.get(ev.stream_id)
         if conn is not None:
             conn.client_reset()  # how a client ends a connection: free

@@ -324,15 +324,17 @@ def test_downloads_to_a_slow_reader_and_a_fast_one_beside_an_upload_arrive_intac
     assert got["up"] == f"{2 * size} {hashlib.sha256(payload).hexdigest()}\n".encode()
 
 
-def test_h2_a_connection_that_is_not_read_holds_back_only_itself(crishim):
-    """A local client that stops reading its download: over HTTP/2 only that stream's
-    window is held back, and the session's other connections go on (the whole session
-    paused before: an echo beside it waited forever). Once it reads again it gets every
-    byte."""
+@pytest.mark.parametrize("transport", ["h2", "spdy", "spdy-over-websocket"])
+def test_a_connection_that_is_not_read_holds_back_only_itself(crishim, transport):
+    """A local client that stops reading its download: over HTTP/2, and over SPDY where
+    crishim serve honours the windows crishim's client asks for (docs/protocol.md 8.6),
+    only that stream's window is held back, and the session's other connections go on
+    (the whole session paused before: an echo beside it waited forever). Once it reads
+    again it gets every byte."""
     stalled_local, echo_local = free_port(), free_port()
     size = 64 << 20
     with PortForwardCLI(crishim, f"{stalled_local}:{SOURCE_PORT}", f"{echo_local}:{ECHO_PORT}",
-                        transport="h2") as cli:
+                        transport=transport) as cli:
         cli.forwarding(2)
         with socket.create_connection(("127.0.0.1", stalled_local), timeout=30) as stalled:
             stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)

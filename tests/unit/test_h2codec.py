@@ -16,7 +16,8 @@ import pytest
 from hpack import Encoder
 from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame
 
-from crishim.protocols.h2 import H2Codec, Outbound, Overloaded
+from crishim.protocols.buffers import Outbound
+from crishim.protocols.h2 import H2Codec, Overloaded
 
 REQUEST = [(":method", "POST"), (":scheme", "http"), (":authority", "x"),
            (":path", "/portforward/t")]

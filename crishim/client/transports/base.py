@@ -508,10 +508,10 @@ class ClientSession:
 
     # --- a local connection that does not take what the pod sends -----------------------
     def pause_stream(self, stream: ForwardStream) -> None:
-        """Stop what comes for stream. Here, with no flow control per stream (SPDY, whose
-        peers ignore its windows; WebSocket), the whole session's reading pauses: its other
-        connections wait too, as with kubectl. HTTP/2 holds back only that stream's
-        window."""
+        """Stop what comes for stream. Here, with no flow control per stream (WebSocket;
+        SPDY where the server ignores its windows), the whole session's reading pauses: its
+        other connections wait too, as with kubectl. HTTP/2, and SPDY where crishim serve
+        honours windows (docs/protocol.md 8.6), hold back only that stream's window."""
         self.read_gate.pause(stream, self.transport)
 
     def resume_stream(self, stream: ForwardStream) -> None:

@@ -28,6 +28,7 @@ from crishim.client.transports.base import (
     UpgradeProtocol,
     UpgradeRefused,
 )
+from crishim.protocols.buffers import Outbound
 from crishim.protocols.constants import (
     DIAL_ON_DATA,
     H2_CONNECTION_WINDOW,
@@ -41,7 +42,7 @@ from crishim.protocols.constants import (
     STREAM_TYPE_DATA,
     STREAM_TYPE_ERROR,
 )
-from crishim.protocols.h2 import H2Codec, LiteralHeaderEncoder, Outbound
+from crishim.protocols.h2 import H2Codec, LiteralHeaderEncoder
 from crishim.protocols.negotiation import TCP, UDP, VERSION_HEADER
 
 MAX_FRAME_SIZE = 1024 * 1024

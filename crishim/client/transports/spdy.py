@@ -19,22 +19,36 @@ from crishim.protocols import spdy
 from crishim.protocols import websocket as ws
 from crishim.protocols.constants import (
     DIAL_ON_DATA,
+    FLOW_CONTROL_WINDOWS,
+    H2_CONNECTION_WINDOW,
+    H2_STREAM_WINDOW,
     HEADER_DIAL,
+    HEADER_FLOW_CONTROL,
     HEADER_PORT,
     HEADER_PROTOCOL,
     HEADER_REQUEST_ID,
     HEADER_STREAM_TYPE,
+    PORTFORWARD_CRISHIM_V1,
     PORTFORWARD_PROTOCOL,
     STREAM_TYPE_DATA,
     STREAM_TYPE_ERROR,
 )
 from crishim.protocols.negotiation import TCP, UDP
 
+# window taken before it is given back (per stream, and for the session): a sixteenth of
+# a stream's, so a stream that is read never waits for its window
+ACK_EVERY = H2_STREAM_WINDOW // 16
+
 
 class SpdyClientSession(ClientSession):
     """Per forwarded connection an error stream (closed for writing at once), then a data
     stream, both with streamtype/port/requestid headers. Stream creation is pipelined: no
-    wait for SYN_REPLY (client-go waits; the server does not care)."""
+    wait for SYN_REPLY (client-go waits; the server does not care).
+
+    On portforward.crishim.dev/v1 the session asks for SPDY/3.1's flow control
+    (docs/protocol.md 8.6): a server that honours it says so in its replies, and then a
+    local connection that stops reading holds back only its stream's window, as over
+    HTTP/2; elsewhere the whole session's reading pauses, as kubectl's does."""
 
     transport_name = "spdy"
     opens_ahead = True
@@ -48,6 +62,16 @@ class SpdyClientSession(ClientSession):
         if tunnel is not None:
             self.transport_name = "spdy-over-websocket"
         self._next_request_id = 0
+        self._windows = False  # the server honours our windows (its replies said so)
+        self._withheld: dict[int, int] = {}  # paused stream -> bytes not acknowledged
+        self._unacked: dict[int, int] = {}  # stream (0: the session) -> bytes taken, not
+        # acknowledged yet: given back ACK_EVERY at a time (see _taken)
+
+    def ask_for_windows(self) -> None:
+        """Before any stream: our stream windows (16 MiB each) and the session's (256 MiB),
+        as HTTP/2's; sent once the session is attached (_flush)."""
+        self.codec.send_settings({spdy.SETTINGS_INITIAL_WINDOW_SIZE: H2_STREAM_WINDOW})
+        self.codec.send_window_update(0, H2_CONNECTION_WINDOW - spdy.INITIAL_SESSION_WINDOW)
 
     def _new_stream(self, port: int, ip_protocol: str = TCP, on_data: bool = False
                     ) -> ForwardStream:
@@ -138,6 +162,12 @@ class SpdyClientSession(ClientSession):
         for event in self.codec.receive_data(data):
             match event:
                 case spdy.DataReceived():
+                    if self._windows and event.data:
+                        sid = event.stream_id
+                        if sid in self._withheld:
+                            self._withheld[sid] += len(event.data)
+                        else:
+                            self._taken(sid, len(event.data))
                     stream = streams.get(event.stream_id)
                     if stream is not None:
                         if event.data:
@@ -152,6 +182,8 @@ class SpdyClientSession(ClientSession):
                         if event.fin:
                             stream._error_end()
                 case spdy.StreamReplied():
+                    if event.headers.get(HEADER_FLOW_CONTROL) == FLOW_CONTROL_WINDOWS:
+                        self._windows = True
                     stream = streams.get(event.stream_id)
                     if stream is not None:
                         stream._accepted()
@@ -183,6 +215,49 @@ class SpdyClientSession(ClientSession):
                     return
         self._flush()
 
+    def _taken(self, sid: int, n: int) -> None:
+        """n bytes of stream sid were taken: their windows (the stream's, the session's)
+        go back once ACK_EVERY is taken. Not per read: a 1 MiB DATA frame comes in many
+        reads, and the server charges more than two WINDOW_UPDATEs per frame it sent to
+        its control budget."""
+        self._give_back(sid, n)
+        self._give_back(0, n)
+
+    def _give_back(self, key: int, n: int) -> None:
+        total = self._unacked.get(key, 0) + n
+        if total >= ACK_EVERY:
+            self.codec.send_window_update(key, total)  # a stream gone: nothing is sent
+            self._unacked.pop(key, None)
+        else:
+            self._unacked[key] = total
+
+    # --- per-stream flow control, where the server honours it ------------------------------
+    def pause_stream(self, stream: ForwardStream) -> None:
+        if not self._windows:
+            super().pause_stream(stream)
+        elif stream.key in self.streams:  # not for one already done: nothing would release it
+            self._withheld.setdefault(stream.key, 0)
+
+    def resume_stream(self, stream: ForwardStream) -> None:
+        if stream.key in self._withheld:
+            n = self._withheld.pop(stream.key)
+            if n and not self.codec.terminated:
+                self._taken(stream.key, n)
+                self._flush()
+        else:
+            super().resume_stream(stream)
+
+    def stream_reading(self, stream: ForwardStream) -> bool:
+        return stream.key not in self._withheld and super().stream_reading(stream)
+
+    def _stream_done(self, stream: ForwardStream) -> None:
+        self._unacked.pop(stream.key, None)
+        n = self._withheld.pop(stream.key, 0)
+        if n and not self.codec.terminated:  # the session's share of what it held
+            self._give_back(0, n)
+            self._flush()
+        super()._stream_done(stream)
+
 
 async def open_spdy(conn: UpgradeProtocol, target: Target, ports: list[int],
                     timeout: float) -> ClientSession:
@@ -205,5 +280,8 @@ async def open_spdy(conn: UpgradeProtocol, target: Target, ports: list[int],
         raise UpgradeRefused(101, f"the server chose stream protocol {chosen!r}")
     session = SpdyClientSession()
     session.stream_version = chosen
+    if chosen == PORTFORWARD_CRISHIM_V1:
+        session.ask_for_windows()
     conn.attach(session, answer.rest)
+    session._flush()
     return session

@@ -22,7 +22,12 @@ from crishim.client.transports.base import (
 )
 from crishim.client.transports.spdy import SpdyClientSession
 from crishim.protocols import websocket as ws
-from crishim.protocols.constants import DIAL_ON_DATA, HEADER_CRISHIM_DIAL, PORTFORWARD_PROTOCOL
+from crishim.protocols.constants import (
+    DIAL_ON_DATA,
+    HEADER_CRISHIM_DIAL,
+    PORTFORWARD_CRISHIM_V1,
+    PORTFORWARD_PROTOCOL,
+)
 from crishim.protocols.negotiation import TCP, version_of_subprotocol, websocket_subprotocol
 
 MAX_EARLY_BYTES = 1024 * 1024  # kept for WebSocket channel ports not opened yet
@@ -210,5 +215,8 @@ async def open_spdy_tunnel(conn: UpgradeProtocol, target: Target, ports: list[in
         timeout)
     session = SpdyClientSession(ws.ByteStreamTunnel(client=True))
     session.stream_version = version_of_subprotocol(subprotocol or "") or PORTFORWARD_PROTOCOL
+    if session.stream_version == PORTFORWARD_CRISHIM_V1:
+        session.ask_for_windows()
     conn.attach(session, answer.rest)
+    session._flush()
     return session

@@ -7,9 +7,12 @@ same class serves both roles; :attr:`SpdyConfig.client` picks stream-id parity.
 
 Deliberate choices (docs/protocol.md §2.2 and §2.5):
 
-* Flow control is reported (``WindowUpdateReceived``) but never enforced:
-  spdystream neither sends nor honours WINDOW_UPDATE, so waiting for window
-  credit would stall every kubectl port-forward after 64 KiB.
+* Flow control is reported (``WindowUpdateReceived``) but not enforced unless
+  asked (:meth:`SpdyConnection.enforce_send_windows`): spdystream neither sends
+  nor honours WINDOW_UPDATE, so waiting for window credit would stall every
+  kubectl port-forward after 64 KiB. A peer that asks for windows (crishim's own
+  client, docs/protocol.md §8.6) gets them: :meth:`SpdyConnection.send_queued`
+  sends what the stream's and the session's windows allow.
 * DATA payloads are handed out as they arrive, so the input buffer holds at
   most one frame header or one control frame, never a 16 MiB data frame.
 * Header blocks share one zlib context per direction for the whole session.
@@ -25,7 +28,7 @@ import zlib
 from dataclasses import dataclass
 from typing import NoReturn
 
-from ..buffers import immutable
+from ..buffers import Outbound, immutable
 from ..credit import WindowUpdateCredit
 from .compression import HeaderDecoder, HeaderEncoder, unpack_header_block
 from .constants import (
@@ -33,20 +36,24 @@ from .constants import (
     FLAG_FIN,
     FLAG_SETTINGS_CLEAR_SETTINGS,
     FLAG_UNIDIRECTIONAL,
+    FLOW_CONTROL_ERROR,
     FRAME_TOO_LARGE,
     GOAWAY,
     GOAWAY_INTERNAL_ERROR,
     GOAWAY_OK,
     GOAWAY_PROTOCOL_ERROR,
     HEADERS,
+    INITIAL_SESSION_WINDOW,
     INVALID_STREAM,
     MAX_FRAME_PAYLOAD,
     MAX_STREAM_ID,
+    MAX_WINDOW,
     PING,
     PROTOCOL_ERROR,
     REFUSED_STREAM,
     RST_STREAM,
     SETTINGS,
+    SETTINGS_INITIAL_WINDOW_SIZE,
     SPDY_VERSION,
     STREAM_ALREADY_CLOSED,
     STREAM_IN_USE,
@@ -156,12 +163,14 @@ class _Stream:
         "peer_initiated",
         "remote_open",
         "replied",
+        "send_window",
         "stream_id",
     )
 
     def __init__(self, stream_id: int, peer_initiated: bool, local_open: bool,
-                 remote_open: bool) -> None:
+                 remote_open: bool, send_window: int) -> None:
         self.stream_id = stream_id
+        self.send_window = send_window  # only counted while windows are enforced
         self.peer_initiated = peer_initiated
         self.local_open = local_open
         self.remote_open = remote_open
@@ -219,6 +228,12 @@ class SpdyConnection:
         self._last_accepted_peer_stream_id = 0
         self._outstanding_pings: dict[int, None] = {}
 
+        # send windows (enforce_send_windows): None while they are not enforced; with
+        # offer_send_windows, a peer's SETTINGS before its first stream turns them on
+        self._initial_send_window: int | None = None
+        self._windows_offered = False
+        self._session_send_window = INITIAL_SESSION_WINDOW
+
         self.peer_settings: dict[int, int] = {}
         self.terminated = False
         self.goaway_sent = False
@@ -257,6 +272,21 @@ class SpdyConnection:
         """The stream was reset (recently, within closed_stream_memory): DATA the peer
         sent before it learned is expected, not a frame to charge."""
         return self._closed.get(stream_id) == _CLOSED_RESET
+
+    @property
+    def send_windows_enforced(self) -> bool:
+        return self._initial_send_window is not None
+
+    def send_window(self, stream_id: int) -> int:
+        """Bytes DATA on the stream may carry now: the smaller of its window and the
+        session's while windows are enforced, else MAX_WINDOW (0 for a stream that is
+        gone)."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        if self._initial_send_window is None:
+            return MAX_WINDOW
+        return min(stream.send_window, self._session_send_window)
 
     def can_send(self, stream_id: int) -> bool:
         stream = self._streams.get(stream_id)
@@ -329,7 +359,8 @@ class SpdyConnection:
         self._next_stream_id += 2
         prefix = _SYN_STREAM_PREFIX.pack(stream_id, associated_id, priority << 5, 0)
         self._queue_control(SYN_STREAM, FLAG_FIN if fin else 0, prefix + block)
-        self._streams[stream_id] = _Stream(stream_id, False, not fin, True)
+        self._streams[stream_id] = _Stream(stream_id, False, not fin, True,
+                                           self._initial_send_window or 0)
         return stream_id
 
     def reply(self, stream_id: int, headers: dict[str, str] | None = None,
@@ -362,14 +393,16 @@ class SpdyConnection:
                   fin: bool = False) -> None:
         """Queue DATA frames of at most ``max_send_frame`` bytes each.
 
-        Never waits for window credit. A no-op if the stream is already reset or
+        Never waits for window credit (with windows enforced, the caller sends no more
+        than send_window allows: send_queued). A no-op if the stream is already reset or
         finished; raises :class:`StreamClosedError` if we already sent FIN on it.
         """
         stream = self._writable_stream(stream_id)
         if stream is None:
             return
-        # Immutable bytes are sliced by view; anything mutable is copied once here.
-        view = memoryview(data if type(data) is bytes else bytes(data))
+        # Immutable bytes (or a view of them) are sliced by view; anything mutable is
+        # copied once here.
+        view = memoryview(data) if immutable(data) else memoryview(bytes(data))
         total = len(view)
         chunk = self.config.max_send_frame
         pack = _U32_PAIR.pack
@@ -388,8 +421,59 @@ class SpdyConnection:
         frames = (total + chunk - 1) // chunk or 1
         self._outbuf_size += total + 8 * frames
         self._window_update_credit.earn(frames)
+        if self._initial_send_window is not None:
+            stream.send_window -= total
+            self._session_send_window -= total
         if fin:
             self._close_local(stream)
+
+    def enforce_send_windows(self, initial: int) -> None:
+        """Honour the peer's windows from now on: every stream's starts at `initial` (the
+        peer's SETTINGS_INITIAL_WINDOW_SIZE; streams open already, on which nothing was
+        sent yet, too), the session's at 64 KiB, and both grow by its WINDOW_UPDATEs. Send
+        with send_queued, or with send_data no more than send_window allows."""
+        if not 0 <= initial <= MAX_WINDOW:
+            raise ValueError(f"initial window {initial} is outside 0..{MAX_WINDOW}")
+        self._initial_send_window = initial
+        for stream in self._streams.values():
+            stream.send_window = initial
+
+    def offer_send_windows(self) -> None:
+        """Let the peer ask for windows: a SETTINGS_INITIAL_WINDOW_SIZE (at most 2^31-1)
+        it sends before any stream is opened turns them on (enforce_send_windows) as the
+        frame is read, so the frames after it in the same input are already under them.
+        Later SETTINGS only move the windows of a session that has them."""
+        self._windows_offered = True
+
+    def send_queued(self, stream_id: int, out: Outbound) -> bool:
+        """Send from the front of `out` what the windows allow (a chunk split at the
+        window as memoryview slices, no copy) and its end once it is empty and asked. True
+        when `out` is empty, False when a window closed first. A stream that is gone
+        takes everything (it is dropped, as send_data drops it)."""
+        chunks = out.chunks
+        while chunks:
+            window = min(self.send_window(stream_id), self.config.max_send_frame)
+            if window <= 0:
+                if stream_id not in self._streams:
+                    chunks.clear()
+                    out.size = 0
+                    break
+                return False
+            chunk = chunks[0]
+            n = min(window, len(chunk))
+            if n == len(chunk):
+                chunks.pop(0)
+            else:
+                view = memoryview(chunk)
+                chunks[0] = view[n:]
+                chunk = view[:n]
+            out.size -= n
+            self.send_data(stream_id, chunk, fin=out.eof and not chunks)
+            if out.eof and not chunks:
+                return True
+        if out.eof:
+            self.send_data(stream_id, b"", fin=True)
+        return True
 
     def end_stream(self, stream_id: int) -> None:
         """Half-close our side with an empty DATA frame carrying FIN."""
@@ -800,7 +884,8 @@ class SpdyConnection:
         if fin and unidirectional:
             self._remember_closed(stream_id, _CLOSED_FINISHED)
         else:
-            self._streams[stream_id] = _Stream(stream_id, True, not unidirectional, not fin)
+            self._streams[stream_id] = _Stream(stream_id, True, not unidirectional, not fin,
+                                               self._initial_send_window or 0)
             self._peer_stream_count += 1
         events.append(StreamOpened(stream_id, associated_id, headers, fin, unidirectional,
                                    priority))
@@ -879,6 +964,20 @@ class SpdyConnection:
             setting_id = flags_id & 0xFFFFFF
             if setting_id in _KNOWN_SETTINGS:  # unknown ids are ignored, not kept
                 settings[setting_id] = value
+        initial = settings.get(SETTINGS_INITIAL_WINDOW_SIZE)
+        if (initial is not None and self._initial_send_window is None
+                and self._windows_offered and initial <= MAX_WINDOW
+                and self._last_peer_stream_id == 0
+                and self._next_stream_id == (1 if self.config.client else 2)):
+            self.enforce_send_windows(initial)
+        elif initial is not None and self._initial_send_window is not None:
+            if initial > MAX_WINDOW:
+                self._fail(GOAWAY_PROTOCOL_ERROR,
+                           f"SETTINGS_INITIAL_WINDOW_SIZE {initial} is above 2^31-1", events)
+            delta = initial - self._initial_send_window
+            self._initial_send_window = initial
+            for stream in self._streams.values():  # SPDY/3.1 2.6.8: by the difference
+                stream.send_window += delta
         self.peer_settings.update(settings)
         events.append(SettingsReceived(settings))
 
@@ -920,6 +1019,29 @@ class SpdyConnection:
             self._stream_error(stream_id, PROTOCOL_ERROR,
                                f"WINDOW_UPDATE with delta 0 on stream {stream_id}", events)
             return
+        if self._initial_send_window is not None:
+            # enforced windows take every update (one that is ignored would stall the
+            # stream for good); past the credit it is still charged, as below
+            if stream_id == 0:
+                self._session_send_window += delta
+                if self._session_send_window > MAX_WINDOW:
+                    self._fail(GOAWAY_PROTOCOL_ERROR,
+                               "session WINDOW_UPDATE takes the window past 2^31-1", events)
+            else:
+                stream = self._streams[stream_id]
+                stream.send_window += delta
+                if stream.send_window > MAX_WINDOW:
+                    self._stream_error(stream_id, FLOW_CONTROL_ERROR,
+                                       f"WINDOW_UPDATE takes stream {stream_id}'s window "
+                                       "past 2^31-1", events)
+                    return
+            if not self._window_update_credit.spend():
+                events.append(FrameIgnored(WINDOW_UPDATE))
+            events.append(WindowUpdateReceived(stream_id, delta))
+            return
+        if stream_id == 0:  # counted ahead of enforce_send_windows: the session's window
+            # is often raised in the same read as the SETTINGS that asks for windows
+            self._session_send_window = min(self._session_send_window + delta, MAX_WINDOW)
         if not self._window_update_credit.spend():  # credit for no DATA we sent: budgeted
             events.append(FrameIgnored(WINDOW_UPDATE))
             return

@@ -80,7 +80,8 @@ class SettingsReceived(Event):
 
 @dataclass(frozen=True, slots=True)
 class WindowUpdateReceived(Event):
-    """Informational only: this codec never blocks sends on a window."""
+    """A window grew: informational unless the codec enforces send windows
+    (``enforce_send_windows``), when it is the moment to send what waited for it."""
 
     stream_id: int
     delta: int

@@ -1,0 +1,104 @@
+"""SPDY/3.1 flow control where the client asks for it (docs/protocol.md 8.6): on
+portforward.crishim.dev/v1, a SETTINGS_INITIAL_WINDOW_SIZE before the first stream makes
+crishim serve honour the client's stream and session windows, so one connection whose
+reader stops holds back only its own stream; kubectl's sessions (portforward.k8s.io)
+keep ignoring windows, as spdystream expects."""
+
+from __future__ import annotations
+
+import hashlib
+
+from crishim.protocols import spdy
+from crishim.protocols.constants import (
+    FLOW_CONTROL_WINDOWS,
+    HEADER_FLOW_CONTROL,
+    PORTFORWARD_CRISHIM_V1,
+    PORTFORWARD_PROTOCOL,
+)
+from tests.support import SANDBOX
+from tests.support.podnet import ECHO_PORT, SOURCE_PORT, source_bytes
+from tests.support.spdy_pf_client import SpdyPortForwardClient
+
+WINDOW = 64 * 1024
+SIZE = 1 << 20
+BOTH = (PORTFORWARD_CRISHIM_V1, PORTFORWARD_PROTOCOL)
+
+
+def _client(crishim, versions=BOTH, window: int | None = WINDOW,
+            session_window: int = 0) -> SpdyPortForwardClient:
+    client = SpdyPortForwardClient(crishim.port_forward_url(SANDBOX), versions=versions)
+    if window is not None:
+        client.session.send_settings({spdy.SETTINGS_INITIAL_WINDOW_SIZE: window})
+    if session_window:
+        client.session.send_window_update(0, session_window)
+    client.flush()
+    return client
+
+
+def _download(client: SpdyPortForwardClient, size: int = SIZE):
+    fwd = client.forward(SOURCE_PORT)
+    fwd.send(f"{size}\n".encode())
+    return fwd
+
+
+def test_a_client_that_asks_gets_its_windows_honoured(crishim):
+    with _client(crishim, session_window=WINDOW) as client:  # 128 KiB for the session
+        fwd = _download(client)
+        assert client.wait(lambda: len(fwd.received) >= WINDOW)
+        assert fwd.reply_headers[fwd.data_sid].get(HEADER_FLOW_CONTROL) == FLOW_CONTROL_WINDOWS
+        # the stream's window is spent: nothing more comes until it is given back
+        assert not client.wait(lambda: len(fwd.received) > WINDOW, timeout=0.5)
+        # the session goes on meanwhile: another connection's echo comes back
+        echo = client.forward(ECHO_PORT)
+        echo.send(b"beside a stalled stream")
+        assert client.wait(lambda: echo.received == b"beside a stalled stream")
+        # the stream's window given back, but not the session's: what the first 64 KiB
+        # and the echo left of the session's 128 KiB is all that may come
+        client.session.send_window_update(fwd.data_sid, WINDOW)
+        client.flush()
+        session_left = spdy.INITIAL_SESSION_WINDOW + WINDOW - WINDOW - len(echo.received)
+        assert session_left > 0
+        assert client.wait(lambda: len(fwd.received) >= WINDOW + session_left)
+        assert not client.wait(lambda: len(fwd.received) > WINDOW + session_left,
+                               timeout=0.5)
+        # both given back in full: the rest comes, every byte, and the end
+        client.session.send_window_update(0, 4 * SIZE)
+        client.session.send_window_update(fwd.data_sid, SIZE)
+        client.flush()
+        assert client.wait(fwd.data_done)
+        assert fwd.reset_status is None
+        assert hashlib.sha256(fwd.received).digest() == hashlib.sha256(
+            source_bytes(SIZE)).digest()
+
+
+def test_upstream_clients_keep_windows_ignored(crishim):
+    """portforward.k8s.io (kubectl, crictl): a SETTINGS frame changes nothing, as before."""
+    with _client(crishim, versions=(PORTFORWARD_PROTOCOL,)) as client:
+        fwd = _download(client)
+        assert client.wait(fwd.data_done, timeout=20)
+        assert len(fwd.received) == SIZE
+        assert HEADER_FLOW_CONTROL not in fwd.reply_headers[fwd.data_sid]
+
+
+def test_windows_are_asked_for_before_the_first_stream_or_not_at_all(crishim):
+    with _client(crishim, window=None) as client:
+        first = _download(client)
+        client.session.send_settings({spdy.SETTINGS_INITIAL_WINDOW_SIZE: WINDOW})
+        client.flush()
+        second = _download(client)
+        assert client.wait(lambda: first.data_done() and second.data_done(), timeout=20)
+        assert len(first.received) == len(second.received) == SIZE
+        assert HEADER_FLOW_CONTROL not in second.reply_headers[second.data_sid]
+
+
+def test_a_window_past_2_31_resets_its_stream_and_the_session_goes_on(crishim):
+    with _client(crishim, session_window=4 * SIZE) as client:
+        fwd = client.forward(SOURCE_PORT)  # its window is still the whole 64 KiB
+        client.session.send_window_update(fwd.data_sid, spdy.MAX_WINDOW)
+        client.flush()
+        assert client.wait(lambda: fwd.reset_status is not None)
+        assert fwd.reset_status == spdy.FLOW_CONTROL_ERROR
+        echo = client.forward(ECHO_PORT)
+        echo.send(b"still here")
+        assert client.wait(lambda: echo.received == b"still here")
+        assert not client.goaway

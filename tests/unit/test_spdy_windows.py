@@ -1,0 +1,167 @@
+"""SPDY/3.1 flow control in the codec, for the peers that ask for it (docs/protocol.md
+8.6): off by default (spdystream ignores windows), enforced after enforce_send_windows."""
+
+from __future__ import annotations
+
+from crishim.protocols import spdy
+from crishim.protocols.buffers import Outbound
+
+
+def _pair() -> tuple[spdy.SpdyConnection, spdy.SpdyConnection]:
+    client = spdy.SpdyConnection(spdy.SpdyConfig(client=True))
+    server = spdy.SpdyConnection(spdy.SpdyConfig(client=False, max_send_frame=16384))
+    return client, server
+
+
+def _deliver(src: spdy.SpdyConnection, dst: spdy.SpdyConnection) -> list[spdy.Event]:
+    return dst.receive_data(src.data_to_send())
+
+
+def _stream(client: spdy.SpdyConnection, server: spdy.SpdyConnection) -> int:
+    sid = client.open_stream({"streamtype": "data"})
+    _deliver(client, server)
+    server.reply(sid)
+    return sid
+
+
+def _received(events: list[spdy.Event], sid: int) -> int:
+    return sum(len(e.data) for e in events
+               if isinstance(e, spdy.DataReceived) and e.stream_id == sid)
+
+
+def test_windows_are_not_counted_unless_enforced():
+    client, server = _pair()
+    sid = _stream(client, server)
+    assert not server.send_windows_enforced
+    assert server.send_window(sid) == spdy.MAX_WINDOW
+    server.send_data(sid, b"x" * (1 << 20))  # far past 64 KiB: nothing waits
+    assert _received(_deliver(server, client), sid) == 1 << 20
+
+
+def test_send_queued_stops_at_the_window_and_goes_on_with_window_updates():
+    client, server = _pair()
+    sid = _stream(client, server)
+    server.enforce_send_windows(40000)
+    out = Outbound()
+    out.append(b"a" * 100000)
+    out.eof = True
+    assert not server.send_queued(sid, out)  # 40,000 of the stream's window
+    assert out.size == 60000
+    assert server.send_window(sid) == 0
+    events = _deliver(server, client)
+    assert _received(events, sid) == 40000
+    assert not any(isinstance(e, spdy.DataReceived) and e.fin for e in events)
+    client.send_window_update(sid, 70000)  # the session's 64 KiB is now the smaller
+    events = _deliver(client, server)
+    assert [type(e) for e in events] == [spdy.WindowUpdateReceived]
+    assert server.send_window(sid) == spdy.INITIAL_SESSION_WINDOW - 40000
+    assert not server.send_queued(sid, out)
+    assert _received(_deliver(server, client), sid) == spdy.INITIAL_SESSION_WINDOW - 40000
+    client.send_window_update(0, 1 << 20)
+    _deliver(client, server)
+    assert server.send_queued(sid, out)  # the rest, and the end with it
+    events = _deliver(server, client)
+    assert _received(events, sid) == 100000 - spdy.INITIAL_SESSION_WINDOW
+    assert any(isinstance(e, spdy.DataReceived) and e.fin for e in events)
+
+
+def test_the_session_window_is_counted_before_windows_are_enforced():
+    """A client raises the session window in the same read as the SETTINGS that asks for
+    windows: the codec has seen the update before the session enforces them."""
+    client, server = _pair()
+    client.send_settings({spdy.SETTINGS_INITIAL_WINDOW_SIZE: 1 << 20})
+    client.send_window_update(0, 1 << 20)
+    sid = client.open_stream({"streamtype": "data"})
+    _deliver(client, server)
+    server.enforce_send_windows(1 << 20)  # streams open already take it too
+    assert server.send_window(sid) == 1 << 20  # not the session's 64 KiB
+
+
+def test_a_new_initial_window_moves_every_stream_by_the_difference():
+    client, server = _pair()
+    sid = _stream(client, server)
+    client.send_window_update(0, 1 << 20)
+    _deliver(client, server)
+    server.enforce_send_windows(50000)
+    server.send_data(sid, b"b" * 30000)
+    client.send_settings({spdy.SETTINGS_INITIAL_WINDOW_SIZE: 10000})
+    _deliver(client, server)
+    assert server.send_window(sid) == 10000 - 30000  # below zero: wait for updates
+    later = client.open_stream({"streamtype": "data"})
+    _deliver(client, server)
+    assert server.send_window(later) == 10000
+
+
+def test_a_stream_window_past_2_31_resets_that_stream_only():
+    client, server = _pair()
+    sid = _stream(client, server)
+    other = _stream(client, server)
+    server.enforce_send_windows(spdy.INITIAL_WINDOW)
+    client.send_window_update(sid, spdy.MAX_WINDOW)
+    events = _deliver(client, server)
+    assert [(type(e), getattr(e, "status", None)) for e in events] == [
+        (spdy.StreamError, spdy.FLOW_CONTROL_ERROR)]
+    assert not server.is_stream_open(sid)
+    assert server.is_stream_open(other) and not server.terminated
+
+
+def test_a_session_window_past_2_31_ends_the_session_only_when_enforced():
+    client, server = _pair()
+    _stream(client, server)
+    for _ in range(3):  # counted, capped, harmless while windows are not enforced
+        client.send_window_update(0, spdy.MAX_WINDOW)
+    _deliver(client, server)
+    assert not server.terminated
+    client, server = _pair()
+    _stream(client, server)
+    server.enforce_send_windows(spdy.INITIAL_WINDOW)
+    client.send_window_update(0, spdy.MAX_WINDOW)
+    events = _deliver(client, server)
+    assert server.terminated
+    assert isinstance(events[-1], spdy.SessionTerminated)
+
+
+def test_updates_past_the_credit_are_still_applied_when_enforced():
+    """An update the credit does not cover is charged (FrameIgnored) but never dropped:
+    a dropped one would stall its stream for good."""
+    client, server = _pair()
+    sid = _stream(client, server)
+    server.enforce_send_windows(0)
+    for _ in range(40):  # 16 free before any DATA was sent
+        client.send_window_update(sid, 1)
+    events = _deliver(client, server)
+    assert sum(isinstance(e, spdy.WindowUpdateReceived) for e in events) == 40
+    assert sum(isinstance(e, spdy.FrameIgnored) for e in events) == 40 - 16
+    assert server.send_window(sid) == 40
+
+
+def test_an_offer_turns_windows_on_at_the_settings_frame_itself():
+    """Frames read with the SETTINGS that asks (streams, their updates) are already under
+    the windows: the session would learn of the SETTINGS only after the whole read."""
+    client, server = _pair()
+    server.offer_send_windows()
+    client.send_settings({spdy.SETTINGS_INITIAL_WINDOW_SIZE: 1000})
+    sid = client.open_stream({"streamtype": "data"})
+    client.send_window_update(sid, spdy.MAX_WINDOW)  # past 2^31-1 from 1,000
+    events = _deliver(client, server)
+    assert server.send_windows_enforced
+    assert [type(e) for e in events] == [spdy.SettingsReceived, spdy.StreamOpened,
+                                         spdy.StreamError]
+
+
+def test_windows_asked_for_late_or_unoffered_stay_off():
+    client, server = _pair()
+    server.offer_send_windows()
+    _stream(client, server)
+    client.send_settings({spdy.SETTINGS_INITIAL_WINDOW_SIZE: 1000})
+    _deliver(client, server)
+    assert not server.send_windows_enforced  # after the first stream
+    client, server = _pair()
+    client.send_settings({spdy.SETTINGS_INITIAL_WINDOW_SIZE: 1000})
+    _deliver(client, server)
+    assert not server.send_windows_enforced  # never offered (kubectl's sessions)
+    client, server = _pair()
+    server.offer_send_windows()
+    client.send_settings({spdy.SETTINGS_INITIAL_WINDOW_SIZE: spdy.MAX_WINDOW + 1})
+    _deliver(client, server)
+    assert not server.send_windows_enforced  # not a window
