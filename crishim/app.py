@@ -67,6 +67,9 @@ class Crishim:
             name, why = cfg.chosen_runtime()
             log.info("runtime plugin %s: %s", name, why)
             self.plugin = load_plugin(cfg)
+        # the CRI socket's path first: a live crishim there (or a path no socket can take)
+        # refuses the start before anything listens
+        prepare_socket_path(cfg.socket)
         if cfg.metrics_address:
             from crishim.metrics import Metrics
 
@@ -123,8 +126,12 @@ class Crishim:
             request_timeout=cfg.stream_request_timeout, max_unadmitted=self.max_unadmitted,
             memory=MemoryReleaser(cfg.memory_release_sessions, cfg.memory_release_interval),
             ssl_context=self._ssl_context())
-        await self.stream.start()
-        prepare_socket_path(cfg.socket)
+        try:
+            await self.stream.start()
+        except OSError as e:  # "[Errno 99] error while attempting to bind on address ..."
+            why = os.strerror(e.errno) if e.errno else str(e)
+            raise OSError(f"stream_server_address {cfg.stream_server_address}:"
+                          f"{cfg.stream_server_port}: cannot listen: {why}") from None
         if cfg.upstream_endpoint:
             self.upstream = grpc.aio.insecure_channel(upstream_target(cfg.upstream_endpoint),
                                                       options=_MESSAGE_LIMITS)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from crishim import __version__
-from crishim.config import SETTINGS, Config, ConfigError, load
+from crishim.config import SETTINGS, Config, ConfigError, load, shown, unknown_environment
 
 log = logging.getLogger("crishim")
 
@@ -26,7 +26,8 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                     "upstream_version is off) and the stream server its URLs point at. "
                     "With an upstream and no runtime chosen, the containerd plugin resolves "
                     "sandboxes through it. Settings come from the TOML file (--config), "
-                    "then CRISHIM_<NAME> environment variables, then these flags.")
+                    "then CRISHIM_<NAME> environment variables, then these flags. Durations "
+                    "are Go-style (5ms, 30s, 1h30m) or plain seconds.")
     p.add_argument("--config", metavar="FILE", help="TOML file of settings (names as below, "
                    "with underscores)")
     p.add_argument("--demo", action="store_true",
@@ -39,7 +40,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     for name, setting in SETTINGS.items():
         default = getattr(defaults, name)
         kw: dict[str, Any] = {"dest": name, "default": None,
-                    "help": f"{setting.help} [default: {default!r}]"}
+                    "help": f"{setting.help} [default: {shown(name, default)}]"}
         if setting.kind == "bool":
             kw["action"] = argparse.BooleanOptionalAction
         elif setting.kind == "choice":
@@ -73,6 +74,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _serve_config(args)
     logs.setup(config.log_format, config.log_level)
+    for var in unknown_environment():
+        log.warning("%s is not a setting: ignored (settings are CRISHIM_ and a name from "
+                    "crishim serve --help, in capitals)", var)
     demo = None
     if args.demo:
         from crishim.demo import DEMO_SANDBOX, Demo
@@ -136,7 +140,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         try:
             obj = ep.load()
             doc = obj.__doc__ or sys.modules[obj.__module__].__doc__ or ""
-            doc = doc.strip().splitlines()[0] if doc.strip() else ""
+            doc = " ".join(doc.strip().split("\n\n")[0].split())  # the first paragraph
         except Exception as e:  # a broken plugin is listed, not fatal
             doc = f"(cannot load: {e})"
         print(f"{ep.name:12} {ep.value:40} {doc}")

@@ -56,6 +56,21 @@ def parse_duration(text: str | int | float, name: str = "duration") -> float:
     return value
 
 
+def format_duration(seconds: float) -> str:
+    """The Go-style form parse_duration reads back: 14400 -> "4h", 0.005 -> "5ms",
+    90 -> "1m30s"."""
+    if seconds and seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    if seconds != int(seconds):
+        return f"{seconds:g}s"
+    left, parts = int(seconds), []
+    for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
+        if left >= size:
+            parts.append(f"{left // size}{unit}")
+            left %= size
+    return "".join(parts) or "0s"
+
+
 @dataclass(frozen=True)
 class Setting:
     help: str
@@ -103,7 +118,7 @@ class Config:
     max_cri_calls: int = 4096
     max_connections_per_session: int = 4096
     max_connections: int = 65536
-    reserved_fds: int = 256
+    reserved_fds: int = 320  # max_unadmitted (256) + 64, what app.py raises it to anyway
     memory_release_sessions: int = 64
     memory_release_interval: float = 10.0
     enable_udp_portforward: bool = True
@@ -344,6 +359,30 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
+def shown(name: str, value: Any) -> str:
+    """A setting's value as one would write it (--help's defaults): "4h", not 14400.0."""
+    kind = SETTINGS[name].kind
+    if kind == "duration":
+        return format_duration(value)
+    if kind == "bool":
+        return "true" if value else "false"
+    if kind == "map":
+        return ",".join(f"{k}={v}" for k, v in value.items()) or "none"
+    return str(value) if value != "" else "none"
+
+
+# CRISHIM_ variables that are not settings but are read by the benchmarks and tests
+_OTHER_ENV = {"CRISHIM_KEEP_LOGS", "CRISHIM_PROBE", "CRISHIM_PROFILE"}
+
+
+def unknown_environment(env: Mapping[str, str] | None = None) -> list[str]:
+    """CRISHIM_ variables that name no setting (a misspelt one is otherwise silently
+    ignored, where the same key in the TOML file is an error)."""
+    env = os.environ if env is None else env
+    known = {"CRISHIM_" + name.upper() for name in SETTINGS} | _OTHER_ENV
+    return sorted(v for v in env if v.startswith("CRISHIM_") and v not in known)
+
+
 def _coerce(name: str, value: Any) -> Any:
     setting = SETTINGS[name]
     kind = setting.kind
@@ -374,6 +413,8 @@ def _coerce(name: str, value: Any) -> Any:
                 result[key] = path
             return result
         return str(value)
+    except ConfigError:
+        raise  # parse_duration's own words: negative, too long, the examples
     except (TypeError, ValueError, OverflowError):  # int(inf): OverflowError
         raise ConfigError(f"{name}: {value!r} is not a valid {kind}") from None
 

@@ -196,7 +196,8 @@ class Checker:
         bits = len(token) * 6 if re.fullmatch(r"[A-Za-z0-9_-]+", token) else len(token) * 4
         result = "pass" if len(token) >= 8 else "warn"
         return result, (f"{m.group(1)}://{m.group(2)}/portforward/…, token {len(token)} chars "
-                        f"(~{bits} bits{'; reference runtimes use 8' if bits < 96 else ''})")
+                        f"(at most {bits} bits, from its length"
+                        f"{'; reference runtimes use 8' if bits < 96 else ''})")
 
     async def check_token_single_use(self) -> Outcome:
         transport = self.transport if self.transport != "h2" else "spdy"
@@ -356,7 +357,7 @@ class Checker:
         samples.sort()
         p50 = statistics.median(samples) * 1000
         p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))] * 1000
-        return "pass", f"open + 1-byte round trip over {n}: p50 {p50:.2f} ms, max-ish p99 " \
+        return "pass", f"open + 1-byte round trip over {n}: p50 {p50:.2f} ms, p99 " \
                        f"{p99:.2f} ms"
 
     async def udp_unavailable(self) -> str:

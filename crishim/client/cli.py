@@ -79,7 +79,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     pf = sub.add_parser(
         "port-forward", help="forward local ports to a pod sandbox through a CRI runtime "
                              "(or to a pod through an API server, with --kubeconfig)",
-        description="Call the runtime's CRI PortForward for SANDBOX, upgrade to the returned "
+        description="Call the runtime's CRI PortForward for TARGET (a pod sandbox id), "
+                    "upgrade to the returned "
                     "stream URL and forward local ports, as `kubectl port-forward` does. "
                     "With --kubeconfig, TARGET is a pod (pod/NAME or NAME) reached through "
                     "the API server's pods/portforward, as kubectl: the pod is checked "
@@ -115,7 +116,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                          "(kubectl 1.31+), websocket (v4.channel.k8s.io: one WebSocket "
                          "per local connection), h2 (crishim's HTTP/2) [default: spdy; "
                          "with --kubeconfig: auto, spdy-over-websocket falling back to "
-                         "spdy]")
+                         "spdy; auto needs --kubeconfig]")
     pf.add_argument("--address", action="append", metavar="ADDR",
                     help="local addresses to listen on, repeatable or comma-separated; "
                          "'localhost' means 127.0.0.1 and ::1 [default: localhost]")

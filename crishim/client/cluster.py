@@ -14,6 +14,7 @@ before any port is bound.
 from __future__ import annotations
 
 import json
+import os
 import ssl
 import time
 from dataclasses import dataclass
@@ -55,9 +56,16 @@ def load_cluster(kubeconfig: str, context: str | None = None, namespace: str | N
                  insecure: bool = False, ca_file: str | None = None) -> Cluster:
     """Read a kubeconfig with the `kubernetes` package's loader; `insecure` and `ca_file`
     override the cluster's settings as kubectl's flags of the same names do."""
-    import yaml  # type: ignore[import-untyped]
-    from kubernetes import client
-    from kubernetes import config as kube_config
+    if not os.path.exists(kubeconfig):  # the loader says "No configuration found"
+        raise ClusterError(f"error: kubeconfig {kubeconfig}: no such file")
+    try:
+        import yaml  # type: ignore[import-untyped]
+        from kubernetes import client
+        from kubernetes import config as kube_config
+    except ImportError as e:
+        raise ClusterError(f"error: --kubeconfig needs the Python kubernetes client ({e}): "
+                           "pip install 'crishim[cluster]' (deploy/install.sh installs it)"
+                           ) from None
 
     loader: Any = kube_config  # untyped
     configuration = client.Configuration()

@@ -95,6 +95,8 @@ class CriClient:
                 why = details
             return CriError(f"cannot reach the runtime at {self.target}: {why}", code)
         if code == grpc.StatusCode.NOT_FOUND and sandbox_id:
+            if "not found" in details and sandbox_id in details:  # crishim's own words
+                return CriError(details, code)
             return CriError(f"sandbox {sandbox_id!r} not found: {details}", code)
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return CriError(f"{method} at {self.target} timed out after {self.timeout:g}s",

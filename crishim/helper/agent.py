@@ -476,8 +476,10 @@ def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                    help="requests served at once; in socat mode each live relay (one socat "
                         "process) is one; past it a request is answered 'busy' at once "
                         "[default: helper_max_requests, 1024]")
-    p.add_argument("--log-format", dest="log_format", choices=("text", "json"))
-    p.add_argument("--log-level", dest="log_level", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-format", dest="log_format", choices=("text", "json"),
+                   help="log lines as text or one JSON object each [default: log_format, text]")
+    p.add_argument("--log-level", dest="log_level", choices=("debug", "info", "warning", "error"),
+                   help="least severe level logged [default: log_level, info]")
     p.set_defaults(func=cmd_helper)
 
 

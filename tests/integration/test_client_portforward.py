@@ -533,6 +533,7 @@ def test_unreachable_endpoint_is_one_line_and_nonzero(tmp_path):
 def test_unknown_sandbox_is_one_line_and_nonzero(crishim):
     r = run_cli("no-such-sandbox", "8080", "--runtime-endpoint", crishim.socket)
     assert_one_error_line(r, r"sandbox 'no-such-sandbox' not found")
+    assert r.stderr.count("not found") == 1, r.stderr  # not the server's words twice
 
 
 _NO_PROTOCOL = b"no stream protocol in common\n"

@@ -180,6 +180,14 @@ def test_what_serve_cannot_use_is_one_line_before_it_listens(tmp_path):
         address = f"127.0.0.1:{busy.getsockname()[1]}"
         line = _serve_fails("--socket", str(tmp_path / "m.sock"), "--metrics-address", address)
     assert line == f"crishim: metrics_address {address}: cannot listen: Address already in use"
+    with socket.socket() as busy:  # it printed asyncio's own words, no setting named
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        line = _serve_fails("--socket", str(tmp_path / "s.sock"), "--stream-address",
+                            f"127.0.0.1:{port}")
+    assert line == (f"crishim: stream_server_address 127.0.0.1:{port}: cannot listen: "
+                    "Address already in use")
     line = _serve_fails("--socket", str(tmp_path / "r.sock"), "--reserved-fds", "100000000")
     assert line.startswith("crishim: reserved_fds: 100000000 reserved of RLIMIT_NOFILE ")
     assert "leaves 0 descriptors" in line

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,18 @@ def test_namespace_flag_wins_and_basic_auth(tmp_path: Path) -> None:
 
 
 def test_unreadable_kubeconfig_names_the_file(tmp_path: Path) -> None:
-    with pytest.raises(ClusterError, match="kubeconfig .*missing"):
+    """A missing file was the loader's "Invalid kube-config file. No configuration found"."""
+    with pytest.raises(ClusterError, match="kubeconfig .*missing: no such file"):
         load_cluster(str(tmp_path / "missing"))
+
+
+def test_without_the_kubernetes_package_kubeconfig_is_one_clear_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kubernetes is the `cluster` extra, not a dependency: without it --kubeconfig was a
+    ModuleNotFoundError traceback."""
+    monkeypatch.setitem(sys.modules, "kubernetes", None)  # import kubernetes: ImportError
+    with pytest.raises(ClusterError, match=r"pip install 'crishim\[cluster\]'"):
+        load_cluster(_kubeconfig(tmp_path, {"token": "t"}))
 
 
 @pytest.mark.parametrize("content, words", [

@@ -1,7 +1,7 @@
 import pytest
 
 from crishim.cli import build_parser
-from crishim.config import SETTINGS, ConfigError, load, parse_duration
+from crishim.config import SETTINGS, ConfigError, load, parse_duration, unknown_environment
 
 
 def test_durations():
@@ -126,3 +126,35 @@ def test_client_help_names_only_options_the_command_has(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["check", "--help"])
     assert "UDP echo" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("value, words", [
+    ("-5", "must not be negative"),
+    ("1e12", "100 years"),
+    ("5x", "examples: 30s, 1m, 4h"),
+])
+def test_a_bad_duration_setting_says_what_is_wrong_with_it(value: str, words: str) -> None:
+    """A setting's duration error kept only "is not a valid duration": the reason (and
+    the examples) parse_duration gives were replaced on the way."""
+    with pytest.raises(ConfigError, match=f"token_ttl: .*{words}"):
+        load(env={"CRISHIM_TOKEN_TTL": value})
+
+
+def test_serve_help_shows_defaults_as_they_are_written(capsys):
+    """Durations showed as seconds ([default: 14400.0] for 4h), strings as Python reprs."""
+    from crishim.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown_default in ("[default: 4h]", "[default: 5ms]", "[default: 1m]",
+                          "[default: /run/crishim/crishim.sock]", "[default: none]",
+                          "[default: true]"):
+        assert shown_default in text
+    assert "[default: 14400.0]" not in text and "[default: ''" not in text
+
+
+def test_a_misspelt_environment_variable_is_named():
+    env = {"CRISHIM_MAX_TOKEN": "5", "CRISHIM_MAX_TOKENS": "5", "CRISHIM_KEEP_LOGS": "1",
+           "PATH": "/bin"}
+    assert unknown_environment(env) == ["CRISHIM_MAX_TOKEN"]

@@ -69,7 +69,8 @@ class UdpNotSupported(SessionError):
                    "spdy-over-websocket or h2")
         else:
             why = (f"its stream server negotiated {version or PORTFORWARD_PROTOCOL}; UDP needs "
-                   f"{PORTFORWARD_CRISHIM_V1}, which crishim's stream server speaks")
+                   f"{PORTFORWARD_CRISHIM_V1}, which crishim serve offers where UDP is "
+                   "enabled and its runtime plugin can dial UDP")
         super().__init__(f"the container runtime does not support UDP port-forward ({why})")
 
 
