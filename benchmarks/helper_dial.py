@@ -1,7 +1,7 @@
 """Dial latency into a sandbox netns: in-process netns entry vs `crishim helper` fd passing
 vs `crishim helper` nsenter+socat. Needs root (creates a netns and runs the helpers).
 
-    python3 benchmarks/helper_dial.py [--dials 300] [--socat-dials 200]
+    python3 -m benchmarks.helper_dial [--dials 300] [--socat-dials 200]
 
 Prints the median and 90th percentile per way and the ratios to in-process entry. Each
 dial is a complete connect to a listener inside the netns; the socket is closed at once.
