@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
 from crishim import __version__
 from crishim.budget import FloodLimits
 from crishim.config import Config, ConfigError
-from crishim.cri.service import CriHandler, CriService, upstream_target
+from crishim.cri.service import CriHandler, CriService, HealthHandler, upstream_target
 from crishim.forward import ForwardContext
 from crishim.memory import MemoryReleaser, freeze_startup_objects, keep_heap_for_reads
 from crishim.runtime import RuntimePlugin, load_plugin
@@ -152,7 +152,7 @@ class Crishim:
         server.add_generic_rpc_handlers(
             (CriHandler(service, self.upstream, cfg.upstream_version),))
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # no aio in stubs
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        server.add_generic_rpc_handlers((HealthHandler(self.health),))
         try:  # grpcio 1.6x raises RuntimeError where older ones returned 0
             bound = server.add_insecure_port("unix://" + cfg.socket)
         except RuntimeError:

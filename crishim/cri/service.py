@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError, Message
+from grpc_health.v1 import health_pb2
 
 from crishim import __version__
 from crishim.cri import api_pb2
@@ -252,3 +253,38 @@ class CriHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # stubs: ge
                     call.cancel()
 
         return handler
+
+
+HEALTH_SERVICE = "grpc.health.v1.Health"
+
+
+class HealthHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # stubs: generic
+    """grpc.health.v1 (Check, Watch) from grpc_health's servicer, with the CRI methods'
+    decoder: bytes that are not a HealthCheckRequest get INVALID_ARGUMENT. The stock
+    registration's deserializer raised, and grpc logged an ERROR and a traceback per
+    call."""
+
+    def __init__(self, servicer: Any) -> None:
+        self.servicer = servicer
+        decode = _decoder(health_pb2.HealthCheckRequest, 1024)
+        encode = health_pb2.HealthCheckResponse.SerializeToString
+        self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+            f"/{HEALTH_SERVICE}/Check": grpc.unary_unary_rpc_method_handler(
+                self._check, request_deserializer=decode, response_serializer=encode),
+            f"/{HEALTH_SERVICE}/Watch": grpc.unary_stream_rpc_method_handler(
+                self._watch, request_deserializer=decode, response_serializer=encode),
+        }
+
+    def service(self, details: grpc.HandlerCallDetails
+                ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        return self.handlers.get(details.method)
+
+    async def _check(self, request: object, context: grpc.aio.ServicerContext[Any, Any]
+                     ) -> Any:
+        await CriService.refuse_undecodable(request, context)
+        return await self.servicer.Check(request, context)
+
+    async def _watch(self, request: object, context: grpc.aio.ServicerContext[Any, Any]
+                     ) -> None:
+        await CriService.refuse_undecodable(request, context)
+        await self.servicer.Watch(request, context)  # it writes its answers to context

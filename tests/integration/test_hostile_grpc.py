@@ -107,3 +107,32 @@ def test_undecodable_request_is_invalid_argument_with_one_warning(crishim, metho
     log = crishim.log()[offset:]
     assert "Traceback" not in log
     assert log.count("undecodable request") == 1
+
+
+@pytest.mark.parametrize("payload", [b"\x0a\xff", b"\xff\xff\xff\xff"])
+def test_an_undecodable_health_check_is_invalid_argument_without_a_traceback(crishim,
+                                                                             payload):
+    """grpc.health.v1 was grpc_health's stock registration: its deserializer raised, and
+    grpc answered UNKNOWN and logged an ERROR with a traceback for every such call."""
+    from grpc_health.v1 import health_pb2
+
+    offset = len(crishim.log())
+    check = crishim.channel.unary_unary("/grpc.health.v1.Health/Check",
+                                        request_serializer=None, response_deserializer=None)
+    watch = crishim.channel.unary_stream("/grpc.health.v1.Health/Watch",
+                                         request_serializer=None, response_deserializer=None)
+    for call in (lambda: check(payload, timeout=10),
+                 lambda: next(iter(watch(payload, timeout=10)))):
+        with pytest.raises(grpc.RpcError) as e:
+            call()
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    answer = health_pb2.HealthCheckResponse.FromString(
+        check(health_pb2.HealthCheckRequest(service="").SerializeToString(), timeout=10))
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    stream = watch(health_pb2.HealthCheckRequest(service="runtime.v1.RuntimeService")
+                   .SerializeToString(), timeout=10)
+    assert health_pb2.HealthCheckResponse.FromString(next(iter(stream))).status == \
+        health_pb2.HealthCheckResponse.SERVING
+    stream.cancel()
+    log = crishim.log()[offset:]
+    assert "Traceback" not in log and "ERROR" not in log
