@@ -4,8 +4,26 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
+
+# control characters in a message (peer input: a requestid, a header value) are written
+# escaped: a newline in one forged whole log lines ("...\n<time> ERROR crishim: ...")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return f"\\x{ord(match.group()):02x}"
+
+
+class TextFormatter(logging.Formatter):
+    """One line per record: the message's control characters escaped (a traceback, which
+    is crishim's own, keeps its lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = _CONTROL.sub(_escaped, record.message)
+        return super().formatMessage(record)
 
 
 class JsonFormatter(logging.Formatter):
@@ -69,7 +87,7 @@ def setup(log_format: str = "text", level: str = "info") -> None:
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

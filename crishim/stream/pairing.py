@@ -54,6 +54,14 @@ class PendingPair:
         return bool(self.data_id and self.error_id)
 
 
+def shown_request_id(request_id: str) -> str:
+    """A requestid as messages show it: as it is when it is printable ASCII without spaces
+    (client-go's are numbers), else quoted and escaped (it is the client's text)."""
+    if request_id.isascii() and request_id.isprintable() and " " not in request_id:
+        return request_id
+    return shown(request_id, 2 * MAX_REQUEST_ID)
+
+
 class StreamPairs:
     """Pairs each forwarded connection's error and data streams by `requestid`, as SPDY
     and HTTP/2 carry them alike, and times out pairs that never complete."""
@@ -97,8 +105,9 @@ class StreamPairs:
                                f"{MAX_REQUEST_ID})")
         if request_id is None:  # very old clients: ids derived from stream ids
             request_id = str(stream_id if stream_type == STREAM_TYPE_ERROR else stream_id - 2)
+        shown_id = shown_request_id(request_id)
         if request_id in live:
-            raise Refused(400, f"a second {stream_type} stream for request {request_id}, "
+            raise Refused(400, f"a second {stream_type} stream for request {shown_id}, "
                                "whose connection is live")
         pair = self.pending.get(request_id)
         if pair is None:
@@ -108,13 +117,13 @@ class StreamPairs:
             pair = PendingPair(request_id, port, protocol)
         slot = "data_id" if stream_type == STREAM_TYPE_DATA else "error_id"
         if getattr(pair, slot):
-            raise Refused(400, f"a second {stream_type} stream for request {request_id}")
+            raise Refused(400, f"a second {stream_type} stream for request {shown_id}")
         if pair.port != port:
             raise Refused(400, f"port {port} differs from port {pair.port} of the other "
-                               f"stream of request {request_id}")
+                               f"stream of request {shown_id}")
         if pair.protocol != protocol:
             raise Refused(400, f"protocol {protocol} differs from protocol {pair.protocol} of "
-                               f"the other stream of request {request_id}")
+                               f"the other stream of request {shown_id}")
         if request_id not in self.pending:
             self.pending[request_id] = pair
             pair.timer = asyncio.get_running_loop().call_later(
@@ -129,8 +138,9 @@ class StreamPairs:
 
     def timeout_message(self, pair: PendingPair) -> str:
         missing = "data" if not pair.data_id else "error"
-        return (f"timed out waiting for the {missing} stream of request {pair.request_id} "
-                f"(stream_creation_timeout {self.timeout:g}s)")
+        return (f"timed out waiting for the {missing} stream of request "
+                f"{shown_request_id(pair.request_id)} (stream_creation_timeout "
+                f"{self.timeout:g}s)")
 
     def _timed_out(self, pair: PendingPair) -> None:
         if self.pending.get(pair.request_id) is pair:

@@ -22,7 +22,7 @@ from crishim.protocols.constants import (
 from crishim.protocols.negotiation import choose_version, server_versions
 from crishim.runtime import Sandbox
 from crishim.stream.admission import Refused
-from crishim.stream.pairing import PendingPair, StreamPairs
+from crishim.stream.pairing import PendingPair, StreamPairs, shown_request_id
 from crishim.stream.session import (
     ServerSession,
     SessionProtocol,
@@ -349,7 +349,7 @@ class SpdyPortForwardSession(ServerSession):
         if self._pairs.held_bytes + len(data) > limit:
             self.protocol_error("spdy sandbox=%s: request %s: more than %d bytes held "
                                 "before pairs completed; refused", self.sandbox.id,
-                                pair.request_id, limit, logger=log)
+                                shown_request_id(pair.request_id), limit, logger=log)
             self._pairs.forget(pair)
             self.codec.reset_stream(pair.data_id, spdy.CANCEL)
             return False

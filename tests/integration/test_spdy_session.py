@@ -122,6 +122,28 @@ def test_second_stream_of_a_type_for_one_request_is_refused(session):
     assert session.data(data) == b"paired with the first"
 
 
+def test_a_requestid_cannot_write_lines_into_the_log(crishim):
+    """The requestid went into the refusal's log line as it came: one with a newline
+    wrote a whole forged line (an ERROR one here) into crishim's log."""
+    from tests.support import SANDBOX
+
+    forged = "FORGED LINE from a client"
+    request_id = f"7\n2026-12-06 00:00:00,000 ERROR crishim: {forged}\x1b[2J"
+    offset = len(crishim.log())
+    s = RawSpdy(crishim.port_forward_url(SANDBOX))
+    try:
+        headers = {"streamtype": "error", "port": str(ECHO_PORT), "requestid": request_id}
+        s.open(headers, fin=True)
+        second = s.open(headers, fin=True)
+        assert s.wait(lambda: s.reset(second) is not None)
+        assert s.echo_pair("8", b"after it") == b"after it"
+    finally:
+        s.close()
+    log = crishim.log()[offset:]
+    [line] = [line for line in log.splitlines() if forged in line]
+    assert "refusing stream" in line and "\\n2026" in line and "\x1b" not in line
+
+
 def test_streams_without_requestid_pair_by_stream_id(session):
     """Very old clients: the error stream's request id is its stream id, the data
     stream's its stream id minus 2."""
