@@ -83,7 +83,12 @@ from crishim.forward import ForwardedConnection
 from crishim.forward_udp import ForwardedFlow
 from crishim.protocols.buffers import Outbound
 from crishim.protocols.constants import DIAL_ON_DATA, HEADER_DIAL, PORTFORWARD_PROTOCOL
-from crishim.protocols.h2 import H2Codec, LiteralHeaderEncoder, Overloaded
+from crishim.protocols.h2 import (
+    MAX_SETTINGS_ENTRIES,
+    H2Codec,
+    LiteralHeaderEncoder,
+    Overloaded,
+)
 from crishim.protocols.negotiation import VERSION_HEADER, choose_version, server_versions
 from crishim.runtime import Sandbox
 from crishim.stream.admission import MAX_REQUEST_HEAD, Admit, Refused, h2_refusal, redact
@@ -124,6 +129,9 @@ def settings_header(value: str) -> bytes:
     if len(payload) % 6:
         raise ValueError(f"HTTP2-Settings decodes to {len(payload)} bytes, not a whole "
                          "number of 6-byte settings")
+    if len(payload) > 6 * MAX_SETTINGS_ENTRIES:  # as a SETTINGS frame may carry
+        raise ValueError(f"HTTP2-Settings carries {len(payload) // 6} settings (at most "
+                         f"{MAX_SETTINGS_ENTRIES})")
     return text.encode("ascii")
 
 

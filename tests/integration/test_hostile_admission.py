@@ -6,6 +6,7 @@ server logged no traceback."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import socket
 import struct
@@ -199,7 +200,10 @@ def _read_until_response(sock: socket.socket, stream_id: int) -> None:
                 return
 
 
-@pytest.mark.parametrize("settings", ["!!!!", "AAMAAABk!", "AAMAAAB+"])
+# not base64url; not whole settings; 65 settings, past the 64 a SETTINGS frame may carry
+@pytest.mark.parametrize("settings", ["!!!!", "AAMAAABk!", "AAMAAAB+",
+                                      base64.urlsafe_b64encode(b"\x00\x03\x00\x00\x00\x64"
+                                                               * 65).decode().rstrip("=")])
 def test_http2_settings_that_is_not_base64url_settings_is_400(serve, settings):
     proc = serve()
     url = urlsplit(proc.port_forward_url(SANDBOX))
@@ -383,3 +387,27 @@ def test_a_request_target_that_does_not_parse_is_400_without_a_traceback(serve):
     assert echo_served(proc) == b"still serving"
     log = proc.log()
     assert "Traceback" not in log and "ERROR" not in log, log
+
+
+@pytest.mark.parametrize("split", [15000, 0])
+def test_a_request_head_past_16_kib_is_431_however_it_arrives(serve, split):
+    """The 16 KiB limit was checked only while the head's end had not come: a 45 KB head
+    whose end came in the same read as its 16th KiB (in one write, or 15,000 bytes and
+    then the rest) was parsed, before any token check, and upgraded."""
+    proc = serve()
+    url = urlsplit(proc.port_forward_url(SANDBOX))
+    head = (f"POST {url.path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+            "Upgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: portforward.k8s.io\r\n"
+            + "".join(f"X-Filler-{i}: {i}\r\n" for i in range(2200)) + "\r\n").encode()
+    assert 40_000 < len(head) < 60_000  # in one read of the server's
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        if split:
+            sock.sendall(head[:split])
+            time.sleep(0.2)  # read on its own: no end in it, under the limit
+        try:
+            sock.sendall(head[split:])
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused while the rest was still going out
+        answer = _refusal(sock)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
+    assert_no_traceback(proc)
