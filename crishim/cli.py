@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from crishim import __version__
+
+# gRPC's C core writes its own lines to stderr, past crishim's log: per call for what a
+# CRI client sends (`E... Ignoring key value pair due to size limit` for oversized
+# metadata, answered RESOURCE_EXHAUSTED anyway), unbounded. Off unless asked for; read
+# when grpc is first imported, so set before anything imports it
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 from crishim.config import SETTINGS, Config, ConfigError, load, shown, unknown_environment
 
 log = logging.getLogger("crishim")

@@ -136,3 +136,21 @@ def test_an_undecodable_health_check_is_invalid_argument_without_a_traceback(cri
     stream.cancel()
     log = crishim.log()[offset:]
     assert "Traceback" not in log and "ERROR" not in log
+
+
+def test_oversized_metadata_leaves_no_grpc_core_lines_in_the_log(crishim):
+    """500 metadata entries: RESOURCE_EXHAUSTED, and gRPC's C core wrote an `E...
+    hpack_encoder.cc] Ignoring key value pair due to size limit` line per call into
+    crishim's log, unbounded."""
+    import re
+
+    offset = len(crishim.log())
+    for _ in range(3):
+        with pytest.raises(grpc.RpcError) as e:
+            crishim.runtime.PortForward(api_pb2.PortForwardRequest(pod_sandbox_id=SANDBOX),
+                                        metadata=[(f"x-{i}", "a") for i in range(500)],
+                                        timeout=10)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    _still_serves(crishim)
+    log = crishim.log()[offset:]
+    assert not re.search(r"^[EWF]\d{4} ", log, re.M), log
