@@ -138,13 +138,29 @@ class SpdyPortForwardSession(ServerSession):
                                   ctx.max_per_session)
         self._by_stream: dict[int, ForwardedConnection | ForwardedFlow] = {}
         self._goaway_seen = False
-        # what waits for the client's windows, per stream (docs/protocol.md 8.6)
+        # windows, where the client asked for them (docs/protocol.md 8.6): what waits for
+        # the client's, per stream; and ours: bytes taken per data stream whose window
+        # (the stream's and the session's share) has not gone back yet, the connections
+        # whose pod is congested (theirs stays withheld), the data streams of this read
         self._outbound: dict[int, Outbound] = {}
+        self._unacked: dict[int, int] = {}
+        self._congested: set[object] = set()
+        self._read_streams: set[int] = set()
+        self._window_granted = 0  # our session window, from the buffer budget
+        self._announced = False
 
     def start(self) -> None:
         if self.stream_version == PORTFORWARD_CRISHIM_V1:  # kubectl's never: spdystream
-            self.codec.offer_send_windows()  # sends no WINDOW_UPDATE
+            # sends no WINDOW_UPDATE; ours a quarter of session_buffer_size per stream,
+            # as HTTP/2's (a slow pod holds at most that of its stream)
+            self.codec.offer_send_windows(receive_window=max(
+                spdy.INITIAL_WINDOW, self.ctx.flood.session_buffer_size // 4))
         self.arm_idle_timer()
+
+    def end(self, close_transport: bool) -> None:
+        self.ctx.return_window(self._window_granted)
+        self._window_granted = 0
+        super().end(close_transport)
 
     @property
     def windowed(self) -> bool:
@@ -206,6 +222,70 @@ class SpdyPortForwardSession(ServerSession):
                     conn.resume_pod_reading()
 
 
+    def _announce_windows(self) -> None:
+        """Ours, before any reply: the streams' (the codec counts from now on), and the
+        session's raised to session_buffer_size while the buffer budget lasts."""
+        self._announced = True
+        self.codec.send_settings({spdy.SETTINGS_INITIAL_WINDOW_SIZE: max(
+            spdy.INITIAL_WINDOW, self.ctx.flood.session_buffer_size // 4)})
+        self._window_granted = self.ctx.take_window()
+        if self._window_granted > spdy.INITIAL_SESSION_WINDOW:
+            self.codec.send_window_update(
+                0, self._window_granted - spdy.INITIAL_SESSION_WINDOW)
+
+    def _taken(self, stream_id: int, n: int) -> None:
+        """n bytes of the client's DATA on stream_id: their window goes back once the pod
+        took them (_give_back_unless_congested at the end of the read)."""
+        self._unacked[stream_id] = self._unacked.get(stream_id, 0) + n
+        self._read_streams.add(stream_id)
+
+    def _give_back(self, stream_id: int) -> None:
+        n = self._unacked.pop(stream_id, 0)
+        if n and not self.codec.terminated:
+            self.codec.send_window_update(stream_id, n)  # nothing for a stream gone
+            self.codec.send_window_update(0, n)
+
+    def _give_back_unless_congested(self, stream_id: int) -> None:
+        """Not while the connection is dialling or its pod's socket holds any (its
+        resume_client_reading gives it back), nor for a pair still pending."""
+        conn = self._by_stream.get(stream_id)
+        if conn is None:
+            if stream_id in self._pairs.by_stream:
+                return  # held for its pair: given back once the connection takes it
+        elif conn in self._congested or (isinstance(conn, ForwardedConnection)
+                                         and not conn.dialled):
+            self._congested.add(conn)
+            return
+        self._give_back(stream_id)
+
+    def pause_client_reading(self, key: object) -> None:
+        """With windows, a congested pod withholds its stream's window; it does not stop
+        the session's reading (the other streams go on), as over HTTP/2."""
+        if self.windowed:
+            self._congested.add(key)
+        else:
+            super().pause_client_reading(key)
+
+    def resume_client_reading(self, key: object) -> None:
+        if not self.windowed:
+            super().resume_client_reading(key)
+            return
+        if key not in self._congested:
+            return
+        self._congested.discard(key)
+        channel = getattr(key, "channel", None)
+        if isinstance(channel, _SpdyChannel):
+            self._give_back(channel.data_id)
+            if not self._closed:
+                self.flush()
+
+    def resume_pods(self) -> None:
+        """Streams waiting for the client's window stay paused."""
+        for conn in list(self.connections):
+            channel = conn.channel
+            if not (isinstance(channel, _SpdyChannel) and channel.data_id in self._outbound):
+                conn.resume_pod_reading()
+
     # --- input -------------------------------------------------------------------------
     def receive(self, data: bytes | memoryview) -> None:
         """One read from the client: bytes, or a view of the loop's read buffer that is
@@ -217,6 +297,8 @@ class SpdyPortForwardSession(ServerSession):
         lent = type(data) is not bytes
         self.borrowing = lent
         self.begin_batch()
+        read_streams = self._read_streams
+        read_streams.clear()
         try:
             for event in self.codec.receive_data(data, lent=lent):
                 try:
@@ -232,6 +314,11 @@ class SpdyPortForwardSession(ServerSession):
         finally:
             self.end_batch()
             self.borrowing = False
+        if read_streams and not self._closed:
+            # after the pod writes: a pod socket that just became congested holds them
+            for sid in list(read_streams):
+                self._give_back_unless_congested(sid)
+            read_streams.clear()
         self.flush()
         if self.codec.backlogged and not self._closed:
             # the read's share of work is done and whole frames are left: the other
@@ -243,6 +330,8 @@ class SpdyPortForwardSession(ServerSession):
         match event:
             case spdy.DataReceived():  # the hot one: tested first, handled inline
                 conn = self._by_stream.get(event.stream_id)
+                if event.data and self.codec.receive_windows_enforced:
+                    self._taken(event.stream_id, len(event.data))  # whoever takes them
                 if conn is not None:
                     if not event.data and not event.fin and not (
                             isinstance(conn, ForwardedConnection) and conn.on_data):
@@ -287,6 +376,8 @@ class SpdyPortForwardSession(ServerSession):
             case spdy.SettingsReceived():
                 if not self.charge_control("SETTINGS"):
                     return False
+                if self.windowed and not self._announced:
+                    self._announce_windows()
                 if self._outbound and spdy.SETTINGS_INITIAL_WINDOW_SIZE in event.settings:
                     self._window_opened(0)  # the codec moved every stream's window
             case spdy.HeadersReceived():
@@ -335,6 +426,8 @@ class SpdyPortForwardSession(ServerSession):
             if pair.held is not None and not conn.done:  # what came before the pair
                 held, pair.held = pair.held, None
                 conn.client_data(memoryview(held))
+            if pair.data_id in self._unacked:  # its window goes back as the pod takes it
+                self._read_streams.add(pair.data_id)
             # the client half-closed the data stream before the pair completed; an end
             # read after this SYN_STREAM comes as its own event, after the data before it
             # (the codec's state, already past the whole read, lost that data for UDP)
@@ -351,7 +444,8 @@ class SpdyPortForwardSession(ServerSession):
                                 "before pairs completed; refused", self.sandbox.id,
                                 shown_request_id(pair.request_id), limit, logger=log)
             self._pairs.forget(pair)
-            self.codec.reset_stream(pair.data_id, spdy.CANCEL)
+            self.reset(pair.data_id, spdy.CANCEL)
+            self._give_back(pair.data_id)
             return False
         self._pairs.hold(pair, data)
         return True
@@ -374,6 +468,7 @@ class SpdyPortForwardSession(ServerSession):
             self.queue_eof(pair.error_id)
         if pair.data_id:
             self.reset(pair.data_id, spdy.CANCEL)
+            self._give_back(pair.data_id)
         self.flush()
 
     def _on_reset(self, ev: spdy.StreamReset) -> bool:
@@ -385,6 +480,7 @@ class SpdyPortForwardSession(ServerSession):
         pair = self._pairs.by_stream.get(ev.stream_id)
         if pair is not None:
             self._pairs.forget(pair)
+            self._give_back(pair.data_id)
         return self.charge_control("RST_STREAM")
 
     def _on_terminated(self, ev: spdy.SessionTerminated) -> None:
@@ -403,9 +499,11 @@ class SpdyPortForwardSession(ServerSession):
 
     def connection_finished(self, conn: ForwardedConnection | ForwardedFlow) -> None:
         super().connection_finished(conn)
+        self._congested.discard(conn)
         channel = conn.channel
         if isinstance(channel, _SpdyChannel):
             self._by_stream.pop(channel.data_id, None)
+            self._give_back(channel.data_id)  # the session's share of what it held
 
     # --- goodbye, draining ----------------------------------------------------------------
     def goodbye(self, reason: str, violation: bool) -> None:

@@ -1056,6 +1056,62 @@ class _PausingSink(podnet_module._Sink):
             asyncio.get_running_loop().call_later(4.0, self.t.resume_reading)
 
 
+class _HeldSink(podnet_module._Sink):
+    """Takes 1 MiB, then reads nothing until the test lets it (release)."""
+
+    held: list[_HeldSink] = []
+
+    def data_received(self, data):
+        super().data_received(data)
+        if self.n >= 1 << 20 and self not in self.held:
+            self.held.append(self)
+            self.t.pause_reading()
+
+    @classmethod
+    def release(cls, podnet) -> None:
+        podnet.loop.call_soon_threadsafe(lambda: [s.t.resume_reading() for s in cls.held])
+
+
+@pytest.mark.parametrize("transport", ["h2", "spdy", "spdy-over-websocket"])
+def test_an_upload_to_a_pod_that_stops_reading_holds_back_only_itself(crishim, podnet,
+                                                                      transport):
+    """A pod that stops reading its upload: over HTTP/2, and over SPDY where both ends
+    have windows (docs/protocol.md 8.6), only that stream's window is withheld, and the
+    session's other connections go on: an echo, and a 48 MiB download that needs the
+    client's window updates read. On SPDY crishim serve stopped reading the whole session
+    (the echo waited for the pod). Once the pod reads again, the upload completes."""
+    port = free_port()
+    _HeldSink.held.clear()
+    podnet.listen_extra("127.0.0.1", port, _HeldSink)
+    up_local, echo_local, down_local = free_port(), free_port(), free_port()
+    payload = os.urandom(32 << 20)
+    got: dict[str, bytes] = {}
+    with PortForwardCLI(crishim, f"{up_local}:{port}", f"{echo_local}:{ECHO_PORT}",
+                        f"{down_local}:{SOURCE_PORT}", transport=transport) as cli:
+        cli.forwarding(3)
+        uploader = threading.Thread(target=lambda: got.__setitem__("up", upload(up_local,
+                                                                                payload)))
+        uploader.start()
+        try:
+            deadline = time.monotonic() + 20
+            while not _HeldSink.held:
+                assert time.monotonic() < deadline, "the pod never held the upload"
+                time.sleep(0.05)
+            time.sleep(0.5)  # the upload fills its window meanwhile
+            for n in range(3):
+                line = b"beside a held upload %d\n" % n
+                assert echo(echo_local, line) == line
+            size = 48 << 20
+            assert hashlib.sha256(download(down_local, size)).digest() == \
+                hashlib.sha256(source_bytes(size)).digest()
+            assert uploader.is_alive()  # still held by the pod
+        finally:
+            _HeldSink.release(podnet)
+            uploader.join(60)
+        assert cli.interrupt() == 0
+    assert got["up"] == f"{len(payload)} {hashlib.sha256(payload).hexdigest()}\n".encode()
+
+
 @pytest.mark.parametrize("transport", ["spdy", "spdy-over-websocket", "h2"])
 def test_an_upload_to_a_pod_that_pauses_is_no_stalled_server(crishim, podnet, transport):
     """On SPDY a pod that does not read pauses crishim serve's reading of the whole

@@ -6,6 +6,7 @@ keep ignoring windows, as spdystream expects."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 
 from crishim.protocols import spdy
@@ -18,6 +19,7 @@ from crishim.protocols.constants import (
 from tests.support import SANDBOX
 from tests.support.podnet import ECHO_PORT, SOURCE_PORT, source_bytes
 from tests.support.spdy_pf_client import SpdyPortForwardClient
+from tests.support.standin import free_port
 
 WINDOW = 64 * 1024
 SIZE = 1 << 20
@@ -101,4 +103,47 @@ def test_a_window_past_2_31_resets_its_stream_and_the_session_goes_on(crishim):
         echo = client.forward(ECHO_PORT)
         echo.send(b"still here")
         assert client.wait(lambda: echo.received == b"still here")
+        assert not client.goaway
+
+
+STREAM_RECV_WINDOW = 4 << 20  # a quarter of session_buffer_size (16 MiB), as HTTP/2's
+
+
+def test_the_server_announces_its_own_windows_before_any_reply(crishim):
+    """Upload too: crishim serve's streams take 4 MiB each and its session 16 MiB before
+    it waits for the pods; its SETTINGS and WINDOW_UPDATE come before the first reply."""
+    with _client(crishim) as client:
+        client.session.enforce_send_windows(spdy.INITIAL_WINDOW)  # SPDY's, until told
+        fwd = client.forward(ECHO_PORT)
+        assert client.wait(lambda: fwd.data_sid in fwd.replied)
+        assert client.session.peer_settings[spdy.SETTINGS_INITIAL_WINDOW_SIZE] == \
+            STREAM_RECV_WINDOW
+        assert client.session.send_window(fwd.data_sid) == STREAM_RECV_WINDOW
+
+
+class _NeverReads(asyncio.Protocol):
+    def connection_made(self, transport):
+        transport.pause_reading()
+
+
+def test_a_client_past_a_streams_window_loses_that_stream_not_the_session(crishim, podnet):
+    """A client that ignores crishim serve's windows and floods a pod that never reads:
+    past the stream's window (and what the pod's sockets took) that stream is reset
+    FLOW_CONTROL_ERROR; the session and its other connections go on."""
+    port = free_port()
+    podnet.listen_extra("127.0.0.1", port, _NeverReads)
+    with _client(crishim) as client:
+        fwd = client.forward(port)
+        assert client.wait(lambda: fwd.data_sid in fwd.replied)
+        chunk = b"x" * (1 << 20)
+        for _ in range(32):
+            if fwd.reset_status is not None:
+                break
+            fwd.send(chunk)
+            client.wait(lambda: fwd.reset_status is not None, timeout=0.05)
+        assert client.wait(lambda: fwd.reset_status is not None)
+        assert fwd.reset_status == spdy.FLOW_CONTROL_ERROR
+        echo = client.forward(ECHO_PORT)
+        echo.send(b"the session goes on")
+        assert client.wait(lambda: echo.received == b"the session goes on")
         assert not client.goaway

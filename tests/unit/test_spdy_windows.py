@@ -165,3 +165,62 @@ def test_windows_asked_for_late_or_unoffered_stay_off():
     client.send_settings({spdy.SETTINGS_INITIAL_WINDOW_SIZE: spdy.MAX_WINDOW + 1})
     _deliver(client, server)
     assert not server.send_windows_enforced  # not a window
+
+
+def _windowed_pair(window: int) -> tuple[spdy.SpdyConnection, spdy.SpdyConnection, int]:
+    """A server that offered windows, with `window` of its own per stream, and a client
+    that asked: one stream open."""
+    client, server = _pair()
+    server.offer_send_windows(receive_window=window)
+    client.send_settings({spdy.SETTINGS_INITIAL_WINDOW_SIZE: 1 << 20})
+    sid = client.open_stream({"streamtype": "data"})
+    _deliver(client, server)
+    assert server.receive_windows_enforced
+    return client, server, sid
+
+
+def test_data_past_a_streams_receive_window_resets_that_stream():
+    client, server, sid = _windowed_pair(1000)
+    client.send_data(sid, b"a" * 1000)
+    assert _received(_deliver(client, server), sid) == 1000  # exactly the window
+    client.send_data(sid, b"b")
+    events = _deliver(client, server)
+    assert [(type(e), e.status) for e in events] == [(spdy.StreamError,
+                                                      spdy.FLOW_CONTROL_ERROR)]
+    assert not server.terminated
+    # the dropped byte's session window went back by itself; the stream's 1,000 did not
+    out = server.data_to_send()
+    assert _window_updates(client, out) == [(0, 1)]
+
+
+def _window_updates(client: spdy.SpdyConnection, out: bytes) -> list[tuple[int, int]]:
+    return [(e.stream_id, e.delta) for e in client.receive_data(out)
+            if isinstance(e, spdy.WindowUpdateReceived)]
+
+
+def test_given_back_windows_take_more_data_and_the_session_window_holds_too():
+    client, server, sid = _windowed_pair(1000)
+    client.send_data(sid, b"a" * 1000)
+    _deliver(client, server)
+    server.send_window_update(sid, 1000)  # the pod took it
+    client.send_data(sid, b"b" * 1000)
+    assert _received(_deliver(client, server), sid) == 1000
+    # the session's window is 64 KiB (not raised here): 2,000 of it used
+    other = client.open_stream({"streamtype": "data"})
+    _deliver(client, server)
+    server.send_window_update(other, spdy.INITIAL_SESSION_WINDOW)
+    client.send_data(other, b"c" * (spdy.INITIAL_SESSION_WINDOW - 2000))
+    assert not server.terminated and _deliver(client, server)
+    client.send_data(other, b"d")
+    events = _deliver(client, server)
+    assert server.terminated and isinstance(events[-1], spdy.SessionTerminated)
+    assert "session's receive window" in events[-1].reason
+
+
+def test_data_for_a_stream_gone_gives_its_session_window_back():
+    client, server, sid = _windowed_pair(1 << 20)
+    server.reset_stream(sid)
+    server.data_to_send()
+    client.send_data(sid, b"late" * 100)  # sent before it learned of the reset
+    assert _deliver(client, server) == []
+    assert _window_updates(client, server.data_to_send()) == [(0, 400)]

@@ -34,6 +34,9 @@ MAX_HEAD = 64 * 1024
 # Of a refused upgrade's body, what the error message shows; the rest is not read (a
 # server streaming one took crishim port-forward to 6 GiB and a 1.2 GB error line).
 REFUSAL_BODY_KEPT = 4096
+# bytes a stream may queue for the server's flow-control window (HTTP/2, SPDY where the
+# server has windows) before its local connection is no longer read
+QUEUE_HIGH_WATER = 1024 * 1024
 # A port's next pair is opened ahead (dial: on-data) OPEN_AHEAD_AFTER_REPLY after the
 # connection before it has its first bytes back or has ended, or OPEN_AHEAD_DELAY after it
 # opened, whichever is first (seconds).

@@ -18,6 +18,7 @@ import h2.settings
 from h2.errors import ErrorCodes
 
 from crishim.client.transports.base import (
+    QUEUE_HIGH_WATER,
     REFUSAL_BODY_KEPT,
     Buffer,
     ClientSession,
@@ -46,7 +47,6 @@ from crishim.protocols.h2 import H2Codec, LiteralHeaderEncoder
 from crishim.protocols.negotiation import TCP, UDP, VERSION_HEADER
 
 MAX_FRAME_SIZE = 1024 * 1024
-QUEUE_HIGH_WATER = 1024 * 1024
 
 
 class H2ClientSession(ClientSession):

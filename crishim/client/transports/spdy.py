@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import cast
 
 from crishim.client.transports.base import (
+    QUEUE_HIGH_WATER,
     Buffer,
     ClientSession,
     ForwardStream,
@@ -17,6 +18,7 @@ from crishim.client.transports.base import (
 )
 from crishim.protocols import spdy
 from crishim.protocols import websocket as ws
+from crishim.protocols.buffers import Outbound, immutable
 from crishim.protocols.constants import (
     DIAL_ON_DATA,
     FLOW_CONTROL_WINDOWS,
@@ -66,12 +68,19 @@ class SpdyClientSession(ClientSession):
         self._withheld: dict[int, int] = {}  # paused stream -> bytes not acknowledged
         self._unacked: dict[int, int] = {}  # stream (0: the session) -> bytes taken, not
         # acknowledged yet: given back ACK_EVERY at a time (see _taken)
+        self._asked = False  # we asked for windows: the server's are honoured too
+        self._queues: dict[int, Outbound] = {}  # streams waiting for the server's window
 
     def ask_for_windows(self) -> None:
         """Before any stream: our stream windows (16 MiB each) and the session's (256 MiB),
         as HTTP/2's; sent once the session is attached (_flush)."""
         self.codec.send_settings({spdy.SETTINGS_INITIAL_WINDOW_SIZE: H2_STREAM_WINDOW})
         self.codec.send_window_update(0, H2_CONNECTION_WINDOW - spdy.INITIAL_SESSION_WINDOW)
+        # the server's windows, SPDY's 64 KiB until its SETTINGS and WINDOW_UPDATE (sent
+        # before any reply) raise them; a reply without flow-control: windows (a server
+        # that has none) lifts them (_windows_answered)
+        self._asked = True
+        self.codec.enforce_send_windows(spdy.INITIAL_WINDOW)
 
     def _new_stream(self, port: int, ip_protocol: str = TCP, on_data: bool = False
                     ) -> ForwardStream:
@@ -97,23 +106,63 @@ class SpdyClientSession(ClientSession):
         return stream
 
     def _send(self, stream: ForwardStream, data: Buffer) -> None:
-        try:
-            self.codec.send_data(stream.key, data)
-        except spdy.StreamClosedError:
+        sid = stream.key
+        q = self._queues.get(sid)
+        if q is None and len(data) <= self.codec.send_window(sid):  # the common case
+            try:
+                self.codec.send_data(sid, data)
+            except spdy.StreamClosedError:
+                return
+            self._flush()
             return
+        if q is None:
+            q = self._queues[sid] = Outbound()
+        q.append(data if immutable(data) else bytes(data))  # kept past the caller's buffer
+        self._drain(sid, q)
         self._flush()
 
     def _send_go(self, stream: ForwardStream) -> None:
-        self._send(stream, b"")
-
-    def _send_eof(self, stream: ForwardStream) -> None:
         try:
-            self.codec.end_stream(stream.key)
+            self.codec.send_data(stream.key, b"")  # no window needed
         except spdy.StreamClosedError:
             return
         self._flush()
 
+    def _send_eof(self, stream: ForwardStream) -> None:
+        q = self._queues.get(stream.key)
+        if q is not None:
+            q.eof = True
+            self._drain(stream.key, q)
+        else:
+            try:
+                self.codec.end_stream(stream.key)
+            except spdy.StreamClosedError:
+                return
+        self._flush()
+
+    def _drain(self, sid: int, q: Outbound) -> None:
+        try:
+            done = self.codec.send_queued(sid, q)
+        except spdy.StreamClosedError:  # ended meanwhile: nothing more goes out
+            done = True
+            q.size = 0
+        if done:
+            self._queues.pop(sid, None)
+        stream = self.streams.get(sid)
+        if stream is not None:
+            if q.size > QUEUE_HIGH_WATER:
+                stream._block_writing("window")
+            else:
+                stream._unblock_writing("window")
+
+    def _drain_all(self) -> None:
+        for sid in list(self._queues):
+            q = self._queues.get(sid)
+            if q is not None:
+                self._drain(sid, q)
+
     def _reset_stream(self, stream: ForwardStream) -> None:
+        self._queues.pop(stream.key, None)
         self.codec.reset_stream(stream.key, spdy.CANCEL)
         self._flush()
 
@@ -184,6 +233,10 @@ class SpdyClientSession(ClientSession):
                 case spdy.StreamReplied():
                     if event.headers.get(HEADER_FLOW_CONTROL) == FLOW_CONTROL_WINDOWS:
                         self._windows = True
+                    elif self._asked and self.codec.send_windows_enforced:
+                        # a server without windows: none either way
+                        self.codec.stop_send_windows()
+                        self._drain_all()
                     stream = streams.get(event.stream_id)
                     if stream is not None:
                         stream._accepted()
@@ -199,6 +252,17 @@ class SpdyClientSession(ClientSession):
                     stream = self._error_streams.get(event.stream_id)
                     if stream is not None:
                         stream._error_end()
+                case spdy.WindowUpdateReceived():
+                    if self._queues:
+                        if event.stream_id == 0:
+                            self._drain_all()
+                        else:
+                            q = self._queues.get(event.stream_id)
+                            if q is not None:
+                                self._drain(event.stream_id, q)
+                case spdy.SettingsReceived():
+                    if self._queues:  # the codec moved every stream's window
+                        self._drain_all()
                 case spdy.PingAcknowledged():
                     self._ping_answered(event.ping_id)
                 case spdy.GoAwayReceived():
@@ -252,6 +316,7 @@ class SpdyClientSession(ClientSession):
 
     def _stream_done(self, stream: ForwardStream) -> None:
         self._unacked.pop(stream.key, None)
+        self._queues.pop(stream.key, None)
         n = self._withheld.pop(stream.key, 0)
         if n and not self.codec.terminated:  # the session's share of what it held
             self._give_back(0, n)

@@ -166,15 +166,17 @@ class _Stream:
         "local_open",
         "peer_initiated",
         "remote_open",
+        "recv_window",
         "replied",
         "send_window",
         "stream_id",
     )
 
     def __init__(self, stream_id: int, peer_initiated: bool, local_open: bool,
-                 remote_open: bool, send_window: int) -> None:
+                 remote_open: bool, send_window: int, recv_window: int) -> None:
         self.stream_id = stream_id
         self.send_window = send_window  # only counted while windows are enforced
+        self.recv_window = recv_window
         self.peer_initiated = peer_initiated
         self.local_open = local_open
         self.remote_open = remote_open
@@ -236,6 +238,12 @@ class SpdyConnection:
         # offer_send_windows, a peer's SETTINGS before its first stream turns them on
         self._initial_send_window: int | None = None
         self._windows_offered = False
+        # receive windows, turned on with the send windows where offered with one: DATA
+        # past a stream's window resets it, past the session's ends the session
+        self._offered_recv_window: int | None = None
+        self._initial_recv_window: int | None = None
+        self._session_recv_window = INITIAL_SESSION_WINDOW
+        self._discarded = 0  # DATA dropped here this read: its session window goes back
         self._session_send_window = INITIAL_SESSION_WINDOW
 
         self.peer_settings: dict[int, int] = {}
@@ -364,7 +372,8 @@ class SpdyConnection:
         prefix = _SYN_STREAM_PREFIX.pack(stream_id, associated_id, priority << 5, 0)
         self._queue_control(SYN_STREAM, FLAG_FIN if fin else 0, prefix + block)
         self._streams[stream_id] = _Stream(stream_id, False, not fin, True,
-                                           self._initial_send_window or 0)
+                                           self._initial_send_window or 0,
+                                           self._initial_recv_window or 0)
         return stream_id
 
     def reply(self, stream_id: int, headers: dict[str, str] | None = None,
@@ -442,12 +451,35 @@ class SpdyConnection:
         for stream in self._streams.values():
             stream.send_window = initial
 
-    def offer_send_windows(self) -> None:
+    def offer_send_windows(self, receive_window: int | None = None) -> None:
         """Let the peer ask for windows: a SETTINGS_INITIAL_WINDOW_SIZE (at most 2^31-1)
         it sends before any stream is opened turns them on (enforce_send_windows) as the
         frame is read, so the frames after it in the same input are already under them.
-        Later SETTINGS only move the windows of a session that has them."""
+        Later SETTINGS only move the windows of a session that has them. With
+        `receive_window`, ours are enforced from then on too (enforce_receive_windows):
+        the caller announces it (SETTINGS) and raises the session's (WINDOW_UPDATE)."""
         self._windows_offered = True
+        self._offered_recv_window = receive_window
+
+    @property
+    def receive_windows_enforced(self) -> bool:
+        return self._initial_recv_window is not None
+
+    def enforce_receive_windows(self, initial: int) -> None:
+        """DATA counts against the stream's window (`initial`, our SETTINGS) and the
+        session's (64 KiB until our WINDOW_UPDATEs raise it); send_window_update gives
+        them back. DATA dropped here (a stream gone or refused) gives its session window
+        back by itself, in one WINDOW_UPDATE per receive_data call."""
+        if not 0 <= initial <= MAX_WINDOW:
+            raise ValueError(f"initial window {initial} is outside 0..{MAX_WINDOW}")
+        self._initial_recv_window = initial
+        for stream in self._streams.values():
+            stream.recv_window = initial
+
+    def stop_send_windows(self) -> None:
+        """The peer turned out not to honour windows (it never answered our asking for
+        them): send without them from now on."""
+        self._initial_send_window = None
 
     def send_queued(self, stream_id: int, out: Outbound) -> bool:
         """Send from the front of `out` what the windows allow (a chunk split at the
@@ -523,6 +555,11 @@ class SpdyConnection:
             raise ValueError(f"window delta {delta} is outside 1..{MAX_STREAM_ID}")
         if self.terminated or (stream_id != 0 and stream_id not in self._streams):
             return
+        if self._initial_recv_window is not None:
+            if stream_id:
+                self._streams[stream_id].recv_window += delta
+            else:
+                self._session_recv_window += delta
         self._queue_control(WINDOW_UPDATE, 0, _U32_PAIR.pack(stream_id, delta))
 
     def send_settings(self, settings: dict[int, int], clear: bool = False) -> None:
@@ -644,6 +681,9 @@ class SpdyConnection:
                 if self._inbuf:
                     offset = self._complete_buffered(view, events)
                 consumed = self._process(view[offset:], events, budgeted)
+                if self._discarded:
+                    discarded, self._discarded = self._discarded, 0
+                    self.send_window_update(0, discarded)
                 if self._stopped:
                     self._stopped = False
                     self._backlog = bytes(view[offset + consumed:])
@@ -781,6 +821,13 @@ class SpdyConnection:
         self._payload_target = None
         if stream_id == 0:
             self._fail(GOAWAY_PROTOCOL_ERROR, "DATA frame on stream 0", events)
+        counted = self._initial_recv_window is not None
+        if counted:
+            self._session_recv_window -= length
+            if self._session_recv_window < 0:
+                self._fail(GOAWAY_PROTOCOL_ERROR, f"DATA of {length} bytes past the session's "
+                           "receive window", events)
+            self._discarded += length  # unless a stream takes it, below
         stream = self._streams.get(stream_id)
         if stream is None:
             closed_as = self._closed.get(stream_id)
@@ -800,6 +847,14 @@ class SpdyConnection:
                                f"DATA frame of {length} bytes exceeds the "
                                f"{self.config.max_frame_size}-byte limit", events)
             return
+        if counted:
+            stream.recv_window -= length
+            if stream.recv_window < 0:
+                self._stream_error(stream_id, FLOW_CONTROL_ERROR,
+                                   f"DATA of {length} bytes past stream {stream_id}'s receive "
+                                   "window", events)
+                return
+            self._discarded -= length
         if length:
             self._payload_target = stream
         else:  # an empty frame is an event too: it may end the stream, or dial its pair
@@ -889,7 +944,8 @@ class SpdyConnection:
             self._remember_closed(stream_id, _CLOSED_FINISHED)
         else:
             self._streams[stream_id] = _Stream(stream_id, True, not unidirectional, not fin,
-                                               self._initial_send_window or 0)
+                                               self._initial_send_window or 0,
+                                               self._initial_recv_window or 0)
             self._peer_stream_count += 1
         events.append(StreamOpened(stream_id, associated_id, headers, fin, unidirectional,
                                    priority))
@@ -977,6 +1033,8 @@ class SpdyConnection:
                 and self._last_peer_stream_id == 0
                 and self._next_stream_id == (1 if self.config.client else 2)):
             self.enforce_send_windows(initial)
+            if self._offered_recv_window is not None:
+                self.enforce_receive_windows(self._offered_recv_window)
         elif initial is not None and self._initial_send_window is not None:
             if initial > MAX_WINDOW:
                 self._fail(GOAWAY_PROTOCOL_ERROR,
