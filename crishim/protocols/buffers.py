@@ -47,3 +47,17 @@ class Outbound:
     def append(self, data: bytes | memoryview) -> None:
         self.chunks.append(data)
         self.size += len(data)
+
+    def take(self, n: int) -> bytes | memoryview:
+        """Up to n bytes from the front: the first chunk, or a memoryview slice of it
+        where it is longer (no copy). Only while chunks are left."""
+        chunks = self.chunks
+        chunk = chunks[0]
+        if n >= len(chunk):
+            chunks.pop(0)
+        else:
+            view = memoryview(chunk)
+            chunks[0] = view[n:]
+            chunk = view[:n]
+        self.size -= len(chunk)
+        return chunk

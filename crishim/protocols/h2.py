@@ -731,15 +731,7 @@ class H2Codec(h2.connection.H2Connection):
                          self.max_outbound_frame_size)
             if window <= 0:
                 return False
-            chunk = chunks[0]
-            n = min(window, len(chunk))
-            if n == len(chunk):
-                chunks.pop(0)
-            else:
-                view = memoryview(chunk)
-                chunks[0] = view[n:]
-                chunk = view[:n]
-            out.size -= n
+            chunk = out.take(window)
             last = out.eof and not chunks
             payload = cast("bytes", _Payload(chunk)) if type(chunk) is memoryview else chunk
             self.send_data(stream_id, payload, end_stream=last)

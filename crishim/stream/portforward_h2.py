@@ -98,6 +98,7 @@ from crishim.stream.session import (
     SessionProtocol,
     SessionSettings,
     Upgrade,
+    WindowedSends,
     WriteBuffers,
     close_client,
 )
@@ -185,7 +186,7 @@ class _H2Channel:
         s.flush()
 
 
-class H2PortForwardSession(ServerSession):
+class H2PortForwardSession(WindowedSends, ServerSession):
     """Drives one H2Connection: admits streams, pairs them, pumps bytes with flow control.
 
     By prior knowledge, `sandbox` and `path` are None until `admit` redeems the first
@@ -240,7 +241,7 @@ class H2PortForwardSession(ServerSession):
         self._by_stream: dict[int, ForwardedConnection | ForwardedFlow] = {}  # data stream id
         self._live_requests: dict[str, ForwardedConnection | ForwardedFlow] = {}  # request id
         self._version_chosen = False  # at the first forwarding stream, for the session
-        self._outbound: dict[int, Outbound] = {}  # streams waiting for window
+        self._init_outbound()  # streams waiting for window
         self._held_acks: dict[int, int] = {}  # data stream id -> bytes not yet acknowledged
         self._congested: set[object] = set()  # connections whose window is withheld
         self._read_acks: dict[int, int] | None = None  # DATA of the read being processed
@@ -293,46 +294,24 @@ class H2PortForwardSession(ServerSession):
 
     def queue_data(self, stream_id: int, data: bytes) -> bool:
         """Send what the window allows, queue the rest; False when the stream is blocked."""
-        out = self._outbound.get(stream_id)
-        if out is None:
-            codec = self.codec
-            if len(data) <= min(codec.max_outbound_frame_size,
-                                codec.local_flow_control_window(stream_id)):
-                try:  # the common case: nothing queued, the window has room
-                    codec.send_data(stream_id, data)
-                except h2.exceptions.ProtocolError:
-                    pass  # stream reset or closed by the client meanwhile
-                return True
-            out = self._outbound[stream_id] = Outbound()
-        out.append(data)
-        return self._drain_stream(stream_id, out)
+        codec = self.codec
+        if stream_id not in self._outbound and len(data) <= min(
+                codec.max_outbound_frame_size, codec.local_flow_control_window(stream_id)):
+            try:  # the common case: nothing queued, the window has room
+                codec.send_data(stream_id, data)
+            except h2.exceptions.ProtocolError:
+                pass  # stream reset or closed by the client meanwhile
+            return True
+        return self._queue_more(stream_id, data)
 
     def queue_eof(self, stream_id: int) -> None:
-        out = self._outbound.get(stream_id)
-        if out is None:
-            out = self._outbound[stream_id] = Outbound()
-        out.eof = True
-        self._drain_stream(stream_id, out)
+        self._queue_end(stream_id)
 
-    def _drain_stream(self, stream_id: int, out: Outbound) -> bool:
+    def _send_queued(self, stream_id: int, out: Outbound) -> bool:
         try:
-            if not self.codec.send_queued(stream_id, out):
-                return False
+            return self.codec.send_queued(stream_id, out)
         except h2.exceptions.ProtocolError:
-            pass  # stream reset or closed by the client meanwhile: nothing left to send
-        self._outbound.pop(stream_id, None)
-        return True
-
-    def _window_opened(self, stream_id: int) -> None:
-        ids = list(self._outbound) if stream_id == 0 else [stream_id]
-        for sid in ids:
-            out = self._outbound.get(sid)
-            if out is None:
-                continue
-            if self._drain_stream(sid, out):
-                conn = self._by_stream.get(sid)
-                if conn is not None and not self.writing_paused:
-                    conn.resume_pod_reading()
+            return True  # stream reset or closed by the client meanwhile: nothing to send
 
     def reset(self, stream_id: int, code: ErrorCodes) -> None:
         self._outbound.pop(stream_id, None)
@@ -688,13 +667,6 @@ class H2PortForwardSession(ServerSession):
             self._ack(channel.data_id, self._held_acks.pop(channel.data_id, 0))
             if not self._closed:
                 self.flush()
-
-    def resume_pods(self) -> None:
-        """Streams waiting for the client's window stay paused."""
-        for conn in list(self.connections):
-            channel = conn.channel
-            if not (isinstance(channel, _H2Channel) and channel.data_id in self._outbound):
-                conn.resume_pod_reading()
 
     def connection_finished(self, conn: ForwardedConnection | ForwardedFlow) -> None:
         super().connection_finished(conn)

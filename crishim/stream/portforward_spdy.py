@@ -27,6 +27,7 @@ from crishim.stream.session import (
     ServerSession,
     SessionProtocol,
     Upgrade,
+    WindowedSends,
     WriteBuffers,
     close_client,
 )
@@ -115,7 +116,7 @@ INFLATED_PER_RECEIVE = 1024 * 1024
 # the key the session's read gate is held with while a read's backlog waits
 _BACKLOG = "backlog"
 
-class SpdyPortForwardSession(ServerSession):
+class SpdyPortForwardSession(WindowedSends, ServerSession):
     """Drives one SpdyConnection: pairs streams, opens forwarded connections, pumps bytes.
 
     `write_buffers` sends a list of buffers to the client (a TCP transport's writelines,
@@ -142,7 +143,7 @@ class SpdyPortForwardSession(ServerSession):
         # the client's, per stream; and ours: bytes taken per data stream whose window
         # (the stream's and the session's share) has not gone back yet, the connections
         # whose pod is congested (theirs stays withheld), the data streams of this read
-        self._outbound: dict[int, Outbound] = {}
+        self._init_outbound()
         self._unacked: dict[int, int] = {}
         self._congested: set[object] = set()
         self._read_streams: set[int] = set()
@@ -184,42 +185,24 @@ class SpdyPortForwardSession(ServerSession):
         if not self.windowed:
             codec.send_data(stream_id, data)
             return True
-        out = self._outbound.get(stream_id)
-        if out is None:
-            if len(data) <= codec.send_window(stream_id):  # the common case
-                codec.send_data(stream_id, data)
-                return True
-            out = self._outbound[stream_id] = Outbound()
-        out.append(data)
-        return self._drain_stream(stream_id, out)
+        if stream_id not in self._outbound and len(data) <= codec.send_window(stream_id):
+            codec.send_data(stream_id, data)  # the common case
+            return True
+        return self._queue_more(stream_id, data)
 
     def queue_eof(self, stream_id: int) -> None:
         """End a stream once what waits for its window has gone."""
-        out = self._outbound.get(stream_id)
-        if out is None:
+        if stream_id in self._outbound:
+            self._queue_end(stream_id)
+        else:
             self.codec.end_stream(stream_id)
-            return
-        out.eof = True
-        self._drain_stream(stream_id, out)
 
     def reset(self, stream_id: int, status: int) -> None:
         self._outbound.pop(stream_id, None)
         self.codec.reset_stream(stream_id, status)
 
-    def _drain_stream(self, stream_id: int, out: Outbound) -> bool:
-        if not self.codec.send_queued(stream_id, out):
-            return False
-        self._outbound.pop(stream_id, None)
-        return True
-
-    def _window_opened(self, stream_id: int) -> None:
-        ids = list(self._outbound) if stream_id == 0 else [stream_id]
-        for sid in ids:
-            out = self._outbound.get(sid)
-            if out is not None and self._drain_stream(sid, out):
-                conn = self._by_stream.get(sid)
-                if conn is not None and not self.writing_paused:
-                    conn.resume_pod_reading()
+    def _send_queued(self, stream_id: int, out: Outbound) -> bool:
+        return self.codec.send_queued(stream_id, out)
 
 
     def _announce_windows(self) -> None:
@@ -278,13 +261,6 @@ class SpdyPortForwardSession(ServerSession):
             self._give_back(channel.data_id)
             if not self._closed:
                 self.flush()
-
-    def resume_pods(self) -> None:
-        """Streams waiting for the client's window stay paused."""
-        for conn in list(self.connections):
-            channel = conn.channel
-            if not (isinstance(channel, _SpdyChannel) and channel.data_id in self._outbound):
-                conn.resume_pod_reading()
 
     # --- input -------------------------------------------------------------------------
     def receive(self, data: bytes | memoryview) -> None:

@@ -15,6 +15,7 @@ from crishim.budget import LogBudget
 from crishim.flow import READ_SIZE, read_buffer
 from crishim.forward import ForwardContext, ForwardedConnection, SessionBase
 from crishim.forward_udp import ForwardedFlow
+from crishim.protocols.buffers import Outbound
 from crishim.runtime import Sandbox
 from crishim.stream.admission import Admitted, Request
 
@@ -296,6 +297,65 @@ class ServerSession(SessionBase, ABC):
         log.info("%s sandbox=%s: idle for %.0fs, closing session", self.transport_name,
                  self.sandbox_id, idle_for)
         self.close("idle timeout")
+
+
+class WindowedSends:
+    """What waits for the client's flow-control windows, per stream, for a ServerSession
+    whose codec sends a queue within them (`_send_queued`): HTTP/2's, and SPDY's where the
+    client asked for windows. A stream that waits stops reading its pod socket (the
+    caller's business) until `_window_opened` sends what waited."""
+
+    _by_stream: dict[int, ForwardedConnection | ForwardedFlow]
+    writing_paused: bool
+    connections: set[ForwardedConnection | ForwardedFlow]
+
+    def _init_outbound(self) -> None:
+        self._outbound: dict[int, Outbound] = {}
+
+    def _send_queued(self, stream_id: int, out: Outbound) -> bool:
+        """The codec's: send what the windows allow; True once `out` is empty."""
+        raise NotImplementedError
+
+    def _queue_more(self, stream_id: int, data: bytes) -> bool:
+        """Queue data behind what waits (or what the window does not take now) and send
+        what the window allows; False when the stream is left waiting."""
+        out = self._outbound.get(stream_id)
+        if out is None:
+            out = self._outbound[stream_id] = Outbound()
+        out.append(data)
+        return self._drain_stream(stream_id, out)
+
+    def _queue_end(self, stream_id: int) -> None:
+        """End the stream once what waits for its window has gone."""
+        out = self._outbound.get(stream_id)
+        if out is None:
+            out = self._outbound[stream_id] = Outbound()
+        out.eof = True
+        self._drain_stream(stream_id, out)
+
+    def _drain_stream(self, stream_id: int, out: Outbound) -> bool:
+        if not self._send_queued(stream_id, out):
+            return False
+        self._outbound.pop(stream_id, None)
+        return True
+
+    def _window_opened(self, stream_id: int) -> None:
+        """A WINDOW_UPDATE (stream 0: the session's, or new initial windows): send what
+        waited, and let the pods whose streams emptied be read again."""
+        ids = list(self._outbound) if stream_id == 0 else [stream_id]
+        for sid in ids:
+            out = self._outbound.get(sid)
+            if out is not None and self._drain_stream(sid, out):
+                conn = self._by_stream.get(sid)
+                if conn is not None and not self.writing_paused:
+                    conn.resume_pod_reading()
+
+    def resume_pods(self) -> None:
+        """The client takes bytes again: its pods may be read, but for streams waiting
+        for the client's window."""
+        for conn in list(self.connections):
+            if getattr(conn.channel, "data_id", None) not in self._outbound:
+                conn.resume_pod_reading()
 
 
 @dataclass(frozen=True)

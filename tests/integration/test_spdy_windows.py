@@ -93,17 +93,22 @@ def test_windows_are_asked_for_before_the_first_stream_or_not_at_all(crishim):
         assert HEADER_FLOW_CONTROL not in second.reply_headers[second.data_sid]
 
 
+def _reset_alone(client: SpdyPortForwardClient, fwd) -> None:
+    """fwd's stream is reset FLOW_CONTROL_ERROR, and the session goes on."""
+    assert client.wait(lambda: fwd.reset_status is not None)
+    assert fwd.reset_status == spdy.FLOW_CONTROL_ERROR
+    echo = client.forward(ECHO_PORT)
+    echo.send(b"the session goes on")
+    assert client.wait(lambda: echo.received == b"the session goes on")
+    assert not client.goaway
+
+
 def test_a_window_past_2_31_resets_its_stream_and_the_session_goes_on(crishim):
     with _client(crishim, session_window=4 * SIZE) as client:
         fwd = client.forward(SOURCE_PORT)  # its window is still the whole 64 KiB
         client.session.send_window_update(fwd.data_sid, spdy.MAX_WINDOW)
         client.flush()
-        assert client.wait(lambda: fwd.reset_status is not None)
-        assert fwd.reset_status == spdy.FLOW_CONTROL_ERROR
-        echo = client.forward(ECHO_PORT)
-        echo.send(b"still here")
-        assert client.wait(lambda: echo.received == b"still here")
-        assert not client.goaway
+        _reset_alone(client, fwd)
 
 
 STREAM_RECV_WINDOW = 4 << 20  # a quarter of session_buffer_size (16 MiB), as HTTP/2's
@@ -141,9 +146,4 @@ def test_a_client_past_a_streams_window_loses_that_stream_not_the_session(crishi
                 break
             fwd.send(chunk)
             client.wait(lambda: fwd.reset_status is not None, timeout=0.05)
-        assert client.wait(lambda: fwd.reset_status is not None)
-        assert fwd.reset_status == spdy.FLOW_CONTROL_ERROR
-        echo = client.forward(ECHO_PORT)
-        echo.send(b"the session goes on")
-        assert client.wait(lambda: echo.received == b"the session goes on")
-        assert not client.goaway
+        _reset_alone(client, fwd)

@@ -19,6 +19,7 @@ from typing import cast
 from urllib.parse import urlsplit
 
 from crishim.flow import ReadGate, read_buffer
+from crishim.protocols.buffers import Outbound
 from crishim.protocols.constants import PORTFORWARD_CRISHIM_V1, PORTFORWARD_PROTOCOL
 from crishim.protocols.negotiation import TCP, UDP, carries_udp, client_offer
 
@@ -364,6 +365,8 @@ class ClientSession:
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, ForwardStream] = {}
         self._error_streams: dict[int, ForwardStream] = {}  # by error_id (SPDY, h2)
+        # streams waiting for the server's flow-control window (HTTP/2, SPDY with windows)
+        self._queues: dict[int, Outbound] = {}
         self.read_gate = ReadGate()  # the session transport, paused for congested streams
         self.writing_paused = False
         self.closed: asyncio.Future[str] = loop.create_future()
@@ -523,6 +526,19 @@ class ClientSession:
 
     def stream_reading(self, stream: ForwardStream) -> bool:
         return not self.read_gate.holds(stream)
+
+    def _queue_sent(self, sid: int, q: Outbound, done: bool) -> None:
+        """After sending from a stream's queue what the window took: an empty queue is
+        forgotten, and a stream with more than QUEUE_HIGH_WATER waiting no longer reads
+        its local connection (until it is under it again)."""
+        if done:
+            self._queues.pop(sid, None)
+        stream = self.streams.get(sid)
+        if stream is not None:
+            if q.size > QUEUE_HIGH_WATER:
+                stream._block_writing("window")
+            else:
+                stream._unblock_writing("window")
 
     def _stream_done(self, stream: ForwardStream) -> None:
         self.streams.pop(stream.key, None)

@@ -18,7 +18,6 @@ import h2.settings
 from h2.errors import ErrorCodes
 
 from crishim.client.transports.base import (
-    QUEUE_HIGH_WATER,
     REFUSAL_BODY_KEPT,
     Buffer,
     ClientSession,
@@ -76,7 +75,6 @@ class H2ClientSession(ClientSession):
         self.base_headers = [(":method", "POST"), (":scheme", scheme),
                              (":authority", authority), (":path", path)]
         self._error_streams: dict[int, ForwardStream] = {}
-        self._queues: dict[int, Outbound] = {}  # streams waiting for the server's window
         self._status: dict[int, int] = {}
         self._refusal: dict[int, str] = {}
         self._next_request_id = 0
@@ -181,14 +179,7 @@ class H2ClientSession(ClientSession):
         except h2.exceptions.ProtocolError:
             done = True  # the stream was reset meanwhile
             q.size = 0
-        if done:
-            self._queues.pop(sid, None)
-        stream = self.streams.get(sid)
-        if stream is not None:
-            if q.size > QUEUE_HIGH_WATER:
-                stream._block_writing("window")
-            else:
-                stream._unblock_writing("window")
+        self._queue_sent(sid, q, done)
 
     def _reset_stream(self, stream: ForwardStream) -> None:
         self._queues.pop(stream.key, None)

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import cast
 
 from crishim.client.transports.base import (
-    QUEUE_HIGH_WATER,
     Buffer,
     ClientSession,
     ForwardStream,
@@ -69,7 +68,6 @@ class SpdyClientSession(ClientSession):
         self._unacked: dict[int, int] = {}  # stream (0: the session) -> bytes taken, not
         # acknowledged yet: given back ACK_EVERY at a time (see _taken)
         self._asked = False  # we asked for windows: the server's are honoured too
-        self._queues: dict[int, Outbound] = {}  # streams waiting for the server's window
 
     def ask_for_windows(self) -> None:
         """Before any stream: our stream windows (16 MiB each) and the session's (256 MiB),
@@ -146,14 +144,7 @@ class SpdyClientSession(ClientSession):
         except spdy.StreamClosedError:  # ended meanwhile: nothing more goes out
             done = True
             q.size = 0
-        if done:
-            self._queues.pop(sid, None)
-        stream = self.streams.get(sid)
-        if stream is not None:
-            if q.size > QUEUE_HIGH_WATER:
-                stream._block_writing("window")
-            else:
-                stream._unblock_writing("window")
+        self._queue_sent(sid, q, done)
 
     def _drain_all(self) -> None:
         for sid in list(self._queues):

@@ -495,15 +495,7 @@ class SpdyConnection:
                     out.size = 0
                     break
                 return False
-            chunk = chunks[0]
-            n = min(window, len(chunk))
-            if n == len(chunk):
-                chunks.pop(0)
-            else:
-                view = memoryview(chunk)
-                chunks[0] = view[n:]
-                chunk = view[:n]
-            out.size -= n
+            chunk = out.take(window)
             self.send_data(stream_id, chunk, fin=out.eof and not chunks)
             if out.eof and not chunks:
                 return True
