@@ -530,6 +530,27 @@ def test_unreachable_endpoint_is_one_line_and_nonzero(tmp_path):
     assert_one_error_line(r, rf"cannot reach the runtime at unix://{tmp_path}/none\.sock")
 
 
+def test_a_socket_nobody_listens_on_is_unreachable_in_one_line(tmp_path):
+    path = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as stale:  # bound, closed: the file stays
+        stale.bind(str(path))
+    r = run_cli(SANDBOX, "8080", "--runtime-endpoint", str(path))
+    assert_one_error_line(r, rf"^error: cannot reach the runtime at unix://{path}: .*"
+                             r"Connection refused")
+
+
+def test_a_runtime_that_answers_unavailable_is_not_called_unreachable(tmp_path):
+    """crishim serve answered, its upstream runtime is down: the answer is the runtime's
+    UNAVAILABLE, said as such; it was `cannot reach the runtime at <the socket that
+    answered>`."""
+    with CrishimProcess("--upstream-endpoint", f"unix://{tmp_path}/upstream.sock") as server:
+        r = run_cli("pod-1", "8080", "--runtime-endpoint", server.socket)
+    assert_one_error_line(r, rf"^error: the runtime at unix://{server.socket} is "
+                             rf"unavailable: PodSandboxStatus\(pod-1\) at "
+                             rf"unix://{tmp_path}/upstream\.sock: UNAVAILABLE")
+    assert "cannot reach" not in r.stderr
+
+
 def test_unknown_sandbox_is_one_line_and_nonzero(crishim):
     r = run_cli("no-such-sandbox", "8080", "--runtime-endpoint", crishim.socket)
     assert_one_error_line(r, r"sandbox 'no-such-sandbox' not found")
