@@ -95,10 +95,10 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                     "Prints 'Forwarding from 127.0.0.1:L -> R' per listener and "
                     "'Handling connection for L' per connection. One failed connection is "
                     "reported and the session goes on; an error text from the server, or "
-                    "losing the session, ends it with exit status 1 (after the server's "
-                    "GOAWAY, live connections go on, new ones are refused and the session "
-                    "is lost with the last); Ctrl-C or SIGTERM, also while starting, ends "
-                    "it with 0.")
+                    "losing the session, ends it with exit status 1 and 'error: lost "
+                    "connection to pod', as kubectl (after the server's GOAWAY, live "
+                    "connections go on, new ones are refused and the session is lost with "
+                    "the last); Ctrl-C or SIGTERM, also while starting, ends it with 0.")
     pf.add_argument("sandbox", metavar="TARGET",
                     help="pod sandbox id; with --kubeconfig: pod/NAME or NAME")
     pf.add_argument("ports", metavar="[LOCAL:]REMOTE[/udp]", nargs="+", help="port specs")

@@ -531,7 +531,7 @@ class PortForwarder:
             return
         where = f"{listener.local_port} -> {listener.remote_port}/udp"
         if isinstance(exc, ForwardError) and exc.fatal:
-            self._finish(1, f"an error occurred forwarding {where}: {exc}")
+            self._lost(where, exc)
         elif self._udp_error_lines.take():
             log_error(f"error forwarding port {where}: {exc}")
         else:  # thousands of local peers past a limit wrote a line each
@@ -585,15 +585,25 @@ class PortForwarder:
             local.resume_reading()
 
     def connection_failed(self, pipe: _Pipe, exc: ForwardError) -> None:
-        if self.finished is None or self.finished.done():
+        if self._ending():
             return  # shutting down: the session's end is not a connection's failure
-        message = f"error forwarding port {pipe.local_port} -> {pipe.spec.remote}: {exc}"
+        where = f"{pipe.local_port} -> {pipe.spec.remote}"
         if exc.fatal:
-            # client-go ends the session on error-stream text; so do we, with its message.
-            self._finish(1, f"an error occurred forwarding {pipe.local_port} -> "
-                            f"{pipe.spec.remote}: {exc}")
+            self._lost(where, exc)  # client-go ends the session on error-stream text
         else:
-            log_error(message)
+            log_error(f"error forwarding port {where}: {exc}")
+
+    def _lost(self, where: str, error: object) -> None:
+        """A fatal error of one connection ends the command as client-go ends kubectl's:
+        `E… an error occurred forwarding L -> R: …`, then `error: lost connection to
+        pod`, exit 1."""
+        if self._ending():
+            return
+        log_error(f"an error occurred forwarding {where}: {error}")
+        self._finish(1, "lost connection to pod")
+
+    def _ending(self) -> bool:
+        return self.finished is None or self.finished.done()
 
     def _session_closed(self, fut: asyncio.Future[str]) -> None:
         if fut.cancelled():

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import queue
@@ -21,6 +22,7 @@ import pytest
 
 import tests.support.podnet as podnet_module
 from crishim.cri import api_pb2
+from crishim.netns import delete_named_netns
 from tests.support import SANDBOX, peers, until
 from tests.support.crishim_proc import CrishimProcess
 from tests.support.fake_servers import FakeServer
@@ -475,6 +477,75 @@ def test_after_goaway_the_last_connection_ending_ends_port_forward(podnet):
         assert server.proc.wait(20) == 0  # its last session ended with the client's
     finally:
         server.stop()
+
+
+FATAL_EVENTS = ["netns-deleted", "server-draining", "server-killed"]
+
+
+@contextlib.contextmanager
+def doomed_pod(*server_args: str):
+    """A pod netns of its own (the podnet servers in it) and a crishim serve for it, for a
+    test that deletes the one or stops the other."""
+    name = f"crishim-doomed-{os.getpid()}"
+    with podnet_module.PodNetwork(name) as net:
+        server = CrishimProcess("--sandboxes", f"{SANDBOX}={net.path}", *server_args).start()
+        try:
+            yield name, server
+        finally:
+            server.stop(signal.SIGKILL)
+
+
+def make_fatal(event: str, netns: str, server: CrishimProcess) -> None:
+    if event == "netns-deleted":
+        assert delete_named_netns(netns)
+    elif event == "server-draining":
+        server.proc.send_signal(signal.SIGTERM)
+    else:
+        server.proc.kill()
+
+
+def connect_until_it_ends(cli: PortForwardCLI, port: int, payload: bytes,
+                          limit: float = 30.0) -> None:
+    """Local connections, one after another, until the command ends; fails after `limit`
+    seconds of forwarding on."""
+    deadline = time.monotonic() + limit
+    while cli.proc.poll() is None:
+        assert time.monotonic() < deadline, f"still forwarding: {cli.stderr[-5:]}"
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(payload)
+                s.recv(100)
+        except OSError:
+            pass
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("event", FATAL_EVENTS)
+@pytest.mark.parametrize("transport", ["spdy", "spdy-over-websocket", "h2"])
+def test_a_fatal_condition_ends_port_forward_with_exit_1_on_every_transport(transport, event):
+    """The sandbox's netns deleted, crishim serve draining or killed: the command ends with
+    exit 1 and kubectl's `error: lost connection to pod` (on the error text, the GOAWAY or
+    the session's end; HTTP/2 refuses new streams until the drain deadline). On error
+    text, kubectl's two lines: it was one, `error: an error occurred forwarding …`."""
+    with doomed_pod("--drain-timeout", "4s") as (netns, server):
+        port = free_port()
+        with PortForwardCLI(server, f"{port}:{HTTP_PORT}", transport=transport) as cli:
+            cli.forwarding(1)
+            assert peers.http_get(port).endswith(HTTP_BODY)
+            make_fatal(event, netns, server)
+            connect_until_it_ends(cli, port, b"GET / HTTP/1.0\r\n\r\n")
+            assert cli.proc.wait(10) == 1
+            last = cli.wait_stderr(r"^error: ")
+    assert last.startswith("error: lost connection to pod"), cli.stderr
+    assert cli.stderr[-1] == last, cli.stderr
+    assert not any("Traceback" in line for line in cli.stderr)
+    if event == "netns-deleted":
+        # kubectl's two lines: the connection's error, then the session lost
+        assert last == "error: lost connection to pod", cli.stderr
+        fatal = [line for line in cli.stderr if "an error occurred forwarding" in line]
+        assert len(fatal) == 1 and fatal[0].startswith("E"), cli.stderr
+        assert f"portforward] an error occurred forwarding {port} -> {HTTP_PORT}: " \
+            in fatal[0] and "no longer exists" in fatal[0], fatal
 
 
 # --------------------------------------------------------------------------- errors
