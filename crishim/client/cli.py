@@ -98,7 +98,10 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                     "losing the session, ends it with exit status 1 and 'error: lost "
                     "connection to pod', as kubectl (after the server's GOAWAY, live "
                     "connections go on, new ones are refused and the session is lost with "
-                    "the last); Ctrl-C or SIGTERM, also while starting, ends it with 0.")
+                    "the last; with --transport websocket, where every failure is text, a "
+                    "failure ends it when the runtime's CRI then says the sandbox is gone "
+                    "or the runtime unavailable); Ctrl-C or SIGTERM, also while starting, "
+                    "ends it with 0.")
     pf.add_argument("sandbox", metavar="TARGET",
                     help="pod sandbox id; with --kubeconfig: pod/NAME or NAME")
     pf.add_argument("ports", metavar="[LOCAL:]REMOTE[/udp]", nargs="+", help="port specs")

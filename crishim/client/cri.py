@@ -26,6 +26,12 @@ class CriError(Exception):
         super().__init__(message)
         self.code = code
 
+    @property
+    def sandbox_lost(self) -> bool:
+        """The sandbox is gone (NOT_FOUND) or its runtime cannot serve it (UNAVAILABLE:
+        unreachable, shutting down): port-forward to it ends, as kubectl's does."""
+        return self.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE)
+
 
 def default_endpoint() -> str:
     return os.environ.get("CONTAINER_RUNTIME_ENDPOINT") or DEFAULT_ENDPOINT

@@ -106,6 +106,28 @@ class CriOpener:
             spare.cancel()
         self._spares.clear()
 
+    async def sandbox_problem(self, ports: list[int], since: float) -> CriError | None:
+        """After a connection to `ports` failed (at loop time `since`): the runtime's
+        CriError if its CRI call for their next session, asked at or after `since` (the
+        spare's, kept for the next connection), says the sandbox is lost; else None."""
+        key = tuple(ports)
+        entry = self._spares.get(key)
+        if entry is not None and entry[0] >= since:
+            spare = entry[1]
+        else:  # none, or asked before the failure: asked again now
+            timer = self._wanted.pop(key, None)
+            if timer is not None:
+                timer.cancel()
+            if entry is not None:
+                entry[1].add_done_callback(_close_unused)
+                entry[1].cancel()
+            spare = self._ask_spare(ports)
+        await asyncio.wait([spare])  # not cancelled with this task: the next connection's
+        if spare.cancelled():
+            return None
+        problem = spare.exception()
+        return problem if isinstance(problem, CriError) and problem.sandbox_lost else None
+
     # --- the next connection's ----------------------------------------------------------
     def _fetch(self, ports: list[int]) -> asyncio.Future[str]:
         return asyncio.get_running_loop().run_in_executor(None, self.cri.port_forward,
@@ -158,6 +180,9 @@ class CriOpener:
         if timer is None:
             return  # asked for already
         timer.cancel()
+        self._ask_spare(ports)
+
+    def _ask_spare(self, ports: list[int]) -> asyncio.Future[str | ClientSession]:
         spare: asyncio.Future[str | ClientSession]
         if self.opens_ahead:
             spare = asyncio.ensure_future(self._open_ahead(ports))
@@ -165,6 +190,7 @@ class CriOpener:
             spare = cast("asyncio.Future[str | ClientSession]", self._fetch(ports))
         spare.add_done_callback(lambda f: f.cancelled() or f.exception())  # unused: no error
         self._spares[tuple(ports)] = (asyncio.get_running_loop().time(), spare)
+        return spare
 
 
 def _close_unused(spare: asyncio.Future[str | ClientSession]) -> None:
@@ -427,6 +453,7 @@ class PortForwarder:
         self._udp_errors_timer: asyncio.TimerHandle | None = None
         self.finished: asyncio.Future[tuple[int, str]] | None = None
         self.stopped = False  # Ctrl-C or SIGTERM came
+        self._asking: set[asyncio.Task[None]] = set()  # the runtime, after a failure alone
 
     async def start(self) -> asyncio.Future[tuple[int, str]]:
         """Connect and listen; the future resolves with (exit status, message) at the end."""
@@ -564,6 +591,7 @@ class PortForwarder:
         asyncio.get_running_loop().create_task(self._connect(pipe, local))
 
     async def _connect(self, pipe: _Pipe, local: asyncio.Transport) -> None:
+        where = f"{pipe.local_port} -> {pipe.spec.remote}"
         try:
             session = self.session
             if session is None:
@@ -571,9 +599,19 @@ class PortForwarder:
                 session = pipe.session = await self.opener("websocket", ports, 0)
             stream, _ = await session.open_connection(pipe.spec.remote,
                                                       lambda: _RemoteSide(pipe, local))
-        except (SessionError, CriError) as e:
-            log_error(f"error forwarding port {pipe.local_port} -> {pipe.spec.remote}: {e}")
+        except CriError as e:  # the next WebSocket's CRI call
             local.abort()
+            if e.sandbox_lost:
+                self._lost(where, e)
+            elif not self._ending():
+                log_error(f"error forwarding port {where}: {e}")
+            return
+        except SessionError as e:
+            local.abort()
+            if self.transport == "websocket":
+                self._failed_alone(where, [pipe.spec.remote], e)
+            elif not self._ending():
+                log_error(f"error forwarding port {where}: {e}")
             return
         if pipe.done:
             stream.abort()
@@ -590,8 +628,34 @@ class PortForwarder:
         where = f"{pipe.local_port} -> {pipe.spec.remote}"
         if exc.fatal:
             self._lost(where, exc)  # client-go ends the session on error-stream text
+        elif pipe.session is not None:  # its own WebSocket: error text is not fatal there
+            self._failed_alone(where, [pipe.spec.remote], exc)
         else:
             log_error(f"error forwarding port {where}: {exc}")
+
+    def _failed_alone(self, where: str, ports: list[int], error: Exception) -> None:
+        """A connection on a WebSocket of its own failed. The channel protocol writes every
+        failure as text (docs/protocol.md §3.4), a refused port as a sandbox gone, so the
+        runtime is asked: the CRI call for the ports' next WebSocket, made now. Its
+        NOT_FOUND or UNAVAILABLE ends the command, as a fatal error text ends a SPDY or
+        HTTP/2 session (§6); otherwise the connection's E line, and forwarding goes on."""
+        ask = getattr(self.opener, "sandbox_problem", None)
+        if ask is None:  # not a CriOpener: nothing to ask
+            if not self._ending():
+                log_error(f"error forwarding port {where}: {error}")
+            return
+        since = asyncio.get_running_loop().time()
+
+        async def confirm() -> None:
+            problem = await ask(ports, since)
+            if problem is not None:
+                self._lost(where, error)
+            elif not self._ending():
+                log_error(f"error forwarding port {where}: {error}")
+
+        task = asyncio.get_running_loop().create_task(confirm())
+        self._asking.add(task)
+        task.add_done_callback(self._asking.discard)
 
     def _lost(self, where: str, error: object) -> None:
         """A fatal error of one connection ends the command as client-go ends kubectl's:
@@ -621,6 +685,8 @@ class PortForwarder:
     def close(self) -> None:
         for server in self.servers:
             server.close()
+        for task in self._asking:
+            task.cancel()
         for listener in self.udp_listeners:
             listener.close()
         if self._udp_errors_timer is not None:  # the count of lines not shown, now

@@ -27,6 +27,7 @@ from tests.support import SANDBOX, peers, until
 from tests.support.crishim_proc import CrishimProcess
 from tests.support.fake_servers import FakeServer
 from tests.support.podnet import (
+    CLOSED_PORT,
     ECHO_PORT,
     HTTP_BODY,
     HTTP_PORT,
@@ -521,17 +522,27 @@ def connect_until_it_ends(cli: PortForwardCLI, port: int, payload: bytes,
 
 
 @pytest.mark.parametrize("event", FATAL_EVENTS)
-@pytest.mark.parametrize("transport", ["spdy", "spdy-over-websocket", "h2"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_fatal_condition_ends_port_forward_with_exit_1_on_every_transport(transport, event):
-    """The sandbox's netns deleted, crishim serve draining or killed: the command ends with
-    exit 1 and kubectl's `error: lost connection to pod` (on the error text, the GOAWAY or
-    the session's end; HTTP/2 refuses new streams until the drain deadline). On error
-    text, kubectl's two lines: it was one, `error: an error occurred forwarding …`."""
+    """The sandbox's netns deleted, crishim serve draining or killed: every transport ends
+    the command with exit 1 and kubectl's `error: lost connection to pod` (SPDY, HTTP/2:
+    on the error text, the GOAWAY or the session's end; HTTP/2 refuses new streams until
+    the drain deadline). The channel WebSocket, where every failure is error text and
+    each connection a WebSocket of its own, forwarded on and printed an E line per
+    connection; now the runtime, asked, says the sandbox is lost (NOT_FOUND,
+    UNAVAILABLE), and it ends the same way."""
     with doomed_pod("--drain-timeout", "4s") as (netns, server):
         port = free_port()
         with PortForwardCLI(server, f"{port}:{HTTP_PORT}", transport=transport) as cli:
             cli.forwarding(1)
             assert peers.http_get(port).endswith(HTTP_BODY)
+            if transport == "websocket":
+                # the next connection's WebSocket, opened ahead (the probe's, the GET's,
+                # this one): the netns case then meets the error text on its channel
+                deadline = time.monotonic() + 20
+                while server.log().count("session started: transport=websocket") < 3:
+                    assert time.monotonic() < deadline, server.log()[-2000:]
+                    time.sleep(0.05)
             make_fatal(event, netns, server)
             connect_until_it_ends(cli, port, b"GET / HTTP/1.0\r\n\r\n")
             assert cli.proc.wait(10) == 1
@@ -539,13 +550,38 @@ def test_a_fatal_condition_ends_port_forward_with_exit_1_on_every_transport(tran
     assert last.startswith("error: lost connection to pod"), cli.stderr
     assert cli.stderr[-1] == last, cli.stderr
     assert not any("Traceback" in line for line in cli.stderr)
-    if event == "netns-deleted":
+    if event == "netns-deleted" or transport == "websocket":
         # kubectl's two lines: the connection's error, then the session lost
         assert last == "error: lost connection to pod", cli.stderr
         fatal = [line for line in cli.stderr if "an error occurred forwarding" in line]
         assert len(fatal) == 1 and fatal[0].startswith("E"), cli.stderr
         assert f"portforward] an error occurred forwarding {port} -> {HTTP_PORT}: " \
-            in fatal[0] and "no longer exists" in fatal[0], fatal
+            in fatal[0], fatal
+        if event == "netns-deleted":
+            assert "no longer exists" in fatal[0], fatal
+
+
+@pytest.mark.parametrize("failure", ["refused", "reset"])
+def test_websocket_failures_of_one_connection_leave_forwarding_on(crishim, failure):
+    """A refused port or a reset from the pod is error text on the channel protocol too:
+    the runtime, asked, still has the sandbox, so that connection's E line, and forwarding
+    goes on."""
+    local, http_local = free_port(), free_port()
+    remote = CLOSED_PORT if failure == "refused" else RESET_PORT
+    with PortForwardCLI(crishim, f"{local}:{remote}", f"{http_local}:{HTTP_PORT}",
+                        transport="websocket") as cli:
+        cli.forwarding(2)
+        for _ in range(3):
+            assert peers.reset_by_pod(local) == b""
+        deadline = time.monotonic() + 20
+        while sum(f"error forwarding port {local} -> {remote}" in line
+                  for line in cli.stderr) < 3:
+            assert time.monotonic() < deadline, cli.stderr
+            time.sleep(0.05)
+        assert peers.http_get(http_local).endswith(HTTP_BODY)
+        assert cli.proc.poll() is None, cli.stderr
+        assert cli.interrupt() == 0
+    assert not any("an error occurred" in line for line in cli.stderr), cli.stderr
 
 
 # --------------------------------------------------------------------------- errors
