@@ -121,8 +121,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                          "with --kubeconfig: auto, spdy-over-websocket falling back to "
                          "spdy; auto needs --kubeconfig]")
     pf.add_argument("--address", action="append", metavar="ADDR",
-                    help="local addresses to listen on, repeatable or comma-separated; "
-                         "'localhost' means 127.0.0.1 and ::1 [default: localhost]")
+                    help="local addresses to listen on, repeatable or comma-separated: "
+                         "IP addresses or 'localhost', which means 127.0.0.1 and ::1, as "
+                         "kubectl [default: localhost]")
     pf.add_argument("--ping-interval", type=_ping_interval, default=5.0, metavar="SECONDS",
                     help="keepalive PING interval on SPDY and h2 sessions, 0 for none; "
                          "a server that sends nothing at all, not even the answer, for "
@@ -198,6 +199,7 @@ def cmd_port_forward(args: argparse.Namespace) -> int:
         if args.transport == "auto":
             raise portforward.UsageError("--transport auto needs --kubeconfig")
         specs = portforward.parse_port_specs(args.ports)
+        addresses = portforward.listen_addresses(args.address)
         cri = CriClient(_endpoint(args), timeout=args.timeout)
     except (portforward.UsageError, CriError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -207,8 +209,7 @@ def cmd_port_forward(args: argparse.Namespace) -> int:
     freeze_startup_objects()
     with cri:
         return uvloop.run(portforward.run(
-            opener, specs, args.transport or "spdy", portforward.listen_hosts(args.address),
-            args.ping_interval))
+            opener, specs, args.transport or "spdy", addresses, args.ping_interval))
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -225,6 +226,7 @@ def _port_forward_through_cluster(args: argparse.Namespace) -> int:
     term = signal.signal(signal.SIGTERM, _interrupt)
     try:
         specs = portforward.parse_port_specs(args.ports)
+        addresses = portforward.listen_addresses(args.address)
         name = cluster.pod_name(args.sandbox)
         target = cluster.load_cluster(args.kubeconfig, args.context, args.namespace,
                                       args.insecure_skip_tls_verify,
@@ -243,8 +245,7 @@ def _port_forward_through_cluster(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, term)
     freeze_startup_objects()
     return uvloop.run(portforward.run(
-        forward.open, specs, forward.transport, portforward.listen_hosts(args.address),
-        args.ping_interval))
+        forward.open, specs, forward.transport, addresses, args.ping_interval))
 
 
 def cmd_check(args: argparse.Namespace) -> int:

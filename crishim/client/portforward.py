@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import ipaddress
 import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import cast
 
@@ -280,18 +281,45 @@ def parse_port_specs(texts: list[str]) -> list[PortSpec]:
     return specs
 
 
-def listen_hosts(addresses: list[str]) -> list[str]:
-    """kubectl's --address: `localhost` means 127.0.0.1 and ::1; comma lists allowed."""
-    hosts: list[str] = []
-    for item in addresses or ["localhost"]:
-        for addr in item.split(","):
-            addr = addr.strip().strip("[]")
-            if not addr:
-                continue
-            for host in (["127.0.0.1", "::1"] if addr == "localhost" else [addr]):
-                if host not in hosts:
-                    hosts.append(host)
-    return hosts
+@dataclass(frozen=True)
+class ListenAddress:
+    """One local address to listen on, as kubectl's --address names it."""
+
+    text: str  # as given: the Forwarding lines show it so
+    bind: str  # what the socket binds: an IPv4-mapped IPv6 address binds its IPv4 address
+    family: socket.AddressFamily
+    localhost: bool  # one of localhost's two (kubectl's failure mode "all")
+
+
+def listen_addresses(addresses: list[str] | None) -> list[ListenAddress]:
+    """kubectl's --address (parseAddresses): `localhost` (127.0.0.1 and ::1) or IP
+    literals, repeatable or comma-separated, listened on in the order kubectl sorts them;
+    anything else is a UsageError (`X is not a valid IP`), as kubectl refuses it."""
+    given = ["localhost"] if addresses is None else \
+        [item for value in addresses if value for item in value.split(",")]
+    if not given:  # --address '': kubectl's words
+        raise UsageError("you must specify at least 1 address")
+    chosen: dict[str, ListenAddress] = {}
+    for text in given:
+        if text == "localhost":
+            for host, family in (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6)):
+                chosen.setdefault(host, ListenAddress(host, host, family, localhost=True))
+            continue
+        try:
+            if "%" in text:  # a zone: ipaddress takes it, kubectl does not
+                raise ValueError(text)
+            ip = ipaddress.ip_address(text)
+        except ValueError:
+            shown_text = text if text.isprintable() and len(text) <= 64 else shown(text, 64)
+            raise UsageError(f"{shown_text} is not a valid IP") from None
+        mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+        if mapped is not None:  # kubectl listens on tcp4 for it, the line shows it as given
+            chosen[text] = ListenAddress(text, str(mapped), socket.AF_INET, localhost=False)
+        else:
+            chosen[text] = ListenAddress(
+                text, text, socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
+                localhost=False)
+    return [chosen[text] for text in sorted(chosen)]
 
 
 def _show(host: str) -> str:
@@ -438,11 +466,11 @@ class _RemoteSide(asyncio.Protocol):
 
 class PortForwarder:
     def __init__(self, opener: SessionOpener, specs: list[PortSpec], transport: str,
-                 hosts: list[str], ping_interval: float = 5.0) -> None:
+                 addresses: list[ListenAddress], ping_interval: float = 5.0) -> None:
         self.opener = opener
         self.specs = specs
         self.transport = transport
-        self.hosts = hosts
+        self.addresses = addresses
         self.ping_interval = ping_interval
         self.session: ClientSession | None = None
         self.servers: list[asyncio.AbstractServer] = []
@@ -493,57 +521,53 @@ class PortForwarder:
 
     async def _listen(self, spec: PortSpec) -> None:
         loop = asyncio.get_running_loop()
-        bound = 0
-        for host in self.hosts:
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind((host, spec.local))
-                sock.listen(LISTEN_BACKLOG)
-            except OSError as e:
-                sock.close()
-                if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) and host == "::1":
-                    continue  # no IPv6 loopback on this host: like kubectl, go on
-                raise UsageError(f"unable to listen on {_show(host)}:{spec.local}: "
-                                 f"{e.strerror}") from None
-            if spec.local == 0:
-                spec.local = sock.getsockname()[1]
+        for address, sock in self._bind(spec, socket.SOCK_STREAM):
             server = await loop.create_server(
                 functools.partial(_LocalSide, self, spec, spec.local), sock=sock,
                 backlog=LISTEN_BACKLOG)
             self.servers.append(server)
-            bound += 1
-            print(f"Forwarding from {_show(host)}:{spec.local} -> {spec.remote}", flush=True)
-        if not bound:
-            raise UsageError(f"unable to listen on any address for port {spec.local}")
+            print(f"Forwarding from {_show(address.text)}:{spec.local} -> {spec.remote}",
+                  flush=True)
 
     async def _listen_udp(self, spec: PortSpec) -> None:
-        bound = 0
-        for host in self.hosts:
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_DGRAM)
-            try:
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind((host, spec.local))
-            except OSError as e:
-                sock.close()
-                if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) and host == "::1":
-                    continue
-                raise UsageError(f"unable to listen on {_show(host)}:{spec.local}/udp: "
-                                 f"{e.strerror}") from None
-            if spec.local == 0:
-                spec.local = sock.getsockname()[1]
+        for address, sock in self._bind(spec, socket.SOCK_DGRAM):
             self.udp_listeners.append(UdpListener(sock, spec.remote, spec.local,
                                                   self._open_flow, self._flow_failed))
-            bound += 1
-            print(f"Forwarding from {_show(host)}:{spec.local} -> {spec.remote_text}",
+            print(f"Forwarding from {_show(address.text)}:{spec.local} -> {spec.remote_text}",
                   flush=True)
+
+    def _bind(self, spec: PortSpec, kind: socket.SocketKind
+              ) -> Iterator[tuple[ListenAddress, socket.socket]]:
+        """A socket bound (and listening, for TCP) on each address in turn, for the caller
+        to use before the next is bound (spec.local, 0 at first, is the first one's port);
+        a UsageError for one that cannot be bound, but localhost's ::1 where the host has
+        no IPv6 loopback."""
+        protocol = "/udp" if kind == socket.SOCK_DGRAM else ""
+        bound = 0
+        for address in self.addresses:
+            sock = socket.socket(address.family, kind)
+            try:
+                if kind == socket.SOCK_STREAM:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if address.family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((address.bind, spec.local))
+                if kind == socket.SOCK_STREAM:
+                    sock.listen(LISTEN_BACKLOG)
+            except OSError as e:
+                sock.close()
+                if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) and \
+                        address.localhost and address.family == socket.AF_INET6:
+                    continue  # no IPv6 loopback on this host: like kubectl, go on
+                raise UsageError(f"unable to listen on {_show(address.text)}:{spec.local}"
+                                 f"{protocol}: {e.strerror}") from None
+            if spec.local == 0:
+                spec.local = sock.getsockname()[1]
+            bound += 1
+            yield address, sock
         if not bound:
-            raise UsageError(f"unable to listen on any address for port {spec.local}/udp")
+            raise UsageError(f"unable to listen on any address for port {spec.local}"
+                             f"{protocol}")
 
     def _open_flow(self, port: int, protocol_factory: Callable[[], asyncio.Protocol]
                    ) -> asyncio.Transport:
@@ -704,8 +728,8 @@ class PortForwarder:
 
 
 async def run(opener: SessionOpener, specs: list[PortSpec], transport: str,
-              hosts: list[str], ping_interval: float) -> int:
-    forwarder = PortForwarder(opener, specs, transport, hosts, ping_interval)
+              addresses: list[ListenAddress], ping_interval: float) -> int:
+    forwarder = PortForwarder(opener, specs, transport, addresses, ping_interval)
     loop = asyncio.get_running_loop()
     starting = asyncio.ensure_future(forwarder.start())
 

@@ -632,6 +632,53 @@ def test_local_port_in_use_is_one_line_and_nonzero(crishim):
     assert_one_error_line(r, rf"unable to listen on 127\.0\.0\.1:{port}: .*in use")
 
 
+@pytest.mark.parametrize("address, shown", [
+    ("[::1]", "[::1]"),  # crishim took the brackets off
+    ("LOCALHOST", "LOCALHOST"),  # and resolved names: Forwarding from LOCALHOST:...
+    ("ip6-localhost", "ip6-localhost"),
+    ("fe80::1%lo", "fe80::1%lo"),  # a zone: Python's ipaddress takes it, kubectl does not
+    ("127.0.0.1,", ""),  # an empty item of a list
+])
+def test_an_address_that_is_not_localhost_or_an_ip_is_refused_as_kubectl(crishim, address,
+                                                                         shown):
+    r = run_cli(SANDBOX, f"{free_port()}:{HTTP_PORT}", "--runtime-endpoint", crishim.socket,
+                "--address", address, timeout=15)
+    assert r.returncode == 1
+    assert r.stderr == f"error: {shown} is not a valid IP\n"
+    assert r.stdout == ""
+
+
+def test_no_address_at_all_is_refused_as_kubectl(crishim):
+    r = run_cli(SANDBOX, f"{free_port()}:{HTTP_PORT}", "--runtime-endpoint", crishim.socket,
+                "--address", "", timeout=15)
+    assert r.returncode == 1
+    assert r.stderr == "error: you must specify at least 1 address\n"
+
+
+def test_an_ipv4_mapped_address_listens_on_its_ipv4_address_as_kubectl(crishim):
+    """kubectl binds ::ffff:127.0.0.1 as tcp4 (127.0.0.1) and shows it as given; crishim
+    set IPV6_V6ONLY on an IPv6 socket for it and the bind failed (EINVAL)."""
+    port = free_port()
+    with PortForwardCLI(crishim, f"{port}:{HTTP_PORT}",
+                        extra=("--address", "::ffff:127.0.0.1")) as cli:
+        assert cli.read_lines(1) == [f"Forwarding from [::ffff:127.0.0.1]:{port} -> "
+                                     f"{HTTP_PORT}"]
+        assert peers.http_get(port, "127.0.0.1").endswith(HTTP_BODY)
+        assert cli.interrupt() == 0
+    assert not cli.stderr
+
+
+def test_explicit_addresses_are_listened_on_in_kubectls_order(crishim):
+    """kubectl sorts its addresses: `--address ::1,127.0.0.1` lists 127.0.0.1 first."""
+    if not ipv6_loopback():
+        pytest.skip("no IPv6 loopback on this host")
+    port = free_port()
+    with PortForwardCLI(crishim, f"{port}:{HTTP_PORT}", extra=("--address", "::1,127.0.0.1")
+                        ) as cli:
+        assert cli.read_lines(2) == expected_forwarding(port, HTTP_PORT)
+        assert cli.interrupt() == 0
+
+
 def test_unreachable_endpoint_is_one_line_and_nonzero(tmp_path):
     r = run_cli(SANDBOX, "8080", "--runtime-endpoint", f"unix://{tmp_path}/none.sock")
     assert_one_error_line(r, rf"cannot reach the runtime at unix://{tmp_path}/none\.sock")
