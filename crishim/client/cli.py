@@ -122,8 +122,10 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                          "spdy; auto needs --kubeconfig]")
     pf.add_argument("--address", action="append", metavar="ADDR",
                     help="local addresses to listen on, repeatable or comma-separated: "
-                         "IP addresses or 'localhost', which means 127.0.0.1 and ::1, as "
-                         "kubectl [default: localhost]")
+                         "IP addresses or 'localhost', which means 127.0.0.1 and ::1 (as "
+                         "kubectl, where one of those two cannot be bound the other is "
+                         "used alone; any other that cannot be bound is an error) "
+                         "[default: localhost]")
     pf.add_argument("--ping-interval", type=_ping_interval, default=5.0, metavar="SECONDS",
                     help="keepalive PING interval on SPDY and h2 sessions, 0 for none; "
                          "a server that sends nothing at all, not even the answer, for "

@@ -5,7 +5,6 @@ server's pods/portforward: crishim/client/cluster.py opens those sessions)."""
 from __future__ import annotations
 
 import asyncio
-import errno
 import functools
 import ipaddress
 import signal
@@ -288,7 +287,9 @@ class ListenAddress:
     text: str  # as given: the Forwarding lines show it so
     bind: str  # what the socket binds: an IPv4-mapped IPv6 address binds its IPv4 address
     family: socket.AddressFamily
-    localhost: bool  # one of localhost's two (kubectl's failure mode "all")
+    # one of localhost's two: passed over when it cannot be bound while the other binds
+    # (kubectl's failure mode "all"); any other address that cannot be bound is an error
+    localhost: bool
 
 
 def listen_addresses(addresses: list[str] | None) -> list[ListenAddress]:
@@ -539,11 +540,13 @@ class PortForwarder:
     def _bind(self, spec: PortSpec, kind: socket.SocketKind
               ) -> Iterator[tuple[ListenAddress, socket.socket]]:
         """A socket bound (and listening, for TCP) on each address in turn, for the caller
-        to use before the next is bound (spec.local, 0 at first, is the first one's port);
-        a UsageError for one that cannot be bound, but localhost's ::1 where the host has
-        no IPv6 loopback."""
+        to use before the next is bound (spec.local, 0 at first, is the first one's port).
+        As kubectl (client-go listenOnPort): one of localhost's two addresses that cannot
+        be bound (in use, no IPv6 loopback) is passed over, silently, while the other
+        binds; any other address that cannot be bound is a UsageError."""
         protocol = "/udp" if kind == socket.SOCK_DGRAM else ""
-        bound = 0
+        failed: list[str] = []  # localhost's that could not be bound
+        localhost_bound = False
         for address in self.addresses:
             sock = socket.socket(address.family, kind)
             try:
@@ -556,18 +559,17 @@ class PortForwarder:
                     sock.listen(LISTEN_BACKLOG)
             except OSError as e:
                 sock.close()
-                if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) and \
-                        address.localhost and address.family == socket.AF_INET6:
-                    continue  # no IPv6 loopback on this host: like kubectl, go on
-                raise UsageError(f"unable to listen on {_show(address.text)}:{spec.local}"
-                                 f"{protocol}: {e.strerror}") from None
+                why = f"{_show(address.text)}:{spec.local}{protocol}: {e.strerror}"
+                if not address.localhost:
+                    raise UsageError(f"unable to listen on {why}") from None
+                failed.append(why)
+                continue
             if spec.local == 0:
                 spec.local = sock.getsockname()[1]
-            bound += 1
+            localhost_bound = localhost_bound or address.localhost
             yield address, sock
-        if not bound:
-            raise UsageError(f"unable to listen on any address for port {spec.local}"
-                             f"{protocol}")
+        if failed and not localhost_bound:
+            raise UsageError(f"unable to listen on {'; '.join(failed)}")
 
     def _open_flow(self, port: int, protocol_factory: Callable[[], asyncio.Protocol]
                    ) -> asyncio.Transport:

@@ -34,8 +34,10 @@ from tests.support.podnet import (
     RESET_PORT,
     SINK_PORT,
     SOURCE_PORT,
+    UDP_ECHO_PORT,
     source_bytes,
 )
+from tests.support.udp_peers import exchange
 
 TRANSPORTS = ["spdy", "websocket", "spdy-over-websocket", "h2"]
 MIB8 = 8 << 20
@@ -623,13 +625,64 @@ def test_a_local_port_given_twice_is_refused_before_forwarding(crishim):
     assert r.stdout == ""  # no 'Forwarding from' for the first one
 
 
-def test_local_port_in_use_is_one_line_and_nonzero(crishim):
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen(1)
-        port = busy.getsockname()[1]
-        r = run_cli(SANDBOX, f"{port}:{HTTP_PORT}", "--runtime-endpoint", crishim.socket)
-    assert_one_error_line(r, rf"unable to listen on 127\.0\.0\.1:{port}: .*in use")
+def _taken(host: str, port: int, protocol: str) -> socket.socket:
+    """A socket of this test's holding `port` on `host` (listening, for TCP)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM if protocol == "udp" else socket.SOCK_STREAM)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((host, port))
+    if protocol == "tcp":
+        sock.listen(1)
+    return sock
+
+
+@pytest.mark.parametrize("protocol", ["tcp", "udp"])
+def test_local_port_in_use_on_every_address_is_one_line_and_nonzero(crishim, protocol):
+    """kubectl fails a local port only when none of localhost's addresses can be bound."""
+    port = free_port()
+    suffix = "/udp" if protocol == "udp" else ""
+    hosts = ["127.0.0.1", "::1"] if ipv6_loopback() else ["127.0.0.1"]
+    held = [_taken(host, port, protocol) for host in hosts]
+    try:
+        r = run_cli(SANDBOX, f"{port}:{HTTP_PORT}{suffix}", "--runtime-endpoint",
+                    crishim.socket)
+    finally:
+        for sock in held:
+            sock.close()
+    assert_one_error_line(r, rf"^error: unable to listen on 127\.0\.0\.1:{port}{suffix}: "
+                             r".*in use")
+    if len(hosts) == 2:
+        assert re.search(rf"; \[::1\]:{port}{suffix}: .*in use$", r.stderr.strip()), r.stderr
+    assert r.stdout == ""
+
+
+@pytest.mark.parametrize("protocol", ["tcp", "udp"])
+@pytest.mark.parametrize("busy", ["127.0.0.1", "::1"])
+def test_one_busy_localhost_address_leaves_the_other_forwarding(crishim, busy, protocol):
+    """kubectl 1.27 and 1.32 (client-go listenOnPort): where one of localhost's two
+    addresses is taken for the local port, the other forwards alone, with its Forwarding
+    line only and nothing on stderr; crishim exited 1."""
+    if not ipv6_loopback():
+        pytest.skip("no IPv6 loopback on this host: localhost is 127.0.0.1 alone")
+    free = "::1" if busy == "127.0.0.1" else "127.0.0.1"
+    shown_free = f"[{free}]" if ":" in free else free
+    port = free_port()
+    remote = UDP_ECHO_PORT if protocol == "udp" else HTTP_PORT
+    remote_text = f"{remote}/udp" if protocol == "udp" else str(remote)
+    with _taken(busy, port, protocol), \
+            PortForwardCLI(crishim, f"{port}:{remote_text}") as cli:
+        assert cli.read_lines(1) == [f"Forwarding from {shown_free}:{port} -> {remote_text}"]
+        if protocol == "udp":
+            assert exchange(port, [b"over " + free.encode()], host=free) == \
+                [b"over " + free.encode()]
+        else:
+            assert peers.http_get(port, free).endswith(HTTP_BODY)
+        handled = f"Handling connection for {port}" + ("/udp" if protocol == "udp" else "")
+        assert cli.read_lines(1) == [handled]
+        assert cli.interrupt() == 0
+    assert cli.stdout == [f"Forwarding from {shown_free}:{port} -> {remote_text}", handled]
+    assert cli.stderr == []
 
 
 @pytest.mark.parametrize("address, shown", [
