@@ -95,10 +95,13 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                     "Prints 'Forwarding from 127.0.0.1:L -> R' per listener and "
                     "'Handling connection for L' per connection. One failed connection is "
                     "reported and the session goes on; an error text from the server, or "
-                    "losing the session, ends it with exit status 1 (after the server's "
-                    "GOAWAY, live connections go on, new ones are refused and the session "
-                    "is lost with the last); Ctrl-C or SIGTERM, also while starting, ends "
-                    "it with 0.")
+                    "losing the session, ends it with exit status 1 and 'error: lost "
+                    "connection to pod', as kubectl (after the server's GOAWAY, live "
+                    "connections go on, new ones are refused and the session is lost with "
+                    "the last; with --transport websocket, where every failure is text, a "
+                    "failure ends it when the runtime's CRI then says the sandbox is gone "
+                    "or the runtime unavailable); Ctrl-C or SIGTERM, also while starting, "
+                    "ends it with 0.")
     pf.add_argument("sandbox", metavar="TARGET",
                     help="pod sandbox id; with --kubeconfig: pod/NAME or NAME")
     pf.add_argument("ports", metavar="[LOCAL:]REMOTE[/udp]", nargs="+", help="port specs")
@@ -118,8 +121,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                          "with --kubeconfig: auto, spdy-over-websocket falling back to "
                          "spdy; auto needs --kubeconfig]")
     pf.add_argument("--address", action="append", metavar="ADDR",
-                    help="local addresses to listen on, repeatable or comma-separated; "
-                         "'localhost' means 127.0.0.1 and ::1 [default: localhost]")
+                    help="local addresses to listen on, repeatable or comma-separated: "
+                         "IP addresses or 'localhost', which means 127.0.0.1 and ::1 (as "
+                         "kubectl, where one of those two cannot be bound the other is "
+                         "used alone; any other that cannot be bound is an error) "
+                         "[default: localhost]")
     pf.add_argument("--ping-interval", type=_ping_interval, default=5.0, metavar="SECONDS",
                     help="keepalive PING interval on SPDY and h2 sessions, 0 for none; "
                          "a server that sends nothing at all, not even the answer, for "
@@ -195,6 +201,7 @@ def cmd_port_forward(args: argparse.Namespace) -> int:
         if args.transport == "auto":
             raise portforward.UsageError("--transport auto needs --kubeconfig")
         specs = portforward.parse_port_specs(args.ports)
+        addresses = portforward.listen_addresses(args.address)
         cri = CriClient(_endpoint(args), timeout=args.timeout)
     except (portforward.UsageError, CriError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -204,8 +211,7 @@ def cmd_port_forward(args: argparse.Namespace) -> int:
     freeze_startup_objects()
     with cri:
         return uvloop.run(portforward.run(
-            opener, specs, args.transport or "spdy", portforward.listen_hosts(args.address),
-            args.ping_interval))
+            opener, specs, args.transport or "spdy", addresses, args.ping_interval))
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -222,6 +228,7 @@ def _port_forward_through_cluster(args: argparse.Namespace) -> int:
     term = signal.signal(signal.SIGTERM, _interrupt)
     try:
         specs = portforward.parse_port_specs(args.ports)
+        addresses = portforward.listen_addresses(args.address)
         name = cluster.pod_name(args.sandbox)
         target = cluster.load_cluster(args.kubeconfig, args.context, args.namespace,
                                       args.insecure_skip_tls_verify,
@@ -240,8 +247,7 @@ def _port_forward_through_cluster(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, term)
     freeze_startup_objects()
     return uvloop.run(portforward.run(
-        forward.open, specs, forward.transport, portforward.listen_hosts(args.address),
-        args.ping_interval))
+        forward.open, specs, forward.transport, addresses, args.ping_interval))
 
 
 def cmd_check(args: argparse.Namespace) -> int:

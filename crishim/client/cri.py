@@ -14,6 +14,9 @@ from crishim.cri import api_pb2, api_pb2_grpc, netns_path_from_spec
 from crishim.sysutil import socket_path_problem
 
 DEFAULT_ENDPOINT = "unix:///run/crishim/crishim.sock"
+# how gRPC's UNAVAILABLE begins when the channel could not connect to the socket (nothing
+# listens, no permission): the runtime never saw the call
+CONNECT_FAILED = "failed to connect to all addresses"
 
 
 class CriError(Exception):
@@ -22,6 +25,12 @@ class CriError(Exception):
     def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
         super().__init__(message)
         self.code = code
+
+    @property
+    def sandbox_lost(self) -> bool:
+        """The sandbox is gone (NOT_FOUND) or its runtime cannot serve it (UNAVAILABLE:
+        unreachable, shutting down): port-forward to it ends, as kubectl's does."""
+        return self.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE)
 
 
 def default_endpoint() -> str:
@@ -90,10 +99,12 @@ class CriClient:
         details = e.details() or code.name
         if code == grpc.StatusCode.UNAVAILABLE:
             if not os.path.exists(self.path):
-                why = f"no socket at {self.path}"
-            else:
-                why = details
-            return CriError(f"cannot reach the runtime at {self.target}: {why}", code)
+                return CriError(f"cannot reach the runtime at {self.target}: no socket at "
+                                f"{self.path}", code)
+            if details.startswith(CONNECT_FAILED):  # gRPC's: the channel did not connect
+                return CriError(f"cannot reach the runtime at {self.target}: {details}", code)
+            # the socket answered: it is the runtime (or its upstream) that is unavailable
+            return CriError(f"the runtime at {self.target} is unavailable: {details}", code)
         if code == grpc.StatusCode.NOT_FOUND and sandbox_id:
             if "not found" in details and sandbox_id in details:  # crishim's own words
                 return CriError(details, code)

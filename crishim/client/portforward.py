@@ -5,13 +5,13 @@ server's pods/portforward: crishim/client/cluster.py opens those sessions)."""
 from __future__ import annotations
 
 import asyncio
-import errno
 import functools
+import ipaddress
 import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import cast
 
@@ -106,6 +106,28 @@ class CriOpener:
             spare.cancel()
         self._spares.clear()
 
+    async def sandbox_problem(self, ports: list[int], since: float) -> CriError | None:
+        """After a connection to `ports` failed (at loop time `since`): the runtime's
+        CriError if its CRI call for their next session, asked at or after `since` (the
+        spare's, kept for the next connection), says the sandbox is lost; else None."""
+        key = tuple(ports)
+        entry = self._spares.get(key)
+        if entry is not None and entry[0] >= since:
+            spare = entry[1]
+        else:  # none, or asked before the failure: asked again now
+            timer = self._wanted.pop(key, None)
+            if timer is not None:
+                timer.cancel()
+            if entry is not None:
+                entry[1].add_done_callback(_close_unused)
+                entry[1].cancel()
+            spare = self._ask_spare(ports)
+        await asyncio.wait([spare])  # not cancelled with this task: the next connection's
+        if spare.cancelled():
+            return None
+        problem = spare.exception()
+        return problem if isinstance(problem, CriError) and problem.sandbox_lost else None
+
     # --- the next connection's ----------------------------------------------------------
     def _fetch(self, ports: list[int]) -> asyncio.Future[str]:
         return asyncio.get_running_loop().run_in_executor(None, self.cri.port_forward,
@@ -158,6 +180,9 @@ class CriOpener:
         if timer is None:
             return  # asked for already
         timer.cancel()
+        self._ask_spare(ports)
+
+    def _ask_spare(self, ports: list[int]) -> asyncio.Future[str | ClientSession]:
         spare: asyncio.Future[str | ClientSession]
         if self.opens_ahead:
             spare = asyncio.ensure_future(self._open_ahead(ports))
@@ -165,6 +190,7 @@ class CriOpener:
             spare = cast("asyncio.Future[str | ClientSession]", self._fetch(ports))
         spare.add_done_callback(lambda f: f.cancelled() or f.exception())  # unused: no error
         self._spares[tuple(ports)] = (asyncio.get_running_loop().time(), spare)
+        return spare
 
 
 def _close_unused(spare: asyncio.Future[str | ClientSession]) -> None:
@@ -254,18 +280,47 @@ def parse_port_specs(texts: list[str]) -> list[PortSpec]:
     return specs
 
 
-def listen_hosts(addresses: list[str]) -> list[str]:
-    """kubectl's --address: `localhost` means 127.0.0.1 and ::1; comma lists allowed."""
-    hosts: list[str] = []
-    for item in addresses or ["localhost"]:
-        for addr in item.split(","):
-            addr = addr.strip().strip("[]")
-            if not addr:
-                continue
-            for host in (["127.0.0.1", "::1"] if addr == "localhost" else [addr]):
-                if host not in hosts:
-                    hosts.append(host)
-    return hosts
+@dataclass(frozen=True)
+class ListenAddress:
+    """One local address to listen on, as kubectl's --address names it."""
+
+    text: str  # as given: the Forwarding lines show it so
+    bind: str  # what the socket binds: an IPv4-mapped IPv6 address binds its IPv4 address
+    family: socket.AddressFamily
+    # one of localhost's two: passed over when it cannot be bound while the other binds
+    # (kubectl's failure mode "all"); any other address that cannot be bound is an error
+    localhost: bool
+
+
+def listen_addresses(addresses: list[str] | None) -> list[ListenAddress]:
+    """kubectl's --address (parseAddresses): `localhost` (127.0.0.1 and ::1) or IP
+    literals, repeatable or comma-separated, listened on in the order kubectl sorts them;
+    anything else is a UsageError (`X is not a valid IP`), as kubectl refuses it."""
+    given = ["localhost"] if addresses is None else \
+        [item for value in addresses if value for item in value.split(",")]
+    if not given:  # --address '': kubectl's words
+        raise UsageError("you must specify at least 1 address")
+    chosen: dict[str, ListenAddress] = {}
+    for text in given:
+        if text == "localhost":
+            for host, family in (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6)):
+                chosen.setdefault(host, ListenAddress(host, host, family, localhost=True))
+            continue
+        try:
+            if "%" in text:  # a zone: ipaddress takes it, kubectl does not
+                raise ValueError(text)
+            ip = ipaddress.ip_address(text)
+        except ValueError:
+            shown_text = text if text.isprintable() and len(text) <= 64 else shown(text, 64)
+            raise UsageError(f"{shown_text} is not a valid IP") from None
+        mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+        if mapped is not None:  # kubectl listens on tcp4 for it, the line shows it as given
+            chosen[text] = ListenAddress(text, str(mapped), socket.AF_INET, localhost=False)
+        else:
+            chosen[text] = ListenAddress(
+                text, text, socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
+                localhost=False)
+    return [chosen[text] for text in sorted(chosen)]
 
 
 def _show(host: str) -> str:
@@ -412,11 +467,11 @@ class _RemoteSide(asyncio.Protocol):
 
 class PortForwarder:
     def __init__(self, opener: SessionOpener, specs: list[PortSpec], transport: str,
-                 hosts: list[str], ping_interval: float = 5.0) -> None:
+                 addresses: list[ListenAddress], ping_interval: float = 5.0) -> None:
         self.opener = opener
         self.specs = specs
         self.transport = transport
-        self.hosts = hosts
+        self.addresses = addresses
         self.ping_interval = ping_interval
         self.session: ClientSession | None = None
         self.servers: list[asyncio.AbstractServer] = []
@@ -427,6 +482,7 @@ class PortForwarder:
         self._udp_errors_timer: asyncio.TimerHandle | None = None
         self.finished: asyncio.Future[tuple[int, str]] | None = None
         self.stopped = False  # Ctrl-C or SIGTERM came
+        self._asking: set[asyncio.Task[None]] = set()  # the runtime, after a failure alone
 
     async def start(self) -> asyncio.Future[tuple[int, str]]:
         """Connect and listen; the future resolves with (exit status, message) at the end."""
@@ -466,57 +522,54 @@ class PortForwarder:
 
     async def _listen(self, spec: PortSpec) -> None:
         loop = asyncio.get_running_loop()
-        bound = 0
-        for host in self.hosts:
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind((host, spec.local))
-                sock.listen(LISTEN_BACKLOG)
-            except OSError as e:
-                sock.close()
-                if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) and host == "::1":
-                    continue  # no IPv6 loopback on this host: like kubectl, go on
-                raise UsageError(f"unable to listen on {_show(host)}:{spec.local}: "
-                                 f"{e.strerror}") from None
-            if spec.local == 0:
-                spec.local = sock.getsockname()[1]
+        for address, sock in self._bind(spec, socket.SOCK_STREAM):
             server = await loop.create_server(
                 functools.partial(_LocalSide, self, spec, spec.local), sock=sock,
                 backlog=LISTEN_BACKLOG)
             self.servers.append(server)
-            bound += 1
-            print(f"Forwarding from {_show(host)}:{spec.local} -> {spec.remote}", flush=True)
-        if not bound:
-            raise UsageError(f"unable to listen on any address for port {spec.local}")
+            print(f"Forwarding from {_show(address.text)}:{spec.local} -> {spec.remote}",
+                  flush=True)
 
     async def _listen_udp(self, spec: PortSpec) -> None:
-        bound = 0
-        for host in self.hosts:
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_DGRAM)
-            try:
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind((host, spec.local))
-            except OSError as e:
-                sock.close()
-                if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) and host == "::1":
-                    continue
-                raise UsageError(f"unable to listen on {_show(host)}:{spec.local}/udp: "
-                                 f"{e.strerror}") from None
-            if spec.local == 0:
-                spec.local = sock.getsockname()[1]
+        for address, sock in self._bind(spec, socket.SOCK_DGRAM):
             self.udp_listeners.append(UdpListener(sock, spec.remote, spec.local,
                                                   self._open_flow, self._flow_failed))
-            bound += 1
-            print(f"Forwarding from {_show(host)}:{spec.local} -> {spec.remote_text}",
+            print(f"Forwarding from {_show(address.text)}:{spec.local} -> {spec.remote_text}",
                   flush=True)
-        if not bound:
-            raise UsageError(f"unable to listen on any address for port {spec.local}/udp")
+
+    def _bind(self, spec: PortSpec, kind: socket.SocketKind
+              ) -> Iterator[tuple[ListenAddress, socket.socket]]:
+        """A socket bound (and listening, for TCP) on each address in turn, for the caller
+        to use before the next is bound (spec.local, 0 at first, is the first one's port).
+        As kubectl (client-go listenOnPort): one of localhost's two addresses that cannot
+        be bound (in use, no IPv6 loopback) is passed over, silently, while the other
+        binds; any other address that cannot be bound is a UsageError."""
+        protocol = "/udp" if kind == socket.SOCK_DGRAM else ""
+        failed: list[str] = []  # localhost's that could not be bound
+        localhost_bound = False
+        for address in self.addresses:
+            sock = socket.socket(address.family, kind)
+            try:
+                if kind == socket.SOCK_STREAM:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if address.family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((address.bind, spec.local))
+                if kind == socket.SOCK_STREAM:
+                    sock.listen(LISTEN_BACKLOG)
+            except OSError as e:
+                sock.close()
+                why = f"{_show(address.text)}:{spec.local}{protocol}: {e.strerror}"
+                if not address.localhost:
+                    raise UsageError(f"unable to listen on {why}") from None
+                failed.append(why)
+                continue
+            if spec.local == 0:
+                spec.local = sock.getsockname()[1]
+            localhost_bound = localhost_bound or address.localhost
+            yield address, sock
+        if failed and not localhost_bound:
+            raise UsageError(f"unable to listen on {'; '.join(failed)}")
 
     def _open_flow(self, port: int, protocol_factory: Callable[[], asyncio.Protocol]
                    ) -> asyncio.Transport:
@@ -531,7 +584,7 @@ class PortForwarder:
             return
         where = f"{listener.local_port} -> {listener.remote_port}/udp"
         if isinstance(exc, ForwardError) and exc.fatal:
-            self._finish(1, f"an error occurred forwarding {where}: {exc}")
+            self._lost(where, exc)
         elif self._udp_error_lines.take():
             log_error(f"error forwarding port {where}: {exc}")
         else:  # thousands of local peers past a limit wrote a line each
@@ -564,6 +617,7 @@ class PortForwarder:
         asyncio.get_running_loop().create_task(self._connect(pipe, local))
 
     async def _connect(self, pipe: _Pipe, local: asyncio.Transport) -> None:
+        where = f"{pipe.local_port} -> {pipe.spec.remote}"
         try:
             session = self.session
             if session is None:
@@ -571,9 +625,19 @@ class PortForwarder:
                 session = pipe.session = await self.opener("websocket", ports, 0)
             stream, _ = await session.open_connection(pipe.spec.remote,
                                                       lambda: _RemoteSide(pipe, local))
-        except (SessionError, CriError) as e:
-            log_error(f"error forwarding port {pipe.local_port} -> {pipe.spec.remote}: {e}")
+        except CriError as e:  # the next WebSocket's CRI call
             local.abort()
+            if e.sandbox_lost:
+                self._lost(where, e)
+            elif not self._ending():
+                log_error(f"error forwarding port {where}: {e}")
+            return
+        except SessionError as e:
+            local.abort()
+            if self.transport == "websocket":
+                self._failed_alone(where, [pipe.spec.remote], e)
+            elif not self._ending():
+                log_error(f"error forwarding port {where}: {e}")
             return
         if pipe.done:
             stream.abort()
@@ -585,15 +649,51 @@ class PortForwarder:
             local.resume_reading()
 
     def connection_failed(self, pipe: _Pipe, exc: ForwardError) -> None:
-        if self.finished is None or self.finished.done():
+        if self._ending():
             return  # shutting down: the session's end is not a connection's failure
-        message = f"error forwarding port {pipe.local_port} -> {pipe.spec.remote}: {exc}"
+        where = f"{pipe.local_port} -> {pipe.spec.remote}"
         if exc.fatal:
-            # client-go ends the session on error-stream text; so do we, with its message.
-            self._finish(1, f"an error occurred forwarding {pipe.local_port} -> "
-                            f"{pipe.spec.remote}: {exc}")
+            self._lost(where, exc)  # client-go ends the session on error-stream text
+        elif pipe.session is not None:  # its own WebSocket: error text is not fatal there
+            self._failed_alone(where, [pipe.spec.remote], exc)
         else:
-            log_error(message)
+            log_error(f"error forwarding port {where}: {exc}")
+
+    def _failed_alone(self, where: str, ports: list[int], error: Exception) -> None:
+        """A connection on a WebSocket of its own failed. The channel protocol writes every
+        failure as text (docs/protocol.md §3.4), a refused port as a sandbox gone, so the
+        runtime is asked: the CRI call for the ports' next WebSocket, made now. Its
+        NOT_FOUND or UNAVAILABLE ends the command, as a fatal error text ends a SPDY or
+        HTTP/2 session (§6); otherwise the connection's E line, and forwarding goes on."""
+        ask = getattr(self.opener, "sandbox_problem", None)
+        if ask is None:  # not a CriOpener: nothing to ask
+            if not self._ending():
+                log_error(f"error forwarding port {where}: {error}")
+            return
+        since = asyncio.get_running_loop().time()
+
+        async def confirm() -> None:
+            problem = await ask(ports, since)
+            if problem is not None:
+                self._lost(where, error)
+            elif not self._ending():
+                log_error(f"error forwarding port {where}: {error}")
+
+        task = asyncio.get_running_loop().create_task(confirm())
+        self._asking.add(task)
+        task.add_done_callback(self._asking.discard)
+
+    def _lost(self, where: str, error: object) -> None:
+        """A fatal error of one connection ends the command as client-go ends kubectl's:
+        `E… an error occurred forwarding L -> R: …`, then `error: lost connection to
+        pod`, exit 1."""
+        if self._ending():
+            return
+        log_error(f"an error occurred forwarding {where}: {error}")
+        self._finish(1, "lost connection to pod")
+
+    def _ending(self) -> bool:
+        return self.finished is None or self.finished.done()
 
     def _session_closed(self, fut: asyncio.Future[str]) -> None:
         if fut.cancelled():
@@ -611,6 +711,8 @@ class PortForwarder:
     def close(self) -> None:
         for server in self.servers:
             server.close()
+        for task in self._asking:
+            task.cancel()
         for listener in self.udp_listeners:
             listener.close()
         if self._udp_errors_timer is not None:  # the count of lines not shown, now
@@ -628,8 +730,8 @@ class PortForwarder:
 
 
 async def run(opener: SessionOpener, specs: list[PortSpec], transport: str,
-              hosts: list[str], ping_interval: float) -> int:
-    forwarder = PortForwarder(opener, specs, transport, hosts, ping_interval)
+              addresses: list[ListenAddress], ping_interval: float) -> int:
+    forwarder = PortForwarder(opener, specs, transport, addresses, ping_interval)
     loop = asyncio.get_running_loop()
     starting = asyncio.ensure_future(forwarder.start())
 

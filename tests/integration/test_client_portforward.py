@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import queue
@@ -21,18 +22,22 @@ import pytest
 
 import tests.support.podnet as podnet_module
 from crishim.cri import api_pb2
+from crishim.netns import delete_named_netns
 from tests.support import SANDBOX, peers, until
 from tests.support.crishim_proc import CrishimProcess
 from tests.support.fake_servers import FakeServer
 from tests.support.podnet import (
+    CLOSED_PORT,
     ECHO_PORT,
     HTTP_BODY,
     HTTP_PORT,
     RESET_PORT,
     SINK_PORT,
     SOURCE_PORT,
+    UDP_ECHO_PORT,
     source_bytes,
 )
+from tests.support.udp_peers import exchange
 
 TRANSPORTS = ["spdy", "websocket", "spdy-over-websocket", "h2"]
 MIB8 = 8 << 20
@@ -477,6 +482,110 @@ def test_after_goaway_the_last_connection_ending_ends_port_forward(podnet):
         server.stop()
 
 
+FATAL_EVENTS = ["netns-deleted", "server-draining", "server-killed"]
+
+
+@contextlib.contextmanager
+def doomed_pod(*server_args: str):
+    """A pod netns of its own (the podnet servers in it) and a crishim serve for it, for a
+    test that deletes the one or stops the other."""
+    name = f"crishim-doomed-{os.getpid()}"
+    with podnet_module.PodNetwork(name) as net:
+        server = CrishimProcess("--sandboxes", f"{SANDBOX}={net.path}", *server_args).start()
+        try:
+            yield name, server
+        finally:
+            server.stop(signal.SIGKILL)
+
+
+def make_fatal(event: str, netns: str, server: CrishimProcess) -> None:
+    if event == "netns-deleted":
+        assert delete_named_netns(netns)
+    elif event == "server-draining":
+        server.proc.send_signal(signal.SIGTERM)
+    else:
+        server.proc.kill()
+
+
+def connect_until_it_ends(cli: PortForwardCLI, port: int, payload: bytes,
+                          limit: float = 30.0) -> None:
+    """Local connections, one after another, until the command ends; fails after `limit`
+    seconds of forwarding on."""
+    deadline = time.monotonic() + limit
+    while cli.proc.poll() is None:
+        assert time.monotonic() < deadline, f"still forwarding: {cli.stderr[-5:]}"
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(payload)
+                s.recv(100)
+        except OSError:
+            pass
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("event", FATAL_EVENTS)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_fatal_condition_ends_port_forward_with_exit_1_on_every_transport(transport, event):
+    """The sandbox's netns deleted, crishim serve draining or killed: every transport ends
+    the command with exit 1 and kubectl's `error: lost connection to pod` (SPDY, HTTP/2:
+    on the error text, the GOAWAY or the session's end; HTTP/2 refuses new streams until
+    the drain deadline). The channel WebSocket, where every failure is error text and
+    each connection a WebSocket of its own, forwarded on and printed an E line per
+    connection; now the runtime, asked, says the sandbox is lost (NOT_FOUND,
+    UNAVAILABLE), and it ends the same way."""
+    with doomed_pod("--drain-timeout", "4s") as (netns, server):
+        port = free_port()
+        with PortForwardCLI(server, f"{port}:{HTTP_PORT}", transport=transport) as cli:
+            cli.forwarding(1)
+            assert peers.http_get(port).endswith(HTTP_BODY)
+            if transport == "websocket":
+                # the next connection's WebSocket, opened ahead (the probe's, the GET's,
+                # this one): the netns case then meets the error text on its channel
+                deadline = time.monotonic() + 20
+                while server.log().count("session started: transport=websocket") < 3:
+                    assert time.monotonic() < deadline, server.log()[-2000:]
+                    time.sleep(0.05)
+            make_fatal(event, netns, server)
+            connect_until_it_ends(cli, port, b"GET / HTTP/1.0\r\n\r\n")
+            assert cli.proc.wait(10) == 1
+            last = cli.wait_stderr(r"^error: ")
+    assert last.startswith("error: lost connection to pod"), cli.stderr
+    assert cli.stderr[-1] == last, cli.stderr
+    assert not any("Traceback" in line for line in cli.stderr)
+    if event == "netns-deleted" or transport == "websocket":
+        # kubectl's two lines: the connection's error, then the session lost
+        assert last == "error: lost connection to pod", cli.stderr
+        fatal = [line for line in cli.stderr if "an error occurred forwarding" in line]
+        assert len(fatal) == 1 and fatal[0].startswith("E"), cli.stderr
+        assert f"portforward] an error occurred forwarding {port} -> {HTTP_PORT}: " \
+            in fatal[0], fatal
+        if event == "netns-deleted":
+            assert "no longer exists" in fatal[0], fatal
+
+
+@pytest.mark.parametrize("failure", ["refused", "reset"])
+def test_websocket_failures_of_one_connection_leave_forwarding_on(crishim, failure):
+    """A refused port or a reset from the pod is error text on the channel protocol too:
+    the runtime, asked, still has the sandbox, so that connection's E line, and forwarding
+    goes on."""
+    local, http_local = free_port(), free_port()
+    remote = CLOSED_PORT if failure == "refused" else RESET_PORT
+    with PortForwardCLI(crishim, f"{local}:{remote}", f"{http_local}:{HTTP_PORT}",
+                        transport="websocket") as cli:
+        cli.forwarding(2)
+        for _ in range(3):
+            assert peers.reset_by_pod(local) == b""
+        deadline = time.monotonic() + 20
+        while sum(f"error forwarding port {local} -> {remote}" in line
+                  for line in cli.stderr) < 3:
+            assert time.monotonic() < deadline, cli.stderr
+            time.sleep(0.05)
+        assert peers.http_get(http_local).endswith(HTTP_BODY)
+        assert cli.proc.poll() is None, cli.stderr
+        assert cli.interrupt() == 0
+    assert not any("an error occurred" in line for line in cli.stderr), cli.stderr
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -516,18 +625,137 @@ def test_a_local_port_given_twice_is_refused_before_forwarding(crishim):
     assert r.stdout == ""  # no 'Forwarding from' for the first one
 
 
-def test_local_port_in_use_is_one_line_and_nonzero(crishim):
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen(1)
-        port = busy.getsockname()[1]
-        r = run_cli(SANDBOX, f"{port}:{HTTP_PORT}", "--runtime-endpoint", crishim.socket)
-    assert_one_error_line(r, rf"unable to listen on 127\.0\.0\.1:{port}: .*in use")
+def _taken(host: str, port: int, protocol: str) -> socket.socket:
+    """A socket of this test's holding `port` on `host` (listening, for TCP)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM if protocol == "udp" else socket.SOCK_STREAM)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((host, port))
+    if protocol == "tcp":
+        sock.listen(1)
+    return sock
+
+
+@pytest.mark.parametrize("protocol", ["tcp", "udp"])
+def test_local_port_in_use_on_every_address_is_one_line_and_nonzero(crishim, protocol):
+    """kubectl fails a local port only when none of localhost's addresses can be bound."""
+    port = free_port()
+    suffix = "/udp" if protocol == "udp" else ""
+    hosts = ["127.0.0.1", "::1"] if ipv6_loopback() else ["127.0.0.1"]
+    held = [_taken(host, port, protocol) for host in hosts]
+    try:
+        r = run_cli(SANDBOX, f"{port}:{HTTP_PORT}{suffix}", "--runtime-endpoint",
+                    crishim.socket)
+    finally:
+        for sock in held:
+            sock.close()
+    assert_one_error_line(r, rf"^error: unable to listen on 127\.0\.0\.1:{port}{suffix}: "
+                             r".*in use")
+    if len(hosts) == 2:
+        assert re.search(rf"; \[::1\]:{port}{suffix}: .*in use$", r.stderr.strip()), r.stderr
+    assert r.stdout == ""
+
+
+@pytest.mark.parametrize("protocol", ["tcp", "udp"])
+@pytest.mark.parametrize("busy", ["127.0.0.1", "::1"])
+def test_one_busy_localhost_address_leaves_the_other_forwarding(crishim, busy, protocol):
+    """kubectl 1.27 and 1.32 (client-go listenOnPort): where one of localhost's two
+    addresses is taken for the local port, the other forwards alone, with its Forwarding
+    line only and nothing on stderr; crishim exited 1."""
+    if not ipv6_loopback():
+        pytest.skip("no IPv6 loopback on this host: localhost is 127.0.0.1 alone")
+    free = "::1" if busy == "127.0.0.1" else "127.0.0.1"
+    shown_free = f"[{free}]" if ":" in free else free
+    port = free_port()
+    remote = UDP_ECHO_PORT if protocol == "udp" else HTTP_PORT
+    remote_text = f"{remote}/udp" if protocol == "udp" else str(remote)
+    with _taken(busy, port, protocol), \
+            PortForwardCLI(crishim, f"{port}:{remote_text}") as cli:
+        assert cli.read_lines(1) == [f"Forwarding from {shown_free}:{port} -> {remote_text}"]
+        if protocol == "udp":
+            assert exchange(port, [b"over " + free.encode()], host=free) == \
+                [b"over " + free.encode()]
+        else:
+            assert peers.http_get(port, free).endswith(HTTP_BODY)
+        handled = f"Handling connection for {port}" + ("/udp" if protocol == "udp" else "")
+        assert cli.read_lines(1) == [handled]
+        assert cli.interrupt() == 0
+    assert cli.stdout == [f"Forwarding from {shown_free}:{port} -> {remote_text}", handled]
+    assert cli.stderr == []
+
+
+@pytest.mark.parametrize("address, shown", [
+    ("[::1]", "[::1]"),  # crishim took the brackets off
+    ("LOCALHOST", "LOCALHOST"),  # and resolved names: Forwarding from LOCALHOST:...
+    ("ip6-localhost", "ip6-localhost"),
+    ("fe80::1%lo", "fe80::1%lo"),  # a zone: Python's ipaddress takes it, kubectl does not
+    ("127.0.0.1,", ""),  # an empty item of a list
+])
+def test_an_address_that_is_not_localhost_or_an_ip_is_refused_as_kubectl(crishim, address,
+                                                                         shown):
+    r = run_cli(SANDBOX, f"{free_port()}:{HTTP_PORT}", "--runtime-endpoint", crishim.socket,
+                "--address", address, timeout=15)
+    assert r.returncode == 1
+    assert r.stderr == f"error: {shown} is not a valid IP\n"
+    assert r.stdout == ""
+
+
+def test_no_address_at_all_is_refused_as_kubectl(crishim):
+    r = run_cli(SANDBOX, f"{free_port()}:{HTTP_PORT}", "--runtime-endpoint", crishim.socket,
+                "--address", "", timeout=15)
+    assert r.returncode == 1
+    assert r.stderr == "error: you must specify at least 1 address\n"
+
+
+def test_an_ipv4_mapped_address_listens_on_its_ipv4_address_as_kubectl(crishim):
+    """kubectl binds ::ffff:127.0.0.1 as tcp4 (127.0.0.1) and shows it as given; crishim
+    set IPV6_V6ONLY on an IPv6 socket for it and the bind failed (EINVAL)."""
+    port = free_port()
+    with PortForwardCLI(crishim, f"{port}:{HTTP_PORT}",
+                        extra=("--address", "::ffff:127.0.0.1")) as cli:
+        assert cli.read_lines(1) == [f"Forwarding from [::ffff:127.0.0.1]:{port} -> "
+                                     f"{HTTP_PORT}"]
+        assert peers.http_get(port, "127.0.0.1").endswith(HTTP_BODY)
+        assert cli.interrupt() == 0
+    assert not cli.stderr
+
+
+def test_explicit_addresses_are_listened_on_in_kubectls_order(crishim):
+    """kubectl sorts its addresses: `--address ::1,127.0.0.1` lists 127.0.0.1 first."""
+    if not ipv6_loopback():
+        pytest.skip("no IPv6 loopback on this host")
+    port = free_port()
+    with PortForwardCLI(crishim, f"{port}:{HTTP_PORT}", extra=("--address", "::1,127.0.0.1")
+                        ) as cli:
+        assert cli.read_lines(2) == expected_forwarding(port, HTTP_PORT)
+        assert cli.interrupt() == 0
 
 
 def test_unreachable_endpoint_is_one_line_and_nonzero(tmp_path):
     r = run_cli(SANDBOX, "8080", "--runtime-endpoint", f"unix://{tmp_path}/none.sock")
     assert_one_error_line(r, rf"cannot reach the runtime at unix://{tmp_path}/none\.sock")
+
+
+def test_a_socket_nobody_listens_on_is_unreachable_in_one_line(tmp_path):
+    path = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as stale:  # bound, closed: the file stays
+        stale.bind(str(path))
+    r = run_cli(SANDBOX, "8080", "--runtime-endpoint", str(path))
+    assert_one_error_line(r, rf"^error: cannot reach the runtime at unix://{path}: .*"
+                             r"Connection refused")
+
+
+def test_a_runtime_that_answers_unavailable_is_not_called_unreachable(tmp_path):
+    """crishim serve answered, its upstream runtime is down: the answer is the runtime's
+    UNAVAILABLE, said as such; it was `cannot reach the runtime at <the socket that
+    answered>`."""
+    with CrishimProcess("--upstream-endpoint", f"unix://{tmp_path}/upstream.sock") as server:
+        r = run_cli("pod-1", "8080", "--runtime-endpoint", server.socket)
+    assert_one_error_line(r, rf"^error: the runtime at unix://{server.socket} is "
+                             rf"unavailable: PodSandboxStatus\(pod-1\) at "
+                             rf"unix://{tmp_path}/upstream\.sock: UNAVAILABLE")
+    assert "cannot reach" not in r.stderr
 
 
 def test_unknown_sandbox_is_one_line_and_nonzero(crishim):

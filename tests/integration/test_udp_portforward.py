@@ -12,7 +12,13 @@ import time
 
 import pytest
 
-from tests.integration.test_client_portforward import PortForwardCLI, free_port, ipv6_loopback
+from crishim.netns import delete_named_netns
+from tests.integration.test_client_portforward import (
+    PortForwardCLI,
+    doomed_pod,
+    free_port,
+    ipv6_loopback,
+)
 from tests.support import SANDBOX
 from tests.support.crishim_proc import CrishimProcess
 from tests.support.podnet import ECHO_PORT, UDP_CLOSED_PORT, UDP_DNS_PORT, UDP_ECHO_PORT
@@ -132,6 +138,33 @@ def test_icmp_refusal_ends_only_that_flow_and_tcp_goes_on(crishim):
         assert tcp_echo(tcp_local, b"still here") == b"still here"
         assert pf.proc.poll() is None  # a refused flow does not end the session
         assert pf.interrupt() == 0
+
+
+@pytest.mark.parametrize("transport", ["spdy", "h2"])
+def test_a_flow_into_a_deleted_netns_ends_port_forward_as_kubectl(transport):
+    """The sandbox's netns gone: a new flow's error text ends the command as a TCP
+    connection's does, with kubectl's two lines (E… an error occurred forwarding …, then
+    error: lost connection to pod); it was one line, `error: an error occurred …`."""
+    with doomed_pod() as (netns, server):
+        local = free_port()
+        with PortForwardCLI(server, f"{local}:{UDP_ECHO_PORT}/udp", transport=transport
+                            ) as pf:
+            pf.forwarding(1)
+            assert exchange(local, [b"before"]) == [b"before"]
+            assert delete_named_netns(netns)
+            deadline = time.monotonic() + 30
+            with udp_socket() as peer:  # a new local peer: a new flow, dialled now
+                while pf.proc.poll() is None:
+                    assert time.monotonic() < deadline, pf.stderr
+                    peer.sendto(b"after", ("127.0.0.1", local))
+                    time.sleep(0.1)
+            assert pf.proc.wait(10) == 1
+            last = pf.wait_stderr(r"^error: ")
+    assert last == "error: lost connection to pod" == pf.stderr[-1], pf.stderr
+    fatal = [line for line in pf.stderr if "an error occurred forwarding" in line]
+    assert len(fatal) == 1 and fatal[0].startswith("E"), pf.stderr
+    assert f"portforward] an error occurred forwarding {local} -> {UDP_ECHO_PORT}/udp: " \
+        in fatal[0] and "no longer exists" in fatal[0], fatal
 
 
 def test_websocket_channels_refuse_udp_with_a_usage_error(crishim):
