@@ -118,7 +118,7 @@ class Config:
     max_cri_calls: int = 4096
     max_connections_per_session: int = 4096
     max_connections: int = 65536
-    reserved_fds: int = 320  # max_unadmitted (256) + 64, what app.py raises it to anyway
+    reserved_fds: int = 256
     memory_release_sessions: int = 64
     memory_release_interval: float = 10.0
     enable_udp_portforward: bool = True

@@ -3,9 +3,11 @@ connections by transport, bytes each way, failures by reason, tokens, netns dial
 
 from __future__ import annotations
 
+import io
 import logging
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from socketserver import ThreadingMixIn
 from typing import Any
@@ -111,28 +113,39 @@ METRICS_CONNECTIONS = 8
 METRICS_TIMEOUT = 10.0
 
 
+class _DeadlineReader(io.RawIOBase):
+    """A scrape's socket, read with what is left of its deadline as the timeout of each
+    read: however the client trickles, reading its request ends at the deadline (no
+    thread or timer of its own)."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self.sock = sock
+        self.deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the scrape's request took longer than its deadline")
+        self.sock.settimeout(left)
+        return self.sock.recv_into(buffer)
+
+
 class _QuietHandler(WSGIRequestHandler):
-    """A scrape has METRICS_TIMEOUT from its connect to its answer: past it the
-    connection is shut down, however it trickles (a socket timeout alone dropped only a
-    silent client: 8 clients sending a byte every 5 s held every slot for good)."""
+    """A scrape has METRICS_TIMEOUT from its connect to its whole request: a socket
+    timeout alone dropped only a silent client (8 clients sending a byte every 5 s held
+    every slot for good)."""
 
     timeout = METRICS_TIMEOUT  # a socket timeout: a silent client is dropped
 
     def setup(self) -> None:
         super().setup()
-        self._deadline = threading.Timer(METRICS_TIMEOUT, self._cut)
-        self._deadline.daemon = True
-        self._deadline.start()
-
-    def _cut(self) -> None:
-        try:
-            self.connection.shutdown(socket.SHUT_RDWR)  # its blocked read or write returns
-        except OSError:
-            pass  # closed meanwhile
-
-    def finish(self) -> None:
-        self._deadline.cancel()
-        super().finish()
+        self.rfile.close()  # makefile's: held open it would keep the socket from closing
+        self.rfile = io.BufferedReader(_DeadlineReader(
+            self.connection, time.monotonic() + METRICS_TIMEOUT))
 
     def log_message(self, format: str, *args: object) -> None:
         pass  # scrapes are not logged
