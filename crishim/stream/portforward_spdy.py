@@ -140,12 +140,16 @@ class SpdyPortForwardSession(WindowedSends, ServerSession):
         self._by_stream: dict[int, ForwardedConnection | ForwardedFlow] = {}
         self._goaway_seen = False
         # windows, where the client asked for them (docs/protocol.md 8.6): what waits for
-        # the client's, per stream; and ours: bytes taken per data stream whose window
-        # (the stream's and the session's share) has not gone back yet, the connections
-        # whose pod is congested (theirs stays withheld), the data streams of this read
+        # the client's, per stream; and ours: bytes received per stream that no pod took
+        # yet (the connections whose pod is congested keep theirs withheld), window owed
+        # (taken, not given back: it goes back a quarter of a window at a time, not in
+        # two WINDOW_UPDATEs per read), the data streams of this read
         self._init_outbound()
         self._unacked: dict[int, int] = {}
         self._congested: set[object] = set()
+        self._stream_owed: dict[int, int] = {}
+        self._session_owed = 0
+        self._stream_every = self._session_every = 1
         self._read_streams: set[int] = set()
         self._window_granted = 0  # our session window, from the buffer budget
         self._announced = False
@@ -209,12 +213,14 @@ class SpdyPortForwardSession(WindowedSends, ServerSession):
         """Ours, before any reply: the streams' (the codec counts from now on), and the
         session's raised to session_buffer_size while the buffer budget lasts."""
         self._announced = True
-        self.codec.send_settings({spdy.SETTINGS_INITIAL_WINDOW_SIZE: max(
-            spdy.INITIAL_WINDOW, self.ctx.flood.session_buffer_size // 4)})
+        stream_window = max(spdy.INITIAL_WINDOW, self.ctx.flood.session_buffer_size // 4)
+        self.codec.send_settings({spdy.SETTINGS_INITIAL_WINDOW_SIZE: stream_window})
         self._window_granted = self.ctx.take_window()
         if self._window_granted > spdy.INITIAL_SESSION_WINDOW:
             self.codec.send_window_update(
                 0, self._window_granted - spdy.INITIAL_SESSION_WINDOW)
+        self._stream_every = stream_window // 4
+        self._session_every = max(self._window_granted, spdy.INITIAL_SESSION_WINDOW) // 4
 
     def _taken(self, stream_id: int, n: int) -> None:
         """n bytes of the client's DATA on stream_id: their window goes back once the pod
@@ -222,11 +228,26 @@ class SpdyPortForwardSession(WindowedSends, ServerSession):
         self._unacked[stream_id] = self._unacked.get(stream_id, 0) + n
         self._read_streams.add(stream_id)
 
-    def _give_back(self, stream_id: int) -> None:
+    def _give_back(self, stream_id: int, ended: bool = False, at_once: bool = False) -> None:
+        """The stream's bytes no pod took yet are taken now (or dropped): their window is
+        owed, and goes back once a quarter of a window is owed (at once: bytes dropped on
+        a stream that carries nothing). Owed below that is no stall: the other three
+        quarters are the client's. `ended`: the stream's own share is not owed any more,
+        the session's still is."""
         n = self._unacked.pop(stream_id, 0)
-        if n and not self.codec.terminated:
-            self.codec.send_window_update(stream_id, n)  # nothing for a stream gone
-            self.codec.send_window_update(0, n)
+        if self.codec.terminated:
+            return
+        owed = self._stream_owed.pop(stream_id, 0) + n
+        if owed and not ended:
+            if at_once or owed >= self._stream_every:
+                self.codec.send_window_update(stream_id, owed)  # nothing for a stream gone
+            else:
+                self._stream_owed[stream_id] = owed
+        if n:
+            self._session_owed += n
+            if at_once or self._session_owed >= self._session_every:
+                self.codec.send_window_update(0, self._session_owed)
+                self._session_owed = 0
 
     def _give_back_unless_congested(self, stream_id: int) -> None:
         """Not while the connection is dialling or its pod's socket holds any (its
@@ -235,8 +256,10 @@ class SpdyPortForwardSession(WindowedSends, ServerSession):
         if conn is None:
             if stream_id in self._pairs.by_stream:
                 return  # held for its pair: given back once the connection takes it
-        elif conn in self._congested or (isinstance(conn, ForwardedConnection)
-                                         and not conn.dialled):
+            self._give_back(stream_id, at_once=True)  # dropped: an error stream's, a late
+            return
+        if conn in self._congested or (isinstance(conn, ForwardedConnection)
+                                       and not conn.dialled):
             self._congested.add(conn)
             return
         self._give_back(stream_id)
@@ -421,7 +444,7 @@ class SpdyPortForwardSession(WindowedSends, ServerSession):
                                 shown_request_id(pair.request_id), limit, logger=log)
             self._pairs.forget(pair)
             self.reset(pair.data_id, spdy.CANCEL)
-            self._give_back(pair.data_id)
+            self._give_back(pair.data_id, ended=True)
             return False
         self._pairs.hold(pair, data)
         return True
@@ -444,7 +467,7 @@ class SpdyPortForwardSession(WindowedSends, ServerSession):
             self.queue_eof(pair.error_id)
         if pair.data_id:
             self.reset(pair.data_id, spdy.CANCEL)
-            self._give_back(pair.data_id)
+            self._give_back(pair.data_id, ended=True)
         self.flush()
 
     def _on_reset(self, ev: spdy.StreamReset) -> bool:
@@ -456,7 +479,7 @@ class SpdyPortForwardSession(WindowedSends, ServerSession):
         pair = self._pairs.by_stream.get(ev.stream_id)
         if pair is not None:
             self._pairs.forget(pair)
-            self._give_back(pair.data_id)
+            self._give_back(pair.data_id, ended=True)
         return self.charge_control("RST_STREAM")
 
     def _on_terminated(self, ev: spdy.SessionTerminated) -> None:
@@ -479,7 +502,7 @@ class SpdyPortForwardSession(WindowedSends, ServerSession):
         channel = conn.channel
         if isinstance(channel, _SpdyChannel):
             self._by_stream.pop(channel.data_id, None)
-            self._give_back(channel.data_id)  # the session's share of what it held
+            self._give_back(channel.data_id, ended=True)  # the session's share it held
 
     # --- goodbye, draining ----------------------------------------------------------------
     def goodbye(self, reason: str, violation: bool) -> None:
