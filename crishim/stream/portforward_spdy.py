@@ -208,7 +208,6 @@ class SpdyPortForwardSession(WindowedSends, ServerSession):
     def _send_queued(self, stream_id: int, out: Outbound) -> bool:
         return self.codec.send_queued(stream_id, out)
 
-
     def _announce_windows(self) -> None:
         """Ours, before any reply: the streams' (the codec counts from now on), and the
         session's raised to session_buffer_size while the buffer budget lasts."""

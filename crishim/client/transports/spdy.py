@@ -76,7 +76,7 @@ class SpdyClientSession(ClientSession):
         self.codec.send_window_update(0, H2_CONNECTION_WINDOW - spdy.INITIAL_SESSION_WINDOW)
         # the server's windows, SPDY's 64 KiB until its SETTINGS and WINDOW_UPDATE (sent
         # before any reply) raise them; a reply without flow-control: windows (a server
-        # that has none) lifts them (_windows_answered)
+        # that has none) lifts them (see StreamReplied in _receive_spdy)
         self._asked = True
         self.codec.enforce_send_windows(spdy.INITIAL_WINDOW)
 
