@@ -175,7 +175,8 @@ class _Stream:
     def __init__(self, stream_id: int, peer_initiated: bool, local_open: bool,
                  remote_open: bool, send_window: int, recv_window: int) -> None:
         self.stream_id = stream_id
-        self.send_window = send_window  # only counted while windows are enforced
+        # only counted while windows are enforced, less the connection's _send_shift
+        self.send_window = send_window
         self.recv_window = recv_window
         self.peer_initiated = peer_initiated
         self.local_open = local_open
@@ -238,6 +239,10 @@ class SpdyConnection:
         # offer_send_windows, a peer's SETTINGS before its first stream turns them on
         self._initial_send_window: int | None = None
         self._windows_offered = False
+        # what later SETTINGS_INITIAL_WINDOW_SIZEs moved every stream's send window by:
+        # added when a window is read (a walk over thousands of streams per SETTINGS was
+        # a client's cheap way to cost crishim a millisecond a frame)
+        self._send_shift = 0
         # receive windows, turned on with the send windows where offered with one: DATA
         # past a stream's window resets it, past the session's ends the session
         self._offered_recv_window: int | None = None
@@ -298,7 +303,7 @@ class SpdyConnection:
             return 0
         if self._initial_send_window is None:
             return MAX_WINDOW
-        return min(stream.send_window, self._session_send_window)
+        return min(stream.send_window + self._send_shift, self._session_send_window)
 
     def can_send(self, stream_id: int) -> bool:
         stream = self._streams.get(stream_id)
@@ -372,7 +377,7 @@ class SpdyConnection:
         prefix = _SYN_STREAM_PREFIX.pack(stream_id, associated_id, priority << 5, 0)
         self._queue_control(SYN_STREAM, FLAG_FIN if fin else 0, prefix + block)
         self._streams[stream_id] = _Stream(stream_id, False, not fin, True,
-                                           self._initial_send_window or 0,
+                                           (self._initial_send_window or 0) - self._send_shift,
                                            self._initial_recv_window or 0)
         return stream_id
 
@@ -448,6 +453,7 @@ class SpdyConnection:
         if not 0 <= initial <= MAX_WINDOW:
             raise ValueError(f"initial window {initial} is outside 0..{MAX_WINDOW}")
         self._initial_send_window = initial
+        self._send_shift = 0
         for stream in self._streams.values():
             stream.send_window = initial
 
@@ -936,7 +942,8 @@ class SpdyConnection:
             self._remember_closed(stream_id, _CLOSED_FINISHED)
         else:
             self._streams[stream_id] = _Stream(stream_id, True, not unidirectional, not fin,
-                                               self._initial_send_window or 0,
+                                               (self._initial_send_window or 0)
+                                               - self._send_shift,
                                                self._initial_recv_window or 0)
             self._peer_stream_count += 1
         events.append(StreamOpened(stream_id, associated_id, headers, fin, unidirectional,
@@ -1031,10 +1038,9 @@ class SpdyConnection:
             if initial > MAX_WINDOW:
                 self._fail(GOAWAY_PROTOCOL_ERROR,
                            f"SETTINGS_INITIAL_WINDOW_SIZE {initial} is above 2^31-1", events)
-            delta = initial - self._initial_send_window
+            # SPDY/3.1 2.6.8: every stream's window moves by the difference
+            self._send_shift += initial - self._initial_send_window
             self._initial_send_window = initial
-            for stream in self._streams.values():  # SPDY/3.1 2.6.8: by the difference
-                stream.send_window += delta
         self.peer_settings.update(settings)
         events.append(SettingsReceived(settings))
 
@@ -1087,7 +1093,7 @@ class SpdyConnection:
             else:
                 stream = self._streams[stream_id]
                 stream.send_window += delta
-                if stream.send_window > MAX_WINDOW:
+                if stream.send_window + self._send_shift > MAX_WINDOW:
                     self._stream_error(stream_id, FLOW_CONTROL_ERROR,
                                        f"WINDOW_UPDATE takes stream {stream_id}'s window "
                                        "past 2^31-1", events)
