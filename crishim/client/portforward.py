@@ -424,10 +424,18 @@ def _read_now(local: asyncio.Transport) -> bytes:
     return read_now(local, EARLY_READ)
 
 
+# how often a local connection that is not read (its stream out of the server's window,
+# behind a pod that stopped reading) is asked whether it was reset: a transport that does
+# not read sees no reset, and the stream, the pod's connection and the window it holds
+# stayed for the life of the session
+LOCAL_WATCH = 1.0
+
+
 class _RemoteSide(asyncio.Protocol):
     def __init__(self, pipe: _Pipe, local: asyncio.Transport) -> None:
         self.pipe = pipe
         self.local = local
+        self._watch: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         pending = self.pipe.pending
@@ -448,6 +456,7 @@ class _RemoteSide(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_watch()
         pipe = self.pipe
         if isinstance(exc, ForwardError):
             pipe.forwarder.connection_failed(pipe, exc)
@@ -459,10 +468,39 @@ class _RemoteSide(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.local.pause_reading()
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().call_later(LOCAL_WATCH, self._check_local)
 
     def resume_writing(self) -> None:
+        self._stop_watch()
         if not self.local.is_closing():
             self.local.resume_reading()
+
+    def _stop_watch(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+
+    def _check_local(self) -> None:
+        """The local connection is not read: its socket says whether it was reset (a
+        close with FIN is read in turn once the stream's window opens)."""
+        self._watch = None
+        local = self.local
+        if local.is_closing():
+            return
+        sock = local.get_extra_info("socket")
+        try:
+            reset = bool(sock is not None and sock.getsockopt(socket.SOL_SOCKET,
+                                                                socket.SO_ERROR))
+        except OSError:
+            reset = True
+        if reset:
+            stream = self.pipe.stream
+            if stream is not None and not stream.is_closing():
+                stream.abort()  # as a local reset read in time: the stream is reset
+            local.abort()
+            return
+        self._watch = asyncio.get_running_loop().call_later(LOCAL_WATCH, self._check_local)
 
 
 class PortForwarder:

@@ -212,14 +212,19 @@ class SpdyPortForwardSession(WindowedSends, ServerSession):
         """Ours, before any reply: the streams' (the codec counts from now on), and the
         session's raised to session_buffer_size while the buffer budget lasts."""
         self._announced = True
-        stream_window = max(spdy.INITIAL_WINDOW, self.ctx.flood.session_buffer_size // 4)
-        self.codec.send_settings({spdy.SETTINGS_INITIAL_WINDOW_SIZE: stream_window})
         self._window_granted = self.ctx.take_window()
+        session_window = max(self._window_granted, spdy.INITIAL_SESSION_WINDOW)
+        # a quarter of the session's, as HTTP/2's: three pods that stop reading hold back
+        # only their own streams (a fourth takes what the others had); with the budget
+        # spent (64 KiB) a stream's 4 MiB let one stalled pod hold back every stream
+        stream_window = session_window // 4
+        self.codec.enforce_receive_windows(stream_window)
+        self.codec.send_settings({spdy.SETTINGS_INITIAL_WINDOW_SIZE: stream_window})
         if self._window_granted > spdy.INITIAL_SESSION_WINDOW:
             self.codec.send_window_update(
                 0, self._window_granted - spdy.INITIAL_SESSION_WINDOW)
         self._stream_every = stream_window // 4
-        self._session_every = max(self._window_granted, spdy.INITIAL_SESSION_WINDOW) // 4
+        self._session_every = session_window // 4
 
     def _taken(self, stream_id: int, n: int) -> None:
         """n bytes of the client's DATA on stream_id: their window goes back once the pod

@@ -11,6 +11,7 @@ import queue
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -1321,10 +1322,7 @@ def test_an_upload_to_a_pod_that_stops_reading_holds_back_only_itself(crishim, p
                                                                                 payload)))
         uploader.start()
         try:
-            deadline = time.monotonic() + 20
-            while not _HeldSink.held:
-                assert time.monotonic() < deadline, "the pod never held the upload"
-                time.sleep(0.05)
+            _wait_held()
             time.sleep(0.5)  # the upload fills its window meanwhile
             for n in range(3):
                 line = b"beside a held upload %d\n" % n
@@ -1338,6 +1336,86 @@ def test_an_upload_to_a_pod_that_stops_reading_holds_back_only_itself(crishim, p
             uploader.join(60)
         assert cli.interrupt() == 0
     assert got["up"] == f"{len(payload)} {hashlib.sha256(payload).hexdigest()}\n".encode()
+
+
+def test_with_the_buffer_budget_spent_a_stalled_pod_holds_back_only_itself(podnet):
+    """With buffer_budget spent, a SPDY session's window stays 64 KiB: a stream's 4 MiB
+    let one pod that stopped reading take all of it, and an echo beside it waited. A
+    stream's window is now a quarter of its session's."""
+    server = CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}",
+                            "--buffer-budget", "1").start()
+    port = free_port()
+    _HeldSink.held.clear()
+    podnet.listen_extra("127.0.0.1", port, _HeldSink)
+    up_local, echo_local = free_port(), free_port()
+    got: dict[str, bytes] = {}
+    payload = os.urandom(32 << 20)  # past what the stalled pod's socket buffers take
+    try:
+        with PortForwardCLI(server, f"{up_local}:{port}", f"{echo_local}:{ECHO_PORT}") as cli:
+            cli.forwarding(2)
+            uploader = threading.Thread(target=lambda: got.__setitem__(
+                "up", upload(up_local, payload)))
+            uploader.start()
+            try:
+                _wait_held()
+                time.sleep(0.5)  # the upload takes the window it is given meanwhile
+                assert echo(echo_local, b"beside it\n") == b"beside it\n"
+            finally:
+                _HeldSink.release(podnet)
+                uploader.join(60)
+            assert cli.interrupt() == 0
+    finally:
+        server.stop()
+    assert got["up"] == f"{len(payload)} {hashlib.sha256(payload).hexdigest()}\n".encode()
+
+
+def _wait_held() -> None:
+    deadline = time.monotonic() + 20
+    while not _HeldSink.held:
+        assert time.monotonic() < deadline, "the pod never held the upload"
+        time.sleep(0.05)
+
+
+class _NeverReads(asyncio.Protocol):
+    def connection_made(self, transport):
+        transport.pause_reading()
+
+
+@pytest.mark.parametrize("transport", ["spdy", "h2"])
+def test_a_local_reset_while_its_stream_waits_for_a_window_ends_it(crishim, podnet,
+                                                                  transport):
+    """A local connection whose stream is out of the server's window (its pod stopped
+    reading) is not read, so its reset went unseen: the stream, the pod's connection and
+    the window it held stayed for the life of the session. It is now asked of its
+    socket."""
+    port = free_port()
+    podnet.listen_extra("127.0.0.1", port, _NeverReads)
+    local = free_port()
+    with PortForwardCLI(crishim, f"{local}:{port}", transport=transport) as cli:
+        cli.forwarding(1)
+        offset = len(crishim.log())
+        sock = socket.create_connection(("127.0.0.1", local), timeout=20)
+        sock.setblocking(False)
+        sent, deadline = 0, time.monotonic() + 20
+        chunk = b"x" * (1 << 20)
+        while time.monotonic() < deadline:  # until the local socket takes no more
+            try:
+                sent += sock.send(chunk)
+            except BlockingIOError:
+                time.sleep(0.5)
+                try:
+                    sent += sock.send(chunk)
+                except BlockingIOError:
+                    break
+        assert sent > 4 << 20, sent  # past the stream's window: the stream waits
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # RST
+        deadline = time.monotonic() + 15
+        while f"port={port} transport" not in crishim.log()[offset:]:
+            assert time.monotonic() < deadline, "the server never heard of the reset"
+            time.sleep(0.1)
+        assert cli.proc.poll() is None
+        assert cli.interrupt() == 0
 
 
 @pytest.mark.parametrize("transport", ["spdy", "spdy-over-websocket", "h2"])

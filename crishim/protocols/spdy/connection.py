@@ -478,9 +478,13 @@ class SpdyConnection:
         back by itself, in one WINDOW_UPDATE per receive_data call."""
         if not 0 <= initial <= MAX_WINDOW:
             raise ValueError(f"initial window {initial} is outside 0..{MAX_WINDOW}")
+        # called again (a smaller window than offered): streams open already move by the
+        # difference, what they received still counted
+        before = self._initial_recv_window
         self._initial_recv_window = initial
         for stream in self._streams.values():
-            stream.recv_window = initial
+            stream.recv_window = initial if before is None else \
+                stream.recv_window + initial - before
 
     def stop_send_windows(self) -> None:
         """The peer turned out not to honour windows (it never answered our asking for
