@@ -16,7 +16,14 @@ from crishim import __version__
 # metadata, answered RESOURCE_EXHAUSTED anyway), unbounded. Off unless asked for; read
 # when grpc is first imported, so set before anything imports it
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-from crishim.config import SETTINGS, Config, ConfigError, load, shown, unknown_environment
+from crishim.config import (
+    SETTINGS,
+    Config,
+    ConfigError,
+    load,
+    setting_text,
+    unknown_environment,
+)
 
 log = logging.getLogger("crishim")
 
@@ -47,7 +54,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     for name, setting in SETTINGS.items():
         default = getattr(defaults, name)
         kw: dict[str, Any] = {"dest": name, "default": None,
-                    "help": f"{setting.help} [default: {shown(name, default)}]"}
+                    "help": f"{setting.help} [default: {setting_text(name, default)}]"}
         if setting.kind == "bool":
             kw["action"] = argparse.BooleanOptionalAction
         elif setting.kind == "choice":

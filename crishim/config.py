@@ -359,7 +359,7 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-def shown(name: str, value: Any) -> str:
+def setting_text(name: str, value: Any) -> str:
     """A setting's value as one would write it (--help's defaults): "4h", not 14400.0."""
     kind = SETTINGS[name].kind
     if kind == "duration":

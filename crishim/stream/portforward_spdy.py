@@ -75,11 +75,9 @@ class _SpdyChannel:
     def send(self, data: bytes) -> None:
         s = self.session
         s.last_activity = time.monotonic()
-        if s.windowed:  # the client's windows are honoured (docs/protocol.md 8.6)
-            if not s.queue_data(self.data_id, data) and self.conn is not None:
-                self.conn.pause_pod_reading()
-        else:
-            s.codec.send_data(self.data_id, data)
+        # within the client's windows where it asked for them (docs/protocol.md 8.6)
+        if not s.queue_data(self.data_id, data) and self.conn is not None:
+            self.conn.pause_pod_reading()
         s.flush()
 
     def send_eof(self) -> None:
@@ -115,6 +113,14 @@ FRAMES_PER_RECEIVE = 4096
 INFLATED_PER_RECEIVE = 1024 * 1024
 # the key the session's read gate is held with while a read's backlog waits
 _BACKLOG = "backlog"
+
+def _stream_window(session_window: int) -> int:
+    """Our window per stream: a quarter of the session's (at least SPDY's 64 KiB), as
+    HTTP/2's: three pods that stop reading hold back only their own streams (a fourth
+    takes what the others had); with the budget spent (64 KiB) a stream's 4 MiB let one
+    stalled pod hold back every stream."""
+    return max(session_window, spdy.INITIAL_SESSION_WINDOW) // 4
+
 
 class SpdyPortForwardSession(WindowedSends, ServerSession):
     """Drives one SpdyConnection: pairs streams, opens forwarded connections, pumps bytes.
@@ -156,10 +162,10 @@ class SpdyPortForwardSession(WindowedSends, ServerSession):
 
     def start(self) -> None:
         if self.stream_version == PORTFORWARD_CRISHIM_V1:  # kubectl's never: spdystream
-            # sends no WINDOW_UPDATE; ours a quarter of session_buffer_size per stream,
-            # as HTTP/2's (a slow pod holds at most that of its stream)
-            self.codec.offer_send_windows(receive_window=max(
-                spdy.INITIAL_WINDOW, self.ctx.flood.session_buffer_size // 4))
+            # sends no WINDOW_UPDATE; ours as _announce_windows will give them, if the
+            # budget lasts (it lowers them where it does not)
+            self.codec.offer_send_windows(
+                receive_window=_stream_window(self.ctx.flood.session_buffer_size))
         self.arm_idle_timer()
 
     def end(self, close_transport: bool) -> None:
@@ -185,10 +191,7 @@ class SpdyPortForwardSession(WindowedSends, ServerSession):
     def queue_data(self, stream_id: int, data: bytes) -> bool:
         """Send data on a stream, within the client's windows if it asked for them (the
         rest waits); False when the stream is blocked on a window."""
-        codec = self.codec
-        if not self.windowed:
-            codec.send_data(stream_id, data)
-            return True
+        codec = self.codec  # without windows send_window is 2^31-1: sent at once
         if stream_id not in self._outbound and len(data) <= codec.send_window(stream_id):
             codec.send_data(stream_id, data)  # the common case
             return True
@@ -214,10 +217,7 @@ class SpdyPortForwardSession(WindowedSends, ServerSession):
         self._announced = True
         self._window_granted = self.ctx.take_window()
         session_window = max(self._window_granted, spdy.INITIAL_SESSION_WINDOW)
-        # a quarter of the session's, as HTTP/2's: three pods that stop reading hold back
-        # only their own streams (a fourth takes what the others had); with the budget
-        # spent (64 KiB) a stream's 4 MiB let one stalled pod hold back every stream
-        stream_window = session_window // 4
+        stream_window = _stream_window(self._window_granted)
         self.codec.enforce_receive_windows(stream_window)
         self.codec.send_settings({spdy.SETTINGS_INITIAL_WINDOW_SIZE: stream_window})
         if self._window_granted > spdy.INITIAL_SESSION_WINDOW:

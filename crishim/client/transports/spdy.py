@@ -67,7 +67,6 @@ class SpdyClientSession(ClientSession):
         self._withheld: dict[int, int] = {}  # paused stream -> bytes not acknowledged
         self._unacked: dict[int, int] = {}  # stream (0: the session) -> bytes taken, not
         # acknowledged yet: given back ACK_EVERY at a time (see _taken)
-        self._asked = False  # we asked for windows: the server's are honoured too
 
     def ask_for_windows(self) -> None:
         """Before any stream: our stream windows (16 MiB each) and the session's (256 MiB),
@@ -77,7 +76,6 @@ class SpdyClientSession(ClientSession):
         # the server's windows, SPDY's 64 KiB until its SETTINGS and WINDOW_UPDATE (sent
         # before any reply) raise them; a reply without flow-control: windows (a server
         # that has none) lifts them (see StreamReplied in _receive_spdy)
-        self._asked = True
         self.codec.enforce_send_windows(spdy.INITIAL_WINDOW)
 
     def _new_stream(self, port: int, ip_protocol: str = TCP, on_data: bool = False
@@ -224,7 +222,7 @@ class SpdyClientSession(ClientSession):
                 case spdy.StreamReplied():
                     if event.headers.get(HEADER_FLOW_CONTROL) == FLOW_CONTROL_WINDOWS:
                         self._windows = True
-                    elif self._asked and self.codec.send_windows_enforced:
+                    elif self.codec.send_windows_enforced:  # only where we asked
                         # a server without windows: none either way
                         self.codec.stop_send_windows()
                         self._drain_all()
