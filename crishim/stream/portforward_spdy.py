@@ -122,6 +122,15 @@ def _stream_window(session_window: int) -> int:
     return max(session_window, spdy.INITIAL_SESSION_WINDOW) // 4
 
 
+def _tolerated(stream_window: int) -> int:
+    """What a stream may send before it is reset FLOW_CONTROL_ERROR: our window, but not
+    less than SPDY's 64 KiB, which the client may use until our SETTINGS reach it (SPDY
+    has no SETTINGS acknowledgement; 16 KiB windows, with the budget spent, reset streams
+    that had sent their 64 KiB meanwhile). A client that has our SETTINGS keeps to the
+    window announced."""
+    return max(stream_window, spdy.INITIAL_WINDOW)
+
+
 class SpdyPortForwardSession(WindowedSends, ServerSession):
     """Drives one SpdyConnection: pairs streams, opens forwarded connections, pumps bytes.
 
@@ -164,8 +173,8 @@ class SpdyPortForwardSession(WindowedSends, ServerSession):
         if self.stream_version == PORTFORWARD_CRISHIM_V1:  # kubectl's never: spdystream
             # sends no WINDOW_UPDATE; ours as _announce_windows will give them, if the
             # budget lasts (it lowers them where it does not)
-            self.codec.offer_send_windows(
-                receive_window=_stream_window(self.ctx.flood.session_buffer_size))
+            self.codec.offer_send_windows(receive_window=_tolerated(
+                _stream_window(self.ctx.flood.session_buffer_size)))
         self.arm_idle_timer()
 
     def end(self, close_transport: bool) -> None:
@@ -218,7 +227,7 @@ class SpdyPortForwardSession(WindowedSends, ServerSession):
         self._window_granted = self.ctx.take_window()
         session_window = max(self._window_granted, spdy.INITIAL_SESSION_WINDOW)
         stream_window = _stream_window(self._window_granted)
-        self.codec.enforce_receive_windows(stream_window)
+        self.codec.enforce_receive_windows(_tolerated(stream_window))
         self.codec.send_settings({spdy.SETTINGS_INITIAL_WINDOW_SIZE: stream_window})
         if self._window_granted > spdy.INITIAL_SESSION_WINDOW:
             self.codec.send_window_update(

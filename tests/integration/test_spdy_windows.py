@@ -17,7 +17,8 @@ from crishim.protocols.constants import (
     PORTFORWARD_PROTOCOL,
 )
 from tests.support import SANDBOX
-from tests.support.podnet import ECHO_PORT, SOURCE_PORT, source_bytes
+from tests.support.crishim_proc import CrishimProcess
+from tests.support.podnet import ECHO_PORT, SINK_PORT, SOURCE_PORT, source_bytes
 from tests.support.spdy_pf_client import SpdyPortForwardClient
 from tests.support.standin import free_port
 
@@ -147,3 +148,24 @@ def test_a_client_past_a_streams_window_loses_that_stream_not_the_session(crishi
             fwd.send(chunk)
             client.wait(lambda: fwd.reset_status is not None, timeout=0.05)
         _reset_alone(client, fwd)
+
+
+def test_data_sent_before_the_servers_settings_arrive_is_not_past_its_window(podnet):
+    """With the budget spent crishim's streams take 16 KiB, but a client may send SPDY's
+    64 KiB before that SETTINGS reaches it (SPDY acknowledges no SETTINGS): 60 KiB sent
+    with the ask, before reading anything, reset the stream FLOW_CONTROL_ERROR (seen under
+    load in CI as a reset local connection)."""
+    with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}",
+                        "--buffer-budget", "1") as proc:
+        with _client(proc) as client:
+            fwd = client.forward(SINK_PORT)
+            payload = bytes(range(256)) * 240  # 60 KiB, within SPDY's initial window
+            fwd.send(payload)
+            fwd.close_write()
+            assert client.wait(fwd.finished, timeout=20)
+            assert fwd.reset_status is None, fwd.reset_status
+            assert bytes(fwd.received) == \
+                f"{len(payload)} {hashlib.sha256(payload).hexdigest()}\n".encode()
+            # announced as 16 KiB all the same: a client that has it keeps to that
+            assert client.session.peer_settings[spdy.SETTINGS_INITIAL_WINDOW_SIZE] == \
+                spdy.INITIAL_SESSION_WINDOW // 4
