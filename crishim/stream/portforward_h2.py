@@ -112,10 +112,12 @@ MAX_HEADER_LIST_SIZE = 16 * 1024
 DEFAULT_WINDOW = 65535  # what every connection and stream may send before SETTINGS
 
 
-def stream_window(session_buffer: int) -> int:
-    """A stream's receive window: a quarter of the connection's, so one stalled stream
-    leaves the others room."""
-    return max(DEFAULT_WINDOW, session_buffer // 4)
+def stream_window(connection_window: int) -> int:
+    """A stream's receive window: a quarter of the connection's (at least the 64 KiB
+    default), so three stalled streams leave the others room; with the budget spent
+    (64 KiB) a stream's window as large as its connection's let one stalled pod hold back
+    every stream."""
+    return max(DEFAULT_WINDOW, connection_window) // 4
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
@@ -277,6 +279,11 @@ class H2PortForwardSession(WindowedSends, ServerSession):
         self._window_granted = self.ctx.take_window()
         if self._window_granted > DEFAULT_WINDOW:
             self.codec.increment_flow_control_window(self._window_granted - DEFAULT_WINDOW)
+        window = stream_window(self._window_granted)
+        if window < stream_window(self.ctx.flood.session_buffer_size):  # what start() sent
+            # less granted: smaller stream windows, from the client's acknowledgement on
+            # (_on_settings_acknowledged)
+            self.codec.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
         self.arm_idle_timer()
 
     def end(self, close_transport: bool) -> None:
@@ -437,6 +444,8 @@ class H2PortForwardSession(WindowedSends, ServerSession):
                 self._on_window_updated(event)
             case h2.events.RemoteSettingsChanged():
                 self._on_settings_changed(event)
+            case h2.events.SettingsAcknowledged():
+                self._on_settings_acknowledged(event)
             case h2.events.ConnectionTerminated():
                 self._on_terminated(event)
 
@@ -646,6 +655,21 @@ class H2PortForwardSession(WindowedSends, ServerSession):
     def _on_settings_changed(self, ev: h2.events.RemoteSettingsChanged) -> None:
         if self._outbound:
             self._window_opened(0)
+
+    def _on_settings_acknowledged(self, ev: h2.events.SettingsAcknowledged) -> None:
+        """Smaller stream windows (_open_connection_window) are in force: h2 gives a
+        stream window back only as bytes are acknowledged, and a stream that had reached
+        its new, smaller window sends none, so what was acknowledged before is
+        reconsidered here once (held windows stay held)."""
+        change = ev.changed_settings.get(h2.settings.SettingCodes.INITIAL_WINDOW_SIZE)
+        if change is None or change.new_value >= (change.original_value or 0):
+            return
+        for sid in list(self.codec.streams):
+            try:
+                self.codec.acknowledge_received_data(0, sid)
+            except h2.exceptions.ProtocolError:
+                return  # connection already closing
+        self.flush()
 
     def _on_terminated(self, ev: h2.events.ConnectionTerminated) -> None:
         log.debug("h2 sandbox=%s: client sent GOAWAY (%s)", self.sandbox_id, ev.error_code)

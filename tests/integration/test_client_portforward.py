@@ -1338,10 +1338,13 @@ def test_an_upload_to_a_pod_that_stops_reading_holds_back_only_itself(crishim, p
     assert got["up"] == f"{len(payload)} {hashlib.sha256(payload).hexdigest()}\n".encode()
 
 
-def test_with_the_buffer_budget_spent_a_stalled_pod_holds_back_only_itself(podnet):
-    """With buffer_budget spent, a SPDY session's window stays 64 KiB: a stream's 4 MiB
-    let one pod that stopped reading take all of it, and an echo beside it waited. A
-    stream's window is now a quarter of its session's."""
+@pytest.mark.parametrize("transport", ["spdy", "h2"])
+def test_with_the_buffer_budget_spent_a_stalled_pod_holds_back_only_itself(podnet,
+                                                                           transport):
+    """With buffer_budget spent, a session's window stays 64 KiB: a stream's 4 MiB (SPDY)
+    or 64 KiB (HTTP/2) let one pod that stopped reading take all of it, and an echo
+    beside it waited. A stream's window is now a quarter of its session's: HTTP/2
+    announces it at admission, after the SETTINGS it opened the connection with."""
     server = CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}",
                             "--buffer-budget", "1").start()
     port = free_port()
@@ -1351,7 +1354,8 @@ def test_with_the_buffer_budget_spent_a_stalled_pod_holds_back_only_itself(podne
     got: dict[str, bytes] = {}
     payload = os.urandom(32 << 20)  # past what the stalled pod's socket buffers take
     try:
-        with PortForwardCLI(server, f"{up_local}:{port}", f"{echo_local}:{ECHO_PORT}") as cli:
+        with PortForwardCLI(server, f"{up_local}:{port}", f"{echo_local}:{ECHO_PORT}",
+                            transport=transport) as cli:
             cli.forwarding(2)
             uploader = threading.Thread(target=lambda: got.__setitem__(
                 "up", upload(up_local, payload)))

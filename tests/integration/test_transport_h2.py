@@ -525,6 +525,39 @@ def test_server_respects_the_clients_window(crishim):
     run(go())
 
 
+def test_smaller_stream_windows_at_admission_give_back_what_was_taken_before(podnet):
+    """With buffer_budget spent, crishim lowers its stream windows at admission, after
+    the SETTINGS it opened the connection with. A client that sent on those first,
+    larger windows is past the new ones when it applies them, and h2 gives a stream
+    window back only as bytes are acknowledged: acknowledged already, they never were,
+    and the upload waited for good. They are given back at the client's SETTINGS ack."""
+    proc = CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}", "--buffer-budget", "1")
+    first = 60 * 1024  # within the connection's 64 KiB, past a 16 KiB stream window
+    payload = os.urandom(MiB)
+
+    async def go():
+        client = await H2Client.connect(proc.port_forward_url(SANDBOX), reading=False)
+        client._receive(await client.reader.read(65536))  # the server's first SETTINGS
+        assert client.conn.remote_settings.initial_window_size > first
+        error_id = client.open_stream(client.request_headers(
+            streamtype="error", port=str(SINK_PORT), requestid="1"), end_stream=True)
+        data_id = client.open_stream(client.request_headers(
+            streamtype="data", port=str(SINK_PORT), requestid="1"))
+        client.conn.send_data(data_id, payload[:first])
+        client.flush()
+        await asyncio.sleep(1)  # admitted, the pod dialled and the 60 KiB acknowledged
+        client.start_reading()  # the smaller windows: this stream is past its own
+        fwd = Forward(client, data_id, error_id)
+        await asyncio.wait_for(fwd.write(payload[first:], end_stream=True), 30)
+        assert client.conn.remote_settings.initial_window_size < first
+        answer = (await fwd.read_all(30)).decode()
+        assert answer == f"{len(payload)} {hashlib.sha256(payload).hexdigest()}\n"
+        assert await fwd.error_text() == ""
+        await client.close()
+    with proc:
+        run(go())
+
+
 def test_sigterm_drain_lets_live_streams_finish(podnet):
     proc = CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}", "--drain-timeout", "3s")
 

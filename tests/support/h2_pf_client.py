@@ -68,9 +68,10 @@ class H2Client:
         return conn
 
     @classmethod
-    async def connect(cls, url: str, mode: str = "prior",
-                      path: str | None = None) -> H2Client:
-        """mode: prior (h2c prior knowledge), upgrade (Upgrade: h2c) or tls (ALPN h2)."""
+    async def connect(cls, url: str, mode: str = "prior", path: str | None = None,
+                      reading: bool = True) -> H2Client:
+        """mode: prior (h2c prior knowledge), upgrade (Upgrade: h2c) or tls (ALPN h2).
+        reading=False: nothing the server sends is read until start_reading()."""
         u = urlsplit(url)
         path = path or u.path
         conn = cls._new_conn()
@@ -109,8 +110,12 @@ class H2Client:
         client.flush()
         if rest:
             client._receive(rest)
-        client._task = asyncio.get_running_loop().create_task(client._read_loop())
+        if reading:
+            client.start_reading()
         return client
+
+    def start_reading(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._read_loop())
 
     # --- I/O -----------------------------------------------------------------------------
     def flush(self) -> None:
