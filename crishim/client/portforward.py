@@ -211,6 +211,15 @@ class UsageError(Exception):
     """Bad command-line input: one line on stderr, exit 1."""
 
 
+class ListenError(UsageError):
+    """A port spec none of whose addresses could be used: `why` names each, with the
+    reason."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(f"unable to listen on {why}")
+        self.why = why
+
+
 @dataclass
 class PortSpec:
     local: int
@@ -551,12 +560,30 @@ class PortForwarder:
                 print(f"error: {refusal}: not forwarding {refused}", file=sys.stderr,
                       flush=True)
                 specs = [spec for spec in specs if spec.protocol != "udp"]
-        for spec in specs:
-            if spec.protocol == "udp":
-                await self._listen_udp(spec)
-            else:
-                await self._listen(spec)
+        await self._listen_all(specs)
         return finished
+
+    async def _listen_all(self, specs: list[PortSpec]) -> None:
+        """As kubectl (client-go ForwardPorts): a port spec that cannot listen is a line
+        on stderr while another one does; only when none can is it an error."""
+        failed: list[tuple[str, ListenError]] = []  # the spec as given, why
+        for spec in specs:
+            given = f"{spec.local}:{spec.remote_text}"
+            try:
+                if spec.protocol == "udp":
+                    await self._listen_udp(spec)
+                else:
+                    await self._listen(spec)
+            except ListenError as e:
+                failed.append((given, e))
+                if len(specs) > 1:
+                    print(f"Unable to listen on port {given.partition(':')[0]}: {e.why}",
+                          file=sys.stderr, flush=True)
+        if len(failed) == len(specs):
+            if len(specs) == 1:
+                raise failed[0][1]
+            shown_specs = ", ".join(given for given, _ in failed)
+            raise UsageError(f"unable to listen on any of the requested ports: {shown_specs}")
 
     async def _listen(self, spec: PortSpec) -> None:
         loop = asyncio.get_running_loop()
@@ -581,7 +608,8 @@ class PortForwarder:
         to use before the next is bound (spec.local, 0 at first, is the first one's port).
         As kubectl (client-go listenOnPort): one of localhost's two addresses that cannot
         be bound (in use, no IPv6 loopback) is passed over, silently, while the other
-        binds; any other address that cannot be bound is a UsageError."""
+        binds; any other address that cannot be bound is a ListenError (those bound
+        before it go on listening, as kubectl's do)."""
         protocol = "/udp" if kind == socket.SOCK_DGRAM else ""
         failed: list[str] = []  # localhost's that could not be bound
         localhost_bound = False
@@ -599,7 +627,7 @@ class PortForwarder:
                 sock.close()
                 why = f"{_show(address.text)}:{spec.local}{protocol}: {e.strerror}"
                 if not address.localhost:
-                    raise UsageError(f"unable to listen on {why}") from None
+                    raise ListenError(why) from None
                 failed.append(why)
                 continue
             if spec.local == 0:
@@ -607,7 +635,7 @@ class PortForwarder:
             localhost_bound = localhost_bound or address.localhost
             yield address, sock
         if failed and not localhost_bound:
-            raise UsageError(f"unable to listen on {'; '.join(failed)}")
+            raise ListenError("; ".join(failed))
 
     def _open_flow(self, port: int, protocol_factory: Callable[[], asyncio.Protocol]
                    ) -> asyncio.Transport:

@@ -658,6 +658,53 @@ def test_local_port_in_use_on_every_address_is_one_line_and_nonzero(crishim, pro
     assert r.stdout == ""
 
 
+def test_a_port_that_cannot_listen_beside_one_that_can_is_a_line_and_the_other_forwards(
+        crishim):
+    """kubectl (client-go ForwardPorts) prints `Unable to listen on port N: ...` for a
+    port spec none of whose addresses can be bound and forwards the others; crishim ended
+    at the first such spec, forwarding none."""
+    busy, free = free_port(), free_port()
+    hosts = ["127.0.0.1", "::1"] if ipv6_loopback() else ["127.0.0.1"]
+    held = [_taken(host, busy, "tcp") for host in hosts]
+    try:
+        with PortForwardCLI(crishim, f"{busy}:{HTTP_PORT}", f"{free}:{HTTP_PORT}") as cli:
+            assert cli.read_lines(len(hosts)) == [
+                f"Forwarding from {'[::1]' if ':' in host else host}:{free} -> {HTTP_PORT}"
+                for host in hosts]
+            assert peers.http_get(free, "127.0.0.1").endswith(HTTP_BODY)
+            assert cli.interrupt() == 0
+    finally:
+        for sock in held:
+            sock.close()
+    assert len(cli.stderr) == 1, cli.stderr
+    assert re.fullmatch(rf"Unable to listen on port {busy}: 127\.0\.0\.1:{busy}: .*in use"
+                        + (rf"; \[::1\]:{busy}: .*in use" if len(hosts) == 2 else ""),
+                        cli.stderr[0]), cli.stderr
+
+
+def test_no_port_that_can_listen_is_an_error_naming_each(crishim):
+    """As kubectl: a line for each port spec, then `unable to listen on any of the
+    requested ports`, exit 1."""
+    ports = [free_port(), free_port()]
+    held = [_taken("127.0.0.1", port, "tcp") for port in ports]
+    try:
+        r = run_cli(SANDBOX, f"{ports[0]}:{HTTP_PORT}", f"{ports[1]}:{HTTP_PORT}",
+                    "--runtime-endpoint", crishim.socket, "--address", "127.0.0.1",
+                    timeout=15)
+    finally:
+        for sock in held:
+            sock.close()
+    assert r.returncode == 1
+    lines = r.stderr.splitlines()
+    assert len(lines) == 3, r.stderr
+    for line, port in zip(lines, ports):
+        assert re.fullmatch(rf"Unable to listen on port {port}: 127\.0\.0\.1:{port}: .*in use",
+                            line), r.stderr
+    assert lines[2] == (f"error: unable to listen on any of the requested ports: "
+                        f"{ports[0]}:{HTTP_PORT}, {ports[1]}:{HTTP_PORT}")
+    assert r.stdout == ""
+
+
 @pytest.mark.parametrize("protocol", ["tcp", "udp"])
 @pytest.mark.parametrize("busy", ["127.0.0.1", "::1"])
 def test_one_busy_localhost_address_leaves_the_other_forwarding(crishim, busy, protocol):
