@@ -20,6 +20,7 @@ from crishim.config import (
     SETTINGS,
     Config,
     ConfigError,
+    host_port,
     load,
     setting_text,
     unknown_environment,
@@ -69,11 +70,9 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def _serve_config(args: argparse.Namespace) -> Config:
     overrides = {name: getattr(args, name) for name in SETTINGS}
     if args.stream_address:
-        host, sep, port = args.stream_address.rpartition(":")
-        if not sep or not port.isascii() or not port.isdigit():
-            raise ConfigError(f"--stream-address: {args.stream_address!r} is not HOST:PORT")
-        overrides["stream_server_address"] = host.strip("[]") or "0.0.0.0"
-        overrides["stream_server_port"] = int(port)
+        host, port = host_port(args.stream_address, "--stream-address", lowest=0)
+        overrides["stream_server_address"] = host
+        overrides["stream_server_port"] = port
     return load(args.config, overrides=overrides)
 
 

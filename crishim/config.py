@@ -220,13 +220,14 @@ def host_problem(host: str) -> str:
     return ""
 
 
-def host_port(address: str, name: str) -> tuple[str, int]:
-    """HOST:PORT ([V6]:PORT; an empty host: every address) as (host, port 1..65535)."""
+def host_port(address: str, name: str, lowest: int = 1) -> tuple[str, int]:
+    """HOST:PORT ([V6]:PORT; an empty host: every address) as (host, port lowest..65535)."""
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535 \
+    if not sep or not port.isascii() or not port.isdigit() \
+            or not lowest <= int(port) <= 65535 \
             or host.count(":") and not (host.startswith("[") and host.endswith("]")):
-        raise ConfigError(f"{name}: {address!r} is not HOST:PORT (port 1..65535; an IPv6 "
-                          "host in brackets)")
+        raise ConfigError(f"{name}: {address!r} is not HOST:PORT (port {lowest}..65535; an "
+                          "IPv6 host in brackets)")
     return host.strip("[]") or "0.0.0.0", int(port)
 
 

@@ -188,6 +188,11 @@ def test_what_serve_cannot_use_is_one_line_before_it_listens(tmp_path):
                             f"127.0.0.1:{port}")
     assert line == (f"crishim: stream_server_address 127.0.0.1:{port}: cannot listen: "
                     "Address already in use")
+    for bad in ("::1:8080", "127.0.0.1:65536", "127.0.0.1:x", "8080"):
+        # an unbracketed IPv6 host was taken as far as its last colon; 65536 failed late
+        line = _serve_fails("--socket", str(tmp_path / "a.sock"), "--stream-address", bad)
+        assert line == (f"crishim: --stream-address: {bad!r} is not HOST:PORT (port "
+                        "0..65535; an IPv6 host in brackets)")
     line = _serve_fails("--socket", str(tmp_path / "r.sock"), "--reserved-fds", "100000000")
     assert line.startswith("crishim: reserved_fds: 100000000 reserved of RLIMIT_NOFILE ")
     assert "leaves 0 descriptors" in line
