@@ -314,6 +314,9 @@ class H2PortForwardSession(WindowedSends, ServerSession):
     def queue_eof(self, stream_id: int) -> None:
         self._queue_end(stream_id)
 
+    def _session_send_window(self) -> int:
+        return self.codec.outbound_flow_control_window
+
     def _send_queued(self, stream_id: int, out: Outbound) -> bool:
         try:
             return self.codec.send_queued(stream_id, out)
@@ -321,7 +324,7 @@ class H2PortForwardSession(WindowedSends, ServerSession):
             return True  # stream reset or closed by the client meanwhile: nothing to send
 
     def reset(self, stream_id: int, code: ErrorCodes) -> None:
-        self._outbound.pop(stream_id, None)
+        self._forget_outbound(stream_id)
         try:
             self.codec.reset_stream(stream_id, code)
         except h2.exceptions.ProtocolError:
@@ -629,7 +632,7 @@ class H2PortForwardSession(WindowedSends, ServerSession):
 
     def _on_reset(self, ev: h2.events.StreamReset) -> None:
         sid = ev.stream_id
-        self._outbound.pop(sid, None)
+        self._forget_outbound(sid)
         conn = self._by_stream.get(sid)
         if conn is not None:
             channel = conn.channel
@@ -649,12 +652,18 @@ class H2PortForwardSession(WindowedSends, ServerSession):
                 self.reset(other, ErrorCodes.CANCEL)
 
     def _on_window_updated(self, ev: h2.events.WindowUpdated) -> None:
-        if self._outbound:
+        if not self._outbound:
+            return
+        if ev.stream_id:
             self._window_opened(ev.stream_id)
+        else:
+            self._session_window_opened()
 
     def _on_settings_changed(self, ev: h2.events.RemoteSettingsChanged) -> None:
-        if self._outbound:
-            self._window_opened(0)
+        change = ev.changed_settings.get(h2.settings.SettingCodes.INITIAL_WINDOW_SIZE)
+        if self._outbound and change is not None and \
+                change.new_value > (change.original_value or 0):
+            self._initial_windows_raised()
 
     def _on_settings_acknowledged(self, ev: h2.events.SettingsAcknowledged) -> None:
         """Smaller stream windows (_open_connection_window) are in force: h2 gives a

@@ -214,11 +214,14 @@ class SpdyPortForwardSession(WindowedSends, ServerSession):
             self.codec.end_stream(stream_id)
 
     def reset(self, stream_id: int, status: int) -> None:
-        self._outbound.pop(stream_id, None)
+        self._forget_outbound(stream_id)
         self.codec.reset_stream(stream_id, status)
 
     def _send_queued(self, stream_id: int, out: Outbound) -> bool:
         return self.codec.send_queued(stream_id, out)
+
+    def _session_send_window(self) -> int:
+        return self.codec.session_send_window
 
     def _announce_windows(self) -> None:
         """Ours, before any reply: the streams' (the codec counts from now on), and the
@@ -374,7 +377,10 @@ class SpdyPortForwardSession(WindowedSends, ServerSession):
                         return self.charge_control("DATA on a stream carrying no connection")
             case spdy.WindowUpdateReceived():
                 if self.windowed and self._outbound:
-                    self._window_opened(event.stream_id)
+                    if event.stream_id:
+                        self._window_opened(event.stream_id)
+                    else:
+                        self._session_window_opened()
             case spdy.StreamOpened():
                 if not self.charge_stream_open():
                     return False
@@ -391,7 +397,7 @@ class SpdyPortForwardSession(WindowedSends, ServerSession):
                 if self.windowed and not self._announced:
                     self._announce_windows()
                 if self._outbound and spdy.SETTINGS_INITIAL_WINDOW_SIZE in event.settings:
-                    self._window_opened(0)  # the codec moved every stream's window
+                    self._initial_windows_raised()  # the codec moved every stream's window
             case spdy.HeadersReceived():
                 if event.fin:  # a half-close sent as HEADERS with FIN
                     conn = self._by_stream.get(event.stream_id)
@@ -484,7 +490,7 @@ class SpdyPortForwardSession(WindowedSends, ServerSession):
         self.flush()
 
     def _on_reset(self, ev: spdy.StreamReset) -> bool:
-        self._outbound.pop(ev.stream_id, None)
+        self._forget_outbound(ev.stream_id)
         conn = self._by_stream.get(ev.stream_id)
         if conn is not None:
             conn.client_reset()  # how a client ends a connection: free

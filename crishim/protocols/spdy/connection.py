@@ -294,6 +294,13 @@ class SpdyConnection:
     def send_windows_enforced(self) -> bool:
         return self._initial_send_window is not None
 
+    @property
+    def session_send_window(self) -> int:
+        """Bytes DATA on all streams together may carry now (MAX_WINDOW without windows)."""
+        if self._initial_send_window is None:
+            return MAX_WINDOW
+        return self._session_send_window
+
     def send_window(self, stream_id: int) -> int:
         """Bytes DATA on the stream may carry now: the smaller of its window and the
         session's while windows are enforced, else MAX_WINDOW (0 for a stream that is
