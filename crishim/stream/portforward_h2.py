@@ -238,6 +238,8 @@ class H2PortForwardSession(WindowedSends, ServerSession):
         self.codec.charge_frame = self._charge_frame
         self.codec.encoder = LiteralHeaderEncoder()  # responses: the same fields each time
         self._window_granted = 0  # taken from the server's buffer budget, returned at the end
+        self._settings_acknowledged = False  # start()'s SETTINGS, by the client
+        self._lower_windows_to: int | None = None  # stream windows once it is
         self._pairs = StreamPairs(self.creation_timeout, self._pair_timed_out,
                                   self.ctx.max_per_session)
         self._by_stream: dict[int, ForwardedConnection | ForwardedFlow] = {}  # data stream id
@@ -281,10 +283,19 @@ class H2PortForwardSession(WindowedSends, ServerSession):
             self.codec.increment_flow_control_window(self._window_granted - DEFAULT_WINDOW)
         window = stream_window(self._window_granted)
         if window < stream_window(self.ctx.flood.session_buffer_size):  # what start() sent
-            # less granted: smaller stream windows, from the client's acknowledgement on
-            # (_on_settings_acknowledged)
-            self.codec.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
+            # less granted: smaller stream windows, in a SETTINGS of their own once the
+            # client acknowledged start()'s (h2 takes an acknowledgement for the oldest
+            # change pending, and start()'s values were never pending: a client that
+            # sent on the larger windows before acknowledging them was past the smaller)
+            self._lower_windows_to = window
+            if self._settings_acknowledged:
+                self._lower_windows()
         self.arm_idle_timer()
+
+    def _lower_windows(self) -> None:
+        window, self._lower_windows_to = self._lower_windows_to, None
+        if window is not None:
+            self.codec.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
 
     def end(self, close_transport: bool) -> None:
         self.ctx.return_window(self._window_granted)
@@ -666,10 +677,16 @@ class H2PortForwardSession(WindowedSends, ServerSession):
             self._initial_windows_raised()
 
     def _on_settings_acknowledged(self, ev: h2.events.SettingsAcknowledged) -> None:
-        """Smaller stream windows (_open_connection_window) are in force: h2 gives a
-        stream window back only as bytes are acknowledged, and a stream that had reached
-        its new, smaller window sends none, so what was acknowledged before is
-        reconsidered here once (held windows stay held)."""
+        """The client acknowledged start()'s SETTINGS: smaller stream windows waiting for
+        that (_open_connection_window) are sent now. It acknowledged those: they are in
+        force, and as h2 gives a stream window back only as bytes are acknowledged, and a
+        stream that had reached its new, smaller window sends none, what was acknowledged
+        before is reconsidered here once (held windows stay held)."""
+        if not self._settings_acknowledged:  # start()'s
+            self._settings_acknowledged = True
+            self._lower_windows()
+            self.flush()
+            return
         change = ev.changed_settings.get(h2.settings.SettingCodes.INITIAL_WINDOW_SIZE)
         if change is None or change.new_value >= (change.original_value or 0):
             return

@@ -558,6 +558,44 @@ def test_smaller_stream_windows_at_admission_give_back_what_was_taken_before(pod
         run(go())
 
 
+def test_smaller_stream_windows_wait_for_the_first_settings_to_be_acknowledged(podnet):
+    """A client whose acknowledgement of crishim's first SETTINGS (4 MiB stream windows)
+    arrives after admission, and which sends on those windows: the smaller windows of a
+    connection granted less were applied at that acknowledgement (h2 takes it for the
+    oldest change pending), the client's 60 KiB were past them and the connection ended
+    with GOAWAY FLOW_CONTROL_ERROR. They are sent once the first SETTINGS is
+    acknowledged."""
+    proc = CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}", "--buffer-budget", "1")
+    first = 60 * 1024
+    payload = os.urandom(MiB)
+
+    async def go():
+        client = await H2Client.connect(proc.port_forward_url(SANDBOX), reading=False)
+        client.conn.receive_data(await client.reader.read(65536))  # the first SETTINGS
+        held_ack = client.conn.data_to_send()  # not sent yet
+        assert held_ack
+        error_id = client.open_stream(client.request_headers(
+            streamtype="error", port=str(SINK_PORT), requestid="1"), end_stream=True)
+        data_id = client.open_stream(client.request_headers(
+            streamtype="data", port=str(SINK_PORT), requestid="1"))
+        await asyncio.sleep(1)  # admitted meanwhile: the connection got less
+        client.write_raw(held_ack)
+        client.conn.send_data(data_id, payload[:first])  # within the 4 MiB acknowledged
+        client.flush()
+        client.start_reading()
+        fwd = Forward(client, data_id, error_id)
+        await asyncio.wait_for(fwd.write(payload[first:], end_stream=True), 30)
+        answer = (await fwd.read_all(30)).decode()
+        assert client.terminated is None
+        assert answer == f"{len(payload)} {hashlib.sha256(payload).hexdigest()}\n"
+        assert client.conn.remote_settings.initial_window_size < first  # then lowered
+        assert await fwd.error_text() == ""
+        await client.close()
+    with proc:
+        run(go())
+        assert "FLOW_CONTROL_ERROR" not in proc.log()
+
+
 def test_sigterm_drain_lets_live_streams_finish(podnet):
     proc = CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}", "--drain-timeout", "3s")
 
