@@ -174,10 +174,11 @@ class _PodProtocol(asyncio.BufferedProtocol):
         self.conn = conn
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        # no more than the client's output has room for (at least a small read): a read
-        # landing past the session's high-water mark is memory no budget counts
+        # no more than the client's output has room for, nor than the client's window
+        # takes (at least a small read): a read landing past the session's high-water
+        # mark, or waiting for a window, is memory no budget counts
         buffer = read_buffer()
-        room = self.conn.session.output_room()
+        room = self.conn.session.pod_read_room(self.conn)
         return buffer if room >= len(buffer) else buffer[:max(MIN_POD_READ, room)]
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -586,6 +587,11 @@ class SessionBase:
         if transport is None or not self.output_sized:
             return 1 << 40
         return self.output_high - transport.get_write_buffer_size()
+
+    def pod_read_room(self, conn: ForwardedConnection) -> int:
+        """Bytes conn's next pod read may bring: output_room, and, on a session that
+        sends within the client's windows, no more than conn's stream may send now."""
+        return self.output_room()
 
     def open_connection(self, port: int, channel: Channel, on_data: bool = False
                         ) -> ForwardedConnection:

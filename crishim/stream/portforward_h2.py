@@ -328,6 +328,12 @@ class H2PortForwardSession(WindowedSends, ServerSession):
     def _session_send_window(self) -> int:
         return self.codec.outbound_flow_control_window
 
+    def _stream_send_window(self, stream_id: int) -> int:
+        try:
+            return self.codec.local_flow_control_window(stream_id)
+        except h2.exceptions.ProtocolError:  # gone: what it reads is dropped
+            return 1 << 40
+
     def _send_queued(self, stream_id: int, out: Outbound) -> bool:
         try:
             return self.codec.send_queued(stream_id, out)

@@ -223,6 +223,9 @@ class SpdyPortForwardSession(WindowedSends, ServerSession):
     def _session_send_window(self) -> int:
         return self.codec.session_send_window
 
+    def _stream_send_window(self, stream_id: int) -> int:
+        return self.codec.send_window(stream_id) if self.windowed else 1 << 40
+
     def _announce_windows(self) -> None:
         """Ours, before any reply: the streams' (the codec counts from now on), and the
         session's raised to session_buffer_size while the buffer budget lasts."""

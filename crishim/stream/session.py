@@ -309,6 +309,7 @@ class WindowedSends:
     _by_stream: dict[int, ForwardedConnection | ForwardedFlow]
     writing_paused: bool
     connections: set[ForwardedConnection | ForwardedFlow]
+    output_room: Callable[[], int]  # SessionBase's
 
     def _init_outbound(self) -> None:
         self._outbound: dict[int, Outbound] = {}
@@ -323,6 +324,21 @@ class WindowedSends:
     def _session_send_window(self) -> int:
         """The codec's: what all streams together may send now."""
         raise NotImplementedError
+
+    def _stream_send_window(self, stream_id: int) -> int:
+        """The codec's: what the stream may send now (within the session's window too)."""
+        raise NotImplementedError
+
+    def pod_read_room(self, conn: ForwardedConnection) -> int:
+        """A pod read no larger than its stream's window takes (at least MIN_POD_READ):
+        what the window does not take waits in the stream's queue, outside every budget;
+        reads of a full buffer held ~1 MiB per stream whose client gave no window back
+        (400 streams: 460 MiB)."""
+        room = self.output_room()
+        stream_id = getattr(conn.channel, "data_id", None)
+        if stream_id is None:
+            return room
+        return min(room, self._stream_send_window(stream_id))
 
     def _queue_more(self, stream_id: int, data: bytes) -> bool:
         """Queue data behind what waits (or what the window does not take now) and send

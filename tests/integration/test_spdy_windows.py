@@ -16,7 +16,7 @@ from crishim.protocols.constants import (
     PORTFORWARD_CRISHIM_V1,
     PORTFORWARD_PROTOCOL,
 )
-from tests.support import SANDBOX
+from tests.support import SANDBOX, status_mib
 from tests.support.crishim_proc import CrishimProcess
 from tests.support.podnet import ECHO_PORT, SINK_PORT, SOURCE_PORT, source_bytes
 from tests.support.spdy_pf_client import SpdyPortForwardClient
@@ -169,3 +169,33 @@ def test_data_sent_before_the_servers_settings_arrive_is_not_past_its_window(pod
             # announced as 16 KiB all the same: a client that has it keeps to that
             assert client.session.peer_settings[spdy.SETTINGS_INITIAL_WINDOW_SIZE] == \
                 spdy.INITIAL_SESSION_WINDOW // 4
+
+
+def test_streams_out_of_window_hold_a_small_pod_read_each(podnet):
+    """As over HTTP/2: once a stream's window is spent, its last pod read waits in its
+    queue; a read is no larger than the window takes (at least 16 KiB), where a whole
+    1 MiB buffer each held ~100 MiB for 100 streams given 1.5 MiB and then nothing."""
+    size, streams, first = 4 * SIZE, 100, 3 * SIZE // 2
+    with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}") as proc:
+        with _client(proc, window=0, session_window=spdy.MAX_WINDOW - 65536) as client:
+            echo = client.forward(ECHO_PORT)
+            client.session.send_window_update(echo.data_sid, 1024)
+            before = status_mib(proc.proc.pid)
+            fwds = [_download(client, size) for _ in range(streams)]
+            for fwd in fwds:
+                client.session.send_window_update(fwd.data_sid, first)
+            client.flush()
+            assert client.wait(lambda: all(len(f.received) == first for f in fwds),
+                               timeout=60)
+            client.wait(lambda: False, timeout=1)  # the pods' next reads meanwhile
+            grown = status_mib(proc.proc.pid) - before
+            assert grown < 40, f"{grown:.1f} MiB held for {streams} streams out of window"
+            echo.send(b"meanwhile")  # the session goes on
+            for fwd in fwds:
+                client.session.send_window_update(fwd.data_sid, size - first)
+            client.flush()
+            assert client.wait(lambda: echo.received == b"meanwhile")
+            assert client.wait(lambda: all(f.data_done() for f in fwds), timeout=60)
+            expected = hashlib.sha256(source_bytes(size)).digest()
+            for fwd in fwds:
+                assert hashlib.sha256(fwd.received).digest() == expected

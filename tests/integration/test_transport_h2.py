@@ -596,6 +596,47 @@ def test_smaller_stream_windows_wait_for_the_first_settings_to_be_acknowledged(p
         assert "FLOW_CONTROL_ERROR" not in proc.log()
 
 
+def test_streams_out_of_window_hold_a_small_pod_read_each(podnet):
+    """Streams whose client gives back no window: once a stream's window is spent, its
+    last pod read waits in the stream's queue, outside every budget. Reads took a whole
+    1 MiB buffer, so that ~1 MiB a stream was held (100 streams given 1.5 MiB each and
+    then nothing: ~100 MiB); a read is now no larger than the window takes (at least
+    MIN_POD_READ, 16 KiB). Given the rest, every byte comes."""
+    size, streams, first = 4 * MiB, 100, 3 * MiB // 2
+    proc = CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}")
+
+    async def go():
+        client = await H2Client.connect(proc.port_forward_url(SANDBOX), window=0)
+        warm = await client.forward(ECHO_PORT)
+        client.conn.increment_flow_control_window(4, warm.data_id)
+        await warm.write(b"warm", end_stream=True)
+        assert await warm.read_all() == b"warm"
+        before = status_mib(proc.proc.pid)
+        fwds = [await client.forward(SOURCE_PORT) for _ in range(streams)]
+        for fwd in fwds:
+            client.hold_acks.add(fwd.data_id)
+            await fwd.write(b"%d\n" % size)
+            client.conn.increment_flow_control_window(first, fwd.data_id)
+        client.flush()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 60
+        while any(fwd.data.received < first for fwd in fwds) and loop.time() < end:
+            await asyncio.sleep(0.1)
+        assert all(fwd.data.received == first for fwd in fwds)
+        await asyncio.sleep(1)  # the pods' next reads meanwhile
+        grown = status_mib(proc.proc.pid) - before
+        assert grown < 40, f"{grown:.1f} MiB held for {streams} streams out of window"
+        for fwd in fwds:
+            client.release_acks(fwd.data_id)  # and every byte from now on
+        expected = hashlib.sha256(source_bytes(size)).digest()
+        for fwd in fwds:
+            got = await fwd.read_all(60)
+            assert hashlib.sha256(got).digest() == expected
+        await client.close()
+    with proc:
+        run(go())
+
+
 def test_sigterm_drain_lets_live_streams_finish(podnet):
     proc = CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}", "--drain-timeout", "3s")
 

@@ -55,11 +55,11 @@ class H2Client:
 
     # --- connecting ----------------------------------------------------------------------
     @staticmethod
-    def _new_conn() -> h2.connection.H2Connection:
+    def _new_conn(window: int = WINDOW) -> h2.connection.H2Connection:
         conn = h2.connection.H2Connection(h2.config.H2Configuration(
             client_side=True, header_encoding="utf-8"))
         conn.local_settings = h2.settings.Settings(client=True, initial_values={
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window,
             h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
             h2.settings.SettingCodes.ENABLE_PUSH: 0,
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1000,
@@ -69,12 +69,13 @@ class H2Client:
 
     @classmethod
     async def connect(cls, url: str, mode: str = "prior", path: str | None = None,
-                      reading: bool = True) -> H2Client:
+                      reading: bool = True, window: int = WINDOW) -> H2Client:
         """mode: prior (h2c prior knowledge), upgrade (Upgrade: h2c) or tls (ALPN h2).
-        reading=False: nothing the server sends is read until start_reading()."""
+        reading=False: nothing the server sends is read until start_reading(); window:
+        the streams' receive window."""
         u = urlsplit(url)
         path = path or u.path
-        conn = cls._new_conn()
+        conn = cls._new_conn(window)
         rest = b""
         if mode == "tls":
             ctx = ssl.create_default_context()
