@@ -224,3 +224,42 @@ def test_data_for_a_stream_gone_gives_its_session_window_back():
     client.send_data(sid, b"late" * 100)  # sent before it learned of the reset
     assert _deliver(client, server) == []
     assert _window_updates(client, server.data_to_send()) == [(0, 400)]
+
+
+def test_the_rest_of_a_frame_whose_stream_died_within_it_gives_its_window_back():
+    """A stream reset while one of its DATA frames was still arriving: the rest of the
+    frame was dropped without giving its session window back, so every upload to a pod
+    that reset kept a little of it (~280 of them left the session's 16 MiB at 0)."""
+    client, server, sid = _windowed_pair(1 << 20)
+    client.send_data(sid, b"a" * 1000)
+    frame = client.data_to_send()
+    assert _received(server.receive_data(frame[:508]), sid) == 500  # 8-byte header
+    server.reset_stream(sid)  # the pod reset meanwhile
+    server.data_to_send()
+    assert server.receive_data(frame[508:]) == []
+    assert _window_updates(client, server.data_to_send()) == [(0, 500)]
+
+
+def test_a_session_that_counts_receive_windows_gives_back_what_it_drops_by_itself():
+    """crishim port-forward counts its receive windows where it asks for windows: a
+    download whose connection it reset meanwhile gave its session window back only for
+    what it took (~270 such resets stalled the session). Against a server without
+    windows it counts none."""
+    client, server = _pair()
+    client.send_settings({spdy.SETTINGS_INITIAL_WINDOW_SIZE: 1 << 20})
+    client.enforce_receive_windows(1 << 20)
+    sid = client.open_stream({"streamtype": "data"})
+    _deliver(client, server)
+    server.reply(sid)
+    client.reset_stream(sid)
+    client.data_to_send()
+    server.send_data(sid, b"x" * 3000)  # in flight when the reset left
+    assert client.receive_data(server.data_to_send()) == []
+    assert _window_updates(server, client.data_to_send()) == [(0, 3000)]
+    client.stop_receive_windows()
+    other = client.open_stream({"streamtype": "data"})
+    _deliver(client, server)
+    server.reply(other)
+    server.send_data(other, b"y" * (spdy.INITIAL_SESSION_WINDOW + 1))  # no window kept
+    assert _received(_deliver(server, client), other) == spdy.INITIAL_SESSION_WINDOW + 1
+    assert not client.terminated

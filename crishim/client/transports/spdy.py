@@ -72,6 +72,10 @@ class SpdyClientSession(ClientSession):
         """Before any stream: our stream windows (16 MiB each) and the session's (256 MiB),
         as HTTP/2's; sent once the session is attached (_flush)."""
         self.codec.send_settings({spdy.SETTINGS_INITIAL_WINDOW_SIZE: H2_STREAM_WINDOW})
+        # counted here too, so that DATA the codec drops (a stream reset here meanwhile)
+        # gives its session window back by itself: without, each connection reset while
+        # its download came kept a little of it, and ~270 of them stalled the session
+        self.codec.enforce_receive_windows(H2_STREAM_WINDOW)
         self.codec.send_window_update(0, H2_CONNECTION_WINDOW - spdy.INITIAL_SESSION_WINDOW)
         # the server's windows, SPDY's 64 KiB until its SETTINGS and WINDOW_UPDATE (sent
         # before any reply) raise them; a reply without flow-control: windows (a server
@@ -225,6 +229,7 @@ class SpdyClientSession(ClientSession):
                     elif self.codec.send_windows_enforced:  # only where we asked
                         # a server without windows: none either way
                         self.codec.stop_send_windows()
+                        self.codec.stop_receive_windows()
                         self._drain_all()
                     stream = streams.get(event.stream_id)
                     if stream is not None:

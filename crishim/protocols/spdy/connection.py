@@ -501,6 +501,10 @@ class SpdyConnection:
         them): send without them from now on."""
         self._initial_send_window = None
 
+    def stop_receive_windows(self) -> None:
+        """The peer turned out not to honour windows: DATA counts against none."""
+        self._initial_recv_window = None
+
     def send_queued(self, stream_id: int, out: Outbound) -> bool:
         """Send from the front of `out` what the windows allow (a chunk split at the
         window as memoryview slices, no copy) and its end once it is empty and asked. True
@@ -783,6 +787,10 @@ class SpdyConnection:
                                                    else bytes(piece), fin))
                         if fin:
                             self._close_remote(target)
+                    elif self._initial_recv_window is not None:
+                        # the stream died within the frame: the rest is dropped here, and
+                        # its session window goes back (the whole frame was the stream's)
+                        self._discarded += take
                     if not left:
                         self._payload_target = None
                 pos += take
