@@ -118,10 +118,7 @@ class CriOpener:
             timer = self._wanted.pop(key, None)
             if timer is not None:
                 timer.cancel()
-            if entry is not None:
-                entry[1].add_done_callback(_close_unused)
-                entry[1].cancel()
-            spare = self._ask_spare(ports)
+            spare = self._ask_spare(ports)  # the one asked before closed
         await asyncio.wait([spare])  # not cancelled with this task: the next connection's
         if spare.cancelled():
             return None
@@ -176,13 +173,19 @@ class CriOpener:
             lambda _: loop.call_later(OPEN_AHEAD_AFTER_REPLY, self._fetch_spare, ports))
 
     def _fetch_spare(self, ports: list[int]) -> None:
-        timer = self._wanted.pop(tuple(ports), None)
+        key = tuple(ports)
+        timer = self._wanted.pop(key, None)
         if timer is None:
             return  # asked for already
         timer.cancel()
-        self._ask_spare(ports)
+        if key not in self._spares:  # one waits already (connections that came together)
+            self._ask_spare(ports)
 
     def _ask_spare(self, ports: list[int]) -> asyncio.Future[str | ClientSession]:
+        replaced = self._spares.get(tuple(ports))
+        if replaced is not None:  # never left open: a session ahead holds a server's slot
+            replaced[1].add_done_callback(_close_unused)
+            replaced[1].cancel()
         spare: asyncio.Future[str | ClientSession]
         if self.opens_ahead:
             spare = asyncio.ensure_future(self._open_ahead(ports))
