@@ -410,8 +410,6 @@ class SpdyPortForwardSession(WindowedSends, ServerSession):
                         self._held_end(event.stream_id)
                 return self.charge_control("HEADERS")
             case spdy.FrameIgnored():
-                if event.frame_type == spdy.DATA_FRAME:
-                    return self.charge_control("DATA on a stream the client reset")
                 return self.charge_control(f"an ignored control frame (type {event.frame_type})")
             case spdy.GoAwayReceived():
                 if self._goaway_seen:

@@ -780,19 +780,6 @@ def test_peer_reset_is_reported_and_forgets_the_stream(peer: Peer) -> None:
     assert peer.sent() == []
 
 
-def test_frames_on_a_stream_the_peer_reset_itself_are_dropped_and_reported(
-        peer: Peer) -> None:
-    """DATA (empty frames too) and another RST_STREAM after the peer's own reset: it knew,
-    so they are reported for the budget (400,000 empty DATA frames were free); nothing is
-    answered."""
-    peer.send(peer.enc.syn_stream(1, {"a": "b"}))
-    assert peer.send(rst(1, CANCEL)) == [StreamReset(1, CANCEL)]
-    assert peer.send(data_frame(1, b"") + data_frame(1, b"late")) == \
-        [FrameIgnored(spdy.DATA_FRAME), FrameIgnored(spdy.DATA_FRAME)]
-    assert peer.send(rst(1, CANCEL)) == [FrameIgnored(spdy.RST_STREAM)]
-    assert peer.sent() == []
-
-
 def test_reset_for_an_unknown_stream_is_ignored_and_reported_for_the_budget(
         peer: Peer) -> None:
     """Never answered; one for a stream never opened (or no longer remembered) is reported

@@ -22,7 +22,6 @@ from .connection import (
 )
 from .constants import (
     CANCEL,
-    DATA_FRAME,
     FLAG_FIN,
     FLAG_SETTINGS_CLEAR_SETTINGS,
     FLAG_UNIDIRECTIONAL,
@@ -103,7 +102,6 @@ __all__ = [
     "INVALID_CREDENTIALS",
     "INVALID_STREAM",
     "MAX_FRAME_PAYLOAD",
-    "DATA_FRAME",
     "MAX_RAW_HEADER_BLOCK",
     "INITIAL_SESSION_WINDOW",
     "INITIAL_WINDOW",

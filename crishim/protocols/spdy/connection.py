@@ -33,7 +33,6 @@ from ..credit import WindowUpdateCredit
 from .compression import HeaderDecoder, HeaderEncoder, unpack_header_block
 from .constants import (
     CANCEL,
-    DATA_FRAME,
     FLAG_FIN,
     FLAG_SETTINGS_CLEAR_SETTINGS,
     FLAG_UNIDIRECTIONAL,
@@ -157,10 +156,8 @@ class SpdyConfig:
 
 # --------------------------------------------------------------------------- connection
 
-_CLOSED_RESET = 1  # reset here: the peer's late frames are dropped silently
+_CLOSED_RESET = 1  # reset by either side: late frames are dropped silently
 _CLOSED_FINISHED = 2  # both sides sent FIN: more data from the peer is an error
-_CLOSED_RESET_BY_PEER = 3  # reset by the peer: its frames after that are dropped and
-# reported (FrameIgnored), as it knew
 
 
 class _Stream:
@@ -857,8 +854,6 @@ class SpdyConnection:
             elif closed_as is None:
                 self._stream_error(stream_id, INVALID_STREAM,
                                    f"DATA on stream {stream_id}, which is not open", events)
-            elif closed_as == _CLOSED_RESET_BY_PEER:
-                events.append(FrameIgnored(DATA_FRAME))
             return
         if not stream.remote_open:
             self._stream_error(stream_id, STREAM_ALREADY_CLOSED,
@@ -1027,11 +1022,10 @@ class SpdyConnection:
             self._fail(GOAWAY_PROTOCOL_ERROR, "RST_STREAM for stream 0", events)
         stream = self._streams.get(stream_id)
         if stream is None:  # never answer a reset with a reset
-            # never opened, long gone or reset by the peer already: budgeted
-            if self._closed.get(stream_id, _CLOSED_RESET_BY_PEER) == _CLOSED_RESET_BY_PEER:
+            if stream_id not in self._closed:  # never opened, or long gone: budgeted
                 events.append(FrameIgnored(RST_STREAM))
             return
-        self._forget(stream, _CLOSED_RESET_BY_PEER)
+        self._forget(stream, _CLOSED_RESET)
         events.append(StreamReset(stream_id, status))
 
     def _on_settings(self, payload: memoryview, events: list[Event]) -> None:

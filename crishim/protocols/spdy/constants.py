@@ -13,9 +13,6 @@ PING = 6
 GOAWAY = 7
 HEADERS = 8
 WINDOW_UPDATE = 9
-# not a control frame type: FrameIgnored's for DATA the codec drops and the peer should
-# not have sent (on a stream it reset itself)
-DATA_FRAME = 0
 
 # Frame flags.
 FLAG_FIN = 0x01

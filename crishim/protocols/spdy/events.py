@@ -89,11 +89,10 @@ class WindowUpdateReceived(Event):
 
 @dataclass(frozen=True, slots=True)
 class FrameIgnored(Event):
-    """A frame the codec skips (an unknown control type, a WINDOW_UPDATE for a stream
+    """A control frame the codec skips (an unknown type, a WINDOW_UPDATE for a stream
     that is gone or beyond the credit DATA sent earns, a RST_STREAM for a stream never
-    opened, no longer remembered or reset by the peer already, DATA (DATA_FRAME) on a
-    stream the peer reset): reported so that whoever budgets the peer's frames can count
-    it."""
+    opened or no longer remembered): reported so that whoever budgets the peer's frames
+    can count it."""
 
     frame_type: int
 
