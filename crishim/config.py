@@ -223,7 +223,7 @@ def host_problem(host: str) -> str:
 def host_port(address: str, name: str, lowest: int = 1) -> tuple[str, int]:
     """HOST:PORT ([V6]:PORT; an empty host: every address) as (host, port lowest..65535)."""
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isascii() or not port.isdigit() \
+    if not sep or not port.isascii() or not port.isdigit() or len(port) > 5 \
             or not lowest <= int(port) <= 65535 \
             or host.count(":") and not (host.startswith("[") and host.endswith("]")):
         raise ConfigError(f"{name}: {address!r} is not HOST:PORT (port {lowest}..65535; an "

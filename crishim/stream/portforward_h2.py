@@ -413,6 +413,8 @@ class H2PortForwardSession(WindowedSends, ServerSession):
         for sid, n in acks.items():
             # after the pod writes: a pod socket that just became congested holds its acks
             self._ack_unless_congested(sid, n)
+        if not self._closed:
+            self._send_raised()
         self.flush()
 
     def _dispatch(self, events: list[h2.events.Event]) -> None:

@@ -160,6 +160,7 @@ class SpdyPortForwardSession(WindowedSends, ServerSession):
         # (taken, not given back: it goes back a quarter of a window at a time, not in
         # two WINDOW_UPDATEs per read), the data streams of this read
         self._init_outbound()
+        self._client_window = spdy.INITIAL_WINDOW  # its SETTINGS_INITIAL_WINDOW_SIZE
         self._unacked: dict[int, int] = {}
         self._congested: set[object] = set()
         self._stream_owed: dict[int, int] = {}
@@ -337,6 +338,8 @@ class SpdyPortForwardSession(WindowedSends, ServerSession):
             for sid in list(read_streams):
                 self._give_back_unless_congested(sid)
             read_streams.clear()
+        if not self._closed:
+            self._send_raised()
         self.flush()
         if self.codec.backlogged and not self._closed:
             # the read's share of work is done and whole frames are left: the other
@@ -399,8 +402,11 @@ class SpdyPortForwardSession(WindowedSends, ServerSession):
                     return False
                 if self.windowed and not self._announced:
                     self._announce_windows()
-                if self._outbound and spdy.SETTINGS_INITIAL_WINDOW_SIZE in event.settings:
-                    self._initial_windows_raised()  # the codec moved every stream's window
+                window = event.settings.get(spdy.SETTINGS_INITIAL_WINDOW_SIZE)
+                if window is not None:
+                    if self._outbound and window > self._client_window:
+                        self._initial_windows_raised()  # the codec moved every stream's
+                    self._client_window = window
             case spdy.HeadersReceived():
                 if event.fin:  # a half-close sent as HEADERS with FIN
                     conn = self._by_stream.get(event.stream_id)

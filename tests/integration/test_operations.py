@@ -188,7 +188,8 @@ def test_what_serve_cannot_use_is_one_line_before_it_listens(tmp_path):
                             f"127.0.0.1:{port}")
     assert line == (f"crishim: stream_server_address 127.0.0.1:{port}: cannot listen: "
                     "Address already in use")
-    for bad in ("::1:8080", "127.0.0.1:65536", "127.0.0.1:x", "8080"):
+    for bad in ("::1:8080", "127.0.0.1:65536", "127.0.0.1:x", "8080",
+                "1.2.3.4:" + "9" * 5000):  # past int()'s 4,300 digits: a ValueError
         # an unbracketed IPv6 host was taken as far as its last colon; 65536 failed late
         line = _serve_fails("--socket", str(tmp_path / "a.sock"), "--stream-address", bad)
         assert line == (f"crishim: --stream-address: {bad!r} is not HOST:PORT (port "

@@ -637,6 +637,37 @@ def test_streams_out_of_window_hold_a_small_pod_read_each(podnet):
         run(go())
 
 
+def test_a_connection_window_update_lets_the_streams_that_waited_for_it_send(crishim):
+    """A stream stopped at the connection's window (its own has room) goes on when the
+    connection's window opens, by as much as it opened."""
+    size = MiB
+
+    async def go():
+        client = await H2Client.connect(crishim.port_forward_url(SANDBOX),
+                                        connection_window=65535)
+        fwd = await client.forward(SOURCE_PORT)
+        client.hold_acks.add(fwd.data_id)  # nothing given back unless asked
+        await fwd.write(b"%d\n" % size)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 30
+        while fwd.data.received < 65535 and loop.time() < end:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)
+        assert fwd.data.received == 65535  # the connection's window, not the stream's
+        client.conn.increment_flow_control_window(100_000)  # the connection's only
+        client.flush()
+        end = loop.time() + 30
+        while fwd.data.received < 165_535 and loop.time() < end:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)
+        assert fwd.data.received == 165_535
+        client.release_acks(fwd.data_id)
+        got = await fwd.read_all(60)
+        assert hashlib.sha256(got).digest() == hashlib.sha256(source_bytes(size)).digest()
+        await client.close()
+    run(go())
+
+
 def test_sigterm_drain_lets_live_streams_finish(podnet):
     proc = CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}", "--drain-timeout", "3s")
 

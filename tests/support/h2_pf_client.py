@@ -69,10 +69,11 @@ class H2Client:
 
     @classmethod
     async def connect(cls, url: str, mode: str = "prior", path: str | None = None,
-                      reading: bool = True, window: int = WINDOW) -> H2Client:
+                      reading: bool = True, window: int = WINDOW,
+                      connection_window: int = CONNECTION_WINDOW) -> H2Client:
         """mode: prior (h2c prior knowledge), upgrade (Upgrade: h2c) or tls (ALPN h2).
         reading=False: nothing the server sends is read until start_reading(); window:
-        the streams' receive window."""
+        the streams' receive window, connection_window the connection's."""
         u = urlsplit(url)
         path = path or u.path
         conn = cls._new_conn(window)
@@ -106,7 +107,8 @@ class H2Client:
                     raise UpgradeRefused(head.decode(errors="replace"), rest)
             else:
                 conn.initiate_connection()
-        conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        if connection_window > 65535:
+            conn.increment_flow_control_window(connection_window - 65535)
         client = cls(reader, writer, conn, path)
         client.flush()
         if rest:

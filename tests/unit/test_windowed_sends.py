@@ -119,3 +119,21 @@ def test_a_stream_forgotten_while_it_waits_leaves_nothing_behind() -> None:
     assert list(windows._session_blocked) == [3]
     windows.session_update(100)
     assert windows.tried == [3] and windows.sent == {1: 0, 3: 10}
+
+
+def test_settings_raising_the_windows_again_and_again_in_a_read_walk_the_streams_once(
+) -> None:
+    """A read of SETTINGS raising (and lowering) the initial windows: each raise walked
+    every waiting stream; now the streams try once, when the read is handled."""
+    windows = _Windows(session_window=1 << 30, stream_window=0, streams=1000)
+    _all_waiting(windows, 10)
+    for _ in range(100):
+        windows._initial_windows_raised()
+    assert windows.tried == []
+    for sid in windows.windows:
+        windows.windows[sid] += 10  # as the codec moved them
+    windows._send_raised()
+    assert sorted(windows.tried) == sorted(windows.windows)
+    assert windows._outbound == {} and all(n == 10 for n in windows.sent.values())
+    windows._send_raised()  # nothing raised since
+    assert len(windows.tried) == 1000
