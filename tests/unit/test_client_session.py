@@ -68,6 +68,17 @@ def test_channel_data_before_the_port_is_opened_is_delivered():
     asyncio.run(main())
 
 
+async def _spdy_upgraded(reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> spdy.SpdyConnection:
+    """A scripted server's side: the upgrade request read, a 101 to SPDY on
+    portforward.crishim.dev/v1 written, and the codec for what follows."""
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                 b"Upgrade: SPDY/3.1\r\n"
+                 b"X-Stream-Protocol-Version: portforward.crishim.dev/v1\r\n\r\n")
+    return spdy.SpdyConnection(spdy.SpdyConfig())
+
+
 def test_a_server_that_does_not_acknowledge_dial_on_data_gets_no_pairs_opened_ahead():
     """A server that speaks portforward.crishim.dev/v1 from before dial: on-data dials a pair
     at once and replies without the acknowledgement: the client resets that pair (no pod
@@ -77,11 +88,7 @@ def test_a_server_that_does_not_acknowledge_dial_on_data_gets_no_pairs_opened_ah
         events: list[spdy.Event] = []
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
-                         b"Upgrade: SPDY/3.1\r\n"
-                         b"X-Stream-Protocol-Version: portforward.crishim.dev/v1\r\n\r\n")
-            codec = spdy.SpdyConnection(spdy.SpdyConfig())
+            codec = await _spdy_upgraded(reader, writer)
             while data := await reader.read(65536):
                 for ev in codec.receive_data(data):
                     events.append(ev)
@@ -318,11 +325,7 @@ def test_spdy_data_dropped_for_a_stream_reset_here_gives_the_session_window_back
         reset = asyncio.Event()
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
-                         b"Upgrade: SPDY/3.1\r\n"
-                         b"X-Stream-Protocol-Version: portforward.crishim.dev/v1\r\n\r\n")
-            codec = spdy.SpdyConnection(spdy.SpdyConfig())
+            codec = await _spdy_upgraded(reader, writer)
             while data := await reader.read(65536):
                 late = b""
                 for ev in codec.receive_data(data):
