@@ -612,7 +612,7 @@ class PortForwarder:
         As kubectl (client-go listenOnPort): one of localhost's two addresses that cannot
         be bound (in use, no IPv6 loopback) is passed over, silently, while the other
         binds; any other address that cannot be bound is a ListenError (those bound
-        before it go on listening, as kubectl's do)."""
+        before it go on listening)."""
         protocol = "/udp" if kind == socket.SOCK_DGRAM else ""
         failed: list[str] = []  # localhost's that could not be bound
         localhost_bound = False

@@ -118,6 +118,8 @@ def stream_window(connection_window: int) -> int:
     (64 KiB) a stream's window as large as its connection's let one stalled pod hold back
     every stream."""
     return max(DEFAULT_WINDOW, connection_window) // 4
+
+
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
