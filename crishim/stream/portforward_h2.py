@@ -101,6 +101,7 @@ from crishim.stream.session import (
     WindowedSends,
     WriteBuffers,
     close_client,
+    stream_window,
 )
 
 log = logging.getLogger("crishim.h2")
@@ -110,14 +111,6 @@ STREAMS_PER_CONNECTION = 2  # an error and a data stream per forwarded connectio
 SPARE_STREAMS = 8  # the version probe and streams whose pair has not arrived yet
 MAX_HEADER_LIST_SIZE = 16 * 1024
 DEFAULT_WINDOW = 65535  # what every connection and stream may send before SETTINGS
-
-
-def stream_window(connection_window: int) -> int:
-    """A stream's receive window: a quarter of the connection's (at least the 64 KiB
-    default), so three stalled streams leave the others room; with the budget spent
-    (64 KiB) a stream's window as large as its connection's let one stalled pod hold back
-    every stream."""
-    return max(DEFAULT_WINDOW, connection_window) // 4
 
 
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
@@ -229,7 +222,7 @@ class H2PortForwardSession(WindowedSends, ServerSession):
                 STREAMS_PER_CONNECTION * settings.ctx.max_per_session + SPARE_STREAMS,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE:
-                stream_window(settings.ctx.flood.session_buffer_size),
+                stream_window(settings.ctx.flood.session_buffer_size, DEFAULT_WINDOW),
             h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
             h2.settings.SettingCodes.ENABLE_PUSH: 0,
         })
@@ -283,12 +276,13 @@ class H2PortForwardSession(WindowedSends, ServerSession):
         self._window_granted = self.ctx.take_window()
         if self._window_granted > DEFAULT_WINDOW:
             self.codec.increment_flow_control_window(self._window_granted - DEFAULT_WINDOW)
-        window = stream_window(self._window_granted)
-        if window < stream_window(self.ctx.flood.session_buffer_size):  # what start() sent
-            # less granted: smaller stream windows, in a SETTINGS of their own once the
-            # client acknowledged start()'s (h2 takes an acknowledgement for the oldest
-            # change pending, and start()'s values were never pending: a client that
-            # sent on the larger windows before acknowledging them was past the smaller)
+        window = stream_window(self._window_granted, DEFAULT_WINDOW)
+        if window < stream_window(self.ctx.flood.session_buffer_size, DEFAULT_WINDOW):
+            # less granted than start() announced for: smaller stream windows, in a
+            # SETTINGS of their own once the client acknowledged start()'s (h2 takes an
+            # acknowledgement for the oldest change pending, and start()'s values were
+            # never pending: a client that sent on the larger windows before
+            # acknowledging them was past the smaller)
             self._lower_windows_to = window
             if self._settings_acknowledged:
                 self._lower_windows()

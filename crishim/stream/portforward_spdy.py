@@ -30,6 +30,7 @@ from crishim.stream.session import (
     WindowedSends,
     WriteBuffers,
     close_client,
+    stream_window,
 )
 
 log = logging.getLogger("crishim.spdy")
@@ -114,21 +115,14 @@ INFLATED_PER_RECEIVE = 1024 * 1024
 # the key the session's read gate is held with while a read's backlog waits
 _BACKLOG = "backlog"
 
-def _stream_window(session_window: int) -> int:
-    """Our window per stream: a quarter of the session's (at least SPDY's 64 KiB), as
-    HTTP/2's: three pods that stop reading hold back only their own streams (a fourth
-    takes what the others had); with the budget spent (64 KiB) a stream's 4 MiB let one
-    stalled pod hold back every stream."""
-    return max(session_window, spdy.INITIAL_SESSION_WINDOW) // 4
 
-
-def _tolerated(stream_window: int) -> int:
+def _tolerated(window: int) -> int:
     """What a stream may send before it is reset FLOW_CONTROL_ERROR: our window, but not
     less than SPDY's 64 KiB, which the client may use until our SETTINGS reach it (SPDY
     has no SETTINGS acknowledgement; 16 KiB windows, with the budget spent, reset streams
     that had sent their 64 KiB meanwhile). A client that has our SETTINGS keeps to the
     window announced."""
-    return max(stream_window, spdy.INITIAL_WINDOW)
+    return max(window, spdy.INITIAL_WINDOW)
 
 
 class SpdyPortForwardSession(WindowedSends, ServerSession):
@@ -174,8 +168,8 @@ class SpdyPortForwardSession(WindowedSends, ServerSession):
         if self.stream_version == PORTFORWARD_CRISHIM_V1:  # kubectl's never: spdystream
             # sends no WINDOW_UPDATE; ours as _announce_windows will give them, if the
             # budget lasts (it lowers them where it does not)
-            self.codec.offer_send_windows(receive_window=_tolerated(
-                _stream_window(self.ctx.flood.session_buffer_size)))
+            self.codec.offer_send_windows(receive_window=_tolerated(stream_window(
+                self.ctx.flood.session_buffer_size, spdy.INITIAL_SESSION_WINDOW)))
         self.arm_idle_timer()
 
     def end(self, close_transport: bool) -> None:
@@ -225,7 +219,7 @@ class SpdyPortForwardSession(WindowedSends, ServerSession):
         return self.codec.session_send_window
 
     def _stream_send_window(self, stream_id: int) -> int:
-        return self.codec.send_window(stream_id) if self.windowed else 1 << 40
+        return self.codec.send_window(stream_id)  # 2^31-1 without windows
 
     def _announce_windows(self) -> None:
         """Ours, before any reply: the streams' (the codec counts from now on), and the
@@ -233,13 +227,13 @@ class SpdyPortForwardSession(WindowedSends, ServerSession):
         self._announced = True
         self._window_granted = self.ctx.take_window()
         session_window = max(self._window_granted, spdy.INITIAL_SESSION_WINDOW)
-        stream_window = _stream_window(self._window_granted)
-        self.codec.enforce_receive_windows(_tolerated(stream_window))
-        self.codec.send_settings({spdy.SETTINGS_INITIAL_WINDOW_SIZE: stream_window})
+        window = stream_window(self._window_granted, spdy.INITIAL_SESSION_WINDOW)
+        self.codec.enforce_receive_windows(_tolerated(window))
+        self.codec.send_settings({spdy.SETTINGS_INITIAL_WINDOW_SIZE: window})
         if self._window_granted > spdy.INITIAL_SESSION_WINDOW:
             self.codec.send_window_update(
                 0, self._window_granted - spdy.INITIAL_SESSION_WINDOW)
-        self._stream_every = stream_window // 4
+        self._stream_every = window // 4
         self._session_every = session_window // 4
 
     def _taken(self, stream_id: int, n: int) -> None:

@@ -299,6 +299,15 @@ class ServerSession(SessionBase, ABC):
         self.close("idle timeout")
 
 
+def stream_window(session_window: int, least: int) -> int:
+    """Our receive window per stream: a quarter of the session's (taken as at least
+    `least`, the protocol's default), so three pods that stop reading hold back only
+    their own streams (a fourth takes what the others had); with the budget spent (the
+    64 KiB default) a stream's window as large as its session's let one stalled pod hold
+    back every stream."""
+    return max(session_window, least) // 4
+
+
 class WindowedSends:
     """What waits for the client's flow-control windows, per stream, for a ServerSession
     whose codec sends a queue within them (`_send_queued`): HTTP/2's, and SPDY's where the
