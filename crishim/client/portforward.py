@@ -571,17 +571,17 @@ class PortForwarder:
         on stderr while another one does; only when none can is it an error."""
         failed: list[tuple[str, ListenError]] = []  # the spec as given, why
         for spec in specs:
-            given = f"{spec.local}:{spec.remote_text}"
+            local = spec.local  # as given (0: any): _bind sets the port it got
             try:
                 if spec.protocol == "udp":
                     await self._listen_udp(spec)
                 else:
                     await self._listen(spec)
             except ListenError as e:
-                failed.append((given, e))
+                failed.append((f"{local}:{spec.remote_text}", e))
                 if len(specs) > 1:
-                    print(f"Unable to listen on port {given.partition(':')[0]}: {e.why}",
-                          file=sys.stderr, flush=True)
+                    print(f"Unable to listen on port {local}: {e.why}", file=sys.stderr,
+                          flush=True)
         if len(failed) == len(specs):
             if len(specs) == 1:
                 raise failed[0][1]
