@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from crishim.stream.tls import self_signed
-from tests.support import SANDBOX, status_mib
+from tests.support import SANDBOX, status_mib, until
 from tests.support.crishim_proc import CrishimProcess
 from tests.support.h2_pf_client import WINDOW, Forward, H2Client, UpgradeRefused
 from tests.support.podnet import (
@@ -618,10 +618,7 @@ def test_streams_out_of_window_hold_a_small_pod_read_each(podnet):
             await fwd.write(b"%d\n" % size)
             client.conn.increment_flow_control_window(first, fwd.data_id)
         client.flush()
-        loop = asyncio.get_running_loop()
-        end = loop.time() + 60
-        while any(fwd.data.received < first for fwd in fwds) and loop.time() < end:
-            await asyncio.sleep(0.1)
+        await until(lambda: all(fwd.data.received >= first for fwd in fwds), 60)
         assert all(fwd.data.received == first for fwd in fwds)
         await asyncio.sleep(1)  # the pods' next reads meanwhile
         grown = status_mib(proc.proc.pid) - before
@@ -648,17 +645,12 @@ def test_a_connection_window_update_lets_the_streams_that_waited_for_it_send(cri
         fwd = await client.forward(SOURCE_PORT)
         client.hold_acks.add(fwd.data_id)  # nothing given back unless asked
         await fwd.write(b"%d\n" % size)
-        loop = asyncio.get_running_loop()
-        end = loop.time() + 30
-        while fwd.data.received < 65535 and loop.time() < end:
-            await asyncio.sleep(0.02)
+        await until(lambda: fwd.data.received >= 65535, 30)
         await asyncio.sleep(0.3)
         assert fwd.data.received == 65535  # the connection's window, not the stream's
         client.conn.increment_flow_control_window(100_000)  # the connection's only
         client.flush()
-        end = loop.time() + 30
-        while fwd.data.received < 165_535 and loop.time() < end:
-            await asyncio.sleep(0.02)
+        await until(lambda: fwd.data.received >= 165_535, 30)
         await asyncio.sleep(0.3)
         assert fwd.data.received == 165_535
         client.release_acks(fwd.data_id)
