@@ -99,6 +99,7 @@ from crishim.stream.session import (
     SessionSettings,
     Upgrade,
     WindowedSends,
+    WithheldWindows,
     WriteBuffers,
     close_client,
     stream_window,
@@ -183,7 +184,7 @@ class _H2Channel:
         s.flush()
 
 
-class H2PortForwardSession(WindowedSends, ServerSession):
+class H2PortForwardSession(WindowedSends, WithheldWindows, ServerSession):
     """Drives one H2Connection: admits streams, pairs them, pumps bytes with flow control.
 
     By prior knowledge, `sandbox` and `path` are None until `admit` redeems the first
@@ -242,7 +243,7 @@ class H2PortForwardSession(WindowedSends, ServerSession):
         self._version_chosen = False  # at the first forwarding stream, for the session
         self._init_outbound()  # streams waiting for window
         self._held_acks: dict[int, int] = {}  # data stream id -> bytes not yet acknowledged
-        self._congested: set[object] = set()  # connections whose window is withheld
+        self._init_withheld()
         self._read_acks: dict[int, int] | None = None  # DATA of the read being processed
         self._admitting: list[h2.events.Event] | None = None  # events queued while redeeming
         self._head_bytes = 0  # bytes of frames other than DATA before admission
@@ -592,16 +593,15 @@ class H2PortForwardSession(WindowedSends, ServerSession):
                 pass  # connection already closing
 
     def _ack_unless_congested(self, stream_id: int, n: int) -> None:
-        """A stream gets window back only for bytes its pod's socket took: not while the
-        connection is dialling, nor while the socket's buffer holds any (a UDP flow sends
-        or drops each datagram at once)."""
+        """Acknowledged now, or held while the stream's window is withheld."""
         conn = self._by_stream.get(stream_id)
-        if conn is not None and (conn in self._congested or (
-                isinstance(conn, ForwardedConnection) and not conn.dialled)):
-            self._congested.add(conn)  # released by resume_client_reading
+        if conn is not None and self._withheld(conn):
             self._held_acks[stream_id] = self._held_acks.get(stream_id, 0) + n
         else:
             self._ack(stream_id, n)
+
+    def _give_back_withheld(self, stream_id: int) -> None:
+        self._ack(stream_id, self._held_acks.pop(stream_id, 0))
 
     def _on_data(self, ev: h2.events.DataReceived) -> None:
         sid = ev.stream_id
@@ -710,26 +710,19 @@ class H2PortForwardSession(WindowedSends, ServerSession):
     def pause_client_reading(self, key: object) -> None:
         """A congested pod withholds its stream's window, it does not stop the connection
         (a client that does not read what is written does: pause_writing)."""
-        self._congested.add(key)
+        self._withhold(key)
 
     def resume_client_reading(self, key: object) -> None:
-        if key not in self._congested:
-            return
-        self._congested.discard(key)
-        channel = getattr(key, "channel", None)
-        if isinstance(channel, _H2Channel):
-            self._ack(channel.data_id, self._held_acks.pop(channel.data_id, 0))
-            if not self._closed:
-                self.flush()
+        self._release_withheld(key)
 
     def connection_finished(self, conn: ForwardedConnection | ForwardedFlow) -> None:
         super().connection_finished(conn)
-        self._congested.discard(conn)
+        self._forget_withheld(conn)
         channel = conn.channel
         if isinstance(channel, _H2Channel):
             self._by_stream.pop(channel.data_id, None)
             self._live_requests.pop(channel.request_id, None)
-            self._ack(channel.data_id, self._held_acks.pop(channel.data_id, 0))
+            self._give_back_withheld(channel.data_id)
 
     # --- budgets ----------------------------------------------------------------------
     def _charge_frame(self, frame: Frame, opens_stream: bool) -> None:

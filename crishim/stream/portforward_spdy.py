@@ -28,6 +28,7 @@ from crishim.stream.session import (
     SessionProtocol,
     Upgrade,
     WindowedSends,
+    WithheldWindows,
     WriteBuffers,
     close_client,
     stream_window,
@@ -125,7 +126,7 @@ def _tolerated(window: int) -> int:
     return max(window, spdy.INITIAL_WINDOW)
 
 
-class SpdyPortForwardSession(WindowedSends, ServerSession):
+class SpdyPortForwardSession(WindowedSends, WithheldWindows, ServerSession):
     """Drives one SpdyConnection: pairs streams, opens forwarded connections, pumps bytes.
 
     `write_buffers` sends a list of buffers to the client (a TCP transport's writelines,
@@ -156,7 +157,7 @@ class SpdyPortForwardSession(WindowedSends, ServerSession):
         self._init_outbound()
         self._client_window = spdy.INITIAL_WINDOW  # its SETTINGS_INITIAL_WINDOW_SIZE
         self._unacked: dict[int, int] = {}
-        self._congested: set[object] = set()
+        self._init_withheld()
         self._stream_owed: dict[int, int] = {}
         self._session_owed = 0
         self._stream_every = self._session_every = 1
@@ -272,32 +273,25 @@ class SpdyPortForwardSession(WindowedSends, ServerSession):
                 return  # held for its pair: given back once the connection takes it
             self._give_back(stream_id, at_once=True)  # dropped: an error stream's, a late
             return
-        if conn in self._congested or (isinstance(conn, ForwardedConnection)
-                                       and not conn.dialled):
-            self._congested.add(conn)
-            return
+        if not self._withheld(conn):
+            self._give_back(stream_id)
+
+    def _give_back_withheld(self, stream_id: int) -> None:
         self._give_back(stream_id)
 
     def pause_client_reading(self, key: object) -> None:
         """With windows, a congested pod withholds its stream's window; it does not stop
         the session's reading (the other streams go on), as over HTTP/2."""
         if self.windowed:
-            self._congested.add(key)
+            self._withhold(key)
         else:
             super().pause_client_reading(key)
 
     def resume_client_reading(self, key: object) -> None:
-        if not self.windowed:
+        if self.windowed:
+            self._release_withheld(key)
+        else:
             super().resume_client_reading(key)
-            return
-        if key not in self._congested:
-            return
-        self._congested.discard(key)
-        channel = getattr(key, "channel", None)
-        if isinstance(channel, _SpdyChannel):
-            self._give_back(channel.data_id)
-            if not self._closed:
-                self.flush()
 
     # --- input -------------------------------------------------------------------------
     def receive(self, data: bytes | memoryview) -> None:
@@ -520,7 +514,7 @@ class SpdyPortForwardSession(WindowedSends, ServerSession):
 
     def connection_finished(self, conn: ForwardedConnection | ForwardedFlow) -> None:
         super().connection_finished(conn)
-        self._congested.discard(conn)
+        self._forget_withheld(conn)
         channel = conn.channel
         if isinstance(channel, _SpdyChannel):
             self._by_stream.pop(channel.data_id, None)

@@ -436,6 +436,52 @@ class WindowedSends:
                 conn.resume_pod_reading()
 
 
+class WithheldWindows:
+    """Our receive windows, for a ServerSession that grants them (HTTP/2's, SPDY's where
+    the client asked for windows): a stream's window goes back only for bytes its pod's
+    socket took, not while its connection dials nor while the socket's buffer holds any
+    (a UDP flow sends or drops each datagram at once). A congested pod withholds its own
+    stream's window; the session goes on reading its other streams. The protocol gives
+    back what was withheld (`_give_back_withheld`)."""
+
+    _closed: bool
+    flush: Callable[[], None]  # ServerSession's
+
+    def _init_withheld(self) -> None:
+        self._congested: set[object] = set()  # connections whose window is withheld
+
+    def _give_back_withheld(self, stream_id: int) -> None:
+        """The protocol's: give back the stream's window withheld so far."""
+        raise NotImplementedError
+
+    def _withheld(self, conn: ForwardedConnection | ForwardedFlow) -> bool:
+        """True where conn's stream may not have its window back now; conn is then held
+        until _release_withheld."""
+        if conn in self._congested or (isinstance(conn, ForwardedConnection)
+                                       and not conn.dialled):
+            self._congested.add(conn)
+            return True
+        return False
+
+    def _withhold(self, key: object) -> None:
+        """A congested pod (pause_client_reading): its stream's window is withheld."""
+        self._congested.add(key)
+
+    def _release_withheld(self, key: object) -> None:
+        """Its pod took everything (resume_client_reading): the window goes back."""
+        if key not in self._congested:
+            return
+        self._congested.discard(key)
+        stream_id = getattr(getattr(key, "channel", None), "data_id", None)
+        if stream_id is not None:
+            self._give_back_withheld(stream_id)
+            if not self._closed:
+                self.flush()
+
+    def _forget_withheld(self, conn: ForwardedConnection | ForwardedFlow) -> None:
+        self._congested.discard(conn)
+
+
 @dataclass(frozen=True)
 class SessionSettings:
     """What the server gives every session it starts."""
