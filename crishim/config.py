@@ -6,7 +6,6 @@ stream_server_port, stream_idle_timeout, enable_tls_streaming, ...).
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import math
 import os
@@ -165,14 +164,15 @@ class Config:
                      "buffer_budget"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative")
-        if self.udp_flow_idle_timeout <= 0:
-            raise ConfigError("udp_flow_idle_timeout: must be positive")
-        if self.dial_timeout <= 0:
-            raise ConfigError("dial_timeout: must be positive")
-        if self.read_turn <= 0:
-            raise ConfigError("read_turn: must be positive")
-        if self.token_ttl <= 0:
-            raise ConfigError("token_ttl: must be positive")
+        # 0 is no "off" for these: a request timeout of 0 answered every upgrade 408, a
+        # creation timeout of 0 failed every pair (stream_idle_timeout 0 is: no idle close)
+        for name in ("udp_flow_idle_timeout", "dial_timeout", "read_turn", "token_ttl",
+                     "stream_request_timeout", "stream_creation_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive")
+        for name in ("stream_idle_timeout", "drain_timeout"):  # 0: never / at once
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must not be negative")
         if self.session_buffer_size > MAX_WINDOW:
             # HTTP/2 windows are 31-bit: a larger one failed every HTTP/2 connection
             raise ConfigError(f"session_buffer_size: at most {MAX_WINDOW} (HTTP/2's largest "
@@ -238,8 +238,8 @@ SETTINGS: dict[str, Setting] = {
                                   "int"),
     "stream_url_host": Setting("host written into issued URLs (default: the listen address)",
                                "str"),
-    "stream_idle_timeout": Setting("close a streaming session idle this long (e.g. 4h)",
-                                   "duration"),
+    "stream_idle_timeout": Setting("close a streaming session idle this long (e.g. 4h; 0: "
+                                   "never)", "duration"),
     "stream_creation_timeout": Setting("a forwarded connection's stream pair must be complete "
                                        "within this (e.g. 30s)", "duration"),
     "stream_request_timeout": Setting("a connection must send its whole upgrade request "
@@ -288,8 +288,10 @@ SETTINGS: dict[str, Setting] = {
     "helper_max_requests": Setting("`crishim helper`: requests it serves at once (in socat "
                                    "mode each live relay, one socat process, is one); past "
                                    "it a request is answered 'busy' at once", "int"),
-    "buffer_size": Setting("bytes buffered per forwarded connection and direction before "
-                           "reads pause", "int"),
+    "buffer_size": Setting("bytes towards pods one session may hold before its reading "
+                           "pauses (data for pods still dialling or not taking it, pairs not "
+                           "yet complete); its output towards the client may hold 4x this",
+                           "int"),
     "max_sandbox_id_length": Setting("longest pod_sandbox_id PortForward accepts, in bytes "
                                      "(longer: INVALID_ARGUMENT)", "int"),
     "max_port_forward_ports": Setting("most distinct ports in one PortForward request "
@@ -341,8 +343,9 @@ SETTINGS: dict[str, Setting] = {
                                     "... not logged', a second later. 0: every line", "int"),
     "protocol_error_log_lines": Setting("protocol-error lines one session logs; the rest "
                                         "are counted in one line when it ends", "int"),
-    "session_buffer_size": Setting("bytes towards pods one HTTP/2 connection may hold (its "
-                                   "receive window; a stream's is a quarter of it)", "int"),
+    "session_buffer_size": Setting("bytes towards pods one HTTP/2 connection (or SPDY "
+                                   "session with windows, docs/protocol.md 8.6) may hold: its "
+                                   "receive window; a stream's is a quarter of it", "int"),
     "buffer_budget": Setting("bytes towards pods all sessions together may hold: each "
                              "HTTP/2 connection takes its session_buffer_size from it (once "
                              "it is spent new ones get the 64 KiB protocol default), and a "
@@ -452,5 +455,3 @@ def load(
     return Config(**values).validate()
 
 
-def as_dict(config: Config) -> dict[str, Any]:
-    return dataclasses.asdict(config)

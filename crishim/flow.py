@@ -39,10 +39,6 @@ class ReadGate:
         """Drop `key` without touching the transport (its owner is gone)."""
         self._holders.discard(key)
 
-    def clear(self) -> None:
-        """Drop every key without touching the transport (the session is over)."""
-        self._holders.clear()
-
     def holds(self, key: Hashable) -> bool:
         return key in self._holders
 

@@ -158,3 +158,17 @@ def test_a_misspelt_environment_variable_is_named():
     env = {"CRISHIM_MAX_TOKEN": "5", "CRISHIM_MAX_TOKENS": "5", "CRISHIM_KEEP_LOGS": "1",
            "PATH": "/bin"}
     assert unknown_environment(env) == ["CRISHIM_MAX_TOKEN"]
+
+
+@pytest.mark.parametrize("name", ["STREAM_REQUEST_TIMEOUT", "STREAM_CREATION_TIMEOUT",
+                                  "DIAL_TIMEOUT", "TOKEN_TTL"])
+def test_a_timeout_of_zero_that_would_refuse_everything_is_refused(name: str) -> None:
+    """stream_request_timeout 0 answered every upgrade 408 and a creation timeout of 0
+    failed every pair: serve refuses them at start-up instead."""
+    with pytest.raises(ConfigError, match=f"{name.lower()}: must be positive"):
+        load(env={f"CRISHIM_{name}": "0s"})
+
+
+@pytest.mark.parametrize("name", ["STREAM_IDLE_TIMEOUT", "DRAIN_TIMEOUT"])
+def test_timeouts_where_zero_means_never_or_at_once_take_it(name: str) -> None:
+    assert getattr(load(env={f"CRISHIM_{name}": "0s"}), name.lower()) == 0

@@ -73,16 +73,13 @@ def test_resuming_a_key_that_holds_nothing_leaves_others_paused():
     asyncio.run(main())
 
 
-def test_forget_and_clear_drop_keys_without_resuming():
+def test_forget_drops_a_key_without_resuming():
     async def main() -> None:
         transport, _, peer = await _connected()
         gate = ReadGate()
         gate.pause("pod-a", transport)
         gate.forget("pod-a")
         assert not gate.paused and not transport.is_reading()
-        gate.pause("pod-b", transport)
-        gate.clear()
-        assert not gate.holds("pod-b") and not transport.is_reading()
         transport.close()
         peer.close()
 

@@ -316,11 +316,6 @@ class SpdyConnection:
         stream = self._streams.get(stream_id)
         return stream is not None and stream.local_open
 
-    @property
-    def last_peer_stream_id(self) -> int:
-        """Highest stream id the peer opened and we accepted (GOAWAY's last-good id)."""
-        return self._last_accepted_peer_stream_id
-
     # ----------------------------------------------------------------- output
 
     def data_to_send(self) -> bytes:
