@@ -14,7 +14,8 @@ Replies, helper -> shim:
                                             then ::1, then pod_ip if given). The helper
                                             closes its copy and the unix connection; it
                                             never sees a byte of the forwarded traffic.
-    {"v": 1, "ok": true, "mode": "socat"}   the helper ran `nsenter --net=PATH socat - TCP:..`
+    {"v": 1, "ok": true, "mode": "socat"}   the helper ran socat inside the netns (nsenter
+                                            --net=/proc/self/fd/FD of the netns it checked)
                                             and from the next byte on the unix connection
                                             itself carries the traffic (relayed by the
                                             helper through socat); shutdown(SHUT_WR) on
