@@ -7,10 +7,12 @@ loop and one token store without locks."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import ssl
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -49,6 +51,37 @@ TOKEN_COLLECT_INTERVAL = 5.0
 MIN_FD_BUDGET = 16  # descriptors for sessions and connections below which serve refuses to start
 
 
+@dataclass(frozen=True)
+class FdBudget:
+    max_unadmitted: int  # connections without a token at once
+    reserved: int  # descriptors kept from sessions: those and crishim's own
+    budget: int  # descriptors for sessions and forwarded connections
+    per_session: int  # forwarded connections one session may hold
+
+
+def fd_budget(cfg: Config, nofile: int) -> FdBudget:
+    """How RLIMIT_NOFILE's descriptors are shared; ConfigError where sessions would get
+    fewer than MIN_FD_BUDGET (a server that refuses every session)."""
+    # the connections without a token come out of the reserve too (and crishim's own
+    # listeners, gRPC and log descriptors): kept free beyond them, or a full budget
+    # plus slow request heads used every descriptor and new clients were reset unheard
+    # and they may take at most a quarter of the descriptors (the default 256 and a
+    # limit of 300 left 2 descriptors for sessions)
+    max_unadmitted = min(cfg.max_unadmitted, max(16, nofile // 4))
+    reserved = max(cfg.reserved_fds, max_unadmitted + OWN_FDS)
+    if nofile - reserved < MIN_FD_BUDGET:
+        raise ConfigError(
+            f"reserved_fds: {reserved} reserved of RLIMIT_NOFILE {nofile} leaves "
+            f"{max(0, nofile - reserved)} descriptors for sessions and forwarded "
+            f"connections (at least {MIN_FD_BUDGET}): lower reserved_fds or "
+            "max_unadmitted, or raise the limit (ulimit -n, LimitNOFILE=)")
+    budget = nofile - reserved
+    # no one session may hold more than half of what all may: others keep their share
+    per_session = min(cfg.max_connections_per_session,
+                      max(1, min(cfg.max_connections, budget) // 2))
+    return FdBudget(max_unadmitted, reserved, budget, per_session)
+
+
 class Crishim:
     def __init__(self, config: Config, plugin: RuntimePlugin | None = None) -> None:
         self.config = config
@@ -77,45 +110,23 @@ class Crishim:
             self.metrics.serve(cfg.metrics_address)
         keep_heap_for_reads()
         nofile = raise_nofile_limit()
-        # the connections without a token come out of the reserve too (and crishim's own
-        # listeners, gRPC and log descriptors): kept free beyond them, or a full budget
-        # plus slow request heads used every descriptor and new clients were reset unheard
-        # and they may take at most a quarter of the descriptors (the default 256 and a
-        # limit of 300 left 2 descriptors for sessions)
-        self.max_unadmitted = min(cfg.max_unadmitted, max(16, nofile // 4))
-        if self.max_unadmitted < cfg.max_unadmitted:
+        fds = fd_budget(cfg, nofile)
+        self.max_unadmitted = fds.max_unadmitted
+        if fds.max_unadmitted < cfg.max_unadmitted:
             log.warning("max_unadmitted %d is lowered to %d: a quarter of RLIMIT_NOFILE %d",
-                        cfg.max_unadmitted, self.max_unadmitted, nofile)
-        reserved = max(cfg.reserved_fds, self.max_unadmitted + OWN_FDS)
-        if reserved > cfg.reserved_fds:
+                        cfg.max_unadmitted, fds.max_unadmitted, nofile)
+        if fds.reserved > cfg.reserved_fds:
             log.info("reserved_fds %d is raised to %d: max_unadmitted (%d) connections and "
-                     "crishim's own descriptors come out of it", cfg.reserved_fds, reserved,
-                     self.max_unadmitted)
-        if nofile - reserved < MIN_FD_BUDGET:  # a server that refuses every session
-            raise ConfigError(
-                f"reserved_fds: {reserved} reserved of RLIMIT_NOFILE {nofile} leaves "
-                f"{max(0, nofile - reserved)} descriptors for sessions and forwarded "
-                f"connections (at least {MIN_FD_BUDGET}): lower reserved_fds or "
-                "max_unadmitted, or raise the limit (ulimit -n, LimitNOFILE=)")
-        fd_budget = nofile - reserved
-        # no one session may hold more than half of what all may: others keep their share
-        per_session = min(cfg.max_connections_per_session,
-                          max(1, min(cfg.max_connections, fd_budget) // 2))
+                     "crishim's own descriptors come out of it", cfg.reserved_fds,
+                     fds.reserved, fds.max_unadmitted)
         log.info("RLIMIT_NOFILE %d: %d descriptors for sessions and forwarded connections, "
-                 "at most %d forwarded connections, %d per session", nofile, fd_budget,
-                 min(cfg.max_connections, fd_budget), per_session)
-        flood = FloodLimits(
-            control_frames_per_second=cfg.control_frames_per_second,
-            control_frame_burst=cfg.control_frame_burst,
-            stream_opens_per_second=cfg.stream_opens_per_second,
-            stream_open_burst=cfg.stream_open_burst,
-            protocol_error_log_lines=cfg.protocol_error_log_lines,
-            log_lines_per_second=cfg.log_lines_per_second,
-            session_buffer_size=cfg.session_buffer_size, buffer_budget=cfg.buffer_budget,
-            read_turn=cfg.read_turn)
+                 "at most %d forwarded connections, %d per session", nofile, fds.budget,
+                 min(cfg.max_connections, fds.budget), fds.per_session)
+        flood = FloodLimits(**{f.name: getattr(cfg, f.name)
+                               for f in dataclasses.fields(FloodLimits)})
         ctx = ForwardContext(self.plugin, cfg.error_policy, cfg.buffer_size, self.metrics,
-                             max_per_session=per_session,
-                             max_connections=cfg.max_connections, fd_budget=fd_budget,
+                             max_per_session=fds.per_session,
+                             max_connections=cfg.max_connections, fd_budget=fds.budget,
                              flood=flood, udp=cfg.enable_udp_portforward,
                              udp_idle_timeout=cfg.udp_flow_idle_timeout,
                              dial_timeout=cfg.dial_timeout)
@@ -132,11 +143,20 @@ class Crishim:
             why = os.strerror(e.errno) if e.errno else str(e)
             raise OSError(f"stream_server_address {cfg.stream_server_address}:"
                           f"{cfg.stream_server_port}: cannot listen: {why}") from None
+        await self._start_grpc(self.plugin, self.stream)
+        self._collect_tokens()
+        log.info("crishim %s serving CRI on %s, streams on %s (runtime plugin %s; Version "
+                 "answered by %s)", __version__, cfg.socket, self.stream.base_url,
+                 self.plugin.name, self._version_answerer())
+
+    async def _start_grpc(self, plugin: RuntimePlugin, stream: StreamServer) -> None:
+        """The CRI service (PortForward here, every other call passed upstream) and gRPC
+        health on the unix socket, which only root and the socket's group may use."""
+        cfg = self.config
         if cfg.upstream_endpoint:
             self.upstream = grpc.aio.insecure_channel(upstream_target(cfg.upstream_endpoint),
                                                       options=_MESSAGE_LIMITS)
-        stream = self.stream
-        service = CriService(self.plugin, self.tokens, stream.url_for,
+        service = CriService(plugin, self.tokens, stream.url_for,
                              max_sandbox_id_length=cfg.max_sandbox_id_length,
                              max_ports=cfg.max_port_forward_ports,
                              draining=lambda: stream.draining,
@@ -169,10 +189,6 @@ class Crishim:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("runtime.v1.RuntimeService",
                               health_pb2.HealthCheckResponse.SERVING)
-        self._collect_tokens()
-        log.info("crishim %s serving CRI on %s, streams on %s (runtime plugin %s; Version "
-                 "answered by %s)", __version__, cfg.socket, self.stream.base_url,
-                 self.plugin.name, self._version_answerer())
 
     def _collect_tokens(self) -> None:
         """Expired tokens dropped every TOKEN_COLLECT_INTERVAL (or token_ttl, if less)."""
