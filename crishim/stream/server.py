@@ -213,7 +213,7 @@ class StreamServer:
             if starter is None:
                 raise Refused(400, "expected Upgrade: SPDY/3.1, websocket or h2c for "
                                    "port-forward")
-            starter(Upgrade(transport, request, admitted, rest, self.session_settings,
+            starter(Upgrade(transport, request, admitted, self.session_settings,
                             lambda session, protocol: self.adopt(transport, session,
                                                                  protocol, rest)))
         except Refused as e:

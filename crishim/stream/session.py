@@ -501,9 +501,9 @@ class Upgrade:
     transport: asyncio.Transport
     request: Request
     admitted: Admitted
-    rest: bytes  # bytes the client sent after the request head
     settings: SessionSettings
-    # registers the session with the server, sets the protocol, starts, feeds `rest`
+    # registers the session with the server, sets the protocol, starts, feeds the bytes
+    # the client sent after the request head
     adopt: Callable[[ServerSession, SessionProtocol], None]
 
 
