@@ -493,9 +493,7 @@ class H2PortForwardSession(WindowedSends, WithheldWindows, ServerSession):
                                 sid, e.status, e, logger=log)
             self._refuse_stream(sid, e, client_done)
             # a refusal is answered with a whole response: charged, as a frame in error
-            if not self.within_control_budget():
-                self._send_goaway(ErrorCodes.ENHANCE_YOUR_CALM)
-                self.violated(self.control_overrun("refused streams"))
+            self.charge_control("refused streams")
 
     async def _admit(self, ev: h2.events.RequestReceived, headers: dict[str, str]) -> None:
         """Prior knowledge: the first stream's path redeems the connection's token."""
