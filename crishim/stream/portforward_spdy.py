@@ -313,9 +313,9 @@ class SpdyPortForwardSession(WindowedSends, WithheldWindows, ServerSession):
                         break  # a budget ended the session
                 except Exception as e:  # a bug on one stream must not end the session
                     sid = getattr(event, "stream_id", 0)
-                    self.protocol_error("spdy sandbox=%s: stream %d failed, resetting it: "
-                                        "%s: %s", self.sandbox.id, sid, type(e).__name__, e,
-                                        level=logging.ERROR, logger=log)
+                    self.protocol_error("%s sandbox=%s: stream %d failed, resetting it: "
+                                        "%s: %s", self.transport_name, self.sandbox.id, sid,
+                                        type(e).__name__, e, level=logging.ERROR, logger=log)
                     if sid:
                         self.codec.reset_stream(sid, spdy.INTERNAL_ERROR)
         finally:
@@ -409,7 +409,7 @@ class SpdyPortForwardSession(WindowedSends, WithheldWindows, ServerSession):
                 if self._goaway_seen:
                     return self.charge_control("a second GOAWAY")
                 self._goaway_seen = True
-                log.debug("spdy sandbox=%s: client sent GOAWAY", self.sandbox.id)
+                log.debug("%s sandbox=%s: client sent GOAWAY", self.transport_name, self.sandbox.id)
             case spdy.SessionTerminated():
                 self._on_terminated(event)
                 return False
@@ -421,8 +421,8 @@ class SpdyPortForwardSession(WindowedSends, WithheldWindows, ServerSession):
                 raise Refused(400, "it is unidirectional")
             pair = self._pairs.add(ev.stream_id, ev.headers, version=self.stream_version)
         except Refused as e:
-            self.protocol_error("spdy sandbox=%s: refusing stream %d: %s", self.sandbox.id,
-                                ev.stream_id, e, logger=log)
+            self.protocol_error("%s sandbox=%s: refusing stream %d: %s", self.transport_name,
+                                self.sandbox.id, ev.stream_id, e, logger=log)
             self.codec.reset_stream(ev.stream_id, spdy.PROTOCOL_ERROR)
             return self.charge_control("a refused stream")
         on_data = pair.on_data and ev.stream_id == pair.data_id
@@ -455,9 +455,10 @@ class SpdyPortForwardSession(WindowedSends, WithheldWindows, ServerSession):
         session's pending pairs together, then the pair is refused alone."""
         limit = self.ctx.buffer_size
         if self._pairs.held_bytes + len(data) > limit:
-            self.protocol_error("spdy sandbox=%s: request %s: more than %d bytes held "
-                                "before pairs completed; refused", self.sandbox.id,
-                                shown_request_id(pair.request_id), limit, logger=log)
+            self.protocol_error("%s sandbox=%s: request %s: more than %d bytes held "
+                                "before pairs completed; refused", self.transport_name,
+                                self.sandbox.id, shown_request_id(pair.request_id), limit,
+                                logger=log)
             self._pairs.forget(pair)
             self.reset(pair.data_id, spdy.CANCEL)
             self._give_back(pair.data_id, ended=True)
@@ -477,7 +478,8 @@ class SpdyPortForwardSession(WindowedSends, WithheldWindows, ServerSession):
         message = self._pairs.timeout_message(pair)
         # a client's pairs that never complete: counted past protocol_error_log_lines
         # (a line each was 180,000 lines for 20 sessions within their budgets)
-        self.protocol_error("spdy sandbox=%s: %s", self.sandbox.id, message, logger=log)
+        self.protocol_error("%s sandbox=%s: %s", self.transport_name, self.sandbox.id, message,
+                            logger=log)
         if pair.error_id:
             self.queue_data(pair.error_id, message.encode())
             self.queue_eof(pair.error_id)
@@ -499,14 +501,14 @@ class SpdyPortForwardSession(WindowedSends, WithheldWindows, ServerSession):
         return self.charge_control("RST_STREAM")
 
     def _on_terminated(self, ev: spdy.SessionTerminated) -> None:
-        log.warning("spdy sandbox=%s: protocol error, ending session: %s", self.sandbox.id,
-                    ev.reason)
+        log.warning("%s sandbox=%s: protocol error, ending session: %s", self.transport_name,
+                    self.sandbox.id, ev.reason)
         self.flush()
         self.close("protocol error: " + ev.reason)
 
     def _on_stream_error(self, ev: spdy.StreamError) -> bool:
-        self.protocol_error("spdy sandbox=%s: stream %d refused: %s", self.sandbox.id,
-                            ev.stream_id, ev.reason, logger=log)
+        self.protocol_error("%s sandbox=%s: stream %d refused: %s", self.transport_name,
+                            self.sandbox.id, ev.stream_id, ev.reason, logger=log)
         conn = self._by_stream.get(ev.stream_id)
         if conn is not None:
             conn.close(ev.reason)
