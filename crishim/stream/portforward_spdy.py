@@ -22,13 +22,11 @@ from crishim.protocols.constants import (
 from crishim.protocols.negotiation import choose_version, server_versions
 from crishim.runtime import Sandbox
 from crishim.stream.admission import Refused
-from crishim.stream.pairing import PendingPair, StreamPairs, shown_request_id
+from crishim.stream.pairing import PendingPair, shown_request_id
 from crishim.stream.session import (
-    ServerSession,
+    PairedStreamSession,
     SessionProtocol,
     Upgrade,
-    WindowedSends,
-    WithheldWindows,
     WriteBuffers,
     close_client,
     stream_window,
@@ -126,28 +124,25 @@ def _tolerated(window: int) -> int:
     return max(window, spdy.INITIAL_WINDOW)
 
 
-class SpdyPortForwardSession(WindowedSends, WithheldWindows, ServerSession):
+class SpdyPortForwardSession(PairedStreamSession):
     """Drives one SpdyConnection: pairs streams, opens forwarded connections, pumps bytes.
 
     `write_buffers` sends a list of buffers to the client (a TCP transport's writelines,
     or the WebSocket tunnel's): frames are never joined into one copy on the way out."""
 
     transport_name = "spdy"
+    protocol_log = log
     borrows_reads = True  # DATA pieces are views of the read, written before it returns
 
     def __init__(self, ctx: ForwardContext, sandbox: Sandbox, creation_timeout: float,
                  idle_timeout: float, write_buffers: WriteBuffers,
                  close: Callable[[], None]) -> None:
-        super().__init__(ctx, sandbox, idle_timeout)
+        super().__init__(ctx, sandbox, idle_timeout, creation_timeout, close)
         self.codec = spdy.SpdyConnection(spdy.SpdyConfig(
             client=False, zero_copy=True, max_send_frame=SEND_FRAME,
             max_frames_per_receive=FRAMES_PER_RECEIVE,
             max_inflated_per_receive=INFLATED_PER_RECEIVE))
         self._write_buffers = write_buffers
-        self._close_transport = close
-        self._pairs = StreamPairs(creation_timeout, self._pair_timed_out,
-                                  ctx.max_per_session)
-        self._by_stream: dict[int, ForwardedConnection | ForwardedFlow] = {}
         self._goaway_seen = False
         # windows, where the client asked for them (docs/protocol.md 8.6): what waits for
         # the client's, per stream; and ours: bytes received per stream that no pod took
@@ -162,7 +157,6 @@ class SpdyPortForwardSession(WindowedSends, WithheldWindows, ServerSession):
         self._session_owed = 0
         self._stream_every = self._session_every = 1
         self._read_streams: set[int] = set()
-        self._window_granted = 0  # our session window, from the buffer budget
         self._announced = False
 
     def start(self) -> None:
@@ -172,11 +166,6 @@ class SpdyPortForwardSession(WindowedSends, WithheldWindows, ServerSession):
             self.codec.offer_send_windows(receive_window=_tolerated(stream_window(
                 self.ctx.flood.session_buffer_size, spdy.INITIAL_SESSION_WINDOW)))
         self.arm_idle_timer()
-
-    def end(self, close_transport: bool) -> None:
-        self.ctx.return_window(self._window_granted)
-        self._window_granted = 0
-        super().end(close_transport)
 
     @property
     def windowed(self) -> bool:
@@ -312,12 +301,7 @@ class SpdyPortForwardSession(WindowedSends, WithheldWindows, ServerSession):
                     if not self._handle(event):
                         break  # a budget ended the session
                 except Exception as e:  # a bug on one stream must not end the session
-                    sid = getattr(event, "stream_id", 0)
-                    self.protocol_error("%s sandbox=%s: stream %d failed, resetting it: "
-                                        "%s: %s", self.transport_name, self.sandbox.id, sid,
-                                        type(e).__name__, e, level=logging.ERROR, logger=log)
-                    if sid:
-                        self.codec.reset_stream(sid, spdy.INTERNAL_ERROR)
+                    self._event_failed(event, e)
         finally:
             self.end_batch()
             self.borrowing = False
@@ -472,21 +456,12 @@ class SpdyPortForwardSession(WindowedSends, WithheldWindows, ServerSession):
         if pair is not None and pair.data_id == stream_id:
             pair.held_end = True
 
-    def _pair_timed_out(self, pair: PendingPair) -> None:
-        if self._closed:
-            return
-        message = self._pairs.timeout_message(pair)
-        # a client's pairs that never complete: counted past protocol_error_log_lines
-        # (a line each was 180,000 lines for 20 sessions within their budgets)
-        self.protocol_error("%s sandbox=%s: %s", self.transport_name, self.sandbox.id, message,
-                            logger=log)
-        if pair.error_id:
-            self.queue_data(pair.error_id, message.encode())
-            self.queue_eof(pair.error_id)
-        if pair.data_id:
-            self.reset(pair.data_id, spdy.CANCEL)
-            self._give_back(pair.data_id, ended=True)
-        self.flush()
+    def _cancel_pending_data(self, pair: PendingPair) -> None:
+        self.reset(pair.data_id, spdy.CANCEL)
+        self._give_back(pair.data_id, ended=True)
+
+    def _reset_failed_stream(self, stream_id: int) -> None:
+        self.codec.reset_stream(stream_id, spdy.INTERNAL_ERROR)
 
     def _on_reset(self, ev: spdy.StreamReset) -> bool:
         self._forget_outbound(ev.stream_id)
@@ -525,12 +500,6 @@ class SpdyPortForwardSession(WindowedSends, WithheldWindows, ServerSession):
     # --- goodbye, draining ----------------------------------------------------------------
     def goodbye(self, reason: str, violation: bool) -> None:
         self.codec.goaway(spdy.GOAWAY_PROTOCOL_ERROR if violation else spdy.GOAWAY_OK)
-
-    def close_transport(self) -> None:
-        self._close_transport()
-
-    def forget_pending(self) -> None:
-        self._pairs.clear()
 
     def drain(self) -> None:
         """Server shutting down: tell the client no new streams will be accepted."""
