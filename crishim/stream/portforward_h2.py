@@ -94,6 +94,7 @@ from crishim.runtime import Sandbox
 from crishim.stream.admission import MAX_REQUEST_HEAD, Admit, Refused, h2_refusal, redact
 from crishim.stream.pairing import PendingPair
 from crishim.stream.session import (
+    PairChannel,
     PairedStreamSession,
     SessionProtocol,
     SessionSettings,
@@ -141,47 +142,6 @@ def _check_method(headers: dict[str, str]) -> None:
 _E = TypeVar("_E", bound=h2.events.Event)
 
 
-class _H2Channel:
-    """A forwarded connection's data + error streams on one HTTP/2 connection."""
-
-    __slots__ = ("session", "data_id", "error_id", "request_id", "conn", "data_closed")
-
-    def __init__(self, session: H2PortForwardSession, data_id: int, error_id: int,
-                 request_id: str) -> None:
-        self.session = session
-        self.data_id = data_id
-        self.error_id = error_id
-        self.request_id = request_id
-        self.conn: ForwardedConnection | ForwardedFlow | None = None
-        self.data_closed = False
-
-    def send(self, data: bytes) -> None:
-        s = self.session
-        s.last_activity = time.monotonic()
-        if not s.queue_data(self.data_id, data) and self.conn is not None:
-            self.conn.pause_pod_reading()
-        s.flush()
-
-    def send_eof(self) -> None:
-        if not self.data_closed:
-            self.data_closed = True
-            self.session.queue_eof(self.data_id)
-            self.session.flush()
-
-    def abort(self) -> None:
-        if not self.data_closed:
-            self.data_closed = True
-            self.session.reset(self.data_id, ErrorCodes.CANCEL)
-            self.session.flush()
-
-    def finish(self, error: str | None) -> None:
-        s = self.session
-        if error:
-            s.queue_data(self.error_id, error.encode("utf-8", "replace"))
-        s.queue_eof(self.error_id)
-        s.flush()
-
-
 class H2PortForwardSession(PairedStreamSession):
     """Drives one H2Connection: admits streams, pairs them, pumps bytes with flow control.
 
@@ -193,6 +153,7 @@ class H2PortForwardSession(PairedStreamSession):
 
     transport_name = "h2"
     protocol_log = log
+    cancel_code = ErrorCodes.CANCEL
     borrows_reads = True  # DATA pieces are views of the read, written before it returns
 
     def __init__(self, settings: SessionSettings, writelines: WriteBuffers,
@@ -540,7 +501,7 @@ class H2PortForwardSession(PairedStreamSession):
             pass  # the client already reset it: its StreamReset event cleans up
         if not pair.complete:
             return
-        channel = _H2Channel(self, pair.data_id, pair.error_id, pair.request_id)
+        channel = PairChannel(self, pair.data_id, pair.error_id, pair.request_id)
         conn = self.open_forward(pair.port, channel, pair.protocol, pair.on_data)
         channel.conn = conn
         if conn.done:
@@ -624,7 +585,7 @@ class H2PortForwardSession(PairedStreamSession):
         conn = self._by_stream.get(sid)
         if conn is not None:
             channel = conn.channel
-            if isinstance(channel, _H2Channel):
+            if isinstance(channel, PairChannel):
                 channel.data_closed = True
             conn.client_reset()
             return
@@ -692,7 +653,7 @@ class H2PortForwardSession(PairedStreamSession):
         super().connection_finished(conn)
         self._forget_withheld(conn)
         channel = conn.channel
-        if isinstance(channel, _H2Channel):
+        if isinstance(channel, PairChannel):
             self._by_stream.pop(channel.data_id, None)
             self._live_requests.pop(channel.request_id, None)
             self._give_back_withheld(channel.data_id)

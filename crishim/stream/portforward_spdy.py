@@ -24,6 +24,7 @@ from crishim.runtime import Sandbox
 from crishim.stream.admission import Refused
 from crishim.stream.pairing import PendingPair, shown_request_id
 from crishim.stream.session import (
+    PairChannel,
     PairedStreamSession,
     SessionProtocol,
     Upgrade,
@@ -60,46 +61,6 @@ def start(upgrade: Upgrade) -> None:
     upgrade.adopt(session, SessionProtocol(session, transport))
 
 
-class _SpdyChannel:
-    """A forwarded connection's data + error streams on one SPDY session."""
-
-    __slots__ = ("session", "data_id", "error_id", "conn", "_data_closed")
-
-    def __init__(self, session: SpdyPortForwardSession, data_id: int, error_id: int) -> None:
-        self.session = session
-        self.data_id = data_id
-        self.error_id = error_id
-        self.conn: ForwardedConnection | ForwardedFlow | None = None
-        self._data_closed = False
-
-    def send(self, data: bytes) -> None:
-        s = self.session
-        s.last_activity = time.monotonic()
-        # within the client's windows where it asked for them (docs/protocol.md 8.6)
-        if not s.queue_data(self.data_id, data) and self.conn is not None:
-            self.conn.pause_pod_reading()
-        s.flush()
-
-    def send_eof(self) -> None:
-        if not self._data_closed:
-            self._data_closed = True
-            self.session.queue_eof(self.data_id)
-            self.session.flush()
-
-    def abort(self) -> None:
-        if not self._data_closed:
-            self._data_closed = True
-            self.session.reset(self.data_id, spdy.CANCEL)
-            self.session.flush()
-
-    def finish(self, error: str | None) -> None:
-        s = self.session
-        if error:
-            s.queue_data(self.error_id, error.encode("utf-8", "replace"))
-        s.queue_eof(self.error_id)
-        s.flush()
-
-
 # Largest DATA frame sent to the client. client-go reads a frame per call and allocates
 # for each: kubectl 1.27 downloads took 1.31-1.52 ms of kubectl's CPU per MiB with 256 KiB
 # frames and 1.06-1.26 with 1 MiB ones, 660-683 -> 729-811 MB/s (benchmarks.probe
@@ -132,6 +93,7 @@ class SpdyPortForwardSession(PairedStreamSession):
 
     transport_name = "spdy"
     protocol_log = log
+    cancel_code = spdy.CANCEL
     borrows_reads = True  # DATA pieces are views of the read, written before it returns
 
     def __init__(self, ctx: ForwardContext, sandbox: Sandbox, creation_timeout: float,
@@ -417,7 +379,7 @@ class SpdyPortForwardSession(PairedStreamSession):
             reply[HEADER_FLOW_CONTROL] = FLOW_CONTROL_WINDOWS
         self.codec.reply(ev.stream_id, reply)
         if pair.complete:
-            channel = _SpdyChannel(self, pair.data_id, pair.error_id)
+            channel = PairChannel(self, pair.data_id, pair.error_id, pair.request_id)
             conn = self.open_forward(pair.port, channel, pair.protocol, pair.on_data)
             channel.conn = conn
             if not conn.done:
@@ -493,7 +455,7 @@ class SpdyPortForwardSession(PairedStreamSession):
         super().connection_finished(conn)
         self._forget_withheld(conn)
         channel = conn.channel
-        if isinstance(channel, _SpdyChannel):
+        if isinstance(channel, PairChannel):
             self._by_stream.pop(channel.data_id, None)
             self._give_back(channel.data_id, ended=True)  # the session's share it held
 

@@ -310,6 +310,50 @@ def stream_window(session_window: int, least: int) -> int:
     return max(session_window, least) // 4
 
 
+class PairChannel:
+    """A forwarded connection's data and error streams on a PairedStreamSession (SPDY,
+    HTTP/2): the forwarding core's Channel. A data stream given up is reset with the
+    session's `cancel_code`."""
+
+    __slots__ = ("session", "data_id", "error_id", "request_id", "conn", "data_closed")
+
+    def __init__(self, session: PairedStreamSession, data_id: int, error_id: int,
+                 request_id: str) -> None:
+        self.session = session
+        self.data_id = data_id
+        self.error_id = error_id
+        self.request_id = request_id
+        self.conn: ForwardedConnection | ForwardedFlow | None = None
+        self.data_closed = False  # ended, reset by us, or reset by the client
+
+    def send(self, data: bytes) -> None:
+        s = self.session
+        s.last_activity = time.monotonic()
+        # within the client's windows (SPDY: where it asked for them, docs/protocol.md 8.6)
+        if not s.queue_data(self.data_id, data) and self.conn is not None:
+            self.conn.pause_pod_reading()
+        s.flush()
+
+    def send_eof(self) -> None:
+        if not self.data_closed:
+            self.data_closed = True
+            self.session.queue_eof(self.data_id)
+            self.session.flush()
+
+    def abort(self) -> None:
+        if not self.data_closed:
+            self.data_closed = True
+            self.session.reset(self.data_id, self.session.cancel_code)
+            self.session.flush()
+
+    def finish(self, error: str | None) -> None:
+        s = self.session
+        if error:
+            s.queue_data(self.error_id, error.encode("utf-8", "replace"))
+        s.queue_eof(self.error_id)
+        s.flush()
+
+
 class WindowedSends:
     """What waits for the client's flow-control windows, per stream, for a ServerSession
     whose codec sends a queue within them (`_send_queued`): HTTP/2's, and SPDY's where the
@@ -347,10 +391,10 @@ class WindowedSends:
         reads of a full buffer held ~1 MiB per stream whose client gave no window back
         (400 streams: 460 MiB)."""
         room = self.output_room()
-        stream_id = getattr(conn.channel, "data_id", None)
-        if stream_id is None:
+        channel = conn.channel
+        if not isinstance(channel, PairChannel):
             return room
-        return min(room, self._stream_send_window(stream_id))
+        return min(room, self._stream_send_window(channel.data_id))
 
     def _queue_more(self, stream_id: int, data: bytes) -> bool:
         """Queue data behind what waits (or what the window does not take now) and send
@@ -434,7 +478,8 @@ class WindowedSends:
         """The client takes bytes again: its pods may be read, but for streams waiting
         for the client's window."""
         for conn in list(self.connections):
-            if getattr(conn.channel, "data_id", None) not in self._outbound:
+            channel = conn.channel
+            if not (isinstance(channel, PairChannel) and channel.data_id in self._outbound):
                 conn.resume_pod_reading()
 
 
@@ -474,9 +519,9 @@ class WithheldWindows:
         if key not in self._congested:
             return
         self._congested.discard(key)
-        stream_id = getattr(getattr(key, "channel", None), "data_id", None)
-        if stream_id is not None:
-            self._give_back_withheld(stream_id)
+        channel = getattr(key, "channel", None)  # a key need not be a connection
+        if isinstance(channel, PairChannel):
+            self._give_back_withheld(channel.data_id)
             if not self._closed:
                 self.flush()
 
@@ -491,6 +536,7 @@ class PairedStreamSession(WindowedSends, WithheldWindows, ServerSession):
     (`_cancel_pending_data`), how a stream a bug broke is reset (`_reset_failed_stream`)."""
 
     protocol_log: ClassVar[logging.Logger]  # the transport's logger
+    cancel_code: ClassVar[int]  # resets a data stream whose connection failed
 
     def __init__(self, ctx: ForwardContext, sandbox: Sandbox | None, idle_timeout: float,
                  creation_timeout: float, close: Callable[[], None]) -> None:
