@@ -102,6 +102,7 @@ from crishim.stream.session import (
     WriteBuffers,
     close_client,
     stream_window,
+    traceback_once,
 )
 
 log = logging.getLogger("crishim.h2")
@@ -459,7 +460,8 @@ class H2PortForwardSession(PairedStreamSession):
             self.close(f"first stream refused: {e}")  # without a token it has no business
             return
         except Exception as e:  # a plugin bug ends this connection, not the server
-            log.exception("h2: admitting the first stream failed")
+            self.refusal_log.log(logging.ERROR, "h2: admitting the first stream failed: %s: %s",
+                                 type(e).__name__, e, exc_info=traceback_once(e))
             if not self._closed:
                 self._refuse_stream(sid, Refused(500, f"internal error: {e}"), client_done)
                 self._send_goaway(ErrorCodes.INTERNAL_ERROR)

@@ -31,6 +31,21 @@ WriteBuffers = Callable[[Sequence[bytes | bytearray | memoryview]], None]
 LINGER_SECONDS = 1.0
 
 
+# exception types whose traceback this process has logged: a bug's first occurrence can be
+# diagnosed, a client reaching it again and again cannot flood the log with tracebacks
+_traced: set[type[BaseException]] = set()
+
+
+def traceback_once(error: BaseException) -> BaseException | None:
+    """`exc_info` for the line that logs an unexpected exception: the exception the first
+    time its type is logged in this process, None (the line alone) after that."""
+    kind = type(error)
+    if kind in _traced:
+        return None
+    _traced.add(kind)
+    return error
+
+
 def close_client(transport: asyncio.Transport, linger: bool) -> None:
     """Close the client's connection once what is written has gone. `linger`: the client
     may still be sending (a flood): closing a socket with unread input resets it at once
@@ -588,11 +603,12 @@ class PairedStreamSession(WindowedSends, WithheldWindows, ServerSession):
 
     def _event_failed(self, event: object, error: Exception) -> None:
         """A bug while handling one of the client's events: its stream is reset, the
-        session and its other streams go on."""
+        session and its other streams go on. A line each, ours not the client's (not
+        charged to protocol_error_log_lines); the traceback once per type (traceback_once)."""
         sid = getattr(event, "stream_id", 0) or 0
-        self.protocol_error("%s sandbox=%s: stream %d failed, resetting it: %s: %s",
-                            self.transport_name, self.sandbox_id, sid, type(error).__name__,
-                            error, level=logging.ERROR, logger=self.protocol_log)
+        self.protocol_log.error("%s sandbox=%s: stream %d failed, resetting it: %s: %s",
+                                self.transport_name, self.sandbox_id, sid,
+                                type(error).__name__, error, exc_info=traceback_once(error))
         if sid:
             self._reset_failed_stream(sid)
 
@@ -694,7 +710,8 @@ class SessionProtocol(asyncio.BufferedProtocol):
         except Exception as e:  # one client's input ends its own session, never the server
             session = self.session
             log.error("%s sandbox=%s: ending the session after an unexpected error: %s: %s",
-                      session.transport_name, session.sandbox_id, type(e).__name__, e)
+                      session.transport_name, session.sandbox_id, type(e).__name__, e,
+                      exc_info=traceback_once(e))
             session.close(f"internal error: {type(e).__name__}")
 
     def received(self, data: bytes | memoryview) -> None:
