@@ -106,13 +106,13 @@ class Admitted:
 
     stream_request: StreamRequest
     sandbox: Sandbox
-    path: str
     query: dict[str, list[str]]
 
 
 class Admission:
-    """Redeems a request's token: draining -> 503, too many sessions -> 429, out of
-    descriptors -> 503, bad path or token -> 404, wrong method -> 405, sandbox gone -> 410,
+    """Redeems a request's token, checking in this order: malformed target -> 400, bad
+    path -> 404, wrong method -> 405, draining -> 503, too many sessions -> 429, out of
+    descriptors -> 503, bad token -> 404, no such sandbox -> 404, sandbox gone -> 410,
     runtime unavailable -> 503."""
 
     def __init__(self, tokens: TokenStore, ctx: ForwardContext, max_sessions: int,
@@ -156,7 +156,7 @@ class Admission:
             raise Refused(410, str(e)) from None
         except RuntimeError_ as e:  # e.g. the upstream runtime did not answer: try later
             raise Refused(503, f"runtime unavailable: {e}", [("Retry-After", "1")]) from None
-        return Admitted(stream_request, sandbox, url.path, parse_qs(url.query))
+        return Admitted(stream_request, sandbox, parse_qs(url.query))
 
 
 # what a transport is handed to admit its own request (HTTP/2's first stream)

@@ -92,17 +92,17 @@ from crishim.protocols.h2 import (
 from crishim.protocols.negotiation import VERSION_HEADER, choose_version, server_versions
 from crishim.runtime import Sandbox
 from crishim.stream.admission import MAX_REQUEST_HEAD, Admit, Refused, h2_refusal, redact
-from crishim.stream.pairing import PendingPair, StreamPairs
+from crishim.stream.pairing import PendingPair
 from crishim.stream.session import (
-    ServerSession,
+    PairChannel,
+    PairedStreamSession,
     SessionProtocol,
     SessionSettings,
     Upgrade,
-    WindowedSends,
-    WithheldWindows,
     WriteBuffers,
     close_client,
     stream_window,
+    traceback_once,
 )
 
 log = logging.getLogger("crishim.h2")
@@ -143,48 +143,7 @@ def _check_method(headers: dict[str, str]) -> None:
 _E = TypeVar("_E", bound=h2.events.Event)
 
 
-class _H2Channel:
-    """A forwarded connection's data + error streams on one HTTP/2 connection."""
-
-    __slots__ = ("session", "data_id", "error_id", "request_id", "conn", "data_closed")
-
-    def __init__(self, session: H2PortForwardSession, data_id: int, error_id: int,
-                 request_id: str) -> None:
-        self.session = session
-        self.data_id = data_id
-        self.error_id = error_id
-        self.request_id = request_id
-        self.conn: ForwardedConnection | ForwardedFlow | None = None
-        self.data_closed = False
-
-    def send(self, data: bytes) -> None:
-        s = self.session
-        s.last_activity = time.monotonic()
-        if not s.queue_data(self.data_id, data) and self.conn is not None:
-            self.conn.pause_pod_reading()
-        s.flush()
-
-    def send_eof(self) -> None:
-        if not self.data_closed:
-            self.data_closed = True
-            self.session.queue_eof(self.data_id)
-            self.session.flush()
-
-    def abort(self) -> None:
-        if not self.data_closed:
-            self.data_closed = True
-            self.session.reset(self.data_id, ErrorCodes.CANCEL)
-            self.session.flush()
-
-    def finish(self, error: str | None) -> None:
-        s = self.session
-        if error:
-            s.queue_data(self.error_id, error.encode("utf-8", "replace"))
-        s.queue_eof(self.error_id)
-        s.flush()
-
-
-class H2PortForwardSession(WindowedSends, WithheldWindows, ServerSession):
+class H2PortForwardSession(PairedStreamSession):
     """Drives one H2Connection: admits streams, pairs them, pumps bytes with flow control.
 
     By prior knowledge, `sandbox` and `path` are None until `admit` redeems the first
@@ -194,13 +153,16 @@ class H2PortForwardSession(WindowedSends, WithheldWindows, ServerSession):
     timeout bounds it). `on_admitted` is called once the token is redeemed."""
 
     transport_name = "h2"
+    protocol_log = log
+    cancel_code = ErrorCodes.CANCEL
     borrows_reads = True  # DATA pieces are views of the read, written before it returns
 
     def __init__(self, settings: SessionSettings, writelines: WriteBuffers,
                  close: Callable[[], None], *, admit: Admit | None = None,
                  sandbox: Sandbox | None = None, path: str | None = None,
                  upgraded: bool = False) -> None:
-        super().__init__(settings.ctx, sandbox, settings.idle_timeout)
+        super().__init__(settings.ctx, sandbox, settings.idle_timeout,
+                         settings.creation_timeout, close)
         self.path = path
         self.admit = admit
         self.on_admitted: Callable[[], None] | None = None
@@ -208,7 +170,6 @@ class H2PortForwardSession(WindowedSends, WithheldWindows, ServerSession):
         self.refusal_log = settings.refusal_log
         self._upgraded = upgraded
         self._writelines = writelines
-        self._close_transport = close
         # the client's headers are checked; our own responses are built here
         config = h2.config.H2Configuration(client_side=False, header_encoding="utf-8",
                                            validate_inbound_headers=True,
@@ -233,12 +194,8 @@ class H2PortForwardSession(WindowedSends, WithheldWindows, ServerSession):
         self.codec.decoder.max_header_list_size = MAX_HEADER_LIST_SIZE
         self.codec.charge_frame = self._charge_frame
         self.codec.encoder = LiteralHeaderEncoder()  # responses: the same fields each time
-        self._window_granted = 0  # taken from the server's buffer budget, returned at the end
         self._settings_acknowledged = False  # start()'s SETTINGS, by the client
         self._lower_windows_to: int | None = None  # stream windows once it is
-        self._pairs = StreamPairs(self.creation_timeout, self._pair_timed_out,
-                                  self.ctx.max_per_session)
-        self._by_stream: dict[int, ForwardedConnection | ForwardedFlow] = {}  # data stream id
         self._live_requests: dict[str, ForwardedConnection | ForwardedFlow] = {}  # request id
         self._version_chosen = False  # at the first forwarding stream, for the session
         self._init_outbound()  # streams waiting for window
@@ -294,11 +251,6 @@ class H2PortForwardSession(WindowedSends, WithheldWindows, ServerSession):
         if window is not None:
             self.codec.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
 
-    def end(self, close_transport: bool) -> None:
-        self.ctx.return_window(self._window_granted)
-        self._window_granted = 0
-        super().end(close_transport)
-
     # --- output ------------------------------------------------------------------------
     def flush(self) -> None:
         if self.output_held:
@@ -337,7 +289,7 @@ class H2PortForwardSession(WindowedSends, WithheldWindows, ServerSession):
         except h2.exceptions.ProtocolError:
             return True  # stream reset or closed by the client meanwhile: nothing to send
 
-    def reset(self, stream_id: int, code: ErrorCodes) -> None:
+    def reset(self, stream_id: int, code: int) -> None:
         self._forget_outbound(stream_id)
         try:
             self.codec.reset_stream(stream_id, code)
@@ -424,12 +376,7 @@ class H2PortForwardSession(WindowedSends, WithheldWindows, ServerSession):
             try:
                 self._handle(event)
             except Exception as e:  # a bug on one stream must not end the session
-                sid = getattr(event, "stream_id", 0)
-                self.protocol_error("h2 sandbox=%s: stream %d failed, resetting it: %s: %s",
-                                    self.sandbox_id, sid or 0, type(e).__name__, e,
-                                    level=logging.ERROR, logger=log)
-                if sid:
-                    self.reset(sid, ErrorCodes.INTERNAL_ERROR)
+                self._event_failed(event, e)
 
     def _queue_while_admitting(self, queued: list[h2.events.Event],
                                event: h2.events.Event) -> None:
@@ -493,9 +440,7 @@ class H2PortForwardSession(WindowedSends, WithheldWindows, ServerSession):
                                 sid, e.status, e, logger=log)
             self._refuse_stream(sid, e, client_done)
             # a refusal is answered with a whole response: charged, as a frame in error
-            if not self.within_control_budget():
-                self._send_goaway(ErrorCodes.ENHANCE_YOUR_CALM)
-                self.violated(self.control_overrun("refused streams"))
+            self.charge_control("refused streams")
 
     async def _admit(self, ev: h2.events.RequestReceived, headers: dict[str, str]) -> None:
         """Prior knowledge: the first stream's path redeems the connection's token."""
@@ -515,7 +460,8 @@ class H2PortForwardSession(WindowedSends, WithheldWindows, ServerSession):
             self.close(f"first stream refused: {e}")  # without a token it has no business
             return
         except Exception as e:  # a plugin bug ends this connection, not the server
-            log.exception("h2: admitting the first stream failed")
+            self.refusal_log.log(logging.ERROR, "h2: admitting the first stream failed: %s: %s",
+                                 type(e).__name__, e, exc_info=traceback_once(e))
             if not self._closed:
                 self._refuse_stream(sid, Refused(500, f"internal error: {e}"), client_done)
                 self._send_goaway(ErrorCodes.INTERNAL_ERROR)
@@ -557,7 +503,7 @@ class H2PortForwardSession(WindowedSends, WithheldWindows, ServerSession):
             pass  # the client already reset it: its StreamReset event cleans up
         if not pair.complete:
             return
-        channel = _H2Channel(self, pair.data_id, pair.error_id, pair.request_id)
+        channel = PairChannel(self, pair.data_id, pair.error_id, pair.request_id)
         conn = self.open_forward(pair.port, channel, pair.protocol, pair.on_data)
         channel.conn = conn
         if conn.done:
@@ -570,20 +516,12 @@ class H2PortForwardSession(WindowedSends, WithheldWindows, ServerSession):
         if pair.held_end and not conn.done:
             conn.client_eof()
 
-    def _pair_timed_out(self, pair: PendingPair) -> None:
-        if self._closed:
-            return
-        message = self._pairs.timeout_message(pair)
-        # a client's pairs that never complete: counted past protocol_error_log_lines
-        # (a line each was 180,000 lines for 20 sessions within their budgets)
-        self.protocol_error("h2 sandbox=%s: %s", self.sandbox_id, message, logger=log)
-        if pair.error_id:
-            self.queue_data(pair.error_id, message.encode())
-            self.queue_eof(pair.error_id)
-        if pair.data_id:
-            self._ack(pair.data_id, pair.held_length)
-            self.reset(pair.data_id, ErrorCodes.CANCEL)
-        self.flush()
+    def _cancel_pending_data(self, pair: PendingPair) -> None:
+        self._ack(pair.data_id, pair.held_length)  # while the stream is open to take it
+        self.reset(pair.data_id, ErrorCodes.CANCEL)
+
+    def _reset_failed_stream(self, stream_id: int) -> None:
+        self.reset(stream_id, ErrorCodes.INTERNAL_ERROR)
 
     def _ack(self, stream_id: int, n: int) -> None:
         if n > 0:
@@ -612,9 +550,7 @@ class H2PortForwardSession(WindowedSends, WithheldWindows, ServerSession):
                 # kept until the pair completes, acknowledged once it flows: appended to one
                 # buffer (copied out of a lent read), never an object per frame, so 1-byte
                 # frames cost a byte each and the pair's completion forwards them at once
-                if pair.held is None:
-                    pair.held = bytearray()
-                pair.held += ev.data
+                self._pairs.hold(pair, ev.data)
                 pair.held_length += ev.flow_controlled_length
                 return
             self._ack(sid, ev.flow_controlled_length)  # error stream or ended: discard
@@ -651,7 +587,7 @@ class H2PortForwardSession(WindowedSends, WithheldWindows, ServerSession):
         conn = self._by_stream.get(sid)
         if conn is not None:
             channel = conn.channel
-            if isinstance(channel, _H2Channel):
+            if isinstance(channel, PairChannel):
                 channel.data_closed = True
             conn.client_reset()
             return
@@ -719,7 +655,7 @@ class H2PortForwardSession(WindowedSends, WithheldWindows, ServerSession):
         super().connection_finished(conn)
         self._forget_withheld(conn)
         channel = conn.channel
-        if isinstance(channel, _H2Channel):
+        if isinstance(channel, PairChannel):
             self._by_stream.pop(channel.data_id, None)
             self._live_requests.pop(channel.request_id, None)
             self._give_back_withheld(channel.data_id)
@@ -752,12 +688,6 @@ class H2PortForwardSession(WindowedSends, WithheldWindows, ServerSession):
 
     def goodbye(self, reason: str, violation: bool) -> None:
         self._send_goaway(ErrorCodes.ENHANCE_YOUR_CALM if violation else ErrorCodes.NO_ERROR)
-
-    def close_transport(self) -> None:
-        self._close_transport()
-
-    def forget_pending(self) -> None:
-        self._pairs.clear()
 
     def drain(self) -> None:
         """Server shutting down: new streams are refused, live ones may finish. No GOAWAY

@@ -22,13 +22,12 @@ from crishim.protocols.constants import (
 from crishim.protocols.negotiation import choose_version, server_versions
 from crishim.runtime import Sandbox
 from crishim.stream.admission import Refused
-from crishim.stream.pairing import PendingPair, StreamPairs, shown_request_id
+from crishim.stream.pairing import PendingPair, shown_request_id
 from crishim.stream.session import (
-    ServerSession,
+    PairChannel,
+    PairedStreamSession,
     SessionProtocol,
     Upgrade,
-    WindowedSends,
-    WithheldWindows,
     WriteBuffers,
     close_client,
     stream_window,
@@ -62,46 +61,6 @@ def start(upgrade: Upgrade) -> None:
     upgrade.adopt(session, SessionProtocol(session, transport))
 
 
-class _SpdyChannel:
-    """A forwarded connection's data + error streams on one SPDY session."""
-
-    __slots__ = ("session", "data_id", "error_id", "conn", "_data_closed")
-
-    def __init__(self, session: SpdyPortForwardSession, data_id: int, error_id: int) -> None:
-        self.session = session
-        self.data_id = data_id
-        self.error_id = error_id
-        self.conn: ForwardedConnection | ForwardedFlow | None = None
-        self._data_closed = False
-
-    def send(self, data: bytes) -> None:
-        s = self.session
-        s.last_activity = time.monotonic()
-        # within the client's windows where it asked for them (docs/protocol.md 8.6)
-        if not s.queue_data(self.data_id, data) and self.conn is not None:
-            self.conn.pause_pod_reading()
-        s.flush()
-
-    def send_eof(self) -> None:
-        if not self._data_closed:
-            self._data_closed = True
-            self.session.queue_eof(self.data_id)
-            self.session.flush()
-
-    def abort(self) -> None:
-        if not self._data_closed:
-            self._data_closed = True
-            self.session.reset(self.data_id, spdy.CANCEL)
-            self.session.flush()
-
-    def finish(self, error: str | None) -> None:
-        s = self.session
-        if error:
-            s.queue_data(self.error_id, error.encode("utf-8", "replace"))
-        s.queue_eof(self.error_id)
-        s.flush()
-
-
 # Largest DATA frame sent to the client. client-go reads a frame per call and allocates
 # for each: kubectl 1.27 downloads took 1.31-1.52 ms of kubectl's CPU per MiB with 256 KiB
 # frames and 1.06-1.26 with 1 MiB ones, 660-683 -> 729-811 MB/s (benchmarks.probe
@@ -126,28 +85,26 @@ def _tolerated(window: int) -> int:
     return max(window, spdy.INITIAL_WINDOW)
 
 
-class SpdyPortForwardSession(WindowedSends, WithheldWindows, ServerSession):
+class SpdyPortForwardSession(PairedStreamSession):
     """Drives one SpdyConnection: pairs streams, opens forwarded connections, pumps bytes.
 
     `write_buffers` sends a list of buffers to the client (a TCP transport's writelines,
     or the WebSocket tunnel's): frames are never joined into one copy on the way out."""
 
     transport_name = "spdy"
+    protocol_log = log
+    cancel_code = spdy.CANCEL
     borrows_reads = True  # DATA pieces are views of the read, written before it returns
 
     def __init__(self, ctx: ForwardContext, sandbox: Sandbox, creation_timeout: float,
                  idle_timeout: float, write_buffers: WriteBuffers,
                  close: Callable[[], None]) -> None:
-        super().__init__(ctx, sandbox, idle_timeout)
+        super().__init__(ctx, sandbox, idle_timeout, creation_timeout, close)
         self.codec = spdy.SpdyConnection(spdy.SpdyConfig(
             client=False, zero_copy=True, max_send_frame=SEND_FRAME,
             max_frames_per_receive=FRAMES_PER_RECEIVE,
             max_inflated_per_receive=INFLATED_PER_RECEIVE))
         self._write_buffers = write_buffers
-        self._close_transport = close
-        self._pairs = StreamPairs(creation_timeout, self._pair_timed_out,
-                                  ctx.max_per_session)
-        self._by_stream: dict[int, ForwardedConnection | ForwardedFlow] = {}
         self._goaway_seen = False
         # windows, where the client asked for them (docs/protocol.md 8.6): what waits for
         # the client's, per stream; and ours: bytes received per stream that no pod took
@@ -162,7 +119,6 @@ class SpdyPortForwardSession(WindowedSends, WithheldWindows, ServerSession):
         self._session_owed = 0
         self._stream_every = self._session_every = 1
         self._read_streams: set[int] = set()
-        self._window_granted = 0  # our session window, from the buffer budget
         self._announced = False
 
     def start(self) -> None:
@@ -172,11 +128,6 @@ class SpdyPortForwardSession(WindowedSends, WithheldWindows, ServerSession):
             self.codec.offer_send_windows(receive_window=_tolerated(stream_window(
                 self.ctx.flood.session_buffer_size, spdy.INITIAL_SESSION_WINDOW)))
         self.arm_idle_timer()
-
-    def end(self, close_transport: bool) -> None:
-        self.ctx.return_window(self._window_granted)
-        self._window_granted = 0
-        super().end(close_transport)
 
     @property
     def windowed(self) -> bool:
@@ -312,12 +263,7 @@ class SpdyPortForwardSession(WindowedSends, WithheldWindows, ServerSession):
                     if not self._handle(event):
                         break  # a budget ended the session
                 except Exception as e:  # a bug on one stream must not end the session
-                    sid = getattr(event, "stream_id", 0)
-                    self.protocol_error("spdy sandbox=%s: stream %d failed, resetting it: "
-                                        "%s: %s", self.sandbox.id, sid, type(e).__name__, e,
-                                        level=logging.ERROR, logger=log)
-                    if sid:
-                        self.codec.reset_stream(sid, spdy.INTERNAL_ERROR)
+                    self._event_failed(event, e)
         finally:
             self.end_batch()
             self.borrowing = False
@@ -409,7 +355,7 @@ class SpdyPortForwardSession(WindowedSends, WithheldWindows, ServerSession):
                 if self._goaway_seen:
                     return self.charge_control("a second GOAWAY")
                 self._goaway_seen = True
-                log.debug("spdy sandbox=%s: client sent GOAWAY", self.sandbox.id)
+                log.debug("%s sandbox=%s: client sent GOAWAY", self.transport_name, self.sandbox.id)
             case spdy.SessionTerminated():
                 self._on_terminated(event)
                 return False
@@ -421,8 +367,8 @@ class SpdyPortForwardSession(WindowedSends, WithheldWindows, ServerSession):
                 raise Refused(400, "it is unidirectional")
             pair = self._pairs.add(ev.stream_id, ev.headers, version=self.stream_version)
         except Refused as e:
-            self.protocol_error("spdy sandbox=%s: refusing stream %d: %s", self.sandbox.id,
-                                ev.stream_id, e, logger=log)
+            self.protocol_error("%s sandbox=%s: refusing stream %d: %s", self.transport_name,
+                                self.sandbox.id, ev.stream_id, e, logger=log)
             self.codec.reset_stream(ev.stream_id, spdy.PROTOCOL_ERROR)
             return self.charge_control("a refused stream")
         on_data = pair.on_data and ev.stream_id == pair.data_id
@@ -433,7 +379,7 @@ class SpdyPortForwardSession(WindowedSends, WithheldWindows, ServerSession):
             reply[HEADER_FLOW_CONTROL] = FLOW_CONTROL_WINDOWS
         self.codec.reply(ev.stream_id, reply)
         if pair.complete:
-            channel = _SpdyChannel(self, pair.data_id, pair.error_id)
+            channel = PairChannel(self, pair.data_id, pair.error_id, pair.request_id)
             conn = self.open_forward(pair.port, channel, pair.protocol, pair.on_data)
             channel.conn = conn
             if not conn.done:
@@ -455,9 +401,10 @@ class SpdyPortForwardSession(WindowedSends, WithheldWindows, ServerSession):
         session's pending pairs together, then the pair is refused alone."""
         limit = self.ctx.buffer_size
         if self._pairs.held_bytes + len(data) > limit:
-            self.protocol_error("spdy sandbox=%s: request %s: more than %d bytes held "
-                                "before pairs completed; refused", self.sandbox.id,
-                                shown_request_id(pair.request_id), limit, logger=log)
+            self.protocol_error("%s sandbox=%s: request %s: more than %d bytes held "
+                                "before pairs completed; refused", self.transport_name,
+                                self.sandbox.id, shown_request_id(pair.request_id), limit,
+                                logger=log)
             self._pairs.forget(pair)
             self.reset(pair.data_id, spdy.CANCEL)
             self._give_back(pair.data_id, ended=True)
@@ -471,20 +418,12 @@ class SpdyPortForwardSession(WindowedSends, WithheldWindows, ServerSession):
         if pair is not None and pair.data_id == stream_id:
             pair.held_end = True
 
-    def _pair_timed_out(self, pair: PendingPair) -> None:
-        if self._closed:
-            return
-        message = self._pairs.timeout_message(pair)
-        # a client's pairs that never complete: counted past protocol_error_log_lines
-        # (a line each was 180,000 lines for 20 sessions within their budgets)
-        self.protocol_error("spdy sandbox=%s: %s", self.sandbox.id, message, logger=log)
-        if pair.error_id:
-            self.queue_data(pair.error_id, message.encode())
-            self.queue_eof(pair.error_id)
-        if pair.data_id:
-            self.reset(pair.data_id, spdy.CANCEL)
-            self._give_back(pair.data_id, ended=True)
-        self.flush()
+    def _cancel_pending_data(self, pair: PendingPair) -> None:
+        self.reset(pair.data_id, spdy.CANCEL)
+        self._give_back(pair.data_id, ended=True)
+
+    def _reset_failed_stream(self, stream_id: int) -> None:
+        self.codec.reset_stream(stream_id, spdy.INTERNAL_ERROR)
 
     def _on_reset(self, ev: spdy.StreamReset) -> bool:
         self._forget_outbound(ev.stream_id)
@@ -499,14 +438,14 @@ class SpdyPortForwardSession(WindowedSends, WithheldWindows, ServerSession):
         return self.charge_control("RST_STREAM")
 
     def _on_terminated(self, ev: spdy.SessionTerminated) -> None:
-        log.warning("spdy sandbox=%s: protocol error, ending session: %s", self.sandbox.id,
-                    ev.reason)
+        log.warning("%s sandbox=%s: protocol error, ending session: %s", self.transport_name,
+                    self.sandbox.id, ev.reason)
         self.flush()
         self.close("protocol error: " + ev.reason)
 
     def _on_stream_error(self, ev: spdy.StreamError) -> bool:
-        self.protocol_error("spdy sandbox=%s: stream %d refused: %s", self.sandbox.id,
-                            ev.stream_id, ev.reason, logger=log)
+        self.protocol_error("%s sandbox=%s: stream %d refused: %s", self.transport_name,
+                            self.sandbox.id, ev.stream_id, ev.reason, logger=log)
         conn = self._by_stream.get(ev.stream_id)
         if conn is not None:
             conn.close(ev.reason)
@@ -516,19 +455,13 @@ class SpdyPortForwardSession(WindowedSends, WithheldWindows, ServerSession):
         super().connection_finished(conn)
         self._forget_withheld(conn)
         channel = conn.channel
-        if isinstance(channel, _SpdyChannel):
+        if isinstance(channel, PairChannel):
             self._by_stream.pop(channel.data_id, None)
             self._give_back(channel.data_id, ended=True)  # the session's share it held
 
     # --- goodbye, draining ----------------------------------------------------------------
     def goodbye(self, reason: str, violation: bool) -> None:
         self.codec.goaway(spdy.GOAWAY_PROTOCOL_ERROR if violation else spdy.GOAWAY_OK)
-
-    def close_transport(self) -> None:
-        self._close_transport()
-
-    def forget_pending(self) -> None:
-        self._pairs.clear()
 
     def drain(self) -> None:
         """Server shutting down: tell the client no new streams will be accepted."""

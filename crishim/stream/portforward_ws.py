@@ -145,6 +145,23 @@ def requested_ports(query: dict[str, list[str]], stream_request: StreamRequest,
     return ports
 
 
+def charge_websocket_event(session: ServerSession,
+                           event: ws.PingReceived | ws.FrameIgnored | ws.ProtocolViolation
+                           ) -> bool:
+    """A WebSocket frame that carries nothing forwarded, on either WebSocket transport:
+    pings and ignored frames charged to the control budget, a violation logged (its close
+    frame is queued); False once a budget ended the session."""
+    match event:
+        case ws.PingReceived():
+            return session.charge_control("WebSocket ping")
+        case ws.FrameIgnored():
+            return session.charge_control(f"WebSocket {event.kind}")
+        case ws.ProtocolViolation():
+            session.protocol_error("%s sandbox=%s: %s (close code %d)", session.transport_name,
+                                   session.sandbox_id, event.reason, event.code, logger=log)
+    return True
+
+
 # --------------------------------------------------------------------------- SPDY tunnel
 
 
@@ -200,14 +217,8 @@ class SpdyTunnelProtocol(SessionProtocol):
                 match event:
                     case ws.TunnelData():
                         session.receive(event.data)
-                    case ws.PingReceived():
-                        session.charge_control("WebSocket ping")
-                    case ws.FrameIgnored():
-                        session.charge_control(f"WebSocket {event.kind}")
-                    case ws.ProtocolViolation():
-                        session.protocol_error("spdy-websocket sandbox=%s: %s (close code %d)",
-                                               session.sandbox.id, event.reason, event.code,
-                                               logger=log)
+                    case ws.PingReceived() | ws.FrameIgnored() | ws.ProtocolViolation():
+                        charge_websocket_event(session, event)  # the next event sees a close
                     case ws.Closed():
                         _flush_tunnel(self.tunnel, self.transport)
                         self.session.close(
@@ -307,7 +318,8 @@ class ChannelPortForwardSession(ServerSession):
         if self.closing or self.transport is None or self.transport.is_closing():
             return  # closing: the goodbye (1001) is the close frame
         if all(ch.pod_done for ch in self.channels) and not self.codec.framing.closing:
-            log.debug("websocket sandbox=%s: all ports done, closing", self.sandbox.id)
+            log.debug("%s sandbox=%s: all ports done, closing", self.transport_name,
+                      self.sandbox.id)
             self.codec.close(ws.CLOSE_NORMAL, "all ports done")
             self.flush()
             self.call_later(CLOSE_GRACE, self._finished)  # a client that never answers
@@ -325,15 +337,9 @@ class ChannelPortForwardSession(ServerSession):
                     conn = self.channels[event.index].conn
                     if conn is not None:
                         conn.client_data(event.data)
-                case ws.PingReceived():
-                    if not self.charge_control("WebSocket ping"):
+                case ws.PingReceived() | ws.FrameIgnored() | ws.ProtocolViolation():
+                    if not charge_websocket_event(self, event):
                         return
-                case ws.FrameIgnored():
-                    if not self.charge_control(f"WebSocket {event.kind}"):
-                        return
-                case ws.ProtocolViolation():
-                    self.protocol_error("websocket sandbox=%s: %s (close code %d)",
-                                        self.sandbox.id, event.reason, event.code, logger=log)
                 case ws.Closed():
                     self._closed_by_peer(event)
                     return

@@ -34,6 +34,7 @@ from crishim.stream.session import (
     SessionSettings,
     Upgrade,
     close_client,
+    traceback_once,
 )
 from crishim.sysutil import read_now, wait_io
 from crishim.tokens import TokenStore
@@ -213,7 +214,7 @@ class StreamServer:
             if starter is None:
                 raise Refused(400, "expected Upgrade: SPDY/3.1, websocket or h2c for "
                                    "port-forward")
-            starter(Upgrade(transport, request, admitted, rest, self.session_settings,
+            starter(Upgrade(transport, request, admitted, self.session_settings,
                             lambda session, protocol: self.adopt(transport, session,
                                                                  protocol, rest)))
         except Refused as e:
@@ -221,8 +222,10 @@ class StreamServer:
                                  request.method, redact(request.target), e.status, e)
             transport.write(http1_refusal(e))
             transport.close()
-        except Exception:
-            log.exception("stream request failed")
+        except Exception as e:  # a bug: a line within the refusal budget, a traceback once
+            self.refusal_log.log(logging.ERROR, "stream request %s %s failed: %s: %s",
+                                 request.method, redact(request.target), type(e).__name__, e,
+                                 exc_info=traceback_once(e))
             transport.write(http1_refusal(Refused(500, "internal error")))
             transport.close()
 

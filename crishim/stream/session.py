@@ -10,6 +10,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 from crishim.budget import LogBudget
 from crishim.flow import READ_SIZE, read_buffer
@@ -18,6 +19,7 @@ from crishim.forward_udp import ForwardedFlow
 from crishim.protocols.buffers import Outbound
 from crishim.runtime import Sandbox
 from crishim.stream.admission import Admitted, Request
+from crishim.stream.pairing import PendingPair, StreamPairs
 
 log = logging.getLogger("crishim.stream")
 
@@ -27,6 +29,21 @@ WriteBuffers = Callable[[Sequence[bytes | bytearray | memoryview]], None]
 # a client still sending when its session ends for a budget keeps its connection this
 # long, half-closed and not read, so that the goodbye reaches it before the reset
 LINGER_SECONDS = 1.0
+
+
+# exception types whose traceback this process has logged: a bug's first occurrence can be
+# diagnosed, a client reaching it again and again cannot flood the log with tracebacks
+_traced: set[type[BaseException]] = set()
+
+
+def traceback_once(error: BaseException) -> BaseException | None:
+    """`exc_info` for the line that logs an unexpected exception: the exception the first
+    time its type is logged in this process, None (the line alone) after that."""
+    kind = type(error)
+    if kind in _traced:
+        return None
+    _traced.add(kind)
+    return error
 
 
 def close_client(transport: asyncio.Transport, linger: bool) -> None:
@@ -308,6 +325,50 @@ def stream_window(session_window: int, least: int) -> int:
     return max(session_window, least) // 4
 
 
+class PairChannel:
+    """A forwarded connection's data and error streams on a PairedStreamSession (SPDY,
+    HTTP/2): the forwarding core's Channel. A data stream given up is reset with the
+    session's `cancel_code`."""
+
+    __slots__ = ("session", "data_id", "error_id", "request_id", "conn", "data_closed")
+
+    def __init__(self, session: PairedStreamSession, data_id: int, error_id: int,
+                 request_id: str) -> None:
+        self.session = session
+        self.data_id = data_id
+        self.error_id = error_id
+        self.request_id = request_id
+        self.conn: ForwardedConnection | ForwardedFlow | None = None
+        self.data_closed = False  # ended, reset by us, or reset by the client
+
+    def send(self, data: bytes) -> None:
+        s = self.session
+        s.last_activity = time.monotonic()
+        # within the client's windows (SPDY: where it asked for them, docs/protocol.md 8.6)
+        if not s.queue_data(self.data_id, data) and self.conn is not None:
+            self.conn.pause_pod_reading()
+        s.flush()
+
+    def send_eof(self) -> None:
+        if not self.data_closed:
+            self.data_closed = True
+            self.session.queue_eof(self.data_id)
+            self.session.flush()
+
+    def abort(self) -> None:
+        if not self.data_closed:
+            self.data_closed = True
+            self.session.reset(self.data_id, self.session.cancel_code)
+            self.session.flush()
+
+    def finish(self, error: str | None) -> None:
+        s = self.session
+        if error:
+            s.queue_data(self.error_id, error.encode("utf-8", "replace"))
+        s.queue_eof(self.error_id)
+        s.flush()
+
+
 class WindowedSends:
     """What waits for the client's flow-control windows, per stream, for a ServerSession
     whose codec sends a queue within them (`_send_queued`): HTTP/2's, and SPDY's where the
@@ -345,10 +406,10 @@ class WindowedSends:
         reads of a full buffer held ~1 MiB per stream whose client gave no window back
         (400 streams: 460 MiB)."""
         room = self.output_room()
-        stream_id = getattr(conn.channel, "data_id", None)
-        if stream_id is None:
+        channel = conn.channel
+        if not isinstance(channel, PairChannel):
             return room
-        return min(room, self._stream_send_window(stream_id))
+        return min(room, self._stream_send_window(channel.data_id))
 
     def _queue_more(self, stream_id: int, data: bytes) -> bool:
         """Queue data behind what waits (or what the window does not take now) and send
@@ -432,7 +493,8 @@ class WindowedSends:
         """The client takes bytes again: its pods may be read, but for streams waiting
         for the client's window."""
         for conn in list(self.connections):
-            if getattr(conn.channel, "data_id", None) not in self._outbound:
+            channel = conn.channel
+            if not (isinstance(channel, PairChannel) and channel.data_id in self._outbound):
                 conn.resume_pod_reading()
 
 
@@ -472,14 +534,94 @@ class WithheldWindows:
         if key not in self._congested:
             return
         self._congested.discard(key)
-        stream_id = getattr(getattr(key, "channel", None), "data_id", None)
-        if stream_id is not None:
-            self._give_back_withheld(stream_id)
+        channel = getattr(key, "channel", None)  # a key need not be a connection
+        if isinstance(channel, PairChannel):
+            self._give_back_withheld(channel.data_id)
             if not self._closed:
                 self.flush()
 
     def _forget_withheld(self, conn: ForwardedConnection | ForwardedFlow) -> None:
         self._congested.discard(conn)
+
+
+class PairedStreamSession(WindowedSends, WithheldWindows, ServerSession):
+    """A session whose forwarded connections are (error, data) stream pairs with
+    flow-control windows both ways: SPDY's and HTTP/2's. What the two do alike is here;
+    what differs is a hook: how a pending pair's data stream is given up
+    (`_cancel_pending_data`), how a stream a bug broke is reset (`_reset_failed_stream`)."""
+
+    protocol_log: ClassVar[logging.Logger]  # the transport's logger
+    cancel_code: ClassVar[int]  # resets a data stream whose connection failed
+
+    def __init__(self, ctx: ForwardContext, sandbox: Sandbox | None, idle_timeout: float,
+                 creation_timeout: float, close: Callable[[], None]) -> None:
+        super().__init__(ctx, sandbox, idle_timeout)
+        self._close_transport = close
+        self._pairs = StreamPairs(creation_timeout, self._pair_timed_out,
+                                  ctx.max_per_session)
+        self._by_stream: dict[int, ForwardedConnection | ForwardedFlow] = {}  # data stream id
+        self._window_granted = 0  # our session window, from the buffer budget
+
+    # --- what each protocol provides -----------------------------------------------------
+    @abstractmethod
+    def queue_data(self, stream_id: int, data: bytes) -> bool:
+        """Send data on a stream within the client's windows (the rest waits); False when
+        the stream is left waiting for a window."""
+
+    @abstractmethod
+    def queue_eof(self, stream_id: int) -> None:
+        """End a stream once what waits for its window has gone."""
+
+    @abstractmethod
+    def reset(self, stream_id: int, code: int) -> None:
+        """Reset a stream with the protocol's code; nothing of it waits any more."""
+
+    @abstractmethod
+    def _cancel_pending_data(self, pair: PendingPair) -> None:
+        """A pending pair is given up: its data stream is reset and what it held goes back
+        into the window."""
+
+    @abstractmethod
+    def _reset_failed_stream(self, stream_id: int) -> None:
+        """Reset a stream whose event handling failed (INTERNAL_ERROR)."""
+
+    # --- alike ---------------------------------------------------------------------------
+    def _pair_timed_out(self, pair: PendingPair) -> None:
+        if self._closed:
+            return
+        message = self._pairs.timeout_message(pair)
+        # a client's pairs that never complete: counted past protocol_error_log_lines
+        # (a line each was 180,000 lines for 20 sessions within their budgets)
+        self.protocol_error("%s sandbox=%s: %s", self.transport_name, self.sandbox_id,
+                            message, logger=self.protocol_log)
+        if pair.error_id:
+            self.queue_data(pair.error_id, message.encode())
+            self.queue_eof(pair.error_id)
+        if pair.data_id:
+            self._cancel_pending_data(pair)
+        self.flush()
+
+    def _event_failed(self, event: object, error: Exception) -> None:
+        """A bug while handling one of the client's events: its stream is reset, the
+        session and its other streams go on. A line each, ours not the client's (not
+        charged to protocol_error_log_lines); the traceback once per type (traceback_once)."""
+        sid = getattr(event, "stream_id", 0) or 0
+        self.protocol_log.error("%s sandbox=%s: stream %d failed, resetting it: %s: %s",
+                                self.transport_name, self.sandbox_id, sid,
+                                type(error).__name__, error, exc_info=traceback_once(error))
+        if sid:
+            self._reset_failed_stream(sid)
+
+    def end(self, close_transport: bool) -> None:
+        self.ctx.return_window(self._window_granted)
+        self._window_granted = 0
+        super().end(close_transport)
+
+    def close_transport(self) -> None:
+        self._close_transport()
+
+    def forget_pending(self) -> None:
+        self._pairs.clear()
 
 
 @dataclass(frozen=True)
@@ -501,9 +643,9 @@ class Upgrade:
     transport: asyncio.Transport
     request: Request
     admitted: Admitted
-    rest: bytes  # bytes the client sent after the request head
     settings: SessionSettings
-    # registers the session with the server, sets the protocol, starts, feeds `rest`
+    # registers the session with the server, sets the protocol, starts, feeds the bytes
+    # the client sent after the request head
     adopt: Callable[[ServerSession, SessionProtocol], None]
 
 
@@ -568,7 +710,8 @@ class SessionProtocol(asyncio.BufferedProtocol):
         except Exception as e:  # one client's input ends its own session, never the server
             session = self.session
             log.error("%s sandbox=%s: ending the session after an unexpected error: %s: %s",
-                      session.transport_name, session.sandbox_id, type(e).__name__, e)
+                      session.transport_name, session.sandbox_id, type(e).__name__, e,
+                      exc_info=traceback_once(e))
             session.close(f"internal error: {type(e).__name__}")
 
     def received(self, data: bytes | memoryview) -> None:

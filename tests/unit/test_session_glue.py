@@ -14,6 +14,7 @@ from crishim.config import Config
 from crishim.forward import ForwardContext
 from crishim.runtime import Sandbox
 from crishim.sandboxes import NamedNetnsRuntime
+from crishim.stream import session as session_module
 from crishim.stream.portforward_h2 import H2PortForwardSession
 from crishim.stream.portforward_spdy import SpdyPortForwardSession
 from crishim.stream.session import ServerSession, SessionProtocol, SessionSettings
@@ -54,17 +55,23 @@ async def _explode(make_session: Callable[[ForwardContext, asyncio.Transport], S
     return bool(closed), transport.is_closing(), eof
 
 
-def test_an_exception_from_a_sessions_input_ends_only_that_session(caplog):
+def test_an_exception_from_a_sessions_input_ends_only_that_session(caplog, monkeypatch):
+    """One line per session ended; the traceback with the first of its type only."""
+    monkeypatch.setattr(session_module, "_traced", set())
+
     def spdy(ctx: ForwardContext, transport: asyncio.Transport) -> ServerSession:
         return SpdyPortForwardSession(ctx, Sandbox("sb", "/nonexistent"), 5.0, 0.0,
                                       transport.writelines, transport.close)
 
     with caplog.at_level(logging.ERROR, logger="crishim.stream"):
-        closed, closing, eof = asyncio.run(_explode(spdy, _Exploding(), b"\x80\x03\x00\x01"))
-    assert closed and closing and eof == b""
+        for _ in range(2):
+            closed, closing, eof = asyncio.run(_explode(spdy, _Exploding(),
+                                                        b"\x80\x03\x00\x01"))
+            assert closed and closing and eof == b""
     lines = [r for r in caplog.records if "unexpected error" in r.getMessage()]
-    assert len(lines) == 1 and "a bug reached by this input" in lines[0].getMessage()
-    assert lines[0].exc_info is None  # one line, no traceback
+    assert len(lines) == 2 and "a bug reached by this input" in lines[0].getMessage()
+    assert lines[0].exc_info is not None and lines[0].exc_info[0] is ValueError
+    assert lines[1].exc_info is None  # the same type again: the line alone
 
 
 class _ExplodingH2(_Exploding):
