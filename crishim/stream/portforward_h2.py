@@ -166,7 +166,6 @@ class H2PortForwardSession(PairedStreamSession):
         self.path = path
         self.admit = admit
         self.on_admitted: Callable[[], None] | None = None
-        self.creation_timeout = settings.creation_timeout
         self.refusal_log = settings.refusal_log
         self._upgraded = upgraded
         self._writelines = writelines

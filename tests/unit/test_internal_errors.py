@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 from h2.errors import ErrorCodes
 
-from crishim.budget import LogBudget
+from crishim.budget import FloodLimits, LogBudget
 from crishim.config import Config
 from crishim.forward import ForwardContext
 from crishim.protocols import spdy
@@ -175,3 +175,25 @@ def test_a_failed_request_is_a_budgeted_line_with_one_traceback(caplog, monkeypa
     assert all(r.exc_info is None for r in lines[1:])
     assert len(lines) < 2000  # within the refusal budget; the rest counted
     assert any("not logged" in r.getMessage() for r in caplog.records)
+
+
+def test_failed_stream_lines_are_within_the_sessions_log_budget(caplog):
+    """A client that finds a bug may trigger it on every frame: its lines are as many as
+    log_lines_per_second allows (bursts of 10x), the rest counted in one line at the end."""
+    async def run() -> SpdyPortForwardSession:
+        session = SpdyPortForwardSession(
+            ForwardContext(NamedNetnsRuntime(Config()), flood=FloodLimits(
+                log_lines_per_second=1)), Sandbox("sb", "/nonexistent"),
+            5.0, 0.0, lambda chunks: None, lambda: None)
+        session.codec = _Codec([_Event(2 * i + 1) for i in range(50)])  # type: ignore[assignment]
+        _buggy_on(session, {2 * i + 1 for i in range(50)})
+        session.receive(b"fifty events, each hitting the bug")
+        session.end(close_transport=False)
+        return session
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(run())
+    lines = _failures(caplog, "crishim.spdy")
+    assert len(lines) == 10  # the burst
+    assert any("40 more failed-stream lines not logged" in r.getMessage()
+               for r in caplog.records)
