@@ -74,8 +74,6 @@ class H2ClientSession(ClientSession):
         self.codec.encoder = LiteralHeaderEncoder()
         self.base_headers = [(":method", "POST"), (":scheme", scheme),
                              (":authority", authority), (":path", path)]
-        self._error_streams: dict[int, ForwardStream] = {}
-        self._status: dict[int, int] = {}
         self._refusal: dict[int, str] = {}
         self._next_request_id = 0
         self.settings_received: asyncio.Future[None] = self.loop.create_future()
