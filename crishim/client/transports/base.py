@@ -20,7 +20,18 @@ from urllib.parse import urlsplit
 
 from crishim.flow import ReadGate, read_buffer
 from crishim.protocols.buffers import Outbound
-from crishim.protocols.constants import PORTFORWARD_CRISHIM_V1, PORTFORWARD_PROTOCOL
+from crishim.protocols.constants import (
+    DIAL_ON_DATA,
+    HEADER_DIAL,
+    HEADER_PORT,
+    HEADER_PROTOCOL,
+    HEADER_REQUEST_ID,
+    HEADER_STREAM_TYPE,
+    PORTFORWARD_CRISHIM_V1,
+    PORTFORWARD_PROTOCOL,
+    STREAM_TYPE_DATA,
+    STREAM_TYPE_ERROR,
+)
 from crishim.protocols.negotiation import TCP, UDP, carries_udp, client_offer
 
 USER_AGENT = "crishim-port-forward"
@@ -710,6 +721,39 @@ class ClientSession:
         self.writing_paused = False
         for stream in list(self.streams.values()):
             stream._unblock_writing("session")
+
+
+class StreamPairSession(ClientSession):
+    """What SPDY and HTTP/2 share: each connection an error stream then a data stream,
+    paired by a requestid of the session's own."""
+
+    # headers every stream of a pair carries after its requestid (HTTP/2: the versions
+    # offered, as no upgrade carried them)
+    pair_offer: tuple[tuple[str, str], ...] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._next_request_id = 0
+
+    def _pair_headers(self, port: int, ip_protocol: str, on_data: bool
+                      ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """A new pair's error and data stream headers, under the next request id."""
+        request_id = str(self._next_request_id)
+        self._next_request_id += 1
+        shared = [(HEADER_PORT, str(port)), (HEADER_REQUEST_ID, request_id), *self.pair_offer]
+        if ip_protocol == UDP:
+            shared.append((HEADER_PROTOCOL, UDP))
+        data = [(HEADER_STREAM_TYPE, STREAM_TYPE_DATA), *shared]
+        if on_data:
+            data.append((HEADER_DIAL, DIAL_ON_DATA))
+        return [(HEADER_STREAM_TYPE, STREAM_TYPE_ERROR), *shared], data
+
+    def _register(self, stream: ForwardStream, error_id: int) -> ForwardStream:
+        """Track a new pair: its data stream by stream.key, its error stream by error_id."""
+        stream.error_id = error_id
+        self.streams[stream.key] = stream
+        self._error_streams[error_id] = stream
+        return stream
 
 
 def _unread_bytes(transport: asyncio.BaseTransport | None) -> int:

@@ -10,6 +10,7 @@ from crishim.client.transports.base import (
     ClientSession,
     ForwardStream,
     SessionClosed,
+    StreamPairSession,
     Target,
     UpgradeProtocol,
     UpgradeRefused,
@@ -25,23 +26,17 @@ from crishim.protocols.constants import (
     H2_STREAM_WINDOW,
     HEADER_DIAL,
     HEADER_FLOW_CONTROL,
-    HEADER_PORT,
-    HEADER_PROTOCOL,
-    HEADER_REQUEST_ID,
-    HEADER_STREAM_TYPE,
     PORTFORWARD_CRISHIM_V1,
     PORTFORWARD_PROTOCOL,
-    STREAM_TYPE_DATA,
-    STREAM_TYPE_ERROR,
 )
-from crishim.protocols.negotiation import TCP, UDP
+from crishim.protocols.negotiation import TCP
 
 # window taken before it is given back (per stream, and for the session): a sixteenth of
 # a stream's, so a stream that is read never waits for its window
 ACK_EVERY = H2_STREAM_WINDOW // 16
 
 
-class SpdyClientSession(ClientSession):
+class SpdyClientSession(StreamPairSession):
     """Per forwarded connection an error stream (closed for writing at once), then a data
     stream, both with streamtype/port/requestid headers. Stream creation is pipelined: no
     wait for SYN_REPLY (client-go waits; the server does not care).
@@ -62,7 +57,6 @@ class SpdyClientSession(ClientSession):
         self.tunnel = tunnel
         if tunnel is not None:
             self.transport_name = "spdy-over-websocket"
-        self._next_request_id = 0
         self._windows = False  # the server honours our windows (its replies said so)
         self._withheld: dict[int, int] = {}  # paused stream -> bytes not acknowledged
         self._unacked: dict[int, int] = {}  # stream (0: the session) -> bytes taken, not
@@ -84,26 +78,14 @@ class SpdyClientSession(ClientSession):
 
     def _new_stream(self, port: int, ip_protocol: str = TCP, on_data: bool = False
                     ) -> ForwardStream:
-        request_id = str(self._next_request_id)
-        self._next_request_id += 1
-        headers = {HEADER_STREAM_TYPE: STREAM_TYPE_ERROR, HEADER_PORT: str(port),
-                   HEADER_REQUEST_ID: request_id}
-        if ip_protocol == UDP:
-            headers[HEADER_PROTOCOL] = UDP
+        error_headers, data_headers = self._pair_headers(port, ip_protocol, on_data)
         try:
-            error_id = self.codec.open_stream(headers)
+            error_id = self.codec.open_stream(dict(error_headers))
             self.codec.end_stream(error_id)
-            headers[HEADER_STREAM_TYPE] = STREAM_TYPE_DATA
-            if on_data:
-                headers[HEADER_DIAL] = DIAL_ON_DATA
-            data_id = self.codec.open_stream(headers)
+            data_id = self.codec.open_stream(dict(data_headers))
         except spdy.SessionClosedError as e:
             raise SessionClosed(str(e)) from None
-        stream = ForwardStream(self, port, data_id)
-        stream.error_id = error_id
-        self.streams[data_id] = stream
-        self._error_streams[error_id] = stream
-        return stream
+        return self._register(ForwardStream(self, port, data_id), error_id)
 
     def _send(self, stream: ForwardStream, data: Buffer) -> None:
         sid = stream.key
