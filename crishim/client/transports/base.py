@@ -15,7 +15,7 @@ import termios
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import cast
+from typing import Protocol, cast
 from urllib.parse import urlsplit
 
 from crishim.flow import ReadGate, read_buffer
@@ -723,10 +723,25 @@ class ClientSession:
             stream._unblock_writing("session")
 
 
+class PairCodec(Protocol):
+    """What StreamPairSession asks of its codec (SpdyConnection, H2Codec)."""
+
+    def send_data(self, stream_id: int, data: bytes, /) -> None: ...
+
+    def send_queued(self, stream_id: int, out: Outbound, /) -> bool: ...
+
+    def reset_stream(self, stream_id: int, code: int, /) -> None: ...
+
+
 class StreamPairSession(ClientSession):
     """What SPDY and HTTP/2 share: each connection an error stream then a data stream,
     paired by a requestid of the session's own."""
 
+    codec: PairCodec
+    # what the codec raises for a stream that is gone (reset meanwhile), and the reset
+    # code for a stream the client gives up
+    stream_gone: tuple[type[Exception], ...] = ()
+    cancel_code = 0
     # headers every stream of a pair carries after its requestid (HTTP/2: the versions
     # offered, as no upgrade carried them)
     pair_offer: tuple[tuple[str, str], ...] = ()
@@ -754,6 +769,37 @@ class StreamPairSession(ClientSession):
         self.streams[stream.key] = stream
         self._error_streams[error_id] = stream
         return stream
+
+    def _send_go(self, stream: ForwardStream) -> None:
+        try:
+            self.codec.send_data(stream.key, b"")  # no window needed
+        except self.stream_gone:
+            pass  # reset meanwhile: its reset event ends it
+        self._flush()
+
+    def _drain(self, sid: int, q: Outbound) -> None:
+        try:
+            done = self.codec.send_queued(sid, q)
+        except self.stream_gone:  # ended meanwhile: nothing more goes out
+            done = True
+            q.size = 0
+        self._queue_sent(sid, q, done)
+
+    def _reset_stream(self, stream: ForwardStream) -> None:
+        self._queues.pop(stream.key, None)
+        try:
+            self.codec.reset_stream(stream.key, self.cancel_code)
+        except self.stream_gone:
+            pass  # ended meanwhile
+        self._flush()
+
+    def _stop_error_stream(self, stream: ForwardStream) -> None:
+        if stream.error_id is not None:
+            try:
+                self.codec.reset_stream(stream.error_id, self.cancel_code)
+            except self.stream_gone:
+                pass  # ended meanwhile
+            self._flush()
 
 
 def _unread_bytes(transport: asyncio.BaseTransport | None) -> int:

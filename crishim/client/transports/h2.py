@@ -51,6 +51,9 @@ class H2ClientSession(StreamPairSession):
     transport_name = "h2"
     opens_ahead = True
     has_ping = True
+    codec: H2Codec
+    stream_gone = (h2.exceptions.ProtocolError,)
+    cancel_code = ErrorCodes.CANCEL
 
     def __init__(self, authority: str, path: str, scheme: str,
                  versions: Sequence[str] = (PORTFORWARD_PROTOCOL,)) -> None:
@@ -145,42 +148,11 @@ class H2ClientSession(StreamPairSession):
         self._drain(stream.key, q)
         self._flush()
 
-    def _send_go(self, stream: ForwardStream) -> None:
-        try:
-            self.codec.send_data(stream.key, b"")  # no window needed
-        except h2.exceptions.ProtocolError:
-            pass  # reset meanwhile: its StreamReset event ends it
-        self._flush()
-
     def _send_eof(self, stream: ForwardStream) -> None:
         q = self._queue(stream)
         q.eof = True
         self._drain(stream.key, q)
         self._flush()
-
-    def _drain(self, sid: int, q: Outbound) -> None:
-        try:
-            done = self.codec.send_queued(sid, q)
-        except h2.exceptions.ProtocolError:
-            done = True  # the stream was reset meanwhile
-            q.size = 0
-        self._queue_sent(sid, q, done)
-
-    def _reset_stream(self, stream: ForwardStream) -> None:
-        self._queues.pop(stream.key, None)
-        try:
-            self.codec.reset_stream(stream.key, ErrorCodes.CANCEL)
-        except h2.exceptions.ProtocolError:
-            pass
-        self._flush()
-
-    def _stop_error_stream(self, stream: ForwardStream) -> None:
-        if stream.error_id is not None:
-            try:
-                self.codec.reset_stream(stream.error_id, ErrorCodes.CANCEL)
-            except h2.exceptions.ProtocolError:
-                pass  # ended meanwhile
-            self._flush()
 
     def _stream_done(self, stream: ForwardStream) -> None:
         self._release(stream.key)  # the connection window, whatever the stream held

@@ -49,6 +49,9 @@ class SpdyClientSession(StreamPairSession):
     transport_name = "spdy"
     opens_ahead = True
     has_ping = True
+    codec: spdy.SpdyConnection
+    stream_gone = (spdy.StreamClosedError,)
+    cancel_code = spdy.CANCEL
 
     def __init__(self, tunnel: ws.ByteStreamTunnel | None = None) -> None:
         super().__init__()
@@ -103,13 +106,6 @@ class SpdyClientSession(StreamPairSession):
         self._drain(sid, q)
         self._flush()
 
-    def _send_go(self, stream: ForwardStream) -> None:
-        try:
-            self.codec.send_data(stream.key, b"")  # no window needed
-        except spdy.StreamClosedError:
-            return
-        self._flush()
-
     def _send_eof(self, stream: ForwardStream) -> None:
         q = self._queues.get(stream.key)
         if q is not None:
@@ -122,29 +118,11 @@ class SpdyClientSession(StreamPairSession):
                 return
         self._flush()
 
-    def _drain(self, sid: int, q: Outbound) -> None:
-        try:
-            done = self.codec.send_queued(sid, q)
-        except spdy.StreamClosedError:  # ended meanwhile: nothing more goes out
-            done = True
-            q.size = 0
-        self._queue_sent(sid, q, done)
-
     def _drain_all(self) -> None:
         for sid in list(self._queues):
             q = self._queues.get(sid)
             if q is not None:
                 self._drain(sid, q)
-
-    def _reset_stream(self, stream: ForwardStream) -> None:
-        self._queues.pop(stream.key, None)
-        self.codec.reset_stream(stream.key, spdy.CANCEL)
-        self._flush()
-
-    def _stop_error_stream(self, stream: ForwardStream) -> None:
-        if stream.error_id is not None:
-            self.codec.reset_stream(stream.error_id, spdy.CANCEL)
-            self._flush()
 
     def _goodbye(self) -> None:
         self.codec.goaway(spdy.GOAWAY_OK)
