@@ -65,6 +65,19 @@ class SpdyClientSession(StreamPairSession):
         self._unacked: dict[int, int] = {}  # stream (0: the session) -> bytes taken, not
         # acknowledged yet: given back ACK_EVERY at a time (see _taken)
 
+    @classmethod
+    def attached(cls, conn: UpgradeProtocol, leftover: bytes, stream_version: str,
+                 tunnel: ws.ByteStreamTunnel | None = None) -> SpdyClientSession:
+        """The session on `conn` once upgraded to `stream_version` (asking for windows
+        where it has them), given what came after the 101."""
+        session = cls(tunnel)
+        session.stream_version = stream_version
+        if stream_version == PORTFORWARD_CRISHIM_V1:
+            session.ask_for_windows()
+        conn.attach(session, leftover)
+        session._flush()
+        return session
+
     def ask_for_windows(self) -> None:
         """Before any stream: our stream windows (16 MiB each) and the session's (256 MiB),
         as HTTP/2's; sent once the session is attached (_flush)."""
@@ -297,10 +310,4 @@ async def open_spdy(conn: UpgradeProtocol, target: Target, ports: list[int],
     chosen = answer.header("x-stream-protocol-version") or PORTFORWARD_PROTOCOL
     if chosen not in target.versions:
         raise UpgradeRefused(101, f"the server chose stream protocol {chosen!r}")
-    session = SpdyClientSession()
-    session.stream_version = chosen
-    if chosen == PORTFORWARD_CRISHIM_V1:
-        session.ask_for_windows()
-    conn.attach(session, answer.rest)
-    session._flush()
-    return session
+    return SpdyClientSession.attached(conn, answer.rest, chosen)
