@@ -40,9 +40,9 @@ class ChannelClientSession(ClientSession):
     transport_name = "websocket"
     error_text_is_fatal = False
 
-    def __init__(self, ports: list[int], base64_mode: bool = False) -> None:
+    def __init__(self, ports: list[int]) -> None:
         super().__init__()
-        self.codec = ws.ChannelCodec(list(ports), base64_mode, client=True)
+        self.codec = ws.ChannelCodec(list(ports), base64=False, client=True)
         self._used: set[int] = set()
         # What arrived for a port before the caller opened it: a refused port's error text
         # and the close can come in the same read as the 101. Replayed when it is opened.
