@@ -1,6 +1,7 @@
 """What every client transport shares: the errors, one forwarded connection as an
-asyncio.Transport (`ForwardStream`), the session's bookkeeping (`ClientSession`) and the
-HTTP connection the session upgrades from (`UpgradeProtocol`, `read_upgrade_answer`).
+asyncio.Transport (`ForwardStream`), the session's bookkeeping (`ClientSession`; for SPDY
+and HTTP/2, whose connections are stream pairs, `StreamPairSession`) and the HTTP
+connection the session upgrades from (`UpgradeProtocol`, `read_upgrade_answer`).
 
 Everything runs on callbacks: no queue per chunk, one copy from the session transport's
 read into the codec's frames and none on the way out (codec buffers go to writelines)."""
