@@ -103,6 +103,10 @@ class Checker:
 
     async def new_session(self, transport: str, ports: Sequence[int] = ()) -> ClientSession:
         url = await self.url(ports if transport == "websocket" else [])
+        return await self.open_url(url, transport, ports)
+
+    async def open_url(self, url: str, transport: str, ports: Sequence[int]) -> ClientSession:
+        """A session to `url` with the command's TLS settings and timeout, no keepalive."""
         return await open_session(url, transport, ports, ping_interval=0,
                                   timeout=self.timeout, insecure=self.insecure,
                                   ca_file=self.ca_file)
@@ -203,14 +207,10 @@ class Checker:
         transport = self.transport if self.transport != "h2" else "spdy"
         ports = [self.probe_port()] if transport == "websocket" else []
         url = await self.url(ports)
-        first = await open_session(url, transport, ports, ping_interval=0,
-                                   timeout=self.timeout, insecure=self.insecure,
-                                   ca_file=self.ca_file)
+        first = await self.open_url(url, transport, ports)
         first.close()
         try:
-            second = await open_session(url, transport, ports, ping_interval=0,
-                                        timeout=self.timeout, insecure=self.insecure,
-                                        ca_file=self.ca_file)
+            second = await self.open_url(url, transport, ports)
         except UpgradeRefused as e:
             return "pass", f"second use refused with {e.status}"
         second.close()

@@ -698,15 +698,15 @@ class PortForwarder:
             local.abort()
             if e.sandbox_lost:
                 self._lost(where, e)
-            elif not self._ending():
-                log_error(f"error forwarding port {where}: {e}")
+            else:
+                self._log_failure(where, e)
             return
         except SessionError as e:
             local.abort()
             if self.transport == "websocket":
                 self._failed_alone(where, [pipe.spec.remote], e)
-            elif not self._ending():
-                log_error(f"error forwarding port {where}: {e}")
+            else:
+                self._log_failure(where, e)
             return
         if pipe.done:
             stream.abort()
@@ -736,8 +736,7 @@ class PortForwarder:
         HTTP/2 session (§6); otherwise the connection's E line, and forwarding goes on."""
         ask = getattr(self.opener, "sandbox_problem", None)
         if ask is None:  # not a CriOpener: nothing to ask
-            if not self._ending():
-                log_error(f"error forwarding port {where}: {error}")
+            self._log_failure(where, error)
             return
         since = asyncio.get_running_loop().time()
 
@@ -745,12 +744,18 @@ class PortForwarder:
             problem = await ask(ports, since)
             if problem is not None:
                 self._lost(where, error)
-            elif not self._ending():
-                log_error(f"error forwarding port {where}: {error}")
+            else:
+                self._log_failure(where, error)
 
         task = asyncio.get_running_loop().create_task(confirm())
         self._asking.add(task)
         task.add_done_callback(self._asking.discard)
+
+    def _log_failure(self, where: str, error: object) -> None:
+        """One connection's failure that the command outlives: its E line, unless the
+        command is ending."""
+        if not self._ending():
+            log_error(f"error forwarding port {where}: {error}")
 
     def _lost(self, where: str, error: object) -> None:
         """A fatal error of one connection ends the command as client-go ends kubectl's:

@@ -1,6 +1,7 @@
 """What every client transport shares: the errors, one forwarded connection as an
-asyncio.Transport (`ForwardStream`), the session's bookkeeping (`ClientSession`) and the
-HTTP connection the session upgrades from (`UpgradeProtocol`, `read_upgrade_answer`).
+asyncio.Transport (`ForwardStream`), the session's bookkeeping (`ClientSession`; for SPDY
+and HTTP/2, whose connections are stream pairs, `StreamPairSession`) and the HTTP
+connection the session upgrades from (`UpgradeProtocol`, `read_upgrade_answer`).
 
 Everything runs on callbacks: no queue per chunk, one copy from the session transport's
 read into the codec's frames and none on the way out (codec buffers go to writelines)."""
@@ -15,12 +16,23 @@ import termios
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import cast
+from typing import Protocol, cast
 from urllib.parse import urlsplit
 
 from crishim.flow import ReadGate, read_buffer
 from crishim.protocols.buffers import Outbound
-from crishim.protocols.constants import PORTFORWARD_CRISHIM_V1, PORTFORWARD_PROTOCOL
+from crishim.protocols.constants import (
+    DIAL_ON_DATA,
+    HEADER_DIAL,
+    HEADER_PORT,
+    HEADER_PROTOCOL,
+    HEADER_REQUEST_ID,
+    HEADER_STREAM_TYPE,
+    PORTFORWARD_CRISHIM_V1,
+    PORTFORWARD_PROTOCOL,
+    STREAM_TYPE_DATA,
+    STREAM_TYPE_ERROR,
+)
 from crishim.protocols.negotiation import TCP, UDP, carries_udp, client_offer
 
 USER_AGENT = "crishim-port-forward"
@@ -710,6 +722,85 @@ class ClientSession:
         self.writing_paused = False
         for stream in list(self.streams.values()):
             stream._unblock_writing("session")
+
+
+class PairCodec(Protocol):
+    """What StreamPairSession asks of its codec (SpdyConnection, H2Codec)."""
+
+    def send_data(self, stream_id: int, data: bytes, /) -> None: ...
+
+    def send_queued(self, stream_id: int, out: Outbound, /) -> bool: ...
+
+    def reset_stream(self, stream_id: int, code: int, /) -> None: ...
+
+
+class StreamPairSession(ClientSession):
+    """What SPDY and HTTP/2 share: each connection an error stream then a data stream,
+    paired by a requestid of the session's own."""
+
+    codec: PairCodec
+    # what the codec raises for a stream that is gone (reset meanwhile), and the reset
+    # code for a stream the client gives up
+    stream_gone: tuple[type[Exception], ...] = ()
+    cancel_code = 0
+    # headers every stream of a pair carries after its requestid (HTTP/2: the versions
+    # offered, as no upgrade carried them)
+    pair_offer: tuple[tuple[str, str], ...] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._next_request_id = 0
+
+    def _pair_headers(self, port: int, ip_protocol: str, on_data: bool
+                      ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """A new pair's error and data stream headers, under the next request id."""
+        request_id = str(self._next_request_id)
+        self._next_request_id += 1
+        shared = [(HEADER_PORT, str(port)), (HEADER_REQUEST_ID, request_id), *self.pair_offer]
+        if ip_protocol == UDP:
+            shared.append((HEADER_PROTOCOL, UDP))
+        data = [(HEADER_STREAM_TYPE, STREAM_TYPE_DATA), *shared]
+        if on_data:
+            data.append((HEADER_DIAL, DIAL_ON_DATA))
+        return [(HEADER_STREAM_TYPE, STREAM_TYPE_ERROR), *shared], data
+
+    def _register(self, stream: ForwardStream, error_id: int) -> ForwardStream:
+        """Track a new pair: its data stream by stream.key, its error stream by error_id."""
+        stream.error_id = error_id
+        self.streams[stream.key] = stream
+        self._error_streams[error_id] = stream
+        return stream
+
+    def _send_go(self, stream: ForwardStream) -> None:
+        try:
+            self.codec.send_data(stream.key, b"")  # no window needed
+        except self.stream_gone:
+            pass  # reset meanwhile: its reset event ends it
+        self._flush()
+
+    def _drain(self, sid: int, q: Outbound) -> None:
+        try:
+            done = self.codec.send_queued(sid, q)
+        except self.stream_gone:  # ended meanwhile: nothing more goes out
+            done = True
+            q.size = 0
+        self._queue_sent(sid, q, done)
+
+    def _reset_stream(self, stream: ForwardStream) -> None:
+        self._queues.pop(stream.key, None)
+        try:
+            self.codec.reset_stream(stream.key, self.cancel_code)
+        except self.stream_gone:
+            pass  # ended meanwhile
+        self._flush()
+
+    def _stop_error_stream(self, stream: ForwardStream) -> None:
+        if stream.error_id is not None:
+            try:
+                self.codec.reset_stream(stream.error_id, self.cancel_code)
+            except self.stream_gone:
+                pass  # ended meanwhile
+            self._flush()
 
 
 def _unread_bytes(transport: asyncio.BaseTransport | None) -> int:

@@ -24,6 +24,7 @@ from crishim.client.transports.base import (
     ForwardStream,
     SessionClosed,
     SessionError,
+    StreamPairSession,
     Target,
     UpgradeProtocol,
     UpgradeRefused,
@@ -35,23 +36,24 @@ from crishim.protocols.constants import (
     H2_STREAM_WINDOW,
     HEADER_DIAL,
     HEADER_PORT,
-    HEADER_PROTOCOL,
     HEADER_REQUEST_ID,
     HEADER_STREAM_TYPE,
     PORTFORWARD_PROTOCOL,
-    STREAM_TYPE_DATA,
     STREAM_TYPE_ERROR,
 )
 from crishim.protocols.h2 import H2Codec, LiteralHeaderEncoder
-from crishim.protocols.negotiation import TCP, UDP, VERSION_HEADER
+from crishim.protocols.negotiation import TCP, VERSION_HEADER
 
 MAX_FRAME_SIZE = 1024 * 1024
 
 
-class H2ClientSession(ClientSession):
+class H2ClientSession(StreamPairSession):
     transport_name = "h2"
     opens_ahead = True
     has_ping = True
+    codec: H2Codec
+    stream_gone = (h2.exceptions.ProtocolError,)
+    cancel_code = ErrorCodes.CANCEL
 
     def __init__(self, authority: str, path: str, scheme: str,
                  versions: Sequence[str] = (PORTFORWARD_PROTOCOL,)) -> None:
@@ -59,6 +61,7 @@ class H2ClientSession(ClientSession):
         # HTTP/2's X-Stream-Protocol-Version: offered on every stream, answered in every
         # response; unknown until the first response arrives
         self.offer = ", ".join(versions)
+        self.pair_offer = ((VERSION_HEADER, self.offer),)
         self.stream_version = None
         self.version_known: asyncio.Future[None] = self.loop.create_future()
         self._probe_id = 0
@@ -74,10 +77,7 @@ class H2ClientSession(ClientSession):
         self.codec.encoder = LiteralHeaderEncoder()
         self.base_headers = [(":method", "POST"), (":scheme", scheme),
                              (":authority", authority), (":path", path)]
-        self._error_streams: dict[int, ForwardStream] = {}
-        self._status: dict[int, int] = {}
         self._refusal: dict[int, str] = {}
-        self._next_request_id = 0
         self.settings_received: asyncio.Future[None] = self.loop.create_future()
         # streams whose local connection does not take what comes: their data is not
         # acknowledged until it does, so the server stops at the stream's window (16 MiB)
@@ -126,27 +126,15 @@ class H2ClientSession(ClientSession):
     def _new_stream(self, port: int, ip_protocol: str = TCP, on_data: bool = False
                     ) -> ForwardStream:
         codec = self.codec
-        request_id = str(self._next_request_id)
-        self._next_request_id += 1
-        extra = [(HEADER_STREAM_TYPE, STREAM_TYPE_ERROR), (HEADER_PORT, str(port)),
-                 (HEADER_REQUEST_ID, request_id), (VERSION_HEADER, self.offer)]
-        if ip_protocol == UDP:
-            extra.append((HEADER_PROTOCOL, UDP))
+        error_headers, data_headers = self._pair_headers(port, ip_protocol, on_data)
         try:
             error_id = codec.get_next_available_stream_id()
-            codec.send_headers(error_id, self.base_headers + extra, end_stream=True)
+            codec.send_headers(error_id, self.base_headers + error_headers, end_stream=True)
             data_id = codec.get_next_available_stream_id()
-            extra[0] = (HEADER_STREAM_TYPE, STREAM_TYPE_DATA)
-            if on_data:
-                extra.append((HEADER_DIAL, DIAL_ON_DATA))
-            codec.send_headers(data_id, self.base_headers + extra)
+            codec.send_headers(data_id, self.base_headers + data_headers)
         except h2.exceptions.ProtocolError as e:
             raise SessionClosed(f"cannot open an HTTP/2 stream: {e}") from None
-        stream = ForwardStream(self, port, data_id)
-        stream.error_id = error_id
-        self.streams[data_id] = stream
-        self._error_streams[error_id] = stream
-        return stream
+        return self._register(ForwardStream(self, port, data_id), error_id)
 
     def _queue(self, stream: ForwardStream) -> Outbound:
         q = self._queues.get(stream.key)
@@ -160,42 +148,11 @@ class H2ClientSession(ClientSession):
         self._drain(stream.key, q)
         self._flush()
 
-    def _send_go(self, stream: ForwardStream) -> None:
-        try:
-            self.codec.send_data(stream.key, b"")  # no window needed
-        except h2.exceptions.ProtocolError:
-            pass  # reset meanwhile: its StreamReset event ends it
-        self._flush()
-
     def _send_eof(self, stream: ForwardStream) -> None:
         q = self._queue(stream)
         q.eof = True
         self._drain(stream.key, q)
         self._flush()
-
-    def _drain(self, sid: int, q: Outbound) -> None:
-        try:
-            done = self.codec.send_queued(sid, q)
-        except h2.exceptions.ProtocolError:
-            done = True  # the stream was reset meanwhile
-            q.size = 0
-        self._queue_sent(sid, q, done)
-
-    def _reset_stream(self, stream: ForwardStream) -> None:
-        self._queues.pop(stream.key, None)
-        try:
-            self.codec.reset_stream(stream.key, ErrorCodes.CANCEL)
-        except h2.exceptions.ProtocolError:
-            pass
-        self._flush()
-
-    def _stop_error_stream(self, stream: ForwardStream) -> None:
-        if stream.error_id is not None:
-            try:
-                self.codec.reset_stream(stream.error_id, ErrorCodes.CANCEL)
-            except h2.exceptions.ProtocolError:
-                pass  # ended meanwhile
-            self._flush()
 
     def _stream_done(self, stream: ForwardStream) -> None:
         self._release(stream.key)  # the connection window, whatever the stream held

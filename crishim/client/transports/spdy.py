@@ -10,6 +10,7 @@ from crishim.client.transports.base import (
     ClientSession,
     ForwardStream,
     SessionClosed,
+    StreamPairSession,
     Target,
     UpgradeProtocol,
     UpgradeRefused,
@@ -25,23 +26,17 @@ from crishim.protocols.constants import (
     H2_STREAM_WINDOW,
     HEADER_DIAL,
     HEADER_FLOW_CONTROL,
-    HEADER_PORT,
-    HEADER_PROTOCOL,
-    HEADER_REQUEST_ID,
-    HEADER_STREAM_TYPE,
     PORTFORWARD_CRISHIM_V1,
     PORTFORWARD_PROTOCOL,
-    STREAM_TYPE_DATA,
-    STREAM_TYPE_ERROR,
 )
-from crishim.protocols.negotiation import TCP, UDP
+from crishim.protocols.negotiation import TCP
 
 # window taken before it is given back (per stream, and for the session): a sixteenth of
 # a stream's, so a stream that is read never waits for its window
 ACK_EVERY = H2_STREAM_WINDOW // 16
 
 
-class SpdyClientSession(ClientSession):
+class SpdyClientSession(StreamPairSession):
     """Per forwarded connection an error stream (closed for writing at once), then a data
     stream, both with streamtype/port/requestid headers. Stream creation is pipelined: no
     wait for SYN_REPLY (client-go waits; the server does not care).
@@ -54,6 +49,9 @@ class SpdyClientSession(ClientSession):
     transport_name = "spdy"
     opens_ahead = True
     has_ping = True
+    codec: spdy.SpdyConnection
+    stream_gone = (spdy.StreamClosedError,)
+    cancel_code = spdy.CANCEL
 
     def __init__(self, tunnel: ws.ByteStreamTunnel | None = None) -> None:
         super().__init__()
@@ -62,11 +60,23 @@ class SpdyClientSession(ClientSession):
         self.tunnel = tunnel
         if tunnel is not None:
             self.transport_name = "spdy-over-websocket"
-        self._next_request_id = 0
         self._windows = False  # the server honours our windows (its replies said so)
         self._withheld: dict[int, int] = {}  # paused stream -> bytes not acknowledged
         self._unacked: dict[int, int] = {}  # stream (0: the session) -> bytes taken, not
         # acknowledged yet: given back ACK_EVERY at a time (see _taken)
+
+    @classmethod
+    def attached(cls, conn: UpgradeProtocol, leftover: bytes, stream_version: str,
+                 tunnel: ws.ByteStreamTunnel | None = None) -> SpdyClientSession:
+        """The session on `conn` once upgraded to `stream_version` (asking for windows
+        where it has them), given what came after the 101."""
+        session = cls(tunnel)
+        session.stream_version = stream_version
+        if stream_version == PORTFORWARD_CRISHIM_V1:
+            session.ask_for_windows()
+        conn.attach(session, leftover)
+        session._flush()
+        return session
 
     def ask_for_windows(self) -> None:
         """Before any stream: our stream windows (16 MiB each) and the session's (256 MiB),
@@ -84,26 +94,14 @@ class SpdyClientSession(ClientSession):
 
     def _new_stream(self, port: int, ip_protocol: str = TCP, on_data: bool = False
                     ) -> ForwardStream:
-        request_id = str(self._next_request_id)
-        self._next_request_id += 1
-        headers = {HEADER_STREAM_TYPE: STREAM_TYPE_ERROR, HEADER_PORT: str(port),
-                   HEADER_REQUEST_ID: request_id}
-        if ip_protocol == UDP:
-            headers[HEADER_PROTOCOL] = UDP
+        error_headers, data_headers = self._pair_headers(port, ip_protocol, on_data)
         try:
-            error_id = self.codec.open_stream(headers)
+            error_id = self.codec.open_stream(dict(error_headers))
             self.codec.end_stream(error_id)
-            headers[HEADER_STREAM_TYPE] = STREAM_TYPE_DATA
-            if on_data:
-                headers[HEADER_DIAL] = DIAL_ON_DATA
-            data_id = self.codec.open_stream(headers)
+            data_id = self.codec.open_stream(dict(data_headers))
         except spdy.SessionClosedError as e:
             raise SessionClosed(str(e)) from None
-        stream = ForwardStream(self, port, data_id)
-        stream.error_id = error_id
-        self.streams[data_id] = stream
-        self._error_streams[error_id] = stream
-        return stream
+        return self._register(ForwardStream(self, port, data_id), error_id)
 
     def _send(self, stream: ForwardStream, data: Buffer) -> None:
         sid = stream.key
@@ -121,13 +119,6 @@ class SpdyClientSession(ClientSession):
         self._drain(sid, q)
         self._flush()
 
-    def _send_go(self, stream: ForwardStream) -> None:
-        try:
-            self.codec.send_data(stream.key, b"")  # no window needed
-        except spdy.StreamClosedError:
-            return
-        self._flush()
-
     def _send_eof(self, stream: ForwardStream) -> None:
         q = self._queues.get(stream.key)
         if q is not None:
@@ -140,29 +131,11 @@ class SpdyClientSession(ClientSession):
                 return
         self._flush()
 
-    def _drain(self, sid: int, q: Outbound) -> None:
-        try:
-            done = self.codec.send_queued(sid, q)
-        except spdy.StreamClosedError:  # ended meanwhile: nothing more goes out
-            done = True
-            q.size = 0
-        self._queue_sent(sid, q, done)
-
     def _drain_all(self) -> None:
         for sid in list(self._queues):
             q = self._queues.get(sid)
             if q is not None:
                 self._drain(sid, q)
-
-    def _reset_stream(self, stream: ForwardStream) -> None:
-        self._queues.pop(stream.key, None)
-        self.codec.reset_stream(stream.key, spdy.CANCEL)
-        self._flush()
-
-    def _stop_error_stream(self, stream: ForwardStream) -> None:
-        if stream.error_id is not None:
-            self.codec.reset_stream(stream.error_id, spdy.CANCEL)
-            self._flush()
 
     def _goodbye(self) -> None:
         self.codec.goaway(spdy.GOAWAY_OK)
@@ -337,10 +310,4 @@ async def open_spdy(conn: UpgradeProtocol, target: Target, ports: list[int],
     chosen = answer.header("x-stream-protocol-version") or PORTFORWARD_PROTOCOL
     if chosen not in target.versions:
         raise UpgradeRefused(101, f"the server chose stream protocol {chosen!r}")
-    session = SpdyClientSession()
-    session.stream_version = chosen
-    if chosen == PORTFORWARD_CRISHIM_V1:
-        session.ask_for_windows()
-    conn.attach(session, answer.rest)
-    session._flush()
-    return session
+    return SpdyClientSession.attached(conn, answer.rest, chosen)

@@ -25,7 +25,6 @@ from crishim.protocols import websocket as ws
 from crishim.protocols.constants import (
     DIAL_ON_DATA,
     HEADER_CRISHIM_DIAL,
-    PORTFORWARD_CRISHIM_V1,
     PORTFORWARD_PROTOCOL,
 )
 from crishim.protocols.negotiation import TCP, version_of_subprotocol, websocket_subprotocol
@@ -41,9 +40,9 @@ class ChannelClientSession(ClientSession):
     transport_name = "websocket"
     error_text_is_fatal = False
 
-    def __init__(self, ports: list[int], base64_mode: bool = False) -> None:
+    def __init__(self, ports: list[int]) -> None:
         super().__init__()
-        self.codec = ws.ChannelCodec(list(ports), base64_mode, client=True)
+        self.codec = ws.ChannelCodec(list(ports), base64=False, client=True)
         self._used: set[int] = set()
         # What arrived for a port before the caller opened it: a refused port's error text
         # and the close can come in the same read as the 101. Replayed when it is opened.
@@ -213,10 +212,6 @@ async def open_spdy_tunnel(conn: UpgradeProtocol, target: Target, ports: list[in
     answer, subprotocol = await _websocket_upgrade(
         conn, target, target.path, [websocket_subprotocol(v) for v in target.versions],
         timeout)
-    session = SpdyClientSession(ws.ByteStreamTunnel(client=True))
-    session.stream_version = version_of_subprotocol(subprotocol or "") or PORTFORWARD_PROTOCOL
-    if session.stream_version == PORTFORWARD_CRISHIM_V1:
-        session.ask_for_windows()
-    conn.attach(session, answer.rest)
-    session._flush()
-    return session
+    return SpdyClientSession.attached(
+        conn, answer.rest, version_of_subprotocol(subprotocol or "") or PORTFORWARD_PROTOCOL,
+        ws.ByteStreamTunnel(client=True))
