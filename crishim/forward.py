@@ -610,29 +610,28 @@ class SessionBase:
     def admit_connection(self, conn: ForwardedConnection, armed: bool = False) -> None:
         """Count conn and dial it, or refuse it where a limit is reached (`armed`: it has
         its place in the session already)."""
-        refusal = self.ctx.refusal(self, counted=armed)
-        self.connections.add(conn)
         conn._counted = True
-        if self.ctx.metrics is not None:
-            self.ctx.metrics.connection_started(self.transport_name)
-        if refusal is None:
-            conn.start()
-        else:
-            conn.refuse(refusal)
+        self._admit_forward(conn, armed)
 
     def open_flow(self, port: int, channel: Channel) -> ForwardedFlow:
         """A UDP flow for a pair with protocol udp (only on a session whose version allows
         it: pairing refused the streams otherwise)."""
         flow = ForwardedFlow(self.ctx, self, self.sandbox, port, channel, self.transport_name)
-        refusal = self.ctx.refusal(self)
-        self.connections.add(flow)
+        self._admit_forward(flow)
+        return flow
+
+    def _admit_forward(self, forward: ForwardedConnection | ForwardedFlow,
+                       armed: bool = False) -> None:
+        """Count a connection or flow among the session's and start it, or refuse it where
+        a limit is reached (`armed`: it has its place in the session already)."""
+        refusal = self.ctx.refusal(self, counted=armed)
+        self.connections.add(forward)
         if self.ctx.metrics is not None:
             self.ctx.metrics.connection_started(self.transport_name)
         if refusal is None:
-            flow.start()
+            forward.start()
         else:
-            flow.refuse(refusal)
-        return flow
+            forward.refuse(refusal)
 
     def open_forward(self, port: int, channel: Channel, protocol: str = TCP,
                      on_data: bool = False) -> ForwardedConnection | ForwardedFlow:
