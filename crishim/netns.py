@@ -25,7 +25,7 @@ from pyroute2 import netns as pyroute2_netns
 
 from crishim.budget import TokenBucket
 from crishim.ports import netns_path_problem
-from crishim.runtime import DialFailed, Sandbox, SandboxGone
+from crishim.runtime import HOST, DialFailed, Sandbox, SandboxGone, dial_target
 from crishim.sysutil import LISTEN_BACKLOG, wait_io
 
 CLONE_NEWNET = 0x40000000
@@ -383,16 +383,20 @@ def dial_udp_localhost(netns_path: str | None, port: int, pod_ip: str = "") -> s
     raise DialFailed(f"udp port {port}: " + "; ".join(reasons))
 
 
-class InProcessUdp:
-    """RuntimePlugin.dial_udp for plugins that enter the sandbox netns in this process
-    (list it before RuntimePlugin among the bases)."""
+class InProcessDial:
+    """RuntimePlugin.dial and dial_udp for plugins that enter the sandbox netns in this
+    process (list it before RuntimePlugin among the bases)."""
 
     supports_udp = True
     pod_ip_fallback = False  # the plugin sets it from the config
 
+    async def dial(self, sandbox: Sandbox, port: int) -> socket.socket:
+        netns_path, pod_ip = dial_target(sandbox, self.pod_ip_fallback)
+        return await dial_localhost(None if netns_path == HOST else netns_path, port, pod_ip)
+
     async def dial_udp(self, sandbox: Sandbox, port: int) -> socket.socket:
-        return dial_udp_localhost(None if sandbox.host_network else sandbox.netns_path, port,
-                                  sandbox.pod_ip if self.pod_ip_fallback else "")
+        netns_path, pod_ip = dial_target(sandbox, self.pod_ip_fallback)
+        return dial_udp_localhost(None if netns_path == HOST else netns_path, port, pod_ip)
 
 
 def bind_udp_in_netns(netns_path: str, host: str, port: int) -> socket.socket:

@@ -22,14 +22,20 @@ import stat
 
 from crishim.config import Config
 from crishim.helper.protocol import (
-    HOST,
     ProtocolError,
     Reply,
     encode_request,
     read_line,
     send_line,
 )
-from crishim.runtime import DialFailed, RuntimePlugin, Sandbox, SandboxGone, SandboxNotFound
+from crishim.runtime import (
+    DialFailed,
+    RuntimePlugin,
+    Sandbox,
+    SandboxGone,
+    SandboxNotFound,
+    dial_target,
+)
 from crishim.sandboxes import NamedSandboxes, UpstreamSandboxes
 
 
@@ -89,8 +95,7 @@ class HelperPodRuntime(RuntimePlugin):
     # connected TCP sockets (fd mode) or relays one byte stream (socat mode)
 
     async def dial(self, sandbox: Sandbox, port: int) -> socket.socket:
-        netns = HOST if sandbox.host_network else sandbox.netns_path
-        pod_ip = sandbox.pod_ip if self.pod_ip_fallback else ""
+        netns, pod_ip = dial_target(sandbox, self.pod_ip_fallback)
         conn = await self._connect()
         fds: list[int] = []
         keep = False
