@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from crishim.runtime import Sandbox
 
 log = logging.getLogger("crishim.forward")
+# plugin exceptions whose traceback was logged: a plugin bug hit by every dial wrote a
+# traceback per connection; now once per exception type per process, a line per connection
+_traced: set[type[BaseException]] = set()
 
 
 class Forwarded:
@@ -101,8 +104,7 @@ class Forwarded:
                            f"{self.ctx.dial_timeout:g} s", "dial_timeout")
                 return
             # a plugin bug must end one connection, not the server
-            log.exception("runtime plugin %s failed to dial%s", self.ctx.plugin.name,
-                          self.port_suffix.replace("/", " "))
+            self._plugin_failed(e)
             self._fail(f"runtime plugin error: {e}", "plugin_error")
             return
         finally:
@@ -113,6 +115,18 @@ class Forwarded:
             sock.close()
             return
         await self._connected(sock)
+
+    def _plugin_failed(self, e: Exception) -> None:
+        """One ERROR line for a dial the plugin failed with an unexpected exception, within
+        the session's connection lines; the traceback with the first of its type."""
+        msg = "forward sandbox=%s port=%d%s: runtime plugin %s failed to dial: %s: %s"
+        args = (self.sandbox.id, self.port, self.port_suffix, self.ctx.plugin.name,
+                type(e).__name__, e)
+        if type(e) in _traced:
+            self.session.connection_log.log(logging.ERROR, msg, *args)
+            return
+        _traced.add(type(e))
+        log.error(msg + " (traceback shown once per exception type)", *args, exc_info=e)
 
     def _fail(self, reason: str, kind: str = "other", fatal: bool = False) -> None:
         """End this one: reset the data stream; the error stream carries the reason only
