@@ -56,7 +56,9 @@ class HelperPodRuntime(RuntimePlugin):
         self.socket_path = config.helper_socket
         self.mode = config.helper_mode
         self.pod_ip_fallback = config.pod_ip_fallback
-        self.timeout = config.stream_creation_timeout or 30.0
+        # the helper's connect and answer: a dial's own bound (it enters the netns and
+        # connects for us); stream_creation_timeout is about stream pairs, not helpers
+        self.timeout = config.dial_timeout
 
     async def resolve(self, sandbox_id: str) -> Sandbox:
         if self.upstream is not None and sandbox_id not in self.names:
