@@ -13,11 +13,12 @@ from typing import Protocol
 
 from crishim.budget import FloodLimits, LogBudget
 from crishim.flow import ReadGate, read_buffer, unsent, write_lent
+from crishim.forward_base import Forwarded
 from crishim.forward_udp import ForwardedFlow
 from crishim.protocols.buffers import gather
 from crishim.protocols.constants import PORTFORWARD_PROTOCOL
 from crishim.protocols.negotiation import TCP
-from crishim.runtime import DialFailed, RuntimePlugin, Sandbox, SandboxGone
+from crishim.runtime import RuntimePlugin, Sandbox
 
 log = logging.getLogger("crishim.forward")
 
@@ -198,42 +199,26 @@ class _PodProtocol(asyncio.BufferedProtocol):
         self.conn.session.resume_client_reading(self.conn)
 
 
-class ForwardedConnection:
+class ForwardedConnection(Forwarded):
     """One TCP connection into the sandbox, paired with one transport channel."""
 
     def __init__(self, ctx: ForwardContext, session: SessionBase, sandbox: Sandbox, port: int,
                  channel: Channel, transport_name: str = "?") -> None:
-        self.ctx = ctx
-        self.session = session
-        self.sandbox = sandbox
-        self.port = port
-        self.channel = channel
-        self.transport_name = transport_name
+        super().__init__(ctx, session, sandbox, port, channel, transport_name)
         self.pod: asyncio.Transport | None = None
         self._pod_fd = -1
         self._pending: list[bytes | bytearray | memoryview] = []
         self._pending_size = 0
         self._client_eof = False
         self._pod_eof = False
-        self._done = False
         self._error_closed = False
         self._batch: list[bytes | memoryview] | None = None
-        self._task: asyncio.Task[None] | None = None
-        self.bytes_up = 0  # client -> pod
-        self.bytes_down = 0  # pod -> client
-        self.reason = ""
-        self.admitted = False
         # dial: on-data (docs/protocol.md 8.5): a pair opened ahead of its connection;
         # admitted, counted and dialled when the client's first data or end comes
         self.on_data = False
         self._counted = False
 
     # --- life cycle ---------------------------------------------------------------------
-    def start(self) -> None:
-        self.admitted = True
-        self.ctx.live_connections += 1
-        self._task = asyncio.get_running_loop().create_task(self._dial())
-
     def drop(self, reason: str) -> None:
         """A pair opened ahead that will not be a connection: its data stream reset, its
         error stream ended, the pod never dialled."""
@@ -246,40 +231,10 @@ class ForwardedConnection:
         self.on_data = False
         self.session.admit_connection(self, armed=True)
 
-    def refuse(self, reason: str) -> None:
-        """Never dialled: a limit was reached. Ends only this connection."""
-        self._fail(reason, "limit")
+    async def _plugin_dial(self) -> socket.socket:
+        return await self.ctx.plugin.dial(self.sandbox, self.port)
 
-    async def _dial(self) -> None:
-        t0 = time.perf_counter()
-        self.ctx.dialling += 1
-        deadline = asyncio.timeout(self.ctx.dial_timeout)
-        try:
-            async with deadline:
-                sock = await self.ctx.plugin.dial(self.sandbox, self.port)
-        except SandboxGone as e:
-            self._fail(str(e), "sandbox_gone", fatal=True)
-            return
-        except DialFailed as e:
-            self._fail(str(e), "dial_refused")
-            return
-        except Exception as e:
-            if isinstance(e, TimeoutError) and deadline.expired():
-                # dial_timeout: the plugin's dial was cancelled (and closed what it opened)
-                self._fail(f"connect to port {self.port}: no answer after "
-                           f"{self.ctx.dial_timeout:g} s", "dial_timeout")
-                return
-            # a plugin bug must end one connection, not the server
-            log.exception("runtime plugin %s failed to dial", self.ctx.plugin.name)
-            self._fail(f"runtime plugin error: {e}", "plugin_error")
-            return
-        finally:
-            self.ctx.dialling -= 1
-        if self.ctx.metrics is not None:
-            self.ctx.metrics.dial_seconds(time.perf_counter() - t0)
-        if self._done:
-            sock.close()
-            return
+    async def _connected(self, sock: socket.socket) -> None:
         if self._pending:
             self._send_pending_now(sock)
         loop = asyncio.get_running_loop()
@@ -332,18 +287,6 @@ class ForwardedConnection:
         self.session.pending_up -= sent
         self._pending = unsent(pending, sent)
 
-    def _fail(self, reason: str, kind: str = "other", fatal: bool = False) -> None:
-        """End this connection: reset the data stream; the error stream carries the reason
-        only when fatal (or the verbose policy), since any text ends the client's session."""
-        if self._done:
-            return
-        self.reason = reason
-        show = fatal or self.ctx.verbose_errors
-        if self.ctx.metrics is not None:
-            self.ctx.metrics.failure(kind)
-        self._finish(error=reason if show else None, abort=True,
-                     level=logging.WARNING if fatal else logging.INFO)
-
     def _finish(self, error: str | None = None, abort: bool = False,
                 level: int = logging.INFO) -> None:
         if self._done:
@@ -372,19 +315,7 @@ class ForwardedConnection:
                       self.reason or "closed")
             self.session.connection_finished(self)
             return
-        if log.isEnabledFor(level):  # the one line per forwarded connection
-            reason = self.reason or "closed"
-            self.session.connection_log.log(
-                level, "forward sandbox=%s port=%d transport=%s ended: up=%d down=%d "
-                "reason=%s", self.sandbox.id, self.port, self.transport_name,
-                self.bytes_up, self.bytes_down, reason,
-                extra={"fields": {"sandbox": self.sandbox.id, "port": self.port,
-                                  "transport": self.transport_name,
-                                  "bytes_up": self.bytes_up,
-                                  "bytes_down": self.bytes_down, "reason": reason}})
-        if self.ctx.metrics is not None:
-            self.ctx.metrics.connection_ended(self.transport_name, self.bytes_up,
-                                              self.bytes_down)
+        self._report_end(level)
         self.session.connection_finished(self)
 
     def _close_error_stream(self, error: str | None) -> None:
@@ -395,10 +326,6 @@ class ForwardedConnection:
             self.session.connection_log.log(
                 logging.INFO, "forward sandbox=%s port=%d: error after the error stream "
                 "closed: %s", self.sandbox.id, self.port, error)
-
-    @property
-    def done(self) -> bool:
-        return self._done
 
     # --- from the client (transport) -----------------------------------------------------
     def client_data(self, data: bytes | memoryview) -> None:
@@ -465,18 +392,6 @@ class ForwardedConnection:
             self.pod.write_eof()
         if self._pod_eof:
             self._finish()
-
-    def client_reset(self) -> None:
-        """The client reset the data stream: it is done with this connection."""
-        if not self._done:
-            self.reason = self.reason or "reset by client"
-            self._finish()
-
-    def close(self, reason: str, error: str | None = None) -> None:
-        """End from the session's side (session closing, creation timeout, drain)."""
-        if not self._done:
-            self.reason = reason
-            self._finish(error=error, abort=True)
 
     # --- from the pod ----------------------------------------------------------------------
     def pod_data(self, data: bytes) -> None:
@@ -610,29 +525,28 @@ class SessionBase:
     def admit_connection(self, conn: ForwardedConnection, armed: bool = False) -> None:
         """Count conn and dial it, or refuse it where a limit is reached (`armed`: it has
         its place in the session already)."""
-        refusal = self.ctx.refusal(self, counted=armed)
-        self.connections.add(conn)
         conn._counted = True
-        if self.ctx.metrics is not None:
-            self.ctx.metrics.connection_started(self.transport_name)
-        if refusal is None:
-            conn.start()
-        else:
-            conn.refuse(refusal)
+        self._admit_forward(conn, armed)
 
     def open_flow(self, port: int, channel: Channel) -> ForwardedFlow:
         """A UDP flow for a pair with protocol udp (only on a session whose version allows
         it: pairing refused the streams otherwise)."""
         flow = ForwardedFlow(self.ctx, self, self.sandbox, port, channel, self.transport_name)
-        refusal = self.ctx.refusal(self)
-        self.connections.add(flow)
+        self._admit_forward(flow)
+        return flow
+
+    def _admit_forward(self, forward: ForwardedConnection | ForwardedFlow,
+                       armed: bool = False) -> None:
+        """Count a connection or flow among the session's and start it, or refuse it where
+        a limit is reached (`armed`: it has its place in the session already)."""
+        refusal = self.ctx.refusal(self, counted=armed)
+        self.connections.add(forward)
         if self.ctx.metrics is not None:
             self.ctx.metrics.connection_started(self.transport_name)
         if refusal is None:
-            flow.start()
+            forward.start()
         else:
-            flow.refuse(refusal)
-        return flow
+            forward.refuse(refusal)
 
     def open_forward(self, port: int, channel: Channel, protocol: str = TCP,
                      on_data: bool = False) -> ForwardedConnection | ForwardedFlow:

@@ -9,10 +9,15 @@ pod answers with ICMP port unreachable (ECONNREFUSED on the connected socket), w
 reported like a refused TCP dial: a reset data stream, and text on the error stream only
 under error_policy=verbose.
 
+The dial is a ForwardedConnection's (crishim/forward_base.py Forwarded): bounded by
+dial_timeout, counted among the dials in progress, timed in the dial metrics.
+
 UDP has no backpressure: a datagram the pod socket cannot take (its send buffer is full)
-or that arrives before the socket is dialled beyond `buffer_size` bytes is dropped and
-counted, as the network would. While the client's transport is congested the socket is
-not read, and the kernel drops what overflows its receive buffer.
+is dropped and counted, as the network would. Datagrams that arrive while the socket is
+dialled, or beyond what one turn sends, wait in the flow's queue (the session's reading of
+its client paused meanwhile); past MAX_QUEUED datagrams or MAX_QUEUED_BYTES they are
+dropped and counted too. While the client's transport is congested the socket is not
+read, and the kernel drops what overflows its receive buffer.
 """
 
 from __future__ import annotations
@@ -26,14 +31,16 @@ import struct
 import threading
 import time
 from collections import deque
-from typing import Any, Protocol
+from typing import TYPE_CHECKING
 
-from crishim.budget import LogBudget
 from crishim.flow import READ_SIZE
+from crishim.forward_base import Forwarded
 from crishim.protocols.datagram import MAX_UDP_PAYLOAD, DatagramDecoder
-from crishim.runtime import DialFailed, Sandbox, SandboxGone
 
-log = logging.getLogger("crishim.forward")
+if TYPE_CHECKING:
+    from crishim.forward import Channel, ForwardContext, SessionBase
+    from crishim.runtime import Sandbox
+
 
 # datagrams read from the pod socket per wakeup, joined into channel writes of about
 # DELIVER_BYTES: after each write the flow stops if its channel paused it (an HTTP/2 stream
@@ -69,65 +76,19 @@ def _receive_buffer() -> bytearray:
     return buffer
 
 
-class FlowChannel(Protocol):
-    """What a flow needs of its transport channel (the TCP Channel of crishim/forward.py)."""
-
-    def send(self, data: bytes) -> None: ...
-
-    def send_eof(self) -> None: ...
-
-    def abort(self) -> None: ...
-
-    def finish(self, error: str | None) -> None: ...
-
-
-class FlowSession(Protocol):
-    """What a flow needs of its transport session."""
-
-    writing_paused: bool
-
-    @property
-    def connection_log(self) -> LogBudget: ...
-
-    def connection_finished(self, conn: Any) -> None: ...
-
-    def pause_client_reading(self, key: object) -> None: ...
-
-    def resume_client_reading(self, key: object) -> None: ...
-
-
-class FlowContext(Protocol):
-    """What a flow needs of the forwarding context (crishim/forward.py's ForwardContext)."""
-
-    verbose_errors: bool
-    buffer_size: int
-    udp_idle_timeout: float
-    live_connections: int  # flows count against max_connections and the fd budget too
-
-    @property
-    def plugin(self) -> Any: ...
-
-    @property
-    def metrics(self) -> Any: ...
-
-
-class ForwardedFlow:
+class ForwardedFlow(Forwarded):
     """One UDP flow into the sandbox. Its methods mirror ForwardedConnection's, so a
-    transport drives both alike (client_data, client_eof, client_reset, close, ...)."""
+    transport drives both alike (client_data, client_eof, client_reset, close, ...); bytes
+    are datagrams' payload bytes."""
 
-    def __init__(self, ctx: FlowContext, session: FlowSession, sandbox: Sandbox, port: int,
-                 channel: FlowChannel, transport_name: str = "?") -> None:
-        self.ctx = ctx
-        self.session = session
-        self.sandbox = sandbox
-        self.port = port
-        self.channel = channel
-        self.transport_name = transport_name
+    port_suffix = "/udp"
+    protocol_fields = {"protocol": "udp"}
+
+    def __init__(self, ctx: ForwardContext, session: SessionBase, sandbox: Sandbox, port: int,
+                 channel: Channel, transport_name: str = "?") -> None:
+        super().__init__(ctx, session, sandbox, port, channel, transport_name)
         self.decoder = DatagramDecoder(MAX_UDP_PAYLOAD)
         self.sock: socket.socket | None = None
-        self.reason = ""
-        self.bytes_up = 0  # client -> pod, payload bytes sent to the pod
-        self.bytes_down = 0
         self.datagrams_up = 0
         self.datagrams_down = 0
         # datagrams not forwarded: the client's the pod socket or the queue could not
@@ -142,43 +103,21 @@ class ForwardedFlow:
         self._holding_client = False  # the session's reading paused while the queue waits
         self._sent_since_read = 0  # datagrams sent since the pod socket was last read
         self._reading = False
-        self._done = False
-        self.admitted = False
-        self._task: asyncio.Task[None] | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
 
-    @property
-    def done(self) -> bool:
-        return self._done
-
     # --- life cycle ---------------------------------------------------------------------
     def start(self) -> None:
-        self.admitted = True
-        self.ctx.live_connections += 1
-        self._task = self._loop.create_task(self._dial())
+        super().start()
         self._arm_idle_timer(self.ctx.udp_idle_timeout)
 
-    def refuse(self, reason: str) -> None:
-        """Never dialled: a limit was reached. Ends only this flow."""
-        self._fail(reason, "limit")
+    async def _plugin_dial(self) -> socket.socket:
+        return await self.ctx.plugin.dial_udp(self.sandbox, self.port)
 
-    async def _dial(self) -> None:
-        try:
-            sock = await self.ctx.plugin.dial_udp(self.sandbox, self.port)
-        except SandboxGone as e:
-            self._fail(str(e), "sandbox_gone", fatal=True)
-            return
-        except DialFailed as e:
-            self._fail(str(e), "dial_refused")
-            return
-        except Exception as e:  # a plugin bug must end one flow, not the server
-            log.exception("runtime plugin %s failed to dial udp", self.ctx.plugin.name)
-            self._fail(f"runtime plugin error: {e}", "plugin_error")
-            return
-        if self._done:
-            sock.close()
-            return
+    def _dial_what(self) -> str:
+        return f"udp port {self.port}"
+
+    async def _connected(self, sock: socket.socket) -> None:
         try:  # capped by net.core.rmem_max
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
         except OSError:
@@ -202,23 +141,13 @@ class ForwardedFlow:
         self.reason = f"idle for {timeout:g}s"
         self._finish(eof=True)
 
-    def _fail(self, reason: str, kind: str = "other", fatal: bool = False) -> None:
-        """End the flow as a failed TCP connection ends: data stream reset; the reason on
-        the error stream only when fatal or under the verbose policy."""
+    def _finish(self, error: str | None = None, abort: bool = False,
+                level: int = logging.INFO, eof: bool = False) -> None:
+        """End the flow (`abort`: its data stream reset, as a failed TCP connection's)."""
         if self._done:
             return
-        self.reason = reason
-        metrics: Any = self.ctx.metrics
-        if metrics is not None:
-            metrics.failure(kind)
-        self.channel.abort()
-        self._finish(error=reason if fatal or self.ctx.verbose_errors else None,
-                     level=logging.WARNING if fatal else logging.INFO)
-
-    def _finish(self, error: str | None = None, eof: bool = False,
-                level: int = logging.INFO) -> None:
-        if self._done:
-            return
+        if abort:
+            self.channel.abort()
         self._done = True
         if self.admitted:
             self.ctx.live_connections -= 1
@@ -237,23 +166,12 @@ class ForwardedFlow:
         if eof:
             self.channel.send_eof()
         self.channel.finish(error)
-        if log.isEnabledFor(level):  # the one line per forwarded flow
-            reason = self.reason or "closed"
-            self.session.connection_log.log(
-                level, "forward sandbox=%s port=%d/udp transport=%s ended: up=%d down=%d "
-                "datagrams_up=%d datagrams_down=%d dropped=%d reason=%s", self.sandbox.id,
-                self.port, self.transport_name, self.bytes_up, self.bytes_down,
-                self.datagrams_up, self.datagrams_down, self.dropped, reason,
-                extra={"fields": {"sandbox": self.sandbox.id, "port": self.port,
-                                  "protocol": "udp", "transport": self.transport_name,
-                                  "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
-                                  "datagrams_up": self.datagrams_up,
-                                  "datagrams_down": self.datagrams_down,
-                                  "dropped": self.dropped, "reason": reason}})
-        metrics: Any = self.ctx.metrics
-        if metrics is not None:
-            metrics.connection_ended(self.transport_name, self.bytes_up, self.bytes_down)
+        self._report_end(level)
         self.session.connection_finished(self)
+
+    def _end_counts(self) -> dict[str, int]:
+        return {"datagrams_up": self.datagrams_up, "datagrams_down": self.datagrams_down,
+                "dropped": self.dropped}
 
     def _close_socket(self) -> None:
         sock, self.sock = self.sock, None
@@ -359,18 +277,6 @@ class ForwardedFlow:
             self._eof_pending = True
             return
         self._finish(eof=True)
-
-    def client_reset(self) -> None:
-        if not self._done:
-            self.reason = self.reason or "reset by client"
-            self._finish()
-
-    def close(self, reason: str, error: str | None = None) -> None:
-        """End from the session's side (session closing, creation timeout, drain)."""
-        if not self._done:
-            self.reason = reason
-            self.channel.abort()
-            self._finish(error=error)
 
     # --- the pod socket -----------------------------------------------------------------
     def _send_to_pod(self, datagram: bytes) -> bool:

@@ -19,18 +19,20 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 from pyroute2 import netns as pyroute2_netns
 
 from crishim.budget import TokenBucket
 from crishim.ports import netns_path_problem
-from crishim.runtime import DialFailed, Sandbox, SandboxGone
+from crishim.runtime import HOST, DialFailed, Sandbox, SandboxGone, dial_target
 from crishim.sysutil import LISTEN_BACKLOG, wait_io
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
 _local = threading.local()
+T = TypeVar("T")
 
 
 # ctypes setns, not pyroute2.netns.setns: 5.7 vs 7.6 us netns entry per dial
@@ -117,8 +119,9 @@ def is_netns(path: str) -> bool:
     return True
 
 
-def socket_in_netns(netns_fd: int, family: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
-    """A non-blocking socket created inside the netns behind netns_fd."""
+def _call_in_netns(netns_fd: int, call: Callable[..., T], *args: object) -> T:
+    """call(*args) with this thread inside the netns behind netns_fd, then back in its own
+    (a plain call, not a context manager: it runs once per dial)."""
     home = _own_netns_fd()
     try:
         _setns(netns_fd)
@@ -127,18 +130,40 @@ def socket_in_netns(netns_fd: int, family: int, kind: int = socket.SOCK_STREAM) 
                 "helper runtime plugin)" if e.errno == errno.EPERM else "")
         raise SandboxGone(f"cannot enter network namespace: {e.strerror}{hint}") from None
     try:
-        sock = socket.socket(family, kind)
+        return call(*args)
     finally:
         try:
             _setns(home)
         except OSError as e:  # the thread would stay in the sandbox: nothing safe remains
             os.write(2, f"crishim: cannot leave a sandbox netns ({e}); exiting\n".encode())
             os._exit(70)
+
+
+def socket_in_netns(netns_fd: int, family: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """A non-blocking socket created inside the netns behind netns_fd."""
+    sock = _call_in_netns(netns_fd, socket.socket, family, kind)
     sock.setblocking(False)
     return sock
 
 
+def socket_at(netns_path: str, family: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """A non-blocking socket created inside the netns at netns_path."""
+    fd = open_netns(netns_path)
+    try:
+        return socket_in_netns(fd, family, kind)
+    finally:
+        os.close(fd)
+
+
 _LOCALHOST = ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1"))
+
+
+def _localhost_targets(pod_ip: str) -> list[tuple[int, str]]:
+    """What a dial tries, in order: 127.0.0.1, ::1, then pod_ip if given."""
+    targets: list[tuple[int, str]] = list(_LOCALHOST)
+    if pod_ip:
+        targets.append((socket.AF_INET6 if ":" in pod_ip else socket.AF_INET, pod_ip))
+    return targets
 
 
 async def _connect(sock: socket.socket, addr: tuple[str, int]) -> None:
@@ -177,9 +202,7 @@ async def dial_localhost(netns_path: str | None, port: int, pod_ip: str = "") ->
 
 async def dial_localhost_in(ns_fd: int, port: int, pod_ip: str = "") -> socket.socket:
     """dial_localhost in the netns behind ns_fd (-1: the host's), which stays open."""
-    targets = list(_LOCALHOST)
-    if pod_ip:
-        targets.append((socket.AF_INET6 if ":" in pod_ip else socket.AF_INET, pod_ip))
+    targets = _localhost_targets(pod_ip)
     reasons = []
     for family, host in targets:
         try:
@@ -208,12 +231,7 @@ async def dial_localhost_in(ns_fd: int, port: int, pod_ip: str = "") -> socket.s
 def listen_in_netns(netns_path: str, host: str, port: int,
                     backlog: int = LISTEN_BACKLOG) -> socket.socket:
     """A listening socket inside a netns (serve_in_netns makes a server of one)."""
-    fd = open_netns(netns_path)
-    try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket_in_netns(fd, family)
-    finally:
-        os.close(fd)
+    sock = socket_at(netns_path, socket.AF_INET6 if ":" in host else socket.AF_INET)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
@@ -326,19 +344,7 @@ def udp_listeners(netns_fd: int, port: int) -> set[str]:
 def _read_udp_listeners_in(netns_fd: int) -> dict[int, set[str]]:
     if netns_fd < 0:
         return _read_udp_listeners()
-    home = _own_netns_fd()
-    try:
-        _setns(netns_fd)
-    except OSError as e:
-        raise SandboxGone(f"cannot enter network namespace: {e.strerror}") from None
-    try:
-        return _read_udp_listeners()
-    finally:
-        try:
-            _setns(home)
-        except OSError as e:  # the thread would stay in the sandbox: nothing safe remains
-            os.write(2, f"crishim: cannot leave a sandbox netns ({e}); exiting\n".encode())
-            os._exit(70)
+    return _call_in_netns(netns_fd, _read_udp_listeners)
 
 
 def _serves(listeners: set[str], family: int, host: str) -> bool:
@@ -352,9 +358,7 @@ def dial_udp_localhost(netns_path: str | None, port: int, pod_ip: str = "") -> s
     host's). UDP has no handshake to refuse, so the target is the first of 127.0.0.1, ::1
     (then pod_ip if given) with a server bound to it; with none, 127.0.0.1, whose ICMP port
     unreachable then ends the flow as a refused TCP dial would."""
-    targets = list(_LOCALHOST)
-    if pod_ip:
-        targets.append((socket.AF_INET6 if ":" in pod_ip else socket.AF_INET, pod_ip))
+    targets = _localhost_targets(pod_ip)
     ns_fd = open_netns(netns_path) if netns_path else -1
     reasons = []
     try:
@@ -379,26 +383,26 @@ def dial_udp_localhost(netns_path: str | None, port: int, pod_ip: str = "") -> s
     raise DialFailed(f"udp port {port}: " + "; ".join(reasons))
 
 
-class InProcessUdp:
-    """RuntimePlugin.dial_udp for plugins that enter the sandbox netns in this process
-    (list it before RuntimePlugin among the bases)."""
+class InProcessDial:
+    """RuntimePlugin.dial and dial_udp for plugins that enter the sandbox netns in this
+    process (list it before RuntimePlugin among the bases)."""
 
     supports_udp = True
     pod_ip_fallback = False  # the plugin sets it from the config
 
+    async def dial(self, sandbox: Sandbox, port: int) -> socket.socket:
+        netns_path, pod_ip = dial_target(sandbox, self.pod_ip_fallback)
+        return await dial_localhost(None if netns_path == HOST else netns_path, port, pod_ip)
+
     async def dial_udp(self, sandbox: Sandbox, port: int) -> socket.socket:
-        return dial_udp_localhost(None if sandbox.host_network else sandbox.netns_path, port,
-                                  sandbox.pod_ip if self.pod_ip_fallback else "")
+        netns_path, pod_ip = dial_target(sandbox, self.pod_ip_fallback)
+        return dial_udp_localhost(None if netns_path == HOST else netns_path, port, pod_ip)
 
 
 def bind_udp_in_netns(netns_path: str, host: str, port: int) -> socket.socket:
     """A UDP socket bound inside a netns (the demo's echo server, test servers)."""
-    fd = open_netns(netns_path)
-    try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket_in_netns(fd, family, socket.SOCK_DGRAM)
-    finally:
-        os.close(fd)
+    sock = socket_at(netns_path, socket.AF_INET6 if ":" in host else socket.AF_INET,
+                     socket.SOCK_DGRAM)
     try:
         sock.bind((host, port))
     except BaseException:
@@ -412,12 +416,7 @@ SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 
 def _bring_loopback_up(netns_path: str) -> None:
     """ifconfig lo up inside the netns: an interface ioctl acts in its socket's netns."""
-    fd = open_netns(netns_path)
-    try:
-        sock = socket_in_netns(fd, socket.AF_INET, socket.SOCK_DGRAM)
-    finally:
-        os.close(fd)
-    with sock:
+    with socket_at(netns_path, socket.AF_INET, socket.SOCK_DGRAM) as sock:
         ifreq = struct.pack("16sH14x", b"lo", 0)
         flags = struct.unpack("16sH14x", fcntl.ioctl(sock, SIOCGIFFLAGS, ifreq))[1]
         fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))

@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     from crishim.config import Config
 
 ENTRY_POINT_GROUP = "crishim.runtimes"
+# the netns "path" that names the host's own network namespace (the `sandboxes` map, the
+# helper protocol); never a real one, which is absolute. config.py spells it "host" too
+HOST = "host"
 
 
 class RuntimeError_(Exception):
@@ -46,6 +49,13 @@ class Sandbox:
     pod_ip: str = ""
 
 
+def dial_target(sandbox: Sandbox, pod_ip_fallback: bool) -> tuple[str, str]:
+    """Where a dial into sandbox goes: its netns path (HOST for a host-network pod) and the
+    pod IP to try after localhost ("" unless pod_ip_fallback)."""
+    return (HOST if sandbox.host_network else sandbox.netns_path,
+            sandbox.pod_ip if pod_ip_fallback else "")
+
+
 class RuntimePlugin(abc.ABC):
     """Answer two questions: where is this sandbox, and connect me to a port in it (TCP,
     or UDP for crishim's own port-forward extension)."""
@@ -62,7 +72,7 @@ class RuntimePlugin(abc.ABC):
         SandboxGone."""
 
     # whether dial_udp works: the server offers UDP port-forward only if so. Plugins that
-    # enter the netns in process get both from crishim.netns.InProcessUdp.
+    # enter the netns in process get dial, dial_udp and this from crishim.netns.InProcessDial.
     supports_udp: bool = False
 
     async def dial_udp(self, sandbox: Sandbox, port: int) -> socket.socket:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -30,11 +29,17 @@ from google.protobuf.message import DecodeError
 from crishim.config import Config
 from crishim.cri import api_pb2, netns_path_from_spec
 from crishim.cri.service import upstream_target
-from crishim.netns import InProcessUdp, dial_localhost
+from crishim.netns import InProcessDial
 from crishim.ports import ip_or_empty, netns_path_problem
-from crishim.runtime import RuntimeError_, RuntimePlugin, Sandbox, SandboxGone, SandboxNotFound
+from crishim.runtime import (
+    HOST,
+    RuntimeError_,
+    RuntimePlugin,
+    Sandbox,
+    SandboxGone,
+    SandboxNotFound,
+)
 
-HOST = "host"
 CACHE_TTL = 3.0
 CACHE_SIZE = 4096
 STATUS_TIMEOUT = 10.0
@@ -76,7 +81,7 @@ class NamedSandboxes:
         return Sandbox(sandbox_id, netns_path=path)
 
 
-class NamedNetnsRuntime(InProcessUdp, RuntimePlugin):
+class NamedNetnsRuntime(InProcessDial, RuntimePlugin):
     """Sandboxes that are named netns (or entries of the `sandboxes` map, plus any
     `extra`), dialled in process: the netns plugin, and the demo with its own sandbox."""
 
@@ -88,10 +93,6 @@ class NamedNetnsRuntime(InProcessUdp, RuntimePlugin):
 
     async def resolve(self, sandbox_id: str) -> Sandbox:
         return self.names.resolve(sandbox_id)
-
-    async def dial(self, sandbox: Sandbox, port: int) -> socket.socket:
-        return await dial_localhost(None if sandbox.host_network else sandbox.netns_path, port,
-                                    sandbox.pod_ip if self.pod_ip_fallback else "")
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,6 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import TypeVar
 
 from crishim.helper.protocol import (
-    HOST,
     ProtocolError,
     Reply,
     decode_request,
@@ -30,7 +29,7 @@ from crishim.helper.protocol import (
     send_line,
 )
 from crishim.netns import dial_localhost_in, is_netns, open_netns
-from crishim.runtime import DialFailed, SandboxGone
+from crishim.runtime import HOST, DialFailed, SandboxGone
 from crishim.sysutil import (
     SocketInUse,
     prepare_socket_path,

@@ -48,11 +48,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from crishim.ports import ip_or_empty, netns_path_problem, shown
+from crishim.runtime import HOST
 from crishim.sysutil import wait_io
 
 PROTOCOL_VERSION = 1
 MAX_LINE = 4096
-HOST = "host"
 
 
 class ProtocolError(Exception):

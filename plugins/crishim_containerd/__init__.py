@@ -11,12 +11,12 @@ from __future__ import annotations
 import socket
 
 from crishim.config import Config
-from crishim.netns import InProcessUdp, dial_localhost
+from crishim.netns import InProcessDial
 from crishim.runtime import DialFailed, RuntimePlugin, Sandbox, SandboxGone
 from crishim.sandboxes import CACHE_TTL, NamedSandboxes, UpstreamSandboxes
 
 
-class ContainerdRuntime(InProcessUdp, RuntimePlugin):
+class ContainerdRuntime(InProcessDial, RuntimePlugin):
     name = "containerd"
 
     def __init__(self, config: Config, cache_ttl: float = CACHE_TTL) -> None:
@@ -31,8 +31,7 @@ class ContainerdRuntime(InProcessUdp, RuntimePlugin):
 
     async def dial(self, sandbox: Sandbox, port: int) -> socket.socket:
         try:
-            return await dial_localhost(None if sandbox.host_network else sandbox.netns_path,
-                                        port, sandbox.pod_ip if self.pod_ip_fallback else "")
+            return await super().dial(sandbox, port)
         except (SandboxGone, DialFailed):
             self.upstream.forget(sandbox.id)  # the next resolve asks the runtime again
             raise

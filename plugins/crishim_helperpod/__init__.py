@@ -22,14 +22,20 @@ import stat
 
 from crishim.config import Config
 from crishim.helper.protocol import (
-    HOST,
     ProtocolError,
     Reply,
     encode_request,
     read_line,
     send_line,
 )
-from crishim.runtime import DialFailed, RuntimePlugin, Sandbox, SandboxGone, SandboxNotFound
+from crishim.runtime import (
+    DialFailed,
+    RuntimePlugin,
+    Sandbox,
+    SandboxGone,
+    SandboxNotFound,
+    dial_target,
+)
 from crishim.sandboxes import NamedSandboxes, UpstreamSandboxes
 
 
@@ -50,7 +56,9 @@ class HelperPodRuntime(RuntimePlugin):
         self.socket_path = config.helper_socket
         self.mode = config.helper_mode
         self.pod_ip_fallback = config.pod_ip_fallback
-        self.timeout = config.stream_creation_timeout or 30.0
+        # the helper's connect and answer: a dial's own bound (it enters the netns and
+        # connects for us); stream_creation_timeout is about stream pairs, not helpers
+        self.timeout = config.dial_timeout
 
     async def resolve(self, sandbox_id: str) -> Sandbox:
         if self.upstream is not None and sandbox_id not in self.names:
@@ -89,8 +97,7 @@ class HelperPodRuntime(RuntimePlugin):
     # connected TCP sockets (fd mode) or relays one byte stream (socat mode)
 
     async def dial(self, sandbox: Sandbox, port: int) -> socket.socket:
-        netns = HOST if sandbox.host_network else sandbox.netns_path
-        pod_ip = sandbox.pod_ip if self.pod_ip_fallback else ""
+        netns, pod_ip = dial_target(sandbox, self.pod_ip_fallback)
         conn = await self._connect()
         fds: list[int] = []
         keep = False

@@ -28,10 +28,10 @@ def helper():
     os.rmdir(os.path.dirname(path))
 
 
-def plugin_for(socket_path: str, sandboxes: dict, mode: str = "fd"):
+def plugin_for(socket_path: str, sandboxes: dict, mode: str = "fd", dial_timeout: str = "5s"):
     return crishim_helperpod.factory(load(None, env={}, overrides={
         "helper_socket": socket_path, "helper_mode": mode, "sandboxes": sandboxes,
-        "stream_creation_timeout": "5s"}))
+        "dial_timeout": dial_timeout}))
 
 
 def raw_exchange(path: str, request: bytes, timeout: float = 10) -> tuple[Reply, list[int]]:
@@ -278,6 +278,23 @@ def _elsewhere_fd() -> list[int]:
 
 
 OK_FD = b'{"v":1,"ok":true,"mode":"fd"}\n'
+
+
+def test_a_helper_that_does_not_answer_fails_the_call_at_dial_timeout(tmp_path, podnet):
+    """The helper's answer is waited for as long as a dial is (dial_timeout), not
+    stream_creation_timeout, which bounds stream pairs."""
+    path = str(tmp_path / "helper.sock")
+    fake = FakeHelper(path, lambda conn: time.sleep(1.5))
+    plugin = crishim_helperpod.factory(load(None, env={}, overrides={
+        "helper_socket": path, "sandboxes": {"sb": podnet.path}, "dial_timeout": "300ms",
+        "stream_creation_timeout": "30s"}))
+    try:
+        started = time.monotonic()
+        with pytest.raises(DialFailed, match="did not answer within 0.3s"):
+            asyncio.run(plugin.dial(Sandbox("sb", netns_path=podnet.path), HTTP_PORT))
+        assert time.monotonic() - started < 1.2
+    finally:
+        fake.close()
 
 
 @pytest.mark.parametrize("reply, words", [

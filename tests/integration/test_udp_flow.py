@@ -140,6 +140,71 @@ def test_client_reset_closes_the_pod_socket(podnet):
     asyncio.run(go())
 
 
+class Counted:
+    """The metrics a flow's dial reports."""
+
+    def __init__(self) -> None:
+        self.failures: list[str] = []
+        self.dials: list[float] = []
+
+    def connection_ended(self, transport, up, down) -> None:
+        pass
+
+    def failure(self, kind: str) -> None:
+        self.failures.append(kind)
+
+    def dial_seconds(self, seconds: float) -> None:
+        self.dials.append(seconds)
+
+
+class UnansweredUdp(NamedNetnsRuntime):
+    """A plugin whose UDP dial never answers (a helper or runtime that hangs)."""
+
+    def __init__(self) -> None:
+        super().__init__(Config())
+        self.cancelled = False
+
+    async def dial_udp(self, sandbox, port):
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+
+
+def test_a_udp_dial_is_counted_and_given_up_at_dial_timeout_as_a_tcp_dial_is(podnet):
+    async def go():
+        plugin, metrics = UnansweredUdp(), Counted()
+        ctx = ForwardContext(plugin, metrics=metrics, dial_timeout=0.3)
+        channel, session = RecordingChannel(), OneSession()
+        flow = ForwardedFlow(ctx, session, Sandbox("sb", netns_path=podnet.path),
+                             UDP_ECHO_PORT, channel, "test")
+        flow.start()
+        flow.client_data(encode_datagram(b"anyone?"))
+        await asyncio.sleep(0.05)
+        assert ctx.dialling == 1  # its netns descriptor counts against the fd budget
+        await until(lambda: flow.done, timeout=5)
+        assert plugin.cancelled and ctx.dialling == 0 and ctx.live_connections == 0
+        assert flow.reason == f"udp port {UDP_ECHO_PORT}: no answer after 0.3 s"
+        assert metrics.failures == ["dial_timeout"] and metrics.dials == []
+        assert channel.aborted and channel.finished == [None]  # quiet policy: no text
+        assert session.ended == [flow]
+    asyncio.run(go())
+
+
+def test_a_udp_dial_is_timed_in_the_dial_metrics(podnet):
+    async def go():
+        metrics = Counted()
+        flow, channel, _ = _flow(podnet, UDP_ECHO_PORT, metrics=metrics)
+        flow.start()
+        flow.client_data(encode_datagram(b"ping"))
+        await until(lambda: channel.datagrams == [b"ping"])
+        assert len(metrics.dials) == 1 and 0 <= metrics.dials[0] < 5
+        assert flow.ctx.dialling == 0
+        flow.client_eof()
+    asyncio.run(go())
+
+
 def test_dial_prefers_the_address_a_server_is_bound_to(podnet):
     sock = dial_udp_localhost(podnet.path, UDP_ECHO_PORT)
     assert sock.getpeername() == ("127.0.0.1", UDP_ECHO_PORT)

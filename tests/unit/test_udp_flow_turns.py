@@ -51,9 +51,9 @@ class _Plugin:
 
 
 def _flow(pod: socket.socket, delay: float = 0.0) -> tuple[ForwardedFlow, _Channel]:
-    ctx = SimpleNamespace(verbose_errors=False, buffer_size=256 * 1024,
-                          udp_idle_timeout=60.0, live_connections=0,
-                          plugin=_Plugin(pod, delay), metrics=None)
+    ctx = SimpleNamespace(verbose_errors=False, udp_idle_timeout=60.0, live_connections=0,
+                          dialling=0, dial_timeout=20.0, plugin=_Plugin(pod, delay),
+                          metrics=None)
     holds: set[object] = set()
     session = SimpleNamespace(writing_paused=False,
                               connection_log=LogBudget(logging.getLogger("test"), 0, "%d"),
