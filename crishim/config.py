@@ -17,6 +17,7 @@ from typing import Any
 
 from crishim.budget import FloodLimits
 from crishim.ports import netns_path_problem
+from crishim.runtime import HOST
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -180,7 +181,7 @@ class Config:
         # relative paths would be read in crishim's working directory: a dial of each
         # then failed, after serve had started and issued URLs
         for sandbox_id, path in self.sandboxes.items():
-            problem = "" if path == "host" else netns_path_problem(path)
+            problem = "" if path == HOST else netns_path_problem(path)
             if problem:
                 raise ConfigError(f"sandboxes: {sandbox_id!r}: {problem} (or 'host')")
         problem = netns_path_problem(self.netns_dir)
