@@ -10,6 +10,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
+from crishim.logs import traceback_once
 from crishim.runtime import DialFailed, SandboxGone
 
 if TYPE_CHECKING:
@@ -17,9 +18,6 @@ if TYPE_CHECKING:
     from crishim.runtime import Sandbox
 
 log = logging.getLogger("crishim.forward")
-# plugin exceptions whose traceback was logged: a plugin bug hit by every dial wrote a
-# traceback per connection; now once per exception type per process, a line per connection
-_traced: set[type[BaseException]] = set()
 
 
 class Forwarded:
@@ -122,11 +120,11 @@ class Forwarded:
         msg = "forward sandbox=%s port=%d%s: runtime plugin %s failed to dial: %s: %s"
         args = (self.sandbox.id, self.port, self.port_suffix, self.ctx.plugin.name,
                 type(e).__name__, e)
-        if type(e) in _traced:
+        first = traceback_once(e)  # a plugin bug hit by every dial wrote a traceback each
+        if first is None:
             self.session.connection_log.log(logging.ERROR, msg, *args)
             return
-        _traced.add(type(e))
-        log.error(msg + " (traceback shown once per exception type)", *args, exc_info=e)
+        log.error(msg + " (traceback shown once per exception type)", *args, exc_info=first)
 
     def _fail(self, reason: str, kind: str = "other", fatal: bool = False) -> None:
         """End this one: reset the data stream; the error stream carries the reason only

@@ -82,6 +82,21 @@ class PeerEncodingErrors(logging.Filter):
         return True
 
 
+# exception types whose traceback this process has logged: a bug's first occurrence can be
+# diagnosed, a client reaching it again and again cannot flood the log with tracebacks
+_TRACED: set[type[BaseException]] = set()
+
+
+def traceback_once(error: BaseException) -> BaseException | None:
+    """`exc_info` for the line that logs an unexpected exception: the exception the first
+    time its type is logged in this process, None (the line alone) after that."""
+    kind = type(error)
+    if kind in _TRACED:
+        return None
+    _TRACED.add(kind)
+    return error
+
+
 def setup(log_format: str = "text", level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":

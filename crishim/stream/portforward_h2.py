@@ -81,6 +81,7 @@ from hyperframe.frame import Frame, GoAwayFrame, RstStreamFrame
 
 from crishim.forward import ForwardedConnection
 from crishim.forward_udp import ForwardedFlow
+from crishim.logs import traceback_once
 from crishim.protocols.buffers import Outbound
 from crishim.protocols.constants import DIAL_ON_DATA, HEADER_DIAL, PORTFORWARD_PROTOCOL
 from crishim.protocols.h2 import (
@@ -102,7 +103,6 @@ from crishim.stream.session import (
     WriteBuffers,
     close_client,
     stream_window,
-    traceback_once,
 )
 
 log = logging.getLogger("crishim.h2")

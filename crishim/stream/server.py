@@ -17,6 +17,7 @@ import h11
 
 from crishim.budget import LogBudget
 from crishim.forward import ForwardContext
+from crishim.logs import traceback_once
 from crishim.memory import MemoryReleaser
 from crishim.stream import portforward_h2, portforward_spdy, portforward_ws
 from crishim.stream.admission import (
@@ -34,7 +35,6 @@ from crishim.stream.session import (
     SessionSettings,
     Upgrade,
     close_client,
-    traceback_once,
 )
 from crishim.sysutil import read_now, wait_io
 from crishim.tokens import TokenStore

@@ -16,6 +16,7 @@ from crishim.budget import LogBudget
 from crishim.flow import READ_SIZE, read_buffer
 from crishim.forward import ForwardContext, ForwardedConnection, SessionBase
 from crishim.forward_udp import ForwardedFlow
+from crishim.logs import traceback_once
 from crishim.protocols.buffers import Outbound
 from crishim.runtime import Sandbox
 from crishim.stream.admission import Admitted, Request
@@ -29,21 +30,6 @@ WriteBuffers = Callable[[Sequence[bytes | bytearray | memoryview]], None]
 # a client still sending when its session ends for a budget keeps its connection this
 # long, half-closed and not read, so that the goodbye reaches it before the reset
 LINGER_SECONDS = 1.0
-
-
-# exception types whose traceback this process has logged: a bug's first occurrence can be
-# diagnosed, a client reaching it again and again cannot flood the log with tracebacks
-_traced: set[type[BaseException]] = set()
-
-
-def traceback_once(error: BaseException) -> BaseException | None:
-    """`exc_info` for the line that logs an unexpected exception: the exception the first
-    time its type is logged in this process, None (the line alone) after that."""
-    kind = type(error)
-    if kind in _traced:
-        return None
-    _traced.add(kind)
-    return error
 
 
 def close_client(transport: asyncio.Transport, linger: bool) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import pytest
 from h2.errors import ErrorCodes
 
+from crishim import logs
 from crishim.budget import FloodLimits, LogBudget
 from crishim.config import Config
 from crishim.forward import ForwardContext
@@ -20,7 +21,6 @@ from crishim.protocols import spdy
 from crishim.runtime import Sandbox
 from crishim.sandboxes import NamedNetnsRuntime
 from crishim.stream import server as server_module
-from crishim.stream import session as session_module
 from crishim.stream.admission import Request
 from crishim.stream.portforward_h2 import H2PortForwardSession
 from crishim.stream.portforward_spdy import SpdyPortForwardSession
@@ -31,7 +31,7 @@ from crishim.tokens import TokenStore
 
 @pytest.fixture(autouse=True)
 def _no_type_traced_yet(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(session_module, "_traced", set())
+    monkeypatch.setattr(logs, "_TRACED", set())
 
 
 @dataclass

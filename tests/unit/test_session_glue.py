@@ -9,12 +9,12 @@ import logging
 import socket
 from collections.abc import Callable
 
+from crishim import logs
 from crishim.budget import LogBudget
 from crishim.config import Config
 from crishim.forward import ForwardContext
 from crishim.runtime import Sandbox
 from crishim.sandboxes import NamedNetnsRuntime
-from crishim.stream import session as session_module
 from crishim.stream.portforward_h2 import H2PortForwardSession
 from crishim.stream.portforward_spdy import SpdyPortForwardSession
 from crishim.stream.session import ServerSession, SessionProtocol, SessionSettings
@@ -57,7 +57,7 @@ async def _explode(make_session: Callable[[ForwardContext, asyncio.Transport], S
 
 def test_an_exception_from_a_sessions_input_ends_only_that_session(caplog, monkeypatch):
     """One line per session ended; the traceback with the first of its type only."""
-    monkeypatch.setattr(session_module, "_traced", set())
+    monkeypatch.setattr(logs, "_TRACED", set())
 
     def spdy(ctx: ForwardContext, transport: asyncio.Transport) -> ServerSession:
         return SpdyPortForwardSession(ctx, Sandbox("sb", "/nonexistent"), 5.0, 0.0,
