@@ -22,7 +22,13 @@ from grpc_health.v1 import health, health_pb2
 from crishim import __version__
 from crishim.budget import FloodLimits
 from crishim.config import Config, ConfigError
-from crishim.cri.service import CriHandler, CriService, HealthHandler, upstream_target
+from crishim.cri.service import (
+    CriHandler,
+    CriService,
+    HealthHandler,
+    cri_refusal_log,
+    upstream_target,
+)
 from crishim.forward import ForwardContext
 from crishim.memory import MemoryReleaser, freeze_startup_objects, keep_heap_for_reads
 from crishim.runtime import RuntimePlugin, load_plugin
@@ -156,11 +162,13 @@ class Crishim:
         if cfg.upstream_endpoint:
             self.upstream = grpc.aio.insecure_channel(upstream_target(cfg.upstream_endpoint),
                                                       options=_MESSAGE_LIMITS)
+        refusals = cri_refusal_log(cfg.log_lines_per_second)
         service = CriService(plugin, self.tokens, stream.url_for,
                              max_sandbox_id_length=cfg.max_sandbox_id_length,
                              max_ports=cfg.max_port_forward_ports,
                              draining=lambda: stream.draining,
-                             max_request_bytes=cfg.max_request_bytes)
+                             max_request_bytes=cfg.max_request_bytes,
+                             refusal_log=refusals)
         # calls in progress are bounded: each may hold a partly received message (up to
         # the 16 MiB limit) and, passed through, its upstream call (~32 KiB idle); one
         # connection may hold a quarter of them, so one client cannot take every slot
@@ -172,15 +180,18 @@ class Crishim:
         server.add_generic_rpc_handlers(
             (CriHandler(service, self.upstream, cfg.upstream_version),))
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # no aio in stubs
-        server.add_generic_rpc_handlers((HealthHandler(self.health),))
-        try:  # grpcio 1.6x raises RuntimeError where older ones returned 0
-            bound = server.add_insecure_port("unix://" + cfg.socket)
-        except RuntimeError:
-            bound = 0
-        if bound == 0:
-            raise OSError(f"socket {cfg.socket}: cannot listen there")
+        server.add_generic_rpc_handlers((HealthHandler(self.health, refusals),))
+        # the socket is made by add_insecure_port (the bind) and never wider than 0660:
+        # with the umask set only around start(), a process umask of 0 left it 0777
+        # until the chmod below
         old_umask = os.umask(0o117)
         try:
+            try:  # grpcio 1.6x raises RuntimeError where older ones returned 0
+                bound = server.add_insecure_port("unix://" + cfg.socket)
+            except RuntimeError:
+                bound = 0
+            if bound == 0:
+                raise OSError(f"socket {cfg.socket}: cannot listen there")
             await server.start()
         finally:
             os.umask(old_umask)

@@ -14,6 +14,7 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2
 
 from crishim import __version__
+from crishim.budget import LogBudget
 from crishim.cri import api_pb2
 from crishim.ports import InvalidPort, check_port, shown
 from crishim.runtime import RuntimeError_, RuntimePlugin, SandboxGone, SandboxNotFound
@@ -26,11 +27,6 @@ KUBELET_API_VERSION = "0.1.0"
 # metadata gRPC itself sets on a call (and every reserved grpc-*/:pseudo key); everything
 # else is carried to the upstream
 _HOP_METADATA = {"user-agent", "content-type", "te", "host"}
-# CRI methods take one request message; a client streaming more is refused, not buffered:
-# at most 16 messages, together at most one message's limit (16 messages of 15 MiB each
-# were held for as long as the client kept the call open: three such calls held +1 GiB)
-_MAX_REQUESTS = 16
-_MAX_REQUEST_BYTES = 16 << 20
 
 
 def upstream_target(endpoint: str) -> str:
@@ -40,6 +36,16 @@ def upstream_target(endpoint: str) -> str:
 
 def _forwardable(key: str) -> bool:
     return key not in _HOP_METADATA and not key.startswith(("grpc-", ":"))
+
+
+def _relayable(metadata: Any) -> tuple[tuple[str, str | bytes], ...]:
+    """The upstream's metadata as the client may get it: a text value gRPC does not allow
+    (printable ASCII only; grpc hands the upstream's other bytes over as Latin-1) is
+    dropped. Sent on, each turned the upstream's OK into INTERNAL "Invalid metadata",
+    with a traceback in the log per call."""
+    return tuple((k, v) for k, v in metadata
+                 if k.endswith("-bin") or (isinstance(v, str) and v.isascii()
+                                           and v.isprintable()))
 
 
 class Undecodable:
@@ -53,13 +59,32 @@ class Undecodable:
         self.reason = reason
 
 
+def cri_refusal_log(lines_per_second: float) -> LogBudget:
+    """The lines about refused CRI requests, within log_lines_per_second (a WARNING
+    each: 5,000 garbage calls in a second wrote 5,000)."""
+    return LogBudget(log, lines_per_second, "%d more refused CRI requests not logged")
+
+
+async def refuse_undecodable(refusal_log: LogBudget, request: object,
+                             context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """INVALID_ARGUMENT, and a line within refusal_log, for bytes that were not the
+    method's request message (a decoder's Undecodable)."""
+    if isinstance(request, Undecodable):
+        refusal_log.log(logging.WARNING, "%s: refusing an undecodable request: %s",
+                        request.method, request.reason)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"request is not a valid {request.method} message: "
+                            f"{request.reason}")
+
+
 class CriService:
     """Typed handlers for the methods crishim answers itself."""
 
     def __init__(self, plugin: RuntimePlugin, tokens: TokenStore,
                  url_for: Callable[[str], str], max_sandbox_id_length: int = 256,
                  max_ports: int = 64, draining: Callable[[], bool] = lambda: False,
-                 max_request_bytes: int = 64 * 1024) -> None:
+                 max_request_bytes: int = 64 * 1024,
+                 refusal_log: LogBudget | None = None) -> None:
         self.plugin = plugin
         self.tokens = tokens
         self.url_for = url_for
@@ -67,16 +92,11 @@ class CriService:
         self.max_ports = max_ports
         self.draining = draining
         self.max_request_bytes = max_request_bytes
+        self.refusal_log = refusal_log or cri_refusal_log(0)
 
-    @staticmethod
-    async def refuse_undecodable(request: object,
+    async def refuse_undecodable(self, request: object,
                                  context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        if isinstance(request, Undecodable):
-            log.warning("%s: refusing an undecodable request: %s", request.method,
-                        request.reason)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"request is not a valid {request.method} message: "
-                                f"{request.reason}")
+        await refuse_undecodable(self.refusal_log, request, context)
 
     async def Version(self, request: api_pb2.VersionRequest,
                       context: grpc.aio.ServicerContext[Any, Any]) -> api_pb2.VersionResponse:
@@ -205,7 +225,12 @@ class CriHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # stubs: ge
         read first and sent with the call's opening batch (unary-stream). A stream-stream
         client call would write it separately, and grpc.aio turns an upstream that ends
         the call before that write (UNIMPLEMENTED, a quick NOT_FOUND) into a bogus
-        INTERNAL "Internal error from Core" (grpc/grpc#36066)."""
+        INTERNAL "Internal error from Core" (grpc/grpc#36066).
+
+        The request goes upstream as soon as it is in, as containerd answers a call
+        without waiting for the client's half-close; what a client sends after it is
+        never read, so never held (waiting for the half-close, a call that never sent
+        it held its slot forever, and its extra messages up to 16 MiB)."""
         upstream = self.upstream
         assert upstream is not None
         one_request = upstream.unary_stream(method)  # type: ignore[call-arg]  # raw bytes
@@ -215,35 +240,28 @@ class CriHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # stubs: ge
                           context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
             metadata = tuple((k, v) for k, v in context.invocation_metadata() or ()
                              if _forwardable(k))
-            received = []
-            size = 0
+            first: bytes | None = None
             async for request in requests:
-                received.append(request)
-                size += len(request)
-                if len(received) > _MAX_REQUESTS or size > _MAX_REQUEST_BYTES:
-                    received.clear()
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                        f"{method}: more than {_MAX_REQUESTS} request messages "
-                                        f"or {_MAX_REQUEST_BYTES >> 20} MiB; CRI methods take "
-                                        "one")
+                first = request
+                break
             timeout = context.time_remaining()
             call: Any
-            if len(received) == 1:
-                call = one_request(received[0], metadata=metadata, timeout=timeout)
-            else:
-                call = many_requests(iter(received), metadata=metadata, timeout=timeout)
+            if first is not None:
+                call = one_request(first, metadata=metadata, timeout=timeout)
+            else:  # none at all: the upstream's answer to that
+                call = many_requests(iter(()), metadata=metadata, timeout=timeout)
             try:
-                initial = await call.initial_metadata()
+                initial = _relayable(await call.initial_metadata() or ())
                 if initial:
                     await context.send_initial_metadata(initial)
                 async for response in call:
                     yield response
-                trailing = await call.trailing_metadata()
+                trailing = _relayable(await call.trailing_metadata() or ())
                 if trailing:
                     context.set_trailing_metadata(trailing)
             except grpc.aio.AioRpcError as e:
-                if e.trailing_metadata():
-                    trailers: Any = e.trailing_metadata()  # stubs: _Metadatum, in fact pairs
+                trailers = _relayable(e.trailing_metadata() or ())
+                if trailers:
                     context.set_trailing_metadata(trailers)
                 await context.abort(e.code(), e.details() or "")
             finally:
@@ -264,8 +282,9 @@ class HealthHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # stubs:
     registration's deserializer raised, and grpc logged an ERROR and a traceback per
     call."""
 
-    def __init__(self, servicer: Any) -> None:
+    def __init__(self, servicer: Any, refusal_log: LogBudget | None = None) -> None:
         self.servicer = servicer
+        self.refusal_log = refusal_log or cri_refusal_log(0)
         decode = _decoder(health_pb2.HealthCheckRequest, 1024)
         encode = health_pb2.HealthCheckResponse.SerializeToString
         self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
@@ -281,10 +300,10 @@ class HealthHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # stubs:
 
     async def _check(self, request: object, context: grpc.aio.ServicerContext[Any, Any]
                      ) -> Any:
-        await CriService.refuse_undecodable(request, context)
+        await refuse_undecodable(self.refusal_log, request, context)
         return await self.servicer.Check(request, context)
 
     async def _watch(self, request: object, context: grpc.aio.ServicerContext[Any, Any]
                      ) -> None:
-        await CriService.refuse_undecodable(request, context)
+        await refuse_undecodable(self.refusal_log, request, context)
         await self.servicer.Watch(request, context)  # it writes its answers to context

@@ -8,6 +8,8 @@ records what reaches it; a real `crishim serve --upstream-endpoint` sits in betw
 from __future__ import annotations
 
 import os
+import socket
+import struct
 import tempfile
 import threading
 import time
@@ -15,6 +17,9 @@ from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 
 from crishim.cri import api_pb2, api_pb2_grpc
@@ -287,25 +292,29 @@ def test_unreachable_upstream_is_unavailable() -> None:
             "crishim"
 
 
-def test_a_call_streaming_requests_past_16_mib_is_refused_at_once(proxy: CrishimProcess
-                                                                  ) -> None:
-    """CRI methods take one request: what a call passed through may send is bounded in
-    bytes too (16 messages of 15 MiB were held for as long as the call stayed open)."""
+def test_a_call_is_passed_on_without_waiting_for_the_clients_half_close(
+        proxy: CrishimProcess, upstream: RecordingUpstream) -> None:
+    """CRI methods take one request: it goes upstream as soon as it is in, as containerd
+    answers without the client's half-close (waiting for it, a call that never sent it
+    was never answered and held its slot), and what the client sends after it is never
+    read (two 9 MiB messages more were held, up to 16 MiB a call)."""
     hold = threading.Event()
 
     def requests() -> Iterator[bytes]:
+        yield api_pb2.StatusRequest(verbose=True).SerializeToString()
         yield b"\x00" * (9 << 20)
         yield b"\x00" * (9 << 20)
         hold.wait(15)  # the call stays open: no half-close
 
     status = proxy.channel.stream_stream(f"/{RUNTIME}/Status")
+    calls = len(upstream.calls)
     try:
-        with pytest.raises(grpc.RpcError) as info:
-            list(status(requests(), timeout=10))
+        answers = list(status(requests(), timeout=10))
     finally:
         hold.set()
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "16 MiB" in (info.value.details() or "")
+    assert [api_pb2.StatusResponse.FromString(a).info.get("remaining") is not None
+            for a in answers] == [True]
+    assert [name for name, _, _ in upstream.calls[calls:]] == ["Status"]
     proxy.runtime.Status(api_pb2.StatusRequest(), timeout=10)  # still serving
 
 
@@ -355,3 +364,69 @@ def test_calls_in_progress_are_bounded_per_connection_and_in_all(
                 channel.close()
         log = proc.log()
     assert "Traceback" not in log
+
+
+class _RawUpstream:
+    """An upstream of raw HTTP/2 whose answers carry metadata gRPC does not allow in text
+    values (bytes past ASCII): initial metadata `x-bad: \\xff\\xfe`, then the message
+    `StatusResponse()` and a trailer `x-worse: \\xff` beside grpc-status 0."""
+
+    def __init__(self, path: str) -> None:
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(path)
+        self.listener.listen(8)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        h2c = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=False, header_encoding=None, validate_outbound_headers=False))
+        h2c.initiate_connection()
+        message = api_pb2.StatusResponse(info={"a": "b"}).SerializeToString()
+        with conn:
+            conn.sendall(h2c.data_to_send())
+            while data := conn.recv(65536):
+                for event in h2c.receive_data(data):
+                    if isinstance(event, h2.events.DataReceived):
+                        h2c.acknowledge_received_data(event.flow_controlled_length,
+                                                      event.stream_id)
+                    elif isinstance(event, h2.events.StreamEnded):
+                        sid = event.stream_id
+                        h2c.send_headers(sid, [(b":status", b"200"),
+                                               (b"content-type", b"application/grpc"),
+                                               (b"x-bad", b"\xff\xfe"), (b"x-fine", b"yes")])
+                        h2c.send_data(sid, struct.pack(">BI", 0, len(message)) + message)
+                        h2c.send_headers(sid, [(b"grpc-status", b"0"), (b"x-worse", b"\xff")],
+                                         end_stream=True)
+                conn.sendall(h2c.data_to_send())
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_metadata_from_the_upstream_that_grpc_forbids_is_dropped_not_fatal() -> None:
+    """An upstream's text metadata past printable ASCII (grpc hands it over as Latin-1)
+    made every such answer INTERNAL "Invalid metadata" through crishim, where a direct
+    call got OK, and logged a traceback per call: such values are dropped now."""
+    directory = tempfile.mkdtemp(prefix="crishim-rawup-")
+    upstream = _RawUpstream(os.path.join(directory, "upstream.sock"))
+    try:
+        with CrishimProcess("--upstream-endpoint", upstream.listener.getsockname()) as proc:
+            for _ in range(3):
+                answer, call = api_pb2_grpc.RuntimeServiceStub(proc.channel).Status \
+                    .with_call(api_pb2.StatusRequest(), timeout=10)
+                assert answer.info == {"a": "b"}
+                initial = dict(call.initial_metadata())
+                assert initial.get("x-fine") == "yes" and "x-bad" not in initial
+                assert "x-worse" not in dict(call.trailing_metadata())
+            log = proc.log()
+    finally:
+        upstream.close()
+    assert "Traceback" not in log and "Invalid metadata" not in log

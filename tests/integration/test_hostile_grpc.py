@@ -4,6 +4,8 @@ traceback; the server keeps serving and its memory stays bounded."""
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 
@@ -154,3 +156,26 @@ def test_oversized_metadata_leaves_no_grpc_core_lines_in_the_log(crishim):
     _still_serves(crishim)
     log = crishim.log()[offset:]
     assert not re.search(r"^[EWF]\d{4} ", log, re.M), log
+
+
+def test_a_flood_of_undecodable_requests_is_logged_within_the_line_budget(podnet):
+    """A WARNING per undecodable request: 5,000 garbage calls a second wrote 5,000 lines.
+    They are within log_lines_per_second (bursts of 10x) now, the rest counted."""
+    from tests.support.crishim_proc import CrishimProcess
+
+    with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}",
+                        "--log-lines-per-second", "2") as proc:
+        call = proc.channel.unary_unary(PORT_FORWARD, request_serializer=None,
+                                        response_deserializer=None)
+        for _ in range(200):
+            with pytest.raises(grpc.RpcError) as e:
+                call(b"\xff\xff\xff\xff", timeout=10)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        _still_serves(proc)
+        deadline = time.monotonic() + 10
+        while "refused CRI requests not logged" not in proc.log():
+            assert time.monotonic() < deadline, proc.log()[-2000:]
+            time.sleep(0.1)
+        log = proc.log()
+    assert 20 <= log.count("refusing an undecodable request") < 60
+    assert "Traceback" not in log
