@@ -74,7 +74,8 @@ def fd_budget(cfg: Config, nofile: int) -> FdBudget:
     # and they may take at most a quarter of the descriptors (the default 256 and a
     # limit of 300 left 2 descriptors for sessions)
     max_unadmitted = min(cfg.max_unadmitted, max(16, nofile // 4))
-    reserved = max(cfg.reserved_fds, max_unadmitted + OWN_FDS)
+    # so do the CRI socket's connections: 21,000 idle ones took every descriptor
+    reserved = max(cfg.reserved_fds, max_unadmitted + cfg.max_cri_connections + OWN_FDS)
     if nofile - reserved < MIN_FD_BUDGET:
         raise ConfigError(
             f"reserved_fds: {reserved} reserved of RLIMIT_NOFILE {nofile} leaves "
@@ -122,9 +123,10 @@ class Crishim:
             log.warning("max_unadmitted %d is lowered to %d: a quarter of RLIMIT_NOFILE %d",
                         cfg.max_unadmitted, fds.max_unadmitted, nofile)
         if fds.reserved > cfg.reserved_fds:
-            log.info("reserved_fds %d is raised to %d: max_unadmitted (%d) connections and "
-                     "crishim's own descriptors come out of it", cfg.reserved_fds,
-                     fds.reserved, fds.max_unadmitted)
+            log.info("reserved_fds %d is raised to %d: max_unadmitted (%d) connections, "
+                     "max_cri_connections (%d) and crishim's own descriptors come out of it",
+                     cfg.reserved_fds, fds.reserved, fds.max_unadmitted,
+                     cfg.max_cri_connections)
         log.info("RLIMIT_NOFILE %d: %d descriptors for sessions and forwarded connections, "
                  "at most %d forwarded connections, %d per session", nofile, fds.budget,
                  min(cfg.max_connections, fds.budget), fds.per_session)
@@ -175,7 +177,8 @@ class Crishim:
         # from the kubelet's connection
         server = grpc.aio.server(
             options=[*_MESSAGE_LIMITS,
-                     ("grpc.max_concurrent_streams", max(1, cfg.max_cri_calls // 4))],
+                     ("grpc.max_concurrent_streams", max(1, cfg.max_cri_calls // 4)),
+                     ("grpc.max_allowed_incoming_connections", cfg.max_cri_connections)],
             maximum_concurrent_rpcs=cfg.max_cri_calls)
         server.add_generic_rpc_handlers(
             (CriHandler(service, self.upstream, cfg.upstream_version),))

@@ -116,6 +116,7 @@ class Config:
     max_port_forward_ports: int = 64
     max_request_bytes: int = 64 * 1024
     max_cri_calls: int = 4096
+    max_cri_connections: int = 64
     max_connections_per_session: int = 4096
     max_connections: int = 65536
     reserved_fds: int = 256
@@ -154,7 +155,7 @@ class Config:
             raise ConfigError(f"stream_server_port: {self.stream_server_port} is not in 0..65535")
         for name in ("max_tokens", "max_sessions", "max_unadmitted", "buffer_size",
                      "max_sandbox_id_length", "max_port_forward_ports", "max_request_bytes",
-                     "max_cri_calls",
+                     "max_cri_calls", "max_cri_connections",
                      "max_connections_per_session", "max_connections", "helper_max_requests",
                      "control_frames_per_second", "control_frame_burst",
                      "stream_opens_per_second", "stream_open_burst", "session_buffer_size"):
@@ -305,6 +306,9 @@ SETTINGS: dict[str, Setting] = {
                              "connection together (past it a call gets RESOURCE_EXHAUSTED); "
                              "a quarter of it on one connection (past that a call waits for "
                              "one of its connection's to end)", "int"),
+    "max_cri_connections": Setting("most connections to the CRI socket at once (the kubelet "
+                                   "keeps one or two); past it a new one is closed before "
+                                   "its handshake. They come out of reserved_fds", "int"),
     "max_connections_per_session": Setting("most live forwarded connections in one streaming "
                                            "session (at most half of the global limit); past "
                                            "it new streams are refused", "int"),

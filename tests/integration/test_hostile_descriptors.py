@@ -66,7 +66,8 @@ def test_low_nofile_one_session_cannot_starve_other_clients(podnet):
     # 400 descriptors, 150 reserved: at most 250 forwarded connections in all, 125 in one
     # session
     with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}", "--reserved-fds", "150",
-                        "--max-unadmitted", "64", nofile=400) as proc:
+                        "--max-unadmitted", "64", "--max-cri-connections", "16",
+                        nofile=400) as proc:
         with SpdyPortForwardClient(proc.port_forward_url(SANDBOX)) as greedy:
             forwards = _open_live(greedy, 600)
             live = [f for f in forwards if f.received == b"+"]
@@ -88,7 +89,8 @@ def test_low_nofile_one_session_cannot_starve_other_clients(podnet):
 
 def test_global_limit_refuses_streams_cleanly_and_keeps_descriptors_for_upgrades(podnet):
     with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}", "--reserved-fds", "150",
-                        "--max-unadmitted", "64", nofile=400) as proc:
+                        "--max-unadmitted", "64", "--max-cri-connections", "16",
+                        nofile=400) as proc:
         with SpdyPortForwardClient(proc.port_forward_url(SANDBOX)) as first, \
                 SpdyPortForwardClient(proc.port_forward_url(SANDBOX)) as second:
             a = [f for f in _open_live(first, 200) if f.received == b"+"]
@@ -118,10 +120,10 @@ def test_global_limit_refuses_streams_cleanly_and_keeps_descriptors_for_upgrades
 
 def test_slow_heads_on_a_full_budget_leave_descriptors_to_refuse_newcomers(podnet):
     """The connections without a token come out of the reserve too: max_unadmitted takes
-    at most a quarter of the descriptors (256 -> 150 of 600) and reserved_fds covers it
-    and crishim's own. With every budgeted descriptor taken and 256 slow request heads
-    open, a newcomer is still answered 503 (it was accepted past the descriptor limit, or
-    not at all, and reset unheard)."""
+    at most a quarter of the descriptors (256 -> 150 of 600) and reserved_fds covers it,
+    the CRI socket's connections (64) and crishim's own (256 -> 278). With every budgeted
+    descriptor taken and 256 slow request heads open, a newcomer is still answered 503 (it
+    was accepted past the descriptor limit, or not at all, and reset unheard)."""
     with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}", nofile=600) as proc:
         url = proc.port_forward_url(SANDBOX)
         host, port = url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
@@ -144,7 +146,8 @@ def test_slow_heads_on_a_full_budget_leave_descriptors_to_refuse_newcomers(podne
                     sock.close()
         log = proc.log()
     assert "max_unadmitted 256 is lowered to 150: a quarter of RLIMIT_NOFILE 600" in log
-    assert "RLIMIT_NOFILE 600: 344 descriptors" in log
+    assert "reserved_fds 256 is raised to 278" in log
+    assert "RLIMIT_NOFILE 600: 322 descriptors" in log
     assert "Traceback" not in log
 
 

@@ -4,6 +4,7 @@ traceback; the server keeps serving and its memory stays bounded."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import grpc
@@ -178,4 +179,49 @@ def test_a_flood_of_undecodable_requests_is_logged_within_the_line_budget(podnet
             time.sleep(0.1)
         log = proc.log()
     assert 20 <= log.count("refusing an undecodable request") < 60
+    assert "Traceback" not in log
+
+
+def test_connections_to_the_cri_socket_past_max_cri_connections_are_closed(podnet):
+    """Connections to the CRI socket were not bounded: 21,000 idle ones took every
+    descriptor, and the stream server and every session's new connections failed. Past
+    max_cri_connections a new one is closed before its handshake; the others, and the
+    stream server, go on."""
+    import socket
+
+    from tests.support.crishim_proc import CrishimProcess
+
+    def fds(pid: int) -> int:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+
+    with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}",
+                        "--max-cri-connections", "4") as proc:
+        proc.runtime.Version(api_pb2.VersionRequest(), timeout=10)  # the test's own: 1
+        before = fds(proc.proc.pid)
+        held = []
+        closed = 0
+        try:
+            for _ in range(40):
+                s = socket.socket(socket.AF_UNIX)
+                s.connect(proc.socket)
+                s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\4\0\0\0\0\0")  # SETTINGS
+                held.append(s)
+            for s in held:
+                s.settimeout(2)
+                try:
+                    while s.recv(4096):  # the server's SETTINGS, then it waits for more
+                        pass
+                except TimeoutError:
+                    continue  # open
+                except ConnectionResetError:
+                    pass
+                closed += 1
+            assert closed == 40 - 3, closed  # 4 with the test's own
+            assert fds(proc.proc.pid) - before <= 8
+            _still_serves(proc)
+            proc.runtime.Version(api_pb2.VersionRequest(), timeout=10)  # its own goes on
+        finally:
+            for s in held:
+                s.close()
+        log = proc.log()
     assert "Traceback" not in log

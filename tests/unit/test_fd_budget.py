@@ -10,7 +10,8 @@ def test_the_default_limit_of_a_node_keeps_the_configured_reserve():
     cfg = load()
     fds = fd_budget(cfg, 1 << 20)
     assert fds.max_unadmitted == cfg.max_unadmitted
-    assert fds.reserved == max(cfg.reserved_fds, cfg.max_unadmitted + OWN_FDS)
+    assert fds.reserved == max(cfg.reserved_fds,
+                               cfg.max_unadmitted + cfg.max_cri_connections + OWN_FDS)
     assert fds.budget == (1 << 20) - fds.reserved
     assert fds.per_session == min(cfg.max_connections_per_session,
                                   min(cfg.max_connections, fds.budget) // 2)
@@ -19,10 +20,11 @@ def test_the_default_limit_of_a_node_keeps_the_configured_reserve():
 def test_connections_without_a_token_take_at_most_a_quarter_of_a_low_limit():
     """The default 256 unadmitted connections under a limit of 300 left 2 descriptors for
     sessions."""
-    fds = fd_budget(load(), 300)
-    assert fds.max_unadmitted == 75
-    assert fds.reserved == max(load().reserved_fds, 75 + OWN_FDS)
-    assert fds.budget == 300 - fds.reserved >= MIN_FD_BUDGET
+    cfg = load(overrides={"max_cri_connections": "16"})
+    fds = fd_budget(cfg, 400)
+    assert fds.max_unadmitted == 100
+    assert fds.reserved == max(cfg.reserved_fds, 100 + 16 + OWN_FDS)
+    assert fds.budget == 400 - fds.reserved >= MIN_FD_BUDGET
 
 
 def test_no_session_may_hold_more_than_half_of_the_budget():
