@@ -238,8 +238,8 @@ SETTINGS: dict[str, Setting] = {
     "stream_server_address": Setting("address the stream server listens on", "str"),
     "stream_server_port": Setting("stream server port; 0 picks a free one (the URL carries it)",
                                   "int"),
-    "stream_url_host": Setting("host written into issued URLs (default: the listen address)",
-                               "str"),
+    "stream_url_host": Setting("host written into issued URLs (default: the listen "
+                               "address; for a wildcard, 127.0.0.1 or ::1)", "str"),
     "stream_idle_timeout": Setting("close a streaming session idle this long (e.g. 4h; 0: "
                                    "never)", "duration"),
     "stream_creation_timeout": Setting("a forwarded connection's stream pair must be complete "

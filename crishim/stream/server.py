@@ -118,8 +118,13 @@ class StreamServer:
     @property
     def base_url(self) -> str:
         host = self.url_host or self.host
-        if host in ("0.0.0.0", "", "::"):
+        # a wildcard is no address to dial: the node's own loopback of the same family
+        # (the IPv6 wildcard listens IPv6 only, as create_server makes it, so 127.0.0.1
+        # was refused for every URL); no address at all listens on both
+        if host in ("0.0.0.0", ""):
             host = "127.0.0.1"
+        elif host in ("::", "[::]"):
+            host = "::1"
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
         return f"{self.scheme}://{host}:{self.port}"

@@ -275,3 +275,18 @@ def test_stream_address_in_use_is_one_clear_line(tmp_path, podnet):
         proc.stop()
     assert "Traceback" not in log
     assert "address already in use" in log.lower(), log
+
+
+@pytest.mark.parametrize("address, url_host", [("[::]:0", "[::1]"), ("0.0.0.0:0", "127.0.0.1")])
+def test_a_wildcard_stream_address_gives_urls_that_connect(podnet, address, url_host):
+    """`--stream-address [::]:0` listens on IPv6 only, yet its URLs named 127.0.0.1:
+    every port-forward was refused. A wildcard's URLs name the loopback of its family."""
+    from tests.support.podnet import ECHO_PORT
+    from tests.support.spdy_pf_client import SpdyPortForwardClient
+
+    with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}",
+                        "--stream-address", address) as proc:
+        url = proc.port_forward_url(SANDBOX)
+        assert urlsplit(url).netloc.rsplit(":", 1)[0] == url_host
+        with SpdyPortForwardClient(url) as client:
+            assert bytes(client.roundtrip(ECHO_PORT, b"wild").received) == b"wild"
