@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -104,51 +104,62 @@ class CriService:
         return api_pb2.VersionResponse(version=KUBELET_API_VERSION, runtime_name="crishim",
                                        runtime_version=__version__, runtime_api_version="v1")
 
+    async def _refuse(self, request: api_pb2.PortForwardRequest,
+                      context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode,
+                      message: str) -> NoReturn:
+        """Abort the call, and say so in the log within log_lines_per_second (containerd
+        logs every failed PortForward; these were not logged at all)."""
+        self.refusal_log.log(logging.WARNING, "PortForward sandbox=%s ports=%s refused: %s: %s",
+                             shown(request.pod_sandbox_id, 40), list(request.port[:8]),
+                             code.name, message)
+        await context.abort(code, message)
+        raise AssertionError("abort returned")  # pragma: no cover - abort raises
+
     async def PortForward(self, request: api_pb2.PortForwardRequest,
                           context: grpc.aio.ServicerContext[Any, Any]
                           ) -> api_pb2.PortForwardResponse:
         await self.refuse_undecodable(request, context)
+
+        async def refuse(code: grpc.StatusCode, message: str) -> NoReturn:
+            await self._refuse(request, context, code, message)
+
+        invalid = grpc.StatusCode.INVALID_ARGUMENT
         if self.draining():
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                "crishim is shutting down: a stream URL issued now could not "
-                                "be redeemed; retry against the restarted server")
+            await refuse(grpc.StatusCode.UNAVAILABLE,
+                         "crishim is shutting down: a stream URL issued now could not be "
+                         "redeemed; retry against the restarted server")
         sandbox_id = request.pod_sandbox_id
         if not sandbox_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "pod_sandbox_id is empty")
+            await refuse(invalid, "pod_sandbox_id is empty")
         if len(sandbox_id.encode()) > self.max_sandbox_id_length:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"pod_sandbox_id {shown(sandbox_id, 40)} is longer than "
-                                f"{self.max_sandbox_id_length} bytes "
-                                "(max_sandbox_id_length)")
+            await refuse(invalid, f"pod_sandbox_id {shown(sandbox_id, 40)} is longer than "
+                                  f"{self.max_sandbox_id_length} bytes (max_sandbox_id_length)")
         if any(c < " " or c == "\x7f" for c in sandbox_id):
             # no runtime names a sandbox so; a NUL reached a plugin's os.stat as ValueError
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"pod_sandbox_id {shown(sandbox_id, 40)} contains control "
-                                "characters")
+            await refuse(invalid, f"pod_sandbox_id {shown(sandbox_id, 40)} contains control "
+                                  "characters")
         if len(request.port) > 16 * self.max_ports:  # not even collapsed: too costly
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"{len(request.port)} ports listed; at most "
-                                f"{16 * self.max_ports} (16 x max_port_forward_ports)")
+            await refuse(invalid, f"{len(request.port)} ports listed; at most "
+                                  f"{16 * self.max_ports} (16 x max_port_forward_ports)")
         ports = tuple(dict.fromkeys(request.port))  # duplicates collapse, order kept
         if len(ports) > self.max_ports:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"{len(ports)} distinct ports requested; at most "
-                                f"{self.max_ports} (max_port_forward_ports)")
+            await refuse(invalid, f"{len(ports)} distinct ports requested; at most "
+                                  f"{self.max_ports} (max_port_forward_ports)")
         try:
             for port in ports:
                 check_port(port)
         except InvalidPort as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await refuse(invalid, str(e))
         try:
             await self.plugin.resolve(sandbox_id)
         except (SandboxNotFound, SandboxGone) as e:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+            await refuse(grpc.StatusCode.NOT_FOUND, str(e))
         except RuntimeError_ as e:  # e.g. the upstream runtime did not answer
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            await refuse(grpc.StatusCode.UNAVAILABLE, str(e))
         try:
             token = self.tokens.issue(StreamRequest(sandbox_id, ports))
         except TokensExhausted as e:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            await refuse(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         url = self.url_for(token)
         log.debug("PortForward sandbox=%s ports=%s -> %s", sandbox_id, list(ports),
                   url.rsplit("/", 1)[0] + "/…")

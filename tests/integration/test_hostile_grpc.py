@@ -225,3 +225,19 @@ def test_connections_to_the_cri_socket_past_max_cri_connections_are_closed(podne
                 s.close()
         log = proc.log()
     assert "Traceback" not in log
+
+
+def test_a_refused_port_forward_is_logged_with_its_reason(crishim):
+    """containerd logs every failed PortForward; crishim logged none, at any level: the
+    operator saw nothing of a kubectl user's `NOT_FOUND`."""
+    offset = len(crishim.log())
+    assert _port_forward(crishim, "nosuch-sandbox").code() == grpc.StatusCode.NOT_FOUND
+    assert _port_forward(crishim, SANDBOX, [0]).code() == grpc.StatusCode.INVALID_ARGUMENT
+    deadline = time.monotonic() + 10
+    while crishim.log()[offset:].count("PortForward sandbox=") < 2:
+        assert time.monotonic() < deadline, crishim.log()[offset:]
+        time.sleep(0.05)
+    lines = [line for line in crishim.log()[offset:].splitlines() if "PortForward" in line]
+    assert "WARNING" in lines[0] and "sandbox='nosuch-sandbox' ports=[] refused: NOT_FOUND: " \
+        in lines[0], lines
+    assert f"sandbox={SANDBOX!r} ports=[0] refused: INVALID_ARGUMENT: " in lines[1], lines
