@@ -93,7 +93,7 @@ def start(upgrade: Upgrade) -> None:
             settings.ctx, sandbox, settings.creation_timeout, settings.idle_timeout,
             lambda chunks: _tunnel_writelines(tunnel, transport, chunks),
             lambda: _tunnel_close(tunnel, transport, spdy_session.violated_budget))
-        spdy_session.transport_name = "spdy-websocket"
+        spdy_session.transport_name = "spdy-over-websocket"  # as the client and docs name it
         spdy_session.stream_version = (PORTFORWARD_CRISHIM_V1 if subprotocol == SPDY_TUNNEL_CRISHIM
                                        else PORTFORWARD_PROTOCOL)
         transport.write(response)
