@@ -419,6 +419,8 @@ def _coerce(name: str, value: Any) -> Any:
                 key, sep, path = item.partition("=")
                 if not sep or not key:
                     raise ValueError
+                if key in result:  # the last one silently won
+                    raise ConfigError(f"{name}: {key!r} is given twice")
                 result[key] = path
             return result
         return str(value)

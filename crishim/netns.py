@@ -110,6 +110,20 @@ def open_netns(path: str) -> int:
     return fd
 
 
+def not_a_namespace(path: str) -> bool:
+    """True if path is a file that no namespace is (a regular file, a directory): what a
+    look without opening it (O_PATH) can tell. False where it cannot tell (gone, hidden
+    from this process), for the dial to find out."""
+    try:
+        path_fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return os.fstat(path_fd).st_dev != _nsfs()
+    finally:
+        os.close(path_fd)
+
+
 def is_netns(path: str) -> bool:
     """True if path is a network namespace file (and nothing about any other file)."""
     try:

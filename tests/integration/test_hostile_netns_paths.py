@@ -8,6 +8,9 @@ from __future__ import annotations
 import os
 import time
 
+import grpc
+import pytest
+
 from tests.support import SANDBOX
 from tests.support.crishim_proc import CrishimProcess
 from tests.support.podnet import ECHO_PORT
@@ -15,14 +18,20 @@ from tests.support.spdy_pf_client import SpdyPortForwardClient
 
 
 def test_a_fifo_as_a_sandbox_netns_ends_that_connection_and_stalls_nothing(podnet, tmp_path):
+    """The path is a namespace when PortForward and the upgrade look (a symbolic link to
+    one), a FIFO by the time a connection dials."""
     fifo = str(tmp_path / "fifo")
     os.mkfifo(fifo)
+    link = str(tmp_path / "netns")
+    os.symlink(podnet.path, link)
     try:
-        with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path},fifo={fifo}") as proc:
+        with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path},fifo={link}") as proc:
             with SpdyPortForwardClient(proc.port_forward_url("fifo")) as client:
+                os.unlink(link)
+                os.symlink(fifo, link)
                 fwd = client.forward(ECHO_PORT)
                 assert client.wait(fwd.finished, 5)
-                assert f"{fifo} is not a network namespace" in fwd.error_text
+                assert f"{link} is not a network namespace" in fwd.error_text
             start = time.monotonic()
             with SpdyPortForwardClient(proc.port_forward_url(SANDBOX)) as other:
                 assert bytes(other.roundtrip(ECHO_PORT, b"still served").received) \
@@ -72,3 +81,25 @@ def test_out_of_descriptors_while_opening_a_netns_fails_the_dial_not_the_sandbox
         for fd in held:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_sandbox_path_that_is_no_namespace_is_refused_at_port_forward(podnet, tmp_path):
+    """A regular file, a directory or a FIFO named as a sandbox's netns got a URL, and its
+    first connection ended the client's whole session: PortForward refuses it now, at
+    once (a FIFO is looked at, not opened)."""
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path},file=/etc/hostname,"
+                        f"dir={tmp_path},fifo={fifo}") as proc:
+        for sandbox, path in (("file", "/etc/hostname"), ("dir", str(tmp_path)),
+                              ("fifo", fifo)):
+            start = time.monotonic()
+            with pytest.raises(grpc.RpcError) as refused:
+                proc.port_forward_url(sandbox)
+            assert time.monotonic() - start < 5
+            assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+            assert f"{path} is not a network namespace" in refused.value.details()
+        with SpdyPortForwardClient(proc.port_forward_url(SANDBOX)) as other:
+            assert bytes(other.roundtrip(ECHO_PORT, b"served").received) == b"served"
+        log = proc.log()
+    assert "Traceback" not in log

@@ -172,3 +172,9 @@ def test_a_timeout_of_zero_that_would_refuse_everything_is_refused(name: str) ->
 @pytest.mark.parametrize("name", ["STREAM_IDLE_TIMEOUT", "DRAIN_TIMEOUT"])
 def test_timeouts_where_zero_means_never_or_at_once_take_it(name: str) -> None:
     assert getattr(load(env={f"CRISHIM_{name}": "0s"}), name.lower()) == 0
+
+
+def test_a_sandbox_given_twice_is_refused():
+    """`--sandboxes foo=/x,foo=/y`: the last one silently won."""
+    with pytest.raises(ConfigError, match="sandboxes: 'foo' is given twice"):
+        load(env={"CRISHIM_SANDBOXES": "foo=/run/netns/x,foo=/run/netns/y"})
