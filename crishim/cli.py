@@ -70,6 +70,12 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def _serve_config(args: argparse.Namespace) -> Config:
     overrides = {name: getattr(args, name) for name in SETTINGS}
     if args.stream_address:
+        both = [f for f, name in (("--stream-server-address", "stream_server_address"),
+                                  ("--stream-server-port", "stream_server_port"))
+                if getattr(args, name) is not None]
+        if both:  # which one won was silent: --stream-address, whatever the order
+            raise ConfigError(f"--stream-address and {' and '.join(both)}: give one of "
+                              "them")
         host, port = host_port(args.stream_address, "--stream-address", lowest=0)
         overrides["stream_server_address"] = host
         overrides["stream_server_port"] = port

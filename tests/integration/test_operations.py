@@ -194,6 +194,10 @@ def test_what_serve_cannot_use_is_one_line_before_it_listens(tmp_path):
         line = _serve_fails("--socket", str(tmp_path / "a.sock"), "--stream-address", bad)
         assert line == (f"crishim: --stream-address: {bad!r} is not HOST:PORT (port "
                         "0..65535; an IPv6 host in brackets)")
+    # which one won was silent (--stream-address, whatever the order)
+    line = _serve_fails("--socket", str(tmp_path / "b.sock"), "--stream-server-port", "18400",
+                        "--stream-address", "127.0.0.1:0")
+    assert line == ("crishim: --stream-address and --stream-server-port: give one of them")
     line = _serve_fails("--socket", str(tmp_path / "r.sock"), "--reserved-fds", "100000000")
     assert line.startswith("crishim: reserved_fds: 100000000 reserved of RLIMIT_NOFILE ")
     assert "leaves 0 descriptors" in line
