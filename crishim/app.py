@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import signal
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -225,6 +226,13 @@ class Crishim:
 
         return tls.server_context(self.config)
 
+    def cut_drain(self, sig: signal.Signals) -> None:
+        """Another signal while draining (a second Ctrl-C): live sessions are closed now,
+        not at drain_timeout."""
+        if self.stream is not None and not self.stream.drain_cut:
+            log.info("%s received again: closing live sessions now", sig.name)
+            self.stream.drain_cut = True
+
     async def stop(self, drain: float | None = None) -> None:
         deadline = self.config.drain_timeout if drain is None else drain
         if self._token_timer is not None:
@@ -251,13 +259,15 @@ class Crishim:
 
 async def run_until_signalled(app: Crishim,
                               on_started: Callable[[], Awaitable[None]] | None = None) -> None:
-    stop = stop_on_signals()
+    stop = stop_on_signals(again=app.cut_drain)
     await app.start()
     freeze_startup_objects()  # long pauses of the cyclic collector: memory.py
     try:
         if on_started is not None:
             await on_started()
         await stop.wait()
-        log.info("signal received: draining (up to %gs)", app.config.drain_timeout)
+        log.info("signal received: draining (up to %gs; another signal closes live "
+                 "sessions now)", app.config.drain_timeout)
     finally:
         await app.stop()
+    log.info("crishim stopped")

@@ -11,6 +11,7 @@ import resource
 import signal
 import socket
 import stat
+from collections.abc import Callable
 
 log = logging.getLogger("crishim")
 
@@ -147,17 +148,20 @@ def remove_socket_file(path: str) -> None:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def stop_on_signals() -> asyncio.Event:
+def stop_on_signals(again: Callable[[signal.Signals], None] | None = None) -> asyncio.Event:
     """An event that SIGINT, SIGTERM or SIGHUP sets, handled on the running loop from now
-    on. SIGHUP (the terminal closed) killed the process outright: no drain, the socket
-    file and the demo's netns left behind."""
+    on; `again` is called for each one after the first (a second Ctrl-C while draining).
+    SIGHUP (the terminal closed) killed the process outright: no drain, the socket file
+    and the demo's netns left behind."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
     def received(sig: signal.Signals) -> None:
         if not stop.is_set():
             log.info("%s received", sig.name)
-        stop.set()
+            stop.set()
+        elif again is not None:
+            again(sig)
 
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, received, sig)

@@ -93,6 +93,7 @@ class StreamServer:
         self.sessions: set[ServerSession] = set()
         self.memory = memory or MemoryReleaser()
         self.draining = False
+        self.drain_cut = False  # another signal while draining: close live sessions now
         self._server: asyncio.base_events.Server | None = None
         self._tls: _TlsListener | None = None
         self._transports: set[asyncio.Transport] = set()
@@ -179,7 +180,8 @@ class StreamServer:
         return ended
 
     async def drain(self, deadline: float) -> None:
-        """Refuse new upgrades, tell live sessions, wait up to deadline, then close them."""
+        """Refuse new upgrades, tell live sessions, wait up to deadline (or until
+        drain_cut is set), then close them."""
         self.draining = True
         if self._server is not None:
             self._server.close()
@@ -192,7 +194,7 @@ class StreamServer:
             session.drain()
         loop = asyncio.get_running_loop()
         end = loop.time() + deadline
-        while self.sessions and loop.time() < end:
+        while self.sessions and loop.time() < end and not self.drain_cut:
             await asyncio.sleep(0.05)
         for session in list(self.sessions):
             session.close("server shutting down")

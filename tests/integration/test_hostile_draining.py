@@ -75,3 +75,26 @@ def test_connections_without_a_token_are_refused_as_the_drain_begins(podnet):
         client.close()
         assert proc.proc.wait(30) == 0
     assert "Traceback" not in proc.log()
+
+
+def test_a_second_signal_closes_live_sessions_without_waiting_for_the_drain(podnet):
+    """A second Ctrl-C while draining was neither acknowledged nor acted on: the operator
+    waited for drain_timeout (60 s here) or reached for SIGKILL. It closes the live
+    sessions now and serve exits 0, with a last line saying so."""
+    proc = CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}", "--drain-timeout", "60s")
+    with proc:
+        client = SpdyPortForwardClient(proc.port_forward_url(SANDBOX))
+        live = client.forward(ECHO_PORT)
+        live.send(b"ping")
+        assert client.wait(lambda: bytes(live.received) == b"ping")
+        proc.proc.send_signal(signal.SIGINT)
+        assert client.wait(lambda: client.goaway, 10)  # the drain has begun
+        start = time.monotonic()
+        proc.proc.send_signal(signal.SIGINT)
+        assert proc.proc.wait(30) == 0
+        assert time.monotonic() - start < 10  # not the 60 s drain
+        client.close()
+        log = proc.log()
+    assert "SIGINT received again: closing live sessions now" in log
+    assert log.rstrip().endswith("crishim stopped")
+    assert "Traceback" not in log
