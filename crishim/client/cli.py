@@ -4,14 +4,61 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
 import sys
+from typing import TextIO, cast
 
 from crishim.client.cri import DEFAULT_ENDPOINT
 from crishim.client.transports import TRANSPORTS
 from crishim.memory import freeze_startup_objects, keep_heap_for_reads
 
 MAX_SECONDS = 86400.0 * 365  # a year: beyond it the event loop's timers overflow
+
+
+class StdoutUntilClosed:
+    """sys.stdout for the client commands: once its reader is gone (`| head`), what is
+    printed goes to /dev/null, dup2()ed onto fd 1 so the flush at exit is quiet too, and
+    the command goes on (kubectl dies of SIGPIPE; SIG_DFL would kill crishim on a socket
+    write too). A BrokenPipeError was a traceback, or an "Exception in callback" line per
+    connection."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.closed_by_reader = False
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._reader_gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._reader_gone()
+
+    def _reader_gone(self) -> None:
+        self.closed_by_reader = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        finally:
+            os.close(devnull)
+        try:
+            self._stream.flush()  # what the buffer kept: to /dev/null now
+        except OSError:
+            pass  # the buffer is dropped either way; nothing is left to tell
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._stream, name)
+
+
+def _quiet_when_stdout_closes() -> None:
+    if not isinstance(sys.stdout, StdoutUntilClosed):
+        sys.stdout = cast(TextIO, StdoutUntilClosed(sys.stdout))
 
 
 def _port(text: str) -> int:
@@ -189,6 +236,7 @@ def cmd_port_forward(args: argparse.Namespace) -> int:
     from crishim.client import portforward
     from crishim.client.cri import CriClient, CriError
 
+    _quiet_when_stdout_closes()
     keep_heap_for_reads()
     if _bad_certificate_authority(args):
         return 1
@@ -256,6 +304,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from crishim.client import check
     from crishim.client.cri import CriClient, CriError
 
+    _quiet_when_stdout_closes()
     if _bad_certificate_authority(args):
         return 1
     try:

@@ -221,3 +221,21 @@ def test_check_refuses_a_bad_port_or_size_as_a_usage_error(tmp_path, option, mes
     assert r.stderr.splitlines()[-1] == f"crishim check: error: {message}", r.stderr
     assert r.stdout == ""
 
+
+
+def test_check_with_its_stdout_closed_ends_quietly_with_its_status(crishim):
+    """`crishim check --json | head`: the reader gone before the report, a BrokenPipeError
+    traceback; now the report goes nowhere and the exit status is the checks'."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crishim", "check", "--sandbox", SANDBOX,
+         "--runtime-endpoint", f"unix://{crishim.socket}", "--port", str(HTTP_PORT),
+         "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+    assert proc.returncode == 0, stderr

@@ -1664,3 +1664,31 @@ def test_websocket_port_forward_reports_an_unknown_sandbox_before_listening(cris
     assert r.returncode == 1, r
     assert "Forwarding" not in r.stdout, r
     assert r.stderr.startswith("error: ") and "nosuch" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("transport", ["spdy", "websocket"])
+def test_a_closed_stdout_stops_the_lines_not_the_forwarding(crishim, transport):
+    """`crishim port-forward ... | head -1`: the reader gone, a BrokenPipeError was a
+    traceback (the next Forwarding line) or an `Exception in callback` per connection
+    (its Handling line). Now nothing more is printed and forwarding goes on."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crishim", "port-forward", SANDBOX, f"{port}:{HTTP_PORT}",
+         "--runtime-endpoint", f"unix://{crishim.socket}", "--transport", transport],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().startswith(b"Forwarding from")
+        proc.stdout.close()
+        for _ in range(3):
+            assert peers.http_get(port).endswith(HTTP_BODY)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+    assert stderr == "", stderr
