@@ -814,6 +814,10 @@ def test_unknown_sandbox_is_one_line_and_nonzero(crishim):
 
 
 _NO_PROTOCOL = b"no stream protocol in common\n"
+_NOT_FOUND_STATUS = (
+    b'{"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", '
+    b'"message": "sandbox \'nosuch\' not found (no /var/run/netns/nosuch)", '
+    b'"reason": "InternalError", "code": 500}')
 
 
 @pytest.mark.parametrize("transport", ["spdy", "websocket"])
@@ -827,7 +831,15 @@ _NO_PROTOCOL = b"no stream protocol in common\n"
      "unable to upgrade connection: 404: nope"),
     # a status of 5,000 digits: int() refuses more than 4,300
     (b"HTTP/1.1 " + b"4" * 5000 + b" Odd\r\n\r\n", "HTTP"),
-], ids=["refused", "latin1-length", "long-status"])
+    # an API server's refusal is a Kubernetes Status: its message, not the JSON
+    (b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n"
+     b"Content-Length: %d\r\n\r\n%s" % (len(_NOT_FOUND_STATUS), _NOT_FOUND_STATUS),
+     "unable to upgrade connection: 500: sandbox 'nosuch' not found (no "
+     "/var/run/netns/nosuch)"),
+    # JSON of another kind is shown as it came
+    (b"HTTP/1.1 500 Oops\r\nContent-Length: 17\r\n\r\n{\"kind\": \"Other\"}",
+     'unable to upgrade connection: 500: {"kind": "Other"}'),
+], ids=["refused", "latin1-length", "long-status", "kubernetes-status", "other-json"])
 def test_refused_upgrade_is_one_line_and_nonzero(transport, answer, expected):
     """A stream server that refuses the upgrade, or answers what is not HTTP: one clear
     error, never an exception of another kind."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import ssl
 import sys
 import termios
@@ -1014,9 +1015,27 @@ def _refusal(status: int, headers: dict[str, list[str]], body: bytes) -> Upgrade
         body = body[:int(length)]
     cut = len(body) > REFUSAL_BODY_KEPT
     text = body[:REFUSAL_BODY_KEPT].decode("utf-8", "replace").strip() or "no reason given"
-    if cut:
+    message = None if cut else _status_message(text)
+    if message is not None:
+        text = message
+    elif cut:
         text += f"… (the body's first {REFUSAL_BODY_KEPT} bytes)"
     return UpgradeRefused(status, f"unable to upgrade connection: {status}: {text}")
+
+
+def _status_message(text: str) -> str | None:
+    """The message of a Kubernetes Status body (an API server's refusal: client-go shows
+    it, not the JSON), or None for any other body."""
+    if not text.startswith("{"):
+        return None
+    try:
+        status = json.loads(text)
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
+        return None
+    if not isinstance(status, dict) or status.get("kind") != "Status":
+        return None
+    message = status.get("message")
+    return message.strip() or None if isinstance(message, str) else None
 
 
 async def read_upgrade_answer(conn: UpgradeProtocol, target: Target,
