@@ -100,6 +100,12 @@ class ForwardError(Exception):
         self.fatal = fatal
 
 
+def reset_by_server(code: int, name: str | None) -> str:
+    """A stream the server reset, the same words on SPDY and HTTP/2: the RST_STREAM
+    code's name where it has one (`RST_STREAM CANCEL`), else its number."""
+    return f"the server reset the connection (RST_STREAM {name or f'status {code}'})"
+
+
 def ca_bundle_problem(path: str) -> str:
     """Why the CA bundle at `path` cannot be used (missing, a directory, not PEM), or ""
     if it can: said before the first https URL needs it, not as a traceback then."""
