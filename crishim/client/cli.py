@@ -80,19 +80,27 @@ def _mebibytes(text: str) -> int:
 
 
 def _seconds(text: str) -> float:
-    """A number of seconds as given; nan for what is none (every check refuses nan)."""
+    """Seconds (a bare number) or a Go-style duration (30s, 1m30s, 250ms), as crishim
+    serve's settings take them; nan for what is neither (every check refuses nan)."""
+    from crishim.config import ConfigError, parse_duration
+
     try:
         return float(text)
     except ValueError:
+        pass
+    try:
+        return parse_duration(text)
+    except ConfigError:
         return math.nan
 
 
 def _timeout(text: str) -> float:
-    """--timeout: seconds, more than 0 and finite (inf was 'timed out after infs')."""
+    """--timeout: more than 0 and finite (inf was 'timed out after infs')."""
     value = _seconds(text)
     if not (math.isfinite(value) and 0 < value <= MAX_SECONDS):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0 (at "
-                                         f"most {MAX_SECONDS:.0f})")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration above 0 (seconds, or "
+                                         f"as 30s, 1m30s, 250ms; at most "
+                                         f"{MAX_SECONDS:.0f}s)")
     return value
 
 
@@ -101,8 +109,8 @@ def _ping_interval(text: str) -> float:
     control budget (100 a second), and an interval of 1 ms ended the session in 2 s."""
     value = _seconds(text)
     if not (value == 0 or math.isfinite(value) and 0.1 <= value <= MAX_SECONDS):
-        raise argparse.ArgumentTypeError(f"{text!r}: give 0 (no PING) or 0.1 to "
-                                         f"{MAX_SECONDS:.0f} seconds")
+        raise argparse.ArgumentTypeError(f"{text!r}: give 0 (no PING) or 0.1s to "
+                                         f"{MAX_SECONDS:.0f}s (seconds, or as 5s, 250ms)")
     return value
 
 
@@ -115,11 +123,11 @@ def _add_common(p: argparse.ArgumentParser, pod_get: bool = False) -> None:
                    help="for https stream URLs: do not verify the server's certificate")
     p.add_argument("--certificate-authority", metavar="FILE",
                    help="for https stream URLs: trust this CA bundle (PEM)")
-    p.add_argument("--timeout", type=_timeout, default=10.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=_timeout, default=10.0, metavar="DURATION",
                    help="timeout of the CRI call, the connect, the stream server's "
                         "answer to the upgrade"
                         + (" and (--kubeconfig) the pod GET" if pod_get else "")
-                        + " [default: 10]")
+                        + ": seconds, or a duration as 30s, 1m30s, 250ms [default: 10]")
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -173,8 +181,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                          "kubectl, where one of those two cannot be bound the other is "
                          "used alone; any other that cannot be bound is an error) "
                          "[default: localhost]")
-    pf.add_argument("--ping-interval", type=_ping_interval, default=5.0, metavar="SECONDS",
-                    help="keepalive PING interval on SPDY and h2 sessions, 0 for none; "
+    pf.add_argument("--ping-interval", type=_ping_interval, default=5.0, metavar="DURATION",
+                    help="keepalive PING interval on SPDY and h2 sessions (seconds, or as "
+                         "5s, 250ms), 0 for none; "
                          "a server that sends nothing at all, not even the answer, for "
                          "--timeout seconds after each of two PINGs in a row, while it "
                          "has room for all the session sent, has stalled, and the session "
