@@ -239,3 +239,28 @@ def test_check_with_its_stdout_closed_ends_quietly_with_its_status(crishim):
             proc.wait()
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
     assert proc.returncode == 0, stderr
+
+
+def test_check_without_a_cooperating_server_does_not_claim_the_data_path_passed(crishim):
+    """No netns known: every data check is skipped, and the last line said 'all required
+    checks passed', exit 0. The status stays 0; the line says how many were skipped and
+    why, in the table and in the JSON."""
+    r = run_check(crishim)
+    assert r.returncode == 0, r.stdout + r.stderr
+    last = r.stdout.splitlines()[-1]
+    assert last != "all required checks passed"
+    assert f"{len(DATA_CHECKS)} of " in last and "were skipped" in last, last
+    assert "the data path was not checked" in last and "--netns" in last, last
+    r = run_check(crishim, "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    assert report["summary"] == last
+    assert set(report["required_skipped"]) == set(DATA_CHECKS)
+
+
+def test_check_with_every_check_run_says_all_required_checks_passed(crishim, podnet):
+    r = run_check(crishim, "--netns", podnet.path, "--size", "1", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    assert report["summary"] == "all required checks passed"
+    assert report["required_skipped"] == []
