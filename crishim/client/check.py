@@ -458,12 +458,35 @@ class Checker:
     def ok(self) -> bool:
         return not any(r.result == "fail" and r.required for r in self.results)
 
+    @property
+    def required_skipped(self) -> list[str]:
+        return [r.name for r in self.results if r.result == "skip" and r.required]
+
+    def summary(self) -> str:
+        """The last line: whether a required check failed and, if none did, whether all of
+        them ran (without a cooperating server no bytes are forwarded and checked, and
+        'all required checks passed' said otherwise)."""
+        if not self.ok:
+            return "FAILED: a required check failed"
+        skipped = self.required_skipped
+        if not skipped:
+            return "all required checks passed"
+        required = sum(r.required for r in self.results)
+        reasons = list(dict.fromkeys(r.detail for r in self.results
+                                     if r.result == "skip" and r.required))
+        if self.peers is None:
+            reasons = [f"no cooperating server in the sandbox: "
+                       f"{self.why_no_servers.lstrip('; ')}"]
+        return (f"the required checks that ran passed, but {len(skipped)} of {required} "
+                f"were skipped, so the data path was not checked ({'; '.join(reasons)})")
+
     def report(self) -> dict[str, object]:
         return {"sandbox": self.sandbox, "transport": self.transport,
                 "endpoint": self.cri.target, "servers": self.peers is not None,
                 "netns": self.netns, "servers_reason": self.why_no_servers.lstrip("; "),
                 "ok": self.ok, "checks": [asdict(r) for r in self.results],
-                "skipped": [r.name for r in self.results if r.result == "skip"]}
+                "skipped": [r.name for r in self.results if r.result == "skip"],
+                "required_skipped": self.required_skipped, "summary": self.summary()}
 
 
 def print_table(checker: Checker) -> None:
@@ -475,11 +498,10 @@ def print_table(checker: Checker) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
         print(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]}")
-    if checker.peers is None:
+    if checker.peers is None and not checker.ok:  # otherwise the summary says why
         print(f"\nchecks needing a cooperating server were skipped: "
               f"{checker.why_no_servers.lstrip('; ')}")
-    print("\n" + ("all required checks passed" if checker.ok
-                  else "FAILED: a required check failed"))
+    print("\n" + checker.summary())
 
 
 async def run(cri: CriClient, args: argparse.Namespace) -> int:

@@ -4,14 +4,61 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
 import sys
+from typing import TextIO, cast
 
 from crishim.client.cri import DEFAULT_ENDPOINT
 from crishim.client.transports import TRANSPORTS
 from crishim.memory import freeze_startup_objects, keep_heap_for_reads
 
 MAX_SECONDS = 86400.0 * 365  # a year: beyond it the event loop's timers overflow
+
+
+class StdoutUntilClosed:
+    """sys.stdout for the client commands: once its reader is gone (`| head`), what is
+    printed goes to /dev/null, dup2()ed onto fd 1 so the flush at exit is quiet too, and
+    the command goes on (kubectl dies of SIGPIPE; SIG_DFL would kill crishim on a socket
+    write too). A BrokenPipeError was a traceback, or an "Exception in callback" line per
+    connection."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.closed_by_reader = False
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._reader_gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._reader_gone()
+
+    def _reader_gone(self) -> None:
+        self.closed_by_reader = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        finally:
+            os.close(devnull)
+        try:
+            self._stream.flush()  # what the buffer kept: to /dev/null now
+        except OSError:
+            pass  # the buffer is dropped either way; nothing is left to tell
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._stream, name)
+
+
+def _quiet_when_stdout_closes() -> None:
+    if not isinstance(sys.stdout, StdoutUntilClosed):
+        sys.stdout = cast(TextIO, StdoutUntilClosed(sys.stdout))
 
 
 def _port(text: str) -> int:
@@ -33,19 +80,27 @@ def _mebibytes(text: str) -> int:
 
 
 def _seconds(text: str) -> float:
-    """A number of seconds as given; nan for what is none (every check refuses nan)."""
+    """Seconds (a bare number) or a Go-style duration (30s, 1m30s, 250ms), as crishim
+    serve's settings take them; nan for what is neither (every check refuses nan)."""
+    from crishim.config import ConfigError, parse_duration
+
     try:
         return float(text)
     except ValueError:
+        pass
+    try:
+        return parse_duration(text)
+    except ConfigError:
         return math.nan
 
 
 def _timeout(text: str) -> float:
-    """--timeout: seconds, more than 0 and finite (inf was 'timed out after infs')."""
+    """--timeout: more than 0 and finite (inf was 'timed out after infs')."""
     value = _seconds(text)
     if not (math.isfinite(value) and 0 < value <= MAX_SECONDS):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0 (at "
-                                         f"most {MAX_SECONDS:.0f})")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration above 0 (seconds, or "
+                                         f"as 30s, 1m30s, 250ms; at most "
+                                         f"{MAX_SECONDS:.0f}s)")
     return value
 
 
@@ -54,8 +109,8 @@ def _ping_interval(text: str) -> float:
     control budget (100 a second), and an interval of 1 ms ended the session in 2 s."""
     value = _seconds(text)
     if not (value == 0 or math.isfinite(value) and 0.1 <= value <= MAX_SECONDS):
-        raise argparse.ArgumentTypeError(f"{text!r}: give 0 (no PING) or 0.1 to "
-                                         f"{MAX_SECONDS:.0f} seconds")
+        raise argparse.ArgumentTypeError(f"{text!r}: give 0 (no PING) or 0.1s to "
+                                         f"{MAX_SECONDS:.0f}s (seconds, or as 5s, 250ms)")
     return value
 
 
@@ -68,11 +123,11 @@ def _add_common(p: argparse.ArgumentParser, pod_get: bool = False) -> None:
                    help="for https stream URLs: do not verify the server's certificate")
     p.add_argument("--certificate-authority", metavar="FILE",
                    help="for https stream URLs: trust this CA bundle (PEM)")
-    p.add_argument("--timeout", type=_timeout, default=10.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=_timeout, default=10.0, metavar="DURATION",
                    help="timeout of the CRI call, the connect, the stream server's "
                         "answer to the upgrade"
                         + (" and (--kubeconfig) the pod GET" if pod_get else "")
-                        + " [default: 10]")
+                        + ": seconds, or a duration as 30s, 1m30s, 250ms [default: 10]")
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -126,8 +181,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                          "kubectl, where one of those two cannot be bound the other is "
                          "used alone; any other that cannot be bound is an error) "
                          "[default: localhost]")
-    pf.add_argument("--ping-interval", type=_ping_interval, default=5.0, metavar="SECONDS",
-                    help="keepalive PING interval on SPDY and h2 sessions, 0 for none; "
+    pf.add_argument("--ping-interval", type=_ping_interval, default=5.0, metavar="DURATION",
+                    help="keepalive PING interval on SPDY and h2 sessions (seconds, or as "
+                         "5s, 250ms), 0 for none; "
                          "a server that sends nothing at all, not even the answer, for "
                          "--timeout seconds after each of two PINGs in a row, while it "
                          "has room for all the session sent, has stalled, and the session "
@@ -189,6 +245,7 @@ def cmd_port_forward(args: argparse.Namespace) -> int:
     from crishim.client import portforward
     from crishim.client.cri import CriClient, CriError
 
+    _quiet_when_stdout_closes()
     keep_heap_for_reads()
     if _bad_certificate_authority(args):
         return 1
@@ -256,6 +313,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from crishim.client import check
     from crishim.client.cri import CriClient, CriError
 
+    _quiet_when_stdout_closes()
     if _bad_certificate_authority(args):
         return 1
     try:

@@ -96,6 +96,18 @@ class CriOpener:
         self._want_spare(ports, session)
         return session
 
+    async def check_sandbox(self, ports: list[int]) -> None:
+        """Before listening: the runtime's CRI PortForward for `ports`, so a sandbox it
+        does not know is reported at once. No upgrade: a stream server that does not dial
+        on data (containerd's, CRI-O's) dials the pod at the upgrade, and kubectl makes
+        no pod connection before a local client does. The URL is the first connection's
+        spare while it is fresh (SPARE_URL_MAX_AGE)."""
+        url = await self._fetch(ports)
+        loop = asyncio.get_running_loop()
+        spare: asyncio.Future[str | ClientSession] = loop.create_future()
+        spare.set_result(url)
+        self._spares[tuple(ports)] = (loop.time(), spare)
+
     def close(self) -> None:
         self.cri.cancel_calls()  # a spare's, or the first one's at Ctrl-C: not waited for
         for timer in self._wanted.values():
@@ -543,11 +555,12 @@ class PortForwarder:
                              "(--transport websocket) cannot carry UDP; use --transport spdy, "
                              "spdy-over-websocket or h2")
         if self.transport == "websocket":
-            # Ports are fixed per WebSocket: one session per local connection. Check the
-            # sandbox and the upgrade once now, so a refusal is reported before listening.
-            ports = [self.specs[0].remote]
-            probe = await self.opener("websocket", ports, 0)
-            probe.close()
+            # Ports are fixed per WebSocket: one session per local connection, opened when
+            # it comes. The runtime is asked for the sandbox now, which costs the pod
+            # nothing; an upgrade would (CriOpener.check_sandbox).
+            check_sandbox = getattr(self.opener, "check_sandbox", None)
+            if check_sandbox is not None:
+                await check_sandbox([self.specs[0].remote])
         else:
             self.session = await self.opener(self.transport, [], self.ping_interval)
             self.session.closed.add_done_callback(self._session_closed)

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from concurrent import futures
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -540,10 +541,10 @@ def test_a_fatal_condition_ends_port_forward_with_exit_1_on_every_transport(tran
             cli.forwarding(1)
             assert peers.http_get(port).endswith(HTTP_BODY)
             if transport == "websocket":
-                # the next connection's WebSocket, opened ahead (the probe's, the GET's,
-                # this one): the netns case then meets the error text on its channel
+                # the next connection's WebSocket, opened ahead (the GET's, this one): the
+                # netns case then meets the error text on its channel
                 deadline = time.monotonic() + 20
-                while server.log().count("session started: transport=websocket") < 3:
+                while server.log().count("session started: transport=websocket") < 2:
                     assert time.monotonic() < deadline, server.log()[-2000:]
                     time.sleep(0.05)
             make_fatal(event, netns, server)
@@ -813,6 +814,10 @@ def test_unknown_sandbox_is_one_line_and_nonzero(crishim):
 
 
 _NO_PROTOCOL = b"no stream protocol in common\n"
+_NOT_FOUND_STATUS = (
+    b'{"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", '
+    b'"message": "sandbox \'nosuch\' not found (no /var/run/netns/nosuch)", '
+    b'"reason": "InternalError", "code": 500}')
 
 
 @pytest.mark.parametrize("transport", ["spdy", "websocket"])
@@ -826,7 +831,15 @@ _NO_PROTOCOL = b"no stream protocol in common\n"
      "unable to upgrade connection: 404: nope"),
     # a status of 5,000 digits: int() refuses more than 4,300
     (b"HTTP/1.1 " + b"4" * 5000 + b" Odd\r\n\r\n", "HTTP"),
-], ids=["refused", "latin1-length", "long-status"])
+    # an API server's refusal is a Kubernetes Status: its message, not the JSON
+    (b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n"
+     b"Content-Length: %d\r\n\r\n%s" % (len(_NOT_FOUND_STATUS), _NOT_FOUND_STATUS),
+     "unable to upgrade connection: 500: sandbox 'nosuch' not found (no "
+     "/var/run/netns/nosuch)"),
+    # JSON of another kind is shown as it came
+    (b"HTTP/1.1 500 Oops\r\nContent-Length: 17\r\n\r\n{\"kind\": \"Other\"}",
+     'unable to upgrade connection: 500: {"kind": "Other"}'),
+], ids=["refused", "latin1-length", "long-status", "kubernetes-status", "other-json"])
 def test_refused_upgrade_is_one_line_and_nonzero(transport, answer, expected):
     """A stream server that refuses the upgrade, or answers what is not HTTP: one clear
     error, never an exception of another kind."""
@@ -962,11 +975,25 @@ class HangingUp(FakeServer):
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_stream_server_that_hangs_up_at_once_is_one_line_every_time(tmp_path, transport):
     """It accepts and closes: however the close races the connect (uvloop's transport is
-    closed by the time the connect returns, or not), one line and exit 1."""
+    closed by the time the connect returns, or not), one line and exit 1. With
+    --transport websocket nothing is upgraded before a local client connects (an upgrade
+    dials the pod on most servers): that connection's E line, and forwarding goes on."""
     listener = HangingUp()
     runtime = UrlRuntime(str(tmp_path / "cri.sock"),
                          f"http://127.0.0.1:{listener.port}/portforward/x")
     try:
+        if transport == "websocket":
+            port = free_port()
+            with PortForwardCLI(SimpleNamespace(socket=tmp_path / "cri.sock"),
+                                f"{port}:80", transport=transport) as cli:
+                cli.forwarding(1)
+                for _ in range(3):
+                    assert peers.reset_by_pod(port) == b""
+                cli.wait_stderr(r"^E.* portforward\] error forwarding port "
+                                rf"{port} -> 80: the server closed the connection before")
+                assert cli.interrupt() == 0
+            assert not any("Traceback" in line for line in cli.stderr), cli.stderr
+            return
         for _ in range(3):
             r = run_cli(SANDBOX, ":80", "--runtime-endpoint", f"unix://{tmp_path}/cri.sock",
                         "--transport", transport)
@@ -1039,11 +1066,23 @@ class SettingsOnlyH2(FakeServer):
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_timeout_bounds_the_wait_for_the_upgrade_answer(tmp_path, transport):
-    """--timeout governs the upgrade as it does the CRI call (it was always 10 s)."""
+    """--timeout governs the upgrade as it does the CRI call (it was always 10 s). With
+    --transport websocket the first upgrade is the first local connection's."""
     silent = SilentListener()
     runtime = UrlRuntime(str(tmp_path / "cri.sock"),
                          f"http://127.0.0.1:{silent.sock.getsockname()[1]}/portforward/x")
     try:
+        if transport == "websocket":
+            port = free_port()
+            with PortForwardCLI(SimpleNamespace(socket=tmp_path / "cri.sock"),
+                                f"{port}:80", transport=transport,
+                                extra=("--timeout", "0.5")) as cli:
+                cli.forwarding(1)
+                assert peers.reset_by_pod(port) == b""
+                cli.wait_stderr(rf"error forwarding port {port} -> 80: no answer to the "
+                                r"upgrade from 127\.0\.0\.1:\d+ in 0\.5s$")
+                assert cli.interrupt() == 0
+            return
         r = run_cli(SANDBOX, f"{free_port()}:80", "--runtime-endpoint",
                     str(tmp_path / "cri.sock"), "--transport", transport, "--timeout", "0.5")
     finally:
@@ -1593,3 +1632,75 @@ def test_a_server_that_sends_and_never_reads_ends_the_session_not_the_memory(tra
         thread.join(10)
         listener.close()
     assert "does not read what this session sends" in reason, reason
+
+
+GREETING_PORT = 9014  # sends 1 MiB to whoever connects, counting them
+
+
+class _Greeter(asyncio.Protocol):
+    accepted = 0
+
+    def connection_made(self, transport):
+        type(self).accepted += 1
+        transport.write(b"g" * (1 << 20))
+
+
+def test_websocket_port_forward_connects_to_nothing_in_the_pod_before_a_local_client(
+        crishim, podnet):
+    """kubectl connects to the pod when a local client connects, not before. The WebSocket
+    channel protocol's start-up check was an upgrade, which crishim serve answers by
+    dialling the pod: a pod that sends on connect sent 200 MiB to nobody. Now the start
+    asks the runtime for the sandbox only; the first connection still works."""
+    podnet.listen_extra("127.0.0.1", GREETING_PORT, _Greeter)
+    port = free_port()
+    with PortForwardCLI(crishim, f"{port}:{GREETING_PORT}", transport="websocket") as cli:
+        assert cli.forwarding(1) == expected_forwarding(port, GREETING_PORT)
+        time.sleep(1.0)  # what a dial at start-up would have needed to reach the pod
+        assert _Greeter.accepted == 0, crishim.log()[-2000:]
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+            got = 0
+            while got < 1 << 20:
+                chunk = s.recv(1 << 16)
+                assert chunk, got
+                got += len(chunk)
+        assert _Greeter.accepted == 1
+        assert cli.interrupt() == 0
+    assert not any("Traceback" in line for line in cli.stderr), cli.stderr
+
+
+def test_websocket_port_forward_reports_an_unknown_sandbox_before_listening(crishim):
+    """The start-up check left: the runtime's answer for the sandbox, before any
+    Forwarding line."""
+    r = run_cli("nosuch", "0:8080", "--runtime-endpoint", f"unix://{crishim.socket}",
+                "--transport", "websocket")
+    assert r.returncode == 1, r
+    assert "Forwarding" not in r.stdout, r
+    assert r.stderr.startswith("error: ") and "nosuch" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("transport", ["spdy", "websocket"])
+def test_a_closed_stdout_stops_the_lines_not_the_forwarding(crishim, transport):
+    """`crishim port-forward ... | head -1`: the reader gone, a BrokenPipeError was a
+    traceback (the next Forwarding line) or an `Exception in callback` per connection
+    (its Handling line). Now nothing more is printed and forwarding goes on."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crishim", "port-forward", SANDBOX, f"{port}:{HTTP_PORT}",
+         "--runtime-endpoint", f"unix://{crishim.socket}", "--transport", transport],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().startswith(b"Forwarding from")
+        proc.stdout.close()
+        for _ in range(3):
+            assert peers.http_get(port).endswith(HTTP_BODY)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+    assert stderr == "", stderr

@@ -193,6 +193,22 @@ def test_missing_pod_is_reported_before_listening(
         assert not pf.local and not api.port_forward_calls
 
 
+def test_an_upgrade_the_api_server_refuses_shows_the_status_message(
+        crishim: CrishimProcess, kubeconfig_dir: str) -> None:
+    """The pod's sandbox is unknown to the runtime: the API server refuses the upgrade
+    with a Status, and its message was shown as raw JSON."""
+    with standin_for(crishim, {"web": "nosuch"}) as api:
+        config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"))
+        with CrishimClusterForward("--kubeconfig", config, "pod/web", f":{ECHO_PORT}") as pf:
+            assert pf.wait() == 1
+    errors = [line for line in pf.stderr if line.startswith("error: ")]
+    assert len(errors) == 1, pf.output()
+    assert re.fullmatch(r"error: unable to upgrade connection: \d{3}: .*sandbox "
+                        r"'nosuch' not found.*", errors[0]), errors
+    assert '"kind"' not in pf.output() and "{" not in errors[0], pf.output()
+    assert not pf.local
+
+
 def test_pod_not_running_is_refused_as_kubectl(
         crishim: CrishimProcess, kubeconfig_dir: str) -> None:
     with standin_for(crishim, phases={"web": "Pending"}) as api:

@@ -5,6 +5,7 @@ import asyncio
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h11
 import pytest
@@ -353,6 +354,58 @@ def test_spdy_data_dropped_for_a_stream_reset_here_gives_the_session_window_back
             writer.transport.abort()  # the local connection reset: the stream is reset
             await asyncio.wait_for(reset.wait(), 5)
             await until(lambda: sum(d for sid, d in updates if sid == 0) >= 300_000)
+            session.close()
+
+    asyncio.run(main())
+
+
+async def _spdy_resetting_data(reader: asyncio.StreamReader,
+                               writer: asyncio.StreamWriter) -> None:
+    """Answers each pair, then resets its data stream with CANCEL."""
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                 b"Upgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: portforward.k8s.io\r\n\r\n")
+    codec = spdy.SpdyConnection(spdy.SpdyConfig())
+    while data := await reader.read(65536):
+        for ev in codec.receive_data(data):
+            if isinstance(ev, spdy.StreamOpened):
+                codec.reply(ev.stream_id, {})
+                if ev.headers.get("streamtype") == "data":
+                    codec.reset_stream(ev.stream_id, spdy.CANCEL)
+        writer.write(codec.data_to_send())
+    writer.close()
+
+
+async def _h2_resetting_data(reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> None:
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    conn.initiate_connection()
+    writer.write(conn.data_to_send())
+    while data := await reader.read(65536):
+        for ev in conn.receive_data(data):
+            if isinstance(ev, h2.events.RequestReceived):
+                conn.send_headers(ev.stream_id, [(":status", "200")])
+                if (b"streamtype", b"data") in ev.headers:
+                    conn.reset_stream(ev.stream_id, h2.errors.ErrorCodes.CANCEL)
+        writer.write(conn.data_to_send())
+    writer.close()
+
+
+@pytest.mark.parametrize("transport", ["spdy", "h2"])
+def test_a_reset_from_the_server_names_its_code_the_same_on_spdy_and_h2(transport):
+    """SPDY said `(RST_STREAM status 5)`, HTTP/2 `(RST_STREAM 8)`: both CANCEL."""
+
+    async def main() -> None:
+        server = await asyncio.start_server(
+            _spdy_resetting_data if transport == "spdy" else _h2_resetting_data,
+            "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            session = await open_session(f"http://127.0.0.1:{port}/portforward/x",
+                                         transport, ping_interval=0)
+            stream, _ = await session.open_connection(7000, asyncio.Protocol)
+            await until(lambda: stream.failure, 5)
+            assert stream.failure == "the server reset the connection (RST_STREAM CANCEL)"
             session.close()
 
     asyncio.run(main())

@@ -127,7 +127,8 @@ def test_without_userinfo_hides_credentials_and_nothing_else(url, shown):
 @pytest.mark.parametrize("flag,value", [
     ("--timeout", "inf"), ("--timeout", "nan"), ("--timeout", "0"), ("--timeout", "-1"),
     ("--timeout", "soon"), ("--ping-interval", "0.001"), ("--ping-interval", "-1"),
-    ("--ping-interval", "inf"),
+    ("--ping-interval", "inf"), ("--timeout", "30x"), ("--timeout", "0s"),
+    ("--timeout", "1e300h"), ("--ping-interval", "1ms"),
 ])
 def test_the_cli_refuses_seconds_it_cannot_use(capsys, flag: str, value: str):
     """inf was 'timed out after infs' at once; a PING every 1 ms ran past crishim serve's
@@ -145,3 +146,15 @@ def test_the_cli_takes_seconds_it_can_use():
     args = build_parser().parse_args(["port-forward", "sandbox", "8080", "--ping-interval",
                                       "0.2"])
     assert args.ping_interval == 0.2
+
+
+@pytest.mark.parametrize("command", [["port-forward", "sandbox", "8080"],
+                                     ["check", "--sandbox", "sandbox"]])
+def test_the_cli_takes_durations_as_serve_does(command):
+    """`--timeout 30s` was "'30s' is not a number of seconds" while `serve` takes Go-style
+    durations; a bare number stays seconds."""
+    for given, seconds in (("30s", 30.0), ("1m30s", 90.0), ("250ms", 0.25), ("2", 2.0)):
+        assert build_parser().parse_args([*command, "--timeout", given]).timeout == seconds
+    if command[0] == "port-forward":
+        assert build_parser().parse_args([*command, "--ping-interval", "500ms"]
+                                         ).ping_interval == 0.5

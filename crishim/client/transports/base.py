@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import ssl
 import sys
 import termios
@@ -97,6 +98,12 @@ class ForwardError(Exception):
     def __init__(self, message: str, fatal: bool = False) -> None:
         super().__init__(message)
         self.fatal = fatal
+
+
+def reset_by_server(code: int, name: str | None) -> str:
+    """A stream the server reset, the same words on SPDY and HTTP/2: the RST_STREAM
+    code's name where it has one (`RST_STREAM CANCEL`), else its number."""
+    return f"the server reset the connection (RST_STREAM {name or f'status {code}'})"
 
 
 def ca_bundle_problem(path: str) -> str:
@@ -1014,9 +1021,27 @@ def _refusal(status: int, headers: dict[str, list[str]], body: bytes) -> Upgrade
         body = body[:int(length)]
     cut = len(body) > REFUSAL_BODY_KEPT
     text = body[:REFUSAL_BODY_KEPT].decode("utf-8", "replace").strip() or "no reason given"
-    if cut:
+    message = None if cut else _status_message(text)
+    if message is not None:
+        text = message
+    elif cut:
         text += f"… (the body's first {REFUSAL_BODY_KEPT} bytes)"
     return UpgradeRefused(status, f"unable to upgrade connection: {status}: {text}")
+
+
+def _status_message(text: str) -> str | None:
+    """The message of a Kubernetes Status body (an API server's refusal: client-go shows
+    it, not the JSON), or None for any other body."""
+    if not text.startswith("{"):
+        return None
+    try:
+        status = json.loads(text)
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
+        return None
+    if not isinstance(status, dict) or status.get("kind") != "Status":
+        return None
+    message = status.get("message")
+    return message.strip() or None if isinstance(message, str) else None
 
 
 async def read_upgrade_answer(conn: UpgradeProtocol, target: Target,

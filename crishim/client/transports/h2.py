@@ -28,6 +28,7 @@ from crishim.client.transports.base import (
     Target,
     UpgradeProtocol,
     UpgradeRefused,
+    reset_by_server,
 )
 from crishim.protocols.buffers import Outbound
 from crishim.protocols.constants import (
@@ -286,7 +287,9 @@ class H2ClientSession(StreamPairSession):
             if refusal is not None:
                 stream._remote_reset(f"the server refused the stream ({refusal.strip()})")
             elif reset:
-                stream._remote_reset(f"the server reset the connection (RST_STREAM {code!s})")
+                number = int(code or 0)
+                stream._remote_reset(reset_by_server(
+                    number, code.name if isinstance(code, ErrorCodes) else None))
             else:
                 stream._remote_eof()
             return

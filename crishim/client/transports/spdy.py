@@ -15,6 +15,7 @@ from crishim.client.transports.base import (
     UpgradeProtocol,
     UpgradeRefused,
     read_upgrade_answer,
+    reset_by_server,
 )
 from crishim.protocols import spdy
 from crishim.protocols import websocket as ws
@@ -34,6 +35,13 @@ from crishim.protocols.negotiation import TCP
 # window taken before it is given back (per stream, and for the session): a sixteenth of
 # a stream's, so a stream that is read never waits for its window
 ACK_EVERY = H2_STREAM_WINDOW // 16
+
+
+# SPDY/3.1's RST_STREAM status codes by number, for what a reset stream's reason says
+RST_STREAM_NAMES = {getattr(spdy, name): name for name in (
+    "PROTOCOL_ERROR", "INVALID_STREAM", "REFUSED_STREAM", "UNSUPPORTED_VERSION", "CANCEL",
+    "INTERNAL_ERROR", "FLOW_CONTROL_ERROR", "STREAM_IN_USE", "STREAM_ALREADY_CLOSED",
+    "INVALID_CREDENTIALS", "FRAME_TOO_LARGE")}
 
 
 class SpdyClientSession(StreamPairSession):
@@ -213,8 +221,11 @@ class SpdyClientSession(StreamPairSession):
                 case spdy.StreamReset() | spdy.StreamError():
                     stream = streams.get(event.stream_id)
                     if stream is not None:
-                        why = getattr(event, "reason", "") or f"RST_STREAM status {event.status}"
-                        stream._remote_reset(f"the server reset the connection ({why})")
+                        why = getattr(event, "reason", "")
+                        stream._remote_reset(
+                            f"the server reset the connection ({why})" if why
+                            else reset_by_server(event.status,
+                                                 RST_STREAM_NAMES.get(event.status)))
                         continue
                     stream = self._error_streams.get(event.stream_id)
                     if stream is not None:
