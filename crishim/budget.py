@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from crishim.logs import traceback_once
+
 
 class TokenBucket:
     """`rate` tokens a second, at most `burst` saved up; `take` spends one (or n)."""
@@ -52,10 +54,16 @@ class LogBudget:
         self.suppressed = 0
         self._timer: asyncio.TimerHandle | None = None
 
-    def log(self, level: int, msg: str, *args: object, **kwargs: Any) -> None:
+    def log(self, level: int, msg: str, *args: object,
+            traceback_of: BaseException | None = None, **kwargs: Any) -> None:
+        """`traceback_of`: an unexpected exception, whose traceback the line carries if it
+        is the first of its type written in this process (traceback_once: decided only
+        for a line that is written, so a line the budget drops takes no traceback's turn)."""
         if not self.logger.isEnabledFor(level):
             return
         if self._bucket is None or self._bucket.take():
+            if traceback_of is not None:
+                kwargs["exc_info"] = traceback_once(traceback_of)
             self.logger.log(level, msg, *args, **kwargs)
             return
         self.suppressed += 1

@@ -81,7 +81,6 @@ from hyperframe.frame import Frame, GoAwayFrame, RstStreamFrame
 
 from crishim.forward import ForwardedConnection
 from crishim.forward_udp import ForwardedFlow
-from crishim.logs import traceback_once
 from crishim.protocols.buffers import Outbound
 from crishim.protocols.constants import DIAL_ON_DATA, HEADER_DIAL, PORTFORWARD_PROTOCOL
 from crishim.protocols.h2 import (
@@ -460,7 +459,7 @@ class H2PortForwardSession(PairedStreamSession):
             return
         except Exception as e:  # a plugin bug ends this connection, not the server
             self.refusal_log.log(logging.ERROR, "h2: admitting the first stream failed: %s: %s",
-                                 type(e).__name__, e, exc_info=traceback_once(e))
+                                 type(e).__name__, e, traceback_of=e)
             if not self._closed:
                 self._refuse_stream(sid, Refused(500, f"internal error: {e}"), client_done)
                 self._send_goaway(ErrorCodes.INTERNAL_ERROR)

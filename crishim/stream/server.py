@@ -17,7 +17,6 @@ import h11
 
 from crishim.budget import LogBudget
 from crishim.forward import ForwardContext
-from crishim.logs import traceback_once
 from crishim.memory import MemoryReleaser
 from crishim.stream import portforward_h2, portforward_spdy, portforward_ws
 from crishim.stream.admission import (
@@ -232,7 +231,7 @@ class StreamServer:
         except Exception as e:  # a bug: a line within the refusal budget, a traceback once
             self.refusal_log.log(logging.ERROR, "stream request %s %s failed: %s: %s",
                                  request.method, redact(request.target), type(e).__name__, e,
-                                 exc_info=traceback_once(e))
+                                 traceback_of=e)
             transport.write(http1_refusal(Refused(500, "internal error")))
             transport.close()
 

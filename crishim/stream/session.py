@@ -547,7 +547,8 @@ class PairedStreamSession(WindowedSends, WithheldWindows, ServerSession):
                                   ctx.max_per_session)
         self._by_stream: dict[int, ForwardedConnection | ForwardedFlow] = {}  # data stream id
         self._window_granted = 0  # our session window, from the buffer budget
-        self._failure_log: LogBudget | None = None
+        self._failure_lines = 0  # lines about streams a bug failed (_event_failed)
+        self._failures_unlogged = 0
 
     # --- what each protocol provides -----------------------------------------------------
     @abstractmethod
@@ -591,26 +592,29 @@ class PairedStreamSession(WindowedSends, WithheldWindows, ServerSession):
     def _event_failed(self, event: object, error: Exception) -> None:
         """A bug while handling one of the client's events: its stream is reset, the
         session and its other streams go on. A line each, ours not the client's (not
-        charged to protocol_error_log_lines), within log_lines_per_second (a client that
-        finds such a bug may not flood the log with it); the traceback once per type
-        (traceback_once)."""
+        charged to its protocol errors), but as many as protocol_error_log_lines a session
+        (a client that finds such a bug may trigger it on every frame), the rest counted
+        in one line as the session ends; the traceback once per type (traceback_once)."""
         sid = getattr(event, "stream_id", 0) or 0
-        if self._failure_log is None:
-            self._failure_log = LogBudget(
-                self.protocol_log, self.ctx.flood.log_lines_per_second,
-                f"{self.transport_name} sandbox={self.sandbox_id.replace('%', '%%')}: %d "
-                "more failed-stream lines not logged")
-        self._failure_log.log(logging.ERROR, "%s sandbox=%s: stream %d failed, resetting it: "
-                              "%s: %s", self.transport_name, self.sandbox_id, sid,
-                              type(error).__name__, error, exc_info=traceback_once(error))
+        if self._failure_lines < self.ctx.flood.protocol_error_log_lines:
+            self._failure_lines += 1
+            self.protocol_log.error("%s sandbox=%s: stream %d failed, resetting it: %s: %s",
+                                    self.transport_name, self.sandbox_id, sid,
+                                    type(error).__name__, error,
+                                    exc_info=traceback_once(error))
+        else:
+            self._failures_unlogged += 1
         if sid:
             self._reset_failed_stream(sid)
 
     def end(self, close_transport: bool) -> None:
         self.ctx.return_window(self._window_granted)
         self._window_granted = 0
-        if self._failure_log is not None:
-            self._failure_log.flush()
+        if self._failures_unlogged:
+            self.protocol_log.error("%s sandbox=%s: %d more failed streams not logged "
+                                    "(protocol_error_log_lines)", self.transport_name,
+                                    self.sandbox_id, self._failures_unlogged)
+            self._failures_unlogged = 0
         super().end(close_transport)
 
     def close_transport(self) -> None:

@@ -4,8 +4,10 @@ privileges.
 Sandboxes resolve as in the netns plugin (a named netns under netns_dir, or the explicit
 `sandboxes` map), or through the upstream runtime's PodSandboxStatus as the containerd
 plugin does when upstream_endpoint is set (both lookups live in crishim.sandboxes). The
-shim never opens the netns: it only checks that the path exists, and when it may not look
-(a /proc/<pid>/ns/net of another user) it asks the helper. Each dial is one unix
+shim never opens the netns: it only checks that the path exists and looks like one (an
+O_PATH look at its filesystem), and when it may not look (a /proc/<pid>/ns/net of another
+user) or its view says no namespace (its mounts need not follow the host's) it asks the
+helper. Each dial is one unix
 connection to helper_socket (protocol: crishim.helper.protocol). In helper_mode fd the
 connected TCP socket comes back by SCM_RIGHTS; in socat mode the unix connection itself
 carries the bytes. A helper that is down or restarting fails only the dials made
@@ -28,6 +30,7 @@ from crishim.helper.protocol import (
     read_line,
     send_line,
 )
+from crishim.netns import not_a_namespace
 from crishim.runtime import (
     DialFailed,
     RuntimePlugin,
@@ -67,7 +70,7 @@ class HelperPodRuntime(RuntimePlugin):
             return self.names.resolve(sandbox_id)
         except (SandboxNotFound, SandboxGone):
             path = self.names.path_of(sandbox_id)  # never HOST: that resolves without error
-            if path is None or not _hidden_from_us(path):
+            if path is None or not (_hidden_from_us(path) or not_a_namespace(path)):
                 raise
             try:
                 exists = await self.exists(path)

@@ -177,13 +177,14 @@ def test_a_failed_request_is_a_budgeted_line_with_one_traceback(caplog, monkeypa
     assert any("not logged" in r.getMessage() for r in caplog.records)
 
 
-def test_failed_stream_lines_are_within_the_sessions_log_budget(caplog):
-    """A client that finds a bug may trigger it on every frame: its lines are as many as
-    log_lines_per_second allows (bursts of 10x), the rest counted in one line at the end."""
+def test_failed_stream_lines_are_as_many_as_protocol_error_log_lines(caplog):
+    """A client that finds a bug may trigger it on every frame: a session logs
+    protocol_error_log_lines of them, the rest counted in one line as it ends (with
+    log_lines_per_second as the bound instead, 5,000 such frames wrote 1,001 lines)."""
     async def run() -> SpdyPortForwardSession:
         session = SpdyPortForwardSession(
             ForwardContext(NamedNetnsRuntime(Config()), flood=FloodLimits(
-                log_lines_per_second=1)), Sandbox("sb", "/nonexistent"),
+                protocol_error_log_lines=3)), Sandbox("sb", "/nonexistent"),
             5.0, 0.0, lambda chunks: None, lambda: None)
         session.codec = _Codec([_Event(2 * i + 1) for i in range(50)])  # type: ignore[assignment]
         _buggy_on(session, {2 * i + 1 for i in range(50)})
@@ -193,7 +194,22 @@ def test_failed_stream_lines_are_within_the_sessions_log_budget(caplog):
 
     with caplog.at_level(logging.INFO):
         asyncio.run(run())
-    lines = _failures(caplog, "crishim.spdy")
-    assert len(lines) == 10  # the burst
-    assert any("40 more failed-stream lines not logged" in r.getMessage()
-               for r in caplog.records)
+    assert len(_failures(caplog, "crishim.spdy")) == 3
+    assert [r.getMessage() for r in caplog.records if "not logged" in r.getMessage()] == [
+        "spdy sandbox=sb: 47 more failed streams not logged (protocol_error_log_lines)"]
+
+
+def test_a_traceback_is_not_spent_on_a_line_the_budget_drops(caplog):
+    """traceback_once was asked before the budget decided: a first failure whose line was
+    dropped (the refusal budget spent by a client's bad tokens) took its type's only
+    traceback with it."""
+    budget = LogBudget(logging.getLogger("crishim.t"), 1, "%d more")
+    with caplog.at_level(logging.INFO, logger="crishim.t"):
+        for _ in range(10):
+            budget.log(logging.INFO, "spend the burst")
+        budget.log(logging.ERROR, "dropped", traceback_of=KeyError("first"))
+        budget._bucket = None  # type: ignore[assignment]  # the budget has room again
+        budget.log(logging.ERROR, "written", traceback_of=KeyError("second"))
+    written = [r for r in caplog.records if r.getMessage() == "written"]
+    assert len(written) == 1 and written[0].exc_info is not None
+    assert not [r for r in caplog.records if r.getMessage() == "dropped"]
