@@ -179,7 +179,8 @@ class Crishim:
         server = grpc.aio.server(
             options=[*_MESSAGE_LIMITS,
                      ("grpc.max_concurrent_streams", max(1, cfg.max_cri_calls // 4)),
-                     ("grpc.max_allowed_incoming_connections", cfg.max_cri_connections)],
+                     ("grpc.max_allowed_incoming_connections", cfg.max_cri_connections),
+                     ("grpc.max_connection_idle_ms", max(1, int(cfg.cri_idle_timeout * 1000)))],
             maximum_concurrent_rpcs=cfg.max_cri_calls)
         server.add_generic_rpc_handlers(
             (CriHandler(service, self.upstream, cfg.upstream_version),))

@@ -117,6 +117,7 @@ class Config:
     max_request_bytes: int = 64 * 1024
     max_cri_calls: int = 4096
     max_cri_connections: int = 64
+    cri_idle_timeout: float = 300.0
     max_connections_per_session: int = 4096
     max_connections: int = 65536
     reserved_fds: int = 256
@@ -169,7 +170,7 @@ class Config:
         # 0 is no "off" for these: a request timeout of 0 answered every upgrade 408, a
         # creation timeout of 0 failed every pair (stream_idle_timeout 0 is: no idle close)
         for name in ("udp_flow_idle_timeout", "dial_timeout", "read_turn", "token_ttl",
-                     "stream_request_timeout", "stream_creation_timeout"):
+                     "stream_request_timeout", "stream_creation_timeout", "cri_idle_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive")
         for name in ("stream_idle_timeout", "drain_timeout"):  # 0: never / at once
@@ -309,6 +310,10 @@ SETTINGS: dict[str, Setting] = {
     "max_cri_connections": Setting("most connections to the CRI socket at once (the kubelet "
                                    "keeps one or two); past it a new one is closed before "
                                    "its handshake. They come out of reserved_fds", "int"),
+    "cri_idle_timeout": Setting("a connection to the CRI socket with no call in progress "
+                                "this long is closed (GOAWAY; a gRPC client connects again "
+                                "at its next call), so idle ones do not hold "
+                                "max_cri_connections (e.g. 5m)", "duration"),
     "max_connections_per_session": Setting("most live forwarded connections in one streaming "
                                            "session (at most half of the global limit); past "
                                            "it new streams are refused", "int"),

@@ -241,3 +241,34 @@ def test_a_refused_port_forward_is_logged_with_its_reason(crishim):
     assert "WARNING" in lines[0] and "sandbox='nosuch-sandbox' ports=[] refused: NOT_FOUND: " \
         in lines[0], lines
     assert f"sandbox={SANDBOX!r} ports=[0] refused: INVALID_ARGUMENT: " in lines[1], lines
+
+
+def test_an_idle_cri_connection_is_closed_and_a_grpc_client_connects_again(podnet):
+    """Established idle connections held max_cri_connections for good (64 of them locked
+    out a kubelet that reconnected): one with no call in progress for cri_idle_timeout
+    gets GOAWAY and is closed; a gRPC client's next call connects again."""
+    import socket
+
+    from tests.support.crishim_proc import CrishimProcess
+
+    with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}",
+                        "--cri-idle-timeout", "1s") as proc:
+        proc.runtime.Version(api_pb2.VersionRequest(), timeout=10)
+        idle = socket.socket(socket.AF_UNIX)
+        idle.connect(proc.socket)
+        idle.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\4\0\0\0\0\0")  # SETTINGS
+        idle.settimeout(15)
+        start = time.monotonic()
+        frames = b""
+        try:
+            while chunk := idle.recv(4096):
+                frames += chunk
+        except ConnectionResetError:
+            pass
+        idle.close()
+        assert time.monotonic() - start < 10
+        assert b"\x07\x00\x00\x00\x00\x00" in frames  # a GOAWAY frame header (type 7)
+        time.sleep(1.5)  # the test's own channel went idle too
+        proc.runtime.Version(api_pb2.VersionRequest(), timeout=10)
+        log = proc.log()
+    assert "Traceback" not in log
