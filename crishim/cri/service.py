@@ -23,6 +23,8 @@ from crishim.tokens import StreamRequest, TokensExhausted, TokenStore
 log = logging.getLogger("crishim.cri")
 
 RUNTIME_SERVICE = "runtime.v1.RuntimeService"
+RUNTIME_APIS = ("runtime.v1", "runtime.v1alpha2")
+_PASSED_PREFIXES = tuple(f"/{api}." for api in RUNTIME_APIS)
 KUBELET_API_VERSION = "0.1.0"
 # metadata gRPC itself sets on a call (and every reserved grpc-*/:pseudo key); everything
 # else is carried to the upstream
@@ -192,15 +194,17 @@ def _typed(method: Callable[..., Any], request_type: type[Message],
 
 
 class CriHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # stubs: generic
-    """Routes every /runtime.v1.* method: ours typed, the rest to the upstream."""
+    """Routes every /runtime.v1.* and /runtime.v1alpha2.* method: ours typed, the rest to
+    the upstream. v1alpha2 (what containerd 1.6 and 1.7 still serve, for crictl and
+    kubelets older than 1.26) has the same PortForward messages on the wire: crishim
+    answers it too, or those clients would get the upstream's own stream URL."""
 
     def __init__(self, service: CriService, upstream: grpc.aio.Channel | None,
                  upstream_version: bool = True) -> None:
-        self.own = {
-            f"/{RUNTIME_SERVICE}/PortForward": _typed(service.PortForward,
-                                                      api_pb2.PortForwardRequest,
-                                                      service.max_request_bytes),
-        }
+        port_forward = _typed(service.PortForward, api_pb2.PortForwardRequest,
+                              service.max_request_bytes)
+        self.own = {f"/{api}.RuntimeService/PortForward": port_forward
+                    for api in RUNTIME_APIS}
         if upstream is None or not upstream_version:
             self.own[f"/{RUNTIME_SERVICE}/Version"] = _typed(service.Version,
                                                              api_pb2.VersionRequest,
@@ -213,7 +217,7 @@ class CriHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # stubs: ge
         handler = self.own.get(method)
         if handler is not None:
             return handler
-        if not method.startswith("/runtime.v1."):
+        if not method.startswith(_PASSED_PREFIXES):
             return None
         if self.upstream is None:
             return grpc.stream_stream_rpc_method_handler(self._unimplemented(method))

@@ -430,3 +430,28 @@ def test_metadata_from_the_upstream_that_grpc_forbids_is_dropped_not_fatal() -> 
     finally:
         upstream.close()
     assert "Traceback" not in log and "Invalid metadata" not in log
+
+
+def test_v1alpha2_is_passed_through_and_its_port_forward_is_crishims(
+        proxy: CrishimProcess, upstream: RecordingUpstream) -> None:
+    """containerd 1.6 and 1.7 still serve runtime.v1alpha2 (crictl and kubelets before
+    1.26): crishim answered it UNIMPLEMENTED. Its calls pass through now, and its
+    PortForward (the same messages on the wire) is crishim's, not the upstream's URL."""
+    before = len(upstream.calls)
+    status = proxy.channel.unary_unary("/runtime.v1alpha2.RuntimeService/Status",
+                                       request_serializer=None, response_deserializer=None)
+    answer = api_pb2.StatusResponse.FromString(
+        status(api_pb2.StatusRequest().SerializeToString(), timeout=10))
+    assert "remaining" in answer.info
+    port_forward = proxy.channel.unary_unary(
+        "/runtime.v1alpha2.RuntimeService/PortForward", request_serializer=None,
+        response_deserializer=None)
+    with pytest.raises(grpc.RpcError) as v1alpha2:
+        port_forward(api_pb2.PortForwardRequest(pod_sandbox_id="x").SerializeToString(),
+                     timeout=10)
+    with pytest.raises(grpc.RpcError) as v1:
+        proxy.runtime.PortForward(api_pb2.PortForwardRequest(pod_sandbox_id="x"), timeout=10)
+    assert v1alpha2.value.code() == v1.value.code()  # crishim's own answer, both times
+    names = [name for name, _, _ in upstream.calls[before:]]
+    assert names[0] == "Status" and "PortForward" not in names
+    assert names.count("PodSandboxStatus") == 2  # crishim resolving the sandbox, twice
