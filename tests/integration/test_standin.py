@@ -410,3 +410,33 @@ def test_discovery_shapes():
         assert pod["spec"]["containers"][0]["ports"] == [{"containerPort": 80, "protocol": "TCP"}]
         assert get("/openapi/v2")[0] == 404
         assert get("/version")[0] == 200
+
+
+@pytest.mark.parametrize("kubectl", [KUBECTL_127, KUBECTL_133])
+def test_named_container_ports_as_the_api_server_returns_them(kubectl):
+    """Pods carry named ports with their protocol, in the API server's shape, and kubectl
+    resolves names against them, refuses a name none has, and a port that is UDP only."""
+    kubectl = _need(kubectl)
+    backend = Backend("spdy")
+    try:
+        with KubeStandIn({"web": "sb"}, lambda sb, ports: backend.url(),
+                         container_ports=[80, ("http", 8080), ("dns", 53, "UDP")]) as k:
+            port = int(k.server_url.rsplit(":", 1)[1])
+            resp = _raw_request(port, b"GET /api/v1/namespaces/default/pods/web HTTP/1.1\r\n"
+                                      b"Host: x\r\nConnection: close\r\n\r\n")
+            pod = json.loads(resp.split(b"\r\n\r\n", 1)[1])
+            assert pod["spec"]["containers"][0]["ports"] == [
+                {"containerPort": 80, "protocol": "TCP"},
+                {"name": "http", "containerPort": 8080, "protocol": "TCP"},
+                {"name": "dns", "containerPort": 53, "protocol": "UDP"}]
+            with run_kubectl_port_forward(kubectl, k.server_url, "pod/web",
+                                          [":http"]) as pf:
+                pf.wait_ready([8080])
+            for spec, error in ((":nope", "Pod 'web' does not have a named port 'nope'"),
+                                (":dns", "UDP protocol is not supported for dns")):
+                with run_kubectl_port_forward(kubectl, k.server_url, "pod/web", [spec],
+                                              wait_ready=False) as pf:
+                    assert pf.wait(30) == 1
+                    assert pf.output() == f"error: {error}\n"
+    finally:
+        backend.close()

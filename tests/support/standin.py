@@ -708,7 +708,8 @@ class KubeStandIn:
     pod sandbox id. ``port_forward(sandbox_id, ports)`` stands for the runtime's CRI
     ``PortForward``; it may be synchronous (run in an executor) or async, and returns
     the stream URL. ``container_ports`` are the ports listed in each pod's spec
-    (numbers, or ``(name, number)`` pairs for named ports).
+    (numbers, or ``(name, number)`` pairs for named ports, or ``(name, number,
+    protocol)`` with protocol ``"TCP"``, ``"UDP"`` or ``"SCTP"``).
 
     Attributes for tests: ``requests`` (every HTTP request, upgrades included, as
     ``RequestRecord``), ``upgrades`` (each proxied upgrade, ``UpgradeRecord``),
@@ -720,7 +721,7 @@ class KubeStandIn:
         pods: Mapping[str, str],
         port_forward: PortForwardFn,
         *,
-        container_ports: Sequence[int | tuple[str, int]] = (80,),
+        container_ports: Sequence[int | tuple[str, int] | tuple[str, int, str]] = (80,),
         host: str = "127.0.0.1",
         port: int = 0,
         splice: bool = True,
@@ -991,8 +992,11 @@ class KubeStandIn:
             (namespace, name), str(uuid.uuid5(uuid.NAMESPACE_URL, f"standin/{namespace}/{name}")))
         ports = []
         for p in self.container_ports:
+            # as the API server answers: fields in the Go struct's order, protocol
+            # defaulted to TCP, no name key for an unnamed port
             if isinstance(p, tuple):
-                ports.append({"name": p[0], "containerPort": p[1], "protocol": "TCP"})
+                ports.append({"name": p[0], "containerPort": p[1],
+                              "protocol": p[2] if len(p) > 2 else "TCP"})
             else:
                 ports.append({"containerPort": p, "protocol": "TCP"})
         now = "2025-01-01T00:00:00Z"
