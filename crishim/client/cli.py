@@ -142,7 +142,13 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                     "first, then the WebSocket tunnel is tried and SPDY used where the "
                     "server does not offer it. "
                     "PORT specs: 5000 (5000 -> 5000), 6000:5000, :5000 or 0:5000 (a free "
-                    "local port); a spec ending in /udp (5353:53/udp) forwards UDP, one "
+                    "local port); with --kubeconfig the remote port may be a container "
+                    "port's name from the pod's spec (8080:http, :http; http alone listens "
+                    "on its number), as kubectl: a name no container port has, or a port "
+                    "the pod declares only as UDP, is kubectl's error, and a name with "
+                    "/udp or /tcp picks the port of that name with that protocol; without "
+                    "--kubeconfig a port is a number. "
+                    "A spec ending in /udp (5353:53/udp) forwards UDP, one "
                     "flow per local peer address, where the runtime's stream server "
                     "negotiates crishim's extension (crishim serve does; containerd and "
                     "CRI-O do not, and the /udp specs are then refused with one line while "
@@ -159,7 +165,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                     "ends it with 0.")
     pf.add_argument("sandbox", metavar="TARGET",
                     help="pod sandbox id; with --kubeconfig: pod/NAME or NAME")
-    pf.add_argument("ports", metavar="[LOCAL:]REMOTE[/udp]", nargs="+", help="port specs")
+    pf.add_argument("ports", metavar="[LOCAL:]REMOTE[/udp]", nargs="+",
+                    help="port specs; with --kubeconfig REMOTE may be a container port's "
+                         "name")
     _add_common(pf, pod_get=True)
     pf.add_argument("--kubeconfig", metavar="FILE",
                     help="go through this cluster's API server (pods/portforward) instead "
@@ -284,14 +292,19 @@ def _port_forward_through_cluster(args: argparse.Namespace) -> int:
     # SIGTERM during it end the command as they do once it forwards, exit 0
     term = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        specs = portforward.parse_port_specs(args.ports)
+        texts = list(args.ports)
+        specs = portforward.parse_port_specs(texts, names=True)
         addresses = portforward.listen_addresses(args.address)
         name = cluster.pod_name(args.sandbox)
         target = cluster.load_cluster(args.kubeconfig, args.context, args.namespace,
                                       args.insecure_skip_tls_verify,
                                       args.certificate_authority)
         forward = cluster.ClusterForward(target, name, args.transport or "auto", args.timeout)
-        cluster.check_pod(target, name, args.timeout)
+        pod = cluster.fetch_pod(target, name, args.timeout)
+        # kubectl's order: names are resolved before the pod's phase is looked at
+        specs = cluster.resolve_named_ports(texts, specs, pod)
+        portforward.refuse_repeated_local_ports(texts, specs)
+        cluster.check_running(pod)
     except portforward.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

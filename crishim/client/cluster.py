@@ -8,7 +8,8 @@ that Configuration crishim builds its own TLS context and Authorization header a
 its own client session: the WebSocket tunnel (SPDY over WebSocket, kubectl 1.31+) where
 the server offers it, else the SPDY upgrade (client-go's fallback on a failed WebSocket
 upgrade). As kubectl, the pod is fetched first: not found, or not running, is reported
-before any port is bound.
+before any port is bound, and a named remote port (`8080:http`) is resolved against the
+pod's container ports, as kubectl's convertPodNamedPortToNumber.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from crishim.client.portforward import PortSpec
 from crishim.client.transports import ClientSession, UpgradeRefused, open_session
 
 # the transports an API server's pods/portforward offers; "auto" is kubectl's choice
@@ -125,8 +127,8 @@ def pod_name(target: str) -> str:
     return name
 
 
-def check_pod(cluster: Cluster, name: str, timeout: float) -> None:
-    """GET the pod as kubectl does before forwarding: it must exist and be Running."""
+def fetch_pod(cluster: Cluster, name: str, timeout: float) -> dict[str, Any]:
+    """GET the pod as kubectl does before forwarding: it must exist."""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import HTTPError
@@ -149,10 +151,72 @@ def check_pod(cluster: Cluster, name: str, timeout: float) -> None:
     except ValueError as e:
         raise ClusterError(f"error: the server's answer for pod {name!r} is not JSON: {e}"
                            ) from None
-    phase = (pod.get("status") or {}).get("phase", "")
+    if not isinstance(pod, dict):
+        raise ClusterError(f"error: the server's answer for pod {name!r} is not an object")
+    return pod
+
+
+def resolve_named_ports(texts: list[str], specs: list[PortSpec], pod: dict[str, Any]
+                        ) -> list[PortSpec]:
+    """The specs (parsed from `texts`) with each named remote port replaced by the number
+    of the first container port of that name in the pod's spec.containers, as kubectl's
+    convertPodNamedPortToNumber (a `/tcp` or `/udp` suffix, crishim's, also asks for that
+    protocol). As kubectl's checkUDPPortInPod, a TCP spec, named or not, whose number the
+    pod declares only as UDP is refused. A name no container port has is kubectl's error;
+    the first failing spec in order is the one reported, as kubectl."""
+    pod_name = str(_field(pod, "metadata").get("name") or "")
+    ports = [port for container in _items(_field(pod, "spec").get("containers"))
+             for port in _items(container.get("ports"))]
+    by_protocol: dict[str, set[object]] = {"TCP": set(), "UDP": set()}
+    for port in ports:
+        by_protocol.get(str(port.get("protocol")), set()).add(port.get("containerPort"))
+    udp_only = by_protocol["UDP"] - by_protocol["TCP"]
+    resolved = []
+    for text, spec in zip(texts, specs):
+        named = spec.named
+        if named is not None:
+            number = next((port.get("containerPort") for port in ports
+                           if port.get("name") == named.name and named.protocol in
+                           (None, str(port.get("protocol") or "TCP").lower())), None)
+            if number is None:
+                with_protocol = f" with protocol {named.protocol.upper()}" \
+                    if named.protocol else ""
+                raise ClusterError(f"error: Pod '{pod_name}' does not have a named port "
+                                   f"'{named.name}'{with_protocol}")
+            if not (isinstance(number, int) and 1 <= number <= 65535):
+                raise ClusterError(f"error: Pod '{pod_name}' has named port '{named.name}' "
+                                   f"with containerPort {number!r}, not 1..65535")
+            spec = PortSpec(number if named.local_is_remote else spec.local, number,
+                            spec.protocol)
+        if spec.protocol == "tcp" and spec.remote in udp_only:
+            raise ClusterError("error: UDP protocol is not supported for "
+                               f"{_remote_as_given(text)}")
+        resolved.append(spec)
+    return resolved
+
+
+def _remote_as_given(text: str) -> str:
+    """The remote port of a spec as its text has it (kubectl's splitPort), for messages."""
+    ports_text = text.removesuffix("/tcp")
+    return ports_text.rpartition(":")[2]
+
+
+def check_running(pod: dict[str, Any]) -> None:
+    """kubectl forwards only to a Running pod."""
+    phase = _field(pod, "status").get("phase", "")
     if phase != "Running":
         raise ClusterError("error: unable to forward port because pod is not running. "
                            f"Current status={phase}")
+
+
+def _field(obj: dict[str, Any], key: str) -> dict[str, Any]:
+    value = obj.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _items(value: object) -> list[dict[str, Any]]:
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) \
+        else []
 
 
 # a Pod object is a few KiB; kubectl's own GET has no bound, an answer past this is not one

@@ -235,11 +235,26 @@ class ListenError(UsageError):
         self.why = why
 
 
+@dataclass(frozen=True)
+class NamedPort:
+    """A remote port given by name (--kubeconfig only): a container port's `name` in the
+    pod's spec, resolved to its `containerPort` once the pod is fetched."""
+
+    name: str
+    # the container port's protocol a `/tcp` or `/udp` suffix asks for; None (no suffix):
+    # any, as kubectl matches names
+    protocol: str | None = None
+    # kubectl's rule: the local port given as the same text (`http`, `http:http`) is the
+    # resolved number
+    local_is_remote: bool = False
+
+
 @dataclass
 class PortSpec:
     local: int
-    remote: int
+    remote: int  # 0 while `named` is unresolved
     protocol: str = "tcp"  # or "udp" (crishim's extension, portforward.crishim.dev/v1)
+    named: NamedPort | None = None
 
     @property
     def remote_text(self) -> str:
@@ -247,9 +262,31 @@ class PortSpec:
         return f"{self.remote}/udp" if self.protocol == "udp" else str(self.remote)
 
 
-def parse_port_spec(text: str) -> PortSpec:
+def _is_digits(text: str) -> bool:
+    # ASCII only, as kubectl and crishim.ports.parse_port: '٨٠٨٠'.isdigit() too
+    return text.isascii() and text.isdigit()
+
+
+def _is_number_attempt(text: str) -> bool:
+    """What kubectl's strconv.Atoi takes for a number (a sign, then digits): never a name."""
+    return _is_digits(text[1:] if text[:1] in ("+", "-") else text)
+
+
+def _could_be_port_name(text: str) -> bool:
+    """An IANA service name, the only names the API server lets a container port have:
+    lowercase letters, digits and single inner hyphens, at least one letter, 15 at most."""
+    return (len(text) <= 15 and text.isascii() and text.islower()
+            and text.replace("-", "").isalnum() and "--" not in text
+            and any(c.isalpha() for c in text)
+            and not text.startswith("-") and not text.endswith("-"))
+
+
+def parse_port_spec(text: str, names: bool = False) -> PortSpec:
     """`5000`, `6000:5000`, `:5000`, `0:5000` (0 or empty: a free local port), each
-    optionally ending in `/tcp` (the default) or `/udp`."""
+    optionally ending in `/tcp` (the default) or `/udp`. With `names` (--kubeconfig) a
+    remote port that is not a number is a container port's name (`http`, `8080:http`),
+    left for resolve_named_ports; the local port stays a number, except that the same
+    text as the remote (`http`, `http:http`) takes the resolved number, as kubectl."""
     spec = shown(text, 40)
     ports_text, slash, protocol = text.rpartition("/")
     if not slash:
@@ -262,11 +299,22 @@ def parse_port_spec(text: str) -> PortSpec:
         local_text = remote_text = ports_text
     if ":" in remote_text or "/" in ports_text:
         raise UsageError(f"invalid port spec {spec}: expected [LOCAL:]REMOTE[/tcp|/udp]")
+    named: NamedPort | None = None
+    if remote_text and not _is_number_attempt(remote_text):
+        if not names and _could_be_port_name(remote_text):
+            raise UsageError(f"invalid port spec {spec}: remote port {shown(remote_text)} "
+                             "is not a number (a named port needs --kubeconfig: only the "
+                             "pod's spec names its ports)")
+        if names:
+            named = NamedPort(remote_text, protocol if slash else None,
+                              local_is_remote=local_text == remote_text)
+            if named.local_is_remote:
+                local_text = "0"  # the resolved number, once known
+            remote_text = "1"  # a placeholder that passes the checks below
     if local_text == "":
         local_text = "0"
     for what, value in (("local", local_text), ("remote", remote_text)):
-        # ASCII only, as kubectl and crishim.ports.parse_port: '٨٠٨٠'.isdigit() too
-        if not (value.isascii() and value.isdigit()):
+        if not _is_digits(value):
             raise UsageError(f"invalid port spec {spec}: {what} port {shown(value)} is not a "
                              "number")
     local, remote = _port_value(local_text), _port_value(remote_text)
@@ -276,6 +324,8 @@ def parse_port_spec(text: str) -> PortSpec:
     if not 1 <= remote <= 65535:
         raise UsageError(f"invalid port spec {spec}: remote port {_cut(remote_text)} is not "
                          "in 1..65535")
+    if named:
+        return PortSpec(local, 0, protocol, named)
     return PortSpec(local, remote, protocol)
 
 
@@ -289,10 +339,19 @@ def _port_value(digits: str) -> int:
     return int(significant or "0") if len(significant) <= 5 else 65536
 
 
-def parse_port_specs(texts: list[str]) -> list[PortSpec]:
+def parse_port_specs(texts: list[str], names: bool = False) -> list[PortSpec]:
     """Every spec of a command; a local port given twice for one protocol is refused up
-    front, not after 'Forwarding from' when its second listener finds it taken."""
-    specs = [parse_port_spec(text) for text in texts]
+    front, not after 'Forwarding from' when its second listener finds it taken. With
+    `names`, see parse_port_spec; a local port a name gives is checked by
+    refuse_repeated_local_ports once resolved."""
+    specs = [parse_port_spec(text, names) for text in texts]
+    refuse_repeated_local_ports(texts, specs)
+    return specs
+
+
+def refuse_repeated_local_ports(texts: list[str], specs: list[PortSpec]) -> None:
+    """UsageError for a local port given twice for one protocol (0, or one not yet
+    resolved, is no port yet)."""
     seen: dict[tuple[int, str], str] = {}
     for text, spec in zip(texts, specs):
         key = (spec.local, spec.protocol)
@@ -301,7 +360,6 @@ def parse_port_specs(texts: list[str]) -> list[PortSpec]:
                              f"local port {spec.local}"
                              f"{'/udp' if spec.protocol == 'udp' else ''} is given twice")
         seen.setdefault(key, text)
-    return specs
 
 
 @dataclass(frozen=True)

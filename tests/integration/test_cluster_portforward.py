@@ -21,10 +21,15 @@ import pytest
 
 from tests.support import SANDBOX, missing
 from tests.support.crishim_proc import CrishimProcess
-from tests.support.podnet import ECHO_PORT, HTTP_BODY, HTTP_PORT
-from tests.support.standin import KubeStandIn, run_kubectl_port_forward
+from tests.support.podnet import ECHO_PORT, HTTP_BODY, HTTP_PORT, UDP_ECHO_PORT
+from tests.support.standin import KubeStandIn, free_port, run_kubectl_port_forward
+from tests.support.udp_peers import exchange
 
 KUBECTL_133 = "/usr/lib/google-cloud-sdk/bin/kubectl.1.33"
+KUBECTLS = [f"/usr/lib/google-cloud-sdk/bin/kubectl.1.{minor}" for minor in range(27, 34)]
+# the pod's container ports by name, as its spec lists them (dns twice: UDP and TCP)
+NAMED_PORTS = [("http", HTTP_PORT), ("dns", UDP_ECHO_PORT, "UDP"), ("echo", ECHO_PORT),
+               ("dns", ECHO_PORT, "TCP")]
 TOKEN = "standin-token-0123456789"
 _FORWARD = re.compile(r"Forwarding from 127\.0\.0\.1:(\d+) -> (\d+)")
 
@@ -389,3 +394,102 @@ def test_a_signal_during_the_pod_get_ends_port_forward_with_0(kubeconfig_dir, si
     finally:
         listener.close()
     assert "Traceback" not in pf.output()
+
+
+# ------------------------------------------------------------------ named ports
+
+
+def test_named_remote_ports_forward_to_their_container_ports(
+        crishim: CrishimProcess, kubeconfig_dir: str) -> None:
+    fixed = free_port()
+    with standin_for(crishim, container_ports=NAMED_PORTS) as api:
+        config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"))
+        with CrishimClusterForward("--kubeconfig", config, "pod/web", ":echo",
+                                   f"{fixed}:http") as pf:
+            pf.wait_ready([ECHO_PORT, HTTP_PORT])
+            assert pf.local[HTTP_PORT] == fixed
+            assert f"Forwarding from 127.0.0.1:{fixed} -> {HTTP_PORT}" in pf.stdout
+            assert echo_roundtrip(pf.local[ECHO_PORT], b"named" * 20_000) == b"named" * 20_000
+            assert http_get(fixed).endswith(HTTP_BODY)
+
+
+def test_a_bare_name_listens_on_its_number_as_kubectl_133(
+        crishim: CrishimProcess, kubeconfig_dir: str) -> None:
+    """kubectl's rule: `echo` alone (and `echo:echo`) is the resolved number both sides;
+    the same lines as kubectl's, and bytes through each."""
+    kubectl_path = _need_kubectl(KUBECTL_133)
+    with standin_for(crishim, container_ports=NAMED_PORTS) as api:
+        config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"))
+        for specs in (["echo"], ["echo:echo"]):
+            with run_kubectl_port_forward(kubectl_path, "", "pod/web", specs,
+                                          ["--address", "127.0.0.1"],
+                                          kubeconfig=config) as kubectl:
+                kubectl.wait_ready([ECHO_PORT])  # it waits for numeric specs only
+                assert kubectl.local_ports[ECHO_PORT] == ECHO_PORT
+                assert echo_roundtrip(ECHO_PORT, b"kubectl") == b"kubectl"
+                assert kubectl.wait_for_output(rf"Handling connection for {ECHO_PORT}\n")
+                kubectl_lines = kubectl.output().splitlines()
+            with CrishimClusterForward("--kubeconfig", config, "pod/web", *specs) as ours:
+                ours.wait_ready([ECHO_PORT])
+                assert echo_roundtrip(ECHO_PORT, b"crishim") == b"crishim"
+            assert ours.stdout == kubectl_lines == [
+                f"Forwarding from 127.0.0.1:{ECHO_PORT} -> {ECHO_PORT}",
+                f"Handling connection for {ECHO_PORT}"]
+
+
+def _need_kubectl(path: str) -> str:
+    if not os.access(path, os.X_OK):
+        missing(path)
+    return path
+
+
+@pytest.mark.parametrize("phase", ["Running", "Pending"])
+@pytest.mark.parametrize("spec, error", [
+    ("nope", "error: Pod 'web' does not have a named port 'nope'"),
+    ("8080:nope", "error: Pod 'web' does not have a named port 'nope'"),
+    # kubectl's checkUDPPortInPod: the first port named dns is UDP only
+    ("dns", "error: UDP protocol is not supported for dns"),
+    (f"0{UDP_ECHO_PORT}", f"error: UDP protocol is not supported for 0{UDP_ECHO_PORT}"),
+])
+def test_a_name_no_container_port_has_is_kubectls_error(
+        crishim: CrishimProcess, kubeconfig_dir: str, spec: str, error: str,
+        phase: str) -> None:
+    """Byte for byte what kubectl 1.27 to 1.33 print, before the pod's phase is looked at
+    (kubectl's order) and before anything listens or is upgraded."""
+    with standin_for(crishim, container_ports=NAMED_PORTS, phases={"web": phase}) as api:
+        config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"))
+        with CrishimClusterForward("--kubeconfig", config, "pod/web", spec) as ours:
+            assert ours.wait() == 1
+        assert ours.stdout == []
+        assert ours.stderr == [error]
+        for path in filter(lambda p: os.access(p, os.X_OK), KUBECTLS):
+            with run_kubectl_port_forward(path, "", "pod/web", [spec], wait_ready=False,
+                                          kubeconfig=config) as kubectl:
+                assert kubectl.wait(30) == 1
+                assert kubectl.output().splitlines() == ours.stderr, path
+        assert not api.upgrades and not api.port_forward_calls
+
+
+def test_a_named_udp_port_matches_the_container_port_with_protocol_udp(
+        crishim: CrishimProcess, kubeconfig_dir: str) -> None:
+    """crishim's /udp on a name picks the UDP port of that name (dns: UDP 5353, not the
+    TCP one); without a suffix the first of that name, as kubectl."""
+    with standin_for(crishim, container_ports=NAMED_PORTS) as api:
+        config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"))
+        with CrishimClusterForward("--kubeconfig", config, "pod/web", ":dns/udp",
+                                   ":dns/tcp") as pf:
+            pf.wait_ready([UDP_ECHO_PORT, ECHO_PORT])
+            assert any(line.endswith(f" -> {UDP_ECHO_PORT}/udp") for line in pf.stdout)
+            assert exchange(pf.local[UDP_ECHO_PORT], [b"datagram"]) == [b"datagram"]
+            assert echo_roundtrip(pf.local[ECHO_PORT], b"dns over tcp") == b"dns over tcp"
+
+
+def test_a_named_udp_port_with_only_a_tcp_container_port_is_refused(
+        crishim: CrishimProcess, kubeconfig_dir: str) -> None:
+    with standin_for(crishim, container_ports=NAMED_PORTS) as api:
+        config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"))
+        with CrishimClusterForward("--kubeconfig", config, "pod/web", ":echo/udp") as pf:
+            assert pf.wait() == 1
+        assert pf.stderr == ["error: Pod 'web' does not have a named port 'echo' with "
+                             "protocol UDP"]
+        assert not api.upgrades

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from crishim.client.cluster import ClusterError, load_cluster, pod_name
+from crishim.client.cluster import ClusterError, load_cluster, pod_name, resolve_named_ports
+from crishim.client.portforward import PortSpec, parse_port_spec
 
 
 @pytest.mark.parametrize("target", ["web", "pod/web", "pods/web", "po/web"])
@@ -82,3 +83,73 @@ def test_a_kubeconfig_that_is_not_one_is_a_cluster_error(tmp_path: Path, content
         load_cluster(str(path))
     assert str(e.value).startswith(f"error: kubeconfig {path}: ") and words in str(e.value)
     assert len(str(e.value)) < 400
+
+
+def _pod(*containers: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"metadata": {"name": "web"},
+            "spec": {"containers": [{"name": f"c{i}", "ports": ports}
+                                    for i, ports in enumerate(containers)]}}
+
+
+# as the API server answers: an unnamed port has no name key
+POD = _pod([{"containerPort": 7000, "protocol": "TCP"},
+            {"name": "http", "containerPort": 80, "protocol": "TCP"},
+            {"name": "dns", "containerPort": 53, "protocol": "UDP"}],
+           [{"name": "http", "containerPort": 8080, "protocol": "TCP"},
+            {"name": "dns", "containerPort": 5353, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": 9090}])
+
+
+@pytest.mark.parametrize("text, resolved", [
+    ("8080:http", PortSpec(8080, 80)),  # the first of that name, over all containers
+    ("http", PortSpec(80, 80)),  # name alone: the local port is the number too
+    ("http:http", PortSpec(80, 80)),  # kubectl's rule: the same text both sides
+    (":http", PortSpec(0, 80)),
+    ("dns/udp", PortSpec(53, 53, "udp")),  # /udp: the first UDP one of that name
+    ("dns/tcp", PortSpec(5353, 5353)),  # the first TCP one of that name
+    ("9:metrics/tcp", PortSpec(9, 9090)),  # no protocol field: TCP, the API's default
+    ("7000", PortSpec(7000, 7000)),  # numbers stay as they are
+    ("53/udp", PortSpec(53, 53, "udp")),  # crishim's UDP: what kubectl refuses as TCP
+])
+def test_named_ports_resolve_as_kubectl(text: str, resolved: PortSpec) -> None:
+    assert resolve_named_ports([text], [parse_port_spec(text, names=True)], POD) == [resolved]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("nope", "error: Pod 'web' does not have a named port 'nope'"),
+    ("8080:HTTP", "error: Pod 'web' does not have a named port 'HTTP'"),  # exact names
+    ("http/udp", "error: Pod 'web' does not have a named port 'http' with protocol UDP"),
+    ("nope/tcp", "error: Pod 'web' does not have a named port 'nope' with protocol TCP"),
+    # kubectl's checkUDPPortInPod: the first of that name (any protocol) is UDP only
+    ("dns", "error: UDP protocol is not supported for dns"),
+    ("5:dns", "error: UDP protocol is not supported for dns"),
+    ("053", "error: UDP protocol is not supported for 053"),  # numbers too, as given
+    ("1:53/tcp", "error: UDP protocol is not supported for 53"),
+])
+def test_a_name_no_container_port_has_is_kubectls_error(text: str, message: str) -> None:
+    with pytest.raises(ClusterError) as e:
+        resolve_named_ports([text], [parse_port_spec(text, names=True)], POD)
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("pod", [{}, {"spec": None}, {"spec": {"containers": 5}},
+                                 _pod([{"name": "http"}]), _pod(["http"])])
+def test_a_pod_without_usable_ports_names_none(pod: dict[str, Any]) -> None:
+    with pytest.raises(ClusterError, match="does not have a named port 'http'"):
+        resolve_named_ports(["http"], [parse_port_spec("http", names=True)], pod)
+
+
+def test_a_container_port_out_of_range_is_refused() -> None:
+    with pytest.raises(ClusterError, match="containerPort 0, not 1..65535"):
+        resolve_named_ports(["http"], [parse_port_spec("http", names=True)],
+                            _pod([{"name": "http", "containerPort": 0}]))
+
+
+@pytest.mark.parametrize("texts, message", [
+    (["dns", "nope"], "UDP protocol is not supported for dns"),
+    (["nope", "dns"], "does not have a named port 'nope'"),
+])
+def test_the_first_failing_spec_is_reported_as_kubectl(texts: list[str], message: str
+                                                       ) -> None:
+    with pytest.raises(ClusterError, match=message):
+        resolve_named_ports(texts, [parse_port_spec(t, names=True) for t in texts], POD)

@@ -2,7 +2,14 @@
 
 import pytest
 
-from crishim.client.portforward import PortSpec, UsageError, parse_port_spec, parse_port_specs
+from crishim.client.portforward import (
+    NamedPort,
+    PortSpec,
+    UsageError,
+    parse_port_spec,
+    parse_port_specs,
+    refuse_repeated_local_ports,
+)
 
 
 @pytest.mark.parametrize("text, spec", [
@@ -59,3 +66,43 @@ def test_the_same_number_for_tcp_and_udp_and_free_ports_twice_are_fine():
     assert parse_port_specs(["53", "53/udp", ":80", "0:80"]) == [
         PortSpec(53, 53), PortSpec(53, 53, "udp"), PortSpec(0, 80), PortSpec(0, 80)]
 
+
+
+@pytest.mark.parametrize("text, spec", [
+    ("http", PortSpec(0, 0, "tcp", NamedPort("http", None, local_is_remote=True))),
+    ("http:http", PortSpec(0, 0, "tcp", NamedPort("http", None, local_is_remote=True))),
+    ("8080:http", PortSpec(8080, 0, "tcp", NamedPort("http"))),
+    (":http", PortSpec(0, 0, "tcp", NamedPort("http"))),
+    ("5353:dns/udp", PortSpec(5353, 0, "udp", NamedPort("dns", "udp"))),
+    ("dns/tcp", PortSpec(0, 0, "tcp", NamedPort("dns", "tcp", local_is_remote=True))),
+    ("٨٠٨٠", PortSpec(0, 0, "tcp", NamedPort("٨٠٨٠", None, local_is_remote=True))),
+    ("8080:80", PortSpec(8080, 80)),
+])
+def test_with_kubeconfig_a_remote_port_may_be_a_name(text, spec):
+    assert parse_port_spec(text, names=True) == spec
+
+
+@pytest.mark.parametrize("text, message", [
+    ("http:80", "local port 'http' is not a number"),  # a local port is a number
+    ("web:http", "local port 'web' is not a number"),
+    ("+80", "local port '\\+80' is not a number"),  # a number to kubectl, never a name
+    ("8080:", "remote port '' is not a number"),
+])
+def test_with_kubeconfig_the_local_port_stays_a_number(text, message):
+    with pytest.raises(UsageError, match=message):
+        parse_port_spec(text, names=True)
+
+
+@pytest.mark.parametrize("text", ["http", "8080:http", ":dns/udp", "web-2"])
+def test_without_kubeconfig_a_name_says_it_needs_kubeconfig(text):
+    with pytest.raises(UsageError, match="is not a number \\(a named port needs "
+                                         "--kubeconfig"):
+        parse_port_spec(text)
+
+
+def test_a_local_port_a_name_gives_is_checked_once_resolved():
+    texts = ["http", "80:8080"]
+    assert parse_port_specs(texts, names=True)[1] == PortSpec(80, 8080)  # 'http': not yet
+    with pytest.raises(UsageError, match="'http' and '80:8080': local port 80 is given "
+                                         "twice"):
+        refuse_repeated_local_ports(texts, [PortSpec(80, 80), PortSpec(80, 8080)])
