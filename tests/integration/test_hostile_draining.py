@@ -19,13 +19,19 @@ from tests.support.podnet import ECHO_PORT
 from tests.support.spdy_pf_client import SpdyPortForwardClient
 
 
+def _live_session(proc: CrishimProcess):
+    """A session with one live connection that has echoed "ping"."""
+    client = SpdyPortForwardClient(proc.port_forward_url(SANDBOX))
+    live = client.forward(ECHO_PORT)
+    live.send(b"ping")
+    assert client.wait(lambda: bytes(live.received) == b"ping")
+    return client, live
+
+
 def test_port_forward_while_draining_is_unavailable(podnet):
     proc = CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}", "--drain-timeout", "60s")
     with proc:
-        client = SpdyPortForwardClient(proc.port_forward_url(SANDBOX))
-        live = client.forward(ECHO_PORT)
-        live.send(b"ping")
-        assert client.wait(lambda: bytes(live.received) == b"ping")
+        client, live = _live_session(proc)
         stub = proc.runtime
         proc.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 20
@@ -83,10 +89,7 @@ def test_a_second_signal_closes_live_sessions_without_waiting_for_the_drain(podn
     sessions now and serve exits 0, with a last line saying so."""
     proc = CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}", "--drain-timeout", "60s")
     with proc:
-        client = SpdyPortForwardClient(proc.port_forward_url(SANDBOX))
-        live = client.forward(ECHO_PORT)
-        live.send(b"ping")
-        assert client.wait(lambda: bytes(live.received) == b"ping")
+        client, _ = _live_session(proc)
         proc.proc.send_signal(signal.SIGINT)
         assert client.wait(lambda: client.goaway, 10)  # the drain has begun
         start = time.monotonic()

@@ -33,3 +33,26 @@ def status_mib(pid: int, field: str = "VmRSS") -> float:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+class RecordingChannel:
+    """A forwarded connection's client side as a session's transport would carry it (the
+    forwarding core's Channel), for tests of the core alone: what the pod sent and how
+    the connection ended."""
+
+    def __init__(self) -> None:
+        self.down = bytearray()
+        self.ended: str | None = None
+        self.aborted = False
+
+    def send(self, data: bytes) -> None:
+        self.down += data
+
+    def send_eof(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def finish(self, error: str | None) -> None:
+        self.ended = error or ""

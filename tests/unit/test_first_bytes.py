@@ -19,30 +19,7 @@ from crishim.config import Config
 from crishim.forward import ForwardContext, ForwardedConnection, SessionBase
 from crishim.runtime import Sandbox
 from crishim.sandboxes import NamedNetnsRuntime
-from tests.support import until
-
-
-class _Channel:
-    """The client's side of one forwarded connection, as the session's transport would
-    carry it: what the pod sent and how the connection ended."""
-
-    def __init__(self) -> None:
-        self.down = bytearray()
-        self.ended: str | None = None
-        self.aborted = False
-
-    def send(self, data: bytes) -> None:
-        self.down += data
-
-    def send_eof(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        self.aborted = True
-
-    def finish(self, error: str | None) -> None:
-        self.ended = error or ""
-
+from tests.support import RecordingChannel, until
 
 HOST = Sandbox("web", host_network=True)  # dials 127.0.0.1 in this process's netns
 
@@ -61,12 +38,13 @@ def _pod_listener(rcvbuf: int) -> socket.socket:
     return pod
 
 
-def _dialling(rcvbuf: int) -> tuple[socket.socket, SessionBase, _Channel, ForwardedConnection]:
+def _dialling(rcvbuf: int) -> tuple[socket.socket, SessionBase, RecordingChannel,
+                                    ForwardedConnection]:
     """A connection dialling a pod listener (_pod_listener(rcvbuf)) from a session of
     its own, its channel recording what the client would get; on a running loop."""
     pod = _pod_listener(rcvbuf)
     session = SessionBase(_context(), HOST)
-    channel = _Channel()
+    channel = RecordingChannel()
     return pod, session, channel, session.open_connection(pod.getsockname()[1], channel)
 
 

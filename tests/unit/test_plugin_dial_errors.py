@@ -13,7 +13,7 @@ from crishim.config import Config
 from crishim.forward import ForwardContext, SessionBase
 from crishim.runtime import Sandbox
 from crishim.sandboxes import NamedNetnsRuntime
-from tests.support import until
+from tests.support import RecordingChannel, until
 
 
 class PluginBug(Exception):
@@ -33,24 +33,6 @@ class BrokenPlugin(NamedNetnsRuntime):
         raise self.raises.pop(0)("no socket today")
 
 
-class _Channel:
-    def __init__(self) -> None:
-        self.aborted = False
-        self.ended: str | None = None
-
-    def send(self, data: bytes) -> None:
-        pass
-
-    def send_eof(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        self.aborted = True
-
-    def finish(self, error: str | None) -> None:
-        self.ended = error or ""
-
-
 def test_a_plugin_bug_logs_a_line_per_connection_and_its_traceback_once_per_type(
         caplog: pytest.LogCaptureFixture) -> None:
     plugin = BrokenPlugin()
@@ -58,7 +40,7 @@ def test_a_plugin_bug_logs_a_line_per_connection_and_its_traceback_once_per_type
 
     async def main() -> None:
         session = SessionBase(ForwardContext(plugin), Sandbox("web", host_network=True))
-        channels = [_Channel() for _ in plugin.raises]
+        channels = [RecordingChannel() for _ in plugin.raises]
         conns = [session.open_connection(8080, channel) for channel in channels]
         await until(lambda: all(conn.done for conn in conns), 2.0)
         assert all(channel.aborted and channel.ended == "" for channel in channels)
