@@ -169,7 +169,7 @@ def resolve_named_ports(texts: list[str], specs: list[PortSpec], pod: dict[str, 
              for port in _items(container.get("ports"))]
     by_protocol: dict[str, set[object]] = {"TCP": set(), "UDP": set()}
     for port in ports:
-        by_protocol.get(str(port.get("protocol")), set()).add(port.get("containerPort"))
+        by_protocol.get(str(port.get("protocol") or "TCP"), set()).add(port.get("containerPort"))
     udp_only = by_protocol["UDP"] - by_protocol["TCP"]
     resolved = []
     for text, spec in zip(texts, specs):
