@@ -9,7 +9,7 @@ pod answers with ICMP port unreachable (ECONNREFUSED on the connected socket), w
 reported like a refused TCP dial: a reset data stream, and text on the error stream only
 under error_policy=verbose.
 
-The dial is a ForwardedConnection's (crishim/forward_base.py Forwarded): bounded by
+The dial is made as a TCP connection's (Forwarded, crishim/forward_base.py): bounded by
 dial_timeout, counted among the dials in progress, timed in the dial metrics.
 
 UDP has no backpressure: a datagram the pod socket cannot take (its send buffer is full)
