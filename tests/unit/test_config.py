@@ -178,3 +178,16 @@ def test_a_sandbox_given_twice_is_refused():
     """`--sandboxes foo=/x,foo=/y`: the last one silently won."""
     with pytest.raises(ConfigError, match="sandboxes: 'foo' is given twice"):
         load(env={"CRISHIM_SANDBOXES": "foo=/run/netns/x,foo=/run/netns/y"})
+
+
+def test_ctrl_c_while_the_commands_are_imported_is_exit_130_without_a_traceback(
+        monkeypatch):
+    """Building the parser imports every command's modules (~0.2 s); a Ctrl-C there was a
+    KeyboardInterrupt traceback."""
+    from crishim import cli
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["version"]) == 130
