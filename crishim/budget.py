@@ -37,6 +37,31 @@ class TokenBucket:
         return True
 
 
+class CappedLines:
+    """At most `lines` lines from one source (a session's protocol errors, its failed
+    streams); past them the lines are only counted, for one line of their own when the
+    source ends."""
+
+    __slots__ = ("left", "suppressed")
+
+    def __init__(self, lines: int) -> None:
+        self.left = lines
+        self.suppressed = 0
+
+    def take(self) -> bool:
+        """True while a line may be written; False (and counted) past the cap."""
+        if self.left > 0:
+            self.left -= 1
+            return True
+        self.suppressed += 1
+        return False
+
+    def take_suppressed(self) -> int:
+        """The count of lines not written, reset."""
+        count, self.suppressed = self.suppressed, 0
+        return count
+
+
 class LogBudget:
     """Lines one source may write (a session's per-connection lines, the stream server's
     refusals): `rate` a second, bursts of 10 x rate; past it they are counted, and the

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from crishim.budget import LogBudget
+from crishim.budget import CappedLines, LogBudget
 from crishim.flow import READ_SIZE, read_buffer
 from crishim.forward import ForwardContext, ForwardedConnection, SessionBase
 from crishim.forward_udp import ForwardedFlow
@@ -77,8 +77,7 @@ class ServerSession(SessionBase, ABC):
         flood = ctx.flood
         self._control_budget = flood.control_budget()
         self._stream_budget = flood.stream_open_budget()
-        self._error_lines_left = flood.protocol_error_log_lines
-        self._errors_suppressed = 0
+        self._error_lines = CappedLines(flood.protocol_error_log_lines)
         self._output_granted = 0  # taken from the output budget (ctx.take_output)
 
     @property
@@ -165,17 +164,14 @@ class ServerSession(SessionBase, ABC):
                        logger: logging.Logger | None = None) -> None:
         """Log one protocol error of this session: the first protocol_error_log_lines,
         then only a count, written when the session ends."""
-        if self._error_lines_left > 0:
-            self._error_lines_left -= 1
+        if self._error_lines.take():
             (logger or log).log(level, message, *args)
-        else:
-            self._errors_suppressed += 1
 
     def _log_suppressed(self) -> None:
-        if self._errors_suppressed:
+        suppressed = self._error_lines.take_suppressed()
+        if suppressed:
             log.info("%s sandbox=%s: %d more protocol errors suppressed", self.transport_name,
-                     self.sandbox_id, self._errors_suppressed)
-            self._errors_suppressed = 0
+                     self.sandbox_id, suppressed)
 
     # --- teardown, the same for every transport ----------------------------------------
     def close(self, reason: str, violation: bool = False) -> None:
@@ -547,8 +543,8 @@ class PairedStreamSession(WindowedSends, WithheldWindows, ServerSession):
                                   ctx.max_per_session)
         self._by_stream: dict[int, ForwardedConnection | ForwardedFlow] = {}  # data stream id
         self._window_granted = 0  # our session window, from the buffer budget
-        self._failure_lines = 0  # lines about streams a bug failed (_event_failed)
-        self._failures_unlogged = 0
+        # lines about streams a bug failed (_event_failed): as many as the client's own
+        self._failure_lines = CappedLines(ctx.flood.protocol_error_log_lines)
 
     # --- what each protocol provides -----------------------------------------------------
     @abstractmethod
@@ -596,25 +592,22 @@ class PairedStreamSession(WindowedSends, WithheldWindows, ServerSession):
         (a client that finds such a bug may trigger it on every frame), the rest counted
         in one line as the session ends; the traceback once per type (traceback_once)."""
         sid = getattr(event, "stream_id", 0) or 0
-        if self._failure_lines < self.ctx.flood.protocol_error_log_lines:
-            self._failure_lines += 1
+        if self._failure_lines.take():
             self.protocol_log.error("%s sandbox=%s: stream %d failed, resetting it: %s: %s",
                                     self.transport_name, self.sandbox_id, sid,
                                     type(error).__name__, error,
                                     exc_info=traceback_once(error))
-        else:
-            self._failures_unlogged += 1
         if sid:
             self._reset_failed_stream(sid)
 
     def end(self, close_transport: bool) -> None:
         self.ctx.return_window(self._window_granted)
         self._window_granted = 0
-        if self._failures_unlogged:
+        unlogged = self._failure_lines.take_suppressed()
+        if unlogged:
             self.protocol_log.error("%s sandbox=%s: %d more failed streams not logged "
                                     "(protocol_error_log_lines)", self.transport_name,
-                                    self.sandbox_id, self._failures_unlogged)
-            self._failures_unlogged = 0
+                                    self.sandbox_id, unlogged)
         super().end(close_transport)
 
     def close_transport(self) -> None:

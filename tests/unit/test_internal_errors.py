@@ -86,7 +86,7 @@ def test_a_bug_on_one_spdy_stream_resets_it_and_the_session_goes_on(caplog):
         codec = _Codec([_Event(1), _Event(3), _Event(5)])
         session.codec = codec  # type: ignore[assignment]
         handled = _buggy_on(session, {1, 3})
-        session._error_lines_left = 0  # the client's protocol-error lines are spent
+        session._error_lines.left = 0  # the client's protocol-error lines are spent
         session.receive(b"two reads")
         session.receive(b"of the same events")
         return session, codec, handled
@@ -103,7 +103,7 @@ def test_a_bug_on_one_spdy_stream_resets_it_and_the_session_goes_on(caplog):
         "spdy sandbox=sb: stream 3 failed, resetting it: RuntimeError: a bug reached on "
         "stream 3"]
     assert len(lines) == 4 and all(r.levelno == logging.ERROR for r in lines)
-    assert session._errors_suppressed == 0  # not charged to the client's budget
+    assert session._error_lines.suppressed == 0  # not charged to the client's budget
     assert [r.exc_info is not None for r in lines] == [True, False, False, False]
 
 
