@@ -196,9 +196,7 @@ class H2PortForwardSession(PairedStreamSession):
         self._lower_windows_to: int | None = None  # stream windows once it is
         self._live_requests: dict[str, ForwardedConnection | ForwardedFlow] = {}  # request id
         self._version_chosen = False  # at the first forwarding stream, for the session
-        self._init_outbound()  # streams waiting for window
         self._held_acks: dict[int, int] = {}  # data stream id -> bytes not yet acknowledged
-        self._init_withheld()
         self._read_acks: dict[int, int] | None = None  # DATA of the read being processed
         self._admitting: list[h2.events.Event] | None = None  # events queued while redeeming
         self._head_bytes = 0  # bytes of frames other than DATA before admission

@@ -106,15 +106,13 @@ class SpdyPortForwardSession(PairedStreamSession):
             max_inflated_per_receive=INFLATED_PER_RECEIVE))
         self._write_buffers = write_buffers
         self._goaway_seen = False
-        # windows, where the client asked for them (docs/protocol.md 8.6): what waits for
-        # the client's, per stream; and ours: bytes received per stream that no pod took
-        # yet (the connections whose pod is congested keep theirs withheld), window owed
-        # (taken, not given back: it goes back a quarter of a window at a time, not in
-        # two WINDOW_UPDATEs per read), the data streams of this read
-        self._init_outbound()
+        # windows, where the client asked for them (docs/protocol.md 8.6; what waits for
+        # the client's, and the connections whose window is withheld: PairedStreamSession):
+        # ours: bytes received per stream that no pod took yet, window owed (taken, not
+        # given back: it goes back a quarter of a window at a time, not in two
+        # WINDOW_UPDATEs per read), the data streams of this read
         self._client_window = spdy.INITIAL_WINDOW  # its SETTINGS_INITIAL_WINDOW_SIZE
         self._unacked: dict[int, int] = {}
-        self._init_withheld()
         self._stream_owed: dict[int, int] = {}
         self._session_owed = 0
         self._stream_every = self._session_every = 1

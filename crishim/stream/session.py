@@ -542,6 +542,8 @@ class PairedStreamSession(WindowedSends, WithheldWindows, ServerSession):
         self._pairs = StreamPairs(creation_timeout, self._pair_timed_out,
                                   ctx.max_per_session)
         self._by_stream: dict[int, ForwardedConnection | ForwardedFlow] = {}  # data stream id
+        self._init_outbound()  # what waits for the client's windows
+        self._init_withheld()  # the connections whose window of ours is withheld
         self._window_granted = 0  # our session window, from the buffer budget
         # lines about streams a bug failed (_event_failed): as many as the client's own
         self._failure_lines = CappedLines(ctx.flood.protocol_error_log_lines)
