@@ -1,5 +1,5 @@
-"""`crishim port-forward --kubeconfig FILE pod/NAME ...`: through an API server's
-pods/portforward subresource, as kubectl does.
+"""`crishim port-forward --kubeconfig FILE pod/NAME|svc/NAME ...`: through an API
+server's pods/portforward subresource, as kubectl does.
 
 Credentials come from the kubeconfig through the `kubernetes` package's loader (client
 certificates, bearer tokens, exec and auth-provider plugins, CA data,
@@ -9,16 +9,20 @@ its own client session: the WebSocket tunnel (SPDY over WebSocket, kubectl 1.31+
 the server offers it, else the SPDY upgrade (client-go's fallback on a failed WebSocket
 upgrade). As kubectl, the pod is fetched first: not found, or not running, is reported
 before any port is bound, and a named remote port (`8080:http`) is resolved against the
-pod's container ports, as kubectl's convertPodNamedPortToNumber.
+pod's container ports, as kubectl's convertPodNamedPortToNumber. A service (`svc/NAME`)
+is kubectl's too: its selector's most active pod, each port translated to the service
+port's targetPort.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import ssl
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -117,31 +121,43 @@ def _ssl_context(configuration: Any, server: str) -> ssl.SSLContext | None:
     return ctx
 
 
-def pod_name(target: str) -> str:
-    """kubectl's forms: `pod/NAME`, `pods/NAME`, `po/NAME` or a bare `NAME`."""
+POD_KINDS = ("pod", "pods", "po")
+SERVICE_KINDS = ("svc", "service", "services")
+
+
+def target_of(target: str) -> tuple[str, str]:
+    """kubectl's forms, as ("pod" | "service", NAME): `pod/NAME`, `pods/NAME`, `po/NAME`
+    or a bare `NAME`; `svc/NAME`, `service/NAME`, `services/NAME`."""
     kind, sep, name = target.partition("/")
     if not sep:
-        return target
-    if kind not in ("pod", "pods", "po") or not name or "/" in name:
-        raise ClusterError(f"error: {target!r}: only pods are supported (pod/NAME or NAME)")
-    return name
+        return "pod", target
+    if kind in POD_KINDS + SERVICE_KINDS and name and "/" not in name:
+        return ("pod" if kind in POD_KINDS else "service"), name
+    raise ClusterError(f"error: {target!r}: only pods and services are supported "
+                       "(pod/NAME, svc/NAME or NAME)")
 
 
-def fetch_pod(cluster: Cluster, name: str, timeout: float) -> dict[str, Any]:
-    """GET the pod as kubectl does before forwarding: it must exist."""
+def _core_api(cluster: Cluster, limit: int, timeout: float) -> Any:
     from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
-    from urllib3.exceptions import HTTPError
 
     api_client = client.ApiClient(cluster.configuration)
     rest: Any = api_client.rest_client  # its pool is wrapped: typed as a PoolManager
-    rest.pool_manager = _BoundedAnswers(rest.pool_manager, MAX_POD_ANSWER, timeout)
-    api = client.CoreV1Api(api_client)
+    rest.pool_manager = _BoundedAnswers(rest.pool_manager, limit, timeout)
+    return client.CoreV1Api(api_client)
+
+
+def _get(cluster: Cluster, what: str, call: Any, limit: int, timeout: float,
+         **kwargs: Any) -> dict[str, Any]:
+    """One GET through the kubernetes client's CoreV1Api method named `call`, its JSON
+    answer; every failure is kubectl's line."""
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    api = _core_api(cluster, limit, timeout)
     try:
-        response: Any = api.read_namespaced_pod(name, cluster.namespace,
-                                                _preload_content=False,
-                                                _request_timeout=timeout)
-        pod = json.loads(response.data)
+        response: Any = getattr(api, call)(_preload_content=False, _request_timeout=timeout,
+                                           **kwargs)
+        answer = json.loads(response.data)
     except ApiException as e:
         raise ClusterError(_server_error(e)) from None
     except HTTPError as e:
@@ -149,11 +165,83 @@ def fetch_pod(cluster: Cluster, name: str, timeout: float) -> dict[str, Any]:
         raise ClusterError(f"error: unable to connect to the server {cluster.server}: "
                            f"{reason}") from None
     except ValueError as e:
-        raise ClusterError(f"error: the server's answer for pod {name!r} is not JSON: {e}"
+        raise ClusterError(f"error: the server's answer for {what} is not JSON: {e}"
                            ) from None
-    if not isinstance(pod, dict):
-        raise ClusterError(f"error: the server's answer for pod {name!r} is not an object")
-    return pod
+    if not isinstance(answer, dict):
+        raise ClusterError(f"error: the server's answer for {what} is not an object")
+    return answer
+
+
+def fetch_pod(cluster: Cluster, name: str, timeout: float) -> dict[str, Any]:
+    """GET the pod as kubectl does before forwarding: it must exist."""
+    return _get(cluster, f"pod {name!r}", "read_namespaced_pod", MAX_POD_ANSWER, timeout,
+                name=name, namespace=cluster.namespace)
+
+
+def fetch_service(cluster: Cluster, name: str, timeout: float) -> dict[str, Any]:
+    """GET the service (`svc/NAME`), as kubectl does first."""
+    return _get(cluster, f"service {name!r}", "read_namespaced_service", MAX_POD_ANSWER,
+                timeout, name=name, namespace=cluster.namespace)
+
+
+def service_selector(service: dict[str, Any]) -> str:
+    """The label selector of a service's spec.selector, as labels.SelectorFromSet prints
+    it (keys sorted); a service without one is kubectl's error."""
+    selector = _field(_field(service, "spec"), "selector")
+    if not selector:
+        name = _field(service, "metadata").get("name", "")
+        raise ClusterError(f"error: cannot attach to *v1.Service: invalid service '{name}': "
+                           "Service is defined without a selector")
+    return ",".join(f"{key}={selector[key]}" for key in sorted(selector))
+
+
+def first_pod(cluster: Cluster, selector: str, timeout: float, running_timeout: float,
+              poll: float = 1.0) -> dict[str, Any]:
+    """kubectl's GetFirstPod: the most active of the pods the selector matches (assigned,
+    Running, ready longest, fewest restarts, oldest: podutils.ActivePods, reversed);
+    while none matches, asked again every `poll` seconds (kubectl watches) until
+    `running_timeout`, then kubectl's error."""
+    deadline = time.monotonic() + running_timeout
+    while True:
+        answer = _get(cluster, f"pods matching {selector!r}", "list_namespaced_pod",
+                      MAX_LIST_ANSWER, timeout, namespace=cluster.namespace,
+                      label_selector=selector)
+        pods = [pod for pod in _items(answer.get("items"))
+                if isinstance(_field(pod, "metadata").get("name"), str)
+                and _field(pod, "metadata")["name"]]  # its portforward URL names it
+        if pods:
+            return min(pods, key=_less_active)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ClusterError("error: timed out waiting for the condition")
+        time.sleep(min(poll, left))
+
+
+_PHASE_RANK = {"Running": 2, "Unknown": 1}  # Pending, Succeeded, Failed: 0, as ActivePods
+
+
+def _less_active(pod: dict[str, Any]) -> tuple[Any, ...]:
+    """A sort key that puts the pod ActivePods ranks highest first."""
+    spec, status = _field(pod, "spec"), _field(pod, "status")
+    ready = next((c for c in _items(status.get("conditions"))
+                  if c.get("type") == "Ready"), {})
+    is_ready = ready.get("status") == "True"
+    counts = [c.get("restartCount") for c in _items(status.get("containerStatuses"))]
+    restarts = max((n for n in counts if isinstance(n, int)), default=0)
+    return (not spec.get("nodeName"), -_PHASE_RANK.get(str(status.get("phase")), 0),
+            not is_ready, _time_or_last(ready.get("lastTransitionTime")) if is_ready else 0,
+            restarts, _time_or_last(_field(pod, "metadata").get("creationTimestamp")))
+
+
+def _time_or_last(stamp: object) -> float:
+    """An RFC 3339 time as seconds; missing or unreadable: after every other (a zero
+    time is the newest, in ActivePods' afterOrZero)."""
+    if isinstance(stamp, str):
+        try:
+            return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            pass
+    return math.inf
 
 
 def resolve_named_ports(texts: list[str], specs: list[PortSpec], pod: dict[str, Any]
@@ -201,6 +289,75 @@ def _remote_as_given(text: str) -> str:
     return ports_text.rpartition(":")[2]
 
 
+def resolve_service_ports(texts: list[str], specs: list[PortSpec], service: dict[str, Any],
+                          pod: dict[str, Any]) -> list[PortSpec]:
+    """kubectl's checkUDPPortInService, then translateServicePortToTargetPort: each spec's
+    remote port is a service port (a number, or a service port's name), and forwards to
+    that port's targetPort in `pod` (a number, the port itself when unset, or a container
+    port's name). A local port given as the same name is the service port's number, as
+    kubectl. A spec ending in `/udp` (crishim's) uses the service's UDP port of that
+    number or name; a `/tcp` suffix asks for the TCP one."""
+    svc_name = str(_field(service, "metadata").get("name") or "")
+    spec_field = _field(service, "spec")
+    ports = _items(spec_field.get("ports"))
+    headless = spec_field.get("clusterIP") == "None"
+    protocols = [_asked_protocol(text, spec) for text, spec in zip(texts, specs)]
+
+    def by_name(name: str, protocol: str | None) -> int:
+        number = next((port.get("port") for port in ports if port.get("name") == name
+                       and protocol in (None, _protocol_of(port))), None)
+        if not isinstance(number, int):
+            raise ClusterError(f"error: Service '{svc_name}' does not have a named port "
+                               f"'{name}'")
+        return number
+
+    udp = {port.get("port") for port in ports if _protocol_of(port) == "udp"}
+    tcp = {port.get("port") for port in ports if _protocol_of(port) == "tcp"}
+    for text, spec, protocol in zip(texts, specs, protocols):  # checkUDPPortInService
+        number = by_name(spec.named.name, protocol) if spec.named else spec.remote
+        if spec.protocol == "tcp" and number in udp - tcp:
+            raise ClusterError("error: UDP protocol is not supported for "
+                               f"{_remote_as_given(text)}")
+    resolved = []
+    for spec, protocol in zip(specs, protocols):  # translateServicePortToTargetPort
+        number = by_name(spec.named.name, protocol) if spec.named else spec.remote
+        local = number if spec.named and spec.named.local_is_remote else spec.local
+        port = next((port for port in ports if port.get("port") == number
+                     and protocol in (None, _protocol_of(port))), None)
+        if port is None:
+            on = f" {protocol.upper()}" if protocol else ""
+            raise ClusterError(f"error: Service {svc_name} does not have a service port "
+                               f"{number}{on}")
+        target = number if headless else port.get("targetPort") or number
+        if isinstance(target, str):
+            target = _container_port_named(pod, target)
+        if not (isinstance(target, int) and 1 <= target <= 65535):
+            raise ClusterError(f"error: Service {svc_name} port {number} has targetPort "
+                               f"{target!r}, not 1..65535")
+        resolved.append(PortSpec(local, target, spec.protocol))
+    return resolved
+
+
+def _asked_protocol(text: str, spec: PortSpec) -> str | None:
+    """The protocol a spec's suffix asks a service port to have: "udp" for a UDP spec,
+    "tcp" for an explicit `/tcp`, None for none (kubectl's lookups ignore protocol)."""
+    return spec.protocol if spec.protocol == "udp" or text.endswith("/tcp") else None
+
+
+def _protocol_of(port: dict[str, Any]) -> str:
+    return str(port.get("protocol") or "TCP").lower()
+
+
+def _container_port_named(pod: dict[str, Any], name: str) -> object:
+    """kubectl's LookupContainerPortNumberByName: the first container port of that name."""
+    for container in _items(_field(pod, "spec").get("containers")):
+        for port in _items(container.get("ports")):
+            if port.get("name") == name:
+                return port.get("containerPort")
+    pod_name = _field(pod, "metadata").get("name", "")
+    raise ClusterError(f"error: Pod '{pod_name}' does not have a named port '{name}'")
+
+
 def check_running(pod: dict[str, Any]) -> None:
     """kubectl forwards only to a Running pod."""
     phase = _field(pod, "status").get("phase", "")
@@ -221,6 +378,8 @@ def _items(value: object) -> list[dict[str, Any]]:
 
 # a Pod object is a few KiB; kubectl's own GET has no bound, an answer past this is not one
 MAX_POD_ANSWER = 4 << 20
+# a service's pods, listed whole as kubectl lists them (thousands of pods of a few KiB)
+MAX_LIST_ANSWER = 64 << 20
 _ANSWER_READ = 64 * 1024
 
 
@@ -296,9 +455,7 @@ class ClusterForward:
 
     def __init__(self, cluster: Cluster, pod: str, transport: str = "auto",
                  timeout: float = 10.0) -> None:
-        if transport not in CLUSTER_TRANSPORTS:
-            raise ClusterError(f"error: transport {transport!r} is not offered by an API "
-                               f"server; choose from {', '.join(CLUSTER_TRANSPORTS)}")
+        self.check_transport(transport)
         self.cluster = cluster
         self.pod = pod
         self.transport = transport
@@ -306,6 +463,12 @@ class ClusterForward:
         self.url = (f"{cluster.server}/api/v1/namespaces/{quote(cluster.namespace, safe='')}"
                     f"/pods/{quote(pod, safe='')}/portforward")
         self.chosen: str | None = None  # the transport that worked, once one has
+
+    @staticmethod
+    def check_transport(transport: str) -> None:
+        if transport not in CLUSTER_TRANSPORTS:
+            raise ClusterError(f"error: transport {transport!r} is not offered by an API "
+                               f"server; choose from {', '.join(CLUSTER_TRANSPORTS)}")
 
     async def open(self, transport: str, ports: list[int], ping_interval: float
                    ) -> ClientSession:

@@ -493,3 +493,134 @@ def test_a_named_udp_port_with_only_a_tcp_container_port_is_refused(
         assert pf.stderr == ["error: Pod 'web' does not have a named port 'echo' with "
                              "protocol UDP"]
         assert not api.upgrades
+
+
+# svc/NAME: the service's selector picks "web" (Running) over "web-new" (Pending, its
+# sandbox unknown to the runtime: forwarding there would fail); each service port
+# forwards to its targetPort, by number, by the pod's container port name, or unset
+SERVICE_PODS = {"web": SANDBOX, "web-new": "sb-not-there", "other": "sb-not-there"}
+SERVICE_LABELS = {"web": {"app": "web", "tier": "front"}, "web-new": {"app": "web"},
+                  "other": {"app": "other"}}
+SERVICES = {
+    "web": {"selector": {"app": "web"}, "ports": [
+        {"name": "http", "port": 80, "targetPort": "http"},
+        {"name": "echo", "port": 7, "targetPort": ECHO_PORT},
+        {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": "dns"},
+        {"name": "same", "port": ECHO_PORT},
+        {"name": "gone", "port": 82, "targetPort": "nope"}]},
+    "headless": {"selector": {"app": "web"}, "clusterIP": "None",
+                 "ports": [{"port": ECHO_PORT, "targetPort": 1}]},
+    "nosel": {"ports": [{"port": 80}]},
+    "later": {"selector": {"app": "later"}, "ports": [{"port": 7, "targetPort": ECHO_PORT}]},
+}
+
+
+def service_standin(crishim: CrishimProcess) -> KubeStandIn:
+    return standin_for(crishim, SERVICE_PODS, container_ports=NAMED_PORTS,
+                       labels=SERVICE_LABELS, phases={"web-new": "Pending"},
+                       services=SERVICES)
+
+
+def test_a_service_forwards_to_its_pods_target_ports_as_kubectl(
+        crishim: CrishimProcess, kubeconfig_dir: str) -> None:
+    """The same lines as kubectl 1.33 for svc/web, and bytes through each port: a target
+    port by container port name (http), by number (echo), unset (the service port)."""
+    kubectl_path = _need_kubectl(KUBECTL_133)
+    web, echo, same = free_port(), free_port(), free_port()
+    specs = [f"{web}:80", f"{echo}:echo", f"{same}:{ECHO_PORT}"]
+    expected = [f"Forwarding from 127.0.0.1:{web} -> {HTTP_PORT}",
+                f"Forwarding from 127.0.0.1:{echo} -> {ECHO_PORT}",
+                f"Forwarding from 127.0.0.1:{same} -> {ECHO_PORT}"]
+    with service_standin(crishim) as api:
+        config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"))
+        with run_kubectl_port_forward(kubectl_path, "", "svc/web", specs,
+                                      ["--address", "127.0.0.1"], wait_ready=False,
+                                      kubeconfig=config) as kubectl:
+            for line in expected:
+                assert kubectl.wait_for_output(re.escape(line)), kubectl.output()
+            assert http_get(web).endswith(HTTP_BODY)
+            kubectl_lines = kubectl.output().splitlines()
+        with CrishimClusterForward("--kubeconfig", config, "svc/web", *specs) as ours:
+            ours.wait_ready([HTTP_PORT, ECHO_PORT])
+            assert http_get(web).endswith(HTTP_BODY)
+            assert echo_roundtrip(echo, b"svc" * 30_000) == b"svc" * 30_000
+            assert echo_roundtrip(same, b"unset target") == b"unset target"
+        assert ours.stdout[:3] == expected == kubectl_lines[:3]
+        assert {u.pod for u in api.upgrades} == {"web"}  # kubectl's and ours
+        lists = [r for r in api.requests if r.path == "/api/v1/namespaces/default/pods"]
+        assert lists and all(r.query["labelSelector"] == ["app=web"] for r in lists)
+
+
+def test_a_headless_service_forwards_to_the_port_as_given(
+        crishim: CrishimProcess, kubeconfig_dir: str) -> None:
+    """clusterIP None: the service port is the pod's port (kubectl ignores targetPort)."""
+    with service_standin(crishim) as api:
+        config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"))
+        with CrishimClusterForward("--kubeconfig", config, "service/headless",
+                                   f":{ECHO_PORT}") as pf:
+            pf.wait_ready([ECHO_PORT])
+            assert echo_roundtrip(pf.local[ECHO_PORT], b"headless") == b"headless"
+
+
+def test_a_services_udp_port_forwards_with_the_udp_suffix(
+        crishim: CrishimProcess, kubeconfig_dir: str) -> None:
+    """crishim's /udp: the service's UDP port (53, by name or number) to its targetPort
+    (the pod's UDP port named dns), where kubectl refuses UDP ports outright."""
+    with service_standin(crishim) as api:
+        config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"))
+        with CrishimClusterForward("--kubeconfig", config, "svc/web", ":dns/udp") as pf:
+            pf.wait_ready([UDP_ECHO_PORT])
+            assert f"-> {UDP_ECHO_PORT}/udp" in pf.output()
+            assert exchange(pf.local[UDP_ECHO_PORT], [b"svc datagram"]) == [b"svc datagram"]
+
+
+def test_a_service_waits_for_a_pod_to_match(
+        crishim: CrishimProcess, kubeconfig_dir: str) -> None:
+    """No pod matches svc/later's selector at first: crishim asks again, as kubectl
+    watches, and forwards once one does."""
+    with service_standin(crishim) as api:
+        config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"))
+        with CrishimClusterForward("--kubeconfig", config, "svc/later", ":7") as pf:
+            deadline = time.monotonic() + 20
+            while not [r for r in api.requests if "app%3Dlater" in r.target
+                       or r.query.get("labelSelector") == ["app=later"]]:
+                assert time.monotonic() < deadline and pf.proc.poll() is None, pf.output()
+                time.sleep(0.05)
+            assert not pf.local  # nothing listens before a pod is found
+            api.labels[("default", "web")] = {"app": "later"}
+            pf.wait_ready([ECHO_PORT])
+            assert echo_roundtrip(pf.local[ECHO_PORT], b"found") == b"found"
+        lists = [r for r in api.requests if r.query.get("labelSelector") == ["app=later"]]
+        assert len(lists) >= 2
+
+
+@pytest.mark.parametrize("target, spec, error", [
+    ("svc/nope", "80", 'Error from server (NotFound): services "nope" not found'),
+    ("svc/nosel", "80", "error: cannot attach to *v1.Service: invalid service 'nosel': "
+                        "Service is defined without a selector"),
+    ("svc/web", "83", "error: Service web does not have a service port 83"),
+    ("svc/web", "nope", "error: Service 'web' does not have a named port 'nope'"),
+    ("svc/web", "82", "error: Pod 'web' does not have a named port 'nope'"),
+    ("svc/web", "53", "error: UDP protocol is not supported for 53"),
+    ("svc/web", "dns", "error: UDP protocol is not supported for dns"),
+    ("svc/later", "7", "error: timed out waiting for the condition"),
+])
+def test_a_service_kubectl_refuses_is_refused_with_its_words(
+        crishim: CrishimProcess, kubeconfig_dir: str, target: str, spec: str,
+        error: str) -> None:
+    """Byte for byte what kubectl 1.27 to 1.33 print, before anything listens or is
+    upgraded (svc/later: no pod matches within --pod-running-timeout)."""
+    with service_standin(crishim) as api:
+        config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"))
+        with CrishimClusterForward("--kubeconfig", config, "--pod-running-timeout", "1s",
+                                   target, spec) as ours:
+            assert ours.wait() == 1
+        assert ours.stdout == []
+        assert ours.stderr == [error]
+        for path in filter(lambda p: os.access(p, os.X_OK), KUBECTLS):
+            with run_kubectl_port_forward(path, "", target, [spec], ["--pod-running-timeout",
+                                                                     "1s"],
+                                          wait_ready=False, kubeconfig=config) as kubectl:
+                assert kubectl.wait(30) == 1
+                assert kubectl.output().splitlines() == ours.stderr, path
+        assert not api.upgrades and not api.port_forward_calls

@@ -99,6 +99,11 @@ _SERVER_VERSION = {
 }
 _PORTFORWARD_RE = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/([^/]+)/portforward/?$")
 _POD_RE = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/([^/]+)/?$")
+_PODS_RE = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/?$")
+_SERVICE_RE = re.compile(r"^/api/v1/namespaces/([^/]+)/services/([^/]+)/?$")
+# a watch answered with a head and no events, held open until the client goes (as the API
+# server's watch of a selector nothing matches)
+WATCH = object()
 _GRPC_HTTP = {"NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429}
 _UNAUTHORIZED = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                  "message": "Unauthorized", "reason": "Unauthorized", "code": 401}
@@ -234,6 +239,35 @@ def _parse_ports(values: list[str]) -> list[int]:
     return ports
 
 
+def _selector_matches(selector: str, labels: Mapping[str, str]) -> bool:
+    """The API server's labelSelector: `k=v`, `k==v`, `k!=v`, `k`, `!k`, `k in (a,b)`,
+    `k notin (a,b)`, comma-joined (commas inside parentheses belong to the set)."""
+    terms = re.findall(r"(?:[^,(]|\([^)]*\))+", selector)
+    for term in (t.strip() for t in terms):
+        if not term:
+            continue
+        m = re.fullmatch(r"(\S+)\s+(in|notin)\s+\(([^)]*)\)", term)
+        if m:
+            values = {v.strip() for v in m.group(3).split(",")}
+            inside = m.group(1) in labels and labels[m.group(1)] in values
+            if inside != (m.group(2) == "in"):
+                return False
+        elif "!=" in term:
+            key, _, value = term.partition("!=")
+            if labels.get(key.strip()) == value.strip():
+                return False
+        elif "=" in term:
+            key, _, value = term.replace("==", "=").partition("=")
+            if labels.get(key.strip()) != value.strip():
+                return False
+        elif term.startswith("!"):
+            if term[1:].strip() in labels:
+                return False
+        elif term not in labels:
+            return False
+    return True
+
+
 # --------------------------------------------------------------------------- relay
 
 
@@ -366,7 +400,7 @@ class _ApiProtocol(asyncio.Protocol, _RelayEnd):
         self._relay_init()
         self.standin = standin
         self.h11 = h11.Connection(h11.SERVER)
-        self.mode = "http"  # http -> upgrading -> relay | closing
+        self.mode = "http"  # http -> upgrading -> relay | closing; http -> watching
         self.current: h11.Request | None = None
         self.peer_ip = "127.0.0.1"
 
@@ -383,7 +417,7 @@ class _ApiProtocol(asyncio.Protocol, _RelayEnd):
         if self.mode == "relay" or self.mode == "upgrading":
             self.relay_data(data)
             return
-        if self.mode == "closing":
+        if self.mode in ("closing", "watching"):
             return
         self.h11.receive_data(data)
         self._process()
@@ -391,6 +425,8 @@ class _ApiProtocol(asyncio.Protocol, _RelayEnd):
     def eof_received(self) -> bool:
         if self.mode in ("relay", "upgrading"):
             return self.relay_eof()
+        if self.mode == "watching":
+            return False  # the transport closes
         self.h11.receive_data(b"")
         self._process()
         return False
@@ -504,6 +540,11 @@ class _ApiProtocol(asyncio.Protocol, _RelayEnd):
             return
         status, body, extra = self.standin._route(rec)
         rec.status = status
+        if body is WATCH:
+            self.mode = "watching"  # what the client sends from now on is not read
+            self.transport.write(self.h11.send(h11.Response(status_code=200, headers=[
+                ("Content-Type", "application/json"), ("Transfer-Encoding", "chunked")])))
+            return
         if isinstance(body, bytes):
             self._send(status, body, "text/plain; charset=utf-8", extra)
         else:
@@ -730,6 +771,8 @@ class KubeStandIn:
         websocket_tunnel: bool = True,
         phases: Mapping[str, str] | None = None,
         relay_process: bool = False,
+        labels: Mapping[str, Mapping[str, str]] | None = None,
+        services: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         # relay established upgrades in the kernel, as the kubelet (not through TLS)
         self.splice = splice and not tls
@@ -738,6 +781,12 @@ class KubeStandIn:
         # pod "name" or "namespace/name" -> status.phase (default Running)
         self.phases = {(k.rpartition("/")[0] or "default", k.rpartition("/")[2]): v
                        for k, v in (phases or {}).items()}
+        # pod "name" or "namespace/name" -> its metadata.labels
+        self.labels = {(k.rpartition("/")[0] or "default", k.rpartition("/")[2]): dict(v)
+                       for k, v in (labels or {}).items()}
+        # service "name" or "namespace/name" -> its spec (selector, ports, clusterIP)
+        self.services = {(k.rpartition("/")[0] or "default", k.rpartition("/")[2]): dict(v)
+                         for k, v in (services or {}).items()}
         self.ca_pem = b""
         self._ssl: ssl.SSLContext | None = None
         self._tls_dir: str | None = None
@@ -953,6 +1002,23 @@ class KubeStandIn:
                 return 404, _status_body(404, "NotFound", f'pods "{name}" not found',
                                          {"name": name, "kind": "pods"}), []
             return 200, self._pod(ns, name), []
+        m = _PODS_RE.match(rec.path)
+        if m:
+            if rec.query.get("watch", [""])[0] in ("true", "1"):
+                return 200, WATCH, []
+            selector = rec.query.get("labelSelector", [""])[0]
+            items = [self._pod(ns, name) for ns, name in self.pods
+                     if ns == m.group(1)
+                     and _selector_matches(selector, self.labels.get((ns, name), {}))]
+            return 200, {"kind": "PodList", "apiVersion": "v1",
+                         "metadata": {"resourceVersion": "1"}, "items": items}, []
+        m = _SERVICE_RE.match(rec.path)
+        if m:
+            ns, name = m.group(1), m.group(2)
+            if (ns, name) not in self.services:
+                return 404, _status_body(404, "NotFound", f'services "{name}" not found',
+                                         {"name": name, "kind": "services"}), []
+            return 200, self._service(ns, name), []
         return 404, b"404 page not found\n", []
 
     def _core_resources(self) -> dict:
@@ -984,6 +1050,10 @@ class KubeStandIn:
                 res("pods/proxy", "PodProxyOptions",
                     ["create", "delete", "get", "patch", "update"]),
                 res("pods/status", "Pod", ["get", "patch", "update"]),
+                res("services", "Service", rw, short=["svc"]) | {"categories": ["all"]},
+                res("services/proxy", "ServiceProxyOptions",
+                    ["create", "delete", "get", "patch", "update"]),
+                res("services/status", "Service", ["get", "patch", "update"]),
             ],
         }
 
@@ -1000,6 +1070,8 @@ class KubeStandIn:
             else:
                 ports.append({"containerPort": p, "protocol": "TCP"})
         now = "2025-01-01T00:00:00Z"
+        phase = self.phases.get((namespace, name), "Running")
+        running = phase == "Running"
         return {
             "kind": "Pod",
             "apiVersion": "v1",
@@ -1009,6 +1081,8 @@ class KubeStandIn:
                 "uid": uid,
                 "resourceVersion": "1",
                 "creationTimestamp": now,
+                **({"labels": self.labels[(namespace, name)]}
+                   if (namespace, name) in self.labels else {}),
             },
             "spec": {
                 "containers": [{
@@ -1020,8 +1094,8 @@ class KubeStandIn:
                 "nodeName": "standin-node",
             },
             "status": {
-                "phase": self.phases.get((namespace, name), "Running"),
-                "conditions": [{"type": "Ready", "status": "True",
+                "phase": phase,
+                "conditions": [{"type": "Ready", "status": "True" if running else "False",
                                 "lastTransitionTime": now}],
                 "hostIP": "127.0.0.1",
                 "podIP": "127.0.0.1",
@@ -1036,6 +1110,27 @@ class KubeStandIn:
                     "state": {"running": {"startedAt": now}},
                 }],
             },
+        }
+
+    def _service(self, namespace: str, name: str) -> dict:
+        spec = dict(self.services[(namespace, name)])
+        spec.setdefault("clusterIP", "10.96.0.10")
+        spec.setdefault("type", "ClusterIP")
+        # as the API server defaults them: protocol TCP, targetPort the port
+        spec["ports"] = [{"protocol": "TCP", "targetPort": p.get("port")} | dict(p)
+                         for p in spec.get("ports", [])]
+        return {
+            "kind": "Service",
+            "apiVersion": "v1",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "uid": str(uuid.uuid5(uuid.NAMESPACE_URL, f"standin/svc/{namespace}/{name}")),
+                "resourceVersion": "1",
+                "creationTimestamp": "2025-01-01T00:00:00Z",
+            },
+            "spec": spec,
+            "status": {"loadBalancer": {}},
         }
 
 

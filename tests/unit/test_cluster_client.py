@@ -3,25 +3,39 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from crishim.client.cluster import ClusterError, load_cluster, pod_name, resolve_named_ports
+from crishim.client.cluster import (
+    ClusterError,
+    _less_active,
+    load_cluster,
+    resolve_named_ports,
+    resolve_service_ports,
+    service_selector,
+    target_of,
+)
 from crishim.client.portforward import PortSpec, parse_port_spec
 
 
 @pytest.mark.parametrize("target", ["web", "pod/web", "pods/web", "po/web"])
 def test_pod_targets_as_kubectl(target: str) -> None:
-    assert pod_name(target) == "web"
+    assert target_of(target) == ("pod", "web")
 
 
-@pytest.mark.parametrize("target", ["deploy/web", "svc/web", "pod/", "pod/a/b"])
+@pytest.mark.parametrize("target", ["svc/web", "service/web", "services/web"])
+def test_service_targets_as_kubectl(target: str) -> None:
+    assert target_of(target) == ("service", "web")
+
+
+@pytest.mark.parametrize("target", ["deploy/web", "pod/", "svc/", "pod/a/b", "svc/a/b"])
 def test_other_targets_are_refused(target: str) -> None:
-    with pytest.raises(ClusterError, match="only pods"):
-        pod_name(target)
+    with pytest.raises(ClusterError, match="only pods and services"):
+        target_of(target)
 
 
 def _kubeconfig(tmp_path: Path, user: dict[str, Any],
@@ -153,3 +167,91 @@ def test_the_first_failing_spec_is_reported_as_kubectl(texts: list[str], message
                                                        ) -> None:
     with pytest.raises(ClusterError, match=message):
         resolve_named_ports(texts, [parse_port_spec(t, names=True) for t in texts], POD)
+
+
+def _listed_pod(name: str, phase: str = "Running", node: str = "n1", ready: str | None = None,
+         restarts: int = 0, created: str = "2025-01-01T00:00:00Z") -> dict[str, Any]:
+    conditions = [{"type": "Ready", "status": "True", "lastTransitionTime": ready}] \
+        if ready else [{"type": "Ready", "status": "False"}]
+    return {"metadata": {"name": name, "creationTimestamp": created},
+            "spec": {"nodeName": node, "containers": [{"ports": [
+                {"name": "http", "containerPort": 8080}]}]},
+            "status": {"phase": phase, "conditions": conditions,
+                       "containerStatuses": [{"restartCount": restarts}]}}
+
+
+@pytest.mark.parametrize("pods, first", [
+    # assigned before unassigned; Running before Unknown before Pending
+    ([_listed_pod("a", node=""), _listed_pod("b")], "b"),
+    ([_listed_pod("a", "Pending"), _listed_pod("b", "Unknown"), _listed_pod("c")], "c"),
+    ([_listed_pod("a", "Pending"), _listed_pod("b", "Unknown")], "b"),
+    ([_listed_pod("a", "Succeeded"), _listed_pod("b", "Unknown")], "b"),
+    # ready before not ready; ready longest first
+    ([_listed_pod("a"), _listed_pod("b", ready="2025-01-02T00:00:00Z")], "b"),
+    ([_listed_pod("a", ready="2025-01-03T00:00:00Z"),
+      _listed_pod("b", ready="2025-01-02T00:00:00Z")], "b"),
+    # fewer restarts; then the oldest
+    ([_listed_pod("a", restarts=3), _listed_pod("b", restarts=1)], "b"),
+    ([_listed_pod("a", created="2025-02-01T00:00:00Z"), _listed_pod("b")], "b"),
+    ([_listed_pod("a", created=""), _listed_pod("b", created="2025-03-01T00:00:00Z")], "b"),
+])
+def test_the_most_active_pod_is_chosen_as_kubectl(pods: list[dict[str, Any]],
+                                                  first: str) -> None:
+    """podutils.ActivePods, reversed, as kubectl's GetFirstPod sorts a service's pods."""
+    for order in (pods, pods[::-1]):
+        assert min(order, key=_less_active)["metadata"]["name"] == first
+
+
+def test_a_service_selector_is_printed_with_sorted_keys() -> None:
+    service = {"metadata": {"name": "s"}, "spec": {"selector": {"tier": "f", "app": "w"}}}
+    assert service_selector(service) == "app=w,tier=f"
+    with pytest.raises(ClusterError, match="Service is defined without a selector"):
+        service_selector({"metadata": {"name": "s"}, "spec": {"selector": {}}})
+
+
+SERVICE = {"metadata": {"name": "svc"}, "spec": {"clusterIP": "10.0.0.1", "ports": [
+    {"name": "web", "port": 80, "protocol": "TCP", "targetPort": "http"},
+    {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353},
+    {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 5354},
+    {"name": "bare", "port": 90, "protocol": "TCP"},
+    {"name": "big", "port": 91, "protocol": "TCP", "targetPort": 70000},
+]}}
+
+
+@pytest.mark.parametrize("text, resolved", [
+    ("80", PortSpec(80, 8080)),
+    ("8000:80", PortSpec(8000, 8080)),
+    (":80", PortSpec(0, 8080)),
+    ("web", PortSpec(80, 8080)),  # kubectl: the local port is the service port
+    ("web:web", PortSpec(80, 8080)),
+    ("8000:web", PortSpec(8000, 8080)),
+    ("90", PortSpec(90, 90)),  # targetPort unset: the service port
+    ("53", PortSpec(53, 5353)),  # the first of that number, as kubectl
+    ("53/tcp", PortSpec(53, 5354)),
+    ("53/udp", PortSpec(53, 5353, "udp")),
+    (":dns/udp", PortSpec(0, 5353, "udp")),
+])
+def test_service_ports_translate_as_kubectl(text: str, resolved: PortSpec) -> None:
+    spec = parse_port_spec(text, names=True)
+    assert resolve_service_ports([text], [spec], SERVICE, _listed_pod("p")) == [resolved]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("81", "Service svc does not have a service port 81"),
+    ("80/udp", "Service svc does not have a service port 80 UDP"),
+    ("nope", "Service 'svc' does not have a named port 'nope'"),
+    ("web/udp", "Service 'svc' does not have a named port 'web'"),
+    ("91", "port 91 has targetPort 70000, not 1..65535"),
+])
+def test_a_service_port_that_cannot_be_translated_is_an_error(text: str,
+                                                             message: str) -> None:
+    spec = parse_port_spec(text, names=True)
+    with pytest.raises(ClusterError, match=re.escape(message)):
+        resolve_service_ports([text], [spec], SERVICE, _listed_pod("p"))
+
+
+def test_a_headless_service_forwards_the_port_itself() -> None:
+    headless = {"metadata": {"name": "h"}, "spec": {"clusterIP": "None", "ports": [
+        {"port": 80, "protocol": "TCP", "targetPort": "http"}]}}
+    assert resolve_service_ports(["80"], [parse_port_spec("80")], headless, _listed_pod("p")) \
+        == [PortSpec(80, 80)]
