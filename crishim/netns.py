@@ -110,18 +110,29 @@ def open_netns(path: str) -> int:
     return fd
 
 
-def not_a_namespace(path: str) -> bool:
-    """True if path is a file that no namespace is (a regular file, a directory): what a
-    look without opening it (O_PATH) can tell. False where it cannot tell (gone, hidden
-    from this process), for the dial to find out."""
+def not_a_netns(path: str) -> bool:
+    """True if path is a file that no network namespace is: a regular file, a directory,
+    a FIFO (looked at without opening it: O_PATH), or a namespace of another type
+    (/proc/1/ns/mnt: nsfs files are safe to open, and NS_GET_NSTYPE tells). False where
+    it cannot tell (gone, hidden from this process), for the dial to find out."""
     try:
         path_fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except OSError:
         return False
     try:
-        return os.fstat(path_fd).st_dev != _nsfs()
+        if os.fstat(path_fd).st_dev != _nsfs():
+            return True
+        fd = os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
     finally:
         os.close(path_fd)
+    try:
+        return bool(fcntl.ioctl(fd, NS_GET_NSTYPE) != CLONE_NEWNET)
+    except OSError:  # a kernel before 4.11: the dial's setns tells
+        return False
+    finally:
+        os.close(fd)
 
 
 def is_netns(path: str) -> bool:

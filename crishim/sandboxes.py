@@ -29,7 +29,7 @@ from google.protobuf.message import DecodeError
 from crishim.config import Config
 from crishim.cri import api_pb2, netns_path_from_spec
 from crishim.cri.service import upstream_target
-from crishim.netns import InProcessDial, not_a_namespace
+from crishim.netns import InProcessDial, not_a_netns
 from crishim.ports import ip_or_empty, netns_path_problem
 from crishim.runtime import (
     HOST,
@@ -78,7 +78,7 @@ class NamedSandboxes:
             if sandbox_id in self.sandboxes:
                 raise SandboxGone(f"sandbox {sandbox_id!r}: network namespace {path} is gone")
             raise SandboxNotFound(f"sandbox {sandbox_id!r} not found (no {path})")
-        if not_a_namespace(path):  # it got a URL, and its first connection ended the session
+        if not_a_netns(path):  # it got a URL, and its first connection ended the session
             if sandbox_id in self.sandboxes:
                 raise SandboxGone(f"sandbox {sandbox_id!r}: {path} is not a network namespace")
             raise SandboxNotFound(f"sandbox {sandbox_id!r} not found ({path} is not a network "

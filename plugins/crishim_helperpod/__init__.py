@@ -30,7 +30,7 @@ from crishim.helper.protocol import (
     read_line,
     send_line,
 )
-from crishim.netns import not_a_namespace
+from crishim.netns import not_a_netns
 from crishim.runtime import (
     DialFailed,
     RuntimePlugin,
@@ -70,7 +70,7 @@ class HelperPodRuntime(RuntimePlugin):
             return self.names.resolve(sandbox_id)
         except (SandboxNotFound, SandboxGone):
             path = self.names.path_of(sandbox_id)  # never HOST: that resolves without error
-            if path is None or not (_hidden_from_us(path) or not_a_namespace(path)):
+            if path is None or not (_hidden_from_us(path) or not_a_netns(path)):
                 raise
             try:
                 exists = await self.exists(path)

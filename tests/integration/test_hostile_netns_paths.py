@@ -84,15 +84,15 @@ def test_out_of_descriptors_while_opening_a_netns_fails_the_dial_not_the_sandbox
 
 
 def test_a_sandbox_path_that_is_no_namespace_is_refused_at_port_forward(podnet, tmp_path):
-    """A regular file, a directory or a FIFO named as a sandbox's netns got a URL, and its
-    first connection ended the client's whole session: PortForward refuses it now, at
-    once (a FIFO is looked at, not opened)."""
+    """A regular file, a directory, a FIFO or a namespace of another type named as a
+    sandbox's netns got a URL, and its first connection ended the client's whole session:
+    PortForward refuses it now, at once (a FIFO is looked at, not opened)."""
     fifo = str(tmp_path / "fifo")
     os.mkfifo(fifo)
     with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path},file=/etc/hostname,"
-                        f"dir={tmp_path},fifo={fifo}") as proc:
+                        f"dir={tmp_path},fifo={fifo},uts=/proc/self/ns/uts") as proc:
         for sandbox, path in (("file", "/etc/hostname"), ("dir", str(tmp_path)),
-                              ("fifo", fifo)):
+                              ("fifo", fifo), ("uts", "/proc/self/ns/uts")):
             start = time.monotonic()
             with pytest.raises(grpc.RpcError) as refused:
                 proc.port_forward_url(sandbox)
