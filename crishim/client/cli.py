@@ -140,10 +140,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                     "With --kubeconfig, TARGET is a pod (pod/NAME or NAME) reached through "
                     "the API server's pods/portforward, as kubectl: the pod is checked "
                     "first, then the WebSocket tunnel is tried and SPDY used where the "
-                    "server does not offer it. TARGET may also be a service (svc/NAME): "
-                    "as kubectl, the most active pod its selector matches (waiting up to "
-                    "--pod-running-timeout for one), each REMOTE a service port (number "
-                    "or name) forwarded to that port's targetPort in the pod. "
+                    "server does not offer it. TARGET may also be a service (svc/NAME) "
+                    "or a workload (deploy/, rs/, sts/, ds/ or rc/NAME): as kubectl, the "
+                    "most active pod its selector matches (waiting up to "
+                    "--pod-running-timeout for one); for a service each REMOTE is a "
+                    "service port (number or name) forwarded to that port's targetPort in "
+                    "the pod. "
                     "PORT specs: 5000 (5000 -> 5000), 6000:5000, :5000 or 0:5000 (a free "
                     "local port); with --kubeconfig the remote port may be a container "
                     "port's name from the pod's spec (8080:http, :http; http alone listens "
@@ -167,7 +169,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                     "or the runtime unavailable); Ctrl-C or SIGTERM, also while starting, "
                     "ends it with 0.")
     pf.add_argument("sandbox", metavar="TARGET",
-                    help="pod sandbox id; with --kubeconfig: pod/NAME, NAME or svc/NAME")
+                    help="pod sandbox id; with --kubeconfig: pod/NAME, NAME, svc/NAME or "
+                         "deploy/NAME (rs/, sts/, ds/, rc/)")
     pf.add_argument("ports", metavar="[LOCAL:]REMOTE[/udp]", nargs="+",
                     help="port specs; with --kubeconfig REMOTE may be a container port's "
                          "name (a service port's, for svc/NAME)")
@@ -182,8 +185,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                          "else default]")
     pf.add_argument("--pod-running-timeout", type=_timeout, default=60.0,
                     metavar="DURATION",
-                    help="with --kubeconfig and svc/NAME: how long to wait for a pod the "
-                         "service selects, as kubectl (seconds, or as 30s, 1m) "
+                    help="with --kubeconfig and svc/NAME or a workload: how long to wait for "
+                         "a pod it selects, as kubectl (seconds, or as 30s, 1m) "
                          "[default: 1m]")
     pf.add_argument("--transport", choices=TRANSPORTS + ("auto",), default=None,
                     help="stream protocol: spdy (kubectl, crictl), spdy-over-websocket "
@@ -303,20 +306,21 @@ def _port_forward_through_cluster(args: argparse.Namespace) -> int:
         texts = list(args.ports)
         specs = portforward.parse_port_specs(texts, names=True)
         addresses = portforward.listen_addresses(args.address)
-        kind, name = cluster.target_of(args.sandbox)
+        resource, name = cluster.target_of(args.sandbox)
         target = cluster.load_cluster(args.kubeconfig, args.context, args.namespace,
                                       args.insecure_skip_tls_verify,
                                       args.certificate_authority)
         cluster.ClusterForward.check_transport(args.transport or "auto")
-        if kind == "service":  # kubectl's order: the service, its pod, its ports
-            service = cluster.fetch_service(target, name, args.timeout)
-            selector = cluster.service_selector(service)
+        if resource == "pods":
+            pod = cluster.fetch_pod(target, name, args.timeout)
+        else:  # kubectl's order: the object, the most active pod it selects, the ports
+            obj = cluster.fetch(target, resource, name, args.timeout)
+            selector = cluster.selector_of(resource, obj)
             pod = cluster.first_pod(target, selector, args.timeout, args.pod_running_timeout)
             name = pod["metadata"]["name"]
-            specs = cluster.resolve_service_ports(texts, specs, service, pod)
-        else:
-            pod = cluster.fetch_pod(target, name, args.timeout)
-            # names are resolved before the pod's phase is looked at
+        if resource == "services":
+            specs = cluster.resolve_service_ports(texts, specs, obj, pod)
+        else:  # names are resolved before the pod's phase is looked at
             specs = cluster.resolve_named_ports(texts, specs, pod)
         forward = cluster.ClusterForward(target, name, args.transport or "auto", args.timeout)
         portforward.refuse_repeated_local_ports(texts, specs)

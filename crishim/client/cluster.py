@@ -10,8 +10,8 @@ the server offers it, else the SPDY upgrade (client-go's fallback on a failed We
 upgrade). As kubectl, the pod is fetched first: not found, or not running, is reported
 before any port is bound, and a named remote port (`8080:http`) is resolved against the
 pod's container ports, as kubectl's convertPodNamedPortToNumber. A service (`svc/NAME`)
-is kubectl's too: its selector's most active pod, each port translated to the service
-port's targetPort.
+or a workload (`deploy/NAME`, rs, sts, ds, rc) is kubectl's too: its selector's most
+active pod, a service's ports translated to their targetPorts.
 """
 
 from __future__ import annotations
@@ -121,42 +121,64 @@ def _ssl_context(configuration: Any, server: str) -> ssl.SSLContext | None:
     return ctx
 
 
-POD_KINDS = ("pod", "pods", "po")
-SERVICE_KINDS = ("svc", "service", "services")
+# kubectl's names for the kinds it can forward to (as the API server's discovery gives
+# them): resource -> (the names, the API group, the Go type its errors print)
+KINDS = {
+    "pods": (("pod", "pods", "po"), "", "*v1.Pod"),
+    "services": (("svc", "service", "services"), "", "*v1.Service"),
+    "deployments": (("deploy", "deployment", "deployments"), "apps", "*v1.Deployment"),
+    "replicasets": (("rs", "replicaset", "replicasets"), "apps", "*v1.ReplicaSet"),
+    "statefulsets": (("sts", "statefulset", "statefulsets"), "apps", "*v1.StatefulSet"),
+    "daemonsets": (("ds", "daemonset", "daemonsets"), "apps", "*v1.DaemonSet"),
+    "replicationcontrollers": (("rc", "replicationcontroller", "replicationcontrollers"),
+                               "", "*v1.ReplicationController"),
+}
+_BY_NAME = {name + suffix: resource for resource, (names, group, _) in KINDS.items()
+            for name in names for suffix in ("", f".{group}" if group else "")}
+# the kubernetes client's GET per resource: (API class, method)
+_READ = {"pods": ("CoreV1Api", "read_namespaced_pod"),
+         "services": ("CoreV1Api", "read_namespaced_service"),
+         "replicationcontrollers": ("CoreV1Api", "read_namespaced_replication_controller"),
+         "deployments": ("AppsV1Api", "read_namespaced_deployment"),
+         "replicasets": ("AppsV1Api", "read_namespaced_replica_set"),
+         "statefulsets": ("AppsV1Api", "read_namespaced_stateful_set"),
+         "daemonsets": ("AppsV1Api", "read_namespaced_daemon_set")}
 
 
 def target_of(target: str) -> tuple[str, str]:
-    """kubectl's forms, as ("pod" | "service", NAME): `pod/NAME`, `pods/NAME`, `po/NAME`
-    or a bare `NAME`; `svc/NAME`, `service/NAME`, `services/NAME`."""
+    """kubectl's forms, as (resource, NAME): `pod/NAME`, `pods/NAME`, `po/NAME` or a bare
+    `NAME` ("pods"); `svc/NAME` ("services"); `deploy/NAME`, `deployment.apps/NAME`,
+    `rs/`, `sts/`, `ds/`, `rc/` and their long names."""
     kind, sep, name = target.partition("/")
     if not sep:
-        return "pod", target
-    if kind in POD_KINDS + SERVICE_KINDS and name and "/" not in name:
-        return ("pod" if kind in POD_KINDS else "service"), name
-    raise ClusterError(f"error: {target!r}: only pods and services are supported "
-                       "(pod/NAME, svc/NAME or NAME)")
+        return "pods", target
+    resource = _BY_NAME.get(kind.lower())
+    if resource and name and "/" not in name:
+        return resource, name
+    raise ClusterError(f"error: {target!r}: not a kind port-forward can reach (pod/NAME or "
+                       "NAME, svc/, deploy/, rs/, sts/, ds/ or rc/NAME)")
 
 
-def _core_api(cluster: Cluster, limit: int, timeout: float) -> Any:
+def _api(cluster: Cluster, api_class: str, limit: int, timeout: float) -> Any:
     from kubernetes import client
 
     api_client = client.ApiClient(cluster.configuration)
     rest: Any = api_client.rest_client  # its pool is wrapped: typed as a PoolManager
     rest.pool_manager = _BoundedAnswers(rest.pool_manager, limit, timeout)
-    return client.CoreV1Api(api_client)
+    return getattr(client, api_class)(api_client)
 
 
-def _get(cluster: Cluster, what: str, call: Any, limit: int, timeout: float,
+def _get(cluster: Cluster, what: str, call: tuple[str, str], limit: int, timeout: float,
          **kwargs: Any) -> dict[str, Any]:
-    """One GET through the kubernetes client's CoreV1Api method named `call`, its JSON
+    """One GET through the kubernetes client's `call` (API class, method), its JSON
     answer; every failure is kubectl's line."""
     from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import HTTPError
 
-    api = _core_api(cluster, limit, timeout)
+    api = _api(cluster, call[0], limit, timeout)
     try:
-        response: Any = getattr(api, call)(_preload_content=False, _request_timeout=timeout,
-                                           **kwargs)
+        response: Any = getattr(api, call[1])(_preload_content=False,
+                                              _request_timeout=timeout, **kwargs)
         answer = json.loads(response.data)
     except ApiException as e:
         raise ClusterError(_server_error(e)) from None
@@ -174,25 +196,58 @@ def _get(cluster: Cluster, what: str, call: Any, limit: int, timeout: float,
 
 def fetch_pod(cluster: Cluster, name: str, timeout: float) -> dict[str, Any]:
     """GET the pod as kubectl does before forwarding: it must exist."""
-    return _get(cluster, f"pod {name!r}", "read_namespaced_pod", MAX_POD_ANSWER, timeout,
+    return fetch(cluster, "pods", name, timeout)
+
+
+def fetch(cluster: Cluster, resource: str, name: str, timeout: float) -> dict[str, Any]:
+    """GET the object a target names (a pod, a service, a workload), as kubectl first
+    does."""
+    return _get(cluster, f"{resource} {name!r}", _READ[resource], MAX_POD_ANSWER, timeout,
                 name=name, namespace=cluster.namespace)
 
 
-def fetch_service(cluster: Cluster, name: str, timeout: float) -> dict[str, Any]:
-    """GET the service (`svc/NAME`), as kubectl does first."""
-    return _get(cluster, f"service {name!r}", "read_namespaced_service", MAX_POD_ANSWER,
-                timeout, name=name, namespace=cluster.namespace)
-
-
-def service_selector(service: dict[str, Any]) -> str:
-    """The label selector of a service's spec.selector, as labels.SelectorFromSet prints
-    it (keys sorted); a service without one is kubectl's error."""
-    selector = _field(_field(service, "spec"), "selector")
-    if not selector:
-        name = _field(service, "metadata").get("name", "")
-        raise ClusterError(f"error: cannot attach to *v1.Service: invalid service '{name}': "
-                           "Service is defined without a selector")
-    return ",".join(f"{key}={selector[key]}" for key in sorted(selector))
+def selector_of(resource: str, obj: dict[str, Any]) -> str:
+    """kubectl's SelectorsForObject, printed as the pod LIST's labelSelector: a service's
+    or replication controller's spec.selector map (labels.SelectorFromSet: keys sorted),
+    a workload's LabelSelector (matchLabels and matchExpressions, one requirement each,
+    sorted by key). A service without a selector, or an invalid LabelSelector, is
+    kubectl's error; no selector elsewhere selects every pod, as kubectl's."""
+    go_type = KINDS[resource][2]
+    selector = _field(obj, "spec").get("selector")
+    if resource in ("services", "replicationcontrollers"):
+        labels = selector if isinstance(selector, dict) else {}
+        if resource == "services" and not labels:
+            name = _field(obj, "metadata").get("name", "")
+            raise ClusterError(f"error: cannot attach to {go_type}: invalid service "
+                               f"'{name}': Service is defined without a selector")
+        return ",".join(f"{key}={labels[key]}" for key in sorted(labels))
+    if not isinstance(selector, dict):
+        return ""
+    requirements = [(str(key), f"{key}={value}")
+                    for key, value in _field(selector, "matchLabels").items()]
+    for expression in _items(selector.get("matchExpressions")):
+        key, operator = str(expression.get("key")), expression.get("operator")
+        values = expression.get("values")
+        values = [str(v) for v in values] if isinstance(values, list) else []
+        if operator in ("In", "NotIn"):
+            if not values:
+                raise ClusterError(f"error: cannot attach to {go_type}: invalid label "
+                                   "selector: values: Invalid value: []string(nil): for "
+                                   "'in', 'notin' operators, values set can't be empty")
+            word = "in" if operator == "In" else "notin"
+            requirements.append((key, f"{key} {word} ({','.join(sorted(set(values)))})"))
+        elif operator in ("Exists", "DoesNotExist"):
+            if values:
+                quoted = ", ".join(json.dumps(v) for v in values)
+                raise ClusterError(f"error: cannot attach to {go_type}: invalid label "
+                                   f"selector: values: Invalid value: []string{{{quoted}}}: "
+                                   "values set must be empty for exists and does not exist")
+            requirements.append((key, key if operator == "Exists" else f"!{key}"))
+        else:
+            raise ClusterError(f"error: cannot attach to {go_type}: invalid label selector: "
+                               f"{json.dumps(str(operator))} is not a valid label selector "
+                               "operator")
+    return ",".join(text for _, text in sorted(requirements, key=lambda r: r[0]))
 
 
 def first_pod(cluster: Cluster, selector: str, timeout: float, running_timeout: float,
@@ -203,9 +258,9 @@ def first_pod(cluster: Cluster, selector: str, timeout: float, running_timeout: 
     `running_timeout`, then kubectl's error."""
     deadline = time.monotonic() + running_timeout
     while True:
-        answer = _get(cluster, f"pods matching {selector!r}", "list_namespaced_pod",
-                      MAX_LIST_ANSWER, timeout, namespace=cluster.namespace,
-                      label_selector=selector)
+        answer = _get(cluster, f"pods matching {selector!r}",
+                      ("CoreV1Api", "list_namespaced_pod"), MAX_LIST_ANSWER, timeout,
+                      namespace=cluster.namespace, label_selector=selector)
         pods = [pod for pod in _items(answer.get("items"))
                 if isinstance(_field(pod, "metadata").get("name"), str)
                 and _field(pod, "metadata")["name"]]  # its portforward URL names it

@@ -515,10 +515,23 @@ SERVICES = {
 }
 
 
+# workloads: a selector as apps/v1 writes it (matchLabels and matchExpressions), a
+# replication controller's map, one that selects nothing, and one kubectl finds invalid
+WORKLOADS = {
+    "deployments/web": {"selector": {"matchLabels": {"app": "web"}, "matchExpressions": [
+        {"key": "tier", "operator": "In", "values": ["front", "back"]},
+        {"key": "canary", "operator": "DoesNotExist"}]}},
+    "replicationcontrollers/web": {"selector": {"app": "web"}},
+    "statefulsets/none": {"selector": {"matchLabels": {"app": "none"}}},
+    "replicasets/bad": {"selector": {"matchExpressions": [
+        {"key": "tier", "operator": "In", "values": []}]}},
+}
+
+
 def service_standin(crishim: CrishimProcess) -> KubeStandIn:
     return standin_for(crishim, SERVICE_PODS, container_ports=NAMED_PORTS,
                        labels=SERVICE_LABELS, phases={"web-new": "Pending"},
-                       services=SERVICES)
+                       services=SERVICES, workloads=WORKLOADS)
 
 
 def test_a_service_forwards_to_its_pods_target_ports_as_kubectl(
@@ -604,8 +617,15 @@ def test_a_service_waits_for_a_pod_to_match(
     ("svc/web", "53", "error: UDP protocol is not supported for 53"),
     ("svc/web", "dns", "error: UDP protocol is not supported for dns"),
     ("svc/later", "7", "error: timed out waiting for the condition"),
+    ("deploy/nope", "80", 'Error from server (NotFound): deployments.apps "nope" not found'),
+    ("rc/nope", "80", 'Error from server (NotFound): replicationcontrollers "nope" not found'),
+    ("rs/bad", "80", "error: cannot attach to *v1.ReplicaSet: invalid label selector: values: "
+                     "Invalid value: []string(nil): for 'in', 'notin' operators, values set "
+                     "can't be empty"),
+    ("sts/none", "80", "error: timed out waiting for the condition"),
+    ("deploy/web", "nope", "error: Pod 'web' does not have a named port 'nope'"),
 ])
-def test_a_service_kubectl_refuses_is_refused_with_its_words(
+def test_what_kubectl_refuses_is_refused_with_its_words(
         crishim: CrishimProcess, kubeconfig_dir: str, target: str, spec: str,
         error: str) -> None:
     """Byte for byte what kubectl 1.27 to 1.33 print, before anything listens or is
@@ -624,3 +644,35 @@ def test_a_service_kubectl_refuses_is_refused_with_its_words(
                 assert kubectl.wait(30) == 1
                 assert kubectl.output().splitlines() == ours.stderr, path
         assert not api.upgrades and not api.port_forward_calls
+
+
+@pytest.mark.parametrize("target", ["deploy/web", "deployment.apps/web", "rc/web"])
+def test_a_workload_forwards_to_its_most_active_pod_as_kubectl(
+        crishim: CrishimProcess, kubeconfig_dir: str, target: str) -> None:
+    """deploy/web selects web (Running) and web-new (Pending) by matchLabels and
+    matchExpressions: the same lines as kubectl 1.33, bytes through a number and a
+    container port's name, and both upgrade to web."""
+    kubectl_path = _need_kubectl(KUBECTL_133)
+    web, echo = free_port(), free_port()
+    specs = [f"{web}:{HTTP_PORT}", f"{echo}:echo"]
+    expected = [f"Forwarding from 127.0.0.1:{web} -> {HTTP_PORT}",
+                f"Forwarding from 127.0.0.1:{echo} -> {ECHO_PORT}"]
+    with service_standin(crishim) as api:
+        config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"))
+        with run_kubectl_port_forward(kubectl_path, "", target, specs,
+                                      ["--address", "127.0.0.1"], wait_ready=False,
+                                      kubeconfig=config) as kubectl:
+            for line in expected:
+                assert kubectl.wait_for_output(re.escape(line)), kubectl.output()
+            assert http_get(web).endswith(HTTP_BODY)
+            kubectl_lines = kubectl.output().splitlines()
+        with CrishimClusterForward("--kubeconfig", config, target, *specs) as ours:
+            ours.wait_ready([HTTP_PORT, ECHO_PORT])
+            assert http_get(web).endswith(HTTP_BODY)
+            assert echo_roundtrip(echo, b"workload" * 9_000) == b"workload" * 9_000
+        assert ours.stdout[:2] == expected == kubectl_lines[:2]
+        assert {u.pod for u in api.upgrades} == {"web"}
+        selectors = {r.query["labelSelector"][0] for r in api.requests
+                     if r.path == "/api/v1/namespaces/default/pods"}
+        assert selectors == ({"app=web"} if target.startswith("rc/") else
+                             {"app=web,!canary,tier in (back,front)"})

@@ -101,6 +101,16 @@ _PORTFORWARD_RE = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/([^/]+)/portforw
 _POD_RE = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/([^/]+)/?$")
 _PODS_RE = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/?$")
 _SERVICE_RE = re.compile(r"^/api/v1/namespaces/([^/]+)/services/([^/]+)/?$")
+# a workload: (group prefix, namespace, resource, name)
+_WORKLOAD_RE = re.compile(r"^/(api/v1|apis/apps/v1)/namespaces/([^/]+)/"
+                          r"(deployments|replicasets|statefulsets|daemonsets|"
+                          r"replicationcontrollers)/([^/]+)/?$")
+# resource -> (kind, group, short names)
+_WORKLOADS = {"deployments": ("Deployment", "apps", ["deploy"]),
+              "replicasets": ("ReplicaSet", "apps", ["rs"]),
+              "statefulsets": ("StatefulSet", "apps", ["sts"]),
+              "daemonsets": ("DaemonSet", "apps", ["ds"]),
+              "replicationcontrollers": ("ReplicationController", "", ["rc"])}
 # a watch answered with a head and no events, held open until the client goes (as the API
 # server's watch of a selector nothing matches)
 WATCH = object()
@@ -773,6 +783,7 @@ class KubeStandIn:
         relay_process: bool = False,
         labels: Mapping[str, Mapping[str, str]] | None = None,
         services: Mapping[str, Mapping[str, Any]] | None = None,
+        workloads: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         # relay established upgrades in the kernel, as the kubelet (not through TLS)
         self.splice = splice and not tls
@@ -787,6 +798,13 @@ class KubeStandIn:
         # service "name" or "namespace/name" -> its spec (selector, ports, clusterIP)
         self.services = {(k.rpartition("/")[0] or "default", k.rpartition("/")[2]): dict(v)
                          for k, v in (services or {}).items()}
+        # "resource/name" or "namespace/resource/name" -> its spec (selector: a
+        # LabelSelector, or a map for replicationcontrollers)
+        self.workloads: dict[tuple[str, str, str], dict] = {}
+        for key, spec in (workloads or {}).items():
+            parts = key.split("/")
+            ns, resource, name = parts if len(parts) == 3 else ["default", *parts]
+            self.workloads[(ns, resource, name)] = dict(spec)
         self.ca_pem = b""
         self._ssl: ssl.SSLContext | None = None
         self._tls_dir: str | None = None
@@ -984,7 +1002,23 @@ class KubeStandIn:
                 ],
             }, []
         if path == "/apis":
-            return 200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": []}, []
+            version = {"groupVersion": "apps/v1", "version": "v1"}
+            return 200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
+                {"name": "apps", "versions": [version], "preferredVersion": version}]}, []
+        if path == "/apis/apps":
+            version = {"groupVersion": "apps/v1", "version": "v1"}
+            return 200, {"kind": "APIGroup", "apiVersion": "v1", "name": "apps",
+                         "versions": [version], "preferredVersion": version}, []
+        if path == "/apis/apps/v1":
+            return 200, {"kind": "APIResourceList", "apiVersion": "v1",
+                         "groupVersion": "apps/v1", "resources": [
+                             {"name": resource, "singularName": kind.lower(),
+                              "namespaced": True, "kind": kind, "shortNames": short,
+                              "categories": ["all"],
+                              "verbs": ["create", "delete", "deletecollection", "get",
+                                        "list", "patch", "update", "watch"]}
+                             for resource, (kind, group, short) in _WORKLOADS.items()
+                             if group == "apps"]}, []
         if path == "/api/v1":
             return 200, self._core_resources(), []
         if path == "/version":
@@ -1019,6 +1053,20 @@ class KubeStandIn:
                 return 404, _status_body(404, "NotFound", f'services "{name}" not found',
                                          {"name": name, "kind": "services"}), []
             return 200, self._service(ns, name), []
+        m = _WORKLOAD_RE.match(rec.path)
+        if m and (m.group(1) == "api/v1") == (m.group(3) == "replicationcontrollers"):
+            ns, resource, name = m.group(2), m.group(3), m.group(4)
+            kind, group, _ = _WORKLOADS[resource]
+            if (ns, resource, name) not in self.workloads:
+                qualified = f"{resource}.{group}" if group else resource
+                return 404, _status_body(404, "NotFound", f'{qualified} "{name}" not found',
+                                         {"name": name, "group": group,
+                                          "kind": resource}), []
+            return 200, {"kind": kind, "apiVersion": f"{group}/v1" if group else "v1",
+                         "metadata": {"name": name, "namespace": ns, "resourceVersion": "1",
+                                      "uid": str(uuid.uuid5(uuid.NAMESPACE_URL,
+                                                            f"standin/{resource}/{ns}/{name}"))},
+                         "spec": self.workloads[(ns, resource, name)]}, []
         return 404, b"404 page not found\n", []
 
     def _core_resources(self) -> dict:
@@ -1054,6 +1102,7 @@ class KubeStandIn:
                 res("services/proxy", "ServiceProxyOptions",
                     ["create", "delete", "get", "patch", "update"]),
                 res("services/status", "Service", ["get", "patch", "update"]),
+                res("replicationcontrollers", "ReplicationController", rw, short=["rc"]),
             ],
         }
 

@@ -16,7 +16,7 @@ from crishim.client.cluster import (
     load_cluster,
     resolve_named_ports,
     resolve_service_ports,
-    service_selector,
+    selector_of,
     target_of,
 )
 from crishim.client.portforward import PortSpec, parse_port_spec
@@ -24,17 +24,24 @@ from crishim.client.portforward import PortSpec, parse_port_spec
 
 @pytest.mark.parametrize("target", ["web", "pod/web", "pods/web", "po/web"])
 def test_pod_targets_as_kubectl(target: str) -> None:
-    assert target_of(target) == ("pod", "web")
+    assert target_of(target) == ("pods", "web")
 
 
-@pytest.mark.parametrize("target", ["svc/web", "service/web", "services/web"])
-def test_service_targets_as_kubectl(target: str) -> None:
-    assert target_of(target) == ("service", "web")
+@pytest.mark.parametrize("target, resource", [
+    ("svc/web", "services"), ("service/web", "services"), ("services/web", "services"),
+    ("deploy/web", "deployments"), ("Deployment/web", "deployments"),
+    ("deployments.apps/web", "deployments"), ("rs/web", "replicasets"),
+    ("statefulset/web", "statefulsets"), ("ds/web", "daemonsets"),
+    ("rc/web", "replicationcontrollers"),
+])
+def test_other_targets_as_kubectl(target: str, resource: str) -> None:
+    assert target_of(target) == (resource, "web")
 
 
-@pytest.mark.parametrize("target", ["deploy/web", "pod/", "svc/", "pod/a/b", "svc/a/b"])
+@pytest.mark.parametrize("target", ["cm/web", "pod/", "svc/", "pod/a/b", "svc/a/b",
+                                    "svc.apps/web", "job/web"])
 def test_other_targets_are_refused(target: str) -> None:
-    with pytest.raises(ClusterError, match="only pods and services"):
+    with pytest.raises(ClusterError, match="not a kind port-forward can reach"):
         target_of(target)
 
 
@@ -204,9 +211,39 @@ def test_the_most_active_pod_is_chosen_as_kubectl(pods: list[dict[str, Any]],
 
 def test_a_service_selector_is_printed_with_sorted_keys() -> None:
     service = {"metadata": {"name": "s"}, "spec": {"selector": {"tier": "f", "app": "w"}}}
-    assert service_selector(service) == "app=w,tier=f"
+    assert selector_of("services", service) == "app=w,tier=f"
     with pytest.raises(ClusterError, match="Service is defined without a selector"):
-        service_selector({"metadata": {"name": "s"}, "spec": {"selector": {}}})
+        selector_of("services", {"metadata": {"name": "s"}, "spec": {"selector": {}}})
+    # a replication controller without one selects every pod, as kubectl's
+    assert selector_of("replicationcontrollers", {"spec": {}}) == ""
+
+
+@pytest.mark.parametrize("selector, printed", [
+    ({"matchLabels": {"b": "2", "a": "1"}}, "a=1,b=2"),
+    ({"matchExpressions": [{"key": "t", "operator": "NotIn", "values": ["y", "x", "y"]},
+                           {"key": "e", "operator": "Exists"}],
+      "matchLabels": {"z": "1"}}, "e,t notin (x,y),z=1"),
+    ({"matchExpressions": [{"key": "c", "operator": "DoesNotExist", "values": []}]}, "!c"),
+    ({}, ""), (None, ""),
+])
+def test_a_label_selector_is_printed_as_kubectl(selector: object, printed: str) -> None:
+    assert selector_of("deployments", {"spec": {"selector": selector}}) == printed
+
+
+@pytest.mark.parametrize("expression, message", [
+    ({"key": "t", "operator": "In"}, "[]string(nil): for 'in', 'notin' operators, values "
+                                     "set can't be empty"),
+    ({"key": "t", "operator": "Exists", "values": ["x"]},
+     '[]string{"x"}: values set must be empty for exists and does not exist'),
+    ({"key": "t", "operator": "Near"}, '"Near" is not a valid label selector operator'),
+])
+def test_an_invalid_label_selector_is_kubectls_error(expression: dict[str, Any],
+                                                     message: str) -> None:
+    with pytest.raises(ClusterError) as e:
+        selector_of("statefulsets", {"spec": {"selector": {"matchExpressions": [expression]}}})
+    assert str(e.value).startswith("error: cannot attach to *v1.StatefulSet: invalid label "
+                                   "selector: ")
+    assert str(e.value).endswith(message)
 
 
 SERVICE = {"metadata": {"name": "svc"}, "spec": {"clusterIP": "10.0.0.1", "ports": [
