@@ -76,9 +76,12 @@ def load_cluster(kubeconfig: str, context: str | None = None, namespace: str | N
     loader: Any = kube_config  # untyped
     configuration = client.Configuration()
     try:
+        contexts, active = loader.list_kube_config_contexts(config_file=kubeconfig)
+        if context and not any(c.get("name") == context for c in contexts):
+            raise ClusterError("Error in configuration: context was not found for specified "
+                               f"context: {context}")  # kubectl's line
         loader.load_kube_config(config_file=kubeconfig, context=context,
                                 client_configuration=configuration, persist_config=False)
-        contexts, active = loader.list_kube_config_contexts(config_file=kubeconfig)
     except kube_config.ConfigException as e:
         raise ClusterError(f"error: kubeconfig {kubeconfig}: {e}") from None
     except OSError as e:

@@ -67,6 +67,16 @@ def test_bearer_token_and_context_namespace(tmp_path: Path) -> None:
     assert cluster.ssl_context is not None and not cluster.ssl_context.check_hostname
 
 
+def test_a_context_the_kubeconfig_lacks_is_kubectls_error(tmp_path: Path) -> None:
+    """kubectl's line (the loader's own was about an object "in .../contexts list")."""
+    config = _kubeconfig(tmp_path, {"token": "t0k"})
+    with pytest.raises(ClusterError) as e:
+        load_cluster(config, context="nope")
+    assert str(e.value) == ("Error in configuration: context was not found for specified "
+                            "context: nope")
+    assert load_cluster(config, context="c").namespace == "default"
+
+
 def test_namespace_flag_wins_and_basic_auth(tmp_path: Path) -> None:
     cluster = load_cluster(_kubeconfig(tmp_path, {"username": "a", "password": "b"}),
                            namespace="other")
