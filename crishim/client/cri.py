@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import threading
 from typing import Any
 
@@ -60,6 +61,13 @@ def normalize_endpoint(endpoint: str) -> str:
     return "unix://" + path
 
 
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return True  # cannot tell: gRPC's words stand
+
+
 class CriClient:
     """A RuntimeService client over the runtime's unix socket."""
 
@@ -101,6 +109,9 @@ class CriClient:
             if not os.path.exists(self.path):
                 return CriError(f"cannot reach the runtime at {self.target}: no socket at "
                                 f"{self.path}", code)
+            if not _is_socket(self.path):  # gRPC's words are about a refused connection
+                return CriError(f"cannot reach the runtime at {self.target}: {self.path} is "
+                                "not a socket", code)
             if details.startswith(CONNECT_FAILED):  # gRPC's: the channel did not connect
                 return CriError(f"cannot reach the runtime at {self.target}: {details}", code)
             # the socket answered: it is the runtime (or its upstream) that is unavailable

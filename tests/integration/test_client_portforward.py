@@ -795,6 +795,16 @@ def test_a_socket_nobody_listens_on_is_unreachable_in_one_line(tmp_path):
                              r"Connection refused")
 
 
+def test_an_endpoint_that_is_no_socket_is_named_so(tmp_path):
+    """A regular file (a mistyped path to the runtime's config) gave gRPC's "connect
+    failed ... Connection refused"."""
+    path = tmp_path / "containerd.toml"
+    path.write_text("version = 2\n")
+    r = run_cli(SANDBOX, "8080", "--runtime-endpoint", str(path))
+    assert_one_error_line(r, rf"^error: cannot reach the runtime at unix://{path}: {path} "
+                             r"is not a socket$")
+
+
 def test_a_runtime_that_answers_unavailable_is_not_called_unreachable(tmp_path):
     """crishim serve answered, its upstream runtime is down: the answer is the runtime's
     UNAVAILABLE, said as such; it was `cannot reach the runtime at <the socket that
