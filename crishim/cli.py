@@ -16,15 +16,18 @@ from crishim import __version__
 # metadata, answered RESOURCE_EXHAUSTED anyway), unbounded. Off unless asked for; read
 # when grpc is first imported, so set before anything imports it
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-from crishim.config import (
-    SETTINGS,
-    Config,
-    ConfigError,
-    host_port,
-    load,
-    setting_text,
-    unknown_environment,
-)
+try:  # ~40 ms of imports (asyncio among them) before main() can catch a Ctrl-C
+    from crishim.config import (
+        SETTINGS,
+        Config,
+        ConfigError,
+        host_port,
+        load,
+        setting_text,
+        unknown_environment,
+    )
+except KeyboardInterrupt:  # as main(): exit status 130, no traceback
+    raise SystemExit(130) from None
 
 log = logging.getLogger("crishim")
 

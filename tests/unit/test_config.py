@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 
 from crishim.cli import build_parser
@@ -191,3 +194,19 @@ def test_ctrl_c_while_the_commands_are_imported_is_exit_130_without_a_traceback(
 
     monkeypatch.setattr(cli, "build_parser", interrupted)
     assert cli.main(["version"]) == 130
+
+
+def test_ctrl_c_while_crishim_cli_itself_is_imported_is_exit_130_without_a_traceback():
+    """The console script imports crishim.cli (~40 ms: crishim.config and asyncio) before
+    main() runs: a Ctrl-C then was a KeyboardInterrupt traceback."""
+    code = ("import sys\n"
+            "class Interrupted:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'crishim.config':\n"
+            "            raise KeyboardInterrupt\n"
+            "sys.meta_path.insert(0, Interrupted())\n"
+            "from crishim.cli import main\n"
+            "print('not reached')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (130, "", "")
