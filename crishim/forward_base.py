@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING
 
 from crishim.logs import traceback_once
-from crishim.runtime import DialFailed, SandboxGone
+from crishim.runtime import DialFailed, DialUnavailable, SandboxGone
 
 if TYPE_CHECKING:
     from crishim.forward import Channel, ForwardContext, SessionBase
@@ -92,6 +92,9 @@ class Forwarded:
         except SandboxGone as e:
             self._fail(str(e), "sandbox_gone", fatal=True)
             return
+        except DialUnavailable as e:
+            self._fail(str(e), "dial_unavailable", level=logging.WARNING)
+            return
         except DialFailed as e:
             self._fail(str(e), "dial_refused")
             return
@@ -126,17 +129,20 @@ class Forwarded:
             return
         log.error(msg + " (traceback shown once per exception type)", *args, exc_info=first)
 
-    def _fail(self, reason: str, kind: str = "other", fatal: bool = False) -> None:
+    def _fail(self, reason: str, kind: str = "other", fatal: bool = False,
+              level: int | None = None) -> None:
         """End this one: reset the data stream; the error stream carries the reason only
-        when fatal (or the verbose policy), since any text ends the client's session."""
+        when fatal (or the verbose policy), since any text ends the client's session. The
+        end line is a WARNING when fatal, else INFO unless `level` says otherwise."""
         if self._done:
             return
         self.reason = reason
         show = fatal or self.ctx.verbose_errors
         if self.ctx.metrics is not None:
             self.ctx.metrics.failure(kind)
-        self._finish(error=reason if show else None, abort=True,
-                     level=logging.WARNING if fatal else logging.INFO)
+        if level is None:
+            level = logging.WARNING if fatal else logging.INFO
+        self._finish(error=reason if show else None, abort=True, level=level)
 
     def _finish(self, error: str | None = None, abort: bool = False,
                 level: int = logging.INFO) -> None:

@@ -22,8 +22,8 @@ from crishim.tokens import TokenStore
 
 log = logging.getLogger("crishim.metrics")
 
-FAILURE_KINDS = ("dial_refused", "dial_timeout", "pod_reset", "sandbox_gone", "plugin_error",
-                 "creation_timeout", "limit", "other")
+FAILURE_KINDS = ("dial_refused", "dial_unavailable", "dial_timeout", "pod_reset",
+                 "sandbox_gone", "plugin_error", "creation_timeout", "limit", "other")
 
 
 class _TokenCollector:

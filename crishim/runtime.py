@@ -37,6 +37,12 @@ class DialFailed(RuntimeError_):
     """One connection into the sandbox failed (refused, unreachable): ends that connection."""
 
 
+class DialUnavailable(DialFailed):
+    """The runtime's own way into sandboxes is down (the helper-pod backend's helper not
+    answering): ends that connection as DialFailed does, but is the node's problem, not
+    the pod's, so it is logged as a WARNING (a refused port is INFO)."""
+
+
 class PluginNotFound(RuntimeError_):
     """No installed runtime plugin has the configured name."""
 

@@ -33,6 +33,7 @@ from crishim.helper.protocol import (
 from crishim.netns import not_a_netns
 from crishim.runtime import (
     DialFailed,
+    DialUnavailable,
     RuntimePlugin,
     Sandbox,
     SandboxGone,
@@ -42,7 +43,7 @@ from crishim.runtime import (
 from crishim.sandboxes import NamedSandboxes, UpstreamSandboxes
 
 
-class HelperUnavailable(DialFailed):
+class HelperUnavailable(DialUnavailable):
     """The helper's socket does not answer (not started, restarting, crashed)."""
 
 
