@@ -408,8 +408,11 @@ class Socat:
             self.proc.kill()
         for _ in range(200):  # reap without blocking the loop; SIGKILL is prompt
             if self.proc.poll() is not None:
-                break
+                return
             await asyncio.sleep(0.005)
+        # not reaped within 1 s (a machine too loaded to run it): wait off the loop, so
+        # that what the caller logs next ("dial dropped") is true
+        await asyncio.to_thread(self.proc.wait)
 
     async def relay(self, conn: socket.socket) -> None:
         """Copy the shim's unix connection to socat's stdin and socat's stdout back, each

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+import time
 import urllib.request
 
 import pytest
@@ -46,18 +47,46 @@ def _socats(pid: int) -> list[str]:
     return [name for name in out.split() if name in ("socat", "nsenter", "setpriv")]
 
 
+def _children(pid: int) -> dict[int, str]:
+    """The process's children, live or zombie: pid -> argv joined ("" for a zombie)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid != pid:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                found[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):  # gone meanwhile
+            continue
+    return found
+
+
+def _dialling_children(pid: int, port: int) -> list[int]:
+    """The helper's live children (setpriv, nsenter, then socat: one argv) dialling port:
+    their last argument is TCP4:127.0.0.1:port or TCP6:[::1]:port."""
+    return [child for child, argv in _children(pid).items()
+            if argv.split() and argv.split()[-1].endswith(f":{port}")]
+
+
 def _dialling(podnet) -> list[str]:
     """Sockets in the pod netns still sending SYNs to DROP_PORT."""
     out = _in_pod(podnet, "ss", "-Htn", "state", "syn-sent", "dport", f"= :{DROP_PORT}")
     return [line for line in out.splitlines() if line.strip()]
 
 
-def _dropped_dial_ends_only_its_connection(proc, podnet) -> SpdyPortForwardClient:
+def _dropped_dial_ends_only_its_connection(proc, podnet, while_dialling=None
+                                           ) -> SpdyPortForwardClient:
     with SpdyPortForwardClient(proc.port_forward_url("sb")) as client:
         live = client.forward(ECHO_PORT)
         live.send(b"before")
         assert client.wait(lambda: bytes(live.received) == b"before")
         fwd = client.forward(DROP_PORT)
+        if while_dialling is not None:
+            while_dialling()
         # the kernel retries a dropped SYN for ~2 min: ended here by the 0.5 s timeout
         assert client.wait(fwd.finished, timeout=15), "the dial was not given up"
         assert fwd.reset_status is not None  # the data stream reset, as a refused port's
@@ -98,9 +127,25 @@ def test_the_helper_drops_its_dial_when_the_shim_gives_up(dropping, mode: str):
                 UnprivilegedCrishim("--runtime", "helper", "--helper-socket", sock,
                                     "--helper-mode", mode, "--sandboxes",
                                     f"sb={dropping.path}", "--dial-timeout", "500ms") as shim:
-            _dropped_dial_ends_only_its_connection(shim, dropping)
+            dial: list[int] = []  # the dropped dial's socat, seen while it dials
+
+            def note_dial() -> None:
+                deadline = time.monotonic() + 5
+                while not dial and time.monotonic() < deadline:
+                    dial.extend(_dialling_children(helper.proc.pid, DROP_PORT))
+                    time.sleep(0.01)
+                assert dial, f"no child of the helper dialled port {DROP_PORT}"
+
+            _dropped_dial_ends_only_its_connection(
+                shim, dropping, note_dial if mode == "socat" else None)
             assert _wait_for(lambda: "dial dropped" in helper.log(), 5), helper.log()
-            assert not _socats(helper.proc.pid)
+            # killed and reaped before the helper says so (a zombie still has /proc/PID).
+            # The echo connections' socats are not looked at: each ends, and is reaped, as
+            # its relay ends, which may be a moment after the client has seen its streams end
+            assert not [pid for pid in dial if os.path.exists(f"/proc/{pid}")], dial
+            assert not _dialling_children(helper.proc.pid, DROP_PORT)
+            if mode == "fd":
+                assert not _children(helper.proc.pid)
             shim_log = shim.log()
     assert f"connect to port {DROP_PORT}: no answer after 0.5 s" in shim_log, shim_log
 
@@ -110,7 +155,6 @@ def test_a_killed_socat_helper_leaves_no_socat_dialling(dropping):
     SIGKILLed (or OOM-killed) mid-dial left its socat, reparented to init, sending SYNs
     in the pod's netns for the kernel's ~2 min of retries."""
     import socket
-    import time
 
     from crishim.helper.protocol import encode_request
 
