@@ -528,6 +528,18 @@ WORKLOADS = {
 }
 
 
+def _kubectl_forwards(kubectl_path: str, config: str, target: str, specs: list[str],
+                      expected: list[str], web: int) -> list[str]:
+    """kubectl's output once it printed the `expected` lines and served a page on `web`."""
+    with run_kubectl_port_forward(kubectl_path, "", target, specs,
+                                  ["--address", "127.0.0.1"], wait_ready=False,
+                                  kubeconfig=config) as kubectl:
+        for line in expected:
+            assert kubectl.wait_for_output(re.escape(line)), kubectl.output()
+        assert http_get(web).endswith(HTTP_BODY)
+        return kubectl.output().splitlines()
+
+
 def service_standin(crishim: CrishimProcess) -> KubeStandIn:
     return standin_for(crishim, SERVICE_PODS, container_ports=NAMED_PORTS,
                        labels=SERVICE_LABELS, phases={"web-new": "Pending"},
@@ -546,13 +558,8 @@ def test_a_service_forwards_to_its_pods_target_ports_as_kubectl(
                 f"Forwarding from 127.0.0.1:{same} -> {ECHO_PORT}"]
     with service_standin(crishim) as api:
         config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"))
-        with run_kubectl_port_forward(kubectl_path, "", "svc/web", specs,
-                                      ["--address", "127.0.0.1"], wait_ready=False,
-                                      kubeconfig=config) as kubectl:
-            for line in expected:
-                assert kubectl.wait_for_output(re.escape(line)), kubectl.output()
-            assert http_get(web).endswith(HTTP_BODY)
-            kubectl_lines = kubectl.output().splitlines()
+        kubectl_lines = _kubectl_forwards(kubectl_path, config, "svc/web", specs, expected,
+                                          web)
         with CrishimClusterForward("--kubeconfig", config, "svc/web", *specs) as ours:
             ours.wait_ready([HTTP_PORT, ECHO_PORT])
             assert http_get(web).endswith(HTTP_BODY)
@@ -659,13 +666,7 @@ def test_a_workload_forwards_to_its_most_active_pod_as_kubectl(
                 f"Forwarding from 127.0.0.1:{echo} -> {ECHO_PORT}"]
     with service_standin(crishim) as api:
         config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"))
-        with run_kubectl_port_forward(kubectl_path, "", target, specs,
-                                      ["--address", "127.0.0.1"], wait_ready=False,
-                                      kubeconfig=config) as kubectl:
-            for line in expected:
-                assert kubectl.wait_for_output(re.escape(line)), kubectl.output()
-            assert http_get(web).endswith(HTTP_BODY)
-            kubectl_lines = kubectl.output().splitlines()
+        kubectl_lines = _kubectl_forwards(kubectl_path, config, target, specs, expected, web)
         with CrishimClusterForward("--kubeconfig", config, target, *specs) as ours:
             ours.wait_ready([HTTP_PORT, ECHO_PORT])
             assert http_get(web).endswith(HTTP_BODY)
