@@ -22,7 +22,7 @@ import os
 import ssl
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -171,14 +171,14 @@ def _api(cluster: Cluster, api_class: str, limit: int, timeout: float) -> Any:
     return getattr(client, api_class)(api_client)
 
 
-def _get(cluster: Cluster, what: str, call: tuple[str, str], limit: int, timeout: float,
-         **kwargs: Any) -> dict[str, Any]:
+def _get(cluster: Cluster, what: str, call: tuple[str, str], max_bytes: int,
+         timeout: float, **kwargs: Any) -> dict[str, Any]:
     """One GET through the kubernetes client's `call` (API class, method), its JSON
     answer; every failure is kubectl's line."""
     from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import HTTPError
 
-    api = _api(cluster, call[0], limit, timeout)
+    api = _api(cluster, call[0], max_bytes, timeout)
     try:
         response: Any = getattr(api, call[1])(_preload_content=False,
                                               _request_timeout=timeout, **kwargs)
@@ -189,7 +189,7 @@ def _get(cluster: Cluster, what: str, call: tuple[str, str], limit: int, timeout
         reason = getattr(e, "reason", None) or e
         raise ClusterError(f"error: unable to connect to the server {cluster.server}: "
                            f"{reason}") from None
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # nested past the parser's stack
         raise ClusterError(f"error: the server's answer for {what} is not JSON: {e}"
                            ) from None
     if not isinstance(answer, dict):
@@ -217,8 +217,17 @@ def selector_of(resource: str, obj: dict[str, Any]) -> str:
     kubectl's error; no selector elsewhere selects every pod, as kubectl's."""
     go_type = KINDS[resource][2]
     selector = _field(obj, "spec").get("selector")
+
+    def labels_of(value: object) -> dict[str, str]:
+        labels = value if isinstance(value, dict) else {}
+        for key, text in labels.items():
+            if not isinstance(text, str):  # kubectl cannot decode the object at all
+                raise ClusterError(f"error: {go_type}: selector label {key!r}: {text!r} is "
+                                   "not a string")
+        return labels
+
     if resource in ("services", "replicationcontrollers"):
-        labels = selector if isinstance(selector, dict) else {}
+        labels = labels_of(selector)
         if resource == "services" and not labels:
             name = _field(obj, "metadata").get("name", "")
             raise ClusterError(f"error: cannot attach to {go_type}: invalid service "
@@ -227,7 +236,7 @@ def selector_of(resource: str, obj: dict[str, Any]) -> str:
     if not isinstance(selector, dict):
         return ""
     requirements = [(str(key), f"{key}={value}")
-                    for key, value in _field(selector, "matchLabels").items()]
+                    for key, value in labels_of(selector.get("matchLabels")).items()]
     for expression in _items(selector.get("matchExpressions")):
         key, operator = str(expression.get("key")), expression.get("operator")
         values = expression.get("values")
@@ -261,45 +270,130 @@ def first_pod(cluster: Cluster, selector: str, timeout: float, running_timeout: 
     `running_timeout`, then kubectl's error."""
     deadline = time.monotonic() + running_timeout
     while True:
-        answer = _get(cluster, f"pods matching {selector!r}",
-                      ("CoreV1Api", "list_namespaced_pod"), MAX_LIST_ANSWER, timeout,
-                      namespace=cluster.namespace, label_selector=selector)
-        pods = [pod for pod in _items(answer.get("items"))
-                if isinstance(_field(pod, "metadata").get("name"), str)
-                and _field(pod, "metadata")["name"]]  # its portforward URL names it
-        if pods:
-            return min(pods, key=_less_active)
+        pod = _most_active(cluster, selector, timeout)
+        if pod is not None:
+            return pod
         left = deadline - time.monotonic()
         if left <= 0:
             raise ClusterError("error: timed out waiting for the condition")
         time.sleep(min(poll, left))
 
 
+# the pods are listed a page at a time (limit and continue, as the API server offers),
+# and only the best so far is kept: memory is one page's, however many pods match (an
+# answer of 64 MiB of `{}` items took 1.7 GB parsed)
+LIST_PAGE = 500
+MAX_LIST_PAGES = 400
+MAX_LIST_ANSWER = 8 << 20
+
+
+def _most_active(cluster: Cluster, selector: str, timeout: float) -> dict[str, Any] | None:
+    best: dict[str, Any] | None = None
+    best_key: tuple[Any, ...] = ()
+    token = ""
+    for _ in range(MAX_LIST_PAGES):
+        page = {"limit": LIST_PAGE, **({"_continue": token} if token else {})}
+        answer = _get(cluster, f"pods matching {selector!r}",
+                      ("CoreV1Api", "list_namespaced_pod"), MAX_LIST_ANSWER, timeout,
+                      namespace=cluster.namespace, label_selector=selector, **page)
+        for pod in _items(answer.get("items")):
+            name = _field(pod, "metadata").get("name")
+            if not (isinstance(name, str) and name):  # its portforward URL names it
+                continue
+            key = _less_active(pod)
+            if best is None or key < best_key:  # ties: the first listed
+                best, best_key = pod, key
+        token = _field(answer, "metadata").get("continue") or ""
+        if not isinstance(token, str) or not token:
+            return best
+    raise ClusterError(f"error: the pods matching {selector!r} go on past "
+                       f"{LIST_PAGE * MAX_LIST_PAGES} (pages of {LIST_PAGE})")
+
+
 _PHASE_RANK = {"Running": 2, "Unknown": 1}  # Pending, Succeeded, Failed: 0, as ActivePods
 
 
 def _less_active(pod: dict[str, Any]) -> tuple[Any, ...]:
-    """A sort key that puts the pod ActivePods ranks highest first."""
+    """A sort key that puts the pod ActivePods ranks highest first (kubectl 1.32+: a
+    sidecar's restarts count, an init container's do not)."""
     spec, status = _field(pod, "spec"), _field(pod, "status")
     ready = next((c for c in _items(status.get("conditions"))
                   if c.get("type") == "Ready"), {})
     is_ready = ready.get("status") == "True"
-    counts = [c.get("restartCount") for c in _items(status.get("containerStatuses"))]
-    restarts = max((n for n in counts if isinstance(n, int)), default=0)
+    sidecars = {c.get("name") for c in _items(spec.get("initContainers"))
+                if c.get("restartPolicy") == "Always"}
+    counted = _items(status.get("containerStatuses")) + [
+        c for c in _items(status.get("initContainerStatuses")) if c.get("name") in sidecars]
+    restarts = max((n for n in (c.get("restartCount") for c in counted)
+                    if type(n) is int), default=0)
     return (not spec.get("nodeName"), -_PHASE_RANK.get(str(status.get("phase")), 0),
             not is_ready, _time_or_last(ready.get("lastTransitionTime")) if is_ready else 0,
             restarts, _time_or_last(_field(pod, "metadata").get("creationTimestamp")))
 
 
+_ZERO_TIME = datetime(1, 1, 1, tzinfo=timezone.utc)  # Go's time.Time{}
+
+
 def _time_or_last(stamp: object) -> float:
-    """An RFC 3339 time as seconds; missing or unreadable: after every other (a zero
-    time is the newest, in ActivePods' afterOrZero)."""
+    """An RFC 3339 time as seconds; missing, unreadable or Go's zero time: after every
+    other (a zero time is the newest, in ActivePods' afterOrZero)."""
     if isinstance(stamp, str):
         try:
-            return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-        except ValueError:
+            when = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+            if when != _ZERO_TIME:
+                return when.timestamp()
+        except (ValueError, OverflowError):
             pass
     return math.inf
+
+
+def _number(value: object) -> int | None:
+    """A port number as the API server's JSON has one: an integer (true is not 1)."""
+    return value if type(value) is int else None
+
+
+def _protocol_of(port: dict[str, Any]) -> str:
+    return str(port.get("protocol") or "TCP").lower()
+
+
+def _udp_only(ports: list[dict[str, Any]], key: str) -> set[int]:
+    """The numbers (under `key`) declared as UDP and never as TCP: kubectl's checkUDPPorts
+    refuses a TCP spec for them."""
+    def numbers(protocol: str) -> set[int]:
+        return {n for n in (_number(port.get(key)) for port in ports
+                            if _protocol_of(port) == protocol) if n is not None}
+    return numbers("udp") - numbers("tcp")
+
+
+def _named(ports: list[dict[str, Any]], name: str, protocol: str | None, key: str) -> object:
+    """The `key` of the first port named `name` (of that protocol, if given), else None."""
+    return next((port.get(key) for port in ports if port.get("name") == name
+                 and protocol in (None, _protocol_of(port))), None)
+
+
+def _with_protocol(protocol: str | None) -> str:
+    return f" with protocol {protocol.upper()}" if protocol else ""
+
+
+def _container_ports(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    return [port for container in _items(_field(pod, "spec").get("containers"))
+            for port in _items(container.get("ports"))]
+
+
+def _container_port_named(pod: dict[str, Any], name: str, protocol: str | None = None
+                          ) -> int:
+    """kubectl's LookupContainerPortNumberByName: the first container port of that name
+    (of that protocol, with crishim's suffix), 1..65535."""
+    pod_name = _field(pod, "metadata").get("name", "")
+    value = _named(_container_ports(pod), name, protocol, "containerPort")
+    if value is None:
+        raise ClusterError(f"error: Pod '{pod_name}' does not have a named port "
+                           f"'{name}'{_with_protocol(protocol)}")
+    number = _number(value)
+    if number is None or not 1 <= number <= 65535:
+        raise ClusterError(f"error: Pod '{pod_name}' has named port '{name}' with "
+                           f"containerPort {value!r}, not 1..65535")
+    return number
 
 
 def resolve_named_ports(texts: list[str], specs: list[PortSpec], pod: dict[str, Any]
@@ -310,28 +404,12 @@ def resolve_named_ports(texts: list[str], specs: list[PortSpec], pod: dict[str, 
     protocol). As kubectl's checkUDPPortInPod, a TCP spec, named or not, whose number the
     pod declares only as UDP is refused. A name no container port has is kubectl's error;
     the first failing spec in order is the one reported, as kubectl."""
-    pod_name = str(_field(pod, "metadata").get("name") or "")
-    ports = [port for container in _items(_field(pod, "spec").get("containers"))
-             for port in _items(container.get("ports"))]
-    by_protocol: dict[str, set[object]] = {"TCP": set(), "UDP": set()}
-    for port in ports:
-        by_protocol.get(str(port.get("protocol") or "TCP"), set()).add(port.get("containerPort"))
-    udp_only = by_protocol["UDP"] - by_protocol["TCP"]
+    udp_only = _udp_only(_container_ports(pod), "containerPort")
     resolved = []
     for text, spec in zip(texts, specs):
         named = spec.named
         if named is not None:
-            number = next((port.get("containerPort") for port in ports
-                           if port.get("name") == named.name and named.protocol in
-                           (None, str(port.get("protocol") or "TCP").lower())), None)
-            if number is None:
-                with_protocol = f" with protocol {named.protocol.upper()}" \
-                    if named.protocol else ""
-                raise ClusterError(f"error: Pod '{pod_name}' does not have a named port "
-                                   f"'{named.name}'{with_protocol}")
-            if not (isinstance(number, int) and 1 <= number <= 65535):
-                raise ClusterError(f"error: Pod '{pod_name}' has named port '{named.name}' "
-                                   f"with containerPort {number!r}, not 1..65535")
+            number = _container_port_named(pod, named.name, named.protocol)
             spec = PortSpec(number if named.local_is_remote else spec.local, number,
                             spec.protocol)
         if spec.protocol == "tcp" and spec.remote in udp_only:
@@ -359,61 +437,45 @@ def resolve_service_ports(texts: list[str], specs: list[PortSpec], service: dict
     spec_field = _field(service, "spec")
     ports = _items(spec_field.get("ports"))
     headless = spec_field.get("clusterIP") == "None"
-    protocols = [_asked_protocol(text, spec) for text, spec in zip(texts, specs)]
+    # kubectl's lookups ignore protocol; crishim's suffix asks for one
+    protocols = [spec.protocol if spec.protocol_given else None for spec in specs]
 
-    def by_name(name: str, protocol: str | None) -> int:
-        number = next((port.get("port") for port in ports if port.get("name") == name
-                       and protocol in (None, _protocol_of(port))), None)
-        if not isinstance(number, int):
+    def service_port(spec: PortSpec, protocol: str | None) -> int:
+        if spec.named is None:
+            return spec.remote
+        number = _number(_named(ports, spec.named.name, protocol, "port"))
+        if number is None:
             raise ClusterError(f"error: Service '{svc_name}' does not have a named port "
-                               f"'{name}'")
+                               f"'{spec.named.name}'{_with_protocol(protocol)}")
         return number
 
-    udp = {port.get("port") for port in ports if _protocol_of(port) == "udp"}
-    tcp = {port.get("port") for port in ports if _protocol_of(port) == "tcp"}
+    udp_only = _udp_only(ports, "port")
     for text, spec, protocol in zip(texts, specs, protocols):  # checkUDPPortInService
-        number = by_name(spec.named.name, protocol) if spec.named else spec.remote
-        if spec.protocol == "tcp" and number in udp - tcp:
+        if spec.protocol == "tcp" and service_port(spec, protocol) in udp_only:
             raise ClusterError("error: UDP protocol is not supported for "
                                f"{_remote_as_given(text)}")
     resolved = []
     for spec, protocol in zip(specs, protocols):  # translateServicePortToTargetPort
-        number = by_name(spec.named.name, protocol) if spec.named else spec.remote
+        number = service_port(spec, protocol)
         local = number if spec.named and spec.named.local_is_remote else spec.local
-        port = next((port for port in ports if port.get("port") == number
+        port = next((port for port in ports if _number(port.get("port")) == number
                      and protocol in (None, _protocol_of(port))), None)
         if port is None:
             on = f" {protocol.upper()}" if protocol else ""
             raise ClusterError(f"error: Service {svc_name} does not have a service port "
                                f"{number}{on}")
-        target = number if headless else port.get("targetPort") or number
-        if isinstance(target, str):
-            target = _container_port_named(pod, target)
-        if not (isinstance(target, int) and 1 <= target <= 65535):
+        value = port.get("targetPort")
+        if headless or value is None or value == "" or _number(value) == 0:
+            target: int | None = number  # unset: the API server's default
+        elif isinstance(value, str):
+            target = _container_port_named(pod, value)
+        else:
+            target = _number(value)
+        if target is None or not 1 <= target <= 65535:
             raise ClusterError(f"error: Service {svc_name} port {number} has targetPort "
-                               f"{target!r}, not 1..65535")
+                               f"{value!r}, not 1..65535")
         resolved.append(PortSpec(local, target, spec.protocol))
     return resolved
-
-
-def _asked_protocol(text: str, spec: PortSpec) -> str | None:
-    """The protocol a spec's suffix asks a service port to have: "udp" for a UDP spec,
-    "tcp" for an explicit `/tcp`, None for none (kubectl's lookups ignore protocol)."""
-    return spec.protocol if spec.protocol == "udp" or text.endswith("/tcp") else None
-
-
-def _protocol_of(port: dict[str, Any]) -> str:
-    return str(port.get("protocol") or "TCP").lower()
-
-
-def _container_port_named(pod: dict[str, Any], name: str) -> object:
-    """kubectl's LookupContainerPortNumberByName: the first container port of that name."""
-    for container in _items(_field(pod, "spec").get("containers")):
-        for port in _items(container.get("ports")):
-            if port.get("name") == name:
-                return port.get("containerPort")
-    pod_name = _field(pod, "metadata").get("name", "")
-    raise ClusterError(f"error: Pod '{pod_name}' does not have a named port '{name}'")
 
 
 def check_running(pod: dict[str, Any]) -> None:
@@ -436,8 +498,8 @@ def _items(value: object) -> list[dict[str, Any]]:
 
 # a Pod object is a few KiB; kubectl's own GET has no bound, an answer past this is not one
 MAX_POD_ANSWER = 4 << 20
-# a service's pods, listed whole as kubectl lists them (thousands of pods of a few KiB)
-MAX_LIST_ANSWER = 64 << 20
+MAX_ERROR_TEXT = 500  # of an error answer that is not a Status, shown
+
 _ANSWER_READ = 64 * 1024
 
 
@@ -498,13 +560,20 @@ def _server_error(e: Any) -> str:
         return "error: You must be logged in to the server (Unauthorized)"
     try:
         status = json.loads(e.body or b"")
-    except ValueError:
+    except (ValueError, RecursionError):
         status = {}
     if not isinstance(status, dict):
         status = {}
-    message = status.get("message") or (e.body.decode("utf-8", "replace").strip()
-                                         if isinstance(e.body, bytes) else str(e.body or ""))
-    reason = status.get("reason") or e.reason or str(e.status)
+    message = status.get("message")
+    if not isinstance(message, str) or not message:  # not a Status: the body, one line
+        body = e.body.decode("utf-8", "replace") if isinstance(e.body, bytes) \
+            else str(e.body or "")
+        message = " ".join(body.split())
+        if len(message) > MAX_ERROR_TEXT:
+            message = message[:MAX_ERROR_TEXT] + "…"
+    reason = status.get("reason")
+    if not isinstance(reason, str) or not reason:
+        reason = e.reason or str(e.status)
     return f"Error from server ({reason}): {message or 'no message'}"
 
 

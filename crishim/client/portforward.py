@@ -12,7 +12,7 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 from crishim.budget import TokenBucket
@@ -255,6 +255,8 @@ class PortSpec:
     remote: int  # 0 while `named` is unresolved
     protocol: str = "tcp"  # or "udp" (crishim's extension, portforward.crishim.dev/v1)
     named: NamedPort | None = None
+    # the spec's text ended in /tcp or /udp: a service's port of that protocol is asked for
+    protocol_given: bool = field(default=False, compare=False)
 
     @property
     def remote_text(self) -> str:
@@ -325,8 +327,8 @@ def parse_port_spec(text: str, names: bool = False) -> PortSpec:
         raise UsageError(f"invalid port spec {spec}: remote port {_cut(remote_text)} is not "
                          "in 1..65535")
     if named:
-        return PortSpec(local, 0, protocol, named)
-    return PortSpec(local, remote, protocol)
+        return PortSpec(local, 0, protocol, named, protocol_given=bool(slash))
+    return PortSpec(local, remote, protocol, protocol_given=bool(slash))
 
 
 def _cut(digits: str) -> str:

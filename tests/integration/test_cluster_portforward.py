@@ -292,7 +292,8 @@ def test_token_from_an_exec_plugin(crishim: CrishimProcess, kubeconfig_dir: str)
 def _hostile_pod_answers(mode: str, stop: threading.Event) -> tuple[socket.socket, str]:
     """An API server on loopback whose pod GET answer never ends: `endless` sends a
     chunked body as fast as it is read, `trickle` one byte of a 1 MB body every 0.5 s
-    (each read well within the client's read timeout)."""
+    (each read well within the client's read timeout); or whose every answer is JSON
+    nested 100,000 deep (`deep`: 200, `deep404`: 404)."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.5)
 
@@ -305,7 +306,13 @@ def _hostile_pod_answers(mode: str, stop: threading.Event) -> tuple[socket.socke
                     return
                 head += data
             try:
-                if mode == "endless":
+                if mode.startswith("deep"):
+                    body = b"[" * 100_000 + b"]" * 100_000
+                    status = b"404 Not Found" if mode == "deep404" else b"200 OK"
+                    conn.sendall(b"HTTP/1.1 %s\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+                                 % (status, len(body), body))
+                elif mode == "endless":
                     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                                  b"Transfer-Encoding: chunked\r\n\r\n")
                     chunk = b"%x\r\n%s\r\n" % (1 << 16, b" " * (1 << 16))
@@ -333,14 +340,18 @@ def _hostile_pod_answers(mode: str, stop: threading.Event) -> tuple[socket.socke
     return listener, f"http://127.0.0.1:{listener.getsockname()[1]}"
 
 
-@pytest.mark.parametrize("mode, error", [
-    ("endless", "error: the server's answer is larger than 4 MiB"),
-    ("trickle", "error: the server's answer took longer than 3s"),
+@pytest.mark.parametrize("mode, target, error", [
+    ("endless", "pod/web", "error: the server's answer is larger than 4 MiB"),
+    ("trickle", "pod/web", "error: the server's answer took longer than 3s"),
+    ("deep", "pod/web", "error: the server's answer for pods 'web' is not JSON"),
+    ("deep", "svc/web", "error: the server's answer for services 'web' is not JSON"),
+    ("deep404", "deploy/web", "Error from server (Not Found): [[[[["),
 ])
 def test_a_pod_answer_that_never_ends_is_a_clear_error(kubeconfig_dir: str, mode: str,
-                                                        error: str) -> None:
+                                                        target: str, error: str) -> None:
     """The pod GET is read whole, as kubectl does, but at most 4 MiB and within --timeout:
-    an endless answer grew the client by ~220 MiB/s, a trickled one held it forever."""
+    an endless answer grew the client by ~220 MiB/s, a trickled one held it forever.
+    JSON nested past the parser's stack was a RecursionError traceback."""
     stop = threading.Event()
     listener, server = _hostile_pod_answers(mode, stop)
     config = os.path.join(kubeconfig_dir, "config")
@@ -351,7 +362,7 @@ def test_a_pod_answer_that_never_ends_is_a_clear_error(kubeconfig_dir: str, mode
                    "contexts": [{"name": "hostile", "context": {"cluster": "hostile",
                                                                 "user": "hostile"}}]}, f)
     try:
-        with CrishimClusterForward("--kubeconfig", config, "--timeout", "3", "pod/web",
+        with CrishimClusterForward("--kubeconfig", config, "--timeout", "3", target,
                                    f":{ECHO_PORT}") as pf:
             assert pf.wait(30) == 1
     finally:
@@ -498,9 +509,11 @@ def test_a_named_udp_port_with_only_a_tcp_container_port_is_refused(
 # svc/NAME: the service's selector picks "web" (Running) over "web-new" (Pending, its
 # sandbox unknown to the runtime: forwarding there would fail); each service port
 # forwards to its targetPort, by number, by the pod's container port name, or unset
-SERVICE_PODS = {"web": SANDBOX, "web-new": "sb-not-there", "other": "sb-not-there"}
+SERVICE_PODS = {"web": SANDBOX, "web-new": "sb-not-there", "other": "sb-not-there",
+                **{f"many-{i}": "sb-not-there" for i in range(4)}, "many-4": SANDBOX}
 SERVICE_LABELS = {"web": {"app": "web", "tier": "front"}, "web-new": {"app": "web"},
-                  "other": {"app": "other"}}
+                  "other": {"app": "other"}, **{f"many-{i}": {"app": "many"} for i in range(5)}}
+SERVICE_PHASES = {"web-new": "Pending", **{f"many-{i}": "Pending" for i in range(4)}}
 SERVICES = {
     "web": {"selector": {"app": "web"}, "ports": [
         {"name": "http", "port": 80, "targetPort": "http"},
@@ -512,6 +525,7 @@ SERVICES = {
                  "ports": [{"port": ECHO_PORT, "targetPort": 1}]},
     "nosel": {"ports": [{"port": 80}]},
     "later": {"selector": {"app": "later"}, "ports": [{"port": 7, "targetPort": ECHO_PORT}]},
+    "many": {"selector": {"app": "many"}, "ports": [{"port": 7, "targetPort": ECHO_PORT}]},
 }
 
 
@@ -540,10 +554,10 @@ def _kubectl_forwards(kubectl_path: str, config: str, target: str, specs: list[s
         return kubectl.output().splitlines()
 
 
-def service_standin(crishim: CrishimProcess) -> KubeStandIn:
+def service_standin(crishim: CrishimProcess, **kw: Any) -> KubeStandIn:
     return standin_for(crishim, SERVICE_PODS, container_ports=NAMED_PORTS,
-                       labels=SERVICE_LABELS, phases={"web-new": "Pending"},
-                       services=SERVICES, workloads=WORKLOADS)
+                       labels=SERVICE_LABELS, phases=SERVICE_PHASES,
+                       services=SERVICES, workloads=WORKLOADS, **kw)
 
 
 def test_a_service_forwards_to_its_pods_target_ports_as_kubectl(
@@ -677,3 +691,26 @@ def test_a_workload_forwards_to_its_most_active_pod_as_kubectl(
                      if r.path == "/api/v1/namespaces/default/pods"}
         assert selectors == ({"app=web"} if target.startswith("rc/") else
                              {"app=web,!canary,tier in (back,front)"})
+
+
+def test_a_services_pods_are_listed_a_page_at_a_time(
+        crishim: CrishimProcess, kubeconfig_dir: str) -> None:
+    """The API server pages the list (2 pods a page here): the Running pod on the last
+    page is the one chosen, as kubectl, which lists all at once, chooses it; only one
+    page is held at a time (a 64 MiB answer of empty items took 1.7 GB)."""
+    kubectl_path = _need_kubectl(KUBECTL_133)
+    with service_standin(crishim, page_size=2) as api:
+        config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"))
+        with run_kubectl_port_forward(kubectl_path, "", "svc/many", [":7"],
+                                      ["--address", "127.0.0.1"], wait_ready=False,
+                                      kubeconfig=config) as kubectl:
+            match = kubectl.wait_for_output(r"Forwarding from 127\.0\.0\.1:(\d+) -> ")
+            assert match, kubectl.output()
+            assert echo_roundtrip(int(match.group(1)), b"kubectl") == b"kubectl"
+        with CrishimClusterForward("--kubeconfig", config, "svc/many", ":7") as ours:
+            ours.wait_ready([ECHO_PORT])
+            assert echo_roundtrip(ours.local[ECHO_PORT], b"paged") == b"paged"
+        assert {u.pod for u in api.upgrades} == {"many-4"}
+        pages = [r.query.get("continue", [""])[0] for r in api.requests
+                 if r.query.get("labelSelector") == ["app=many"] and "limit" in r.query]
+        assert pages == ["", "2", "4"]

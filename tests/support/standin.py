@@ -784,6 +784,7 @@ class KubeStandIn:
         labels: Mapping[str, Mapping[str, str]] | None = None,
         services: Mapping[str, Mapping[str, Any]] | None = None,
         workloads: Mapping[str, Mapping[str, Any]] | None = None,
+        page_size: int | None = None,
     ) -> None:
         # relay established upgrades in the kernel, as the kubelet (not through TLS)
         self.splice = splice and not tls
@@ -805,6 +806,9 @@ class KubeStandIn:
             parts = key.split("/")
             ns, resource, name = parts if len(parts) == 3 else ["default", *parts]
             self.workloads[(ns, resource, name)] = dict(spec)
+        # a LIST with `limit` gets at most this many items a page, and a `continue` token
+        # for the rest (the API server may return fewer items than the limit)
+        self.page_size = page_size
         self.ca_pem = b""
         self._ssl: ssl.SSLContext | None = None
         self._tls_dir: str | None = None
@@ -1044,8 +1048,16 @@ class KubeStandIn:
             items = [self._pod(ns, name) for ns, name in self.pods
                      if ns == m.group(1)
                      and _selector_matches(selector, self.labels.get((ns, name), {}))]
-            return 200, {"kind": "PodList", "apiVersion": "v1",
-                         "metadata": {"resourceVersion": "1"}, "items": items}, []
+            metadata: dict[str, Any] = {"resourceVersion": "1"}
+            limit = rec.query.get("limit", [""])[0]
+            if limit.isdigit() and int(limit) > 0:
+                start = int(rec.query.get("continue", ["0"])[0] or 0)
+                size = min(int(limit), self.page_size or int(limit))
+                if start + size < len(items):
+                    metadata["continue"] = str(start + size)
+                items = items[start:start + size]
+            return 200, {"kind": "PodList", "apiVersion": "v1", "metadata": metadata,
+                         "items": items}, []
         m = _SERVICE_RE.match(rec.path)
         if m:
             ns, name = m.group(1), m.group(2)

@@ -13,6 +13,7 @@ import pytest
 from crishim.client.cluster import (
     ClusterError,
     _less_active,
+    _server_error,
     load_cluster,
     resolve_named_ports,
     resolve_service_ports,
@@ -187,14 +188,18 @@ def test_the_first_failing_spec_is_reported_as_kubectl(texts: list[str], message
 
 
 def _listed_pod(name: str, phase: str = "Running", node: str = "n1", ready: str | None = None,
-         restarts: int = 0, created: str = "2025-01-01T00:00:00Z") -> dict[str, Any]:
+                restarts: int = 0, created: str = "2025-01-01T00:00:00Z",
+                init_restarts: int = 0, sidecar: bool = False) -> dict[str, Any]:
     conditions = [{"type": "Ready", "status": "True", "lastTransitionTime": ready}] \
         if ready else [{"type": "Ready", "status": "False"}]
+    init = {"name": "init", **({"restartPolicy": "Always"} if sidecar else {})}
     return {"metadata": {"name": name, "creationTimestamp": created},
-            "spec": {"nodeName": node, "containers": [{"ports": [
+            "spec": {"nodeName": node, "initContainers": [init], "containers": [{"ports": [
                 {"name": "http", "containerPort": 8080}]}]},
             "status": {"phase": phase, "conditions": conditions,
-                       "containerStatuses": [{"restartCount": restarts}]}}
+                       "containerStatuses": [{"restartCount": restarts}],
+                       "initContainerStatuses": [{"name": "init",
+                                                  "restartCount": init_restarts}]}}
 
 
 @pytest.mark.parametrize("pods, first", [
@@ -211,6 +216,15 @@ def _listed_pod(name: str, phase: str = "Running", node: str = "n1", ready: str 
     ([_listed_pod("a", restarts=3), _listed_pod("b", restarts=1)], "b"),
     ([_listed_pod("a", created="2025-02-01T00:00:00Z"), _listed_pod("b")], "b"),
     ([_listed_pod("a", created=""), _listed_pod("b", created="2025-03-01T00:00:00Z")], "b"),
+    # Go's zero time is the newest, not year 1 (afterOrZero)
+    ([_listed_pod("a", created="0001-01-01T00:00:00Z"), _listed_pod("b")], "b"),
+    ([_listed_pod("a", ready="0001-01-01T00:00:00Z"),
+      _listed_pod("b", ready="2025-01-02T00:00:00Z")], "b"),
+    # kubectl 1.32+: a sidecar's restarts count, a plain init container's do not
+    ([_listed_pod("a", init_restarts=5, sidecar=True), _listed_pod("b", restarts=1)], "b"),
+    ([_listed_pod("a", init_restarts=5), _listed_pod("b", restarts=1)], "a"),
+    # a restart count that is not a number counts as none
+    ([_listed_pod("a", restarts=True), _listed_pod("b", restarts=1)], "a"),
 ])
 def test_the_most_active_pod_is_chosen_as_kubectl(pods: list[dict[str, Any]],
                                                   first: str) -> None:
@@ -295,6 +309,64 @@ def test_a_service_port_that_cannot_be_translated_is_an_error(text: str,
     spec = parse_port_spec(text, names=True)
     with pytest.raises(ClusterError, match=re.escape(message)):
         resolve_service_ports([text], [spec], SERVICE, _listed_pod("p"))
+
+
+@pytest.mark.parametrize("ports, text, message", [
+    # a number that is a list or an object (it raised TypeError: unhashable) or true
+    ([{"port": [1], "protocol": "UDP"}, {"port": 80}], "81",
+     "Service svc does not have a service port 81"),
+    ([{"port": {"a": 1}}, {"port": True}], "1", "Service svc does not have a service port 1"),
+    ([{"name": "web", "port": True}], "web", "Service 'svc' does not have a named port 'web'"),
+    ([{"port": 80, "targetPort": True}], "80", "port 80 has targetPort True, not 1..65535"),
+    ([{"port": 80, "targetPort": [80]}], "80", "port 80 has targetPort [80], not 1..65535"),
+    ([{"port": 80, "targetPort": "web"}], "80",
+     "Pod 'p' has named port 'web' with containerPort True, not 1..65535"),
+])
+def test_service_port_values_that_are_not_numbers_are_errors(
+        ports: list[dict[str, Any]], text: str, message: str) -> None:
+    service = {"metadata": {"name": "svc"}, "spec": {"ports": ports}}
+    pod = _listed_pod("p")
+    pod["spec"]["containers"][0]["ports"] = [{"name": "web", "containerPort": True},
+                                             {"containerPort": [5], "protocol": "UDP"}]
+    with pytest.raises(ClusterError, match=re.escape(message)):
+        resolve_service_ports([text], [parse_port_spec(text, names=True)], service, pod)
+
+
+def test_a_pods_container_port_that_is_not_a_number_is_an_error() -> None:
+    pod = _pod([{"name": "a", "containerPort": True}, {"containerPort": [1], "protocol": "UDP"},
+                {"name": "b", "containerPort": 81}])
+    assert resolve_named_ports(["b"], [parse_port_spec("b", names=True)], pod) \
+        == [PortSpec(81, 81)]
+    with pytest.raises(ClusterError, match="with containerPort True, not 1..65535"):
+        resolve_named_ports(["a"], [parse_port_spec("a", names=True)], pod)
+
+
+@pytest.mark.parametrize("resource, selector", [
+    ("services", {"app": 5}), ("replicationcontrollers", {"app": None}),
+    ("deployments", {"matchLabels": {"app": ["x"]}}),
+])
+def test_a_selector_label_that_is_not_a_string_is_an_error(resource: str,
+                                                           selector: object) -> None:
+    """kubectl cannot decode such an object; crishim listed `app=5` and waited."""
+    with pytest.raises(ClusterError, match="is not a string"):
+        selector_of(resource, {"metadata": {"name": "x"}, "spec": {"selector": selector}})
+
+
+class _ApiError:
+    def __init__(self, body: bytes) -> None:
+        self.status, self.reason, self.body = 404, "Not Found", body
+
+
+@pytest.mark.parametrize("body, line", [
+    (json.dumps({"kind": "Status", "message": 'pods "x" not found', "reason": "NotFound"}
+                ).encode(), 'Error from server (NotFound): pods "x" not found'),
+    (json.dumps({"message": ["a"], "reason": {"x": 1}}).encode(),
+     'Error from server (Not Found): {"message": ["a"], "reason": {"x": 1}}'),
+    (b"[" * 100_000, "Error from server (Not Found): " + "[" * 500 + "…"),
+    (b"not\n found", "Error from server (Not Found): not found"),
+])
+def test_an_error_answer_is_one_line_whatever_its_body(body: bytes, line: str) -> None:
+    assert _server_error(_ApiError(body)) == line
 
 
 def test_a_headless_service_forwards_the_port_itself() -> None:
