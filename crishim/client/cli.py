@@ -126,7 +126,8 @@ def _add_common(p: argparse.ArgumentParser, pod_get: bool = False) -> None:
     p.add_argument("--timeout", type=_timeout, default=10.0, metavar="DURATION",
                    help="timeout of the CRI call, the connect, the stream server's "
                         "answer to the upgrade"
-                        + (" and (--kubeconfig) the pod GET" if pod_get else "")
+                        + (" and (--kubeconfig) each API request (the pod, service or "
+                           "workload GET, each page of a pod list)" if pod_get else "")
                         + ": seconds, or a duration as 30s, 1m30s, 250ms [default: 10]")
 
 

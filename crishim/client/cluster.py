@@ -37,6 +37,10 @@ class ClusterError(Exception):
     """The cluster path cannot go on; the message is the whole line to print, kubectl-like."""
 
 
+class AnswerTooLarge(ClusterError):
+    """An answer past its size limit."""
+
+
 @dataclass
 class Cluster:
     """What a kubeconfig context says about reaching its API server."""
@@ -76,10 +80,16 @@ def load_cluster(kubeconfig: str, context: str | None = None, namespace: str | N
     loader: Any = kube_config  # untyped
     configuration = client.Configuration()
     try:
-        contexts, active = loader.list_kube_config_contexts(config_file=kubeconfig)
-        if context and not any(c.get("name") == context for c in contexts):
-            raise ClusterError("Error in configuration: context was not found for specified "
-                               f"context: {context}")  # kubectl's line
+        if context:  # without current-context too, as kubectl (the loader's list needs it)
+            with open(kubeconfig, "rb") as f:
+                document = yaml.safe_load(f)
+            contexts = document.get("contexts") or [] if isinstance(document, dict) else []
+            chosen = next((c for c in contexts if c.get("name") == context), None)
+            if chosen is None:
+                raise ClusterError("Error in configuration: context was not found for "
+                                   f"specified context: {context}")  # kubectl's line
+        else:
+            _, chosen = loader.list_kube_config_contexts(config_file=kubeconfig)
         loader.load_kube_config(config_file=kubeconfig, context=context,
                                 client_configuration=configuration, persist_config=False)
     except kube_config.ConfigException as e:
@@ -93,8 +103,6 @@ def load_cluster(kubeconfig: str, context: str | None = None, namespace: str | N
         # YAML of another shape (`clusters: 5`): the loader indexes it as it finds it
         raise ClusterError(f"error: kubeconfig {kubeconfig}: not a kubeconfig "
                            f"({type(e).__name__}: {e})") from None
-    chosen = next((c for c in contexts if c.get("name") == context), None) if context \
-        else active
     ns = namespace or ((chosen or {}).get("context") or {}).get("namespace") or "default"
     if insecure:
         configuration.verify_ssl = False
@@ -124,20 +132,17 @@ def _ssl_context(configuration: Any, server: str) -> ssl.SSLContext | None:
     return ctx
 
 
-# kubectl's names for the kinds it can forward to (as the API server's discovery gives
-# them): resource -> (the names, the API group, the Go type its errors print)
+# the kinds kubectl can forward to: resource (plural) -> (short name, singular, API
+# group, the Go type its errors print)
 KINDS = {
-    "pods": (("pod", "pods", "po"), "", "*v1.Pod"),
-    "services": (("svc", "service", "services"), "", "*v1.Service"),
-    "deployments": (("deploy", "deployment", "deployments"), "apps", "*v1.Deployment"),
-    "replicasets": (("rs", "replicaset", "replicasets"), "apps", "*v1.ReplicaSet"),
-    "statefulsets": (("sts", "statefulset", "statefulsets"), "apps", "*v1.StatefulSet"),
-    "daemonsets": (("ds", "daemonset", "daemonsets"), "apps", "*v1.DaemonSet"),
-    "replicationcontrollers": (("rc", "replicationcontroller", "replicationcontrollers"),
-                               "", "*v1.ReplicationController"),
+    "pods": ("po", "pod", "", "*v1.Pod"),
+    "services": ("svc", "service", "", "*v1.Service"),
+    "deployments": ("deploy", "deployment", "apps", "*v1.Deployment"),
+    "replicasets": ("rs", "replicaset", "apps", "*v1.ReplicaSet"),
+    "statefulsets": ("sts", "statefulset", "apps", "*v1.StatefulSet"),
+    "daemonsets": ("ds", "daemonset", "apps", "*v1.DaemonSet"),
+    "replicationcontrollers": ("rc", "replicationcontroller", "", "*v1.ReplicationController"),
 }
-_BY_NAME = {name + suffix: resource for resource, (names, group, _) in KINDS.items()
-            for name in names for suffix in ("", f".{group}" if group else "")}
 # the kubernetes client's GET per resource: (API class, method)
 _READ = {"pods": ("CoreV1Api", "read_namespaced_pod"),
          "services": ("CoreV1Api", "read_namespaced_service"),
@@ -148,18 +153,38 @@ _READ = {"pods": ("CoreV1Api", "read_namespaced_pod"),
          "daemonsets": ("AppsV1Api", "read_namespaced_daemon_set")}
 
 
+def _resource_named(kind: str) -> str | None:
+    """The resource a TYPE names as kubectl's RESTMapper finds it: a short name as is
+    (`svc`, not `SVC`), the singular or plural name in any case (`Service`), each
+    optionally qualified by its group or version and group (`deploy.apps`,
+    `deployments.v1.apps`, `svc.v1.`)."""
+    name, _, qualifier = kind.partition(".")
+    for resource, (short, singular, group, _) in KINDS.items():
+        if qualifier not in ("", group, f"v1.{group}"):
+            continue
+        if name == short or name.lower() in (singular, resource):
+            return resource
+    return None
+
+
 def target_of(target: str) -> tuple[str, str]:
-    """kubectl's forms, as (resource, NAME): `pod/NAME`, `pods/NAME`, `po/NAME` or a bare
-    `NAME` ("pods"); `svc/NAME` ("services"); `deploy/NAME`, `deployment.apps/NAME`,
-    `rs/`, `sts/`, `ds/`, `rc/` and their long names."""
+    """kubectl's forms, as (resource, NAME): `pod/NAME` or a bare `NAME` ("pods");
+    `svc/NAME` ("services"); `deploy/NAME`, `rs/`, `sts/`, `ds/`, `rc/` and the names
+    _resource_named takes."""
     kind, sep, name = target.partition("/")
     if not sep:
         return "pods", target
-    resource = _BY_NAME.get(kind.lower())
-    if resource and name and "/" not in name:
-        return resource, name
-    raise ClusterError(f"error: {target!r}: not a kind port-forward can reach (pod/NAME or "
-                       "NAME, svc/, deploy/, rs/, sts/, ds/ or rc/NAME)")
+    if not kind or not name:
+        raise ClusterError("error: arguments in resource/name form must have a single "
+                           "resource and name")  # kubectl's lines
+    if "/" in name:
+        raise ClusterError("error: arguments in resource/name form may not have more "
+                           "than one slash")
+    resource = _resource_named(kind)
+    if resource is None:
+        raise ClusterError(f"error: {target!r}: not a kind port-forward can reach (pod/NAME "
+                           "or NAME, svc/, deploy/, rs/, sts/, ds/ or rc/NAME)")
+    return resource, name
 
 
 def _api(cluster: Cluster, api_class: str, limit: int, timeout: float) -> Any:
@@ -215,7 +240,7 @@ def selector_of(resource: str, obj: dict[str, Any]) -> str:
     a workload's LabelSelector (matchLabels and matchExpressions, one requirement each,
     sorted by key). A service without a selector, or an invalid LabelSelector, is
     kubectl's error; no selector elsewhere selects every pod, as kubectl's."""
-    go_type = KINDS[resource][2]
+    go_type = KINDS[resource][3]
     selector = _field(obj, "spec").get("selector")
 
     def labels_of(value: object) -> dict[str, str]:
@@ -238,7 +263,10 @@ def selector_of(resource: str, obj: dict[str, Any]) -> str:
     requirements = [(str(key), f"{key}={value}")
                     for key, value in labels_of(selector.get("matchLabels")).items()]
     for expression in _items(selector.get("matchExpressions")):
-        key, operator = str(expression.get("key")), expression.get("operator")
+        key, operator = expression.get("key"), expression.get("operator")
+        if not isinstance(key, str) or not key:
+            raise ClusterError(f"error: cannot attach to {go_type}: invalid label selector: "
+                               "a matchExpressions entry has no key")
         values = expression.get("values")
         values = [str(v) for v in values] if isinstance(values, list) else []
         if operator in ("In", "NotIn"):
@@ -247,10 +275,10 @@ def selector_of(resource: str, obj: dict[str, Any]) -> str:
                                    "selector: values: Invalid value: []string(nil): for "
                                    "'in', 'notin' operators, values set can't be empty")
             word = "in" if operator == "In" else "notin"
-            requirements.append((key, f"{key} {word} ({','.join(sorted(set(values)))})"))
+            requirements.append((key, f"{key} {word} ({','.join(sorted(values))})"))
         elif operator in ("Exists", "DoesNotExist"):
             if values:
-                quoted = ", ".join(json.dumps(v) for v in values)
+                quoted = ", ".join(json.dumps(v, ensure_ascii=False) for v in values)
                 raise ClusterError(f"error: cannot attach to {go_type}: invalid label "
                                    f"selector: values: Invalid value: []string{{{quoted}}}: "
                                    "values set must be empty for exists and does not exist")
@@ -281,8 +309,10 @@ def first_pod(cluster: Cluster, selector: str, timeout: float, running_timeout: 
 
 # the pods are listed a page at a time (limit and continue, as the API server offers),
 # and only the best so far is kept: memory is one page's, however many pods match (an
-# answer of 64 MiB of `{}` items took 1.7 GB parsed)
+# answer of 64 MiB of `{}` items took 1.7 GB parsed); a page past MAX_LIST_ANSWER (500
+# pods of 17 KB) is asked for again with fewer pods
 LIST_PAGE = 500
+MIN_LIST_PAGE = 4  # an object is at most 1.5 MiB (etcd's limit): four always fit
 MAX_LIST_PAGES = 400
 MAX_LIST_ANSWER = 8 << 20
 
@@ -291,11 +321,18 @@ def _most_active(cluster: Cluster, selector: str, timeout: float) -> dict[str, A
     best: dict[str, Any] | None = None
     best_key: tuple[Any, ...] = ()
     token = ""
+    limit = LIST_PAGE
     for _ in range(MAX_LIST_PAGES):
-        page = {"limit": LIST_PAGE, **({"_continue": token} if token else {})}
-        answer = _get(cluster, f"pods matching {selector!r}",
-                      ("CoreV1Api", "list_namespaced_pod"), MAX_LIST_ANSWER, timeout,
-                      namespace=cluster.namespace, label_selector=selector, **page)
+        page = {"limit": limit, **({"_continue": token} if token else {})}
+        try:
+            answer = _get(cluster, f"pods matching {selector!r}",
+                          ("CoreV1Api", "list_namespaced_pod"), MAX_LIST_ANSWER, timeout,
+                          namespace=cluster.namespace, label_selector=selector, **page)
+        except AnswerTooLarge:
+            if limit <= MIN_LIST_PAGE:
+                raise
+            limit = max(MIN_LIST_PAGE, limit // 8)  # large pods: that page again, smaller
+            continue
         for pod in _items(answer.get("items")):
             name = _field(pod, "metadata").get("name")
             if not (isinstance(name, str) and name):  # its portforward URL names it
@@ -314,17 +351,14 @@ _PHASE_RANK = {"Running": 2, "Unknown": 1}  # Pending, Succeeded, Failed: 0, as 
 
 
 def _less_active(pod: dict[str, Any]) -> tuple[Any, ...]:
-    """A sort key that puts the pod ActivePods ranks highest first (kubectl 1.32+: a
-    sidecar's restarts count, an init container's do not)."""
+    """A sort key that puts the pod ActivePods ranks highest first (restarts are the
+    containers' own: kubectl 1.27-1.33 count no init container's, a sidecar's neither)."""
     spec, status = _field(pod, "spec"), _field(pod, "status")
     ready = next((c for c in _items(status.get("conditions"))
                   if c.get("type") == "Ready"), {})
     is_ready = ready.get("status") == "True"
-    sidecars = {c.get("name") for c in _items(spec.get("initContainers"))
-                if c.get("restartPolicy") == "Always"}
-    counted = _items(status.get("containerStatuses")) + [
-        c for c in _items(status.get("initContainerStatuses")) if c.get("name") in sidecars]
-    restarts = max((n for n in (c.get("restartCount") for c in counted)
+    restarts = max((n for n in (c.get("restartCount")
+                                for c in _items(status.get("containerStatuses")))
                     if type(n) is int), default=0)
     return (not spec.get("nodeName"), -_PHASE_RANK.get(str(status.get("phase")), 0),
             not is_ready, _time_or_last(ready.get("lastTransitionTime")) if is_ready else 0,
@@ -539,8 +573,8 @@ class _BoundedAnswers:
             while chunk := response.read1(_ANSWER_READ):
                 body += chunk
                 if len(body) > self.limit:
-                    raise ClusterError(f"error: the server's answer is larger than "
-                                       f"{self.limit >> 20} MiB")
+                    raise AnswerTooLarge(f"error: the server's answer is larger than "
+                                         f"{self.limit >> 20} MiB")
                 if time.monotonic() > deadline:
                     raise ClusterError(f"error: the server's answer took longer than "
                                        f"{self.timeout:g}s")

@@ -406,13 +406,14 @@ class Socat:
                 setattr(self, name, -1)
         if self.proc.poll() is None:
             self.proc.kill()
-        for _ in range(200):  # reap without blocking the loop; SIGKILL is prompt
+        # reap without blocking the loop (or a thread, which a child SIGKILL cannot end,
+        # in uninterruptible sleep, would keep the helper from exiting): SIGKILL is
+        # prompt, but a loaded machine may take a while to run the child's exit, and what
+        # the caller logs next ("dial dropped") should be true
+        for delay in [0.005] * 200 + [0.05] * 200:  # 1 s, then 10 s more
             if self.proc.poll() is not None:
                 return
-            await asyncio.sleep(0.005)
-        # not reaped within 1 s (a machine too loaded to run it): wait off the loop, so
-        # that what the caller logs next ("dial dropped") is true
-        await asyncio.to_thread(self.proc.wait)
+            await asyncio.sleep(delay)
 
     async def relay(self, conn: socket.socket) -> None:
         """Copy the shim's unix connection to socat's stdin and socat's stdout back, each

@@ -714,3 +714,24 @@ def test_a_services_pods_are_listed_a_page_at_a_time(
         pages = [r.query.get("continue", [""])[0] for r in api.requests
                  if r.query.get("labelSelector") == ["app=many"] and "limit" in r.query]
         assert pages == ["", "2", "4"]
+
+
+def test_a_page_of_large_pods_is_asked_for_again_smaller(
+        crishim: CrishimProcess, kubeconfig_dir: str) -> None:
+    """450 pods of ~20 KB (managedFields and sidecars make pods that large): the first
+    page of 500 is past the 8 MiB an answer may be, so it is asked for again with fewer
+    pods a page, and the one Running pod, listed last, is chosen."""
+    pods = {f"big-{i:03}": "sb-not-there" for i in range(449)} | {"big-449": SANDBOX}
+    with standin_for(crishim, pods, labels={name: {"app": "big"} for name in pods},
+                     phases={name: "Pending" for name in pods if name != "big-449"},
+                     services={"big": {"selector": {"app": "big"},
+                                       "ports": [{"port": 7, "targetPort": ECHO_PORT}]}},
+                     pod_padding=20_000) as api:
+        config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"))
+        with CrishimClusterForward("--kubeconfig", config, "svc/big", ":7") as ours:
+            ours.wait_ready([ECHO_PORT], timeout=60)
+            assert echo_roundtrip(ours.local[ECHO_PORT], b"large") == b"large"
+        limits = [r.query["limit"][0] for r in api.requests if "limit" in r.query]
+        assert limits[0] == "500" and set(limits[1:]) == {"62"}, limits
+        assert len(limits) == 1 + 8  # 450 pods, 62 a page
+        assert {u.pod for u in api.upgrades} == {"big-449"}

@@ -145,6 +145,10 @@ def test_closed_port_ends_that_connection_only(stack):
     assert peers.http_get(stack.port(HTTP_PORT)).endswith(HTTP_BODY)
     assert f"port={CLOSED_PORT}" in stack.shim.log()
     assert "refused" in stack.shim.log().lower()
+    # the pod's port, not the node: INFO, not the WARNING of a helper that does not answer
+    ended = [line for line in stack.shim.log().splitlines()
+             if f"port={CLOSED_PORT}" in line and "ended" in line]
+    assert ended and all(" INFO " in line for line in ended), ended
 
 
 def test_unknown_and_gone_sandboxes_are_not_found(stack):

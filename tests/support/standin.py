@@ -785,6 +785,7 @@ class KubeStandIn:
         services: Mapping[str, Mapping[str, Any]] | None = None,
         workloads: Mapping[str, Mapping[str, Any]] | None = None,
         page_size: int | None = None,
+        pod_padding: int = 0,
     ) -> None:
         # relay established upgrades in the kernel, as the kubelet (not through TLS)
         self.splice = splice and not tls
@@ -809,6 +810,7 @@ class KubeStandIn:
         # a LIST with `limit` gets at most this many items a page, and a `continue` token
         # for the rest (the API server may return fewer items than the limit)
         self.page_size = page_size
+        self.pod_padding = pod_padding  # bytes of annotation per pod: pods of a real size
         self.ca_pem = b""
         self._ssl: ssl.SSLContext | None = None
         self._tls_dir: str | None = None
@@ -1144,6 +1146,8 @@ class KubeStandIn:
                 "creationTimestamp": now,
                 **({"labels": self.labels[(namespace, name)]}
                    if (namespace, name) in self.labels else {}),
+                **({"annotations": {"standin/padding": "x" * self.pod_padding}}
+                   if self.pod_padding else {}),
             },
             "spec": {
                 "containers": [{

@@ -30,19 +30,31 @@ def test_pod_targets_as_kubectl(target: str) -> None:
 
 @pytest.mark.parametrize("target, resource", [
     ("svc/web", "services"), ("service/web", "services"), ("services/web", "services"),
-    ("deploy/web", "deployments"), ("Deployment/web", "deployments"),
-    ("deployments.apps/web", "deployments"), ("rs/web", "replicasets"),
-    ("statefulset/web", "statefulsets"), ("ds/web", "daemonsets"),
-    ("rc/web", "replicationcontrollers"),
+    ("Service/web", "services"), ("SERVICE/web", "services"), ("svc.v1./web", "services"),
+    ("Pod/web", "pods"), ("deploy/web", "deployments"), ("Deployment/web", "deployments"),
+    ("deployments.apps/web", "deployments"), ("deployments.v1.apps/web", "deployments"),
+    ("deploy.apps/web", "deployments"), ("rs/web", "replicasets"),
+    ("replicaSet/web", "replicasets"), ("statefulset/web", "statefulsets"),
+    ("ds/web", "daemonsets"), ("rc/web", "replicationcontrollers"),
 ])
 def test_other_targets_as_kubectl(target: str, resource: str) -> None:
+    """As kubectl 1.33's RESTMapper takes them against the stand-in's discovery."""
     assert target_of(target) == (resource, "web")
 
 
-@pytest.mark.parametrize("target", ["cm/web", "pod/", "svc/", "pod/a/b", "svc/a/b",
-                                    "svc.apps/web", "job/web"])
-def test_other_targets_are_refused(target: str) -> None:
-    with pytest.raises(ClusterError, match="not a kind port-forward can reach"):
+@pytest.mark.parametrize("target, message", [
+    ("cm/web", "not a kind port-forward can reach"),
+    ("SVC/web", "not a kind port-forward can reach"),  # short names are exact
+    ("PO/web", "not a kind port-forward can reach"),
+    ("svc.apps/web", "not a kind port-forward can reach"),
+    ("deploy.v2.apps/web", "not a kind port-forward can reach"),
+    ("job/web", "not a kind port-forward can reach"),
+    ("svc/", "must have a single resource and name"),
+    ("/web", "must have a single resource and name"),
+    ("pod/a/b", "may not have more than one slash"),
+])
+def test_other_targets_are_refused(target: str, message: str) -> None:
+    with pytest.raises(ClusterError, match=message):
         target_of(target)
 
 
@@ -76,6 +88,20 @@ def test_a_context_the_kubeconfig_lacks_is_kubectls_error(tmp_path: Path) -> Non
     assert str(e.value) == ("Error in configuration: context was not found for specified "
                             "context: nope")
     assert load_cluster(config, context="c").namespace == "default"
+
+
+def test_context_is_found_without_a_current_context(tmp_path: Path) -> None:
+    """kubectl needs no current-context when --context names one (the loader's list of
+    contexts did, and said `Expected key current-context`)."""
+    config = _kubeconfig(tmp_path, {"token": "t0k"}, {"namespace": "ns2"})
+    document = json.loads(Path(config).read_text())
+    del document["current-context"]
+    Path(config).write_text(json.dumps(document))
+    assert load_cluster(config, context="c").namespace == "ns2"
+    with pytest.raises(ClusterError) as e:
+        load_cluster(config, context="nope")
+    assert str(e.value) == ("Error in configuration: context was not found for specified "
+                            "context: nope")
 
 
 def test_namespace_flag_wins_and_basic_auth(tmp_path: Path) -> None:
@@ -220,8 +246,8 @@ def _listed_pod(name: str, phase: str = "Running", node: str = "n1", ready: str 
     ([_listed_pod("a", created="0001-01-01T00:00:00Z"), _listed_pod("b")], "b"),
     ([_listed_pod("a", ready="0001-01-01T00:00:00Z"),
       _listed_pod("b", ready="2025-01-02T00:00:00Z")], "b"),
-    # kubectl 1.32+: a sidecar's restarts count, a plain init container's do not
-    ([_listed_pod("a", init_restarts=5, sidecar=True), _listed_pod("b", restarts=1)], "b"),
+    # an init container's restarts do not count, a sidecar's neither (kubectl 1.27-1.33)
+    ([_listed_pod("a", init_restarts=5, sidecar=True), _listed_pod("b", restarts=1)], "a"),
     ([_listed_pod("a", init_restarts=5), _listed_pod("b", restarts=1)], "a"),
     # a restart count that is not a number counts as none
     ([_listed_pod("a", restarts=True), _listed_pod("b", restarts=1)], "a"),
@@ -246,7 +272,7 @@ def test_a_service_selector_is_printed_with_sorted_keys() -> None:
     ({"matchLabels": {"b": "2", "a": "1"}}, "a=1,b=2"),
     ({"matchExpressions": [{"key": "t", "operator": "NotIn", "values": ["y", "x", "y"]},
                            {"key": "e", "operator": "Exists"}],
-      "matchLabels": {"z": "1"}}, "e,t notin (x,y),z=1"),
+      "matchLabels": {"z": "1"}}, "e,t notin (x,y,y),z=1"),  # as kubectl: not deduplicated
     ({"matchExpressions": [{"key": "c", "operator": "DoesNotExist", "values": []}]}, "!c"),
     ({}, ""), (None, ""),
 ])
@@ -260,6 +286,9 @@ def test_a_label_selector_is_printed_as_kubectl(selector: object, printed: str) 
     ({"key": "t", "operator": "Exists", "values": ["x"]},
      '[]string{"x"}: values set must be empty for exists and does not exist'),
     ({"key": "t", "operator": "Near"}, '"Near" is not a valid label selector operator'),
+    ({"key": "t", "operator": "Exists", "values": ["é"]},
+     '[]string{"é"}: values set must be empty for exists and does not exist'),
+    ({"operator": "Exists"}, "a matchExpressions entry has no key"),
 ])
 def test_an_invalid_label_selector_is_kubectls_error(expression: dict[str, Any],
                                                      message: str) -> None:
