@@ -343,8 +343,8 @@ def _most_active(cluster: Cluster, selector: str, timeout: float) -> dict[str, A
         token = _field(answer, "metadata").get("continue") or ""
         if not isinstance(token, str) or not token:
             return best
-    raise ClusterError(f"error: the pods matching {selector!r} go on past "
-                       f"{LIST_PAGE * MAX_LIST_PAGES} (pages of {LIST_PAGE})")
+    raise ClusterError(f"error: the list of pods matching {selector!r} goes on past "
+                       f"{MAX_LIST_PAGES} pages")
 
 
 _PHASE_RANK = {"Running": 2, "Unknown": 1}  # Pending, Succeeded, Failed: 0, as ActivePods
