@@ -403,3 +403,24 @@ def test_a_headless_service_forwards_the_port_itself() -> None:
         {"port": 80, "protocol": "TCP", "targetPort": "http"}]}}
     assert resolve_service_ports(["80"], [parse_port_spec("80")], headless, _listed_pod("p")) \
         == [PortSpec(80, 80)]
+
+
+def test_a_pod_list_that_never_ends_is_an_error_after_its_pages(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that always answers with another `continue` token: MAX_LIST_PAGES pages,
+    then one line (it would otherwise be asked for pages forever)."""
+    from crishim.client import cluster as cluster_module
+
+    pages: list[dict[str, Any]] = []
+
+    def endless(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        pages.append(kwargs)
+        return {"items": [_listed_pod(f"p{len(pages)}", "Pending")],
+                "metadata": {"continue": str(len(pages))}}
+
+    monkeypatch.setattr(cluster_module, "_get", endless)
+    with pytest.raises(ClusterError, match="goes on past 400 pages"):
+        cluster_module.first_pod(cluster_module.Cluster("http://x", "ns", None, None),
+                                 "app=x", 1.0, 5.0)
+    assert len(pages) == cluster_module.MAX_LIST_PAGES
+    assert pages[1]["_continue"] == "1" and pages[0]["limit"] == cluster_module.LIST_PAGE
