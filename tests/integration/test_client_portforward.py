@@ -835,20 +835,20 @@ _NOT_FOUND_STATUS = (
     # a runtime speaking another protocol
     (b"HTTP/1.1 403 Forbidden\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
      % (len(_NO_PROTOCOL), _NO_PROTOCOL),
-     "unable to upgrade connection: 403: no stream protocol in common"),
+     "error upgrading connection: unable to upgrade connection: 403: no stream protocol in "
+     "common"),
     # a Content-Length of Latin-1 '²' passed str.isdigit() and int() raised: a traceback
     (b"HTTP/1.1 404 Not Found\r\nContent-Length: \xb2\r\n\r\nnope",
-     "unable to upgrade connection: 404: nope"),
+     "error upgrading connection: unable to upgrade connection: 404: nope"),
     # a status of 5,000 digits: int() refuses more than 4,300
     (b"HTTP/1.1 " + b"4" * 5000 + b" Odd\r\n\r\n", "HTTP"),
     # an API server's refusal is a Kubernetes Status: its message, not the JSON
     (b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n"
      b"Content-Length: %d\r\n\r\n%s" % (len(_NOT_FOUND_STATUS), _NOT_FOUND_STATUS),
-     "unable to upgrade connection: 500: sandbox 'nosuch' not found (no "
-     "/var/run/netns/nosuch)"),
+     "error upgrading connection: sandbox 'nosuch' not found (no /var/run/netns/nosuch)"),
     # JSON of another kind is shown as it came
     (b"HTTP/1.1 500 Oops\r\nContent-Length: 17\r\n\r\n{\"kind\": \"Other\"}",
-     'unable to upgrade connection: 500: {"kind": "Other"}'),
+     'error upgrading connection: unable to upgrade connection: 500: {"kind": "Other"}'),
 ], ids=["refused", "latin1-length", "long-status", "kubernetes-status", "other-json"])
 def test_refused_upgrade_is_one_line_and_nonzero(transport, answer, expected):
     """A stream server that refuses the upgrade, or answers what is not HTTP: one clear
@@ -926,7 +926,8 @@ def test_a_refusal_with_an_endless_body_keeps_4_kib_of_it_and_hangs_up(transport
     message = asyncio.run(go())
     t.join(15)
     listener.close()
-    assert message.startswith("unable to upgrade connection: 500: AAAA")
+    assert message.startswith("error upgrading connection: unable to upgrade connection: "
+                              "500: AAAA")
     assert message.endswith("A… (the body's first 4096 bytes)"), message[-80:]
     assert message.count("A") == 4096
     assert hung_up.is_set() and sent[0] < most, sent[0]

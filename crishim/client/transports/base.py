@@ -1022,11 +1022,12 @@ def _refusal(status: int, headers: dict[str, list[str]], body: bytes) -> Upgrade
     cut = len(body) > REFUSAL_BODY_KEPT
     text = body[:REFUSAL_BODY_KEPT].decode("utf-8", "replace").strip() or "no reason given"
     message = None if cut else _status_message(text)
-    if message is not None:
-        text = message
-    elif cut:
+    if message is not None:  # client-go's words: a Status is shown as its message alone
+        return UpgradeRefused(status, f"error upgrading connection: {message}")
+    if cut:
         text += f"… (the body's first {REFUSAL_BODY_KEPT} bytes)"
-    return UpgradeRefused(status, f"unable to upgrade connection: {status}: {text}")
+    return UpgradeRefused(status, "error upgrading connection: unable to upgrade "
+                                  f"connection: {status}: {text}")
 
 
 def _status_message(text: str) -> str | None:
