@@ -41,6 +41,7 @@ from crishim.protocols.constants import PORTFORWARD_CRISHIM_V1
 from crishim.protocols.datagram import DatagramDecoder, encode_datagram
 
 IO_TIMEOUT = 20.0
+CHECK_TIMEOUT = 120.0
 UDP_CHECK_SIZES = (1, 512, 1472, 8192, 65507)  # 65,507: the largest UDP payload over IPv4
 # What a check says: its result (pass | fail | warn) and a line of detail.
 Outcome = tuple[str, str]
@@ -156,9 +157,13 @@ class Checker:
                         required: bool = True) -> None:
         t0 = time.perf_counter()
         try:
-            result, detail = await asyncio.wait_for(fn(), 120)
+            result, detail = await asyncio.wait_for(fn(), CHECK_TIMEOUT)
+        except TimeoutError as e:  # its text is empty where asyncio raised it
+            result, detail = "fail", str(e) or ("timed out: no answer in time (a read waits "
+                                                f"up to {IO_TIMEOUT:g} s, a whole check "
+                                                f"{CHECK_TIMEOUT:g} s)")
         except (SessionError, CriError, ForwardError, OSError, asyncio.IncompleteReadError,
-                TimeoutError, ValueError) as e:
+                ValueError) as e:
             result, detail = "fail", f"{type(e).__name__}: {e}"
         self.add(name, result, detail, t0, required)
 
@@ -297,15 +302,24 @@ class Checker:
             writer.write(payload)
             try:
                 await asyncio.wait_for(reader.read(), IO_TIMEOUT)
-                # the data stream ended; the verdict is on the error stream, which may end
-                # later
-                if writer.can_write_eof():
-                    writer.write_eof()
-                await asyncio.wait_for(writer.wait_closed(), 5)
             except ForwardError as e:
                 error = e
-            except (ConnectionError, TimeoutError):
+            except ConnectionError:
                 pass
+            except TimeoutError:  # not a clean EOF: nothing ended at all
+                return "fail", (f"no EOF and no error within {IO_TIMEOUT:g} s: the runtime "
+                                "left the connection open after the pod's side failed")
+            if error is None:
+                try:
+                    # the data stream ended; the verdict is on the error stream, which may
+                    # end later
+                    if writer.can_write_eof():
+                        writer.write_eof()
+                    await asyncio.wait_for(writer.wait_closed(), 5)
+                except ForwardError as e:
+                    error = e
+                except (ConnectionError, TimeoutError):
+                    pass
         if error is None:
             how = "ended with a clean EOF (no error reported)"
         elif error.fatal:
@@ -397,11 +411,18 @@ class Checker:
 
     async def check_connect_user_port(self) -> Outcome:
         async with self.connection(self.port) as (reader, writer):
+            t0 = time.perf_counter()
             try:
-                await asyncio.wait_for(reader.read(1), 1.0)
-            except TimeoutError:
-                pass  # nothing to read, and no failure: the connection is up
-        return "pass", f"a connection to port {self.port} was accepted and stayed up 1 s"
+                first = await asyncio.wait_for(reader.read(1), 1.0)
+            except TimeoutError:  # nothing to read, and no failure: the connection is up
+                return "pass", (f"a connection to port {self.port} was accepted and stayed "
+                                "up 1 s")
+        if first:
+            return "pass", f"a connection to port {self.port} was accepted; the pod spoke first"
+        return "warn", (f"the connection to port {self.port} ended after "
+                        f"{(time.perf_counter() - t0) * 1000:.0f} ms with a clean EOF and no "
+                        "error: a server that closes at once, or a runtime that turns a "
+                        "failed dial into a clean close (nothing tells them apart here)")
 
     # --- the run ------------------------------------------------------------------------
     async def run(self) -> None:
@@ -445,7 +466,7 @@ class Checker:
                 await self.run_check(name, fn, required=name != "setup-latency")
         try:
             why_no_udp = await self.udp_unavailable()
-        except SessionError as e:
+        except (SessionError, CriError) as e:  # the runtime gone mid-check: the table stays
             why_no_udp = f"cannot open a session to ask: {e}"
         if why_no_udp:
             self.skip("udp-echo", why_no_udp, required=False)
