@@ -323,9 +323,9 @@ class Checker:
         if error is None:
             how = "ended with a clean EOF (no error reported)"
         elif error.fatal:
-            how = f"error text {str(error)[:120]!r} (client-go ends the session on it)"
+            how = f"error text {str(error)[:400]!r} (client-go ends the session on it)"
         else:
-            how = f"reported: {str(error)[:120]}"
+            how = f"reported: {str(error)[:400]}"
         if self.transport == "websocket":
             return ("pass" if error is not None else "warn"), how
         async with self.connection(self.peer("echo")) as (reader, writer):
