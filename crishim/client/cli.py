@@ -312,10 +312,12 @@ def _port_forward_through_cluster(args: argparse.Namespace) -> int:
                                       args.insecure_skip_tls_verify,
                                       args.certificate_authority)
         cluster.ClusterForward.check_transport(args.transport or "auto")
+        # kubectl's order: the object (it must exist), the most active pod it selects,
+        # the ports
+        obj = cluster.fetch(target, resource, name, args.timeout)
         if resource == "pods":
-            pod = cluster.fetch_pod(target, name, args.timeout)
-        else:  # kubectl's order: the object, the most active pod it selects, the ports
-            obj = cluster.fetch(target, resource, name, args.timeout)
+            pod = obj
+        else:
             selector = cluster.selector_of(resource, obj)
             pod = cluster.first_pod(target, selector, args.timeout, args.pod_running_timeout)
             name = pod["metadata"]["name"]

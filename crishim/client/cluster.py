@@ -222,14 +222,9 @@ def _get(cluster: Cluster, what: str, call: tuple[str, str], max_bytes: int,
     return answer
 
 
-def fetch_pod(cluster: Cluster, name: str, timeout: float) -> dict[str, Any]:
-    """GET the pod as kubectl does before forwarding: it must exist."""
-    return fetch(cluster, "pods", name, timeout)
-
-
 def fetch(cluster: Cluster, resource: str, name: str, timeout: float) -> dict[str, Any]:
-    """GET the object a target names (a pod, a service, a workload), as kubectl first
-    does."""
+    """GET the object a target names (a pod, a service, a workload), as kubectl does
+    before forwarding: it must exist."""
     return _get(cluster, f"{resource} {name!r}", _READ[resource], MAX_POD_ANSWER, timeout,
                 name=name, namespace=cluster.namespace)
 
