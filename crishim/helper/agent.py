@@ -350,6 +350,10 @@ def _open_requested_netns(path: str) -> int:
         raise SandboxGone(f"no network namespace at {path}") from None
 
 
+# waits between looks at a killed socat: 5 ms for 1 s, then 50 ms for 10 s more
+_REAP_DELAYS = (0.005,) * 200 + (0.05,) * 200
+
+
 class Socat:
     """One `socat - TCP:...` child and the three pipe ends the helper holds."""
 
@@ -410,7 +414,7 @@ class Socat:
         # in uninterruptible sleep, would keep the helper from exiting): SIGKILL is
         # prompt, but a loaded machine may take a while to run the child's exit, and what
         # the caller logs next ("dial dropped") should be true
-        for delay in [0.005] * 200 + [0.05] * 200:  # 1 s, then 10 s more
+        for delay in _REAP_DELAYS:
             if self.proc.poll() is not None:
                 return
             await asyncio.sleep(delay)
