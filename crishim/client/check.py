@@ -21,13 +21,14 @@ import json
 import os
 import re
 import statistics
+import struct
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 from crishim.client.cri import CriClient, CriError
-from crishim.client.podservers import FIN_MARK, Peers, source_bytes
+from crishim.client.podservers import FIN_MARK, Peers, source_piece
 from crishim.client.transports import (
     TRANSPORTS,
     ClientSession,
@@ -40,12 +41,22 @@ from crishim.client.transports import (
 from crishim.protocols.constants import PORTFORWARD_CRISHIM_V1
 from crishim.protocols.datagram import DatagramDecoder, encode_datagram
 
-IO_TIMEOUT = 20.0
+# A check's whole run at most: this, plus a second per MiB of --size (each read or write
+# of a check waits up to --timeout)
 CHECK_TIMEOUT = 120.0
 UDP_CHECK_SIZES = (1, 512, 1472, 8192, 65507)  # 65,507: the largest UDP payload over IPv4
 # What a check says: its result (pass | fail | warn) and a line of detail.
 Outcome = tuple[str, str]
+CHUNK = 1 << 20  # the upload's and download's unit: --size is never held in memory whole
 URL_RE = re.compile(r"^(https?)://([^/]+)/portforward/([^/?#]+)$")
+
+
+def upload_pieces(n: int, block: bytes) -> Iterator[bytes]:
+    """The upload check's n bytes, chunk by chunk: `block` (random), each chunk's first 8
+    bytes its number, so a chunk lost, repeated or out of order changes the digest."""
+    for i, start in enumerate(range(0, n, len(block))):
+        length = min(len(block), n - start)
+        yield (struct.pack(">Q", i) + block[8:length])[:length]
 
 
 class _Datagrams(asyncio.Protocol):
@@ -89,6 +100,8 @@ class Checker:
         self.insecure: bool = args.insecure_skip_tls_verify
         self.ca_file: str | None = args.certificate_authority
         self.timeout = args.timeout
+        self.io_timeout = args.timeout  # each read or write of a check
+        self.check_timeout = CHECK_TIMEOUT + (self.size >> 20)
         self.netns_arg = args.netns
         self.no_servers = args.no_servers
         self.results: list[CheckResult] = []
@@ -153,15 +166,18 @@ class Checker:
     def skip(self, name: str, why: str, required: bool = True) -> None:
         self.results.append(CheckResult(name, "skip", why, 0.0, required))
 
+    def timed_out(self, e: TimeoutError) -> str:
+        """A timeout's reason (its text is empty where asyncio raised it)."""
+        return str(e) or (f"timed out: no answer in time (a read waits up to "
+                          f"{self.io_timeout:g} s, a whole check {self.check_timeout:g} s)")
+
     async def run_check(self, name: str, fn: Callable[[], Awaitable[Outcome]],
                         required: bool = True) -> None:
         t0 = time.perf_counter()
         try:
-            result, detail = await asyncio.wait_for(fn(), CHECK_TIMEOUT)
-        except TimeoutError as e:  # its text is empty where asyncio raised it
-            result, detail = "fail", str(e) or ("timed out: no answer in time (a read waits "
-                                                f"up to {IO_TIMEOUT:g} s, a whole check "
-                                                f"{CHECK_TIMEOUT:g} s)")
+            result, detail = await asyncio.wait_for(fn(), self.check_timeout)
+        except TimeoutError as e:
+            result, detail = "fail", self.timed_out(e)
         except (SessionError, CriError, ForwardError, OSError, asyncio.IncompleteReadError,
                 ValueError) as e:
             result, detail = "fail", f"{type(e).__name__}: {e}"
@@ -245,24 +261,29 @@ class Checker:
         data = os.urandom(min(self.size, 4 << 20))
         async with self.connection(self.peer("echo")) as (reader, writer):
             writer.write(data)
-            got = await asyncio.wait_for(reader.readexactly(len(data)), IO_TIMEOUT)
+            got = await asyncio.wait_for(reader.readexactly(len(data)), self.io_timeout)
         ok = hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
         return ("pass" if ok else "fail"), f"{len(data)} bytes echoed, sha256 " + \
             ("matches" if ok else "DIFFERS")
 
     async def check_upload(self) -> Outcome:
-        data = os.urandom(self.size)
+        n = self.size
+        block = os.urandom(min(n, CHUNK))
+        want = hashlib.sha256()
+        for piece in upload_pieces(n, block):  # the digest first: off the timed loop
+            want.update(piece)
         async with self.connection(self.peer("sink")) as (reader, writer):
             t0 = time.perf_counter()
-            writer.write(b"%d\n" % len(data))
-            writer.write(data)
-            line = await asyncio.wait_for(reader.readline(), IO_TIMEOUT)
+            writer.write(b"%d\n" % n)
+            for piece in upload_pieces(n, block):  # memory stays a chunk or two, any --size
+                writer.write(piece)
+                await asyncio.wait_for(writer.drain(), self.io_timeout)
+            line = await asyncio.wait_for(reader.readline(), self.io_timeout)
             secs = time.perf_counter() - t0
-        want = f"{len(data)} {hashlib.sha256(data).hexdigest()}"
-        ok = line.decode().strip() == want
+        ok = line.decode(errors="replace").strip() == f"{n} {want.hexdigest()}"
         verdict = "matches" if ok else "DIFFERS: " + line[:80].decode(errors="replace")
-        return ("pass" if ok else "fail"), (f"{len(data) >> 20} MiB up, sha256 {verdict}, "
-                                            f"{len(data) / secs / 1e6:.0f} MB/s")
+        return ("pass" if ok else "fail"), (f"{n >> 20} MiB up, sha256 {verdict}, "
+                                            f"{n / secs / 1e6:.0f} MB/s")
 
     async def check_download(self) -> Outcome:
         n = self.size
@@ -272,13 +293,16 @@ class Checker:
             h = hashlib.sha256()
             got = 0
             while True:
-                chunk = await asyncio.wait_for(reader.read(1 << 20), IO_TIMEOUT)
+                chunk = await asyncio.wait_for(reader.read(CHUNK), self.io_timeout)
                 if not chunk:
                     break
                 h.update(chunk)
                 got += len(chunk)
             secs = time.perf_counter() - t0
-        ok = got == n and h.digest() == hashlib.sha256(source_bytes(n)).digest()
+        want = hashlib.sha256()
+        for start in range(0, n, CHUNK):  # what the source sent, a chunk at a time
+            want.update(source_piece(start, min(CHUNK, n - start)))
+        ok = got == n and h.digest() == want.digest()
         return ("pass" if ok else "fail"), (f"{got >> 20} MiB down, sha256 "
                                             f"{'matches' if ok else 'DIFFERS'}, "
                                             f"{got / secs / 1e6:.0f} MB/s")
@@ -288,7 +312,7 @@ class Checker:
         async with self.connection(self.peer("fin")) as (reader, writer):
             writer.write(data)
             writer.write_eof()
-            got = await asyncio.wait_for(reader.read(), IO_TIMEOUT)
+            got = await asyncio.wait_for(reader.read(), self.io_timeout)
         if got == data + FIN_MARK:
             return "pass", "FIN reached the pod, which still answered; its FIN came back"
         if got == data:
@@ -301,13 +325,13 @@ class Checker:
         async with self.connection(port) as (reader, writer):
             writer.write(payload)
             try:
-                await asyncio.wait_for(reader.read(), IO_TIMEOUT)
+                await asyncio.wait_for(reader.read(), self.io_timeout)
             except ForwardError as e:
                 error = e
             except ConnectionError:
                 pass
             except TimeoutError:  # not a clean EOF: nothing ended at all
-                return "fail", (f"no EOF and no error within {IO_TIMEOUT:g} s: the runtime "
+                return "fail", (f"no EOF and no error within {self.io_timeout:g} s: the runtime "
                                 "left the connection open after the pod's side failed")
             if error is None:
                 try:
@@ -351,10 +375,12 @@ class Checker:
             data = os.urandom(256 * 1024)
             async with self.connection(self.peer("echo")) as (reader, writer):
                 writer.write(data)
-                return await asyncio.wait_for(reader.readexactly(len(data)), IO_TIMEOUT) == data
+                got = await asyncio.wait_for(reader.readexactly(len(data)), self.io_timeout)
+                return got == data
         results = await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
         ok = sum(1 for r in results if r is True)
-        errors = [str(r) for r in results if isinstance(r, BaseException)]
+        errors = [self.timed_out(r) if isinstance(r, TimeoutError) else
+                  f"{type(r).__name__}: {r}" for r in results if isinstance(r, BaseException)]
         detail = f"{ok}/{n} connections echoed 256 KiB intact"
         if errors:
             detail += f"; first error: {errors[0][:100]}"
@@ -366,7 +392,7 @@ class Checker:
             t0 = time.perf_counter()
             async with self.connection(self.peer("echo")) as (reader, writer):
                 writer.write(b"x")
-                await asyncio.wait_for(reader.readexactly(1), IO_TIMEOUT)
+                await asyncio.wait_for(reader.readexactly(1), self.io_timeout)
                 samples.append(time.perf_counter() - t0)
         samples.sort()
         p50 = statistics.median(samples) * 1000
@@ -396,7 +422,7 @@ class Checker:
             for size in UDP_CHECK_SIZES:
                 sent = os.urandom(size)
                 stream.write(encode_datagram(sent))
-                got = await asyncio.wait_for(flow.queue.get(), IO_TIMEOUT)
+                got = await asyncio.wait_for(flow.queue.get(), self.io_timeout)
                 if isinstance(got, BaseException):
                     raise got
                 if got is None:

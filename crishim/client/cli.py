@@ -72,10 +72,13 @@ def _port(text: str) -> int:
 
 
 def _mebibytes(text: str) -> int:
-    """--size: a whole number of MiB, at least 1."""
-    if not (text.isascii() and text.isdigit()) or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of MiB of 1 or "
-                                         "more")
+    """--size: a whole number of MiB, from 1 to what check's sink and source take (1 TiB)."""
+    from crishim.client.podservers import MAX_SIZED
+
+    most = MAX_SIZED >> 20
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= most:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of MiB from 1 to "
+                                         f"{most}")
     return int(text)
 
 
@@ -114,7 +117,8 @@ def _ping_interval(text: str) -> float:
     return value
 
 
-def _add_common(p: argparse.ArgumentParser, pod_get: bool = False) -> None:
+def _add_common(p: argparse.ArgumentParser, pod_get: bool = False,
+                check: bool = False) -> None:
     p.add_argument("--runtime-endpoint", metavar="unix:///PATH", default=None,
                    help="the CRI runtime's socket (a bare path works too) "
                         "[default: $CONTAINER_RUNTIME_ENDPOINT or "
@@ -128,6 +132,8 @@ def _add_common(p: argparse.ArgumentParser, pod_get: bool = False) -> None:
                         "answer to the upgrade"
                         + (" and (--kubeconfig) each API request (the pod, service or "
                            "workload GET, each page of a pod list)" if pod_get else "")
+                        + (" and each read or write of a check (a whole check takes at "
+                           "most 120 s plus 1 s per MiB of --size)" if check else "")
                         + ": seconds, or a duration as 30s, 1m30s, 250ms [default: 10]")
 
 
@@ -225,7 +231,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     ck.add_argument("--port", type=_port, default=0, metavar="N",
                     help="a port that accepts connections in the sandbox (used when "
                          "crishim check cannot start its own servers)")
-    _add_common(ck)
+    _add_common(ck, check=True)
     ck.add_argument("--transport", choices=TRANSPORTS, default="spdy",
                     help="transport for the data checks; every transport's handshake is "
                          "tried regardless [default: spdy]")

@@ -13,6 +13,7 @@ import pytest
 from tests.integration.test_client_portforward import (
     HangingUp,
     SilentListener,
+    StalledAfterUpgrade,
     UrlRuntime,
     bad_ca_bundles,
 )
@@ -172,6 +173,33 @@ def test_check_timeout_bounds_every_upgrade_wait(tmp_path):
         assert check["detail"].endswith(" in 0.5s"), check
 
 
+def test_check_timeout_bounds_each_read_of_the_data_checks(tmp_path, podnet):
+    """A stream server that goes silent after its 101: each data check waited a fixed 20 s
+    whatever --timeout said (a run took minutes); each read now waits --timeout."""
+    server = StalledAfterUpgrade()
+    runtime = UrlRuntime(str(tmp_path / "cri.sock"),
+                         f"http://127.0.0.1:{server.port}/portforward/x")
+    try:
+        r = subprocess.run([sys.executable, "-m", "crishim", "check", "--sandbox", SANDBOX,
+                            "--runtime-endpoint", str(tmp_path / "cri.sock"), "--netns",
+                            podnet.path, "--timeout", "0.5", "--json"],
+                           capture_output=True, text=True, timeout=200)
+    finally:
+        runtime.server.stop(0)
+        server.close()
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    checks = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+    for name in ("echo-sha256", "upload-sha256", "download-sha256", "half-close",
+                 "concurrent", "setup-latency"):
+        assert checks[name]["result"] == "fail", checks[name]
+        assert "a read waits up to 0.5 s, a whole check 128 s" in checks[name]["detail"], \
+            checks[name]
+    for name in ("closed-port", "pod-reset"):
+        assert checks[name]["detail"].startswith("no EOF and no error within 0.5 s"), \
+            checks[name]
+
+
 @pytest.mark.parametrize("case", ["missing", "directory", "garbage"])
 def test_check_with_an_unusable_certificate_authority_fails_early_with_one_line(tmp_path,
                                                                               case):
@@ -212,8 +240,11 @@ def test_check_never_shows_the_stream_urls_credentials(tmp_path, output):
     (["--port", "70000"], "argument --port: invalid port '70000': expected 1 to 65535"),
     (["--port", "٨٠"], "argument --port: invalid port '٨٠': expected 1 to 65535 in "
                         "ASCII digits"),
-    (["--size", "-1"], "argument --size: '-1' is not a whole number of MiB of 1 or more"),
-    (["--size", "0"], "argument --size: '0' is not a whole number of MiB of 1 or more"),
+    (["--size", "-1"], "argument --size: '-1' is not a whole number of MiB from 1 to 1048576"),
+    (["--size", "0"], "argument --size: '0' is not a whole number of MiB from 1 to 1048576"),
+    # past what the sink and source take (1 TiB), which closed on it mid-check
+    (["--size", "1048577"], "argument --size: '1048577' is not a whole number of MiB from 1 "
+                            "to 1048576"),
 ])
 def test_check_refuses_a_bad_port_or_size_as_a_usage_error(tmp_path, option, message):
     r = subprocess.run([sys.executable, "-m", "crishim", "check", "--sandbox", SANDBOX,
@@ -223,6 +254,27 @@ def test_check_refuses_a_bad_port_or_size_as_a_usage_error(tmp_path, option, mes
     assert r.stderr.splitlines()[-1] == f"crishim check: error: {message}", r.stderr
     assert r.stdout == ""
 
+
+
+def test_check_moves_a_large_size_without_holding_it_in_memory(crishim, podnet):
+    """--size 256: the upload and download checks send and hash 256 MiB a chunk at a time.
+    They built it whole (os.urandom(256 MiB), and the source's 256 MiB again for its
+    digest), so --size 1000 took 2.1 GB."""
+    code = ("import resource, subprocess, sys; "
+            "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+            "print(r.returncode); print(r.stdout)")
+    r = subprocess.run([sys.executable, "-c", code, sys.executable, "-m", "crishim", "check",
+                        "--sandbox", SANDBOX, "--runtime-endpoint", f"unix://{crishim.socket}",
+                        "--netns", podnet.path, "--size", "256", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    peak_kib, status, out = r.stdout.split("\n", 2)
+    report = json.loads(out)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert status == "0", out
+    assert checks["upload-sha256"]["detail"].startswith("256 MiB up, sha256 matches"), checks
+    assert checks["download-sha256"]["detail"].startswith("256 MiB down, sha256 matches")
+    assert int(peak_kib) < 160 * 1024, f"peak RSS {int(peak_kib) >> 10} MiB"
 
 
 def test_check_with_its_stdout_closed_ends_quietly_with_its_status(crishim):

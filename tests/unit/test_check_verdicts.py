@@ -16,10 +16,10 @@ from crishim.client import check
 from crishim.client.cri import CriError
 
 
-def _checker() -> check.Checker:
+def _checker(timeout: float = 1.0) -> check.Checker:
     args = argparse.Namespace(sandbox="sb", transport="spdy", port=0, size=1,
                               insecure_skip_tls_verify=False, certificate_authority=None,
-                              timeout=1.0, netns=None, no_servers=False)
+                              timeout=timeout, netns=None, no_servers=False)
     return check.Checker(None, args)  # type: ignore[arg-type]  # no CRI call is made
 
 
@@ -49,13 +49,11 @@ def _connections(checker: check.Checker, readers: list[asyncio.StreamReader]) ->
     checker.connection = connection  # type: ignore[method-assign]
 
 
-def test_a_connection_the_runtime_leaves_open_is_no_clean_eof(monkeypatch) -> None:
+def test_a_connection_the_runtime_leaves_open_is_no_clean_eof() -> None:
     """The pod's side reset, the runtime kept the client's connection open: that passed as
     'ended with a clean EOF (no error reported); the session survived'."""
-    monkeypatch.setattr(check, "IO_TIMEOUT", 0.2)
-
     async def go() -> tuple[str, str]:
-        checker = _checker()
+        checker = _checker(timeout=0.2)  # --timeout: each read's wait
         checker.peers = argparse.Namespace(ports={"echo": 1}, close=lambda: None)  # type: ignore[assignment]
         hung, echo = asyncio.StreamReader(), asyncio.StreamReader()
         echo.feed_data(b"still there?")
