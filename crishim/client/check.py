@@ -109,6 +109,7 @@ class Checker:
         self.netns = ""
         self.why_no_servers = ""
         self.session: ClientSession | None = None
+        self.hint = ""
 
     # --- plumbing -----------------------------------------------------------------------
     async def url(self, ports: Sequence[int] = ()) -> str:
@@ -490,6 +491,7 @@ class Checker:
                 self.skip(name, "needs a cooperating server in the sandbox (see below)")
             else:
                 await self.run_check(name, fn, required=name != "setup-latency")
+        self.hint = self.unreached_servers_hint()
         try:
             why_no_udp = await self.udp_unavailable()
         except (SessionError, CriError) as e:  # the runtime gone mid-check: the table stays
@@ -500,6 +502,22 @@ class Checker:
             await self.run_check("udp-echo", self.check_udp_echo, required=False)
         if self.peers is None and self.port:
             await self.run_check("connect", self.check_connect_user_port)
+
+    def unreached_servers_hint(self) -> str:
+        """Why every data check may have failed: the runtime dials the sandbox's netns,
+        and the check's servers run in the one named (--netns, or the runtime's verbose
+        status). Said when no connection reached them: each one failed in the forwarding,
+        none timed out or came back wrong."""
+        echo = next((r for r in self.results if r.name == "echo-sha256"), None)
+        if self.peers is None or echo is None or not echo.detail.startswith("ForwardError"):
+            return ""
+        concurrent = next((r for r in self.results if r.name == "concurrent"), None)
+        if concurrent is not None and not concurrent.detail.startswith("0/"):
+            return ""
+        named = "--netns" if self.netns_arg else "the runtime's PodSandboxStatus"
+        return (f"no data check's connection reached the check's servers, which run in "
+                f"{self.netns} (from {named}): if that is not the sandbox's network "
+                "namespace, name the right one with --netns PATH")
 
     @property
     def ok(self) -> bool:
@@ -533,7 +551,8 @@ class Checker:
                 "netns": self.netns, "servers_reason": self.why_no_servers.lstrip("; "),
                 "ok": self.ok, "checks": [asdict(r) for r in self.results],
                 "skipped": [r.name for r in self.results if r.result == "skip"],
-                "required_skipped": self.required_skipped, "summary": self.summary()}
+                "required_skipped": self.required_skipped, "hint": self.hint,
+                "summary": self.summary()}
 
 
 def print_table(checker: Checker) -> None:
@@ -548,6 +567,8 @@ def print_table(checker: Checker) -> None:
     if checker.peers is None and not checker.ok:  # otherwise the summary says why
         print(f"\nchecks needing a cooperating server were skipped: "
               f"{checker.why_no_servers.lstrip('; ')}")
+    if checker.hint:
+        print(f"\nhint: {checker.hint}")
     print("\n" + checker.summary())
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from tests.integration.test_client_portforward import (
     bad_ca_bundles,
 )
 from tests.support import SANDBOX
-from tests.support.podnet import HTTP_PORT
+from tests.support.podnet import HTTP_PORT, PodNetwork
 
 TRANSPORTS = ["spdy", "websocket", "spdy-over-websocket", "h2"]
 DATA_CHECKS = ["echo-sha256", "upload-sha256", "download-sha256", "half-close", "closed-port",
@@ -318,3 +319,17 @@ def test_check_with_every_check_run_says_all_required_checks_passed(crishim, pod
     report = json.loads(r.stdout)
     assert report["summary"] == "all required checks passed"
     assert report["required_skipped"] == []
+    assert report["hint"] == ""
+
+
+@pytest.mark.parametrize("transport", ["spdy", "websocket"])
+def test_check_with_the_wrong_netns_hints_at_it(crishim, transport):
+    """--netns naming a namespace that is not the sandbox's: every data check failed as
+    "RST_STREAM CANCEL" (or connection refused), with nothing pointing at --netns."""
+    with PodNetwork(f"crishim-test-{os.getpid()}-other") as other:
+        r = run_check(crishim, "--netns", other.path, "--size", "1", "--transport", transport)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert re.search(r"^echo-sha256 +FAIL ", r.stdout, re.M), r.stdout
+    assert (f"\nhint: no data check's connection reached the check's servers, which run in "
+            f"{other.path} (from --netns): if that is not the sandbox's network namespace, "
+            "name the right one with --netns PATH\n") in r.stdout, r.stdout
