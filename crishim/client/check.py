@@ -250,6 +250,13 @@ class Checker:
             session = await self.new_session(transport, ports)
         except UpgradeRefused as e:
             return ("fail" if transport == self.transport else "warn"), str(e)
+        except (SessionError, OSError, TimeoutError) as e:
+            if transport == self.transport:
+                raise
+            # another transport the runtime does not speak (containerd closes an HTTP/2
+            # preface) is what a refused one is: a warning, not an optional failure
+            return "warn", (self.timed_out(e) if isinstance(e, TimeoutError) and not str(e)
+                            else f"{type(e).__name__}: {e}")
         ms = (time.perf_counter() - t0) * 1000
         detail = f"upgraded in {ms:.1f} ms"
         if transport in ("spdy", "spdy-over-websocket", "h2"):
