@@ -324,8 +324,9 @@ class Checker:
         if got == data + FIN_MARK:
             return "pass", "FIN reached the pod, which still answered; its FIN came back"
         if got == data:
-            return "fail", ("the pod never saw the FIN: the runtime closed the connection "
-                            "instead of passing the half-close on")
+            return "fail", ("the pod's answer to the FIN (an EOF mark) never came back: the "
+                            "runtime ended the connection instead of passing the half-close "
+                            "on, or before the pod answered")
         return "fail", f"got {len(got)} bytes, expected {len(data)} and the pod's EOF mark"
 
     async def _failing_then_survive(self, port: int, payload: bytes) -> Outcome:

@@ -938,7 +938,7 @@ def test_check_finds_containerds_streaming_shortcomings(ctrd: ContainerdEnv) -> 
         assert checks[name]["result"] == "pass", checks[name]
     assert "8 chars" in checks["cri-url"]["detail"]  # the reference library's short tokens
     assert checks["half-close"]["result"] == "fail"
-    assert "never saw the FIN" in checks["half-close"]["detail"]
+    assert "answer to the FIN (an EOF mark) never came back" in checks["half-close"]["detail"]
     for name in ("closed-port", "pod-reset"):
         assert checks[name]["result"] == "warn", checks[name]
         assert "error text" in checks[name]["detail"]
