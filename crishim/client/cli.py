@@ -148,7 +148,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                     "the API server's pods/portforward, as kubectl: the pod is checked "
                     "first, then the WebSocket tunnel is tried and SPDY used where the "
                     "server does not offer it. TARGET may also be a service (svc/NAME) "
-                    "or a workload (deploy/, rs/, sts/, ds/ or rc/NAME): as kubectl, the "
+                    "or a workload (deploy/, rs/, sts/, ds/, rc/ or job/NAME): as kubectl, the "
                     "most active pod its selector matches (waiting up to "
                     "--pod-running-timeout for one); for a service each REMOTE is a "
                     "service port (number or name) forwarded to that port's targetPort in "
@@ -177,7 +177,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                     "ends it with 0.")
     pf.add_argument("sandbox", metavar="TARGET",
                     help="pod sandbox id; with --kubeconfig: pod/NAME, NAME, svc/NAME or "
-                         "deploy/NAME (rs/, sts/, ds/, rc/)")
+                         "deploy/NAME (rs/, sts/, ds/, rc/, job/)")
     pf.add_argument("ports", metavar="[LOCAL:]REMOTE[/udp]", nargs="+",
                     help="port specs; with --kubeconfig REMOTE may be a container port's "
                          "name (a service port's, for svc/NAME)")

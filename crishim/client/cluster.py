@@ -142,6 +142,7 @@ KINDS = {
     "statefulsets": ("sts", "statefulset", "apps", "*v1.StatefulSet"),
     "daemonsets": ("ds", "daemonset", "apps", "*v1.DaemonSet"),
     "replicationcontrollers": ("rc", "replicationcontroller", "", "*v1.ReplicationController"),
+    "jobs": ("", "job", "batch", "*v1.Job"),  # no short name
 }
 # the kubernetes client's GET per resource: (API class, method)
 _READ = {"pods": ("CoreV1Api", "read_namespaced_pod"),
@@ -150,7 +151,8 @@ _READ = {"pods": ("CoreV1Api", "read_namespaced_pod"),
          "deployments": ("AppsV1Api", "read_namespaced_deployment"),
          "replicasets": ("AppsV1Api", "read_namespaced_replica_set"),
          "statefulsets": ("AppsV1Api", "read_namespaced_stateful_set"),
-         "daemonsets": ("AppsV1Api", "read_namespaced_daemon_set")}
+         "daemonsets": ("AppsV1Api", "read_namespaced_daemon_set"),
+         "jobs": ("BatchV1Api", "read_namespaced_job")}
 
 
 def _resource_named(kind: str) -> str | None:
@@ -162,15 +164,15 @@ def _resource_named(kind: str) -> str | None:
     for resource, (short, singular, group, _) in KINDS.items():
         if qualifier not in ("", group, f"v1.{group}"):
             continue
-        if name == short or name.lower() in (singular, resource):
+        if (short and name == short) or name.lower() in (singular, resource):
             return resource
     return None
 
 
 def target_of(target: str) -> tuple[str, str]:
     """kubectl's forms, as (resource, NAME): `pod/NAME` or a bare `NAME` ("pods");
-    `svc/NAME` ("services"); `deploy/NAME`, `rs/`, `sts/`, `ds/`, `rc/` and the names
-    _resource_named takes."""
+    `svc/NAME` ("services"); `deploy/NAME`, `rs/`, `sts/`, `ds/`, `rc/`, `job/` and the
+    names _resource_named takes."""
     kind, sep, name = target.partition("/")
     if not sep:
         return "pods", target
@@ -183,7 +185,7 @@ def target_of(target: str) -> tuple[str, str]:
     resource = _resource_named(kind)
     if resource is None:
         raise ClusterError(f"error: {target!r}: not a kind port-forward can reach (pod/NAME "
-                           "or NAME, svc/, deploy/, rs/, sts/, ds/ or rc/NAME)")
+                           "or NAME, svc/, deploy/, rs/, sts/, ds/, rc/ or job/NAME)")
     return resource, name
 
 

@@ -545,6 +545,8 @@ WORKLOADS = {
         {"key": "tier", "operator": "In", "values": ["front", "back"]},
         {"key": "canary", "operator": "DoesNotExist"}]}},
     "replicationcontrollers/web": {"selector": {"app": "web"}},
+    # a Job's selector as the API server defaults it (batch/v1: the job's own uid label)
+    "jobs/web": {"selector": {"matchLabels": {"app": "web"}}},
     "statefulsets/none": {"selector": {"matchLabels": {"app": "none"}}},
     "replicasets/bad": {"selector": {"matchExpressions": [
         {"key": "tier", "operator": "In", "values": []}]}},
@@ -649,6 +651,7 @@ def test_a_service_waits_for_a_pod_to_match(
     ("svc/later", "7", "error: timed out waiting for the condition"),
     ("deploy/nope", "80", 'Error from server (NotFound): deployments.apps "nope" not found'),
     ("rc/nope", "80", 'Error from server (NotFound): replicationcontrollers "nope" not found'),
+    ("job/nope", "80", 'Error from server (NotFound): jobs.batch "nope" not found'),
     ("rs/bad", "80", "error: cannot attach to *v1.ReplicaSet: invalid label selector: values: "
                      "Invalid value: []string(nil): for 'in', 'notin' operators, values set "
                      "can't be empty"),
@@ -676,7 +679,8 @@ def test_what_kubectl_refuses_is_refused_with_its_words(
         assert not api.upgrades and not api.port_forward_calls
 
 
-@pytest.mark.parametrize("target", ["deploy/web", "deployment.apps/web", "rc/web"])
+@pytest.mark.parametrize("target", ["deploy/web", "deployment.apps/web", "rc/web",
+                                    "job/web", "jobs.batch/web"])
 def test_a_workload_forwards_to_its_most_active_pod_as_kubectl(
         crishim: CrishimProcess, kubeconfig_dir: str, target: str) -> None:
     """deploy/web selects web (Running) and web-new (Pending) by matchLabels and
@@ -698,7 +702,7 @@ def test_a_workload_forwards_to_its_most_active_pod_as_kubectl(
         assert {u.pod for u in api.upgrades} == {"web"}
         selectors = {r.query["labelSelector"][0] for r in api.requests
                      if r.path == "/api/v1/namespaces/default/pods"}
-        assert selectors == ({"app=web"} if target.startswith("rc/") else
+        assert selectors == ({"app=web"} if target.startswith(("rc/", "job")) else
                              {"app=web,!canary,tier in (back,front)"})
 
 

@@ -102,15 +102,17 @@ _POD_RE = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/([^/]+)/?$")
 _PODS_RE = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/?$")
 _SERVICE_RE = re.compile(r"^/api/v1/namespaces/([^/]+)/services/([^/]+)/?$")
 # a workload: (group prefix, namespace, resource, name)
-_WORKLOAD_RE = re.compile(r"^/(api/v1|apis/apps/v1)/namespaces/([^/]+)/"
+_WORKLOAD_RE = re.compile(r"^/(api/v1|apis/apps/v1|apis/batch/v1)/namespaces/([^/]+)/"
                           r"(deployments|replicasets|statefulsets|daemonsets|"
-                          r"replicationcontrollers)/([^/]+)/?$")
+                          r"replicationcontrollers|jobs)/([^/]+)/?$")
 # resource -> (kind, group, short names)
 _WORKLOADS = {"deployments": ("Deployment", "apps", ["deploy"]),
               "replicasets": ("ReplicaSet", "apps", ["rs"]),
               "statefulsets": ("StatefulSet", "apps", ["sts"]),
               "daemonsets": ("DaemonSet", "apps", ["ds"]),
-              "replicationcontrollers": ("ReplicationController", "", ["rc"])}
+              "replicationcontrollers": ("ReplicationController", "", ["rc"]),
+              "jobs": ("Job", "batch", [])}
+_GROUPS = ("apps", "batch")
 # a watch answered with a head and no events, held open until the client goes (as the API
 # server's watch of a selector nothing matches)
 WATCH = object()
@@ -1008,23 +1010,28 @@ class KubeStandIn:
                 ],
             }, []
         if path == "/apis":
-            version = {"groupVersion": "apps/v1", "version": "v1"}
             return 200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
-                {"name": "apps", "versions": [version], "preferredVersion": version}]}, []
-        if path == "/apis/apps":
-            version = {"groupVersion": "apps/v1", "version": "v1"}
-            return 200, {"kind": "APIGroup", "apiVersion": "v1", "name": "apps",
+                {"name": g, "versions": [{"groupVersion": f"{g}/v1", "version": "v1"}],
+                 "preferredVersion": {"groupVersion": f"{g}/v1", "version": "v1"}}
+                for g in _GROUPS]}, []
+        if path.startswith("/apis/") and path[len("/apis/"):] in _GROUPS:
+            g = path[len("/apis/"):]
+            version = {"groupVersion": f"{g}/v1", "version": "v1"}
+            return 200, {"kind": "APIGroup", "apiVersion": "v1", "name": g,
                          "versions": [version], "preferredVersion": version}, []
-        if path == "/apis/apps/v1":
+        if path.startswith("/apis/") and path[len("/apis/"):-len("/v1")] in _GROUPS \
+                and path.endswith("/v1"):
+            g = path[len("/apis/"):-len("/v1")]
             return 200, {"kind": "APIResourceList", "apiVersion": "v1",
-                         "groupVersion": "apps/v1", "resources": [
+                         "groupVersion": f"{g}/v1", "resources": [
                              {"name": resource, "singularName": kind.lower(),
-                              "namespaced": True, "kind": kind, "shortNames": short,
+                              "namespaced": True, "kind": kind,
+                              **({"shortNames": short} if short else {}),
                               "categories": ["all"],
                               "verbs": ["create", "delete", "deletecollection", "get",
                                         "list", "patch", "update", "watch"]}
                              for resource, (kind, group, short) in _WORKLOADS.items()
-                             if group == "apps"]}, []
+                             if group == g]}, []
         if path == "/api/v1":
             return 200, self._core_resources(), []
         if path == "/version":
@@ -1068,7 +1075,8 @@ class KubeStandIn:
                                          {"name": name, "kind": "services"}), []
             return 200, self._service(ns, name), []
         m = _WORKLOAD_RE.match(rec.path)
-        if m and (m.group(1) == "api/v1") == (m.group(3) == "replicationcontrollers"):
+        if m and m.group(1) == ("apis/" + _WORKLOADS[m.group(3)][1] + "/v1"
+                                if _WORKLOADS[m.group(3)][1] else "api/v1"):
             ns, resource, name = m.group(2), m.group(3), m.group(4)
             kind, group, _ = _WORKLOADS[resource]
             if (ns, resource, name) not in self.workloads:

@@ -36,6 +36,8 @@ def test_pod_targets_as_kubectl(target: str) -> None:
     ("deploy.apps/web", "deployments"), ("rs/web", "replicasets"),
     ("replicaSet/web", "replicasets"), ("statefulset/web", "statefulsets"),
     ("ds/web", "daemonsets"), ("rc/web", "replicationcontrollers"),
+    ("job/web", "jobs"), ("Job/web", "jobs"), ("jobs.batch/web", "jobs"),
+    ("job.v1.batch/web", "jobs"),
 ])
 def test_other_targets_as_kubectl(target: str, resource: str) -> None:
     """As kubectl 1.33's RESTMapper takes them against the stand-in's discovery."""
@@ -48,7 +50,9 @@ def test_other_targets_as_kubectl(target: str, resource: str) -> None:
     ("PO/web", "not a kind port-forward can reach"),
     ("svc.apps/web", "not a kind port-forward can reach"),
     ("deploy.v2.apps/web", "not a kind port-forward can reach"),
-    ("job/web", "not a kind port-forward can reach"),
+    ("cronjob/web", "not a kind port-forward can reach"),
+    ("job.apps/web", "not a kind port-forward can reach"),
+    (".batch/web", "not a kind port-forward can reach"),  # jobs have no short name
     ("svc/", "must have a single resource and name"),
     ("/web", "must have a single resource and name"),
     ("pod/a/b", "may not have more than one slash"),
