@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -97,6 +98,7 @@ class Crishim:
         self.tokens = TokenStore(ttl=config.token_ttl, max_outstanding=config.max_tokens)
         self.metrics: Metrics | None = None
         self.grpc_server: grpc.aio.Server | None = None
+        self.cri_handler: CriHandler | None = None
         self.stream: StreamServer | None = None
         self.upstream: grpc.aio.Channel | None = None
         self.health: Any = None  # a grpc_health.v1.health.aio.HealthServicer (no stubs)
@@ -182,8 +184,8 @@ class Crishim:
                      ("grpc.max_allowed_incoming_connections", cfg.max_cri_connections),
                      ("grpc.max_connection_idle_ms", max(1, int(cfg.cri_idle_timeout * 1000)))],
             maximum_concurrent_rpcs=cfg.max_cri_calls)
-        server.add_generic_rpc_handlers(
-            (CriHandler(service, self.upstream, cfg.upstream_version),))
+        self.cri_handler = CriHandler(service, self.upstream, cfg.upstream_version)
+        server.add_generic_rpc_handlers((self.cri_handler,))
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # no aio in stubs
         server.add_generic_rpc_handlers((HealthHandler(self.health, refusals),))
         # the socket is made by add_insecure_port (the bind) and never wider than 0660:
@@ -241,13 +243,21 @@ class Crishim:
             self._token_timer = None
         if self.health is not None:
             await self.health.enter_graceful_shutdown()
+        started = time.monotonic()
         if self.stream is not None:
             await self.stream.drain(deadline)
             reloader = getattr(self.stream.ssl_context, "crishim_reloader", None)
             if reloader is not None:
                 reloader.stop()  # its timer would otherwise outlive the server
         if self.grpc_server is not None:
-            await self.grpc_server.stop(1.0)
+            # CRI calls were served through the stream drain; now new ones are refused,
+            # and those in progress (a PullImage, an ExecSync) get what is left of the
+            # drain, at least 1 s (or 1 s after a second signal); the event streams end
+            if self.cri_handler is not None:
+                self.cri_handler.end_streams()
+            cut = self.stream is not None and self.stream.drain_cut
+            left = deadline - (time.monotonic() - started)
+            await self.grpc_server.stop(1.0 if cut else max(1.0, left))
         if self.upstream is not None:
             await self.upstream.close(None)
         if self.plugin is not None:

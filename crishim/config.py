@@ -281,8 +281,10 @@ SETTINGS: dict[str, Setting] = {
     "log_format": Setting("log lines as text or json", "choice", ("text", "json")),
     "log_level": Setting("debug, info, warning or error", "choice",
                          ("debug", "info", "warning", "error")),
-    "drain_timeout": Setting("on SIGTERM, live sessions get this long before they are closed",
-                             "duration"),
+    "drain_timeout": Setting("on SIGTERM, live sessions get this long before they are "
+                             "closed (CRI calls are served meanwhile); then new CRI calls are "
+                             "refused and those in progress get what is left of it (at least "
+                             "1 s); event streams end at once", "duration"),
     "pod_ip_fallback": Setting("when localhost in the sandbox refuses, dial the pod IP",
                                "bool"),
     "helper_socket": Setting("unix socket of `crishim helper` (helper plugin)", "str"),

@@ -5,6 +5,7 @@ off, so a kubelet reports the real runtime (containerd://1.6.x), not the shim.""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn
@@ -193,6 +194,10 @@ def _typed(method: Callable[..., Any], request_type: type[Message],
         response_serializer=lambda m: m.SerializeToString())
 
 
+# CRI methods whose answer is a stream that lasts as long as the client wants it
+_STREAMING_METHODS = frozenset({"GetContainerEvents"})
+
+
 class CriHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # stubs: generic
     """Routes every /runtime.v1.* and /runtime.v1alpha2.* method: ours typed, the rest to
     the upstream. v1alpha2 (what containerd 1.6 and 1.7 still serve, for crictl and
@@ -210,6 +215,18 @@ class CriHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # stubs: ge
                                                              api_pb2.VersionRequest,
                                                              service.max_request_bytes)
         self.upstream = upstream
+        # the server-streaming calls passed through (GetContainerEvents), which never end
+        # by themselves: ended by end_streams when crishim stops, so that the unary calls
+        # in progress get the rest of the drain and a stream does not hold it to its end
+        self._streams: set[Any] = set()
+        self._stopping = False
+
+    def end_streams(self) -> None:
+        """crishim is stopping: each streaming call ends with UNAVAILABLE (the kubelet
+        opens its event stream again on the runtime that comes next)."""
+        self._stopping = True
+        for call in list(self._streams):
+            call.cancel()
 
     def service(self, details: grpc.HandlerCallDetails
                 ) -> grpc.RpcMethodHandler[Any, Any] | None:
@@ -250,6 +267,7 @@ class CriHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # stubs: ge
         assert upstream is not None
         one_request = upstream.unary_stream(method)  # type: ignore[call-arg]  # raw bytes
         many_requests = upstream.stream_stream(method)  # type: ignore[call-arg]  # raw bytes
+        streaming = method.rpartition("/")[2] in _STREAMING_METHODS
 
         async def handler(requests: AsyncIterator[bytes],
                           context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
@@ -265,6 +283,8 @@ class CriHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # stubs: ge
                 call = one_request(first, metadata=metadata, timeout=timeout)
             else:  # none at all: the upstream's answer to that
                 call = many_requests(iter(()), metadata=metadata, timeout=timeout)
+            if streaming:
+                self._streams.add(call)
             try:
                 initial = _relayable(await call.initial_metadata() or ())
                 if initial:
@@ -274,6 +294,11 @@ class CriHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # stubs: ge
                 trailing = _relayable(await call.trailing_metadata() or ())
                 if trailing:
                     context.set_trailing_metadata(trailing)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not (self._stopping and task is not None and not task.cancelling()):
+                    raise  # the call itself was cancelled, not its upstream call by us
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "crishim is stopping")
             except grpc.aio.AioRpcError as e:
                 trailers = _relayable(e.trailing_metadata() or ())
                 if trailers:
@@ -284,6 +309,7 @@ class CriHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # stubs: ge
                 # linger until garbage collection (a GetContainerEvents would stay open)
                 if not call.done():
                     call.cancel()
+                self._streams.discard(call)
 
         return handler
 

@@ -8,6 +8,7 @@ records what reaches it; a real `crishim serve --upstream-endpoint` sits in betw
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
 import tempfile
@@ -34,7 +35,8 @@ class RecordingUpstream:
     - Status: echoes every x-test-* metadata key back as trailing metadata (x-echo-*),
       sends initial metadata x-upstream: hello, answers info["remaining"] = seconds left.
     - ListImages: fails with FAILED_PRECONDITION, a message and trailing metadata.
-    - ImageFsInfo: waits up to 10 s for the call to end (a slow method for deadlines).
+    - ImageFsInfo: waits up to 10 s for the call to end (a slow method for deadlines), or
+      answers after x-test-sleep seconds where that is given.
     - GetContainerEvents: streams one event per 50 ms until the client goes away.
     - PodSandboxStatus: for sandbox "garbled", bytes that are no PodSandboxStatusResponse;
       for any other, UNIMPLEMENTED.
@@ -106,9 +108,9 @@ class RecordingUpstream:
         return b"\x0a\x05abc"  # field 1 (status) says 5 bytes follow; 3 do
 
     def _slow(self, request, context):
-        self._record("ImageFsInfo", context)
+        metadata = self._record("ImageFsInfo", context)
         context.add_callback(self.ended["ImageFsInfo"].set)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + float(metadata.get("x-test-sleep", 10))
         while context.is_active() and time.monotonic() < deadline:
             time.sleep(0.01)
         return api_pb2.ImageFsInfoResponse()
@@ -206,6 +208,37 @@ def test_server_streaming_relays_events_and_cancel_reaches_upstream(
     assert upstream.events_sent - sent_before < 20
     # the proxy still serves
     proxy.runtime.Status(api_pb2.StatusRequest(), timeout=10)
+
+
+def test_a_stop_lets_calls_in_progress_finish_and_ends_event_streams(
+        upstream: RecordingUpstream) -> None:
+    """SIGTERM: a unary call in progress gets the rest of drain_timeout (it was cancelled
+    1 s after the stream drain, which is at once with no session), and an event stream
+    ends with UNAVAILABLE at once (it would hold that time to its end)."""
+    with CrishimProcess("--upstream-endpoint", upstream.path, "--drain-timeout", "20s") as p:
+        events = p.runtime.GetContainerEvents(api_pb2.GetEventsRequest(), timeout=60)
+        assert next(events).container_id == "c0"
+        image_fs_info = p.channel.unary_unary(
+            "/runtime.v1.ImageService/ImageFsInfo",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=api_pb2.ImageFsInfoResponse.FromString)
+        future = image_fs_info.future(api_pb2.ImageFsInfoRequest(), timeout=30,
+                                      metadata=(("x-test-sleep", "3"),))
+        deadline = time.monotonic() + 10
+        while not any(name == "ImageFsInfo" and meta.get("x-test-sleep") == "3"
+                      for name, meta, _ in upstream.calls):
+            assert time.monotonic() < deadline, "the slow call never reached the upstream"
+            time.sleep(0.01)
+        p.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(grpc.RpcError) as ended:
+            for _ in events:
+                pass
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert ended.value.details() == "crishim is stopping"
+        assert not future.done()  # the slow call goes on after the stream ended
+        assert isinstance(future.result(timeout=30), api_pb2.ImageFsInfoResponse)
+        assert p.proc.wait(30) == 0
+    assert "crishim stopped" in p.log()
 
 
 def test_unimplemented_upstream_method_is_the_upstreams_answer_every_time(
