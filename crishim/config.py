@@ -189,6 +189,9 @@ class Config:
         problem = netns_path_problem(self.netns_dir)
         if problem:
             raise ConfigError(f"netns_dir: {problem}")
+        problem = upstream_problem(self.upstream_endpoint, self.socket)
+        if problem:
+            raise ConfigError(f"upstream_endpoint: {problem}")
         problem = host_problem(self.stream_url_host)
         if problem:
             raise ConfigError(f"stream_url_host: {problem}")
@@ -197,6 +200,24 @@ class Config:
         if self.metrics_address:
             host_port(self.metrics_address, "metrics_address")
         return self
+
+
+def upstream_problem(endpoint: str, socket: str) -> str:
+    """Why endpoint cannot be the upstream runtime's CRI socket, or "": it must be an
+    absolute path, bare or as unix:///PATH (unix:/PATH), as the kubelet names a runtime. A
+    relative path was taken by gRPC for a DNS name (every call then failed UNAVAILABLE,
+    "hostname lookup error"), and crishim's own socket passed each call to itself until
+    its deadline."""
+    if not endpoint:
+        return ""
+    path = endpoint.removeprefix("unix://") if endpoint.startswith("unix://") \
+        else endpoint.removeprefix("unix:")
+    if not path.startswith("/"):
+        return (f"{endpoint!r} is not an absolute path or unix:///PATH (the real runtime's "
+                "CRI socket)")
+    if os.path.normpath(path) == os.path.normpath(socket):
+        return f"{endpoint!r} is crishim's own socket (--socket): calls would loop to itself"
+    return ""
 
 
 # HTTP/2's largest flow-control window (RFC 9113 6.9.1)
@@ -268,8 +289,9 @@ SETTINGS: dict[str, Setting] = {
     "netns_dir": Setting("directory of named network namespaces (netns plugin)", "str"),
     "sandboxes": Setting("explicit sandbox id -> netns path map (TOML table; env/flag: "
                          "id=path,id=path)", "map"),
-    "upstream_endpoint": Setting("real runtime's CRI socket; every other CRI call is passed "
-                                 "through to it", "str"),
+    "upstream_endpoint": Setting("real runtime's CRI socket (an absolute path or "
+                                 "unix:///PATH); every other CRI call is passed through to "
+                                 "it", "str"),
     "upstream_version": Setting("with upstream_endpoint: answer Version with the upstream's "
                                 "answer (the kubelet reports it as the node's runtime); "
                                 "off: answer crishim's own", "bool"),

@@ -210,3 +210,25 @@ def test_ctrl_c_while_crishim_cli_itself_is_imported_is_exit_130_without_a_trace
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=60)
     assert (r.returncode, r.stdout, r.stderr) == (130, "", "")
+
+
+@pytest.mark.parametrize("endpoint, why", [
+    ("run/containerd/containerd.sock", "is not an absolute path or unix:///PATH"),
+    ("unix:run/containerd.sock", "is not an absolute path or unix:///PATH"),
+    ("localhost:1234", "is not an absolute path or unix:///PATH"),
+    ("/run/crishim/crishim.sock", "is crishim's own socket"),
+    ("unix:///run/crishim//crishim.sock", "is crishim's own socket"),
+])
+def test_an_upstream_endpoint_that_cannot_be_the_runtime_is_refused(endpoint: str,
+                                                                     why: str) -> None:
+    """A relative path was a DNS name to gRPC (every passed call UNAVAILABLE), and
+    crishim's own socket passed each call to itself until its deadline."""
+    with pytest.raises(ConfigError, match=f"^upstream_endpoint: '{endpoint}' {why}"):
+        load(overrides={"upstream_endpoint": endpoint, "socket": "/run/crishim/crishim.sock"})
+
+
+@pytest.mark.parametrize("endpoint", ["/run/containerd/containerd.sock",
+                                      "unix:///run/containerd/containerd.sock",
+                                      "unix:/run/containerd/containerd.sock", ""])
+def test_an_upstream_endpoint_as_the_kubelet_names_one_is_taken(endpoint: str) -> None:
+    assert load(overrides={"upstream_endpoint": endpoint}).upstream_endpoint == endpoint
