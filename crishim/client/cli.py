@@ -310,16 +310,26 @@ def _port_forward_through_cluster(args: argparse.Namespace) -> int:
     # SIGTERM during it end the command as they do once it forwards, exit 0
     term = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        texts = list(args.ports)
-        specs = portforward.parse_port_specs(texts, names=True)
-        addresses = portforward.listen_addresses(args.address)
+        # kubectl's order: the object (it must exist), the most active pod it selects,
+        # the ports' names, the pod's phase, then the addresses and the ports' numbers; a
+        # spec or address crishim refuses is reported at its place in that order
+        texts, specs = list(args.ports), []
+        refused, refusal, address_refusal = "", None, None
+        for text in texts:
+            try:
+                specs.append(portforward.parse_port_spec(text, names=True))
+            except portforward.UsageError as e:
+                refused, refusal = text, e
+                break
+        try:
+            addresses = portforward.listen_addresses(args.address)
+        except portforward.UsageError as e:
+            address_refusal = e
         resource, name = cluster.target_of(args.sandbox)
         target = cluster.load_cluster(args.kubeconfig, args.context, args.namespace,
                                       args.insecure_skip_tls_verify,
                                       args.certificate_authority)
         cluster.ClusterForward.check_transport(args.transport or "auto")
-        # kubectl's order: the object (it must exist), the most active pod it selects,
-        # the ports
         obj = cluster.fetch(target, resource, name, args.timeout)
         if resource == "pods":
             pod = obj
@@ -327,13 +337,22 @@ def _port_forward_through_cluster(args: argparse.Namespace) -> int:
             selector = cluster.selector_of(resource, obj)
             pod = cluster.first_pod(target, selector, args.timeout, args.pod_running_timeout)
             name = pod["metadata"]["name"]
+        parsed = texts[:len(specs)]
         if resource == "services":
-            specs = cluster.resolve_service_ports(texts, specs, obj, pod)
+            specs = cluster.resolve_service_ports(parsed, specs, obj, pod)
         else:  # names are resolved before the pod's phase is looked at
-            specs = cluster.resolve_named_ports(texts, specs, pod)
-        forward = cluster.ClusterForward(target, name, args.transport or "auto", args.timeout)
-        portforward.refuse_repeated_local_ports(texts, specs)
+            specs = cluster.resolve_named_ports(parsed, specs, pod)
+        if refused:
+            translation = cluster.translation_error(refused, resource, obj, pod)
+            if translation is not None:
+                raise translation
         cluster.check_running(pod)
+        if address_refusal is not None:
+            raise address_refusal
+        if refusal is not None:
+            raise cluster.parse_error(refused, resource, obj, pod) or refusal
+        portforward.refuse_repeated_local_ports(texts, specs)
+        forward = cluster.ClusterForward(target, name, args.transport or "auto", args.timeout)
     except portforward.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

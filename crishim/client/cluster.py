@@ -509,6 +509,116 @@ def resolve_service_ports(texts: list[str], specs: list[PortSpec], service: dict
     return resolved
 
 
+# --------------------------------------------------------------- a spec crishim refused
+# In the cluster path kubectl reads port specs only after the object's GET and the pod's
+# pick: its name translation first (checkUDPPorts, convertPodNamedPortToNumber,
+# translateServicePortToTargetPort), the Running check, then portforward's parsePorts. A
+# spec crishim's grammar refuses is reported at that point, in kubectl's words where
+# kubectl's grammar has them (specs with no crishim `/tcp` `/udp` suffix).
+
+
+def _go_atoi(text: str) -> int | None:
+    """Go's strconv.Atoi: an optional sign and decimal digits within int64, else None."""
+    sign, digits = (text[0], text[1:]) if text[:1] in ("+", "-") else ("", text)
+    if not (digits.isascii() and digits.isdigit()) or len(digits.lstrip("0")) > 19:
+        return None
+    value = int(sign + digits)
+    return value if -(1 << 63) <= value < (1 << 63) else None
+
+
+def _go_quote(text: str) -> str:
+    """Go's strconv.Quote, for the printable text a port spec is."""
+    inner = "".join("\\" + c if c in '"\\' else c if c.isprintable() else
+                    (f"\\x{ord(c):02x}" if ord(c) < 0x80 else f"\\u{ord(c):04x}"
+                     if ord(c) < 0x10000 else f"\\U{ord(c):08x}") for c in text)
+    return f'"{inner}"'
+
+
+def _go_parse_uint16(text: str) -> str | None:
+    """Why Go's strconv.ParseUint(text, 10, 16) refuses text, in its words, or None."""
+    n = 0
+    for c in text:
+        if not "0" <= c <= "9":
+            return f"strconv.ParseUint: parsing {_go_quote(text)}: invalid syntax"
+        n = n * 10 + ord(c) - 48
+        if n > 65535:
+            return f"strconv.ParseUint: parsing {_go_quote(text)}: value out of range"
+    return None if text else f"strconv.ParseUint: parsing {_go_quote(text)}: invalid syntax"
+
+
+def _kubectl_split(text: str) -> tuple[str, str] | None:
+    """kubectl's splitPort; None where it splits into more than two parts (kubectl then
+    forwards the first part to itself, which crishim does not copy)."""
+    parts = text.split(":")
+    if len(parts) > 2:
+        return None
+    return (parts[0], parts[1]) if len(parts) == 2 else (parts[0], parts[0])
+
+
+def translation_error(text: str, resource: str, obj: dict[str, Any],
+                      pod: dict[str, Any]) -> ClusterError | None:
+    """kubectl's error for `text` (a spec crishim refused) at its name translation, where
+    it has one: a remote port that is not Atoi's number is a port name the pod (or the
+    service) must have, a TCP port the pod or service declares only as UDP is refused,
+    and a service's port must be one of its ports."""
+    split = _kubectl_split(text)
+    if split is None or "/" in text:
+        return None
+    remote = split[1]
+    service = resource == "services"
+    ports = _items(_field(obj, "spec").get("ports")) if service else _container_ports(pod)
+    number = _go_atoi(remote)
+    if number is None:
+        try:
+            number = (_service_port_named(obj, remote) if service
+                      else _container_port_named(pod, remote))
+        except ClusterError as e:
+            return e
+    if number in _udp_only(ports, "port" if service else "containerPort"):
+        return ClusterError(f"error: UDP protocol is not supported for {remote}")
+    if service and not any(_number(port.get("port")) == number for port in ports):
+        name = str(_field(obj, "metadata").get("name") or "")
+        return ClusterError(f"error: Service {name} does not have a service port {number}")
+    return None
+
+
+def parse_error(text: str, resource: str, obj: dict[str, Any], pod: dict[str, Any]
+                ) -> ClusterError | None:
+    """kubectl's error for `text` (a spec crishim refused, translated without an error)
+    at portforward's parsePorts, where it has one."""
+    split = _kubectl_split(text)
+    if split is None or "/" in text:
+        return None
+    local, remote = split
+    if _go_atoi(remote) is None:  # a name translation found: its number
+        remote = str(_service_port_named(obj, remote) if resource == "services"
+                     else _container_port_named(pod, remote))
+        if split[0] == split[1]:
+            local = remote
+    if resource == "services":  # the service port's target, a number by now
+        remote = "1"  # what parsePorts sees is a valid target port
+    if local == "" and ":" in text:
+        local = "0"  # `:5000`
+    for what, value in (("local", local), ("remote", remote)):
+        why = _go_parse_uint16(value)
+        if why:
+            return ClusterError(f"error: error parsing {what} port '{value}': {why}")
+    if int(remote) == 0:
+        return ClusterError("error: remote port must be > 0")
+    return None
+
+
+def _service_port_named(service: dict[str, Any], name: str) -> int:
+    """kubectl's LookupServicePortNumberByName."""
+    number = _number(_named(_items(_field(service, "spec").get("ports")), name, None,
+                            "port"))
+    if number is None:
+        svc_name = str(_field(service, "metadata").get("name") or "")
+        raise ClusterError(f"error: Service '{svc_name}' does not have a named port "
+                           f"'{name}'")
+    return number
+
+
 def check_running(pod: dict[str, Any]) -> None:
     """kubectl forwards only to a Running pod."""
     phase = _field(pod, "status").get("phase", "")

@@ -657,6 +657,24 @@ def test_a_service_waits_for_a_pod_to_match(
                      "can't be empty"),
     ("sts/none", "80", "error: timed out waiting for the condition"),
     ("deploy/web", "nope", "error: Pod 'web' does not have a named port 'nope'"),
+    # a spec crishim refuses, where kubectl reads it: after the GET (NotFound first), in
+    # the name translation, or after the Running check in parsePorts' words
+    ("svc/nope", "99999", 'Error from server (NotFound): services "nope" not found'),
+    ("pod/nope", "0", 'Error from server (NotFound): pods "nope" not found'),
+    ("pod/web", "99999", "error: error parsing local port '99999': strconv.ParseUint: "
+                         'parsing "99999": value out of range'),
+    ("pod/web", "x:80", "error: error parsing local port 'x': strconv.ParseUint: parsing "
+                        '"x": invalid syntax'),
+    ("deploy/web", "0", "error: remote port must be > 0"),
+    ("pod/web", "0:0", "error: remote port must be > 0"),
+    ("pod/web", "8080:", "error: Pod 'web' does not have a named port ''"),
+    ("pod/web-new", "0", "error: unable to forward port because pod is not running. "
+                         "Current status=Pending"),
+    ("svc/web", "99999", "error: Service web does not have a service port 99999"),
+    ("svc/web", "0", "error: Service web does not have a service port 0"),
+    ("svc/web", "70000:80", "error: error parsing local port '70000': strconv.ParseUint: "
+                            'parsing "70000": value out of range'),
+    ("svc/web", "70000:nope", "error: Service 'web' does not have a named port 'nope'"),
 ])
 def test_what_kubectl_refuses_is_refused_with_its_words(
         crishim: CrishimProcess, kubeconfig_dir: str, target: str, spec: str,
@@ -677,6 +695,28 @@ def test_what_kubectl_refuses_is_refused_with_its_words(
                 assert kubectl.wait(30) == 1
                 assert kubectl.output().splitlines() == ours.stderr, path
         assert not api.upgrades and not api.port_forward_calls
+
+
+@pytest.mark.parametrize("target, error", [
+    ("pod/nope", 'Error from server (NotFound): pods "nope" not found'),
+    ("pod/web", "error: nope is not a valid IP"),
+])
+def test_a_bad_address_is_reported_where_kubectl_reads_it(
+        crishim: CrishimProcess, kubeconfig_dir: str, target: str, error: str) -> None:
+    """--address is read after the GET (a missing pod is NotFound first), as kubectl
+    reads it; crishim refused it before any request."""
+    with service_standin(crishim) as api:
+        config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"))
+        with CrishimClusterForward("--kubeconfig", config, "--address", "nope", target,
+                                   "80") as ours:
+            assert ours.wait() == 1
+        assert ours.stderr == [error]
+        for path in filter(lambda p: os.access(p, os.X_OK), KUBECTLS):
+            with run_kubectl_port_forward(path, "", target, ["80"], ["--address", "nope"],
+                                          wait_ready=False, kubeconfig=config) as kubectl:
+                assert kubectl.wait(30) == 1
+                assert kubectl.output().splitlines() == ours.stderr, path
+        assert not api.upgrades
 
 
 @pytest.mark.parametrize("target", ["deploy/web", "deployment.apps/web", "rc/web",

@@ -428,3 +428,32 @@ def test_a_pod_list_that_never_ends_is_an_error_after_its_pages(
                                  "app=x", 1.0, 5.0)
     assert len(pages) == cluster_module.MAX_LIST_PAGES
     assert pages[1]["_continue"] == "1" and pages[0]["limit"] == cluster_module.LIST_PAGE
+
+
+@pytest.mark.parametrize("text, why", [
+    ("80", None), ("65535", None), ("00080", None),
+    ("65536", 'strconv.ParseUint: parsing "65536": value out of range'),
+    # Go stops at the digit that overflows, before the letter after it
+    ("70000x", 'strconv.ParseUint: parsing "70000x": value out of range'),
+    ("6553x", 'strconv.ParseUint: parsing "6553x": invalid syntax'),
+    ("+80", 'strconv.ParseUint: parsing "+80": invalid syntax'),
+    ("", 'strconv.ParseUint: parsing "": invalid syntax'),
+    ('a"b', 'strconv.ParseUint: parsing "a\\"b": invalid syntax'),
+])
+def test_port_numbers_are_refused_in_gos_words(text: str, why: str | None) -> None:
+    """kubectl's parsePorts: strconv.ParseUint(s, 10, 16), its error as Go words it."""
+    from crishim.client.cluster import _go_parse_uint16
+
+    assert _go_parse_uint16(text) == why
+
+
+@pytest.mark.parametrize("text, value", [
+    ("80", 80), ("+80", 80), ("-1", -1), ("9223372036854775807", (1 << 63) - 1),
+    ("9223372036854775808", None), ("", None), ("x", None), ("1" * 5000, None),
+    ("٨٠", None),
+])
+def test_atoi_is_gos(text: str, value: int | None) -> None:
+    """strconv.Atoi, which kubectl's name translation asks first (a failure is a name)."""
+    from crishim.client.cluster import _go_atoi
+
+    assert _go_atoi(text) == value
