@@ -102,10 +102,17 @@ class CriService:
         await refuse_undecodable(self.refusal_log, request, context)
 
     async def Version(self, request: api_pb2.VersionRequest,
-                      context: grpc.aio.ServicerContext[Any, Any]) -> api_pb2.VersionResponse:
+                      context: grpc.aio.ServicerContext[Any, Any],
+                      api: str = "v1") -> api_pb2.VersionResponse:
         await self.refuse_undecodable(request, context)
         return api_pb2.VersionResponse(version=KUBELET_API_VERSION, runtime_name="crishim",
-                                       runtime_version=__version__, runtime_api_version="v1")
+                                       runtime_version=__version__, runtime_api_version=api)
+
+    async def VersionV1alpha2(self, request: api_pb2.VersionRequest,
+                              context: grpc.aio.ServicerContext[Any, Any]
+                              ) -> api_pb2.VersionResponse:
+        """runtime.v1alpha2's Version (the same messages on the wire), naming that API."""
+        return await self.Version(request, context, api="v1alpha2")
 
     async def _refuse(self, request: api_pb2.PortForwardRequest,
                       context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode,
@@ -210,10 +217,11 @@ class CriHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # stubs: ge
                               service.max_request_bytes)
         self.own = {f"/{api}.RuntimeService/PortForward": port_forward
                     for api in RUNTIME_APIS}
-        if upstream is None or not upstream_version:
-            self.own[f"/{RUNTIME_SERVICE}/Version"] = _typed(service.Version,
-                                                             api_pb2.VersionRequest,
-                                                             service.max_request_bytes)
+        if upstream is None or not upstream_version:  # on both APIs, as PortForward
+            for api, version in (("runtime.v1", service.Version),
+                                 ("runtime.v1alpha2", service.VersionV1alpha2)):
+                self.own[f"/{api}.RuntimeService/Version"] = _typed(
+                    version, api_pb2.VersionRequest, service.max_request_bytes)
         self.upstream = upstream
         # the server-streaming calls passed through (GetContainerEvents), which never end
         # by themselves: ended by end_streams when crishim stops, so that the unary calls

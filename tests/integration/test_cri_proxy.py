@@ -293,7 +293,14 @@ def test_explicit_runtime_and_upstream_version_off_stay_crishims(
                         "--no-upstream-version") as proc:
         before = len(upstream.calls)
         answer = proc.runtime.Version(api_pb2.VersionRequest(), timeout=10)
-        assert answer.runtime_name == "crishim"
+        assert (answer.runtime_name, answer.runtime_api_version) == ("crishim", "v1")
+        # runtime.v1alpha2's too, as its PortForward (it was the upstream's)
+        alpha = proc.channel.unary_unary(
+            "/runtime.v1alpha2.RuntimeService/Version",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=api_pb2.VersionResponse.FromString)(
+                api_pb2.VersionRequest(), timeout=10)
+        assert (alpha.runtime_name, alpha.runtime_api_version) == ("crishim", "v1alpha2")
         with pytest.raises(grpc.RpcError) as info:
             proc.runtime.PortForward(api_pb2.PortForwardRequest(pod_sandbox_id="x"),
                                      timeout=10)
