@@ -127,6 +127,9 @@ class StreamServer:
             host = "::1"
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
+        # an IPv6 zone (fe80::1%eth0) is written %25 in a URL (RFC 6874): Go's url.Parse,
+        # the kubelet's, refuses a bare % there
+        host = host.replace("%", "%25")
         return f"{self.scheme}://{host}:{self.port}"
 
     def url_for(self, token: str, kind: str = "portforward") -> str:

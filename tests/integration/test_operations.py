@@ -1,6 +1,7 @@
 """Operations: Prometheus metrics, JSON log lines, the gRPC health service, SIGTERM drain."""
 
 import json
+import re
 import signal
 import socket
 import time
@@ -298,3 +299,17 @@ def test_urls_never_redeemed_expire_without_another_cri_call(podnet):
             time.sleep(0.2)
     assert _metric(text, "crishim_tokens_total", event="expired") == 3
     assert _metric(text, "crishim_tokens_outstanding") == 0
+
+
+@pytest.mark.parametrize("host, in_url", [
+    ("fe80::1%lo", "[fe80::1%25lo]"),  # RFC 6874: Go's url.Parse (the kubelet's) refuses %l
+    ("[fe80::2%eth0]", "[fe80::2%25eth0]"),
+    ("fd00::1", "[fd00::1]"),
+    ("node-1.example", "node-1.example"),
+])
+def test_the_stream_url_host_is_written_as_a_url_needs_it(podnet, host, in_url):
+    with CrishimProcess("--sandboxes", f"sb={podnet.path}", "--stream-url-host",
+                        host) as proc:
+        url = proc.port_forward_url("sb")
+    assert re.fullmatch(rf"http://{re.escape(in_url)}:\d+/portforward/[A-Za-z0-9_-]+", url), \
+        url
