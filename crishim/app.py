@@ -151,7 +151,8 @@ class Crishim:
         try:
             await self.stream.start()
         except OSError as e:  # "[Errno 99] error while attempting to bind on address ..."
-            why = os.strerror(e.errno) if e.errno else str(e)
+            # a gaierror's errno is getaddrinfo's (-2), which os.strerror calls unknown
+            why = e.strerror or (os.strerror(e.errno) if e.errno else str(e))
             raise OSError(f"stream_server_address {cfg.stream_server_address}:"
                           f"{cfg.stream_server_port}: cannot listen: {why}") from None
         await self._start_grpc(self.plugin, self.stream)

@@ -189,6 +189,14 @@ class Config:
         problem = netns_path_problem(self.netns_dir)
         if problem:
             raise ConfigError(f"netns_dir: {problem}")
+        problem = netns_path_problem(self.socket)  # the same rule: an absolute path
+        if problem:
+            # gRPC bound "unix://rel.sock" at /rel.sock, and the chmod after it failed
+            raise ConfigError(f"socket: {problem}")
+        if not self.stream_server_address:
+            # it listened on every IPv4 address and, on another port, every IPv6 one
+            raise ConfigError("stream_server_address: empty: give the address to listen on "
+                              "(0.0.0.0 for every IPv4 address, :: for every IPv6 one)")
         problem = upstream_problem(self.upstream_endpoint, self.socket)
         if problem:
             raise ConfigError(f"upstream_endpoint: {problem}")
@@ -430,6 +438,8 @@ def _coerce(name: str, value: Any) -> Any:
         if kind == "int":
             if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
                 raise ValueError  # 1.5 is not silently 1
+            if isinstance(value, str) and not _INTEGER.fullmatch(value):
+                raise ValueError  # int() took " 10", "1_000" and other scripts' digits
             return int(value)
         if kind == "bool":
             if isinstance(value, bool):
@@ -459,6 +469,19 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"{name}: {value!r} is not a valid {kind}") from None
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+# what a TOML value of each kind of setting must be (the string "10" for an int, or 5 for
+# a path, was converted: `socket = 5` bound a socket named /5)
+_TOML_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "int": ((int,), "an integer"),
+    "bool": ((bool,), "true or false"),
+    "duration": ((str, int, float), "a duration (\"30s\") or a number of seconds"),
+    "choice": ((str,), "a string"),
+    "str": ((str,), "a string"),
+    "map": ((dict, str), "a table of id = path (or \"id=path,...\")"),
+}
+
+
 def load(
     path: str | None = None,
     env: Mapping[str, str] | None = None,
@@ -479,6 +502,10 @@ def load(
         for key, value in data.items():
             if key not in SETTINGS:
                 raise ConfigError(f"config file {path}: unknown setting {key!r}")
+            wanted = _TOML_TYPES[SETTINGS[key].kind]
+            if not isinstance(value, wanted[0]) or isinstance(value, bool) != (
+                    wanted[0] == (bool,)):
+                raise ConfigError(f"config file {path}: {key}: {value!r} is not {wanted[1]}")
             values[key] = _coerce(key, value)
     env = os.environ if env is None else env
     for name in SETTINGS:

@@ -96,14 +96,16 @@ def test_a_duration_is_finite_and_bounded(value: str) -> None:
 
 def test_an_int_setting_takes_whole_numbers_only(tmp_path) -> None:
     f = tmp_path / "c.toml"
-    for text, ok in (("1.5", False), ("2.0", True), ("inf", False), ("nan", False),
-                     ("true", False), ('"3"', True)):
+    # a TOML integer only: 2.0 and "3" were taken (the environment's "3" still is)
+    for text, ok in (("1.5", False), ("2", True), ("2.0", False), ("inf", False),
+                     ("nan", False), ("true", False), ('"3"', False)):
         f.write_text(f"max_tokens = {text}\n")
         if ok:
-            assert load(str(f), env={}).max_tokens == int(float(text.strip('"')))
+            assert load(str(f), env={}).max_tokens == int(text)
         else:
-            with pytest.raises(ConfigError, match="max_tokens: .* is not a valid int"):
+            with pytest.raises(ConfigError, match="max_tokens: .* is not an integer"):
                 load(str(f), env={})
+    assert load(env={"CRISHIM_MAX_TOKENS": "3"}).max_tokens == 3
 
 
 @pytest.mark.parametrize("address", ["notanaddress", "127.0.0.1:", "127.0.0.1:99999",
@@ -232,3 +234,46 @@ def test_an_upstream_endpoint_that_cannot_be_the_runtime_is_refused(endpoint: st
                                       "unix:/run/containerd/containerd.sock", ""])
 def test_an_upstream_endpoint_as_the_kubelet_names_one_is_taken(endpoint: str) -> None:
     assert load(overrides={"upstream_endpoint": endpoint}).upstream_endpoint == endpoint
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"socket": "rel.sock"}, "socket: 'rel.sock' is not an absolute path"),
+    ({"socket": ""}, "socket: '' is not an absolute path"),
+    ({"stream_server_address": ""}, "stream_server_address: empty: give the address"),
+    ({"max_tokens": "1_000"}, "max_tokens: '1_000' is not a valid int"),
+    ({"max_tokens": " 10"}, "max_tokens: ' 10' is not a valid int"),
+    ({"max_tokens": "١٠"}, "max_tokens: '١٠' is not a valid int"),
+])
+def test_values_python_would_take_and_crishim_should_not_are_refused(overrides, message):
+    """A relative socket was bound at / (gRPC's unix://rel.sock) before the chmod failed
+    with a traceback; an empty stream address listened everywhere, on two ports; int()
+    took spaces, underscores and other scripts' digits."""
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        load(overrides=overrides, env={})
+
+
+@pytest.mark.parametrize("toml, message", [
+    ('socket = 5', "socket: 5 is not a string"),
+    ('max_tokens = "10"', "max_tokens: '10' is not an integer"),
+    ('max_tokens = true', "max_tokens: True is not an integer"),
+    ('drain_timeout = true', "drain_timeout: True is not a duration"),
+    ('upstream_version = "no"', "upstream_version: 'no' is not true or false"),
+    ('error_policy = ["quiet"]', r"error_policy: \['quiet'\] is not a string"),
+    ('sandboxes = 5', "sandboxes: 5 is not a table of id = path"),
+])
+def test_a_toml_value_of_the_wrong_type_is_refused(tmp_path, toml, message):
+    """TOML has types: `socket = 5` bound /5 and `max_tokens = "10"` passed as 10."""
+    f = tmp_path / "c.toml"
+    f.write_text(toml + "\n")
+    with pytest.raises(ConfigError, match=f"^config file {f}: {message}"):
+        load(str(f), env={})
+
+
+def test_toml_values_of_each_type_are_taken(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('max_tokens = 7\nupstream_version = false\ndrain_timeout = "2s"\n'
+                 'token_ttl = 30\nsandboxes = { a = "/run/netns/a" }\n'
+                 'netns_dir = "/run/netns"\n')
+    cfg = load(str(f), env={})
+    assert (cfg.max_tokens, cfg.upstream_version, cfg.drain_timeout, cfg.token_ttl,
+            cfg.sandboxes) == (7, False, 2.0, 30.0, {"a": "/run/netns/a"})
