@@ -151,8 +151,9 @@ class Crishim:
         try:
             await self.stream.start()
         except OSError as e:  # "[Errno 99] error while attempting to bind on address ..."
-            # a gaierror's errno is getaddrinfo's (-2), which os.strerror calls unknown
-            why = e.strerror or (os.strerror(e.errno) if e.errno else str(e))
+            # a gaierror's errno is getaddrinfo's (-2, which os.strerror calls unknown), its
+            # strerror the reason; a bind's strerror is the loop's whole sentence
+            why = os.strerror(e.errno) if e.errno and e.errno > 0 else (e.strerror or str(e))
             raise OSError(f"stream_server_address {cfg.stream_server_address}:"
                           f"{cfg.stream_server_port}: cannot listen: {why}") from None
         await self._start_grpc(self.plugin, self.stream)
