@@ -71,6 +71,9 @@ def _port(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+POD_RUNNING_TIMEOUT = 60.0  # --pod-running-timeout's default, as kubectl's
+
+
 def _mebibytes(text: str) -> int:
     """--size: a whole number of MiB, from 1 to what check's sink and source take (1 TiB)."""
     from crishim.client.podservers import MAX_SIZED
@@ -165,6 +168,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                     "negotiates crishim's extension (crishim serve does; containerd and "
                     "CRI-O do not, and the /udp specs are then refused with one line while "
                     "TCP specs go on); not with --transport websocket. "
+                    "--transport websocket (the channel protocol) has no half-close: a "
+                    "local EOF ends that connection, and what the pod answers after it is "
+                    "lost. "
                     "Prints 'Forwarding from 127.0.0.1:L -> R' per listener and "
                     "'Handling connection for L' per connection. One failed connection is "
                     "reported and the session goes on; an error text from the server, or "
@@ -190,7 +196,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     pf.add_argument("-n", "--namespace", metavar="NS",
                     help="with --kubeconfig: the pod's namespace [default: the context's, "
                          "else default]")
-    pf.add_argument("--pod-running-timeout", type=_timeout, default=60.0,
+    pf.add_argument("--pod-running-timeout", type=_timeout, default=None,
                     metavar="DURATION",
                     help="with --kubeconfig and svc/NAME or a workload: how long to wait for "
                          "a pod it selects, as kubectl (seconds, or as 30s, 1m) "
@@ -277,8 +283,13 @@ def cmd_port_forward(args: argparse.Namespace) -> int:
         return 1
     if args.kubeconfig:
         return _port_forward_through_cluster(args)
-    if args.context or args.namespace:
-        print("error: --context and --namespace need --kubeconfig", file=sys.stderr)
+    given = [flag for flag, value in (("--context", args.context),
+                                      ("--namespace", args.namespace),
+                                      ("--pod-running-timeout", args.pod_running_timeout))
+             if value is not None and value != ""]
+    if given:  # each was silently ignored without a cluster to ask
+        print(f"error: {' and '.join(given)} {'needs' if len(given) == 1 else 'need'} "
+              "--kubeconfig", file=sys.stderr)
         return 1
     try:
         if args.transport == "auto":
@@ -335,7 +346,8 @@ def _port_forward_through_cluster(args: argparse.Namespace) -> int:
             pod = obj
         else:
             selector = cluster.selector_of(resource, obj)
-            pod = cluster.first_pod(target, selector, args.timeout, args.pod_running_timeout)
+            pod = cluster.first_pod(target, selector, args.timeout,
+                                    args.pod_running_timeout or POD_RUNNING_TIMEOUT)
             name = pod["metadata"]["name"]
         parsed = texts[:len(specs)]
         if resource == "services":

@@ -117,7 +117,8 @@ class CriClient:
             # the socket answered: it is the runtime (or its upstream) that is unavailable
             return CriError(f"the runtime at {self.target} is unavailable: {details}", code)
         if code == grpc.StatusCode.NOT_FOUND and sandbox_id:
-            if "not found" in details and sandbox_id in details:  # crishim's own words
+            if sandbox_id in details and ("not found" in details or details.startswith(
+                    f"sandbox {sandbox_id!r}")):  # crishim's own words (not found, gone)
                 return CriError(details, code)
             return CriError(f"sandbox {sandbox_id!r} not found: {details}", code)
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:

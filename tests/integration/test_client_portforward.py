@@ -454,14 +454,26 @@ def test_a_live_connection_outlives_the_servers_goaway_until_the_drain_deadline(
                     assert _roundtrip(live, b"during %d" % i) == b"during %d" % i
                     assert cli.proc.poll() is None, cli.stderr
                 assert cli.proc.wait(20) == 1  # the drain deadline closed the session
-            assert cli.stderr[-1].startswith("error: lost connection to pod ("), cli.stderr
+            # the deadline resets the live stream (the session then ends on its GOAWAY)
+            # and closes the session, in either order; the tunnel's close said "(1000 )"
+            ended = {"the server sent GOAWAY (status 0)",
+                     {"spdy": "the server closed the connection",
+                      "spdy-over-websocket": "the server closed the WebSocket (1000)"}[
+                          transport]}
+            assert cli.stderr[-1] in {f"error: lost connection to pod ({reason})"
+                                      for reason in ended}, cli.stderr
             assert not any("Traceback" in line for line in cli.stderr)
         assert server.proc.wait(20) == 0
     finally:
         server.stop()
 
 
-def test_after_goaway_the_last_connection_ending_ends_port_forward(podnet):
+@pytest.mark.parametrize("transport, reason", [
+    ("spdy", "the server sent GOAWAY (status 0)"),
+    ("spdy-over-websocket", "the server sent GOAWAY (status 0)"),
+    # HTTP/2 sends its GOAWAY at the drain deadline: tests/unit/test_client_transports.py
+])
+def test_after_goaway_the_last_connection_ending_ends_port_forward(podnet, transport, reason):
     """The session ends with its last live connection once the server sent GOAWAY (it
     takes no new ones): the command ends as on a lost session, without waiting for the
     server's drain deadline."""
@@ -469,7 +481,7 @@ def test_after_goaway_the_last_connection_ending_ends_port_forward(podnet):
                             "--drain-timeout", "60s").start()
     local = free_port()
     try:
-        with PortForwardCLI(server, f"{local}:{ECHO_PORT}") as cli:
+        with PortForwardCLI(server, f"{local}:{ECHO_PORT}", transport=transport) as cli:
             cli.forwarding(1)
             with socket.create_connection(("127.0.0.1", local), timeout=20) as live:
                 assert _roundtrip(live, b"before") == b"before"
@@ -477,8 +489,7 @@ def test_after_goaway_the_last_connection_ending_ends_port_forward(podnet):
                 _wait_for_goaway(cli, local)
                 assert _roundtrip(live, b"still") == b"still"
             assert cli.proc.wait(20) == 1
-            assert cli.stderr[-1] == \
-                "error: lost connection to pod (the server sent GOAWAY (status 0))", cli.stderr
+            assert cli.stderr[-1] == f"error: lost connection to pod ({reason})", cli.stderr
         assert server.proc.wait(20) == 0  # its last session ended with the client's
     finally:
         server.stop()
@@ -602,6 +613,19 @@ def assert_one_error_line(r: subprocess.CompletedProcess, pattern: str) -> None:
     assert len(lines) == 1, r.stderr
     assert "Traceback" not in r.stderr
     assert re.search(pattern, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--context", "x"], "--context needs --kubeconfig"),
+    (["-n", "x"], "--namespace needs --kubeconfig"),
+    (["--context", "x", "-n", "y"], "--context and --namespace need --kubeconfig"),
+    # silently ignored: nothing waits for a pod without a cluster to ask
+    (["--pod-running-timeout", "5s"], "--pod-running-timeout needs --kubeconfig"),
+])
+def test_cluster_flags_without_kubeconfig_are_refused(crishim, flags, message):
+    r = run_cli(SANDBOX, "8080", "--runtime-endpoint", crishim.socket, *flags)
+    assert r.returncode == 1
+    assert r.stderr == f"error: {message}\n" and r.stdout == ""
 
 
 @pytest.mark.parametrize("spec,pattern", [
@@ -821,6 +845,15 @@ def test_unknown_sandbox_is_one_line_and_nonzero(crishim):
     r = run_cli("no-such-sandbox", "8080", "--runtime-endpoint", crishim.socket)
     assert_one_error_line(r, r"sandbox 'no-such-sandbox' not found")
     assert r.stderr.count("not found") == 1, r.stderr  # not the server's words twice
+
+
+def test_a_gone_sandbox_is_said_once(crishim):
+    """The crishim fixture's sandbox 'gone' names a netns that does not exist: the server's
+    own line, not "sandbox 'gone' not found: sandbox 'gone': ... is gone"."""
+    r = run_cli("gone", "8080", "--runtime-endpoint", crishim.socket)
+    assert_one_error_line(r, r"^error: sandbox 'gone': network namespace /var/run/netns/none "
+                             r"is gone")
+    assert r.stderr.count("sandbox 'gone'") == 1, r.stderr
 
 
 _NO_PROTOCOL = b"no stream protocol in common\n"

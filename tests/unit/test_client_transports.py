@@ -158,3 +158,54 @@ def test_the_cli_takes_durations_as_serve_does(command):
     if command[0] == "port-forward":
         assert build_parser().parse_args([*command, "--ping-interval", "500ms"]
                                          ).ping_interval == 0.5
+
+
+class _Wire:
+    """A session transport that keeps what is written."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def writelines(self, chunks) -> None:
+        for chunk in chunks:
+            self.written += chunk
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("code, extra, reason", [
+    (0, b"", "the server sent GOAWAY (status 0)"),  # it said "(0)" where SPDY says this
+    (11, b"calm down", "the server sent GOAWAY (status 11 ENHANCE_YOUR_CALM: calm down)"),
+])
+def test_an_h2_goaway_is_worded_as_spdys(code: int, extra: bytes, reason: str) -> None:
+    import h2.config
+    import h2.connection
+
+    from crishim.client.transports.h2 import H2ClientSession
+
+    async def go() -> str:
+        session = H2ClientSession("127.0.0.1:1", "/portforward/x", "http")
+        session.transport = _Wire()  # type: ignore[assignment]
+        server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        server.initiate_connection()
+        server.close_connection(error_code=code, additional_data=extra or None)
+        session.receive(server.data_to_send())
+        return await asyncio.wait_for(session.closed, 5)
+
+    assert asyncio.run(go()) == reason

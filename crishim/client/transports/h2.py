@@ -238,8 +238,10 @@ class H2ClientSession(StreamPairSession):
                     self._flush()
                     extra = ev.additional_data.decode("utf-8", "replace") \
                         if ev.additional_data else ""
-                    self._lost(f"the server sent GOAWAY ({ev.error_code!s}"
-                               f"{': ' + extra if extra else ''})")
+                    code = ev.error_code  # as SPDY's: "status N", and the code's name
+                    name = getattr(code, "name", "") if code else ""
+                    self._lost(f"the server sent GOAWAY (status {int(code or 0)}"
+                               f"{' ' + name if name else ''}{': ' + extra if extra else ''})")
                     return False
         return True
 

@@ -173,8 +173,8 @@ class SpdyClientSession(StreamPairSession):
                         self._receive_spdy(event.data)
                     case ws.Closed():
                         self._write_raw(self.tunnel.take_output())
-                        self._lost(f"the server closed the WebSocket ({event.code} "
-                                   f"{event.reason})".strip())
+                        said = f"{event.code} {event.reason}".strip()
+                        self._lost(f"the server closed the WebSocket ({said})")
                         return
             self._write_raw(self.tunnel.take_output())  # pongs
             return
