@@ -89,13 +89,19 @@ class ForwardContext:
         # sessions admitted while that was spent, oldest first: key -> (bytes, granted)
         self._output_waiting: dict[object, tuple[int, Callable[[], None]]] = {}
 
-    def take_window(self) -> int:
-        """Bytes towards pods a new session may hold: session_buffer_size while the
-        buffer budget lasts, less (down to nothing) once it is spent."""
-        grant = max(0, min(self.flood.session_buffer_size,
-                           self.flood.buffer_budget - self.windows_granted - self.bytes_held))
+    def take_window(self, most: int | None = None) -> int:
+        """Bytes towards pods a session may hold (`most`, by default session_buffer_size)
+        while the buffer budget lasts, less (down to nothing) once it is spent."""
+        most = self.flood.session_buffer_size if most is None else most
+        grant = max(0, min(most, self.flood.buffer_budget - self.windows_granted
+                           - self.bytes_held))
         self.windows_granted += grant
         return grant
+
+    def window_room(self) -> int:
+        """What take_window() would grant now, taking nothing."""
+        return max(0, min(self.flood.session_buffer_size, self.flood.buffer_budget
+                          - self.windows_granted - self.bytes_held))
 
     def return_window(self, grant: int) -> None:
         self.windows_granted -= grant

@@ -226,11 +226,14 @@ class H2PortForwardSession(PairedStreamSession):
 
     def _open_connection_window(self) -> None:
         """The connection's receive window is what it may hold towards pods (the pods'
-        sockets took everything acknowledged): session_buffer_size, from the budget."""
-        self._window_granted = self.ctx.take_window()
-        if self._window_granted > DEFAULT_WINDOW:
-            self.codec.increment_flow_control_window(self._window_granted - DEFAULT_WINDOW)
-        window = stream_window(self._window_granted, DEFAULT_WINDOW)
+        sockets took everything acknowledged): up to session_buffer_size, taken from the
+        budget as the client fills it (_grow_window), from HTTP/2's 64 KiB. Taken whole
+        at admission, 32 sessions that never sent a byte spent the default budget, and
+        other clients' channel sessions were closed 1013. The stream windows are set by
+        what the budget could give now."""
+        room = self.ctx.window_room()
+        self._window_limit = self.ctx.flood.session_buffer_size - DEFAULT_WINDOW
+        window = stream_window(room, DEFAULT_WINDOW)
         if window < stream_window(self.ctx.flood.session_buffer_size, DEFAULT_WINDOW):
             # less granted than start() announced for: smaller stream windows, in a
             # SETTINGS of their own once the client acknowledged start()'s (h2 takes an
@@ -241,6 +244,15 @@ class H2PortForwardSession(PairedStreamSession):
             if self._settings_acknowledged:
                 self._lower_windows()
         self.arm_idle_timer()
+
+    def _grow_window(self) -> None:
+        """Double the connection's receive window, up to session_buffer_size, as far as
+        the buffer budget lasts (what it granted comes back when the session ends)."""
+        window = DEFAULT_WINDOW + self._window_granted
+        more = self.ctx.take_window(min(window, self._window_limit - self._window_granted))
+        if more:
+            self._window_granted += more
+            self.codec.increment_flow_control_window(more)
 
     def _lower_windows(self) -> None:
         window, self._lower_windows_to = self._lower_windows_to, None
@@ -355,6 +367,10 @@ class H2PortForwardSession(PairedStreamSession):
         finally:
             self._read_acks = None
             self.end_batch()
+        if self._window_granted < self._window_limit and (
+                self.codec.inbound_flow_control_window * 2
+                < DEFAULT_WINDOW + self._window_granted):
+            self._grow_window()  # the client filled half of it: it has more to send
         for sid, n in acks.items():
             # after the pod writes: a pod socket that just became congested holds its acks
             self._ack_unless_congested(sid, n)

@@ -545,6 +545,7 @@ class PairedStreamSession(WindowedSends, WithheldWindows, ServerSession):
         self._init_outbound()  # what waits for the client's windows
         self._init_withheld()  # the connections whose window of ours is withheld
         self._window_granted = 0  # our session window, from the buffer budget
+        self._window_limit = 0  # what _window_granted may grow to (HTTP/2: as it is used)
         # lines about streams a bug failed (_event_failed): as many as the client's own
         self._failure_lines = CappedLines(ctx.flood.protocol_error_log_lines)
 

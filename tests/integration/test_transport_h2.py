@@ -791,3 +791,50 @@ def test_a_header_list_over_the_advertised_16_kib_is_refused_without_a_settings_
     assert goaways, second
     assert int.from_bytes(goaways[-1][4:8], "big") in (1, 11)  # PROTOCOL_ERROR, CALM
     assert "Traceback" not in crishim.log()
+
+
+def test_idle_sessions_take_no_window_from_the_buffer_budget(podnet):
+    """An HTTP/2 session's receive window grows from 64 KiB as its client fills it, each
+    step from the buffer budget: 10 admitted sessions that send nothing take none of a
+    16 MiB budget (each took 16 MiB at admission: one spent it, and a channel session
+    holding 6 MiB after them was closed 1013), and one that uploads grows its window to
+    session_buffer_size, the upload intact."""
+    from tests.integration.test_transport_websocket import (
+        _PONG,
+        _budget_session,
+        _hold_unfinished,
+    )
+
+    mib = 1 << 20
+    proc = CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}",
+                          "--buffer-budget", str(24 * mib),
+                          "--session-buffer-size", str(8 * mib))
+
+    async def go():
+        idle = []
+        for _ in range(10):
+            client = await H2Client.connect(proc.port_forward_url(SANDBOX))
+            fwd = await client.forward(ECHO_PORT)
+            await fwd.write(b"admitted")
+            assert await fwd.read_until(b"admitted") == b"admitted"
+            idle.append(client)
+        granted = [c.conn.outbound_flow_control_window for c in idle]
+        assert all(w < 1 * mib for w in granted), granted  # 64 KiB, less what was sent
+        channel = await asyncio.to_thread(_budget_session, proc)
+        answer = await asyncio.to_thread(_hold_unfinished, channel, 6 * mib)
+        assert _PONG in answer and channel.closed is None  # 5 MiB of the budget held
+        channel.close()
+        uploader = await H2Client.connect(proc.port_forward_url(SANDBOX))
+        fwd = await uploader.forward(SINK_PORT)
+        payload = os.urandom(32 * mib)
+        await asyncio.wait_for(fwd.write(payload, end_stream=True), 60)
+        answer = (await fwd.read_all(60)).decode()
+        assert answer == f"{len(payload)} {hashlib.sha256(payload).hexdigest()}\n"
+        # all of it acknowledged but less than half a window (h2 gives a window back by
+        # halves): the connection's window grew from 64 KiB towards 8 MiB
+        assert uploader.conn.outbound_flow_control_window > 2 * mib
+        for client in (*idle, uploader):
+            await client.close()
+    with proc:
+        run(go())
+        assert "buffer budget" not in proc.log()
