@@ -172,19 +172,28 @@ class SpdyPortForwardSession(PairedStreamSession):
         return self.codec.send_window(stream_id)  # 2^31-1 without windows
 
     def _announce_windows(self) -> None:
-        """Ours, before any reply: the streams' (the codec counts from now on), and the
-        session's raised to session_buffer_size while the buffer budget lasts."""
+        """Ours, before any reply: the streams' (the codec counts from now on; set by
+        what the buffer budget could give the session now), and the session's, which
+        grows from SPDY's 64 KiB towards session_buffer_size as the client fills it
+        (_grow_window), each step from the budget: taken whole here, sessions that never
+        sent a byte spent the budget."""
         self._announced = True
-        self._window_granted = self.ctx.take_window()
-        session_window = max(self._window_granted, spdy.INITIAL_SESSION_WINDOW)
-        window = stream_window(self._window_granted, spdy.INITIAL_SESSION_WINDOW)
+        window = stream_window(self.ctx.window_room(), spdy.INITIAL_SESSION_WINDOW)
         self.codec.enforce_receive_windows(_tolerated(window))
         self.codec.send_settings({spdy.SETTINGS_INITIAL_WINDOW_SIZE: window})
-        if self._window_granted > spdy.INITIAL_SESSION_WINDOW:
-            self.codec.send_window_update(
-                0, self._window_granted - spdy.INITIAL_SESSION_WINDOW)
+        self._window_limit = self.ctx.flood.session_buffer_size - spdy.INITIAL_SESSION_WINDOW
         self._stream_every = window // 4
-        self._session_every = session_window // 4
+        self._session_every = spdy.INITIAL_SESSION_WINDOW // 4
+
+    def _grow_window(self) -> None:
+        """Double the session's receive window, up to session_buffer_size, as far as the
+        buffer budget lasts (what it granted comes back when the session ends)."""
+        window = spdy.INITIAL_SESSION_WINDOW + self._window_granted
+        more = self.ctx.take_window(min(window, self._window_limit - self._window_granted))
+        if more:
+            self._window_granted += more
+            self.codec.send_window_update(0, more)
+            self._session_every = (window + more) // 4
 
     def _taken(self, stream_id: int, n: int) -> None:
         """n bytes of the client's DATA on stream_id: their window goes back once the pod
@@ -265,6 +274,10 @@ class SpdyPortForwardSession(PairedStreamSession):
         finally:
             self.end_batch()
             self.borrowing = False
+        if self._window_granted < self._window_limit and not self._closed and (
+                self.codec.session_receive_window * 2
+                < spdy.INITIAL_SESSION_WINDOW + self._window_granted):
+            self._grow_window()  # the client filled half of it: it has more to send
         if read_streams and not self._closed:
             # after the pod writes: a pod socket that just became congested holds them
             for sid in list(read_streams):

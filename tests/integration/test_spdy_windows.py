@@ -116,15 +116,30 @@ STREAM_RECV_WINDOW = 4 << 20  # a quarter of session_buffer_size (16 MiB), as HT
 
 
 def test_the_server_announces_its_own_windows_before_any_reply(crishim):
-    """Upload too: crishim serve's streams take 4 MiB each and its session 16 MiB before
-    it waits for the pods; its SETTINGS and WINDOW_UPDATE come before the first reply."""
+    """Upload too: crishim serve's streams take 4 MiB each, announced before the first
+    reply; its session's window starts at SPDY's 64 KiB and grows towards 16 MiB as the
+    client fills it, each step from the buffer budget (taken whole at once, sessions that
+    never sent a byte spent the budget)."""
     with _client(crishim) as client:
         client.session.enforce_send_windows(spdy.INITIAL_WINDOW)  # SPDY's, until told
-        fwd = client.forward(ECHO_PORT)
+        fwd = client.forward(SINK_PORT)
         assert client.wait(lambda: fwd.data_sid in fwd.replied)
         assert client.session.peer_settings[spdy.SETTINGS_INITIAL_WINDOW_SIZE] == \
             STREAM_RECV_WINDOW
-        assert client.session.send_window(fwd.data_sid) == STREAM_RECV_WINDOW
+        assert client.session.session_send_window == spdy.INITIAL_SESSION_WINDOW
+        size = 32 << 20
+        sent, grew = 0, 0
+        while sent < size:
+            room = min(client.session.send_window(fwd.data_sid), size - sent)
+            if room > 0:
+                fwd.send(b"u" * room)
+                sent += room
+            assert client.wait(lambda: client.session.send_window(fwd.data_sid) > 0)
+            grew = max(grew, client.session.session_send_window)
+        assert grew > STREAM_RECV_WINDOW  # past 4 MiB: it grew from 64 KiB
+        fwd.close_write()
+        assert client.wait(lambda: fwd.received.endswith(b"\n"), timeout=30)
+        assert bytes(fwd.received).startswith(f"{size} ".encode())
 
 
 class _NeverReads(asyncio.Protocol):
@@ -139,14 +154,19 @@ def test_a_client_past_a_streams_window_loses_that_stream_not_the_session(crishi
     port = free_port()
     podnet.listen_extra("127.0.0.1", port, _NeverReads)
     with _client(crishim) as client:
+        # the session's window kept to (it grows as it is filled; past it, the session
+        # ends GOAWAY, as SPDY has it), the stream's not
+        client.session.enforce_send_windows(spdy.INITIAL_WINDOW)
         fwd = client.forward(port)
         assert client.wait(lambda: fwd.data_sid in fwd.replied)
-        chunk = b"x" * (1 << 20)
-        for _ in range(32):
+        for _ in range(2000):
             if fwd.reset_status is not None:
                 break
-            fwd.send(chunk)
-            client.wait(lambda: fwd.reset_status is not None, timeout=0.05)
+            room = min(client.session.session_send_window, 1 << 20)
+            if room > 0:
+                fwd.send(b"x" * room)
+            client.wait(lambda: fwd.reset_status is not None
+                        or client.session.session_send_window > 0, timeout=0.05)
         _reset_alone(client, fwd)
 
 
@@ -199,3 +219,37 @@ def test_streams_out_of_window_hold_a_small_pod_read_each(podnet):
             expected = hashlib.sha256(source_bytes(size)).digest()
             for fwd in fwds:
                 assert hashlib.sha256(fwd.received).digest() == expected
+
+
+def test_idle_windowed_sessions_take_nothing_from_the_buffer_budget(podnet):
+    """10 sessions with windows that forwarded a few bytes and went idle: each took
+    session_buffer_size (8 MiB here) of the 24 MiB budget when it announced its windows,
+    so three spent it and a channel session holding 6 MiB after them was closed 1013."""
+    from tests.integration.test_transport_websocket import (
+        _PONG,
+        _budget_session,
+        _hold_unfinished,
+    )
+
+    mib = 1 << 20
+    with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}",
+                        "--buffer-budget", str(24 * mib),
+                        "--session-buffer-size", str(8 * mib)) as proc:
+        idle = []
+        try:
+            for _ in range(10):
+                client = _client(proc)
+                idle.append(client)
+                echo = client.forward(ECHO_PORT)
+                echo.send(b"admitted")
+                assert client.wait(lambda echo=echo: echo.received == b"admitted")
+                assert echo.reply_headers[echo.data_sid].get(HEADER_FLOW_CONTROL) == \
+                    FLOW_CONTROL_WINDOWS
+            channel = _budget_session(proc)
+            assert _PONG in _hold_unfinished(channel, 6 * mib)
+            assert channel.closed is None
+            channel.close()
+        finally:
+            for client in idle:
+                client.close()
+        assert "buffer budget" not in proc.log()

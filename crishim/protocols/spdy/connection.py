@@ -470,6 +470,11 @@ class SpdyConnection:
         self._offered_recv_window = receive_window
 
     @property
+    def session_receive_window(self) -> int:
+        """What the peer may still send on the session (with receive windows enforced)."""
+        return self._session_recv_window
+
+    @property
     def receive_windows_enforced(self) -> bool:
         return self._initial_recv_window is not None
 
