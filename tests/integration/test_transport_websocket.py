@@ -611,7 +611,7 @@ def _hold_unfinished(c: RawChannelClient, size: int) -> bytes:
 
 
 def test_channel_sessions_hold_against_the_servers_buffer_budget(podnet):
-    """What channel sessions hold towards pods (here unfinished messages) beyond 1 MiB
+    """What channel sessions hold towards pods (here unfinished messages) beyond 64 KiB
     each comes from the server's buffer_budget, as HTTP/2's windows do: a session that
     would pass it is closed 1013 with a reason, a small one is still served, and what a
     session held comes back to the budget once its pod took it."""
@@ -629,7 +629,7 @@ def test_channel_sessions_hold_against_the_servers_buffer_budget(podnet):
         second.pump(lambda: False)
         assert second.closed is not None and second.closed.code == 1013
         assert "buffer budget" in second.closed.reason
-        small = _budget_session(proc)  # within its free megabyte: served
+        small = _budget_session(proc)  # within its free 64 KiB: served
         small.send(0, b"small")
         small.pump(lambda: small.data(0) == b"small")
         # the first message ends: the echo pod takes it, and the budget is whole again
@@ -647,6 +647,29 @@ def test_channel_sessions_hold_against_the_servers_buffer_budget(podnet):
     assert "Traceback" not in log
 
 
+def test_what_a_channel_session_holds_past_64_kib_is_charged(podnet):
+    """Unfinished messages just under 1 MiB: the first four of a 4 MiB budget hold, the
+    fifth would pass it and is closed 1013 (the first 1 MiB of each was free: 300
+    sessions held 319 MiB outside every budget)."""
+    from tests.support.crishim_proc import CrishimProcess
+
+    mib = 1 << 20
+    with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}",
+                        "--buffer-budget", str(4 * mib)) as proc:
+        sessions = [_budget_session(proc) for _ in range(5)]
+        for held in sessions[:4]:
+            assert _PONG in _hold_unfinished(held, mib - 16)
+            assert held.closed is None
+        last = sessions[4]
+        answer = _hold_unfinished(last, mib - 16)
+        last._feed(answer)
+        last.pump(lambda: False)
+        assert last.closed is not None and last.closed.code == 1013
+        for c in sessions:
+            c.close()
+        assert "Traceback" not in proc.log()
+
+
 def test_idle_sessions_leave_the_budget_towards_pods_whole(podnet):
     """Each admitted session's output towards its client is taken from a pool of its own:
     10 idle SPDY sessions (2 MiB of output each, 20 MiB, past the 16 MiB budget) leave a
@@ -661,7 +684,7 @@ def test_idle_sessions_leave_the_budget_towards_pods_whole(podnet):
         idle = [SpdyPortForwardClient(proc.port_forward_url(SANDBOX)) for _ in range(10)]
         try:
             session = _budget_session(proc)
-            assert _PONG in _hold_unfinished(session, 6 * mib)  # 5 MiB beyond its free 1
+            assert _PONG in _hold_unfinished(session, 6 * mib)  # 6 MiB less its free 64 KiB
             assert session.closed is None
             session.close()
         finally:
