@@ -582,8 +582,15 @@ class PairedStreamSession(WindowedSends, WithheldWindows, ServerSession):
         self.protocol_error("%s sandbox=%s: %s", self.transport_name, self.sandbox_id,
                             message, logger=self.protocol_log)
         if pair.error_id:
-            self.queue_data(pair.error_id, message.encode())
-            self.queue_eof(pair.error_id)
+            text = message.encode()
+            if min(self._stream_send_window(pair.error_id),
+                   self._session_send_window()) < len(text):
+                # a client that gives no window for it would keep the stream and its text
+                # for the session's life (8,000 such streams a session, +7 MiB): reset
+                self.reset(pair.error_id, self.cancel_code)
+            else:
+                self.queue_data(pair.error_id, text)
+                self.queue_eof(pair.error_id)
         if pair.data_id:
             self._cancel_pending_data(pair)
         self.flush()

@@ -19,7 +19,7 @@ import pytest
 from crishim.stream.tls import self_signed
 from tests.support import SANDBOX, status_mib, until
 from tests.support.crishim_proc import CrishimProcess
-from tests.support.h2_pf_client import WINDOW, Forward, H2Client, UpgradeRefused
+from tests.support.h2_pf_client import WINDOW, Forward, H2Client, StreamState, UpgradeRefused
 from tests.support.podnet import (
     CLOSED_PORT,
     ECHO_PORT,
@@ -838,3 +838,31 @@ def test_idle_sessions_take_no_window_from_the_buffer_budget(podnet):
     with proc:
         run(go())
         assert "buffer budget" not in proc.log()
+
+
+def test_a_timed_out_pair_whose_client_gives_no_window_is_reset(podnet):
+    """A client that grants no stream window (INITIAL_WINDOW_SIZE 0) and leaves pairs
+    incomplete: each pair's timeout text could never be sent, and its error stream stayed
+    open with it for the session's life (8,000 a session, +7 MiB). It is reset CANCEL;
+    a client that has the window gets the text, as before."""
+    proc = CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}",
+                          "--stream-creation-timeout", "1s")
+
+    async def lone_error_streams(window: int, n: int) -> list[StreamState]:
+        client = await H2Client.connect(proc.port_forward_url(SANDBOX), window=window)
+        ids = [client.open_stream(client.request_headers(
+            streamtype="error", port=str(ECHO_PORT), requestid=f"lone-{i}"), end_stream=True)
+            for i in range(n)]
+        client.flush()
+        states = [client.streams[sid] for sid in ids]
+        await asyncio.wait_for(asyncio.gather(*(s.ended.wait() for s in states)), 20)
+        await client.close()
+        return states
+
+    async def go():
+        for state in await lone_error_streams(0, 50):
+            assert state.reset_code == 8, (state.reset_code, state.body())  # CANCEL
+        for state in await lone_error_streams(WINDOW, 5):
+            assert state.reset_code is None and b"timed out" in state.body(), state.body()
+    with proc:
+        run(go())
