@@ -332,10 +332,14 @@ class ChannelPortForwardSession(ServerSession):
             return
         self.last_activity = time.monotonic()
         for event in self.codec.receive_data(data):
-            if self.on_data and isinstance(event, ws.ChannelData):
+            first = self.on_data and isinstance(event, ws.ChannelData)
+            if first:
                 self._start_ports()  # the client's first message: now the ports are dialled
             match event:
                 case ws.ChannelData():
+                    if not event.data and not first and not self.charge_control(
+                            "an empty WebSocket data message"):
+                        return  # it forwards nothing (300,000 of them were all read)
                     conn = self.channels[event.index].conn
                     if conn is not None:
                         conn.client_data(event.data)

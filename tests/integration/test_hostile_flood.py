@@ -289,6 +289,12 @@ def _masked_empty(b0: int) -> bytes:
     return bytes([b0, 0x80]) + os.urandom(4)
 
 
+def _channel_byte_alone() -> bytes:
+    """A binary message of channel 0's byte and no data: it forwards nothing."""
+    mask = os.urandom(4)
+    return bytes([0x82, 0x81]) + mask + bytes([mask[0]])
+
+
 TUNNEL = "SPDY/3.1+portforward.k8s.io"
 
 
@@ -297,11 +303,13 @@ TUNNEL = "SPDY/3.1+portforward.k8s.io"
     (ws.CHANNEL_BINARY, b"", _masked_empty(0x8A)),  # unsolicited pongs
     # a fragmented message that never grows: empty continuation frames
     (ws.CHANNEL_BINARY, _masked_empty(0x02), _masked_empty(0x00)),
+    # data messages with no data (300,000 were all read, the session went on)
+    (ws.CHANNEL_BINARY, b"", _channel_byte_alone()),
     (TUNNEL, b"", _masked_empty(0x89)),
     (TUNNEL, b"", _masked_empty(0x8A)),
     (TUNNEL, b"", _masked_empty(0x82)),  # empty binary frames: no tunnel bytes
-], ids=["channels-ping", "channels-pong", "channels-empty-fragment", "tunnel-ping",
-        "tunnel-pong", "tunnel-empty-binary"])
+], ids=["channels-ping", "channels-pong", "channels-empty-fragment", "channels-no-data",
+        "tunnel-ping", "tunnel-pong", "tunnel-empty-binary"])
 def test_websocket_floods_of_frames_that_carry_nothing_close_with_1008(podnet, protocol,
                                                                        first, unit):
     with _serve(podnet) as proc:
