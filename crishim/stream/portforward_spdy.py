@@ -451,6 +451,7 @@ class SpdyPortForwardSession(PairedStreamSession):
     def _on_terminated(self, ev: spdy.SessionTerminated) -> None:
         log.warning("%s sandbox=%s: protocol error, ending session: %s", self.transport_name,
                     self.sandbox.id, ev.reason)
+        self.protocol_failed = True  # over WebSocket: the close says so (1002)
         self.flush()
         self.close("protocol error: " + ev.reason)
 

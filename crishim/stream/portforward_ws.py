@@ -94,7 +94,8 @@ def start(upgrade: Upgrade) -> None:
         spdy_session = SpdyPortForwardSession(
             settings.ctx, sandbox, settings.creation_timeout, settings.idle_timeout,
             lambda chunks: _tunnel_writelines(tunnel, transport, chunks),
-            lambda: _tunnel_close(tunnel, transport, spdy_session.violated_budget))
+            lambda: _tunnel_close(tunnel, transport, spdy_session.violated_budget,
+                                  spdy_session.protocol_failed))
         spdy_session.transport_name = "spdy-over-websocket"  # as the client and docs name it
         spdy_session.stream_version = (PORTFORWARD_CRISHIM_V1 if subprotocol == SPDY_TUNNEL_CRISHIM
                                        else PORTFORWARD_PROTOCOL)
@@ -181,8 +182,11 @@ def _tunnel_writelines(tunnel: ws.ByteStreamTunnel, transport: asyncio.Transport
 
 
 def _tunnel_close(tunnel: ws.ByteStreamTunnel, transport: asyncio.Transport,
-                  violation: bool) -> None:
-    tunnel.close(ws.CLOSE_POLICY_VIOLATION if violation else ws.CLOSE_NORMAL)
+                  violation: bool, protocol_failed: bool = False) -> None:
+    """The tunnel's close: 1008 for a budget overrun, 1002 for malformed SPDY (RFC 6455
+    7.4.1; it was 1000), else 1000."""
+    tunnel.close(ws.CLOSE_POLICY_VIOLATION if violation else
+                 ws.CLOSE_PROTOCOL_ERROR if protocol_failed else ws.CLOSE_NORMAL)
     _flush_tunnel(tunnel, transport)
     close_client(transport, linger=violation)
 

@@ -71,6 +71,7 @@ class ServerSession(SessionBase, ABC):
         self.on_closed: Callable[[], None] | None = None
         self.closing = False  # close() began: connections end without error text
         self.violated_budget = False  # ended because the client overran a budget
+        self.protocol_failed = False  # ended by the client's malformed protocol
         self._closed = False
         self._idle_timer: asyncio.TimerHandle | None = None
         self._timers: list[asyncio.TimerHandle] = []

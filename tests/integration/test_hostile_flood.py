@@ -330,6 +330,29 @@ def test_websocket_floods_of_frames_that_carry_nothing_close_with_1008(podnet, p
     assert "Traceback" not in log
 
 
+def test_malformed_spdy_in_the_websocket_tunnel_closes_it_1002(podnet):
+    """SPDY the session cannot parse (a control frame of SPDY/2) ends the tunnel with a
+    protocol error's close, 1002 (RFC 6455 7.4.1), not 1000 as though all went well."""
+    with _serve(podnet) as proc:
+        sock, leftover = _ws_connect(proc.port_forward_url(SANDBOX), TUNNEL)
+        spdy2 = b"\x80\x02\x00\x01\x00\x00\x00\x0a" + bytes(10)  # SYN_STREAM, version 2
+        mask = os.urandom(4)
+        sock.sendall(bytes([0x82, 0x80 | len(spdy2)]) + mask
+                     + bytes(b ^ mask[i % 4] for i, b in enumerate(spdy2)))
+        answer = leftover
+        sock.settimeout(10)
+        while not answer or _ws_close_code(answer) is None:  # b"" reads as 1006
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        sock.close()
+        _second_client_is_served(proc)
+        log = proc.log()
+    assert _ws_close_code(answer) == 1002
+    assert "Traceback" not in log
+
+
 async def _h2_flood(url: str, frames: bytes, total: int,
                     refused: bool = False) -> tuple[H2Client, int]:
     """An admitted HTTP/2 connection (one live forward; with `refused`, then one to a
