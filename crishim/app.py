@@ -99,6 +99,7 @@ class Crishim:
         self.metrics: Metrics | None = None
         self.grpc_server: grpc.aio.Server | None = None
         self.cri_handler: CriHandler | None = None
+        self._drain_cut = asyncio.Event()  # a second signal while stopping
         self.stream: StreamServer | None = None
         self.upstream: grpc.aio.Channel | None = None
         self.health: Any = None  # a grpc_health.v1.health.aio.HealthServicer (no stubs)
@@ -237,6 +238,21 @@ class Crishim:
         if self.stream is not None and not self.stream.drain_cut:
             log.info("%s received again: closing live sessions now", sig.name)
             self.stream.drain_cut = True
+        self._drain_cut.set()  # and the CRI calls in progress get 1 s
+
+    async def _stop_grpc(self, grace: float) -> None:
+        """grpc's stop with `grace` for the calls in progress, cut to 1 s by a second
+        signal meanwhile (grpc takes the shorter grace of a later call)."""
+        assert self.grpc_server is not None
+        stopping = asyncio.ensure_future(self.grpc_server.stop(grace))
+        cut = asyncio.ensure_future(self._drain_cut.wait())
+        try:
+            await asyncio.wait({stopping, cut}, return_when=asyncio.FIRST_COMPLETED)
+            if not stopping.done():
+                await self.grpc_server.stop(1.0)
+            await stopping
+        finally:
+            cut.cancel()
 
     async def stop(self, drain: float | None = None) -> None:
         deadline = self.config.drain_timeout if drain is None else drain
@@ -257,9 +273,8 @@ class Crishim:
             # drain, at least 1 s (or 1 s after a second signal); the event streams end
             if self.cri_handler is not None:
                 self.cri_handler.end_streams()
-            cut = self.stream is not None and self.stream.drain_cut
             left = deadline - (time.monotonic() - started)
-            await self.grpc_server.stop(1.0 if cut else max(1.0, left))
+            await self._stop_grpc(1.0 if self._drain_cut.is_set() else max(1.0, left))
         if self.upstream is not None:
             await self.upstream.close(None)
         if self.plugin is not None:

@@ -324,14 +324,15 @@ def _port_forward_through_cluster(args: argparse.Namespace) -> int:
         # kubectl's order: the object (it must exist), the most active pod it selects,
         # the ports' names, the pod's phase, then the addresses and the ports' numbers; a
         # spec or address crishim refuses is reported at its place in that order
-        texts, specs = list(args.ports), []
+        texts, specs, parsed = list(args.ports), [], []
         refused, refusal, address_refusal = "", None, None
-        for text in texts:
+        for text in texts:  # every one: kubectl translates all before it parses any
             try:
                 specs.append(portforward.parse_port_spec(text, names=True))
+                parsed.append(text)
             except portforward.UsageError as e:
-                refused, refusal = text, e
-                break
+                if refusal is None:
+                    refused, refusal = text, e
         try:
             addresses = portforward.listen_addresses(args.address)
         except portforward.UsageError as e:
@@ -349,7 +350,6 @@ def _port_forward_through_cluster(args: argparse.Namespace) -> int:
             pod = cluster.first_pod(target, selector, args.timeout,
                                     args.pod_running_timeout or POD_RUNNING_TIMEOUT)
             name = pod["metadata"]["name"]
-        parsed = texts[:len(specs)]
         if resource == "services":
             specs = cluster.resolve_service_ports(parsed, specs, obj, pod)
         else:  # names are resolved before the pod's phase is looked at
@@ -363,7 +363,7 @@ def _port_forward_through_cluster(args: argparse.Namespace) -> int:
             raise address_refusal
         if refusal is not None:
             raise cluster.parse_error(refused, resource, obj, pod) or refusal
-        portforward.refuse_repeated_local_ports(texts, specs)
+        portforward.refuse_repeated_local_ports(parsed, specs)
         forward = cluster.ClusterForward(target, name, args.transport or "auto", args.timeout)
     except portforward.UsageError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -285,6 +285,8 @@ class CriHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # stubs: ge
             async for request in requests:
                 first = request
                 break
+            if streaming and self._stopping:  # after end_streams: it would hold the stop
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "crishim is stopping")
             timeout = context.time_remaining()
             call: Any
             if first is not None:

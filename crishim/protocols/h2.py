@@ -529,6 +529,12 @@ class H2Codec(h2.connection.H2Connection):
     # ~25 MiB a long-lived session grew by over 160,000 forwards; SPDY's codec keeps 1,024
     MAX_CLOSED_STREAMS = 1024
 
+    def inbound_window_max(self, size: int) -> None:
+        """The connection's receive window is `size` in all: h2 gives back what was
+        received once half of that is processed (increment_flow_control_window made its
+        max the window left at the time, less what was outstanding)."""
+        self._inbound_flow_control_window_manager.max_window_size = size
+
     def __init__(self, config: h2.config.H2Configuration | None = None) -> None:
         config = config or h2.config.H2Configuration(client_side=True)
         # received header blocks: checked and decoded here, in one pass (see above)

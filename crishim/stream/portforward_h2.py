@@ -250,9 +250,13 @@ class H2PortForwardSession(PairedStreamSession):
         the buffer budget lasts (what it granted comes back when the session ends)."""
         window = DEFAULT_WINDOW + self._window_granted
         more = self.ctx.take_window(min(window, self._window_limit - self._window_granted))
+        self._filled = 0
         if more:
             self._window_granted += more
             self.codec.increment_flow_control_window(more)
+            # h2's manager takes the window for what is left of it now (less what is
+            # outstanding): the whole of it, or h2 gives back less than was granted
+            self.codec.inbound_window_max(DEFAULT_WINDOW + self._window_granted)
 
     def _lower_windows(self) -> None:
         window, self._lower_windows_to = self._lower_windows_to, None
@@ -290,6 +294,10 @@ class H2PortForwardSession(PairedStreamSession):
             return self.codec.local_flow_control_window(stream_id)
         except h2.exceptions.ProtocolError:  # gone: what it reads is dropped
             return 1 << 40
+
+    def _stream_send_window_alone(self, stream_id: int) -> int:
+        stream = self.codec.streams.get(stream_id)
+        return 1 << 40 if stream is None else stream.outbound_flow_control_window
 
     def _send_queued(self, stream_id: int, out: Outbound) -> bool:
         try:
@@ -330,6 +338,8 @@ class H2PortForwardSession(PairedStreamSession):
             self.borrowing = False
 
     def _receive(self, data: bytes | memoryview, lent: bool) -> None:
+        # once admitted (the window may grow): what the client may send before this read
+        window_before = self.codec.inbound_flow_control_window if self._window_limit else None
         try:
             events = self.codec.receive_data(data, lent=lent)
         except Overloaded as e:
@@ -367,10 +377,12 @@ class H2PortForwardSession(PairedStreamSession):
         finally:
             self._read_acks = None
             self.end_batch()
-        if self._window_granted < self._window_limit and (
-                self.codec.inbound_flow_control_window * 2
-                < DEFAULT_WINDOW + self._window_granted):
-            self._grow_window()  # the client filled half of it: it has more to send
+        if window_before is not None and self._window_granted < self._window_limit \
+                and not self._closed:
+            # the client sent half the window since it last grew: it has more to send
+            self._filled += window_before - self.codec.inbound_flow_control_window
+            if self._filled * 2 >= DEFAULT_WINDOW + self._window_granted:
+                self._grow_window()
         for sid, n in acks.items():
             # after the pod writes: a pod socket that just became congested holds its acks
             self._ack_unless_congested(sid, n)

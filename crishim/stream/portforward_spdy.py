@@ -171,6 +171,9 @@ class SpdyPortForwardSession(PairedStreamSession):
     def _stream_send_window(self, stream_id: int) -> int:
         return self.codec.send_window(stream_id)  # 2^31-1 without windows
 
+    def _stream_send_window_alone(self, stream_id: int) -> int:
+        return self.codec.stream_send_window(stream_id)
+
     def _announce_windows(self) -> None:
         """Ours, before any reply: the streams' (the codec counts from now on; set by
         what the buffer budget could give the session now), and the session's, which
@@ -190,6 +193,7 @@ class SpdyPortForwardSession(PairedStreamSession):
         buffer budget lasts (what it granted comes back when the session ends)."""
         window = spdy.INITIAL_SESSION_WINDOW + self._window_granted
         more = self.ctx.take_window(min(window, self._window_limit - self._window_granted))
+        self._filled = 0
         if more:
             self._window_granted += more
             self.codec.send_window_update(0, more)
@@ -264,6 +268,8 @@ class SpdyPortForwardSession(PairedStreamSession):
         self.begin_batch()
         read_streams = self._read_streams
         read_streams.clear()
+        # a session with windows (crishim's client): what the client may send before this
+        window_before = self.codec.session_receive_window if self._window_limit else None
         try:
             for event in self.codec.receive_data(data, lent=lent):
                 try:
@@ -274,10 +280,14 @@ class SpdyPortForwardSession(PairedStreamSession):
         finally:
             self.end_batch()
             self.borrowing = False
-        if self._window_granted < self._window_limit and not self._closed and (
-                self.codec.session_receive_window * 2
-                < spdy.INITIAL_SESSION_WINDOW + self._window_granted):
-            self._grow_window()  # the client filled half of it: it has more to send
+        if window_before is not None and self._window_granted < self._window_limit \
+                and not self._closed:
+            # the client sent half the window since it last grew: it has more to send (on
+            # what one read left, reads of a quarter of it never grew it: a window given
+            # back by quarters never fell below half)
+            self._filled += window_before - self.codec.session_receive_window
+            if self._filled * 2 >= spdy.INITIAL_SESSION_WINDOW + self._window_granted:
+                self._grow_window()
         if read_streams and not self._closed:
             # after the pod writes: a pod socket that just became congested holds them
             for sid in list(read_streams):

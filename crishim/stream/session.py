@@ -383,6 +383,10 @@ class WindowedSends:
         """The codec's: what the stream may send now (within the session's window too)."""
         raise NotImplementedError
 
+    def _stream_send_window_alone(self, stream_id: int) -> int:
+        """The codec's: the stream's own window, the session's aside."""
+        raise NotImplementedError
+
     def pod_read_room(self, conn: ForwardedConnection) -> int:
         """A pod read no larger than its stream's window takes (at least MIN_POD_READ):
         what the window does not take waits in the stream's queue, outside every budget;
@@ -547,6 +551,7 @@ class PairedStreamSession(WindowedSends, WithheldWindows, ServerSession):
         self._init_withheld()  # the connections whose window of ours is withheld
         self._window_granted = 0  # our session window, from the buffer budget
         self._window_limit = 0  # what _window_granted may grow to (HTTP/2: as it is used)
+        self._filled = 0  # bytes the client sent since the window last grew
         # lines about streams a bug failed (_event_failed): as many as the client's own
         self._failure_lines = CappedLines(ctx.flood.protocol_error_log_lines)
 
@@ -584,8 +589,7 @@ class PairedStreamSession(WindowedSends, WithheldWindows, ServerSession):
                             message, logger=self.protocol_log)
         if pair.error_id:
             text = message.encode()
-            if min(self._stream_send_window(pair.error_id),
-                   self._session_send_window()) < len(text):
+            if self._stream_send_window_alone(pair.error_id) < len(text):
                 # a client that gives no window for it would keep the stream and its text
                 # for the session's life (8,000 such streams a session, +7 MiB): reset
                 self.reset(pair.error_id, self.cancel_code)

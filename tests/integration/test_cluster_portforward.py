@@ -675,6 +675,8 @@ def test_a_service_waits_for_a_pod_to_match(
     ("svc/web", "70000:80", "error: error parsing local port '70000': strconv.ParseUint: "
                             'parsing "70000": value out of range'),
     ("svc/web", "70000:nope", "error: Service 'web' does not have a named port 'nope'"),
+    # kubectl translates every spec's name before it parses any number
+    ("pod/web", "99999:9000 nope", "error: Pod 'web' does not have a named port 'nope'"),
 ])
 def test_what_kubectl_refuses_is_refused_with_its_words(
         crishim: CrishimProcess, kubeconfig_dir: str, target: str, spec: str,
@@ -683,13 +685,14 @@ def test_what_kubectl_refuses_is_refused_with_its_words(
     upgraded (svc/later: no pod matches within --pod-running-timeout)."""
     with service_standin(crishim) as api:
         config = api.write_kubeconfig(os.path.join(kubeconfig_dir, "config"))
+        specs = spec.split()  # one spec, or several
         with CrishimClusterForward("--kubeconfig", config, "--pod-running-timeout", "1s",
-                                   target, spec) as ours:
+                                   target, *specs) as ours:
             assert ours.wait() == 1
         assert ours.stdout == []
         assert ours.stderr == [error]
         for path in filter(lambda p: os.access(p, os.X_OK), KUBECTLS):
-            with run_kubectl_port_forward(path, "", target, [spec], ["--pod-running-timeout",
+            with run_kubectl_port_forward(path, "", target, specs, ["--pod-running-timeout",
                                                                      "1s"],
                                           wait_ready=False, kubeconfig=config) as kubectl:
                 assert kubectl.wait(30) == 1

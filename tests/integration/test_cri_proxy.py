@@ -241,6 +241,42 @@ def test_a_stop_lets_calls_in_progress_finish_and_ends_event_streams(
     assert "crishim stopped" in p.log()
 
 
+def test_a_second_signal_cuts_the_calls_in_progress_short(upstream: RecordingUpstream
+                                                           ) -> None:
+    """SIGTERM, then Ctrl-C while a CRI call still has the drain's time: the call gets
+    1 s, as live sessions do (the second signal went unseen once the CRI stop began, and
+    the call ran its 8 s)."""
+    with CrishimProcess("--upstream-endpoint", upstream.path, "--drain-timeout", "20s") as p:
+        image_fs_info = p.channel.unary_unary(
+            "/runtime.v1.ImageService/ImageFsInfo",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=api_pb2.ImageFsInfoResponse.FromString)
+        future = image_fs_info.future(api_pb2.ImageFsInfoRequest(), timeout=30,
+                                      metadata=(("x-test-sleep", "8"),))
+        deadline = time.monotonic() + 10
+        while not any(meta.get("x-test-sleep") == "8" for _, meta, _ in upstream.calls):
+            assert time.monotonic() < deadline, "the slow call never reached the upstream"
+            time.sleep(0.01)
+        p.proc.send_signal(signal.SIGTERM)
+        assert "draining" in _wait_for_line(p, "signal received: draining")
+        p.proc.send_signal(signal.SIGINT)
+        with pytest.raises(grpc.RpcError) as cut:
+            future.result(timeout=30)
+        assert cut.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+        assert p.proc.wait(30) == 0
+    assert "received again" in p.log()
+
+
+def _wait_for_line(proc: CrishimProcess, text: str) -> str:
+    deadline = time.monotonic() + 10
+    while True:
+        line = next((line for line in proc.log().splitlines() if text in line), None)
+        if line is not None:
+            return line
+        assert time.monotonic() < deadline, proc.log()
+        time.sleep(0.02)
+
+
 def test_unimplemented_upstream_method_is_the_upstreams_answer_every_time(
         proxy: CrishimProcess) -> None:
     """An upstream that ends a call at once must not race the proxy's request write

@@ -253,3 +253,24 @@ def test_idle_windowed_sessions_take_nothing_from_the_buffer_budget(podnet):
             for client in idle:
                 client.close()
         assert "buffer budget" not in proc.log()
+
+
+def test_the_session_window_grows_under_small_reads(crishim):
+    """A client whose DATA reaches crishim 8 KiB a read (paced, as over a slow link): the
+    session's window grows as it is filled. On what one read left it never grew (given
+    back by quarters, it never fell below half): 64 KiB a round trip for good."""
+    with _client(crishim) as client:
+        client.session.enforce_send_windows(spdy.INITIAL_WINDOW)
+        fwd = client.forward(SINK_PORT)
+        assert client.wait(lambda: fwd.data_sid in fwd.replied)
+        grew, sent = 0, 0
+        while sent < 4 << 20 and grew <= 1 << 20:
+            if client.session.send_window(fwd.data_sid) >= 8192:
+                fwd.send(b"p" * 8192)
+                sent += 8192
+            client.wait(lambda: False, timeout=0.0005)  # paced: a read each
+            grew = max(grew, client.session.session_send_window)
+        assert grew > 1 << 20, (grew, sent)
+        fwd.close_write()
+        assert client.wait(lambda: fwd.received.endswith(b"\n"), timeout=30)
+        assert bytes(fwd.received).startswith(f"{sent} ".encode())

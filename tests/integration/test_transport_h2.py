@@ -866,3 +866,45 @@ def test_a_timed_out_pair_whose_client_gives_no_window_is_reset(podnet):
             assert state.reset_code is None and b"timed out" in state.body(), state.body()
     with proc:
         run(go())
+
+
+def test_a_session_closed_within_a_read_gives_back_all_it_took(podnet):
+    """A client's DATA past half the window and its GOAWAY in one write: the session ended
+    within the read, gave back its grant, and the window growth after it took 64 KiB that
+    nothing gave back. 20 such sessions of a 1 MiB budget left new sessions smaller
+    stream windows for good."""
+    mib = 1 << 20
+    proc = CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}",
+                          "--buffer-budget", str(mib), "--session-buffer-size", str(mib))
+
+    async def data_and_goaway() -> None:
+        client = await H2Client.connect(proc.port_forward_url(SANDBOX))
+        fwd = await client.forward(SINK_PORT)
+        sent = 0
+        while sent < 40_000:
+            room = min(16_000, 40_000 - sent, client.conn.local_flow_control_window(fwd.data_id))
+            assert room > 0
+            client.conn.send_data(fwd.data_id, b"x" * room)
+            sent += room
+        client.conn.close_connection()
+        client.write_raw(client.conn.data_to_send())  # the DATA and the GOAWAY together
+        await asyncio.wait_for(client.closed.wait(), 10)
+        await client.close()
+
+    async def stream_window() -> int:
+        client = await H2Client.connect(proc.port_forward_url(SANDBOX))
+        fwd = await client.forward(ECHO_PORT)
+        await fwd.write(b"settled")
+        assert await fwd.read_until(b"settled") == b"settled"
+        window = client.conn.remote_settings.initial_window_size
+        await client.close()
+        return window
+
+    async def go():
+        assert await stream_window() == mib // 4
+        for _ in range(20):
+            await data_and_goaway()
+        await asyncio.sleep(0.3)
+        assert await stream_window() == mib // 4  # the budget is whole again
+    with proc:
+        run(go())

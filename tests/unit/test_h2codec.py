@@ -574,3 +574,33 @@ def test_a_header_block_waiting_for_end_headers_is_bounded_by_the_list_size():
         ours.receive_data(ContinuationFrame(1, data=b"\x82").serialize())
     goaway = ours.data_to_send()
     assert goaway[3] == 0x7 and int.from_bytes(goaway[13:17], "big") == 0xB  # GOAWAY, 11
+
+
+def test_a_grown_connection_window_is_given_back_whole() -> None:
+    """The session's window grows while bytes are outstanding: h2's manager took the
+    window left then for its maximum (65,535 - 40,000 outstanding + 65,535 = 91,070), so
+    it gave back by halves of less than was granted, and the session offered less
+    (5.9 MiB of 8). inbound_window_max sets it to the whole window."""
+    import asyncio
+    import logging
+
+    from crishim.budget import LogBudget
+    from crishim.config import Config
+    from crishim.forward import ForwardContext
+    from crishim.sandboxes import NamedNetnsRuntime
+    from crishim.stream.portforward_h2 import DEFAULT_WINDOW, H2PortForwardSession
+    from crishim.stream.session import SessionSettings
+
+    async def go() -> tuple[int, int, int]:
+        ctx = ForwardContext(NamedNetnsRuntime(Config()))
+        settings = SessionSettings(ctx, 5.0, 0.0, LogBudget(logging.getLogger("t"), 0, "%d"))
+        session = H2PortForwardSession(settings, lambda chunks: None, lambda: None)
+        session._window_limit = ctx.flood.session_buffer_size - DEFAULT_WINDOW
+        manager = session.codec._inbound_flow_control_window_manager
+        manager.window_consumed(40_000)  # received, not yet given back
+        session._grow_window()
+        return session._window_granted, manager.max_window_size, ctx.windows_granted
+
+    granted, max_window, taken = asyncio.run(go())
+    assert granted == DEFAULT_WINDOW == taken  # doubled, from the budget
+    assert max_window == 2 * DEFAULT_WINDOW

@@ -301,6 +301,14 @@ class SpdyConnection:
             return MAX_WINDOW
         return self._session_send_window
 
+    def stream_send_window(self, stream_id: int) -> int:
+        """The stream's own window, the session's aside (MAX_WINDOW without windows, 0
+        for a stream that is gone)."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        return MAX_WINDOW if self._initial_send_window is None else stream.send_window
+
     def send_window(self, stream_id: int) -> int:
         """Bytes DATA on the stream may carry now: the smaller of its window and the
         session's while windows are enforced, else MAX_WINDOW (0 for a stream that is
