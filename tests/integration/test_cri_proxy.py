@@ -210,6 +210,23 @@ def test_server_streaming_relays_events_and_cancel_reaches_upstream(
     proxy.runtime.Status(api_pb2.StatusRequest(), timeout=10)
 
 
+def _slow_call_upstream(proc: CrishimProcess, upstream: RecordingUpstream,
+                        seconds: int) -> grpc.Future:
+    """An ImageFsInfo the upstream answers after `seconds`, once it reached the upstream."""
+    image_fs_info = proc.channel.unary_unary(
+        "/runtime.v1.ImageService/ImageFsInfo",
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=api_pb2.ImageFsInfoResponse.FromString)
+    future = image_fs_info.future(api_pb2.ImageFsInfoRequest(), timeout=30,
+                                  metadata=(("x-test-sleep", str(seconds)),))
+    deadline = time.monotonic() + 10
+    while not any(name == "ImageFsInfo" and meta.get("x-test-sleep") == str(seconds)
+                  for name, meta, _ in upstream.calls):
+        assert time.monotonic() < deadline, "the slow call never reached the upstream"
+        time.sleep(0.01)
+    return future
+
+
 def test_a_stop_lets_calls_in_progress_finish_and_ends_event_streams(
         upstream: RecordingUpstream) -> None:
     """SIGTERM: a unary call in progress gets the rest of drain_timeout (it was cancelled
@@ -218,17 +235,7 @@ def test_a_stop_lets_calls_in_progress_finish_and_ends_event_streams(
     with CrishimProcess("--upstream-endpoint", upstream.path, "--drain-timeout", "20s") as p:
         events = p.runtime.GetContainerEvents(api_pb2.GetEventsRequest(), timeout=60)
         assert next(events).container_id == "c0"
-        image_fs_info = p.channel.unary_unary(
-            "/runtime.v1.ImageService/ImageFsInfo",
-            request_serializer=lambda m: m.SerializeToString(),
-            response_deserializer=api_pb2.ImageFsInfoResponse.FromString)
-        future = image_fs_info.future(api_pb2.ImageFsInfoRequest(), timeout=30,
-                                      metadata=(("x-test-sleep", "3"),))
-        deadline = time.monotonic() + 10
-        while not any(name == "ImageFsInfo" and meta.get("x-test-sleep") == "3"
-                      for name, meta, _ in upstream.calls):
-            assert time.monotonic() < deadline, "the slow call never reached the upstream"
-            time.sleep(0.01)
+        future = _slow_call_upstream(p, upstream, 3)
         p.proc.send_signal(signal.SIGTERM)
         with pytest.raises(grpc.RpcError) as ended:
             for _ in events:
@@ -247,16 +254,7 @@ def test_a_second_signal_cuts_the_calls_in_progress_short(upstream: RecordingUps
     1 s, as live sessions do (the second signal went unseen once the CRI stop began, and
     the call ran its 8 s)."""
     with CrishimProcess("--upstream-endpoint", upstream.path, "--drain-timeout", "20s") as p:
-        image_fs_info = p.channel.unary_unary(
-            "/runtime.v1.ImageService/ImageFsInfo",
-            request_serializer=lambda m: m.SerializeToString(),
-            response_deserializer=api_pb2.ImageFsInfoResponse.FromString)
-        future = image_fs_info.future(api_pb2.ImageFsInfoRequest(), timeout=30,
-                                      metadata=(("x-test-sleep", "8"),))
-        deadline = time.monotonic() + 10
-        while not any(meta.get("x-test-sleep") == "8" for _, meta, _ in upstream.calls):
-            assert time.monotonic() < deadline, "the slow call never reached the upstream"
-            time.sleep(0.01)
+        future = _slow_call_upstream(p, upstream, 8)
         p.proc.send_signal(signal.SIGTERM)
         assert "draining" in _wait_for_line(p, "signal received: draining")
         p.proc.send_signal(signal.SIGINT)
