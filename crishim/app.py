@@ -99,6 +99,7 @@ class Crishim:
         self.metrics: Metrics | None = None
         self.grpc_server: grpc.aio.Server | None = None
         self.cri_handler: CriHandler | None = None
+        self.health_handler: HealthHandler | None = None
         self._drain_cut = asyncio.Event()  # a second signal while stopping
         self.stream: StreamServer | None = None
         self.upstream: grpc.aio.Channel | None = None
@@ -190,7 +191,8 @@ class Crishim:
         self.cri_handler = CriHandler(service, self.upstream, cfg.upstream_version)
         server.add_generic_rpc_handlers((self.cri_handler,))
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # no aio in stubs
-        server.add_generic_rpc_handlers((HealthHandler(self.health, refusals),))
+        self.health_handler = HealthHandler(self.health, refusals)
+        server.add_generic_rpc_handlers((self.health_handler,))
         # the socket is made by add_insecure_port (the bind) and never wider than 0660:
         # with the umask set only around start(), a process umask of 0 left it 0777
         # until the chmod below
@@ -273,6 +275,8 @@ class Crishim:
             # drain, at least 1 s (or 1 s after a second signal); the event streams end
             if self.cri_handler is not None:
                 self.cri_handler.end_streams()
+            if self.health_handler is not None:
+                self.health_handler.end_watches()
             left = deadline - (time.monotonic() - started)
             await self._stop_grpc(1.0 if self._drain_cut.is_set() else max(1.0, left))
         if self.upstream is not None:

@@ -336,6 +336,7 @@ class HealthHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # stubs:
     def __init__(self, servicer: Any, refusal_log: LogBudget | None = None) -> None:
         self.servicer = servicer
         self.refusal_log = refusal_log or cri_refusal_log(0)
+        self._stopping = asyncio.Event()  # end_watches
         decode = _decoder(health_pb2.HealthCheckRequest, 1024)
         encode = health_pb2.HealthCheckResponse.SerializeToString
         self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
@@ -357,4 +358,19 @@ class HealthHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # stubs:
     async def _watch(self, request: object, context: grpc.aio.ServicerContext[Any, Any]
                      ) -> None:
         await refuse_undecodable(self.refusal_log, request, context)
-        await self.servicer.Watch(request, context)  # it writes its answers to context
+        # it writes its answers to context, and never ends by itself
+        watching = asyncio.ensure_future(self.servicer.Watch(request, context))
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({watching, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watching.cancel()
+            stopping.cancel()
+        if self._stopping.is_set():  # the last word, then the end of the stream
+            await context.write(health_pb2.HealthCheckResponse(
+                status=health_pb2.HealthCheckResponse.NOT_SERVING))
+
+    def end_watches(self) -> None:
+        """crishim is stopping: each Watch ends, after a NOT_SERVING (it would hold the
+        stop for what is left of drain_timeout, as an event stream would)."""
+        self._stopping.set()

@@ -96,6 +96,22 @@ def test_grpc_health_service_on_the_cri_socket(crishim):
         assert e.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_a_health_watch_does_not_hold_the_stop(podnet):
+    """A Watch is told NOT_SERVING, then ended: the CRI calls in progress get what is
+    left of drain_timeout (60 s here), and a Watch, which never ends by itself, held the
+    stop to that deadline (and, in grpc_health's task, never got its NOT_SERVING)."""
+    proc = CrishimProcess("--sandboxes", f"sb={podnet.path}", "--drain-timeout", "60s")
+    with proc:
+        watch = health_pb2_grpc.HealthStub(proc.channel).Watch(
+            health_pb2.HealthCheckRequest(service=""), timeout=120)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        proc.proc.send_signal(signal.SIGTERM)
+        statuses = [reply.status for reply in watch]  # it ends, with grpc's OK
+        assert statuses and set(statuses) == {health_pb2.HealthCheckResponse.NOT_SERVING}
+        assert watch.code() == grpc.StatusCode.OK
+        assert proc.proc.wait(30) == 0  # not the 60 s deadline
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_sigterm_drains_live_sessions_then_exits(podnet, sig):
     """SIGHUP too (the terminal closed): it killed crishim, leaving its socket file."""
