@@ -134,10 +134,10 @@ class CriService:
             await self._refuse(request, context, code, message)
 
         invalid = grpc.StatusCode.INVALID_ARGUMENT
-        if self.draining():
-            await refuse(grpc.StatusCode.UNAVAILABLE,
-                         "crishim is shutting down: a stream URL issued now could not be "
+        shutting_down = ("crishim is shutting down: a stream URL issued now could not be "
                          "redeemed; retry against the restarted server")
+        if self.draining():
+            await refuse(grpc.StatusCode.UNAVAILABLE, shutting_down)
         sandbox_id = request.pod_sandbox_id
         if not sandbox_id:
             await refuse(invalid, "pod_sandbox_id is empty")
@@ -166,6 +166,8 @@ class CriService:
             await refuse(grpc.StatusCode.NOT_FOUND, str(e))
         except RuntimeError_ as e:  # e.g. the upstream runtime did not answer
             await refuse(grpc.StatusCode.UNAVAILABLE, str(e))
+        if self.draining():  # it began during the lookup (up to the upstream's 10 s)
+            await refuse(grpc.StatusCode.UNAVAILABLE, shutting_down)
         try:
             token = self.tokens.issue(StreamRequest(sandbox_id, ports))
         except TokensExhausted as e:
