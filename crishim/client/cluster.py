@@ -474,11 +474,7 @@ def resolve_service_ports(texts: list[str], specs: list[PortSpec], service: dict
     def service_port(spec: PortSpec, protocol: str | None) -> int:
         if spec.named is None:
             return spec.remote
-        number = _number(_named(ports, spec.named.name, protocol, "port"))
-        if number is None:
-            raise ClusterError(f"error: Service '{svc_name}' does not have a named port "
-                               f"'{spec.named.name}'{_with_protocol(protocol)}")
-        return number
+        return _service_port_named(service, spec.named.name, protocol)
 
     udp_only = _udp_only(ports, "port")
     for text, spec, protocol in zip(texts, specs, protocols):  # checkUDPPortInService
@@ -489,13 +485,7 @@ def resolve_service_ports(texts: list[str], specs: list[PortSpec], service: dict
     for spec, protocol in zip(specs, protocols):  # translateServicePortToTargetPort
         number = service_port(spec, protocol)
         local = number if spec.named and spec.named.local_is_remote else spec.local
-        port = next((port for port in ports if _number(port.get("port")) == number
-                     and protocol in (None, _protocol_of(port))), None)
-        if port is None:
-            on = f" {protocol.upper()}" if protocol else ""
-            raise ClusterError(f"error: Service {svc_name} does not have a service port "
-                               f"{number}{on}")
-        value = port.get("targetPort")
+        value = _service_port(service, number, protocol).get("targetPort")
         if headless or value is None or value == "" or _number(value) == 0:
             target: int | None = number  # unset: the API server's default
         elif isinstance(value, str):
@@ -507,6 +497,34 @@ def resolve_service_ports(texts: list[str], specs: list[PortSpec], service: dict
                                f"{value!r}, not 1..65535")
         resolved.append(PortSpec(local, target, spec.protocol))
     return resolved
+
+
+def _service_port_named(service: dict[str, Any], name: str, protocol: str | None = None
+                        ) -> int:
+    """kubectl's LookupServicePortNumberByName: the number of the first service port of
+    that name (of that protocol, with crishim's suffix)."""
+    number = _number(_named(_items(_field(service, "spec").get("ports")), name, protocol,
+                            "port"))
+    if number is None:
+        svc_name = str(_field(service, "metadata").get("name") or "")
+        raise ClusterError(f"error: Service '{svc_name}' does not have a named port "
+                           f"'{name}'{_with_protocol(protocol)}")
+    return number
+
+
+def _service_port(service: dict[str, Any], number: int, protocol: str | None = None
+                  ) -> dict[str, Any]:
+    """The service's port `number` (of that protocol, with crishim's suffix), as
+    kubectl's LookupContainerPortNumberByServicePort finds it."""
+    port = next((port for port in _items(_field(service, "spec").get("ports"))
+                 if _number(port.get("port")) == number
+                 and protocol in (None, _protocol_of(port))), None)
+    if port is None:
+        svc_name = str(_field(service, "metadata").get("name") or "")
+        on = f" {protocol.upper()}" if protocol else ""
+        raise ClusterError(f"error: Service {svc_name} does not have a service port "
+                           f"{number}{on}")
+    return port
 
 
 # --------------------------------------------------------------- a spec crishim refused
@@ -576,9 +594,11 @@ def translation_error(text: str, resource: str, obj: dict[str, Any],
             return e
     if number in _udp_only(ports, "port" if service else "containerPort"):
         return ClusterError(f"error: UDP protocol is not supported for {remote}")
-    if service and not any(_number(port.get("port")) == number for port in ports):
-        name = str(_field(obj, "metadata").get("name") or "")
-        return ClusterError(f"error: Service {name} does not have a service port {number}")
+    if service:
+        try:
+            _service_port(obj, number)
+        except ClusterError as e:
+            return e
     return None
 
 
@@ -606,17 +626,6 @@ def parse_error(text: str, resource: str, obj: dict[str, Any], pod: dict[str, An
     if int(remote) == 0:
         return ClusterError("error: remote port must be > 0")
     return None
-
-
-def _service_port_named(service: dict[str, Any], name: str) -> int:
-    """kubectl's LookupServicePortNumberByName."""
-    number = _number(_named(_items(_field(service, "spec").get("ports")), name, None,
-                            "port"))
-    if number is None:
-        svc_name = str(_field(service, "metadata").get("name") or "")
-        raise ClusterError(f"error: Service '{svc_name}' does not have a named port "
-                           f"'{name}'")
-    return number
 
 
 def check_running(pod: dict[str, Any]) -> None:
