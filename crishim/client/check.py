@@ -99,8 +99,7 @@ class Checker:
         self.size = max(1, args.size) << 20
         self.insecure: bool = args.insecure_skip_tls_verify
         self.ca_file: str | None = args.certificate_authority
-        self.timeout = args.timeout
-        self.io_timeout = args.timeout  # each read or write of a check
+        self.timeout = args.timeout  # the CRI call, each upgrade, each read or write
         self.check_timeout = CHECK_TIMEOUT + (self.size >> 20)
         self.netns_arg = args.netns
         self.no_servers = args.no_servers
@@ -170,7 +169,7 @@ class Checker:
     def timed_out(self, e: TimeoutError) -> str:
         """A timeout's reason (its text is empty where asyncio raised it)."""
         return str(e) or (f"timed out: no answer in time (a read waits up to "
-                          f"{self.io_timeout:g} s, a whole check {self.check_timeout:g} s)")
+                          f"{self.timeout:g} s, a whole check {self.check_timeout:g} s)")
 
     async def run_check(self, name: str, fn: Callable[[], Awaitable[Outcome]],
                         required: bool = True) -> None:
@@ -269,7 +268,7 @@ class Checker:
         data = os.urandom(min(self.size, 4 << 20))
         async with self.connection(self.peer("echo")) as (reader, writer):
             writer.write(data)
-            got = await asyncio.wait_for(reader.readexactly(len(data)), self.io_timeout)
+            got = await asyncio.wait_for(reader.readexactly(len(data)), self.timeout)
         ok = hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
         return ("pass" if ok else "fail"), f"{len(data)} bytes echoed, sha256 " + \
             ("matches" if ok else "DIFFERS")
@@ -285,8 +284,8 @@ class Checker:
             writer.write(b"%d\n" % n)
             for piece in upload_pieces(n, block):  # memory stays a chunk or two, any --size
                 writer.write(piece)
-                await asyncio.wait_for(writer.drain(), self.io_timeout)
-            line = await asyncio.wait_for(reader.readline(), self.io_timeout)
+                await asyncio.wait_for(writer.drain(), self.timeout)
+            line = await asyncio.wait_for(reader.readline(), self.timeout)
             secs = time.perf_counter() - t0
         ok = line.decode(errors="replace").strip() == f"{n} {want.hexdigest()}"
         verdict = "matches" if ok else "DIFFERS: " + line[:80].decode(errors="replace")
@@ -301,7 +300,7 @@ class Checker:
             h = hashlib.sha256()
             got = 0
             while True:
-                chunk = await asyncio.wait_for(reader.read(CHUNK), self.io_timeout)
+                chunk = await asyncio.wait_for(reader.read(CHUNK), self.timeout)
                 if not chunk:
                     break
                 h.update(chunk)
@@ -320,7 +319,7 @@ class Checker:
         async with self.connection(self.peer("fin")) as (reader, writer):
             writer.write(data)
             writer.write_eof()
-            got = await asyncio.wait_for(reader.read(), self.io_timeout)
+            got = await asyncio.wait_for(reader.read(), self.timeout)
         if got == data + FIN_MARK:
             return "pass", "FIN reached the pod, which still answered; its FIN came back"
         if got == data:
@@ -334,13 +333,13 @@ class Checker:
         async with self.connection(port) as (reader, writer):
             writer.write(payload)
             try:
-                await asyncio.wait_for(reader.read(), self.io_timeout)
+                await asyncio.wait_for(reader.read(), self.timeout)
             except ForwardError as e:
                 error = e
             except ConnectionError:
                 pass
             except TimeoutError:  # not a clean EOF: nothing ended at all
-                return "fail", (f"no EOF and no error within {self.io_timeout:g} s: the runtime "
+                return "fail", (f"no EOF and no error within {self.timeout:g} s: the runtime "
                                 "left the connection open after the pod's side failed")
             if error is None:
                 try:
@@ -384,7 +383,7 @@ class Checker:
             data = os.urandom(256 * 1024)
             async with self.connection(self.peer("echo")) as (reader, writer):
                 writer.write(data)
-                got = await asyncio.wait_for(reader.readexactly(len(data)), self.io_timeout)
+                got = await asyncio.wait_for(reader.readexactly(len(data)), self.timeout)
                 return got == data
         results = await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
         ok = sum(1 for r in results if r is True)
@@ -401,7 +400,7 @@ class Checker:
             t0 = time.perf_counter()
             async with self.connection(self.peer("echo")) as (reader, writer):
                 writer.write(b"x")
-                await asyncio.wait_for(reader.readexactly(1), self.io_timeout)
+                await asyncio.wait_for(reader.readexactly(1), self.timeout)
                 samples.append(time.perf_counter() - t0)
         samples.sort()
         p50 = statistics.median(samples) * 1000
@@ -430,7 +429,7 @@ class Checker:
             for size in UDP_CHECK_SIZES:
                 sent = os.urandom(size)
                 stream.write(encode_datagram(sent))
-                got = await asyncio.wait_for(flow.queue.get(), self.io_timeout)
+                got = await asyncio.wait_for(flow.queue.get(), self.timeout)
                 if isinstance(got, BaseException):
                     raise got
                 if got is None:
