@@ -89,19 +89,21 @@ class ForwardContext:
         # sessions admitted while that was spent, oldest first: key -> (bytes, granted)
         self._output_waiting: dict[object, tuple[int, Callable[[], None]]] = {}
 
+    def _budget_left(self) -> int:
+        """What the buffer budget towards pods has left (windows and bytes held)."""
+        return self.flood.buffer_budget - self.windows_granted - self.bytes_held
+
     def take_window(self, most: int | None = None) -> int:
         """Bytes towards pods a session may hold (`most`, by default session_buffer_size)
         while the buffer budget lasts, less (down to nothing) once it is spent."""
         most = self.flood.session_buffer_size if most is None else most
-        grant = max(0, min(most, self.flood.buffer_budget - self.windows_granted
-                           - self.bytes_held))
+        grant = max(0, min(most, self._budget_left()))
         self.windows_granted += grant
         return grant
 
     def window_room(self) -> int:
         """What take_window() would grant now, taking nothing."""
-        return max(0, min(self.flood.session_buffer_size, self.flood.buffer_budget
-                          - self.windows_granted - self.bytes_held))
+        return max(0, min(self.flood.session_buffer_size, self._budget_left()))
 
     def return_window(self, grant: int) -> None:
         self.windows_granted -= grant
@@ -109,7 +111,7 @@ class ForwardContext:
     def take_bytes(self, n: int) -> bool:
         """n more bytes held by a session from the buffer budget; False (nothing taken)
         when the budget has not that many left."""
-        if self.windows_granted + self.bytes_held + n > self.flood.buffer_budget:
+        if n > self._budget_left():
             return False
         self.bytes_held += n
         return True

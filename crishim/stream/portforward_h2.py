@@ -154,6 +154,7 @@ class H2PortForwardSession(PairedStreamSession):
     transport_name = "h2"
     protocol_log = log
     cancel_code = ErrorCodes.CANCEL
+    base_window = DEFAULT_WINDOW
     borrows_reads = True  # DATA pieces are views of the read, written before it returns
 
     def __init__(self, settings: SessionSettings, writelines: WriteBuffers,
@@ -227,7 +228,7 @@ class H2PortForwardSession(PairedStreamSession):
     def _open_connection_window(self) -> None:
         """The connection's receive window is what it may hold towards pods (the pods'
         sockets took everything acknowledged): up to session_buffer_size, taken from the
-        budget as the client fills it (_grow_window), from HTTP/2's 64 KiB. Taken whole
+        budget as the client fills it (_window_filled), from HTTP/2's 64 KiB. Taken whole
         at admission, 32 sessions that never sent a byte spent the default budget, and
         other clients' channel sessions were closed 1013. The stream windows are set by
         what the budget could give now."""
@@ -245,18 +246,11 @@ class H2PortForwardSession(PairedStreamSession):
                 self._lower_windows()
         self.arm_idle_timer()
 
-    def _grow_window(self) -> None:
-        """Double the connection's receive window, up to session_buffer_size, as far as
-        the buffer budget lasts (what it granted comes back when the session ends)."""
-        window = DEFAULT_WINDOW + self._window_granted
-        more = self.ctx.take_window(min(window, self._window_limit - self._window_granted))
-        self._filled = 0
-        if more:
-            self._window_granted += more
-            self.codec.increment_flow_control_window(more)
-            # h2's manager takes the window for what is left of it now (less what is
-            # outstanding): the whole of it, or h2 gives back less than was granted
-            self.codec.inbound_window_max(DEFAULT_WINDOW + self._window_granted)
+    def _window_grown(self, more: int) -> None:
+        self.codec.increment_flow_control_window(more)
+        # h2's manager takes the window for what is left of it now (less what is
+        # outstanding): the whole of it, or h2 gives back less than was granted
+        self.codec.inbound_window_max(DEFAULT_WINDOW + self._window_granted)
 
     def _lower_windows(self) -> None:
         window, self._lower_windows_to = self._lower_windows_to, None
@@ -377,12 +371,8 @@ class H2PortForwardSession(PairedStreamSession):
         finally:
             self._read_acks = None
             self.end_batch()
-        if window_before is not None and self._window_granted < self._window_limit \
-                and not self._closed:
-            # the client sent half the window since it last grew: it has more to send
-            self._filled += window_before - self.codec.inbound_flow_control_window
-            if self._filled * 2 >= DEFAULT_WINDOW + self._window_granted:
-                self._grow_window()
+        if window_before is not None:
+            self._window_filled(window_before - self.codec.inbound_flow_control_window)
         for sid, n in acks.items():
             # after the pod writes: a pod socket that just became congested holds its acks
             self._ack_unless_congested(sid, n)

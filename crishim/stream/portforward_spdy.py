@@ -94,6 +94,7 @@ class SpdyPortForwardSession(PairedStreamSession):
     transport_name = "spdy"
     protocol_log = log
     cancel_code = spdy.CANCEL
+    base_window = spdy.INITIAL_SESSION_WINDOW
     borrows_reads = True  # DATA pieces are views of the read, written before it returns
 
     def __init__(self, ctx: ForwardContext, sandbox: Sandbox, creation_timeout: float,
@@ -178,7 +179,7 @@ class SpdyPortForwardSession(PairedStreamSession):
         """Ours, before any reply: the streams' (the codec counts from now on; set by
         what the buffer budget could give the session now), and the session's, which
         grows from SPDY's 64 KiB towards session_buffer_size as the client fills it
-        (_grow_window), each step from the budget: taken whole here, sessions that never
+        (_window_filled), each step from the budget: taken whole here, sessions that never
         sent a byte spent the budget."""
         self._announced = True
         window = stream_window(self.ctx.window_room(), spdy.INITIAL_SESSION_WINDOW)
@@ -188,16 +189,9 @@ class SpdyPortForwardSession(PairedStreamSession):
         self._stream_every = window // 4
         self._session_every = spdy.INITIAL_SESSION_WINDOW // 4
 
-    def _grow_window(self) -> None:
-        """Double the session's receive window, up to session_buffer_size, as far as the
-        buffer budget lasts (what it granted comes back when the session ends)."""
-        window = spdy.INITIAL_SESSION_WINDOW + self._window_granted
-        more = self.ctx.take_window(min(window, self._window_limit - self._window_granted))
-        self._filled = 0
-        if more:
-            self._window_granted += more
-            self.codec.send_window_update(0, more)
-            self._session_every = (window + more) // 4
+    def _window_grown(self, more: int) -> None:
+        self.codec.send_window_update(0, more)
+        self._session_every = (spdy.INITIAL_SESSION_WINDOW + self._window_granted) // 4
 
     def _taken(self, stream_id: int, n: int) -> None:
         """n bytes of the client's DATA on stream_id: their window goes back once the pod
@@ -280,14 +274,8 @@ class SpdyPortForwardSession(PairedStreamSession):
         finally:
             self.end_batch()
             self.borrowing = False
-        if window_before is not None and self._window_granted < self._window_limit \
-                and not self._closed:
-            # the client sent half the window since it last grew: it has more to send (on
-            # what one read left, reads of a quarter of it never grew it: a window given
-            # back by quarters never fell below half)
-            self._filled += window_before - self.codec.session_receive_window
-            if self._filled * 2 >= spdy.INITIAL_SESSION_WINDOW + self._window_granted:
-                self._grow_window()
+        if window_before is not None:
+            self._window_filled(window_before - self.codec.session_receive_window)
         if read_streams and not self._closed:
             # after the pod writes: a pod socket that just became congested holds them
             for sid in list(read_streams):

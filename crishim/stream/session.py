@@ -539,6 +539,7 @@ class PairedStreamSession(WindowedSends, WithheldWindows, ServerSession):
 
     protocol_log: ClassVar[logging.Logger]  # the transport's logger
     cancel_code: ClassVar[int]  # resets a data stream whose connection failed
+    base_window: ClassVar[int]  # the protocol's session window before any WINDOW_UPDATE
 
     def __init__(self, ctx: ForwardContext, sandbox: Sandbox | None, idle_timeout: float,
                  creation_timeout: float, close: Callable[[], None]) -> None:
@@ -555,7 +556,30 @@ class PairedStreamSession(WindowedSends, WithheldWindows, ServerSession):
         # lines about streams a bug failed (_event_failed): as many as the client's own
         self._failure_lines = CappedLines(ctx.flood.protocol_error_log_lines)
 
+    # --- our receive window, grown as it is used ------------------------------------------
+    def _window_filled(self, sent: int) -> None:
+        """`sent` more bytes of the client's on our session window (one read's): once it
+        sent half the window since it last grew, it has more to send, and the window
+        doubles, up to _window_limit, as far as the buffer budget lasts (what it granted
+        comes back when the session ends). Counted since the last step, not on what one
+        read left: a window given back by quarters never fell below half."""
+        if self._window_granted >= self._window_limit or self._closed:
+            return
+        self._filled += sent
+        window = self.base_window + self._window_granted
+        if self._filled * 2 < window:
+            return
+        self._filled = 0
+        more = self.ctx.take_window(min(window, self._window_limit - self._window_granted))
+        if more:
+            self._window_granted += more
+            self._window_grown(more)
+
     # --- what each protocol provides -----------------------------------------------------
+    def _window_grown(self, more: int) -> None:
+        """The session window granted `more`: tell the client."""
+        raise NotImplementedError
+
     @abstractmethod
     def queue_data(self, stream_id: int, data: bytes) -> bool:
         """Send data on a stream within the client's windows (the rest waits); False when

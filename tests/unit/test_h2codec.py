@@ -598,7 +598,7 @@ def test_a_grown_connection_window_is_given_back_whole() -> None:
         session._window_limit = ctx.flood.session_buffer_size - DEFAULT_WINDOW
         manager = session.codec._inbound_flow_control_window_manager
         manager.window_consumed(40_000)  # received, not yet given back
-        session._grow_window()
+        session._window_filled(40_000)  # past half the window: it grows
         return session._window_granted, manager.max_window_size, ctx.windows_granted
 
     granted, max_window, taken = asyncio.run(go())
