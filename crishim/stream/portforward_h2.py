@@ -332,8 +332,9 @@ class H2PortForwardSession(PairedStreamSession):
             self.borrowing = False
 
     def _receive(self, data: bytes | memoryview, lent: bool) -> None:
-        # once admitted (the window may grow): what the client may send before this read
-        window_before = self.codec.inbound_flow_control_window if self._window_limit else None
+        # the window still growing: what the client may send before this read
+        window_before = (self.codec.inbound_flow_control_window
+                         if self._window_granted < self._window_limit else None)
         try:
             events = self.codec.receive_data(data, lent=lent)
         except Overloaded as e:

@@ -262,8 +262,9 @@ class SpdyPortForwardSession(PairedStreamSession):
         self.begin_batch()
         read_streams = self._read_streams
         read_streams.clear()
-        # a session with windows (crishim's client): what the client may send before this
-        window_before = self.codec.session_receive_window if self._window_limit else None
+        # windows (crishim's client) still growing: what the client may send before the read
+        window_before = (self.codec.session_receive_window
+                         if self._window_granted < self._window_limit else None)
         try:
             for event in self.codec.receive_data(data, lent=lent):
                 try:
