@@ -224,6 +224,8 @@ class FakeHelper:
         self.listener.settimeout(0.1)
         self.reply = reply
         self.stopped = threading.Event()
+        self.served = 0  # replies finished, with this helper's own descriptors closed
+        self.served_cond = threading.Condition()
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -237,6 +239,15 @@ class FakeHelper:
                 conn.settimeout(5)
                 conn.recv(4096)
                 self.reply(conn)
+            with self.served_cond:
+                self.served += 1
+                self.served_cond.notify_all()
+
+    def wait_served(self, count: int) -> None:
+        """Wait until count replies are finished: the shim can fail a dial on the reply
+        before this thread has closed its own copies (the connection, a pipe's two ends)."""
+        with self.served_cond:
+            assert self.served_cond.wait_for(lambda: self.served >= count, 10), self.served
 
     def close(self) -> None:
         self.stopped.set()
@@ -323,11 +334,13 @@ def test_a_bad_helper_reply_fails_that_dial_and_leaks_no_descriptor(tmp_path, po
     try:
         with pytest.raises(DialFailed) as first:
             asyncio.run(dial())
+        fake.wait_served(1)
         before = len(os.listdir("/proc/self/fd"))
         for _ in range(20):
             with pytest.raises(DialFailed) as e:
                 asyncio.run(dial())
             assert words in str(e.value) and str(e.value).startswith(f"helper at {path}")
+        fake.wait_served(21)
         # no more than before: a socket an earlier test left to this process's pod servers
         # may close meanwhile (socat lingers); a leak would be one or more per dial
         assert len(os.listdir("/proc/self/fd")) <= before
