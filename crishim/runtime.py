@@ -24,6 +24,10 @@ HOST = "host"
 class RuntimeError_(Exception):
     """Base of the errors a plugin raises; the message is shown to the user."""
 
+    #: The gRPC status PortForward answers with (a name of grpc.StatusCode): try later,
+    #: unless the error says otherwise (an upstream's verdict on the request).
+    status: str = "UNAVAILABLE"
+
 
 class SandboxNotFound(RuntimeError_):
     """The runtime does not know this sandbox id (gRPC NOT_FOUND)."""

@@ -48,6 +48,28 @@ STATUS_TIMEOUT = 10.0
 class UpstreamUnavailable(RuntimeError_):
     """The upstream runtime could not answer PodSandboxStatus (not a verdict on the sandbox)."""
 
+    def __init__(self, message: str, status: str = "UNAVAILABLE") -> None:
+        super().__init__(message)
+        self.status = status
+
+
+#: The upstream's verdicts on a request, which PortForward answers with as they are.
+_VERDICTS = frozenset({"INVALID_ARGUMENT", "PERMISSION_DENIED", "UNAUTHENTICATED",
+                       "FAILED_PRECONDITION"})
+#: An upstream that could answer later: PortForward says so with UNAVAILABLE.
+_TRANSIENT = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "RESOURCE_EXHAUSTED",
+                        "ABORTED"})
+
+
+def status_for_upstream(code: grpc.StatusCode) -> str:
+    """PortForward's status for an upstream PodSandboxStatus that failed with code (other than
+    NOT_FOUND): its verdicts on the request as they are, UNAVAILABLE for what may pass, and
+    UNKNOWN for the rest (an upstream without PodSandboxStatus, its INTERNAL: the code named
+    PodSandboxStatus's failure, and UNIMPLEMENTED would tell the kubelet PortForward is)."""
+    if code.name in _VERDICTS:
+        return code.name
+    return "UNAVAILABLE" if code.name in _TRANSIENT else "UNKNOWN"
+
 
 class NamedSandboxes:
     """Sandbox ids that are netns names under netns_dir, or keys of an explicit map."""
@@ -232,7 +254,8 @@ class UpstreamSandboxes:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 raise SandboxNotFound(f"sandbox {sandbox_id!r} not found: {e.details()}") from None
             raise UpstreamUnavailable(f"PodSandboxStatus({sandbox_id}) at {self.endpoint}: "
-                                      f"{e.code().name}: {e.details()}") from None
+                                      f"{e.code().name}: {e.details()}",
+                                      status_for_upstream(e.code())) from None
         if not isinstance(response, api_pb2.PodSandboxStatusResponse):  # _parse_status
             raise UpstreamUnavailable(f"PodSandboxStatus({sandbox_id}) at {self.endpoint}: "
                                       "an answer that is not a PodSandboxStatusResponse")

@@ -103,6 +103,9 @@ class RecordingUpstream:
 
     def _garbled_status(self, request, context):
         self._record("PodSandboxStatus", context)
+        if request.pod_sandbox_id.startswith("answer-"):  # answer-<code>: fail with it
+            code = grpc.StatusCode[request.pod_sandbox_id[len("answer-"):]]
+            context.abort(code, f"upstream answers {code.name}")
         if request.pod_sandbox_id != "garbled":
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "no PodSandboxStatus here")
         return b"\x0a\x05abc"  # field 1 (status) says 5 bytes follow; 3 do
@@ -304,6 +307,24 @@ def test_port_forward_resolves_through_the_upstream_by_default(
         proxy.runtime.PortForward(api_pb2.PortForwardRequest(pod_sandbox_id="x"), timeout=10)
     assert info.value.code() != grpc.StatusCode.NOT_FOUND
     assert "runtime plugin containerd: upstream_endpoint is set" in proxy.log()
+
+
+@pytest.mark.parametrize("upstream_code, answer", [
+    ("PERMISSION_DENIED", "PERMISSION_DENIED"), ("INVALID_ARGUMENT", "INVALID_ARGUMENT"),
+    ("UNAUTHENTICATED", "UNAUTHENTICATED"), ("FAILED_PRECONDITION", "FAILED_PRECONDITION"),
+    ("UNAVAILABLE", "UNAVAILABLE"), ("DEADLINE_EXCEEDED", "UNAVAILABLE"),
+    ("RESOURCE_EXHAUSTED", "UNAVAILABLE"), ("INTERNAL", "UNKNOWN"),
+    ("UNIMPLEMENTED", "UNKNOWN")])
+def test_port_forward_answers_with_the_upstreams_verdict_on_the_sandbox(
+        proxy: CrishimProcess, upstream_code: str, answer: str) -> None:
+    """The upstream's verdict on the request reaches the kubelet as it is; what may pass is
+    UNAVAILABLE (try later); the rest UNKNOWN, never UNIMPLEMENTED (that would say crishim
+    has no PortForward). Every one of them was UNAVAILABLE."""
+    with pytest.raises(grpc.RpcError) as info:
+        proxy.runtime.PortForward(api_pb2.PortForwardRequest(
+            pod_sandbox_id=f"answer-{upstream_code}", port=[80]), timeout=10)
+    assert info.value.code() == grpc.StatusCode[answer], info.value
+    assert info.value.details().endswith(f"{upstream_code}: upstream answers {upstream_code}")
 
 
 def test_an_upstream_status_answer_that_does_not_parse_fails_that_call_only(
