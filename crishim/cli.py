@@ -144,8 +144,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+VERSION_LINE = f"crishim {__version__} (CRI runtime.v1)"  # `version` and `--version` alike
+
+
 def cmd_version(args: argparse.Namespace) -> int:
-    print(f"crishim {__version__} (CRI runtime.v1)")
+    print(VERSION_LINE)
     return 0
 
 
@@ -172,7 +175,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crishim", description="A pluggable CRI streaming server and its client.")
-    parser.add_argument("--version", action="version", version=f"crishim {__version__}")
+    parser.add_argument("--version", action="version", version=VERSION_LINE)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_serve(sub)

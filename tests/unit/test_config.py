@@ -277,3 +277,18 @@ def test_toml_values_of_each_type_are_taken(tmp_path):
     cfg = load(str(f), env={})
     assert (cfg.max_tokens, cfg.upstream_version, cfg.drain_timeout, cfg.token_ttl,
             cfg.sandboxes) == (7, False, 2.0, 30.0, {"a": "/run/netns/a"})
+
+
+def test_version_and_dash_dash_version_print_the_same_line():
+    """`crishim --version` said `crishim 0.1.0`, `crishim version` named the CRI API too."""
+    import subprocess
+    import sys
+
+    def run(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "crishim", *args], capture_output=True,
+                              text=True, timeout=60, check=True)
+        return done.stdout
+
+    line = run("version")
+    assert line == run("--version")
+    assert line.startswith("crishim ") and "runtime.v1" in line
