@@ -28,7 +28,7 @@ from crishim.client.transports import (
     open_session,
 )
 from crishim.client.udp import UdpListener
-from crishim.flow import read_buffer
+from crishim.flow import read_buffer, write_lent
 from crishim.ports import shown
 from crishim.protocols.constants import DIAL_ON_DATA, HEADER_CRISHIM_DIAL
 from crishim.sysutil import LISTEN_BACKLOG, read_now
@@ -516,9 +516,15 @@ LOCAL_WATCH = 1.0
 
 
 class _RemoteSide(asyncio.Protocol):
+    #: data_received may be given a view of the loop's read buffer (a session that reads
+    #: in place: ClientSession.reads_lent): it is written out, or copied, at once
+    takes_views = True
+
     def __init__(self, pipe: _Pipe, local: asyncio.Transport) -> None:
         self.pipe = pipe
         self.local = local
+        sock = local.get_extra_info("socket")
+        self._local_fd = sock.fileno() if sock is not None else -1
         self._watch: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -530,8 +536,13 @@ class _RemoteSide(asyncio.Protocol):
                 stream.write(chunk)
             pending.clear()
 
-    def data_received(self, data: bytes) -> None:
-        self.local.write(data)
+    def data_received(self, data: bytes | memoryview) -> None:
+        if type(data) is bytes:
+            self.local.write(data)
+        elif self._local_fd >= 0:  # a view of the read buffer: see flow.write_lent
+            write_lent(self.local, self._local_fd, [data])
+        else:
+            self.local.write(bytes(data))
 
     def eof_received(self) -> bool:
         local = self.local

@@ -274,6 +274,8 @@ class ForwardStream(asyncio.Transport):
             self.first_byte_at = time.perf_counter()
             self.session.reply_came(self)
         self.bytes_down += len(data)
+        if self.session.lending and not getattr(protocol, "takes_views", False):
+            data = bytes(data)  # a view of the read buffer, to a protocol that may keep it
         # zero copy: a view into the received frame; asyncio's protocols take bytes-likes
         protocol.data_received(data)  # type: ignore[arg-type]
 
@@ -377,6 +379,11 @@ class ClientSession:
     has_error_stream = True
     error_text_is_fatal = True
     opens_ahead = False  # the transport's streams carry headers (SPDY, HTTP/2)
+    #: receive() may be handed a view of the loop's read buffer (flow.read_buffer) with
+    #: lent=True, which the next read overwrites: what it decodes is acted on before it
+    #: returns, and stream data reaches a protocol as such a view only if the protocol says
+    #: it writes it out or copies it at once (`takes_views`; ForwardStream._data)
+    reads_lent = False
 
     def __init__(self) -> None:
         loop = asyncio.get_running_loop()
@@ -396,6 +403,7 @@ class ClientSession:
         # default, a keepalive PING)
         self.answer_timeout = 10.0
         self.reads = 0  # reads from the server so far (a stalled server makes none)
+        self.lending = False  # within a lent receive(): see reads_lent
         self._ping_task: asyncio.Task[None] | None = None
         self._pings: dict[object, tuple[float, asyncio.Future[float]]] = {}  # by ping key
         # the stream protocol version the server picked (None: HTTP/2 before it answered)
@@ -529,7 +537,7 @@ class ClientSession:
     def _flush(self) -> None:
         raise NotImplementedError
 
-    def receive(self, data: bytes) -> None:
+    def receive(self, data: bytes | memoryview, lent: bool = False) -> None:
         raise NotImplementedError
 
     # --- a local connection that does not take what the pod sends -----------------------
@@ -896,6 +904,15 @@ class UpgradeProtocol(asyncio.BufferedProtocol):
         return read_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
+        session = self.session
+        if session is not None and session.reads_lent:  # read in place: no copy of the read
+            session.reads += 1
+            session.lending = True
+            try:
+                session.receive(read_buffer()[:nbytes], lent=True)
+            finally:
+                session.lending = False
+            return
         self.data_received(read_buffer()[:nbytes].tobytes())
 
     def data_received(self, data: bytes) -> None:

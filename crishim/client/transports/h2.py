@@ -55,6 +55,7 @@ class H2ClientSession(StreamPairSession):
     codec: H2Codec
     stream_gone = (h2.exceptions.ProtocolError,)
     cancel_code = ErrorCodes.CANCEL
+    reads_lent = True
 
     def __init__(self, authority: str, path: str, scheme: str,
                  versions: Sequence[str] = (PORTFORWARD_PROTOCOL,)) -> None:
@@ -179,9 +180,9 @@ class H2ClientSession(StreamPairSession):
         return payload
 
     # --- input --------------------------------------------------------------------------
-    def receive(self, data: bytes) -> None:
+    def receive(self, data: bytes | memoryview, lent: bool = False) -> None:
         try:
-            events = self.codec.receive_data(data)
+            events = self.codec.receive_data(data, lent=lent)
         except h2.exceptions.ProtocolError as e:
             self._flush()
             self._lost(f"HTTP/2 protocol error: {e}")

@@ -66,6 +66,8 @@ class SpdyClientSession(StreamPairSession):
         self.codec = spdy.SpdyConnection(spdy.SpdyConfig(
             client=True, max_send_frame=256 * 1024, zero_copy=True))
         self.tunnel = tunnel
+        # read in place (reads_lent), but not through a tunnel: its messages are copied
+        self.reads_lent = tunnel is None
         if tunnel is not None:
             self.transport_name = "spdy-over-websocket"
         self._windows = False  # the server honours our windows (its replies said so)
@@ -165,7 +167,7 @@ class SpdyClientSession(StreamPairSession):
         return self.codec.ping()
 
     # --- input --------------------------------------------------------------------------
-    def receive(self, data: bytes) -> None:
+    def receive(self, data: bytes | memoryview, lent: bool = False) -> None:
         if self.tunnel is not None:
             for event in self.tunnel.receive_data(data):
                 match event:
@@ -178,11 +180,11 @@ class SpdyClientSession(StreamPairSession):
                         return
             self._write_raw(self.tunnel.take_output())  # pongs
             return
-        self._receive_spdy(data)
+        self._receive_spdy(data, lent)
 
-    def _receive_spdy(self, data: bytes | memoryview) -> None:
+    def _receive_spdy(self, data: bytes | memoryview, lent: bool = False) -> None:
         streams = self.streams
-        for event in self.codec.receive_data(data):
+        for event in self.codec.receive_data(data, lent=lent):
             match event:
                 case spdy.DataReceived():
                     if self._windows and event.data:

@@ -140,7 +140,7 @@ class ChannelClientSession(ClientSession):
         else:
             stream._remote_reset(f"WebSocket closed ({event.code} {event.reason})")
 
-    def receive(self, data: bytes) -> None:
+    def receive(self, data: bytes | memoryview, lent: bool = False) -> None:
         for event in self.codec.receive_data(data):
             match event:
                 case ws.Closed():
