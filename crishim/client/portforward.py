@@ -463,7 +463,11 @@ class _LocalSide(asyncio.BufferedProtocol):
         return read_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(read_buffer()[:nbytes].tobytes())
+        stream = self.pipe.stream
+        if stream is not None:  # sent from the read buffer where the session can
+            stream.write_view(read_buffer()[:nbytes])
+        else:
+            self.pipe.pending.append(read_buffer()[:nbytes].tobytes())
 
     def data_received(self, data: bytes) -> None:
         stream = self.pipe.stream

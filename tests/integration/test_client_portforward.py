@@ -334,6 +334,35 @@ def test_downloads_to_a_slow_reader_and_a_fast_one_beside_an_upload_arrive_intac
     assert got["up"] == f"{2 * size} {hashlib.sha256(payload).hexdigest()}\n".encode()
 
 
+@pytest.mark.parametrize("transport", ["spdy", "h2"])
+def test_an_upload_that_fills_the_session_socket_arrives_intact(podnet, transport):
+    """crishim port-forward sends a local connection's read straight from its read buffer
+    (ForwardStream.write_view): what the session's socket does not take must be copied,
+    as the next read overwrites that buffer. A crishim serve stopped (SIGSTOP) in the
+    middle of an upload fills the socket; the upload arrives byte for byte. Handing the
+    transport the views fails here."""
+    payload = os.urandom(128 << 20)
+    got: dict[str, bytes] = {}
+    with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}") as server:
+        assert server.proc is not None
+        with PortForwardCLI(server, f"{(local := free_port())}:{SINK_PORT}",
+                            transport=transport) as cli:
+            cli.forwarding(1)
+            sender = threading.Thread(target=lambda: got.__setitem__(
+                "up", upload(local, payload)))
+            sender.start()
+            for _ in range(40):  # the upload takes 0.2-1 s here: stopped 2/3 of that
+                time.sleep(0.01)
+                os.kill(server.proc.pid, signal.SIGSTOP)
+                try:
+                    time.sleep(0.02)
+                finally:
+                    os.kill(server.proc.pid, signal.SIGCONT)
+            sender.join(60)
+            assert cli.interrupt() == 0
+    assert got["up"] == f"{len(payload)} {hashlib.sha256(payload).hexdigest()}\n".encode()
+
+
 @pytest.mark.parametrize("transport", ["h2", "spdy", "spdy-over-websocket"])
 def test_a_connection_that_is_not_read_holds_back_only_itself(crishim, transport):
     """A local client that stops reading its download: over HTTP/2, and over SPDY where

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol, cast
 from urllib.parse import urlsplit
 
-from crishim.flow import ReadGate, read_buffer
+from crishim.flow import ReadGate, read_buffer, write_lent
 from crishim.protocols.buffers import Outbound
 from crishim.protocols.constants import (
     DIAL_ON_DATA,
@@ -183,6 +183,19 @@ class ForwardStream(asyncio.Transport):
             return
         self.bytes_up += len(data)
         self.session._send(self, data)
+
+    def write_view(self, view: memoryview) -> None:
+        """write(), given a view of the loop's read buffer (flow.read_buffer), which the
+        next read overwrites: a session that writes its socket itself (`lent_fd`) sends it
+        out at once and copies only what waits (a window, a full socket); others get a
+        copy."""
+        session = self.session
+        if session.lent_fd < 0:
+            self.write(view.tobytes())
+        elif not (self._closing or self._finished or self._eof_sent or self._reset
+                  or not view):
+            self.bytes_up += len(view)
+            session._send(self, view, True)
 
     def writelines(self, list_of_data: Iterable[Buffer]) -> None:
         self.write(b"".join(list_of_data))
@@ -404,6 +417,9 @@ class ClientSession:
         self.answer_timeout = 10.0
         self.reads = 0  # reads from the server so far (a stalled server makes none)
         self.lending = False  # within a lent receive(): see reads_lent
+        # the session's socket, where a stream's write_view may go straight (a plain TCP
+        # connection of a session that reads in place); -1: none, views are copied
+        self.lent_fd = -1
         self._ping_task: asyncio.Task[None] | None = None
         self._pings: dict[object, tuple[float, asyncio.Future[float]]] = {}  # by ping key
         # the stream protocol version the server picked (None: HTTP/2 before it answered)
@@ -518,7 +534,7 @@ class ClientSession:
         """Open a connection's streams (`on_data`: with dial: on-data, ahead of it)."""
         raise NotImplementedError
 
-    def _send(self, stream: ForwardStream, data: Buffer) -> None:
+    def _send(self, stream: ForwardStream, data: Buffer, lent: bool = False) -> None:
         raise NotImplementedError
 
     def _send_eof(self, stream: ForwardStream) -> None:
@@ -578,15 +594,21 @@ class ClientSession:
             # after the stream has told its protocol (an E line before the session's end)
             self.loop.call_soon(self._end_when_idle)
 
-    def _write_raw(self, out: list[bytes | memoryview] | list[Buffer]) -> None:
-        """Hand the codec's output buffers to the transport as they are (no join copy).
+    def _write_raw(self, out: list[bytes | memoryview] | list[Buffer], lent: bool = False
+                   ) -> None:
+        """Hand the codec's output buffers to the transport as they are (no join copy);
+        `lent`: some are views of the loop's read buffer (write_view), written to `lent_fd`
+        at once or copied (flow.write_lent).
         Past MAX_UNSENT waiting for the server to read, the session ends: forwarded data
         stops at the transport's high-water mark, so what piles up beyond it are answers
         (PING, SETTINGS acknowledgements) to a server that sends and never reads (100 MiB
         of PINGs grew the client by 100-140 MiB)."""
         t = self.transport
         if out and t is not None and not t.is_closing():
-            t.writelines(out)
+            if lent:
+                write_lent(t, self.lent_fd, cast(list[bytes | memoryview], out))
+            else:
+                t.writelines(out)
             unsent = t.get_write_buffer_size()
             if unsent > MAX_UNSENT:
                 self._lost(f"the server does not read what this session sends "
@@ -980,6 +1002,11 @@ class UpgradeProtocol(asyncio.BufferedProtocol):
         transport = self.transport
         self.session = session
         session.transport = transport
+        sock = transport.get_extra_info("socket")
+        if session.reads_lent and sock is not None and \
+                transport.get_extra_info("sslcontext") is None and \
+                transport.get_extra_info("ssl_object") is None:  # not through TLS
+            session.lent_fd = sock.fileno()
         self.buffer = bytearray()
         if leftover:
             session.receive(leftover)

@@ -144,11 +144,16 @@ class H2ClientSession(StreamPairSession):
             q = self._queues[stream.key] = Outbound()
         return q
 
-    def _send(self, stream: ForwardStream, data: Buffer) -> None:
+    def _send(self, stream: ForwardStream, data: Buffer, lent: bool = False) -> None:
         q = self._queue(stream)
         q.append(data if not isinstance(data, bytearray) else bytes(data))
         self._drain(stream.key, q)
-        self._flush()
+        if lent:  # views of the read buffer (write_view): what waits for a window is copied
+            if q.chunks:
+                q.chunks = [bytes(chunk) for chunk in q.chunks]
+            self._write_raw(self.codec.take_output(), True)
+        else:
+            self._flush()
 
     def _send_eof(self, stream: ForwardStream) -> None:
         q = self._queue(stream)

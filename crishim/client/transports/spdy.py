@@ -113,15 +113,18 @@ class SpdyClientSession(StreamPairSession):
             raise SessionClosed(str(e)) from None
         return self._register(ForwardStream(self, port, data_id), error_id)
 
-    def _send(self, stream: ForwardStream, data: Buffer) -> None:
+    def _send(self, stream: ForwardStream, data: Buffer, lent: bool = False) -> None:
         sid = stream.key
         q = self._queues.get(sid)
         if q is None and len(data) <= self.codec.send_window(sid):  # the common case
             try:
-                self.codec.send_data(sid, data)
+                self.codec.send_data(sid, data, lent=lent)
             except spdy.StreamClosedError:
                 return
-            self._flush()
+            if lent:  # views of the read buffer (write_view): out now, or copied
+                self._write_raw(self.codec.take_output(), True)
+            else:
+                self._flush()
             return
         if q is None:
             q = self._queues[sid] = Outbound()

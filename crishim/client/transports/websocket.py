@@ -91,7 +91,7 @@ class ChannelClientSession(ClientSession):
             self._deliver_close(stream, self._close_event)
         return stream, protocol
 
-    def _send(self, stream: ForwardStream, data: Buffer) -> None:
+    def _send(self, stream: ForwardStream, data: Buffer, lent: bool = False) -> None:
         self._sent = True
         self.codec.send_data(stream.key, data)
         self._flush()

@@ -418,19 +418,21 @@ class SpdyConnection:
             self._close_local(stream)
 
     def send_data(self, stream_id: int, data: bytes | bytearray | memoryview,
-                  fin: bool = False) -> None:
+                  fin: bool = False, lent: bool = False) -> None:
         """Queue DATA frames of at most ``max_send_frame`` bytes each.
 
         Never waits for window credit (with windows enforced, the caller sends no more
         than send_window allows: send_queued). A no-op if the stream is already reset or
         finished; raises :class:`StreamClosedError` if we already sent FIN on it.
+        ``lent``: ``data`` is a buffer its owner reuses, and the caller takes the output
+        and writes it out (or copies it) before that: it is sliced by view, not copied.
         """
         stream = self._writable_stream(stream_id)
         if stream is None:
             return
         # Immutable bytes (or a view of them) are sliced by view; anything mutable is
         # copied once here.
-        view = memoryview(data) if immutable(data) else memoryview(bytes(data))
+        view = memoryview(data) if lent or immutable(data) else memoryview(bytes(data))
         total = len(view)
         chunk = self.config.max_send_frame
         pack = _U32_PAIR.pack
