@@ -38,6 +38,7 @@ from crishim.client.transports import (
     open_session,
     without_userinfo,
 )
+from crishim.client.transports.h2 import H2ClientSession
 from crishim.protocols.constants import PORTFORWARD_CRISHIM_V1
 from crishim.protocols.datagram import DatagramDecoder, encode_datagram
 
@@ -224,18 +225,51 @@ class Checker:
                         f"(at most {bits} bits, from its length"
                         f"{'; reference runtimes use 8' if bits < 96 else ''})")
 
-    async def check_token_single_use(self) -> Outcome:
-        transport = self.transport if self.transport != "h2" else "spdy"
+    async def check_token_single_use(self, transport: str) -> Outcome:
+        """One stream URL used twice on `transport`: the second use must be refused. The
+        upgrade transports spend the token on the upgrade and refuse it there (404 from
+        crishim and containerd alike); HTTP/2 spends it on the connection's first stream,
+        whose answer is the verdict."""
         ports = [self.probe_port()] if transport == "websocket" else []
         url = await self.url(ports)
         first = await self.open_url(url, transport, ports)
-        first.close()
+        try:
+            status = await self.first_answer(first)
+        finally:
+            first.close()
+        if status != 200:
+            return "fail", f"{transport}: the first use was refused with {status}"
         try:
             second = await self.open_url(url, transport, ports)
         except UpgradeRefused as e:
-            return "pass", f"second use refused with {e.status}"
-        second.close()
-        return "fail", "the same token was accepted twice"
+            return self.second_use_refused(transport, e.status)
+        try:
+            status = await self.first_answer(second)
+        finally:
+            second.close()
+        if status != 200:
+            return self.second_use_refused(transport, status)
+        return "fail", f"{transport}: the same token was accepted twice"
+
+    async def first_answer(self, session: ClientSession) -> int:
+        """The status the token got on a session just opened: 200 once upgraded, and on
+        HTTP/2 (a connection, no upgrade) the answer to its first stream, the version
+        probe."""
+        if not isinstance(session, H2ClientSession):
+            return 200
+        await session.negotiate(self.timeout)
+        return session.first_status or 0
+
+    @staticmethod
+    def second_use_refused(transport: str, status: int) -> Outcome:
+        if 400 <= status < 500:
+            return "pass", f"{transport}: second use refused with {status}"
+        if status == 101:  # upgraded: the token was taken, whatever was wrong after
+            return "fail", (f"{transport}: the same token was accepted twice (the second "
+                            "upgrade succeeded, its answer unusable)")
+        return "warn", (f"{transport}: second use refused with {status}, which does not say "
+                        "the token was spent (a refusal for a used token is a 4xx, crishim's "
+                        "and containerd's 404)")
 
     def probe_port(self) -> int:
         if self.peers is not None:
@@ -473,11 +507,11 @@ class Checker:
         await self.run_check("cri-url", self.check_url)
         if self.peers is None and not self.port:
             self.why_no_servers += "; and no --port given"
-        await self.run_check("token-single-use", self.check_token_single_use)
         for transport in TRANSPORTS:
             await self.run_check(f"handshake:{transport}",
                                  functools.partial(self.check_handshake, transport),
                                  required=transport == self.transport)
+        await self.run_token_checks()
         half_close = self.transport != "websocket"
         data_checks = [
             ("echo-sha256", self.check_echo, True),
@@ -510,6 +544,26 @@ class Checker:
             await self.run_check("udp-echo", self.check_udp_echo, required=False)
         if self.peers is None and self.port:
             await self.run_check("connect", self.check_connect_user_port)
+
+    async def run_token_checks(self) -> None:
+        """token-single-use on --transport, and token-single-use:<t> on each other transport
+        the runtime speaks (its handshake passed): a stream server may refuse a used token
+        on one transport and take it on another. Required wherever it runs (a token taken
+        twice on any transport the runtime speaks lets a second client in); skipped,
+        optional, for a transport the runtime does not speak."""
+        await self.run_check("token-single-use",
+                             functools.partial(self.check_token_single_use, self.transport))
+        for transport in TRANSPORTS:
+            if transport == self.transport:
+                continue
+            name = f"token-single-use:{transport}"
+            handshake = next(r for r in self.results if r.name == f"handshake:{transport}")
+            if handshake.result != "pass":
+                self.skip(name, f"the runtime does not speak {transport} (see "
+                                f"handshake:{transport})", required=False)
+            else:
+                await self.run_check(name, functools.partial(self.check_token_single_use,
+                                                             transport))
 
     def unreached_servers_hint(self) -> str:
         """Why every data check may have failed: the runtime dials the sandbox's netns,

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
+from concurrent import futures
 
+import grpc
 import pytest
 
+from crishim.cri import api_pb2
 from tests.integration.test_client_portforward import (
     HangingUp,
     SilentListener,
@@ -42,9 +48,10 @@ def test_check_with_own_servers_in_the_sandbox_passes(crishim, podnet, transport
     assert report["ok"] is True
     assert report["servers"] is True and report["netns"] == podnet.path
     checks = {c["name"]: c for c in report["checks"]}
+    others = [t for t in TRANSPORTS if t != transport]
     assert set(checks) == {"cri-url", "token-single-use", *(f"handshake:{t}" for t in
                                                              TRANSPORTS), *DATA_CHECKS,
-                           "udp-echo"}
+                           *(f"token-single-use:{t}" for t in others), "udp-echo"}
     # crishim speaks every transport
     for t in TRANSPORTS:
         assert checks[f"handshake:{t}"]["result"] == "pass", checks[f"handshake:{t}"]
@@ -52,7 +59,13 @@ def test_check_with_own_servers_in_the_sandbox_passes(crishim, podnet, transport
         # the session transports answer a session-level ping, timed
         has_ping = re.search(r", ping \d+\.\d\d ms$", checks[f"handshake:{t}"]["detail"])
         assert bool(has_ping) is (t != "websocket"), checks[f"handshake:{t}"]["detail"]
-    assert "404" in checks["token-single-use"]["detail"]
+    # a used token refused on each transport: on the upgrade, or HTTP/2's first stream
+    assert checks["token-single-use"]["detail"] == f"{transport}: second use refused with 404"
+    for t in others:
+        assert checks[f"token-single-use:{t}"] == {
+            "name": f"token-single-use:{t}", "result": "pass", "required": True,
+            "detail": f"{t}: second use refused with 404",
+            "seconds": checks[f"token-single-use:{t}"]["seconds"]}
     assert "22 chars" in checks["cri-url"]["detail"]
     skipped = set(report["skipped"])
     # the upload goes to a sized sink: no half-close needed, so on every transport (it
@@ -138,6 +151,11 @@ def _session_checks_against(server, tmp_path, *args: str) -> tuple[list[dict], s
         # one that does not speak them, a warning
         optional = name.startswith("handshake:") and name != "handshake:spdy"
         assert checks[name]["result"] == ("warn" if optional else "fail"), checks[name]
+    for t in TRANSPORTS[1:]:  # single use is not tried where the handshake failed
+        assert checks[f"token-single-use:{t}"] == {
+            "name": f"token-single-use:{t}", "result": "skip", "required": False,
+            "seconds": 0.0,
+            "detail": f"the runtime does not speak {t} (see handshake:{t})"}
     return [checks[name] for name in names], r.stderr
 
 
@@ -339,3 +357,126 @@ def test_check_with_the_wrong_netns_hints_at_it(crishim, transport):
     assert (f"\nhint: no data check's connection reached the check's servers, which run in "
             f"{other.path} (from --netns): if that is not the sandbox's network namespace, "
             "name the right one with --netns PATH\n") in r.stdout, r.stdout
+
+
+class WebSocketTokenReuse:
+    """A stream server that honours single use on every transport but the WebSocket
+    channel protocol: a proxy in front of crishim's, with a CRI runtime whose URLs lead to
+    it. A channel WebSocket upgrade whose token was seen before has it swapped for a fresh
+    one of crishim's, so a used token is taken again there, and only there."""
+
+    def __init__(self, crishim, cri_path: str) -> None:
+        self.crishim = crishim
+        # crishim's stream server (a URL minted for its address: the token goes unused)
+        self.upstream = ("127.0.0.1", int(re.search(
+            r":(\d+)/", crishim.port_forward_url(SANDBOX)).group(1)))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.port = self.listener.getsockname()[1]
+        self.seen: set[str] = set()
+        self.reused = 0
+        self.stopped = threading.Event()
+        self.threads: list[threading.Thread] = []  # the accept loop and each connection's
+        self.cri = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        self.cri.add_generic_rpc_handlers((self,))
+        self.cri.add_insecure_port("unix://" + cri_path)
+        self.cri.start()
+        self._start(self._accept)
+
+    def service(self, details: grpc.HandlerCallDetails):
+        if not details.method.endswith("/PortForward"):
+            return None
+
+        def port_forward(request, context):
+            url = self.crishim.port_forward_url(request.pod_sandbox_id, list(request.port))
+            return api_pb2.PortForwardResponse(
+                url=re.sub(r"^http://[^/]+", f"http://127.0.0.1:{self.port}", url))
+        return grpc.unary_unary_rpc_method_handler(
+            port_forward, request_deserializer=api_pb2.PortForwardRequest.FromString,
+            response_serializer=lambda m: m.SerializeToString())
+
+    def _start(self, target, *args) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            self._start(self._serve, conn)
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(30)
+        head = b""
+        while b"\r\n\r\n" not in head and len(head) < 65536:
+            chunk = conn.recv(65536)
+            if not chunk:
+                conn.close()
+                return
+            head += chunk
+        m = re.match(rb"GET /portforward/([^/? ]+)", head)
+        if m and b"channel.k8s.io" in head:  # the channel protocol, not SPDY over WebSocket
+            token = m.group(1).decode()
+            if token in self.seen:
+                self.reused += 1
+                fresh = self.crishim.port_forward_url(SANDBOX, [HTTP_PORT]).rsplit("/", 1)[1]
+                head = head.replace(m.group(1), fresh.encode(), 1)
+            self.seen.add(token)
+        with conn, socket.create_connection(self.upstream, timeout=30) as server:
+            server.sendall(head)
+            back = threading.Thread(target=self._pipe, args=(server, conn), daemon=True)
+            back.start()
+            self._pipe(conn, server)
+            back.join(30)
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while chunk := src.recv(65536):
+                dst.sendall(chunk)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                src.shutdown(socket.SHUT_RD)
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.cri.stop(0)
+        for thread in self.threads:
+            thread.join(5)
+        self.listener.close()
+
+
+@pytest.mark.parametrize("transport", ["spdy", "websocket"])
+def test_check_tests_token_single_use_on_every_transport_the_runtime_speaks(crishim, tmp_path,
+                                                                            transport):
+    """A stream server that takes a used token on the channel WebSocket alone: check tested
+    single use on --transport's upgrade (SPDY for h2) only, and passed it with spdy. Now
+    each transport the runtime speaks has its own line, required where it runs."""
+    server = WebSocketTokenReuse(crishim, str(tmp_path / "cri.sock"))
+    try:
+        r = subprocess.run([sys.executable, "-m", "crishim", "check", "--sandbox", SANDBOX,
+                            "--runtime-endpoint", str(tmp_path / "cri.sock"), "--port",
+                            str(HTTP_PORT), "--transport", transport, "--json"],
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        server.close()
+    assert r.returncode == 1, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    checks = {c["name"]: c for c in report["checks"]}
+    websocket = "token-single-use" if transport == "websocket" else \
+        "token-single-use:websocket"
+    assert checks[websocket]["result"] == "fail", checks[websocket]
+    assert checks[websocket]["required"] is True
+    assert checks[websocket]["detail"] == "websocket: the same token was accepted twice"
+    for t in TRANSPORTS:
+        name = "token-single-use" if t == transport else f"token-single-use:{t}"
+        if t != "websocket":
+            assert checks[name]["result"] == "pass", checks[name]
+            assert checks[name]["detail"] == f"{t}: second use refused with 404", checks[name]
+    assert server.reused >= 1

@@ -66,6 +66,9 @@ class H2ClientSession(StreamPairSession):
         self.pair_offer = ((VERSION_HEADER, self.offer),)
         self.stream_version = None
         self.version_known: asyncio.Future[None] = self.loop.create_future()
+        # the HTTP status of the connection's first answer: the token's verdict (HTTP/2
+        # spends it on the first stream; a used or unknown one is answered 404)
+        self.first_status: int | None = None
         self._probe_id = 0
         # our own header lists, built here: h2's outbound checks cost ~20 us per connection
         self.codec = H2Codec(h2.config.H2Configuration(
@@ -212,6 +215,9 @@ class H2ClientSession(StreamPairSession):
                     self._on_data(ev, acks)
                 case h2.events.ResponseReceived():
                     status = _response_header(ev.headers, ":status") or "0"
+                    if self.first_status is None:
+                        self.first_status = (int(status) if status.isascii()
+                                             and status.isdigit() else 0)
                     self._version_answered(ev.stream_id,
                                            _response_header(ev.headers, VERSION_HEADER))
                     stream = (self.streams.get(ev.stream_id)
