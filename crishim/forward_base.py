@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING
 
 from crishim.logs import traceback_once
-from crishim.runtime import DialFailed, DialUnavailable, SandboxGone
+from crishim.runtime import DialFailed, DialTimedOut, DialUnavailable, SandboxGone
 
 if TYPE_CHECKING:
     from crishim.forward import Channel, ForwardContext, SessionBase
@@ -91,6 +91,9 @@ class Forwarded:
                 sock = await self._plugin_dial()
         except SandboxGone as e:
             self._fail(str(e), "sandbox_gone", fatal=True)
+            return
+        except DialTimedOut as e:
+            self._fail(str(e), "dial_timeout")
             return
         except DialUnavailable as e:
             self._fail(str(e), "dial_unavailable", level=logging.WARNING)

@@ -41,6 +41,12 @@ class DialFailed(RuntimeError_):
     """One connection into the sandbox failed (refused, unreachable): ends that connection."""
 
 
+class DialTimedOut(DialFailed):
+    """The connect into the sandbox got no answer in time (a port whose SYNs are dropped),
+    said by a plugin whose dial bounds itself (the helper-pod backend's helper, within the
+    shim's dial_timeout): counted as a dial_timeout, as crishim's own bound is."""
+
+
 class DialUnavailable(DialFailed):
     """The runtime's own way into sandboxes is down (the helper-pod backend's helper not
     answering): ends that connection as DialFailed does, but is the node's problem, not

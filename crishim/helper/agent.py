@@ -177,10 +177,12 @@ class HelperAgent:
                     message=f"helper at {self.socket_path} runs in {self.mode} mode but was "
                             f"asked for {request['mode']} (set helper_mode alike on both)"))
                 return
+            timeout = float(request.get("timeout", 0))
             if self.mode == "fd":
-                await self._dial_fd(conn, netns, request["port"], request.get("pod_ip", ""))
+                await self._dial_fd(conn, netns, request["port"], request.get("pod_ip", ""),
+                                    timeout)
             else:
-                await self._dial_socat(conn, netns, request["port"])
+                await self._dial_socat(conn, netns, request["port"], timeout)
         except (ConnectionError, BrokenPipeError) as e:
             log.debug("shim went away: %s", e)
         except DialFailed as e:  # open_netns: the helper is out of descriptors or memory
@@ -197,12 +199,17 @@ class HelperAgent:
     async def _reply(self, conn: socket.socket, reply: Reply, fds: Sequence[int] = ()) -> None:
         await send_line(conn, reply.encode(), fds)
 
-    async def _dial_fd(self, conn: socket.socket, netns: str, port: int, pod_ip: str) -> None:
+    async def _dial_fd(self, conn: socket.socket, netns: str, port: int, pod_ip: str,
+                       timeout: float = 0.0) -> None:
         try:
             sock = await _dial_in(conn, netns, port,
-                                  lambda ns_fd: dial_localhost_in(ns_fd, port, pod_ip))
+                                  lambda ns_fd: dial_localhost_in(ns_fd, port, pod_ip), timeout)
             if sock is None:
                 return
+        except _DialTimedOut as e:
+            log.debug("%s in %s: dial given up, answered timeout", e, netns)
+            await self._reply(conn, Reply(False, error="timeout", message=str(e)))
+            return
         except SandboxGone as e:
             await self._reply(conn, Reply(False, error="gone", message=str(e)))
             return
@@ -269,10 +276,15 @@ class HelperAgent:
             reasons.append(f"{host}: {error}")
         return None, reasons
 
-    async def _dial_socat(self, conn: socket.socket, netns: str, port: int) -> None:
+    async def _dial_socat(self, conn: socket.socket, netns: str, port: int,
+                          timeout: float = 0.0) -> None:
         try:
             found = await _dial_in(conn, netns, port,
-                                   lambda ns_fd: self._socat_to(ns_fd, port))
+                                   lambda ns_fd: self._socat_to(ns_fd, port), timeout)
+        except _DialTimedOut as e:
+            log.debug("%s in %s: dial given up, answered timeout", e, netns)
+            await self._reply(conn, Reply(False, error="timeout", message=str(e)))
+            return
         except SandboxGone as e:
             await self._reply(conn, Reply(False, error="gone", message=str(e)))
             return
@@ -290,13 +302,33 @@ class HelperAgent:
             await socat.close()
 
 
+class _DialTimedOut(Exception):
+    """The connect got no answer within the request's timeout (answered "timeout")."""
+
+
+async def _bounded(dial: Coroutine[None, None, T], port: int, timeout: float) -> T:
+    """dial, cancelled (closing what it opened) once timeout seconds pass: _DialTimedOut."""
+    deadline = asyncio.timeout(timeout)
+    try:
+        async with deadline:
+            return await dial
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        raise _DialTimedOut(f"connect to port {port}: no answer after {timeout:g} s") from None
+
+
 async def _dial_in(conn: socket.socket, netns: str, port: int,
-                   dial: Callable[[int], Coroutine[None, None, T]]) -> T | None:
-    """dial(ns_fd) with the requested netns open (-1: the host's) for its duration;
-    None, logged, when the shim hung up first. SandboxGone: no netns at that path."""
+                   dial: Callable[[int], Coroutine[None, None, T]],
+                   timeout: float = 0.0) -> T | None:
+    """dial(ns_fd) with the requested netns open (-1: the host's) for its duration, at most
+    timeout seconds if given (then _DialTimedOut); None, logged, when the shim hung up
+    first. SandboxGone: no netns at that path."""
     ns_fd = -1 if netns == HOST else _open_requested_netns(netns)
     try:
-        found = await _unless_hung_up(conn, dial(ns_fd))
+        attempt = dial(ns_fd)
+        found = await _unless_hung_up(conn, _bounded(attempt, port, timeout) if timeout > 0
+                                      else attempt)
     finally:
         if ns_fd >= 0:
             os.close(ns_fd)

@@ -5,7 +5,11 @@ Protocol, version 1. One request per unix connection; every message is one line 
 
 Requests, shim -> helper:
     {"v": 1, "op": "dial", "netns": PATH | "host", "port": N, "mode": "fd" | "socat",
-     "pod_ip": ""}
+     "pod_ip": "", "timeout": SECONDS}
+        timeout (optional, more than 0, at most 3600): how long the connect may take; past
+        it the helper answers "timeout" (the shim sends what is left of its dial_timeout
+        less a margin, so a pod's port that never answers is told apart from a helper
+        that never answers). Without it the connect waits until the shim hangs up.
     {"v": 1, "op": "exists", "netns": PATH}
 
 Replies, helper -> shim:
@@ -27,6 +31,8 @@ Replies, helper -> shim:
         CODE: "gone" (no network namespace at the path, "no network namespace at PATH"
               whatever is or is not there: the shim raises SandboxGone),
               "refused" (nothing answered on the port: DialFailed),
+              "timeout" (the connect got no answer within the request's timeout:
+              DialTimedOut),
               "mode" (the helper runs the other mode), "busy" (helper_max_requests are
               being served; sent without reading the request), "bad-request", "version",
               "internal" (all DialFailed).
@@ -53,6 +59,7 @@ from crishim.sysutil import wait_io
 
 PROTOCOL_VERSION = 1
 MAX_LINE = 4096
+MAX_DIAL_TIMEOUT = 3600  # a dial request's timeout, at most (0 or none: no bound)
 
 
 class ProtocolError(Exception):
@@ -96,10 +103,13 @@ class Reply:
                    message=str(body.get("message", "")))
 
 
-def encode_request(op: str, netns: str, port: int = 0, mode: str = "", pod_ip: str = "") -> bytes:
+def encode_request(op: str, netns: str, port: int = 0, mode: str = "", pod_ip: str = "",
+                   timeout: float = 0.0) -> bytes:
     body: dict[str, Any] = {"v": PROTOCOL_VERSION, "op": op, "netns": netns}
     if op == "dial":
         body.update(port=port, mode=mode, pod_ip=pod_ip)
+        if timeout > 0:
+            body["timeout"] = round(max(timeout, 0.001), 3)
     return json.dumps(body, separators=(",", ":")).encode() + b"\n"
 
 
@@ -131,6 +141,11 @@ def decode_request(line: bytes) -> dict[str, Any]:
         if not isinstance(pod_ip, str) or (pod_ip and not ip_or_empty(pod_ip)):
             raise ProtocolError(f"pod_ip must be an IP address or empty, got "
                                 f"{shown(pod_ip, 64)}")
+        timeout = body.get("timeout", 0)
+        if not isinstance(timeout, int | float) or isinstance(timeout, bool) \
+                or not 0 <= timeout <= MAX_DIAL_TIMEOUT:
+            raise ProtocolError(f"timeout must be a number of seconds from 0 to "
+                                f"{MAX_DIAL_TIMEOUT}, got {shown(timeout, 64)}")
     return body
 
 

@@ -33,6 +33,7 @@ from crishim.helper.protocol import (
 from crishim.netns import not_a_netns
 from crishim.runtime import (
     DialFailed,
+    DialTimedOut,
     DialUnavailable,
     RuntimePlugin,
     Sandbox,
@@ -63,6 +64,11 @@ class HelperPodRuntime(RuntimePlugin):
         # the helper's connect and answer: a dial's own bound (it enters the netns and
         # connects for us); stream_creation_timeout is about stream pairs, not helpers
         self.timeout = config.dial_timeout
+        # a dial's answer is waited for until dial_timeout less this, and the helper's
+        # connect is given this less again: a pod's port that never answers is then the
+        # helper's "timeout" answer, and a helper that never answers is told apart from
+        # it, both before the shim's own dial_timeout ends the dial with neither said
+        self.margin = min(1.0, self.timeout / 10)
 
     async def resolve(self, sandbox_id: str) -> Sandbox:
         if self.upstream is not None and sandbox_id not in self.names:
@@ -102,17 +108,23 @@ class HelperPodRuntime(RuntimePlugin):
 
     async def dial(self, sandbox: Sandbox, port: int) -> socket.socket:
         netns, pod_ip = dial_target(sandbox, self.pod_ip_fallback)
+        loop = asyncio.get_running_loop()
+        answer_by = loop.time() + self.timeout - self.margin
         conn = await self._connect()
         fds: list[int] = []
         keep = False
         try:
             reply, fds = await self._ask(
-                conn, encode_request("dial", netns, port, self.mode, pod_ip), max_fds=1)
+                conn, encode_request("dial", netns, port, self.mode, pod_ip,
+                                     timeout=self.timeout - 2 * self.margin),
+                max_fds=1, wait=(answer_by - loop.time(), self.timeout - self.margin))
             if not reply.ok:
                 if self.upstream is not None:
                     self.upstream.forget(sandbox.id)  # the next resolve asks the runtime
                 if reply.error == "gone":
                     raise SandboxGone(reply.message)
+                if reply.error == "timeout":  # the pod's port, not the helper
+                    raise DialTimedOut(reply.message)
                 raise DialFailed(reply.message or f"helper error {reply.error}")
             if reply.mode != self.mode:  # its own bytes would be forwarded as the pod's
                 raise DialFailed(f"helper at {self.socket_path} answered in "
@@ -171,17 +183,21 @@ class HelperPodRuntime(RuntimePlugin):
                 from None
         return conn
 
-    async def _ask(self, conn: socket.socket, request: bytes,
-                   max_fds: int = 0) -> tuple[Reply, list[int]]:
+    async def _ask(self, conn: socket.socket, request: bytes, max_fds: int = 0,
+                   wait: tuple[float, float] | None = None) -> tuple[Reply, list[int]]:
+        """The helper's reply to request, waited for `wait`: (seconds left, the whole wait
+        the message names), or dial_timeout. No reply in time: the helper is stuck (a
+        dial's connect is bounded by the helper itself, which then answers "timeout")."""
+        left, whole = wait or (self.timeout, self.timeout)
         try:
             try:
                 await send_line(conn, request)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # a busy helper answers and closes without reading: its reply is there
-            line, fds = await asyncio.wait_for(read_line(conn, max_fds), self.timeout)
+            line, fds = await asyncio.wait_for(read_line(conn, max_fds), max(left, 0))
         except TimeoutError:
-            raise DialFailed(f"helper at {self.socket_path} did not answer within "
-                             f"{self.timeout:g}s") from None
+            raise HelperUnavailable(f"helper at {self.socket_path} did not answer within "
+                                    f"{whole:g}s") from None
         except (OSError, EOFError) as e:
             reason = getattr(e, "strerror", None) or str(e)
             raise HelperUnavailable(f"helper at {self.socket_path} unavailable: {reason}") \

@@ -4,6 +4,7 @@ in the test process, over a real unix socket."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import tempfile
@@ -12,10 +13,12 @@ import time
 
 import crishim_helperpod
 import pytest
+from crishim_helperpod import HelperUnavailable
 
 from crishim.config import load
 from crishim.helper.protocol import Reply, encode_request
-from crishim.runtime import DialFailed, Sandbox, SandboxGone, SandboxNotFound
+from crishim.netns import listen_in_netns, socket_at
+from crishim.runtime import DialFailed, DialTimedOut, Sandbox, SandboxGone, SandboxNotFound
 from tests.support.helper_proc import HelperProcess
 from tests.support.podnet import CLOSED_PORT, ECHO_PORT, HTTP_BODY, HTTP_PORT
 
@@ -292,8 +295,10 @@ OK_FD = b'{"v":1,"ok":true,"mode":"fd"}\n'
 
 
 def test_a_helper_that_does_not_answer_fails_the_call_at_dial_timeout(tmp_path, podnet):
-    """The helper's answer is waited for as long as a dial is (dial_timeout), not
-    stream_creation_timeout, which bounds stream pairs."""
+    """The helper's answer is waited for as long as a dial is (dial_timeout, less the
+    margin that leaves the shim's own bound to end it), not stream_creation_timeout,
+    which bounds stream pairs. A helper that never answers is unavailable (the node's
+    problem, a WARNING), not a refused port."""
     path = str(tmp_path / "helper.sock")
     fake = FakeHelper(path, lambda conn: time.sleep(1.5))
     plugin = crishim_helperpod.factory(load(None, env={}, overrides={
@@ -301,11 +306,50 @@ def test_a_helper_that_does_not_answer_fails_the_call_at_dial_timeout(tmp_path, 
         "stream_creation_timeout": "30s"}))
     try:
         started = time.monotonic()
-        with pytest.raises(DialFailed, match="did not answer within 0.3s"):
+        with pytest.raises(HelperUnavailable,
+                           match=f"^helper at {path} did not answer within 0.27s$"):
             asyncio.run(plugin.dial(Sandbox("sb", netns_path=podnet.path), HTTP_PORT))
         assert time.monotonic() - started < 1.2
     finally:
         fake.close()
+
+
+@contextlib.contextmanager
+def syn_dropping_port(netns_path: str):
+    """A port in the netns whose SYNs are dropped: a listener whose accept queue (backlog
+    0) one connection fills. A connect to it never completes."""
+    listener = listen_in_netns(netns_path, "127.0.0.1", 0, backlog=0)
+    port = listener.getsockname()[1]
+    filler = socket_at(netns_path, socket.AF_INET)
+    try:
+        filler.setblocking(True)
+        filler.settimeout(5)
+        filler.connect(("127.0.0.1", port))
+        yield port
+    finally:
+        filler.close()
+        listener.close()
+
+
+@pytest.mark.parametrize("mode", ["fd", "socat"])
+def test_a_pod_port_that_never_answers_is_told_apart_from_a_helper_that_does_not(
+        tmp_path, podnet, mode):
+    """Through the helper, a pod's port whose SYNs are dropped and a helper that never
+    answers both ended as the helper's silence: the helper dialled until the shim hung up,
+    and the shim said "helper ... did not answer" (or, through crishim serve, whose own
+    dial_timeout ended it first, "connect to port N: no answer" for both). The request
+    now bounds the helper's connect, which answers "timeout" first: DialTimedOut, the
+    port's words, the helper's silence kept for a helper that is stuck."""
+    with HelperProcess(str(tmp_path / "helper.sock"), mode, "0") as proc, \
+            syn_dropping_port(podnet.path) as port:
+        plugin = plugin_for(proc.socket, {"sb": podnet.path}, mode, dial_timeout="1s")
+        started = time.monotonic()
+        with pytest.raises(DialTimedOut) as e:
+            asyncio.run(plugin.dial(Sandbox("sb", netns_path=podnet.path), port))
+        assert time.monotonic() - started < 1.0  # before the shim's own dial_timeout
+        assert str(e.value) == f"connect to port {port}: no answer after 0.8 s"
+        assert not isinstance(e.value, HelperUnavailable)
+        assert "Traceback" not in proc.log()
 
 
 @pytest.mark.parametrize("reply, words", [
