@@ -49,6 +49,9 @@ UDP_CHECK_SIZES = (1, 512, 1472, 8192, 65507)  # 65,507: the largest UDP payload
 # What a check says: its result (pass | fail | warn) and a line of detail.
 Outcome = tuple[str, str]
 CHUNK = 1 << 20  # the upload's and download's unit: --size is never held in memory whole
+# A data check that failed in the forwarding after this long failed as a dial with no
+# answer does (a wrong netns refuses at once)
+SLOW_DIAL = 1.0
 URL_RE = re.compile(r"^(https?)://([^/]+)/portforward/([^/?#]+)$")
 
 
@@ -566,18 +569,35 @@ class Checker:
                                                              transport))
 
     def unreached_servers_hint(self) -> str:
-        """Why every data check may have failed: the runtime dials the sandbox's netns,
-        and the check's servers run in the one named (--netns, or the runtime's verbose
-        status). Said when no connection reached them: each one failed in the forwarding,
-        none timed out or came back wrong."""
+        """Why every data check may have failed: said when no connection reached the
+        check's servers (each one failed in the forwarding, none timed out or came back
+        wrong). Where the runtime's dial into the sandbox got no answer (the server's error
+        text says so, or each failed only after a dial's wait), that dial is named: a
+        helper that did not answer (crishim's helper-pod backend says so), or the pod's
+        port; otherwise the netns: the runtime dials the sandbox's, and the check's
+        servers run in the one named (--netns, or the runtime's verbose status)."""
         echo = next((r for r in self.results if r.name == "echo-sha256"), None)
         if self.peers is None or echo is None or not echo.detail.startswith("ForwardError"):
             return ""
         concurrent = next((r for r in self.results if r.name == "concurrent"), None)
         if concurrent is not None and not concurrent.detail.startswith("0/"):
             return ""
+        text = echo.detail.removeprefix("ForwardError: ")[:200]
+        unreached = "no data check's connection reached the check's servers"
+        if re.match(r"helper at .* did not answer", text):
+            return (f"{unreached}: the stream server's helper did not answer its dials "
+                    f"({text!r}): the runtime's helper is stuck or overloaded (crishim's "
+                    "helper-pod backend: see `crishim helper`'s log), not the pod")
+        if "no answer after" in text or echo.seconds >= SLOW_DIAL:
+            why = (repr(text) if "no answer after" in text else
+                   f"each failed after {echo.seconds:.0f} s, no reason given")
+            return (f"{unreached}: the runtime's dial into the sandbox got no answer ({why}): "
+                    f"the sandbox's network drops connections to the servers' ports (a "
+                    "firewall), or the runtime's own way in is stuck (behind crishim's "
+                    "helper-pod backend a helper that does not answer says so in the "
+                    "error text of error_policy verbose, and in crishim's log)")
         named = "--netns" if self.netns_arg else "the runtime's PodSandboxStatus"
-        return (f"no data check's connection reached the check's servers, which run in "
+        return (f"{unreached}, which run in "
                 f"{self.netns} (from {named}): if that is not the sandbox's network "
                 "namespace, name the right one with --netns PATH")
 

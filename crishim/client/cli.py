@@ -225,7 +225,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     ck = sub.add_parser(
         "check", help="conformance and health battery for a runtime's streaming server",
         description="Run a battery of port-forward checks against any CRI runtime: URL form "
-                    "and token single use, each transport's handshake, bytes both ways with "
+                    "and token single use on each transport the runtime speaks, each "
+                    "transport's handshake, bytes both ways with "
                     "SHA-256, half-close, closed port, reset from the pod, concurrency, "
                     "setup latency, throughput and, where the server offers crishim's UDP "
                     "extension, a UDP echo. As root with the sandbox's netns known "

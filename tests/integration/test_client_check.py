@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -480,3 +481,45 @@ def test_check_tests_token_single_use_on_every_transport_the_runtime_speaks(cris
             assert checks[name]["result"] == "pass", checks[name]
             assert checks[name]["detail"] == f"{t}: second use refused with 404", checks[name]
     assert server.reused >= 1
+
+
+@pytest.mark.parametrize("policy", ["verbose", "quiet"])
+def test_check_says_a_helper_that_does_not_answer_is_not_the_netns(tmp_path, podnet, policy):
+    """crishim behind the helper-pod backend, its helper taking each request and never
+    answering: the error text said "connect to port N: no answer after 2 s", a pod's port
+    dropping SYNs (crishim's own dial_timeout ended it before the plugin's), and the hint
+    blamed --netns. The error text now names the helper, and the hint says what the check
+    can tell: the helper (its text), or a dial with no answer (each failed after seconds,
+    where no text is sent)."""
+    from tests.integration.test_helper_protocol import FakeHelper
+    from tests.support.crishim_proc import CrishimProcess
+
+    path = str(tmp_path / "helper.sock")
+    fake = FakeHelper(path, lambda conn: time.sleep(4))
+    try:
+        with CrishimProcess("--runtime", "helper", "--helper-socket", path, "--sandboxes",
+                            f"sb={podnet.path}", "--dial-timeout", "2s", "--error-policy",
+                            policy) as proc:
+            r = subprocess.run([sys.executable, "-m", "crishim", "check", "--sandbox", "sb",
+                                "--runtime-endpoint", proc.socket, "--netns", podnet.path,
+                                "--timeout", "5", "--size", "1", "--json"],
+                               capture_output=True, text=True, timeout=200)
+    finally:
+        fake.close()
+    assert r.returncode == 1, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    echo = next(c for c in report["checks"] if c["name"] == "echo-sha256")
+    assert echo["result"] == "fail"
+    assert "--netns" not in report["hint"], report["hint"]
+    if policy == "verbose":
+        assert echo["detail"] == f"ForwardError: helper at {path} did not answer within 1.8s"
+        assert report["hint"].startswith(
+            "no data check's connection reached the check's servers: the stream server's "
+            f"helper did not answer its dials ('helper at {path} did not answer within "
+            "1.8s')"), report["hint"]
+    else:
+        assert echo["detail"] == \
+            "ForwardError: the server reset the connection (RST_STREAM CANCEL)"
+        assert re.match(r"no data check's connection reached the check's servers: the "
+                        r"runtime's dial into the sandbox got no answer \(each failed after "
+                        r"[23] s, no reason given\)", report["hint"]), report["hint"]
