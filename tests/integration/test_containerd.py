@@ -937,6 +937,15 @@ def test_check_finds_containerds_streaming_shortcomings(ctrd: ContainerdEnv) -> 
                  "upload-sha256", "download-sha256", "concurrent"):
         assert checks[name]["result"] == "pass", checks[name]
     assert "8 chars" in checks["cri-url"]["detail"]  # the reference library's short tokens
+    # a used token is refused 404 on both transports containerd speaks; single use is not
+    # tried on those it does not (SPDY over WebSocket: 403 for any token; HTTP/2)
+    assert checks["token-single-use"]["detail"] == "spdy: second use refused with 404"
+    assert checks["token-single-use:websocket"]["result"] == "pass"
+    assert checks["token-single-use:websocket"]["detail"] == \
+        "websocket: second use refused with 404"
+    for t in ("spdy-over-websocket", "h2"):
+        assert checks[f"token-single-use:{t}"]["result"] == "skip", checks
+        assert checks[f"token-single-use:{t}"]["required"] is False
     assert checks["half-close"]["result"] == "fail"
     assert "answer to the FIN (an EOF mark) never came back" in checks["half-close"]["detail"]
     for name in ("closed-port", "pod-reset"):
