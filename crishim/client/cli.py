@@ -11,6 +11,7 @@ from typing import TextIO, cast
 
 from crishim.client.cri import DEFAULT_ENDPOINT
 from crishim.client.transports import TRANSPORTS
+from crishim.client.udp import MAX_FLOWS
 from crishim.memory import freeze_startup_objects, keep_heap_for_reads
 
 MAX_SECONDS = 86400.0 * 365  # a year: beyond it the event loop's timers overflow
@@ -69,6 +70,13 @@ def _port(text: str) -> int:
         return parse_port(text)
     except InvalidPort as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive(text: str) -> int:
+    """--max-udp-flows: a whole number, at least 1."""
+    if not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number, at least 1")
+    return int(text)
 
 
 POD_RUNNING_TIMEOUT = 60.0  # --pod-running-timeout's default, as kubectl's
@@ -220,6 +228,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                          "--timeout seconds after each of two PINGs in a row, while it "
                          "has room for all the session sent, has stalled, and the session "
                          "ends as lost [default: 5, as client-go]")
+    pf.add_argument("--max-udp-flows", type=_positive, default=MAX_FLOWS, metavar="N",
+                    help="most UDP flows (local peer addresses) open at once, every /udp "
+                         "spec together; a new peer's datagrams past it are dropped until "
+                         "a flow ends (the server ends one idle for its "
+                         "udp_flow_idle_timeout) [default: %(default)s]")
     pf.set_defaults(func=cmd_port_forward)
 
     ck = sub.add_parser(
@@ -306,7 +319,8 @@ def cmd_port_forward(args: argparse.Namespace) -> int:
     freeze_startup_objects()
     with cri:
         return uvloop.run(portforward.run(
-            opener, specs, args.transport or "spdy", addresses, args.ping_interval))
+            opener, specs, args.transport or "spdy", addresses, args.ping_interval,
+            args.max_udp_flows))
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -378,7 +392,8 @@ def _port_forward_through_cluster(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, term)
     freeze_startup_objects()
     return uvloop.run(portforward.run(
-        forward.open, specs, forward.transport, addresses, args.ping_interval))
+        forward.open, specs, forward.transport, addresses, args.ping_interval,
+        args.max_udp_flows))
 
 
 def cmd_check(args: argparse.Namespace) -> int:

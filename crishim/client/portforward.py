@@ -27,7 +27,7 @@ from crishim.client.transports import (
     UpgradeRefused,
     open_session,
 )
-from crishim.client.udp import UdpListener
+from crishim.client.udp import MAX_FLOWS, FlowLimit, UdpListener
 from crishim.flow import read_buffer, write_lent
 from crishim.ports import shown
 from crishim.protocols.constants import DIAL_ON_DATA, HEADER_CRISHIM_DIAL
@@ -604,7 +604,8 @@ class _RemoteSide(asyncio.Protocol):
 
 class PortForwarder:
     def __init__(self, opener: SessionOpener, specs: list[PortSpec], transport: str,
-                 addresses: list[ListenAddress], ping_interval: float = 5.0) -> None:
+                 addresses: list[ListenAddress], ping_interval: float = 5.0,
+                 max_udp_flows: int = MAX_FLOWS) -> None:
         self.opener = opener
         self.specs = specs
         self.transport = transport
@@ -613,6 +614,7 @@ class PortForwarder:
         self.session: ClientSession | None = None
         self.servers: list[asyncio.AbstractServer] = []
         self.udp_listeners: list[UdpListener] = []
+        self.udp_flows = FlowLimit(max_udp_flows)  # every /udp spec's together: one session
         self._udp_error_lines = TokenBucket(UDP_ERROR_LINES_PER_SECOND,
                                             int(5 * UDP_ERROR_LINES_PER_SECOND))
         self._udp_errors_not_shown = 0
@@ -689,7 +691,8 @@ class PortForwarder:
     async def _listen_udp(self, spec: PortSpec) -> None:
         for address, sock in self._bind(spec, socket.SOCK_DGRAM):
             self.udp_listeners.append(UdpListener(sock, spec.remote, spec.local,
-                                                  self._open_flow, self._flow_failed))
+                                                  self._open_flow, self._flow_failed,
+                                                  limit=self.udp_flows))
             print(f"Forwarding from {_show(address.text)}:{spec.local} -> {spec.remote_text}",
                   flush=True)
 
@@ -892,8 +895,10 @@ class PortForwarder:
 
 
 async def run(opener: SessionOpener, specs: list[PortSpec], transport: str,
-              addresses: list[ListenAddress], ping_interval: float) -> int:
-    forwarder = PortForwarder(opener, specs, transport, addresses, ping_interval)
+              addresses: list[ListenAddress], ping_interval: float,
+              max_udp_flows: int = MAX_FLOWS) -> int:
+    forwarder = PortForwarder(opener, specs, transport, addresses, ping_interval,
+                              max_udp_flows)
     loop = asyncio.get_running_loop()
     starting = asyncio.ensure_future(forwarder.start())
 

@@ -7,6 +7,15 @@ A local datagram goes length-prefixed onto its flow's data stream; what comes ba
 split at the same boundaries and sent to that peer from the local socket. A flow ends
 when the server ends it (its idle timeout, ICMP port unreachable from the pod) or the
 session ends; the peer's next datagram opens a new one.
+
+The flows of one port-forward, every listener's together, are at most `FlowLimit.most`
+(--max-udp-flows): a new peer past it has its datagrams dropped and counted, no flow
+opened. Each flow is a stream pair the server counts against max_connections_per_session
+(4,096), and peers are as many as source addresses and ports: 6,000 sprayed at the local
+port opened a flow each, the server refused those past its limit, and the data crishim's
+client had already sent on them ended the whole session (SPDY GOAWAY, every TCP forward
+of the command with it); over HTTP/2 the 4,096 flows, idle for the server's 60 s, left no
+room for the command's TCP connections.
 """
 
 from __future__ import annotations
@@ -33,9 +42,25 @@ READ_BATCH = 64  # datagrams read per wakeup
 RETRY_AFTER = 0.25
 FAILED_PEERS_KEPT = 4096
 SOCKET_BUFFER = 4 << 20
+# UDP flows one port-forward may have open at once (--max-udp-flows): a quarter of crishim
+# serve's max_connections_per_session, so the session's TCP connections keep the rest
+MAX_FLOWS = 1024
 Address = tuple[Any, ...]  # (host, port) or (host, port, flowinfo, scope_id)
 # opens one forwarded connection with protocol udp to the remote port; may raise
 OpenFlow = Callable[[int, Callable[[], asyncio.Protocol]], asyncio.Transport]
+
+
+class FlowLimit:
+    """The UDP flows one port-forward has open, every listener's together, and the most it
+    may (a new peer past it is not given one)."""
+
+    __slots__ = ("most", "live")
+
+    def __init__(self, most: int = MAX_FLOWS) -> None:
+        if most < 1:
+            raise ValueError(f"at least 1 UDP flow, got {most}")
+        self.most = most
+        self.live = 0
 
 
 class UdpFlow(asyncio.Protocol):
@@ -91,7 +116,7 @@ class UdpListener:
 
     def __init__(self, sock: socket.socket, remote_port: int, local_port: int,
                  open_flow: OpenFlow, on_flow_failed: Callable[[UdpListener, Exception], None],
-                 announce: bool = True) -> None:
+                 announce: bool = True, limit: FlowLimit | None = None) -> None:
         self.sock = sock
         self.remote_port = remote_port
         self.local_port = local_port
@@ -99,7 +124,9 @@ class UdpListener:
         self.on_flow_failed = on_flow_failed
         self.announce = announce
         self.flows: dict[Address, UdpFlow] = {}
+        self.limit = limit or FlowLimit()
         self.flows_opened = 0
+        self.over_limit = 0  # datagrams from new peers while limit.most flows were open
         self.dropped = 0  # datagrams to local peers the socket could not take
         self.held_back = 0  # datagrams from peers whose flow failed within RETRY_AFTER
         self.too_big = 0  # local datagrams over MAX_UDP_PAYLOAD, dropped
@@ -152,6 +179,14 @@ class UdpListener:
                     self.held_back += len(datagrams)
                     return
                 del self._failed_at[addr]
+            if self.limit.live >= self.limit.most:
+                self.over_limit += len(datagrams)
+                if self.over_limit == len(datagrams):
+                    log.warning("udp listener %d: %d flows are open (--max-udp-flows): "
+                                "datagrams from new peers are dropped until one ends (the "
+                                "server ends a flow idle for its udp_flow_idle_timeout)",
+                                self.local_port, self.limit.most)
+                return
             flow = UdpFlow(self, addr)
             try:
                 self.open_flow(self.remote_port, lambda: flow)
@@ -160,6 +195,7 @@ class UdpListener:
                 self.on_flow_failed(self, e)
                 return
             self.flows[addr] = flow
+            self.limit.live += 1
             self.flows_opened += 1
             if self.announce:
                 print(f"Handling connection for {self.local_port}/udp", flush=True)
@@ -190,6 +226,7 @@ class UdpListener:
         self.flow_drained(flow)
         if self.flows.get(flow.peer) is flow:
             del self.flows[flow.peer]
+            self.limit.live -= 1
         if exc is not None and not self.closed:
             self._failed(flow.peer)
             self.on_flow_failed(self, exc)
@@ -210,5 +247,6 @@ class UdpListener:
         for flow in list(self.flows.values()):
             if flow.stream is not None:
                 flow.stream.close()
+        self.limit.live -= len(self.flows)  # those whose close did not end them above
         self.flows.clear()
         self.sock.close()

@@ -125,6 +125,55 @@ def test_windowed_10000_datagrams_all_arrive_in_order(crishim, transport):
         assert pf.interrupt() == 0
 
 
+SPRAYED_PEERS = 6000
+
+
+@pytest.mark.parametrize("transport", ["spdy", "h2"])
+def test_a_spray_of_local_peers_opens_at_most_max_udp_flows(crishim, transport):
+    """6,000 source addresses and ports, a datagram each, at the local UDP port: a flow is
+    opened for the first 1,024 (--max-udp-flows), the rest are dropped. A flow each was
+    opened: over SPDY the data sent on those the server refused past its
+    max_connections_per_session ended the whole session (GOAWAY, the command exited 1,
+    its TCP forward with it); over HTTP/2 4,096 idle flows left the session no room for a
+    TCP connection."""
+    udp_local, tcp_local = free_port(), free_port()
+    with PortForwardCLI(crishim, f"{udp_local}:{UDP_ECHO_PORT}/udp",
+                        f"{tcp_local}:{ECHO_PORT}", transport=transport) as pf:
+        pf.forwarding(2)
+        with udp_socket() as kept:
+            assert exchange(udp_local, [b"before"], sock=kept) == [b"before"]
+            for i in range(SPRAYED_PEERS):
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+                    peer.bind((f"127.0.{1 + i // 250}.{1 + i % 250}", 0))
+                    peer.sendto(b"spray", ("127.0.0.1", udp_local))
+            # read after the spray, sent after its flows on the same session: its answer
+            # comes once the server has had every frame of them
+            assert exchange(udp_local, [b"after"], sock=kept) == [b"after"]
+        assert pf.proc.poll() is None, pf.stderr
+        assert tcp_echo(tcp_local, b"tcp still here") == b"tcp still here"
+        handled = [line for line in pf.stdout
+                   if line == f"Handling connection for {udp_local}/udp"]
+        assert len(handled) == 1024
+        pf.wait_stderr(r"1024 flows are open \(--max-udp-flows\)")
+        assert pf.interrupt() == 0
+
+
+def test_a_flow_that_ends_makes_room_for_a_new_peer(crishim):
+    local = free_port()
+    with PortForwardCLI(crishim, f"{local}:{UDP_CLOSED_PORT}/udp",
+                        extra=["--max-udp-flows", "1"]) as pf:
+        pf.forwarding(1)
+        for n in (1, 2):  # each peer's flow is refused by the pod (ICMP) and ends
+            with udp_socket() as peer:
+                peer.sendto(b"anyone there?", ("127.0.0.1", local))
+                deadline = time.monotonic() + 10
+                while len([line for line in pf.stderr if "error forwarding port" in line]) < n:
+                    assert time.monotonic() < deadline, pf.stderr
+                    time.sleep(0.05)
+        assert not [line for line in pf.stderr if "--max-udp-flows" in line], pf.stderr
+        assert pf.interrupt() == 0
+
+
 def test_icmp_refusal_ends_only_that_flow_and_tcp_goes_on(crishim):
     udp_local, tcp_local = free_port(), free_port()
     with PortForwardCLI(crishim, f"{udp_local}:{UDP_CLOSED_PORT}/udp",
