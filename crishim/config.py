@@ -354,7 +354,8 @@ SETTINGS: dict[str, Setting] = {
                             "sessions and forwarded connections hold at most RLIMIT_NOFILE "
                             "less this (past it: 503 / refused streams)", "int"),
     "memory_release_sessions": Setting("after this many sessions have ended since a high "
-                                       "(and at most a quarter of it is left), give freed "
+                                       "(and at most a quarter of it is left; connections "
+                                       "without a token count as sessions), give freed "
                                        "memory back to the system (malloc_trim); 0: never",
                                        "int"),
     "memory_release_interval": Setting("memory is given back at most this often (e.g. 10s)",

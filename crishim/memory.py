@@ -98,7 +98,8 @@ IDLE_RELEASE_ABOVE = 32 * 1024 * 1024
 
 
 class MemoryReleaser:
-    """Watches the live-session count; after min_drop sessions have ended since the last
+    """Watches the live-session count (the stream server counts its connections without a
+    token among them); after min_drop sessions have ended since the last
     high and at most a quarter of that high is left, or when the last session has ended
     with RSS well above where the last release left it (a few heavy sessions: 20 sessions
     of 9,000 unpaired streams each left 247 MiB, kept for good), releases memory
@@ -132,7 +133,8 @@ class MemoryReleaser:
         before = rss_kib()
         release_memory()
         self._floor_kib = rss_kib()
-        log.info("released memory after a burst of %d sessions: RSS %d -> %d MiB",
+        log.info("released memory after a burst of %d sessions (and connections without a "
+                 "token): RSS %d -> %d MiB",
                  self.high, before >> 10, self._floor_kib >> 10)
         self.high = 0  # the next burst is measured from here
 
