@@ -56,6 +56,8 @@ changes only the byte handling at both ends:
   that is not valid in the configured encoding is one too, not an internal error. The
   server's receive of a forwarded connection's two HEADERS: 275-284 us -> 242 (the check)
   -> 170-174 (the decoder); benchmarks/h2_streams.py prints it beside h2's stock handling.
+- errors, where h2 departs from RFC 9113: a header block that cannot be decoded ends the
+  connection with COMPRESSION_ERROR (4.3; h2 says PROTOCOL_ERROR).
 """
 
 from __future__ import annotations
@@ -202,6 +204,13 @@ class Overloaded(ProtocolError):
     """A frame past the receiver's budget: the connection ends with ENHANCE_YOUR_CALM."""
 
     error_code = ErrorCodes.ENHANCE_YOUR_CALM
+
+
+class CompressionError(ProtocolError):
+    """A header block that cannot be decoded: the connection ends with COMPRESSION_ERROR
+    (RFC 9113 4.3; h2 makes hpack's own errors PROTOCOL_ERROR, and lets this one through)."""
+
+    error_code = ErrorCodes.COMPRESSION_ERROR
 
 
 # DATA on a stream this side reset that is not charged: what may have been in flight when
@@ -473,13 +482,20 @@ class LiteralHeaderDecoder(hpack.Decoder):
     """hpack's Decoder, with a fast path for blocks of what LiteralHeaderEncoder writes:
     literal fields without indexing or never indexed, literal names, no Huffman, lengths
     under 127. Such a block leaves the decoder's state alone, so any other block is
-    decoded by hpack itself, from its start (~35 us less per HEADERS here)."""
+    decoded by hpack itself, from its start (~35 us less per HEADERS here). A block that
+    cannot be decoded is a CompressionError."""
 
     def decode(self, data: bytes, raw: bool = False) -> Iterable[hpack.HeaderTuple]:
-        headers = self._plain_literals(data)
-        if headers is None:
-            return super().decode(data, raw)
-        self._assert_valid_table_size()
+        try:
+            headers = self._plain_literals(data)
+            if headers is None:
+                return super().decode(data, raw)
+            self._assert_valid_table_size()
+        except hpack.OversizedHeaderListError:
+            raise  # h2's DenialOfServiceError: ENHANCE_YOUR_CALM
+        except (hpack.HPACKError, IndexError, TypeError, UnicodeDecodeError) as err:
+            # what h2's own wrapping catches (hpack's errors, and older hpacks' others)
+            raise CompressionError(f"Error decoding header block: {err}") from err
         if raw:
             return headers
         try:

@@ -57,7 +57,8 @@ connection window towards the pods. Control frames and stream opens are budgeted
 ENHANCE_YOUR_CALM past the budget, see ServerSession.within_control_budget). Sending,
 it respects the client's windows: a stream out of window keeps a bounded queue and stops
 reading its pod socket until WINDOW_UPDATE. Malformed HTTP/2 gets GOAWAY with h2's error
-code and the connection is closed; other connections are untouched.
+code (COMPRESSION_ERROR for a header block that cannot be decoded) and the connection is
+closed; other connections are untouched.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import time
 from urllib.parse import urlsplit
 
 import pytest
+from hyperframe.frame import HeadersFrame
 
 from crishim.stream.tls import self_signed
 from tests.support import SANDBOX, status_mib, until
@@ -32,7 +33,9 @@ from tests.support.podnet import (
 )
 
 MiB = 1 << 20
+PROTOCOL_ERROR = 1
 CANCEL = 8
+COMPRESSION_ERROR = 9
 MODES = ["prior", "upgrade", "tls"]
 
 
@@ -195,10 +198,9 @@ def test_client_reset_ends_the_pod_connection_only(crishim):
     run(go())
 
 
-def _goaway_harms_nothing_else(crishim, misbehave) -> None:
+def _goaway_harms_nothing_else(crishim, misbehave, code: int = PROTOCOL_ERROR) -> None:
     """A client that misbehaves (`misbehave(client)`, after one good echo) gets GOAWAY
-    PROTOCOL_ERROR; another client's forward on the same server goes on, and a new one
-    works."""
+    `code`; another client's forward on the same server goes on, and a new one works."""
     async def go():
         bystander = await _client(crishim, "prior")
         keep = await bystander.forward(ECHO_PORT)
@@ -209,7 +211,7 @@ def _goaway_harms_nothing_else(crishim, misbehave) -> None:
         misbehave(victim)
         await asyncio.wait_for(victim.closed.wait(), 10)
         assert victim.terminated is not None
-        assert victim.terminated.error_code == 1  # PROTOCOL_ERROR
+        assert victim.terminated.error_code == code
         assert victim_fwd.data.ended.is_set()
         await keep.write(b"after", end_stream=True)
         assert await keep.read_all() == b"before after"
@@ -247,6 +249,21 @@ def test_malformed_request_headers_get_goaway_and_harm_nothing_else(crishim, bad
     log = crishim.log()
     assert "malformed HTTP/2" in log
     assert "Traceback" not in log and "unexpected error" not in log
+
+
+@pytest.mark.parametrize("block", [
+    b"\x80",  # an indexed field of index 0 (RFC 7541 6.1)
+    b"\x00\x05ab",  # a literal cut short: the shape crishim's own decoder reads first
+    b"\x3f\xe1\x7f",  # a table size update past SETTINGS_HEADER_TABLE_SIZE (RFC 7541 4.2)
+])
+def test_a_header_block_that_cannot_be_decoded_is_a_compression_error(crishim, block):
+    """RFC 9113 4.3: a field block that cannot be decompressed is a connection error of
+    type COMPRESSION_ERROR (it was PROTOCOL_ERROR): the decoder's state is lost."""
+    def send(victim) -> None:
+        sid = victim.conn.get_next_available_stream_id()
+        victim.write_raw(HeadersFrame(sid, block, flags=["END_HEADERS"]).serialize())
+
+    _goaway_harms_nothing_else(crishim, send, COMPRESSION_ERROR)
 
 
 def test_garbage_after_preface_gets_goaway(crishim):
