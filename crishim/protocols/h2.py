@@ -57,7 +57,8 @@ changes only the byte handling at both ends:
   server's receive of a forwarded connection's two HEADERS: 275-284 us -> 242 (the check)
   -> 170-174 (the decoder); benchmarks/h2_streams.py prints it beside h2's stock handling.
 - errors, where h2 departs from RFC 9113: a header block that cannot be decoded ends the
-  connection with COMPRESSION_ERROR (4.3; h2 says PROTOCOL_ERROR).
+  connection with COMPRESSION_ERROR (4.3; h2 says PROTOCOL_ERROR), RST_STREAM on an idle
+  stream with PROTOCOL_ERROR (6.4; h2 ignores it).
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ from hyperframe.frame import (
     GoAwayFrame,
     HeadersFrame,
     PushPromiseFrame,
+    RstStreamFrame,
     WindowUpdateFrame,
 )
 
@@ -656,6 +658,20 @@ class H2Codec(h2.connection.H2Connection):
                 if isinstance(event, _HEADER_EVENTS):
                     self._receive_header_block(event)
         return events
+
+    def _idle(self, stream_id: int) -> bool:
+        """The stream was never opened, by either side (RFC 9113 5.1)."""
+        highest = (self.highest_outbound_stream_id if self._stream_id_is_outbound(stream_id)
+                   else self.highest_inbound_stream_id)
+        return stream_id not in self.streams and stream_id > highest
+
+    def _receive_rst_stream_frame(self, frame: RstStreamFrame
+                                  ) -> tuple[list[Frame], list[Event]]:
+        """h2's, but RST_STREAM on an idle stream is a connection error of type
+        PROTOCOL_ERROR (RFC 9113 6.4), where h2 ignores it."""
+        if self._idle(frame.stream_id):
+            raise ProtocolError(f"RST_STREAM on idle stream {frame.stream_id}")
+        return super()._receive_rst_stream_frame(frame)
 
     def _receive_plain_data(self, frame: ViewDataFrame) -> list[Event] | None:
         """A DATA frame with no flags on a stream that takes it, as h2 would handle it

@@ -15,7 +15,7 @@ import time
 from urllib.parse import urlsplit
 
 import pytest
-from hyperframe.frame import HeadersFrame
+from hyperframe.frame import HeadersFrame, RstStreamFrame
 
 from crishim.stream.tls import self_signed
 from tests.support import SANDBOX, status_mib, until
@@ -264,6 +264,17 @@ def test_a_header_block_that_cannot_be_decoded_is_a_compression_error(crishim, b
         victim.write_raw(HeadersFrame(sid, block, flags=["END_HEADERS"]).serialize())
 
     _goaway_harms_nothing_else(crishim, send, COMPRESSION_ERROR)
+
+
+@pytest.mark.parametrize("ahead", [100, 1])  # a client's stream to come; a server's one
+def test_rst_stream_on_an_idle_stream_is_a_connection_error(crishim, ahead):
+    """RFC 9113 6.4: RST_STREAM for a stream never opened (idle) is a connection error of
+    type PROTOCOL_ERROR (it was ignored, charged to the control budget)."""
+    def send(victim) -> None:
+        sid = victim.conn.highest_outbound_stream_id + ahead
+        victim.write_raw(RstStreamFrame(sid, error_code=CANCEL).serialize())
+
+    _goaway_harms_nothing_else(crishim, send)
 
 
 def test_garbage_after_preface_gets_goaway(crishim):
