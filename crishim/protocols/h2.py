@@ -58,7 +58,10 @@ changes only the byte handling at both ends:
   -> 170-174 (the decoder); benchmarks/h2_streams.py prints it beside h2's stock handling.
 - errors, where h2 departs from RFC 9113: a header block that cannot be decoded ends the
   connection with COMPRESSION_ERROR (4.3; h2 says PROTOCOL_ERROR), RST_STREAM on an idle
-  stream with PROTOCOL_ERROR (6.4; h2 ignores it).
+  stream with PROTOCOL_ERROR (6.4; h2 ignores it); a stream depending on itself (5.3.1),
+  a body other than its content-length (8.1.1) and a second HEADERS that does not end the
+  stream (8.1) reset that stream alone with PROTOCOL_ERROR and a StreamError event (h2
+  ends the connection).
 """
 
 from __future__ import annotations
@@ -79,9 +82,10 @@ from h2.events import (
     InformationalResponseReceived,
     RequestReceived,
     ResponseReceived,
+    StreamReset,
     TrailersReceived,
 )
-from h2.exceptions import FrameDataMissingError, ProtocolError
+from h2.exceptions import FrameDataMissingError, InvalidBodyLengthError, ProtocolError
 from h2.frame_buffer import FrameBuffer
 from h2.stream import StreamState
 from hpack.hpack import encode_integer
@@ -93,6 +97,7 @@ from hyperframe.frame import (
     Frame,
     GoAwayFrame,
     HeadersFrame,
+    PriorityFrame,
     PushPromiseFrame,
     RstStreamFrame,
     WindowUpdateFrame,
@@ -213,6 +218,17 @@ class CompressionError(ProtocolError):
     (RFC 9113 4.3; h2 makes hpack's own errors PROTOCOL_ERROR, and lets this one through)."""
 
     error_code = ErrorCodes.COMPRESSION_ERROR
+
+
+class StreamError(StreamReset):
+    """This side reset the stream with PROTOCOL_ERROR for what the peer sent on it, where
+    h2 would end the connection (RFC 9113 5.4.2; see H2Codec._stream_error_reason):
+    `reason` says what. The connection and its other streams go on."""
+
+    def __init__(self, stream_id: int, reason: str) -> None:
+        super().__init__(stream_id=stream_id, error_code=ErrorCodes.PROTOCOL_ERROR,
+                         remote_reset=False)
+        self.reason = reason
 
 
 # DATA on a stream this side reset that is not charged: what may have been in flight when
@@ -652,12 +668,56 @@ class H2Codec(h2.connection.H2Connection):
             events = self._receive_plain_data(frame)
             if events is not None:
                 return events
-        events = super()._receive_frame(frame)
+        try:
+            events = super()._receive_frame(frame)
+        except ProtocolError as e:
+            reason = self._stream_error_reason(frame, e)
+            if reason is None:
+                raise
+            return self._stream_error(frame, reason)
         if self._check_headers or self._decode_as:
             for event in events:
                 if isinstance(event, _HEADER_EVENTS):
                     self._receive_header_block(event)
         return events
+
+    def _stream_error_reason(self, frame: Frame, error: ProtocolError) -> str | None:
+        """Why `error`, raised by h2 for `frame`, is a stream error (RFC 9113 5.4.2), not the
+        connection error h2 makes it; None: it is one. h2 raises these once the frame's
+        header block, if any, is decoded (the HPACK context is in step) and its stream is
+        open; a stream never opened (idle) is left to h2, RST_STREAM being no answer there
+        (6.4: the peer would take it for a connection error)."""
+        if self.state_machine.state is ConnectionState.CLOSED:
+            return None  # the connection could not take the frame at all
+        sid = frame.stream_id
+        if isinstance(error, InvalidBodyLengthError):  # raised only by DATA
+            return f"a body other than its content-length: {error}"  # 8.1.1
+        if type(error) is not ProtocolError:  # flow control, too many streams, ...
+            return None
+        if (isinstance(frame, PriorityFrame)
+                or (isinstance(frame, HeadersFrame) and "PRIORITY" in frame.flags)) \
+                and frame.depends_on == sid and not self._idle(sid):
+            return "a stream that depends on itself"  # 5.3.1
+        stream = self.streams.get(sid)
+        if isinstance(frame, HeadersFrame) and "END_STREAM" not in frame.flags \
+                and stream is not None and stream.state_machine.trailers_received:
+            return "a second HEADERS that does not end the stream"  # 8.1: trailers end it
+        return None
+
+    def _stream_error(self, frame: Frame, reason: str) -> list[Event]:
+        """RST_STREAM PROTOCOL_ERROR on the frame's stream, and the event that says so. A
+        DATA frame's bytes go back to the connection's window: nobody else sees them."""
+        sid = frame.stream_id
+        stream = self.streams.get(sid)
+        if stream is not None and not stream.closed:
+            self.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
+        else:  # a PRIORITY frame on a stream closed already: the frame alone
+            rst = RstStreamFrame(sid)
+            rst.error_code = ErrorCodes.PROTOCOL_ERROR
+            self._prepare_for_sending([rst])
+        if isinstance(frame, DataFrame):
+            self.acknowledge_received_data(frame.flow_controlled_length, sid)
+        return [StreamError(sid, reason)]
 
     def _idle(self, stream_id: int) -> bool:
         """The stream was never opened, by either side (RFC 9113 5.1)."""

@@ -58,7 +58,10 @@ ENHANCE_YOUR_CALM past the budget, see ServerSession.within_control_budget). Sen
 it respects the client's windows: a stream out of window keeps a bounded queue and stops
 reading its pod socket until WINDOW_UPDATE. Malformed HTTP/2 gets GOAWAY with h2's error
 code (COMPRESSION_ERROR for a header block that cannot be decoded) and the connection is
-closed; other connections are untouched.
+closed; other connections are untouched. What RFC 9113 makes a stream error where h2
+ends the connection (a stream depending on itself, a body other than its content-length,
+a second HEADERS that does not end the stream) is RST_STREAM PROTOCOL_ERROR on that stream
+alone, handled as the client's reset (protocols/h2.py H2Codec._stream_error_reason).
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ from crishim.protocols.h2 import (
     H2Codec,
     LiteralHeaderEncoder,
     Overloaded,
+    StreamError,
 )
 from crishim.protocols.negotiation import VERSION_HEADER, choose_version, server_versions
 from crishim.runtime import Sandbox
@@ -599,6 +603,9 @@ class H2PortForwardSession(PairedStreamSession):
 
     def _on_reset(self, ev: h2.events.StreamReset) -> None:
         sid = ev.stream_id
+        if isinstance(ev, StreamError):  # the codec reset it: as though the client had
+            self.protocol_error("h2 sandbox=%s: stream %d reset PROTOCOL_ERROR: %s",
+                                self.sandbox_id, sid, ev.reason, logger=log)
         self._forget_outbound(sid)
         conn = self._by_stream.get(sid)
         if conn is not None:

@@ -15,7 +15,7 @@ import time
 from urllib.parse import urlsplit
 
 import pytest
-from hyperframe.frame import HeadersFrame, RstStreamFrame
+from hyperframe.frame import HeadersFrame, PriorityFrame, RstStreamFrame
 
 from crishim.stream.tls import self_signed
 from tests.support import SANDBOX, status_mib, until
@@ -36,6 +36,7 @@ MiB = 1 << 20
 PROTOCOL_ERROR = 1
 CANCEL = 8
 COMPRESSION_ERROR = 9
+RST_STREAM, GOAWAY = 3, 7  # frame types
 MODES = ["prior", "upgrade", "tls"]
 
 
@@ -275,6 +276,122 @@ def test_rst_stream_on_an_idle_stream_is_a_connection_error(crishim, ahead):
         victim.write_raw(RstStreamFrame(sid, error_code=CANCEL).serialize())
 
     _goaway_harms_nothing_else(crishim, send)
+
+
+class _TappedClient(H2Client):
+    """H2Client that also keeps each frame the server sent: (type, stream id, payload)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.frames: list[tuple[int, int, bytes]] = []
+        self._raw = b""
+
+    def _receive(self, data: bytes) -> None:
+        self._raw += data
+        end = 0
+        while len(self._raw) - end >= 9 + int.from_bytes(self._raw[end:end + 3], "big"):
+            end += 9 + int.from_bytes(self._raw[end:end + 3], "big")
+        self.frames += _frames(self._raw[:end])
+        self._raw = self._raw[end:]
+        super()._receive(data)
+
+    async def reset_code(self, sid: int, timeout: float = 10) -> int:
+        """The code of the server's first RST_STREAM on `sid`."""
+        async def wait() -> int:
+            while True:
+                codes = [int.from_bytes(p[:4], "big") for t, s, p in self.frames
+                         if t == RST_STREAM and s == sid]
+                if codes or self.closed.is_set():
+                    assert codes, f"no RST_STREAM on stream {sid}: {self.frames}"
+                    return codes[0]
+                await asyncio.sleep(0.01)
+        return await asyncio.wait_for(wait(), timeout)
+
+
+def _request_block(client: H2Client, **extra: str) -> bytes:
+    """A request's header block from the client's own HPACK context (the server must
+    decode it to stay in step)."""
+    return client.conn.encoder.encode(client.request_headers(**extra))
+
+
+async def _self_dependent_priority(client: _TappedClient) -> int:
+    fwd = await client.forward(ECHO_PORT)
+    await fwd.write(b"x")
+    client.write_raw(PriorityFrame(fwd.data_id, depends_on=fwd.data_id).serialize())
+    return fwd.data_id
+
+
+async def _self_dependent_priority_once_closed(client: _TappedClient) -> int:
+    fwd = await client.forward(ECHO_PORT)
+    await fwd.write(b"x", end_stream=True)
+    await fwd.read_all()
+    await fwd.error_text()
+    client.write_raw(PriorityFrame(fwd.data_id, depends_on=fwd.data_id).serialize())
+    return fwd.data_id
+
+
+async def _self_dependent_headers(client: _TappedClient) -> int:
+    sid = client.conn.get_next_available_stream_id()
+    frame = HeadersFrame(sid, _request_block(client, streamtype="error", port=str(ECHO_PORT),
+                                             requestid="selfdep"),
+                         flags=["END_HEADERS", "END_STREAM", "PRIORITY"], depends_on=sid,
+                         stream_weight=15)
+    client.write_raw(frame.serialize())
+    client.conn.highest_outbound_stream_id = sid  # the client's h2 opens the next one
+    return sid
+
+
+async def _body_length(client: _TappedClient, declared: int, body: bytes) -> int:
+    error_id = client.open_stream(client.request_headers(
+        streamtype="error", port=str(ECHO_PORT), requestid="cl"), end_stream=True)
+    data_id = client.open_stream(client.request_headers(
+        streamtype="data", port=str(ECHO_PORT), requestid="cl",
+        **{"content-length": str(declared)}))
+    for sid in (error_id, data_id):
+        await asyncio.wait_for(client.streams[sid].responded.wait(), 10)
+    await client.send(data_id, body, end_stream=len(body) < declared)
+    return data_id
+
+
+async def _second_headers(client: _TappedClient) -> int:
+    fwd = await client.forward(ECHO_PORT)
+    await fwd.write(b"x")
+    block = client.conn.encoder.encode([("x-second", "1")])
+    client.write_raw(HeadersFrame(fwd.data_id, block, flags=["END_HEADERS"]).serialize())
+    return fwd.data_id
+
+
+@pytest.mark.parametrize(("misbehave", "reason"), [
+    (_self_dependent_priority, "depends on itself"),  # RFC 9113 5.3.1
+    (_self_dependent_priority_once_closed, "depends on itself"),  # a RST_STREAM alone
+    (_self_dependent_headers, "depends on itself"),  # 5.3.1, with the stream it opens
+    (lambda c: _body_length(c, 2, b"hello"), "content-length"),  # 8.1.1: DATA past it
+    (lambda c: _body_length(c, 5, b"hi"), "content-length"),  # 8.1.1: END_STREAM short
+    (_second_headers, "second HEADERS"),  # 8.1: HEADERS after the headers, not trailers
+], ids=["priority", "priority-closed", "headers-priority", "content-length-over",
+        "content-length-short", "second-headers"])
+def test_a_stream_error_resets_that_stream_alone(crishim, misbehave, reason):
+    """What RFC 9113 makes a stream error is RST_STREAM PROTOCOL_ERROR on that stream
+    alone (it was GOAWAY): the session's other forwards go on, and it opens new ones; the
+    reason is logged, without a traceback."""
+    async def go():
+        url = crishim.port_forward_url(SANDBOX)
+        client = await _TappedClient.connect(url, "prior")
+        keep = await client.forward(ECHO_PORT)
+        await keep.write(b"before ")
+        sid = await misbehave(client)
+        assert await client.reset_code(sid) == PROTOCOL_ERROR
+        await keep.write(b"after", end_stream=True)
+        assert await keep.read_all() == b"before after"
+        assert await _echo(client, b"next") == b"next"  # HPACK still in step
+        assert client.terminated is None and not client.closed.is_set()
+        assert not [f for f in client.frames if f[0] == GOAWAY]
+        await client.close()
+    run(go())
+    log = crishim.log()
+    assert any("reset PROTOCOL_ERROR: " in line and reason in line
+               for line in log.splitlines()), log[-3000:]
+    assert "Traceback" not in log and "unexpected error" not in log
 
 
 def test_garbage_after_preface_gets_goaway(crishim):

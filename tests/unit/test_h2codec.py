@@ -13,11 +13,12 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import pytest
+from h2.errors import ErrorCodes
 from hpack import Encoder
-from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame
+from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame, RstStreamFrame
 
 from crishim.protocols.buffers import Outbound
-from crishim.protocols.h2 import H2Codec, Overloaded
+from crishim.protocols.h2 import H2Codec, Overloaded, StreamError
 
 REQUEST = [(":method", "POST"), (":scheme", "http"), (":authority", "x"),
            (":path", "/portforward/t")]
@@ -506,8 +507,9 @@ def test_data_sent_after_the_connection_preface_follows_it():
                                   "after END_STREAM", "plain"])
 def test_data_received_on_the_short_way_matches_stock_h2_as_a_client(case):
     """The client side of the short way for received DATA (a response's): what h2 refuses
-    (DATA before the response's HEADERS, a content-length overrun, a window exceeded,
-    DATA after END_STREAM) is refused alike, and plain DATA gives the same events."""
+    (DATA before the response's HEADERS, a window exceeded, DATA after END_STREAM) is
+    refused alike, and plain DATA gives the same events. A content-length overrun is
+    refused too, as a stream error where h2 ends the connection (RFC 9113 8.1.1)."""
     server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
     server.initiate_connection()
     conns = [H2Codec(h2.config.H2Configuration(client_side=True)),
@@ -537,6 +539,13 @@ def test_data_received_on_the_short_way_matches_stock_h2_as_a_client(case):
         if isinstance(conn, H2Codec):
             conn.take_output()
         outcomes.append(_outcome(conn, frames, []) + (_windows(conn, (1,)),))
+    if case == "content-length":
+        ours, stock = outcomes
+        assert stock[1] is not None and ours[1] is None
+        assert ours[0][0] == [("ResponseReceived", 1), ("StreamError", 1)]
+        assert ours[2].startswith(RstStreamFrame(1, error_code=ErrorCodes.PROTOCOL_ERROR)
+                                  .serialize())
+        return
     assert outcomes[0] == outcomes[1]
     if case == "plain":
         assert outcomes[0][0][1] == {1: b"hellohello"} and outcomes[0][1] is None
@@ -604,3 +613,29 @@ def test_a_grown_connection_window_is_given_back_whole() -> None:
     granted, max_window, taken = asyncio.run(go())
     assert granted == DEFAULT_WINDOW == taken  # doubled, from the budget
     assert max_window == 2 * DEFAULT_WINDOW
+
+
+def test_data_past_its_content_length_resets_its_stream_and_gives_its_window_back():
+    """RFC 9113 8.1.1: DATA past a request's content-length is a stream error: RST_STREAM
+    PROTOCOL_ERROR, and a StreamError event. Its bytes, which no event carries, go back to
+    the connection's window: 20 such streams of 16 KiB each through a 64 KiB connection
+    window, and then a well-formed one."""
+    c = _client()
+    server = H2Codec(h2.config.H2Configuration(client_side=False))
+    server.initiate_connection()
+    server.take_output()
+    wire = b""
+    for i in range(21):
+        sid = c.get_next_available_stream_id()
+        c.send_headers(sid, REQUEST + [("content-length", "0" if i < 20 else "5")])
+        wire += c.data_to_send() + DataFrame(sid, data=b"d" * (16_384 if i < 20 else 5),
+                                             flags=["END_STREAM"]).serialize()
+    events = server.receive_data(wire)
+    errors = [e for e in events if isinstance(e, StreamError)]
+    assert [e.stream_id for e in errors] == list(range(1, 40, 2))
+    assert all(e.error_code == ErrorCodes.PROTOCOL_ERROR and not e.remote_reset
+               and "content-length" in e.reason for e in errors)
+    assert [bytes(e.data) for e in events if isinstance(e, h2.events.DataReceived)] == \
+        [b"ddddd"]
+    out = b"".join(bytes(p) for p in server.take_output())
+    assert out.count(RstStreamFrame(1, error_code=ErrorCodes.PROTOCOL_ERROR).serialize()) == 1
