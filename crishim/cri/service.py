@@ -329,6 +329,21 @@ class CriHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # stubs: ge
 HEALTH_SERVICE = "grpc.health.v1.Health"
 
 
+class _LastStatus:
+    """A Watch's context that remembers the last status written to it."""
+
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self._context = context
+        self.last: int | None = None
+
+    async def write(self, message: Any) -> None:
+        await self._context.write(message)
+        self.last = message.status
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
 class HealthHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # stubs: generic
     """grpc.health.v1 (Check, Watch) from grpc_health's servicer, with the CRI methods'
     decoder: bytes that are not a HealthCheckRequest get INVALID_ARGUMENT. The stock
@@ -361,14 +376,17 @@ class HealthHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # stubs:
                      ) -> None:
         await refuse_undecodable(self.refusal_log, request, context)
         # it writes its answers to context, and never ends by itself
-        watching = asyncio.ensure_future(self.servicer.Watch(request, context))
+        said = _LastStatus(context)
+        watching = asyncio.ensure_future(self.servicer.Watch(request, said))
         stopping = asyncio.ensure_future(self._stopping.wait())
         try:
             await asyncio.wait({watching, stopping}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             watching.cancel()
             stopping.cancel()
-        if self._stopping.is_set():  # the last word, then the end of the stream
+        # the last word, then the end of the stream; once (the stop's own NOT_SERVING,
+        # enter_graceful_shutdown's, has usually reached the watch already)
+        if self._stopping.is_set() and said.last != health_pb2.HealthCheckResponse.NOT_SERVING:
             await context.write(health_pb2.HealthCheckResponse(
                 status=health_pb2.HealthCheckResponse.NOT_SERVING))
 
