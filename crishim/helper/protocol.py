@@ -6,7 +6,8 @@ Protocol, version 1. One request per unix connection; every message is one line 
 Requests, shim -> helper:
     {"v": 1, "op": "dial", "netns": PATH | "host", "port": N, "mode": "fd" | "socat",
      "pod_ip": "", "timeout": SECONDS}
-        timeout (optional, more than 0, at most 3600): how long the connect may take; past
+        timeout (optional, more than 0, at most 3600; a longer one is sent as 3600): how
+        long the connect may take; past
         it the helper answers "timeout" (the shim sends what is left of its dial_timeout
         less a margin, so a pod's port that never answers is told apart from a helper
         that never answers). Without it the connect waits until the shim hangs up.
@@ -36,6 +37,9 @@ Replies, helper -> shim:
               "mode" (the helper runs the other mode), "busy" (helper_max_requests are
               being served; sent without reading the request), "bad-request", "version",
               "internal" (all DialFailed).
+    Every reply of a helper that honours a dial's "timeout" also says "bounds_dials": true
+    (older helpers ignore the field and say nothing): only then does the shim take a dial
+    with no answer for a stuck helper (HelperUnavailable) before its own dial_timeout.
 
 A helper that exits costs only the requests in flight (and, in socat mode, the relayed
 connections): the shim opens a new unix connection for every dial. A connection the
@@ -77,6 +81,9 @@ class Reply:
     exists: bool | None = None
     error: str = ""
     message: str = ""
+    #: the helper bounds a dial's connect by the request's timeout (and answers "timeout"):
+    #: said in every reply of this helper; an older one's replies lack it (False)
+    bounds_dials: bool = True
 
     def encode(self) -> bytes:
         body: dict[str, Any] = {"v": PROTOCOL_VERSION, "ok": self.ok}
@@ -88,6 +95,8 @@ class Reply:
         else:
             body["error"] = self.error
             body["message"] = self.message
+        if self.bounds_dials:
+            body["bounds_dials"] = True
         return json.dumps(body, separators=(",", ":")).encode() + b"\n"
 
     @classmethod
@@ -100,7 +109,8 @@ class Reply:
             raise ProtocolError(f"reply of an unknown protocol version: {line[:100]!r}")
         return cls(ok=bool(body.get("ok")), mode=str(body.get("mode", "")),
                    exists=body.get("exists"), error=str(body.get("error", "")),
-                   message=str(body.get("message", "")))
+                   message=str(body.get("message", "")),
+                   bounds_dials=body.get("bounds_dials") is True)
 
 
 def encode_request(op: str, netns: str, port: int = 0, mode: str = "", pod_ip: str = "",
@@ -108,8 +118,8 @@ def encode_request(op: str, netns: str, port: int = 0, mode: str = "", pod_ip: s
     body: dict[str, Any] = {"v": PROTOCOL_VERSION, "op": op, "netns": netns}
     if op == "dial":
         body.update(port=port, mode=mode, pod_ip=pod_ip)
-        if timeout > 0:
-            body["timeout"] = round(max(timeout, 0.001), 3)
+        if timeout > 0:  # past MAX_DIAL_TIMEOUT: at most that (the shim's own bound ends it)
+            body["timeout"] = round(min(max(timeout, 0.001), MAX_DIAL_TIMEOUT), 3)
     return json.dumps(body, separators=(",", ":")).encode() + b"\n"
 
 

@@ -68,7 +68,12 @@ class HelperPodRuntime(RuntimePlugin):
         # connect is given this less again: a pod's port that never answers is then the
         # helper's "timeout" answer, and a helper that never answers is told apart from
         # it, both before the shim's own dial_timeout ends the dial with neither said
-        self.margin = min(1.0, self.timeout / 10)
+        # (at least 50 ms where dial_timeout allows: a 2 ms margin flipped on a busy node)
+        self.margin = min(1.0, max(self.timeout / 10, min(0.05, self.timeout / 4)))
+        # the helper said it bounds its dials (Reply.bounds_dials, learnt from its last
+        # reply): until it has, silence may be an older helper still dialling a port that
+        # never answers, which is no stuck helper (a rolling upgrade, the shim first)
+        self.helper_bounds_dials = False
 
     async def resolve(self, sandbox_id: str) -> Sandbox:
         if self.upstream is not None and sandbox_id not in self.names:
@@ -114,10 +119,15 @@ class HelperPodRuntime(RuntimePlugin):
         fds: list[int] = []
         keep = False
         try:
+            # a helper known to bound its dials is stuck past its timeout and a margin;
+            # another is waited for as long as the dial may take (the shim's own
+            # dial_timeout ends it first, as "no answer" from the pod's port)
+            wait = (answer_by - loop.time(), self.timeout - self.margin) \
+                if self.helper_bounds_dials else None
             reply, fds = await self._ask(
                 conn, encode_request("dial", netns, port, self.mode, pod_ip,
                                      timeout=self.timeout - 2 * self.margin),
-                max_fds=1, wait=(answer_by - loop.time(), self.timeout - self.margin))
+                max_fds=1, wait=wait)
             if not reply.ok:
                 if self.upstream is not None:
                     self.upstream.forget(sandbox.id)  # the next resolve asks the runtime
@@ -205,11 +215,13 @@ class HelperPodRuntime(RuntimePlugin):
         except ProtocolError as e:
             raise DialFailed(f"helper at {self.socket_path}: {e}") from None
         try:
-            return Reply.decode(line), fds
+            reply = Reply.decode(line)
         except ProtocolError as e:
             for fd in fds:
                 os.close(fd)
             raise DialFailed(f"helper at {self.socket_path}: {e}") from None
+        self.helper_bounds_dials = reply.bounds_dials
+        return reply, fds
 
 
 def _peer(sock: socket.socket) -> tuple[str, int] | None:

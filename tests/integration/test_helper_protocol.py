@@ -16,7 +16,7 @@ import pytest
 from crishim_helperpod import HelperUnavailable
 
 from crishim.config import load
-from crishim.helper.protocol import Reply, encode_request
+from crishim.helper.protocol import MAX_DIAL_TIMEOUT, Reply, decode_request, encode_request
 from crishim.netns import listen_in_netns, socket_at
 from crishim.runtime import DialFailed, DialTimedOut, Sandbox, SandboxGone, SandboxNotFound
 from tests.support.helper_proc import HelperProcess
@@ -158,7 +158,7 @@ def test_socat_mode_refuses_a_fifo_and_enters_the_netns_it_checked(podnet, tmp_p
                     chunk = conn.recv(65536)
                     assert chunk, data
                     data += chunk
-            assert data.startswith(b'{"v":1,"ok":true,"mode":"socat"}\n')
+            assert data.startswith(b'{"v":1,"ok":true,"mode":"socat","bounds_dials":true}\n')
     finally:
         _release(fifo)
 
@@ -294,21 +294,44 @@ def _elsewhere_fd() -> list[int]:
 OK_FD = b'{"v":1,"ok":true,"mode":"fd"}\n'
 
 
-def test_a_helper_that_does_not_answer_fails_the_call_at_dial_timeout(tmp_path, podnet):
-    """The helper's answer is waited for as long as a dial is (dial_timeout, less the
-    margin that leaves the shim's own bound to end it), not stream_creation_timeout,
+@pytest.mark.parametrize("bounds_dials, within", [(True, "0.25s"), (False, "0.3s"),
+                                                  (None, "0.3s")],
+                         ids=["helper-that-bounds-dials", "older-helper", "no-reply-yet"])
+def test_a_helper_that_does_not_answer_fails_the_call_at_dial_timeout(tmp_path, podnet,
+                                                                      bounds_dials, within):
+    """The helper's answer is waited for as long as a dial is, not stream_creation_timeout,
     which bounds stream pairs. A helper that never answers is unavailable (the node's
-    problem, a WARNING), not a refused port."""
+    problem, a WARNING), not a refused port. Where it has said it bounds its dials (its
+    replies' bounds_dials), its silence past its timeout and a margin (50 ms here) is that,
+    before the shim's own dial_timeout; an older helper (or one not heard from yet) may
+    still be dialling a port that never answers, so it is waited for the whole
+    dial_timeout, where the shim's own bound ends the dial as that port's "no answer": a
+    rolling upgrade, the shim first, blamed the helper for such ports."""
     path = str(tmp_path / "helper.sock")
-    fake = FakeHelper(path, lambda conn: time.sleep(1.5))
+    replies = iter([] if bounds_dials is None else [Reply(True, exists=True,
+                                                          bounds_dials=bounds_dials)])
+
+    def reply(conn: socket.socket) -> None:  # the "exists" answer, then silence
+        answer = next(replies, None)
+        if answer is None:
+            time.sleep(1.5)
+        else:
+            conn.sendall(answer.encode())
+
+    fake = FakeHelper(path, reply)
     plugin = crishim_helperpod.factory(load(None, env={}, overrides={
-        "helper_socket": path, "sandboxes": {"sb": podnet.path}, "dial_timeout": "300ms",
-        "stream_creation_timeout": "30s"}))
+        "helper_socket": path, "dial_timeout": "300ms", "stream_creation_timeout": "30s"}))
+
+    async def go() -> None:
+        if bounds_dials is not None:  # as a resolve does for a path the shim cannot stat
+            assert await plugin.exists(podnet.path)
+        await plugin.dial(Sandbox("sb", netns_path=podnet.path), HTTP_PORT)
+
     try:
         started = time.monotonic()
         with pytest.raises(HelperUnavailable,
-                           match=f"^helper at {path} did not answer within 0.27s$"):
-            asyncio.run(plugin.dial(Sandbox("sb", netns_path=podnet.path), HTTP_PORT))
+                           match=f"^helper at {path} did not answer within {within}$"):
+            asyncio.run(go())
         assert time.monotonic() - started < 1.2
     finally:
         fake.close()
@@ -410,7 +433,7 @@ def test_requests_past_helper_max_requests_are_answered_busy(podnet, tmp_path):
                 conn.settimeout(10)
                 conn.connect(proc.socket)
                 conn.sendall(encode_request("dial", podnet.path, ECHO_PORT, "socat"))
-                assert conn.recv(4096) == b'{"v":1,"ok":true,"mode":"socat"}\n'
+                assert conn.recv(4096) == b'{"v":1,"ok":true,"mode":"socat","bounds_dials":true}\n'
                 relays.append(conn)
             plugin = plugin_for(proc.socket, {"sb": podnet.path}, "socat")
             for _ in range(20):
@@ -483,3 +506,18 @@ def test_a_helper_out_of_descriptors_answers_internal_without_a_traceback(podnet
     assert not reply.ok and reply.error == "internal", line
     assert "out of resources" in reply.message
     assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("dial_timeout", ["2h", "3603s"])
+def test_a_dial_timeout_past_the_protocols_bound_still_dials(helper, podnet, dial_timeout):
+    """A dial's timeout is at most MAX_DIAL_TIMEOUT (3600 s) on the wire: a dial_timeout
+    of 2 h sent 7198 s, which the helper refused as a bad request, so every dial failed."""
+    assert decode_request(encode_request("dial", "host", 80, "fd", timeout=7200)
+                          )["timeout"] == MAX_DIAL_TIMEOUT
+    plugin = plugin_for(helper.socket, {"sb": podnet.path}, dial_timeout=dial_timeout)
+
+    async def go() -> None:
+        sock = await plugin.dial(await plugin.resolve("sb"), HTTP_PORT)
+        sock.close()
+
+    asyncio.run(go())
