@@ -64,6 +64,16 @@ def read_buffer() -> memoryview:
     return view
 
 
+def plain_socket_fd(transport: asyncio.BaseTransport) -> int:
+    """The descriptor of transport's socket where its bytes go out as they are (plain
+    TCP, not through TLS), for write_lent; -1 where they do not."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or transport.get_extra_info("sslcontext") is not None or \
+            transport.get_extra_info("ssl_object") is not None:
+        return -1
+    return int(sock.fileno())
+
+
 # Pieces of one read written with one writev(2) (IOV_MAX is 1024); more are joined first.
 _MAX_IOV = 512
 

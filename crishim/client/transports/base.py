@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol, cast
 from urllib.parse import urlsplit
 
-from crishim.flow import ReadGate, read_buffer, write_lent
+from crishim.flow import ReadGate, plain_socket_fd, read_buffer, write_lent
 from crishim.protocols.buffers import Outbound
 from crishim.protocols.constants import (
     DIAL_ON_DATA,
@@ -1002,11 +1002,8 @@ class UpgradeProtocol(asyncio.BufferedProtocol):
         transport = self.transport
         self.session = session
         session.transport = transport
-        sock = transport.get_extra_info("socket")
-        if session.reads_lent and sock is not None and \
-                transport.get_extra_info("sslcontext") is None and \
-                transport.get_extra_info("ssl_object") is None:  # not through TLS
-            session.lent_fd = sock.fileno()
+        if session.reads_lent:  # not through TLS
+            session.lent_fd = plain_socket_fd(transport)
         self.buffer = bytearray()
         if leftover:
             session.receive(leftover)
