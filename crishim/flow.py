@@ -50,8 +50,8 @@ class ReadGate:
 # Reads of up to 1 MiB, not the loop's 256 KiB, by crishim serve (from pods and clients)
 # and crishim port-forward (from its session): a quarter of the reads, DATA frames and
 # writes per MiB, and fewer wake-ups down the line (client-go also spends less per byte on
-# bigger frames). One buffer per thread's loop, shared by every connection: each read is
-# copied out before the next.
+# bigger frames). One buffer per thread's loop, shared by every connection: what is kept
+# of a read is copied out before the next (the rest is written from it: write_lent).
 READ_SIZE = 1 << 20
 _reads = threading.local()
 

@@ -27,8 +27,9 @@ class Channel(Protocol):
     """One forwarded connection as its transport carries it (SPDY stream pair, WebSocket
     channel pair, HTTP/2 stream)."""
 
-    def send(self, data: bytes) -> None:
-        """Pod -> client bytes on the data stream."""
+    def send(self, data: bytes | memoryview) -> None:
+        """Pod -> client bytes on the data stream: a memoryview of the loop's read buffer
+        only while the session is `lending` (written out, or copied, before this returns)."""
 
     def send_eof(self) -> None:
         """The pod closed its side: half-close the data stream."""
@@ -191,7 +192,16 @@ class _PodProtocol(asyncio.BufferedProtocol):
         return buffer if room >= len(buffer) else buffer[:max(MIN_POD_READ, room)]
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.conn.pod_data(read_buffer()[:nbytes].tobytes())
+        conn = self.conn
+        session = conn.session
+        if session.lent_fd < 0 or session.output_held:  # output that waits keeps it
+            conn.pod_data(read_buffer()[:nbytes].tobytes())
+            return
+        session.lending = True  # sent from the read buffer: see SessionBase.lending
+        try:
+            conn.pod_data(read_buffer()[:nbytes])
+        finally:
+            session.lending = False
 
     def eof_received(self) -> bool:
         self.conn.pod_eof()
@@ -402,7 +412,7 @@ class ForwardedConnection(Forwarded):
             self._finish()
 
     # --- from the pod ----------------------------------------------------------------------
-    def pod_data(self, data: bytes) -> None:
+    def pod_data(self, data: bytes | memoryview) -> None:
         if self._done:
             return
         self.bytes_down += len(data)
@@ -465,6 +475,15 @@ class SessionBase:
         # client data handed to connections are views of a read buffer the loop reuses
         # (set by a borrowing receive() while it runs)
         self.borrowing = False
+        # the client's socket, where a pod read may go straight from the read buffer (a
+        # session on plain TCP whose flush writes it with flow.write_lent); -1: pod reads
+        # are copied first
+        self.lent_fd = -1
+        # what the channels send is a view of the loop's read buffer, which the next read
+        # overwrites (set by the pod's protocol while it hands one over, never while
+        # output is held): the session writes it out at once (write_lent) and copies
+        # what waits for a window
+        self.lending = False
         # while a transport read is being decoded, client data is gathered per connection
         # and written once at the end (see begin_batch / end_batch)
         self.batching = False
@@ -576,6 +595,12 @@ class SessionBase:
 
     def flush(self) -> None:
         """Write what the transport queued for the client (each transport's session)."""
+
+    def write_lent(self, out: list[bytes | memoryview]) -> None:
+        """Write output that holds views of a pod read (while `lending`): to the client's
+        socket at once, what it does not take copied (flow.write_lent)."""
+        if self.transport is not None:
+            write_lent(self.transport, self.lent_fd, out)
 
     def begin_batch(self) -> None:
         self._batch_depth += 1

@@ -83,6 +83,7 @@ from h2.errors import ErrorCodes
 from hyperframe.exceptions import HyperframeError
 from hyperframe.frame import Frame, GoAwayFrame, RstStreamFrame
 
+from crishim.flow import plain_socket_fd
 from crishim.forward import ForwardedConnection
 from crishim.forward_udp import ForwardedFlow
 from crishim.protocols.buffers import Outbound
@@ -268,9 +269,12 @@ class H2PortForwardSession(PairedStreamSession):
             return  # release_output() flushes
         out = self.codec.take_output()
         if out and not self._closed:
-            self._writelines(out)  # DATA payloads go out as they are: no join
+            if self.lending:  # DATA is a view of a pod read: out now, or copied
+                self.write_lent(out)
+            else:
+                self._writelines(out)  # DATA payloads go out as they are: no join
 
-    def queue_data(self, stream_id: int, data: bytes) -> bool:
+    def queue_data(self, stream_id: int, data: bytes | memoryview) -> bool:
         """Send what the window allows, queue the rest; False when the stream is blocked."""
         codec = self.codec
         if stream_id not in self._outbound and len(data) <= min(
@@ -742,6 +746,7 @@ def start_upgrade(upgrade: Upgrade) -> None:
                                    lambda: close_client(transport, session.violated_budget),
                                    sandbox=upgrade.admitted.sandbox, path=request.target,
                                    upgraded=True)
+    session.lent_fd = plain_socket_fd(transport)  # pod reads written from the read buffer
     try:
         session.codec.initiate_upgrade_connection(settings)
     except (h2.exceptions.ProtocolError, HyperframeError, ValueError) as e:

@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from crishim.flow import plain_socket_fd
 from crishim.forward import ForwardContext, ForwardedConnection
 from crishim.forward_udp import ForwardedFlow
 from crishim.protocols import spdy
@@ -58,6 +59,7 @@ def start(upgrade: Upgrade) -> None:
         settings.idle_timeout, transport.writelines,
         lambda: close_client(transport, session.violated_budget))
     session.stream_version = version
+    session.lent_fd = plain_socket_fd(transport)  # pod reads written from the read buffer
     upgrade.adopt(session, SessionProtocol(session, transport))
 
 
@@ -140,15 +142,18 @@ class SpdyPortForwardSession(PairedStreamSession):
             return  # release_output() flushes
         chunks = self.codec.take_output()
         if chunks and not self._closed:
-            self._write_buffers(chunks)
+            if self.lending:  # DATA is a view of a pod read: out now, or copied
+                self.write_lent(chunks)
+            else:
+                self._write_buffers(chunks)
 
     # --- the client's windows, where it asked for them -----------------------------------
-    def queue_data(self, stream_id: int, data: bytes) -> bool:
+    def queue_data(self, stream_id: int, data: bytes | memoryview) -> bool:
         """Send data on a stream, within the client's windows if it asked for them (the
         rest waits); False when the stream is blocked on a window."""
         codec = self.codec  # without windows send_window is 2^31-1: sent at once
         if stream_id not in self._outbound and len(data) <= codec.send_window(stream_id):
-            codec.send_data(stream_id, data)  # the common case
+            codec.send_data(stream_id, data, lent=self.lending)  # the common case
             return True
         return self._queue_more(stream_id, data)
 

@@ -251,8 +251,8 @@ class _PortChannel:
         self._pod_done = False
         self._finished = False
 
-    def send(self, data: bytes) -> None:
-        s = self.session
+    def send(self, data: bytes | memoryview) -> None:
+        s = self.session  # never lending (lent_fd -1): data is bytes
         s.last_activity = time.monotonic()
         s.codec.send_data(self.index, data)
         s.flush()

@@ -16,6 +16,7 @@ from typing import cast
 import h11
 
 from crishim.budget import LogBudget
+from crishim.flow import plain_socket_fd
 from crishim.forward import ForwardContext
 from crishim.memory import MemoryReleaser
 from crishim.stream import portforward_h2, portforward_spdy, portforward_ws
@@ -270,6 +271,7 @@ class StreamServer:
         session = portforward_h2.H2PortForwardSession(
             self.session_settings, transport.writelines,
             lambda: close_client(transport, session.violated_budget), admit=self.admission)
+        session.lent_fd = plain_socket_fd(transport)  # h2c (not TLS): pod reads in place
         timeout = self.request_timeout
 
         def timed_out() -> None:

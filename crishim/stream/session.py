@@ -17,7 +17,7 @@ from crishim.flow import READ_SIZE, read_buffer
 from crishim.forward import ForwardContext, ForwardedConnection, SessionBase
 from crishim.forward_udp import ForwardedFlow
 from crishim.logs import traceback_once
-from crishim.protocols.buffers import Outbound
+from crishim.protocols.buffers import Outbound, immutable
 from crishim.runtime import Sandbox
 from crishim.stream.admission import Admitted, Request
 from crishim.stream.pairing import PendingPair, StreamPairs
@@ -324,7 +324,7 @@ class PairChannel:
         self.conn: ForwardedConnection | ForwardedFlow | None = None
         self.data_closed = False  # ended, reset by us, or reset by the client
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | memoryview) -> None:
         s = self.session
         s.last_activity = time.monotonic()
         # within the client's windows (SPDY: where it asked for them, docs/protocol.md 8.6)
@@ -361,6 +361,7 @@ class WindowedSends:
 
     _by_stream: dict[int, ForwardedConnection | ForwardedFlow]
     writing_paused: bool
+    lending: bool  # SessionBase's: what is sent is a view of a pod read
     connections: set[ForwardedConnection | ForwardedFlow]
     output_room: Callable[[], int]  # SessionBase's
 
@@ -398,14 +399,18 @@ class WindowedSends:
             return room
         return min(room, self._stream_send_window(channel.data_id))
 
-    def _queue_more(self, stream_id: int, data: bytes) -> bool:
+    def _queue_more(self, stream_id: int, data: bytes | memoryview) -> bool:
         """Queue data behind what waits (or what the window does not take now) and send
-        what the window allows; False when the stream is left waiting."""
+        what the window allows; False when the stream is left waiting. A view of a pod
+        read (`lending`) is copied where it waits."""
         out = self._outbound.get(stream_id)
         if out is None:
             out = self._outbound[stream_id] = Outbound()
         out.append(data)
-        return self._drain_stream(stream_id, out)
+        sent = self._drain_stream(stream_id, out)
+        if self.lending and out.chunks:
+            out.chunks = [chunk if immutable(chunk) else bytes(chunk) for chunk in out.chunks]
+        return sent
 
     def _queue_end(self, stream_id: int) -> None:
         """End the stream once what waits for its window has gone."""
@@ -581,9 +586,11 @@ class PairedStreamSession(WindowedSends, WithheldWindows, ServerSession):
         raise NotImplementedError
 
     @abstractmethod
-    def queue_data(self, stream_id: int, data: bytes) -> bool:
+    def queue_data(self, stream_id: int, data: bytes | memoryview) -> bool:
         """Send data on a stream within the client's windows (the rest waits); False when
-        the stream is left waiting for a window."""
+        the stream is left waiting for a window. A view of a pod read only while
+        `lending`: what the window takes goes to the codec as it is, flushed before
+        the read returns."""
 
     @abstractmethod
     def queue_eof(self, stream_id: int) -> None:

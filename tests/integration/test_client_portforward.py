@@ -363,6 +363,47 @@ def test_an_upload_that_fills_the_session_socket_arrives_intact(podnet, transpor
     assert got["up"] == f"{len(payload)} {hashlib.sha256(payload).hexdigest()}\n".encode()
 
 
+@pytest.mark.parametrize("transport", ["spdy", "h2"])
+def test_downloads_that_fill_the_session_socket_and_windows_arrive_intact(crishim, transport):
+    """crishim serve sends a pod's read straight from its read buffer (SessionBase.lending):
+    what the session's socket does not take, and what waits for the client's window, must
+    be copied, as the next read (any pod's, or the client's own) overwrites that buffer.
+    A crishim port-forward stopped (SIGSTOP) again and again fills the session's socket,
+    and a local reader that keeps pausing runs its stream's window out; three downloads
+    on the one session arrive byte for byte. Keeping the views that wait for a window
+    (WindowedSends._queue_more without its copy) fails here."""
+    slow_local, fast_local, other_local = free_port(), free_port(), free_port()
+    sizes = {"slow": 48 << 20, "fast": 32 << 20, "other": 32 << 20}
+    got: dict[str, bytes] = {}
+    with PortForwardCLI(crishim, f"{slow_local}:{SOURCE_PORT}", f"{fast_local}:{SOURCE_PORT}",
+                        f"{other_local}:{SOURCE_PORT}", transport=transport) as cli:
+        cli.forwarding(3)
+        threads = [
+            threading.Thread(target=lambda: got.__setitem__("slow", _slow_download(
+                slow_local, sizes["slow"]))),
+            threading.Thread(target=lambda: got.__setitem__("fast", download(
+                fast_local, sizes["fast"]))),
+            threading.Thread(target=lambda: got.__setitem__("other", download(
+                other_local, sizes["other"]))),
+        ]
+        for t in threads:
+            t.start()
+        for _ in range(40):  # stopped 2/3 of the first 1.2 s
+            time.sleep(0.01)
+            os.kill(cli.proc.pid, signal.SIGSTOP)
+            try:
+                time.sleep(0.02)
+            finally:
+                os.kill(cli.proc.pid, signal.SIGCONT)
+        for t in threads:
+            t.join(60)
+        assert cli.interrupt() == 0
+    for name, size in sizes.items():
+        assert len(got[name]) == size, name
+        assert hashlib.sha256(got[name]).digest() == \
+            hashlib.sha256(source_bytes(size)).digest(), name
+
+
 @pytest.mark.parametrize("transport", ["h2", "spdy", "spdy-over-websocket"])
 def test_a_connection_that_is_not_read_holds_back_only_itself(crishim, transport):
     """A local client that stops reading its download: over HTTP/2, and over SPDY where

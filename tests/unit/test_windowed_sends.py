@@ -21,6 +21,7 @@ class _Windows(WindowedSends):
     def __init__(self, session_window: int, stream_window: int, streams: int) -> None:
         self._init_outbound()
         self.writing_paused = False
+        self.lending = False  # SessionBase's: data sent is a view of a pod read
         self.connections = set()
         self.session_window = session_window
         self.windows = {sid: stream_window for sid in range(1, 2 * streams, 2)}
@@ -28,6 +29,7 @@ class _Windows(WindowedSends):
         self._by_stream = self.pods  # type: ignore[assignment]
         self.tried: list[int] = []  # _send_queued calls, by stream
         self.sent: dict[int, int] = dict.fromkeys(self.windows, 0)
+        self.wire = bytearray()  # the bytes sent, in order
 
     def _session_send_window(self) -> int:
         return self.session_window
@@ -38,7 +40,9 @@ class _Windows(WindowedSends):
             n = min(self.windows[stream_id], self.session_window)
             if n <= 0:
                 return False
-            k = len(out.take(n))
+            chunk = out.take(n)
+            self.wire += chunk
+            k = len(chunk)
             self.windows[stream_id] -= k
             self.session_window -= k
             self.sent[stream_id] += k
@@ -137,3 +141,18 @@ def test_settings_raising_the_windows_again_and_again_in_a_read_walk_the_streams
     assert windows._outbound == {} and all(n == 10 for n in windows.sent.values())
     windows._send_raised()  # nothing raised since
     assert len(windows.tried) == 1000
+
+
+def test_a_lent_view_is_copied_where_it_waits_for_a_window() -> None:
+    """A pod read sent from the loop's read buffer (SessionBase.lending): what the window
+    takes goes as it is, what waits for a window is copied, since the next read
+    overwrites the buffer before the window opens."""
+    windows = _Windows(session_window=1 << 20, stream_window=3, streams=1)
+    buffer = bytearray(b"abcdefgh")
+    windows.lending = True
+    assert not windows._queue_more(1, memoryview(buffer))
+    windows.lending = False
+    assert bytes(windows.wire) == b"abc"
+    buffer[:] = b"XXXXXXXX"  # the next read
+    windows.stream_update(1, 5)
+    assert bytes(windows.wire) == b"abcdefgh"
