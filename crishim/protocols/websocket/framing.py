@@ -184,6 +184,7 @@ class WebSocketFraming:
         end = len(view)
         pos = 0
         stream = self.stream
+        fast = stream and not self.client  # a tunnel's masked frames: _whole_binary_frame
         while pos < end:
             remaining = self._remaining
             if remaining:
@@ -225,6 +226,11 @@ class WebSocketFraming:
                 self._head = bytearray()
                 pos += used - had
                 continue
+            if fast and not self._message_opcode:
+                used = self._whole_binary_frame(view, pos, end)
+                if used:
+                    pos += used
+                    continue
             if self._acc and view[pos] & 0x08:  # a control frame: keep events in wire order
                 self._flush_stream(events)
             used = self._frame(view, pos, end, events)
@@ -234,6 +240,33 @@ class WebSocketFraming:
             pos += used
         if self._acc:
             self._flush_stream(events)
+
+    def _whole_binary_frame(self, view: memoryview, pos: int, end: int) -> int:
+        """A tunnel's common frame, whole in ``view`` at ``pos`` outside any message: a
+        masked, unfragmented binary frame of 1 to _MAX_JOIN bytes with a 7- or 16-bit
+        length. Its payload, unmasked, goes to the stream as _frame and the loop would put
+        it; returns the bytes used, 0 for anything else (left to _frame). kubectl 1.30+
+        sends a frame per write, two of every three 4 bytes (a SPDY frame's head written
+        in two pieces): per frame, this is a third of the general path."""
+        if end - pos < 6 or view[pos] != 0x82:
+            return 0
+        size = view[pos + 1] ^ 0x80  # masked: the bit set
+        if not 0 < size < 127:
+            return 0
+        head = 6
+        if size == 126:
+            if end - pos < 8:
+                return 0
+            size = view[pos + 2] << 8 | view[pos + 3]
+            if size < 126:
+                return 0  # not minimally encoded: _frame says so
+            head = 8
+        used = head + size
+        if pos + used > end or size > _MAX_JOIN or size > self.max_message_size:
+            return 0
+        self._acc.append(_masked(view[pos + head:pos + used],
+                                 bytes(view[pos + head - 4:pos + head])))
+        return used
 
     def _flush_stream(self, events: list[FramingEvent]) -> None:
         # Joined per transport read, not grown in a bytearray (reallocs cost far more).
