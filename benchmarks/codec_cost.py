@@ -14,8 +14,9 @@ handling in Python rather than system calls and wake-ups (benchmarks/README.md).
 Then bulk data: `mib` MiB of DATA, framed as the sender frames it, decoded in 1 MiB reads
 by the receiver as crishim drives it (crishim serve decodes uploads from its reused read
 buffer, `lent`; crishim port-forward decodes downloads from a fresh `bytes` per read and
-acknowledges HTTP/2 data per read), for SPDY, SPDY over WebSocket and HTTP/2, as ms per
-MiB and a ratio to SPDY's: what decoding costs beside the kernel's share of a transfer.
+acknowledges HTTP/2 data per read), for SPDY, SPDY over WebSocket (as crishim's client
+frames it, and as kubectl 1.30+ does: a frame per write) and HTTP/2, as ms per MiB and a
+ratio to SPDY's: what decoding costs beside the kernel's share of a transfer.
 """
 
 from __future__ import annotations
@@ -176,6 +177,34 @@ def _spdy_bulk(upload: bool, tunnel: bool, mib: int) -> tuple[Decode, bytes]:
     return decode, wire
 
 
+def _kubectl_tunnel_bulk(upload: bool, mib: int) -> tuple[Decode, bytes]:
+    """SPDY over WebSocket as kubectl 1.30+ sends it: client-go's spdystream writes a DATA
+    frame of up to 32 KiB in three writes (stream id, flags and length, payload), and its
+    tunnel makes each write a masked WebSocket frame of its own. Downloads: as
+    spdy-over-websocket (crishim serve frames them)."""
+    if not upload:
+        return _spdy_bulk(False, True, mib)
+    decode, _ = _spdy_bulk(True, True, 0)  # the receiving side, connected
+    client = SpdyConnection(SpdyConfig(client=True, zero_copy=True, max_send_frame=32 << 10))
+    server = SpdyConnection(SpdyConfig(zero_copy=True, max_send_frame=SEND_FRAME))
+    server.receive_data(_wire(client))
+    sid = client.open_stream({"streamtype": "data"})  # as the receiver's own client did
+    _wire(client)
+    chunk = bytes(range(256)) * 128
+    for _ in range(mib * 32):
+        client.send_data(sid, chunk)
+    spdy_wire = _wire(client)
+    out = ByteStreamTunnel(client=True)
+    pos = 0
+    while pos < len(spdy_wire):
+        size = int.from_bytes(spdy_wire[pos + 5:pos + 8], "big")
+        for piece in (spdy_wire[pos:pos + 4], spdy_wire[pos + 4:pos + 8],
+                      spdy_wire[pos + 8:pos + 8 + size]):
+            out.send(piece)  # a frame per write
+        pos += 8 + size
+    return decode, b"".join(bytes(b) for b in out.take_output())
+
+
 def _h2_bulk(upload: bool, mib: int) -> tuple[Decode, bytes]:
     codes = h2.settings.SettingCodes
     big = {codes.INITIAL_WINDOW_SIZE: (1 << 31) - 1, codes.MAX_FRAME_SIZE: 1 << 20}
@@ -212,6 +241,7 @@ def _h2_bulk(upload: bool, mib: int) -> tuple[Decode, bytes]:
 
 BULK = (("spdy", lambda up, mib: _spdy_bulk(up, False, mib)),
         ("spdy-over-websocket", lambda up, mib: _spdy_bulk(up, True, mib)),
+        ("kubectl 1.30+ tunnel", _kubectl_tunnel_bulk),
         ("h2", _h2_bulk))
 
 
