@@ -334,6 +334,18 @@ def test_downloads_to_a_slow_reader_and_a_fast_one_beside_an_upload_arrive_intac
     assert got["up"] == f"{2 * size} {hashlib.sha256(payload).hexdigest()}\n".encode()
 
 
+def _stop_and_go(pid: int, times: int = 40) -> None:
+    """Stop a process we started (SIGSTOP) for 20 ms in every 30, `times` times: its peer's
+    writes to it fill the socket between them."""
+    for _ in range(times):
+        time.sleep(0.01)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(0.02)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+
 @pytest.mark.parametrize("transport", ["spdy", "h2"])
 def test_an_upload_that_fills_the_session_socket_arrives_intact(podnet, transport):
     """crishim port-forward sends a local connection's read straight from its read buffer
@@ -351,13 +363,7 @@ def test_an_upload_that_fills_the_session_socket_arrives_intact(podnet, transpor
             sender = threading.Thread(target=lambda: got.__setitem__(
                 "up", upload(local, payload)))
             sender.start()
-            for _ in range(40):  # the upload takes 0.2-1 s here: stopped 2/3 of that
-                time.sleep(0.01)
-                os.kill(server.proc.pid, signal.SIGSTOP)
-                try:
-                    time.sleep(0.02)
-                finally:
-                    os.kill(server.proc.pid, signal.SIGCONT)
+            _stop_and_go(server.proc.pid)  # the upload takes 0.2-1 s here
             sender.join(60)
             assert cli.interrupt() == 0
     assert got["up"] == f"{len(payload)} {hashlib.sha256(payload).hexdigest()}\n".encode()
@@ -388,13 +394,7 @@ def test_downloads_that_fill_the_session_socket_and_windows_arrive_intact(crishi
         ]
         for t in threads:
             t.start()
-        for _ in range(40):  # stopped 2/3 of the first 1.2 s
-            time.sleep(0.01)
-            os.kill(cli.proc.pid, signal.SIGSTOP)
-            try:
-                time.sleep(0.02)
-            finally:
-                os.kill(cli.proc.pid, signal.SIGCONT)
+        _stop_and_go(cli.proc.pid)
         for t in threads:
             t.join(60)
         assert cli.interrupt() == 0
