@@ -165,9 +165,10 @@ class CriService:
         except (SandboxNotFound, SandboxGone) as e:
             await refuse(grpc.StatusCode.NOT_FOUND, str(e))
         except RuntimeError_ as e:  # e.g. the upstream runtime did not answer
-            # a plugin's own status name, where it is one (else try later)
-            await refuse(getattr(grpc.StatusCode, str(e.status), grpc.StatusCode.UNAVAILABLE),
-                         str(e))
+            # a plugin's own status name, where it names a failure (else try later)
+            code = grpc.StatusCode.__members__.get(str(e.status), grpc.StatusCode.UNAVAILABLE)
+            await refuse(code if code is not grpc.StatusCode.OK else
+                         grpc.StatusCode.UNAVAILABLE, str(e))
         if self.draining():  # it began during the lookup (up to the upstream's 10 s)
             await refuse(grpc.StatusCode.UNAVAILABLE, shutting_down)
         try:

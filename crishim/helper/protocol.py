@@ -118,7 +118,7 @@ def encode_request(op: str, netns: str, port: int = 0, mode: str = "", pod_ip: s
     body: dict[str, Any] = {"v": PROTOCOL_VERSION, "op": op, "netns": netns}
     if op == "dial":
         body.update(port=port, mode=mode, pod_ip=pod_ip)
-        if timeout > 0:  # past MAX_DIAL_TIMEOUT: at most that (the shim's own bound ends it)
+        if timeout > 0:  # past MAX_DIAL_TIMEOUT: at most that (the helper gives up then)
             body["timeout"] = round(min(max(timeout, 0.001), MAX_DIAL_TIMEOUT), 3)
     return json.dumps(body, separators=(",", ":")).encode() + b"\n"
 

@@ -32,6 +32,7 @@ from crishim.helper.protocol import (
 )
 from crishim.netns import not_a_netns
 from crishim.runtime import (
+    HOST,
     DialFailed,
     DialTimedOut,
     DialUnavailable,
@@ -70,10 +71,10 @@ class HelperPodRuntime(RuntimePlugin):
         # it, both before the shim's own dial_timeout ends the dial with neither said
         # (at least 50 ms where dial_timeout allows: a 2 ms margin flipped on a busy node)
         self.margin = min(1.0, max(self.timeout / 10, min(0.05, self.timeout / 4)))
-        # the helper said it bounds its dials (Reply.bounds_dials, learnt from its last
-        # reply): until it has, silence may be an older helper still dialling a port that
-        # never answers, which is no stuck helper (a rolling upgrade, the shim first)
-        self.helper_bounds_dials = False
+        # the helper bounds its dials (Reply.bounds_dials, learnt from its last reply); an
+        # older one's silence may be a port it still dials, which is no stuck helper (a
+        # rolling upgrade, the shim first). None: not heard from yet (see _learn_bounds)
+        self.helper_bounds_dials: bool | None = None
 
     async def resolve(self, sandbox_id: str) -> Sandbox:
         if self.upstream is not None and sandbox_id not in self.names:
@@ -115,12 +116,14 @@ class HelperPodRuntime(RuntimePlugin):
         netns, pod_ip = dial_target(sandbox, self.pod_ip_fallback)
         loop = asyncio.get_running_loop()
         answer_by = loop.time() + self.timeout - self.margin
+        if self.helper_bounds_dials is None:
+            await self._learn_bounds(netns, answer_by)
         conn = await self._connect()
         fds: list[int] = []
         keep = False
         try:
             # a helper known to bound its dials is stuck past its timeout and a margin;
-            # another is waited for as long as the dial may take (the shim's own
+            # an older one is waited for as long as the dial may take (the shim's own
             # dial_timeout ends it first, as "no answer" from the pod's port)
             wait = (answer_by - loop.time(), self.timeout - self.margin) \
                 if self.helper_bounds_dials else None
@@ -152,6 +155,20 @@ class HelperPodRuntime(RuntimePlugin):
                 os.close(fd)
             if not keep:
                 conn.close()
+
+    async def _learn_bounds(self, netns: str, answer_by: float) -> None:
+        """The helper not heard from yet: ask it what every version answers at once (does
+        the dial's netns exist), by answer_by. No answer is a stuck helper, whatever its
+        version (HelperUnavailable, as a dial's silence); the answer says whether it bounds
+        its dials (_ask learns it from every reply)."""
+        conn = await self._connect()
+        try:
+            loop = asyncio.get_running_loop()
+            await self._ask(conn, encode_request(
+                "exists", "/proc/self/ns/net" if netns == HOST else netns),
+                wait=(answer_by - loop.time(), self.timeout - self.margin))
+        finally:
+            conn.close()
 
     def _pod_socket(self, fd: int, port: int) -> socket.socket:
         """The connected TCP socket a helper passed as fd, or DialFailed with fd still the
