@@ -67,12 +67,14 @@ def ipv6_loopback() -> bool:
 
 
 class PortForwardCLI:
-    def __init__(self, crishim, *specs: str, transport: str = "spdy", extra=()) -> None:
+    def __init__(self, crishim, *specs: str, transport: str = "spdy", extra=(),
+                 env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "crishim", "port-forward", SANDBOX, *specs,
              "--runtime-endpoint", f"unix://{crishim.socket}", "--transport", transport,
              *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=dict(os.environ, **(env or {})))
         self.lines: queue.Queue[str] = queue.Queue()
         self.stdout: list[str] = []
         self.stderr: list[str] = []
@@ -402,6 +404,53 @@ def test_downloads_that_fill_the_session_socket_and_windows_arrive_intact(crishi
         assert len(got[name]) == size, name
         assert hashlib.sha256(got[name]).digest() == \
             hashlib.sha256(source_bytes(size)).digest(), name
+
+
+SCRIBBLE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "support", "scribble")
+
+
+@pytest.mark.parametrize("transport", ["spdy", "h2", "spdy-over-websocket"])
+def test_no_view_of_a_read_buffer_outlives_its_read(podnet, transport):
+    """crishim serve and crishim port-forward read into one buffer per thread and send from
+    it where they can (flow.write_lent): nothing may keep a view of it past the read's
+    callback. Here both overwrite each read's bytes once its callback returns
+    (tests/support/scribble), so a view kept anywhere (a transport's buffer, a window's
+    queue, a codec's output) carries 0xEE on: an upload and two downloads, one read slowly,
+    with each process stopped and continued by turns (full sockets, windows run out),
+    arrive byte for byte."""
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [SCRIBBLE,
+                                                       os.environ.get("PYTHONPATH")])),
+           "CRISHIM_TEST_SCRIBBLE": "1"}
+    slow_local, fast_local, up_local = free_port(), free_port(), free_port()
+    size = 32 << 20
+    payload = os.urandom(4 * size)
+    got: dict[str, bytes] = {}
+    with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}", env=env) as server:
+        assert server.proc is not None
+        with PortForwardCLI(server, f"{slow_local}:{SOURCE_PORT}",
+                            f"{fast_local}:{SOURCE_PORT}", f"{up_local}:{SINK_PORT}",
+                            transport=transport, env=env) as cli:
+            cli.forwarding(3)
+            threads = [
+                threading.Thread(target=lambda: got.__setitem__("slow", _slow_download(
+                    slow_local, size))),
+                threading.Thread(target=lambda: got.__setitem__("fast", download(
+                    fast_local, size))),
+                threading.Thread(target=lambda: got.__setitem__("up", upload(
+                    up_local, payload))),
+            ]
+            for t in threads:
+                t.start()
+            for pid, times in ((server.proc.pid, 30), (cli.proc.pid, 15),
+                               (server.proc.pid, 15)):
+                _stop_and_go(pid, times)
+            for t in threads:
+                t.join(60)
+            assert cli.interrupt() == 0
+    want = hashlib.sha256(source_bytes(size)).digest()
+    assert hashlib.sha256(got["slow"]).digest() == want
+    assert hashlib.sha256(got["fast"]).digest() == want
+    assert got["up"] == f"{4 * size} {hashlib.sha256(payload).hexdigest()}\n".encode()
 
 
 @pytest.mark.parametrize("transport", ["h2", "spdy", "spdy-over-websocket"])
