@@ -333,15 +333,34 @@ HEALTH_SERVICE = "grpc.health.v1.Health"
 
 
 class _LastStatus:
-    """A Watch's context that remembers the last status written to it."""
+    """A Watch's context that remembers the last status written to it. A write goes on
+    when the Watch is cancelled (gRPC takes one message at a time on a call: another write
+    while it is in flight fails, GRPC_CALL_ERROR_TOO_MANY_OPERATIONS): `settled()` waits
+    for it."""
 
     def __init__(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self._context = context
         self.last: int | None = None
+        self._writing: asyncio.Future[None] | None = None
+        self._writing_status: int | None = None
 
     async def write(self, message: Any) -> None:
-        await self._context.write(message)
+        self._writing_status = message.status
+        writing = self._writing = asyncio.ensure_future(self._context.write(message))
+        await asyncio.shield(writing)
         self.last = message.status
+
+    async def settled(self) -> bool:
+        """Wait for the write in flight, if any; False when it failed (the call is over)."""
+        writing = self._writing
+        if writing is None:
+            return True
+        try:
+            await writing
+        except Exception:  # noqa: BLE001 - the call ended meanwhile: nothing more goes out
+            return False
+        self.last = self._writing_status
+        return True
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
@@ -389,9 +408,13 @@ class HealthHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # stubs:
             stopping.cancel()
         # the last word, then the end of the stream; once (the stop's own NOT_SERVING,
         # enter_graceful_shutdown's, has usually reached the watch already)
-        if self._stopping.is_set() and said.last != health_pb2.HealthCheckResponse.NOT_SERVING:
-            await context.write(health_pb2.HealthCheckResponse(
-                status=health_pb2.HealthCheckResponse.NOT_SERVING))
+        if self._stopping.is_set() and await said.settled() \
+                and said.last != health_pb2.HealthCheckResponse.NOT_SERVING:
+            try:
+                await context.write(health_pb2.HealthCheckResponse(
+                    status=health_pb2.HealthCheckResponse.NOT_SERVING))
+            except Exception:  # noqa: BLE001 - the watcher went away meanwhile
+                pass
 
     def end_watches(self) -> None:
         """crishim is stopping: each Watch ends, after a NOT_SERVING (it would hold the
