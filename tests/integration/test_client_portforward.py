@@ -311,29 +311,46 @@ def test_downloads_to_a_slow_reader_and_a_fast_one_beside_an_upload_arrive_intac
     read buffer: each arrives byte for byte. Handing the local transports views of that
     buffer instead of copies fails here; so does a session read in place (SPDY's, HTTP/2's:
     ClientSession.reads_lent) whose views a local transport keeps."""
-    slow_local, fast_local, up_local = free_port(), free_port(), free_port()
     size = 32 << 20
     payload = os.urandom(2 * size)
+    ports = free_port(), free_port(), free_port()
+    with PortForwardCLI(crishim, *_slow_fast_and_sink(ports), transport=transport) as cli:
+        _assert_intact(_slow_fast_and_upload(cli, ports, size, payload), size, payload)
+
+
+def _slow_fast_and_sink(ports: tuple[int, int, int]) -> list[str]:
+    """Port specs for _slow_fast_and_upload: two to the pod's source, one to its sink."""
+    slow, fast, up = ports
+    return [f"{slow}:{SOURCE_PORT}", f"{fast}:{SOURCE_PORT}", f"{up}:{SINK_PORT}"]
+
+
+def _slow_fast_and_upload(cli: PortForwardCLI, ports: tuple[int, int, int], size: int,
+                          payload: bytes, meanwhile=lambda: None) -> dict[str, bytes]:
+    """On one session: a download of size read slowly, one read at once, and an upload of
+    payload, all at the same time (and `meanwhile` while they run); what each got, and the
+    command's exit (0) checked."""
+    slow, fast, up = ports
+    cli.forwarding(3)
     got: dict[str, bytes] = {}
-    with PortForwardCLI(crishim, f"{slow_local}:{SOURCE_PORT}", f"{fast_local}:{SOURCE_PORT}",
-                        f"{up_local}:{SINK_PORT}", transport=transport) as cli:
-        cli.forwarding(3)
-        threads = [
-            threading.Thread(target=lambda: got.__setitem__("slow", _slow_download(
-                slow_local, size))),
-            threading.Thread(target=lambda: got.__setitem__("fast", download(
-                fast_local, size))),
-            threading.Thread(target=lambda: got.__setitem__("up", upload(up_local, payload))),
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert cli.interrupt() == 0
+    threads = [
+        threading.Thread(target=lambda: got.__setitem__("slow", _slow_download(slow, size))),
+        threading.Thread(target=lambda: got.__setitem__("fast", download(fast, size))),
+        threading.Thread(target=lambda: got.__setitem__("up", upload(up, payload))),
+    ]
+    for t in threads:
+        t.start()
+    meanwhile()
+    for t in threads:
+        t.join(60)
+    assert cli.interrupt() == 0
+    return got
+
+
+def _assert_intact(got: dict[str, bytes], size: int, payload: bytes) -> None:
     want = hashlib.sha256(source_bytes(size)).digest()
     assert hashlib.sha256(got["slow"]).digest() == want
     assert hashlib.sha256(got["fast"]).digest() == want
-    assert got["up"] == f"{2 * size} {hashlib.sha256(payload).hexdigest()}\n".encode()
+    assert got["up"] == f"{len(payload)} {hashlib.sha256(payload).hexdigest()}\n".encode()
 
 
 def _stop_and_go(pid: int, times: int = 40) -> None:
@@ -421,36 +438,21 @@ def test_no_view_of_a_read_buffer_outlives_its_read(podnet, transport):
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [SCRIBBLE,
                                                        os.environ.get("PYTHONPATH")])),
            "CRISHIM_TEST_SCRIBBLE": "1"}
-    slow_local, fast_local, up_local = free_port(), free_port(), free_port()
     size = 32 << 20
     payload = os.urandom(4 * size)
-    got: dict[str, bytes] = {}
+    ports = free_port(), free_port(), free_port()
     with CrishimProcess("--sandboxes", f"{SANDBOX}={podnet.path}", env=env) as server:
         assert server.proc is not None
-        with PortForwardCLI(server, f"{slow_local}:{SOURCE_PORT}",
-                            f"{fast_local}:{SOURCE_PORT}", f"{up_local}:{SINK_PORT}",
-                            transport=transport, env=env) as cli:
-            cli.forwarding(3)
-            threads = [
-                threading.Thread(target=lambda: got.__setitem__("slow", _slow_download(
-                    slow_local, size))),
-                threading.Thread(target=lambda: got.__setitem__("fast", download(
-                    fast_local, size))),
-                threading.Thread(target=lambda: got.__setitem__("up", upload(
-                    up_local, payload))),
-            ]
-            for t in threads:
-                t.start()
-            for pid, times in ((server.proc.pid, 30), (cli.proc.pid, 15),
-                               (server.proc.pid, 15)):
-                _stop_and_go(pid, times)
-            for t in threads:
-                t.join(60)
-            assert cli.interrupt() == 0
-    want = hashlib.sha256(source_bytes(size)).digest()
-    assert hashlib.sha256(got["slow"]).digest() == want
-    assert hashlib.sha256(got["fast"]).digest() == want
-    assert got["up"] == f"{4 * size} {hashlib.sha256(payload).hexdigest()}\n".encode()
+        with PortForwardCLI(server, *_slow_fast_and_sink(ports), transport=transport,
+                            env=env) as cli:
+            def by_turns() -> None:
+                assert server.proc is not None
+                for pid, times in ((server.proc.pid, 30), (cli.proc.pid, 15),
+                                   (server.proc.pid, 15)):
+                    _stop_and_go(pid, times)
+
+            got = _slow_fast_and_upload(cli, ports, size, payload, by_turns)
+    _assert_intact(got, size, payload)
 
 
 @pytest.mark.parametrize("transport", ["h2", "spdy", "spdy-over-websocket"])
