@@ -105,3 +105,26 @@ def test_the_runtime_gone_mid_check_leaves_the_table(monkeypatch) -> None:
     udp = next(r for r in checker.results if r.name == "udp-echo")
     assert udp.result == "skip" and "is unavailable: gone" in udp.detail
     assert [r.name for r in checker.results][-1] == "connect"
+
+
+@pytest.mark.parametrize("handshake_seconds, blamed", [(0.01, "dial"), (1.2, "netns")])
+def test_the_first_data_checks_session_setup_is_not_taken_for_a_dials_wait(handshake_seconds,
+                                                                         blamed):
+    """Every data check's connection failed in the forwarding after 1.5 s. Where opening a
+    session took 0.01 s, that is a dial with no answer; where it took 1.2 s (a slow
+    cluster's CRI call and upgrade, which the first data check also waited for), the
+    connections were refused at once, as a wrong netns refuses them: the --netns hint."""
+    checker = _checker()
+    checker.peers = object()  # type: ignore[assignment]  # servers in the netns: any
+    checker.netns = "/var/run/netns/elsewhere"
+    checker.netns_arg = "/var/run/netns/elsewhere"
+    checker.results = [
+        check.CheckResult("handshake:spdy", "pass", "upgraded", handshake_seconds, True),
+        check.CheckResult("echo-sha256", "fail",
+                          "ForwardError: the server reset the connection (RST_STREAM CANCEL)",
+                          1.5, True),
+        check.CheckResult("concurrent", "fail", "0/20 echoed", 1.5, True),
+    ]
+    hint = checker.unreached_servers_hint()
+    assert ("got no answer" in hint) == (blamed == "dial"), hint
+    assert ("--netns PATH" in hint) == (blamed == "netns"), hint
