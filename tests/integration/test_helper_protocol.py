@@ -367,10 +367,9 @@ def test_a_pod_port_that_never_answers_is_told_apart_from_a_helper_that_does_not
     with HelperProcess(str(tmp_path / "helper.sock"), mode, "0") as proc, \
             syn_dropping_port(podnet.path) as port:
         plugin = plugin_for(proc.socket, {"sb": podnet.path}, mode, dial_timeout="1s")
-        started = time.monotonic()
+        # the helper's answer, not the shim's wait (that would be HelperUnavailable)
         with pytest.raises(DialTimedOut) as e:
             asyncio.run(plugin.dial(Sandbox("sb", netns_path=podnet.path), port))
-        assert time.monotonic() - started < 1.0  # before the shim's own dial_timeout
         assert str(e.value) == f"connect to port {port}: no answer after 0.8 s"
         assert not isinstance(e.value, HelperUnavailable)
         assert "Traceback" not in proc.log()
