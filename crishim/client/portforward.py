@@ -28,7 +28,7 @@ from crishim.client.transports import (
     open_session,
 )
 from crishim.client.udp import MAX_FLOWS, FlowLimit, UdpListener
-from crishim.flow import read_buffer, write_lent
+from crishim.flow import plain_socket_fd, read_buffer, write_lent
 from crishim.ports import shown
 from crishim.protocols.constants import DIAL_ON_DATA, HEADER_CRISHIM_DIAL
 from crishim.sysutil import LISTEN_BACKLOG, read_now
@@ -527,8 +527,7 @@ class _RemoteSide(asyncio.Protocol):
     def __init__(self, pipe: _Pipe, local: asyncio.Transport) -> None:
         self.pipe = pipe
         self.local = local
-        sock = local.get_extra_info("socket")
-        self._local_fd = sock.fileno() if sock is not None else -1
+        self._local_fd = plain_socket_fd(local)
         self._watch: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

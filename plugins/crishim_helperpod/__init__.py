@@ -100,11 +100,7 @@ class HelperPodRuntime(RuntimePlugin):
 
     async def exists(self, netns_path: str) -> bool:
         """Ask the helper whether a netns path exists (for paths the shim may not stat)."""
-        conn = await self._connect()
-        try:
-            reply, _ = await self._ask(conn, encode_request("exists", netns_path))
-        finally:
-            conn.close()
+        reply = await self._exists_reply(netns_path)
         if not reply.ok:
             raise DialFailed(f"helper at {self.socket_path}: {reply.message}")
         return bool(reply.exists)
@@ -161,14 +157,19 @@ class HelperPodRuntime(RuntimePlugin):
         the dial's netns exist), by answer_by. No answer is a stuck helper, whatever its
         version (HelperUnavailable, as a dial's silence); the answer says whether it bounds
         its dials (_ask learns it from every reply)."""
+        await self._exists_reply("/proc/self/ns/net" if netns == HOST else netns,
+                                 (answer_by - asyncio.get_running_loop().time(),
+                                  self.timeout - self.margin))
+
+    async def _exists_reply(self, netns_path: str, wait: tuple[float, float] | None = None
+                            ) -> Reply:
+        """The helper's answer to "exists" for netns_path, waited for `wait` (see _ask)."""
         conn = await self._connect()
         try:
-            loop = asyncio.get_running_loop()
-            await self._ask(conn, encode_request(
-                "exists", "/proc/self/ns/net" if netns == HOST else netns),
-                wait=(answer_by - loop.time(), self.timeout - self.margin))
+            reply, _ = await self._ask(conn, encode_request("exists", netns_path), wait=wait)
         finally:
             conn.close()
+        return reply
 
     def _pod_socket(self, fd: int, port: int) -> socket.socket:
         """The connected TCP socket a helper passed as fd, or DialFailed with fd still the

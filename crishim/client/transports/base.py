@@ -179,23 +179,23 @@ class ForwardStream(asyncio.Transport):
 
     # --- asyncio.Transport towards the pod ----------------------------------------------
     def write(self, data: Buffer) -> None:
-        if self._closing or self._finished or self._eof_sent or self._reset or not data:
-            return
-        self.bytes_up += len(data)
-        self.session._send(self, data)
+        self._write(data, False)
 
     def write_view(self, view: memoryview) -> None:
         """write(), given a view of the loop's read buffer (flow.read_buffer), which the
         next read overwrites: a session that writes its socket itself (`lent_fd`) sends it
         out at once and copies only what waits (a window, a full socket); others get a
         copy."""
-        session = self.session
-        if session.lent_fd < 0:
-            self.write(view.tobytes())
-        elif not (self._closing or self._finished or self._eof_sent or self._reset
-                  or not view):
-            self.bytes_up += len(view)
-            session._send(self, view, True)
+        if self.session.lent_fd < 0:
+            self._write(view.tobytes(), False)
+        else:
+            self._write(view, True)
+
+    def _write(self, data: Buffer, lent: bool) -> None:
+        if self._closing or self._finished or self._eof_sent or self._reset or not data:
+            return
+        self.bytes_up += len(data)
+        self.session._send(self, data, lent)
 
     def writelines(self, list_of_data: Iterable[Buffer]) -> None:
         self.write(b"".join(list_of_data))
@@ -550,7 +550,9 @@ class ClientSession:
     def _goodbye(self) -> None:
         """The transport's polite end (GOAWAY, close frame), before the transport closes."""
 
-    def _flush(self) -> None:
+    def _flush(self, lent: bool = False) -> None:
+        """Write what the codec has queued (`lent`: some of it views of the read buffer,
+        see _write_raw; only where `lent_fd` is a socket)."""
         raise NotImplementedError
 
     def receive(self, data: bytes | memoryview, lent: bool = False) -> None:

@@ -151,12 +151,9 @@ class H2ClientSession(StreamPairSession):
         q = self._queue(stream)
         q.append(data if not isinstance(data, bytearray) else bytes(data))
         self._drain(stream.key, q)
-        if lent:  # views of the read buffer (write_view): what waits for a window is copied
-            if q.chunks:
-                q.chunks = [bytes(chunk) for chunk in q.chunks]
-            self._write_raw(self.codec.take_output(), True)
-        else:
-            self._flush()
+        if lent and q.chunks:  # views of the read buffer (write_view): what waits is copied
+            q.chunks = [bytes(chunk) for chunk in q.chunks]
+        self._flush(lent)
 
     def _send_eof(self, stream: ForwardStream) -> None:
         q = self._queue(stream)
@@ -176,8 +173,8 @@ class H2ClientSession(StreamPairSession):
             pass
         self._flush()
 
-    def _flush(self) -> None:
-        self._write_raw(self.codec.take_output())  # DATA payloads as they are, not joined
+    def _flush(self, lent: bool = False) -> None:
+        self._write_raw(self.codec.take_output(), lent)  # DATA payloads as they are
 
     def _send_ping_frame(self) -> bytes:
         payload = time.monotonic_ns().to_bytes(8, "big")

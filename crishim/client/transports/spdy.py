@@ -121,10 +121,7 @@ class SpdyClientSession(StreamPairSession):
                 self.codec.send_data(sid, data, lent=lent)
             except spdy.StreamClosedError:
                 return
-            if lent:  # views of the read buffer (write_view): out now, or copied
-                self._write_raw(self.codec.take_output(), True)
-            else:
-                self._flush()
+            self._flush(lent)  # lent: views of the read buffer (write_view), out now or copied
             return
         if q is None:
             q = self._queues[sid] = Outbound()
@@ -157,11 +154,11 @@ class SpdyClientSession(StreamPairSession):
             self.tunnel.close(ws.CLOSE_NORMAL)
             self._write_raw(self.tunnel.take_output())
 
-    def _flush(self) -> None:
+    def _flush(self, lent: bool = False) -> None:
         chunks = self.codec.take_output()  # straight to writelines: no join copy
         tunnel = self.tunnel
         if tunnel is None:
-            self._write_raw(chunks)
+            self._write_raw(chunks, lent)
         elif chunks:
             tunnel.send_buffers(cast(list[Buffer], chunks))  # only read, never stored into
             self._write_raw(tunnel.take_output())

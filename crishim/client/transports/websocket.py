@@ -118,7 +118,7 @@ class ChannelClientSession(ClientSession):
         self.codec.close(ws.CLOSE_NORMAL)
         self._flush()
 
-    def _flush(self) -> None:
+    def _flush(self, lent: bool = False) -> None:  # never lent: lent_fd stays -1
         self._write_raw(self.codec.take_output())
 
     @staticmethod
