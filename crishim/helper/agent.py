@@ -185,6 +185,13 @@ class HelperAgent:
                 await self._dial_socat(conn, netns, request["port"], timeout)
         except (ConnectionError, BrokenPipeError) as e:
             log.debug("shim went away: %s", e)
+        except _DialTimedOut as e:  # either mode's dial: the connect got no answer in time
+            log.debug("%s in %s: dial given up, answered timeout", e, netns)
+            with contextlib.suppress(OSError):
+                await self._reply(conn, Reply(False, error="timeout", message=str(e)))
+        except SandboxGone as e:  # either mode's dial: no network namespace at the path
+            with contextlib.suppress(OSError):
+                await self._reply(conn, Reply(False, error="gone", message=str(e)))
         except DialFailed as e:  # open_netns: the helper is out of descriptors or memory
             log.warning("helper request failed: %s", e)
             with contextlib.suppress(OSError):
@@ -206,13 +213,6 @@ class HelperAgent:
                                   lambda ns_fd: dial_localhost_in(ns_fd, port, pod_ip), timeout)
             if sock is None:
                 return
-        except _DialTimedOut as e:
-            log.debug("%s in %s: dial given up, answered timeout", e, netns)
-            await self._reply(conn, Reply(False, error="timeout", message=str(e)))
-            return
-        except SandboxGone as e:
-            await self._reply(conn, Reply(False, error="gone", message=str(e)))
-            return
         except DialFailed as e:
             await self._reply(conn, Reply(False, error="refused", message=str(e)))
             return
@@ -278,16 +278,8 @@ class HelperAgent:
 
     async def _dial_socat(self, conn: socket.socket, netns: str, port: int,
                           timeout: float = 0.0) -> None:
-        try:
-            found = await _dial_in(conn, netns, port,
-                                   lambda ns_fd: self._socat_to(ns_fd, port), timeout)
-        except _DialTimedOut as e:
-            log.debug("%s in %s: dial given up, answered timeout", e, netns)
-            await self._reply(conn, Reply(False, error="timeout", message=str(e)))
-            return
-        except SandboxGone as e:
-            await self._reply(conn, Reply(False, error="gone", message=str(e)))
-            return
+        found = await _dial_in(conn, netns, port, lambda ns_fd: self._socat_to(ns_fd, port),
+                               timeout)
         if found is None:
             return
         socat, reasons = found
